@@ -1,0 +1,83 @@
+"""The one dispatch point between the model and its kernels.
+
+The model calls only these four functions for patch embedding, residual add + LayerNorm, bias + GELU and
+attention. Each takes ``backend``:
+
+- ``"torch"``: the op's torch fallback (plain PyTorch math);
+- ``"triton"``: our Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
+- ``"auto"``: the kernel where it can run, the fallback otherwise.
+
+``attention`` also accepts ``"flash"`` (the flash-attn package) once that backend lands.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fastvit.kernels import bias_gelu as _bias_gelu
+from fastvit.kernels import flash_attention as _flash_attention
+from fastvit.kernels import layer_norm as _layer_norm
+from fastvit.kernels import patch_embed as _patch_embed
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def check_backend(backend: str) -> str:
+    """Validate a backend name, so that a typo fails at construction rather than in a forward pass."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton runs kernels on CPU tensors through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(backend: str, x: torch.Tensor) -> bool:
+    """Resolve ``backend`` for tensor ``x``: True runs the Triton kernel, False the torch fallback."""
+    check_backend(backend)
+    if backend == "torch":
+        return False
+    runnable = x.is_cuda or (x.device.type == "cpu" and triton_interpreting())
+    if backend == "triton" and not runnable:
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors or TRITON_INTERPRET=1 for CPU tensors; got a tensor on {x.device}"
+        )
+    return runnable
+
+
+def patch_embed(x, weight, bias, patch_size, pos_embed=None, cls_token=None, no_embed_class=False,
+                backend="auto"):
+    """z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos for an image ``x`` of shape (B, C, H, W).
+
+    ``weight`` is the (D, C, P, P) projection E in conv layout, ``bias`` its (D,) bias or None. ``pos_embed`` is
+    None or (1, L, D) with L = N + 1 when it has a class-token row (``no_embed_class=False``) else N;
+    ``cls_token`` is None or (1, 1, D). Returns (B, N [+1], D).
+    """
+    return _patch_embed.patch_embed(x, weight, bias, patch_size, pos_embed, cls_token, no_embed_class,
+                                    use_triton(backend, x))
+
+
+def add_layer_norm(x, residual, weight, bias, eps=1e-6, residual_in_fp32=False, backend="auto"):
+    """new_residual = x + residual (residual None: x); y = LayerNorm(new_residual). Returns (y, new_residual).
+
+    y has x's dtype; new_residual is fp32 when ``residual_in_fp32``.
+    """
+    return _layer_norm.add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, use_triton(backend, x))
+
+
+def bias_gelu(x, bias, backend="auto"):
+    """y = GELU(x + bias) with the exact erf GELU of the paper and timm."""
+    return _bias_gelu.bias_gelu(x, bias, use_triton(backend, x))
+
+
+def attention(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None, backend="auto"):
+    """softmax(q k^T / sqrt(D_h) + B_rel) v on (B, heads, N, head_dim) views, which may be strided.
+
+    ``rel_bias`` is None or a per-head table of relative-position biases, shape (heads, (2gh-1)(2gw-1) [+3]),
+    over the ``grid_size`` = (gh, gw) patch grid; its last 3 entries (present when N = gh*gw + 1) are the
+    class-token entries (query->key): class->patch, patch->class, class->class (BEiT's layout).
+    """
+    return _flash_attention.attention(q, k, v, rel_bias, grid_size, dropout_p, scale, use_triton(backend, q))

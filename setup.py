@@ -1,0 +1,22 @@
+"""fastvit: a drop-in Vision Transformer whose hot paths are Triton kernels.
+
+The top-level folder ``kernels/`` ships as the subpackage ``fastvit.kernels``: a top-level ``kernels``
+module would shadow Hugging Face's PyPI package of that name, which transformers imports when present.
+"""
+from setuptools import setup
+
+setup(
+    name="fastvit",
+    version="0.1.0",
+    description="Drop-in, timm-compatible Vision Transformer with fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["fastvit", "fastvit.kernels"],
+    package_dir={"fastvit": "fastvit", "fastvit.kernels": "kernels"},
+    install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy", "tqdm", "matplotlib"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "timm", "scikit-learn", "safetensors", "transformers"],
+        "flash": ["flash-attn"],
+    },
+)
