@@ -1,0 +1,401 @@
+"""Vision Transformer ("An Image is Worth 16x16 Words", Dosovitskiy et al. 2021), timm-compatible.
+
+    z_0  = [x_class; x_p^1 E; ...; x_p^N E] + E_pos          E in R^{(P^2 C) x D}, E_pos in R^{(N+1) x D}
+    z'_l = MSA(LN(z_{l-1})) + z_{l-1}                          l = 1..L
+    z_l  = MLP(LN(z'_l)) + z'_l
+    y    = LN(z_L^0)
+
+Names, constructor keywords and state_dict layout follow timm's ``vision_transformer.py``, so timm weights load
+unchanged. Patch embedding, residual add + LayerNorm, bias + GELU and attention go through ``fastvit.ops``, the one
+place that chooses between Triton kernels and torch math; every module here only carries its ``backend`` name.
+"""
+from __future__ import annotations
+
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from fastvit import ops
+from fastvit.kernels.flash_attention import num_relative_positions
+from fastvit.resample import (_pair, resample_abs_pos_embed, resample_patch_embed, resample_pos_embed_1d,
+                              resample_rel_pos_table)
+
+POS_EMBEDS = ("learn", "learn_2d", "none", "rel")
+POS_EMBED_AT = ("stem", "every_layer", "every_layer_shared")
+GLOBAL_POOLS = ("token", "avg", "")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into P x P patches and project each flattened patch to D: x_p^i E (a stride-P convolution).
+
+    ``forward`` also adds the position table and prepends the class token, because the fused kernel writes the
+    whole z_0 in one pass.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True, dynamic_img_size=False):
+        super().__init__()
+        self.in_chans = in_chans
+        self.dynamic_img_size = dynamic_img_size
+        self.backend = "auto"
+        self.proj = nn.Conv2d(in_chans, embed_dim, _pair(patch_size), stride=_pair(patch_size), bias=bias)
+        self._set_sizes(img_size, patch_size)
+
+    def _set_sizes(self, img_size, patch_size):
+        self.img_size, self.patch_size = _pair(img_size), _pair(patch_size)
+        for size, p in zip(self.img_size, self.patch_size):
+            if size % p:
+                raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def set_input_size(self, img_size=None, patch_size=None):
+        """Change the expected image size and/or patch size; the projection is resampled for a new patch size."""
+        if patch_size is not None and _pair(patch_size) != self.patch_size:
+            weight = resample_patch_embed(self.proj.weight.detach(), _pair(patch_size))
+            self.proj.weight = nn.Parameter(weight, requires_grad=self.proj.weight.requires_grad)
+            self.proj.kernel_size = self.proj.stride = _pair(patch_size)
+        self._set_sizes(img_size or self.img_size, patch_size or self.patch_size)
+
+    def dynamic_grid_size(self, x):
+        """Validate an image batch and return its patch grid (gh, gw)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"expected a 4D (B, C, H, W) image batch, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point image batch, got dtype {x.dtype}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        size = tuple(x.shape[-2:])
+        if not self.dynamic_img_size and size != self.img_size:
+            raise ValueError(f"expected image size {self.img_size}, got {size}; pass dynamic_img_size=True or call "
+                             f"set_input_size(img_size={size})")
+        if size[0] % self.patch_size[0] or size[1] % self.patch_size[1]:
+            raise ValueError(f"image size {size} must be divisible by the patch size {self.patch_size}")
+        return size[0] // self.patch_size[0], size[1] // self.patch_size[1]
+
+    def forward(self, x, pos_embed=None, cls_token=None, no_embed_class=False):
+        """(B, C, H, W) -> (B, [1 +] N, D); see ``fastvit.ops.patch_embed`` for the optional tables."""
+        return ops.patch_embed(x, self.proj.weight, self.proj.bias, self.patch_size, pos_embed, cls_token,
+                               no_embed_class, backend=self.backend)
+
+
+class Attention(nn.Module):
+    """MSA(z) = [SA_1(z); ...; SA_k(z)] U_msa with SA(z) = softmax(q k^T / sqrt(D_h) + B_rel) v, [q, k, v] = z U_qkv.
+
+    With ``rel_pos_grid`` the bias B_rel comes from a learned per-head table over 2D patch offsets (the paper's
+    relative-position ablation); otherwise there is no bias.
+    """
+
+    def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, rel_pos_grid=None,
+                 class_token=True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_drop = attn_drop
+        self.backend = "auto"
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.rel_pos_grid = None if rel_pos_grid is None else _pair(rel_pos_grid)
+        self.rel_pos_table = None
+        if rel_pos_grid is not None:
+            self.rel_pos_table = nn.Parameter(torch.zeros(num_heads, num_relative_positions(rel_pos_grid,
+                                                                                            class_token)))
+
+    def set_rel_pos_grid(self, grid_size):
+        """Resample the relative-position table to a new patch grid."""
+        table = resample_rel_pos_table(self.rel_pos_table.detach(), self.rel_pos_grid, grid_size)
+        self.rel_pos_table = nn.Parameter(table)
+        self.rel_pos_grid = _pair(grid_size)
+
+    def forward(self, x, grid_size=None):
+        B, N, D = x.shape
+        # (B, N, 3, heads, D_h) -> three (B, heads, N, D_h) strided views of one buffer, no copies
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        rel_bias = None
+        if self.rel_pos_table is not None:
+            grid_size = self.rel_pos_grid if grid_size is None else grid_size
+            rel_bias = resample_rel_pos_table(self.rel_pos_table, self.rel_pos_grid, grid_size)
+        out = ops.attention(q, k, v, rel_bias=rel_bias, grid_size=grid_size,
+                            dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, D)))
+
+
+class Mlp(nn.Module):
+    """MLP(z) = GELU(z W_1 + b_1) W_2 + b_2, exact (erf) GELU; the bias add is fused into the GELU."""
+
+    def __init__(self, in_features, hidden_features, drop=0.0):
+        super().__init__()
+        self.backend = "auto"
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x):
+        x = ops.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias, backend=self.backend)
+        return self.drop2(self.fc2(self.drop1(x)))
+
+
+class LayerScale(nn.Module):
+    """Per-channel scaling of a residual branch (timm's ``init_values``; off in the paper's ViT)."""
+
+    def __init__(self, dim, init_values=1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch for whole samples, scaling the kept ones by 1/keep."""
+
+    def __init__(self, drop_prob=0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Block(nn.Module):
+    """Pre-LN encoder block: z' = MSA(LN(z)) + z, then z_out = MLP(LN(z')) + z'."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_drop=0.0, attn_drop=0.0,
+                 drop_path=0.0, init_values=None, rel_pos_grid=None, class_token=True):
+        super().__init__()
+        self.backend = "auto"
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, rel_pos_grid, class_token)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x, grid_size=None):
+        h, residual = self.forward_pair(x, None, grid_size)
+        return residual + h
+
+    def forward_pair(self, h, residual, grid_size=None):
+        """The block on z = h + residual (residual None: z = h), returning (MLP branch, z') so that z_out = sum.
+
+        Keeping the sum unevaluated lets each LayerNorm fuse the preceding residual add, also across blocks.
+        """
+        y, residual = ops.add_layer_norm(h, residual, self.norm1.weight, self.norm1.bias, self.norm1.eps,
+                                         backend=self.backend)
+        h = self.drop_path1(self.ls1(self.attn(y, grid_size)))
+        y, residual = ops.add_layer_norm(h, residual, self.norm2.weight, self.norm2.bias, self.norm2.eps,
+                                         backend=self.backend)
+        return self.drop_path2(self.ls2(self.mlp(y))), residual
+
+
+class VisionTransformer(nn.Module):
+    """ViT with timm's constructor, methods and parameter names, plus the paper's position-embedding ablations.
+
+    pos_embed: 'learn' (1D learned table, the paper's default), 'learn_2d' (row and column tables of D/2 each,
+    concatenated per patch), 'none', 'rel' (learned relative-position attention bias per head).
+    pos_embed_at: 'stem' (added once to z_0), 'every_layer' (a separate table added before each block),
+    'every_layer_shared' (one table added before every block). backend: 'auto' | 'torch' | 'triton'.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
+                 embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, init_values=None,
+                 class_token=True, pos_embed="learn", no_embed_class=False, fc_norm=None, dynamic_img_size=False,
+                 drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
+                 embed_layer=PatchEmbed, pos_embed_at="stem", backend="auto"):
+        super().__init__()
+        pos_embed = "none" if pos_embed == "" else pos_embed
+        _check_choice("global_pool", global_pool, GLOBAL_POOLS)
+        _check_choice("pos_embed", pos_embed, POS_EMBEDS)
+        _check_choice("pos_embed_at", pos_embed_at, POS_EMBED_AT)
+        ops.check_backend(backend)
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg'")
+        if pos_embed_at != "stem" and pos_embed not in ("learn", "learn_2d"):
+            raise ValueError(f"pos_embed_at={pos_embed_at!r} needs pos_embed 'learn' or 'learn_2d', got {pos_embed!r}")
+        if pos_embed == "learn_2d" and embed_dim % 2:
+            raise ValueError(f"pos_embed='learn_2d' needs an even embed_dim, got {embed_dim}")
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.has_class_token = class_token
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.no_embed_class = no_embed_class
+        self.dynamic_img_size = dynamic_img_size
+        self.pos_embed_type = pos_embed
+        self.pos_embed_at = pos_embed_at
+        self.grad_checkpointing = False
+        self.backend = backend
+
+        self.patch_embed = embed_layer(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                       embed_dim=embed_dim, bias=True, dynamic_img_size=dynamic_img_size)
+        grid = self.patch_embed.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        tables = depth if pos_embed_at == "every_layer" else 1
+        self.pos_embed = self.pos_embed_h = self.pos_embed_w = None
+        if pos_embed == "learn":
+            rows = self.patch_embed.num_patches + (0 if no_embed_class else self.num_prefix_tokens)
+            self.pos_embed = nn.Parameter(torch.zeros(tables, rows, embed_dim))
+        elif pos_embed == "learn_2d":
+            self.pos_embed_h = nn.Parameter(torch.zeros(tables, grid[0], embed_dim // 2))
+            self.pos_embed_w = nn.Parameter(torch.zeros(tables, grid[1], embed_dim // 2))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth decay rule
+        self.blocks = nn.Sequential(*[
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], init_values,
+                  rel_pos_grid=grid if pos_embed == "rel" else None, class_token=class_token)
+            for i in range(depth)])
+        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if not use_fc_norm else nn.Identity()
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+        self.set_backend(backend)
+
+    def init_weights(self):
+        """timm's default init: truncated-normal(0.02) tables and Linear weights, near-zero class token."""
+        for table in (self.pos_embed, self.pos_embed_h, self.pos_embed_w):
+            if table is not None:
+                nn.init.trunc_normal_(table, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # ---- configuration -------------------------------------------------------------------------------------
+    def set_backend(self, name):
+        """Choose the kernels for every op: 'auto' (Triton where it can run), 'torch' or 'triton'."""
+        ops.check_backend(name)
+        for m in self.modules():
+            if hasattr(m, "backend"):
+                m.backend = name
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute each block in backward instead of keeping its activations."""
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self):
+        """Names of parameters that weight decay should skip: position tables and the class token."""
+        names = {"cls_token", "pos_embed", "pos_embed_h", "pos_embed_w"}
+        names |= {f"blocks.{i}.attn.rel_pos_table" for i, b in enumerate(self.blocks)
+                  if b.attn.rel_pos_table is not None}
+        return {n for n, _ in self.named_parameters() if n in names}
+
+    def get_classifier(self):
+        return self.head
+
+    def reset_classifier(self, num_classes, global_pool=None):
+        """Replace the head by a zero-initialised D x K layer, as the paper does for fine-tuning."""
+        if global_pool is not None:
+            _check_choice("global_pool", global_pool, GLOBAL_POOLS)
+            if global_pool == "token" and not self.has_class_token:
+                raise ValueError("global_pool='token' needs a class token")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        if num_classes > 0:
+            ref = self.patch_embed.proj.weight
+            self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        else:
+            self.head = nn.Identity()
+
+    def set_input_size(self, img_size=None, patch_size=None):
+        """Adapt to a new image and/or patch size, interpolating the position tables in 2D (paper, fine-tuning)."""
+        old_grid = self.patch_embed.grid_size
+        self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
+        grid = self.patch_embed.grid_size
+        if self.pos_embed is not None:
+            num_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            table = resample_abs_pos_embed(self.pos_embed.detach(), grid, old_grid, num_prefix)
+            self.pos_embed = nn.Parameter(table, requires_grad=self.pos_embed.requires_grad)
+        if self.pos_embed_h is not None:
+            self.pos_embed_h = nn.Parameter(resample_pos_embed_1d(self.pos_embed_h.detach(), grid[0]))
+            self.pos_embed_w = nn.Parameter(resample_pos_embed_1d(self.pos_embed_w.detach(), grid[1]))
+        for block in self.blocks:
+            if block.attn.rel_pos_table is not None:
+                block.attn.set_rel_pos_grid(grid)
+
+    # ---- forward -------------------------------------------------------------------------------------------
+    def position_table(self, grid_size, layer=0):
+        """E_pos for a patch grid, shape (1, L, D), resampled on the fly when the grid differs (dynamic size)."""
+        base = self.patch_embed.grid_size
+        if self.pos_embed is not None:
+            table = self.pos_embed[layer:layer + 1]
+            num_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            return resample_abs_pos_embed(table, grid_size, base, num_prefix)
+        if self.pos_embed_h is not None:
+            rows = resample_pos_embed_1d(self.pos_embed_h[layer:layer + 1], grid_size[0])[0]
+            cols = resample_pos_embed_1d(self.pos_embed_w[layer:layer + 1], grid_size[1])[0]
+            gh, gw = grid_size
+            table = torch.cat([rows[:, None].expand(gh, gw, -1), cols[None].expand(gh, gw, -1)], dim=-1)
+            return table.reshape(1, gh * gw, -1)
+        return None
+
+    @property
+    def _pos_covers_prefix(self):
+        """Whether E_pos has rows for the prefix (class) token; learn_2d tables only cover patches."""
+        return self.pos_embed is not None and not self.no_embed_class and self.has_class_token
+
+    def forward_features(self, x):
+        """Image batch -> (B, [1 +] N, D) tokens after the final LayerNorm."""
+        grid = self.patch_embed.dynamic_grid_size(x)
+        stem_pos = self.position_table(grid) if self.pos_embed_at == "stem" else None
+        h = self.pos_drop(self.patch_embed(x, stem_pos, self.cls_token, not self._pos_covers_prefix))
+        residual = None
+        for i, block in enumerate(self.blocks):
+            if self.pos_embed_at != "stem":
+                pos = self.position_table(grid, i if self.pos_embed_at == "every_layer" else 0)
+                if not self._pos_covers_prefix:
+                    pos = F.pad(pos, (0, 0, self.num_prefix_tokens, 0))
+                h = h + pos
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                h, residual = checkpoint(block.forward_pair, h, residual, grid, use_reentrant=False)
+            else:
+                h, residual = block.forward_pair(h, residual, grid)
+        if isinstance(self.norm, nn.LayerNorm):
+            return ops.add_layer_norm(h, residual, self.norm.weight, self.norm.bias, self.norm.eps,
+                                      backend=self.backend)[0]
+        return h if residual is None else h + residual
+
+    def pool(self, x):
+        if self.global_pool == "token":
+            return x[:, 0]
+        if self.global_pool == "avg":
+            return x[:, self.num_prefix_tokens:].mean(dim=1)
+        return x
+
+    def forward_head(self, x, pre_logits: bool = False):
+        """Pool the tokens (class token or average), normalise if fc_norm, then the linear head."""
+        x = self.pool(x)
+        if isinstance(self.fc_norm, nn.LayerNorm):
+            x = ops.add_layer_norm(x, None, self.fc_norm.weight, self.fc_norm.bias, self.fc_norm.eps,
+                                   backend=self.backend)[0]
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))

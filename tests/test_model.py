@@ -1,0 +1,334 @@
+"""fastvit.VisionTransformer against timm (the reference implementation) and the paper's equations."""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+import fastvit
+from fastvit.kernels.flash_attention import relative_position_index
+
+SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
+
+
+def pair(**kwargs):
+    """A fastvit model and a timm model with the same config and the same (timm's) random weights."""
+    torch.manual_seed(0)
+    cfg = {**SMALL, **kwargs}
+    ref = TimmViT(**cfg).eval()
+    with torch.no_grad():  # make every parameter non-trivial (timm inits LayerNorm to 1/0, cls to ~0)
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model = fastvit.VisionTransformer(**cfg).eval()
+    model.load_state_dict(ref.state_dict(), strict=True)
+    return model, ref
+
+
+TIMM_CONFIGS = [
+    {},
+    dict(no_embed_class=True),
+    dict(class_token=False, global_pool="avg"),
+    dict(global_pool="avg"),
+    dict(global_pool="avg", fc_norm=False),
+    dict(global_pool=""),
+    dict(init_values=1e-2),
+    dict(qkv_bias=False, mlp_ratio=2.0),
+    dict(img_size=(32, 48), patch_size=(8, 16)),
+    dict(pos_embed="none"),
+]
+
+
+@pytest.mark.parametrize("cfg", TIMM_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_matches_timm_outputs_and_gradients(cfg):
+    model, ref = pair(**cfg)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    size = cfg.get("img_size", 32)
+    size = (size, size) if isinstance(size, int) else size
+    x = torch.randn(3, 3, *size)
+    out, expected = model(x), ref(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+    torch.testing.assert_close(model.forward_features(x), ref.forward_features(x), atol=1e-5, rtol=1e-5)
+    feats = model.forward_features(x)
+    torch.testing.assert_close(model.forward_head(feats, pre_logits=True),
+                               ref.forward_head(ref.forward_features(x), pre_logits=True), atol=1e-5, rtol=1e-5)
+
+
+def test_dynamic_img_size_matches_timm():
+    model, ref = pair(dynamic_img_size=True)
+    for size in [(32, 32), (48, 40), (16, 64)]:
+        x = torch.randn(2, 3, *size)
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_training_mode_with_dropout_is_stochastic_and_eval_is_not():
+    model, _ = pair(drop_rate=0.5, drop_path_rate=0.5, proj_drop_rate=0.3, attn_drop_rate=0.3)
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("name", fastvit.list_models())
+def test_registry_matches_timm(name):
+    with torch.device("meta"):
+        model, ref = fastvit.create_model(name), timm.create_model(name)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert model.num_classes == ref.num_classes
+    assert model.patch_embed.grid_size == ref.patch_embed.grid_size
+
+
+@pytest.mark.parametrize("name,count", [("vit_base_patch16_224", 86_567_656), ("vit_large_patch16_224", 304_326_632),
+                                        ("vit_huge_patch14_224", 632_045_800)])
+def test_parameter_counts_of_the_paper_variants(name, count):
+    with torch.device("meta"):  # ViT-H planned without allocating memory
+        model = fastvit.create_model(name, num_classes=1000)
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_registry_names_and_errors():
+    assert "vit_base_patch16_224" in fastvit.list_models()
+    assert fastvit.list_models("vit_large_patch32*") == ["vit_large_patch32_224", "vit_large_patch32_384"]
+    with pytest.raises(ValueError, match="vit_base_patch16_224"):
+        fastvit.create_model("vit_base_patch16_244")
+    with pytest.raises(ValueError, match="checkpoint_path"):
+        fastvit.create_model("vit_tiny_patch16_224", pretrained=True)
+    model = fastvit.create_model("vit_tiny_patch16_224.augreg_in21k", num_classes=7, depth=1)
+    assert model.head.out_features == 7 and len(model.blocks) == 1
+
+
+@pytest.mark.parametrize("num_prefix,old,new", [(1, (4, 4), (6, 6)), (1, (4, 4), (3, 5)), (0, (3, 5), (7, 2)),
+                                                (1, None, (8, 8))])
+def test_resample_abs_pos_embed_matches_timm(num_prefix, old, new):
+    torch.manual_seed(0)
+    grid = old or (4, 4)
+    posemb = torch.randn(1, num_prefix + grid[0] * grid[1], 16)
+    expected = timm.layers.resample_abs_pos_embed(posemb, new, old, num_prefix_tokens=num_prefix)
+    torch.testing.assert_close(fastvit.resample_abs_pos_embed(posemb, new, old, num_prefix_tokens=num_prefix),
+                               expected)
+
+
+def test_resample_keeps_dtype_and_prefix():
+    posemb = torch.randn(1, 1 + 16, 8, dtype=torch.float16)
+    out = fastvit.resample_abs_pos_embed(posemb, (6, 6))
+    assert out.dtype == torch.float16 and out.shape == (1, 37, 8)
+    assert torch.equal(out[:, :1], posemb[:, :1])
+
+
+@pytest.mark.parametrize("img_size,patch_size", [(48, None), ((40, 56), None), (None, 4), (64, 16)])
+def test_set_input_size_matches_timm(img_size, patch_size):
+    model, ref = pair()
+    model.set_input_size(img_size=img_size, patch_size=patch_size)
+    ref.set_input_size(img_size=img_size, patch_size=patch_size)
+    assert model.patch_embed.grid_size == ref.patch_embed.grid_size
+    torch.testing.assert_close(model.pos_embed, ref.pos_embed)
+    torch.testing.assert_close(model.patch_embed.proj.weight, ref.patch_embed.proj.weight, atol=1e-5, rtol=1e-4)
+    x = torch.randn(2, 3, *model.patch_embed.img_size)
+    torch.testing.assert_close(model(x), ref(x), atol=1e-4, rtol=1e-4)
+
+
+def test_reset_classifier_is_zero_initialised():
+    model, _ = pair()
+    model.reset_classifier(5)
+    assert model.head.out_features == 5 and model.num_classes == 5
+    assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.head.bias) == 0
+    assert torch.count_nonzero(model(torch.randn(2, 3, 32, 32))) == 0
+    model.reset_classifier(0, global_pool="avg")
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 64)
+    with pytest.raises(ValueError, match="global_pool"):
+        model.reset_classifier(3, global_pool="max_avg")
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    model, _ = pair(depth=3)
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)
+
+
+def test_no_weight_decay_names():
+    model, _ = pair()
+    assert model.no_weight_decay() == {"cls_token", "pos_embed"}
+    rel = fastvit.VisionTransformer(**SMALL, pos_embed="rel")
+    assert rel.no_weight_decay() == {"cls_token", "blocks.0.attn.rel_pos_table", "blocks.1.attn.rel_pos_table"}
+    assert fastvit.VisionTransformer(**SMALL, pos_embed="learn_2d").no_weight_decay() == {
+        "cls_token", "pos_embed_h", "pos_embed_w"}
+
+
+# ---- the paper's position-embedding ablations --------------------------------------------------------------------
+
+def manual_forward(model, x, pos_per_layer):
+    """Block-by-block reference using torch's own modules: z_{l} = Block(z_{l-1} + pos_l)."""
+    tokens = F.conv2d(x, model.patch_embed.proj.weight, model.patch_embed.proj.bias,
+                      stride=model.patch_embed.patch_size).flatten(2).transpose(1, 2)
+    z = torch.cat([model.cls_token.expand(len(x), -1, -1), tokens], dim=1)
+    for i, block in enumerate(model.blocks):
+        z = block(z + pos_per_layer(i))
+    return model.head(F.layer_norm(z, (z.shape[-1],), model.norm.weight, model.norm.bias, 1e-6)[:, 0])
+
+
+def grid_table(rows, cols):
+    """E_pos[i*gw + j] = [row_i; col_j] built with loops, the learn_2d definition."""
+    return torch.stack([torch.cat([rows[i], cols[j]]) for i in range(len(rows)) for j in range(len(cols))])
+
+
+@pytest.mark.parametrize("at", ["stem", "every_layer", "every_layer_shared"])
+def test_learn_2d_tables(at):
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(**{**SMALL, "img_size": (32, 48)}, pos_embed="learn_2d", pos_embed_at=at).eval()
+    tables = 2 if at == "every_layer" else 1
+    assert model.pos_embed_h.shape == (tables, 4, 32) and model.pos_embed_w.shape == (tables, 6, 32)
+    x = torch.randn(2, 3, 32, 48)
+
+    def pos(i):
+        t = 0 if at != "every_layer" else i
+        if at == "stem" and i > 0:
+            return 0
+        return F.pad(grid_table(model.pos_embed_h[t], model.pos_embed_w[t]), (0, 0, 1, 0))
+    torch.testing.assert_close(model(x), manual_forward(model, x, pos), atol=1e-5, rtol=1e-5)
+    model(x).sum().backward()
+    assert model.pos_embed_h.grad.abs().sum() > 0 and model.pos_embed_w.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("at", ["every_layer", "every_layer_shared"])
+def test_learn_1d_every_layer(at):
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(**SMALL, pos_embed="learn", pos_embed_at=at).eval()
+    assert model.pos_embed.shape == ((2 if at == "every_layer" else 1), 17, 64)
+    x = torch.randn(2, 3, 32, 32)
+    expected = manual_forward(model, x, lambda i: model.pos_embed[i if at == "every_layer" else 0])
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_no_pos_embed_is_permutation_equivariant():
+    """Without position embeddings the encoder sees a bag of patches: permuting patches permutes tokens."""
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(**SMALL, pos_embed="none").eval()
+    assert model.pos_embed is None
+    x = torch.randn(1, 3, 32, 32)
+    swapped = x.clone()
+    swapped[..., :8, :8], swapped[..., 8:16, 8:16] = x[..., 8:16, 8:16], x[..., :8, :8]
+    a, b = model.forward_features(x), model.forward_features(swapped)
+    torch.testing.assert_close(a[:, 0], b[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a[:, 1], b[:, 6], atol=1e-5, rtol=1e-5)
+
+
+def test_relative_position_bias_matches_brute_force():
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(**{**SMALL, "img_size": (24, 32)}, pos_embed="rel").eval()
+    attn = model.blocks[0].attn
+    gh, gw = 3, 4
+    assert attn.rel_pos_table.shape == (4, (2 * gh - 1) * (2 * gw - 1) + 3)
+    with torch.no_grad():
+        attn.rel_pos_table.normal_()
+    y = torch.randn(2, 1 + gh * gw, 64)
+    B, N, D = y.shape
+    q, k, v = (y @ attn.qkv.weight.T + attn.qkv.bias).reshape(B, N, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    bias = torch.empty(4, N, N)
+    r = (2 * gh - 1) * (2 * gw - 1)
+    for i in range(N):
+        for j in range(N):
+            if i == 0 and j == 0:
+                idx = r + 2
+            elif i == 0:
+                idx = r
+            elif j == 0:
+                idx = r + 1
+            else:
+                (yi, xi), (yj, xj) = divmod(i - 1, gw), divmod(j - 1, gw)
+                idx = (yi - yj + gh - 1) * (2 * gw - 1) + (xi - xj + gw - 1)
+            bias[:, i, j] = attn.rel_pos_table[:, idx]
+    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(16) + bias, dim=-1)
+    expected = attn.proj((probs @ v).transpose(1, 2).reshape(B, N, D))
+    torch.testing.assert_close(attn(y, (gh, gw)), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(relative_position_index((gh, gw))[1:, 1:].diagonal(), torch.full((gh * gw,), r // 2))
+
+
+def test_rel_pos_follows_set_input_size():
+    model = fastvit.VisionTransformer(**SMALL, pos_embed="rel")
+    model.set_input_size(img_size=48)
+    assert model.blocks[0].attn.rel_pos_table.shape == (4, 11 * 11 + 3)
+    assert model(torch.randn(1, 3, 48, 48)).shape == (1, 10)
+    dyn = fastvit.VisionTransformer(**SMALL, pos_embed="rel", dynamic_img_size=True)
+    assert dyn(torch.randn(1, 3, 40, 24)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(pos_embed="sincos"), "pos_embed"), (dict(global_pool="max"), "global_pool"),
+    (dict(backend="cuda"), "backend"), (dict(pos_embed_at="input"), "pos_embed_at"),
+    (dict(pos_embed="none", pos_embed_at="every_layer"), "pos_embed_at"),
+    (dict(class_token=False), "class_token"), (dict(num_heads=5), "num_heads"),
+    (dict(img_size=30), "divisible"),
+])
+def test_bad_config_names_expected_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastvit.VisionTransformer(**{**SMALL, **kwargs})
+
+
+def test_bad_inputs_raise_clear_errors():
+    model, _ = pair()
+    with pytest.raises(ValueError, match="3 input channels"):
+        model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"expected image size \(32, 32\)"):
+        model(torch.randn(1, 3, 48, 48))
+    with pytest.raises(ValueError, match="4D"):
+        model(torch.randn(3, 32, 32))
+    with pytest.raises(TypeError, match="floating-point"):
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="Tensor"):
+        model([[1.0]])
+    dyn, _ = pair(dynamic_img_size=True)
+    with pytest.raises(ValueError, match="divisible by the patch size"):
+        dyn(torch.randn(1, 3, 36, 32))
+    with pytest.raises(ValueError, match="backend"):
+        model.set_backend("cudnn")
+
+
+def test_triton_backend_without_gpu_or_interpreter_says_so(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = fastvit.VisionTransformer(**SMALL, backend="triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        model(torch.randn(1, 3, 32, 32))
+
+
+def test_nan_input_propagates_without_crash():
+    model, _ = pair()
+    x = torch.randn(2, 3, 32, 32)
+    x[1, 0, 5, 5] = float("nan")
+    out = model(x)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
+
+
+def test_channels_last_and_strided_inputs_match_contiguous():
+    model, _ = pair()
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    torch.testing.assert_close(model(x.to(memory_format=torch.channels_last)), expected, atol=1e-6, rtol=1e-6)
+    big = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(model(big[:, :, ::2, ::2]), model(big[:, :, ::2, ::2].contiguous()),
+                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model(big[:, :, 16:48, 16:48]), model(big[:, :, 16:48, 16:48].contiguous()),
+                               atol=1e-6, rtol=1e-6)
+
+
+def test_backend_switch_is_applied_everywhere():
+    model, _ = pair()
+    model.set_backend("torch")
+    assert {m.backend for m in model.modules() if hasattr(m, "backend")} == {"torch"}
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    model.set_backend("auto")
+    torch.testing.assert_close(model(x), out)
