@@ -1,0 +1,53 @@
+"""`pip install .` and `pip install -e .` both give fastvit.kernels and never a top-level `kernels` module."""
+import pathlib
+import shutil
+import site
+import subprocess
+import sys
+import venv
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CHECK = (
+    "import importlib.util, fastvit, fastvit.kernels, fastvit.kernels.layer_norm;"
+    "assert importlib.util.find_spec('kernels') is None, 'a top-level kernels module is installed';"
+    "print(fastvit.kernels.__file__)"
+)
+
+
+@pytest.fixture(scope="module")
+def scratch_env(tmp_path_factory):
+    """A fresh venv that sees this environment's torch (through a .pth line) but not its fastvit install."""
+    root = tmp_path_factory.mktemp("pkg")
+    env_dir = root / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    purelib = subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                      text=True).strip()
+    deps = [p for p in site.getsitepackages() if "site-packages" in p]
+    pathlib.Path(purelib, "parent_env.pth").write_text("\n".join(deps) + "\n")
+    src = root / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv*", "__pycache__", "*.egg-info", "build",
+                                                             "results", ".pytest_cache", "tests", "bench"))
+    return python, src, root
+
+
+def run(python, *args, cwd):
+    proc = subprocess.run([str(python), *args], cwd=cwd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("editable", [False, True], ids=["install", "editable"])
+def test_install_gives_fastvit_kernels_only(scratch_env, editable):
+    python, src, root = scratch_env
+    run(python, "-m", "pip", "uninstall", "-y", "-q", "fastvit", cwd=root)
+    run(python, "-m", "pip", "install", "-q", "--no-deps", *(["-e"] if editable else []),
+        str(src), cwd=root)
+    location = pathlib.Path(run(python, "-c", CHECK, cwd=root).strip())
+    if editable:
+        assert location == src / "kernels" / "__init__.py"
+    else:
+        assert location.parts[-4:] == ("site-packages", "fastvit", "kernels", "__init__.py")
+        assert not (location.parents[2] / "kernels").exists()
