@@ -51,3 +51,15 @@ def test_install_gives_fastvit_kernels_only(scratch_env, editable):
     else:
         assert location.parts[-4:] == ("site-packages", "fastvit", "kernels", "__init__.py")
         assert not (location.parents[2] / "kernels").exists()
+
+
+def test_ci_runs_exactly_the_readme_commands():
+    """.ci/run must install and test exactly as the README's set-up block says."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Set-up", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.strip() for line in block.strip().splitlines()]
+    assert commands[0].startswith("pip install -e") and commands[-1].startswith("pytest")
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    for command in commands:
+        assert command in ci_lines, f"{command!r} from README.md is not run by .ci/run"
+    assert ci_lines[-1] == commands[-1], ".ci/run must end with the README's test command"
