@@ -1,6 +1,23 @@
-"""Residual add + LayerNorm."""
+"""Residual add + LayerNorm.
+
+Forward: new_residual = x + residual (kept in fp32 if asked), y = LayerNorm(new_residual) in x's dtype, with
+fp32 statistics. Backward needs only new_residual, mean and rstd (the normalised input is recomputed), and one
+kernel writes d(new_residual) = dLN + the gradient flowing into new_residual from downstream, which is both the
+x and the residual gradient, plus per-program fp32 partial sums of dweight/dbias that are reduced afterwards.
+
+Both the Triton launch and the torch fallback sit inside the same ``torch.library`` custom ops and save the same
+tensors, so memory and numerics measured on CPU speak for the GPU path.
+"""
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from fastvit.kernels._report import KernelSpec
+
+MAX_FEATURES = 16384
 
 
 def add_layer_norm_ref(x, residual, weight, bias, eps=1e-6, residual_in_fp32=False):
@@ -8,9 +25,278 @@ def add_layer_norm_ref(x, residual, weight, bias, eps=1e-6, residual_in_fp32=Fal
     new_residual = x if residual is None else x + residual
     if residual_in_fp32:
         new_residual = new_residual.float()
-    y = F.layer_norm(new_residual, weight.shape, weight, bias, eps).to(x.dtype)
-    return y, new_residual
+    # cast the parameters to the residual's dtype: torch's CPU LayerNorm rejects fp16 weights on an fp32 input
+    dt = new_residual.dtype
+    y = F.layer_norm(new_residual, weight.shape, weight.to(dt), None if bias is None else bias.to(dt), eps)
+    return y.to(x.dtype), new_residual
+
+
+def _config(n_cols):
+    """(BLOCK, num_warps) for a row of ``n_cols`` features; the launchers and aot_specs both use this."""
+    if not 0 < n_cols <= MAX_FEATURES:
+        raise ValueError(f"add_layer_norm supports 1 to {MAX_FEATURES} features, got {n_cols}")
+    block = triton.next_power_of_2(n_cols)
+    return block, min(max(block // 256, 1), 8)
+
+
+def _residual_dtype(x, residual, residual_in_fp32):
+    if residual_in_fp32:
+        return torch.float32
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
+def _row_programs(n_rows, device):
+    """Programs of the backward kernel: a few per SM, each folding its rows into one dweight/dbias partial."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return min(n_rows, 4 * sms)
+
+
+@triton.jit
+def _add_ln_fwd_kernel(X, R, W, B, Y, RES_OUT, MEAN, RSTD,
+                       stride_x, stride_r, stride_y, stride_res, n_cols, eps,
+                       HAS_RESIDUAL: tl.constexpr, STORE_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    if STORE_RESIDUAL:
+        stored = x.to(RES_OUT.dtype.element_ty)
+        tl.store(RES_OUT + row * stride_res + cols, stored, mask=mask)
+        # normalise exactly what the backward will reload
+        x = stored.to(tl.float32)
+    # masked lanes hold 0, so they add nothing to the sum; they are zeroed again before the variance
+    mean = tl.sum(x, axis=0) / n_cols
+    xc = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / n_cols + eps)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    y = xc * rstd * w + b
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_ln_bwd_kernel(DY, DRES_OUT, RES, W, MEAN, RSTD, DX, DRES_IN, DW_PART, DB_PART,
+                       stride_dy, stride_dres, stride_res, stride_dx, stride_dres_in,
+                       n_rows, n_cols, rows_per_program,
+                       HAS_DRES: tl.constexpr, STORE_DRES_IN: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    db = tl.zeros((BLOCK,), dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for r in range(row_start, row_end):
+        row = tl.cast(r, tl.int64)
+        res = tl.load(RES + row * stride_res + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        # masked lanes need no tl.where: dy and w load as 0 there, so they add 0 to every sum below
+        xhat = (res - mean) * rstd
+        dw += dy * xhat
+        db += dy
+        wdy = w * dy
+        c1 = tl.sum(xhat * wdy, axis=0) / n_cols
+        c2 = tl.sum(wdy, axis=0) / n_cols
+        dx = (wdy - (xhat * c1 + c2)) * rstd
+        if HAS_DRES:
+            dx += tl.load(DRES_OUT + row * stride_dres + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        if STORE_DRES_IN:
+            tl.store(DRES_IN + row * stride_dres_in + cols, dx.to(DRES_IN.dtype.element_ty), mask=mask)
+    tl.store(DW_PART + pid * n_cols + cols, dw, mask=mask)
+    tl.store(DB_PART + pid * n_cols + cols, db, mask=mask)
+
+
+def _rows(t):
+    """A 2D (rows, D) tensor whose last dim has unit stride (a copy only when it has not)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("fastvit::add_layer_norm_fwd", mutates_args=())
+def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
+                       bias: torch.Tensor, eps: float, residual_in_fp32: bool,
+                       use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """On (rows, D): (y, new_residual, mean, rstd); new_residual is empty when it would equal x itself."""
+    res_dtype = _residual_dtype(x, residual, residual_in_fp32)
+    store = residual is not None or res_dtype != x.dtype
+    n_rows, n_cols = x.shape
+    if not use_triton:
+        # the kernel's math: the sum in fp32, rounded once to the residual's dtype, then normalised
+        res = (x.float() if residual is None else x.float() + residual.float()).to(res_dtype)
+        r = res.float()
+        mean = r.mean(-1)
+        xc = r - mean[:, None]
+        rstd = torch.rsqrt((xc * xc).mean(-1) + eps)
+        y = (xc * rstd[:, None] * weight.float() + bias.float()).to(x.dtype)
+        return y, (res if store else x.new_empty(0)), mean, rstd
+    block, num_warps = _config(n_cols)
+    x = _rows(x)
+    residual = None if residual is None else _rows(residual)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    res = torch.empty((n_rows, n_cols) if store else (0,), dtype=res_dtype, device=x.device)
+    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    if n_rows:
+        r_arg = x if residual is None else residual
+        _add_ln_fwd_kernel[(n_rows,)](
+            x, r_arg, weight.contiguous(), bias.contiguous(), y, res if store else y, mean, rstd,
+            x.stride(0), r_arg.stride(0), y.stride(0), res.stride(0) if store else 0, n_cols, eps,
+            HAS_RESIDUAL=residual is not None, STORE_RESIDUAL=store, BLOCK=block, num_warps=num_warps)
+    return y, res, mean, rstd
+
+
+@add_layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps, residual_in_fp32, use_triton):
+    res_dtype = _residual_dtype(x, residual, residual_in_fp32)
+    store = residual is not None or res_dtype != x.dtype
+    n_rows = x.shape[0]
+    res = x.new_empty(x.shape if store else (0,), dtype=res_dtype)
+    stat = x.new_empty((n_rows,), dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), res, stat, torch.empty_like(stat)
+
+
+@torch.library.custom_op("fastvit::add_layer_norm_bwd", mutates_args=())
+def add_layer_norm_bwd(dy: torch.Tensor, dres_out: Optional[torch.Tensor], res: torch.Tensor,
+                       weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, separate_residual_grad: bool,
+                       use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, d_residual, dweight, dbias): dx in dy's dtype; d_residual (in res's dtype) only when
+    ``separate_residual_grad`` (the residual's dtype differs from x's), else empty and equal to dx."""
+    n_rows, n_cols = res.shape
+    if not use_triton:
+        r = res.float()
+        g = dy.float()
+        xhat = (r - mean[:, None]) * rstd[:, None]
+        wdy = weight.float() * g
+        c1 = (xhat * wdy).sum(-1, keepdim=True) / n_cols
+        c2 = wdy.sum(-1, keepdim=True) / n_cols
+        d = (wdy - (xhat * c1 + c2)) * rstd[:, None]
+        if dres_out is not None:
+            d = d + dres_out.float()
+        dres_in = d.to(res.dtype, copy=True) if separate_residual_grad else dy.new_empty(0, dtype=res.dtype)
+        return (d.to(dy.dtype), dres_in, (g * xhat).sum(0).to(weight.dtype), g.sum(0).to(weight.dtype))
+    block, num_warps = _config(n_cols)
+    dy = _rows(dy)
+    dres_out = None if dres_out is None else _rows(dres_out)
+    dx = torch.empty((n_rows, n_cols), dtype=dy.dtype, device=dy.device)
+    dres_in = torch.empty((n_rows, n_cols) if separate_residual_grad else (0,), dtype=res.dtype, device=dy.device)
+    if not n_rows:
+        return dx, dres_in, torch.zeros_like(weight), torch.zeros_like(weight)
+    programs = _row_programs(n_rows, dy.device)
+    # every program writes its row of partial sums, even one left without rows
+    dw_part = torch.empty((programs, n_cols), dtype=torch.float32, device=dy.device)
+    db_part = torch.empty_like(dw_part)
+    d_arg = dy if dres_out is None else dres_out
+    _add_ln_bwd_kernel[(programs,)](
+        dy, d_arg, res, weight.contiguous(), mean, rstd, dx, dres_in if separate_residual_grad else dx, dw_part,
+        db_part, dy.stride(0), d_arg.stride(0), res.stride(0), dx.stride(0),
+        dres_in.stride(0) if separate_residual_grad else 0, n_rows, n_cols, triton.cdiv(n_rows, programs),
+        HAS_DRES=dres_out is not None, STORE_DRES_IN=separate_residual_grad, BLOCK=block, num_warps=num_warps)
+    return dx, dres_in, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
+
+
+@add_layer_norm_bwd.register_fake
+def _(dy, dres_out, res, weight, mean, rstd, separate_residual_grad, use_triton):
+    dres_in = res.new_empty(res.shape if separate_residual_grad else (0,))
+    return dy.new_empty(res.shape), dres_in, torch.empty_like(weight), torch.empty_like(weight)
+
+
+class AddLayerNormFn(torch.autograd.Function):
+    """Autograd for (x, residual) -> (y, new_residual) on (rows, D); saves new_residual, mean and rstd only.
+
+    When new_residual would be x itself (no residual, no dtype change) it returns y alone and saves x; the caller
+    hands x on as new_residual, and autograd adds that gradient to x's.
+    """
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, residual_in_fp32, use_triton, copy_residual_grad=False):
+        y, res, mean, rstd = torch.ops.fastvit.add_layer_norm_fwd(x, residual, weight, bias, eps,
+                                                                 residual_in_fp32, use_triton)
+        ctx.stored = residual is not None or res.dtype != x.dtype
+        ctx.residual_dtype = None if residual is None else residual.dtype
+        ctx.x_dtype = x.dtype
+        ctx.bias_dtype = bias.dtype
+        ctx.use_triton = use_triton
+        ctx.copy_residual_grad = copy_residual_grad
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(res if ctx.stored else x, weight, mean, rstd)
+        if ctx.stored:
+            return y, res
+        return y
+
+    @staticmethod
+    def backward(ctx, dy, dres=None):
+        res, weight, mean, rstd = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros(res.shape, dtype=ctx.x_dtype, device=res.device)
+        separate = ctx.residual_dtype is not None and ctx.residual_dtype != ctx.x_dtype
+        dx, dres_in, dw, db = torch.ops.fastvit.add_layer_norm_bwd(dy, dres, res, weight, mean, rstd, separate,
+                                                                   ctx.use_triton)
+        if ctx.residual_dtype is None or not ctx.needs_input_grad[1]:
+            d_residual = None
+        else:
+            d_residual = dres_in.to(ctx.residual_dtype) if separate else dx
+            if ctx.copy_residual_grad and d_residual is dx:
+                d_residual = dx.clone()
+        return dx, d_residual, dw, db.to(ctx.bias_dtype), None, None, None, None
 
 
 def add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, use_triton):
-    return add_layer_norm_ref(x, residual, weight, bias, eps, residual_in_fp32)
+    """(LayerNorm(x + residual), x + residual) over the last dim of x (any leading shape); see the module doc."""
+    if weight is None or bias is None:
+        raise ValueError("add_layer_norm needs both a LayerNorm weight and bias (elementwise_affine=True)")
+    d = x.shape[-1]
+    if weight.shape != (d,) or bias.shape != (d,):
+        raise ValueError(f"weight and bias must have shape ({d},), got {tuple(weight.shape)} and "
+                         f"{tuple(bias.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    x2 = _rows(x).reshape(-1, d)
+    r2 = None if residual is None else _rows(residual).reshape(-1, d)
+    # x and residual get the same gradient; a leaf must not share its .grad storage with the other
+    copy = (residual is not None and x.requires_grad and residual.requires_grad
+            and (x.is_leaf or residual.is_leaf))
+    out = AddLayerNormFn.apply(x2, r2, weight, bias, eps, residual_in_fp32, use_triton, copy)
+    if isinstance(out, tuple):
+        y, res = out
+        return y.view(x.shape), res.view(x.shape)
+    return out.view(x.shape), x
+
+
+def aot_specs(shape, dtype):
+    """Forward and backward variants a ViT launches at width ``shape.dim``: the first LayerNorm (no residual),
+    the residual add in the activation dtype, and in fp32 (``residual_in_fp32``); weights fp32 as under AMP."""
+    block, num_warps = _config(shape.dim)
+    act = f"*{dtype}"
+    specs = []
+    for has_res, res_t in ((False, None), (True, act), (True, "*fp32")):
+        store = has_res
+        fwd_sig = {"X": act, "R": res_t or act, "W": "*fp32", "B": "*fp32", "Y": act, "RES_OUT": res_t or act,
+                   "MEAN": "*fp32", "RSTD": "*fp32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32",
+                   "stride_res": "i32", "n_cols": "i32", "eps": "fp32", "HAS_RESIDUAL": "constexpr",
+                   "STORE_RESIDUAL": "constexpr", "BLOCK": "constexpr"}
+        label = f"D={shape.dim} residual={'none' if not has_res else res_t[1:]}"
+        specs.append(KernelSpec(
+            "add_layer_norm_fwd", _add_ln_fwd_kernel, fwd_sig,
+            {"HAS_RESIDUAL": has_res, "STORE_RESIDUAL": store, "BLOCK": block}, num_warps, label=label,
+            aligned=("X", "R", "W", "B", "Y", "RES_OUT", "MEAN", "RSTD", "stride_x", "stride_r", "stride_y",
+                     "stride_res", "n_cols")))
+        separate = res_t == "*fp32"
+        bwd_sig = {"DY": act, "DRES_OUT": res_t or act, "RES": res_t or act, "W": "*fp32", "MEAN": "*fp32",
+                   "RSTD": "*fp32", "DX": act, "DRES_IN": res_t if separate else act, "DW_PART": "*fp32",
+                   "DB_PART": "*fp32", "stride_dy": "i32", "stride_dres": "i32", "stride_res": "i32",
+                   "stride_dx": "i32", "stride_dres_in": "i32", "n_rows": "i32", "n_cols": "i32",
+                   "rows_per_program": "i32", "HAS_DRES": "constexpr", "STORE_DRES_IN": "constexpr",
+                   "BLOCK": "constexpr"}
+        specs.append(KernelSpec(
+            "add_layer_norm_bwd", _add_ln_bwd_kernel, bwd_sig,
+            {"HAS_DRES": store, "STORE_DRES_IN": separate, "BLOCK": block}, num_warps, label=label,
+            aligned=("DY", "DRES_OUT", "RES", "W", "MEAN", "RSTD", "DX", "DRES_IN", "DW_PART", "DB_PART",
+                     "stride_dy", "stride_dres", "stride_res", "stride_dx", "stride_dres_in", "n_cols")))
+    return specs

@@ -1,0 +1,84 @@
+"""Compile every Triton kernel ahead of time for sm_80 and sm_90 and report registers, spills and shared memory.
+
+No GPU is needed: each kernels/*.py module that exposes ``aot_specs`` (see kernels/_report.py) lists the kernel
+variants a model launches, with the block sizes and warps its launcher picks; this script compiles them at the
+shapes of ViT-B/16, L/16 and H/14 in fp16 and bf16, reads the cubins with the cuobjdump bundled with Triton,
+prints a table, writes JSON and exits 1 if any kernel spills (STACK/LOCAL > 0), exceeds the shared-memory limit
+of one block, or fails to compile.
+
+    python bench/kernel_report.py [--models vit_base_patch16_224 ...] [--kernels layer_norm ...] [--out PATH]
+"""
+import argparse
+import json
+import pathlib
+import sys
+import traceback
+
+import triton
+
+from fastvit.kernels._report import DTYPES, MODELS, SMEM_LIMIT, collect_specs, compile_spec, kernel_modules
+
+
+def run(models, dtypes, archs, modules):
+    """One record per (model, dtype, kernel variant, arch)."""
+    records = []
+    for model in models:
+        shape = MODELS[model]
+        for dtype in dtypes:
+            for module, spec in collect_specs(shape, dtype, modules):
+                for arch in archs:
+                    rec = {"model": model, "dtype": dtype, "module": module, "kernel": spec.name,
+                           "label": spec.label, "arch": f"sm_{arch}", "num_warps": spec.num_warps,
+                           "num_stages": spec.num_stages,
+                           "constexprs": {k: v if isinstance(v, (bool, int, float)) else str(v)
+                                          for k, v in spec.constexprs.items()}}
+                    try:
+                        rec.update(compile_spec(spec, arch))
+                    except Exception as exc:  # a kernel that does not compile fails the report, not the run
+                        rec.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+                        traceback.print_exc()
+                    records.append(rec)
+    return records
+
+
+def print_table(records):
+    head = f"{'model':<22} {'dtype':<5} {'arch':<6} {'kernel':<24} {'variant':<28} {'warps':>5} {'regs':>5} " \
+           f"{'stack':>5} {'local':>5} {'smem':>7}  ok"
+    print(head)
+    print("-" * len(head))
+    for r in records:
+        if "error" in r:
+            print(f"{r['model']:<22} {r['dtype']:<5} {r['arch']:<6} {r['kernel']:<24} {r['label']:<28} "
+                  f"COMPILE ERROR: {r['error'][:80]}")
+            continue
+        print(f"{r['model']:<22} {r['dtype']:<5} {r['arch']:<6} {r['kernel']:<24} {r['label']:<28} "
+              f"{r['num_warps']:>5} {r['registers']:>5} {r['stack']:>5} {r['local']:>5} {r['shared']:>7}  "
+              f"{'yes' if r['ok'] else 'NO'}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--archs", nargs="+", type=int, default=sorted(SMEM_LIMIT), choices=sorted(SMEM_LIMIT))
+    p.add_argument("--kernels", nargs="+", default=None, choices=kernel_modules(),
+                   help="kernel modules to include (default: every one with aot_specs)")
+    p.add_argument("--out", default="results/kernel_report.json")
+    args = p.parse_args(argv)
+
+    records = run(args.models, args.dtypes, args.archs, args.kernels)
+    print_table(records)
+    bad = [r for r in records if not r["ok"]]
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"triton": triton.__version__, "ok": not bad and bool(records),
+                               "kernels": records}, indent=1))
+    print(f"\n{len(records)} compiled kernels, {len(bad)} failing; wrote {out}")
+    if not records:
+        print("no kernel specs found", file=sys.stderr)
+        return 1
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Ahead-of-time compile specs: how each kernel module tells bench/kernel_report.py what to compile.
+
+The report compiles every Triton kernel for sm_80 and sm_90 without a GPU and reads its registers, spills and
+shared memory, at the shapes of real models. A kernel module joins by exposing one function::
+
+    def aot_specs(shape: ModelShape, dtype: str) -> list[KernelSpec]:
+        ...
+
+- ``shape`` is one of :data:`MODELS` (ViT-B/16, L/16, H/14): ``dim``, ``mlp_dim``, ``tokens``, ``heads``,
+  ``head_dim``, ``patch``, ``in_chans``, ``img_size``.
+- ``dtype`` is the activation dtype as Triton spells it, ``"fp16"`` or ``"bf16"`` (:data:`DTYPES`);
+  ``TORCH_DTYPES[dtype]`` is the torch dtype.
+- Each :class:`KernelSpec` names a ``@triton.jit`` function, its full ``signature`` (every parameter, in order:
+  ``"*fp16"``/``"*bf16"``/``"*fp32"`` pointers, ``"i32"``/``"i64"``/``"fp32"`` scalars, ``"constexpr"`` for
+  constexpr parameters), ``constexprs`` (a value for every constexpr parameter) and the launch options
+  ``num_warps`` / ``num_stages``; ``aligned`` names the parameters that are multiples of 16 at launch (pointers
+  from torch's allocator, widths like 768), which Triton's JIT would specialise on too.
+
+The block sizes and warps in a spec must come from the SAME function the launcher calls to pick them (e.g.
+``layer_norm._config(dim)``), so that what the report checks is what runs. Specs cover every variant a model
+launches (one spec per distinct set of constexprs / pointer dtypes), and ``label`` says which (e.g. "D=768").
+
+The report (``python bench/kernel_report.py``) gathers ``aot_specs`` from every ``kernels/*.py`` module that has
+one, so nothing else needs registering.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import pathlib
+import re
+import subprocess
+import tempfile
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """The sizes of one ViT that decide kernel shapes."""
+    name: str
+    dim: int
+    mlp_dim: int
+    tokens: int
+    heads: int
+    head_dim: int
+    patch: int
+    img_size: int = 224
+    in_chans: int = 3
+
+
+MODELS = {
+    "vit_base_patch16_224": ModelShape("vit_base_patch16_224", 768, 3072, 197, 12, 64, 16),
+    "vit_large_patch16_224": ModelShape("vit_large_patch16_224", 1024, 4096, 197, 16, 64, 16),
+    "vit_huge_patch14_224": ModelShape("vit_huge_patch14_224", 1280, 5120, 257, 16, 80, 14),
+}
+
+DTYPES = ("fp16", "bf16")
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+# Most dynamic shared memory one block may use, bytes (CUDA programming guide, compute capabilities table).
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """One kernel variant to compile ahead of time; see the module docstring."""
+    name: str
+    fn: object
+    signature: dict
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 1
+    label: str = ""
+    aligned: tuple = ()
+
+
+def kernel_modules():
+    """Names of the modules in kernels/ (fastvit.kernels), except private ones like this file."""
+    here = pathlib.Path(__file__).parent
+    return sorted(p.stem for p in here.glob("*.py") if not p.stem.startswith("_"))
+
+
+def collect_specs(shape, dtype, modules=None):
+    """(module, spec) for every spec every kernel module (or those in ``modules``) exposes for shape/dtype."""
+    out = []
+    for name in modules or kernel_modules():
+        mod = importlib.import_module(f"fastvit.kernels.{name}")
+        specs = getattr(mod, "aot_specs", None)
+        if specs is not None:
+            out.extend((name, s) for s in specs(shape, dtype))
+    return out
+
+
+def cuobjdump_path():
+    import triton
+    return pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+_RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def compile_spec(spec, arch):
+    """Compile ``spec`` for sm_``arch`` and return its resource use (registers, stack, local, shared bytes)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    params = list(spec.signature)
+    attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in spec.aligned}
+    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        dump = subprocess.run([str(cuobjdump_path()), "--dump-resource-usage", cubin],
+                              capture_output=True, text=True, check=True).stdout
+    m = _RESOURCE.search(dump)
+    if m is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage for {spec.name}:\n{dump}")
+    reg, stack, static_smem, local = map(int, m.groups())
+    # Triton allocates shared memory dynamically; metadata.shared is the bytes it asks for at launch.
+    shared = static_smem + int(kernel.metadata.shared)
+    return {"registers": reg, "stack": stack, "local": local, "shared": shared,
+            "shared_limit": SMEM_LIMIT[arch],
+            "ok": stack == 0 and local == 0 and shared <= SMEM_LIMIT[arch]}

@@ -1,0 +1,113 @@
+"""The Triton bias + erf GELU (under TRITON_INTERPRET=1) against the torch reference: forward and the gradients of
+x and bias, at ViT widths (768, 1024, 1280 and the MLP's 3072/5120, which span several column blocks) and an odd
+one, for 0 to 257 rows, strided inputs and no bias."""
+import pytest
+import torch
+
+from fastvit.kernels.bias_gelu import bias_gelu, bias_gelu_ref
+
+
+def _inputs(shape, dtype, with_bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (2 * torch.randn(shape, generator=g)).to(dtype).requires_grad_()
+    b = (torch.randn(shape[-1], generator=g)).to(dtype).requires_grad_() if with_bias else None
+    return x, b
+
+
+def _run(fn, x, b, gy):
+    y = fn(x, b)
+    leaves = [t for t in (x, b) if t is not None]
+    return [y, *torch.autograd.grad((y.float() * gy).sum(), leaves)]
+
+
+def _ours(x, b):
+    return bias_gelu(x, b, True)
+
+
+def _upstream(shape, seed=1):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+CASES = [
+    ((1, 197, 768), True),
+    ((2, 25, 1024), True),
+    ((1, 257, 1280), True),
+    ((1, 1, 3072), True),
+    ((1, 257, 37), True),
+    ((50, 5120), False),
+    ((197, 37), False),
+]
+
+
+@pytest.mark.parametrize("shape,with_bias", CASES)
+def test_fp32_matches_reference(shape, with_bias):
+    x, b = _inputs(shape, torch.float32, with_bias)
+    gy = _upstream(shape)
+    ours = _run(_ours, x, b, gy)
+    ref = _run(bias_gelu_ref, x, b, gy)
+    for name, a, e in zip(["y", "dx", "dbias"], ours, ref):
+        assert a.shape == e.shape and a.dtype == e.dtype, name
+        torch.testing.assert_close(a, e, atol=1e-5 if name == "y" else 1e-4, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("shape", [(1, 197, 3072), (2, 50, 1280), (257, 37)])
+def test_fp16_error_at_most_twice_torch(shape):
+    """Error against fp32 math on the same fp16 inputs: at most 2x PyTorch's own fp16 error."""
+    x, b = _inputs(shape, torch.float16)
+    gy = _upstream(shape).half().float()  # representable in fp16, so every run sees the same upstream gradient
+    ours = _run(_ours, x, b, gy)
+    torch16 = _run(bias_gelu_ref, x, b, gy)
+    exact = _run(bias_gelu_ref, x.detach().float().requires_grad_(), b.detach().float().requires_grad_(), gy)
+    assert ours[0].dtype == torch.float16
+    for name, a, t, e in zip(["y", "dx", "dbias"], ours, torch16, exact):
+        err = (a.float() - e).abs().max().item()
+        torch_err = (t.float() - e).abs().max().item()
+        assert err <= 2 * torch_err + 1e-6, (name, err, torch_err)
+
+
+def test_fp32_bias_on_fp16_activations():
+    """Under AMP the fc1 output is fp16 and its bias fp32: y stays fp16 and the bias grad fp32."""
+    x, _ = _inputs((1, 197, 768), torch.float16)
+    b = torch.randn(768).requires_grad_()
+    gy = _upstream(x.shape)
+    y, dx, db = _run(_ours, x, b, gy)
+    # y is fp16, so the gradient reaching it is gy rounded to fp16: give the reference the same one
+    ey, edx, edb = _run(bias_gelu_ref, x.detach().float().requires_grad_(), b, gy.half().float())
+    assert y.dtype == dx.dtype == torch.float16 and db.dtype == torch.float32
+    torch.testing.assert_close(y.float(), ey, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(dx.float(), edx, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(db, edb, atol=1e-4, rtol=1e-5)
+
+
+def test_strided_inputs():
+    """A column slice (row stride > C) and a last dim that is not unit-stride."""
+    g = torch.Generator().manual_seed(2)
+    c = 1280
+    sliced = torch.randn(2, 9, c + 32, generator=g)[:, :, 16:16 + c]
+    transposed = torch.randn(2, c, 9, generator=g).transpose(1, 2)
+    b = torch.randn(c, generator=g)
+    gy = _upstream((2, 9, c))
+    for x in (sliced, transposed):
+        x = x.detach().requires_grad_()
+        bb = b.clone().requires_grad_()
+        for a, e in zip(_run(_ours, x, bb, gy), _run(bias_gelu_ref, x, bb, gy)):
+            torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-5)
+
+
+def test_empty_batch():
+    x, b = _inputs((0, 197, 3072), torch.float32)
+    y = _ours(x, b)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(b.grad, torch.zeros(3072))
+
+
+def test_kernel_saves_what_fallback_saves():
+    """Backward keeps the pre-activation x and the bias only, on the Triton path as on the fallback."""
+    for use_triton in (True, False):
+        x, b = _inputs((2, 7, 3072), torch.float16)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            bias_gelu(x, b, use_triton)
+        assert [(tuple(t.shape), t.dtype) for t in saved] == [((14, 3072), torch.float16), ((3072,), torch.float16)]
+        assert saved[0].data_ptr() == x.data_ptr()

@@ -1,0 +1,37 @@
+"""The whole tiny ViT with every op on Triton kernels (interpreted on CPU) against the torch backend."""
+import pytest
+import torch
+
+import fastvit
+from fastvit import ops
+
+CFG = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+
+
+def test_interpreter_is_on():
+    assert ops.triton_interpreting() and ops.use_triton("auto", torch.zeros(1))
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(pos_embed="rel"), dict(no_embed_class=True, global_pool="avg"),
+                                    dict(patch_size=4, embed_dim=80, num_heads=1)],
+                         ids=["default", "rel", "no_embed_class-avg", "head_dim80"])
+def test_triton_model_matches_torch(kwargs):
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(**{**CFG, **kwargs}, backend="torch")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    expected = model(x)
+    expected.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    x_grad = x.grad.clone()
+    model.zero_grad()
+    x.grad = None
+    model.set_backend("triton")
+    out = model(x)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    out.square().sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=1e-4, rtol=1e-3, msg=n)
+    torch.testing.assert_close(x.grad, x_grad, atol=1e-4, rtol=1e-3)
