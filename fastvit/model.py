@@ -120,16 +120,20 @@ class Attention(nn.Module):
         self.rel_pos_grid = _pair(grid_size)
 
     def forward(self, x, grid_size=None):
-        B, N, D = x.shape
+        return self.attend(F.linear(x, self.qkv.weight, self.qkv.bias), grid_size)
+
+    def attend(self, qkv, grid_size=None):
+        """Everything after the qkv projection (the block fuses that projection with its LayerNorm)."""
+        B, N, D3 = qkv.shape
         # (B, N, 3, heads, D_h) -> three (B, heads, N, D_h) strided views of one buffer, no copies
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         rel_bias = None
         if self.rel_pos_table is not None:
             grid_size = self.rel_pos_grid if grid_size is None else grid_size
             rel_bias = resample_rel_pos_table(self.rel_pos_table, self.rel_pos_grid, grid_size)
         out = ops.attention(q, k, v, rel_bias=rel_bias, grid_size=grid_size,
                             dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, D)))
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, D3 // 3)))
 
 
 class Mlp(nn.Module):
@@ -144,8 +148,18 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x):
-        x = ops.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias, backend=self.backend)
-        return self.drop2(self.fc2(self.drop1(x)))
+        return self.activate(F.linear(x, self.fc1.weight))
+
+    def activate(self, h):
+        """GELU(h + b_1) W_2 + b_2 from fc1's bias-free output h (the block fuses fc1 with its LayerNorm).
+
+        fc2 recomputes the GELU in backward; only dropout between the two needs the activation kept.
+        """
+        if self.training and self.drop1.p > 0:
+            h = self.drop1(ops.bias_gelu(h, self.fc1.bias, backend=self.backend))
+            return self.drop2(self.fc2(h))
+        return self.drop2(ops.bias_gelu_linear(h, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                               backend=self.backend))
 
 
 class LayerScale(nn.Module):
@@ -197,14 +211,16 @@ class Block(nn.Module):
     def forward_pair(self, h, residual, grid_size=None):
         """The block on z = h + residual (residual None: z = h), returning (MLP branch, z') so that z_out = sum.
 
-        Keeping the sum unevaluated lets each LayerNorm fuse the preceding residual add, also across blocks.
+        Keeping the sum unevaluated lets each LayerNorm fuse the preceding residual add, also across blocks, and
+        each LayerNorm runs together with the projection after it (qkv, fc1) so its output is never saved.
         """
-        y, residual = ops.add_layer_norm(h, residual, self.norm1.weight, self.norm1.bias, self.norm1.eps,
-                                         backend=self.backend)
-        h = self.drop_path1(self.ls1(self.attn(y, grid_size)))
-        y, residual = ops.add_layer_norm(h, residual, self.norm2.weight, self.norm2.bias, self.norm2.eps,
-                                         backend=self.backend)
-        return self.drop_path2(self.ls2(self.mlp(y))), residual
+        qkv, residual = ops.add_layer_norm_linear(h, residual, self.norm1.weight, self.norm1.bias,
+                                                  self.attn.qkv.weight, self.attn.qkv.bias, self.norm1.eps,
+                                                  backend=self.backend)
+        h = self.drop_path1(self.ls1(self.attn.attend(qkv, grid_size)))
+        hidden, residual = ops.add_layer_norm_linear(h, residual, self.norm2.weight, self.norm2.bias,
+                                                     self.mlp.fc1.weight, None, self.norm2.eps, backend=self.backend)
+        return self.drop_path2(self.ls2(self.mlp.activate(hidden))), residual
 
 
 class VisionTransformer(nn.Module):

@@ -158,13 +158,47 @@ class BiasGeluFn(torch.autograd.Function):
         return dx, (None if bias is None else db), None
 
 
-def bias_gelu(x, bias, use_triton):
-    """GELU(x + bias) over the last dim of x (any leading shape), in x's dtype; see the module doc."""
+class BiasGeluLinearFn(torch.autograd.Function):
+    """GELU(x + b) W^T + c that keeps no GELU output for backward.
+
+    A plain Linear after the GELU would save its (rows, 4D) input; here backward recomputes it from the saved
+    pre-activation x with the same forward op, so the MLP's hidden layer is saved once, as x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, lin_weight, lin_bias, use_triton):
+        ctx.use_triton = use_triton
+        ctx.has_lin_bias = lin_bias is not None
+        ctx.save_for_backward(x, bias, lin_weight)
+        return F.linear(torch.ops.fastvit.bias_gelu_fwd(x, bias, use_triton), lin_weight, lin_bias)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, bias, lin_weight = ctx.saved_tensors
+        h = torch.ops.fastvit.bias_gelu_fwd(x, bias, ctx.use_triton)
+        dh = (dout @ lin_weight.to(dout.dtype)).to(x.dtype)
+        d_lin_w = (dout.t() @ h.to(dout.dtype)).to(lin_weight.dtype)
+        d_lin_b = dout.sum(0).to(lin_weight.dtype) if ctx.has_lin_bias else None
+        dx, db = torch.ops.fastvit.bias_gelu_bwd(dh, x, bias, ctx.use_triton)
+        return dx, (None if bias is None else db), d_lin_w, d_lin_b, None
+
+
+def _check_rows(x, bias):
     c = x.shape[-1]
     if bias is not None and bias.shape != (c,):
         raise ValueError(f"bias must have shape ({c},), got {tuple(bias.shape)}")
-    y = BiasGeluFn.apply(_rows(x).reshape(-1, c), bias, use_triton)
-    return y.view(x.shape)
+    return _rows(x).reshape(-1, c)
+
+
+def bias_gelu(x, bias, use_triton):
+    """GELU(x + bias) over the last dim of x (any leading shape), in x's dtype; see the module doc."""
+    return BiasGeluFn.apply(_check_rows(x, bias), bias, use_triton).view(x.shape)
+
+
+def bias_gelu_linear(x, bias, lin_weight, lin_bias, use_triton):
+    """GELU(x + bias) lin_weight^T + lin_bias over the last dim of x, recomputing the GELU in backward."""
+    out = BiasGeluLinearFn.apply(_check_rows(x, bias), bias, lin_weight, lin_bias, use_triton)
+    return out.view(*x.shape[:-1], lin_weight.shape[0])
 
 
 def aot_specs(shape, dtype):

@@ -207,6 +207,40 @@ def _(dy, dres_out, res, weight, mean, rstd, separate_residual_grad, use_triton)
     return dy.new_empty(res.shape), dres_in, torch.empty_like(weight), torch.empty_like(weight)
 
 
+def _ln_forward(ctx, x, residual, weight, bias, eps, residual_in_fp32, use_triton, copy_residual_grad):
+    """The forward shared by both Functions below: runs the op and records on ``ctx`` what backward needs.
+
+    Returns (y, saved residual, mean, rstd); the saved residual is x itself when new_residual would equal x.
+    """
+    y, res, mean, rstd = torch.ops.fastvit.add_layer_norm_fwd(x, residual, weight, bias, eps, residual_in_fp32,
+                                                             use_triton)
+    ctx.stored = residual is not None or res.dtype != x.dtype
+    ctx.residual_dtype = None if residual is None else residual.dtype
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = bias.dtype
+    ctx.eps = eps
+    ctx.use_triton = use_triton
+    ctx.copy_residual_grad = copy_residual_grad
+    ctx.set_materialize_grads(False)
+    return y, (res if ctx.stored else x), mean, rstd
+
+
+def _ln_backward(ctx, dy, dres, res, weight, mean, rstd):
+    """The backward shared by both Functions: (dx, d_residual, dweight, dbias)."""
+    if dy is None:
+        dy = torch.zeros(res.shape, dtype=ctx.x_dtype, device=res.device)
+    separate = ctx.residual_dtype is not None and ctx.residual_dtype != ctx.x_dtype
+    dx, dres_in, dw, db = torch.ops.fastvit.add_layer_norm_bwd(dy, dres, res, weight, mean, rstd, separate,
+                                                               ctx.use_triton)
+    if ctx.residual_dtype is None:
+        d_residual = None
+    else:
+        d_residual = dres_in.to(ctx.residual_dtype) if separate else dx
+        if ctx.copy_residual_grad and d_residual is dx:
+            d_residual = dx.clone()
+    return dx, d_residual, dw, db.to(ctx.bias_dtype)
+
+
 class AddLayerNormFn(torch.autograd.Function):
     """Autograd for (x, residual) -> (y, new_residual) on (rows, D); saves new_residual, mean and rstd only.
 
@@ -216,39 +250,47 @@ class AddLayerNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, residual_in_fp32, use_triton, copy_residual_grad=False):
-        y, res, mean, rstd = torch.ops.fastvit.add_layer_norm_fwd(x, residual, weight, bias, eps,
-                                                                 residual_in_fp32, use_triton)
-        ctx.stored = residual is not None or res.dtype != x.dtype
-        ctx.residual_dtype = None if residual is None else residual.dtype
-        ctx.x_dtype = x.dtype
-        ctx.bias_dtype = bias.dtype
-        ctx.use_triton = use_triton
-        ctx.copy_residual_grad = copy_residual_grad
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(res if ctx.stored else x, weight, mean, rstd)
-        if ctx.stored:
-            return y, res
-        return y
+        y, res, mean, rstd = _ln_forward(ctx, x, residual, weight, bias, eps, residual_in_fp32, use_triton,
+                                         copy_residual_grad)
+        ctx.save_for_backward(res, weight, mean, rstd)
+        return (y, res) if ctx.stored else y
 
     @staticmethod
     def backward(ctx, dy, dres=None):
-        res, weight, mean, rstd = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros(res.shape, dtype=ctx.x_dtype, device=res.device)
-        separate = ctx.residual_dtype is not None and ctx.residual_dtype != ctx.x_dtype
-        dx, dres_in, dw, db = torch.ops.fastvit.add_layer_norm_bwd(dy, dres, res, weight, mean, rstd, separate,
-                                                                   ctx.use_triton)
-        if ctx.residual_dtype is None or not ctx.needs_input_grad[1]:
-            d_residual = None
-        else:
-            d_residual = dres_in.to(ctx.residual_dtype) if separate else dx
-            if ctx.copy_residual_grad and d_residual is dx:
-                d_residual = dx.clone()
-        return dx, d_residual, dw, db.to(ctx.bias_dtype), None, None, None, None
+        return *_ln_backward(ctx, dy, dres, *ctx.saved_tensors), None, None, None, None
 
 
-def add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, use_triton):
-    """(LayerNorm(x + residual), x + residual) over the last dim of x (any leading shape); see the module doc."""
+class AddLayerNormLinearFn(torch.autograd.Function):
+    """(LN(x + residual) W^T + b, x + residual) that keeps no LayerNorm output for backward.
+
+    A plain Linear after the LayerNorm would save its input y; here backward recomputes y from the saved
+    new_residual, mean and rstd (bit-identical: the same op on the same values), so the pair saves what the
+    LayerNorm alone saves. This is what brings a block's saved activations down to about 10 D per token.
+    """
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton,
+                copy_residual_grad=False):
+        y, res, mean, rstd = _ln_forward(ctx, x, residual, weight, bias, eps, residual_in_fp32, use_triton,
+                                         copy_residual_grad)
+        out = F.linear(y, lin_weight, lin_bias)  # under autocast this runs in the autocast dtype
+        ctx.has_lin_bias = lin_bias is not None
+        ctx.save_for_backward(res, weight, bias, mean, rstd, lin_weight)
+        return (out, res) if ctx.stored else out
+
+    @staticmethod
+    def backward(ctx, dout, dres=None):
+        res, weight, bias, mean, rstd, lin_weight = ctx.saved_tensors
+        y = torch.ops.fastvit.add_layer_norm_fwd(res, None, weight, bias, ctx.eps, False, ctx.use_triton)[0]
+        g = dout.reshape(-1, dout.shape[-1])
+        dy = (g @ lin_weight.to(g.dtype)).to(ctx.x_dtype)
+        d_lin_w = (g.t() @ y.to(g.dtype)).to(lin_weight.dtype)
+        d_lin_b = g.sum(0).to(lin_weight.dtype) if ctx.has_lin_bias else None
+        dx, d_residual, dw, db = _ln_backward(ctx, dy, dres, res, weight, mean, rstd)
+        return dx, d_residual, dw, db, d_lin_w, d_lin_b, None, None, None, None
+
+
+def _check_ln_args(x, residual, weight, bias):
     if weight is None or bias is None:
         raise ValueError("add_layer_norm needs both a LayerNorm weight and bias (elementwise_affine=True)")
     d = x.shape[-1]
@@ -262,11 +304,27 @@ def add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, use_triton)
     # x and residual get the same gradient; a leaf must not share its .grad storage with the other
     copy = (residual is not None and x.requires_grad and residual.requires_grad
             and (x.is_leaf or residual.is_leaf))
+    return x2, r2, copy
+
+
+def add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, use_triton):
+    """(LayerNorm(x + residual), x + residual) over the last dim of x (any leading shape); see the module doc."""
+    x2, r2, copy = _check_ln_args(x, residual, weight, bias)
     out = AddLayerNormFn.apply(x2, r2, weight, bias, eps, residual_in_fp32, use_triton, copy)
     if isinstance(out, tuple):
         y, res = out
         return y.view(x.shape), res.view(x.shape)
     return out.view(x.shape), x
+
+
+def add_layer_norm_linear(x, residual, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton):
+    """(LayerNorm(x + residual) lin_weight^T + lin_bias, x + residual), recomputing the LayerNorm in backward."""
+    x2, r2, copy = _check_ln_args(x, residual, weight, bias)
+    out = AddLayerNormLinearFn.apply(x2, r2, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32,
+                                     use_triton, copy)
+    out, res = out if isinstance(out, tuple) else (out, None)
+    out = out.view(*x.shape[:-1], lin_weight.shape[0])
+    return out, (x if res is None else res.view(x.shape))
 
 
 def aot_specs(shape, dtype):
