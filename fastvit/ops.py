@@ -1,7 +1,8 @@
 """The one dispatch point between the model and its kernels.
 
-The model calls only these four functions for patch embedding, residual add + LayerNorm, bias + GELU and
-attention. Each takes ``backend``:
+The model calls only these functions for patch embedding, residual add + LayerNorm, bias + GELU and attention
+(plus two composites, LayerNorm + Linear and GELU + Linear, that recompute the LayerNorm / GELU output in backward
+instead of saving it). Each takes ``backend``:
 
 - ``"torch"``: the op's torch fallback (plain PyTorch math);
 - ``"triton"``: our Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
@@ -71,6 +72,21 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-6, residual_in_fp32=False, 
 def bias_gelu(x, bias, backend="auto"):
     """y = GELU(x + bias) with the exact erf GELU of the paper and timm."""
     return _bias_gelu.bias_gelu(x, bias, use_triton(backend, x))
+
+
+# The two composites below are the ops above followed by the next Linear, differing only in what autograd keeps:
+# the normalised / activated tensor is recomputed in backward instead of being saved as the Linear's input.
+
+def add_layer_norm_linear(x, residual, norm_weight, norm_bias, weight, bias=None, eps=1e-6,
+                          residual_in_fp32=False, backend="auto"):
+    """(LayerNorm(x + residual) W^T + b, x + residual), saving only what ``add_layer_norm`` saves."""
+    return _layer_norm.add_layer_norm_linear(x, residual, norm_weight, norm_bias, weight, bias, eps,
+                                             residual_in_fp32, use_triton(backend, x))
+
+
+def bias_gelu_linear(x, bias, weight, weight_bias=None, backend="auto"):
+    """GELU(x + bias) W^T + b, saving only the pre-activation x (as ``bias_gelu`` does)."""
+    return _bias_gelu.bias_gelu_linear(x, bias, weight, weight_bias, use_triton(backend, x))
 
 
 def attention(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None, backend="auto"):
