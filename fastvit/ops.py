@@ -8,7 +8,7 @@ instead of saving it). Each takes ``backend``:
 - ``"triton"``: our Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
 - ``"auto"``: the kernel where it can run, the fallback otherwise.
 
-``attention`` also accepts ``"flash"`` (the flash-attn package) once that backend lands.
+``attention`` also accepts ``"flash"`` (the optional flash-attn package, which ``"auto"`` prefers where it runs).
 """
 from __future__ import annotations
 
@@ -89,11 +89,24 @@ def bias_gelu_linear(x, bias, weight, weight_bias=None, backend="auto"):
     return _bias_gelu.bias_gelu_linear(x, bias, weight, weight_bias, use_triton(backend, x))
 
 
+ATTENTION_BACKENDS = BACKENDS + ("flash",)
+
+
 def attention(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None, backend="auto"):
     """softmax(q k^T / sqrt(D_h) + B_rel) v on (B, heads, N, head_dim) views, which may be strided.
 
     ``rel_bias`` is None or a per-head table of relative-position biases, shape (heads, (2gh-1)(2gw-1) [+3]),
     over the ``grid_size`` = (gh, gw) patch grid; its last 3 entries (present when N = gh*gw + 1) are the
     class-token entries (query->key): class->patch, patch->class, class->class (BEiT's layout).
+
+    ``backend`` may also be ``"flash"`` (the optional flash_attn package: CUDA fp16/bf16, no ``rel_bias``).
+    ``"auto"`` takes flash_attn where it can run this call, else the Triton kernels where they can (fp32/fp16/
+    bf16, head_dim <= 128), else scaled_dot_product_attention.
     """
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    if backend == "flash" or (backend == "auto" and _flash_attention.flash_attn_supported(q, rel_bias)):
+        return _flash_attention.attention_flash(q, k, v, rel_bias, dropout_p, scale)
+    if backend == "auto" and not _flash_attention.triton_supported(q):
+        backend = "torch"
     return _flash_attention.attention(q, k, v, rel_bias, grid_size, dropout_p, scale, use_triton(backend, q))

@@ -1,6 +1,41 @@
-"""Multi-head self-attention with an optional 2D relative-position bias."""
+"""Multi-head self-attention (FlashAttention-2) with an optional 2D relative-position bias looked up in-kernel.
+
+softmax(q k^T * scale + B_rel) v on (B, heads, N, head_dim) views that may be strided: the model takes q, k and v
+straight from the fused qkv projection (stride 3*D over tokens), and every kernel takes all four strides of each
+tensor, so nothing is copied. The forward keeps a running max and sum per query row (online softmax) and writes
+the output and the row log-sum-exp only; the N x N probabilities never reach memory.
+
+B_rel comes from a learned (heads, R) table indexed like :func:`relative_position_index` (BEiT's layout): the
+kernels compute each (query, key) pair's table index from the token indices and the patch grid and gather the
+entry, so no (heads, N, N) bias exists in memory; its gradient is accumulated by atomic adds into an fp32
+(heads, R) buffer.
+
+Backward: a preprocessing kernel takes delta = rowsum(dO * O); then one kernel per key block accumulates dK and
+dV over all query blocks, and one kernel per query block accumulates dQ (and the table gradient) over all key
+blocks. Two kernels recompute the scores twice, but each output is written once by one program: no fp32 dQ
+buffer, no atomics on dQ (so dQ is deterministic), and each kernel gets its own block sizes, which keeps the
+padded head dims (80 -> 128) out of register spills.
+
+Attention dropout hashes (seed, batch*head, query, key) with Philox (tl.rand) in the forward and again in both
+backward kernels, so the mask is never stored; the seed is one int64 tensor drawn from torch's generator.
+
+The Triton launch and the torch fallback math sit inside the same ``torch.library`` custom ops
+(fastvit::attention_fwd / attention_bwd), save the same tensors (q, k, v, out, lse, the table and the seed) and do
+the same backward math; the fallback draws its dropout mask from a torch generator seeded the same way. The
+``torch`` backend instead runs :func:`attention_ref` (scaled_dot_product_attention), and the ``flash`` backend the
+flash_attn package when it is installed.
+"""
+import functools
+from typing import NamedTuple, Optional
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 128
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def num_relative_positions(grid_size, class_token=True):
@@ -40,5 +75,542 @@ def attention_ref(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=N
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Launch configuration
+
+class _Blocks(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+class _Config(NamedTuple):
+    block_d: int
+    fwd: _Blocks
+    bwd_dkdv: _Blocks
+    bwd_dq: _Blocks
+    preprocess: _Blocks
+
+
+def _config(head_dim):
+    """Block sizes and warps of every attention kernel for ``head_dim``; the launchers and aot_specs use this.
+
+    The head dim is padded to a power of two in registers (BLOCK_D). Chosen so that no kernel spills on sm_80 or
+    sm_90 in any variant (bias table, dropout; checked by AOT compile + cuobjdump): 8 warps throughout, at
+    BLOCK_D = 128 (head dim 80/96/128) tiles of 64 x 64 or less, since a 128 x 64 forward tile there spills, and
+    32 keys per dK/dV program at BLOCK_D = 64, since 64 keys with bias and dropout spill on sm_80.
+    """
+    if not 0 < head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"the Triton attention supports head_dim 1 to {MAX_HEAD_DIM}, got {head_dim}")
+    block_d = max(triton.next_power_of_2(head_dim), 16)
+    if block_d <= 64:
+        return _Config(block_d, fwd=_Blocks(128, 64, 8, 2), bwd_dkdv=_Blocks(64, 32, 8, 2),
+                       bwd_dq=_Blocks(128, 32, 8, 2), preprocess=_Blocks(128, 0, 4, 1))
+    return _Config(block_d, fwd=_Blocks(64, 64, 8, 2), bwd_dkdv=_Blocks(32, 64, 8, 2),
+                   bwd_dq=_Blocks(64, 32, 8, 2), preprocess=_Blocks(64, 0, 4, 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+
+@triton.jit
+def _grid_pos(tokens, grid_w, HAS_CLS: tl.constexpr):
+    """(row, col) of each token on the patch grid; the class token (index 0 with HAS_CLS) maps to (0, 0)."""
+    if HAS_CLS:
+        patch = tl.maximum(tokens - 1, 0)
+    else:
+        patch = tokens
+    return patch // grid_w, patch % grid_w
+
+
+@triton.jit
+def _rel_index(q_tok, q_y, q_x, k_tok, k_y, k_x, grid_h, grid_w, HAS_CLS: tl.constexpr):
+    """Table index of each (query, key) pair, as relative_position_index; arguments broadcast to the tile."""
+    idx = (q_y - k_y + grid_h - 1) * (2 * grid_w - 1) + (q_x - k_x + grid_w - 1)
+    if HAS_CLS:
+        n_rel = (2 * grid_h - 1) * (2 * grid_w - 1)
+        k_cls = k_tok == 0
+        idx = tl.where(q_tok == 0, tl.where(k_cls, n_rel + 2, n_rel), tl.where(k_cls, n_rel + 1, idx))
+    return idx
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, TABLE, SEED,
+                     stride_qb, stride_qh, stride_qn, stride_qd,
+                     stride_kb, stride_kh, stride_kn, stride_kd,
+                     stride_vb, stride_vh, stride_vn, stride_vd,
+                     stride_ob, stride_oh, stride_on, stride_od,
+                     n_heads, seq_len, n_table, qk_scale, grid_h, grid_w, dropout_p,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, DROPOUT: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    # one program per (query block, batch * head); query blocks of one head are adjacent so they share K/V in L2
+    pid = tl.program_id(0)
+    n_m_blocks = tl.cdiv(seq_len, BLOCK_M)
+    bh = pid // n_m_blocks
+    b = (bh // n_heads).to(tl.int64)
+    h = bh % n_heads
+    offs_m = (pid % n_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < seq_len
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    if HAS_BIAS:
+        TABLE += h * n_table
+        q_y, q_x = _grid_pos(offs_m, grid_w, HAS_CLS)
+    if DROPOUT:
+        seed = tl.load(SEED)
+        rows = (bh * seq_len + offs_m).to(tl.int64) * seq_len
+    # scores are kept in log2 units (times log2(e)) so the exponentials are exp2
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start_n in range(0, seq_len, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < seq_len
+        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:
+            k_y, k_x = _grid_pos(offs_n, grid_w, HAS_CLS)
+            idx = _rel_index(offs_m[:, None], q_y[:, None], q_x[:, None], offs_n[None, :], k_y[None, :],
+                             k_x[None, :], grid_h, grid_w, HAS_CLS)
+            bias = tl.load(TABLE + idx, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        if DROPOUT:
+            # the normaliser l_i sums the kept and the dropped probabilities; only the output drops
+            p = tl.where(tl.rand(seed, rows[:, None] + offs_n[None, :]) >= dropout_p, p, 0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    if DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))
+    tl.store(LSE + bh * seq_len + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_mask)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+             acc.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(O, DO, DELTA,
+                                stride_ob, stride_oh, stride_on, stride_od,
+                                stride_dob, stride_doh, stride_don, stride_dod,
+                                n_heads, seq_len,
+                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta_i = sum_d dO_id O_id, the row term of dS = P * (dP - delta)."""
+    pid = tl.program_id(0)
+    n_m_blocks = tl.cdiv(seq_len, BLOCK_M)
+    bh = pid // n_m_blocks
+    b = (bh // n_heads).to(tl.int64)
+    h = bh % n_heads
+    offs_m = (pid % n_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * seq_len + offs_m, tl.sum(o * do, axis=1), mask=offs_m < seq_len)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TABLE, SEED,
+                          stride_qb, stride_qh, stride_qn, stride_qd,
+                          stride_kb, stride_kh, stride_kn, stride_kd,
+                          stride_vb, stride_vh, stride_vn, stride_vd,
+                          stride_dob, stride_doh, stride_don, stride_dod,
+                          stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                          stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                          n_heads, seq_len, n_table, sm_scale, qk_scale, grid_h, grid_w, dropout_p,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr,
+                          DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """One block of keys: dV = P^T dO and dK = scale * dS^T Q summed over every query block.
+
+    Tiles are transposed (keys along rows) so that dV and dK accumulate without transposing P or dS. With
+    dropout, Z = keep / (1 - p) multiplies P in dV and dP in dS (the forward used P * Z).
+    """
+    pid = tl.program_id(0)
+    n_n_blocks = tl.cdiv(seq_len, BLOCK_N)
+    bh = pid // n_n_blocks
+    b = (bh // n_heads).to(tl.int64)
+    h = bh % n_heads
+    offs_n = (pid % n_n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_mask = offs_n < seq_len
+    d_mask = offs_d < HEAD_DIM
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_dob + h * stride_doh
+    LSE += bh * seq_len
+    DELTA += bh * seq_len
+    if HAS_BIAS:
+        TABLE += h * n_table
+        k_y, k_x = _grid_pos(offs_n, grid_w, HAS_CLS)
+    if DROPOUT:
+        seed = tl.load(SEED)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for start_m in range(0, seq_len, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < seq_len
+        qt = tl.load(Q + offs_m[None, :] * stride_qn + offs_d[:, None] * stride_qd,
+                     mask=m_mask[None, :] & d_mask[:, None], other=0.0)
+        lse = tl.load(LSE + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+        st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:
+            q_y, q_x = _grid_pos(offs_m, grid_w, HAS_CLS)
+            idx = _rel_index(offs_m[None, :], q_y[None, :], q_x[None, :], offs_n[:, None], k_y[:, None],
+                             k_x[:, None], grid_h, grid_w, HAS_CLS)
+            bias = tl.load(TABLE + idx, mask=n_mask[:, None] & m_mask[None, :], other=0.0)
+            st += bias.to(tl.float32) * 1.4426950408889634
+        pt = tl.where(m_mask[None, :], tl.exp2(st - lse[None, :]), 0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if DROPOUT:
+            rows = (bh * seq_len + offs_m).to(tl.int64) * seq_len
+            keep = tl.rand(seed, rows[None, :] + offs_n[:, None]) >= dropout_p
+            dv = tl.dot(tl.where(keep, pt * keep_scale, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
+            dpt = tl.where(keep, dpt * keep_scale, 0.0)
+        else:
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
+        delta = tl.load(DELTA + offs_m, mask=m_mask, other=0.0)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PRECISION)
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TABLE, DTABLE, SEED,
+                        stride_qb, stride_qh, stride_qn, stride_qd,
+                        stride_kb, stride_kh, stride_kn, stride_kd,
+                        stride_vb, stride_vh, stride_vn, stride_vd,
+                        stride_dob, stride_doh, stride_don, stride_dod,
+                        stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+                        n_heads, seq_len, n_table, sm_scale, qk_scale, grid_h, grid_w, dropout_p,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr,
+                        DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """One block of queries: dQ = scale * dS K over every key block; dS is also the bias gradient, which is
+    added into the fp32 (heads, R) table gradient entry by entry."""
+    pid = tl.program_id(0)
+    n_m_blocks = tl.cdiv(seq_len, BLOCK_M)
+    bh = pid // n_m_blocks
+    b = (bh // n_heads).to(tl.int64)
+    h = bh % n_heads
+    offs_m = (pid % n_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < seq_len
+    d_mask = offs_d < HEAD_DIM
+    q_mask = m_mask[:, None] & d_mask[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                 mask=q_mask, other=0.0)
+    lse = tl.load(LSE + bh * seq_len + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * seq_len + offs_m, mask=m_mask, other=0.0)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    if HAS_BIAS:
+        TABLE += h * n_table
+        DTABLE += h * n_table
+        q_y, q_x = _grid_pos(offs_m, grid_w, HAS_CLS)
+    if DROPOUT:
+        seed = tl.load(SEED)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+        rows = (bh * seq_len + offs_m).to(tl.int64) * seq_len
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start_n in range(0, seq_len, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < seq_len
+        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:
+            k_y, k_x = _grid_pos(offs_n, grid_w, HAS_CLS)
+            idx = _rel_index(offs_m[:, None], q_y[:, None], q_x[:, None], offs_n[None, :], k_y[None, :],
+                             k_x[None, :], grid_h, grid_w, HAS_CLS)
+            tile_mask = m_mask[:, None] & n_mask[None, :]
+            bias = tl.load(TABLE + idx, mask=tile_mask, other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
+        p = tl.where(n_mask[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        vt = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        if DROPOUT:
+            dp = tl.where(tl.rand(seed, rows[:, None] + offs_n[None, :]) >= dropout_p, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PRECISION)
+        if HAS_BIAS:
+            tl.atomic_add(DTABLE + idx, ds, mask=tile_mask, sem="relaxed")
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers and the torch fallback, inside the custom ops
+
+def _precision(dtype):
+    """fp32 inputs get IEEE dots (as SDPA computes fp32); fp16/bf16 run on tensor cores either way."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _new_out(q):
+    """The output as a (B, heads, N, hd) view of a (B, N, heads, hd) buffer: the model's
+    ``out.transpose(1, 2).reshape(B, N, D)`` is then free."""
+    b, h, n, d = q.shape
+    return q.new_empty((b, n, h, d)).permute(0, 2, 1, 3)
+
+
+def _has_cls(n, grid_h, grid_w):
+    return n == grid_h * grid_w + 1
+
+
+def _scores(q, k, rel_bias, grid_h, grid_w, scale):
+    """fp32 (B, heads, N, N) scores q k^T * scale + B_rel of the fallback."""
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if rel_bias is not None:
+        s = s + relative_bias_dense(rel_bias.float(), (grid_h, grid_w), q.shape[-2])
+    return s
+
+
+def _dropout_scale(seed, shape, dropout_p, device):
+    """Fallback dropout: keep / (1 - p) with keep drawn from a generator seeded by ``seed``, so that the backward
+    regenerates the forward's mask (the Triton kernels instead hash (seed, bh, i, j) with Philox)."""
+    gen = torch.Generator(device=device).manual_seed(int(seed.item()))
+    return (torch.rand(shape, generator=gen, device=device) >= dropout_p) / (1.0 - dropout_p)
+
+
+def _strides(*tensors):
+    return [s for t in tensors for s in t.stride()]
+
+
+@torch.library.custom_op("fastvit::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_bias: Optional[torch.Tensor],
+                  seed: Optional[torch.Tensor], grid_h: int, grid_w: int, scale: float, dropout_p: float,
+                  use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): out (B, heads, N, hd) in q's dtype, lse the fp32 (B, heads, N) row log-sum-exp of the
+    scores (natural log, before dropout), the one statistic the backward needs. ``seed`` is a one-element int64
+    tensor when ``dropout_p`` > 0, else None."""
+    bsz, heads, n, hd = q.shape
+    out = _new_out(q)
+    if not use_triton:
+        s = _scores(q, k, rel_bias, grid_h, grid_w, scale)
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse[..., None])
+        if dropout_p > 0:
+            p = p * _dropout_scale(seed, p.shape, dropout_p, q.device)
+        out.copy_(torch.matmul(p, v.float()))
+        return out, lse
+    lse = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    cfg = _config(hd)
+    blk = cfg.fwd
+    table = q if rel_bias is None else rel_bias
+    grid = (bsz * heads * triton.cdiv(n, blk.block_m),)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, table, lse if seed is None else seed, *_strides(q, k, v, out), heads, n, table.shape[-1],
+        scale * LOG2E, grid_h, grid_w, dropout_p, HEAD_DIM=hd, BLOCK_D=cfg.block_d, BLOCK_M=blk.block_m,
+        BLOCK_N=blk.block_n, HAS_BIAS=rel_bias is not None, HAS_CLS=_has_cls(n, grid_h, grid_w),
+        DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), num_warps=blk.num_warps, num_stages=blk.num_stages)
+    return out, lse
+
+
+@attention_fwd.register_fake
+def _(q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton):
+    return _new_out(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastvit::attention_bwd", mutates_args=())
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, rel_bias: Optional[torch.Tensor], seed: Optional[torch.Tensor], grid_h: int,
+                  grid_w: int, scale: float, dropout_p: float,
+                  use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, d rel_bias) from the saved q, k, v, out and lse; P is recomputed as exp(scores - lse) and the
+    dropout mask from the seed. d rel_bias is empty when rel_bias is None.
+    """
+    bsz, heads, n, hd = q.shape
+    dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    if not use_triton:
+        s = _scores(q, k, rel_bias, grid_h, grid_w, scale)
+        p = torch.exp(s - lse[..., None])
+        do32 = do.float()
+        dp = torch.matmul(do32, v.float().transpose(-1, -2))
+        if dropout_p > 0:
+            z = _dropout_scale(seed, p.shape, dropout_p, q.device)
+            dv.copy_(torch.matmul((p * z).transpose(-1, -2), do32))
+            dp = dp * z
+        else:
+            dv.copy_(torch.matmul(p.transpose(-1, -2), do32))
+        # rowsum(dO * O) = rowsum(P * dP) also with dropout, since O = (P * Z) V
+        ds = p * (dp - (do32 * out.float()).sum(-1, keepdim=True))
+        dq.copy_(torch.matmul(ds, k.float()) * scale)
+        dk.copy_(torch.matmul(ds.transpose(-1, -2), q.float()) * scale)
+        if rel_bias is None:
+            return dq, dk, dv, q.new_empty(0)
+        index = relative_position_index((grid_h, grid_w), _has_cls(n, grid_h, grid_w), q.device).flatten()
+        dtable = torch.zeros(rel_bias.shape, dtype=torch.float32, device=q.device)
+        dtable.index_add_(1, index, ds.sum(0).reshape(heads, n * n))
+        return dq, dk, dv, dtable.to(rel_bias.dtype)
+    dtable = torch.zeros((heads, rel_bias.shape[-1]) if rel_bias is not None else (0,), dtype=torch.float32,
+                         device=q.device)
+    if q.numel() == 0:
+        return dq, dk, dv, dtable.to(q.dtype if rel_bias is None else rel_bias.dtype)
+    cfg = _config(hd)
+    delta = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device)
+    blk = cfg.preprocess
+    _attn_bwd_preprocess_kernel[(bsz * heads * triton.cdiv(n, blk.block_m),)](
+        out, do, delta, *_strides(out, do), heads, n, HEAD_DIM=hd, BLOCK_D=cfg.block_d, BLOCK_M=blk.block_m,
+        num_warps=blk.num_warps, num_stages=blk.num_stages)
+    table = q if rel_bias is None else rel_bias
+    seed = lse if seed is None else seed
+    common = dict(HEAD_DIM=hd, BLOCK_D=cfg.block_d, HAS_BIAS=rel_bias is not None,
+                  HAS_CLS=_has_cls(n, grid_h, grid_w), DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype))
+    scalars = (heads, n, table.shape[-1], scale, scale * LOG2E, grid_h, grid_w, dropout_p)
+    blk = cfg.bwd_dkdv
+    _attn_bwd_dkdv_kernel[(bsz * heads * triton.cdiv(n, blk.block_n),)](
+        q, k, v, do, lse, delta, dk, dv, table, seed, *_strides(q, k, v, do, dk, dv), *scalars,
+        BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, num_warps=blk.num_warps, num_stages=blk.num_stages, **common)
+    blk = cfg.bwd_dq
+    _attn_bwd_dq_kernel[(bsz * heads * triton.cdiv(n, blk.block_m),)](
+        q, k, v, do, lse, delta, dq, table, dtable, seed, *_strides(q, k, v, do, dq), *scalars,
+        BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, num_warps=blk.num_warps, num_stages=blk.num_stages, **common)
+    return dq, dk, dv, dtable.to(q.dtype if rel_bias is None else rel_bias.dtype)
+
+
+@attention_bwd.register_fake
+def _(do, q, k, v, out, lse, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton):
+    grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
+    return (*grads, q.new_empty(0) if rel_bias is None else torch.empty_like(rel_bias))
+
+
+class FlashAttentionFn(torch.autograd.Function):
+    """Autograd for softmax(q k^T * scale + B_rel) v; saves q, k, v (views, no copies), out, lse, the table and
+    the dropout seed."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton):
+        out, lse = torch.ops.fastvit.attention_fwd(q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p,
+                                                   use_triton)
+        ctx.save_for_backward(q, k, v, out, lse, rel_bias, seed)
+        ctx.args = (grid_h, grid_w, scale, dropout_p, use_triton)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, rel_bias, seed = ctx.saved_tensors
+        dq, dk, dv, dtable = torch.ops.fastvit.attention_bwd(do, q, k, v, out, lse, rel_bias, seed, *ctx.args)
+        return dq, dk, dv, (None if rel_bias is None else dtable), None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points
+
+def _check_inputs(q, k, v, rel_bias, grid_size, dropout_p):
+    """Validate shapes and dropout_p; returns (grid_h, grid_w), (0, 0) without a bias."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one (B, heads, N, head_dim) shape, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if rel_bias is None:
+        return 0, 0
+    if grid_size is None:
+        raise ValueError("rel_bias needs grid_size=(gh, gw), the patch grid its table is laid over")
+    gh, gw = grid_size
+    _, heads, n, _ = q.shape
+    if n not in (gh * gw, gh * gw + 1):
+        raise ValueError(f"with grid_size {tuple(grid_size)} N must be {gh * gw} or {gh * gw + 1} (class token), "
+                         f"got {n}")
+    expected = (heads, num_relative_positions((gh, gw), n == gh * gw + 1))
+    if tuple(rel_bias.shape) != expected:
+        raise ValueError(f"rel_bias must have shape {expected}, got {tuple(rel_bias.shape)}")
+    return gh, gw
+
+
+def triton_supported(q):
+    """Whether the Triton kernels cover this call's inputs: fp32/fp16/bf16 and head_dim <= 128."""
+    return q.dtype in TRITON_DTYPES and 0 < q.shape[-1] <= MAX_HEAD_DIM
+
+
+def flash_attention(q, k, v, rel_bias=None, grid_size=None, scale=None, dropout_p=0.0, use_triton=True):
+    """dropout(softmax(q k^T * scale + B_rel)) v through the custom ops: the Triton kernels, or
+    (``use_triton=False``) the torch fallback math with the same saved tensors. Returns (B, heads, N, hd) in q's
+    dtype. The dropout seed is drawn from torch's generator on q's device (so torch.manual_seed repeats it)."""
+    grid_h, grid_w = _check_inputs(q, k, v, rel_bias, grid_size, dropout_p)
+    if use_triton:
+        if q.dtype not in TRITON_DTYPES:
+            raise TypeError(f"the Triton attention needs float32, float16 or bfloat16 inputs, got {q.dtype}")
+        _config(q.shape[-1])
+    if rel_bias is not None:
+        rel_bias = rel_bias.contiguous()
+    seed = None
+    if dropout_p > 0:
+        seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return FlashAttentionFn.apply(q, k, v, rel_bias, seed, grid_h, grid_w, scale, float(dropout_p), use_triton)
+
+
 def attention(q, k, v, rel_bias, grid_size, dropout_p, scale, use_triton):
-    return attention_ref(q, k, v, rel_bias, grid_size, dropout_p, scale)
+    """Dispatch from fastvit.ops.attention: the Triton kernels, or scaled_dot_product_attention."""
+    if not use_triton:
+        _check_inputs(q, k, v, rel_bias, grid_size, dropout_p)
+        return attention_ref(q, k, v, rel_bias, grid_size, dropout_p, scale)
+    return flash_attention(q, k, v, rel_bias, grid_size, scale, dropout_p, True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The flash_attn package (backend='flash')
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn_func():
+    """flash_attn.flash_attn_func, or None when the package is not installed (it is optional)."""
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+def flash_attn_supported(q, rel_bias=None):
+    """Whether the flash_attn package can run this call: installed, CUDA fp16/bf16, head_dim a multiple of 8 up
+    to 256, and no bias table (flash_attn takes no additive bias)."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and rel_bias is None
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and _flash_attn_func() is not None)
+
+
+def attention_flash(q, k, v, rel_bias=None, dropout_p=0.0, scale=None):
+    """flash_attn_func on the (B, N, heads, hd) views of q, k, v (strided, no copies); (B, heads, N, hd) out."""
+    fn = _flash_attn_func()
+    if fn is None:
+        raise RuntimeError("backend='flash' needs the flash_attn package (pip install flash-attn), which is not "
+                           "installed; use backend='triton' or 'torch'")
+    if rel_bias is not None:
+        raise ValueError("backend='flash' takes no rel_bias (flash_attn has no additive bias); use 'triton'")
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"backend='flash' needs CUDA float16 or bfloat16 tensors, got {q.dtype} on {q.device}")
+    _check_inputs(q, k, v, None, None, dropout_p)
+    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, softmax_scale=scale)
+    return out.transpose(1, 2)

@@ -1,0 +1,173 @@
+"""The Triton FlashAttention kernels (interpreted on CPU) against torch: forward, dq/dk/dv and the gradient of the
+relative-position table, on strided q/k/v views of a packed qkv projection, at ViT's token counts and head dims."""
+import pytest
+import torch
+
+from fastvit import ops
+from fastvit.kernels import flash_attention as fa
+
+# (batch, heads, N, head_dim, grid): 7x7 + class = 50, 14x14 + 1 = 197, 16x16 + 1 = 257; N = 49 has no class
+# token; 5x8 + 1 = 41 is a non-square grid; head dims 80 and 96 are padded to 128 in registers
+CASES = [
+    (2, 2, 1, 64, None),
+    (1, 2, 50, 64, (7, 7)),
+    (2, 1, 50, 80, (7, 7)),
+    (1, 2, 49, 80, (7, 7)),
+    (1, 2, 197, 64, (14, 14)),
+    (2, 1, 197, 80, None),
+    (1, 2, 257, 80, (16, 16)),
+    (1, 2, 257, 64, None),
+    (1, 2, 65, 32, (8, 8)),
+    (1, 1, 50, 96, None),
+    (1, 1, 37, 128, (6, 6)),
+    (2, 1, 41, 64, (5, 8)),
+]
+IDS = [f"B{b}H{h}N{n}d{d}{'-rel' if g else ''}" for b, h, n, d, g in CASES]
+
+
+def _packed(b, h, n, hd, grid, seed=0):
+    """A packed (B, N, 3*D) qkv projection output, an optional (heads, R) table and an output gradient."""
+    g = torch.Generator().manual_seed(seed)
+    packed = torch.randn(b, n, 3 * h * hd, generator=g)
+    table = None
+    if grid is not None:
+        table = 0.5 * torch.randn(h, fa.num_relative_positions(grid, n == grid[0] * grid[1] + 1), generator=g)
+    return packed, table, torch.randn(b, h, n, hd, generator=g)
+
+
+def _qkv(packed, h, hd):
+    """(B, heads, N, hd) views of the packed projection, as the model takes them: stride 3*D over tokens."""
+    b, n, _ = packed.shape
+    return packed.reshape(b, n, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _run(fn, packed, table, do, h, hd, grid, dtype):
+    """fn's output and its gradients (dq, dk, dv[, d table]) in float64."""
+    packed = packed.to(dtype).requires_grad_()
+    table = None if table is None else table.clone().requires_grad_()
+    q, k, v = _qkv(packed, h, hd)
+    out = fn(q, k, v, table, grid)
+    inputs = [q, k, v] + ([table] if table is not None else [])
+    grads = torch.autograd.grad(out, inputs, do.to(dtype))
+    return [out.double()] + [t.double() for t in grads]
+
+
+def _triton(q, k, v, table, grid):
+    return ops.attention(q, k, v, rel_bias=table, grid_size=grid, backend="triton")
+
+
+def _sdpa(q, k, v, table, grid):
+    return fa.attention_ref(q, k, v, table, grid)
+
+
+def test_interpreter_runs_triton():
+    assert ops.triton_interpreting() and ops.use_triton("auto", torch.zeros(1))
+
+
+@pytest.mark.parametrize("b,h,n,hd,grid", CASES, ids=IDS)
+def test_fp32_matches_reference(b, h, n, hd, grid):
+    packed, table, do = _packed(b, h, n, hd, grid)
+    ours = _run(_triton, packed, table, do, h, hd, grid, torch.float32)
+    ref = _run(_sdpa, packed.double(), None if table is None else table.double(), do.double(), h, hd, grid,
+               torch.float64)
+    names = ["out", "dq", "dk", "dv", "dtable"]
+    for name, a, e in zip(names, ours, ref):
+        atol = 2e-5 if name == "out" else 1e-4
+        torch.testing.assert_close(a, e, atol=atol, rtol=1e-4, msg=name)
+
+
+FP16 = (1, 4, 5, 6, 7)
+
+
+@pytest.mark.parametrize("b,h,n,hd,grid", [CASES[i] for i in FP16], ids=[IDS[i] for i in FP16])
+def test_fp16_error_within_twice_torch_fp16(b, h, n, hd, grid):
+    """Against an fp64 reference on the same fp16-rounded inputs, the error (Frobenius norm of the difference)
+    of each of out, dq, dk, dv (and d table) is at most twice that of torch's own fp16 SDPA.
+
+    The norm, not the max: P and dS are rounded to fp16 before their matmuls (as FlashAttention-2 does), and the
+    largest single deviation then lands on one element more or less at random (max ratios seen 0.1-2.2, norm
+    ratios 0.1-1.5 over these cases and two seeds).
+    """
+    packed, table, do = _packed(b, h, n, hd, grid, seed=1)
+    packed, do = packed.half().float(), do.half().float()
+    ref = _run(_sdpa, packed.double(), None if table is None else table.double(), do.double(), h, hd, grid,
+               torch.float64)
+    ours = _run(_triton, packed, table, do, h, hd, grid, torch.float16)
+    torch_fp16 = _run(_sdpa, packed, table, do, h, hd, grid, torch.float16)
+    for name, a, t, e in zip(["out", "dq", "dk", "dv", "dtable"], ours, torch_fp16, ref):
+        err, torch_err = (a - e).norm().item(), (t - e).norm().item()
+        assert torch_err > 0 and err <= 2 * torch_err, (name, err, torch_err)
+
+
+def test_triton_matches_fallback_including_lse():
+    """The custom op's two bodies agree on both outputs, so the saved lse means the same in each."""
+    packed, table, _ = _packed(2, 2, 50, 64, (7, 7))
+    q, k, v = _qkv(packed, 2, 64)
+    out_t, lse_t = torch.ops.fastvit.attention_fwd(q, k, v, table, None, 7, 7, 0.125, 0.0, True)
+    out_f, lse_f = torch.ops.fastvit.attention_fwd(q, k, v, table, None, 7, 7, 0.125, 0.0, False)
+    torch.testing.assert_close(out_t, out_f, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse_t, lse_f, atol=1e-5, rtol=1e-5)
+    assert out_t.stride() == out_f.stride()
+
+
+def test_non_unit_head_dim_stride_and_custom_scale():
+    """Every stride is honoured, including the head-dim one, and so is an explicit scale."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 32, 33, generator=g).transpose(-1, -2) for _ in range(3))
+    assert q.stride(-1) == 33
+    out = ops.attention(q, k, v, scale=0.3, backend="triton")
+    torch.testing.assert_close(out, fa.attention_ref(q, k, v, scale=0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_output_is_laid_out_for_the_projection():
+    """out.transpose(1, 2) is contiguous, so the model's reshape to (B, N, D) before the projection is free."""
+    packed, _, _ = _packed(2, 3, 50, 64, None)
+    out = ops.attention(*_qkv(packed, 3, 64), backend="triton")
+    assert out.shape == (2, 3, 50, 64) and out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "fallback"])
+def test_dropout_mask_is_shared_by_forward_and_backward(use_triton):
+    """With v = identity the output is the dropped, rescaled P itself, which reveals the keep mask; a second call
+    under the same torch seed with a real v then matches dense math with that mask, gradients included."""
+    b, h, n, hd, grid, p_drop = 1, 2, 50, 64, (7, 7), 0.3
+    packed, table, do = _packed(b, h, n, hd, grid, seed=4)
+    q, k, _ = _qkv(packed, h, hd)
+
+    def probs(seed):
+        torch.manual_seed(seed)
+        eye = torch.eye(n, hd).expand(b, h, n, hd)
+        return fa.flash_attention(q, k, eye, table, grid, dropout_p=p_drop, use_triton=use_triton)[..., :n]
+
+    dropped = probs(7)
+    keep = dropped != 0
+    dense = torch.softmax(q @ k.transpose(-1, -2) * hd ** -0.5 + fa.relative_bias_dense(table, grid, n), -1)
+    torch.testing.assert_close(dropped, dense * keep / (1 - p_drop), atol=1e-6, rtol=1e-5)
+    assert abs(keep.float().mean().item() - (1 - p_drop)) < 0.03
+    assert (keep[:, 0] != keep[:, 1]).any() and ((probs(8) != 0) != keep).any()
+
+    def ours(q, k, v, t, g):
+        torch.manual_seed(7)
+        return fa.flash_attention(q, k, v, t, g, dropout_p=p_drop, use_triton=use_triton)
+
+    def dense_dropout(q, k, v, t, g):
+        s = q @ k.transpose(-1, -2) * hd ** -0.5 + fa.relative_bias_dense(t, g, n)
+        return (torch.softmax(s, -1) * keep / (1 - p_drop)) @ v
+
+    res = _run(ours, packed, table, do, h, hd, grid, torch.float32)
+    ref = _run(dense_dropout, packed.double(), table.double(), do.double(), h, hd, grid, torch.float64)
+    for name, a, e in zip(["out", "dq", "dk", "dv", "dtable"], res, ref):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_ops_dropout_runs_on_triton():
+    """backend='triton' and 'auto' take attention dropout on the kernels; dropout_p outside [0, 1) is refused."""
+    packed, _, _ = _packed(1, 2, 50, 64, None)
+    q, k, v = _qkv(packed, 2, 64)
+    torch.manual_seed(3)
+    out = ops.attention(q, k, v, dropout_p=0.2, backend="auto")
+    torch.manual_seed(3)
+    torch.testing.assert_close(out, fa.flash_attention(q, k, v, dropout_p=0.2, use_triton=True))
+    assert not torch.allclose(out, fa.attention_ref(q, k, v), atol=1e-3)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        ops.attention(q, k, v, dropout_p=1.0, backend="triton")
