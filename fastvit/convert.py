@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from fastvit.hybrid import hybrid_backbone_from_npz
 from fastvit.resample import resample_abs_pos_embed, resample_pos_embed_1d, resample_rel_pos_table
 
 __all__ = ["CheckpointMismatchError", "LoadResult", "from_hf", "from_npz", "from_torchvision", "load_checkpoint"]
@@ -227,7 +228,8 @@ def from_npz(path):
         raise ValueError(f"not a ViT .npz checkpoint: expected an 'embedding/kernel' array under one of the "
                          f"prefixes {NPZ_PREFIXES}, found {_listing(sorted(arrays))}")
     w = {k[len(prefix):]: _npz_tensor(v) for k, v in arrays.items() if k.startswith(prefix)}
-    out, blocks = {}, {}
+    out, w = hybrid_backbone_from_npz(w)  # R50+ViT hybrids: conv_root / gn_root / block* arrays
+    blocks = {}
     for name, t in w.items():
         block = _NPZ_BLOCK.match(name)
         if block and block.group(1) is not None:

@@ -33,6 +33,34 @@ def _check_choice(name, value, choices):
     return value
 
 
+def image_grid_size(x, in_chans, img_size, stride, dynamic_img_size):
+    """Validate an image batch for an embedding of the given pixel ``stride`` per token; return the token grid."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"expected a 4D (B, C, H, W) image batch, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating-point image batch, got dtype {x.dtype}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+    size = tuple(x.shape[-2:])
+    if not dynamic_img_size and size != img_size:
+        raise ValueError(f"expected image size {img_size}, got {size}; pass dynamic_img_size=True or call "
+                         f"set_input_size(img_size={size})")
+    if size[0] % stride[0] or size[1] % stride[1]:
+        raise ValueError(f"image size {size} must be divisible by the patch size {stride}")
+    return size[0] // stride[0], size[1] // stride[1]
+
+
+def resample_projection_(proj, patch_size):
+    """Give a patch projection (a stride-P conv) a new patch size in place, resampling its weights (FlexiViT)."""
+    if patch_size is None or _pair(patch_size) == tuple(proj.kernel_size):
+        return
+    weight = resample_patch_embed(proj.weight.detach(), _pair(patch_size))
+    proj.weight = nn.Parameter(weight, requires_grad=proj.weight.requires_grad)
+    proj.kernel_size = proj.stride = _pair(patch_size)
+
+
 class PatchEmbed(nn.Module):
     """Cut the image into P x P patches and project each flattened patch to D: x_p^i E (a stride-P convolution).
 
@@ -58,29 +86,12 @@ class PatchEmbed(nn.Module):
 
     def set_input_size(self, img_size=None, patch_size=None):
         """Change the expected image size and/or patch size; the projection is resampled for a new patch size."""
-        if patch_size is not None and _pair(patch_size) != self.patch_size:
-            weight = resample_patch_embed(self.proj.weight.detach(), _pair(patch_size))
-            self.proj.weight = nn.Parameter(weight, requires_grad=self.proj.weight.requires_grad)
-            self.proj.kernel_size = self.proj.stride = _pair(patch_size)
+        resample_projection_(self.proj, patch_size)
         self._set_sizes(img_size or self.img_size, patch_size or self.patch_size)
 
     def dynamic_grid_size(self, x):
         """Validate an image batch and return its patch grid (gh, gw)."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
-        if x.ndim != 4:
-            raise ValueError(f"expected a 4D (B, C, H, W) image batch, got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"expected a floating-point image batch, got dtype {x.dtype}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-        size = tuple(x.shape[-2:])
-        if not self.dynamic_img_size and size != self.img_size:
-            raise ValueError(f"expected image size {self.img_size}, got {size}; pass dynamic_img_size=True or call "
-                             f"set_input_size(img_size={size})")
-        if size[0] % self.patch_size[0] or size[1] % self.patch_size[1]:
-            raise ValueError(f"image size {size} must be divisible by the patch size {self.patch_size}")
-        return size[0] // self.patch_size[0], size[1] // self.patch_size[1]
+        return image_grid_size(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size)
 
     def forward(self, x, pos_embed=None, cls_token=None, no_embed_class=False):
         """(B, C, H, W) -> (B, [1 +] N, D); see ``fastvit.ops.patch_embed`` for the optional tables."""

@@ -1,0 +1,289 @@
+"""Hybrid ViT (paper, Sec. 3.1): the input sequence is a CNN feature map cut into 1 x 1 patches, timm-compatible.
+
+The CNN is the BiT ResNet the paper pairs with ViT, in the layout timm's ``vision_transformer_hybrid.py`` builds:
+weight-standardised convolutions with TensorFlow 'SAME' padding, GroupNorm(32) + ReLU, a 7x7/2 stem with 3x3/2 max
+pooling, and non-pre-activation bottleneck stages (R50: (3, 4, 9) for stride 16, (3, 4, 6, 3) for stride 32).
+Parameter names match timm (``patch_embed.backbone.stem.conv.weight``, ``...stages.i.blocks.j.conv1.weight``, ...),
+so timm's hybrid weights load unchanged; ``hybrid_backbone_from_npz`` reads the original JAX layout.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastvit import ops
+from fastvit.model import VisionTransformer, image_grid_size, resample_projection_
+from fastvit.registry import register_model
+from fastvit.resample import _pair
+
+__all__ = ["Bottleneck", "GroupNormAct", "HybridEmbed", "ResNetV2", "StdConv2dSame", "hybrid_backbone_from_npz"]
+
+
+def _same_padding(size, kernel, stride):
+    """TensorFlow 'SAME' padding (before, after) for one spatial dim: output ceil(size / stride), extra at the end."""
+    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _pad_same(x, kernel, stride, value=0.0):
+    """Pad ``x`` for a 'SAME' op; returns (input, padding the op itself applies) so symmetric cases avoid a copy."""
+    (top, bottom), (left, right) = (_same_padding(n, k, s) for n, k, s in zip(x.shape[-2:], kernel, stride))
+    if top == bottom and left == right:
+        return x, (top, left)
+    return F.pad(x, (left, right, top, bottom), value=value), (0, 0)
+
+
+class StdConv2dSame(nn.Conv2d):
+    """Bias-free convolution whose filters are standardised (zero mean, unit variance per output channel) at every
+    call, with 'SAME' padding. BiT's weight standardisation; eps 1e-8 as in timm's hybrid backbone."""
+
+    def __init__(self, in_chs, out_chs, kernel_size, stride=1, eps=1e-8):
+        super().__init__(in_chs, out_chs, kernel_size, stride=stride, padding=0, bias=False)
+        self.eps = eps
+
+    def forward(self, x):
+        # standardising each filter over its fan-in is a LayerNorm of the flattened filters, one fused kernel
+        flat = self.weight.reshape(self.out_channels, -1)
+        weight = F.layer_norm(flat, flat.shape[1:], eps=self.eps).reshape_as(self.weight)
+        x, padding = _pad_same(x, self.kernel_size, self.stride)
+        return F.conv2d(x, weight, None, self.stride, padding)
+
+
+class GroupNormAct(nn.GroupNorm):
+    """GroupNorm over 32 groups (eps 1e-5), followed by ReLU when ``apply_act``."""
+
+    def __init__(self, num_channels, apply_act=True, num_groups=32, eps=1e-5):
+        super().__init__(num_groups, num_channels, eps=eps)
+        self.apply_act = apply_act
+
+    def forward(self, x):
+        x = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return F.relu(x) if self.apply_act else x
+
+
+class MaxPool2dSame(nn.Module):
+    """3x3/2 max pooling with 'SAME' padding (padding never wins the max)."""
+
+    def __init__(self, kernel_size=3, stride=2):
+        super().__init__()
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+
+    def forward(self, x):
+        x, padding = _pad_same(x, self.kernel_size, self.stride, value=-math.inf)
+        return F.max_pool2d(x, self.kernel_size, self.stride, padding)
+
+
+class Downsample(nn.Module):
+    """Projection shortcut: strided 1x1 convolution + GroupNorm (no activation)."""
+
+    def __init__(self, in_chs, out_chs, stride):
+        super().__init__()
+        self.conv = StdConv2dSame(in_chs, out_chs, 1, stride=stride)
+        self.norm = GroupNormAct(out_chs, apply_act=False)
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+class Bottleneck(nn.Module):
+    """Non-pre-activation bottleneck: ReLU(branch(x) + shortcut(x)) with branch = 1x1 conv, GN, ReLU, 3x3 conv
+    (stride s), GN, ReLU, 1x1 conv, GN; the shortcut projects (1x1 conv stride s, GN) when the shape changes."""
+
+    def __init__(self, in_chs, out_chs, stride=1):
+        super().__init__()
+        mid = out_chs // 4
+        self.downsample = Downsample(in_chs, out_chs, stride) if stride != 1 or in_chs != out_chs else None
+        self.conv1 = StdConv2dSame(in_chs, mid, 1)
+        self.norm1 = GroupNormAct(mid)
+        self.conv2 = StdConv2dSame(mid, mid, 3, stride=stride)
+        self.norm2 = GroupNormAct(mid)
+        self.conv3 = StdConv2dSame(mid, out_chs, 1)
+        self.norm3 = GroupNormAct(out_chs, apply_act=False)
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.norm2(self.conv2(self.norm1(self.conv1(x))))
+        return F.relu(self.norm3(self.conv3(x)) + shortcut)
+
+
+class ResNetStage(nn.Module):
+    """``depth`` bottlenecks; the first one changes width and applies the stage's stride."""
+
+    def __init__(self, in_chs, out_chs, stride, depth):
+        super().__init__()
+        self.blocks = nn.Sequential(*[Bottleneck(in_chs if i == 0 else out_chs, out_chs, stride if i == 0 else 1)
+                                      for i in range(depth)])
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+class ResNetV2(nn.Module):
+    """The hybrids' BiT ResNet backbone: image (B, C, H, W) -> feature map (B, num_features, H / r, W / r).
+
+    ``layers`` gives the bottleneck count per stage; stage i has 256 * 2^i output channels and stride 2 except the
+    first, so r = ``reduction`` = 4 * 2^(len(layers) - 1). Inputs whose size is a multiple of r map exactly to H / r.
+    """
+
+    def __init__(self, layers=(3, 4, 9), in_chans=3, stem_chs=64):
+        super().__init__()
+        if not 1 <= len(layers) <= 4 or any(int(d) < 1 for d in layers):
+            raise ValueError(f"layers must be 1 to 4 positive stage depths, e.g. (3, 4, 9), got {layers!r}")
+        self.in_chans = in_chans
+        self.layers = tuple(int(d) for d in layers)
+        self.stem = nn.Sequential(OrderedDict([
+            ("conv", StdConv2dSame(in_chans, stem_chs, 7, stride=2)),
+            ("norm", GroupNormAct(stem_chs)),
+            ("pool", MaxPool2dSame(3, 2)),
+        ]))
+        self.stages = nn.Sequential()
+        chs = stem_chs
+        for i, depth in enumerate(self.layers):
+            self.stages.add_module(str(i), ResNetStage(chs, 256 * 2 ** i, 1 if i == 0 else 2, depth))
+            chs = 256 * 2 ** i
+        self.num_features = chs
+        self.reduction = 4 * 2 ** (len(self.layers) - 1)
+        self.init_weights()
+
+    def init_weights(self):
+        """timm's init of the hybrid backbone: He-normal (fan-out) convolutions, GroupNorm 1/0, and the last GroupNorm
+        of each residual branch zeroed so that every block starts as the identity on its shortcut."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.GroupNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.norm3.weight)
+
+    def forward(self, x):
+        return self.stages(self.stem(x))
+
+
+class HybridEmbed(nn.Module):
+    """The embed_layer of a hybrid ViT: backbone feature map -> P x P patches (P = 1 in the paper) projected to D.
+
+    Follows ``PatchEmbed``'s protocol (keywords, ``grid_size``, ``dynamic_grid_size``, ``forward`` with the optional
+    position table and class token, ``set_input_size``) so ``VisionTransformer(embed_layer=partial(HybridEmbed,
+    backbone=...))`` needs nothing else. ``patch_size`` is the projection's, over the feature map; ``grid_size`` is
+    the feature grid divided by it. ``backbone`` must expose ``in_chans``, ``num_features`` and ``reduction``.
+    """
+
+    def __init__(self, backbone, img_size=224, patch_size=1, in_chans=3, embed_dim=768, bias=True,
+                 dynamic_img_size=False):
+        super().__init__()
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be an nn.Module (e.g. fastvit.hybrid.ResNetV2), got "
+                            f"{type(backbone).__name__}")
+        missing = [a for a in ("in_chans", "num_features", "reduction") if not hasattr(backbone, a)]
+        if missing:
+            raise TypeError(f"backbone {type(backbone).__name__} lacks the attributes {missing}: a hybrid backbone "
+                            f"must expose in_chans, num_features and reduction (its total stride)")
+        if backbone.in_chans != in_chans:
+            raise ValueError(f"in_chans={in_chans} does not match the backbone's in_chans={backbone.in_chans}")
+        self.backbone = backbone
+        self.in_chans = in_chans
+        self.dynamic_img_size = dynamic_img_size
+        self.backend = "auto"
+        self.feature_dim = backbone.num_features
+        self.feature_ratio = _pair(backbone.reduction)
+        self.proj = nn.Conv2d(self.feature_dim, embed_dim, _pair(patch_size), stride=_pair(patch_size), bias=bias)
+        self._set_sizes(img_size, patch_size)
+
+    @property
+    def token_stride(self):
+        """Image pixels per token along (H, W): the backbone's reduction times the patch size."""
+        return tuple(r * p for r, p in zip(self.feature_ratio, self.patch_size))
+
+    def _set_sizes(self, img_size, patch_size):
+        self.img_size, self.patch_size = _pair(img_size), _pair(patch_size)
+        if any(s % t for s, t in zip(self.img_size, self.token_stride)):
+            raise ValueError(f"img_size {self.img_size} must be divisible by the backbone reduction "
+                             f"{self.feature_ratio} times patch_size {self.patch_size}, i.e. by {self.token_stride}")
+        self.feature_size = tuple(s // r for s, r in zip(self.img_size, self.feature_ratio))
+        self.grid_size = tuple(f // p for f, p in zip(self.feature_size, self.patch_size))
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def set_input_size(self, img_size=None, patch_size=None):
+        """Change the expected image size (feature grid = size / reduction / patch) and/or the projection's patch
+        size (weights resampled as PatchEmbed does)."""
+        resample_projection_(self.proj, patch_size)
+        self._set_sizes(img_size or self.img_size, patch_size or self.patch_size)
+
+    def dynamic_grid_size(self, x):
+        """Validate an image batch as PatchEmbed does, with the token stride as the effective patch size, and
+        return its token grid (gh, gw)."""
+        return image_grid_size(x, self.in_chans, self.img_size, self.token_stride, self.dynamic_img_size)
+
+    def forward(self, x, pos_embed=None, cls_token=None, no_embed_class=False):
+        """(B, C, H, W) image -> backbone features -> (B, [1 +] N, D) tokens via ``fastvit.ops.patch_embed``."""
+        return ops.patch_embed(self.backbone(x), self.proj.weight, self.proj.bias, self.patch_size, pos_embed,
+                               cls_token, no_embed_class, backend=self.backend)
+
+
+# ---- registry: timm's hybrid names and defaults ------------------------------------------------------------------
+def _hybrid_builder(layers, embed_dim, depth, num_heads, img_size, num_classes):
+    def build(**kwargs):
+        backbone = ResNetV2(layers, in_chans=kwargs.get("in_chans", 3))
+        cfg = dict(img_size=img_size, patch_size=1, num_classes=num_classes, embed_dim=embed_dim, depth=depth,
+                   num_heads=num_heads, embed_layer=partial(HybridEmbed, backbone=backbone))
+        return VisionTransformer(**{**cfg, **kwargs})
+    return build
+
+
+# timm's default tag for vit_base_r50_s16_224 is the headless in21k checkpoint, so timm builds it without a head.
+for _name, _args in {
+    "vit_base_r50_s16_224": ((3, 4, 9), 768, 12, 12, 224, 0),
+    "vit_base_r50_s16_384": ((3, 4, 9), 768, 12, 12, 384, 1000),
+    "vit_large_r50_s32_224": ((3, 4, 6, 3), 1024, 24, 16, 224, 1000),
+    "vit_large_r50_s32_384": ((3, 4, 6, 3), 1024, 24, 16, 384, 1000),
+}.items():
+    register_model(_name, _hybrid_builder(*_args))
+
+
+# ---- original JAX (.npz) layout ----------------------------------------------------------------------------------
+_NPZ_BACKBONE = re.compile(r"^(?:(conv_root|gn_root)|block(\d+)/unit(\d+)/(conv|gn)(1|2|3|_proj))/(kernel|scale|bias)$")
+
+
+def hybrid_backbone_from_npz(npz, prefix=""):
+    """Split the ResNet of an original R50+ViT ``.npz`` (google-research/vision_transformer) into timm names.
+
+    ``npz``: a mapping of array names to numpy arrays or tensors; only names starting with ``prefix`` are read.
+    Returns ``(backbone_state_dict, rest)``: ``patch_embed.backbone.*`` tensors (conv kernels HWIO -> OIHW,
+    GroupNorm scale/bias flattened), and every other entry of ``npz`` unchanged (the ViT part, for ``from_npz``).
+    Names: ``conv_root``/``gn_root`` -> ``stem.conv``/``stem.norm``; ``block{i}/unit{j}/conv{r}``/``gn{r}`` ->
+    ``stages.{i-1}.blocks.{j-1}.conv{r}``/``norm{r}``; ``conv_proj``/``gn_proj`` -> ``downsample.conv``/``.norm``.
+    A checkpoint without a backbone returns ``({}, dict(npz))``, so ``from_npz`` can call this unconditionally.
+    """
+    out, rest = {}, {}
+    for key, value in npz.items():
+        match = _NPZ_BACKBONE.match(key[len(prefix):]) if key.startswith(prefix) else None
+        if match is None:
+            rest[key] = value
+            continue
+        root, stage, unit, kind, which, param = match.groups()
+        if root:
+            module = "stem.conv" if root == "conv_root" else "stem.norm"
+        else:
+            layer = {"conv": "conv", "gn": "norm"}[kind]
+            sub = f"downsample.{layer}" if which == "_proj" else f"{layer}{which}"
+            module = f"stages.{int(stage) - 1}.blocks.{int(unit) - 1}.{sub}"
+        t = torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else torch.as_tensor(value)
+        if param == "kernel":
+            if t.ndim != 4:
+                raise ValueError(f"{key}: expected a 4D HWIO convolution kernel, got shape {tuple(t.shape)}")
+            t = t.permute(3, 2, 0, 1)
+        else:
+            t = t.reshape(-1)  # GroupNorm parameters may be stored as (1, 1, 1, C)
+        name = "weight" if param in ("kernel", "scale") else "bias"
+        out[f"patch_embed.backbone.{module}.{name}"] = t.contiguous()
+    return out, rest
