@@ -14,7 +14,8 @@ setup(
     python_requires=">=3.10",
     packages=["fastvit", "fastvit.kernels"],
     package_dir={"fastvit": "fastvit", "fastvit.kernels": "kernels"},
-    install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy", "tqdm", "matplotlib"],
+    install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy", "tqdm", "matplotlib",
+                      "scikit-learn"],  # the embedded digits dataset of the default training run
     extras_require={
         "test": ["pytest", "pytest-benchmark", "timm", "scikit-learn", "safetensors", "transformers"],
         "flash": ["flash-attn"],

@@ -1,0 +1,141 @@
+"""Step checkpoints with torch.distributed.checkpoint (DCP): written under a temporary name, renamed when complete.
+
+Layout: ``<out>/checkpoints/step_00000042/`` holds DCP shards (``__<rank>_0.distcp``), DCP's ``.metadata`` and
+``config.json`` (the run's configuration, so a checkpoint can rebuild its model). Every rank writes its shards into
+``step_00000042.tmp``; after a barrier rank 0 renames the folder, so a folder without ``.tmp`` is complete. A run killed
+mid-save leaves only a ``.tmp`` folder, which ``--resume auto`` skips with a warning, as it skips folders whose
+metadata is missing or unreadable (and, in the trainer, ones whose shards fail to load).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+_STEP_RE = re.compile(r"^step_(\d+)(\.tmp)?$")
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint folder that resume skips (incomplete or corrupt)."""
+
+
+def checkpoint_dir(out) -> Path:
+    return Path(out) / CHECKPOINT_DIR
+
+
+def step_path(out, step: int) -> Path:
+    return checkpoint_dir(out) / f"step_{step:08d}"
+
+
+def checkpoint_step(path) -> int:
+    """The step number in a checkpoint folder's name."""
+    m = _STEP_RE.match(Path(path).name)
+    if not m:
+        raise ValueError(f"{path} is not a checkpoint folder (expected a name like step_00000042)")
+    return int(m.group(1))
+
+
+def check_complete(path) -> None:
+    """Raise ValueError saying why ``path`` is not a complete, readable checkpoint."""
+    path = Path(path)
+    if path.name.endswith(".tmp"):
+        raise ValueError("incomplete (the run stopped while writing it)")
+    if not (path / ".metadata").is_file():
+        raise ValueError("no .metadata file (incomplete)")
+    try:
+        keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:  # a truncated or garbled pickle raises anything from EOFError to UnpicklingError
+        raise ValueError(f"unreadable metadata ({type(e).__name__}: {e})") from e
+    if "trainer.step" not in keys:
+        raise ValueError("not a fastvit training checkpoint (no trainer.step)")
+
+
+def saved_keys(path) -> set:
+    """Flattened state-dict keys stored in a checkpoint (e.g. 'model.head.weight', 'rng/rank0')."""
+    return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+def resume_candidates(out, warn: bool = True) -> list:
+    """Complete checkpoints in ``out``, newest first; incomplete or unreadable ones are skipped with a warning."""
+    root = checkpoint_dir(out)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        m = _STEP_RE.match(path.name)
+        if not m or not path.is_dir():
+            continue
+        try:
+            check_complete(path)
+        except ValueError as e:
+            if warn:
+                warnings.warn(f"skipping checkpoint {path}: {e}", CheckpointWarning, stacklevel=2)
+            continue
+        found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def read_config(path) -> dict:
+    """The run configuration stored beside a checkpoint."""
+    return json.loads((Path(path) / CONFIG_FILE).read_text())
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every call without a process group; one process is a supported use here (tools, tests)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save(out, step: int, state: dict, config: dict, keep: int = 0) -> Path:
+    """Collective: write ``state`` with DCP as ``step_<step>`` in ``out``, then keep only the newest ``keep``
+    complete checkpoints (0 keeps all). Returns the final folder."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    final = step_path(out, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    with _single_process_quiet():
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    if rank == 0:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
+    _barrier()  # every rank's shards are on disk before the folder counts as complete
+    if rank == 0:
+        if final.exists():  # an older, unusable checkpoint of the same step (the run resumed before it)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if keep > 0:
+            for old in resume_candidates(out, warn=False)[keep:]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load(path, state: dict) -> None:
+    """Collective: fill ``state`` (a dict of the same structure as the saved one, or a subset) in place."""
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+
+
+def remove_incomplete(out) -> None:
+    """Delete ``.tmp`` folders left by runs killed while saving (call on one rank)."""
+    root = checkpoint_dir(out)
+    if root.is_dir():
+        for path in root.glob("step_*.tmp"):
+            shutil.rmtree(path, ignore_errors=True)

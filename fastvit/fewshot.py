@@ -1,0 +1,143 @@
+"""Few-shot linear evaluation of frozen features (the ViT paper's few-shot accuracy, big_vision's ``fewshot_lsr``).
+
+Features (pre-logits) are standardised with the few-shot training set's mean and std (+1e-5), a constant bias
+feature of 100 is appended (so the bias is almost unregularised), targets are 2·onehot−1, and the ridge solution
+W = (XᵀX + λI)⁻¹XᵀY (or Xᵀ(XXᵀ + λI)⁻¹Y when there are fewer points than features) classifies by argmax.
+
+    python -m fastvit.fewshot --init runs/digits/checkpoints/step_00000600 --shots 1 5 10 25 --seeds 3
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastvit.data import dataset_labels, eval_batches
+
+BIAS_CONSTANT = 100.0
+SHOTS = (1, 5, 10, 25)
+
+
+def _standardise(x, mean, std):
+    x = (x - mean) / std
+    return torch.cat([x, x.new_full((len(x), 1), BIAS_CONSTANT)], dim=1)
+
+
+def lsr_weights(train_x, train_y, l2=1.0, num_classes=None):
+    """Closed-form ridge regression from standardised features (+ bias) to 2·onehot−1 targets, in float64.
+
+    Returns (W of shape (D + 1, K), mean, std) so that ``_standardise(x, mean, std) @ W`` are the class scores.
+    """
+    x = torch.as_tensor(train_x).double()
+    y = torch.as_tensor(train_y).long()
+    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
+        raise ValueError(f"expected features (N, D) and labels (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if l2 < 0:
+        raise ValueError(f"l2 must be >= 0, got {l2}")
+    num_classes = int(y.max()) + 1 if num_classes is None else num_classes
+    mean, std = x.mean(0), x.std(0, unbiased=False) + 1e-5
+    x = _standardise(x, mean, std)
+    targets = 2.0 * F.one_hot(y, num_classes).double() - 1.0
+    n, d = x.shape
+    if n >= d:
+        w = torch.linalg.solve(x.T @ x + l2 * torch.eye(d, dtype=x.dtype), x.T @ targets)
+    else:
+        w = x.T @ torch.linalg.solve(x @ x.T + l2 * torch.eye(n, dtype=x.dtype), targets)
+    return w, mean, std
+
+
+def lsr_accuracy(train_x, train_y, test_x, test_y, l2=1.0) -> float:
+    """Top-1 accuracy on (test_x, test_y) of the ridge classifier fitted on (train_x, train_y)."""
+    train_y, test_y = torch.as_tensor(train_y).long(), torch.as_tensor(test_y).long()
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    w, mean, std = lsr_weights(train_x, train_y, l2, num_classes)
+    pred = (_standardise(torch.as_tensor(test_x).double(), mean, std) @ w).argmax(1)
+    return (pred == test_y).double().mean().item()
+
+
+@torch.no_grad()
+def features(model, dataset, batch_size=256, device=None):
+    """Pre-logits features (N, D) of a dataset of (image, label) pairs, in float32 on the CPU."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for x, _, _ in eval_batches(dataset, batch_size):
+        tokens = model.forward_features(x.to(device))
+        out.append(model.forward_head(tokens, pre_logits=True).float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def sample_shots(labels, shots, seed):
+    """Indices of ``shots`` examples per class (all of a class that has fewer), chosen with ``seed``."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    picked = [rng.choice(np.flatnonzero(labels == c), size=min(shots, int((labels == c).sum())), replace=False)
+              for c in np.unique(labels)]
+    return np.sort(np.concatenate(picked))
+
+
+def evaluate(model, train_set, test_set, shots=SHOTS, seeds=3, l2=1.0, batch_size=256):
+    """Few-shot accuracy: for each shot count and each seed 0..seeds-1, fit the ridge classifier on that many
+    examples per class of ``train_set`` and test on all of ``test_set``.
+
+    Returns {shots: {"mean": m, "std": s, "accs": [per-seed accuracy]}}; only the sampled training images and the
+    test set go through the model.
+    """
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if not shots or any(int(k) < 1 for k in shots):
+        raise ValueError(f"shots must be positive integers, got {shots}")
+    labels = dataset_labels(train_set).numpy()
+    picks = {(k, s): sample_shots(labels, int(k), s) for k in shots for s in range(seeds)}
+    needed = np.unique(np.concatenate(list(picks.values())))
+    train_feats = features(model, torch.utils.data.Subset(train_set, needed.tolist()), batch_size)
+    row = {int(i): r for r, i in enumerate(needed)}
+    test_x = features(model, test_set, batch_size)
+    test_y = dataset_labels(test_set)
+    results = {}
+    for k in shots:
+        accs = []
+        for s in range(seeds):
+            rows = [row[int(i)] for i in picks[(k, s)]]
+            accs.append(lsr_accuracy(train_feats[rows], torch.as_tensor(labels[picks[(k, s)]]), test_x, test_y, l2))
+        results[int(k)] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "accs": accs}
+    return results
+
+
+def format_results(results) -> str:
+    return "  ".join(f"{k}-shot {100 * r['mean']:.2f} ± {100 * r['std']:.2f}%" for k, r in results.items())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fastvit.fewshot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--init", help="a training checkpoint (step folder, or a --out folder for its latest "
+                                       "checkpoint) or a weights file for --model; omitted: random init")
+    parser.add_argument("--model", help="model name (default: the checkpoint's, else vit_base_patch16_224)")
+    parser.add_argument("--data", default="digits", help="'digits' or an ImageFolder root with train/ and val/")
+    parser.add_argument("--img-size", type=int, help="image size (default: the checkpoint's)")
+    parser.add_argument("--shots", type=int, nargs="+", default=list(SHOTS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--l2", type=float, default=1.0, help="ridge regularisation")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=4)
+    args = parser.parse_args(argv)
+    from fastvit.data import make_source
+    from fastvit.train import load_model_for_eval
+
+    try:
+        model, img_size = load_model_for_eval(args.init, args.model, args.img_size)
+        data = make_source(args.data, img_size, augment=False, workers=args.workers)
+        results = evaluate(model, data.train_eval, data.test, args.shots, args.seeds, args.l2, args.batch_size)
+    except ValueError as e:
+        parser.error(str(e))
+    print(f"few-shot ({args.seeds} seeds, l2={args.l2}): {format_results(results)}")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
