@@ -33,6 +33,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
+
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -97,9 +99,10 @@ def _config(head_dim):
     """Block sizes and warps of every attention kernel for ``head_dim``; the launchers and aot_specs use this.
 
     The head dim is padded to a power of two in registers (BLOCK_D). Chosen so that no kernel spills on sm_80 or
-    sm_90 in any variant (bias table, dropout; checked by AOT compile + cuobjdump): 8 warps throughout, at
-    BLOCK_D = 128 (head dim 80/96/128) tiles of 64 x 64 or less, since a 128 x 64 forward tile there spills, and
-    32 keys per dK/dV program at BLOCK_D = 64, since 64 keys with bias and dropout spill on sm_80.
+    sm_90 in any variant (bias table, dropout; checked by bench/kernel_report.py): 8 warps throughout, at
+    BLOCK_D = 128 (head dim 80/96/128) tiles of 64 x 64 or less and 32 keys per forward step, since a 64 x 64
+    forward tile with a bf16/fp16 table and dropout spills, and 32 keys per dK/dV program at BLOCK_D = 64, since
+    64 keys with bias and dropout spill on sm_80.
     """
     if not 0 < head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"the Triton attention supports head_dim 1 to {MAX_HEAD_DIM}, got {head_dim}")
@@ -107,7 +110,7 @@ def _config(head_dim):
     if block_d <= 64:
         return _Config(block_d, fwd=_Blocks(128, 64, 8, 2), bwd_dkdv=_Blocks(64, 32, 8, 2),
                        bwd_dq=_Blocks(128, 32, 8, 2), preprocess=_Blocks(128, 0, 4, 1))
-    return _Config(block_d, fwd=_Blocks(64, 64, 8, 2), bwd_dkdv=_Blocks(32, 64, 8, 2),
+    return _Config(block_d, fwd=_Blocks(64, 32, 8, 2), bwd_dkdv=_Blocks(32, 64, 8, 2),
                    bwd_dq=_Blocks(64, 32, 8, 2), preprocess=_Blocks(64, 0, 4, 1))
 
 
@@ -614,3 +617,76 @@ def attention_flash(q, k, v, rel_bias=None, dropout_p=0.0, scale=None):
     _check_inputs(q, k, v, None, None, dropout_p)
     out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, softmax_scale=scale)
     return out.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time specs (bench/kernel_report.py)
+
+def _aot_spec(name, fn, args, constexprs, blocks, label):
+    """KernelSpec for ``fn`` launched with ``args`` (parameter -> "*dtype" pointer, int or float value),
+    specialised as Triton's JIT specialises that launch: an int equal to 1 becomes the constexpr 1, an int
+    divisible by 16 is aligned, floats are fp32 and never specialised, and every pointer is aligned (torch's
+    allocations are, and q, k, v, out start at multiples of D elements inside their buffers)."""
+    signature, consts, aligned = {}, dict(constexprs), []
+    for param in fn.arg_names:
+        if param in constexprs:
+            signature[param] = "constexpr"
+            continue
+        value = args[param]
+        if isinstance(value, str):
+            signature[param] = value
+            aligned.append(param)
+        elif isinstance(value, float):
+            signature[param] = "fp32"
+        elif value == 1:
+            signature[param] = "constexpr"
+            consts[param] = 1
+        else:
+            signature[param] = "i32"
+            if value % 16 == 0:
+                aligned.append(param)
+    return KernelSpec(name, fn, signature, consts, blocks.num_warps, blocks.num_stages, label, tuple(aligned))
+
+
+def aot_specs(shape, dtype):
+    """Every attention kernel at ``shape``'s head dim and tokens, in each variant a model launches: no bias, the
+    relative-position table (pos_embed='rel'; fp32 under AMP, the activation dtype in a model cast to it), each
+    with and without attention dropout. Block sizes and warps come from :func:`_config`, as in the launchers.
+
+    Arguments are those of a real launch, so the specs specialise as the JIT does: q, k, v are views of the packed
+    (B, N, 3, heads, hd) qkv output, strides (3ND, hd, 3D, 1); out is a (B, N, heads, hd) buffer seen as
+    (B, heads, N, hd), strides (ND, hd, D, 1), and so is dO, the proj GEMM's input gradient viewed back through
+    ``out.transpose(1, 2).reshape``; dq, dk, dv are contiguous, strides (heads N hd, N hd, hd, 1). D and hd being
+    multiples of 16, every stride but the unit head-dim one (the constexpr 1) is aligned, and so are n_heads = 16
+    and the 16 x 16 grid of ViT-H/14. The batch size enters no argument.
+    """
+    cfg = _config(shape.head_dim)
+    act, hd, n, heads, dim = f"*{dtype}", shape.head_dim, shape.tokens, shape.heads, shape.dim
+    grid = shape.img_size // shape.patch
+    scale = hd ** -0.5
+    strides = {"q": (3 * n * dim, hd, 3 * dim, 1), "o": (n * dim, hd, dim, 1), "dq": (heads * n * hd, n * hd, hd, 1)}
+    strides.update(k=strides["q"], v=strides["q"], do=strides["o"], dk=strides["dq"], dv=strides["dq"])
+    base = {"O": act, "DO": act, "DELTA": "*fp32", "n_heads": heads, "seq_len": n,
+            **{f"stride_{t}{axis}": v for t, st in strides.items() for axis, v in zip("bhnd", st)}}
+    blk = cfg.preprocess
+    specs = [_aot_spec("attn_bwd_preprocess", _attn_bwd_preprocess_kernel, base,
+                       {"HEAD_DIM": hd, "BLOCK_D": cfg.block_d, "BLOCK_M": blk.block_m}, blk, f"hd={hd} N={n}")]
+    for table_t in (None, "*fp32", act):
+        for dropout in (False, True):
+            has_bias = table_t is not None
+            parts = ([f"bias({table_t[1:]})"] if has_bias else []) + (["dropout"] if dropout else [])
+            # the launchers pass q as the table and a 0 x 0 grid without a bias, lse as the seed without dropout
+            args = {**base, "Q": act, "K": act, "V": act, "DQ": act, "DK": act, "DV": act, "LSE": "*fp32",
+                    "TABLE": table_t or act, "DTABLE": "*fp32", "SEED": "*i64" if dropout else "*fp32",
+                    "n_table": num_relative_positions((grid, grid), _has_cls(n, grid, grid)) if has_bias else hd,
+                    "grid_h": grid if has_bias else 0, "grid_w": grid if has_bias else 0,
+                    "qk_scale": scale * LOG2E, "sm_scale": scale, "dropout_p": 0.1 if dropout else 0.0}
+            common = {"HEAD_DIM": hd, "BLOCK_D": cfg.block_d, "HAS_BIAS": has_bias,
+                      "HAS_CLS": has_bias and _has_cls(n, grid, grid), "DROPOUT": dropout,
+                      "PRECISION": _precision(TORCH_DTYPES[dtype])}
+            for name, fn, blk in (("attn_fwd", _attn_fwd_kernel, cfg.fwd),
+                                  ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, cfg.bwd_dkdv),
+                                  ("attn_bwd_dq", _attn_bwd_dq_kernel, cfg.bwd_dq)):
+                specs.append(_aot_spec(name, fn, args, {**common, "BLOCK_M": blk.block_m, "BLOCK_N": blk.block_n},
+                                       blk, f"hd={hd} N={n} " + ("+".join(parts) or "plain")))
+    return specs

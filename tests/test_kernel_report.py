@@ -1,13 +1,22 @@
 """bench/kernel_report.py compiles the LayerNorm and bias+GELU kernels for sm_80/sm_90 without a GPU, reports
-their resources in JSON and finds no spill; its spill detector flags a kernel that does spill."""
+their resources in JSON and finds no spill; its spill detector flags a kernel that does spill. The attention
+specs are those a model's real launch gets from Triton's JIT, and compile without spills at head dims 64 and 80."""
 import dataclasses
 import json
 import pathlib
 import subprocess
 import sys
 
+import pytest
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime.jit import JITFunction
+
+from fastvit import ops
 from fastvit.kernels import bias_gelu
-from fastvit.kernels._report import MODELS, compile_spec
+from fastvit.kernels import flash_attention as fa
+from fastvit.kernels._report import MODELS, TORCH_DTYPES, compile_spec
+from fastvit.model import Attention
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -41,3 +50,95 @@ def test_spilling_kernel_is_flagged():
     spec = dataclasses.replace(spec, constexprs={**spec.constexprs, "BLOCK_M": 4, "BLOCK_N": 1024}, num_warps=1)
     res = compile_spec(spec, 90)
     assert res["stack"] + res["local"] > 0 and res["ok"] is False
+
+
+class _LaunchRecorder:
+    """Stands in for a @triton.jit kernel: ``kernel[grid](*args, **kwargs)`` records the call instead of running."""
+
+    def __init__(self, fn, calls):
+        self.fn, self.calls = fn, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.fn, args, kwargs))
+
+
+try:  # Triton's JIT binder: internals of triton 3.8, which other versions may lack or change
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    _JIT_BINDER = hasattr(JITFunction, "_pack_args")
+except ImportError:
+    _JIT_BINDER = False
+
+
+def _jit_specialization(fn, args, kwargs):
+    """(signature, constexprs by name, aligned names) that Triton's JIT derives for this launch on sm_90 (its own
+    binder; triton 3.8 internals)."""
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    bound, specialization, options = create_function_from_signature(fn.signature, fn.params, backend)(*args,
+                                                                                                      **kwargs)
+    _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    names = fn.arg_names
+    return (signature, {names[i]: v for (i,), v in constexprs.items()},
+            {names[i] for (i,), a in attrs.items() if ["tt.divisibility", 16] in a})
+
+
+@pytest.mark.skipif(not _JIT_BINDER, reason="this triton lacks the JIT binder internals the test reuses "
+                    "(triton.runtime.jit.create_function_from_signature, JITFunction._pack_args; triton 3.8 has them)")
+@pytest.mark.parametrize("model,dtype,table,dropout", [
+    *((m, "bf16", t, d) for m in MODELS for t, d in ((None, False), (None, True), ("fp32", True), ("bf16", False))),
+    ("vit_base_patch16_224", "fp16", "fp32", False), ("vit_base_patch16_224", "fp16", "fp16", True)])
+def test_attention_specs_match_a_model_launch(monkeypatch, model, dtype, table, dropout):
+    """The model's attention layer after its qkv projection (what a Block runs), forward and backward on CPU with
+    the four kernels recorded: the JIT's specialisation of each launch (pointer dtypes, unit strides as constexpr
+    1, 16-divisible args and pointers) and its warps/stages equal the spec aot_specs gives the report for that
+    variant. A fp32 table is the AMP case (autocast), an activation-dtype table a model cast to that dtype.
+    fp16 runs on ViT-B only: CPU fp16 matmuls are slow and only the pointer dtypes change."""
+    shape, dt = MODELS[model], TORCH_DTYPES[dtype]
+    grid = shape.img_size // shape.patch
+    label = f"hd={shape.head_dim} N={shape.tokens} " + (
+        "+".join(([f"bias({table})"] if table else []) + (["dropout"] if dropout else [])) or "plain")
+    specs = {s.fn: s for s in fa.aot_specs(shape, dtype) if s.label in (label, label.rsplit(" ", 1)[0])}
+    kernels = [fa._attn_fwd_kernel, fa._attn_bwd_preprocess_kernel, fa._attn_bwd_dkdv_kernel, fa._attn_bwd_dq_kernel]
+    assert set(specs) == set(kernels)
+    calls = []
+    for name in ("_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+        monkeypatch.setattr(fa, name, _LaunchRecorder(getattr(fa, name), calls))
+    monkeypatch.setattr(ops, "use_triton", lambda backend, x: True)
+    attn = Attention(shape.dim, shape.heads, attn_drop=0.1 if dropout else 0.0,
+                     rel_pos_grid=(grid, grid) if table else None).train()
+    attn.backend = "triton"
+    amp = table is None or table == "fp32"
+    if not amp:
+        attn.to(dt)
+    qkv = torch.randn(1, shape.tokens, 3 * shape.dim, dtype=dt, requires_grad=True)
+    with torch.autocast("cpu", dtype=dt, enabled=amp):
+        out = attn.attend(qkv)
+    out.float().sum().backward()
+
+    assert [c[0] for c in calls] == kernels
+    for fn, args, kwargs in calls:
+        spec = specs[fn]
+        signature, constexprs, aligned = _jit_specialization(fn, args, kwargs)
+        assert signature == spec.signature, spec.name
+        assert constexprs == spec.constexprs, spec.name
+        assert aligned == set(spec.aligned), (spec.name, aligned ^ set(spec.aligned))
+        assert (kwargs["num_warps"], kwargs["num_stages"]) == (spec.num_warps, spec.num_stages)
+
+
+@pytest.mark.parametrize("model", ["vit_base_patch16_224", "vit_huge_patch14_224"])
+def test_attention_kernels_do_not_spill(model):
+    """Head dims 64 and 80, bf16: the preprocess and the largest variants (table + dropout, fp32 or bf16 table)
+    of the forward, dK/dV and dQ kernels fit in registers and shared memory on sm_80 and sm_90. The full set is
+    bench/kernel_report.py's job."""
+    shape = MODELS[model]
+    specs = [s for s in fa.aot_specs(shape, "bf16")
+             if s.name == "attn_bwd_preprocess" or s.label.endswith(("bias(fp32)+dropout", "bias(bf16)+dropout"))]
+    assert len(specs) == 7
+    cfg = fa._config(shape.head_dim)
+    for spec in specs:
+        blocks = {"attn_fwd": cfg.fwd, "attn_bwd_dkdv": cfg.bwd_dkdv, "attn_bwd_dq": cfg.bwd_dq,
+                  "attn_bwd_preprocess": cfg.preprocess}[spec.name]
+        assert spec.constexprs["BLOCK_M"] == blocks.block_m and spec.num_warps == blocks.num_warps
+        for arch in (80, 90):
+            res = compile_spec(spec, arch)
+            assert res["ok"] and 0 < res["registers"] <= 255, (spec.name, spec.label, arch, res)
