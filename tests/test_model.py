@@ -332,3 +332,22 @@ def test_backend_switch_is_applied_everywhere():
     out = model(x)
     model.set_backend("auto")
     torch.testing.assert_close(model(x), out)
+
+
+@pytest.mark.parametrize("pos_embed", ["learn", "rel"])
+def test_whole_model_compiles_fullgraph(pos_embed):
+    """Every fused op is a custom op with a fake implementation, so dynamo and AOTAutograd trace the whole model,
+    forward and backward, in one graph (aot_eager: the tracing torch.compile does, without inductor's codegen)."""
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(**SMALL, pos_embed=pos_embed)
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out_c = compiled(x)
+    out_c.square().sum().backward()
+    grads_c = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out = model(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out_c, out)
+    for g_c, p in zip(grads_c, model.parameters()):
+        torch.testing.assert_close(g_c, p.grad)
