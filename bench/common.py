@@ -1,0 +1,161 @@
+"""Helpers shared by the benchmark scripts: model names, fastvit/timm pairs on the same weights, FLOPs from the
+config, error statistics and output files (saved-activation counting lives in ``fastvit.memory``).
+
+Only ``os``/``sys``/``torch`` are imported at module level: fastvit and timm import triton, and the interpreter
+switch (``TRITON_INTERPRET``) must be set before that happens (see :func:`reexec_with_interpreter`).
+
+Tests import this file by path (bench/ is not a package)::
+
+    spec = importlib.util.spec_from_file_location("bench_common", "bench/common.py")
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import sys
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Short names of the paper's models.
+ALIASES = {"B/16": "vit_base_patch16_224", "L/16": "vit_large_patch16_224", "H/14": "vit_huge_patch14_224"}
+
+# Configs small enough for CPU runs; any other name is looked up in fastvit's (and timm's) registry.
+CONFIGS = {
+    "tiny": dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10),
+    "mini": dict(img_size=32, patch_size=8, embed_dim=96, depth=3, num_heads=3, num_classes=10),
+}
+
+
+def interpreting():
+    """Whether Triton kernels run through the interpreter (set before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def reexec_with_interpreter(argv=None):
+    """With ``--interpret`` in argv and TRITON_INTERPRET unset, restart this script with TRITON_INTERPRET=1.
+
+    Must run before anything imports triton (fastvit, timm), because triton reads the variable at import.
+    """
+    argv = sys.argv if argv is None else argv
+    if "--interpret" in argv and not interpreting():
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable] + argv, dict(os.environ, TRITON_INTERPRET="1"))
+
+
+def split_list(text):
+    """'a,b' -> ['a', 'b'] (argparse values that name several models, ops or dtypes)."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def canonical(name):
+    """'B/16' -> 'vit_base_patch16_224'; config names and registry names pass through."""
+    return ALIASES.get(name, name)
+
+
+def build_model(name, impl="fastvit", backend="auto", num_classes=None, seed=0):
+    """One model, ``impl`` 'fastvit' or 'timm', for a config name, a short name (B/16) or a registry name.
+
+    ``num_classes`` overrides the config's head (e.g. 1000 for a headless in21k config when training).
+    """
+    import fastvit
+    import timm
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    if impl not in ("fastvit", "timm"):
+        raise ValueError(f"impl must be 'fastvit' or 'timm', got {impl!r}")
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    torch.manual_seed(seed)
+    key = canonical(name)
+    if key in CONFIGS:
+        cfg = dict(CONFIGS[key], **kwargs)
+        return fastvit.VisionTransformer(**cfg, backend=backend) if impl == "fastvit" else TimmViT(**cfg)
+    if key in fastvit.list_models():
+        if impl == "fastvit":
+            return fastvit.create_model(key, backend=backend, **kwargs)
+        return timm.create_model(key, **kwargs)
+    raise ValueError(f"unknown model {name!r}: expected one of {sorted(ALIASES)}, {sorted(CONFIGS)} "
+                     f"or a fastvit.list_models() name")
+
+
+def build_pair(name, backend="auto", num_classes=None, seed=0):
+    """(fastvit model, timm model) for ``name`` with identical weights (timm loads fastvit's state_dict, strict)."""
+    ours = build_model(name, "fastvit", backend, num_classes, seed)
+    ref = build_model(name, "timm", backend, num_classes, seed)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    return ours, ref
+
+
+def vit_config(model):
+    """The sizes that decide a ViT's FLOPs, read from a fastvit or timm VisionTransformer."""
+    pe = model.patch_embed
+    block = model.blocks[0]
+    head = model.head
+    ph, pw = pe.patch_size
+    return dict(num_patches=pe.num_patches, prefix_tokens=model.num_prefix_tokens, embed_dim=model.embed_dim,
+                depth=len(model.blocks), mlp_dim=block.mlp.fc1.out_features, patch_dim=ph * pw * pe.proj.in_channels,
+                num_classes=head.out_features if isinstance(head, torch.nn.Linear) else 0)
+
+
+def vit_forward_flops(num_patches, prefix_tokens, embed_dim, depth, mlp_dim, patch_dim, num_classes):
+    """Forward FLOPs per image: 2 x the multiply-accumulates of every matmul, attention's QK^T and AV included.
+
+    Norms, softmax, GELU and adds are left out (they are memory-bound, and the usual MFU convention skips them).
+    """
+    n, d = num_patches + prefix_tokens, embed_dim
+    macs = num_patches * patch_dim * d                  # patch projection
+    per_block = n * d * 3 * d + n * d * d               # qkv, attention output projection
+    per_block += 2 * n * n * d                          # q k^T and softmax(.) v over all heads
+    per_block += 2 * n * d * mlp_dim                    # fc1, fc2
+    macs += depth * per_block + d * num_classes         # head on the pooled token
+    return 2 * macs
+
+
+def model_flops(model):
+    """Forward FLOPs per image of ``model`` (see :func:`vit_forward_flops`); a training step is 3x this."""
+    return vit_forward_flops(**vit_config(model))
+
+
+def error_stats(out, ref):
+    """max |out - ref| and mean relative error sum|out - ref| / sum|ref|, computed in float64."""
+    out, ref = out.detach().double(), ref.detach().double()
+    diff = (out - ref).abs()
+    return {"max_abs": diff.max().item(), "mean_rel": (diff.sum() / ref.abs().sum().clamp_min(1e-300)).item()}
+
+
+def environment():
+    """Versions and hardware, stored with every result file."""
+    import triton
+    info = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+            "cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
+            "triton_interpret": interpreting(), "cuda": torch.cuda.is_available()}
+    try:
+        import timm
+        info["timm"] = timm.__version__
+    except ImportError:
+        info["timm"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def out_dir(path):
+    p = pathlib.Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def write_json(path, data):
+    path = pathlib.Path(path)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+def markdown_table(header, rows):
+    """A GitHub markdown table from a header and rows of already-formatted cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

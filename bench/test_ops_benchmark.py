@@ -1,0 +1,68 @@
+"""pytest-benchmark micro-benchmarks of each fused op, fastvit vs the torch reference, forward and forward+backward.
+
+    pytest bench/ --benchmark-only                      # timings (GPU: Triton kernels in bf16)
+    pytest bench/test_ops_benchmark.py --benchmark-disable -q   # smoke: each body once, results checked
+
+Shapes are ViT-B/16's at batch 8 on a GPU and batch 1 on CPU (fp32 there; CPU fastvit runs its torch fallback
+unless TRITON_INTERPRET=1). Each benchmark also checks its result against the fp32 torch reference, so the smoke
+run is a real test. Grouped per op and direction, so pytest-benchmark prints fastvit and torch side by side.
+"""
+import pytest
+import torch
+
+import common
+import numerics
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+# loose enough for bf16 on GPU; on CPU fp32 fastvit and torch agree far closer
+TOL = {torch.bfloat16: 3e-2, torch.float16: 3e-3, torch.float32: 1e-4}
+
+
+def _cases():
+    gen = torch.Generator().manual_seed(0)
+    batch = 8 if CUDA else 1
+    return {"patch_embed": numerics.patch_embed_case(gen, batch, 224, 16, 768),
+            "add_layer_norm": numerics.add_layer_norm_case(gen, batch, 197, 768),
+            "bias_gelu": numerics.bias_gelu_case(gen, batch, 197, 3072),
+            "attention": numerics.attention_case(gen, batch, 197, 12, 64),
+            "add_layer_norm_linear": numerics.add_layer_norm_linear_case(gen, batch, 197, 768, 2304, True),
+            "bias_gelu_linear": numerics.bias_gelu_linear_case(gen, batch, 197, 3072, 768)}
+
+
+CASES = _cases()
+
+
+def _backend():
+    return numerics.resolve_backend("auto", DEVICE, DTYPE)[0]
+
+
+@pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("impl", ["fastvit", "torch"])
+@pytest.mark.parametrize("op", list(CASES))
+def test_op(benchmark, op, impl, direction):
+    case = CASES[op]
+    backend = _backend()
+    benchmark.group = f"{op} {direction} {numerics.dtype_name(DTYPE)}"
+    benchmark.extra_info["backend"] = backend if impl == "fastvit" else "torch"
+    grads = direction == "fwd+bwd"
+    inputs = {k: v.to(DEVICE, DTYPE).requires_grad_(grads and k in case["grads"]) for k, v in case["inputs"].items()}
+    fn = (lambda t: case["fastvit"](t, backend)) if impl == "fastvit" else case["torch"]
+
+    def run():
+        outs = fn(inputs)
+        if grads:
+            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+            for k in case["grads"]:
+                inputs[k].grad = None
+        if CUDA:
+            torch.cuda.synchronize()
+        return outs
+
+    outs = benchmark(run)
+    with torch.no_grad():
+        ref = case["torch"]({k: v.detach().to(DEVICE, torch.float32) for k, v in inputs.items()})
+    for o, r in zip(outs, ref):
+        err = common.error_stats(o, r)
+        assert err["mean_rel"] < TOL[DTYPE], f"{op} {impl}: mean relative error {err['mean_rel']:.2e}"

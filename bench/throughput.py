@@ -1,0 +1,314 @@
+#!/usr/bin/env python
+"""Training and inference throughput of fastvit against timm, same settings, same run, alternating steps.
+
+A step is one global batch (default 4096 = world size x micro-batch x accumulation steps): training runs the
+forward and backward of every micro-batch (DDP gradient sync on the last one only) and one AdamW update; inference
+runs the forward of every micro-batch. fastvit and timm models are built from the same weights, then their timed
+steps alternate (fastvit, timm, timm, fastvit, ...) so that clock and thermal drift hit both.
+
+Printed and saved per model and mode: images/s, achieved TFLOP/s (FLOPs per image counted from the model config:
+2 x the MACs of every matmul, attention included; training = 3 x forward), MFU against the GPU's dense bf16 peak
+(A100 312, H100 989, H200 989 TFLOP/s, or --peak-tflops), peak memory (GPU: the most memory allocated while that
+model warmed up, above what was allocated before it was built, so it counts its weights, gradients, optimizer
+state and activations), and fastvit/timm ratios.
+
+    python bench/throughput.py                                     # GPU: B/16, L/16, H/14; CPU: smoke config
+    torchrun --nproc_per_node 8 bench/throughput.py --model B/16 --micro-batch 128
+    python bench/throughput.py --model vit_small_patch16_224 --backend torch --dtype fp16 --compile
+
+Without a GPU and without --model, a clearly labelled smoke configuration runs (small 32px models, few steps,
+global batch 4096 by accumulation) in under a minute on 2 idle cores. DDP uses nccl on GPU and gloo on CPU; without
+torchrun variables the script runs as a 1-rank group.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+common.reexec_with_interpreter()
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
+from fastvit import ops  # noqa: E402
+from fastvit.kernels import flash_attention as _flash_attention  # noqa: E402
+
+# Dense bf16 tensor-core peak per GPU, TFLOP/s (vendor data sheets, SXM parts).
+PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
+GPU_MODELS = "B/16,L/16,H/14"
+# Per-GPU micro-batches that fit an 80 GB GPU under bf16 autocast with both models resident.
+GPU_MICRO_BATCH = {"vit_base_patch16_224": 256, "vit_large_patch16_224": 128, "vit_huge_patch14_224": 64}
+# Fits well under 3 minutes on 2 idle CPU cores at the full global batch of 4096.
+SMOKE = dict(models="tiny,mini", micro_batch=512, steps=2, warmup=1)
+MODES = ("train", "infer")
+
+
+def peak_tflops(device, override):
+    """The peak to divide by for MFU, and where it came from."""
+    if override is not None:
+        return override, "--peak-tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_BF16_TFLOPS.items():
+            if key in name:
+                return value, f"{key} dense bf16"
+    return None, "unknown (pass --peak-tflops)"
+
+
+def init_distributed(device_type):
+    """(rank, world_size, device): a torchrun group when its variables are set, else a 1-rank group."""
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend)
+        local = int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        local = 0
+    if device_type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def backend_used(requested, model, device, dtype):
+    """What fastvit's ops run here, as ``fastvit.ops`` decides it: the kernels' side for most ops, and attention's
+    (flash_attn where installed and able, else Triton where it covers the head size, else torch) apart."""
+    main = "triton" if ops.use_triton(requested, torch.empty(0, device=device)) else "torch"
+    attn = model.blocks[0].attn
+    q = torch.empty(1, attn.num_heads, 1, attn.head_dim, device=device, dtype=dtype)
+    if requested == "auto" and _flash_attention.flash_attn_supported(q):
+        return {"ops": main, "attention": "flash_attn"}
+    if requested == "auto" and not _flash_attention.triton_supported(q):
+        return {"ops": main, "attention": "torch"}
+    return {"ops": main, "attention": main}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_allocated(device):
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+class Runner:
+    """One model (fastvit or timm) set up for one mode: DDP + AdamW for training, the bare module for inference."""
+
+    def __init__(self, model, mode, device, dtype, accum, micro_batch, compile_model, seed):
+        self.mode, self.device, self.dtype, self.accum = mode, device, dtype, accum
+        model = model.to(device)
+        if mode == "train":
+            model.train()
+            ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+            self.module = torch.compile(ddp) if compile_model else ddp
+            self.ddp = ddp
+            self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+            self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        else:
+            model.eval()
+            self.module = torch.compile(model) if compile_model else model
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        img = model.patch_embed.img_size
+        self.x = torch.randn(micro_batch, 3, *img, generator=gen).to(device)
+        num_classes = max(model.num_classes, 1)
+        self.y = torch.randint(0, num_classes, (micro_batch,), generator=gen).to(device)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def step(self):
+        """One global batch; returns after the device has finished it."""
+        if self.mode == "train":
+            for i in range(self.accum):
+                ctx = self.ddp.no_sync() if i < self.accum - 1 else contextlib.nullcontext()
+                with ctx:
+                    with self._autocast():
+                        loss = F.cross_entropy(self.module(self.x).float(), self.y) / self.accum
+                    self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.opt.zero_grad(set_to_none=True)
+        else:
+            with torch.inference_mode(), self._autocast():
+                for _ in range(self.accum):
+                    self.module(self.x)
+        sync(self.device)
+
+
+def bench_model(name, mode, args, world, device, dtype, peak):
+    """Build fastvit and timm on the same weights, warm each up alone (peak memory), then alternate timed steps."""
+    # the table's micro-batch, made smaller where world size x micro-batch would exceed the global batch
+    micro = args.micro_batch or min(GPU_MICRO_BATCH.get(common.canonical(name), 32), args.global_batch // world)
+    if micro < 1 or args.global_batch % (world * micro):
+        raise SystemExit(f"--global-batch {args.global_batch} must be a multiple of world size x micro-batch = "
+                         f"{world} x {micro}")
+    accum = args.global_batch // (world * micro)
+    ours, ref = common.build_pair(name, backend=args.backend, num_classes=args.num_classes, seed=args.seed)
+    flops_fwd = common.model_flops(ours)
+    used = backend_used(args.backend, ours, device, dtype)
+    flops = flops_fwd * (3 if mode == "train" else 1)
+    runners, peak_mem = {}, {}
+    for impl, model in (("fastvit", ours), ("timm", ref)):
+        before = memory_allocated(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        runners[impl] = Runner(model, mode, device, dtype, accum, micro, args.compile, args.seed)
+        for _ in range(args.warmup):
+            runners[impl].step()
+        peak_mem[impl] = ((torch.cuda.max_memory_allocated(device) - before) / 2**30
+                          if device.type == "cuda" else None)
+    times = {"fastvit": [], "timm": []}
+    for s in range(args.steps):
+        order = ("fastvit", "timm") if s % 2 == 0 else ("timm", "fastvit")
+        for impl in order:
+            dist.barrier()
+            t0 = time.perf_counter()
+            runners[impl].step()
+            times[impl].append(time.perf_counter() - t0)
+    row = {"model": name, "mode": mode, "micro_batch": micro, "accum_steps": accum,
+           "global_batch": world * micro * accum, "flops_per_image": flops, "forward_gflops_per_image":
+           flops_fwd / 1e9, "backend_used": used}
+    for impl in ("fastvit", "timm"):
+        # the slowest rank decides the step time (nccl reduces only device tensors)
+        t = torch.tensor(times[impl], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = t.cpu()
+        total = float(t.sum())
+        ips = row["global_batch"] * args.steps / total
+        tflops = ips * flops / 1e12
+        row[impl] = {"images_per_s": ips, "tflops": tflops,
+                     "mfu": tflops / (peak * world) if peak else None,
+                     "peak_mem_gib": peak_mem[impl], "step_seconds": t.tolist()}
+    row["ratio"] = row["fastvit"]["images_per_s"] / row["timm"]["images_per_s"]
+    row["ratio_peak_mem"] = (row["fastvit"]["peak_mem_gib"] / row["timm"]["peak_mem_gib"]
+                             if device.type == "cuda" else None)
+    del runners, ours, ref
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def plot(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model']}\n{r['mode']}" for r in rows]
+    xs = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows)), 4))
+    w = 0.38
+    ax.bar([x - w / 2 for x in xs], [r["fastvit"]["images_per_s"] for r in rows], w, label="fastvit")
+    ax.bar([x + w / 2 for x in xs], [r["timm"]["images_per_s"] for r in rows], w, label="timm")
+    for x, r in zip(xs, rows):
+        top = max(r["fastvit"]["images_per_s"], r["timm"]["images_per_s"])
+        ax.annotate(f"{r['ratio']:.2f}x", (x, top), ha="center", va="bottom", fontsize=8)
+    values = [r[i]["images_per_s"] for r in rows for i in ("fastvit", "timm")]
+    if max(values) > 20 * min(values):
+        ax.set_yscale("log")
+    ax.set_xticks(list(xs), labels, fontsize=8)
+    ax.set_ylabel("images / s")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help=f"comma list of models (default on GPU: {GPU_MODELS}); tiny, "
+                                                 "mini, B/16, L/16, H/14 or any fastvit.list_models() name")
+    p.add_argument("--mode", default="train,infer", help="comma list from train, infer")
+    p.add_argument("--backend", default="auto", choices=ops.BACKENDS, help="fastvit's kernels")
+    p.add_argument("--dtype", default="bf16", choices=list(common.DTYPES), help="autocast dtype (fp32: none)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--global-batch", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=None, help="per rank (default: a per-model table)")
+    p.add_argument("--steps", type=int, default=None, help="timed global-batch steps per model (default 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per model first (default 2)")
+    p.add_argument("--num-classes", type=int, default=1000, help="classifier size (headless configs get one)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU")
+    p.add_argument("--smoke", action="store_true", help="the small CPU configuration, on any machine")
+    p.add_argument("--interpret", action="store_true", help="re-run with TRITON_INTERPRET=1 (very slow)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results", help="output folder for throughput.json and throughput.png")
+    args = p.parse_args(argv)
+
+    modes = common.split_list(args.mode)
+    for m in modes:
+        if m not in MODES:
+            p.error(f"unknown mode {m!r}; expected names from {MODES}")
+    use_cuda = torch.cuda.is_available() and not args.smoke
+    smoke = args.smoke or (not use_cuda and args.model is None)
+    scaled = []
+    if smoke:
+        args.model = args.model or SMOKE["models"]
+        args.micro_batch = args.micro_batch or SMOKE["micro_batch"]
+        args.steps = SMOKE["steps"] if args.steps is None else args.steps
+        args.warmup = SMOKE["warmup"] if args.warmup is None else args.warmup
+        args.num_classes = 10 if args.num_classes == 1000 else args.num_classes
+        scaled = [f"models {args.model} instead of {GPU_MODELS} (tiny/mini: 32px images, widths 64/96)",
+                  f"{args.steps} timed + {args.warmup} warm-up global-batch steps per model and mode",
+                  f"micro-batch {args.micro_batch}, {args.num_classes} classes"]
+        if args.global_batch != 4096:
+            scaled.append(f"global batch {args.global_batch} instead of 4096")
+    args.model = args.model or GPU_MODELS
+    args.steps = 5 if args.steps is None else args.steps
+    args.warmup = 2 if args.warmup is None else args.warmup
+    if args.steps < 1:
+        p.error("--steps must be at least 1")
+
+    rank, world, device = init_distributed("cuda" if use_cuda else "cpu")
+    dtype = common.DTYPES[args.dtype]
+    peak, peak_source = peak_tflops(device, args.peak_tflops)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    label = "SMOKE CONFIGURATION (no GPU: scaled down, not a benchmark)" if smoke else f"{device.type.upper()} run"
+    say(f"== {label}: world {world}, global batch {args.global_batch}, {args.dtype}, backend {args.backend}, "
+        f"compile {args.compile}, peak {peak} TFLOP/s ({peak_source})")
+    for line in scaled:
+        say(f"   scaled down: {line}")
+
+    rows = []
+    t_start = time.perf_counter()
+    for name in common.split_list(args.model):
+        for mode in modes:
+            r = bench_model(name, mode, args, world, device, dtype, peak)
+            rows.append(r)
+            for impl in ("fastvit", "timm"):
+                v = r[impl]
+                mfu = f"{100 * v['mfu']:.1f}%" if v["mfu"] is not None else "n/a"
+                mem = f"{v['peak_mem_gib']:.2f} GiB" if v["peak_mem_gib"] is not None else "n/a (CPU)"
+                say(f"{name:22s} {mode:5s} {impl:7s} {v['images_per_s']:10.1f} img/s {v['tflops']:8.3f} TFLOP/s "
+                    f"MFU {mfu:>6s} peak mem {mem}  (micro {r['micro_batch']} x accum {r['accum_steps']})")
+            used = r["backend_used"]
+            say(f"{name:22s} {mode:5s} fastvit/timm images/s ratio {r['ratio']:.3f} "
+                f"(fastvit ops: {used['ops']}, attention: {used['attention']})", flush=True)
+
+    if rank == 0:
+        result = {"smoke": smoke, "label": label, "scaled_down": scaled, "world_size": world,
+                  "device": str(device), "dtype": args.dtype, "backend": args.backend, "compile": args.compile,
+                  "global_batch": args.global_batch, "steps": args.steps, "warmup": args.warmup,
+                  "peak_tflops": peak, "peak_source": peak_source, "rows": rows,
+                  "seconds": time.perf_counter() - t_start, "env": common.environment()}
+        out = common.out_dir(args.out)
+        common.write_json(out / "throughput.json", result)
+        plot(rows, out / "throughput.png", f"{label}\nworld {world}, global batch {args.global_batch}, "
+                                           f"{args.dtype}, fastvit/timm ratio above bars")
+        say(f"wrote {out / 'throughput.json'} and {out / 'throughput.png'} in {result['seconds']:.0f}s")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
