@@ -12,9 +12,11 @@ import contextlib
 import json
 import re
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
@@ -139,3 +141,24 @@ def remove_incomplete(out) -> None:
     if root.is_dir():
         for path in root.glob("step_*.tmp"):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def read_tensors(path) -> dict:
+    """Every tensor of a step folder, keyed by its dotted path ('model.head.weight',
+    'optim.state.head.weight.exp_avg'), read in one process: for inspecting or comparing checkpoints."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "state.pt"
+        dcp_to_torch_save(path, target)
+        state = torch.load(target, weights_only=False)
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, torch.Tensor):
+            flat[prefix] = value
+
+    walk("", state)
+    return flat

@@ -37,23 +37,6 @@ def rows(out, key):
     return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if key in r]
 
 
-def tensors(path, tmp):
-    """Every tensor of a DCP checkpoint, flattened to 'model.x.y' keys (a single-process conversion)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    target = Path(tmp) / f"{Path(path).name}-{time.monotonic_ns()}.pt"
-    dcp_to_torch_save(path, target)
-    flat = {}
-
-    def walk(prefix, value):
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif isinstance(value, torch.Tensor):
-            flat[prefix] = value
-    walk("", torch.load(target, weights_only=False))
-    return flat
-
-
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A 150-step digits pre-training run (a few seconds; the short run of the issue), reused by fine-tune and
@@ -96,7 +79,7 @@ def test_finetune_from_pretrain_checkpoint(pretrained, tmp_path):
     assert losses[0]["loss"] == pytest.approx(math.log(10), abs=1e-6)
     assert losses[-1]["loss"] < losses[0]["loss"]
     assert result["top1"] > 0.1
-    final = tensors(checkpoint.step_path(tmp_path, 3), tmp_path)
+    final = checkpoint.read_tensors(checkpoint.step_path(tmp_path, 3))
     assert final["model.pos_embed"].shape == (1, 1 + 8 * 8, 32)
     assert "optim.state.head.weight.momentum_buffer" in final  # SGD with momentum
     assert not any(k.endswith("exp_avg") for k in final)
@@ -106,7 +89,7 @@ def test_finetune_from_pretrain_checkpoint(pretrained, tmp_path):
 def test_finetune_from_weights_file(pretrained, tmp_path):
     """--init a plain state_dict file (timm layout) loads through fastvit.convert into a headless model."""
     out, _ = pretrained
-    pre = tensors(checkpoint.step_path(out, 150), tmp_path)
+    pre = checkpoint.read_tensors(checkpoint.step_path(out, 150))
     weights = {k[len("model."):]: v for k, v in pre.items() if k.startswith("model.")}
     torch.save(weights, tmp_path / "weights.pth")
     train(TrainConfig(recipe="finetune", init=str(tmp_path / "weights.pth"), model="vit_tiny_patch16_224",
@@ -134,7 +117,7 @@ def test_resume_skips_corrupt_checkpoints_and_is_exact(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(cfg, on_step_end=crash)
     first = rows(tmp_path, "loss")
-    weights_at_4 = tensors(checkpoint.step_path(tmp_path, 4), tmp_path)
+    weights_at_4 = checkpoint.read_tensors(checkpoint.step_path(tmp_path, 4))
     root = tmp_path / "checkpoints"
     shard = root / "step_00000004" / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:100])
@@ -149,7 +132,7 @@ def test_resume_skips_corrupt_checkpoints_and_is_exact(tmp_path):
     resumed = rows(tmp_path, "loss")
     assert [r["step"] for r in resumed] == list(range(1, 7))  # rows after step 2 were rewritten
     assert [r["loss"] for r in resumed[2:4]] == [r["loss"] for r in first[2:4]]
-    again = tensors(checkpoint.step_path(tmp_path, 4), tmp_path)
+    again = checkpoint.read_tensors(checkpoint.step_path(tmp_path, 4))
     for key in ("model.blocks.1.mlp.fc2.weight", "model.pos_embed", "optim.state.head.weight.exp_avg_sq"):
         assert torch.equal(again[key], weights_at_4[key]), key
     assert not (root / "step_00000005.tmp").exists()
