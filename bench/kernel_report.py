@@ -15,29 +15,27 @@ import sys
 import traceback
 
 import triton
+from tqdm import tqdm
 
 from fastvit.kernels._report import DTYPES, MODELS, SMEM_LIMIT, collect_specs, compile_spec, kernel_modules
 
 
 def run(models, dtypes, archs, modules):
-    """One record per (model, dtype, kernel variant, arch)."""
+    """One record per (model, dtype, kernel variant, arch), with a progress bar: a full report takes minutes."""
+    jobs = [(model, dtype, module, spec, arch) for model in models for dtype in dtypes
+            for module, spec in collect_specs(MODELS[model], dtype, modules) for arch in archs]
     records = []
-    for model in models:
-        shape = MODELS[model]
-        for dtype in dtypes:
-            for module, spec in collect_specs(shape, dtype, modules):
-                for arch in archs:
-                    rec = {"model": model, "dtype": dtype, "module": module, "kernel": spec.name,
-                           "label": spec.label, "arch": f"sm_{arch}", "num_warps": spec.num_warps,
-                           "num_stages": spec.num_stages,
-                           "constexprs": {k: v if isinstance(v, (bool, int, float)) else str(v)
-                                          for k, v in spec.constexprs.items()}}
-                    try:
-                        rec.update(compile_spec(spec, arch))
-                    except Exception as exc:  # a kernel that does not compile fails the report, not the run
-                        rec.update(ok=False, error=f"{type(exc).__name__}: {exc}")
-                        traceback.print_exc()
-                    records.append(rec)
+    for model, dtype, module, spec, arch in tqdm(jobs, desc="compiling", unit="kernel", mininterval=5):
+        rec = {"model": model, "dtype": dtype, "module": module, "kernel": spec.name, "label": spec.label,
+               "arch": f"sm_{arch}", "num_warps": spec.num_warps, "num_stages": spec.num_stages,
+               "constexprs": {k: v if isinstance(v, (bool, int, float)) else str(v)
+                              for k, v in spec.constexprs.items()}}
+        try:
+            rec.update(compile_spec(spec, arch))
+        except Exception as exc:  # a kernel that does not compile fails the report, not the run
+            rec.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+            traceback.print_exc()
+        records.append(rec)
     return records
 
 
