@@ -93,8 +93,8 @@ class TrainConfig:
                                    f"the largest divisor of global/ranks up to {MAX_DEFAULT_MICRO})", type=int)
     steps: int | None = _opt("optimizer steps (or --epochs)", type=int)
     epochs: float | None = _opt("passes over the training set (or --steps)", type=float)
-    lr: float | None = _opt("peak learning rate at --global-batch (default: the table's lr, given at the table's "
-                            "batch, scaled linearly to the --global-batch you pass)", type=float)
+    lr: float | None = _opt("peak learning rate at --global-batch (the table's lr is given at the table's batch and "
+                            "scaled linearly to the --global-batch you pass)", type=float)
     weight_decay: float | None = _opt("decoupled weight decay on weight matrices (pretrain)", type=float)
     warmup_steps: int | None = _opt("linear warmup steps", type=int)
     schedule: str | None = _opt("decay after warmup", choices=SCHEDULES)
