@@ -72,8 +72,7 @@ def resume_candidates(out, warn: bool = True) -> list:
         return []
     found = []
     for path in root.iterdir():
-        m = _STEP_RE.match(path.name)
-        if not m or not path.is_dir():
+        if not (path.is_dir() and _STEP_RE.match(path.name)):
             continue
         try:
             check_complete(path)
@@ -81,8 +80,13 @@ def resume_candidates(out, warn: bool = True) -> list:
             if warn:
                 warnings.warn(f"skipping checkpoint {path}: {e}", CheckpointWarning, stacklevel=2)
             continue
-        found.append((int(m.group(1)), path))
+        found.append((checkpoint_step(path), path))
     return [p for _, p in sorted(found, reverse=True)]
+
+
+def write_config(folder, config: dict) -> None:
+    """Store a run's configuration as ``config.json`` in ``folder`` (a run folder or a checkpoint)."""
+    (Path(folder) / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
 
 
 def read_config(path) -> dict:
@@ -116,7 +120,7 @@ def save(out, step: int, state: dict, config: dict, keep: int = 0) -> Path:
     with _single_process_quiet():
         dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     if rank == 0:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
+        write_config(tmp, config)
     _barrier()  # every rank's shards are on disk before the folder counts as complete
     if rank == 0:
         if final.exists():  # an older, unusable checkpoint of the same step (the run resumed before it)

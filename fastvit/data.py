@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,34 +26,30 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
+def _mix(h, value):
+    """One splitmix64 round of ``h ^ value`` in numpy's wrapping uint64 arithmetic (scalars or arrays)."""
+    with np.errstate(over="ignore"):
+        x = (h ^ value) + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
 
 
 def mix_seed(*parts: int) -> int:
     """A 63-bit seed from integers (seed, step, index, ...); unlike ``hash`` it is the same in every process."""
-    h = 0
+    h = np.uint64(0)
     for p in parts:
-        h = _splitmix64(h ^ (int(p) & _MASK64))
-    return h >> 1
+        h = _mix(h, np.uint64(int(p) & _MASK64))
+    return int(h) >> 1
 
 
 def keyed_uniform(seed: int, step: int, positions, count: int) -> torch.Tensor:
     """(len(positions), count) uniforms in [0, 1), each a hash of (seed, step, position, k): counter-based
-    randomness, vectorised splitmix64 (the same function as ``mix_seed``) in numpy's wrapping uint64 arithmetic."""
-    with np.errstate(over="ignore"):
-        def mix(h, value):
-            x = (h ^ value) + np.uint64(0x9E3779B97F4A7C15)
-            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-            return x ^ (x >> np.uint64(31))
-        h = mix(np.uint64(0), np.uint64(seed & _MASK64))
-        h = mix(h, np.uint64(step & _MASK64))
-        h = mix(h, np.asarray(positions, dtype=np.uint64)[:, None])
-        h = mix(h, np.arange(count, dtype=np.uint64)[None, :])
+    randomness, vectorised over positions and k with the same ``_mix`` as ``mix_seed``."""
+    h = _mix(np.uint64(0), np.uint64(seed & _MASK64))
+    h = _mix(h, np.uint64(step & _MASK64))
+    h = _mix(h, np.asarray(positions, dtype=np.uint64)[:, None])
+    h = _mix(h, np.arange(count, dtype=np.uint64)[None, :])
     return torch.from_numpy((h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53)
 
 
@@ -97,7 +94,6 @@ def micro_batch_plan(sampler: GlobalSampler, seed: int, start_step: int, samples
 @dataclass
 class DataSource(abc.ABC):
     """What the trainer needs from a dataset: sizes, a batch maker for the plan and evaluation sets."""
-    name: str
     num_classes: int
     num_train: int
     train_eval: torch.utils.data.Dataset  # training images with the evaluation transform (few-shot features)
@@ -105,13 +101,13 @@ class DataSource(abc.ABC):
 
     @abc.abstractmethod
     def loader(self, plan, seed):
-        """Iterate (x, y) micro-batches for a ``micro_batch_plan``."""
+        """Iterate augmented (x, y) micro-batches for a ``micro_batch_plan``."""
 
 
 class DigitsSource(DataSource):
     """scikit-learn's 1797 8x8 digits, upsampled to ``img_size`` RGB; fixed stratified 80/20 split."""
 
-    def __init__(self, img_size: int, augment: bool = True):
+    def __init__(self, img_size: int):
         try:
             from sklearn.datasets import load_digits
             from sklearn.model_selection import train_test_split
@@ -124,11 +120,11 @@ class DigitsSource(DataSource):
         labels = torch.tensor(digits.target, dtype=torch.long)
         train_idx, test_idx = train_test_split(range(len(labels)), test_size=0.2, random_state=0,
                                                stratify=digits.target)
-        self.img_size, self.augment = img_size, augment
+        self.img_size = img_size
         self.train_images, self.train_labels = images[train_idx], labels[train_idx]
         train_eval = torch.utils.data.TensorDataset(self.render(self.train_images), self.train_labels)
         test = torch.utils.data.TensorDataset(self.render(images[test_idx]), labels[test_idx])
-        super().__init__("digits", 10, len(train_idx), train_eval, test)
+        super().__init__(10, len(train_idx), train_eval, test)
 
     def render(self, images, theta=None):
         """Resample 8x8 images to img_size x img_size through an affine map (identity: bilinear upsampling),
@@ -151,12 +147,10 @@ class DigitsSource(DataSource):
     def batch(self, items, seed):
         """Images and labels of (dataset index, step, position) items, augmented by keyed randomness."""
         idx = torch.tensor([i for i, _, _ in items])
-        theta = None
-        if self.augment:
-            step = items[0][1]
-            if any(s != step for _, s, _ in items):
-                raise ValueError("a micro-batch must come from one step")
-            theta = self.random_affine(keyed_uniform(seed, step, [p for _, _, p in items], 4))
+        steps = sorted({s for _, s, _ in items})
+        if len(steps) != 1:
+            raise ValueError(f"a micro-batch must come from one step, got items of steps {steps}")
+        theta = self.random_affine(keyed_uniform(seed, steps[0], [p for _, _, p in items], 4))
         return self.render(self.train_images[idx], theta), self.train_labels[idx]
 
     def loader(self, plan, seed):
@@ -185,7 +179,7 @@ class ImageFolderSource(DataSource):
     """``root/train`` and ``root/val`` (or ``root/test``) class folders; random resized crop + flip for training,
     resize + center crop (ratio 0.875) for evaluation."""
 
-    def __init__(self, root: str, img_size: int, augment: bool = True, workers: int = 4):
+    def __init__(self, root: str, img_size: int, workers: int = 4):
         from torchvision import datasets, transforms
 
         split = next((s for s in ("val", "test") if os.path.isdir(os.path.join(root, s))), None)
@@ -193,8 +187,6 @@ class ImageFolderSource(DataSource):
             raise ValueError(f"--data {root!r} must be 'digits' or a folder with train/ and val/ (or test/) "
                              f"ImageFolder sub-folders (one folder per class)")
         norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        train_tf = [transforms.RandomResizedCrop(img_size), transforms.RandomHorizontalFlip()] if augment else \
-            [transforms.Resize(img_size), transforms.CenterCrop(img_size)]
         eval_tf = transforms.Compose([transforms.Resize(int(round(img_size / 0.875))),
                                       transforms.CenterCrop(img_size), *norm])
         self.train_folder = datasets.ImageFolder(os.path.join(root, "train"), transform=eval_tf)
@@ -202,9 +194,10 @@ class ImageFolderSource(DataSource):
         if test.classes != self.train_folder.classes:
             raise ValueError(f"{root}/{split} has classes {test.classes[:5]}..., unlike train/ "
                              f"{self.train_folder.classes[:5]}...")
-        self.train_tf = transforms.Compose([*train_tf, *norm])
+        self.train_tf = transforms.Compose([transforms.RandomResizedCrop(img_size), transforms.RandomHorizontalFlip(),
+                                            *norm])
         self.workers = workers
-        super().__init__(root, len(self.train_folder.classes), len(self.train_folder), self.train_folder, test)
+        super().__init__(len(self.train_folder.classes), len(self.train_folder), self.train_folder, test)
 
     def loader(self, plan, seed):
         dataset = _KeyedImageFolder(self.train_folder, self.train_tf, seed)
@@ -212,18 +205,26 @@ class ImageFolderSource(DataSource):
                                                 pin_memory=torch.cuda.is_available()))
 
 
-def make_source(data: str, img_size: int, augment: bool = True, workers: int = 4) -> DataSource:
+def make_source(data: str, img_size: int, workers: int = 4) -> DataSource:
     """``'digits'`` or an ImageFolder root."""
     if data == "digits":
-        return DigitsSource(img_size, augment)
+        return DigitsSource(img_size)
     if not os.path.isdir(data):
         raise ValueError(f"--data must be 'digits' or an existing ImageFolder root, got {data!r}")
-    return ImageFolderSource(data, img_size, augment, workers)
+    return ImageFolderSource(data, img_size, workers)
 
 
-def eval_batches(dataset, batch_size: int, world: int = 1, rank: int = 0, workers: int = 0):
+def progress(iterable=None, **kwargs):
+    """A tqdm bar that refreshes at most every 10 s when stderr is not a terminal (CI logs stay short)."""
+    from tqdm import tqdm
+    kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 10.0)
+    return tqdm(iterable, dynamic_ncols=True, **kwargs)
+
+
+def eval_batches(dataset, batch_size: int, world: int = 1, rank: int = 0, workers: int = 0, desc: str | None = None):
     """Yield (x, y, valid) batches of this rank's shard; every rank yields the same number of batches (padded with
-    sample 0 and ``valid`` False), so sharded models see matching collectives."""
+    sample 0 and ``valid`` False), so sharded models see matching collectives. ``desc``: a progress bar with that
+    label on rank 0, removed when done."""
     n = len(dataset)
     per_rank = -(-n // world)
     idx = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
@@ -231,7 +232,8 @@ def eval_batches(dataset, batch_size: int, world: int = 1, rank: int = 0, worker
     idx += [0] * (per_rank - len(idx))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size,
                                          num_workers=workers)
-    for i, (x, y) in enumerate(loader):
+    batches = progress(loader, desc=desc, leave=False, disable=desc is None or rank != 0)
+    for i, (x, y) in enumerate(batches):
         yield x, y, valid[i * batch_size:i * batch_size + len(y)]
 
 

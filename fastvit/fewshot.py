@@ -59,13 +59,13 @@ def lsr_accuracy(train_x, train_y, test_x, test_y, l2=1.0) -> float:
 
 
 @torch.no_grad()
-def features(model, dataset, batch_size=256, device=None):
+def features(model, dataset, batch_size=256):
     """Pre-logits features (N, D) of a dataset of (image, label) pairs, in float32 on the CPU."""
-    device = device or next(model.parameters()).device
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
-    for x, _, _ in eval_batches(dataset, batch_size):
+    for x, _, _ in eval_batches(dataset, batch_size, desc="features"):
         tokens = model.forward_features(x.to(device))
         out.append(model.forward_head(tokens, pre_logits=True).float().cpu())
     model.train(was_training)
@@ -131,7 +131,7 @@ def main(argv=None):
 
     try:
         model, img_size = load_model_for_eval(args.init, args.model, args.img_size)
-        data = make_source(args.data, img_size, augment=False, workers=args.workers)
+        data = make_source(args.data, img_size, workers=args.workers)
         results = evaluate(model, data.train_eval, data.test, args.shots, args.seeds, args.l2, args.batch_size)
     except ValueError as e:
         parser.error(str(e))

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastvit import ops
-from fastvit.model import VisionTransformer, image_grid_size, resample_projection_
+from fastvit.model import VisionTransformer, grid_size_for, image_grid_size, resample_projection_
 from fastvit.registry import register_model
 from fastvit.resample import _pair
 
@@ -206,11 +206,9 @@ class HybridEmbed(nn.Module):
 
     def _set_sizes(self, img_size, patch_size):
         self.img_size, self.patch_size = _pair(img_size), _pair(patch_size)
-        if any(s % t for s, t in zip(self.img_size, self.token_stride)):
-            raise ValueError(f"img_size {self.img_size} must be divisible by the backbone reduction "
-                             f"{self.feature_ratio} times patch_size {self.patch_size}, i.e. by {self.token_stride}")
+        self.grid_size = grid_size_for(self.img_size, self.token_stride, f"the backbone reduction {self.feature_ratio} "
+                                       f"times patch_size {self.patch_size}, i.e. by")
         self.feature_size = tuple(s // r for s, r in zip(self.img_size, self.feature_ratio))
-        self.grid_size = tuple(f // p for f, p in zip(self.feature_size, self.patch_size))
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def set_input_size(self, img_size=None, patch_size=None):

@@ -33,6 +33,14 @@ def _check_choice(name, value, choices):
     return value
 
 
+def grid_size_for(size, stride, stride_name="patch_size", size_name="img_size"):
+    """The token grid (size / stride per axis) of an image embedded at ``stride`` pixels per token; the ValueError
+    for a size the stride does not divide names both as ``size_name`` and ``stride_name``."""
+    if size[0] % stride[0] or size[1] % stride[1]:
+        raise ValueError(f"{size_name} {size} must be divisible by {stride_name} {stride}")
+    return size[0] // stride[0], size[1] // stride[1]
+
+
 def image_grid_size(x, in_chans, img_size, stride, dynamic_img_size):
     """Validate an image batch for an embedding of the given pixel ``stride`` per token; return the token grid."""
     if not isinstance(x, torch.Tensor):
@@ -47,9 +55,7 @@ def image_grid_size(x, in_chans, img_size, stride, dynamic_img_size):
     if not dynamic_img_size and size != img_size:
         raise ValueError(f"expected image size {img_size}, got {size}; pass dynamic_img_size=True or call "
                          f"set_input_size(img_size={size})")
-    if size[0] % stride[0] or size[1] % stride[1]:
-        raise ValueError(f"image size {size} must be divisible by the patch size {stride}")
-    return size[0] // stride[0], size[1] // stride[1]
+    return grid_size_for(size, stride, "the patch size", "image size")
 
 
 def resample_projection_(proj, patch_size):
@@ -78,10 +84,7 @@ class PatchEmbed(nn.Module):
 
     def _set_sizes(self, img_size, patch_size):
         self.img_size, self.patch_size = _pair(img_size), _pair(patch_size)
-        for size, p in zip(self.img_size, self.patch_size):
-            if size % p:
-                raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.grid_size = grid_size_for(self.img_size, self.patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def set_input_size(self, img_size=None, patch_size=None):

@@ -40,7 +40,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import fastvit
 from fastvit import checkpoint
-from fastvit.data import GlobalSampler, eval_batches, make_source, micro_batch_plan, mix_seed
+from fastvit.data import GlobalSampler, eval_batches, make_source, micro_batch_plan, mix_seed, progress
+from fastvit.flops import peak_flops, train_flops_per_image
 
 RECIPES = ("pretrain", "finetune")
 SCHEDULES = ("linear", "cosine")
@@ -63,9 +64,6 @@ DIGITS_PRESET = {
                      save_every=100, threads=1),
 }
 ARCH_FLAGS = ("patch_size", "embed_dim", "depth", "num_heads")
-# Dense bf16 peak TFLOP/s by device name (first match wins); --peak-tflops overrides.
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("B200", 2250.0),
-               ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0))
 MAX_DEFAULT_MICRO = 128
 
 
@@ -155,15 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(cfg: TrainConfig, world: int) -> tuple[TrainConfig, dict]:
     """Fill the options left None from the digits preset (``--data digits``) and then the recipe; returns the
-    resolved config and {option: 'preset' | 'recipe'} for the filled ones. ``steps_for`` turns epochs into steps."""
-    if cfg.recipe not in RECIPES:
-        raise ValueError(f"--recipe must be one of {RECIPES}, got {cfg.recipe!r}")
-    if cfg.steps is not None and cfg.epochs is not None:
-        raise ValueError("pass --steps or --epochs, not both")
-    preset = DIGITS_PRESET[cfg.recipe] if cfg.data == "digits" else {}
+    resolved config and {option: 'preset' | 'recipe'} for the filled ones. ``check`` validates the result (an
+    unknown --recipe fills nothing) and ``steps_for`` turns epochs into steps."""
+    preset = DIGITS_PRESET.get(cfg.recipe, {}) if cfg.data == "digits" else {}
     values, filled = {}, {}
     length_given = cfg.steps is not None or cfg.epochs is not None
-    for source, table in (("preset", preset), ("recipe", RECIPE_DEFAULTS[cfg.recipe])):
+    for source, table in (("preset", preset), ("recipe", RECIPE_DEFAULTS.get(cfg.recipe, {}))):
         for name, value in table.items():
             if name in ("steps", "epochs") and (length_given or "steps" in values or "epochs" in values):
                 continue
@@ -176,7 +171,8 @@ def resolve(cfg: TrainConfig, world: int) -> tuple[TrainConfig, dict]:
         table = preset if filled["lr"] == "preset" else RECIPE_DEFAULTS[cfg.recipe]
         values["lr"] = table["lr"] * cfg.global_batch / table["global_batch"]
     cfg = dataclasses.replace(cfg, **values)
-    if cfg.micro_batch is None and cfg.global_batch and cfg.global_batch % world == 0:
+    if cfg.micro_batch is None and isinstance(cfg.global_batch, int) and cfg.global_batch > 0 \
+            and cfg.global_batch % world == 0:
         per_rank = cfg.global_batch // world
         micro = max(d for d in range(1, min(per_rank, MAX_DEFAULT_MICRO) + 1) if per_rank % d == 0)
         cfg = dataclasses.replace(cfg, micro_batch=micro)
@@ -184,50 +180,60 @@ def resolve(cfg: TrainConfig, world: int) -> tuple[TrainConfig, dict]:
 
 
 def steps_for(cfg: TrainConfig, num_train: int) -> TrainConfig:
-    """Turn --epochs into --steps (global batches of the stream, the last one rounded up)."""
+    """Turn --epochs into --steps (global batches of the stream, the last one rounded up) in a checked config."""
     if cfg.steps is not None:
         return cfg
-    if not (isinstance(cfg.epochs, (int, float)) and cfg.epochs > 0):
-        raise ValueError(f"--epochs must be > 0, got {cfg.epochs!r}")
-    if not (isinstance(cfg.global_batch, int) and cfg.global_batch > 0):
-        raise ValueError(f"--global-batch must be a positive integer, got {cfg.global_batch!r}")
     return dataclasses.replace(cfg, steps=max(1, math.ceil(cfg.epochs * num_train / cfg.global_batch)))
 
 
+def _need(ok, msg):
+    if not ok:
+        raise ValueError(msg)
+
+
+def _check_init(init):
+    _need(init is None or os.path.exists(init), f"--init {init!r} does not exist")
+
+
 def check(cfg: TrainConfig, world: int) -> None:
-    """Raise ValueError naming the flag and the expected value for a config that cannot run."""
-    def need(ok, msg):
-        if not ok:
-            raise ValueError(msg)
-    need(cfg.recipe in RECIPES, f"--recipe must be one of {RECIPES}, got {cfg.recipe!r}")
-    need(cfg.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
-    for name in ("global_batch", "micro_batch", "steps", "img_size", "seeds"):
+    """Validate a ``resolve``d config before any data or model is built (the one place flags are checked): raise
+    ValueError naming the flag, the expected value and the one received."""
+    _need(cfg.recipe in RECIPES, f"--recipe must be one of {RECIPES}, got {cfg.recipe!r}")
+    _need(cfg.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    _need(cfg.steps is None or cfg.epochs is None,
+          f"pass --steps or --epochs, not both (got --steps {cfg.steps} and --epochs {cfg.epochs})")
+    if cfg.steps is None:
+        _need(isinstance(cfg.epochs, (int, float)) and cfg.epochs > 0, f"--epochs must be > 0, got {cfg.epochs!r}")
+    _need(cfg.micro_batch is not None or not isinstance(cfg.global_batch, int) or cfg.global_batch % world == 0,
+          f"--global-batch must be a multiple of the number of ranks ({world}), got {cfg.global_batch}")
+    for name in ("global_batch", "micro_batch", "img_size", "seeds") + (("steps",) if cfg.steps is not None else ()):
         value = getattr(cfg, name)
-        need(isinstance(value, int) and value >= 1,
-             f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        _need(isinstance(value, int) and value >= 1,
+              f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
     for name in ("warmup_steps", "keep", "workers", "threads"):
-        need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+        _need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     for name in ("save_every", "eval_every"):
-        need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    need(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
-    need(cfg.weight_decay >= 0 and cfg.clip_grad >= 0,
-         f"--weight-decay and --clip-grad must be >= 0, got {cfg.weight_decay} and {cfg.clip_grad}")
+        _need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    _need(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
+    _need(cfg.weight_decay >= 0 and cfg.clip_grad >= 0,
+          f"--weight-decay and --clip-grad must be >= 0, got {cfg.weight_decay} and {cfg.clip_grad}")
     for name in ("dropout", "drop_path", "label_smoothing"):
-        need(0 <= getattr(cfg, name) < 1, f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
+        _need(0 <= getattr(cfg, name) < 1, f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
     per_step = world * cfg.micro_batch
-    need(cfg.global_batch % per_step == 0,
-         f"--global-batch must be a multiple of ranks x --micro-batch = {world} x {cfg.micro_batch} = {per_step}, "
-         f"got {cfg.global_batch}")
-    need(cfg.recipe != "finetune" or cfg.init, "--recipe finetune needs --init PATH (a pretrain checkpoint folder, "
-                                               "a pretrain run's --out folder or a weights file)")
-    need(cfg.init is None or os.path.exists(cfg.init), f"--init {cfg.init!r} does not exist")
-    need(cfg.resume in ("auto", "none") or os.path.isdir(cfg.resume),
-         f"--resume must be 'auto', 'none' or an existing checkpoint folder, got {cfg.resume!r}")
-    need(cfg.peak_tflops is None or cfg.peak_tflops > 0, f"--peak-tflops must be > 0, got {cfg.peak_tflops}")
+    _need(cfg.global_batch % per_step == 0,
+          f"--global-batch must be a multiple of ranks x --micro-batch = {world} x {cfg.micro_batch} = {per_step}, "
+          f"got {cfg.global_batch}")
+    _need(cfg.recipe != "finetune" or cfg.init, "--recipe finetune needs --init PATH (a pretrain checkpoint folder, "
+                                                "a pretrain run's --out folder or a weights file)")
+    _check_init(cfg.init)
+    _need(cfg.resume in ("auto", "none") or os.path.isdir(cfg.resume),
+          f"--resume must be 'auto', 'none' or an existing checkpoint folder, got {cfg.resume!r}")
+    _need(cfg.peak_tflops is None or cfg.peak_tflops > 0, f"--peak-tflops must be > 0, got {cfg.peak_tflops}")
 
 
 # ---- model ----------------------------------------------------------------------------------------------------
 def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
+    """``create_model`` keywords for a fresh model; stored in config.json so a checkpoint can rebuild it."""
     kwargs = dict(num_classes=num_classes, img_size=cfg.img_size, proj_drop_rate=cfg.dropout,
                   pos_drop_rate=cfg.dropout, drop_path_rate=cfg.drop_path, backend=cfg.backend)
     kwargs.update({k: getattr(cfg, k) for k in ARCH_FLAGS if getattr(cfg, k) is not None})
@@ -261,7 +267,9 @@ def load_pretrained(init, model_name, overrides: dict):
     stored = checkpoint.read_config(ckpt)["model"]
     bad = [k for k in ARCH_FLAGS if k in overrides and overrides[k] != stored["kwargs"].get(k)]
     if bad:
-        raise ValueError(f"--{bad[0].replace('_', '-')} cannot change the architecture of checkpoint {ckpt}")
+        flag = bad[0]
+        raise ValueError(f"--{flag.replace('_', '-')} cannot change the architecture of checkpoint {ckpt} "
+                         f"(checkpoint: {stored['kwargs'].get(flag)}, passed: {overrides[flag]})")
     kwargs = {**stored["kwargs"], **{k: v for k, v in overrides.items() if k not in ("num_classes", "img_size")}}
     model = fastvit.create_model(stored["name"], **kwargs)
     state = {"model": model.state_dict()}
@@ -275,34 +283,12 @@ def load_model_for_eval(init, model_name=None, img_size=None):
         model = fastvit.create_model(model_name or RECIPE_DEFAULTS["pretrain"]["model"], num_classes=0,
                                      **({"img_size": img_size} if img_size else {}))
         return model, model.patch_embed.img_size[0]
-    if not os.path.exists(init):
-        raise ValueError(f"--init {init!r} does not exist")
+    _check_init(init)
     model = load_pretrained(init, model_name or RECIPE_DEFAULTS["pretrain"]["model"],
                             {"img_size": img_size} if img_size else {})[0]
     if img_size and tuple(model.patch_embed.img_size) != (img_size, img_size):
         model.set_input_size(img_size=img_size)
     return model, model.patch_embed.img_size[0]
-
-
-def train_flops_per_image(model) -> float:
-    """FLOPs of one training step per image (3x the forward: backward costs twice the forward), from the config:
-    patch projection, per block qkv / attention scores and mix / proj / MLP, and the head; 2 FLOPs per MAC."""
-    pe = model.patch_embed
-    d, n = model.embed_dim, pe.num_patches + model.num_prefix_tokens
-    patch_macs = pe.num_patches * pe.in_chans * pe.patch_size[0] * pe.patch_size[1] * d
-    hidden = model.blocks[0].mlp.fc1.out_features if len(model.blocks) else 0
-    block_macs = n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * hidden
-    head_macs = d * model.num_classes
-    return 3 * 2 * (patch_macs + len(model.blocks) * block_macs + head_macs)
-
-
-def peak_flops(device, override_tflops) -> float | None:
-    if override_tflops:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((t * 1e12 for key, t in PEAK_TFLOPS if key in name), None)
 
 
 # ---- optimisation ---------------------------------------------------------------------------------------------
@@ -332,6 +318,7 @@ def param_groups(model, weight_decay: float) -> list:
 
 
 def make_optimizer(cfg: TrainConfig, model):
+    """The recipe's optimizer: AdamW (0.9, 0.999) to pre-train, SGD momentum 0.9 to fine-tune (the paper's)."""
     if cfg.recipe == "pretrain":
         return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=0.9)
@@ -340,6 +327,7 @@ def make_optimizer(cfg: TrainConfig, model):
 # ---- distributed ----------------------------------------------------------------------------------------------
 @dataclass
 class Env:
+    """Where this process runs: its rank and the world size of the process group, and its device."""
     rank: int
     world: int
     device: torch.device
@@ -359,6 +347,16 @@ def device_and_backend(device="auto", dist_backend="auto") -> tuple[torch.device
     if backend == "nccl" and not use_cuda:
         raise ValueError("--dist-backend nccl needs CUDA; use gloo on CPU")
     return dev, backend
+
+
+@contextlib.contextmanager
+def _keep_thread_count():
+    """A run sets torch's CPU thread count for its rank (process-wide); give the caller its own back after it."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager
@@ -482,13 +480,11 @@ class Run:
     def __init__(self, cfg: TrainConfig, env: Env):
         self.env = env
         cfg, filled = resolve(cfg, env.world)
-        if not (isinstance(cfg.img_size, int) and cfg.img_size > 0):
-            raise ValueError(f"--img-size must be a positive integer, got {cfg.img_size!r}")
-        self.data = make_source(cfg.data, cfg.img_size, augment=True, workers=cfg.workers)
+        check(cfg, env.world)
+        self.data = make_source(cfg.data, cfg.img_size, workers=cfg.workers)
         cfg = steps_for(cfg, self.data.num_train)
         if filled.get("warmup_steps") and cfg.warmup_steps >= cfg.steps:  # a default warmup longer than the run
             cfg = dataclasses.replace(cfg, warmup_steps=cfg.steps // 10)
-        check(cfg, env.world)
         if env.device.type == "cpu" and (cfg.threads or "OMP_NUM_THREADS" not in os.environ):
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world))
             torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local_world))
@@ -635,7 +631,7 @@ class Run:
         self.core.eval()
         counts = torch.zeros(2, dtype=torch.float64)
         for x, y, valid in eval_batches(self.data.test, 2 * self.cfg.micro_batch, self.env.world, self.env.rank,
-                                        self.cfg.workers if self.cfg.data != "digits" else 0):
+                                        self.cfg.workers if self.cfg.data != "digits" else 0, desc="eval"):
             with self._autocast():
                 pred = self.core(x.to(self.env.device, non_blocking=True)).argmax(1).cpu()
             counts += torch.tensor([((pred == y) & valid).sum().item(), valid.sum().item()], dtype=torch.float64)
@@ -700,13 +696,11 @@ class Run:
         """Train to cfg.steps (resuming per --resume) and return the final metrics.
 
         ``on_step_end(step, row)`` is called on every rank after each step (and its checkpoint, if any)."""
-        from tqdm import tqdm
-
         cfg, env = self.cfg, self.env
         start, seen, resumed_from = self.start, self.samples_seen, self.resumed_from
         if env.rank == 0:
             checkpoint.remove_incomplete(self.out)
-            (self.out / "config.json").write_text(json.dumps(self._config_json(), indent=1, sort_keys=True))
+            checkpoint.write_config(self.out, self._config_json())
         if resumed_from is None:
             torch.manual_seed(mix_seed(cfg.seed, env.rank, 0xD70))  # dropout / drop-path stream of this rank
         log = MetricsLog(self.out / "metrics.jsonl", env.rank == 0, start if resumed_from else 0)
@@ -714,8 +708,7 @@ class Run:
         plan = micro_batch_plan(sampler, cfg.seed, start, seen, cfg.steps, cfg.global_batch, cfg.micro_batch,
                                 env.world, env.rank)
         batches = self.data.loader(plan, cfg.seed)
-        bar = tqdm(total=cfg.steps, initial=start, disable=env.rank != 0, dynamic_ncols=True, desc=cfg.recipe,
-                   mininterval=0.1 if sys.stderr.isatty() else 10.0)
+        bar = progress(total=cfg.steps, initial=start, disable=env.rank != 0, desc=cfg.recipe)
         step, top1, saved_at, stopped = start, None, start if resumed_from else None, False
         speed, t_run = None, time.perf_counter()
         self.core.train()
@@ -780,22 +773,24 @@ class Run:
 
 def train(cfg: TrainConfig, on_step_end=None) -> dict:
     """Run one training run (inside torchrun, or on one process) and return its final metrics."""
-    with distributed(cfg.dist_backend, cfg.device) as env:
+    with _keep_thread_count(), distributed(cfg.dist_backend, cfg.device) as env:
         return Run(cfg, env).fit(on_step_end)
 
 
 def main(argv=None) -> list:
     parser = build_parser()
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
-    if cfg.seeds < 1:
-        parser.error(f"--seeds must be a positive integer, got {cfg.seeds}")
     try:
         device_and_backend(cfg.device, cfg.dist_backend)
     except ValueError as e:
         parser.error(str(e))
     results = []
     try:
-        with distributed(cfg.dist_backend, cfg.device) as env:
+        with _keep_thread_count(), distributed(cfg.dist_backend, cfg.device) as env:
+            try:
+                check(resolve(cfg, env.world)[0], env.world)  # before the loop over --seeds
+            except ValueError as e:
+                parser.error(str(e))
             cfg = dataclasses.replace(cfg, out=cfg.out or default_out(cfg))
             for i in range(cfg.seeds):
                 run_cfg = cfg

@@ -73,7 +73,7 @@ class PixelFeatures(torch.nn.Module):
 def test_evaluate_runner_on_digit_pixels():
     from fastvit.data import DigitsSource
 
-    data = DigitsSource(8, augment=False)
+    data = DigitsSource(8)
     results = fewshot.evaluate(PixelFeatures(), data.train_eval, data.test, shots=(1, 10), seeds=2, l2=1.0)
     assert set(results) == {1, 10} and all(len(r["accs"]) == 2 for r in results.values())
     # the runner equals a direct ridge fit on the sampled shots (numpy reference)

@@ -15,7 +15,7 @@ def test_interpreted(name):
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "interpret" / name)],
-        env=env, capture_output=True, text=True,
+        env=env, capture_output=True, text=True, timeout=600,  # a hang fails this file, not the whole CI budget
     )
     print(proc.stdout[-20000:], proc.stderr[-5000:])
     # exit 5 means no test ran, which is a failure too

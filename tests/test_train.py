@@ -1,6 +1,6 @@
 """fastvit.train on one process: a short digits run, fine-tuning from it, resume past corrupt checkpoints, SIGTERM,
-non-finite losses, recipes (optimizer groups, schedule), FLOP estimate and flag errors. Multi-rank tests live in
-test_train_distributed.py."""
+non-finite losses, recipes (optimizer groups, schedule) and flag errors. Multi-rank tests live in
+test_train_distributed.py, the FLOP count in test_flops.py."""
 import json
 import math
 import shutil
@@ -15,22 +15,14 @@ import torch
 
 import fastvit
 from fastvit import checkpoint
-from fastvit.train import (TrainConfig, WarmupDecay, main, param_groups, resolve, steps_for, train,
-                           train_flops_per_image)
+from fastvit.flops import train_flops_per_image
+from fastvit.train import TrainConfig, WarmupDecay, main, param_groups, resolve, steps_for, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # a 2-block ViT of width 32 on 16x16 digits: a step takes a few milliseconds
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, global_batch=32)
 TINY_FLAGS = ["--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth", "2", "--num-heads", "2",
               "--global-batch", "32"]
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    """The digits preset sets torch's thread count for the process; give other tests theirs back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def rows(out, key):
@@ -43,10 +35,8 @@ def pretrained(tmp_path_factory):
     few-shot tests."""
     out = tmp_path_factory.mktemp("pretrain")
     with torch.random.fork_rng():
-        n = torch.get_num_threads()
         result = train(TrainConfig(out=str(out), steps=150, lr=5e-3, warmup_steps=10, eval_every=75, save_every=75,
                                    fewshot=True, **{**TINY, "global_batch": 64}))
-        torch.set_num_threads(n)
     return out, result
 
 
@@ -194,6 +184,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
     (["--data", "/nonexistent/images"], "--data must be 'digits' or an existing ImageFolder root"),
     (["--img-size", "18"], "must be divisible by patch_size (4, 4)"),
+    (["--seeds", "0"], "--seeds must be a positive integer, got 0"),
+    (["--epochs", "-1"], "--epochs must be > 0, got -1.0"),
 ], ids=lambda v: v[0] if isinstance(v, list) else None)
 def test_bad_flags_give_clear_errors(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
@@ -256,22 +248,6 @@ def test_schedule_is_lambdalr_with_warmup_then_decay(kind):
     assert lrs[4:] == pytest.approx([0.4 * e for e in expect])
 
 
-def test_flops_estimate_matches_flop_counter():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
-    cfg = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
-    # counted on timm's plain-torch model (fastvit's custom ops are opaque to the counter); the math SDPA backend
-    # runs attention as counted matmuls
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        TimmViT(**cfg)(torch.randn(2, 3, 32, 32))
-    model = fastvit.VisionTransformer(**cfg)
-    assert train_flops_per_image(model) == 3 * counter.get_total_flops() / 2  # exact: matmuls and the conv
-    with torch.device("meta"):
-        base = fastvit.create_model("vit_base_patch16_224")
-    assert train_flops_per_image(base) / 6 == pytest.approx(17.58e9, rel=0.005)  # 17.6 GMACs forward (FACTS)
-
-
 def test_keyed_randomness_and_global_plan():
     """Uniforms are a pure function of (seed, step, position, k), equal to the scalar mix_seed; the per-rank,
     per-micro-step plan partitions each global batch of the stream."""
@@ -317,8 +293,10 @@ def test_imagefolder_data(tmp_path):
 
 
 def test_seeds_report_mean_std_and_mfu(tmp_path, capsys):
+    threads = torch.get_num_threads()
     results = main(["--out", str(tmp_path), "--seeds", "2", "--steps", "2", "--warmup-steps", "1",
-                    "--peak-tflops", "0.5", *TINY_FLAGS])
+                    "--peak-tflops", "0.5", "--threads", str(threads + 1), *TINY_FLAGS])
+    assert torch.get_num_threads() == threads  # each run set threads + 1; main gives the caller its count back
     out = capsys.readouterr().out
     assert len(results) == 2 and "held-out top-1 over 2 seeds:" in out and " ± " in out
     preset = next(line for line in out.splitlines() if line.startswith("digits preset (flags you pass win): "))
