@@ -1,5 +1,6 @@
-"""Helpers shared by the benchmark scripts: model names, fastvit/timm pairs on the same weights, FLOPs from the
-config, error statistics and output files (saved-activation counting lives in ``fastvit.memory``).
+"""Helpers shared by the benchmark scripts: model names, fastvit/timm pairs on the same weights, error statistics,
+output files and the fastvit-vs-timm bar chart (FLOPs live in ``fastvit.flops``, saved-activation counting in
+``fastvit.memory``).
 
 Only ``os``/``sys``/``torch`` are imported at module level: fastvit and timm import triton, and the interpreter
 switch (``TRITON_INTERPRET``) must be set before that happens (see :func:`reexec_with_interpreter`).
@@ -89,36 +90,6 @@ def build_pair(name, backend="auto", num_classes=None, seed=0):
     return ours, ref
 
 
-def vit_config(model):
-    """The sizes that decide a ViT's FLOPs, read from a fastvit or timm VisionTransformer."""
-    pe = model.patch_embed
-    block = model.blocks[0]
-    head = model.head
-    ph, pw = pe.patch_size
-    return dict(num_patches=pe.num_patches, prefix_tokens=model.num_prefix_tokens, embed_dim=model.embed_dim,
-                depth=len(model.blocks), mlp_dim=block.mlp.fc1.out_features, patch_dim=ph * pw * pe.proj.in_channels,
-                num_classes=head.out_features if isinstance(head, torch.nn.Linear) else 0)
-
-
-def vit_forward_flops(num_patches, prefix_tokens, embed_dim, depth, mlp_dim, patch_dim, num_classes):
-    """Forward FLOPs per image: 2 x the multiply-accumulates of every matmul, attention's QK^T and AV included.
-
-    Norms, softmax, GELU and adds are left out (they are memory-bound, and the usual MFU convention skips them).
-    """
-    n, d = num_patches + prefix_tokens, embed_dim
-    macs = num_patches * patch_dim * d                  # patch projection
-    per_block = n * d * 3 * d + n * d * d               # qkv, attention output projection
-    per_block += 2 * n * n * d                          # q k^T and softmax(.) v over all heads
-    per_block += 2 * n * d * mlp_dim                    # fc1, fc2
-    macs += depth * per_block + d * num_classes         # head on the pooled token
-    return 2 * macs
-
-
-def model_flops(model):
-    """Forward FLOPs per image of ``model`` (see :func:`vit_forward_flops`); a training step is 3x this."""
-    return vit_forward_flops(**vit_config(model))
-
-
 def error_stats(out, ref):
     """max |out - ref| and mean relative error sum|out - ref| / sum|ref|, computed in float64."""
     out, ref = out.detach().double(), ref.detach().double()
@@ -143,15 +114,48 @@ def environment():
 
 
 def out_dir(path):
+    """The output folder ``path``, created if missing, so that a long run does not fail only when it saves."""
     p = pathlib.Path(path)
     p.mkdir(parents=True, exist_ok=True)
     return p
 
 
 def write_json(path, data):
+    """Write a result file the same way in every script (UTF-8, indented, one trailing newline); values JSON
+    cannot hold (devices, dtypes, paths) are written as their str() instead of failing the run at the end."""
     path = pathlib.Path(path)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
     return path
+
+
+def bar_chart(rows, value, labels, ylabel, path, title, log_if_spread=False):
+    """fastvit and timm bars side by side per row, with each row's ``ratio`` (fastvit/timm) above its pair.
+
+    ``value(row, impl)`` is the bar height; ``labels`` the x tick per row. ``log_if_spread``: log scale when the
+    values span more than 20x (throughput of tiny and large models in one chart).
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = range(len(rows))
+    w = 0.38
+    fig, ax = plt.subplots(figsize=(max(5, 1.7 * len(rows)), 4))
+    for impl, shift in (("fastvit", -w / 2), ("timm", w / 2)):
+        ax.bar([x + shift for x in xs], [value(r, impl) for r in rows], w, label=impl)
+    for x, r in zip(xs, rows):
+        ax.annotate(f"{r['ratio']:.2f}x", (x, max(value(r, "fastvit"), value(r, "timm"))), ha="center",
+                    va="bottom", fontsize=8)
+    values = [value(r, impl) for r in rows for impl in ("fastvit", "timm")]
+    if log_if_spread and max(values) > 20 * min(values):
+        ax.set_yscale("log")
+    ax.set_xticks(list(xs), labels, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def markdown_table(header, rows):

@@ -9,7 +9,7 @@ of one block, or fails to compile.
     python bench/kernel_report.py [--models vit_base_patch16_224 ...] [--kernels layer_norm ...] [--out PATH]
 """
 import argparse
-import json
+import os
 import pathlib
 import sys
 import traceback
@@ -18,6 +18,9 @@ import triton
 from tqdm import tqdm
 
 from fastvit.kernels._report import DTYPES, MODELS, SMEM_LIMIT, collect_specs, compile_spec, kernel_modules
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 
 def run(models, dtypes, archs, modules):
@@ -67,10 +70,8 @@ def main(argv=None):
     records = run(args.models, args.dtypes, args.archs, args.kernels)
     print_table(records)
     bad = [r for r in records if not r["ok"]]
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"triton": triton.__version__, "ok": not bad and bool(records),
-                               "kernels": records}, indent=1))
+    out = common.out_dir(pathlib.Path(args.out).parent) / pathlib.Path(args.out).name
+    common.write_json(out, {"triton": triton.__version__, "ok": not bad and bool(records), "kernels": records})
     print(f"\n{len(records)} compiled kernels, {len(bad)} failing; wrote {out}")
     if not records:
         print("no kernel specs found", file=sys.stderr)

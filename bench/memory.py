@@ -33,6 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fastvit import ops  # noqa: E402
+from fastvit.flops import vit_config  # noqa: E402
 from fastvit.memory import saved_activation_bytes  # noqa: E402
 
 MIB = 2**20
@@ -41,7 +42,7 @@ MIB = 2**20
 def count_cpu(name, impl, batch, dtype, backend, seed):
     """Saved bytes for one training forward on CPU, as MiB per image, plus the model's sizes."""
     model = common.build_model(name, impl, backend=backend, seed=seed)
-    cfg = common.vit_config(model)
+    cfg = vit_config(model)
     x = torch.randn(batch, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(seed))
     t0 = time.perf_counter()
     saved = saved_activation_bytes(model, x, dtype=dtype, details=True)
@@ -80,28 +81,6 @@ def measure_gpu(name, impl, batch, dtype, backend, seed):
             "gpu_step_peak_gib": peak / 2**30}
 
 
-def plot(rows, path, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs = range(len(rows))
-    w = 0.38
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.8 * len(rows)), 4))
-    ax.bar([x - w / 2 for x in xs], [r["fastvit"]["activation_mib_per_image"] for r in rows], w, label="fastvit")
-    ax.bar([x + w / 2 for x in xs], [r["timm"]["activation_mib_per_image"] for r in rows], w, label="timm")
-    for x, r in zip(xs, rows):
-        top = max(r["fastvit"]["activation_mib_per_image"], r["timm"]["activation_mib_per_image"])
-        ax.annotate(f"{r['ratio']:.2f}x", (x, top), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(xs), [r["model"] for r in rows])
-    ax.set_ylabel("saved activations, MiB / image")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="B/16,L/16,H/14", help="comma list: B/16, L/16, H/14, tiny, mini or a "
@@ -116,7 +95,7 @@ def main(argv=None):
     p.add_argument("--out", default="results", help="output folder for memory.json and memory.png")
     args = p.parse_args(argv)
     if args.batch < 1:
-        p.error("--batch must be at least 1")
+        p.error(f"--batch must be at least 1, got {args.batch}")
     dtype = None if args.dtype == "fp32" else common.DTYPES[args.dtype]
     use_gpu = torch.cuda.is_available() and not args.no_gpu
 
@@ -151,8 +130,10 @@ def main(argv=None):
               "args": vars(args), "env": common.environment()}
     out = common.out_dir(args.out)
     common.write_json(out / "memory.json", result)
-    plot(rows, out / "memory.png", f"saved activations per image, training, {args.dtype} autocast, "
-                                   f"batch {args.batch}\nfastvit/timm ratio above bars")
+    common.bar_chart(rows, lambda r, impl: r[impl]["activation_mib_per_image"], [r["model"] for r in rows],
+                     "saved activations, MiB / image", out / "memory.png",
+                     f"saved activations per image, training, {args.dtype} autocast, batch {args.batch}\n"
+                     "fastvit/timm ratio above bars")
     print(f"wrote {out / 'memory.json'} and {out / 'memory.png'} in {result['seconds']:.0f}s")
 
 

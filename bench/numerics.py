@@ -33,6 +33,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fastvit import ops  # noqa: E402
+from fastvit.kernels.bias_gelu import bias_gelu_ref  # noqa: E402
+from fastvit.kernels.flash_attention import attention_ref  # noqa: E402
+from fastvit.kernels.layer_norm import add_layer_norm_ref  # noqa: E402
+from fastvit.kernels.patch_embed import patch_embed_ref  # noqa: E402
 
 OPS = ("patch_embed", "add_layer_norm", "bias_gelu", "attention", "add_layer_norm_linear", "bias_gelu_linear")
 MODEL_BATCH = {"tiny": 2}  # every other model runs at batch 1 (fp16 matmuls are slow on CPU)
@@ -40,7 +44,7 @@ PASS_RATIO = 2.0
 _TINY = 1e-30
 
 
-# ---- the ops: inputs, fastvit call, independent torch reference ----------------------------------------------
+# ---- the ops: inputs, fastvit call, and the torch reference that sits beside each kernel -----------------------
 
 def dtype_name(dtype):
     return {torch.float64: "fp64", **{v: k for k, v in common.DTYPES.items()}}[dtype]
@@ -63,9 +67,7 @@ def patch_embed_case(gen, batch, img, patch, dim):
                                 backend=backend),)
 
     def ref(t):
-        tokens = F.conv2d(t["x"], t["weight"], t["bias"], stride=patch).flatten(2).transpose(1, 2)
-        tokens = torch.cat([t["cls_token"].expand(batch, -1, -1), tokens], dim=1)
-        return (tokens + t["pos_embed"],)
+        return (patch_embed_ref(t["x"], t["weight"], t["bias"], patch, t["pos_embed"], t["cls_token"]),)
 
     return _case("patch_embed", f"B={batch} {img}px P={patch} D={dim}", inputs, list(inputs), fv, ref)
 
@@ -80,8 +82,7 @@ def add_layer_norm_case(gen, batch, tokens, dim):
         return ops.add_layer_norm(t["x"], t["residual"], t["weight"], t["bias"], 1e-6, backend=backend)
 
     def ref(t):
-        res = t["x"] + t["residual"]
-        return F.layer_norm(res, (dim,), t["weight"], t["bias"], 1e-6), res
+        return add_layer_norm_ref(t["x"], t["residual"], t["weight"], t["bias"], 1e-6)
 
     return _case("add_layer_norm", f"({batch},{tokens},{dim})", inputs, list(inputs), fv, ref)
 
@@ -93,7 +94,7 @@ def bias_gelu_case(gen, batch, tokens, dim):
         return (ops.bias_gelu(t["x"], t["bias"], backend=backend),)
 
     def ref(t):
-        return (F.gelu(t["x"] + t["bias"]),)
+        return (bias_gelu_ref(t["x"], t["bias"]),)
 
     return _case("bias_gelu", f"({batch},{tokens},{dim})", inputs, list(inputs), fv, ref)
 
@@ -113,8 +114,7 @@ def add_layer_norm_linear_case(gen, batch, tokens, dim, out_dim, linear_bias):
                                          t.get("bias"), 1e-6, backend=backend)
 
     def ref(t):
-        res = t["x"] + t["residual"]
-        y = F.layer_norm(res, (dim,), t["norm_weight"], t["norm_bias"], 1e-6)
+        y, res = add_layer_norm_ref(t["x"], t["residual"], t["norm_weight"], t["norm_bias"], 1e-6)
         return F.linear(y, t["weight"], t.get("bias")), res
 
     label = f"({batch},{tokens},{dim})->{out_dim}" + ("" if linear_bias else " no bias")
@@ -131,7 +131,7 @@ def bias_gelu_linear_case(gen, batch, tokens, dim, out_dim):
         return (ops.bias_gelu_linear(t["x"], t["bias"], t["weight"], t["weight_bias"], backend=backend),)
 
     def ref(t):
-        return (F.linear(F.gelu(t["x"] + t["bias"]), t["weight"], t["weight_bias"]),)
+        return (F.linear(bias_gelu_ref(t["x"], t["bias"]), t["weight"], t["weight_bias"]),)
 
     return _case("bias_gelu_linear", f"({batch},{tokens},{dim})->{out_dim}", inputs, list(inputs), fv, ref)
 
@@ -148,8 +148,7 @@ def attention_case(gen, batch, tokens, heads, head_dim):
         return (ops.attention(q, k, v, backend=backend),)
 
     def ref(t):
-        q, k, v = split(t)
-        return (F.scaled_dot_product_attention(q, k, v),)
+        return (attention_ref(*split(t)),)
 
     return _case("attention", f"B={batch} N={tokens} H={heads} d={head_dim}", inputs, ["qkv"], fv, ref)
 

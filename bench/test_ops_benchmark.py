@@ -4,8 +4,9 @@
     pytest bench/test_ops_benchmark.py --benchmark-disable -q   # smoke: each body once, results checked
 
 Shapes are ViT-B/16's at batch 8 on a GPU and batch 1 on CPU (fp32 there; CPU fastvit runs its torch fallback
-unless TRITON_INTERPRET=1). Each benchmark also checks its result against the fp32 torch reference, so the smoke
-run is a real test. Grouped per op and direction, so pytest-benchmark prints fastvit and torch side by side.
+unless TRITON_INTERPRET=1). Each benchmark also checks its result against the torch reference in higher precision
+(fp32 for bf16, fp64 for fp32: an fp32 reference cannot grade an fp32 result), so the smoke run is a real test.
+Grouped per op and direction, so pytest-benchmark prints fastvit and torch side by side.
 """
 import pytest
 import torch
@@ -16,6 +17,7 @@ import numerics
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
+REF_DTYPE = torch.float64 if DTYPE == torch.float32 else torch.float32
 # loose enough for bf16 on GPU; on CPU fp32 fastvit and torch agree far closer
 TOL = {torch.bfloat16: 3e-2, torch.float16: 3e-3, torch.float32: 1e-4}
 
@@ -62,7 +64,7 @@ def test_op(benchmark, op, impl, direction):
 
     outs = benchmark(run)
     with torch.no_grad():
-        ref = case["torch"]({k: v.detach().to(DEVICE, torch.float32) for k, v in inputs.items()})
+        ref = case["torch"]({k: v.detach().to(DEVICE, REF_DTYPE) for k, v in inputs.items()})
     for o, r in zip(outs, ref):
         err = common.error_stats(o, r)
         assert err["mean_rel"] < TOL[DTYPE], f"{op} {impl}: mean relative error {err['mean_rel']:.2e}"

@@ -6,11 +6,11 @@ forward and backward of every micro-batch (DDP gradient sync on the last one onl
 runs the forward of every micro-batch. fastvit and timm models are built from the same weights, then their timed
 steps alternate (fastvit, timm, timm, fastvit, ...) so that clock and thermal drift hit both.
 
-Printed and saved per model and mode: images/s, achieved TFLOP/s (FLOPs per image counted from the model config:
-2 x the MACs of every matmul, attention included; training = 3 x forward), MFU against the GPU's dense bf16 peak
-(A100 312, H100 989, H200 989 TFLOP/s, or --peak-tflops), peak memory (GPU: the most memory allocated while that
-model warmed up, above what was allocated before it was built, so it counts its weights, gradients, optimizer
-state and activations), and fastvit/timm ratios.
+Printed and saved per model and mode: images/s, achieved TFLOP/s (FLOPs per image counted from the model config by
+``fastvit.flops``: 2 x the MACs of every matmul, attention included; training = 3 x forward), MFU against the
+GPU's dense bf16 peak (``fastvit.flops.PEAK_TFLOPS``, or --peak-tflops), peak memory (GPU: the most memory
+allocated while that model warmed up, above what was allocated before it was built, so it counts its weights,
+gradients, optimizer state and activations), and fastvit/timm ratios.
 
     python bench/throughput.py                                     # GPU: B/16, L/16, H/14; CPU: smoke config
     torchrun --nproc_per_node 8 bench/throughput.py --model B/16 --micro-batch 128
@@ -39,45 +39,16 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from fastvit import ops  # noqa: E402
+from fastvit.flops import forward_flops, peak_flops  # noqa: E402
 from fastvit.kernels import flash_attention as _flash_attention  # noqa: E402
+from fastvit.train import distributed  # noqa: E402
 
-# Dense bf16 tensor-core peak per GPU, TFLOP/s (vendor data sheets, SXM parts).
-PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
 GPU_MODELS = "B/16,L/16,H/14"
 # Per-GPU micro-batches that fit an 80 GB GPU under bf16 autocast with both models resident.
 GPU_MICRO_BATCH = {"vit_base_patch16_224": 256, "vit_large_patch16_224": 128, "vit_huge_patch14_224": 64}
 # Fits well under 3 minutes on 2 idle CPU cores at the full global batch of 4096.
 SMOKE = dict(models="tiny,mini", micro_batch=512, steps=2, warmup=1)
 MODES = ("train", "infer")
-
-
-def peak_tflops(device, override):
-    """The peak to divide by for MFU, and where it came from."""
-    if override is not None:
-        return override, "--peak-tflops"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in PEAK_BF16_TFLOPS.items():
-            if key in name:
-                return value, f"{key} dense bf16"
-    return None, "unknown (pass --peak-tflops)"
-
-
-def init_distributed(device_type):
-    """(rank, world_size, device): a torchrun group when its variables are set, else a 1-rank group."""
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend)
-        local = int(os.environ.get("LOCAL_RANK", 0))
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        local = 0
-    if device_type == "cuda":
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 def backend_used(requested, model, device, dtype):
@@ -155,7 +126,7 @@ def bench_model(name, mode, args, world, device, dtype, peak):
                          f"{world} x {micro}")
     accum = args.global_batch // (world * micro)
     ours, ref = common.build_pair(name, backend=args.backend, num_classes=args.num_classes, seed=args.seed)
-    flops_fwd = common.model_flops(ours)
+    flops_fwd = forward_flops(ours)
     used = backend_used(args.backend, ours, device, dtype)
     flops = flops_fwd * (3 if mode == "train" else 1)
     runners, peak_mem = {}, {}
@@ -197,32 +168,6 @@ def bench_model(name, mode, args, world, device, dtype, peak):
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
-
-
-def plot(rows, path, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"{r['model']}\n{r['mode']}" for r in rows]
-    xs = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows)), 4))
-    w = 0.38
-    ax.bar([x - w / 2 for x in xs], [r["fastvit"]["images_per_s"] for r in rows], w, label="fastvit")
-    ax.bar([x + w / 2 for x in xs], [r["timm"]["images_per_s"] for r in rows], w, label="timm")
-    for x, r in zip(xs, rows):
-        top = max(r["fastvit"]["images_per_s"], r["timm"]["images_per_s"])
-        ax.annotate(f"{r['ratio']:.2f}x", (x, top), ha="center", va="bottom", fontsize=8)
-    values = [r[i]["images_per_s"] for r in rows for i in ("fastvit", "timm")]
-    if max(values) > 20 * min(values):
-        ax.set_yscale("log")
-    ax.set_xticks(list(xs), labels, fontsize=8)
-    ax.set_ylabel("images / s")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None):
@@ -269,9 +214,22 @@ def main(argv=None):
     if args.steps < 1:
         p.error("--steps must be at least 1")
 
-    rank, world, device = init_distributed("cuda" if use_cuda else "cpu")
+    with distributed(device="cuda" if use_cuda else "cpu") as env:
+        run(args, modes, smoke, scaled, env)
+
+
+def run(args, modes, smoke, scaled, env):
+    """Every model and mode on this rank of ``env``'s process group; rank 0 prints and writes the results."""
+    rank, world, device = env.rank, env.world, env.device
     dtype = common.DTYPES[args.dtype]
-    peak, peak_source = peak_tflops(device, args.peak_tflops)
+    peak = peak_flops(device, args.peak_tflops)
+    peak = peak and peak / 1e12
+    if args.peak_tflops:
+        peak_source = "--peak-tflops"
+    elif peak:
+        peak_source = f"{torch.cuda.get_device_name(device)} dense bf16"
+    else:
+        peak_source = "unknown (pass --peak-tflops)"
     say = print if rank == 0 else (lambda *a, **k: None)
     label = "SMOKE CONFIGURATION (no GPU: scaled down, not a benchmark)" if smoke else f"{device.type.upper()} run"
     say(f"== {label}: world {world}, global batch {args.global_batch}, {args.dtype}, backend {args.backend}, "
@@ -303,11 +261,11 @@ def main(argv=None):
                   "seconds": time.perf_counter() - t_start, "env": common.environment()}
         out = common.out_dir(args.out)
         common.write_json(out / "throughput.json", result)
-        plot(rows, out / "throughput.png", f"{label}\nworld {world}, global batch {args.global_batch}, "
-                                           f"{args.dtype}, fastvit/timm ratio above bars")
+        common.bar_chart(rows, lambda r, impl: r[impl]["images_per_s"],
+                         [f"{r['model']}\n{r['mode']}" for r in rows], "images / s", out / "throughput.png",
+                         f"{label}\nworld {world}, global batch {args.global_batch}, {args.dtype}, "
+                         "fastvit/timm ratio above bars", log_if_spread=True)
         say(f"wrote {out / 'throughput.json'} and {out / 'throughput.png'} in {result['seconds']:.0f}s")
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

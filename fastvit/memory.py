@@ -72,18 +72,17 @@ class SavedTensorCounter:
         return sum(n for ptr, (n, weight) in self.storages.items() if weight and ptr not in self._param_ptrs)
 
 
-def saved_activation_bytes(model, x, dtype=torch.bfloat16, forward=None, details=False):
+def saved_activation_bytes(model, x, dtype=torch.bfloat16, details=False):
     """Bytes autograd saves for one training forward of ``model`` on ``x``, parameters and their cast copies
     excluded, each storage once.
 
-    ``dtype`` is the autocast dtype (None: no autocast, the parameters' dtype); ``forward`` (default ``model``) is
-    the callable run. With ``details`` the result is the :class:`SavedTensorCounter` itself (weight copies,
-    per-pack list) instead of the byte count. The model is left in training mode.
+    ``dtype`` is the autocast dtype (None: no autocast, the parameters' dtype). With ``details`` the result is the
+    :class:`SavedTensorCounter` itself (weight copies, per-pack list) instead of the byte count. The model is left
+    in training mode.
     """
     model.train()
-    forward = model if forward is None else forward
     with SavedTensorCounter(model.parameters()) as counter:
         with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = forward(x.detach())
+            out = model(x.detach())
     del out
     return counter if details else counter.activation_bytes

@@ -7,6 +7,8 @@ import types
 import pytest
 import torch
 
+from _helpers import assert_compiled_matches_eager
+
 from fastvit import ops
 from fastvit.kernels import flash_attention as fa
 
@@ -122,17 +124,7 @@ def test_compile_fullgraph_matches_eager(dropout_p):
     g = torch.Generator().manual_seed(0)
     args = [torch.randn(2, 17, 32, generator=g), 0.2 * torch.randn(32, 96, generator=g),
             torch.randn(heads, fa.num_relative_positions((4, 4)), generator=g), 0.2 * torch.randn(32, 32, generator=g)]
-    args = [a.requires_grad_() for a in args]
-    with torch._inductor.config.patch(fallback_random=True):
-        torch.manual_seed(5)
-        out_c = torch.compile(f, fullgraph=True)(*args)
-        grads_c = torch.autograd.grad(out_c, args)
-    torch.manual_seed(5)
-    out_e = f(*args)
-    grads_e = torch.autograd.grad(out_e, args)
-    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-4)
-    for a, e in zip(grads_c, grads_e):
-        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+    assert_compiled_matches_eager(f, [a.requires_grad_() for a in args], grad_rtol=1e-4, grad_atol=1e-4)
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -1,15 +1,16 @@
-"""CPU smoke of the benchmark scripts (small settings, each in a subprocess) and checks of their shared helpers:
-FLOPs from the config against torch's FLOP counter and the published figures. The saved-activation counter the
-memory script uses is tested in tests/test_memory.py."""
+"""CPU smoke of the benchmark scripts (small settings, each in a subprocess). The FLOP count the throughput script
+uses is tested in tests/test_flops.py, the saved-activation counter the memory script uses in tests/test_memory.py."""
 import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
 import pytest
-import torch
+
+from fastvit.flops import forward_flops
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -35,27 +36,6 @@ def _run(args, timeout=240):
 
 def _positive_float(v):
     return isinstance(v, float) and v > 0 and v == v and v != float("inf")
-
-
-# ---- helpers ---------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("name,gmacs", [("B/16", 17.6), ("L/16", 61.6), ("H/14", 167.4)])
-def test_flops_match_published_gmacs(name, gmacs):
-    import fastvit
-    with torch.device("meta"):
-        model = fastvit.create_model(common.canonical(name))
-    assert common.model_flops(model) / 2 / 1e9 == pytest.approx(gmacs, rel=0.005)
-
-
-def test_flops_match_torch_flop_counter():
-    """Every matmul, attention's included: timm's unfused attention path makes them visible to the counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-    _, model = common.build_pair("mini")
-    for block in model.blocks:
-        block.attn.fused_attn = False
-    with FlopCounterMode(display=False) as counter:
-        model(torch.randn(3, 3, 32, 32))
-    assert common.model_flops(model) * 3 == counter.get_total_flops()
 
 
 # ---- the scripts ------------------------------------------------------------------------------------------------
@@ -108,7 +88,7 @@ def _check_throughput(data, world, micro, modes):
     assert [r["mode"] for r in data["rows"]] == modes
     for r in data["rows"]:
         assert r["global_batch"] == 512 == world * r["micro_batch"] * r["accum_steps"] and r["micro_batch"] == micro
-        fwd = common.model_flops(common.build_model("tiny", "timm"))
+        fwd = forward_flops(common.build_model("tiny", "timm"))
         assert r["flops_per_image"] == fwd * (3 if r["mode"] == "train" else 1)
         assert r["backend_used"] == {"ops": "torch", "attention": "torch"}
         for impl in ("fastvit", "timm"):
@@ -138,6 +118,10 @@ def test_throughput_torchrun_two_ranks(tmp_path):
 
 
 def test_ops_benchmark_smoke():
+    """Every benchmark body ran once and its result check passed: the summary line counts only passes."""
     out = _run([sys.executable, "-m", "pytest", "bench/test_ops_benchmark.py", "--benchmark-disable", "-q",
                 "-p", "no:cacheprovider"])
-    assert "24 passed" in out
+    summary = re.search(r"^=*\s*(\d+ passed.*) in [\d.]+s", out, re.M)
+    assert summary, out[-3000:]
+    counts = {word.rstrip("s"): int(n) for n, word in re.findall(r"(\d+) (\w+)", summary.group(1))}
+    assert counts["passed"] > 0 and set(counts) <= {"passed", "warning"}, summary.group(0)

@@ -3,6 +3,8 @@ same saved tensors as the kernels, sound custom-op registrations, and torch.comp
 import pytest
 import torch
 
+from _helpers import assert_compiled_matches_eager
+
 from fastvit.kernels.bias_gelu import bias_gelu, bias_gelu_ref
 from fastvit.kernels.layer_norm import add_layer_norm, add_layer_norm_ref
 
@@ -115,18 +117,9 @@ def test_compile_fullgraph_matches_eager():
         return (y * y).sum() + (residual * 0.5).sum()
 
     g = torch.Generator().manual_seed(0)
-    args = [torch.randn(2, 5, 64, generator=g).requires_grad_(), None, torch.randn(64, generator=g),
+    args = [torch.randn(2, 5, 64, generator=g), None, torch.randn(64, generator=g),
             torch.randn(64, generator=g), torch.randn(64, generator=g)]
-    args = [a if a is None else a.requires_grad_() for a in args]
-    leaves = [a for a in args if a is not None]
-    compiled = torch.compile(f, fullgraph=True)
-    out_c = compiled(*args)
-    grads_c = torch.autograd.grad(out_c, leaves)
-    out_e = f(*args)
-    grads_e = torch.autograd.grad(out_e, leaves)
-    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-4)
-    for a, e in zip(grads_c, grads_e):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    assert_compiled_matches_eager(f, [a if a is None else a.requires_grad_() for a in args])
 
 
 def test_bad_shapes_raise_value_error():

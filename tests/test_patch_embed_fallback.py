@@ -4,24 +4,9 @@ never a patch matrix), sound custom-op registrations, torch.compile(fullgraph=Tr
 import pytest
 import torch
 
+from _helpers import assert_compiled_matches_eager, patch_embed_grads, patch_embed_leaves
+
 from fastvit.kernels.patch_embed import patch_embed, patch_embed_ref
-
-
-def _leaves(b, c, h, w, p, d, dtype=torch.float32, cls=True, pos=True, bias=True, no_embed_class=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n = (h // p) * (w // p)
-    x = torch.randn(b, c, h, w, generator=g)
-    weight = torch.randn(d, c, p, p, generator=g) / (c * p * p) ** 0.5
-    bias_t = 0.1 * torch.randn(d, generator=g) if bias else None
-    pos_t = 0.1 * torch.randn(1, n + (cls and not no_embed_class), d, generator=g) if pos else None
-    cls_t = 0.1 * torch.randn(1, 1, d, generator=g) if cls else None
-    return [None if t is None else t.to(dtype).requires_grad_() for t in (x, weight, bias_t, pos_t, cls_t)]
-
-
-def _run(fn, leaves, patch, no_embed_class):
-    y = fn(*leaves[:3], patch, leaves[3], leaves[4], no_embed_class)
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
-    return [y, *torch.autograd.grad((y.float() * gy).sum(), [t for t in leaves if t is not None])]
 
 
 def _fallback(x, w, b, patch, pos, cls, nec):
@@ -36,8 +21,9 @@ def _fallback(x, w, b, patch, pos, cls, nec):
     ((0, 3, 32, 32, 16, 64), True, True, True, False),      # empty batch
 ])
 def test_fallback_matches_reference(shape, cls, pos, bias, nec):
-    leaves = _leaves(*shape, cls=cls, pos=pos, bias=bias, no_embed_class=nec)
-    ours, ref = _run(_fallback, leaves, shape[4], nec), _run(patch_embed_ref, leaves, shape[4], nec)
+    leaves = patch_embed_leaves(shape, cls=cls, pos=pos, bias=bias, no_embed_class=nec)
+    ours = patch_embed_grads(_fallback, leaves, shape[4], nec)
+    ref = patch_embed_grads(patch_embed_ref, leaves, shape[4], nec)
     for i, (a, e) in enumerate(zip(ours, ref)):
         assert a.shape == e.shape and a.dtype == e.dtype, i
         torch.testing.assert_close(a, e, atol=1e-5 if i == 0 else 1e-4, rtol=1e-5, msg=str(i))
@@ -59,7 +45,7 @@ def _new_saved_bytes(saved, inputs):
 
 def test_saves_image_and_weight_only():
     """No patch matrix and, under bf16 autocast, no cast copies: conv2d there saves bf16 copies of both."""
-    x, w, b, pos, cls = _leaves(2, 3, 224, 224, 16, 768)
+    x, w, b, pos, cls = patch_embed_leaves((2, 3, 224, 224, 16, 768))
     saved = _saved(lambda: _fallback(x, w, b, 16, pos, cls, False))
     assert len(saved) == 2 and saved[0] is x and saved[1] is w
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -74,13 +60,13 @@ def test_saves_image_and_weight_only():
 def test_autocast_computes_in_autocast_dtype_and_promotes_like_reference():
     """bf16 autocast: the dot sees bf16-rounded image and weight; the tokens are fp32 (bf16 conv output + fp32
     position table, as in the reference), bias/pos/cls added in fp32."""
-    leaves = _leaves(2, 3, 32, 32, 16, 64)
+    leaves = patch_embed_leaves((2, 3, 32, 32, 16, 64))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = _run(_fallback, leaves, 16, False)
+        ours = patch_embed_grads(_fallback, leaves, 16, False)
         eager = patch_embed_ref(*leaves[:3], 16, leaves[3], leaves[4], False)
     assert ours[0].dtype == eager.dtype == torch.float32
     rounded = [t.detach().bfloat16().float().requires_grad_() if i < 2 else t for i, t in enumerate(leaves)]
-    ref = _run(patch_embed_ref, rounded, 16, False)
+    ref = patch_embed_grads(patch_embed_ref, rounded, 16, False)
     torch.testing.assert_close(ours[0], ref[0], atol=1e-5, rtol=1e-5)
     for a, e in zip(ours[3:], ref[3:]):  # bias, pos, cls gradients: plain sums of dY
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
@@ -92,7 +78,7 @@ def test_autocast_computes_in_autocast_dtype_and_promotes_like_reference():
 
 def test_custom_ops_pass_opcheck():
     """Schemas, fake (shape-only) implementations and aliasing of both ops, with and without the optional tables."""
-    x, w, b, pos, cls = [t.detach() for t in _leaves(2, 3, 30, 28, 14, 40)]
+    x, w, b, pos, cls = [t.detach() for t in patch_embed_leaves((2, 3, 30, 28, 14, 40))]
     ops = torch.ops.fastvit
     f32 = torch.float32
     for args in [(x, w, b, pos, cls, 14, 14, False, f32, f32, False),
@@ -114,19 +100,12 @@ def test_compile_fullgraph_matches_eager(with_tables):
         tokens = patch_embed(x, w, b, 16, pos, cls, False, False)
         return (tokens.tanh() * tokens).sum()
 
-    leaves = _leaves(2, 3, 32, 48, 16, 64, cls=with_tables, pos=with_tables, bias=with_tables)
-    grads_for = [t for t in leaves if t is not None]
-    out_c = torch.compile(f, fullgraph=True)(*leaves)
-    grads_c = torch.autograd.grad(out_c, grads_for)
-    out_e = f(*leaves)
-    grads_e = torch.autograd.grad(out_e, grads_for)
-    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-4)
-    for a, e in zip(grads_c, grads_e):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    leaves = patch_embed_leaves((2, 3, 32, 48, 16, 64), cls=with_tables, pos=with_tables, bias=with_tables)
+    assert_compiled_matches_eager(f, leaves)
 
 
 def test_bad_arguments_raise():
-    x, w, b, pos, cls = _leaves(2, 3, 32, 32, 16, 64)
+    x, w, b, pos, cls = patch_embed_leaves((2, 3, 32, 32, 16, 64))
     with pytest.raises(ValueError, match=r"\(D, 3, 14, 14\)"):
         _fallback(x, w, b, 14, None, None, False)
     with pytest.raises(ValueError, match=r"\(64,\)"):

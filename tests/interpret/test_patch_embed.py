@@ -6,6 +6,8 @@ images, images not divisible by the patch, an empty batch and every optional tab
 import pytest
 import torch
 
+from _helpers import patch_embed_grads, patch_embed_leaves
+
 from fastvit.kernels.patch_embed import patch_embed, patch_embed_ref
 
 # (batch, channels, H, W, patch, dim)
@@ -19,29 +21,6 @@ SHAPES = {
     "vit_b_width": (1, 3, 32, 48, 16, 768),
     "one_patch": (3, 3, 16, 20, 16, 64),  # N = 1: every row is an image's first patch
 }
-
-
-def _leaves(shape, dtype=torch.float32, cls=True, pos=True, bias=True, no_embed_class=False, seed=0):
-    """x, weight, bias, pos_embed, cls_token scaled like a trained ViT (unit-variance tokens)."""
-    b, c, h, w, p, d = shape
-    g = torch.Generator().manual_seed(seed)
-    n = (h // p) * (w // p)
-    x = torch.randn(b, c, h, w, generator=g)
-    weight = torch.randn(d, c, p, p, generator=g) / (c * p * p) ** 0.5
-    bias_t = 0.1 * torch.randn(d, generator=g) if bias else None
-    rows = n + (1 if cls and not no_embed_class else 0)
-    pos_t = 0.1 * torch.randn(1, rows, d, generator=g) if pos else None
-    cls_t = 0.1 * torch.randn(1, 1, d, generator=g) if cls else None
-    return [None if t is None else t.to(dtype).requires_grad_() for t in (x, weight, bias_t, pos_t, cls_t)]
-
-
-def _run(fn, leaves, patch, no_embed_class, gy=None, wrt=None):
-    """[tokens, grads of every leaf that requires grad]; ``wrt`` overrides the tensors differentiated."""
-    y = fn(*leaves[:3], patch, leaves[3], leaves[4], no_embed_class)
-    if gy is None:
-        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
-    wrt = wrt or [t for t in leaves if t is not None and t.requires_grad]
-    return [y, *torch.autograd.grad((y.float() * gy).sum(), wrt)]
 
 
 def _ours(x, w, b, patch, pos, cls, nec):
@@ -66,9 +45,9 @@ NAMES = ["y", "dx", "dweight", "dbias", "dpos", "dcls"]
                                                  ("one_patch", False)])
 def test_fp32_matches_reference(key, no_embed_class):
     """fp32 operands take the exact (IEEE) dot: errors are fp32 summation-order noise even at K = 3072."""
-    leaves = _leaves(SHAPES[key], no_embed_class=no_embed_class)
-    _assert_close_rel(_run(_ours, leaves, SHAPES[key][4], no_embed_class),
-                      _run(patch_embed_ref, leaves, SHAPES[key][4], no_embed_class), NAMES)
+    leaves = patch_embed_leaves(SHAPES[key], no_embed_class=no_embed_class)
+    _assert_close_rel(patch_embed_grads(_ours, leaves, SHAPES[key][4], no_embed_class),
+                      patch_embed_grads(patch_embed_ref, leaves, SHAPES[key][4], no_embed_class), NAMES)
 
 
 @pytest.mark.parametrize("cls,pos,bias,no_embed_class", [
@@ -78,24 +57,24 @@ def test_fp32_matches_reference(key, no_embed_class):
     (True, True, False, True),    # no bias, pos on the patches only
 ])
 def test_optional_tables(cls, pos, bias, no_embed_class):
-    leaves = _leaves(SHAPES["p14"], cls=cls, pos=pos, bias=bias, no_embed_class=no_embed_class)
+    leaves = patch_embed_leaves(SHAPES["p14"], cls=cls, pos=pos, bias=bias, no_embed_class=no_embed_class)
     names = ["y", "dx", "dweight"] + [n for n, t in zip(["dbias", "dpos", "dcls"], leaves[2:]) if t is not None]
-    _assert_close_rel(_run(_ours, leaves, 14, no_embed_class), _run(patch_embed_ref, leaves, 14, no_embed_class),
-                      names)
+    _assert_close_rel(patch_embed_grads(_ours, leaves, 14, no_embed_class),
+                      patch_embed_grads(patch_embed_ref, leaves, 14, no_embed_class), names)
 
 
 @pytest.mark.parametrize("key", ["p16", "p14", "p32", "hybrid"])
 def test_fp16_error_at_most_twice_torch(key):
     """Error against fp32 math on the same fp16 values: at most 2x that of PyTorch's own fp16 conv2d path."""
-    leaves = _leaves(SHAPES[key], torch.float16)
+    leaves = patch_embed_leaves(SHAPES[key], torch.float16)
     exact_leaves = [t.detach().float().requires_grad_() for t in leaves]
     patch = SHAPES[key][4]
     b, _, h, w, p, d = SHAPES[key]
     # representable in fp16, so every run sees the same upstream gradient
     gy = torch.randn(b, (h // p) * (w // p) + 1, d, generator=torch.Generator().manual_seed(1)).half().float()
-    ours = _run(_ours, leaves, patch, False, gy)
-    torch16 = _run(patch_embed_ref, leaves, patch, False, gy)
-    exact = _run(patch_embed_ref, exact_leaves, patch, False, gy)
+    ours = patch_embed_grads(_ours, leaves, patch, False, gy)
+    torch16 = patch_embed_grads(patch_embed_ref, leaves, patch, False, gy)
+    exact = patch_embed_grads(patch_embed_ref, exact_leaves, patch, False, gy)
     for name, a, t, e in zip(NAMES, ours, torch16, exact):
         assert a.dtype == torch.float16, name
         err = (a.float() - e).abs().max().item()
@@ -109,11 +88,11 @@ def _view_grads(make_x, base_shape, patch, dim):
     base = torch.randn(base_shape, generator=g).requires_grad_()
     x = make_x(base)
     n = (x.shape[2] // patch) * (x.shape[3] // patch)
-    _, weight, bias, pos, cls = _leaves((1, x.shape[1], patch, patch, patch, dim))
+    _, weight, bias, pos, cls = patch_embed_leaves((1, x.shape[1], patch, patch, patch, dim))
     pos = (0.1 * torch.randn(1, n + 1, dim, generator=g)).requires_grad_()
     out = []
     for fn in (_ours, patch_embed_ref):
-        out.append(_run(fn, [make_x(base), weight, bias, pos, cls], patch, False,
+        out.append(patch_embed_grads(fn, [make_x(base), weight, bias, pos, cls], patch, False,
                         wrt=[base, weight, bias, pos, cls]))
     return out
 
@@ -133,28 +112,30 @@ def test_channels_last_feature_map_and_weight():
     """The hybrid's channels_last backbone output (unit channel stride) and a channels_last 1x1 weight."""
     ours, ref = _view_grads(lambda t: t.to(memory_format=torch.channels_last), (2, 64, 6, 5), 1, 96)
     _assert_close_rel(ours, ref, NAMES)
-    leaves = _leaves(SHAPES["p16"])
+    leaves = patch_embed_leaves(SHAPES["p16"])
     leaves[1] = leaves[1].detach().to(memory_format=torch.channels_last).requires_grad_()
-    _assert_close_rel(_run(_ours, leaves, 16, False), _run(patch_embed_ref, leaves, 16, False), NAMES)
+    _assert_close_rel(patch_embed_grads(_ours, leaves, 16, False),
+                      patch_embed_grads(patch_embed_ref, leaves, 16, False), NAMES)
 
 
 def test_image_not_divisible_by_patch():
     """Pixels past the last whole patch are ignored (as by conv2d) and get a zero gradient."""
-    leaves = _leaves((2, 3, 30, 47, 14, 40))
-    ours = _run(_ours, leaves, 14, False)
-    _assert_close_rel(ours, _run(patch_embed_ref, leaves, 14, False), NAMES)
+    leaves = patch_embed_leaves((2, 3, 30, 47, 14, 40))
+    ours = patch_embed_grads(_ours, leaves, 14, False)
+    _assert_close_rel(ours, patch_embed_grads(patch_embed_ref, leaves, 14, False), NAMES)
     assert ours[1][:, :, 28:].abs().max() == 0 and ours[1][:, :, :, 42:].abs().max() == 0
 
 
 def test_frozen_weight_image_grad_only():
     """Only the image requires grad (a frozen stem): the scatter kernel alone runs."""
-    x, w, b, pos, cls = _leaves(SHAPES["hybrid"])
+    x, w, b, pos, cls = patch_embed_leaves(SHAPES["hybrid"])
     leaves = [x, w.detach(), b.detach(), pos.detach(), cls.detach()]
-    _assert_close_rel(_run(_ours, leaves, 1, False), _run(patch_embed_ref, leaves, 1, False), ["y", "dx"])
+    _assert_close_rel(patch_embed_grads(_ours, leaves, 1, False),
+                      patch_embed_grads(patch_embed_ref, leaves, 1, False), ["y", "dx"])
 
 
 def test_empty_batch():
-    x, w, b, pos, cls = _leaves((0, 3, 32, 32, 16, 64))
+    x, w, b, pos, cls = patch_embed_leaves((0, 3, 32, 32, 16, 64))
     y = _ours(x, w, b, 16, pos, cls, False)
     assert y.shape == (0, 5, 64)
     y.sum().backward()
@@ -165,11 +146,11 @@ def test_empty_batch():
 
 def test_autocast_rounds_operands_only():
     """Under fp16 autocast the image and weight are rounded to fp16 for the dot, everything else stays fp32."""
-    leaves = _leaves(SHAPES["p16"])
+    leaves = patch_embed_leaves(SHAPES["p16"])
     with torch.autocast("cpu", dtype=torch.float16):
-        ours = _run(_ours, leaves, 16, False)
+        ours = patch_embed_grads(_ours, leaves, 16, False)
     rounded = [t.detach().half().float().requires_grad_() if i < 2 else t for i, t in enumerate(leaves)]
-    ref = _run(patch_embed_ref, rounded, 16, False)
+    ref = patch_embed_grads(patch_embed_ref, rounded, 16, False)
     assert [t.dtype for t in ours] == [torch.float32] * 6
     # gradients of x and weight: dY is rounded to fp16 for those products, as autocast's conv2d backward does
     _assert_close_rel(ours[:1] + ours[3:], ref[:1] + ref[3:], ["y", "dbias", "dpos", "dcls"])
@@ -179,7 +160,7 @@ def test_autocast_rounds_operands_only():
 def test_kernel_saves_what_fallback_saves():
     """Backward keeps the image and the weight themselves (no patch matrix), on both paths."""
     for use_triton in (True, False):
-        x, w, b, pos, cls = _leaves(SHAPES["p14"], torch.float16)
+        x, w, b, pos, cls = patch_embed_leaves(SHAPES["p14"], torch.float16)
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             patch_embed(x, w, b, 14, pos, cls, False, use_triton)

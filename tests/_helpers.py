@@ -1,0 +1,45 @@
+"""Helpers shared by several test files (tests/conftest.py puts tests/ on sys.path, so tests/interpret/ can import
+this too): the compiled-vs-eager check of the fused ops and the patch-embedding case builders."""
+import torch
+
+
+def assert_compiled_matches_eager(f, args, grad_rtol=1e-5, grad_atol=1e-5):
+    """torch.compile(f, fullgraph=True) (inductor; one graph, or it raises) gives eager's scalar output and its
+    gradients with respect to every tensor in ``args`` that requires grad. Both runs start from the same torch
+    seed, and with ``fallback_random`` the compiled graph draws random numbers as eager does (dropout)."""
+    leaves = [a for a in args if a is not None and a.requires_grad]
+    with torch._inductor.config.patch(fallback_random=True):
+        torch.manual_seed(5)
+        out_c = torch.compile(f, fullgraph=True)(*args)
+        grads_c = torch.autograd.grad(out_c, leaves)
+    torch.manual_seed(5)
+    out_e = f(*args)
+    grads_e = torch.autograd.grad(out_e, leaves)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-4)
+    for a, e in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, e, rtol=grad_rtol, atol=grad_atol)
+
+
+def patch_embed_leaves(shape, dtype=torch.float32, cls=True, pos=True, bias=True, no_embed_class=False, seed=0):
+    """x, weight, bias, pos_embed, cls_token for ``shape`` = (batch, channels, H, W, patch, dim), scaled like a
+    trained ViT (unit-variance tokens); each requires grad, and a table left out is None."""
+    b, c, h, w, p, d = shape
+    g = torch.Generator().manual_seed(seed)
+    n = (h // p) * (w // p)
+    x = torch.randn(b, c, h, w, generator=g)
+    weight = torch.randn(d, c, p, p, generator=g) / (c * p * p) ** 0.5
+    bias_t = 0.1 * torch.randn(d, generator=g) if bias else None
+    rows = n + (1 if cls and not no_embed_class else 0)
+    pos_t = 0.1 * torch.randn(1, rows, d, generator=g) if pos else None
+    cls_t = 0.1 * torch.randn(1, 1, d, generator=g) if cls else None
+    return [None if t is None else t.to(dtype).requires_grad_() for t in (x, weight, bias_t, pos_t, cls_t)]
+
+
+def patch_embed_grads(fn, leaves, patch, no_embed_class, gy=None, wrt=None):
+    """[tokens, gradients of sum(tokens * gy) for every leaf that requires grad] of ``fn`` (the patch_embed
+    signature); ``gy`` defaults to a fixed random upstream gradient, ``wrt`` overrides the tensors differentiated."""
+    y = fn(*leaves[:3], patch, leaves[3], leaves[4], no_embed_class)
+    if gy is None:
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    wrt = wrt or [t for t in leaves if t is not None and t.requires_grad]
+    return [y, *torch.autograd.grad((y.float() * gy).sum(), wrt)]
