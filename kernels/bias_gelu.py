@@ -5,6 +5,7 @@ x + b from the saved pre-activation x and the bias, so nothing else is kept, and
 partial sums reduced afterwards. The Triton launch and the torch fallback sit in the same ``torch.library``
 custom ops and save the same tensors.
 """
+import functools
 import math
 from typing import Optional
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fastvit.kernels._launch import cdiv, next_power_of_2, sm_count
 from fastvit.kernels._report import KernelSpec
 
 # constexpr so the kernels can read them; .value in the torch fallback
@@ -25,19 +27,19 @@ def bias_gelu_ref(x, bias):
     return F.gelu(x if bias is None else x + bias)
 
 
+@functools.lru_cache(maxsize=None)
 def _config(n_cols):
     """(BLOCK_M, BLOCK_N, num_warps) for rows of ``n_cols``: tiles of 4096 values, up to 1024 columns wide.
 
     The launchers and aot_specs both use this. 8 warps (16 values a thread): with 4 the backward spills on sm_90.
     """
-    block_n = min(triton.next_power_of_2(n_cols), 1024)
+    block_n = min(next_power_of_2(n_cols), 1024)
     return max(4096 // block_n, 1), block_n, 8
 
 
 def _row_programs(n_row_blocks, device):
     """Row programs of the backward kernel per column block: each folds its rows into one db partial."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return min(n_row_blocks, 4 * sms)
+    return min(n_row_blocks, 4 * sm_count(device))
 
 
 @triton.jit
@@ -99,7 +101,7 @@ def bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], use_triton: boo
     y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     if n_rows and n_cols:
         block_m, block_n, num_warps = _config(n_cols)
-        grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+        grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
         _bias_gelu_fwd_kernel[grid](x, x if bias is None else bias.contiguous(), y, x.stride(0), y.stride(0),
                                     n_rows, n_cols, HAS_BIAS=bias is not None, BLOCK_M=block_m,
                                     BLOCK_N=block_n, num_warps=num_warps)
@@ -127,12 +129,12 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor
     if not (n_rows and n_cols):
         return dx, (x.new_empty(0) if bias is None else torch.zeros_like(bias))
     block_m, block_n, num_warps = _config(n_cols)
-    row_blocks = triton.cdiv(n_rows, block_m)
+    row_blocks = cdiv(n_rows, block_m)
     programs = _row_programs(row_blocks, x.device)
     db_part = torch.empty((programs if bias is not None else 0, n_cols), dtype=torch.float32, device=x.device)
-    _bias_gelu_bwd_kernel[(programs, triton.cdiv(n_cols, block_n))](
+    _bias_gelu_bwd_kernel[(programs, cdiv(n_cols, block_n))](
         dy, x, x if bias is None else bias.contiguous(), dx, db_part, dy.stride(0), x.stride(0), dx.stride(0),
-        n_rows, n_cols, triton.cdiv(row_blocks, programs), HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        n_rows, n_cols, cdiv(row_blocks, programs), HAS_BIAS=bias is not None, BLOCK_M=block_m,
         BLOCK_N=block_n, num_warps=num_warps)
     return dx, (x.new_empty(0) if bias is None else db_part.sum(0).to(bias.dtype))
 
@@ -192,7 +194,7 @@ def _check_rows(x, bias):
 
 def bias_gelu(x, bias, use_triton):
     """GELU(x + bias) over the last dim of x (any leading shape), in x's dtype; see the module doc."""
-    return BiasGeluFn.apply(_check_rows(x, bias), bias, use_triton).view(x.shape)
+    return BiasGeluFn.apply(_check_rows(x, bias), bias, use_triton).view_as(x)
 
 
 def bias_gelu_linear(x, bias, lin_weight, lin_bias, use_triton):

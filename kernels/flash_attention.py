@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fastvit.kernels._launch import cdiv, next_power_of_2
 from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
 
 LOG2E = 1.4426950408889634
@@ -95,8 +96,8 @@ class _Config(NamedTuple):
     preprocess: _Blocks
 
 
-def _config(head_dim):
-    """Block sizes and warps of every attention kernel for ``head_dim``; the launchers and aot_specs use this.
+def _blocks(block_d):
+    """Block sizes and warps of every attention kernel at a padded head dim ``block_d``.
 
     The head dim is padded to a power of two in registers (BLOCK_D). Chosen so that no kernel spills on sm_80 or
     sm_90 in any variant (bias table, dropout; checked by bench/kernel_report.py): 8 warps throughout, at
@@ -104,14 +105,22 @@ def _config(head_dim):
     forward tile with a bf16/fp16 table and dropout spills, and 32 keys per dK/dV program at BLOCK_D = 64, since
     64 keys with bias and dropout spill on sm_80.
     """
-    if not 0 < head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"the Triton attention supports head_dim 1 to {MAX_HEAD_DIM}, got {head_dim}")
-    block_d = max(triton.next_power_of_2(head_dim), 16)
     if block_d <= 64:
         return _Config(block_d, fwd=_Blocks(128, 64, 8, 2), bwd_dkdv=_Blocks(64, 32, 8, 2),
                        bwd_dq=_Blocks(128, 32, 8, 2), preprocess=_Blocks(128, 0, 4, 1))
     return _Config(block_d, fwd=_Blocks(64, 32, 8, 2), bwd_dkdv=_Blocks(32, 64, 8, 2),
                    bwd_dq=_Blocks(64, 32, 8, 2), preprocess=_Blocks(64, 0, 4, 1))
+
+
+# built once for every BLOCK_D a supported head dim pads to: _config runs on every launch
+_CONFIGS = {block_d: _blocks(block_d) for block_d in (16, 32, 64, 128)}
+
+
+def _config(head_dim):
+    """The :func:`_blocks` of ``head_dim``; the launchers and aot_specs use this."""
+    if not 0 < head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"the Triton attention supports head_dim 1 to {MAX_HEAD_DIM}, got {head_dim}")
+    return _CONFIGS[max(next_power_of_2(head_dim), 16)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -430,7 +439,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_bias: O
     cfg = _config(hd)
     blk = cfg.fwd
     table = q if rel_bias is None else rel_bias
-    grid = (bsz * heads * triton.cdiv(n, blk.block_m),)
+    grid = (bsz * heads * cdiv(n, blk.block_m),)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, table, lse if seed is None else seed, *_strides(q, k, v, out), heads, n, table.shape[-1],
         scale * LOG2E, grid_h, grid_w, dropout_p, HEAD_DIM=hd, BLOCK_D=cfg.block_d, BLOCK_M=blk.block_m,
@@ -475,30 +484,30 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         dtable = torch.zeros(rel_bias.shape, dtype=torch.float32, device=q.device)
         dtable.index_add_(1, index, ds.sum(0).reshape(heads, n * n))
         return dq, dk, dv, dtable.to(rel_bias.dtype)
-    dtable = torch.zeros((heads, rel_bias.shape[-1]) if rel_bias is not None else (0,), dtype=torch.float32,
-                         device=q.device)
+    dtable = None if rel_bias is None else torch.zeros(rel_bias.shape, dtype=torch.float32, device=q.device)
     if q.numel() == 0:
-        return dq, dk, dv, dtable.to(q.dtype if rel_bias is None else rel_bias.dtype)
+        return dq, dk, dv, (q.new_empty(0) if rel_bias is None else dtable.to(rel_bias.dtype))
     cfg = _config(hd)
     delta = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device)
     blk = cfg.preprocess
-    _attn_bwd_preprocess_kernel[(bsz * heads * triton.cdiv(n, blk.block_m),)](
+    _attn_bwd_preprocess_kernel[(bsz * heads * cdiv(n, blk.block_m),)](
         out, do, delta, *_strides(out, do), heads, n, HEAD_DIM=hd, BLOCK_D=cfg.block_d, BLOCK_M=blk.block_m,
         num_warps=blk.num_warps, num_stages=blk.num_stages)
     table = q if rel_bias is None else rel_bias
     seed = lse if seed is None else seed
+    dtable_arg = lse if dtable is None else dtable
     common = dict(HEAD_DIM=hd, BLOCK_D=cfg.block_d, HAS_BIAS=rel_bias is not None,
                   HAS_CLS=_has_cls(n, grid_h, grid_w), DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype))
     scalars = (heads, n, table.shape[-1], scale, scale * LOG2E, grid_h, grid_w, dropout_p)
     blk = cfg.bwd_dkdv
-    _attn_bwd_dkdv_kernel[(bsz * heads * triton.cdiv(n, blk.block_n),)](
+    _attn_bwd_dkdv_kernel[(bsz * heads * cdiv(n, blk.block_n),)](
         q, k, v, do, lse, delta, dk, dv, table, seed, *_strides(q, k, v, do, dk, dv), *scalars,
         BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, num_warps=blk.num_warps, num_stages=blk.num_stages, **common)
     blk = cfg.bwd_dq
-    _attn_bwd_dq_kernel[(bsz * heads * triton.cdiv(n, blk.block_m),)](
-        q, k, v, do, lse, delta, dq, table, dtable, seed, *_strides(q, k, v, do, dq), *scalars,
+    _attn_bwd_dq_kernel[(bsz * heads * cdiv(n, blk.block_m),)](
+        q, k, v, do, lse, delta, dq, table, dtable_arg, seed, *_strides(q, k, v, do, dq), *scalars,
         BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, num_warps=blk.num_warps, num_stages=blk.num_stages, **common)
-    return dq, dk, dv, dtable.to(q.dtype if rel_bias is None else rel_bias.dtype)
+    return dq, dk, dv, (q.new_empty(0) if rel_bias is None else dtable.to(rel_bias.dtype))
 
 
 @attention_bwd.register_fake
@@ -675,7 +684,8 @@ def aot_specs(shape, dtype):
         for dropout in (False, True):
             has_bias = table_t is not None
             parts = ([f"bias({table_t[1:]})"] if has_bias else []) + (["dropout"] if dropout else [])
-            # the launchers pass q as the table and a 0 x 0 grid without a bias, lse as the seed without dropout
+            # without a bias the launchers pass q as the table, lse as its gradient and a 0 x 0 grid; lse as the
+            # seed without dropout
             args = {**base, "Q": act, "K": act, "V": act, "DQ": act, "DK": act, "DV": act, "LSE": "*fp32",
                     "TABLE": table_t or act, "DTABLE": "*fp32", "SEED": "*i64" if dropout else "*fp32",
                     "n_table": num_relative_positions((grid, grid), _has_cls(n, grid, grid)) if has_bias else hd,

@@ -8,6 +8,7 @@ x and the residual gradient, plus per-program fp32 partial sums of dweight/dbias
 Both the Triton launch and the torch fallback sit inside the same ``torch.library`` custom ops and save the same
 tensors, so memory and numerics measured on CPU speak for the GPU path.
 """
+import functools
 from typing import Optional
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fastvit.kernels._launch import cdiv, next_power_of_2, sm_count
 from fastvit.kernels._report import KernelSpec
 
 MAX_FEATURES = 16384
@@ -31,11 +33,12 @@ def add_layer_norm_ref(x, residual, weight, bias, eps=1e-6, residual_in_fp32=Fal
     return y.to(x.dtype), new_residual
 
 
+@functools.lru_cache(maxsize=None)
 def _config(n_cols):
     """(BLOCK, num_warps) for a row of ``n_cols`` features; the launchers and aot_specs both use this."""
     if not 0 < n_cols <= MAX_FEATURES:
         raise ValueError(f"add_layer_norm supports 1 to {MAX_FEATURES} features, got {n_cols}")
-    block = triton.next_power_of_2(n_cols)
+    block = next_power_of_2(n_cols)
     return block, min(max(block // 256, 1), 8)
 
 
@@ -47,8 +50,7 @@ def _residual_dtype(x, residual, residual_in_fp32):
 
 def _row_programs(n_rows, device):
     """Programs of the backward kernel: a few per SM, each folding its rows into one dweight/dbias partial."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return min(n_rows, 4 * sms)
+    return min(n_rows, 4 * sm_count(device))
 
 
 @triton.jit
@@ -196,7 +198,7 @@ def add_layer_norm_bwd(dy: torch.Tensor, dres_out: Optional[torch.Tensor], res: 
     _add_ln_bwd_kernel[(programs,)](
         dy, d_arg, res, weight.contiguous(), mean, rstd, dx, dres_in if separate_residual_grad else dx, dw_part,
         db_part, dy.stride(0), d_arg.stride(0), res.stride(0), dx.stride(0),
-        dres_in.stride(0) if separate_residual_grad else 0, n_rows, n_cols, triton.cdiv(n_rows, programs),
+        dres_in.stride(0) if separate_residual_grad else 0, n_rows, n_cols, cdiv(n_rows, programs),
         HAS_DRES=dres_out is not None, STORE_DRES_IN=separate_residual_grad, BLOCK=block, num_warps=num_warps)
     return dx, dres_in, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
 
@@ -313,8 +315,8 @@ def add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, use_triton)
     out = AddLayerNormFn.apply(x2, r2, weight, bias, eps, residual_in_fp32, use_triton, copy)
     if isinstance(out, tuple):
         y, res = out
-        return y.view(x.shape), res.view(x.shape)
-    return out.view(x.shape), x
+        return y.view_as(x), res.view_as(x)
+    return out.view_as(x), x
 
 
 def add_layer_norm_linear(x, residual, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton):
@@ -324,7 +326,7 @@ def add_layer_norm_linear(x, residual, weight, bias, lin_weight, lin_bias, eps, 
                                      use_triton, copy)
     out, res = out if isinstance(out, tuple) else (out, None)
     out = out.view(*x.shape[:-1], lin_weight.shape[0])
-    return out, (x if res is None else res.view(x.shape))
+    return out, (x if res is None else res.view_as(x))
 
 
 def aot_specs(shape, dtype):

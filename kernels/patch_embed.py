@@ -12,6 +12,7 @@ patch positions (stride = P, so patches do not overlap); dbias, dpos_embed and d
 dY. The Triton launch and the torch fallback sit inside the same ``torch.library`` custom ops and save the same
 tensors, so memory measured on CPU speaks for the GPU path.
 """
+import functools
 from typing import Optional
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fastvit.kernels._launch import cdiv, next_power_of_2, sm_count
 from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
 
 # compute dtype -> the constexpr code the kernels branch on (0: fp32 operands, exact IEEE dot)
@@ -37,6 +39,7 @@ def patch_embed_ref(x, weight, bias, patch_size, pos_embed=None, cls_token=None,
     return tokens
 
 
+@functools.lru_cache(maxsize=None)
 def _config(kernel, dim, patch_w, load_bytes):
     """(BLOCK_M, BLOCK_D, BLOCK_K, num_warps, num_stages) of ``kernel`` ('fwd', 'dw' or 'dx') for embedding
     width ``dim``, patch width ``patch_w`` and ``load_bytes``, the largest element size among the tensors the
@@ -46,7 +49,7 @@ def _config(kernel, dim, patch_w, load_bytes):
     halve the reduction block so the pipelined shared-memory buffers fit on sm_80. Checked free of spills with
     bench/kernel_report.py on sm_80 and sm_90 at ViT-B/16, L/16 and H/14.
     """
-    block_d = min(128, max(16, triton.next_power_of_2(dim)))
+    block_d = min(128, max(16, next_power_of_2(dim)))
     block_k = max(64 // load_bytes * 2, _padded(patch_w))
     block_m = 128 if kernel == "fwd" else 64
     return block_m, block_d, block_k, 8, 3
@@ -54,11 +57,7 @@ def _config(kernel, dim, patch_w, load_bytes):
 
 def _padded(patch_w):
     """Patch rows are read padded to a power of two, so that the pixels of a row form one contiguous run."""
-    return triton.next_power_of_2(patch_w)
-
-
-def _sm_count(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return next_power_of_2(patch_w)
 
 
 @triton.jit
@@ -267,7 +266,7 @@ def patch_embed_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     cls = None if cls_token is None else cls_token.reshape(dim).contiguous()
     w2 = weight.reshape(dim, -1)  # a view of a contiguous weight; a transient copy of a channels_last one
     block_m, block_d, block_k, num_warps, num_stages = _config("fwd", dim, patch_w, _load_bytes(x, weight))
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(dim, block_d),)
+    grid = (cdiv(m, block_m) * cdiv(dim, block_d),)
     _patch_embed_fwd_kernel[grid](
         x, w2, y if bias is None else bias, y if pos is None else pos, y if cls is None else cls, y,
         m, n, gw, dim, x.shape[1] * patch_h, *x.stride(), *w2.stride(), y.stride(0), y.stride(1),
@@ -325,38 +324,43 @@ def _bwd_triton(dy, x, weight, patch_h, patch_w, has_cls, compute_dtype, need_dx
     r = x.shape[1] * patch_h  # patch rows per patch vector
     k_padded = r * _padded(patch_w)
     consts = dict(ROW0=int(has_cls), PH=patch_h, PW=patch_w, PWP=_padded(patch_w), COMPUTE=_COMPUTE[compute_dtype])
-    dx, dw, s = x.new_empty(0), weight.new_empty(0), dy.new_empty(0, dtype=torch.float32)
     if need_dx:
         # pixels right of / below the last whole patch get no gradient
         dx = torch.empty_like(x) if (gh * patch_h, gw * patch_w) == (h, w) else torch.zeros_like(x)
         if m:
             w2 = weight.reshape(dim, -1)
             block_m, block_d, block_k, num_warps, num_stages = _config("dx", dim, patch_w, _load_bytes(dy, weight))
-            grid = (triton.cdiv(m, block_m) * triton.cdiv(k_padded, block_k),)
+            grid = (cdiv(m, block_m) * cdiv(k_padded, block_k),)
             _patch_embed_dx_kernel[grid](
                 dy, w2, dx, m, n, gw, dim, r, *dy.stride(), *w2.stride(), *dx.stride(), **consts,
                 BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    else:
+        dx = x.new_empty(0)
     if need_dw:
         if m == 0:
             dw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
         else:
             block_m, block_d, block_k, num_warps, num_stages = _config("dw", dim, patch_w, _load_bytes(dy, x))
-            tiles = triton.cdiv(dim, block_d) * triton.cdiv(k_padded, block_k)
-            m_blocks = triton.cdiv(m, block_m)
+            tiles = cdiv(dim, block_d) * cdiv(k_padded, block_k)
+            m_blocks = cdiv(m, block_m)
             # split the patches so that about two programs run per SM; each split writes one fp32 partial
-            split = max(1, min(triton.cdiv(2 * _sm_count(x.device), tiles), triton.cdiv(m_blocks, 4)))
-            per = triton.cdiv(m_blocks, split)
-            split = triton.cdiv(m_blocks, per)
+            split = max(1, min(cdiv(2 * sm_count(x.device), tiles), cdiv(m_blocks, 4)))
+            per = cdiv(m_blocks, split)
+            split = cdiv(m_blocks, per)
             part = torch.empty((split, dim, weight[0].numel()), dtype=torch.float32, device=x.device)
             _patch_embed_dw_kernel[(tiles, split)](
                 dy, x, part, m, n, gw, dim, r, per, *dy.stride(), *x.stride(), **consts,
                 BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
             dw = part.sum(0).view(weight.shape).to(weight.dtype)
+    else:
+        dw = weight.new_empty(0)
     if need_sum:
         s = torch.empty((rows, dim), dtype=torch.float32, device=dy.device)
-        grid = (triton.cdiv(rows, _SUM_BLOCK_L), triton.cdiv(dim, _SUM_BLOCK_D))
+        grid = (cdiv(rows, _SUM_BLOCK_L), cdiv(dim, _SUM_BLOCK_D))
         _batch_sum_kernel[grid](dy, s, bsz, rows, dim, *dy.stride(), BLOCK_L=_SUM_BLOCK_L, BLOCK_D=_SUM_BLOCK_D,
                                 num_warps=_SUM_WARPS, num_stages=_SUM_STAGES)
+    else:
+        s = dy.new_empty(0, dtype=torch.float32)
     return dx, dw, s
 
 
