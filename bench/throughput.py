@@ -40,7 +40,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from fastvit import ops  # noqa: E402
 from fastvit.flops import forward_flops, peak_flops  # noqa: E402
-from fastvit.kernels import flash_attention as _flash_attention  # noqa: E402
 from fastvit.train import distributed  # noqa: E402
 
 GPU_MODELS = "B/16,L/16,H/14"
@@ -57,11 +56,7 @@ def backend_used(requested, model, device, dtype):
     main = "triton" if ops.use_triton(requested, torch.empty(0, device=device)) else "torch"
     attn = model.blocks[0].attn
     q = torch.empty(1, attn.num_heads, 1, attn.head_dim, device=device, dtype=dtype)
-    if requested == "auto" and _flash_attention.flash_attn_supported(q):
-        return {"ops": main, "attention": "flash_attn"}
-    if requested == "auto" and not _flash_attention.triton_supported(q):
-        return {"ops": main, "attention": "torch"}
-    return {"ops": main, "attention": main}
+    return {"ops": main, "attention": ops.attention_backend(q, backend=requested)}
 
 
 def sync(device):

@@ -103,10 +103,18 @@ def attention(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None,
     ``"auto"`` takes flash_attn where it can run this call, else the Triton kernels where they can (fp32/fp16/
     bf16, head_dim <= 128), else scaled_dot_product_attention.
     """
+    impl = attention_backend(q, rel_bias, backend)
+    if impl == "flash":
+        return _flash_attention.attention_flash(q, k, v, rel_bias, dropout_p, scale)
+    return _flash_attention.attention(q, k, v, rel_bias, grid_size, dropout_p, scale, impl == "triton")
+
+
+def attention_backend(q, rel_bias=None, backend="auto") -> str:
+    """Which implementation :func:`attention` runs for ``q`` (and ``rel_bias``): "flash", "triton" or "torch"."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
     if backend == "flash" or (backend == "auto" and _flash_attention.flash_attn_supported(q, rel_bias)):
-        return _flash_attention.attention_flash(q, k, v, rel_bias, dropout_p, scale)
+        return "flash"
     if backend == "auto" and not _flash_attention.triton_supported(q):
-        backend = "torch"
-    return _flash_attention.attention(q, k, v, rel_bias, grid_size, dropout_p, scale, use_triton(backend, q))
+        return "torch"
+    return "triton" if use_triton(backend, q) else "torch"

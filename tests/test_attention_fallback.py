@@ -212,6 +212,12 @@ def test_auto_picks_flash_only_where_it_can_run(fake_flash_attn, monkeypatch):
     ops.attention(*_pretend_cuda_qkv(torch.bfloat16), backend="torch")        # asked for torch
     ops.attention(*(t.as_subclass(torch.Tensor) for t in (q, k, v)), backend="auto")  # CPU, no interpreter
     assert chosen == [True, True, False, False] and len(fake_flash_attn) == 1
+    # attention_backend names what attention ran, for reports
+    assert ops.attention_backend(q) == "flash"
+    assert ops.attention_backend(q, rel_bias=table) == "triton"
+    assert ops.attention_backend(q.float()) == "triton"
+    assert ops.attention_backend(q, backend="torch") == "torch"
+    assert ops.attention_backend(q.as_subclass(torch.Tensor)) == "torch"
 
 
 def test_auto_without_flash_attn_uses_triton_or_sdpa(no_flash_attn, monkeypatch):
@@ -223,6 +229,7 @@ def test_auto_without_flash_attn_uses_triton_or_sdpa(no_flash_attn, monkeypatch)
     ops.attention(*(t.double() for t in (q, k, v)), backend="auto")  # no fp64 kernel: SDPA
     ops.attention(*(torch.zeros(1, 1, 4, 160).as_subclass(_PretendCuda) for _ in range(3)), backend="auto")
     assert chosen == [(0.0, True), (0.1, True), (0.0, False), (0.0, False)]
+    assert [ops.attention_backend(t) for t in (q, q.double())] == ["triton", "torch"]
 
 
 def test_flash_backend_errors(no_flash_attn):
