@@ -52,6 +52,15 @@ def split_list(text):
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def choice_list(parser, text, choices, what):
+    """``split_list`` that stops with argparse's usage error, naming the valid choices, on an unknown name."""
+    names = split_list(text)
+    for name in names:
+        if name not in choices:
+            parser.error(f"unknown {what} {name!r}; expected names from {tuple(choices)}")
+    return names
+
+
 def canonical(name):
     """'B/16' -> 'vit_base_patch16_224'; config names and registry names pass through."""
     return ALIASES.get(name, name)

@@ -326,15 +326,8 @@ def main(argv=None):
     p.add_argument("--strict", action="store_true", help="exit 1 when a row fails the 2x bound")
     args = p.parse_args(argv)
 
-    op_names = common.split_list(args.ops)
-    for name in op_names:
-        if name not in OPS:
-            p.error(f"unknown op {name!r}; expected names from {OPS}")
-    dtypes = []
-    for name in common.split_list(args.dtypes):
-        if name not in common.DTYPES:
-            p.error(f"unknown dtype {name!r}; expected names from {tuple(common.DTYPES)}")
-        dtypes.append(common.DTYPES[name])
+    op_names = common.choice_list(p, args.ops, OPS, "op")
+    dtypes = [common.DTYPES[name] for name in common.choice_list(p, args.dtypes, common.DTYPES, "dtype")]
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
 

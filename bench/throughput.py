@@ -185,10 +185,7 @@ def main(argv=None):
     p.add_argument("--out", default="results", help="output folder for throughput.json and throughput.png")
     args = p.parse_args(argv)
 
-    modes = common.split_list(args.mode)
-    for m in modes:
-        if m not in MODES:
-            p.error(f"unknown mode {m!r}; expected names from {MODES}")
+    modes = common.choice_list(p, args.mode, MODES, "mode")
     use_cuda = torch.cuda.is_available() and not args.smoke
     smoke = args.smoke or (not use_cuda and args.model is None)
     scaled = []
