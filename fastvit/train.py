@@ -374,10 +374,13 @@ def distributed(dist_backend="auto", device="auto"):
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield Env(dist.get_rank(), dist.get_world_size(), dev)
-    finally:
-        if created:
-            dist.barrier()  # every rank is done with collectives before the group goes away
+    except BaseException:
+        if created:  # no barrier: the other ranks may be waiting in a collective this rank will never join
             dist.destroy_process_group()
+        raise
+    if created:
+        dist.barrier()  # every rank is done with collectives before the group goes away
+        dist.destroy_process_group()
 
 
 def default_out(cfg: TrainConfig) -> str:

@@ -141,3 +141,19 @@ def test_batch_split_invariance(runs, tmp_path):
         # 1.5e-6 in blocks.0.mlp.fc1.weight, 8.7e-7 in the key bias, 3e-9 in the query/value biases
         for key in (k for k in ref if k.startswith("model.")):
             torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_a_failing_rank_ends_the_job(tmp_path):
+    """A rank that raises leaves the process group without a barrier, so torchrun sees it fail and stops the
+    others (a barrier there would wait for ranks that are blocked in a collective: a hang)."""
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from fastvit.train import distributed\n"
+        "with distributed(device='cpu') as env:\n"
+        "    if env.rank == 1:\n"
+        "        raise RuntimeError('rank 1 fails')\n"
+        "    dist.all_reduce(torch.ones(1))\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], cwd=ROOT, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode != 0 and "rank 1 fails" in proc.stderr
