@@ -23,3 +23,9 @@ def next_power_of_2(n: int) -> int:
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; 4 for CPU tensors (the interpreter), so tests split work too."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def row_programs(n_rows: int, device: torch.device) -> int:
+    """Programs of a row-wise backward kernel: a few per SM, each folding its rows into one fp32 partial sum of
+    the weight/bias gradients, reduced after (fewer partials than rows, and no atomics)."""
+    return min(n_rows, 4 * sm_count(device))

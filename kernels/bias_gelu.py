@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import cdiv, next_power_of_2, sm_count
+from fastvit.kernels._launch import cdiv, next_power_of_2, row_programs
 from fastvit.kernels._report import KernelSpec
 
 # constexpr so the kernels can read them; .value in the torch fallback
@@ -35,11 +35,6 @@ def _config(n_cols):
     """
     block_n = min(next_power_of_2(n_cols), 1024)
     return max(4096 // block_n, 1), block_n, 8
-
-
-def _row_programs(n_row_blocks, device):
-    """Row programs of the backward kernel per column block: each folds its rows into one db partial."""
-    return min(n_row_blocks, 4 * sm_count(device))
 
 
 @triton.jit
@@ -130,7 +125,7 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor
         return dx, (x.new_empty(0) if bias is None else torch.zeros_like(bias))
     block_m, block_n, num_warps = _config(n_cols)
     row_blocks = cdiv(n_rows, block_m)
-    programs = _row_programs(row_blocks, x.device)
+    programs = row_programs(row_blocks, x.device)
     db_part = torch.empty((programs if bias is not None else 0, n_cols), dtype=torch.float32, device=x.device)
     _bias_gelu_bwd_kernel[(programs, cdiv(n_cols, block_n))](
         dy, x, x if bias is None else bias.contiguous(), dx, db_part, dy.stride(0), x.stride(0), dx.stride(0),

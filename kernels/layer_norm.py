@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import cdiv, next_power_of_2, sm_count
+from fastvit.kernels._launch import cdiv, next_power_of_2, row_programs
 from fastvit.kernels._report import KernelSpec
 
 MAX_FEATURES = 16384
@@ -46,11 +46,6 @@ def _residual_dtype(x, residual, residual_in_fp32):
     if residual_in_fp32:
         return torch.float32
     return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-
-
-def _row_programs(n_rows, device):
-    """Programs of the backward kernel: a few per SM, each folding its rows into one dweight/dbias partial."""
-    return min(n_rows, 4 * sm_count(device))
 
 
 @triton.jit
@@ -190,7 +185,7 @@ def add_layer_norm_bwd(dy: torch.Tensor, dres_out: Optional[torch.Tensor], res: 
     dres_in = torch.empty((n_rows, n_cols) if separate_residual_grad else (0,), dtype=res.dtype, device=dy.device)
     if not n_rows:
         return dx, dres_in, torch.zeros_like(weight), torch.zeros_like(weight)
-    programs = _row_programs(n_rows, dy.device)
+    programs = row_programs(n_rows, dy.device)
     # every program writes its row of partial sums, even one left without rows
     dw_part = torch.empty((programs, n_cols), dtype=torch.float32, device=dy.device)
     db_part = torch.empty_like(dw_part)

@@ -255,6 +255,7 @@ def test_keyed_randomness_and_global_plan():
     u = keyed_uniform(3, 7, [0, 5, 9], 4)
     ref = [[(mix_seed(3, 7, p, k) >> 10) * 2.0 ** -53 for k in range(4)] for p in (0, 5, 9)]
     assert u.tolist() == ref and u.min() >= 0 and u.max() < 1
+    assert mix_seed(0) == 0xE220A8397B1DCDAF >> 1  # splitmix64's first output from state 0 (Vigna's reference)
     assert not torch.equal(keyed_uniform(3, 8, [0], 4), u[:1]) and not torch.equal(keyed_uniform(4, 7, [0], 4), u[:1])
     sampler = GlobalSampler(10, seed=1)
     stream = [sampler.index(t) for t in range(30)]
