@@ -17,7 +17,7 @@ gradients, optimizer state and activations), and fastvit/timm ratios.
     python bench/throughput.py --model vit_small_patch16_224 --backend torch --dtype fp16 --compile
 
 Without a GPU and without --model, a clearly labelled smoke configuration runs (small 32px models, few steps,
-global batch 4096 by accumulation) in under a minute on 2 idle cores. DDP uses nccl on GPU and gloo on CPU; without
+global batch 4096 by accumulation) in about 45 s on 2 idle cores. DDP uses nccl on GPU and gloo on CPU; without
 torchrun variables the script runs as a 1-rank group.
 """
 from __future__ import annotations
