@@ -186,6 +186,8 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     modes = common.choice_list(p, args.mode, MODES, "mode")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        p.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     use_cuda = torch.cuda.is_available() and not args.smoke
     smoke = args.smoke or (not use_cuda and args.model is None)
     scaled = []

@@ -46,7 +46,9 @@ def train_flops_per_image(model) -> int:
 def peak_flops(device, override_tflops=None) -> float | None:
     """The device's dense bf16 peak in FLOP/s, the denominator of MFU: ``override_tflops`` (TFLOP/s) if given,
     else looked up by GPU name in :data:`PEAK_TFLOPS`; None on CPU or an unlisted GPU (MFU is then not reported)."""
-    if override_tflops:
+    if override_tflops is not None:
+        if override_tflops <= 0:
+            raise ValueError(f"peak TFLOP/s must be > 0, got {override_tflops}")
         return override_tflops * 1e12
     if device.type != "cuda":
         return None

@@ -35,6 +35,9 @@ def test_peak_flops(monkeypatch):
     so a PCIe card is not graded against the SXM peak)."""
     assert peak_flops(torch.device("cpu"), 2.5) == 2.5e12
     assert peak_flops(torch.device("cpu")) is None
+    for bad in (0.0, -1.0):  # never a silent fall-back to the table or a negative MFU
+        with pytest.raises(ValueError, match=f"must be > 0, got {bad}"):
+            peak_flops(torch.device("cpu"), bad)
     for name, tflops in (("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 80GB HBM3", 989.0),
                          ("NVIDIA A100-SXM4-80GB", 312.0), ("Some Future GPU", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
