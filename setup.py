@@ -17,7 +17,7 @@ setup(
     install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy", "tqdm", "matplotlib",
                       "scikit-learn"],  # the embedded digits dataset of the default training run
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "timm", "scikit-learn", "safetensors", "transformers"],
+        "test": ["pytest", "pytest-benchmark", "timm", "scikit-learn", "safetensors", "transformers", "peft"],
         "flash": ["flash-attn"],
     },
 )

@@ -18,8 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastvit import ops
-from fastvit.model import VisionTransformer, grid_size_for, image_grid_size, resample_projection_
+from fastvit.model import VisionTransformer, embed_patches, grid_size_for, image_grid_size, resample_projection_
 from fastvit.registry import register_model
 from fastvit.resample import _pair
 
@@ -172,8 +171,8 @@ class ResNetV2(nn.Module):
 class HybridEmbed(nn.Module):
     """The embed_layer of a hybrid ViT: backbone feature map -> P x P patches (P = 1 in the paper) projected to D.
 
-    Follows ``PatchEmbed``'s protocol (keywords, ``grid_size``, ``dynamic_grid_size``, ``forward`` with the optional
-    position table and class token, ``set_input_size``) so ``VisionTransformer(embed_layer=partial(HybridEmbed,
+    Follows ``PatchEmbed``'s protocol (keywords, ``grid_size``, ``dynamic_grid_size``, ``forward`` returning the patch
+    tokens, ``embed`` adding the optional position table and class token, ``set_input_size``) so ``VisionTransformer(embed_layer=partial(HybridEmbed,
     backbone=...))`` needs nothing else. ``patch_size`` is the projection's, over the feature map; ``grid_size`` is
     the feature grid divided by it. ``backbone`` must expose ``in_chans``, ``num_features`` and ``reduction``.
     """
@@ -222,10 +221,14 @@ class HybridEmbed(nn.Module):
         return its token grid (gh, gw)."""
         return image_grid_size(x, self.in_chans, self.img_size, self.token_stride, self.dynamic_img_size)
 
-    def forward(self, x, pos_embed=None, cls_token=None, no_embed_class=False):
-        """(B, C, H, W) image -> backbone features -> (B, [1 +] N, D) tokens via ``fastvit.ops.patch_embed``."""
-        return ops.patch_embed(self.backbone(x), self.proj.weight, self.proj.bias, self.patch_size, pos_embed,
-                               cls_token, no_embed_class, backend=self.backend)
+    def forward(self, x):
+        """(B, C, H, W) image -> (B, N, D) tokens of its backbone features."""
+        return self.embed(x)
+
+    def embed(self, x, pos_embed=None, cls_token=None, no_embed_class=False):
+        """(B, C, H, W) image -> backbone features -> (B, [1 +] N, D) tokens, as ``PatchEmbed.embed``."""
+        return embed_patches(self.proj, self.backbone(x), self.patch_size, pos_embed, cls_token, no_embed_class,
+                             self.backend)
 
 
 # ---- registry: timm's hybrid names and defaults ------------------------------------------------------------------

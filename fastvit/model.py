@@ -8,6 +8,10 @@
 Names, constructor keywords and state_dict layout follow timm's ``vision_transformer.py``, so timm weights load
 unchanged. Patch embedding, residual add + LayerNorm, bias + GELU and attention go through ``fastvit.ops``, the one
 place that chooses between Triton kernels and torch math; every module here only carries its ``backend`` name.
+
+Every module calls its submodules as timm's does, so hooks, replaced layers and adapters (PEFT LoRA, a quantised
+Linear) act exactly as on timm. A fused op stands in for a group of submodules only while each of them is the plain
+torch module it was built as, with no hooks (``runs_unmodified``, checked per call).
 """
 from __future__ import annotations
 
@@ -25,6 +29,37 @@ from fastvit.resample import (_pair, resample_abs_pos_embed, resample_patch_embe
 POS_EMBEDS = ("learn", "learn_2d", "none", "rel")
 POS_EMBED_AT = ("stem", "every_layer", "every_layer_shared")
 GLOBAL_POOLS = ("token", "avg", "")
+
+
+def _has_global_hooks():
+    m = torch.nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
+
+
+def runs_unmodified(module, cls) -> bool:
+    """Whether ``module`` is exactly a ``cls`` with no hooks (its own or global) and no patched ``forward``.
+
+    Only then may a fused kernel read its parameters instead of calling it: a subclass, a wrapper (LoRA), a
+    parametrised or quantised layer, a hook or an instance-level forward all have to run as the user left them.
+    """
+    return (type(module) is cls and "forward" not in module.__dict__
+            and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                     or module._backward_pre_hooks or _has_global_hooks()))
+
+
+def fusable_layer_norm(norm) -> bool:
+    """An unmodified affine nn.LayerNorm over the last dim, which the fused residual add + LayerNorm can replace."""
+    return (runs_unmodified(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and norm.weight is not None
+            and norm.bias is not None)
+
+
+def layer_norm(norm, h, residual, backend):
+    """(norm(h + residual), h + residual), residual None meaning 0: fused when ``norm`` is a plain LayerNorm."""
+    if fusable_layer_norm(norm):
+        return ops.add_layer_norm(h, residual, norm.weight, norm.bias, norm.eps, backend=backend)
+    z = h if residual is None else h + residual
+    return norm(z), z
 
 
 def _check_choice(name, value, choices):
@@ -58,6 +93,16 @@ def image_grid_size(x, in_chans, img_size, stride, dynamic_img_size):
     return grid_size_for(size, stride, "the patch size", "image size")
 
 
+def embed_patches(proj, x, patch_size, pos_embed, cls_token, no_embed_class, backend):
+    """z_0 from the projection ``proj`` (a stride-P conv): one fused kernel when it is a plain Conv2d of that
+    geometry, otherwise ``proj(x)`` followed by the class token and position rows in torch."""
+    if (runs_unmodified(proj, nn.Conv2d) and tuple(proj.kernel_size) == tuple(proj.stride) == tuple(patch_size)
+            and proj.padding == (0, 0) and proj.dilation == (1, 1) and proj.groups == 1):
+        return ops.patch_embed(x, proj.weight, proj.bias, patch_size, pos_embed, cls_token, no_embed_class,
+                               backend=backend)
+    return ops.add_class_and_position(proj(x).flatten(2).transpose(1, 2), pos_embed, cls_token, no_embed_class)
+
+
 def resample_projection_(proj, patch_size):
     """Give a patch projection (a stride-P conv) a new patch size in place, resampling its weights (FlexiViT)."""
     if patch_size is None or _pair(patch_size) == tuple(proj.kernel_size):
@@ -70,8 +115,8 @@ def resample_projection_(proj, patch_size):
 class PatchEmbed(nn.Module):
     """Cut the image into P x P patches and project each flattened patch to D: x_p^i E (a stride-P convolution).
 
-    ``forward`` also adds the position table and prepends the class token, because the fused kernel writes the
-    whole z_0 in one pass.
+    ``forward`` returns the (B, N, D) patch tokens, as timm's does; ``embed`` also prepends the class token and adds
+    the position table, because the fused kernel writes the whole z_0 in one pass.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True, dynamic_img_size=False):
@@ -96,10 +141,13 @@ class PatchEmbed(nn.Module):
         """Validate an image batch and return its patch grid (gh, gw)."""
         return image_grid_size(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size)
 
-    def forward(self, x, pos_embed=None, cls_token=None, no_embed_class=False):
+    def forward(self, x):
+        """(B, C, H, W) -> (B, N, D) patch tokens."""
+        return self.embed(x)
+
+    def embed(self, x, pos_embed=None, cls_token=None, no_embed_class=False):
         """(B, C, H, W) -> (B, [1 +] N, D); see ``fastvit.ops.patch_embed`` for the optional tables."""
-        return ops.patch_embed(x, self.proj.weight, self.proj.bias, self.patch_size, pos_embed, cls_token,
-                               no_embed_class, backend=self.backend)
+        return embed_patches(self.proj, x, self.patch_size, pos_embed, cls_token, no_embed_class, self.backend)
 
 
 class Attention(nn.Module):
@@ -134,7 +182,7 @@ class Attention(nn.Module):
         self.rel_pos_grid = _pair(grid_size)
 
     def forward(self, x, grid_size=None):
-        return self.attend(F.linear(x, self.qkv.weight, self.qkv.bias), grid_size)
+        return self.attend(self.qkv(x), grid_size)
 
     def attend(self, qkv, grid_size=None):
         """Everything after the qkv projection (the block fuses that projection with its LayerNorm)."""
@@ -157,19 +205,30 @@ class Mlp(nn.Module):
         super().__init__()
         self.backend = "auto"
         self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop2 = nn.Dropout(drop)
 
+    @property
+    def fused_activation(self) -> bool:
+        """Whether fc1's bias and the GELU may run as one fused op (fc1 and act unmodified, exact GELU)."""
+        return (runs_unmodified(self.fc1, nn.Linear) and runs_unmodified(self.act, nn.GELU)
+                and self.act.approximate == "none")
+
     def forward(self, x):
-        return self.activate(F.linear(x, self.fc1.weight))
+        if self.fused_activation:
+            return self.activate(F.linear(x, self.fc1.weight))
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
     def activate(self, h):
         """GELU(h + b_1) W_2 + b_2 from fc1's bias-free output h (the block fuses fc1 with its LayerNorm).
 
-        fc2 recomputes the GELU in backward; only dropout between the two needs the activation kept.
+        fc2 recomputes the GELU in backward, unless something must see the activation: dropout, or an edited
+        drop1 / fc2.
         """
-        if self.training and self.drop1.p > 0:
+        if ((self.training and self.drop1.p > 0) or not runs_unmodified(self.drop1, nn.Dropout)
+                or not runs_unmodified(self.fc2, nn.Linear)):
             h = self.drop1(ops.bias_gelu(h, self.fc1.bias, backend=self.backend))
             return self.drop2(self.fc2(h))
         return self.drop2(ops.bias_gelu_linear(h, self.fc1.bias, self.fc2.weight, self.fc2.bias,
@@ -226,15 +285,30 @@ class Block(nn.Module):
         """The block on z = h + residual (residual None: z = h), returning (MLP branch, z') so that z_out = sum.
 
         Keeping the sum unevaluated lets each LayerNorm fuse the preceding residual add, also across blocks, and
-        each LayerNorm runs together with the projection after it (qkv, fc1) so its output is never saved.
+        each LayerNorm runs together with the projection after it (qkv, fc1) so its output is never saved. Where
+        the user edited a submodule of a branch, that branch calls its modules one by one instead.
         """
-        qkv, residual = ops.add_layer_norm_linear(h, residual, self.norm1.weight, self.norm1.bias,
-                                                  self.attn.qkv.weight, self.attn.qkv.bias, self.norm1.eps,
-                                                  backend=self.backend)
-        h = self.drop_path1(self.ls1(self.attn.attend(qkv, grid_size)))
-        hidden, residual = ops.add_layer_norm_linear(h, residual, self.norm2.weight, self.norm2.bias,
-                                                     self.mlp.fc1.weight, None, self.norm2.eps, backend=self.backend)
-        return self.drop_path2(self.ls2(self.mlp.activate(hidden))), residual
+        if (fusable_layer_norm(self.norm1) and runs_unmodified(self.attn, Attention)
+                and runs_unmodified(self.attn.qkv, nn.Linear)):
+            qkv, residual = ops.add_layer_norm_linear(h, residual, self.norm1.weight, self.norm1.bias,
+                                                      self.attn.qkv.weight, self.attn.qkv.bias, self.norm1.eps,
+                                                      backend=self.backend)
+            h = self.attn.attend(qkv, grid_size)
+        else:
+            residual = h if residual is None else h + residual
+            normed = self.norm1(residual)
+            # a replaced attention (timm's, say) takes no grid; only ours uses it, for the relative bias
+            h = self.attn(normed, grid_size) if isinstance(self.attn, Attention) else self.attn(normed)
+        h = self.drop_path1(self.ls1(h))
+        if fusable_layer_norm(self.norm2) and runs_unmodified(self.mlp, Mlp) and self.mlp.fused_activation:
+            hidden, residual = ops.add_layer_norm_linear(h, residual, self.norm2.weight, self.norm2.bias,
+                                                         self.mlp.fc1.weight, None, self.norm2.eps,
+                                                         backend=self.backend)
+            h = self.mlp.activate(hidden)
+        else:
+            residual = residual + h
+            h = self.mlp(self.norm2(residual))
+        return self.drop_path2(self.ls2(h)), residual
 
 
 class VisionTransformer(nn.Module):
@@ -277,6 +351,7 @@ class VisionTransformer(nn.Module):
 
         self.patch_embed = embed_layer(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                        embed_dim=embed_dim, bias=True, dynamic_img_size=dynamic_img_size)
+        self._embed_layer = type(self.patch_embed)  # a patch_embed of another type was put there by the user
         grid = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         tables = depth if pos_embed_at == "every_layer" else 1
@@ -394,7 +469,15 @@ class VisionTransformer(nn.Module):
         """Image batch -> (B, [1 +] N, D) tokens after the final LayerNorm."""
         grid = self.patch_embed.dynamic_grid_size(x)
         stem_pos = self.position_table(grid) if self.pos_embed_at == "stem" else None
-        h = self.pos_drop(self.patch_embed(x, stem_pos, self.cls_token, not self._pos_covers_prefix))
+        if runs_unmodified(self.patch_embed, self._embed_layer):
+            h = self.patch_embed.embed(x, stem_pos, self.cls_token, not self._pos_covers_prefix)
+        else:  # hooked or replaced: it returns the patch tokens only, as timm's does
+            h = ops.add_class_and_position(self.patch_embed(x), stem_pos, self.cls_token,
+                                           not self._pos_covers_prefix)
+        h = self.pos_drop(h)
+        if self.pos_embed_at == "stem" and not runs_unmodified(self.blocks, nn.Sequential):
+            # a hooked or replaced container runs whole, as in timm (the tables of the other layouts go between)
+            return self.norm(self._checkpointed(self.blocks, h))
         residual = None
         for i, block in enumerate(self.blocks):
             if self.pos_embed_at != "stem":
@@ -402,14 +485,18 @@ class VisionTransformer(nn.Module):
                 if not self._pos_covers_prefix:
                     pos = F.pad(pos, (0, 0, self.num_prefix_tokens, 0))
                 h = h + pos
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                h, residual = checkpoint(block.forward_pair, h, residual, grid, use_reentrant=False)
-            else:
-                h, residual = block.forward_pair(h, residual, grid)
-        if isinstance(self.norm, nn.LayerNorm):
-            return ops.add_layer_norm(h, residual, self.norm.weight, self.norm.bias, self.norm.eps,
-                                      backend=self.backend)[0]
-        return h if residual is None else h + residual
+            if runs_unmodified(block, Block):
+                h, residual = self._checkpointed(block.forward_pair, h, residual, grid)
+            else:  # an edited block is called as a module (its hooks fire), on the evaluated sum
+                z = h if residual is None else h + residual
+                h, residual = self._checkpointed(block, *((z, grid) if isinstance(block, Block) else (z,))), None
+        return layer_norm(self.norm, h, residual, self.backend)[0]
+
+    def _checkpointed(self, fn, *args):
+        """fn(*args), recomputed in backward instead of keeping its activations when grad checkpointing is on."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def pool(self, x):
         if self.global_pool == "token":
@@ -420,10 +507,7 @@ class VisionTransformer(nn.Module):
 
     def forward_head(self, x, pre_logits: bool = False):
         """Pool the tokens (class token or average), normalise if fc_norm, then the linear head."""
-        x = self.pool(x)
-        if isinstance(self.fc_norm, nn.LayerNorm):
-            x = ops.add_layer_norm(x, None, self.fc_norm.weight, self.fc_norm.bias, self.fc_norm.eps,
-                                   backend=self.backend)[0]
+        x = layer_norm(self.fc_norm, self.pool(x), None, self.backend)[0]
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 

@@ -61,6 +61,12 @@ def patch_embed(x, weight, bias, patch_size, pos_embed=None, cls_token=None, no_
                                     use_triton(backend, x))
 
 
+def add_class_and_position(tokens, pos_embed=None, cls_token=None, no_embed_class=False):
+    """The part of ``patch_embed`` after the projection, for (B, N, D) tokens that an edited projection produced
+    (a hooked or replaced ``proj``): [x_class; tokens] + E_pos in torch."""
+    return _patch_embed.add_class_and_position(tokens, pos_embed, cls_token, no_embed_class)
+
+
 def add_layer_norm(x, residual, weight, bias, eps=1e-6, residual_in_fp32=False, backend="auto"):
     """new_residual = x + residual (residual None: x); y = LayerNorm(new_residual). Returns (y, new_residual).
 
