@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.utils.checkpoint import checkpoint
 
 from fastvit import ops
@@ -48,6 +49,13 @@ def runs_unmodified(module, cls) -> bool:
                      or module._backward_pre_hooks or _has_global_hooks()))
 
 
+def output_may_fuse(module, cls) -> bool:
+    """Whether ``module``'s output may stay inside a fusion with what follows (z_0 with its tables, a block's
+    output as an unevaluated sum, the final norm with the last residual add): only when it runs unmodified, and not
+    under torch.fx, where these outputs must be nodes of their own (feature extraction asks for them by name)."""
+    return runs_unmodified(module, cls) and not is_fx_symbolic_tracing()
+
+
 def fusable_layer_norm(norm) -> bool:
     """An unmodified affine nn.LayerNorm over the last dim, which the fused residual add + LayerNorm can replace."""
     return (runs_unmodified(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and norm.weight is not None
@@ -55,11 +63,29 @@ def fusable_layer_norm(norm) -> bool:
 
 
 def layer_norm(norm, h, residual, backend):
-    """(norm(h + residual), h + residual), residual None meaning 0: fused when ``norm`` is a plain LayerNorm."""
-    if fusable_layer_norm(norm):
+    """(norm(h + residual), h + residual), residual None meaning 0: fused when ``norm`` is a plain LayerNorm whose
+    output may fuse."""
+    if fusable_layer_norm(norm) and output_may_fuse(norm, nn.LayerNorm):
         return ops.add_layer_norm(h, residual, norm.weight, norm.bias, norm.eps, backend=backend)
     z = h if residual is None else h + residual
     return norm(z), z
+
+
+def feature_take_indices(num_blocks, indices=None):
+    """(absolute block indices, the largest) for ``indices``: None all, an int n the last n, a list in its own
+    order with negatives counted from the end (timm's rule)."""
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"last-n indices must be in 1..{num_blocks}, got {indices}")
+        take = list(range(num_blocks - indices, num_blocks))
+    else:
+        take = [num_blocks + i if i < 0 else i for i in indices]
+        bad = [i for i, t in zip(indices, take) if not 0 <= t < num_blocks]
+        if bad or not take:
+            raise ValueError(f"block indices must be in {-num_blocks}..{num_blocks - 1}, got {list(indices)}")
+    return take, max(take)
 
 
 def _check_choice(name, value, choices):
@@ -91,6 +117,23 @@ def image_grid_size(x, in_chans, img_size, stride, dynamic_img_size):
         raise ValueError(f"expected image size {img_size}, got {size}; pass dynamic_img_size=True or call "
                          f"set_input_size(img_size={size})")
     return grid_size_for(size, stride, "the patch size", "image size")
+
+
+def _validated_image(x, in_chans, img_size, stride):
+    """x itself after ``image_grid_size``'s checks at a fixed size: a torch.fx leaf, so traced graphs keep them."""
+    image_grid_size(x, in_chans, img_size, stride, False)
+    return x
+
+
+torch.fx.wrap("_validated_image")
+
+
+def checked_image(x, in_chans, img_size, stride, dynamic_img_size):
+    """(x, its token grid), validated. A fixed size is checked in a torch.fx leaf, so the model traces; a dynamic
+    size needs the shape in Python and does not (as in timm)."""
+    if dynamic_img_size:
+        return x, image_grid_size(x, in_chans, img_size, stride, True)
+    return _validated_image(x, in_chans, img_size, stride), grid_size_for(img_size, stride)
 
 
 def embed_patches(proj, x, patch_size, pos_embed, cls_token, no_embed_class, backend):
@@ -137,9 +180,9 @@ class PatchEmbed(nn.Module):
         resample_projection_(self.proj, patch_size)
         self._set_sizes(img_size or self.img_size, patch_size or self.patch_size)
 
-    def dynamic_grid_size(self, x):
-        """Validate an image batch and return its patch grid (gh, gw)."""
-        return image_grid_size(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size)
+    def check_input(self, x):
+        """Validate an image batch: (x, its patch grid (gh, gw))."""
+        return checked_image(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size)
 
     def forward(self, x):
         """(B, C, H, W) -> (B, N, D) patch tokens."""
@@ -369,6 +412,9 @@ class VisionTransformer(nn.Module):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], init_values,
                   rel_pos_grid=grid if pos_embed == "rel" else None, class_token=class_token)
             for i in range(depth)])
+        stride = getattr(self.patch_embed, "token_stride", self.patch_embed.patch_size)
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=max(stride))
+                             for i in range(depth)]
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if not use_fc_norm else nn.Identity()
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
@@ -401,6 +447,11 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable=True):
         """Recompute each block in backward instead of keeping its activations."""
         self.grad_checkpointing = enable
+
+    def group_matcher(self, coarse=False):
+        """timm's parameter groups (stem, one per block, final norm last), read by layer-wise lr decay."""
+        return dict(stem=r"^cls_token|pos_embed|patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
     def no_weight_decay(self):
         """Names of parameters that weight decay should skip: position tables and the class token."""
@@ -467,30 +518,90 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x):
         """Image batch -> (B, [1 +] N, D) tokens after the final LayerNorm."""
-        grid = self.patch_embed.dynamic_grid_size(x)
+        h, residual, _, _ = self._encode(x)
+        return layer_norm(self.norm, h, residual, self.backend)[0]
+
+    def forward_intermediates(self, x, indices=None, return_prefix_tokens=False, norm=False, stop_early=False,
+                              output_fmt="NCHW", intermediates_only=False, output_dict=False):
+        """The outputs z_i of the blocks ``indices`` (an int n: the last n; a list: those, negative from the end;
+        None: all) next to the final features, with timm's arguments and results.
+
+        Each z_i is (B, D, gh, gw) for ``output_fmt='NCHW'`` or (B, N, D) for 'NLC', without prefix tokens (they
+        come paired with it under ``return_prefix_tokens``); ``norm`` passes each through the final norm;
+        ``stop_early`` runs no block after the last one asked for (the final features then come from there).
+        """
+        _check_choice("output_fmt", output_fmt, ("NCHW", "NLC"))
+        take, last = feature_take_indices(len(self.blocks), indices)
+        h, residual, grid, taken = self._encode(x, take, last if stop_early else None)
+        if norm:
+            taken = [layer_norm(self.norm, z, None, self.backend)[0] for z in taken]
+        prefix = [z[:, :self.num_prefix_tokens] for z in taken] if self.num_prefix_tokens else None
+        taken = [z[:, self.num_prefix_tokens:] for z in taken]
+        if output_fmt == "NCHW":
+            taken = [z.reshape(z.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for z in taken]
+        if output_dict:
+            out = {"image_intermediates": taken}
+            if prefix is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = layer_norm(self.norm, h, residual, self.backend)[0]
+            return out
+        if return_prefix_tokens and prefix is not None:
+            taken = list(zip(taken, prefix))
+        if intermediates_only:
+            return taken
+        return layer_norm(self.norm, h, residual, self.backend)[0], taken
+
+    def get_intermediate_layers(self, x, n=1, reshape=False, return_prefix_tokens=False, norm=False):
+        """The last ``n`` block outputs (or the blocks listed in ``n``): DINO's interface, as timm keeps it."""
+        return self.forward_intermediates(x, n, return_prefix_tokens=return_prefix_tokens, norm=norm,
+                                          output_fmt="NCHW" if reshape else "NLC", intermediates_only=True)
+
+    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+        """Drop the blocks after the last of ``indices`` (and the final norm / head if asked); returns the
+        absolute indices kept, as timm's does."""
+        take, last = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take
+
+    def _encode(self, x, take=(), last=None):
+        """Embedding and blocks up to ``last`` (all if None): (h, residual, grid, [z_i for i in take]), the
+        tokens z = h + residual left as a sum for the final LayerNorm to fuse."""
+        x, grid = self.patch_embed.check_input(x)
         stem_pos = self.position_table(grid) if self.pos_embed_at == "stem" else None
-        if runs_unmodified(self.patch_embed, self._embed_layer):
+        if output_may_fuse(self.patch_embed, self._embed_layer):
             h = self.patch_embed.embed(x, stem_pos, self.cls_token, not self._pos_covers_prefix)
         else:  # hooked or replaced: it returns the patch tokens only, as timm's does
             h = ops.add_class_and_position(self.patch_embed(x), stem_pos, self.cls_token,
                                            not self._pos_covers_prefix)
         h = self.pos_drop(h)
-        if self.pos_embed_at == "stem" and not runs_unmodified(self.blocks, nn.Sequential):
+        if not take and last is None and self.pos_embed_at == "stem" and not runs_unmodified(self.blocks,
+                                                                                               nn.Sequential):
             # a hooked or replaced container runs whole, as in timm (the tables of the other layouts go between)
-            return self.norm(self._checkpointed(self.blocks, h))
+            return self._checkpointed(self.blocks, h), None, grid, []
         residual = None
-        for i, block in enumerate(self.blocks):
+        taken = []
+        for i, block in enumerate(self.blocks if last is None else self.blocks[:last + 1]):
             if self.pos_embed_at != "stem":
                 pos = self.position_table(grid, i if self.pos_embed_at == "every_layer" else 0)
                 if not self._pos_covers_prefix:
                     pos = F.pad(pos, (0, 0, self.num_prefix_tokens, 0))
                 h = h + pos
-            if runs_unmodified(block, Block):
+            # otherwise the block is called as a module (its hooks fire) on the evaluated sum
+            if output_may_fuse(block, Block):
                 h, residual = self._checkpointed(block.forward_pair, h, residual, grid)
-            else:  # an edited block is called as a module (its hooks fire), on the evaluated sum
+            else:
                 z = h if residual is None else h + residual
                 h, residual = self._checkpointed(block, *((z, grid) if isinstance(block, Block) else (z,))), None
-        return layer_norm(self.norm, h, residual, self.backend)[0]
+            if i in take:
+                h, residual = (h if residual is None else h + residual), None
+                taken.append(h)
+        return h, residual, grid, taken
 
     def _checkpointed(self, fn, *args):
         """fn(*args), recomputed in backward instead of keeping its activations when grad checkpointing is on."""

@@ -124,3 +124,10 @@ def attention_backend(q, rel_bias=None, backend="auto") -> str:
     if backend == "auto" and not _flash_attention.triton_supported(q):
         return "torch"
     return "triton" if use_triton(backend, q) else "torch"
+
+
+# torch.fx traces the model with these as leaf calls: a traced module runs the same kernels, and their Python
+# checks and dispatch see real tensors, never proxies.
+for _name in ("patch_embed", "add_class_and_position", "add_layer_norm", "bias_gelu", "add_layer_norm_linear",
+              "bias_gelu_linear", "attention"):
+    torch.fx.wrap(_name)

@@ -40,11 +40,13 @@ def list_models(pattern="*"):
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
 
 
-def create_model(name, pretrained=False, checkpoint_path=None, **kwargs):
+def create_model(name, pretrained=False, checkpoint_path=None, features_only=False, out_indices=3,
+                 feature_cls="getter", **kwargs):
     """Build a registered model; keyword arguments override its config (timm's semantics).
 
     A timm pretrained tag (``vit_base_patch16_224.augreg_in21k``) is accepted and ignored for the architecture.
     With no network, weights come only from ``checkpoint_path`` (timm, torchvision, HF or .npz layouts).
+    ``features_only`` returns the blocks ``out_indices`` as a feature extractor (``fastvit.features``).
     """
     arch = name.split(".", 1)[0]
     if arch not in _MODELS:
@@ -58,4 +60,7 @@ def create_model(name, pretrained=False, checkpoint_path=None, **kwargs):
     if checkpoint_path is not None:
         from fastvit.convert import load_checkpoint
         load_checkpoint(model, checkpoint_path)
+    if features_only:
+        from fastvit.features import features_only as wrap
+        model = wrap(model, feature_cls, out_indices)
     return model
