@@ -17,7 +17,9 @@ setup(
     install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy", "tqdm", "matplotlib",
                       "scikit-learn"],  # the embedded digits dataset of the default training run
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "timm", "scikit-learn", "safetensors", "transformers", "peft"],
+        "test": ["pytest", "pytest-benchmark", "timm", "scikit-learn", "safetensors", "transformers", "peft",
+                 "onnx", "onnxruntime", "onnxscript"],
+        "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "flash": ["flash-attn"],
     },
 )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from fastvit.kernels import bias_gelu as _bias_gelu
 from fastvit.kernels import flash_attention as _flash_attention
@@ -49,6 +50,13 @@ def use_triton(backend: str, x: torch.Tensor) -> bool:
     return runnable
 
 
+def _exporting_torch(backend, x) -> bool:
+    """Whether torch.export (so also torch.onnx's exporter) is tracing a call the torch fallback would run: then
+    the op emits its plain-torch reference, so the exported program holds only aten ops (ONNX has no translation
+    for ours, and inference needs none of their memory savings)."""
+    return torch.compiler.is_exporting() and not use_triton(backend, x)
+
+
 def patch_embed(x, weight, bias, patch_size, pos_embed=None, cls_token=None, no_embed_class=False,
                 backend="auto"):
     """z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos for an image ``x`` of shape (B, C, H, W).
@@ -57,6 +65,8 @@ def patch_embed(x, weight, bias, patch_size, pos_embed=None, cls_token=None, no_
     None or (1, L, D) with L = N + 1 when it has a class-token row (``no_embed_class=False``) else N;
     ``cls_token`` is None or (1, 1, D). Returns (B, N [+1], D).
     """
+    if _exporting_torch(backend, x):
+        return _patch_embed.patch_embed_ref(x, weight, bias, patch_size, pos_embed, cls_token, no_embed_class)
     return _patch_embed.patch_embed(x, weight, bias, patch_size, pos_embed, cls_token, no_embed_class,
                                     use_triton(backend, x))
 
@@ -72,11 +82,15 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-6, residual_in_fp32=False, 
 
     y has x's dtype; new_residual is fp32 when ``residual_in_fp32``.
     """
+    if _exporting_torch(backend, x):
+        return _layer_norm.add_layer_norm_ref(x, residual, weight, bias, eps, residual_in_fp32)
     return _layer_norm.add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, use_triton(backend, x))
 
 
 def bias_gelu(x, bias, backend="auto"):
     """y = GELU(x + bias) with the exact erf GELU of the paper and timm."""
+    if _exporting_torch(backend, x):
+        return _bias_gelu.bias_gelu_ref(x, bias)
     return _bias_gelu.bias_gelu(x, bias, use_triton(backend, x))
 
 
@@ -86,12 +100,17 @@ def bias_gelu(x, bias, backend="auto"):
 def add_layer_norm_linear(x, residual, norm_weight, norm_bias, weight, bias=None, eps=1e-6,
                           residual_in_fp32=False, backend="auto"):
     """(LayerNorm(x + residual) W^T + b, x + residual), saving only what ``add_layer_norm`` saves."""
+    if _exporting_torch(backend, x):
+        y, new_residual = _layer_norm.add_layer_norm_ref(x, residual, norm_weight, norm_bias, eps, residual_in_fp32)
+        return F.linear(y, weight, bias), new_residual
     return _layer_norm.add_layer_norm_linear(x, residual, norm_weight, norm_bias, weight, bias, eps,
                                              residual_in_fp32, use_triton(backend, x))
 
 
 def bias_gelu_linear(x, bias, weight, weight_bias=None, backend="auto"):
     """GELU(x + bias) W^T + b, saving only the pre-activation x (as ``bias_gelu`` does)."""
+    if _exporting_torch(backend, x):
+        return F.linear(_bias_gelu.bias_gelu_ref(x, bias), weight, weight_bias)
     return _bias_gelu.bias_gelu_linear(x, bias, weight, weight_bias, use_triton(backend, x))
 
 
