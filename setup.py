@@ -18,8 +18,9 @@ setup(
     install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy", "tqdm", "matplotlib",
                       "scikit-learn"],  # the embedded digits dataset of the default training run
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "timm", "scikit-learn", "safetensors", "transformers",
-                 "huggingface_hub"],
+        "test": ["pytest", "pytest-benchmark", "timm", "scikit-learn", "safetensors", "transformers", "peft",
+                 "onnx", "onnxruntime", "onnxscript", "huggingface_hub"],
+        "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "hub": ["huggingface_hub", "safetensors"],  # pretrained=True downloads, save_pretrained
         "flash": ["flash-attn"],
     },

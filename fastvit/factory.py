@@ -7,6 +7,7 @@ the tag's head and input size), 'hf-hub:org/name[@revision]' or 'local-dir:PATH'
 from __future__ import annotations
 
 from fastvit.convert import load_checkpoint
+from fastvit.features import features_only as wrap_features
 from fastvit.pretrained import RUNTIME_ARGS, load_pretrained, parse_model_name, read_model_config, resolve_weights
 from fastvit.registry import get_pretrained_cfg, is_model, model_entrypoint, split_model_name_tag
 
@@ -27,14 +28,17 @@ def _cfg_defaults(cfg, kwargs):
 
 
 def create_model(model_name, pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None,
-                 checkpoint_path=None, cache_dir=None, **kwargs):
+                 checkpoint_path=None, cache_dir=None, features_only=False, out_indices=3, feature_cls="getter",
+                 **kwargs):
     """Build ``model_name`` as timm does; keyword arguments override its config (None values are dropped).
 
     ``pretrained=True`` loads the tag's weights (the architecture's default tag without one) from the Hugging Face
     Hub (``pip install 'fastvit[hub]'``; cached in the standard HF cache, or ``cache_dir``) or from the
     ``local-dir:`` folder. ``checkpoint_path`` loads a local timm, torchvision, HF or .npz file instead (no
     download). ``pretrained_cfg`` (a tag or a dict) and ``pretrained_cfg_overlay`` (fields to replace) as in timm.
-    The model gets ``pretrained_cfg`` and its alias ``default_cfg``.
+    ``features_only`` returns the blocks ``out_indices`` as a feature extractor of class ``feature_cls``
+    (``fastvit.features``), built after the weights are loaded. The model gets ``pretrained_cfg`` and its alias
+    ``default_cfg`` (a feature extractor without the classifier fields, as timm's).
     """
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     source, ident = parse_model_name(model_name)
@@ -67,4 +71,8 @@ def create_model(model_name, pretrained=False, pretrained_cfg=None, pretrained_c
         load_checkpoint(model, checkpoint_path, name=arch)
     elif weights is not None:
         load_pretrained(model, cfg, weights=weights)
+    if features_only:
+        model = wrap_features(model, feature_cls, out_indices)
+        model.pretrained_cfg = model.default_cfg = {k: v for k, v in cfg.items()
+                                                    if k not in ("num_classes", "classifier", "global_pool")}
     return model

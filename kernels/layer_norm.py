@@ -125,14 +125,11 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight
     store = residual is not None or res_dtype != x.dtype
     n_rows, n_cols = x.shape
     if not use_triton:
-        # the kernel's math: the sum in fp32, rounded once to the residual's dtype, then normalised
+        # the kernel's math: the sum in fp32, rounded once to the residual's dtype, then normalised in fp32 by
+        # torch's own LayerNorm (so an fp32 model gives nn.LayerNorm's bits, as a traced or edited one does)
         res = (x.float() if residual is None else x.float() + residual.float()).to(res_dtype)
-        r = res.float()
-        mean = r.mean(-1)
-        xc = r - mean[:, None]
-        rstd = torch.rsqrt((xc * xc).mean(-1) + eps)
-        y = (xc * rstd[:, None] * weight.float() + bias.float()).to(x.dtype)
-        return y, (res if store else x.new_empty(0)), mean, rstd
+        y, mean, rstd = torch.native_layer_norm(res.float(), (n_cols,), weight.float(), bias.float(), eps)
+        return y.to(x.dtype), (res if store else x.new_empty(0)), mean.view(n_rows), rstd.view(n_rows)
     block, num_warps = _config(n_cols)
     x = _rows(x)
     residual = None if residual is None else _rows(residual)
