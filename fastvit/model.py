@@ -137,6 +137,18 @@ def checked_image(x, in_chans, img_size, stride, dynamic_img_size):
     return _validated_image(x, in_chans, img_size, stride), grid_size_for(img_size, stride)
 
 
+def residual_stream(h, dtype):
+    """``h`` in the residual stream's dtype under autocast (None: the autocast dtype), else unchanged; a torch.fx
+    leaf, so a traced model follows the autocast state it runs under."""
+    device = h.device.type
+    if torch.is_autocast_enabled(device):
+        return h.to(dtype or torch.get_autocast_dtype(device))
+    return h
+
+
+torch.fx.wrap("residual_stream")
+
+
 def embed_patches(proj, x, patch_size, pos_embed, cls_token, no_embed_class, backend):
     """z_0 from the projection ``proj`` (a stride-P conv): one fused kernel when it is a plain Conv2d of that
     geometry, otherwise ``proj(x)`` followed by the class token and position rows in torch."""
@@ -586,9 +598,7 @@ class VisionTransformer(nn.Module):
         else:  # hooked or replaced: it returns the patch tokens only, as timm's does
             h = ops.add_class_and_position(self.patch_embed(x), stem_pos, self.cls_token,
                                            not self._pos_covers_prefix)
-        if torch.is_autocast_enabled(h.device.type):
-            h = h.to(self.residual_dtype or torch.get_autocast_dtype(h.device.type))
-        h = self.pos_drop(h)
+        h = self.pos_drop(residual_stream(h, self.residual_dtype))
         if not take and last is None and self.pos_embed_at == "stem" and not runs_unmodified(self.blocks,
                                                                                                nn.Sequential):
             # a hooked or replaced container runs whole, as in timm (the tables of the other layouts go between)
