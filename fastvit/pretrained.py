@@ -26,8 +26,9 @@ SOURCES = ("hf-hub", "local-dir")
 # pretrained_cfg fields that say where weights live: not part of a saved folder's config (timm drops them too).
 _SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source")
 _KEEP_NULL = ("pool_size", "first_conv", "classifier")  # timm writes these even when None
-# Constructor arguments that place or run a model but do not describe it: never written to config.json.
-RUNTIME_ARGS = ("backend", "device", "dtype")
+# Constructor arguments that place or run a model (kernels, numerics under autocast) but do not describe its
+# weights: never written to config.json, which timm must be able to build from.
+RUNTIME_ARGS = ("backend", "residual_dtype", "device", "dtype")
 
 
 def _hub():

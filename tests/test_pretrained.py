@@ -243,7 +243,7 @@ def test_checkpoint_path_and_cfg_file_load_without_the_hub(tmp_path):
 ])
 def test_save_pretrained_writes_timms_folder(tmp_path, name, kwargs, img, steps):
     ref = timm_pair(name, **kwargs)
-    model = fastvit.create_model(name, backend="torch", **kwargs)
+    model = fastvit.create_model(name, backend="torch", residual_dtype=torch.bfloat16, **kwargs)  # not in timm
     model.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, img, img)
     for step in steps:
