@@ -1,5 +1,5 @@
 """fastvit: a drop-in, timm-compatible Vision Transformer whose hot paths are Triton kernels."""
-from fastvit import hybrid, vit_models  # noqa: F401  each model family registers its names when imported
+from fastvit import hybrid, model  # noqa: F401  each model family registers its names when imported
 from fastvit.convert import load_checkpoint
 from fastvit.factory import create_model
 from fastvit.model import Attention, Block, Mlp, PatchEmbed, VisionTransformer

@@ -15,6 +15,7 @@ torch module it was built as, with no hooks (``runs_unmodified``, checked per ca
 """
 from __future__ import annotations
 
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -23,13 +24,14 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.utils.checkpoint import checkpoint
 
 from fastvit import ops
+from fastvit.registry import register_model
 from fastvit.kernels.flash_attention import num_relative_positions
 from fastvit.resample import (_pair, resample_abs_pos_embed, resample_patch_embed, resample_pos_embed_1d,
                               resample_rel_pos_table)
 
 POS_EMBEDS = ("learn", "learn_2d", "none", "rel")
 POS_EMBED_AT = ("stem", "every_layer", "every_layer_shared")
-RESIDUAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, None)
+RESIDUAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, "autocast")
 GLOBAL_POOLS = ("token", "avg", "")
 
 
@@ -138,11 +140,11 @@ def checked_image(x, in_chans, img_size, stride, dynamic_img_size):
 
 
 def residual_stream(h, dtype):
-    """``h`` in the residual stream's dtype under autocast (None: the autocast dtype), else unchanged; a torch.fx
-    leaf, so a traced model follows the autocast state it runs under."""
+    """``h`` in the residual stream's dtype under autocast ('autocast': the autocast dtype), else unchanged; a
+    torch.fx leaf, so a traced model follows the autocast state it runs under."""
     device = h.device.type
     if torch.is_autocast_enabled(device):
-        return h.to(dtype or torch.get_autocast_dtype(device))
+        return h.to(torch.get_autocast_dtype(device) if dtype == "autocast" else dtype)
     return h
 
 
@@ -375,8 +377,8 @@ class VisionTransformer(nn.Module):
     pos_embed_at: 'stem' (added once to z_0), 'every_layer' (a separate table added before each block),
     'every_layer_shared' (one table added before every block). backend: 'auto' | 'torch' | 'triton'.
     residual_dtype: the dtype of the residual stream z under autocast: float32 (default: the sums, LayerNorm
-    inputs and what backward keeps of them stay fp32), bfloat16 / float16, or None for the autocast dtype (16-bit
-    saves 4 D bytes per token per block and rounds every residual add).
+    inputs and what backward keeps of them stay fp32), bfloat16 / float16, or 'autocast' for the autocast dtype
+    (16-bit saves 4 D bytes per token per block and rounds every residual add).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
@@ -643,3 +645,20 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
+
+
+# ---- registry: timm's ViT names ----------------------------------------------------------------------------------
+# The paper's Table 1 sizes plus timm's tiny and small, as (embed_dim, depth, num_heads); heads, image sizes and the
+# rest come from each name's pretrained config (``fastvit.registry``), as in timm.
+SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
+         "huge": (1280, 32, 16)}
+VARIANTS = [(size, patch, img) for size in ("tiny", "small", "base", "large") for patch, img in
+            [(16, 224), (16, 384)]] + [(size, 32, img) for size in ("base", "large") for img in (224, 384)] + \
+           [("huge", 14, 224)]
+
+for _size, _patch, _img in VARIANTS:
+    _dim, _depth, _heads = SIZES[_size]
+    register_model(f"vit_{_size}_patch{_patch}_{_img}",
+                   partial(VisionTransformer, img_size=_img, patch_size=_patch, embed_dim=_dim, depth=_depth,
+                           num_heads=_heads),
+                   module="vision_transformer")

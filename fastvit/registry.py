@@ -1,6 +1,6 @@
 """Model names -> constructors, and timm's pretrained configs per tag (``name.tag``), with timm's lookup functions.
 
-A leaf module: model families import it to register their names where they are defined (``fastvit.vit_models``,
+A leaf module: model families import it to register their names where they are defined (``fastvit.model``,
 ``fastvit.hybrid``); building a model from a name is ``fastvit.factory``, weights are ``fastvit.pretrained``.
 The configs are facts copied from timm into ``pretrained_cfgs.json`` by ``scripts/gen_pretrained_cfgs.py``; a name
 registered without configs gets timm's default config fields.

@@ -105,7 +105,7 @@ def test_b16_fastvit_against_timm_and_the_quoted_145_mib():
     assert (counted.activation_bytes + counted.weight_bytes) / 2 / MIB == pytest.approx(145.6, abs=0.1)
 
 
-@pytest.mark.parametrize("residual_dtype, per_dim", [(torch.float32, 24), (torch.bfloat16, 20), (None, 20)])
+@pytest.mark.parametrize("residual_dtype, per_dim", [(torch.float32, 24), (torch.bfloat16, 20), ("autocast", 20)])
 def test_residual_dtype_sets_the_bytes_kept_per_block(residual_dtype, per_dim):
     """A 16-bit residual stream keeps each LayerNorm's input at 2 bytes instead of 4: 20 D instead of 24 D."""
     dim, heads, batch, tokens = 64, 2, 3, 17
