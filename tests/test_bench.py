@@ -49,7 +49,7 @@ def test_numerics_smoke(tmp_path):
     rows = data["rows"]
     ops = {r["name"] for r in rows if r["kind"] == "op"}
     assert ops == {"patch_embed", "add_layer_norm", "bias_gelu", "attention", "add_layer_norm_linear",
-                   "bias_gelu_linear"}
+                   "bias_gelu_linear", "ln_matmul", "gelu_matmul", "linear_residual"}
     assert {(r["dtype"], r["direction"]) for r in rows if r["kind"] == "op"} == {
         (d, p) for d in ("fp32", "fp16", "bf16") for p in ("fwd", "bwd")}
     assert {r["dtype"] for r in rows if r["kind"] == "model" and r["name"] == "tiny"} == {"fp32", "fp16", "bf16"}
