@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _helpers import PretendCuda as _PretendCuda
 from _helpers import assert_compiled_matches_eager
+from _helpers import tuner  # noqa: F401  (a fixture)
 
 from fastvit import autotune, ops
 from fastvit.kernels import gelu_matmul, ln_matmul, matmul_residual
@@ -120,37 +122,25 @@ def test_compile_fullgraph_matches_eager():
 
 # ---- dispatch: fastvit.ops picks the fused GEMM only where measured faster on a GPU -----------------------------
 
-class _PretendCuda(torch.Tensor):
-    @property
-    def is_cuda(self):
-        return True
-
-
 @pytest.fixture
-def tuner(monkeypatch, tmp_path):
-    """A clean tuner on a pretend GPU (cache in tmp_path) whose timings are planted per implementation: each
-    measurement runs the runner once (so it must work) and records which implementation it ran, grad mode off."""
-    monkeypatch.setenv("FASTVIT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(autotune, "_environment", lambda index: ("Fake GPU", torch.__version__, "0"))
-    monkeypatch.setattr(autotune, "can_measure", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+def timed(tuner, monkeypatch):
+    """The pretend-GPU tuner with timings planted per implementation: each measurement runs the runner once (so
+    it must work), which records the implementation it ran and whether grad mode was on."""
     times, runs = {}, []
 
     def measure(runner):
         runner()
         return times[runs[-1][0]]
     monkeypatch.setattr(autotune, "time_cuda", measure)
-    autotune.clear()
-    yield times, runs
-    autotune.clear()
+    return times, runs
 
 
 def _recorder(runs):
     return lambda impl: runs.append((impl, torch.is_grad_enabled()))
 
 
-def test_the_faster_implementation_is_chosen_once_per_shape(tuner):
-    times, runs = tuner
+def test_the_faster_implementation_is_chosen_once_per_shape(timed):
+    times, runs = timed
     times.update({"ln+cublas": 2.0, "ln_gemm": 1.0})
     x, w = torch.randn(2, 5, 64).as_subclass(_PretendCuda), torch.randn(96, 64)
     assert ops.gemm_impl("add_layer_norm_linear", x, w, True, (), _recorder(runs)) == "ln_gemm"
@@ -163,8 +153,8 @@ def test_the_faster_implementation_is_chosen_once_per_shape(tuner):
     assert len(runs) == 4
 
 
-def test_unfused_where_nothing_may_be_measured(tuner, monkeypatch):
-    times, runs = tuner
+def test_unfused_where_nothing_may_be_measured(timed, monkeypatch):
+    times, runs = timed
     gpu_x, w = torch.randn(2, 5, 64).as_subclass(_PretendCuda), torch.randn(96, 64)
     assert ops.gemm_impl("bias_gelu_linear", torch.randn(2, 5, 64), w, True, (), _recorder(runs)) == "gelu+cublas"
     assert ops.gemm_impl("bias_gelu_linear", gpu_x, w, False, (), _recorder(runs)) == "gelu+cublas"  # torch backend
@@ -174,10 +164,10 @@ def test_unfused_where_nothing_may_be_measured(tuner, monkeypatch):
     assert runs == []
 
 
-def test_a_fused_gemm_that_cannot_run_is_no_candidate(tuner):
+def test_a_fused_gemm_that_cannot_run_is_no_candidate(timed):
     """The real runner of ln_gemm on CPU tensors cannot launch its kernel here (no GPU, no interpreter): the
     measurement skips it and the unfused path, which does run, is chosen."""
-    times, runs = tuner
+    times, runs = timed
     times.update({"ln+cublas": 2.0, "ln_gemm": 1.0})
     x, r, w, b, lw = (t.detach() for t in _leaves((2, 5, 64), (2, 5, 64), (64,), (64,), (96, 64)))
     x = x.as_subclass(_PretendCuda)
