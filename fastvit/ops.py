@@ -168,7 +168,7 @@ GEMM_IMPLS = {"add_layer_norm_linear": ("ln+cublas", "ln_gemm"), "bias_gelu_line
               "linear_residual": ("cublas+add", "gemm_residual")}
 
 
-def gemm_impl(op, x, weight, triton, extra_fields=(), run=None) -> str:
+def gemm_impl(op, x, weight, triton, extra_fields, run) -> str:
     """Which of ``GEMM_IMPLS[op]`` runs a call with input ``x`` (any leading shape) and (N, K) ``weight``.
 
     The fused GEMM is a candidate only where the Triton kernels run on a GPU (``triton``) outside torch.compile /

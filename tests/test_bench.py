@@ -66,6 +66,25 @@ def test_numerics_smoke(tmp_path):
     assert len(data["fastvit_vs_timm"]) == 3 and data["env"]["triton_interpret"]
 
 
+def test_gemm_smoke(tmp_path):
+    """Under the interpreter: every GEMM with a fused variant timed both ways, consistent speed-ups and winners,
+    and the two paths agree to fp16 rounding."""
+    out = _run([sys.executable, "bench/gemm.py", "--interpret", "--smoke", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "gemm.json").read_text())
+    assert (tmp_path / "gemm.md").read_text().startswith("# Fused GEMMs")
+    rows = data["rows"]
+    assert [r["gemm"] for r in rows] == ["qkv", "fc1", "fc2", "proj", "fc2+r"] and "wrote" in out
+    for r in rows:
+        unfused, fused = {"add_layer_norm_linear": ("ln+cublas", "ln_gemm"),
+                          "bias_gelu_linear": ("gelu+cublas", "gelu_gemm"),
+                          "linear_residual": ("cublas+add", "gemm_residual")}[r["op"]]
+        for impl in (unfused, fused):
+            assert _positive_float(r[impl]["fwd_s"]) and _positive_float(r[impl]["fwd_bwd_s"])
+        assert r["speedup_fwd"] == pytest.approx(r[unfused]["fwd_s"] / r[fused]["fwd_s"])
+        assert r["winner"] == (fused if r["speedup_fwd"] > 1 else unfused)
+        assert r["max_abs_diff"] < 1e-2, r
+
+
 def test_memory_smoke(tmp_path):
     _run([sys.executable, "bench/memory.py", "--models", "tiny,mini", "--batch", "2", "--no-gpu",
           "--out", str(tmp_path)])
