@@ -246,24 +246,23 @@ class HybridEmbed(nn.Module):
                              self.backend)
 
 
-# ---- registry: timm's hybrid names and defaults ------------------------------------------------------------------
-def _hybrid_builder(layers, embed_dim, depth, num_heads, img_size, num_classes):
+# ---- registry: timm's hybrid names (vision_transformer_hybrid.py); heads come from the pretrained configs -----
+def _hybrid_builder(layers, embed_dim, depth, num_heads, img_size):
     def build(**kwargs):
         backbone = ResNetV2(layers, in_chans=kwargs.get("in_chans", 3))
-        cfg = dict(img_size=img_size, patch_size=1, num_classes=num_classes, embed_dim=embed_dim, depth=depth,
-                   num_heads=num_heads, embed_layer=partial(HybridEmbed, backbone=backbone))
+        cfg = dict(img_size=img_size, patch_size=1, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                   embed_layer=partial(HybridEmbed, backbone=backbone))
         return VisionTransformer(**{**cfg, **kwargs})
     return build
 
 
-# timm's default tag for vit_base_r50_s16_224 is the headless in21k checkpoint, so timm builds it without a head.
 for _name, _args in {
-    "vit_base_r50_s16_224": ((3, 4, 9), 768, 12, 12, 224, 0),
-    "vit_base_r50_s16_384": ((3, 4, 9), 768, 12, 12, 384, 1000),
-    "vit_large_r50_s32_224": ((3, 4, 6, 3), 1024, 24, 16, 224, 1000),
-    "vit_large_r50_s32_384": ((3, 4, 6, 3), 1024, 24, 16, 384, 1000),
+    "vit_base_r50_s16_224": ((3, 4, 9), 768, 12, 12, 224),
+    "vit_base_r50_s16_384": ((3, 4, 9), 768, 12, 12, 384),
+    "vit_large_r50_s32_224": ((3, 4, 6, 3), 1024, 24, 16, 224),
+    "vit_large_r50_s32_384": ((3, 4, 6, 3), 1024, 24, 16, 384),
 }.items():
-    register_model(_name, _hybrid_builder(*_args))
+    register_model(_name, _hybrid_builder(*_args), module="vision_transformer_hybrid")
 
 
 # ---- original JAX (.npz) layout ----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ torch module it was built as, with no hooks (``runs_unmodified``, checked per ca
 """
 from __future__ import annotations
 
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -23,12 +24,14 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.utils.checkpoint import checkpoint
 
 from fastvit import ops
+from fastvit.registry import register_model
 from fastvit.kernels.flash_attention import num_relative_positions
 from fastvit.resample import (_pair, resample_abs_pos_embed, resample_patch_embed, resample_pos_embed_1d,
                               resample_rel_pos_table)
 
 POS_EMBEDS = ("learn", "learn_2d", "none", "rel")
 POS_EMBED_AT = ("stem", "every_layer", "every_layer_shared")
+RESIDUAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, "autocast")
 GLOBAL_POOLS = ("token", "avg", "")
 
 
@@ -134,6 +137,18 @@ def checked_image(x, in_chans, img_size, stride, dynamic_img_size):
     if dynamic_img_size:
         return x, image_grid_size(x, in_chans, img_size, stride, True)
     return _validated_image(x, in_chans, img_size, stride), grid_size_for(img_size, stride)
+
+
+def residual_stream(h, dtype):
+    """``h`` in the residual stream's dtype under autocast ('autocast': the autocast dtype), else unchanged; a
+    torch.fx leaf, so a traced model follows the autocast state it runs under."""
+    device = h.device.type
+    if torch.is_autocast_enabled(device):
+        return h.to(torch.get_autocast_dtype(device) if dtype == "autocast" else dtype)
+    return h
+
+
+torch.fx.wrap("residual_stream")
 
 
 def embed_patches(proj, x, patch_size, pos_embed, cls_token, no_embed_class, backend):
@@ -361,13 +376,16 @@ class VisionTransformer(nn.Module):
     concatenated per patch), 'none', 'rel' (learned relative-position attention bias per head).
     pos_embed_at: 'stem' (added once to z_0), 'every_layer' (a separate table added before each block),
     'every_layer_shared' (one table added before every block). backend: 'auto' | 'torch' | 'triton'.
+    residual_dtype: the dtype of the residual stream z under autocast: float32 (default: the sums, LayerNorm
+    inputs and what backward keeps of them stay fp32), bfloat16 / float16, or 'autocast' for the autocast dtype
+    (16-bit saves 4 D bytes per token per block and rounds every residual add).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
                  embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, init_values=None,
                  class_token=True, pos_embed="learn", no_embed_class=False, fc_norm=None, dynamic_img_size=False,
                  drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
-                 embed_layer=PatchEmbed, pos_embed_at="stem", backend="auto"):
+                 embed_layer=PatchEmbed, pos_embed_at="stem", backend="auto", residual_dtype=torch.float32):
         super().__init__()
         pos_embed = "none" if pos_embed == "" else pos_embed
         _check_choice("global_pool", global_pool, GLOBAL_POOLS)
@@ -391,6 +409,9 @@ class VisionTransformer(nn.Module):
         self.pos_embed_at = pos_embed_at
         self.grad_checkpointing = False
         self.backend = backend
+        if residual_dtype not in RESIDUAL_DTYPES:
+            raise ValueError(f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {residual_dtype!r}")
+        self.residual_dtype = residual_dtype
 
         self.patch_embed = embed_layer(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                        embed_dim=embed_dim, bias=True, dynamic_img_size=dynamic_img_size)
@@ -579,7 +600,7 @@ class VisionTransformer(nn.Module):
         else:  # hooked or replaced: it returns the patch tokens only, as timm's does
             h = ops.add_class_and_position(self.patch_embed(x), stem_pos, self.cls_token,
                                            not self._pos_covers_prefix)
-        h = self.pos_drop(h)
+        h = self.pos_drop(residual_stream(h, self.residual_dtype))
         if not take and last is None and self.pos_embed_at == "stem" and not runs_unmodified(self.blocks,
                                                                                                nn.Sequential):
             # a hooked or replaced container runs whole, as in timm (the tables of the other layouts go between)
@@ -591,7 +612,7 @@ class VisionTransformer(nn.Module):
                 pos = self.position_table(grid, i if self.pos_embed_at == "every_layer" else 0)
                 if not self._pos_covers_prefix:
                     pos = F.pad(pos, (0, 0, self.num_prefix_tokens, 0))
-                h = h + pos
+                h = h + pos.to(h.dtype)
             # otherwise the block is called as a module (its hooks fire) on the evaluated sum
             if output_may_fuse(block, Block):
                 h, residual = self._checkpointed(block.forward_pair, h, residual, grid)
@@ -624,3 +645,20 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
+
+
+# ---- registry: timm's ViT names ----------------------------------------------------------------------------------
+# The paper's Table 1 sizes plus timm's tiny and small, as (embed_dim, depth, num_heads); heads, image sizes and the
+# rest come from each name's pretrained config (``fastvit.registry``), as in timm.
+SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
+         "huge": (1280, 32, 16)}
+VARIANTS = [(size, patch, img) for size in ("tiny", "small", "base", "large") for patch, img in
+            [(16, 224), (16, 384)]] + [(size, 32, img) for size in ("base", "large") for img in (224, 384)] + \
+           [("huge", 14, 224)]
+
+for _size, _patch, _img in VARIANTS:
+    _dim, _depth, _heads = SIZES[_size]
+    register_model(f"vit_{_size}_patch{_patch}_{_img}",
+                   partial(VisionTransformer, img_size=_img, patch_size=_patch, embed_dim=_dim, depth=_depth,
+                           num_heads=_heads),
+                   module="vision_transformer")
