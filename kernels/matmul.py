@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from fastvit.kernels._launch import cdiv
-from fastvit.kernels._report import KernelSpec
+from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
 
 PROLOGUES = ("none", "layer_norm", "bias_gelu")
 _SQRT1_2 = tl.constexpr(1.0 / math.sqrt(2.0))
@@ -196,7 +196,6 @@ def aot_spec(name, dtype, prologue, a_type, out_type, has_bias, has_residual, re
     """KernelSpec of one variant for the report: A of ``a_type`` ("*bf16", "*fp32", ...), weights of ``dtype``
     ("fp16"/"bf16"), fp32 bias and LayerNorm parameters as under AMP; K a multiple of the K block (every ViT width),
     every row stride and N, K multiples of 16, M (batch x tokens) not."""
-    from fastvit.kernels._report import TORCH_DTYPES
     tiles = config(TORCH_DTYPES[dtype], prologue, TORCH_DTYPES[a_type[1:]])
     unused = out_type
     sig = {"A": a_type, "W": f"*{dtype}", "OUT": out_type, "BIAS": "*fp32" if has_bias else unused,
