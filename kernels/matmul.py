@@ -157,6 +157,7 @@ def fused_matmul(a, weight, out_dtype, bias=None, residual=None, prologue="none"
         return out
     tiles = config(weight.dtype, prologue, a.dtype)
     residual = None if residual is None else _rows(residual)
+    bias = None if bias is None else bias.contiguous()
     grid = (cdiv(m, tiles.block_m) * cdiv(n, tiles.block_n),)
     _fused_matmul_kernel[grid](
         a, weight, out, out if bias is None else bias, out if residual is None else residual,

@@ -214,3 +214,21 @@ def test_statistics_pass_bf16(residual_mode):
         stored = res.double()
     torch.testing.assert_close(mean.double(), stored.mean(1), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(rstd.double(), 1 / (stored.var(1, unbiased=False) + EPS).sqrt(), atol=0, rtol=1e-5)
+
+
+def test_strided_inputs():
+    """x a column slice (row stride > K), W a transposed view and biases every other element of a longer tensor,
+    for each op; matches torch."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(40, 112, generator=g)[:, 8:88]
+    r = torch.randn(40, 80, generator=g)
+    w = (0.1 * torch.randn(80, 48, generator=g)).t()
+    b = torch.randn(96, generator=g)[::2]
+    b1 = torch.randn(160, generator=g)[::2]
+    nw, nb = 1 + 0.1 * torch.randn(80, generator=g), 0.1 * torch.randn(80, generator=g)
+    got, want = ln_matmul(x, r, nw, nb, w, b, EPS, False, True), ln_matmul_ref(x, r, nw, nb, w, b, EPS)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gelu_matmul(x, b1, w, b, True), gelu_matmul_ref(x, b1, w, b), atol=1e-5, rtol=1e-5)
+    res = torch.randn(48, 40, generator=g).t()
+    torch.testing.assert_close(matmul_residual(x, w, b, res, True), matmul_residual_ref(x, w, b, res), atol=1e-5,
+                               rtol=1e-5)
