@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Numerical error of fastvit's fused ops and whole models, next to PyTorch's own error in the same dtype.
 
-For every op (patch_embed, add_layer_norm, bias_gelu, attention, through ``fastvit.ops``) and every model (a tiny
+For every op (patch_embed, add_layer_norm, bias_gelu, attention and the composites, through ``fastvit.ops``; the
+fused GEMMs ln_matmul, gelu_matmul and linear_residual called directly, since ``fastvit.ops`` runs them only where
+measured faster on a GPU) and every model (a tiny
 config and ViT-B/16 at batch 1), in fp32, fp16 and bf16: the max abs and mean relative error of fastvit against a
 torch reference computed in higher precision (fp32 for the fp16/bf16 rows, fp64 for the fp32 rows, since an fp32
 reference cannot grade fp32), beside the error of plain PyTorch in the same dtype. A row passes when fastvit's
@@ -35,10 +37,14 @@ import torch.nn.functional as F  # noqa: E402
 from fastvit import ops  # noqa: E402
 from fastvit.kernels.bias_gelu import bias_gelu_ref  # noqa: E402
 from fastvit.kernels.flash_attention import attention_ref  # noqa: E402
+from fastvit.kernels.gelu_matmul import gelu_matmul  # noqa: E402
 from fastvit.kernels.layer_norm import add_layer_norm_ref  # noqa: E402
+from fastvit.kernels.ln_matmul import ln_matmul  # noqa: E402
+from fastvit.kernels.matmul_residual import matmul_residual  # noqa: E402
 from fastvit.kernels.patch_embed import patch_embed_ref  # noqa: E402
 
-OPS = ("patch_embed", "add_layer_norm", "bias_gelu", "attention", "add_layer_norm_linear", "bias_gelu_linear")
+OPS = ("patch_embed", "add_layer_norm", "bias_gelu", "attention", "add_layer_norm_linear", "bias_gelu_linear",
+       "ln_matmul", "gelu_matmul", "linear_residual")
 MODEL_BATCH = {"tiny": 2}  # every other model runs at batch 1 (fp16 matmuls are slow on CPU)
 PASS_RATIO = 2.0
 _TINY = 1e-30
@@ -99,8 +105,9 @@ def bias_gelu_case(gen, batch, tokens, dim):
     return _case("bias_gelu", f"({batch},{tokens},{dim})", inputs, list(inputs), fv, ref)
 
 
-def add_layer_norm_linear_case(gen, batch, tokens, dim, out_dim, linear_bias):
-    """LayerNorm(x + residual) followed by the next projection (qkv with bias, fc1 without), as the block runs it."""
+def add_layer_norm_linear_case(gen, batch, tokens, dim, out_dim, linear_bias, fused=False):
+    """LayerNorm(x + residual) followed by the next projection (qkv with bias, fc1 without), as the block runs it;
+    ``fused``: the LayerNorm inside our GEMM (``ln_matmul``), the Triton kernels on ``backend="triton"``."""
     inputs = {"x": torch.randn(batch, tokens, dim, generator=gen),
               "residual": torch.randn(batch, tokens, dim, generator=gen),
               "norm_weight": 1 + 0.1 * torch.randn(dim, generator=gen),
@@ -110,30 +117,52 @@ def add_layer_norm_linear_case(gen, batch, tokens, dim, out_dim, linear_bias):
         inputs["bias"] = 0.02 * torch.randn(out_dim, generator=gen)
 
     def fv(t, backend):
-        return ops.add_layer_norm_linear(t["x"], t["residual"], t["norm_weight"], t["norm_bias"], t["weight"],
-                                         t.get("bias"), 1e-6, backend=backend)
+        args = (t["x"], t["residual"], t["norm_weight"], t["norm_bias"], t["weight"], t.get("bias"), 1e-6)
+        if fused:
+            return ln_matmul(*args, False, backend == "triton")
+        return ops.add_layer_norm_linear(*args, backend=backend)
 
     def ref(t):
         y, res = add_layer_norm_ref(t["x"], t["residual"], t["norm_weight"], t["norm_bias"], 1e-6)
         return F.linear(y, t["weight"], t.get("bias")), res
 
     label = f"({batch},{tokens},{dim})->{out_dim}" + ("" if linear_bias else " no bias")
-    return _case("add_layer_norm_linear", label, inputs, list(inputs), fv, ref)
+    return _case("ln_matmul" if fused else "add_layer_norm_linear", label, inputs, list(inputs), fv, ref)
 
 
-def bias_gelu_linear_case(gen, batch, tokens, dim, out_dim):
-    """GELU(x + b1) followed by fc2, as the MLP runs it."""
+def bias_gelu_linear_case(gen, batch, tokens, dim, out_dim, fused=False):
+    """GELU(x + b1) followed by fc2, as the MLP runs it; ``fused``: the GELU inside our GEMM (``gelu_matmul``)."""
     inputs = {"x": torch.randn(batch, tokens, dim, generator=gen), "bias": torch.randn(dim, generator=gen),
               "weight": 0.02 * torch.randn(out_dim, dim, generator=gen),
               "weight_bias": 0.02 * torch.randn(out_dim, generator=gen)}
 
     def fv(t, backend):
-        return (ops.bias_gelu_linear(t["x"], t["bias"], t["weight"], t["weight_bias"], backend=backend),)
+        args = (t["x"], t["bias"], t["weight"], t["weight_bias"])
+        if fused:
+            return (gelu_matmul(*args, backend == "triton"),)
+        return (ops.bias_gelu_linear(*args, backend=backend),)
 
     def ref(t):
         return (F.linear(bias_gelu_ref(t["x"], t["bias"]), t["weight"], t["weight_bias"]),)
 
-    return _case("bias_gelu_linear", f"({batch},{tokens},{dim})->{out_dim}", inputs, list(inputs), fv, ref)
+    return _case("gelu_matmul" if fused else "bias_gelu_linear", f"({batch},{tokens},{dim})->{out_dim}", inputs,
+                 list(inputs), fv, ref)
+
+
+def linear_residual_case(gen, batch, tokens, dim, out_dim):
+    """A Linear and the residual add after it (proj, fc2) in our GEMM's epilogue (``matmul_residual``)."""
+    inputs = {"x": torch.randn(batch, tokens, dim, generator=gen),
+              "weight": 0.02 * torch.randn(out_dim, dim, generator=gen),
+              "bias": 0.02 * torch.randn(out_dim, generator=gen),
+              "residual": torch.randn(batch, tokens, out_dim, generator=gen)}
+
+    def fv(t, backend):
+        return (matmul_residual(t["x"], t["weight"], t["bias"], t["residual"], backend == "triton"),)
+
+    def ref(t):
+        return (F.linear(t["x"], t["weight"], t["bias"]) + t["residual"],)
+
+    return _case("linear_residual", f"({batch},{tokens},{dim})->{out_dim}", inputs, list(inputs), fv, ref)
 
 
 def attention_case(gen, batch, tokens, heads, head_dim):
@@ -156,7 +185,7 @@ def attention_case(gen, batch, tokens, heads, head_dim):
 def op_cases(quick, seed):
     """ViT-B/16 and ViT-H/14 shapes (widths 768/3072/1280/5120, head dims 64/80); ``quick`` keeps fewer tokens,
     one patch embedding (the interpreter is slowest there) and one shape of each composite op (LayerNorm + qkv,
-    LayerNorm + fc1, GELU + fc2)."""
+    LayerNorm + fc1, GELU + fc2), and of each fused GEMM."""
     gen = torch.Generator().manual_seed(seed)
     if quick:
         return [patch_embed_case(gen, 1, 64, 16, 768),
@@ -165,7 +194,9 @@ def op_cases(quick, seed):
                 attention_case(gen, 1, 37, 2, 64), attention_case(gen, 1, 17, 2, 80),
                 add_layer_norm_linear_case(gen, 1, 17, 768, 2304, True),
                 add_layer_norm_linear_case(gen, 1, 17, 768, 3072, False),
-                bias_gelu_linear_case(gen, 1, 17, 3072, 768)]
+                bias_gelu_linear_case(gen, 1, 17, 3072, 768),
+                add_layer_norm_linear_case(gen, 1, 17, 768, 768, True, fused=True),
+                bias_gelu_linear_case(gen, 1, 17, 3072, 768, fused=True), linear_residual_case(gen, 1, 17, 768, 768)]
     return [patch_embed_case(gen, 2, 224, 16, 768), patch_embed_case(gen, 1, 224, 14, 1280),
             add_layer_norm_case(gen, 2, 197, 768), add_layer_norm_case(gen, 1, 257, 1280),
             bias_gelu_case(gen, 2, 197, 3072), bias_gelu_case(gen, 1, 257, 5120),
@@ -173,7 +204,13 @@ def op_cases(quick, seed):
             add_layer_norm_linear_case(gen, 2, 197, 768, 2304, True),
             add_layer_norm_linear_case(gen, 2, 197, 768, 3072, False),
             add_layer_norm_linear_case(gen, 1, 257, 1280, 3840, True),
-            bias_gelu_linear_case(gen, 2, 197, 3072, 768), bias_gelu_linear_case(gen, 1, 257, 5120, 1280)]
+            bias_gelu_linear_case(gen, 2, 197, 3072, 768), bias_gelu_linear_case(gen, 1, 257, 5120, 1280),
+            add_layer_norm_linear_case(gen, 2, 197, 768, 2304, True, fused=True),
+            add_layer_norm_linear_case(gen, 2, 197, 768, 3072, False, fused=True),
+            add_layer_norm_linear_case(gen, 1, 257, 1280, 3840, True, fused=True),
+            bias_gelu_linear_case(gen, 2, 197, 3072, 768, fused=True),
+            bias_gelu_linear_case(gen, 1, 257, 5120, 1280, fused=True),
+            linear_residual_case(gen, 2, 197, 768, 768), linear_residual_case(gen, 2, 197, 3072, 768)]
 
 
 # ---- running and grading ---------------------------------------------------------------------------------------
@@ -232,7 +269,7 @@ def run_op(case, dtype, requested, device, seed):
     seconds = time.perf_counter() - t0
 
     rows = []
-    names = ["y", "residual"] if case["op"].startswith("add_layer_norm") else ["out"]
+    names = ["y", "residual"] if case["op"].startswith(("add_layer_norm", "ln_matmul")) else ["out"]
     for direction, fv, tr, ref in (("fwd", dict(zip(names, fv_out)), dict(zip(names, torch_out)),
                                     dict(zip(names, ref_out))),
                                    ("bwd", {f"d{k}": v for k, v in fv_grad.items()},

@@ -2,7 +2,8 @@
 
 The model calls only these functions for patch embedding, residual add + LayerNorm, bias + GELU and attention
 (plus two composites, LayerNorm + Linear and GELU + Linear, that recompute the LayerNorm / GELU output in backward
-instead of saving it). Each takes ``backend``:
+instead of saving it, and on a GPU may run them inside our GEMMs; ``linear_residual`` adds a Linear's residual in
+its GEMM). Each takes ``backend``:
 
 - ``"torch"``: the op's torch fallback (plain PyTorch math);
 - ``"triton"``: our Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
@@ -21,7 +22,11 @@ import torch.nn.functional as F
 from fastvit import autotune
 from fastvit.kernels import bias_gelu as _bias_gelu
 from fastvit.kernels import flash_attention as _flash_attention
+from fastvit.kernels import gelu_matmul as _gelu_matmul
 from fastvit.kernels import layer_norm as _layer_norm
+from fastvit.kernels import ln_matmul as _ln_matmul
+from fastvit.kernels import matmul as _matmul
+from fastvit.kernels import matmul_residual as _matmul_residual
 from fastvit.kernels import patch_embed as _patch_embed
 
 BACKENDS = ("auto", "torch", "triton")
@@ -101,19 +106,90 @@ def bias_gelu(x, bias, backend="auto"):
 
 def add_layer_norm_linear(x, residual, norm_weight, norm_bias, weight, bias=None, eps=1e-6,
                           residual_in_fp32=False, backend="auto"):
-    """(LayerNorm(x + residual) W^T + b, x + residual), saving only what ``add_layer_norm`` saves."""
+    """(LayerNorm(x + residual) W^T + b, x + residual), saving only what ``add_layer_norm`` saves.
+
+    Where the Triton kernels run on a GPU, the LayerNorm either runs on its own before cuBLAS ("ln+cublas") or
+    inside our GEMM's loads ("ln_gemm", ``kernels/ln_matmul.py``), whichever was measured faster for this call
+    shape (:func:`gemm_impl`)."""
     if _exporting_torch(backend, x):
         y, new_residual = _layer_norm.add_layer_norm_ref(x, residual, norm_weight, norm_bias, eps, residual_in_fp32)
         return F.linear(y, weight, bias), new_residual
-    return _layer_norm.add_layer_norm_linear(x, residual, norm_weight, norm_bias, weight, bias, eps,
-                                             residual_in_fp32, use_triton(backend, x))
+    args = (x, residual, norm_weight, norm_bias, weight, bias, eps, residual_in_fp32, use_triton(backend, x))
+    extra = (("residual", None if residual is None else str(residual.dtype)), ("residual_in_fp32", residual_in_fp32),
+             ("bias", bias is not None))
+    impl = gemm_impl("add_layer_norm_linear", x, weight, args[-1], extra, functools.partial(_run_ln_linear, args))
+    return _run_ln_linear(args, impl)
+
+
+def _run_ln_linear(args, impl):
+    fn = _ln_matmul.ln_matmul if impl == "ln_gemm" else _layer_norm.add_layer_norm_linear
+    return fn(*args)
 
 
 def bias_gelu_linear(x, bias, weight, weight_bias=None, backend="auto"):
-    """GELU(x + bias) W^T + b, saving only the pre-activation x (as ``bias_gelu`` does)."""
+    """GELU(x + bias) W^T + b, saving only the pre-activation x (as ``bias_gelu`` does).
+
+    On a GPU with the Triton kernels: the bias + GELU kernel before cuBLAS ("gelu+cublas") or inside our GEMM's
+    loads ("gelu_gemm", ``kernels/gelu_matmul.py``), whichever was measured faster (:func:`gemm_impl`)."""
     if _exporting_torch(backend, x):
         return F.linear(_bias_gelu.bias_gelu_ref(x, bias), weight, weight_bias)
-    return _bias_gelu.bias_gelu_linear(x, bias, weight, weight_bias, use_triton(backend, x))
+    args = (x, bias, weight, weight_bias, use_triton(backend, x))
+    impl = gemm_impl("bias_gelu_linear", x, weight, args[-1], (("bias", weight_bias is not None),),
+                     functools.partial(_run_gelu_linear, args))
+    return _run_gelu_linear(args, impl)
+
+
+def _run_gelu_linear(args, impl):
+    fn = _gelu_matmul.gelu_matmul if impl == "gelu_gemm" else _bias_gelu.bias_gelu_linear
+    return fn(*args)
+
+
+def linear_residual(x, weight, bias, residual, backend="auto"):
+    """x W^T + b + residual: a Linear (attention's proj, the MLP's fc2) and the residual add after it.
+
+    On a GPU with the Triton kernels: cuBLAS and a separate add ("cublas+add") or our GEMM adding bias and residual
+    before its store ("gemm_residual", ``kernels/matmul_residual.py``), whichever was measured faster
+    (:func:`gemm_impl`); elsewhere, and with ``backend="torch"``, ``F.linear(x, W, b) + residual``."""
+    args = (x, weight, bias, residual, use_triton(backend, x))
+    impl = gemm_impl("linear_residual", x, weight, args[-1],
+                     (("residual", str(residual.dtype)), ("bias", bias is not None)),
+                     functools.partial(_run_linear_residual, args))
+    return _run_linear_residual(args, impl)
+
+
+def _run_linear_residual(args, impl):
+    if impl == "gemm_residual":
+        return _matmul_residual.matmul_residual(*args)
+    return _matmul_residual.matmul_residual_ref(*args[:-1])
+
+
+# per op: (the unfused path, the fused GEMM); the first is the static choice
+GEMM_IMPLS = {"add_layer_norm_linear": ("ln+cublas", "ln_gemm"), "bias_gelu_linear": ("gelu+cublas", "gelu_gemm"),
+              "linear_residual": ("cublas+add", "gemm_residual")}
+
+
+def gemm_impl(op, x, weight, triton, extra_fields, run) -> str:
+    """Which of ``GEMM_IMPLS[op]`` runs a call with input ``x`` (any leading shape) and (N, K) ``weight``.
+
+    The fused GEMM is a candidate only where the Triton kernels run on a GPU (``triton``) outside torch.compile /
+    export tracing: there the two are timed once per (GPU, dtypes, rows, K, N, ``extra_fields``) on the call's own
+    inputs, forward only (both share their backward), and the faster is cached (``fastvit.autotune``); everywhere
+    else the unfused path. ``run(impl)`` runs the op once with ``impl``.
+    """
+    unfused, fused = GEMM_IMPLS[op]
+    if (not triton or not x.is_cuda or not torch.cuda.is_available() or torch.compiler.is_compiling()
+            or _matmul.compute_dtype(x) not in (torch.float16, torch.bfloat16, torch.float32)):
+        return unfused
+    fields = (("dtype", str(x.dtype)), ("compute", str(_matmul.compute_dtype(x))), ("weight", str(weight.dtype)),
+              ("rows", x.numel() // max(x.shape[-1], 1)), ("in", x.shape[-1]), ("out", weight.shape[0]),
+              *extra_fields)
+    return autotune.fastest(op, x.device.index or 0, fields, [unfused, fused],
+                            lambda impl: functools.partial(_forward_only, run, impl), unfused)
+
+
+def _forward_only(run, impl):
+    with torch.no_grad():
+        run(impl)
 
 
 ATTENTION_BACKENDS = BACKENDS + ("flash",)
@@ -192,5 +268,5 @@ def _attention_runner(q, dropout_p, training, impl):
 # torch.fx traces the model with these as leaf calls: a traced module runs the same kernels, and their Python
 # checks and dispatch see real tensors, never proxies.
 for _name in ("patch_embed", "add_class_and_position", "add_layer_norm", "bias_gelu", "add_layer_norm_linear",
-              "bias_gelu_linear", "attention"):
+              "bias_gelu_linear", "linear_residual", "attention"):
     torch.fx.wrap(_name)

@@ -192,9 +192,11 @@ def bias_gelu(x, bias, use_triton):
     return BiasGeluFn.apply(_check_rows(x, bias), bias, use_triton).view_as(x)
 
 
-def bias_gelu_linear(x, bias, lin_weight, lin_bias, use_triton):
-    """GELU(x + bias) lin_weight^T + lin_bias over the last dim of x, recomputing the GELU in backward."""
-    out = BiasGeluLinearFn.apply(_check_rows(x, bias), bias, lin_weight, lin_bias, use_triton)
+def bias_gelu_linear(x, bias, lin_weight, lin_bias, use_triton, function=BiasGeluLinearFn):
+    """GELU(x + bias) lin_weight^T + lin_bias over the last dim of x, recomputing the GELU in backward.
+
+    ``function`` is the autograd Function that runs it (``gelu_matmul`` passes its fused-GEMM subclass)."""
+    out = function.apply(_check_rows(x, bias), bias, lin_weight, lin_bias, use_triton)
     return out.view(*x.shape[:-1], lin_weight.shape[0])
 
 

@@ -51,7 +51,9 @@ def _residual_dtype(x, residual, residual_in_fp32):
 @triton.jit
 def _add_ln_fwd_kernel(X, R, W, B, Y, RES_OUT, MEAN, RSTD,
                        stride_x, stride_r, stride_y, stride_res, n_cols, eps,
-                       HAS_RESIDUAL: tl.constexpr, STORE_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                       HAS_RESIDUAL: tl.constexpr, STORE_RESIDUAL: tl.constexpr, STORE_Y: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """The sum and its statistics; without STORE_Y nothing else (a fused matmul normalises while it loads)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -69,10 +71,11 @@ def _add_ln_fwd_kernel(X, R, W, B, Y, RES_OUT, MEAN, RSTD,
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / n_cols + eps)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    y = xc * rstd * w + b
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    if STORE_Y:
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        y = xc * rstd * w + b
+        tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -130,20 +133,32 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight
         res = (x.float() if residual is None else x.float() + residual.float()).to(res_dtype)
         y, mean, rstd = torch.native_layer_norm(res.float(), (n_cols,), weight.float(), bias.float(), eps)
         return y.to(x.dtype), (res if store else x.new_empty(0)), mean.view(n_rows), rstd.view(n_rows)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return (y, *launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y))
+
+
+def launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y=None):
+    """The forward kernel on (rows, D): (new_residual, mean, rstd) as add_layer_norm_fwd returns them, and the
+    LayerNorm output written into ``y`` when given; without ``y`` only the sum and its statistics (for a GEMM that
+    normalises while it loads, ``ln_matmul``)."""
+    res_dtype = _residual_dtype(x, residual, residual_in_fp32)
+    store = residual is not None or res_dtype != x.dtype
+    n_rows, n_cols = x.shape
     block, num_warps = _config(n_cols)
     x = _rows(x)
     residual = None if residual is None else _rows(residual)
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
     res = torch.empty((n_rows, n_cols) if store else (0,), dtype=res_dtype, device=x.device)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     if n_rows:
         r_arg = x if residual is None else residual
+        y_arg = x if y is None else y  # unused without y: any pointer of the activation dtype
         _add_ln_fwd_kernel[(n_rows,)](
-            x, r_arg, weight.contiguous(), bias.contiguous(), y, res if store else y, mean, rstd,
-            x.stride(0), r_arg.stride(0), y.stride(0), res.stride(0) if store else 0, n_cols, eps,
-            HAS_RESIDUAL=residual is not None, STORE_RESIDUAL=store, BLOCK=block, num_warps=num_warps)
-    return y, res, mean, rstd
+            x, r_arg, weight.contiguous(), bias.contiguous(), y_arg, res if store else y_arg, mean, rstd,
+            x.stride(0), r_arg.stride(0), y_arg.stride(0), res.stride(0) if store else 0, n_cols, eps,
+            HAS_RESIDUAL=residual is not None, STORE_RESIDUAL=store, STORE_Y=y is not None, BLOCK=block,
+            num_warps=num_warps)
+    return res, mean, rstd
 
 
 @add_layer_norm_fwd.register_fake
@@ -208,6 +223,12 @@ def _ln_forward(ctx, x, residual, weight, bias, eps, residual_in_fp32, use_trito
     """
     y, res, mean, rstd = torch.ops.fastvit.add_layer_norm_fwd(x, residual, weight, bias, eps, residual_in_fp32,
                                                              use_triton)
+    return y, ln_context(ctx, x, residual, res, bias, eps, use_triton, copy_residual_grad), mean, rstd
+
+
+def ln_context(ctx, x, residual, res, bias, eps, use_triton, copy_residual_grad):
+    """Records on ``ctx`` what :func:`_ln_backward` needs (for any forward that produced ``res``, the op's
+    new_residual output) and returns the residual to save: ``res``, or x itself when new_residual equals x."""
     ctx.stored = residual is not None or res.dtype != x.dtype
     ctx.residual_dtype = None if residual is None else residual.dtype
     ctx.x_dtype = x.dtype
@@ -216,7 +237,7 @@ def _ln_forward(ctx, x, residual, weight, bias, eps, residual_in_fp32, use_trito
     ctx.use_triton = use_triton
     ctx.copy_residual_grad = copy_residual_grad
     ctx.set_materialize_grads(False)
-    return y, (res if ctx.stored else x), mean, rstd
+    return res if ctx.stored else x
 
 
 def _ln_backward(ctx, dy, dres, res, weight, mean, rstd):
@@ -311,11 +332,13 @@ def add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, use_triton)
     return out.view_as(x), x
 
 
-def add_layer_norm_linear(x, residual, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton):
-    """(LayerNorm(x + residual) lin_weight^T + lin_bias, x + residual), recomputing the LayerNorm in backward."""
+def add_layer_norm_linear(x, residual, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton,
+                          function=AddLayerNormLinearFn):
+    """(LayerNorm(x + residual) lin_weight^T + lin_bias, x + residual), recomputing the LayerNorm in backward.
+
+    ``function`` is the autograd Function that runs it (``ln_matmul`` passes its fused-GEMM subclass)."""
     x2, r2, copy = _check_ln_args(x, residual, weight, bias)
-    out = AddLayerNormLinearFn.apply(x2, r2, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32,
-                                     use_triton, copy)
+    out = function.apply(x2, r2, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton, copy)
     out, res = out if isinstance(out, tuple) else (out, None)
     out = out.view(*x.shape[:-1], lin_weight.shape[0])
     return out, (x if res is None else res.view_as(x))
@@ -332,11 +355,12 @@ def aot_specs(shape, dtype):
         fwd_sig = {"X": act, "R": res_t or act, "W": "*fp32", "B": "*fp32", "Y": act, "RES_OUT": res_t or act,
                    "MEAN": "*fp32", "RSTD": "*fp32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32",
                    "stride_res": "i32", "n_cols": "i32", "eps": "fp32", "HAS_RESIDUAL": "constexpr",
-                   "STORE_RESIDUAL": "constexpr", "BLOCK": "constexpr"}
+                   "STORE_RESIDUAL": "constexpr", "STORE_Y": "constexpr", "BLOCK": "constexpr"}
         label = f"D={shape.dim} residual={'none' if not has_res else res_t[1:]}"
         specs.append(KernelSpec(
             "add_layer_norm_fwd", _add_ln_fwd_kernel, fwd_sig,
-            {"HAS_RESIDUAL": has_res, "STORE_RESIDUAL": store, "BLOCK": block}, num_warps, label=label,
+            {"HAS_RESIDUAL": has_res, "STORE_RESIDUAL": store, "STORE_Y": True, "BLOCK": block}, num_warps,
+            label=label,
             aligned=("X", "R", "W", "B", "Y", "RES_OUT", "MEAN", "RSTD", "stride_x", "stride_r", "stride_y",
                      "stride_res", "n_cols")))
         separate = res_t == "*fp32"

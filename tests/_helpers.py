@@ -1,6 +1,10 @@
 """Helpers shared by several test files (tests/conftest.py puts tests/ on sys.path, so tests/interpret/ can import
-this too): the compiled-vs-eager check of the fused ops and the patch-embedding case builders."""
+this too): the compiled-vs-eager check of the fused ops, the patch-embedding case builders, and a pretend GPU for
+the measured choices of fastvit.autotune."""
+import pytest
 import torch
+
+from fastvit import autotune
 
 
 def assert_compiled_matches_eager(f, args, grad_rtol=1e-5, grad_atol=1e-5):
@@ -43,3 +47,24 @@ def patch_embed_grads(fn, leaves, patch, no_embed_class, gy=None, wrt=None):
         gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
     wrt = wrt or [t for t in leaves if t is not None and t.requires_grad]
     return [y, *torch.autograd.grad((y.float() * gy).sum(), wrt)]
+
+
+class PretendCuda(torch.Tensor):
+    """A CPU tensor that reports ``is_cuda`` (``t.as_subclass(PretendCuda)``), so a dispatch takes its GPU branch."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+@pytest.fixture
+def tuner(monkeypatch, tmp_path):
+    """A clean tuner on a pretend GPU, its disk cache in tmp_path, measurements allowed; import it into a test
+    module to use it."""
+    monkeypatch.setenv("FASTVIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_environment", lambda index: ("Fake GPU", torch.__version__, "0"))
+    monkeypatch.setattr(autotune, "can_measure", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    autotune.clear()
+    yield tmp_path
+    autotune.clear()

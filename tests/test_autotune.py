@@ -4,27 +4,10 @@ runners themselves run for real on CPU tensors that report is_cuda."""
 import pytest
 import torch
 
+from _helpers import PretendCuda as _PretendCuda
+from _helpers import tuner  # noqa: F401  (a fixture)
+
 from fastvit import autotune, ops
-
-ENV = ("Fake GPU", torch.__version__, "0")
-
-
-class _PretendCuda(torch.Tensor):
-    @property
-    def is_cuda(self):
-        return True
-
-
-@pytest.fixture
-def tuner(monkeypatch, tmp_path):
-    """A clean tuner on a pretend GPU, its disk cache in tmp_path, measurements allowed."""
-    monkeypatch.setenv("FASTVIT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(autotune, "_environment", lambda index: ENV)
-    monkeypatch.setattr(autotune, "can_measure", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    autotune.clear()
-    yield tmp_path
-    autotune.clear()
 
 
 def _timer(times, log):

@@ -49,7 +49,7 @@ def test_numerics_smoke(tmp_path):
     rows = data["rows"]
     ops = {r["name"] for r in rows if r["kind"] == "op"}
     assert ops == {"patch_embed", "add_layer_norm", "bias_gelu", "attention", "add_layer_norm_linear",
-                   "bias_gelu_linear"}
+                   "bias_gelu_linear", "ln_matmul", "gelu_matmul", "linear_residual"}
     assert {(r["dtype"], r["direction"]) for r in rows if r["kind"] == "op"} == {
         (d, p) for d in ("fp32", "fp16", "bf16") for p in ("fwd", "bwd")}
     assert {r["dtype"] for r in rows if r["kind"] == "model" and r["name"] == "tiny"} == {"fp32", "fp16", "bf16"}
@@ -64,6 +64,25 @@ def test_numerics_smoke(tmp_path):
         assert r["ok"] == (r["ratio_max_abs"] <= 2 and r["ratio_mean_rel"] <= 2)
     assert data["failed"] == 0, [r for r in rows if not r["ok"]]
     assert len(data["fastvit_vs_timm"]) == 3 and data["env"]["triton_interpret"]
+
+
+def test_gemm_smoke(tmp_path):
+    """Under the interpreter: every GEMM with a fused variant timed both ways, consistent speed-ups and winners,
+    and the two paths agree to fp16 rounding."""
+    out = _run([sys.executable, "bench/gemm.py", "--interpret", "--smoke", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "gemm.json").read_text())
+    assert (tmp_path / "gemm.md").read_text().startswith("# Fused GEMMs")
+    rows = data["rows"]
+    assert [r["gemm"] for r in rows] == ["qkv", "fc1", "fc2", "proj", "fc2+r"] and "wrote" in out
+    for r in rows:
+        unfused, fused = {"add_layer_norm_linear": ("ln+cublas", "ln_gemm"),
+                          "bias_gelu_linear": ("gelu+cublas", "gelu_gemm"),
+                          "linear_residual": ("cublas+add", "gemm_residual")}[r["op"]]
+        for impl in (unfused, fused):
+            assert _positive_float(r[impl]["fwd_s"]) and _positive_float(r[impl]["fwd_bwd_s"])
+        assert r["speedup_fwd"] == pytest.approx(r[unfused]["fwd_s"] / r[fused]["fwd_s"])
+        assert r["winner"] == (fused if r["speedup_fwd"] > 1 else unfused)
+        assert r["max_abs_diff"] < 1e-2, r
 
 
 def test_memory_smoke(tmp_path):

@@ -1,6 +1,7 @@
 """bench/kernel_report.py compiles the LayerNorm and bias+GELU kernels for sm_80/sm_90 without a GPU, reports
 their resources in JSON and finds no spill; its spill detector flags a kernel that does spill. The attention
-specs are those a model's real launch gets from Triton's JIT, and compile without spills at head dims 64 and 80."""
+specs are those a model's real launch gets from Triton's JIT, and compile without spills at head dims 64 and 80;
+the fused-GEMM specs cover every launch of those ops."""
 import dataclasses
 import json
 import pathlib
@@ -142,3 +143,50 @@ def test_attention_kernels_do_not_spill(model):
         for arch in (80, 90):
             res = compile_spec(spec, arch)
             assert res["ok"] and 0 < res["registers"] <= 255, (spec.name, spec.label, arch, res)
+
+
+def _fused_gemm_launches(monkeypatch, shape, dt):
+    """The kernel launches of the fused-GEMM ops as a model under autocast makes them (bf16/fp16 activations, fp32
+    parameters, the residual stream in the activation dtype or fp32), recorded instead of run."""
+    from fastvit.kernels import gelu_matmul, layer_norm, ln_matmul, matmul, matmul_residual
+    calls = []
+    monkeypatch.setattr(matmul, "_fused_matmul_kernel", _LaunchRecorder(matmul._fused_matmul_kernel, calls))
+    monkeypatch.setattr(layer_norm, "_add_ln_fwd_kernel", _LaunchRecorder(layer_norm._add_ln_fwd_kernel, calls))
+    d, m = shape.dim, shape.tokens
+    g = torch.Generator().manual_seed(0)
+
+    def t(*s, dtype=torch.float32):
+        return torch.randn(s, generator=g).to(dtype)
+    with torch.autocast("cpu", dtype=dt):
+        for residual, fp32 in ((None, False), (t(m, d, dtype=dt), False), (t(m, d), True)):
+            for n, bias in ((3 * d, t(3 * d)), (shape.mlp_dim, None)):
+                ln_matmul.ln_matmul(t(m, d, dtype=dt), residual, t(d), t(d), t(n, d), bias, 1e-6, fp32, True)
+        gelu_matmul.gelu_matmul(t(m, shape.mlp_dim, dtype=dt), t(shape.mlp_dim), t(d, shape.mlp_dim), t(d), True)
+        for k in (d, shape.mlp_dim):
+            for res_dtype in (dt, torch.float32):
+                matmul_residual.matmul_residual(t(m, k, dtype=dt), t(d, k), t(d), t(m, d, dtype=res_dtype), True)
+    return calls
+
+
+@pytest.mark.skipif(not _JIT_BINDER, reason="this triton lacks the JIT binder internals the test reuses")
+@pytest.mark.parametrize("model,dtype", [("vit_base_patch16_224", "bf16"), ("vit_huge_patch14_224", "fp16")])
+def test_fused_gemm_specs_cover_every_launch(monkeypatch, model, dtype):
+    """Each launch of the statistics pass and the fused GEMM (ln_matmul for qkv and fc1, gelu_matmul for fc2,
+    matmul_residual for proj and fc2) specialises, in Triton's JIT, exactly as one of the specs the kernel report
+    compiles, with the same warps and stages; and every GEMM spec is launched."""
+    from fastvit.kernels import gelu_matmul, ln_matmul, matmul_residual
+    shape = MODELS[model]
+    specs = [s for mod in (ln_matmul, gelu_matmul, matmul_residual) for s in mod.aot_specs(shape, dtype)]
+    calls = _fused_gemm_launches(monkeypatch, shape, TORCH_DTYPES[dtype])
+    assert len(calls) == 6 + 6 + 1 + 4  # ln_matmul: statistics + GEMM, 6 times
+    matched = set()
+    for fn, args, kwargs in calls:
+        signature, constexprs, aligned = _jit_specialization(fn, args, kwargs)
+        hits = [i for i, s in enumerate(specs) if s.fn is fn and s.signature == signature
+                and s.constexprs == constexprs and set(s.aligned) == aligned
+                and (s.num_warps, s.num_stages) == (kwargs["num_warps"], kwargs.get("num_stages", 1))]
+        assert hits, (fn, signature, constexprs, aligned)
+        matched.update(hits)
+    assert {specs[i].name for i in matched} == {"add_layer_norm_stats", "ln_matmul", "gelu_matmul",
+                                               "matmul_residual"}
+    assert matched >= {i for i, s in enumerate(specs) if s.name != "add_layer_norm_stats"}

@@ -1,0 +1,68 @@
+"""Bias + GELU fused into the next GEMM (the MLP's fc2): GELU(h + b1) W2^T + b2.
+
+The GEMM applies the bias and the exact (erf) GELU to each tile of the pre-activation h as it loads it
+(``matmul.fused_matmul``'s ``"bias_gelu"`` prologue), so the (rows, 4D) activation is neither written nor read
+back: bias_gelu + cuBLAS writes it once and reads it once. Only h is kept for backward.
+
+Backward is :class:`~fastvit.kernels.bias_gelu.BiasGeluLinearFn`'s, unchanged (it saves the same h, b1, W2):
+it recomputes the activation with the bias_gelu kernel for dW2, runs dH and dW2 on cuBLAS and applies the GELU
+derivative with the bias_gelu backward kernel.
+
+Why not bias + GELU in fc1's epilogue instead: that design writes both the pre-activation (for backward) and the
+activation (for fc2), 8 D values per token, where this one writes h alone, 4 D; fc1's epilogue in this design
+only needs its plain output (the model's fc1 GEMM is ln_matmul without bias). The price is that every column
+block of fc2 recomputes the GELU of its A tiles (D / BLOCK_N times per value, 6 at D = 768), which the measured
+choice in ``fastvit.ops`` weighs against cuBLAS on each GPU.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastvit.kernels import bias_gelu as _bg
+from fastvit.kernels.matmul import aot_spec, fused_matmul, gemm_weights
+
+
+def gelu_matmul_ref(x, bias, weight, weight_bias):
+    """Torch reference: F.linear(GELU(x + bias), W, b)."""
+    return F.linear(_bg.bias_gelu_ref(x, bias), weight, weight_bias)
+
+
+@torch.library.custom_op("fastvit::gelu_matmul_fwd", mutates_args=())
+def gelu_matmul_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], weight: torch.Tensor,
+                    weight_bias: Optional[torch.Tensor], use_triton: bool) -> torch.Tensor:
+    """GELU(x + bias) weight^T + weight_bias on (rows, C) x, in weight's dtype."""
+    if not use_triton:
+        h = _bg.bias_gelu_fwd(x, bias, False).to(weight.dtype)
+        return F.linear(h, weight, None if weight_bias is None else weight_bias.to(weight.dtype))
+    # no bias: GELU(x + 0)
+    b1 = torch.zeros(x.shape[1], device=x.device) if bias is None else bias.contiguous()
+    return fused_matmul(x, weight, weight.dtype, weight_bias, prologue="bias_gelu", prologue_bias=b1)
+
+
+@gelu_matmul_fwd.register_fake
+def _(x, bias, weight, weight_bias, use_triton):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=weight.dtype)
+
+
+class GeluMatmulFn(_bg.BiasGeluLinearFn):
+    """BiasGeluLinearFn with the bias + GELU folded into the GEMM's loads; same saved tensors, same backward."""
+
+    @staticmethod
+    def forward(ctx, x, bias, lin_weight, lin_bias, use_triton):
+        ctx.use_triton = use_triton
+        ctx.has_lin_bias = lin_bias is not None
+        ctx.save_for_backward(x, bias, lin_weight)
+        return torch.ops.fastvit.gelu_matmul_fwd(x, bias, gemm_weights(x, lin_weight), lin_bias, use_triton)
+
+
+def gelu_matmul(x, bias, lin_weight, lin_bias, use_triton):
+    """``bias_gelu.bias_gelu_linear`` (same arguments and result) with the bias + GELU in the GEMM."""
+    return _bg.bias_gelu_linear(x, bias, lin_weight, lin_bias, use_triton, function=GeluMatmulFn)
+
+
+def aot_specs(shape, dtype):
+    """fc2: mlp_dim -> dim with bias, on an A (the fc1 output) of the activation dtype."""
+    act = f"*{dtype}"
+    return [aot_spec("gelu_matmul", dtype, "bias_gelu", act, act, True, False,
+                     label=f"fc2 {shape.mlp_dim}->{shape.dim}")]

@@ -1,0 +1,216 @@
+"""One Triton GEMM, out = prologue(A) W^T [+ b] [+ residual], that the fused-matmul ops build on.
+
+The ops in ``ln_matmul.py``, ``gelu_matmul.py`` and ``matmul_residual.py`` differ only in what happens to an A tile
+between its load and the tensor-core dot (the prologue) and in what is added to the fp32 accumulator before the
+store (the epilogue), so they share this kernel and pick their variant with constexprs:
+
+- prologue ``"none"``: A as loaded, cast to W's dtype (an fp32 A meets bf16 weights under autocast);
+- ``"layer_norm"``: (A - mean) * rstd * gamma + beta per row, from per-row fp32 statistics, so the normalised
+  tensor never reaches memory;
+- ``"bias_gelu"``: GELU(A + b1) (exact erf), so the MLP's activation never reaches memory;
+- epilogue: + bias (fp32), + residual (fp32 add of another (M, N) tensor), one rounding to OUT's dtype.
+
+The prologue works on fp32 values in registers and rounds once to W's dtype before the dot, as the unfused path
+rounds the LayerNorm / GELU output once to the GEMM's dtype. Tiles are visited in groups of ``GROUP_M`` row blocks
+so that W's column blocks stay in L2 across consecutive programs. A is read along unit-stride rows, W is (N, K)
+with unit-stride rows (nn.Linear's layout, no transpose copy).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastvit.kernels._launch import cdiv
+from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
+
+PROLOGUES = ("none", "layer_norm", "bias_gelu")
+_SQRT1_2 = tl.constexpr(1.0 / math.sqrt(2.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Block sizes and launch options of one GEMM variant."""
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+@functools.lru_cache(maxsize=None)
+def config(dtype: torch.dtype, prologue: str, a_dtype: torch.dtype) -> Tiles:
+    """Tiles for a GEMM whose dot runs in ``dtype`` on an A of ``a_dtype``; the launcher and aot_specs both call
+    this.
+
+    fp16/bf16: 128 x 128 output tiles on 8 warps (a prologue holds its A tile in fp32 registers next to the
+    accumulator), K steps of 64 over 3 stages; K steps of 32 over 4 stages where a step of 64 spills on sm_80:
+    the GELU prologue (its erf, 480 bytes of stack) and an fp32 A (``residual_in_fp32``, 40 bytes). fp32 (IEEE
+    dots, CUDA cores) takes 64 x 64 tiles.
+    """
+    if prologue not in PROLOGUES:
+        raise ValueError(f"prologue must be one of {PROLOGUES}, got {prologue!r}")
+    if dtype == torch.float32:
+        return Tiles(64, 64, 32, 8, 4, 3)
+    if dtype in (torch.float16, torch.bfloat16):
+        if prologue == "bias_gelu" or a_dtype == torch.float32:
+            return Tiles(128, 128, 32, 8, 8, 4)
+        return Tiles(128, 128, 64, 8, 8, 3)
+    raise ValueError(f"fused matmuls run in float32, float16 or bfloat16, got {dtype}")
+
+
+def precision(dtype: torch.dtype) -> str:
+    """The dot's input precision: IEEE for fp32 (as F.linear computes it) unless torch allows TF32 matmuls."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+@triton.jit
+def _tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of this program, row blocks grouped by GROUP_M for L2 reuse of W."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+
+@triton.jit
+def _fused_matmul_kernel(A, W, OUT, BIAS, RES, MEAN, RSTD, P_W, P_B,
+                         M, N, K, stride_am, stride_wn, stride_om, stride_rm,
+                         PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                         EVEN_K: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # rows and columns past the edge wrap to valid ones, so loads need no row/column mask (the store has one)
+    rows_in = (rows % M).to(tl.int64)
+    cols_in = (cols % N).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = A + rows_in[:, None] * stride_am + ks[None, :]
+    w_ptrs = W + cols_in[None, :] * stride_wn + ks[:, None]
+    if PROLOGUE == "layer_norm":
+        mean = tl.load(MEAN + rows_in)[:, None]
+        rstd = tl.load(RSTD + rows_in)[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_in = ks < K - k0
+            a = tl.load(a_ptrs, mask=k_in[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_in[:, None], other=0.0)
+        if PROLOGUE == "layer_norm":
+            # gamma and beta load as 0 past K, so a padded lane stays 0 and adds nothing to the dot
+            if EVEN_K:
+                gamma = tl.load(P_W + k0 + ks).to(tl.float32)
+                beta = tl.load(P_B + k0 + ks).to(tl.float32)
+            else:
+                gamma = tl.load(P_W + k0 + ks, mask=k_in, other=0.0).to(tl.float32)
+                beta = tl.load(P_B + k0 + ks, mask=k_in, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) - mean) * rstd * gamma[None, :] + beta[None, :]
+        elif PROLOGUE == "bias_gelu":
+            if EVEN_K:
+                b1 = tl.load(P_B + k0 + ks).to(tl.float32)
+            else:
+                b1 = tl.load(P_B + k0 + ks, mask=k_in, other=0.0).to(tl.float32)
+            u = a.to(tl.float32) + b1[None, :]
+            a = 0.5 * u * (1.0 + tl.math.erf(u * _SQRT1_2))  # GELU(0) = 0 on padded lanes
+        acc = tl.dot(a.to(W.dtype.element_ty), w, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols_in).to(tl.float32)[None, :]
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    rows = rows.to(tl.int64)
+    if HAS_RESIDUAL:
+        acc += tl.load(RES + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + rows[:, None] * stride_om + cols[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _rows(t):
+    """A 2D tensor whose last dim has unit stride (a copy only when it has not)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def fused_matmul(a, weight, out_dtype, bias=None, residual=None, prologue="none", mean=None, rstd=None,
+                 prologue_weight=None, prologue_bias=None):
+    """prologue(a) weight^T [+ bias] [+ residual] on (M, K) ``a`` and (N, K) ``weight``, computed in weight's
+    dtype with fp32 accumulation, returned as a new (M, N) tensor of ``out_dtype``.
+
+    ``prologue="layer_norm"`` needs the per-row fp32 ``mean`` and ``rstd`` of ``a`` and the LayerNorm's
+    ``prologue_weight`` / ``prologue_bias`` (K,); ``"bias_gelu"`` needs ``prologue_bias`` (K,).
+    """
+    a, weight = _rows(a), _rows(weight)
+    (m, k), n = a.shape, weight.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if not (m and n):
+        return out
+    tiles = config(weight.dtype, prologue, a.dtype)
+    residual = None if residual is None else _rows(residual)
+    bias = None if bias is None else bias.contiguous()
+    grid = (cdiv(m, tiles.block_m) * cdiv(n, tiles.block_n),)
+    _fused_matmul_kernel[grid](
+        a, weight, out, out if bias is None else bias, out if residual is None else residual,
+        out if mean is None else mean, out if rstd is None else rstd,
+        out if prologue_weight is None else prologue_weight, out if prologue_bias is None else prologue_bias,
+        m, n, k, a.stride(0), weight.stride(0), out.stride(0), 0 if residual is None else residual.stride(0),
+        PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        EVEN_K=k % tiles.block_k == 0, PRECISION=precision(weight.dtype), BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages)
+    return out
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear would compute in for an input like ``x``: the autocast dtype when autocast is on for
+    x's device, else x's own dtype."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def gemm_weights(x, weight):
+    """``weight`` as the fused matmul of input ``x`` takes it: cast to the autocast dtype under autocast, as
+    F.linear would; without autocast it must already have x's dtype, as F.linear requires. (Biases keep their own
+    dtype: the kernel adds them in fp32.)"""
+    dtype = compute_dtype(x)
+    if weight.dtype != dtype:
+        if not torch.is_autocast_enabled(x.device.type):
+            raise RuntimeError(f"the fused matmul needs weight in the input's dtype {dtype} (as F.linear does), "
+                               f"got {weight.dtype}")
+        weight = weight.to(dtype)
+    return weight
+
+
+def aot_spec(name, dtype, prologue, a_type, out_type, has_bias, has_residual, res_type=None, label=""):
+    """KernelSpec of one variant for the report: A of ``a_type`` ("*bf16", "*fp32", ...), weights of ``dtype``
+    ("fp16"/"bf16"), fp32 bias and LayerNorm parameters as under AMP; K a multiple of the K block (every ViT width),
+    every row stride and N, K multiples of 16, M (batch x tokens) not."""
+    tiles = config(TORCH_DTYPES[dtype], prologue, TORCH_DTYPES[a_type[1:]])
+    unused = out_type
+    sig = {"A": a_type, "W": f"*{dtype}", "OUT": out_type, "BIAS": "*fp32" if has_bias else unused,
+           "RES": res_type if has_residual else unused,
+           "MEAN": "*fp32" if prologue == "layer_norm" else unused,
+           "RSTD": "*fp32" if prologue == "layer_norm" else unused,
+           "P_W": "*fp32" if prologue == "layer_norm" else unused,
+           "P_B": "*fp32" if prologue != "none" else unused,
+           "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_om": "i32",
+           "stride_rm": "i32"}
+    consts = {"PROLOGUE": prologue, "HAS_BIAS": has_bias, "HAS_RESIDUAL": has_residual, "EVEN_K": True,
+              "PRECISION": precision(TORCH_DTYPES[dtype]), "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n,
+              "BLOCK_K": tiles.block_k, "GROUP_M": tiles.group_m}
+    sig.update({k: "constexpr" for k in consts})
+    aligned = ("A", "W", "OUT", "BIAS", "RES", "MEAN", "RSTD", "P_W", "P_B", "N", "K", "stride_am", "stride_wn",
+               "stride_om", "stride_rm")
+    return KernelSpec(name, _fused_matmul_kernel, sig, consts, tiles.num_warps, tiles.num_stages, label, aligned)

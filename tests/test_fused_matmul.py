@@ -1,0 +1,203 @@
+"""The fused-GEMM ops on CPU (their torch fallbacks; the kernels are tests/interpret/test_fused_matmul.py) and their
+dispatch: results and gradients of the references, sound custom ops, torch.compile, and the measured choice
+between each fused GEMM and its unfused path (fused only on a GPU, outside tracing, when measured faster)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _helpers import PretendCuda as _PretendCuda
+from _helpers import assert_compiled_matches_eager
+from _helpers import tuner  # noqa: F401  (a fixture)
+
+from fastvit import autotune, ops
+from fastvit.kernels import gelu_matmul, ln_matmul, matmul_residual
+
+EPS = 1e-6
+
+
+def _leaves(*shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(s, generator=g) * 0.5 + 0.1).requires_grad_() for s in shapes]
+
+
+def _outputs_and_grads(fn, leaves, seed=1):
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
+    return [*outs, *torch.autograd.grad(loss, [t for t in leaves if t is not None])]
+
+
+@pytest.mark.parametrize("residual,fp32_res,lin_bias", [(True, False, True), (False, False, False),
+                                                        (True, True, False), (False, True, True)])
+def test_ln_matmul_fallback_matches_reference(residual, fp32_res, lin_bias):
+    x, r, w, b, lw, lb = _leaves((2, 9, 48), (2, 9, 48), (48,), (48,), (80, 48), (80,))
+    args = [x, r if residual else None, w, b, lw, lb if lin_bias else None]
+    ours = _outputs_and_grads(lambda *a: ln_matmul.ln_matmul(*a, EPS, fp32_res, False), args)
+    want = _outputs_and_grads(lambda *a: ln_matmul.ln_matmul_ref(*a, EPS, fp32_res), args)
+    for a, e in zip(ours, want):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_b1,with_b2", [(True, True), (False, True), (True, False)])
+def test_gelu_matmul_fallback_matches_reference(with_b1, with_b2):
+    x, b1, w, b2 = _leaves((2, 9, 96), (96,), (40, 96), (40,))
+    args = [x, b1 if with_b1 else None, w, b2 if with_b2 else None]
+    ours = _outputs_and_grads(lambda *a: gelu_matmul.gelu_matmul(*a, False), args)
+    want = _outputs_and_grads(gelu_matmul.gelu_matmul_ref, args)
+    for a, e in zip(ours, want):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias,res_dtype", [(True, torch.float32), (False, torch.float32), (True, torch.float64)])
+def test_matmul_residual_fallback_matches_reference(with_bias, res_dtype):
+    x, w, b, r = _leaves((2, 9, 48), (40, 48), (40,), (2, 9, 40))
+    args = [x, w, b if with_bias else None, r.detach().to(res_dtype).requires_grad_()]
+    ours = _outputs_and_grads(lambda *a: matmul_residual.matmul_residual(*a, False), args)
+    want = _outputs_and_grads(matmul_residual.matmul_residual_ref, args)
+    assert ours[0].dtype == res_dtype
+    for a, e in zip(ours, want):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+
+def test_matmul_residual_skips_gradients_nobody_needs():
+    """A frozen weight and bias (an adapter's base layer) get no gradient computed."""
+    x, w, b, r = _leaves((5, 48), (40, 48), (40,), (5, 40))
+    w.requires_grad_(False)
+    b.requires_grad_(False)
+    matmul_residual.matmul_residual(x, w, b, r, False).sum().backward()
+    assert w.grad is None and b.grad is None and x.grad is not None and torch.equal(r.grad, torch.ones(5, 40))
+
+
+def test_bf16_autocast_matches_autocast_torch():
+    """Under CPU bf16 autocast the fused ops compute in bf16 as F.linear does (weights cast), and their gradients
+    come back in the parameters' fp32."""
+    x, r, w, b, lw, lb = _leaves((2, 9, 64), (2, 9, 64), (64,), (64,), (192, 64), (192,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, res = ln_matmul.ln_matmul(x, r, w, b, lw, lb, EPS, True, False)
+        ref, ref_res = ln_matmul.ln_matmul_ref(x, r, w, b, lw, lb, EPS, True)
+        h = gelu_matmul.gelu_matmul(out, lb, lw.t().contiguous(), b, False)
+        final = matmul_residual.matmul_residual(h, lw[:64, :64].contiguous(), b, res, False)
+    assert out.dtype == ref.dtype == h.dtype == torch.bfloat16 and res.dtype == final.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    grads = torch.autograd.grad(final.sum(), (x, lw, lb))
+    assert all(g.dtype == torch.float32 for g in grads)
+
+
+def test_weight_dtype_must_match_without_autocast():
+    x, r, w, b, lw, lb = _leaves((2, 3, 32), (2, 3, 32), (32,), (32,), (16, 32), (16,))
+    with pytest.raises(RuntimeError, match="torch.float32"):
+        ln_matmul.ln_matmul(x, r, w, b, lw.half(), lb, EPS, False, False)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        matmul_residual.matmul_residual(x, lw, lb, r, False)
+
+
+def test_custom_ops_pass_opcheck():
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(6, 48, generator=g), torch.randn(6, 48, generator=g)
+    w, b = torch.randn(48, generator=g), torch.randn(48, generator=g)
+    lw, lb = torch.randn(32, 48, generator=g), torch.randn(32, generator=g)
+    for args in [(x, r, w, b, lw, lb, EPS, False, False), (x, None, w, b, lw, None, EPS, True, False),
+                 (x.half(), r.half(), w, b, lw.half(), lb, EPS, True, False)]:
+        torch.library.opcheck(torch.ops.fastvit.ln_matmul_fwd, args)
+    torch.library.opcheck(torch.ops.fastvit.gelu_matmul_fwd, (x, b, lw, lb, False))
+    torch.library.opcheck(torch.ops.fastvit.gelu_matmul_fwd, (x, None, lw, None, False))
+    torch.library.opcheck(torch.ops.fastvit.matmul_residual_fwd, (x, lw, lb, torch.randn(6, 32), False))
+    torch.library.opcheck(torch.ops.fastvit.matmul_residual_fwd, (x.half(), lw.half(), None, torch.randn(6, 32),
+                                                                   False))
+
+
+def test_compile_fullgraph_matches_eager():
+    """A block-like chain of the three fused ops compiles in one graph (inductor, CPU) and matches eager."""
+    def f(x, r, w, b, lw, lb, w2, b2):
+        h, res = ln_matmul.ln_matmul(x, r, w, b, lw, None, EPS, False, False)
+        out = gelu_matmul.gelu_matmul(h, lb, w2, b2, False)
+        return matmul_residual.matmul_residual(out, w2[:, :32], b2, res, False).square().sum()
+
+    args = _leaves((2, 5, 32), (2, 5, 32), (32,), (32,), (64, 32), (64,), (32, 64), (32,))
+    assert_compiled_matches_eager(f, args)
+
+
+# ---- dispatch: fastvit.ops picks the fused GEMM only where measured faster on a GPU -----------------------------
+
+@pytest.fixture
+def timed(tuner, monkeypatch):
+    """The pretend-GPU tuner with timings planted per implementation: each measurement runs the runner once (so
+    it must work), which records the implementation it ran and whether grad mode was on."""
+    times, runs = {}, []
+
+    def measure(runner):
+        runner()
+        return times[runs[-1][0]]
+    monkeypatch.setattr(autotune, "time_cuda", measure)
+    return times, runs
+
+
+def _recorder(runs):
+    return lambda impl: runs.append((impl, torch.is_grad_enabled()))
+
+
+def test_the_faster_implementation_is_chosen_once_per_shape(timed):
+    times, runs = timed
+    times.update({"ln+cublas": 2.0, "ln_gemm": 1.0})
+    x, w = torch.randn(2, 5, 64).as_subclass(_PretendCuda), torch.randn(96, 64)
+    assert ops.gemm_impl("add_layer_norm_linear", x, w, True, (), _recorder(runs)) == "ln_gemm"
+    assert runs == [("ln+cublas", False), ("ln_gemm", False)]  # forward only, the call's own inputs
+    assert ops.gemm_impl("add_layer_norm_linear", x, w, True, (), _recorder(runs)) == "ln_gemm"
+    assert len(runs) == 2  # cached
+    times.update({"ln+cublas": 1.0})
+    x2 = torch.randn(3, 5, 64).as_subclass(_PretendCuda)  # more rows: another key
+    assert ops.gemm_impl("add_layer_norm_linear", x2, w, True, (), _recorder(runs)) == "ln+cublas"
+    assert len(runs) == 4
+
+
+def test_unfused_where_nothing_may_be_measured(timed, monkeypatch):
+    times, runs = timed
+    gpu_x, w = torch.randn(2, 5, 64).as_subclass(_PretendCuda), torch.randn(96, 64)
+    assert ops.gemm_impl("bias_gelu_linear", torch.randn(2, 5, 64), w, True, (), _recorder(runs)) == "gelu+cublas"
+    assert ops.gemm_impl("bias_gelu_linear", gpu_x, w, False, (), _recorder(runs)) == "gelu+cublas"  # torch backend
+    assert ops.gemm_impl("linear_residual", gpu_x.double(), w.double(), True, (), _recorder(runs)) == "cublas+add"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert ops.gemm_impl("linear_residual", gpu_x, w, True, (), _recorder(runs)) == "cublas+add"
+    assert runs == []
+
+
+def test_a_fused_gemm_that_cannot_run_is_no_candidate(timed):
+    """The real runner of ln_gemm on CPU tensors cannot launch its kernel here (no GPU, no interpreter): the
+    measurement skips it and the unfused path, which does run, is chosen."""
+    times, runs = timed
+    times.update({"ln+cublas": 2.0, "ln_gemm": 1.0})
+    x, r, w, b, lw = (t.detach() for t in _leaves((2, 5, 64), (2, 5, 64), (64,), (64,), (96, 64)))
+    x = x.as_subclass(_PretendCuda)
+
+    def run(impl):
+        runs.append((impl, False))
+        ops._run_ln_linear((x, r, w, b, lw, None, EPS, False, impl == "ln_gemm"), impl)
+    assert ops.gemm_impl("add_layer_norm_linear", x, lw, True, (), run) == "ln+cublas"
+
+
+@pytest.mark.parametrize("op,impls", list(ops.GEMM_IMPLS.items()))
+def test_ops_route_each_choice(monkeypatch, op, impls):
+    """Whatever gemm_impl picks is what runs, with the same results (the torch fallbacks on CPU)."""
+    x, r, w, b, lw, lb = _leaves((2, 5, 48), (2, 5, 48), (48,), (48,), (48, 48), (48,))
+    call, leaves = {
+        "add_layer_norm_linear": (lambda: ops.add_layer_norm_linear(x, r, w, b, lw, lb, EPS), [x, r, w, b, lw, lb]),
+        "bias_gelu_linear": (lambda: ops.bias_gelu_linear(x, b, lw, lb), [x, b, lw, lb]),
+        "linear_residual": (lambda: ops.linear_residual(x, lw, lb, r), [x, lw, lb, r]),
+    }[op]
+    results = []
+    for impl in impls:
+        seen = []
+        monkeypatch.setattr(ops, "gemm_impl", lambda name, *a: seen.append(name) or impl)
+        results.append(_outputs_and_grads(lambda *_: call(), leaves))
+        assert seen == [op]
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_residual_backends_agree_with_torch():
+    x, w, b, r = _leaves((2, 5, 48), (40, 48), (40,), (2, 5, 40))
+    torch.testing.assert_close(ops.linear_residual(x, w, b, r, backend="torch"), F.linear(x, w, b) + r)
+    torch.testing.assert_close(ops.linear_residual(x, w, b, r), F.linear(x, w, b) + r)
