@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import cdiv, next_power_of_2, row_programs
+from fastvit.kernels._launch import cdiv, eager_op, launch, next_power_of_2, row_programs
 from fastvit.kernels._report import KernelSpec
 
 # constexpr so the kernels can read them; .value in the torch fallback
@@ -85,7 +85,7 @@ def _rows(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("fastvit::bias_gelu_fwd", mutates_args=())
+@eager_op("bias_gelu_fwd")
 def bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], use_triton: bool) -> torch.Tensor:
     """GELU(x + bias) on (rows, C), in x's dtype."""
     if not use_triton:
@@ -97,9 +97,9 @@ def bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], use_triton: boo
     if n_rows and n_cols:
         block_m, block_n, num_warps = _config(n_cols)
         grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
-        _bias_gelu_fwd_kernel[grid](x, x if bias is None else bias.contiguous(), y, x.stride(0), y.stride(0),
-                                    n_rows, n_cols, HAS_BIAS=bias is not None, BLOCK_M=block_m,
-                                    BLOCK_N=block_n, num_warps=num_warps)
+        launch(_bias_gelu_fwd_kernel, grid, x, x if bias is None else bias.contiguous(), y, x.stride(0),
+               y.stride(0), n_rows, n_cols, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+               num_warps=num_warps)
     return y
 
 
@@ -108,7 +108,7 @@ def _(x, bias, use_triton):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("fastvit::bias_gelu_bwd", mutates_args=())
+@eager_op("bias_gelu_bwd")
 def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
                   use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dbias) from the saved pre-activation x and bias; dbias is empty when bias is None."""
@@ -127,7 +127,7 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor
     row_blocks = cdiv(n_rows, block_m)
     programs = row_programs(row_blocks, x.device)
     db_part = torch.empty((programs if bias is not None else 0, n_cols), dtype=torch.float32, device=x.device)
-    _bias_gelu_bwd_kernel[(programs, cdiv(n_cols, block_n))](
+    launch(_bias_gelu_bwd_kernel, (programs, cdiv(n_cols, block_n)),
         dy, x, x if bias is None else bias.contiguous(), dx, db_part, dy.stride(0), x.stride(0), dx.stride(0),
         n_rows, n_cols, cdiv(row_blocks, programs), HAS_BIAS=bias is not None, BLOCK_M=block_m,
         BLOCK_N=block_n, num_warps=num_warps)
@@ -146,12 +146,12 @@ class BiasGeluFn(torch.autograd.Function):
     def forward(ctx, x, bias, use_triton):
         ctx.use_triton = use_triton
         ctx.save_for_backward(x, bias)
-        return torch.ops.fastvit.bias_gelu_fwd(x, bias, use_triton)
+        return bias_gelu_fwd(x, bias, use_triton)
 
     @staticmethod
     def backward(ctx, dy):
         x, bias = ctx.saved_tensors
-        dx, db = torch.ops.fastvit.bias_gelu_bwd(dy, x, bias, ctx.use_triton)
+        dx, db = bias_gelu_bwd(dy, x, bias, ctx.use_triton)
         return dx, (None if bias is None else db), None
 
 
@@ -167,16 +167,16 @@ class BiasGeluLinearFn(torch.autograd.Function):
         ctx.use_triton = use_triton
         ctx.has_lin_bias = lin_bias is not None
         ctx.save_for_backward(x, bias, lin_weight)
-        return F.linear(torch.ops.fastvit.bias_gelu_fwd(x, bias, use_triton), lin_weight, lin_bias)
+        return F.linear(bias_gelu_fwd(x, bias, use_triton), lin_weight, lin_bias)
 
     @staticmethod
     def backward(ctx, dout):
         x, bias, lin_weight = ctx.saved_tensors
-        h = torch.ops.fastvit.bias_gelu_fwd(x, bias, ctx.use_triton)
+        h = bias_gelu_fwd(x, bias, ctx.use_triton)
         dh = (dout @ lin_weight.to(dout.dtype)).to(x.dtype)
         d_lin_w = (dout.t() @ h.to(dout.dtype)).to(lin_weight.dtype)
         d_lin_b = dout.sum(0).to(lin_weight.dtype) if ctx.has_lin_bias else None
-        dx, db = torch.ops.fastvit.bias_gelu_bwd(dh, x, bias, ctx.use_triton)
+        dx, db = bias_gelu_bwd(dh, x, bias, ctx.use_triton)
         return dx, (None if bias is None else db), d_lin_w, d_lin_b, None
 
 

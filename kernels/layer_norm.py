@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import cdiv, next_power_of_2, row_programs
+from fastvit.kernels._launch import cdiv, eager_op, launch, next_power_of_2, row_programs
 from fastvit.kernels._report import KernelSpec
 
 MAX_FEATURES = 16384
@@ -116,7 +116,7 @@ def _rows(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("fastvit::add_layer_norm_fwd", mutates_args=())
+@eager_op("add_layer_norm_fwd")
 def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
                        bias: torch.Tensor, eps: float, residual_in_fp32: bool,
                        use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,7 +142,7 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight
     rstd = torch.empty_like(mean)
     if n_rows:
         r_arg = x if residual is None else residual
-        _add_ln_fwd_kernel[(n_rows,)](
+        launch(_add_ln_fwd_kernel, (n_rows,),
             x, r_arg, weight.contiguous(), bias.contiguous(), y, res if store else y, mean, rstd,
             x.stride(0), r_arg.stride(0), y.stride(0), res.stride(0) if store else 0, n_cols, eps,
             HAS_RESIDUAL=residual is not None, STORE_RESIDUAL=store, BLOCK=block, num_warps=num_warps)
@@ -159,7 +159,7 @@ def _(x, residual, weight, bias, eps, residual_in_fp32, use_triton):
     return torch.empty_like(x, memory_format=torch.contiguous_format), res, stat, torch.empty_like(stat)
 
 
-@torch.library.custom_op("fastvit::add_layer_norm_bwd", mutates_args=())
+@eager_op("add_layer_norm_bwd")
 def add_layer_norm_bwd(dy: torch.Tensor, dres_out: Optional[torch.Tensor], res: torch.Tensor,
                        weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, separate_residual_grad: bool,
                        use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -190,7 +190,7 @@ def add_layer_norm_bwd(dy: torch.Tensor, dres_out: Optional[torch.Tensor], res: 
     dw_part = torch.empty((programs, n_cols), dtype=torch.float32, device=dy.device)
     db_part = torch.empty_like(dw_part)
     d_arg = dy if dres_out is None else dres_out
-    _add_ln_bwd_kernel[(programs,)](
+    launch(_add_ln_bwd_kernel, (programs,),
         dy, d_arg, res, weight.contiguous(), mean, rstd, dx, dres_in if separate_residual_grad else dx, dw_part,
         db_part, dy.stride(0), d_arg.stride(0), res.stride(0), dx.stride(0),
         dres_in.stride(0) if separate_residual_grad else 0, n_rows, n_cols, cdiv(n_rows, programs),
@@ -209,8 +209,7 @@ def _ln_forward(ctx, x, residual, weight, bias, eps, residual_in_fp32, use_trito
 
     Returns (y, saved residual, mean, rstd); the saved residual is x itself when new_residual would equal x.
     """
-    y, res, mean, rstd = torch.ops.fastvit.add_layer_norm_fwd(x, residual, weight, bias, eps, residual_in_fp32,
-                                                             use_triton)
+    y, res, mean, rstd = add_layer_norm_fwd(x, residual, weight, bias, eps, residual_in_fp32, use_triton)
     ctx.stored = residual is not None or res.dtype != x.dtype
     ctx.residual_dtype = None if residual is None else residual.dtype
     ctx.x_dtype = x.dtype
@@ -227,8 +226,7 @@ def _ln_backward(ctx, dy, dres, res, weight, mean, rstd):
     if dy is None:
         dy = torch.zeros(res.shape, dtype=ctx.x_dtype, device=res.device)
     separate = ctx.residual_dtype is not None and ctx.residual_dtype != ctx.x_dtype
-    dx, dres_in, dw, db = torch.ops.fastvit.add_layer_norm_bwd(dy, dres, res, weight, mean, rstd, separate,
-                                                               ctx.use_triton)
+    dx, dres_in, dw, db = add_layer_norm_bwd(dy, dres, res, weight, mean, rstd, separate, ctx.use_triton)
     if ctx.residual_dtype is None:
         d_residual = None
     else:
@@ -278,7 +276,7 @@ class AddLayerNormLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dres=None):
         res, weight, bias, mean, rstd, lin_weight = ctx.saved_tensors
-        y = torch.ops.fastvit.add_layer_norm_fwd(res, None, weight, bias, ctx.eps, False, ctx.use_triton)[0]
+        y = add_layer_norm_fwd(res, None, weight, bias, ctx.eps, False, ctx.use_triton)[0]
         g = dout.reshape(-1, dout.shape[-1])
         dy = (g @ lin_weight.to(g.dtype)).to(ctx.x_dtype)
         d_lin_w = (g.t() @ y.to(g.dtype)).to(lin_weight.dtype)
