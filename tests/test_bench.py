@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -221,3 +222,20 @@ def test_overhead_smoke(tmp_path):
         # one kernel per forward; backward kernels on top (attention: preprocess, dK/dV, dQ)
         assert r["kernel_launches"] == 1 if r["direction"] == "fwd" else r["kernel_launches"] >= 2, r
     assert {r["op"]: r["kernel_launches"] for r in data["ops"] if r["direction"] == "fwd+bwd"}["attention"] == 4
+
+
+def test_gpu_suite_needs_a_gpu_and_dry_runs_on_cpu(tmp_path):
+    """Without a GPU the suite stops at once and says so; --dry-run runs a step at smoke size on CPU and builds the
+    summary tables from its JSON."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(["bash", "bench/gpu_suite.sh", "overhead"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr
+    out = _run(["bash", "bench/gpu_suite.sh", "--dry-run", "overhead"])
+    folder = pathlib.Path(re.search(r"results in (\S+)", out).group(1))
+    try:
+        summary = (folder / "summary.md").read_text()
+        assert "## Host time per call" in summary and "| add_layer_norm | fwd |" in summary
+        assert json.loads((folder / "overhead.json").read_text())["ops"]
+    finally:
+        shutil.rmtree(folder)
