@@ -43,7 +43,8 @@ def row_programs(n_rows: int, device: torch.device) -> int:
     return min(n_rows, 4 * sm_count(device))
 
 
-# (kernel, device, Triton's specialisation of the arguments, launch options) -> the compiled kernel
+# (id of the kernel, a module global; device; Triton's specialisation of the arguments; launch options) -> the
+# compiled kernel
 _COMPILED = {}
 
 
@@ -61,7 +62,7 @@ def launch(kernel, grid, *args, **kwargs):
         return
     device = driver.active.get_current_device()
     bound, specialization, options = kernel.device_caches[device][4](*args, **kwargs)
-    key = (kernel, device, *specialization, *options.items())
+    key = (id(kernel), device, *specialization, *options.items())  # hash(kernel) takes a lock and hashes its source
     compiled = _COMPILED.get(key)
     if compiled is None:
         compiled = kernel[grid](*args, **kwargs)
