@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from fastvit.kernels._launch import cdiv, eager_op, launch, next_power_of_2
-from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
+from fastvit.kernels._report import TORCH_DTYPES, spec_from_launch
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
@@ -630,32 +630,6 @@ def attention_flash(q, k, v, rel_bias=None, dropout_p=0.0, scale=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Ahead-of-time specs (bench/kernel_report.py)
 
-def _aot_spec(name, fn, args, constexprs, blocks, label):
-    """KernelSpec for ``fn`` launched with ``args`` (parameter -> "*dtype" pointer, int or float value),
-    specialised as Triton's JIT specialises that launch: an int equal to 1 becomes the constexpr 1, an int
-    divisible by 16 is aligned, floats are fp32 and never specialised, and every pointer is aligned (torch's
-    allocations are, and q, k, v, out start at multiples of D elements inside their buffers)."""
-    signature, consts, aligned = {}, dict(constexprs), []
-    for param in fn.arg_names:
-        if param in constexprs:
-            signature[param] = "constexpr"
-            continue
-        value = args[param]
-        if isinstance(value, str):
-            signature[param] = value
-            aligned.append(param)
-        elif isinstance(value, float):
-            signature[param] = "fp32"
-        elif value == 1:
-            signature[param] = "constexpr"
-            consts[param] = 1
-        else:
-            signature[param] = "i32"
-            if value % 16 == 0:
-                aligned.append(param)
-    return KernelSpec(name, fn, signature, consts, blocks.num_warps, blocks.num_stages, label, tuple(aligned))
-
-
 def aot_specs(shape, dtype):
     """Every attention kernel at ``shape``'s head dim and tokens, in each variant a model launches: no bias, the
     relative-position table (pos_embed='rel'; fp32 under AMP, the activation dtype in a model cast to it), each
@@ -677,8 +651,9 @@ def aot_specs(shape, dtype):
     base = {"O": act, "DO": act, "DELTA": "*fp32", "n_heads": heads, "seq_len": n,
             **{f"stride_{t}{axis}": v for t, st in strides.items() for axis, v in zip("bhnd", st)}}
     blk = cfg.preprocess
-    specs = [_aot_spec("attn_bwd_preprocess", _attn_bwd_preprocess_kernel, base,
-                       {"HEAD_DIM": hd, "BLOCK_D": cfg.block_d, "BLOCK_M": blk.block_m}, blk, f"hd={hd} N={n}")]
+    specs = [spec_from_launch("attn_bwd_preprocess", _attn_bwd_preprocess_kernel, base,
+                              {"HEAD_DIM": hd, "BLOCK_D": cfg.block_d, "BLOCK_M": blk.block_m}, blk.num_warps,
+                              blk.num_stages, f"hd={hd} N={n}")]
     for table_t in (None, "*fp32", act):
         for dropout in (False, True):
             has_bias = table_t is not None
@@ -696,6 +671,8 @@ def aot_specs(shape, dtype):
             for name, fn, blk in (("attn_fwd", _attn_fwd_kernel, cfg.fwd),
                                   ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, cfg.bwd_dkdv),
                                   ("attn_bwd_dq", _attn_bwd_dq_kernel, cfg.bwd_dq)):
-                specs.append(_aot_spec(name, fn, args, {**common, "BLOCK_M": blk.block_m, "BLOCK_N": blk.block_n},
-                                       blk, f"hd={hd} N={n} " + ("+".join(parts) or "plain")))
+                specs.append(spec_from_launch(name, fn, args,
+                                              {**common, "BLOCK_M": blk.block_m, "BLOCK_N": blk.block_n},
+                                              blk.num_warps, blk.num_stages,
+                                              f"hd={hd} N={n} " + ("+".join(parts) or "plain")))
     return specs
