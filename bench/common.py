@@ -9,9 +9,10 @@ Tests import this file by path (bench/ is not a package)::
 
     spec = importlib.util.spec_from_file_location("bench_common", "bench/common.py")
 
-Importing it also loads the standard library's ``profile`` module: a script run from bench/ has bench/ first on
-sys.path, where bench/profile.py would otherwise stand in for it (cProfile imports ``profile``, and torch._dynamo
-imports cProfile).
+bench/profile.py shares its name with the standard library's ``profile``, which cProfile imports (and torch._dynamo
+and torch.distributed.checkpoint import cProfile). So the scripts append bench/ to sys.path rather than prepend it
+(a process that loads them by path, and the processes it spawns, keep the standard module), and importing this file
+loads the standard module first (a script run from bench/ has bench/ first on sys.path).
 """
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ import sys
 import time
 import timeit
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the standard library: see common.py
 import common  # noqa: E402
 
 if common.interpreting():

@@ -16,7 +16,7 @@ import os
 import pathlib
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the standard library: see common.py
 import common  # noqa: E402
 
 
