@@ -28,7 +28,8 @@ import torch
 from fastvit.hybrid import hybrid_backbone_from_npz
 from fastvit.resample import resample_abs_pos_embed, resample_pos_embed_1d, resample_rel_pos_table
 
-__all__ = ["CheckpointMismatchError", "LoadResult", "from_hf", "from_npz", "from_torchvision", "load_checkpoint"]
+__all__ = ["CheckpointMismatchError", "LoadResult", "from_hf", "from_npz", "from_torchvision", "load_checkpoint",
+           "read_checkpoint"]
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 # Keys that wrap a state_dict in training checkpoints (timm train.py, torchvision references, common scripts).
@@ -316,8 +317,9 @@ def _detect_layout(sd):
 _CONVERTERS = {"timm": dict, "torchvision": from_torchvision, "hf": from_hf, "npz": from_npz}
 
 
-def _to_timm(path_or_state_dict):
-    """Any supported source -> (timm-layout state_dict, layout name)."""
+def read_checkpoint(path_or_state_dict):
+    """Any supported source (a path as ``load_checkpoint`` takes, or a state_dict) -> (timm-layout state_dict,
+    layout name: 'timm', 'torchvision', 'hf' or 'npz'), without fitting it to a model."""
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         path = os.fspath(path_or_state_dict)
         if not os.path.exists(path):
@@ -405,7 +407,7 @@ def _hints(model, result):
     return hints
 
 
-def load_checkpoint(model, path_or_state_dict, strict=True):
+def load_checkpoint(model, path_or_state_dict, strict=True, name=None):
     """Load a timm, torchvision, Hugging Face or JAX .npz ViT checkpoint into ``model`` (timm-layout ViT).
 
     ``path_or_state_dict``: a ``.pth/.pt/.bin/.ckpt/.tar`` file (``torch.load(weights_only=True)``), a
@@ -413,8 +415,9 @@ def load_checkpoint(model, path_or_state_dict, strict=True):
     Position tables are resampled to the model's grid. With ``strict=True`` (default) any missing key, unexpected
     key or shape mismatch raises ``CheckpointMismatchError`` listing them and leaves the model untouched; with
     ``strict=False`` every tensor that fits is loaded and the rest is reported. Returns a ``LoadResult``.
+    ``name`` names the model in errors (default: its class name).
     """
-    sd, layout = _to_timm(path_or_state_dict)
+    sd, layout = read_checkpoint(path_or_state_dict)
     expected = model.state_dict()
     ignored = []
     if "head.weight" not in expected:  # headless model: the checkpoint's classifier has nowhere to go
@@ -428,7 +431,7 @@ def load_checkpoint(model, path_or_state_dict, strict=True):
                   if k in expected and v.shape != expected[k].shape]
     result = LoadResult(missing, unexpected, mismatched, ignored, layout)
     if strict and (missing or unexpected or mismatched):
-        raise CheckpointMismatchError(result, type(model).__name__, _hints(model, result))
+        raise CheckpointMismatchError(result, name or type(model).__name__, _hints(model, result))
     skip = {k for k, _, _ in mismatched}
     model.load_state_dict({k: v for k, v in sd.items() if k in expected and k not in skip}, strict=False)
     return result

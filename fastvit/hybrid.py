@@ -18,8 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastvit import ops
-from fastvit.model import VisionTransformer, grid_size_for, image_grid_size, resample_projection_
+from fastvit.model import VisionTransformer, checked_image, embed_patches, grid_size_for, resample_projection_
 from fastvit.registry import register_model
 from fastvit.resample import _pair
 
@@ -40,6 +39,23 @@ def _pad_same(x, kernel, stride, value=0.0):
     return F.pad(x, (left, right, top, bottom), value=value), (0, 0)
 
 
+def conv2d_same(x, weight, stride):
+    """Bias-free convolution with 'SAME' padding."""
+    x, padding = _pad_same(x, weight.shape[-2:], stride)
+    return F.conv2d(x, weight, None, stride, padding)
+
+
+def max_pool2d_same(x, kernel_size, stride):
+    """Max pooling with 'SAME' padding (padding never wins the max)."""
+    x, padding = _pad_same(x, kernel_size, stride, value=-math.inf)
+    return F.max_pool2d(x, kernel_size, stride, padding)
+
+
+# the padding depends on the input's size: torch.fx keeps these two as leaf calls
+torch.fx.wrap("conv2d_same")
+torch.fx.wrap("max_pool2d_same")
+
+
 class StdConv2dSame(nn.Conv2d):
     """Bias-free convolution whose filters are standardised (zero mean, unit variance per output channel) at every
     call, with 'SAME' padding. BiT's weight standardisation; eps 1e-8 as in timm's hybrid backbone."""
@@ -52,8 +68,7 @@ class StdConv2dSame(nn.Conv2d):
         # standardising each filter over its fan-in is a LayerNorm of the flattened filters, one fused kernel
         flat = self.weight.reshape(self.out_channels, -1)
         weight = F.layer_norm(flat, flat.shape[1:], eps=self.eps).reshape_as(self.weight)
-        x, padding = _pad_same(x, self.kernel_size, self.stride)
-        return F.conv2d(x, weight, None, self.stride, padding)
+        return conv2d_same(x, weight, self.stride)
 
 
 class GroupNormAct(nn.GroupNorm):
@@ -76,8 +91,7 @@ class MaxPool2dSame(nn.Module):
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
 
     def forward(self, x):
-        x, padding = _pad_same(x, self.kernel_size, self.stride, value=-math.inf)
-        return F.max_pool2d(x, self.kernel_size, self.stride, padding)
+        return max_pool2d_same(x, self.kernel_size, self.stride)
 
 
 class Downsample(nn.Module):
@@ -172,8 +186,8 @@ class ResNetV2(nn.Module):
 class HybridEmbed(nn.Module):
     """The embed_layer of a hybrid ViT: backbone feature map -> P x P patches (P = 1 in the paper) projected to D.
 
-    Follows ``PatchEmbed``'s protocol (keywords, ``grid_size``, ``dynamic_grid_size``, ``forward`` with the optional
-    position table and class token, ``set_input_size``) so ``VisionTransformer(embed_layer=partial(HybridEmbed,
+    Follows ``PatchEmbed``'s protocol (keywords, ``grid_size``, ``check_input``, ``forward`` returning the patch
+    tokens, ``embed`` adding the optional position table and class token, ``set_input_size``) so ``VisionTransformer(embed_layer=partial(HybridEmbed,
     backbone=...))`` needs nothing else. ``patch_size`` is the projection's, over the feature map; ``grid_size`` is
     the feature grid divided by it. ``backbone`` must expose ``in_chans``, ``num_features`` and ``reduction``.
     """
@@ -217,35 +231,38 @@ class HybridEmbed(nn.Module):
         resample_projection_(self.proj, patch_size)
         self._set_sizes(img_size or self.img_size, patch_size or self.patch_size)
 
-    def dynamic_grid_size(self, x):
-        """Validate an image batch as PatchEmbed does, with the token stride as the effective patch size, and
-        return its token grid (gh, gw)."""
-        return image_grid_size(x, self.in_chans, self.img_size, self.token_stride, self.dynamic_img_size)
+    def check_input(self, x):
+        """Validate an image batch as PatchEmbed does, with the token stride as the effective patch size:
+        (x, its token grid (gh, gw))."""
+        return checked_image(x, self.in_chans, self.img_size, self.token_stride, self.dynamic_img_size)
 
-    def forward(self, x, pos_embed=None, cls_token=None, no_embed_class=False):
-        """(B, C, H, W) image -> backbone features -> (B, [1 +] N, D) tokens via ``fastvit.ops.patch_embed``."""
-        return ops.patch_embed(self.backbone(x), self.proj.weight, self.proj.bias, self.patch_size, pos_embed,
-                               cls_token, no_embed_class, backend=self.backend)
+    def forward(self, x):
+        """(B, C, H, W) image -> (B, N, D) tokens of its backbone features."""
+        return self.embed(x)
+
+    def embed(self, x, pos_embed=None, cls_token=None, no_embed_class=False):
+        """(B, C, H, W) image -> backbone features -> (B, [1 +] N, D) tokens, as ``PatchEmbed.embed``."""
+        return embed_patches(self.proj, self.backbone(x), self.patch_size, pos_embed, cls_token, no_embed_class,
+                             self.backend)
 
 
-# ---- registry: timm's hybrid names and defaults ------------------------------------------------------------------
-def _hybrid_builder(layers, embed_dim, depth, num_heads, img_size, num_classes):
+# ---- registry: timm's hybrid names (vision_transformer_hybrid.py); heads come from the pretrained configs -----
+def _hybrid_builder(layers, embed_dim, depth, num_heads, img_size):
     def build(**kwargs):
         backbone = ResNetV2(layers, in_chans=kwargs.get("in_chans", 3))
-        cfg = dict(img_size=img_size, patch_size=1, num_classes=num_classes, embed_dim=embed_dim, depth=depth,
-                   num_heads=num_heads, embed_layer=partial(HybridEmbed, backbone=backbone))
+        cfg = dict(img_size=img_size, patch_size=1, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                   embed_layer=partial(HybridEmbed, backbone=backbone))
         return VisionTransformer(**{**cfg, **kwargs})
     return build
 
 
-# timm's default tag for vit_base_r50_s16_224 is the headless in21k checkpoint, so timm builds it without a head.
 for _name, _args in {
-    "vit_base_r50_s16_224": ((3, 4, 9), 768, 12, 12, 224, 0),
-    "vit_base_r50_s16_384": ((3, 4, 9), 768, 12, 12, 384, 1000),
-    "vit_large_r50_s32_224": ((3, 4, 6, 3), 1024, 24, 16, 224, 1000),
-    "vit_large_r50_s32_384": ((3, 4, 6, 3), 1024, 24, 16, 384, 1000),
+    "vit_base_r50_s16_224": ((3, 4, 9), 768, 12, 12, 224),
+    "vit_base_r50_s16_384": ((3, 4, 9), 768, 12, 12, 384),
+    "vit_large_r50_s32_224": ((3, 4, 6, 3), 1024, 24, 16, 224),
+    "vit_large_r50_s32_384": ((3, 4, 6, 3), 1024, 24, 16, 384),
 }.items():
-    register_model(_name, _hybrid_builder(*_args))
+    register_model(_name, _hybrid_builder(*_args), module="vision_transformer_hybrid")
 
 
 # ---- original JAX (.npz) layout ----------------------------------------------------------------------------------

@@ -8,23 +8,87 @@
 Names, constructor keywords and state_dict layout follow timm's ``vision_transformer.py``, so timm weights load
 unchanged. Patch embedding, residual add + LayerNorm, bias + GELU and attention go through ``fastvit.ops``, the one
 place that chooses between Triton kernels and torch math; every module here only carries its ``backend`` name.
+
+Every module calls its submodules as timm's does, so hooks, replaced layers and adapters (PEFT LoRA, a quantised
+Linear) act exactly as on timm. A fused op stands in for a group of submodules only while each of them is the plain
+torch module it was built as, with no hooks (``runs_unmodified``, checked per call).
 """
 from __future__ import annotations
 
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.utils.checkpoint import checkpoint
 
 from fastvit import ops
+from fastvit.registry import register_model
 from fastvit.kernels.flash_attention import num_relative_positions
 from fastvit.resample import (_pair, resample_abs_pos_embed, resample_patch_embed, resample_pos_embed_1d,
                               resample_rel_pos_table)
 
 POS_EMBEDS = ("learn", "learn_2d", "none", "rel")
 POS_EMBED_AT = ("stem", "every_layer", "every_layer_shared")
+RESIDUAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, "autocast")
 GLOBAL_POOLS = ("token", "avg", "")
+
+
+def _has_global_hooks():
+    m = torch.nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
+
+
+def runs_unmodified(module, cls) -> bool:
+    """Whether ``module`` is exactly a ``cls`` with no hooks (its own or global) and no patched ``forward``.
+
+    Only then may a fused kernel read its parameters instead of calling it: a subclass, a wrapper (LoRA), a
+    parametrised or quantised layer, a hook or an instance-level forward all have to run as the user left them.
+    """
+    return (type(module) is cls and "forward" not in module.__dict__
+            and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                     or module._backward_pre_hooks or _has_global_hooks()))
+
+
+def output_may_fuse(module, cls) -> bool:
+    """Whether ``module``'s output may stay inside a fusion with what follows (z_0 with its tables, a block's
+    output as an unevaluated sum, the final norm with the last residual add): only when it runs unmodified, and not
+    under torch.fx, where these outputs must be nodes of their own (feature extraction asks for them by name)."""
+    return runs_unmodified(module, cls) and not is_fx_symbolic_tracing()
+
+
+def fusable_layer_norm(norm) -> bool:
+    """An unmodified affine nn.LayerNorm over the last dim, which the fused residual add + LayerNorm can replace."""
+    return (runs_unmodified(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and norm.weight is not None
+            and norm.bias is not None)
+
+
+def layer_norm(norm, h, residual, backend):
+    """(norm(h + residual), h + residual), residual None meaning 0: fused when ``norm`` is a plain LayerNorm whose
+    output may fuse."""
+    if fusable_layer_norm(norm) and output_may_fuse(norm, nn.LayerNorm):
+        return ops.add_layer_norm(h, residual, norm.weight, norm.bias, norm.eps, backend=backend)
+    z = h if residual is None else h + residual
+    return norm(z), z
+
+
+def feature_take_indices(num_blocks, indices=None):
+    """(absolute block indices, the largest) for ``indices``: None all, an int n the last n, a list in its own
+    order with negatives counted from the end (timm's rule)."""
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"last-n indices must be in 1..{num_blocks}, got {indices}")
+        take = list(range(num_blocks - indices, num_blocks))
+    else:
+        take = [num_blocks + i if i < 0 else i for i in indices]
+        bad = [i for i, t in zip(indices, take) if not 0 <= t < num_blocks]
+        if bad or not take:
+            raise ValueError(f"block indices must be in {-num_blocks}..{num_blocks - 1}, got {list(indices)}")
+    return take, max(take)
 
 
 def _check_choice(name, value, choices):
@@ -58,6 +122,45 @@ def image_grid_size(x, in_chans, img_size, stride, dynamic_img_size):
     return grid_size_for(size, stride, "the patch size", "image size")
 
 
+def _validated_image(x, in_chans, img_size, stride):
+    """x itself after ``image_grid_size``'s checks at a fixed size: a torch.fx leaf, so traced graphs keep them."""
+    image_grid_size(x, in_chans, img_size, stride, False)
+    return x
+
+
+torch.fx.wrap("_validated_image")
+
+
+def checked_image(x, in_chans, img_size, stride, dynamic_img_size):
+    """(x, its token grid), validated. A fixed size is checked in a torch.fx leaf, so the model traces; a dynamic
+    size needs the shape in Python and does not (as in timm)."""
+    if dynamic_img_size:
+        return x, image_grid_size(x, in_chans, img_size, stride, True)
+    return _validated_image(x, in_chans, img_size, stride), grid_size_for(img_size, stride)
+
+
+def residual_stream(h, dtype):
+    """``h`` in the residual stream's dtype under autocast ('autocast': the autocast dtype), else unchanged; a
+    torch.fx leaf, so a traced model follows the autocast state it runs under."""
+    device = h.device.type
+    if torch.is_autocast_enabled(device):
+        return h.to(torch.get_autocast_dtype(device) if dtype == "autocast" else dtype)
+    return h
+
+
+torch.fx.wrap("residual_stream")
+
+
+def embed_patches(proj, x, patch_size, pos_embed, cls_token, no_embed_class, backend):
+    """z_0 from the projection ``proj`` (a stride-P conv): one fused kernel when it is a plain Conv2d of that
+    geometry, otherwise ``proj(x)`` followed by the class token and position rows in torch."""
+    if (runs_unmodified(proj, nn.Conv2d) and tuple(proj.kernel_size) == tuple(proj.stride) == tuple(patch_size)
+            and proj.padding == (0, 0) and proj.dilation == (1, 1) and proj.groups == 1):
+        return ops.patch_embed(x, proj.weight, proj.bias, patch_size, pos_embed, cls_token, no_embed_class,
+                               backend=backend)
+    return ops.add_class_and_position(proj(x).flatten(2).transpose(1, 2), pos_embed, cls_token, no_embed_class)
+
+
 def resample_projection_(proj, patch_size):
     """Give a patch projection (a stride-P conv) a new patch size in place, resampling its weights (FlexiViT)."""
     if patch_size is None or _pair(patch_size) == tuple(proj.kernel_size):
@@ -70,8 +173,8 @@ def resample_projection_(proj, patch_size):
 class PatchEmbed(nn.Module):
     """Cut the image into P x P patches and project each flattened patch to D: x_p^i E (a stride-P convolution).
 
-    ``forward`` also adds the position table and prepends the class token, because the fused kernel writes the
-    whole z_0 in one pass.
+    ``forward`` returns the (B, N, D) patch tokens, as timm's does; ``embed`` also prepends the class token and adds
+    the position table, because the fused kernel writes the whole z_0 in one pass.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True, dynamic_img_size=False):
@@ -92,14 +195,17 @@ class PatchEmbed(nn.Module):
         resample_projection_(self.proj, patch_size)
         self._set_sizes(img_size or self.img_size, patch_size or self.patch_size)
 
-    def dynamic_grid_size(self, x):
-        """Validate an image batch and return its patch grid (gh, gw)."""
-        return image_grid_size(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size)
+    def check_input(self, x):
+        """Validate an image batch: (x, its patch grid (gh, gw))."""
+        return checked_image(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size)
 
-    def forward(self, x, pos_embed=None, cls_token=None, no_embed_class=False):
+    def forward(self, x):
+        """(B, C, H, W) -> (B, N, D) patch tokens."""
+        return self.embed(x)
+
+    def embed(self, x, pos_embed=None, cls_token=None, no_embed_class=False):
         """(B, C, H, W) -> (B, [1 +] N, D); see ``fastvit.ops.patch_embed`` for the optional tables."""
-        return ops.patch_embed(x, self.proj.weight, self.proj.bias, self.patch_size, pos_embed, cls_token,
-                               no_embed_class, backend=self.backend)
+        return embed_patches(self.proj, x, self.patch_size, pos_embed, cls_token, no_embed_class, self.backend)
 
 
 class Attention(nn.Module):
@@ -134,7 +240,7 @@ class Attention(nn.Module):
         self.rel_pos_grid = _pair(grid_size)
 
     def forward(self, x, grid_size=None):
-        return self.attend(F.linear(x, self.qkv.weight, self.qkv.bias), grid_size)
+        return self.attend(self.qkv(x), grid_size)
 
     def attend(self, qkv, grid_size=None):
         """Everything after the qkv projection (the block fuses that projection with its LayerNorm)."""
@@ -157,19 +263,30 @@ class Mlp(nn.Module):
         super().__init__()
         self.backend = "auto"
         self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop2 = nn.Dropout(drop)
 
+    @property
+    def fused_activation(self) -> bool:
+        """Whether fc1's bias and the GELU may run as one fused op (fc1 and act unmodified, exact GELU)."""
+        return (runs_unmodified(self.fc1, nn.Linear) and runs_unmodified(self.act, nn.GELU)
+                and self.act.approximate == "none")
+
     def forward(self, x):
-        return self.activate(F.linear(x, self.fc1.weight))
+        if self.fused_activation:
+            return self.activate(F.linear(x, self.fc1.weight))
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
     def activate(self, h):
         """GELU(h + b_1) W_2 + b_2 from fc1's bias-free output h (the block fuses fc1 with its LayerNorm).
 
-        fc2 recomputes the GELU in backward; only dropout between the two needs the activation kept.
+        fc2 recomputes the GELU in backward, unless something must see the activation: dropout, or an edited
+        drop1 / fc2.
         """
-        if self.training and self.drop1.p > 0:
+        if ((self.training and self.drop1.p > 0) or not runs_unmodified(self.drop1, nn.Dropout)
+                or not runs_unmodified(self.fc2, nn.Linear)):
             h = self.drop1(ops.bias_gelu(h, self.fc1.bias, backend=self.backend))
             return self.drop2(self.fc2(h))
         return self.drop2(ops.bias_gelu_linear(h, self.fc1.bias, self.fc2.weight, self.fc2.bias,
@@ -226,15 +343,30 @@ class Block(nn.Module):
         """The block on z = h + residual (residual None: z = h), returning (MLP branch, z') so that z_out = sum.
 
         Keeping the sum unevaluated lets each LayerNorm fuse the preceding residual add, also across blocks, and
-        each LayerNorm runs together with the projection after it (qkv, fc1) so its output is never saved.
+        each LayerNorm runs together with the projection after it (qkv, fc1) so its output is never saved. Where
+        the user edited a submodule of a branch, that branch calls its modules one by one instead.
         """
-        qkv, residual = ops.add_layer_norm_linear(h, residual, self.norm1.weight, self.norm1.bias,
-                                                  self.attn.qkv.weight, self.attn.qkv.bias, self.norm1.eps,
-                                                  backend=self.backend)
-        h = self.drop_path1(self.ls1(self.attn.attend(qkv, grid_size)))
-        hidden, residual = ops.add_layer_norm_linear(h, residual, self.norm2.weight, self.norm2.bias,
-                                                     self.mlp.fc1.weight, None, self.norm2.eps, backend=self.backend)
-        return self.drop_path2(self.ls2(self.mlp.activate(hidden))), residual
+        if (fusable_layer_norm(self.norm1) and runs_unmodified(self.attn, Attention)
+                and runs_unmodified(self.attn.qkv, nn.Linear)):
+            qkv, residual = ops.add_layer_norm_linear(h, residual, self.norm1.weight, self.norm1.bias,
+                                                      self.attn.qkv.weight, self.attn.qkv.bias, self.norm1.eps,
+                                                      backend=self.backend)
+            h = self.attn.attend(qkv, grid_size)
+        else:
+            residual = h if residual is None else h + residual
+            normed = self.norm1(residual)
+            # a replaced attention (timm's, say) takes no grid; only ours uses it, for the relative bias
+            h = self.attn(normed, grid_size) if isinstance(self.attn, Attention) else self.attn(normed)
+        h = self.drop_path1(self.ls1(h))
+        if fusable_layer_norm(self.norm2) and runs_unmodified(self.mlp, Mlp) and self.mlp.fused_activation:
+            hidden, residual = ops.add_layer_norm_linear(h, residual, self.norm2.weight, self.norm2.bias,
+                                                         self.mlp.fc1.weight, None, self.norm2.eps,
+                                                         backend=self.backend)
+            h = self.mlp.activate(hidden)
+        else:
+            residual = residual + h
+            h = self.mlp(self.norm2(residual))
+        return self.drop_path2(self.ls2(h)), residual
 
 
 class VisionTransformer(nn.Module):
@@ -244,13 +376,16 @@ class VisionTransformer(nn.Module):
     concatenated per patch), 'none', 'rel' (learned relative-position attention bias per head).
     pos_embed_at: 'stem' (added once to z_0), 'every_layer' (a separate table added before each block),
     'every_layer_shared' (one table added before every block). backend: 'auto' | 'torch' | 'triton'.
+    residual_dtype: the dtype of the residual stream z under autocast: float32 (default: the sums, LayerNorm
+    inputs and what backward keeps of them stay fp32), bfloat16 / float16, or 'autocast' for the autocast dtype
+    (16-bit saves 4 D bytes per token per block and rounds every residual add).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
                  embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, init_values=None,
                  class_token=True, pos_embed="learn", no_embed_class=False, fc_norm=None, dynamic_img_size=False,
                  drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
-                 embed_layer=PatchEmbed, pos_embed_at="stem", backend="auto"):
+                 embed_layer=PatchEmbed, pos_embed_at="stem", backend="auto", residual_dtype=torch.float32):
         super().__init__()
         pos_embed = "none" if pos_embed == "" else pos_embed
         _check_choice("global_pool", global_pool, GLOBAL_POOLS)
@@ -274,9 +409,13 @@ class VisionTransformer(nn.Module):
         self.pos_embed_at = pos_embed_at
         self.grad_checkpointing = False
         self.backend = backend
+        if residual_dtype not in RESIDUAL_DTYPES:
+            raise ValueError(f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {residual_dtype!r}")
+        self.residual_dtype = residual_dtype
 
         self.patch_embed = embed_layer(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                        embed_dim=embed_dim, bias=True, dynamic_img_size=dynamic_img_size)
+        self._embed_layer = type(self.patch_embed)  # a patch_embed of another type was put there by the user
         grid = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         tables = depth if pos_embed_at == "every_layer" else 1
@@ -294,6 +433,9 @@ class VisionTransformer(nn.Module):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], init_values,
                   rel_pos_grid=grid if pos_embed == "rel" else None, class_token=class_token)
             for i in range(depth)])
+        stride = getattr(self.patch_embed, "token_stride", self.patch_embed.patch_size)
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=max(stride))
+                             for i in range(depth)]
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if not use_fc_norm else nn.Identity()
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
@@ -326,6 +468,11 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable=True):
         """Recompute each block in backward instead of keeping its activations."""
         self.grad_checkpointing = enable
+
+    def group_matcher(self, coarse=False):
+        """timm's parameter groups (stem, one per block, final norm last), read by layer-wise lr decay."""
+        return dict(stem=r"^cls_token|pos_embed|patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
     def no_weight_decay(self):
         """Names of parameters that weight decay should skip: position tables and the class token."""
@@ -392,24 +539,96 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x):
         """Image batch -> (B, [1 +] N, D) tokens after the final LayerNorm."""
-        grid = self.patch_embed.dynamic_grid_size(x)
+        h, residual, _, _ = self._encode(x)
+        return layer_norm(self.norm, h, residual, self.backend)[0]
+
+    def forward_intermediates(self, x, indices=None, return_prefix_tokens=False, norm=False, stop_early=False,
+                              output_fmt="NCHW", intermediates_only=False, output_dict=False):
+        """The outputs z_i of the blocks ``indices`` (an int n: the last n; a list: those, negative from the end;
+        None: all) next to the final features, with timm's arguments and results.
+
+        Each z_i is (B, D, gh, gw) for ``output_fmt='NCHW'`` or (B, N, D) for 'NLC', without prefix tokens (they
+        come paired with it under ``return_prefix_tokens``); ``norm`` passes each through the final norm;
+        ``stop_early`` runs no block after the last one asked for (the final features then come from there).
+        """
+        _check_choice("output_fmt", output_fmt, ("NCHW", "NLC"))
+        take, last = feature_take_indices(len(self.blocks), indices)
+        h, residual, grid, taken = self._encode(x, take, last if stop_early else None)
+        if norm:
+            taken = [layer_norm(self.norm, z, None, self.backend)[0] for z in taken]
+        prefix = [z[:, :self.num_prefix_tokens] for z in taken] if self.num_prefix_tokens else None
+        taken = [z[:, self.num_prefix_tokens:] for z in taken]
+        if output_fmt == "NCHW":
+            taken = [z.reshape(z.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for z in taken]
+        if output_dict:
+            out = {"image_intermediates": taken}
+            if prefix is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = layer_norm(self.norm, h, residual, self.backend)[0]
+            return out
+        if return_prefix_tokens and prefix is not None:
+            taken = list(zip(taken, prefix))
+        if intermediates_only:
+            return taken
+        return layer_norm(self.norm, h, residual, self.backend)[0], taken
+
+    def get_intermediate_layers(self, x, n=1, reshape=False, return_prefix_tokens=False, norm=False):
+        """The last ``n`` block outputs (or the blocks listed in ``n``): DINO's interface, as timm keeps it."""
+        return self.forward_intermediates(x, n, return_prefix_tokens=return_prefix_tokens, norm=norm,
+                                          output_fmt="NCHW" if reshape else "NLC", intermediates_only=True)
+
+    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+        """Drop the blocks after the last of ``indices`` (and the final norm / head if asked); returns the
+        absolute indices kept, as timm's does."""
+        take, last = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take
+
+    def _encode(self, x, take=(), last=None):
+        """Embedding and blocks up to ``last`` (all if None): (h, residual, grid, [z_i for i in take]), the
+        tokens z = h + residual left as a sum for the final LayerNorm to fuse."""
+        x, grid = self.patch_embed.check_input(x)
         stem_pos = self.position_table(grid) if self.pos_embed_at == "stem" else None
-        h = self.pos_drop(self.patch_embed(x, stem_pos, self.cls_token, not self._pos_covers_prefix))
+        if output_may_fuse(self.patch_embed, self._embed_layer):
+            h = self.patch_embed.embed(x, stem_pos, self.cls_token, not self._pos_covers_prefix)
+        else:  # hooked or replaced: it returns the patch tokens only, as timm's does
+            h = ops.add_class_and_position(self.patch_embed(x), stem_pos, self.cls_token,
+                                           not self._pos_covers_prefix)
+        h = self.pos_drop(residual_stream(h, self.residual_dtype))
+        if not take and last is None and self.pos_embed_at == "stem" and not runs_unmodified(self.blocks,
+                                                                                               nn.Sequential):
+            # a hooked or replaced container runs whole, as in timm (the tables of the other layouts go between)
+            return self._checkpointed(self.blocks, h), None, grid, []
         residual = None
-        for i, block in enumerate(self.blocks):
+        taken = []
+        for i, block in enumerate(self.blocks if last is None else self.blocks[:last + 1]):
             if self.pos_embed_at != "stem":
                 pos = self.position_table(grid, i if self.pos_embed_at == "every_layer" else 0)
                 if not self._pos_covers_prefix:
                     pos = F.pad(pos, (0, 0, self.num_prefix_tokens, 0))
-                h = h + pos
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                h, residual = checkpoint(block.forward_pair, h, residual, grid, use_reentrant=False)
+                h = h + pos.to(h.dtype)
+            # otherwise the block is called as a module (its hooks fire) on the evaluated sum
+            if output_may_fuse(block, Block):
+                h, residual = self._checkpointed(block.forward_pair, h, residual, grid)
             else:
-                h, residual = block.forward_pair(h, residual, grid)
-        if isinstance(self.norm, nn.LayerNorm):
-            return ops.add_layer_norm(h, residual, self.norm.weight, self.norm.bias, self.norm.eps,
-                                      backend=self.backend)[0]
-        return h if residual is None else h + residual
+                z = h if residual is None else h + residual
+                h, residual = self._checkpointed(block, *((z, grid) if isinstance(block, Block) else (z,))), None
+            if i in take:
+                h, residual = (h if residual is None else h + residual), None
+                taken.append(h)
+        return h, residual, grid, taken
+
+    def _checkpointed(self, fn, *args):
+        """fn(*args), recomputed in backward instead of keeping its activations when grad checkpointing is on."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def pool(self, x):
         if self.global_pool == "token":
@@ -420,12 +639,26 @@ class VisionTransformer(nn.Module):
 
     def forward_head(self, x, pre_logits: bool = False):
         """Pool the tokens (class token or average), normalise if fc_norm, then the linear head."""
-        x = self.pool(x)
-        if isinstance(self.fc_norm, nn.LayerNorm):
-            x = ops.add_layer_norm(x, None, self.fc_norm.weight, self.fc_norm.bias, self.fc_norm.eps,
-                                   backend=self.backend)[0]
+        x = layer_norm(self.fc_norm, self.pool(x), None, self.backend)[0]
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
+
+
+# ---- registry: timm's ViT names ----------------------------------------------------------------------------------
+# The paper's Table 1 sizes plus timm's tiny and small, as (embed_dim, depth, num_heads); heads, image sizes and the
+# rest come from each name's pretrained config (``fastvit.registry``), as in timm.
+SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
+         "huge": (1280, 32, 16)}
+VARIANTS = [(size, patch, img) for size in ("tiny", "small", "base", "large") for patch, img in
+            [(16, 224), (16, 384)]] + [(size, 32, img) for size in ("base", "large") for img in (224, 384)] + \
+           [("huge", 14, 224)]
+
+for _size, _patch, _img in VARIANTS:
+    _dim, _depth, _heads = SIZES[_size]
+    register_model(f"vit_{_size}_patch{_patch}_{_img}",
+                   partial(VisionTransformer, img_size=_img, patch_size=_patch, embed_dim=_dim, depth=_depth,
+                           num_heads=_heads),
+                   module="vision_transformer")

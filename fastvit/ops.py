@@ -12,10 +12,13 @@ instead of saving it). Each takes ``backend``:
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
+from fastvit import autotune
 from fastvit.kernels import bias_gelu as _bias_gelu
 from fastvit.kernels import flash_attention as _flash_attention
 from fastvit.kernels import layer_norm as _layer_norm
@@ -49,6 +52,13 @@ def use_triton(backend: str, x: torch.Tensor) -> bool:
     return runnable
 
 
+def _exporting_torch(backend, x) -> bool:
+    """Whether torch.export (so also torch.onnx's exporter) is tracing a call the torch fallback would run: then
+    the op emits its plain-torch reference, so the exported program holds only aten ops (ONNX has no translation
+    for ours, and inference needs none of their memory savings)."""
+    return torch.compiler.is_exporting() and not use_triton(backend, x)
+
+
 def patch_embed(x, weight, bias, patch_size, pos_embed=None, cls_token=None, no_embed_class=False,
                 backend="auto"):
     """z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos for an image ``x`` of shape (B, C, H, W).
@@ -57,8 +67,16 @@ def patch_embed(x, weight, bias, patch_size, pos_embed=None, cls_token=None, no_
     None or (1, L, D) with L = N + 1 when it has a class-token row (``no_embed_class=False``) else N;
     ``cls_token`` is None or (1, 1, D). Returns (B, N [+1], D).
     """
+    if _exporting_torch(backend, x):
+        return _patch_embed.patch_embed_ref(x, weight, bias, patch_size, pos_embed, cls_token, no_embed_class)
     return _patch_embed.patch_embed(x, weight, bias, patch_size, pos_embed, cls_token, no_embed_class,
                                     use_triton(backend, x))
+
+
+def add_class_and_position(tokens, pos_embed=None, cls_token=None, no_embed_class=False):
+    """The part of ``patch_embed`` after the projection, for (B, N, D) tokens that an edited projection produced
+    (a hooked or replaced ``proj``): [x_class; tokens] + E_pos in torch."""
+    return _patch_embed.add_class_and_position(tokens, pos_embed, cls_token, no_embed_class)
 
 
 def add_layer_norm(x, residual, weight, bias, eps=1e-6, residual_in_fp32=False, backend="auto"):
@@ -66,11 +84,15 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-6, residual_in_fp32=False, 
 
     y has x's dtype; new_residual is fp32 when ``residual_in_fp32``.
     """
+    if _exporting_torch(backend, x):
+        return _layer_norm.add_layer_norm_ref(x, residual, weight, bias, eps, residual_in_fp32)
     return _layer_norm.add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, use_triton(backend, x))
 
 
 def bias_gelu(x, bias, backend="auto"):
     """y = GELU(x + bias) with the exact erf GELU of the paper and timm."""
+    if _exporting_torch(backend, x):
+        return _bias_gelu.bias_gelu_ref(x, bias)
     return _bias_gelu.bias_gelu(x, bias, use_triton(backend, x))
 
 
@@ -80,16 +102,23 @@ def bias_gelu(x, bias, backend="auto"):
 def add_layer_norm_linear(x, residual, norm_weight, norm_bias, weight, bias=None, eps=1e-6,
                           residual_in_fp32=False, backend="auto"):
     """(LayerNorm(x + residual) W^T + b, x + residual), saving only what ``add_layer_norm`` saves."""
+    if _exporting_torch(backend, x):
+        y, new_residual = _layer_norm.add_layer_norm_ref(x, residual, norm_weight, norm_bias, eps, residual_in_fp32)
+        return F.linear(y, weight, bias), new_residual
     return _layer_norm.add_layer_norm_linear(x, residual, norm_weight, norm_bias, weight, bias, eps,
                                              residual_in_fp32, use_triton(backend, x))
 
 
 def bias_gelu_linear(x, bias, weight, weight_bias=None, backend="auto"):
     """GELU(x + bias) W^T + b, saving only the pre-activation x (as ``bias_gelu`` does)."""
+    if _exporting_torch(backend, x):
+        return F.linear(_bias_gelu.bias_gelu_ref(x, bias), weight, weight_bias)
     return _bias_gelu.bias_gelu_linear(x, bias, weight, weight_bias, use_triton(backend, x))
 
 
 ATTENTION_BACKENDS = BACKENDS + ("flash",)
+# torch's scaled_dot_product_attention with one of its kernels forced (candidates of the tuned "auto")
+SDPA_KERNELS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION"}
 
 
 def attention(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None, backend="auto"):
@@ -100,21 +129,68 @@ def attention(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None,
     class-token entries (query->key): class->patch, patch->class, class->class (BEiT's layout).
 
     ``backend`` may also be ``"flash"`` (the optional flash_attn package: CUDA fp16/bf16, no ``rel_bias``).
-    ``"auto"`` takes flash_attn where it can run this call, else the Triton kernels where they can (fp32/fp16/
-    bf16, head_dim <= 128), else scaled_dot_product_attention.
+    ``"auto"`` on a GPU runs the fastest of flash_attn, torch's SDPA kernels and our Triton kernel for this call
+    shape, measured once (``fastvit.autotune``); with a ``rel_bias`` (which only ours takes), under torch.compile
+    and on CPU it takes flash_attn where it can run, else the Triton kernels where they can (fp32/fp16/bf16,
+    head_dim <= 128), else scaled_dot_product_attention.
     """
-    impl = attention_backend(q, rel_bias, backend)
+    impl = attention_backend(q, rel_bias, backend, dropout_p)
+    return _run_attention(impl, q, k, v, rel_bias, grid_size, dropout_p, scale)
+
+
+def _run_attention(impl, q, k, v, rel_bias, grid_size, dropout_p, scale):
     if impl == "flash":
         return _flash_attention.attention_flash(q, k, v, rel_bias, dropout_p, scale)
+    if impl in SDPA_KERNELS:
+        with torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, SDPA_KERNELS[impl])):
+            return _flash_attention.attention(q, k, v, None, None, dropout_p, scale, False)
     return _flash_attention.attention(q, k, v, rel_bias, grid_size, dropout_p, scale, impl == "triton")
 
 
-def attention_backend(q, rel_bias=None, backend="auto") -> str:
-    """Which implementation :func:`attention` runs for ``q`` (and ``rel_bias``): "flash", "triton" or "torch"."""
+def attention_backend(q, rel_bias=None, backend="auto", dropout_p=0.0) -> str:
+    """Which implementation :func:`attention` runs for ``q`` (and ``rel_bias``, ``dropout_p``): "flash",
+    "triton", "torch", or with a tuned ``"auto"`` one of ``SDPA_KERNELS``."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
     if backend == "flash" or (backend == "auto" and _flash_attention.flash_attn_supported(q, rel_bias)):
-        return "flash"
-    if backend == "auto" and not _flash_attention.triton_supported(q):
-        return "torch"
-    return "triton" if use_triton(backend, q) else "torch"
+        static = "flash"
+    elif backend == "auto" and not _flash_attention.triton_supported(q):
+        static = "torch"
+    else:
+        static = "triton" if use_triton(backend, q) else "torch"
+    if (backend != "auto" or rel_bias is not None or not q.is_cuda or not torch.cuda.is_available()
+            or torch.compiler.is_compiling()):
+        return static
+    b, h, n, d = q.shape
+    training = torch.is_grad_enabled() and q.requires_grad
+    fields = (("dtype", str(q.dtype)), ("batch", b), ("heads", h), ("tokens", n), ("head_dim", d),
+              ("dropout", dropout_p > 0), ("training", training))
+    names = [*SDPA_KERNELS, "torch"]
+    if static == "flash":
+        names.append("flash")
+    if _flash_attention.triton_supported(q):
+        names.append("triton")
+    return autotune.fastest("attention", q.device.index or 0, fields, names,
+                            functools.partial(_attention_runner, q, dropout_p, training), static)
+
+
+def _attention_runner(q, dropout_p, training, impl):
+    """A run of ``impl`` on random inputs shaped like the call (strided q/k/v views of one packed buffer, as the
+    model passes them), with a backward pass for a training call."""
+    b, h, n, d = q.shape
+    qkv = torch.randn(b, n, 3, h, d, device=q.device, dtype=q.dtype, requires_grad=training)
+    views = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def run():
+        out = _run_attention(impl, *views, None, None, dropout_p, None)
+        if training:
+            out.backward(torch.ones_like(out))
+
+    return run
+
+
+# torch.fx traces the model with these as leaf calls: a traced module runs the same kernels, and their Python
+# checks and dispatch see real tensors, never proxies.
+for _name in ("patch_embed", "add_class_and_position", "add_layer_norm", "bias_gelu", "add_layer_norm_linear",
+              "bias_gelu_linear", "attention"):
+    torch.fx.wrap(_name)

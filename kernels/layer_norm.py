@@ -126,14 +126,11 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight
     store = residual is not None or res_dtype != x.dtype
     n_rows, n_cols = x.shape
     if not use_triton:
-        # the kernel's math: the sum in fp32, rounded once to the residual's dtype, then normalised
+        # the kernel's math: the sum in fp32, rounded once to the residual's dtype, then normalised in fp32 by
+        # torch's own LayerNorm (so an fp32 model gives nn.LayerNorm's bits, as a traced or edited one does)
         res = (x.float() if residual is None else x.float() + residual.float()).to(res_dtype)
-        r = res.float()
-        mean = r.mean(-1)
-        xc = r - mean[:, None]
-        rstd = torch.rsqrt((xc * xc).mean(-1) + eps)
-        y = (xc * rstd[:, None] * weight.float() + bias.float()).to(x.dtype)
-        return y, (res if store else x.new_empty(0)), mean, rstd
+        y, mean, rstd = torch.native_layer_norm(res.float(), (n_cols,), weight.float(), bias.float(), eps)
+        return y.to(x.dtype), (res if store else x.new_empty(0)), mean.view(n_rows), rstd.view(n_rows)
     block, num_warps, num_stages = _config(n_cols)
     x = _rows(x)
     residual = None if residual is None else _rows(residual)
@@ -331,8 +328,9 @@ def aot_specs(shape, dtype):
     Under AMP (fp32 weights, activations in ``dtype``, fp32 residual stream): the first LayerNorm and the backward's
     recomputation (fp32 input, no residual, fp32 output) and the residual add (``dtype`` branch + fp32 residual);
     their backwards (all fp32; ``dtype`` gradient with an fp32 residual gradient, with or without a gradient
-    reaching the new residual). In a model cast to ``dtype`` (everything in ``dtype``): with and without a
-    residual, and the backwards with and without a residual gradient. Placeholders are passed as the launchers pass
+    reaching the new residual). Under AMP with a ``dtype`` residual stream (``residual_dtype``) and in a model cast
+    to ``dtype`` (weights in ``dtype`` too): with and without a residual, and the backwards with and without a
+    residual gradient. Placeholders are passed as the launchers pass
     them (x for a missing residual, y for an unstored one, dy and dx for unused gradients), unused strides as 0.
     """
     block, num_warps, num_stages = _config(shape.dim)
@@ -342,7 +340,8 @@ def aot_specs(shape, dtype):
     specs = []
     # forward: (label, X, residual (None: none), weights, STORE_RESIDUAL)
     for label, x_t, r_t, w_t in (("amp first/recompute", "*fp32", None, "*fp32"),
-                                 ("amp residual", act, "*fp32", "*fp32"),
+                                 ("amp residual", act, "*fp32", "*fp32"), ("amp16", act, None, "*fp32"),
+                                 ("amp16 residual", act, act, "*fp32"),
                                  ("half", act, None, act), ("half residual", act, act, act)):
         store = r_t is not None
         res_t = r_t if store else x_t
@@ -357,6 +356,7 @@ def aot_specs(shape, dtype):
             ("amp first", "*fp32", "*fp32", "*fp32", False, False),
             ("amp residual", act, "*fp32", "*fp32", False, True),
             ("amp residual+dres", act, "*fp32", "*fp32", True, True),
+            ("amp16", act, act, "*fp32", False, False), ("amp16 residual+dres", act, act, "*fp32", True, False),
             ("half", act, act, act, False, False), ("half residual+dres", act, act, act, True, False)):
         args = {"DY": dy_t, "DRES_OUT": res_t if has_dres else dy_t, "RES": res_t, "W": w_t, **stats, "DX": dy_t,
                 "DRES_IN": res_t if separate else dy_t, "DW_PART": "*fp32", "DB_PART": "*fp32",

@@ -30,6 +30,11 @@ _COMPUTE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 def patch_embed_ref(x, weight, bias, patch_size, pos_embed=None, cls_token=None, no_embed_class=False):
     """Torch reference: a stride-P convolution is the per-patch linear map x_p E."""
     tokens = F.conv2d(x, weight, bias, stride=patch_size).flatten(2).transpose(1, 2)
+    return add_class_and_position(tokens, pos_embed, cls_token, no_embed_class)
+
+
+def add_class_and_position(tokens, pos_embed=None, cls_token=None, no_embed_class=False):
+    """[x_class; tokens] + E_pos on projected (B, N, D) tokens, in torch (the tail of the reference)."""
     if pos_embed is not None and no_embed_class:
         tokens = tokens + pos_embed
     if cls_token is not None:

@@ -2,10 +2,20 @@
 own process (tests/test_interpret.py starts one per file) and are skipped by a plain collection.
 
 tests/ goes on sys.path so that test files here and in tests/interpret/ import the shared ``_helpers`` (pytest
-would add only each test file's own folder)."""
+would add only each test file's own folder).
+
+No test reaches the Hugging Face Hub or reads the machine's HF cache: offline mode and an empty cache folder are set
+before huggingface_hub is first imported (it reads both once); tests that need cached files build their own."""
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="fastvit-tests-hf-")
+atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], True)
 
 collect_ignore_glob = [] if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else ["interpret/*"]

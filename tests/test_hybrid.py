@@ -95,7 +95,7 @@ def test_backbone_same_padding_matches_timm_at_odd_sizes(size):
 def test_dynamic_img_size_matches_timm_and_validates():
     model, ref = pair("vit_base_r50_s16_224", img_size=64, depth=1, dynamic_img_size=True)
     x = torch.randn(1, 3, 96, 64)
-    assert model.patch_embed.dynamic_grid_size(x) == (6, 4)
+    assert model.patch_embed.check_input(x)[1] == (6, 4)
     torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"divisible by the patch size \(16, 16\)"):
         model(torch.randn(1, 3, 72, 64))

@@ -150,7 +150,7 @@ def test_attention_kernels_do_not_spill(model):
 @pytest.mark.parametrize("model", ["vit_base_patch16_224", "vit_huge_patch14_224"])
 def test_every_model_launch_has_its_spec(monkeypatch, model):
     """A one-block model at the full width, forward and backward over AOT_IMAGES images with every kernel launch
-    recorded (CPU; nothing runs), under AMP and cast to bf16: each launch of every kernel is, in Triton's JIT's own
+    recorded (CPU; nothing runs), under AMP (fp32 and bf16 residual stream) and cast to bf16: each launch of every kernel is, in Triton's JIT's own
     specialisation, one of the specs bench/kernel_report.py compiles; and every LayerNorm, bias+GELU and patch
     embedding spec is some launch (attention's bias and dropout variants: test_attention_specs_match_a_model_launch).
     """
@@ -162,15 +162,16 @@ def test_every_model_launch_has_its_spec(monkeypatch, model):
     shape = MODELS[model]
     specs = [s for _, s in collect_specs(shape, "bf16")]
     matched = set()
-    for variant in ("amp", "half"):
+    for variant in ("amp", "amp16", "half"):
         torch.manual_seed(0)
         vit = fastvit.VisionTransformer(patch_size=shape.patch, embed_dim=shape.dim, depth=1, num_heads=shape.heads,
-                                        mlp_ratio=shape.mlp_dim / shape.dim)
+                                        mlp_ratio=shape.mlp_dim / shape.dim,
+                                        residual_dtype=torch.bfloat16 if variant == "amp16" else torch.float32)
         x = torch.randn(AOT_IMAGES, 3, shape.img_size, shape.img_size)
         if variant == "half":
             vit, x = vit.to(torch.bfloat16), x.to(torch.bfloat16)
         calls.clear()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "amp"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant != "half"):
             out = vit(x.requires_grad_())
         out.float().sum().backward()
         assert {c[0] for c in calls} >= {layer_norm._add_ln_fwd_kernel, layer_norm._add_ln_bwd_kernel,

@@ -114,3 +114,14 @@ def test_b16_fastvit_against_timm_and_the_quoted_145_mib():
     timm_act = counted.activation_bytes / 2
     assert fv < 0.7 * timm_act and 60 * MIB < timm_act < 66 * MIB
     assert (counted.activation_bytes + counted.weight_bytes) / 2 / MIB == pytest.approx(145.6, abs=0.1)
+
+
+@pytest.mark.parametrize("residual_dtype, per_dim", [(torch.float32, 24), (torch.bfloat16, 20), ("autocast", 20)])
+def test_residual_dtype_sets_the_bytes_kept_per_block(residual_dtype, per_dim):
+    """A 16-bit residual stream keeps each LayerNorm's input at 2 bytes instead of 4: 20 D instead of 24 D."""
+    dim, heads, batch, tokens = 64, 2, 3, 17
+    x = torch.randn(batch, 3, 32, 32)
+    one, two = (fastvit.VisionTransformer(img_size=32, patch_size=8, num_classes=10, embed_dim=dim, depth=d,
+                                          num_heads=heads, residual_dtype=residual_dtype) for d in (1, 2))
+    per_block = (saved_activation_bytes(two, x) - saved_activation_bytes(one, x)) / (batch * tokens)
+    assert per_block == per_dim * dim + 16 + 4 * heads

@@ -1,4 +1,5 @@
-"""`pip install .` and `pip install -e .` both give fastvit.kernels and never a top-level `kernels` module."""
+"""`pip install .` and `pip install -e .` both give fastvit.kernels and never a top-level `kernels` module, and ship
+the pretrained configs (package data)."""
 import pathlib
 import shutil
 import site
@@ -11,6 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHECK = (
     "import importlib.util, fastvit, fastvit.kernels, fastvit.kernels.layer_norm;"
     "assert importlib.util.find_spec('kernels') is None, 'a top-level kernels module is installed';"
+    "assert 'vit_base_patch16_224.augreg_in21k' in fastvit.list_pretrained(), 'pretrained_cfgs.json is missing';"
     "print(fastvit.kernels.__file__)"
 )
 

@@ -65,3 +65,14 @@ def test_auto_runs_the_kernels_and_matches_torch(monkeypatch):
         assert set(launched) == expected, backend
     for a, e in zip(results["auto"], results["torch"]):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-3)
+
+
+def test_export_of_the_triton_backend_keeps_the_kernels():
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(**CFG, backend="triton").eval()
+    x = torch.randn(2, 3, 32, 32)
+    program = torch.export.export(model, (x,))
+    ours = {str(n.target).split(".")[1] for n in program.graph.nodes
+            if n.op == "call_function" and str(n.target).startswith("fastvit.")}
+    assert {"patch_embed_fwd", "add_layer_norm_fwd", "bias_gelu_fwd", "attention_fwd"} <= ours
+    torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,110 @@
+"""Pick the fastest implementation of an op for a call shape on this GPU: measured once, then cached.
+
+``backend="auto"`` attention has several candidates on a GPU (flash-attn, the flash / cuDNN / memory-efficient
+kernels behind torch's scaled_dot_product_attention, our Triton kernel) and which one wins depends on the GPU,
+dtype, sequence length and head size. Each distinct key is timed once per process on random inputs of the call's
+shape (forward, or forward + backward when training) and the winner is kept in memory and in a JSON file
+(``$FASTVIT_CACHE_DIR``, default ``~/.cache/fastvit``), so later processes on the same GPU and versions skip the
+measurement. Nothing is measured while torch.compile / torch.export trace or a CUDA graph is captured: those calls
+take the cached winner, or the caller's default.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+
+import torch
+
+_WINNERS: dict[str, str] = {}
+
+
+def cache_path() -> pathlib.Path:
+    root = os.environ.get("FASTVIT_CACHE_DIR") or pathlib.Path.home() / ".cache" / "fastvit"
+    return pathlib.Path(root) / "autotune.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _environment(device_index: int) -> tuple:
+    """What a timing is valid for besides the call: the GPU model and the torch / Triton versions."""
+    import triton
+    return torch.cuda.get_device_name(device_index), torch.__version__, triton.__version__
+
+
+def _read_disk() -> dict:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_disk(key: str, winner: str) -> None:
+    """Add one winner to the JSON file (write to a temporary file, then rename: a crash leaves the old file)."""
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read_disk()
+        data[key] = winner
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError:  # a read-only home: keep the in-memory winner only
+        pass
+
+
+def can_measure() -> bool:
+    """Whether timing runs may happen now: a real CUDA device, and no tracing or graph capture in progress."""
+    return (torch.cuda.is_available() and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def time_cuda(fn, repeats: int = 10) -> float:
+    """Median seconds of ``fn()`` on the current CUDA stream, after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def fastest(op: str, device_index: int, fields: tuple, names, make_runner, default: str, measure=None) -> str:
+    """The fastest of the implementations ``names`` of ``op`` for a call described by ``fields`` (a tuple of
+    (name, value) pairs) on CUDA device ``device_index``.
+
+    ``make_runner(name)`` gives a zero-argument callable running that implementation once on inputs shaped like
+    the call; it is only asked for when a measurement happens. A runner that raises cannot run the call and is
+    skipped. With no winner cached and no measurement possible now (see ``can_measure``), ``default``.
+    """
+    key = (op, fields, _environment(device_index))
+    winner = _WINNERS.get(key)
+    if winner is not None:
+        return winner
+    disk_key = json.dumps(key)
+    winner = _read_disk().get(disk_key)
+    if winner not in names:
+        if not can_measure():
+            return default
+        times = {}
+        for name in names:
+            try:
+                times[name] = (measure or time_cuda)(make_runner(name))
+            except Exception:  # noqa: BLE001  an implementation that cannot run this call is no candidate
+                continue
+        if not times:
+            return default
+        winner = min(times, key=times.get)
+        _write_disk(disk_key, winner)
+    _WINNERS[key] = winner
+    return winner
+
+
+def clear() -> None:
+    """Forget the in-memory winners (the disk file stays)."""
+    _WINNERS.clear()

@@ -1,0 +1,119 @@
+"""The measured choice of attention implementation (fastvit.autotune): the fastest runnable one wins, once per
+key, cached in memory and on disk; nothing is measured where it cannot be. Timings are injected (no GPU here); the
+runners themselves run for real on CPU tensors that report is_cuda."""
+import pytest
+import torch
+
+from fastvit import autotune, ops
+
+ENV = ("Fake GPU", torch.__version__, "0")
+
+
+class _PretendCuda(torch.Tensor):
+    @property
+    def is_cuda(self):
+        return True
+
+
+@pytest.fixture
+def tuner(monkeypatch, tmp_path):
+    """A clean tuner on a pretend GPU, its disk cache in tmp_path, measurements allowed."""
+    monkeypatch.setenv("FASTVIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_environment", lambda index: ENV)
+    monkeypatch.setattr(autotune, "can_measure", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    autotune.clear()
+    yield tmp_path
+    autotune.clear()
+
+
+def _timer(times, log):
+    """A measure= that runs the runner once (so it must really work) and reports a planted time for it."""
+    def measure(run):
+        name = run.name
+        log.append(name)
+        run()
+        return times[name]
+    return measure
+
+
+def _runners(ran):
+    def make(name):
+        def run():
+            ran.append(name)
+            if name == "broken":
+                raise RuntimeError("cannot run this shape")
+        run.name = name
+        return run
+    return make
+
+
+def test_fastest_measures_once_then_uses_memory_and_disk(tuner):
+    log, ran = [], []
+    times = {"a": 3.0, "b": 1.0, "c": 2.0, "broken": 0.1}
+    pick = autotune.fastest("op", 0, (("n", 197),), ["a", "b", "c", "broken"], _runners(ran), "a",
+                            _timer(times, log))
+    assert pick == "b" and sorted(log) == ["a", "b", "broken", "c"]
+    assert autotune.fastest("op", 0, (("n", 197),), ["a", "b", "c"], _runners(ran), "a", _timer(times, log)) == "b"
+    assert len(log) == 4  # no second measurement
+    autotune.clear()  # a new process: the disk file answers
+    assert autotune.fastest("op", 0, (("n", 197),), ["a", "b"], _runners(ran), "a", _timer(times, log)) == "b"
+    assert len(log) == 4 and (tuner / "autotune.json").exists()
+    # another shape is another key
+    assert autotune.fastest("op", 0, (("n", 257),), ["a", "c"], _runners(ran), "a", _timer(times, log)) == "c"
+
+
+def test_a_cached_winner_no_longer_available_is_measured_again(tuner):
+    log = []
+    autotune.fastest("op", 0, (), ["a", "b"], _runners([]), "a", _timer({"a": 2.0, "b": 1.0}, log))
+    autotune.clear()
+    assert autotune.fastest("op", 0, (), ["a", "c"], _runners([]), "a", _timer({"a": 2.0, "c": 3.0}, log)) == "a"
+
+
+def test_without_measurement_the_default_is_used(tuner, monkeypatch):
+    monkeypatch.setattr(autotune, "can_measure", lambda: False)
+    assert autotune.fastest("op", 0, (), ["a", "b"], _runners([]), "dflt", _timer({}, [])) == "dflt"
+    assert autotune.fastest("op", 0, (), ["broken"], _runners([]), "dflt", _timer({"broken": 1.0}, [])) == "dflt"
+
+
+def test_a_read_only_cache_dir_keeps_the_winner_in_memory(tuner, monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("FASTVIT_CACHE_DIR", str(blocker / "sub"))  # cannot be created
+    assert autotune.fastest("op", 0, (), ["a", "b"], _runners([]), "a", _timer({"a": 2.0, "b": 1.0}, [])) == "b"
+
+
+def _qkv(requires_grad=False):
+    qkv = torch.randn(2, 50, 3, 3, 64, requires_grad=requires_grad)
+    return [t.as_subclass(_PretendCuda) for t in qkv.permute(2, 0, 3, 1, 4).unbind(0)]
+
+
+def test_auto_attention_runs_the_measured_winner(tuner, monkeypatch):
+    """On a pretend GPU the real runners execute on CPU: cuDNN / efficient SDPA and Triton cannot run there and
+    drop out; among those that can, the planted fastest wins and attention then runs it."""
+    runs = []
+
+    def measure(run):
+        runs.append(run)
+        run()
+        return 1.0 / len(runs)  # the later a runnable candidate, the faster
+
+    monkeypatch.setattr(autotune, "time_cuda", measure)
+    q, k, v = _qkv()
+    assert ops.attention_backend(q) == "torch"  # names order: sdpa_flash, sdpa_cudnn, ..., torch, triton
+    expected = torch.nn.functional.scaled_dot_product_attention(*(t.as_subclass(torch.Tensor) for t in (q, k, v)))
+    torch.testing.assert_close(ops.attention(q, k, v).as_subclass(torch.Tensor), expected)
+    # a training call is another key, measured with a backward pass
+    q, k, v = _qkv(requires_grad=True)
+    assert ops.attention_backend(q) == "torch"
+    assert len(runs) == 2 * 5  # sdpa_flash, sdpa_cudnn, sdpa_efficient, torch, triton per key
+
+
+def test_auto_keeps_the_static_rule_for_bias_compile_and_cpu(tuner, monkeypatch):
+    monkeypatch.setattr(autotune, "time_cuda", lambda run: pytest.fail("nothing should be measured"))
+    q, _, _ = _qkv()
+    table = torch.zeros(3, 172)
+    assert ops.attention_backend(q, rel_bias=table) == "triton"  # only ours takes the bias
+    assert ops.attention_backend(torch.randn(2, 3, 50, 64)) == "torch"  # CPU
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert ops.attention_backend(q) == "triton"

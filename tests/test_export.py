@@ -1,0 +1,52 @@
+"""torch.export and ONNX export (the torch backend's program holds only aten ops and runs in onnxruntime)."""
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+import fastvit
+
+MODELS = [("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2)),
+          ("vit_base_r50_s16_224", dict(img_size=64, depth=1))]
+
+
+def _model(name, kwargs, **extra):
+    torch.manual_seed(0)
+    return fastvit.create_model(name, **kwargs, **extra).eval()
+
+
+def _images(kwargs):
+    size = kwargs["img_size"]
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_torch_export_matches_eager_with_plain_aten_ops(backend):
+    model = _model(*MODELS[0], backend=backend)
+    x = _images(MODELS[0][1])
+    program = torch.export.export(model, (x,))
+    ours = [n.target for n in program.graph.nodes if n.op == "call_function" and "fastvit" in str(n.target)]
+    assert not ours
+    torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_torch_export_keeps_relative_position_bias():
+    model = fastvit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                                      num_classes=5, pos_embed="rel").eval()
+    with torch.no_grad():
+        model.blocks[0].attn.rel_pos_table.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, kwargs", MODELS, ids=[m[0] for m in MODELS])
+def test_onnx_export_runs_in_onnxruntime_like_eager(name, kwargs):
+    model = _model(name, kwargs, backend="torch")
+    x = _images(kwargs)
+    onnx_program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+    session = onnxruntime.InferenceSession(onnx_program.model_proto.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    expected = model(x).detach().numpy()
+    assert out.shape == expected.shape
+    assert np.abs(out - expected).max() <= 1e-4

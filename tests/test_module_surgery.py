@@ -1,0 +1,259 @@
+"""Edits to a model's submodules (hooks, replaced or wrapped layers, LoRA, quantisation) act on fastvit exactly as
+the same edit acts on timm: the fused paths step aside for any module that is not the plain one it was built as."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+import fastvit
+from fastvit.model import Block, runs_unmodified
+
+CFG = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
+
+
+def pair(**kwargs):
+    """fastvit and timm models with the same config and the same non-trivial random weights."""
+    torch.manual_seed(0)
+    cfg = {**CFG, **kwargs}
+    ref = TimmViT(**cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model = fastvit.VisionTransformer(**cfg).eval()
+    model.load_state_dict(ref.state_dict())
+    return model, ref
+
+
+def images(n=2, size=32):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def assert_same_grads(model, ref, atol=1e-5):
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        assert (p.grad is None) == (grads[name].grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[name].grad, atol=atol, rtol=1e-4, msg=name)
+
+
+def forward_backward(model, x):
+    out = model(x)
+    out.square().sum().backward()
+    return out
+
+
+class Scaled(nn.Module):
+    """A user's wrapper around a layer: inner(x) * scale + shift."""
+
+    def __init__(self, inner, scale=0.9, shift=0.01):
+        super().__init__()
+        self.inner, self.scale, self.shift = inner, scale, shift
+
+    def forward(self, x):
+        return self.inner(x) * self.scale + self.shift
+
+
+class LinearSubclass(nn.Linear):
+    """A subclass (as bitsandbytes' and many quantised layers are) that changes the math."""
+
+    def forward(self, x):
+        return super().forward(x) * 1.1
+
+
+def _sub(model, path):
+    return model.get_submodule(path)
+
+
+def _replace(model, path, fn):
+    parent, _, name = path.rpartition(".")
+    setattr(_sub(model, parent), name, fn(getattr(_sub(model, parent), name)))
+
+
+def test_forward_hooks_fire_on_every_module_timm_has_with_timm_values():
+    model, ref = pair()
+    seen, seen_ref = {}, {}
+    for net, store in ((model, seen), (ref, seen_ref)):
+        for name, m in net.named_modules():
+            if name:
+                m.register_forward_hook(lambda m, i, o, name=name, store=store: store.setdefault(name, o))
+    x = images()
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+    common = set(dict(model.named_modules())) & set(dict(ref.named_modules())) - {""}
+    assert common >= {"patch_embed", "patch_embed.proj", "pos_drop", "blocks", "blocks.0", "blocks.0.norm1",
+                      "blocks.0.attn", "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.norm2", "blocks.0.mlp",
+                      "blocks.0.mlp.fc1", "blocks.0.mlp.act", "blocks.0.mlp.fc2", "norm", "head"}
+    missing = sorted(n for n in common if n in seen_ref and n not in seen)
+    assert not missing, f"hooks that fire on timm but not on fastvit: {missing}"
+    for name in sorted(common & set(seen_ref)):
+        torch.testing.assert_close(seen[name], seen_ref[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("path", ["patch_embed.proj", "blocks.0.norm1", "blocks.0.attn.qkv", "blocks.0.attn.proj",
+                                  "blocks.1.norm2", "blocks.1.mlp.fc1", "blocks.1.mlp.act", "blocks.1.mlp.fc2",
+                                  "blocks.0.attn", "blocks.1.mlp", "blocks.0", "blocks", "norm", "patch_embed"])
+def test_an_output_changing_hook_acts_as_on_timm(path):
+    """One hook that rescales a module's output; the rest of the model keeps its fused paths."""
+    model, ref = pair()
+    calls = []
+    for net in (model, ref):
+        _sub(net, path).register_forward_hook(lambda m, i, o: calls.append(1) or o * 1.5 + 0.1)
+    x = images()
+    out, expected = forward_backward(model, x), forward_backward(ref, x)
+    assert len(calls) == 2
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert_same_grads(model, ref)
+
+
+@pytest.mark.parametrize("path", ["blocks.0.attn.qkv", "blocks.1.mlp.fc1", "blocks.1.norm1"])
+def test_pre_hooks_and_backward_hooks_fire(path):
+    model, ref = pair()
+    grads = {}
+
+    def keep_grad(key):
+        def hook(module, grad_input, grad_output):
+            grads[key] = grad_output[0].clone()
+        return hook
+
+    for key, net in (("fastvit", model), ("timm", ref)):
+        m = _sub(net, path)
+        m.register_forward_pre_hook(lambda m, args: (args[0] * 0.5,))
+        m.register_full_backward_hook(keep_grad(key))
+    x = images()
+    torch.testing.assert_close(forward_backward(model, x), forward_backward(ref, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads["fastvit"], grads["timm"], atol=1e-5, rtol=1e-4)
+    assert_same_grads(model, ref)
+
+
+def test_global_module_hooks_fire_for_every_submodule():
+    model, ref = pair()
+    fired = {model: set(), ref: set()}
+    names = {id(m): (net, n) for net in (model, ref) for n, m in net.named_modules()}
+
+    def hook(m, i, o):
+        if id(m) in names:
+            net, n = names[id(m)]
+            fired[net].add(n)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        x = images()
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+    finally:
+        handle.remove()
+    common = set(dict(model.named_modules())) & set(dict(ref.named_modules()))
+    assert fired[ref] & common <= fired[model]
+    assert "blocks.1.attn.qkv" in fired[model] and "blocks.1.mlp.fc2" in fired[model]
+
+
+@pytest.mark.parametrize("path", ["patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.1.mlp.fc1",
+                                  "blocks.1.mlp.fc2", "blocks.0.norm1", "blocks.1.norm2", "norm"])
+def test_a_wrapped_layer_changes_what_runs_as_on_timm(path):
+    model, ref = pair()
+    for net in (model, ref):
+        _replace(net, path, Scaled)
+    x = images()
+    out, expected = forward_backward(model, x), forward_backward(ref, x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert_same_grads(model, ref)
+    untouched, _ = pair()
+    assert not torch.allclose(out, untouched(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("path", ["blocks.0.attn.qkv", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"])
+def test_a_linear_subclass_runs_its_own_forward(path):
+    model, ref = pair()
+    for net in (model, ref):
+        old = _sub(net, path)
+        new = LinearSubclass(old.in_features, old.out_features, bias=old.bias is not None)
+        new.load_state_dict(old.state_dict())
+        _replace(net, path, lambda _: new)
+    x = images()
+    torch.testing.assert_close(forward_backward(model, x), forward_backward(ref, x), atol=1e-5, rtol=1e-5)
+    assert_same_grads(model, ref)
+
+
+def test_replaced_activation_and_instance_forward_are_honoured():
+    model, ref = pair()
+    for net in (model, ref):
+        net.blocks[0].mlp.act = nn.GELU(approximate="tanh")
+        net.blocks[1].mlp.act = nn.SiLU()
+        lin = net.blocks[1].attn.proj
+        lin.forward = lambda x, lin=lin: nn.functional.linear(x, lin.weight) * 2.0
+    x = images()
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_replaced_timm_attention_and_block_run():
+    """A block or attention swapped for timm's own modules (same weights) runs as in timm."""
+    model, ref = pair()
+    model.blocks[0].attn = copy.deepcopy(ref.blocks[0].attn)
+    model.blocks[1] = copy.deepcopy(ref.blocks[1])
+    x = images()
+    torch.testing.assert_close(forward_backward(model, x), forward_backward(ref, x), atol=1e-5, rtol=1e-5)
+    assert_same_grads(model, ref)
+
+
+def test_dynamic_quantisation_matches_timm():
+    model, ref = pair()
+    qmodel = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    qref = torch.ao.quantization.quantize_dynamic(ref, {nn.Linear}, dtype=torch.qint8)
+    assert type(qmodel.blocks[0].attn.qkv) is not nn.Linear
+    x = images()
+    torch.testing.assert_close(qmodel(x), qref(x), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(qmodel(x), model(x), atol=1e-6)
+
+
+def test_peft_lora_trains_and_matches_timm():
+    peft = pytest.importorskip("peft")
+    model, ref = pair()
+    config = dict(r=4, lora_alpha=8, target_modules=["qkv", "fc1", "proj", "fc2"], lora_dropout=0.0)
+    lora = peft.get_peft_model(model, peft.LoraConfig(**config))
+    lora_ref = peft.get_peft_model(ref, peft.LoraConfig(**config))
+    x = images()
+    base = lora(x).detach()
+    torch.testing.assert_close(base, lora_ref(x), atol=1e-5, rtol=1e-5)
+    # peft starts B at zero (the output is unchanged); give both the same non-zero adapters
+    with torch.no_grad():
+        adapters = dict(lora_ref.named_parameters())
+        for name, p in lora.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+                adapters[name].copy_(p)
+    out, expected = lora(x), lora_ref(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, base, atol=1e-3)  # the adapters change the output
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    trainable = {n: p for n, p in lora.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    for name, p in trainable.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad, adapters[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+    # one step on the adapters alone moves the output
+    opt = torch.optim.SGD(trainable.values(), lr=0.1)
+    opt.step()
+    assert not torch.allclose(lora(x), out, atol=1e-4)
+
+
+def test_unmodified_modules_take_the_fused_paths(monkeypatch):
+    """The check itself: plain modules fuse; a hook, a subclass or an instance forward does not."""
+    model, _ = pair()
+    block = model.blocks[0]
+    assert runs_unmodified(block, Block) and runs_unmodified(block.attn.qkv, nn.Linear)
+    handle = block.attn.qkv.register_forward_hook(lambda *a: None)
+    assert not runs_unmodified(block.attn.qkv, nn.Linear)
+    handle.remove()
+    assert runs_unmodified(block.attn.qkv, nn.Linear)
+    assert not runs_unmodified(LinearSubclass(2, 2), nn.Linear)
+    calls = []
+    from fastvit import ops
+    real = ops.add_layer_norm_linear
+    monkeypatch.setattr(ops, "add_layer_norm_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model(images())
+    assert len(calls) == 2 * len(model.blocks)
+    calls.clear()
+    model.blocks[1].mlp.fc1.register_forward_hook(lambda *a: None)
+    model(images())
+    assert len(calls) == 2 * len(model.blocks) - 1
