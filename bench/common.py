@@ -8,16 +8,36 @@ switch (``TRITON_INTERPRET``) must be set before that happens (see :func:`reexec
 Tests import this file by path (bench/ is not a package)::
 
     spec = importlib.util.spec_from_file_location("bench_common", "bench/common.py")
+
+bench/profile.py shares its name with the standard library's ``profile``, which cProfile imports (and torch._dynamo
+and torch.distributed.checkpoint import cProfile). So the scripts append bench/ to sys.path rather than prepend it
+(a process that loads them by path, and the processes it spawns, keep the standard module), and importing this file
+loads the standard module first (a script run from bench/ has bench/ first on sys.path).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
 import platform
 import sys
+import sysconfig
 
-import torch
+
+def _load_stdlib_profile():
+    if "profile" in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location("profile",
+                                                  os.path.join(sysconfig.get_paths()["stdlib"], "profile.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["profile"] = module
+    spec.loader.exec_module(module)
+
+
+_load_stdlib_profile()
+
+import torch  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -137,10 +157,11 @@ def write_json(path, data):
     return path
 
 
-def bar_chart(rows, value, labels, ylabel, path, title, log_if_spread=False):
-    """fastvit and timm bars side by side per row, with each row's ``ratio`` (fastvit/timm) above its pair.
+def bar_chart(rows, value, labels, ylabel, path, title, log_if_spread=False, columns=("fastvit", "timm")):
+    """Bars side by side per row, one per column (fastvit and timm by default), with each row's ``ratio`` above
+    its group.
 
-    ``value(row, impl)`` is the bar height; ``labels`` the x tick per row. ``log_if_spread``: log scale when the
+    ``value(row, column)`` is the bar height; ``labels`` the x tick per row. ``log_if_spread``: log scale when the
     values span more than 20x (throughput of tiny and large models in one chart).
     """
     import matplotlib
@@ -148,20 +169,21 @@ def bar_chart(rows, value, labels, ylabel, path, title, log_if_spread=False):
     import matplotlib.pyplot as plt
 
     xs = range(len(rows))
-    w = 0.38
-    fig, ax = plt.subplots(figsize=(max(5, 1.7 * len(rows)), 4))
-    for impl, shift in (("fastvit", -w / 2), ("timm", w / 2)):
-        ax.bar([x + shift for x in xs], [value(r, impl) for r in rows], w, label=impl)
+    w = 0.76 / len(columns)
+    fig, ax = plt.subplots(figsize=(max(5, (1.2 + 0.25 * len(columns)) * len(rows)), 4))
+    for i, column in enumerate(columns):
+        shift = (i - (len(columns) - 1) / 2) * w
+        ax.bar([x + shift for x in xs], [value(r, column) for r in rows], w, label=column)
     for x, r in zip(xs, rows):
-        ax.annotate(f"{r['ratio']:.2f}x", (x, max(value(r, "fastvit"), value(r, "timm"))), ha="center",
-                    va="bottom", fontsize=8)
-    values = [value(r, impl) for r in rows for impl in ("fastvit", "timm")]
+        ax.annotate(f"{r['ratio']:.2f}x", (x, max(value(r, c) for c in columns)), ha="center", va="bottom",
+                    fontsize=8)
+    values = [value(r, c) for r in rows for c in columns]
     if log_if_spread and max(values) > 20 * min(values):
         ax.set_yscale("log")
     ax.set_xticks(list(xs), labels, fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from fastvit.kernels._report import DTYPES, MODELS, SMEM_LIMIT, collect_specs, compile_spec, kernel_modules
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the standard library: see common.py
 import common  # noqa: E402
 
 

@@ -5,7 +5,8 @@
 
 Shapes are ViT-B/16's at batch 8 on a GPU and batch 1 on CPU (fp32 there; CPU fastvit runs its torch fallback
 unless TRITON_INTERPRET=1). Each benchmark also checks its result against the torch reference in higher precision
-(fp32 for bf16, fp64 for fp32: an fp32 reference cannot grade an fp32 result), so the smoke run is a real test.
+(fp32 for bf16, fp64 for fp32: an fp32 reference cannot grade an fp32 result), outputs and, for fwd+bwd, the
+gradients of every input, so the smoke run is a real test.
 Grouped per op and direction, so pytest-benchmark prints fastvit and torch side by side.
 """
 import pytest
@@ -51,20 +52,33 @@ def test_op(benchmark, op, impl, direction):
     grads = direction == "fwd+bwd"
     inputs = {k: v.to(DEVICE, DTYPE).requires_grad_(grads and k in case["grads"]) for k, v in case["inputs"].items()}
     fn = (lambda t: case["fastvit"](t, backend)) if impl == "fastvit" else case["torch"]
+    leaves = [inputs[k] for k in case["grads"]] if grads else []
+    upstream = _upstream(fn(inputs)) if grads else None
 
     def run():
         outs = fn(inputs)
-        if grads:
-            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-            for k in case["grads"]:
-                inputs[k].grad = None
+        result = list(outs) + (list(torch.autograd.grad(outs, leaves, upstream)) if grads else [])
         if CUDA:
             torch.cuda.synchronize()
-        return outs
+        return result
 
-    outs = benchmark(run)
-    with torch.no_grad():
-        ref = case["torch"]({k: v.detach().to(DEVICE, REF_DTYPE) for k, v in inputs.items()})
-    for o, r in zip(outs, ref):
+    results = benchmark(run)
+    # the reference: torch in higher precision, forward and (fwd+bwd) the gradients of every input
+    ref_inputs = {k: v.detach().to(DEVICE, REF_DTYPE).requires_grad_(grads and k in case["grads"])
+                  for k, v in inputs.items()}
+    ref_outs = case["torch"](ref_inputs)
+    ref = list(ref_outs)
+    if grads:
+        ref += torch.autograd.grad(ref_outs, [ref_inputs[k] for k in case["grads"]],
+                                   [u.to(REF_DTYPE) for u in upstream])
+    names = [f"out{i}" for i in range(len(ref_outs))] + ([f"d{k}" for k in case["grads"]] if grads else [])
+    assert len(results) == len(ref) == len(names)
+    for name, o, r in zip(names, results, ref):
         err = common.error_stats(o, r)
-        assert err["mean_rel"] < TOL[DTYPE], f"{op} {impl}: mean relative error {err['mean_rel']:.2e}"
+        assert err["mean_rel"] < TOL[DTYPE], f"{op} {impl} {name}: mean relative error {err['mean_rel']:.2e}"
+
+
+def _upstream(outs):
+    """Fixed random gradients reaching the outputs (ones would hide a wrong sign or permutation in backward)."""
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(o.shape, generator=gen).to(DEVICE, o.dtype) for o in outs]

@@ -3,8 +3,12 @@
 
 A step is one global batch (default 4096 = world size x micro-batch x accumulation steps): training runs the
 forward and backward of every micro-batch (DDP gradient sync on the last one only) and one AdamW update; inference
-runs the forward of every micro-batch. fastvit and timm models are built from the same weights, then their timed
-steps alternate (fastvit, timm, timm, fastvit, ...) so that clock and thermal drift hit both.
+runs the forward of every micro-batch. fastvit and timm models are built from the same weights and fed the same
+batches, then their timed steps alternate (the order rotates every step) so that clock and thermal drift hit all.
+
+Columns: ``fastvit`` and ``timm`` in eager mode; with --compile also ``fastvit_compile`` and ``timm_compile``,
+torch.compile (``--compile-mode``) of a copy of each model with the same weights, so one run shows fastvit against
+what a performance-minded timm user runs. ``ratio`` is the best fastvit column over the best timm column.
 
 Printed and saved per model and mode: images/s, achieved TFLOP/s (FLOPs per image counted from the model config by
 ``fastvit.flops``: 2 x the MACs of every matmul, attention included; training = 3 x forward), MFU against the
@@ -14,7 +18,7 @@ gradients, optimizer state and activations), and fastvit/timm ratios.
 
     python bench/throughput.py                                     # GPU: B/16, L/16, H/14; CPU: smoke config
     torchrun --nproc_per_node 8 bench/throughput.py --model B/16 --micro-batch 128
-    python bench/throughput.py --model vit_small_patch16_224 --backend torch --dtype fp16 --compile
+    python bench/throughput.py --model B/16 --compile --compile-mode max-autotune-no-cudagraphs
 
 Without a GPU and without --model, a clearly labelled smoke configuration runs (small 32px models, few steps,
 global batch 4096 by accumulation) in about 45 s on 2 idle cores. DDP uses nccl on GPU and gloo on CPU; without
@@ -24,11 +28,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the standard library: see common.py
 import common  # noqa: E402
 
 common.reexec_with_interpreter()
@@ -48,6 +53,12 @@ GPU_MICRO_BATCH = {"vit_base_patch16_224": 256, "vit_large_patch16_224": 128, "v
 # Fits well under 3 minutes on 2 idle CPU cores at the full global batch of 4096.
 SMOKE = dict(models="tiny,mini", micro_batch=512, steps=2, warmup=1)
 MODES = ("train", "infer")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def columns(compiled):
+    """The measured columns: eager fastvit and timm, plus both under torch.compile when ``compiled``."""
+    return ("fastvit", "fastvit_compile", "timm", "timm_compile") if compiled else ("fastvit", "timm")
 
 
 def backend_used(requested, model, device, dtype):
@@ -71,19 +82,20 @@ def memory_allocated(device):
 class Runner:
     """One model (fastvit or timm) set up for one mode: DDP + AdamW for training, the bare module for inference."""
 
-    def __init__(self, model, mode, device, dtype, accum, micro_batch, compile_model, seed):
+    def __init__(self, model, mode, device, dtype, accum, micro_batch, compile_mode, seed):
+        """``compile_mode``: None for eager, else torch.compile's mode ('default' passes none)."""
         self.mode, self.device, self.dtype, self.accum = mode, device, dtype, accum
         model = model.to(device)
         if mode == "train":
             model.train()
-            ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-            self.module = torch.compile(ddp) if compile_model else ddp
-            self.ddp = ddp
+            self.ddp = self.module = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
             self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
             self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         else:
             model.eval()
-            self.module = torch.compile(model) if compile_model else model
+            self.module = model
+        if compile_mode is not None:
+            self.module = torch.compile(self.module, mode=None if compile_mode == "default" else compile_mode)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         img = model.patch_embed.img_size
         self.x = torch.randn(micro_batch, 3, *img, generator=gen).to(device)
@@ -113,7 +125,8 @@ class Runner:
 
 
 def bench_model(name, mode, args, world, device, dtype, peak):
-    """Build fastvit and timm on the same weights, warm each up alone (peak memory), then alternate timed steps."""
+    """Build fastvit and timm on the same weights (and a copy of each to compile), warm each column up alone (peak
+    memory), then time the columns' steps in rotating order."""
     # the table's micro-batch, made smaller where world size x micro-batch would exceed the global batch
     micro = args.micro_batch or min(GPU_MICRO_BATCH.get(common.canonical(name), 32), args.global_batch // world)
     if micro < 1 or args.global_batch % (world * micro):
@@ -124,42 +137,51 @@ def bench_model(name, mode, args, world, device, dtype, peak):
     flops_fwd = forward_flops(ours)
     used = backend_used(args.backend, ours, device, dtype)
     flops = flops_fwd * (3 if mode == "train" else 1)
+    cols = columns(args.compile)
+    # copies taken before any column trains, so that every column starts from the same weights
+    models = {col: copy.deepcopy(ours if col.startswith("fastvit") else ref) if col.endswith("_compile")
+              else (ours if col == "fastvit" else ref) for col in cols}
     runners, peak_mem = {}, {}
-    for impl, model in (("fastvit", ours), ("timm", ref)):
+    for col in cols:
         before = memory_allocated(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        runners[impl] = Runner(model, mode, device, dtype, accum, micro, args.compile, args.seed)
+        runners[col] = Runner(models.pop(col), mode, device, dtype, accum, micro,
+                              args.compile_mode if col.endswith("_compile") else None, args.seed)
         for _ in range(args.warmup):
-            runners[impl].step()
-        peak_mem[impl] = ((torch.cuda.max_memory_allocated(device) - before) / 2**30
-                          if device.type == "cuda" else None)
-    times = {"fastvit": [], "timm": []}
+            runners[col].step()
+        peak_mem[col] = ((torch.cuda.max_memory_allocated(device) - before) / 2**30
+                         if device.type == "cuda" else None)
+    times = {col: [] for col in cols}
     for s in range(args.steps):
-        order = ("fastvit", "timm") if s % 2 == 0 else ("timm", "fastvit")
-        for impl in order:
+        for col in cols[s % len(cols):] + cols[:s % len(cols)]:
             dist.barrier()
             t0 = time.perf_counter()
-            runners[impl].step()
-            times[impl].append(time.perf_counter() - t0)
+            runners[col].step()
+            times[col].append(time.perf_counter() - t0)
     row = {"model": name, "mode": mode, "micro_batch": micro, "accum_steps": accum,
            "global_batch": world * micro * accum, "flops_per_image": flops, "forward_gflops_per_image":
-           flops_fwd / 1e9, "backend_used": used}
-    for impl in ("fastvit", "timm"):
+           flops_fwd / 1e9, "backend_used": used, "columns": list(cols)}
+    for col in cols:
         # the slowest rank decides the step time (nccl reduces only device tensors)
-        t = torch.tensor(times[impl], dtype=torch.float64, device=device)
+        t = torch.tensor(times[col], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         t = t.cpu()
         total = float(t.sum())
         ips = row["global_batch"] * args.steps / total
         tflops = ips * flops / 1e12
-        row[impl] = {"images_per_s": ips, "tflops": tflops,
-                     "mfu": tflops / (peak * world) if peak else None,
-                     "peak_mem_gib": peak_mem[impl], "step_seconds": t.tolist()}
-    row["ratio"] = row["fastvit"]["images_per_s"] / row["timm"]["images_per_s"]
+        row[col] = {"images_per_s": ips, "tflops": tflops,
+                    "mfu": tflops / (peak * world) if peak else None,
+                    "peak_mem_gib": peak_mem[col], "step_seconds": t.tolist()}
+    best = {impl: max((c for c in cols if c.startswith(impl)), key=lambda c: row[c]["images_per_s"])
+            for impl in ("fastvit", "timm")}
+    row["best"] = best
+    row["ratio"] = row[best["fastvit"]]["images_per_s"] / row[best["timm"]]["images_per_s"]
+    for col in cols:
+        row[col]["ratio_vs_best_timm"] = row[col]["images_per_s"] / row[best["timm"]]["images_per_s"]
     row["ratio_peak_mem"] = (row["fastvit"]["peak_mem_gib"] / row["timm"]["peak_mem_gib"]
                              if device.type == "cuda" else None)
-    del runners, ours, ref
+    del runners, models, ours, ref
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -172,7 +194,10 @@ def main(argv=None):
     p.add_argument("--mode", default="train,infer", help="comma list from train, infer")
     p.add_argument("--backend", default="auto", choices=ops.BACKENDS, help="fastvit's kernels")
     p.add_argument("--dtype", default="bf16", choices=list(common.DTYPES), help="autocast dtype (fp32: none)")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--compile", action="store_true",
+                   help="add fastvit_compile and timm_compile columns: torch.compile of each model")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile's mode for the compiled columns")
     p.add_argument("--global-batch", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=None, help="per rank (default: a per-model table)")
     p.add_argument("--steps", type=int, default=None, help="timed global-batch steps per model (default 5)")
@@ -226,8 +251,9 @@ def run(args, modes, smoke, scaled, env):
         peak_source = "unknown (pass --peak-tflops)"
     say = print if rank == 0 else (lambda *a, **k: None)
     label = "SMOKE CONFIGURATION (no GPU: scaled down, not a benchmark)" if smoke else f"{device.type.upper()} run"
+    compiled = f"compile {args.compile}" + (f" (mode {args.compile_mode})" if args.compile else "")
     say(f"== {label}: world {world}, global batch {args.global_batch}, {args.dtype}, backend {args.backend}, "
-        f"compile {args.compile}, peak {peak} TFLOP/s ({peak_source})")
+        f"{compiled}, peak {peak} TFLOP/s ({peak_source})")
     for line in scaled:
         say(f"   scaled down: {line}")
 
@@ -237,28 +263,32 @@ def run(args, modes, smoke, scaled, env):
         for mode in modes:
             r = bench_model(name, mode, args, world, device, dtype, peak)
             rows.append(r)
-            for impl in ("fastvit", "timm"):
-                v = r[impl]
+            for col in r["columns"]:
+                v = r[col]
                 mfu = f"{100 * v['mfu']:.1f}%" if v["mfu"] is not None else "n/a"
                 mem = f"{v['peak_mem_gib']:.2f} GiB" if v["peak_mem_gib"] is not None else "n/a (CPU)"
-                say(f"{name:22s} {mode:5s} {impl:7s} {v['images_per_s']:10.1f} img/s {v['tflops']:8.3f} TFLOP/s "
+                say(f"{name:22s} {mode:5s} {col:15s} {v['images_per_s']:10.1f} img/s {v['tflops']:8.3f} TFLOP/s "
                     f"MFU {mfu:>6s} peak mem {mem}  (micro {r['micro_batch']} x accum {r['accum_steps']})")
             used = r["backend_used"]
-            say(f"{name:22s} {mode:5s} fastvit/timm images/s ratio {r['ratio']:.3f} "
-                f"(fastvit ops: {used['ops']}, attention: {used['attention']})", flush=True)
+            say(f"{name:22s} {mode:5s} best fastvit / best timm images/s ratio {r['ratio']:.3f} "
+                f"({r['best']['fastvit']} / {r['best']['timm']}; fastvit ops: {used['ops']}, "
+                f"attention: {used['attention']})", flush=True)
 
     if rank == 0:
         result = {"smoke": smoke, "label": label, "scaled_down": scaled, "world_size": world,
                   "device": str(device), "dtype": args.dtype, "backend": args.backend, "compile": args.compile,
+                  "compile_mode": args.compile_mode if args.compile else None,
+                  "columns": list(columns(args.compile)),
                   "global_batch": args.global_batch, "steps": args.steps, "warmup": args.warmup,
                   "peak_tflops": peak, "peak_source": peak_source, "rows": rows,
                   "seconds": time.perf_counter() - t_start, "env": common.environment()}
         out = common.out_dir(args.out)
         common.write_json(out / "throughput.json", result)
-        common.bar_chart(rows, lambda r, impl: r[impl]["images_per_s"],
+        common.bar_chart(rows, lambda r, col: r[col]["images_per_s"],
                          [f"{r['model']}\n{r['mode']}" for r in rows], "images / s", out / "throughput.png",
                          f"{label}\nworld {world}, global batch {args.global_batch}, {args.dtype}, "
-                         "fastvit/timm ratio above bars", log_if_spread=True)
+                         "best fastvit / best timm ratio above bars", log_if_spread=True,
+                         columns=columns(args.compile))
         say(f"wrote {out / 'throughput.json'} and {out / 'throughput.png'} in {result['seconds']:.0f}s")
 
 

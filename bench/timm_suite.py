@@ -24,7 +24,7 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the standard library: see common.py
 import common  # noqa: E402
 
 DEFAULT_K = ("test_model_forward or test_model_backward or test_model_default_cfgs or "

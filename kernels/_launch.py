@@ -1,12 +1,24 @@
-"""Host-side launch arithmetic for the kernel modules.
+"""Host-side launch path of the kernel modules: launch arithmetic, the Triton launch, and the custom-op call.
 
-At ViT sizes a fused op's wall time is mostly host time, so the per-call path avoids ``triton.cdiv`` and
-``triton.next_power_of_2`` (ConstexprFunctions: about 4 us a call on the host, against 0.1 us for the integer
-expressions) and asks for a device's SM count once.
+At ViT sizes a fused op's wall time is mostly host time, so the per-call path
+
+- avoids ``triton.cdiv`` and ``triton.next_power_of_2`` (ConstexprFunctions: about 4 us a call on the host, against
+  0.1 us for the integer expressions) and asks for a device's SM count once;
+- launches a kernel through :func:`launch`, which keeps Triton's argument binder (so the kernel variant is the one
+  Triton's JIT picks) but calls the compiled kernel directly after its first launch, skipping the rest of
+  ``JITFunction.run`` (knob reads, hooks, cache-key building: about 5 us per launch);
+- calls the ops' Python bodies directly in plain eager mode (:class:`EagerOp`), where the ``torch.library``
+  dispatcher adds about 7 us per call and nothing needs to see the call; tracing, fake tensors, tensor subclasses
+  and the profiler still go through the registered op.
+
+``bench/overhead.py`` measures the result against the eager torch ops each fused op replaces.
 """
 import functools
 
 import torch
+from triton import knobs
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
 
 
 def cdiv(a: int, b: int) -> int:
@@ -29,3 +41,77 @@ def row_programs(n_rows: int, device: torch.device) -> int:
     """Programs of a row-wise backward kernel: a few per SM, each folding its rows into one fp32 partial sum of
     the weight/bias gradients, reduced after (fewer partials than rows, and no atomics)."""
     return min(n_rows, 4 * sm_count(device))
+
+
+# (id of the kernel, a module global; device; Triton's specialisation of the arguments; launch options) -> the
+# compiled kernel
+_COMPILED = {}
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, with the Python of Triton's launch cut to its argument binder.
+
+    The first launch of each specialisation (the binder's per-argument dtypes, 16-byte alignment and
+    constexprs, plus ``num_warps``/``num_stages``) goes through Triton, which compiles and launches; later ones
+    call that compiled kernel exactly as ``JITFunction.run`` does (same device, stream, launch metadata and hooks).
+    Interpreted kernels (TRITON_INTERPRET=1) always take Triton's path. The knobs ``JITFunction.run`` reads at every
+    launch (``knobs.runtime.debug``, instrumentation) count from a specialisation's first launch.
+    """
+    if type(kernel) is not JITFunction:
+        kernel[grid](*args, **kwargs)
+        return
+    device = driver.active.get_current_device()
+    bound, specialization, options = kernel.device_caches[device][4](*args, **kwargs)
+    key = (id(kernel), device, *specialization, *options.items())  # hash(kernel) takes a lock and hashes its source
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = kernel[grid](*args, **kwargs)
+        if compiled is not None:  # None: Triton did not launch it (a compile hook or asynchronous compilation)
+            _COMPILED[key] = compiled
+        return
+    stream = driver.active.get_current_stream(device)
+    values = bound.values()
+    size = len(grid)
+    runtime = knobs.runtime
+    compiled.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, compiled.function,
+                 compiled.packed_metadata, compiled.launch_metadata(grid, stream, *values),
+                 runtime.launch_enter_hook, runtime.launch_exit_hook, *values)
+
+
+# argument types a plain eager call may carry; a tensor subclass (fake, functional, DTensor, ...) is none of them
+_PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, int, float, bool, type(None), torch.dtype))
+
+
+def _plain_eager(args):
+    """Whether a call with ``args`` (the first one a tensor) may skip the dispatcher: not traced by dynamo
+    (checked first, so that dynamo folds it and never sees the rest), no dispatch mode (fake tensors,
+    functionalisation, make_fx, FLOP counters), the profiler off (it records the op by name), plain tensors only,
+    and not on the meta device."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
+            torch._C._autograd._profiler_enabled():
+        return False
+    for a in args:
+        if type(a) not in _PLAIN_TYPES:
+            return False
+    return not args[0].is_meta
+
+
+class EagerOp:
+    """A ``torch.library.custom_op`` named ``fastvit::<name>`` (its schema from ``fn``'s annotations) that runs
+    ``fn`` straight away in plain eager mode and through the dispatcher otherwise; ``register_fake`` as the op's."""
+
+    def __init__(self, name, fn):
+        self.fn = fn
+        self.op = torch.library.custom_op(f"fastvit::{name}", fn, mutates_args=())
+        self.overload = getattr(torch.ops.fastvit, name).default
+        self.register_fake = self.op.register_fake
+
+    def __call__(self, *args):
+        if _plain_eager(args):
+            return self.fn(*args)
+        return self.overload(*args)
+
+
+def eager_op(name):
+    """Decorator: ``@eager_op("bias_gelu_fwd")`` over a function gives its :class:`EagerOp`."""
+    return functools.partial(EagerOp, name)

@@ -16,9 +16,13 @@ shared memory, at the shapes of real models. A kernel module joins by exposing o
   ``num_warps`` / ``num_stages``; ``aligned`` names the parameters that are multiples of 16 at launch (pointers
   from torch's allocator, widths like 768), which Triton's JIT would specialise on too.
 
-The block sizes and warps in a spec must come from the SAME function the launcher calls to pick them (e.g.
-``layer_norm._config(dim)``), so that what the report checks is what runs. Specs cover every variant a model
-launches (one spec per distinct set of constexprs / pointer dtypes), and ``label`` says which (e.g. "D=768").
+The block sizes, warps and stages in a spec must come from the SAME function the launcher calls to pick them
+(e.g. ``layer_norm._config(dim)``), so that what the report checks is what runs. Specs cover every variant a model
+launches (one spec per distinct set of constexprs / pointer dtypes), and ``label`` says which (e.g. "D=768");
+:func:`spec_from_launch` builds a spec from a launch's arguments, specialised as Triton's JIT would, and
+tests/test_kernel_report.py checks every launch of a model against the specs with Triton's own binder. Sizes that
+depend on the batch are those of :data:`AOT_IMAGES` images, with :data:`AOT_PROGRAMS` programs for the row-wise
+backward kernels.
 
 The report (``python bench/kernel_report.py``) gathers ``aot_specs`` from every ``kernels/*.py`` module that has
 one, so nothing else needs registering.
@@ -57,6 +61,11 @@ MODELS = {
 }
 
 DTYPES = ("fp16", "bf16")
+# Batch of the launches the specs describe (3: no row count of ViT-B/L/H is a multiple of 16, as in most
+# batches), and the programs of a row-wise backward kernel (``_launch.row_programs`` with 4 SMs, as for CPU tensors):
+# every count per program is then above 1 and not a multiple of 16, as in a training step.
+AOT_IMAGES = 3
+AOT_PROGRAMS = 16
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 # Most dynamic shared memory one block may use, bytes (CUDA programming guide, compute capabilities table).
@@ -74,6 +83,32 @@ class KernelSpec:
     num_stages: int = 1
     label: str = ""
     aligned: tuple = ()
+
+
+def spec_from_launch(name, fn, args, constexprs, num_warps, num_stages, label):
+    """KernelSpec for ``fn`` launched with ``args`` (parameter -> "*dtype" pointer, int or float value),
+    specialised as Triton's JIT specialises that launch: an int equal to 1 becomes the constexpr 1, an int
+    divisible by 16 is aligned, floats are fp32 and never specialised, and every pointer is aligned (torch's
+    allocations are, and views start at multiples of 16 bytes in the launches described)."""
+    signature, consts, aligned = {}, dict(constexprs), []
+    for param in fn.arg_names:
+        if param in constexprs:
+            signature[param] = "constexpr"
+            continue
+        value = args[param]
+        if isinstance(value, str):
+            signature[param] = value
+            aligned.append(param)
+        elif isinstance(value, float):
+            signature[param] = "fp32"
+        elif value == 1:
+            signature[param] = "constexpr"
+            consts[param] = 1
+        else:
+            signature[param] = "i32"
+            if value % 16 == 0:
+                aligned.append(param)
+    return KernelSpec(name, fn, signature, consts, num_warps, num_stages, label, tuple(aligned))
 
 
 def kernel_modules():

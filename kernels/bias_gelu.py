@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import cdiv, next_power_of_2, row_programs
-from fastvit.kernels._report import KernelSpec
+from fastvit.kernels._launch import cdiv, eager_op, launch, next_power_of_2, row_programs
+from fastvit.kernels._report import AOT_IMAGES, AOT_PROGRAMS, spec_from_launch
 
 # constexpr so the kernels can read them; .value in the torch fallback
 _SQRT1_2 = tl.constexpr(1.0 / math.sqrt(2.0))
@@ -29,12 +29,14 @@ def bias_gelu_ref(x, bias):
 
 @functools.lru_cache(maxsize=None)
 def _config(n_cols):
-    """(BLOCK_M, BLOCK_N, num_warps) for rows of ``n_cols``: tiles of 4096 values, up to 1024 columns wide.
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for rows of ``n_cols``: tiles of 4096 values, up to 1024 columns
+    wide.
 
     The launchers and aot_specs both use this. 8 warps (16 values a thread): with 4 the backward spills on sm_90.
+    3 stages is Triton's default for CUDA, which the kernels have always run with.
     """
     block_n = min(next_power_of_2(n_cols), 1024)
-    return max(4096 // block_n, 1), block_n, 8
+    return max(4096 // block_n, 1), block_n, 8, 3
 
 
 @triton.jit
@@ -85,7 +87,7 @@ def _rows(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("fastvit::bias_gelu_fwd", mutates_args=())
+@eager_op("bias_gelu_fwd")
 def bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], use_triton: bool) -> torch.Tensor:
     """GELU(x + bias) on (rows, C), in x's dtype."""
     if not use_triton:
@@ -95,11 +97,11 @@ def bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], use_triton: boo
     n_rows, n_cols = x.shape
     y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     if n_rows and n_cols:
-        block_m, block_n, num_warps = _config(n_cols)
+        block_m, block_n, num_warps, num_stages = _config(n_cols)
         grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
-        _bias_gelu_fwd_kernel[grid](x, x if bias is None else bias.contiguous(), y, x.stride(0), y.stride(0),
-                                    n_rows, n_cols, HAS_BIAS=bias is not None, BLOCK_M=block_m,
-                                    BLOCK_N=block_n, num_warps=num_warps)
+        launch(_bias_gelu_fwd_kernel, grid, x, x if bias is None else bias.contiguous(), y, x.stride(0),
+               y.stride(0), n_rows, n_cols, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+               num_warps=num_warps, num_stages=num_stages)
     return y
 
 
@@ -108,7 +110,7 @@ def _(x, bias, use_triton):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("fastvit::bias_gelu_bwd", mutates_args=())
+@eager_op("bias_gelu_bwd")
 def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
                   use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dbias) from the saved pre-activation x and bias; dbias is empty when bias is None."""
@@ -123,14 +125,14 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     if not (n_rows and n_cols):
         return dx, (x.new_empty(0) if bias is None else torch.zeros_like(bias))
-    block_m, block_n, num_warps = _config(n_cols)
+    block_m, block_n, num_warps, num_stages = _config(n_cols)
     row_blocks = cdiv(n_rows, block_m)
     programs = row_programs(row_blocks, x.device)
     db_part = torch.empty((programs if bias is not None else 0, n_cols), dtype=torch.float32, device=x.device)
-    _bias_gelu_bwd_kernel[(programs, cdiv(n_cols, block_n))](
+    launch(_bias_gelu_bwd_kernel, (programs, cdiv(n_cols, block_n)),
         dy, x, x if bias is None else bias.contiguous(), dx, db_part, dy.stride(0), x.stride(0), dx.stride(0),
         n_rows, n_cols, cdiv(row_blocks, programs), HAS_BIAS=bias is not None, BLOCK_M=block_m,
-        BLOCK_N=block_n, num_warps=num_warps)
+        BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     return dx, (x.new_empty(0) if bias is None else db_part.sum(0).to(bias.dtype))
 
 
@@ -146,12 +148,12 @@ class BiasGeluFn(torch.autograd.Function):
     def forward(ctx, x, bias, use_triton):
         ctx.use_triton = use_triton
         ctx.save_for_backward(x, bias)
-        return torch.ops.fastvit.bias_gelu_fwd(x, bias, use_triton)
+        return bias_gelu_fwd(x, bias, use_triton)
 
     @staticmethod
     def backward(ctx, dy):
         x, bias = ctx.saved_tensors
-        dx, db = torch.ops.fastvit.bias_gelu_bwd(dy, x, bias, ctx.use_triton)
+        dx, db = bias_gelu_bwd(dy, x, bias, ctx.use_triton)
         return dx, (None if bias is None else db), None
 
 
@@ -167,16 +169,16 @@ class BiasGeluLinearFn(torch.autograd.Function):
         ctx.use_triton = use_triton
         ctx.has_lin_bias = lin_bias is not None
         ctx.save_for_backward(x, bias, lin_weight)
-        return F.linear(torch.ops.fastvit.bias_gelu_fwd(x, bias, use_triton), lin_weight, lin_bias)
+        return F.linear(bias_gelu_fwd(x, bias, use_triton), lin_weight, lin_bias)
 
     @staticmethod
     def backward(ctx, dout):
         x, bias, lin_weight = ctx.saved_tensors
-        h = torch.ops.fastvit.bias_gelu_fwd(x, bias, ctx.use_triton)
+        h = bias_gelu_fwd(x, bias, ctx.use_triton)
         dh = (dout @ lin_weight.to(dout.dtype)).to(x.dtype)
         d_lin_w = (dout.t() @ h.to(dout.dtype)).to(lin_weight.dtype)
         d_lin_b = dout.sum(0).to(lin_weight.dtype) if ctx.has_lin_bias else None
-        dx, db = torch.ops.fastvit.bias_gelu_bwd(dh, x, bias, ctx.use_triton)
+        dx, db = bias_gelu_bwd(dh, x, bias, ctx.use_triton)
         return dx, (None if bias is None else db), d_lin_w, d_lin_b, None
 
 
@@ -201,20 +203,19 @@ def bias_gelu_linear(x, bias, lin_weight, lin_bias, use_triton, function=BiasGel
 
 
 def aot_specs(shape, dtype):
-    """Forward and backward at the MLP width ``shape.mlp_dim``, bias fp32 as under AMP."""
-    block_m, block_n, num_warps = _config(shape.mlp_dim)
-    act = f"*{dtype}"
+    """Forward and backward at the MLP width ``shape.mlp_dim`` for ``AOT_IMAGES`` images: under AMP (fp32 bias)
+    and in a model cast to ``dtype`` (bias in ``dtype``)."""
+    block_m, block_n, num_warps, num_stages = _config(shape.mlp_dim)
+    act, c, rows = f"*{dtype}", shape.mlp_dim, AOT_IMAGES * shape.tokens
     consts = {"HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": block_n}
-    label = f"C={shape.mlp_dim}"
-    fwd_sig = {"X": act, "B": "*fp32", "Y": act, "stride_x": "i32", "stride_y": "i32", "n_rows": "i32",
-               "n_cols": "i32", "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-    bwd_sig = {"DY": act, "X": act, "B": "*fp32", "DX": act, "DB_PART": "*fp32", "stride_dy": "i32",
-               "stride_x": "i32", "stride_dx": "i32", "n_rows": "i32", "n_cols": "i32",
-               "row_blocks_per_program": "i32", "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr",
-               "BLOCK_N": "constexpr"}
-    return [
-        KernelSpec("bias_gelu_fwd", _bias_gelu_fwd_kernel, fwd_sig, consts, num_warps, label=label,
-                   aligned=("X", "B", "Y", "stride_x", "stride_y", "n_cols")),
-        KernelSpec("bias_gelu_bwd", _bias_gelu_bwd_kernel, bwd_sig, consts, num_warps, label=label,
-                   aligned=("DY", "X", "B", "DX", "DB_PART", "stride_dy", "stride_x", "stride_dx", "n_cols")),
-    ]
+    specs = []
+    for label, bias_t in (("amp", "*fp32"), ("half", act)):
+        fwd = {"X": act, "B": bias_t, "Y": act, "stride_x": c, "stride_y": c, "n_rows": rows, "n_cols": c}
+        bwd = {"DY": act, "X": act, "B": bias_t, "DX": act, "DB_PART": "*fp32", "stride_dy": c, "stride_x": c,
+               "stride_dx": c, "n_rows": rows, "n_cols": c,
+               "row_blocks_per_program": cdiv(cdiv(rows, block_m), AOT_PROGRAMS)}
+        specs += [spec_from_launch("bias_gelu_fwd", _bias_gelu_fwd_kernel, fwd, consts, num_warps, num_stages,
+                                   f"C={c} {label}"),
+                  spec_from_launch("bias_gelu_bwd", _bias_gelu_bwd_kernel, bwd, consts, num_warps, num_stages,
+                                   f"C={c} {label}")]
+    return specs

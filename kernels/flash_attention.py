@@ -33,8 +33,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import cdiv, next_power_of_2
-from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
+from fastvit.kernels._launch import cdiv, eager_op, launch, next_power_of_2
+from fastvit.kernels._report import TORCH_DTYPES, spec_from_launch
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
@@ -416,7 +416,7 @@ def _strides(*tensors):
     return [s for t in tensors for s in t.stride()]
 
 
-@torch.library.custom_op("fastvit::attention_fwd", mutates_args=())
+@eager_op("attention_fwd")
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_bias: Optional[torch.Tensor],
                   seed: Optional[torch.Tensor], grid_h: int, grid_w: int, scale: float, dropout_p: float,
                   use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -440,7 +440,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_bias: O
     blk = cfg.fwd
     table = q if rel_bias is None else rel_bias
     grid = (bsz * heads * cdiv(n, blk.block_m),)
-    _attn_fwd_kernel[grid](
+    launch(_attn_fwd_kernel, grid,
         q, k, v, out, lse, table, lse if seed is None else seed, *_strides(q, k, v, out), heads, n, table.shape[-1],
         scale * LOG2E, grid_h, grid_w, dropout_p, HEAD_DIM=hd, BLOCK_D=cfg.block_d, BLOCK_M=blk.block_m,
         BLOCK_N=blk.block_n, HAS_BIAS=rel_bias is not None, HAS_CLS=_has_cls(n, grid_h, grid_w),
@@ -453,7 +453,7 @@ def _(q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton):
     return _new_out(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("fastvit::attention_bwd", mutates_args=())
+@eager_op("attention_bwd")
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, rel_bias: Optional[torch.Tensor], seed: Optional[torch.Tensor], grid_h: int,
                   grid_w: int, scale: float, dropout_p: float,
@@ -490,7 +490,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     cfg = _config(hd)
     delta = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device)
     blk = cfg.preprocess
-    _attn_bwd_preprocess_kernel[(bsz * heads * cdiv(n, blk.block_m),)](
+    launch(_attn_bwd_preprocess_kernel, (bsz * heads * cdiv(n, blk.block_m),),
         out, do, delta, *_strides(out, do), heads, n, HEAD_DIM=hd, BLOCK_D=cfg.block_d, BLOCK_M=blk.block_m,
         num_warps=blk.num_warps, num_stages=blk.num_stages)
     table = q if rel_bias is None else rel_bias
@@ -500,11 +500,11 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   HAS_CLS=_has_cls(n, grid_h, grid_w), DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype))
     scalars = (heads, n, table.shape[-1], scale, scale * LOG2E, grid_h, grid_w, dropout_p)
     blk = cfg.bwd_dkdv
-    _attn_bwd_dkdv_kernel[(bsz * heads * cdiv(n, blk.block_n),)](
+    launch(_attn_bwd_dkdv_kernel, (bsz * heads * cdiv(n, blk.block_n),),
         q, k, v, do, lse, delta, dk, dv, table, seed, *_strides(q, k, v, do, dk, dv), *scalars,
         BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, num_warps=blk.num_warps, num_stages=blk.num_stages, **common)
     blk = cfg.bwd_dq
-    _attn_bwd_dq_kernel[(bsz * heads * cdiv(n, blk.block_m),)](
+    launch(_attn_bwd_dq_kernel, (bsz * heads * cdiv(n, blk.block_m),),
         q, k, v, do, lse, delta, dq, table, dtable_arg, seed, *_strides(q, k, v, do, dq), *scalars,
         BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, num_warps=blk.num_warps, num_stages=blk.num_stages, **common)
     return dq, dk, dv, (q.new_empty(0) if rel_bias is None else dtable.to(rel_bias.dtype))
@@ -522,8 +522,7 @@ class FlashAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton):
-        out, lse = torch.ops.fastvit.attention_fwd(q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p,
-                                                   use_triton)
+        out, lse = attention_fwd(q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton)
         ctx.save_for_backward(q, k, v, out, lse, rel_bias, seed)
         ctx.args = (grid_h, grid_w, scale, dropout_p, use_triton)
         return out
@@ -531,7 +530,7 @@ class FlashAttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse, rel_bias, seed = ctx.saved_tensors
-        dq, dk, dv, dtable = torch.ops.fastvit.attention_bwd(do, q, k, v, out, lse, rel_bias, seed, *ctx.args)
+        dq, dk, dv, dtable = attention_bwd(do, q, k, v, out, lse, rel_bias, seed, *ctx.args)
         return dq, dk, dv, (None if rel_bias is None else dtable), None, None, None, None, None, None
 
 
@@ -631,32 +630,6 @@ def attention_flash(q, k, v, rel_bias=None, dropout_p=0.0, scale=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Ahead-of-time specs (bench/kernel_report.py)
 
-def _aot_spec(name, fn, args, constexprs, blocks, label):
-    """KernelSpec for ``fn`` launched with ``args`` (parameter -> "*dtype" pointer, int or float value),
-    specialised as Triton's JIT specialises that launch: an int equal to 1 becomes the constexpr 1, an int
-    divisible by 16 is aligned, floats are fp32 and never specialised, and every pointer is aligned (torch's
-    allocations are, and q, k, v, out start at multiples of D elements inside their buffers)."""
-    signature, consts, aligned = {}, dict(constexprs), []
-    for param in fn.arg_names:
-        if param in constexprs:
-            signature[param] = "constexpr"
-            continue
-        value = args[param]
-        if isinstance(value, str):
-            signature[param] = value
-            aligned.append(param)
-        elif isinstance(value, float):
-            signature[param] = "fp32"
-        elif value == 1:
-            signature[param] = "constexpr"
-            consts[param] = 1
-        else:
-            signature[param] = "i32"
-            if value % 16 == 0:
-                aligned.append(param)
-    return KernelSpec(name, fn, signature, consts, blocks.num_warps, blocks.num_stages, label, tuple(aligned))
-
-
 def aot_specs(shape, dtype):
     """Every attention kernel at ``shape``'s head dim and tokens, in each variant a model launches: no bias, the
     relative-position table (pos_embed='rel'; fp32 under AMP, the activation dtype in a model cast to it), each
@@ -678,8 +651,9 @@ def aot_specs(shape, dtype):
     base = {"O": act, "DO": act, "DELTA": "*fp32", "n_heads": heads, "seq_len": n,
             **{f"stride_{t}{axis}": v for t, st in strides.items() for axis, v in zip("bhnd", st)}}
     blk = cfg.preprocess
-    specs = [_aot_spec("attn_bwd_preprocess", _attn_bwd_preprocess_kernel, base,
-                       {"HEAD_DIM": hd, "BLOCK_D": cfg.block_d, "BLOCK_M": blk.block_m}, blk, f"hd={hd} N={n}")]
+    specs = [spec_from_launch("attn_bwd_preprocess", _attn_bwd_preprocess_kernel, base,
+                              {"HEAD_DIM": hd, "BLOCK_D": cfg.block_d, "BLOCK_M": blk.block_m}, blk.num_warps,
+                              blk.num_stages, f"hd={hd} N={n}")]
     for table_t in (None, "*fp32", act):
         for dropout in (False, True):
             has_bias = table_t is not None
@@ -697,6 +671,8 @@ def aot_specs(shape, dtype):
             for name, fn, blk in (("attn_fwd", _attn_fwd_kernel, cfg.fwd),
                                   ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, cfg.bwd_dkdv),
                                   ("attn_bwd_dq", _attn_bwd_dq_kernel, cfg.bwd_dq)):
-                specs.append(_aot_spec(name, fn, args, {**common, "BLOCK_M": blk.block_m, "BLOCK_N": blk.block_n},
-                                       blk, f"hd={hd} N={n} " + ("+".join(parts) or "plain")))
+                specs.append(spec_from_launch(name, fn, args,
+                                              {**common, "BLOCK_M": blk.block_m, "BLOCK_N": blk.block_n},
+                                              blk.num_warps, blk.num_stages,
+                                              f"hd={hd} N={n} " + ("+".join(parts) or "plain")))
     return specs

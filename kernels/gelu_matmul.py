@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from fastvit.kernels._launch import eager_op
 from fastvit.kernels import bias_gelu as _bg
 from fastvit.kernels.matmul import aot_spec, fused_matmul, gemm_weights
 
@@ -28,7 +29,7 @@ def gelu_matmul_ref(x, bias, weight, weight_bias):
     return F.linear(_bg.bias_gelu_ref(x, bias), weight, weight_bias)
 
 
-@torch.library.custom_op("fastvit::gelu_matmul_fwd", mutates_args=())
+@eager_op("gelu_matmul_fwd")
 def gelu_matmul_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], weight: torch.Tensor,
                     weight_bias: Optional[torch.Tensor], use_triton: bool) -> torch.Tensor:
     """GELU(x + bias) weight^T + weight_bias on (rows, C) x, in weight's dtype."""
@@ -53,7 +54,7 @@ class GeluMatmulFn(_bg.BiasGeluLinearFn):
         ctx.use_triton = use_triton
         ctx.has_lin_bias = lin_bias is not None
         ctx.save_for_backward(x, bias, lin_weight)
-        return torch.ops.fastvit.gelu_matmul_fwd(x, bias, gemm_weights(x, lin_weight), lin_bias, use_triton)
+        return gelu_matmul_fwd(x, bias, gemm_weights(x, lin_weight), lin_bias, use_triton)
 
 
 def gelu_matmul(x, bias, lin_weight, lin_bias, use_triton):

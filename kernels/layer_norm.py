@@ -16,8 +16,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import cdiv, next_power_of_2, row_programs
-from fastvit.kernels._report import KernelSpec
+from fastvit.kernels._launch import cdiv, eager_op, launch, next_power_of_2, row_programs
+from fastvit.kernels._report import AOT_IMAGES, AOT_PROGRAMS, spec_from_launch
 
 MAX_FEATURES = 16384
 
@@ -35,11 +35,12 @@ def add_layer_norm_ref(x, residual, weight, bias, eps=1e-6, residual_in_fp32=Fal
 
 @functools.lru_cache(maxsize=None)
 def _config(n_cols):
-    """(BLOCK, num_warps) for a row of ``n_cols`` features; the launchers and aot_specs both use this."""
+    """(BLOCK, num_warps, num_stages) for a row of ``n_cols`` features; the launchers and aot_specs both use this.
+    3 stages is Triton's default for CUDA, which the kernels have always run with."""
     if not 0 < n_cols <= MAX_FEATURES:
         raise ValueError(f"add_layer_norm supports 1 to {MAX_FEATURES} features, got {n_cols}")
     block = next_power_of_2(n_cols)
-    return block, min(max(block // 256, 1), 8)
+    return block, min(max(block // 256, 1), 8), 3
 
 
 def _residual_dtype(x, residual, residual_in_fp32):
@@ -119,7 +120,7 @@ def _rows(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("fastvit::add_layer_norm_fwd", mutates_args=())
+@eager_op("add_layer_norm_fwd")
 def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
                        bias: torch.Tensor, eps: float, residual_in_fp32: bool,
                        use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,7 +145,7 @@ def launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y=No
     res_dtype = _residual_dtype(x, residual, residual_in_fp32)
     store = residual is not None or res_dtype != x.dtype
     n_rows, n_cols = x.shape
-    block, num_warps = _config(n_cols)
+    block, num_warps, num_stages = _config(n_cols)
     x = _rows(x)
     residual = None if residual is None else _rows(residual)
     res = torch.empty((n_rows, n_cols) if store else (0,), dtype=res_dtype, device=x.device)
@@ -153,11 +154,11 @@ def launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y=No
     if n_rows:
         r_arg = x if residual is None else residual
         y_arg = x if y is None else y  # unused without y: any pointer of the activation dtype
-        _add_ln_fwd_kernel[(n_rows,)](
-            x, r_arg, weight.contiguous(), bias.contiguous(), y_arg, res if store else y_arg, mean, rstd,
-            x.stride(0), r_arg.stride(0), y_arg.stride(0), res.stride(0) if store else 0, n_cols, eps,
-            HAS_RESIDUAL=residual is not None, STORE_RESIDUAL=store, STORE_Y=y is not None, BLOCK=block,
-            num_warps=num_warps)
+        launch(_add_ln_fwd_kernel, (n_rows,),
+               x, r_arg, weight.contiguous(), bias.contiguous(), y_arg, res if store else y_arg, mean, rstd,
+               x.stride(0), r_arg.stride(0), y_arg.stride(0), res.stride(0) if store else 0, n_cols, eps,
+               HAS_RESIDUAL=residual is not None, STORE_RESIDUAL=store, STORE_Y=y is not None, BLOCK=block,
+               num_warps=num_warps, num_stages=num_stages)
     return res, mean, rstd
 
 
@@ -171,7 +172,7 @@ def _(x, residual, weight, bias, eps, residual_in_fp32, use_triton):
     return torch.empty_like(x, memory_format=torch.contiguous_format), res, stat, torch.empty_like(stat)
 
 
-@torch.library.custom_op("fastvit::add_layer_norm_bwd", mutates_args=())
+@eager_op("add_layer_norm_bwd")
 def add_layer_norm_bwd(dy: torch.Tensor, dres_out: Optional[torch.Tensor], res: torch.Tensor,
                        weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, separate_residual_grad: bool,
                        use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -190,7 +191,7 @@ def add_layer_norm_bwd(dy: torch.Tensor, dres_out: Optional[torch.Tensor], res: 
             d = d + dres_out.float()
         dres_in = d.to(res.dtype, copy=True) if separate_residual_grad else dy.new_empty(0, dtype=res.dtype)
         return (d.to(dy.dtype), dres_in, (g * xhat).sum(0).to(weight.dtype), g.sum(0).to(weight.dtype))
-    block, num_warps = _config(n_cols)
+    block, num_warps, num_stages = _config(n_cols)
     dy = _rows(dy)
     dres_out = None if dres_out is None else _rows(dres_out)
     dx = torch.empty((n_rows, n_cols), dtype=dy.dtype, device=dy.device)
@@ -202,11 +203,12 @@ def add_layer_norm_bwd(dy: torch.Tensor, dres_out: Optional[torch.Tensor], res: 
     dw_part = torch.empty((programs, n_cols), dtype=torch.float32, device=dy.device)
     db_part = torch.empty_like(dw_part)
     d_arg = dy if dres_out is None else dres_out
-    _add_ln_bwd_kernel[(programs,)](
+    launch(_add_ln_bwd_kernel, (programs,),
         dy, d_arg, res, weight.contiguous(), mean, rstd, dx, dres_in if separate_residual_grad else dx, dw_part,
         db_part, dy.stride(0), d_arg.stride(0), res.stride(0), dx.stride(0),
         dres_in.stride(0) if separate_residual_grad else 0, n_rows, n_cols, cdiv(n_rows, programs),
-        HAS_DRES=dres_out is not None, STORE_DRES_IN=separate_residual_grad, BLOCK=block, num_warps=num_warps)
+        HAS_DRES=dres_out is not None, STORE_DRES_IN=separate_residual_grad, BLOCK=block, num_warps=num_warps,
+        num_stages=num_stages)
     return dx, dres_in, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
 
 
@@ -221,8 +223,7 @@ def _ln_forward(ctx, x, residual, weight, bias, eps, residual_in_fp32, use_trito
 
     Returns (y, saved residual, mean, rstd); the saved residual is x itself when new_residual would equal x.
     """
-    y, res, mean, rstd = torch.ops.fastvit.add_layer_norm_fwd(x, residual, weight, bias, eps, residual_in_fp32,
-                                                             use_triton)
+    y, res, mean, rstd = add_layer_norm_fwd(x, residual, weight, bias, eps, residual_in_fp32, use_triton)
     return y, ln_context(ctx, x, residual, res, bias, eps, use_triton, copy_residual_grad), mean, rstd
 
 
@@ -245,8 +246,7 @@ def _ln_backward(ctx, dy, dres, res, weight, mean, rstd):
     if dy is None:
         dy = torch.zeros(res.shape, dtype=ctx.x_dtype, device=res.device)
     separate = ctx.residual_dtype is not None and ctx.residual_dtype != ctx.x_dtype
-    dx, dres_in, dw, db = torch.ops.fastvit.add_layer_norm_bwd(dy, dres, res, weight, mean, rstd, separate,
-                                                               ctx.use_triton)
+    dx, dres_in, dw, db = add_layer_norm_bwd(dy, dres, res, weight, mean, rstd, separate, ctx.use_triton)
     if ctx.residual_dtype is None:
         d_residual = None
     else:
@@ -296,7 +296,7 @@ class AddLayerNormLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dres=None):
         res, weight, bias, mean, rstd, lin_weight = ctx.saved_tensors
-        y = torch.ops.fastvit.add_layer_norm_fwd(res, None, weight, bias, ctx.eps, False, ctx.use_triton)[0]
+        y = add_layer_norm_fwd(res, None, weight, bias, ctx.eps, False, ctx.use_triton)[0]
         g = dout.reshape(-1, dout.shape[-1])
         dy = (g @ lin_weight.to(g.dtype)).to(ctx.x_dtype)
         d_lin_w = (g.t() @ y.to(g.dtype)).to(lin_weight.dtype)
@@ -345,34 +345,47 @@ def add_layer_norm_linear(x, residual, weight, bias, lin_weight, lin_bias, eps, 
 
 
 def aot_specs(shape, dtype):
-    """Forward and backward variants a ViT launches at width ``shape.dim``: the first LayerNorm (no residual),
-    the residual add in the activation dtype, and in fp32 (``residual_in_fp32``); weights fp32 as under AMP."""
-    block, num_warps = _config(shape.dim)
+    """Every forward and backward variant a ViT launches at width ``shape.dim``, for ``AOT_IMAGES`` images.
+
+    Under AMP (fp32 weights, activations in ``dtype``, fp32 residual stream): the first LayerNorm and the backward's
+    recomputation (fp32 input, no residual, fp32 output) and the residual add (``dtype`` branch + fp32 residual);
+    their backwards (all fp32; ``dtype`` gradient with an fp32 residual gradient, with or without a gradient
+    reaching the new residual). Under AMP with a ``dtype`` residual stream (``residual_dtype``) and in a model cast
+    to ``dtype`` (weights in ``dtype`` too): with and without a residual, and the backwards with and without a
+    residual gradient. Placeholders are passed as the launchers pass
+    them (x for a missing residual, y for an unstored one, dy and dx for unused gradients), unused strides as 0.
+    """
+    block, num_warps, num_stages = _config(shape.dim)
     act = f"*{dtype}"
+    d, rows = shape.dim, AOT_IMAGES * shape.tokens
+    stats = {"MEAN": "*fp32", "RSTD": "*fp32"}
     specs = []
-    for has_res, res_t in ((False, None), (True, act), (True, "*fp32")):
-        store = has_res
-        fwd_sig = {"X": act, "R": res_t or act, "W": "*fp32", "B": "*fp32", "Y": act, "RES_OUT": res_t or act,
-                   "MEAN": "*fp32", "RSTD": "*fp32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32",
-                   "stride_res": "i32", "n_cols": "i32", "eps": "fp32", "HAS_RESIDUAL": "constexpr",
-                   "STORE_RESIDUAL": "constexpr", "STORE_Y": "constexpr", "BLOCK": "constexpr"}
-        label = f"D={shape.dim} residual={'none' if not has_res else res_t[1:]}"
-        specs.append(KernelSpec(
-            "add_layer_norm_fwd", _add_ln_fwd_kernel, fwd_sig,
-            {"HAS_RESIDUAL": has_res, "STORE_RESIDUAL": store, "STORE_Y": True, "BLOCK": block}, num_warps,
-            label=label,
-            aligned=("X", "R", "W", "B", "Y", "RES_OUT", "MEAN", "RSTD", "stride_x", "stride_r", "stride_y",
-                     "stride_res", "n_cols")))
-        separate = res_t == "*fp32"
-        bwd_sig = {"DY": act, "DRES_OUT": res_t or act, "RES": res_t or act, "W": "*fp32", "MEAN": "*fp32",
-                   "RSTD": "*fp32", "DX": act, "DRES_IN": res_t if separate else act, "DW_PART": "*fp32",
-                   "DB_PART": "*fp32", "stride_dy": "i32", "stride_dres": "i32", "stride_res": "i32",
-                   "stride_dx": "i32", "stride_dres_in": "i32", "n_rows": "i32", "n_cols": "i32",
-                   "rows_per_program": "i32", "HAS_DRES": "constexpr", "STORE_DRES_IN": "constexpr",
-                   "BLOCK": "constexpr"}
-        specs.append(KernelSpec(
-            "add_layer_norm_bwd", _add_ln_bwd_kernel, bwd_sig,
-            {"HAS_DRES": store, "STORE_DRES_IN": separate, "BLOCK": block}, num_warps, label=label,
-            aligned=("DY", "DRES_OUT", "RES", "W", "MEAN", "RSTD", "DX", "DRES_IN", "DW_PART", "DB_PART",
-                     "stride_dy", "stride_dres", "stride_res", "stride_dx", "stride_dres_in", "n_cols")))
+    # forward: (label, X, residual (None: none), weights, STORE_RESIDUAL)
+    for label, x_t, r_t, w_t in (("amp first/recompute", "*fp32", None, "*fp32"),
+                                 ("amp residual", act, "*fp32", "*fp32"), ("amp16", act, None, "*fp32"),
+                                 ("amp16 residual", act, act, "*fp32"),
+                                 ("half", act, None, act), ("half residual", act, act, act)):
+        store = r_t is not None
+        res_t = r_t if store else x_t
+        args = {"X": x_t, "R": res_t, "W": w_t, "B": w_t, "Y": x_t, "RES_OUT": res_t, **stats,
+                "stride_x": d, "stride_r": d, "stride_y": d, "stride_res": d if store else 0, "n_cols": d,
+                "eps": 1e-6}
+        specs.append(spec_from_launch("add_layer_norm_fwd", _add_ln_fwd_kernel, args,
+                                      {"HAS_RESIDUAL": store, "STORE_RESIDUAL": store, "STORE_Y": True, "BLOCK": block}, num_warps,
+                                      num_stages, f"D={d} {label}"))
+    # backward: (label, dY, residual, weights, HAS_DRES, a separate (fp32) residual gradient)
+    for label, dy_t, res_t, w_t, has_dres, separate in (
+            ("amp first", "*fp32", "*fp32", "*fp32", False, False),
+            ("amp residual", act, "*fp32", "*fp32", False, True),
+            ("amp residual+dres", act, "*fp32", "*fp32", True, True),
+            ("amp16", act, act, "*fp32", False, False), ("amp16 residual+dres", act, act, "*fp32", True, False),
+            ("half", act, act, act, False, False), ("half residual+dres", act, act, act, True, False)):
+        args = {"DY": dy_t, "DRES_OUT": res_t if has_dres else dy_t, "RES": res_t, "W": w_t, **stats, "DX": dy_t,
+                "DRES_IN": res_t if separate else dy_t, "DW_PART": "*fp32", "DB_PART": "*fp32",
+                "stride_dy": d, "stride_dres": d, "stride_res": d, "stride_dx": d,
+                "stride_dres_in": d if separate else 0, "n_rows": rows, "n_cols": d,
+                "rows_per_program": cdiv(rows, AOT_PROGRAMS)}
+        specs.append(spec_from_launch("add_layer_norm_bwd", _add_ln_bwd_kernel, args,
+                                      {"HAS_DRES": has_dres, "STORE_DRES_IN": separate, "BLOCK": block}, num_warps,
+                                      num_stages, f"D={d} {label}"))
     return specs

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from fastvit.kernels._launch import eager_op
 from fastvit.kernels import layer_norm as _ln
 from fastvit.kernels.matmul import aot_spec, fused_matmul, gemm_weights
 
@@ -27,7 +28,7 @@ def ln_matmul_ref(x, residual, norm_weight, norm_bias, weight, bias, eps=1e-6, r
     return F.linear(y, weight, bias), new_residual
 
 
-@torch.library.custom_op("fastvit::ln_matmul_fwd", mutates_args=())
+@eager_op("ln_matmul_fwd")
 def ln_matmul_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor,
                   norm_bias: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
                   residual_in_fp32: bool, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -59,7 +60,7 @@ class LayerNormMatmulFn(_ln.AddLayerNormLinearFn):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton,
                 copy_residual_grad=False):
-        out, res, mean, rstd = torch.ops.fastvit.ln_matmul_fwd(x, residual, weight, bias,
+        out, res, mean, rstd = ln_matmul_fwd(x, residual, weight, bias,
                                                               gemm_weights(x, lin_weight), lin_bias, eps,
                                                               residual_in_fp32, use_triton)
         saved = _ln.ln_context(ctx, x, residual, res, bias, eps, use_triton, copy_residual_grad)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import cdiv
+from fastvit.kernels._launch import cdiv, launch
 from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
 
 PROLOGUES = ("none", "layer_norm", "bias_gelu")
@@ -159,7 +159,7 @@ def fused_matmul(a, weight, out_dtype, bias=None, residual=None, prologue="none"
     residual = None if residual is None else _rows(residual)
     bias = None if bias is None else bias.contiguous()
     grid = (cdiv(m, tiles.block_m) * cdiv(n, tiles.block_n),)
-    _fused_matmul_kernel[grid](
+    launch(_fused_matmul_kernel, grid,
         a, weight, out, out if bias is None else bias, out if residual is None else residual,
         out if mean is None else mean, out if rstd is None else rstd,
         out if prologue_weight is None else prologue_weight, out if prologue_bias is None else prologue_bias,

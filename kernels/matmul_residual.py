@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from fastvit.kernels._launch import eager_op
 from fastvit.kernels.matmul import aot_spec, compute_dtype, fused_matmul, gemm_weights
 
 
@@ -21,7 +22,7 @@ def matmul_residual_ref(x, weight, bias, residual):
     return F.linear(x, weight, bias) + residual
 
 
-@torch.library.custom_op("fastvit::matmul_residual_fwd", mutates_args=())
+@eager_op("matmul_residual_fwd")
 def matmul_residual_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
                         use_triton: bool) -> torch.Tensor:
     """x weight^T + bias + residual on (rows, K) x and (rows, N) residual, computed in weight's dtype, returned in
@@ -45,7 +46,7 @@ class MatmulResidualFn(torch.autograd.Function):
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.residual_dtype = residual.dtype
         ctx.save_for_backward(x, weight)
-        return torch.ops.fastvit.matmul_residual_fwd(x, gemm_weights(x, weight), bias, residual, use_triton)
+        return matmul_residual_fwd(x, gemm_weights(x, weight), bias, residual, use_triton)
 
     @staticmethod
     def backward(ctx, dout):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import cdiv, next_power_of_2, sm_count
+from fastvit.kernels._launch import cdiv, eager_op, launch, next_power_of_2, sm_count
 from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
 
 # compute dtype -> the constexpr code the kernels branch on (0: fp32 operands, exact IEEE dot)
@@ -237,7 +237,7 @@ def _patches(x, ph, pw):
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * ph * pw)
 
 
-@torch.library.custom_op("fastvit::patch_embed_fwd", mutates_args=())
+@eager_op("patch_embed_fwd")
 def patch_embed_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     pos_embed: Optional[torch.Tensor], cls_token: Optional[torch.Tensor], patch_h: int, patch_w: int,
                     no_embed_class: bool, compute_dtype: torch.dtype, out_dtype: torch.dtype,
@@ -272,7 +272,7 @@ def patch_embed_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     w2 = weight.reshape(dim, -1)  # a view of a contiguous weight; a transient copy of a channels_last one
     block_m, block_d, block_k, num_warps, num_stages = _config("fwd", dim, patch_w, _load_bytes(x, weight))
     grid = (cdiv(m, block_m) * cdiv(dim, block_d),)
-    _patch_embed_fwd_kernel[grid](
+    launch(_patch_embed_fwd_kernel, grid,
         x, w2, y if bias is None else bias, y if pos is None else pos, y if cls is None else cls, y,
         m, n, gw, dim, x.shape[1] * patch_h, *x.stride(), *w2.stride(), y.stride(0), y.stride(1),
         0 if pos is None else pos.stride(0),
@@ -293,7 +293,7 @@ def _(x, weight, bias, pos_embed, cls_token, patch_h, patch_w, no_embed_class, c
     return x.new_empty((x.shape[0], gh * gw + (cls_token is not None), weight.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op("fastvit::patch_embed_bwd", mutates_args=())
+@eager_op("patch_embed_bwd")
 def patch_embed_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, patch_h: int, patch_w: int,
                     has_cls: bool, compute_dtype: torch.dtype, need_dx: bool, need_dw: bool, need_sum: bool,
                     use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -336,7 +336,7 @@ def _bwd_triton(dy, x, weight, patch_h, patch_w, has_cls, compute_dtype, need_dx
             w2 = weight.reshape(dim, -1)
             block_m, block_d, block_k, num_warps, num_stages = _config("dx", dim, patch_w, _load_bytes(dy, weight))
             grid = (cdiv(m, block_m) * cdiv(k_padded, block_k),)
-            _patch_embed_dx_kernel[grid](
+            launch(_patch_embed_dx_kernel, grid,
                 dy, w2, dx, m, n, gw, dim, r, *dy.stride(), *w2.stride(), *dx.stride(), **consts,
                 BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     else:
@@ -353,7 +353,7 @@ def _bwd_triton(dy, x, weight, patch_h, patch_w, has_cls, compute_dtype, need_dx
             per = cdiv(m_blocks, split)
             split = cdiv(m_blocks, per)
             part = torch.empty((split, dim, weight[0].numel()), dtype=torch.float32, device=x.device)
-            _patch_embed_dw_kernel[(tiles, split)](
+            launch(_patch_embed_dw_kernel, (tiles, split),
                 dy, x, part, m, n, gw, dim, r, per, *dy.stride(), *x.stride(), **consts,
                 BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
             dw = part.sum(0).view(weight.shape).to(weight.dtype)
@@ -362,8 +362,8 @@ def _bwd_triton(dy, x, weight, patch_h, patch_w, has_cls, compute_dtype, need_dx
     if need_sum:
         s = torch.empty((rows, dim), dtype=torch.float32, device=dy.device)
         grid = (cdiv(rows, _SUM_BLOCK_L), cdiv(dim, _SUM_BLOCK_D))
-        _batch_sum_kernel[grid](dy, s, bsz, rows, dim, *dy.stride(), BLOCK_L=_SUM_BLOCK_L, BLOCK_D=_SUM_BLOCK_D,
-                                num_warps=_SUM_WARPS, num_stages=_SUM_STAGES)
+        launch(_batch_sum_kernel, grid, dy, s, bsz, rows, dim, *dy.stride(), BLOCK_L=_SUM_BLOCK_L,
+               BLOCK_D=_SUM_BLOCK_D, num_warps=_SUM_WARPS, num_stages=_SUM_STAGES)
     else:
         s = dy.new_empty(0, dtype=torch.float32)
     return dx, dw, s
@@ -387,15 +387,14 @@ class PatchEmbedFn(torch.autograd.Function):
         ctx.use_triton = use_triton
         ctx.pos_cls_row = pos_embed is not None and cls_token is not None and not no_embed_class
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (bias, pos_embed, cls_token))
-        return torch.ops.fastvit.patch_embed_fwd(x, weight, bias, pos_embed, cls_token, patch_h, patch_w,
-                                                 no_embed_class, compute_dtype, out_dtype, use_triton)
+        return patch_embed_fwd(x, weight, bias, pos_embed, cls_token, patch_h, patch_w, no_embed_class,
+                               compute_dtype, out_dtype, use_triton)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dw, s = torch.ops.fastvit.patch_embed_bwd(dy, x, weight, *ctx.args, need[0], need[1], any(need[2:5]),
-                                                      ctx.use_triton)
+        dx, dw, s = patch_embed_bwd(dy, x, weight, *ctx.args, need[0], need[1], any(need[2:5]), ctx.use_triton)
         off = int(ctx.args[2])
         bias_dt, pos_dt, cls_dt = ctx.dtypes
         dbias = s[off:].sum(0).to(bias_dt) if need[2] else None

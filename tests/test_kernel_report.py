@@ -1,7 +1,7 @@
 """bench/kernel_report.py compiles the LayerNorm and bias+GELU kernels for sm_80/sm_90 without a GPU, reports
-their resources in JSON and finds no spill; its spill detector flags a kernel that does spill. The attention
-specs are those a model's real launch gets from Triton's JIT, and compile without spills at head dims 64 and 80;
-the fused-GEMM specs cover every launch of those ops."""
+their resources in JSON and finds no spill; its spill detector flags a kernel that does spill. The specs are those
+a model's real launches get from Triton's JIT (every kernel; attention in each bias/dropout variant; the fused-GEMM
+ops in each of theirs), and the attention kernels compile without spills at head dims 64 and 80."""
 import dataclasses
 import json
 import pathlib
@@ -13,10 +13,11 @@ import torch
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
+import fastvit
 from fastvit import ops
-from fastvit.kernels import bias_gelu
+from fastvit.kernels import bias_gelu, layer_norm, patch_embed
 from fastvit.kernels import flash_attention as fa
-from fastvit.kernels._report import MODELS, TORCH_DTYPES, compile_spec
+from fastvit.kernels._report import AOT_IMAGES, MODELS, TORCH_DTYPES, collect_specs, compile_spec
 from fastvit.model import Attention
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -190,3 +191,47 @@ def test_fused_gemm_specs_cover_every_launch(monkeypatch, model, dtype):
     assert {specs[i].name for i in matched} == {"add_layer_norm_stats", "ln_matmul", "gelu_matmul",
                                                "matmul_residual"}
     assert matched >= {i for i, s in enumerate(specs) if s.name != "add_layer_norm_stats"}
+
+
+@pytest.mark.skipif(not _JIT_BINDER, reason="this triton lacks the JIT binder internals the test reuses")
+@pytest.mark.parametrize("model", ["vit_base_patch16_224", "vit_huge_patch14_224"])
+def test_every_model_launch_has_its_spec(monkeypatch, model):
+    """A one-block model at the full width, forward and backward over AOT_IMAGES images with every kernel launch
+    recorded (CPU; nothing runs), under AMP (fp32 and bf16 residual stream) and cast to bf16: each launch of every kernel is, in Triton's JIT's own
+    specialisation, one of the specs bench/kernel_report.py compiles; and every LayerNorm, bias+GELU and patch
+    embedding spec is some launch (attention's bias and dropout variants: test_attention_specs_match_a_model_launch).
+    """
+    calls = []
+    for module in (bias_gelu, fa, layer_norm, patch_embed):
+        monkeypatch.setattr(module, "launch", lambda kernel, grid, *args, **kwargs: calls.append((kernel, args,
+                                                                                                 kwargs)))
+    monkeypatch.setattr(ops, "use_triton", lambda backend, x: True)
+    shape = MODELS[model]
+    specs = [s for _, s in collect_specs(shape, "bf16")]
+    matched = set()
+    for variant in ("amp", "amp16", "half"):
+        torch.manual_seed(0)
+        vit = fastvit.VisionTransformer(patch_size=shape.patch, embed_dim=shape.dim, depth=1, num_heads=shape.heads,
+                                        mlp_ratio=shape.mlp_dim / shape.dim,
+                                        residual_dtype=torch.bfloat16 if variant == "amp16" else torch.float32)
+        x = torch.randn(AOT_IMAGES, 3, shape.img_size, shape.img_size)
+        if variant == "half":
+            vit, x = vit.to(torch.bfloat16), x.to(torch.bfloat16)
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant != "half"):
+            out = vit(x.requires_grad_())
+        out.float().sum().backward()
+        assert {c[0] for c in calls} >= {layer_norm._add_ln_fwd_kernel, layer_norm._add_ln_bwd_kernel,
+                                         bias_gelu._bias_gelu_fwd_kernel, bias_gelu._bias_gelu_bwd_kernel}
+        for fn, args, kwargs in calls:
+            signature, constexprs, aligned = _jit_specialization(fn, args, kwargs)
+            launch = (signature, constexprs, aligned, kwargs.get("num_warps"), kwargs.get("num_stages"))
+            found = [s for s in specs if s.fn is fn and (s.signature, s.constexprs, set(s.aligned), s.num_warps,
+                                                         s.num_stages) == launch]
+            assert found, (variant, fn.fn.__name__, signature, constexprs, sorted(aligned))
+            matched.update(id(s) for s in found)
+    # the fused GEMMs run only where measured faster on a GPU: test_fused_gemm_specs_cover_every_launch covers them
+    fused_gemm = {"add_layer_norm_stats", "ln_matmul", "gelu_matmul", "matmul_residual"}
+    unmatched = [(s.name, s.label) for s in specs
+                 if not s.name.startswith("attn") and s.name not in fused_gemm and id(s) not in matched]
+    assert not unmatched

@@ -4,6 +4,7 @@ import torch
 
 import fastvit
 from fastvit import ops
+from fastvit.kernels import bias_gelu, flash_attention, layer_norm, patch_embed
 
 CFG = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
 
@@ -35,6 +36,35 @@ def test_triton_model_matches_torch(kwargs):
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], atol=1e-4, rtol=1e-3, msg=n)
     torch.testing.assert_close(x.grad, x_grad, atol=1e-4, rtol=1e-3)
+
+
+def test_auto_runs_the_kernels_and_matches_torch(monkeypatch):
+    """backend="auto" resolves to the Triton kernels here (every op's kernels launch) and gives the torch
+    backend's outputs and gradients; "torch" launches none."""
+    launched = {}
+    for module in (bias_gelu, flash_attention, layer_norm, patch_embed):
+        real = module.launch
+
+        def counting(kernel, grid, *args, _real=real, _name=module.__name__, **kwargs):
+            launched[_name] = launched.get(_name, 0) + 1
+            return _real(kernel, grid, *args, **kwargs)
+        monkeypatch.setattr(module, "launch", counting)
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(**CFG)
+    x = torch.randn(2, 3, 32, 32)
+    results = {}
+    for backend in ("torch", "auto"):
+        launched.clear()
+        model.set_backend(backend)
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        results[backend] = [out] + [p.grad.clone() for p in model.parameters()]
+        expected = set() if backend == "torch" else {m.__name__ for m in (bias_gelu, flash_attention, layer_norm,
+                                                                             patch_embed)}
+        assert set(launched) == expected, backend
+    for a, e in zip(results["auto"], results["torch"]):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-3)
 
 
 def test_export_of_the_triton_backend_keeps_the_kernels():

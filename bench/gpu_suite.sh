@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the speed work, in one command on one GPU, in about 8 minutes:
+#
+#   numerics      bench/numerics.py (every op fwd/bwd at ViT-B/16 and H/14 shapes, tiny and B/16, fp32/fp16/bf16)
+#   ops           pytest-benchmark micro-benchmarks of each op, fastvit vs torch (bench/test_ops_benchmark.py)
+#   overhead      bench/overhead.py: host time per call (the CPU of this machine, launches stubbed)
+#   profile       bench/profile.py --model B/16: training-step time by category, fastvit and timm
+#   b16 l16 h14   bench/throughput.py --compile: train and infer, eager and torch.compile columns
+#
+# JSON (and the PNGs) go to bench/results/<gpu>/, <gpu> from torch.cuda.get_device_name (lower case, [a-z0-9-]);
+# Chrome traces to bench/results/<gpu>/traces/ (not committed: too large). Then bench/tables.py writes
+# bench/results/<gpu>/summary.md, the tables the README quotes, with date, GPU, torch and triton versions.
+# Commit the folder as written; never edit its files by hand.
+#
+#   bench/gpu_suite.sh                 # all steps
+#   bench/gpu_suite.sh profile b16     # some steps (names above)
+#   bench/gpu_suite.sh --dry-run       # CPU: every step at smoke size into a temporary folder (checks plumbing)
+#
+# Each step runs under its own time limit (seconds below), so one slow step cannot use up the GPU session; a step
+# that fails or runs out of time is reported and the others still run; the exit status is 1 if any failed.
+# Step sizes are chosen for the limit: one warm-up and one or two timed global batches; L/16 and H/14 time a
+# global batch of 1024 and 512 (accumulation 8), where compiling both models twice already takes most of it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+DRY=0
+STEPS=()
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) DRY=1 ;;
+        numerics|ops|overhead|profile|b16|l16|h14) STEPS+=("$arg") ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        *) echo "gpu_suite.sh: unknown argument '$arg'" \
+                "(steps: numerics ops overhead profile b16 l16 h14; --dry-run)" >&2
+           exit 2 ;;
+    esac
+done
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(numerics ops overhead profile b16 l16 h14)
+PY=${PYTHON:-python}
+
+if [ "$DRY" = 1 ]; then
+    OUT=$(mktemp -d /tmp/gpu_suite_dry.XXXXXX)
+    GPU=dry-run
+else
+    GPU=$($PY -c "
+import re, sys, torch
+if not torch.cuda.is_available():
+    sys.exit('gpu_suite.sh needs a CUDA GPU (torch.cuda.is_available() is False); '
+             'bench/gpu_suite.sh --dry-run checks the steps on CPU')
+print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))") || exit 1
+    OUT=bench/results/$GPU
+fi
+mkdir -p "$OUT/traces"
+echo "== gpu_suite: ${STEPS[*]} -> $OUT ($GPU)"
+
+FAILED=()
+step() {  # step NAME LIMIT_SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    echo "== $name (limit ${limit}s): $*"
+    timeout --signal=INT --kill-after=20 "$limit" "$@"
+    local rc=$?
+    echo "== $name: exit $rc after $((SECONDS - t0))s"
+    [ $rc -ne 0 ] && FAILED+=("$name(exit $rc)")
+}
+
+for s in "${STEPS[@]}"; do
+    if [ "$DRY" = 1 ]; then
+        case $s in
+            numerics) step numerics 600 $PY bench/numerics.py --quick --models tiny --dtypes fp32 --out "$OUT" ;;
+            ops) step ops 600 $PY -m pytest -q -p no:cacheprovider bench/test_ops_benchmark.py --benchmark-disable ;;
+            overhead) step overhead 300 $PY bench/overhead.py --number 5 --repeat 2 --out "$OUT" ;;
+            profile) step profile 600 $PY bench/profile.py --smoke --global-batch 64 --micro-batch 32 --warmup 1 \
+                         --out "$OUT" ;;
+            b16|l16|h14) step "$s" 900 $PY bench/throughput.py --smoke --model tiny --mode train --compile \
+                             --global-batch 512 --micro-batch 256 --steps 1 --warmup 1 --out "$OUT/throughput_$s" ;;
+        esac
+        continue
+    fi
+    case $s in
+        numerics) step numerics 75 $PY bench/numerics.py --models tiny,B/16 --out "$OUT" ;;
+        ops) step ops 45 $PY -m pytest -q -p no:cacheprovider bench/test_ops_benchmark.py --benchmark-only \
+                 --benchmark-max-time=0.2 --benchmark-json="$OUT/ops_benchmark.json" ;;
+        overhead) step overhead 20 $PY bench/overhead.py --out "$OUT" ;;
+        profile) step profile 60 $PY bench/profile.py --model B/16 --warmup 1 --steps 1 --out "$OUT" ;;
+        b16) step b16 100 $PY bench/throughput.py --model B/16 --compile --steps 2 --warmup 1 \
+                 --out "$OUT/throughput_b16" ;;
+        l16) step l16 90 $PY bench/throughput.py --model L/16 --compile --global-batch 1024 --steps 1 --warmup 1 \
+                 --out "$OUT/throughput_l16" ;;
+        h14) step h14 100 $PY bench/throughput.py --model H/14 --compile --global-batch 512 --steps 1 --warmup 1 \
+                 --out "$OUT/throughput_h14" ;;
+    esac
+done
+# traces are large: keep them out of the committed folder's JSON
+mv "$OUT"/trace_*.json "$OUT/traces/" 2>/dev/null
+step tables 60 $PY bench/tables.py "$OUT"
+echo "== gpu_suite: $SECONDS s in all; results in $OUT"
+if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "== gpu_suite: FAILED: ${FAILED[*]}" >&2
+    exit 1
+fi

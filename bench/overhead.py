@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""Host time per call of each fused op against the eager torch ops it replaces, on CPU with the launches stubbed.
+
+At ViT sizes a fused op's GPU time is a few microseconds, so the Python between the model and the driver decides
+its speed. This script measures that host path without a GPU, so CI can run it:
+
+- fastvit side: the op through ``fastvit.ops`` with the Triton path taken on CPU tensors. Triton's own launch path
+  runs too (its argument binder, specialisation key and kernel-cache lookup, the grid, the launch metadata); only
+  the final driver call is a no-op. A host-only driver answers device, stream and target (sm_90) questions, and a
+  kernel looked up for the first time is "compiled" into a stand-in whose launch does nothing. The torch work
+  around the kernels (output and partial-sum allocations, reductions of partial sums, autograd) is real.
+- torch side: the eager torch ops the fused op replaces (``bench/numerics.py``'s references, e.g. ``x + r`` and
+  ``F.layer_norm``; ``F.scaled_dot_product_attention``), on the same CPU tensors.
+
+What makes this fair: both sides run on tiny CPU tensors (one image, 5 tokens, width 64) in one thread, so torch's
+own compute is a few hundred nanoseconds and both sides pay the dispatcher, autograd and allocation as on a GPU;
+neither pays a device launch (cuLaunchKernel, ~2-4 us on a GPU). The torch side launches more kernels than ours on
+a GPU (two to five against one or two), so leaving launches out on both sides favours torch. Not counted: autocast
+(timed without it), CUDA stream/device queries (constants here), caching-allocator time on a GPU.
+
+Each time is the best of ``--repeat`` rounds of ``--number`` calls (noise only adds), with fastvit's and torch's
+rounds interleaved so that load on the machine hits both. ``fwd`` is a forward call; ``fwd+bwd`` a forward and
+``torch.autograd.grad`` of every output with respect to every input.
+
+    python bench/overhead.py                     # results/overhead.json
+    python bench/overhead.py --ops add_layer_norm,attention --number 500 --repeat 5
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import sys
+import time
+import timeit
+
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the standard library: see common.py
+import common  # noqa: E402
+
+if common.interpreting():
+    raise SystemExit("bench/overhead.py stubs compiled Triton launches; run it without TRITON_INTERPRET")
+
+import torch  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+import numerics  # noqa: E402
+from fastvit import ops  # noqa: E402
+
+DIRECTIONS = ("fwd", "fwd+bwd")
+
+
+def tiny_cases(seed=0):
+    """Every fused op at one image of a width-64 ViT: compute is negligible next to the host path."""
+    gen = torch.Generator().manual_seed(seed)
+    return [numerics.patch_embed_case(gen, 1, 16, 8, 64),
+            numerics.add_layer_norm_case(gen, 1, 5, 64),
+            numerics.bias_gelu_case(gen, 1, 5, 256),
+            numerics.attention_case(gen, 1, 5, 2, 32),
+            numerics.add_layer_norm_linear_case(gen, 1, 5, 64, 192, True),
+            numerics.bias_gelu_linear_case(gen, 1, 5, 256, 64)]
+
+
+class _HostOnlyDriver:
+    """The parts of Triton's active driver that a launch asks for, answered without a GPU."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+class _NoLaunch:
+    """Stands in for a compiled kernel: Triton's run() calls launch_metadata and run on it."""
+
+    function = packed_metadata = None
+
+    def __init__(self, counter):
+        self.counter = counter
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, *args):
+        self.counter[0] += 1
+
+
+@contextlib.contextmanager
+def stubbed_launches():
+    """Inside, every ``kernel[grid](...)`` runs Triton's host path up to the driver call and launches nothing;
+    yields a one-element list counting the launches. Kernels used inside get fresh per-device caches on exit."""
+    counter, touched = [0], set()
+    saved_compile, saved_driver = JITFunction._do_compile, driver._active  # triton 3.8: no public getter
+
+    def do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+        kernel = _NoLaunch(counter)
+        self.device_caches[device][0][key] = kernel
+        touched.add(self)
+        return kernel
+
+    JITFunction._do_compile = do_compile
+    driver.set_active(_HostOnlyDriver(GPUTarget("cuda", 90, 32)))
+    try:
+        yield counter
+    finally:
+        JITFunction._do_compile = saved_compile
+        driver._active = saved_driver
+        for fn in touched:
+            fn.device_caches = collections.defaultdict(fn.create_binder)
+
+
+@contextlib.contextmanager
+def triton_on_cpu_tensors():
+    """``fastvit.ops`` resolves backend 'triton' to the kernels for CPU tensors (as it does under the interpreter,
+    without the interpreter: the stubbed launches never touch the data)."""
+    saved = ops.triton_interpreting
+    ops.triton_interpreting = lambda: True
+    try:
+        yield
+    finally:
+        ops.triton_interpreting = saved
+
+
+def _call(case, impl, direction):
+    """A no-argument function running one call of ``case`` by ``impl`` ('fastvit' or 'torch')."""
+    grads = direction == "fwd+bwd"
+    inputs = {k: v.clone().requires_grad_(grads and k in case["grads"]) for k, v in case["inputs"].items()}
+    fn = (lambda: case["fastvit"](inputs, "triton")) if impl == "fastvit" else (lambda: case["torch"](inputs))
+    if not grads:
+        return fn
+    leaves = [inputs[k] for k in case["grads"]]
+    upstream = [torch.ones_like(o) for o in fn()]
+
+    def fwd_bwd():
+        torch.autograd.grad(fn(), leaves, upstream)
+    return fwd_bwd
+
+
+def measure(case, direction, number, repeat, launches):
+    """Best per-call microseconds of fastvit and torch, rounds interleaved; and fastvit's launches per call."""
+    calls = {impl: _call(case, impl, direction) for impl in ("fastvit", "torch")}
+    for fn in calls.values():  # first calls build caches (kernel keys, autograd graph pools)
+        for _ in range(3):
+            fn()
+    before = launches[0]
+    calls["fastvit"]()
+    per_call = launches[0] - before
+    best = {impl: float("inf") for impl in calls}
+    for _ in range(repeat):
+        for impl, fn in calls.items():
+            best[impl] = min(best[impl], timeit.Timer(fn, timer=time.thread_time).timeit(number) / number * 1e6)
+    return best, per_call
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ops", default=",".join(numerics.OPS), help=f"comma list from {numerics.OPS}")
+    p.add_argument("--number", type=int, default=200, help="calls per timed round")
+    p.add_argument("--repeat", type=int, default=7, help="timed rounds per side (the best counts)")
+    p.add_argument("--out", default="results", help="output folder for overhead.json")
+    args = p.parse_args(argv)
+    names = common.choice_list(p, args.ops, numerics.OPS, "op")
+    if args.number < 1 or args.repeat < 1:
+        p.error("--number and --repeat must be at least 1")
+    torch.set_num_threads(1)
+
+    rows = []
+    t_start = time.perf_counter()
+    with stubbed_launches() as launches, triton_on_cpu_tensors():
+        for case in tiny_cases():
+            if case["op"] not in names:
+                continue
+            for direction in DIRECTIONS:
+                best, per_call = measure(case, direction, args.number, args.repeat, launches)
+                row = {"op": case["op"], "direction": direction, "shape": case["shape"],
+                       "fastvit_us": best["fastvit"], "torch_us": best["torch"],
+                       "ratio": best["fastvit"] / best["torch"], "kernel_launches": per_call}
+                rows.append(row)
+                print(f"{row['op']:22s} {direction:8s} fastvit {row['fastvit_us']:7.1f} us  torch "
+                      f"{row['torch_us']:7.1f} us  ratio {row['ratio']:5.2f}  ({per_call} launches)", flush=True)
+    result = {"ops": rows, "number": args.number, "repeat": args.repeat, "threads": 1,
+              "seconds": time.perf_counter() - t_start, "env": common.environment()}
+    out = common.out_dir(args.out)
+    common.write_json(out / "overhead.json", result)
+    print(f"wrote {out / 'overhead.json'} in {result['seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+#!/usr/bin/env python
+"""Where a training step's time goes, fastvit beside timm: device time by category under torch.profiler.
+
+Each side (fastvit and timm on the same weights, or both under torch.compile with --compile) runs --warmup
+training steps, then --steps profiled ones (the same step as bench/throughput.py: global batch by accumulation,
+DDP, AdamW, bf16 autocast). Every device kernel is put in one category:
+
+  GEMM, attention forward, attention backward, LayerNorm, GELU/bias/elementwise, casts and copies, optimizer,
+  communication, other, and idle
+
+printed in ms per step and % of the step. A kernel's category comes from the names around it: first the
+enclosing regions that decide it wherever they sit (optimizer step, collectives, a fused op such as
+``fastvit::add_layer_norm_bwd``, attention, LayerNorm, GELU, patch embedding), outermost first; else its own
+name (GEMMs, copies) and then its launching ops', innermost first; else "GELU/bias/elementwise" for a known
+pointwise kernel and "other" for the rest. ``idle`` is the step's wall time minus the time some kernel ran
+(the union of kernel intervals): the GPU waiting on the host.
+
+On CPU (CI smoke) the same table comes from CPU time: each op's self time, categorised the same way, and
+``idle`` is the time the step spent outside any op (Python, the framework).
+
+Writes ``profile.json`` (with the costliest kernels or ops of each category), one Chrome trace per side
+(``trace_<side>.json``, for chrome://tracing or Perfetto) and ``profile.png`` (stacked bars, ms per step) to --out.
+
+    python bench/profile.py --model B/16                 # GPU
+    python bench/profile.py --model B/16 --compile
+    python bench/profile.py --smoke                      # CPU: tiny model, small batch
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import sys
+import time
+
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the standard library: see common.py
+import common  # noqa: E402
+
+common.reexec_with_interpreter()
+
+import torch  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
+
+import throughput  # noqa: E402
+from fastvit import ops  # noqa: E402
+from fastvit.train import distributed  # noqa: E402
+
+STEP = "fastvit-bench-step"
+TOP = 8  # kernels (GPU) or ops (CPU) listed per category in profile.json, the costliest first
+CATEGORIES = ("GEMM", "attention forward", "attention backward", "LayerNorm", "GELU/bias/elementwise",
+              "casts and copies", "optimizer", "communication", "other", "idle")
+# Regions that claim every kernel inside them, checked outermost first (an optimizer step's elementwise kernels
+# are optimizer time; a fused op's internal matmuls on the CPU fallback are that op's time).
+_REGIONS = [
+    ("optimizer", r"^Optimizer\.|optimizer|_foreach_|multi_tensor_apply|fused_adam"),
+    ("communication", r"nccl|c10d|gloo|all_?reduce|all_?gather|reduce_?scatter|broadcast"),
+    ("attention backward", r"(attention|attn|sdpa|fmha|flash).*(backward|bwd|bprop)"),
+    ("attention forward", r"attention|attn|sdpa|fmha|flash_fwd"),
+    ("LayerNorm", r"layer_?norm|_add_ln_"),
+    ("GELU/bias/elementwise", r"gelu"),
+    ("GEMM", r"patch_embed|convolution|conv2d|cudnn_conv"),
+]
+# A kernel's or op's own kind, checked innermost first.
+_KINDS = [
+    ("GEMM", r"gemm|matmul|\bmm\b|::mm\b|addmm|bmm|::linear|cutlass|cublas|nvjet|xmma|wgmma|triton_tem"),
+    ("casts and copies", r"copy|::to\b|_to_copy|cast|memcpy|memset|::cat\b|catarray|clone|contiguous"),
+    ("GELU/bias/elementwise", r"elementwise|::add|::mul|::sub|::div|::sum|reduce|triton_poi|triton_red|"
+                              r"triton_per|dropout|softmax|::fill|::zero|::where|::neg|::exp|::rsqrt"),
+]
+# fastvit's LayerNorm + Linear and GELU + Linear autograd nodes hold GEMMs too: they claim nothing
+_NOT_A_REGION = re.compile(r"LinearFn")
+_REGIONS = [(c, re.compile(p, re.I)) for c, p in _REGIONS]
+_KINDS = [(c, re.compile(p, re.I)) for c, p in _KINDS]
+
+
+def classify(names):
+    """The category of a kernel (or a CPU op) from ``names``: its own name, then its enclosing ops' names from
+    the innermost outwards (see the module doc for the rules)."""
+    for name in reversed(names):
+        if _NOT_A_REGION.search(name):
+            continue
+        for category, pattern in _REGIONS:
+            if pattern.search(name):
+                return category
+    for name in names:
+        for category, pattern in _KINDS:
+            if pattern.search(name):
+                return category
+    return "other"
+
+
+def _ancestors(event):
+    """Names of ``event``'s enclosing ops, innermost first, below the step annotation."""
+    names = []
+    parent = event.cpu_parent
+    while parent is not None and parent.name != STEP:
+        names.append(parent.name)
+        parent = parent.cpu_parent
+    return names
+
+
+def _union_us(intervals):
+    """Total length of the union of (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total
+
+
+def categorise(events, device_type):
+    """(microseconds per category, microseconds per (category, kernel or op name), busy microseconds, step wall
+    microseconds) from a profiler's events.
+
+    GPU: every kernel attached to a CPU event (torch attaches each kernel to the runtime call that launched
+    it), busy = the union of the kernels' intervals. CPU: every op's self time, busy = their sum.
+    """
+    totals = dict.fromkeys(CATEGORIES, 0.0)
+    by_name = collections.Counter()
+    steps = [e for e in events if e.name == STEP and e.device_type == DeviceType.CPU]
+    wall = sum(e.time_range.end - e.time_range.start for e in steps)
+    if device_type == "cuda":
+        for e in events:
+            if e.device_type == DeviceType.CPU:
+                for k in e.kernels:
+                    category = classify([k.name, e.name, *_ancestors(e)])
+                    totals[category] += k.duration
+                    by_name[category, k.name] += k.duration
+        busy = _union_us([(e.time_range.start, e.time_range.end) for e in events
+                          if e.device_type == DeviceType.CUDA])
+    else:
+        busy = 0.0
+        for e in events:
+            if e.device_type == DeviceType.CPU and e.name != STEP and not e.is_async:
+                category = classify([e.name, *_ancestors(e)])
+                totals[category] += e.self_cpu_time_total
+                by_name[category, e.name] += e.self_cpu_time_total
+                busy += e.self_cpu_time_total
+    totals["idle"] = max(wall - busy, 0.0)
+    return totals, by_name, busy, wall
+
+
+def profile_side(runner, warmup, steps, device, trace_path):
+    """Warm ``runner`` up, profile ``steps`` steps, write its Chrome trace; per-step ms by category."""
+    for _ in range(warmup):
+        runner.step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            with record_function(STEP):
+                runner.step()
+    prof.export_chrome_trace(str(trace_path))
+    totals, by_name, busy, wall = categorise(prof.events(), device.type)
+    step_ms = wall / steps / 1e3
+    rows = {c: {"ms": us / steps / 1e3, "pct": 100 * us / wall if wall else 0.0,
+                "top": [[name, t / steps / 1e3] for (cat, name), t in by_name.most_common() if cat == c][:TOP]}
+            for c, us in totals.items()}
+    return {"step_ms": step_ms, "busy_ms": busy / steps / 1e3, "categories": rows, "trace": trace_path.name}
+
+
+def stacked_bars(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sides = list(result["sides"])
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(sides) + 3), 4.5))
+    bottom = [0.0] * len(sides)
+    for cat in CATEGORIES:
+        heights = [result["sides"][s]["categories"][cat]["ms"] for s in sides]
+        ax.bar(sides, heights, 0.6, bottom=bottom, label=cat)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_ylabel(f"{result['time_source']} ms per step")
+    ax.set_title(f"{result['model']} training step, {result['dtype']}, micro {result['micro_batch']} x accum "
+                 f"{result['accum_steps']}" + (" (SMOKE)" if result["smoke"] else ""), fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(result):
+    sides = list(result["sides"])
+    lines = [f"{'category':24s}" + "".join(f"{s:>26s}" for s in sides)]
+    for cat in CATEGORIES + ("step",):
+        cells = []
+        for s in sides:
+            side = result["sides"][s]
+            if cat == "step":
+                cells.append(f"{side['step_ms']:12.2f} ms  100.0%")
+            else:
+                c = side["categories"][cat]
+                cells.append(f"{c['ms']:12.2f} ms {c['pct']:6.1f}%")
+        lines.append(f"{cat:24s}" + "".join(f"{c:>26s}" for c in cells))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="B/16, L/16, H/14, tiny, mini or a registry name (GPU default "
+                                                 "B/16; CPU: tiny)")
+    p.add_argument("--compile", action="store_true", help="profile both models under torch.compile")
+    p.add_argument("--compile-mode", default="default", choices=throughput.COMPILE_MODES)
+    p.add_argument("--backend", default="auto", choices=ops.BACKENDS, help="fastvit's kernels")
+    p.add_argument("--dtype", default="bf16", choices=list(common.DTYPES), help="autocast dtype (fp32: none)")
+    p.add_argument("--global-batch", type=int, default=None, help="default 4096 (CPU smoke: 128)")
+    p.add_argument("--micro-batch", type=int, default=None, help="per rank (default: throughput's table)")
+    p.add_argument("--steps", type=int, default=1, help="profiled steps per side")
+    p.add_argument("--warmup", type=int, default=2, help="unprofiled steps per side first")
+    p.add_argument("--smoke", action="store_true", help="the small CPU configuration, on any machine")
+    p.add_argument("--interpret", action="store_true", help="re-run with TRITON_INTERPRET=1 (very slow)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results", help="output folder")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be at least 1 and --warmup at least 0")
+    use_cuda = torch.cuda.is_available() and not args.smoke
+    smoke = args.smoke or not use_cuda
+    if smoke:
+        args.model = args.model or "tiny"
+        args.global_batch = args.global_batch or 128
+        args.micro_batch = args.micro_batch or 64
+    args.model = args.model or "B/16"
+    args.global_batch = args.global_batch or 4096
+    with distributed(device="cuda" if use_cuda else "cpu") as env:
+        if env.world != 1:
+            raise SystemExit("bench/profile.py profiles one process; run it without torchrun")
+        run(args, env.device, smoke)
+
+
+def run(args, device, smoke):
+    dtype = common.DTYPES[args.dtype]
+    micro = args.micro_batch or min(throughput.GPU_MICRO_BATCH.get(common.canonical(args.model), 32),
+                                    args.global_batch)
+    if args.global_batch % micro:
+        raise SystemExit(f"--global-batch {args.global_batch} must be a multiple of the micro-batch {micro}")
+    accum = args.global_batch // micro
+    ours, ref = common.build_pair(args.model, backend=args.backend, num_classes=10 if smoke else 1000,
+                                  seed=args.seed)
+    out = common.out_dir(args.out)
+    result = {"model": args.model, "smoke": smoke, "device": str(device), "dtype": args.dtype,
+              "backend": args.backend, "compile": args.compile,
+              "compile_mode": args.compile_mode if args.compile else None, "micro_batch": micro,
+              "accum_steps": accum, "global_batch": args.global_batch, "steps": args.steps, "warmup": args.warmup,
+              "time_source": "GPU kernel" if device.type == "cuda" else "CPU op self",
+              "categories": list(CATEGORIES), "sides": {}}
+    t0 = time.perf_counter()
+    for name, model in (("fastvit", ours), ("timm", ref)):
+        side = name + ("_compile" if args.compile else "")
+        runner = throughput.Runner(model, "train", device, dtype, accum, micro,
+                                   args.compile_mode if args.compile else None, args.seed)
+        result["sides"][side] = profile_side(runner, args.warmup, args.steps, device, out / f"trace_{side}.json")
+        del runner
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result["seconds"] = time.perf_counter() - t0
+    result["env"] = common.environment()
+    print(f"== {'SMOKE (CPU, not a benchmark): ' if smoke else ''}{args.model} training step, {args.dtype}, "
+          f"micro {micro} x accum {accum}, {result['time_source']} time per step")
+    print(table(result))
+    common.write_json(out / "profile.json", result)
+    stacked_bars(result, out / "profile.png")
+    print(f"wrote {out / 'profile.json'}, {out / 'profile.png'} and the traces in {result['seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

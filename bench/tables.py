@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Markdown tables from one results folder written by bench/gpu_suite.sh (the tables the README quotes).
+
+Reads what is there of ``throughput_*/throughput.json``, ``profile.json``, ``numerics.json``, ``overhead.json``
+and ``ops_benchmark.json`` (pytest-benchmark) and writes ``summary.md`` beside them, headed by the date, GPU, torch
+and triton versions the files record. Nothing is measured here.
+
+    python bench/tables.py bench/results/nvidia-h200
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import sys
+
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the standard library: see common.py
+import common  # noqa: E402
+
+
+def _load(path):
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def _pct(v):
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def throughput_table(results):
+    cols = ["fastvit", "fastvit_compile", "timm", "timm_compile"]
+    header = ["model", "mode", "global batch", *[f"{c} img/s (MFU)" for c in cols], "best fastvit / best timm",
+              "peak mem fastvit / timm (GiB)"]
+    rows = []
+    for data in results:
+        for r in data["rows"]:
+            cells = [r["model"], r["mode"], f"{r['micro_batch']} x {r['accum_steps']}"]
+            for c in cols:
+                cells.append(f"{r[c]['images_per_s']:.0f} ({_pct(r[c]['mfu'])})" if c in r else "—")
+            mem = (f"{r['fastvit']['peak_mem_gib']:.1f} / {r['timm']['peak_mem_gib']:.1f}"
+                   if r["fastvit"]["peak_mem_gib"] is not None else "n/a")
+            cells += [f"{r['ratio']:.2f} ({r['best']['fastvit']} / {r['best']['timm']})", mem]
+            rows.append(cells)
+    return common.markdown_table(header, rows)
+
+
+def profile_table(data):
+    sides = list(data["sides"])
+    header = ["category", *[f"{s} ms (%)" for s in sides]]
+    rows = [[cat, *[f"{c['ms']:.1f} ({c['pct']:.1f}%)" for c in (data["sides"][s]["categories"][cat] for s in sides)]]
+            for cat in data["categories"]]
+    rows.append(["step", *[f"{data['sides'][s]['step_ms']:.1f}" for s in sides]])
+    return common.markdown_table(header, rows)
+
+
+def numerics_table(data):
+    header = ["kind", "name", "shape", "dtype", "direction", "backend", "ratio max abs", "ratio mean rel", "ok"]
+    rows = [[r["kind"], r["name"], r["shape"], r["dtype"], r["direction"], r["backend"],
+             f"{r['ratio_max_abs']:.2f}", f"{r['ratio_mean_rel']:.2f}", "pass" if r["ok"] else "FAIL"]
+            for r in data["rows"]]
+    return common.markdown_table(header, rows)
+
+
+def overhead_table(data):
+    return common.markdown_table(["op", "direction", "fastvit us", "torch us", "ratio", "launches"],
+                                 [[r["op"], r["direction"], f"{r['fastvit_us']:.1f}", f"{r['torch_us']:.1f}",
+                                   f"{r['ratio']:.2f}", r["kernel_launches"]] for r in data["ops"]])
+
+
+def ops_benchmark_table(data):
+    """Mean time per call of each micro-benchmark group, fastvit beside torch."""
+    groups = {}
+    for b in data["benchmarks"]:
+        impl = b["params"]["impl"]
+        groups.setdefault(b["group"], {})[impl] = b["stats"]["mean"] * 1e6
+    rows = [[g, f"{t.get('fastvit', float('nan')):.1f}", f"{t.get('torch', float('nan')):.1f}",
+             f"{t['fastvit'] / t['torch']:.2f}" if {"fastvit", "torch"} <= set(t) else "—"]
+            for g, t in sorted(groups.items())]
+    return common.markdown_table(["op, direction, dtype", "fastvit us", "torch us", "ratio"], rows)
+
+
+def summary(folder):
+    folder = pathlib.Path(folder)
+    throughput = [d for d in (_load(p) for p in sorted(folder.glob("throughput_*/throughput.json"))) if d]
+    profile, numerics, overhead = (_load(folder / f) for f in ("profile.json", "numerics.json", "overhead.json"))
+    ops_bench = _load(folder / "ops_benchmark.json")
+    found = [d for d in (*throughput, profile, numerics, overhead) if d]
+    if not found and not ops_bench:
+        raise SystemExit(f"no results in {folder}")
+    env = found[0]["env"] if found else {}
+    lines = [f"# fastvit GPU results: {env.get('gpu', 'no GPU')}", "",
+             f"Written by bench/tables.py on {datetime.date.today().isoformat()} from the JSON in this folder "
+             f"(bench/gpu_suite.sh); torch {env.get('torch')}, triton {env.get('triton')}, timm {env.get('timm')}.",
+             ""]
+    if throughput:
+        d = throughput[0]
+        lines += ["## Throughput (bench/throughput.py --compile)", "",
+                  f"{d['dtype']} autocast, backend {d['backend']}, torch.compile mode {d['compile_mode']}, "
+                  f"world {d['world_size']}; MFU against {d['peak_tflops']} TFLOP/s ({d['peak_source']}); "
+                  "global batch = micro-batch x accumulation.", "", throughput_table(throughput), ""]
+    if profile:
+        lines += [f"## Training step by category (bench/profile.py --model {profile['model']})", "",
+                  f"{profile['time_source']} time per step, micro {profile['micro_batch']} x accum "
+                  f"{profile['accum_steps']}, {profile['dtype']}.", "", profile_table(profile), ""]
+    if overhead:
+        lines += ["## Host time per call (bench/overhead.py; this machine's CPU, launches stubbed)", "",
+                  overhead_table(overhead), ""]
+    if ops_bench:
+        lines += ["## Op micro-benchmarks (pytest bench/ --benchmark-only)", "", ops_benchmark_table(ops_bench), ""]
+    if numerics:
+        lines += [f"## Numerics (bench/numerics.py): {numerics['failed']} of {len(numerics['rows'])} rows over "
+                  f"{numerics['pass_ratio']}x PyTorch's own error", "", numerics_table(numerics), ""]
+    out = folder / "summary.md"
+    out.write_text("\n".join(lines), encoding="utf-8")
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", help="a results folder, e.g. bench/results/nvidia-h200")
+    args = p.parse_args(argv)
+    print(f"wrote {summary(args.folder)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The kernels' host path (fastvit.kernels._launch): after a kernel's first launch, ``launch`` calls the compiled
+kernel exactly as Triton's own ``JITFunction.run`` does, at every launch site of every op; the ops skip the
+dispatcher only in plain eager mode and give the same results either way. Launches run on CPU tensors through
+bench/overhead.py's stub (Triton's host path up to the driver call, nothing launched)."""
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from triton.runtime.jit import JITFunction
+
+from fastvit.kernels import _launch
+from fastvit.kernels import layer_norm
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _load_overhead():
+    spec = importlib.util.spec_from_file_location("bench_overhead", ROOT / "bench" / "overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+overhead = _load_overhead()
+
+
+def _normalised(args):
+    """A launch's arguments with tensors replaced by what a kernel sees of them (tensors differ between calls)."""
+    return [(t.dtype, tuple(t.shape), t.stride(), t.data_ptr() % 16) if isinstance(t, torch.Tensor) else t
+            for t in args]
+
+
+@pytest.mark.parametrize("case", overhead.tiny_cases(), ids=lambda c: c["op"])
+def test_cached_launch_matches_tritons_own(monkeypatch, case):
+    """Two identical forward + backward calls of each op with its Triton path: the first launches each kernel
+    variant through JITFunction.run, the second only through ``launch``'s cache, with the same arguments."""
+    runs = []
+    real_run = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: runs.append(self) or real_run(self, *a, **k))
+    monkeypatch.setattr(_launch, "_COMPILED", {})
+    recorded, per_call = [], []
+    monkeypatch.setattr(overhead._NoLaunch, "run", lambda self, *args: recorded.append(args))
+    with overhead.stubbed_launches(), overhead.triton_on_cpu_tensors():
+        for _ in range(2):
+            inputs = {k: v.clone().requires_grad_(k in case["grads"]) for k, v in case["inputs"].items()}
+            outs = case["fastvit"](inputs, "triton")
+            torch.autograd.grad(outs, [inputs[k] for k in case["grads"]], [torch.ones_like(o) for o in outs])
+            per_call.append((len(recorded), len(runs)))
+    (launches, triton_runs), (total, total_runs) = per_call
+    assert triton_runs > 0 and total_runs == triton_runs and total == 2 * launches
+    for a, b in zip(recorded[:launches], recorded[launches:]):
+        assert _normalised(a) == _normalised(b)
+
+
+def _ln_args(device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(6, 32, generator=g), torch.randn(6, 32, generator=g)
+    w, b = torch.randn(32, generator=g), torch.randn(32, generator=g)
+    return [t.to(device) for t in (x, r, w, b)] + [1e-6, False, False]
+
+
+def test_ops_skip_the_dispatcher_only_in_plain_eager(monkeypatch):
+    op = layer_norm.add_layer_norm_fwd
+    dispatched = []
+    real = op.overload
+    monkeypatch.setattr(op, "overload", lambda *a: dispatched.append(1) or real(*a))
+    args = _ln_args()
+    direct = op(*args)
+    assert dispatched == []
+    for expected, out in zip(real(*args), direct):
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    with torch.profiler.profile() as prof:  # the profiler names the op
+        op(*args)
+    assert len(dispatched) == 1 and any(e.name == "fastvit::add_layer_norm_fwd" for e in prof.events())
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        assert op(*fake)[0].shape == (6, 32)
+    meta = op(*_ln_args("meta"))
+    assert len(dispatched) == 3 and meta[0].is_meta
+    with torch.no_grad():
+        op(torch.nn.Parameter(args[0]), *args[1:])  # a Parameter is a plain tensor
+    assert len(dispatched) == 3
