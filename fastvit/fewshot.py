@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvit.data import dataset_labels, eval_batches
+from fastvit.model import POS_EMBED_AT, POS_EMBEDS
 
 BIAS_CONSTANT = 100.0
 SHOTS = (1, 5, 10, 25)
@@ -118,7 +119,12 @@ def main(argv=None):
     parser.add_argument("--init", help="a training checkpoint (step folder, or a --out folder for its latest "
                                        "checkpoint) or a weights file for --model; omitted: random init")
     parser.add_argument("--model", help="model name (default: the checkpoint's, else vit_base_patch16_224)")
-    parser.add_argument("--data", default="digits", help="'digits' or an ImageFolder root with train/ and val/")
+    parser.add_argument("--data", default="digits", help="'digits', an ImageFolder root with train/ and val/, or "
+                                                          "WebDataset shards (a folder with train/ and val/)")
+    parser.add_argument("--val-data", help="held-out shards when --data is a shard pattern")
+    parser.add_argument("--pos-embed", choices=POS_EMBEDS, help="position embedding of a random or weights-file "
+                                                                "model (a checkpoint's own must match)")
+    parser.add_argument("--pos-embed-at", choices=POS_EMBED_AT, help="where position tables are added (as above)")
     parser.add_argument("--img-size", type=int, help="image size (default: the checkpoint's)")
     parser.add_argument("--shots", type=int, nargs="+", default=list(SHOTS))
     parser.add_argument("--seeds", type=int, default=3)
@@ -127,11 +133,12 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args(argv)
     from fastvit.data import make_source
-    from fastvit.train import load_model_for_eval
+    from fastvit.restore import load_model_for_eval
 
     try:
-        model, img_size = load_model_for_eval(args.init, args.model, args.img_size)
-        data = make_source(args.data, img_size, workers=args.workers)
+        model, img_size = load_model_for_eval(args.init, args.model, args.img_size, pos_embed=args.pos_embed,
+                                              pos_embed_at=args.pos_embed_at)
+        data = make_source(args.data, img_size, workers=args.workers, val_data=args.val_data)
         results = evaluate(model, data.train_eval, data.test, args.shots, args.seeds, args.l2, args.batch_size)
     except ValueError as e:
         parser.error(str(e))

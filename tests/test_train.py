@@ -1,6 +1,7 @@
 """fastvit.train on one process: a short digits run, fine-tuning from it, resume past corrupt checkpoints, SIGTERM,
 non-finite losses, recipes (optimizer groups, schedule) and flag errors. Multi-rank tests live in
 test_train_distributed.py, the FLOP count in test_flops.py."""
+import dataclasses
 import json
 import math
 import shutil
@@ -16,7 +17,9 @@ import torch
 import fastvit
 from fastvit import checkpoint
 from fastvit.flops import train_flops_per_image
-from fastvit.train import TrainConfig, WarmupDecay, main, param_groups, resolve, steps_for, train
+from fastvit.config import TrainConfig, resolve, steps_for
+from fastvit.recipes import WarmupDecay, param_groups
+from fastvit.train import main, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # a 2-block ViT of width 32 on 16x16 digits: a step takes a few milliseconds
@@ -182,7 +185,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     (["--resume", "/nonexistent/run"], "--resume must be 'auto', 'none' or an existing checkpoint folder"),
     (["--lr", "-1"], "--lr must be > 0, got -1.0"),
     (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
-    (["--data", "/nonexistent/images"], "--data must be 'digits' or an existing ImageFolder root"),
+    (["--data", "/nonexistent/images"], "--data must be 'digits', an existing ImageFolder root or WebDataset shards"),
     (["--img-size", "18"], "must be divisible by patch_size (4, 4)"),
     (["--seeds", "0"], "--seeds must be a positive integer, got 0"),
     (["--epochs", "-1"], "--epochs must be > 0, got -1.0"),
@@ -272,7 +275,7 @@ def test_imagefolder_data(tmp_path):
     """--data PATH: ImageFolder train/ and val/; the random crop + flip of a sample depends only on its key."""
     import numpy as np
     from PIL import Image
-    from fastvit.data import ImageFolderSource, _KeyedImageFolder
+    from fastvit.data import ImageFolderSource
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for c, name in enumerate(("cat", "dog")):
@@ -282,9 +285,10 @@ def test_imagefolder_data(tmp_path):
                 Image.fromarray(pixels).save(tmp_path / split / name / f"{i}.png")
     source = ImageFolderSource(str(tmp_path), img_size=16, workers=0)
     assert (source.num_classes, source.num_train, len(source.test)) == (2, 12, 12)
-    keyed = _KeyedImageFolder(source.train_folder, source.train_tf, seed=0)
+    keyed = source.keyed(seed=0)
     a, b, c = keyed[(3, 5, 1)], keyed[(3, 5, 1)], keyed[(3, 5, 2)]
     assert a[0].shape == (3, 16, 16) and torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+    assert a[1] == int(source.train_samples.labels[3]) and a[3] == []
     result = train(TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), steps=2, global_batch=4,
                                warmup_steps=1, workers=1, threads=1, **{k: v for k, v in TINY.items()
                                                                         if k != "global_batch"}))
@@ -308,3 +312,33 @@ def test_seeds_report_mean_std_and_mfu(tmp_path, capsys):
     assert a[0]["loss"] != b[0]["loss"]  # different initialisation and data order
     model = fastvit.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=10)
     assert a[0]["mfu"] == pytest.approx(a[0]["img_per_s"] * train_flops_per_image(model) / 0.5e12)
+
+
+def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(tmp_path):
+    """A full disk, simulated by the OS: RLIMIT_FSIZE caps the size of any file this process writes (SIGXFSZ
+    ignored, so a write past the cap fails with EFBIG, as a full disk fails with ENOSPC). The save at step 4 fails:
+    a warning names step 2 as the newest usable checkpoint, no partial folder is left, training goes on and the
+    save at step 6 (cap lifted) succeeds; a failed final save is an error."""
+    import resource
+    cap = 20_000  # metrics.jsonl and config.json stay below it, the checkpoint shards do not
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def disk(step, row):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (cap if step == 3 else limits[0], limits[1]))
+
+    cfg = TrainConfig(out=str(tmp_path), steps=6, warmup_steps=1, save_every=2, keep=0, eval_every=100, **TINY)
+    try:
+        with pytest.warns(checkpoint.CheckpointWarning) as record:
+            result = train(cfg, on_step_end=disk)
+        message = " ".join(str(w.message) for w in record)
+        assert "step_00000004 could not be written (" in message and "File too large" in message
+        assert "step_00000002 stays the newest usable checkpoint; training goes on" in message
+        assert result["step"] == 6
+        assert [p.name for p in checkpoint.resume_candidates(tmp_path)] == ["step_00000006", "step_00000002"]
+        assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+        final = dataclasses.replace(cfg, out=str(tmp_path / "final"), steps=2, save_every=1)
+        with pytest.raises(checkpoint.CheckpointWriteError, match="step_00000001 stays the newest usable"):
+            train(final, on_step_end=lambda step, row: disk(3 if step == 1 else 0, row))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
