@@ -342,3 +342,29 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(tmp_path):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_pos_embed_flags_are_stored_and_followed_by_init_and_fewshot(tmp_path, capsys):
+    """--pos-embed / --pos-embed-at reach the model, config.json, a fine-tune from the checkpoint and the few-shot
+    evaluator; a fine-tune cannot change them, and an impossible pair is a flag error."""
+    from fastvit.restore import load_model_for_eval
+    out = tmp_path / "pre"
+    main(["--out", str(out), "--steps", "2", "--warmup-steps", "1", "--pos-embed", "learn_2d", "--pos-embed-at",
+          "every_layer", *TINY_FLAGS])
+    kwargs = checkpoint.read_config(checkpoint.step_path(out, 2))["model"]["kwargs"]
+    assert (kwargs["pos_embed"], kwargs["pos_embed_at"]) == ("learn_2d", "every_layer")
+    saved = checkpoint.read_tensors(checkpoint.step_path(out, 2))
+    assert saved["model.pos_embed_h"].shape == (2, 4, 16) and "model.pos_embed" not in saved  # depth x grid x D/2
+    model, _ = load_model_for_eval(str(out))
+    assert (model.pos_embed_type, model.pos_embed_at) == ("learn_2d", "every_layer")
+    from fastvit import fewshot
+    assert fewshot.main(["--init", str(out), "--shots", "1", "--seeds", "1"])[1]["mean"] > 0
+    train(TrainConfig(recipe="finetune", init=str(out), out=str(tmp_path / "ft"), steps=1, img_size=32,
+                      global_batch=32, warmup_steps=1))
+    ft = checkpoint.read_tensors(checkpoint.step_path(tmp_path / "ft", 1))
+    assert ft["model.pos_embed_h"].shape == (2, 8, 16)  # resampled to the 8 x 8 grid of 32 px
+    with pytest.raises(ValueError, match="--pos-embed cannot change the architecture of checkpoint"):
+        train(TrainConfig(recipe="finetune", init=str(out), out=str(tmp_path / "ft2"), steps=1, pos_embed="learn"))
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "bad"), "--pos-embed", "rel", "--pos-embed-at", "every_layer", *TINY_FLAGS])
+    assert "pos_embed_at='every_layer' needs pos_embed 'learn' or 'learn_2d'" in capsys.readouterr().err
