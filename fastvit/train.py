@@ -357,8 +357,8 @@ class Run:
         if resumed_from is None:
             torch.manual_seed(mix_seed(cfg.seed, env.rank, 0xD70))  # dropout / drop-path stream of this rank
         log = MetricsLog(self.out / "metrics.jsonl", env.rank == 0, start if resumed_from else 0)
-        plan = micro_batch_plan(self.data.sampler(cfg.seed), cfg.seed, start, seen, cfg.steps, cfg.global_batch, cfg.micro_batch,
-                                env.world, env.rank)
+        plan = micro_batch_plan(self.data.sampler(cfg.seed), cfg.seed, start, seen, cfg.steps, cfg.global_batch,
+                                cfg.micro_batch, env.world, env.rank)
         batches = self.data.loader(plan, cfg.seed)
         bar = progress(total=cfg.steps, initial=start, disable=env.rank != 0, desc=cfg.recipe)
         step, top1, saved_at, stopped = start, None, start if resumed_from else None, False

@@ -189,6 +189,14 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     (["--img-size", "18"], "must be divisible by patch_size (4, 4)"),
     (["--seeds", "0"], "--seeds must be a positive integer, got 0"),
     (["--epochs", "-1"], "--epochs must be > 0, got -1.0"),
+    (["--max-bad-frac", "2"], "--max-bad-frac must be in [0, 1], got 2.0"),
+    (["--dist-timeout", "0"], "--dist-timeout must be > 0 seconds, got 0.0"),
+    (["--decode", "gpu"], "--decode gpu decodes JPEG files; --data digits has none"),
+    (["--decode", "gpu", "--data", "/tmp", "--device", "cpu"], "--decode gpu needs a CUDA device (none is available"),
+    (["--data", "/nonexistent/train-{0000..0003}.tar", "--val-data", "x.tar"],
+     "shard pattern '/nonexistent/train-{0000..0003}.tar' matches no file (it expands to 4 name(s)"),
+    (["--data", "/nonexistent/train-{0000..0003}.tar"], "is a shard pattern: pass the held-out shards with --val-data"),
+    (["--pos-embed", "sincos"], "argument --pos-embed: invalid choice: 'sincos'"),
 ], ids=lambda v: v[0] if isinstance(v, list) else None)
 def test_bad_flags_give_clear_errors(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
@@ -368,3 +376,17 @@ def test_pos_embed_flags_are_stored_and_followed_by_init_and_fewshot(tmp_path, c
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "bad"), "--pos-embed", "rel", "--pos-embed-at", "every_layer", *TINY_FLAGS])
     assert "pos_embed_at='every_layer' needs pos_embed 'learn' or 'learn_2d'" in capsys.readouterr().err
+
+
+def test_default_out_under_torchrun_survives_a_restart(tmp_path, monkeypatch):
+    """Without --out, a run started by torchrun is named after torchrun's run id (the same in every restart round),
+    so a restarted job resumes from its own checkpoints instead of starting a new timestamped folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job42")
+    flags = ["--steps", "2", "--warmup-steps", "1", "--save-every", "1", *TINY_FLAGS]
+    first = main(flags)[0]
+    assert first["out"] == "runs/digits-pretrain-job42"
+    again = main([*flags[:1], "3", *flags[2:]])[0]  # the "restarted" job: --steps 3, same run id
+    assert again["out"] == first["out"]
+    steps = [r["step"] for r in rows(tmp_path / first["out"], "loss")]
+    assert steps == [1, 2, 3]  # it resumed at step 2

@@ -157,8 +157,8 @@ def test_torchrun_restarts_after_sigkill_and_finishes_bitwise(runs, tmp_path):
     run = tmp_path / "elastic"
     cfg = dict(RESUME, save_every=2, out=str(run))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "--max-restarts", "3", "--monitor-interval", "0.2", str(ROOT / "tests" / "elastic_worker.py"),
-                           json.dumps(cfg), json.dumps(ELASTIC_KILLS)],
+                           "--max-restarts", "3", "--monitor-interval", "0.2",
+                           str(ROOT / "tests" / "elastic_worker.py"), json.dumps(cfg), json.dumps(ELASTIC_KILLS)],
                           cwd=ROOT, capture_output=True, text=True, timeout=3 * LAUNCH_TIMEOUT)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]

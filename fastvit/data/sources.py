@@ -233,8 +233,7 @@ class FileSource(DataSource):
     def loader(self, plan, seed):
         dataset = self.keyed(seed)
         batches = torch.utils.data.DataLoader(dataset, batch_sampler=plan, num_workers=self.workers,
-                                              collate_fn=collate, pin_memory=torch.cuda.is_available(),
-                                              persistent_workers=False)
+                                              collate_fn=collate, pin_memory=torch.cuda.is_available())
         if self.decode == "cpu":
             return ((x, y, bad) for x, y, _, bad, _ in batches)
         from fastvit.data.gpu import GpuDecoder
