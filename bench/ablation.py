@@ -58,7 +58,7 @@ def summarise(runs):
         accs = [r["fewshot5"] for r in runs if (r["variant"], r["placement"]) == key]
         if accs:
             table.append({"variant": key[0], "placement": key[1], "mean": float(np.mean(accs)),
-                          "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0, "seeds": len(accs),
+                          "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else None, "seeds": len(accs),
                           "paper": paper})
     return table
 
@@ -71,8 +71,8 @@ def plot(table, path, title):
     labels = [f"{NAMES[r['variant']]}\n{r['placement']}" for r in table]
     xs = np.arange(len(table))
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(table)), 4))
-    ax.bar(xs - 0.2, [100 * r["mean"] for r in table], 0.4, yerr=[100 * r["std"] for r in table], capsize=3,
-           label="fastvit (this run)")
+    ax.bar(xs - 0.2, [100 * r["mean"] for r in table], 0.4, yerr=[100 * (r["std"] or 0) for r in table], capsize=3,
+           label="fastvit (this run, ± std over seeds)")
     ax.bar(xs + 0.2, [100 * r["paper"] for r in table], 0.4, label="paper (ViT-B/16, ImageNet)")
     ax.set_xticks(xs, labels, fontsize=8)
     ax.set_ylabel("5-shot linear accuracy (%)")
@@ -113,8 +113,8 @@ def main(argv=None):
     data_name = "digits" if cfg.data == "digits" else cfg.data
     title = (f"5-shot linear accuracy by position embedding: {data_name}, {args.seeds} seed(s), "
              f"{cfg.steps or cfg.epochs} {'steps' if cfg.steps else 'epochs'} per run")
-    rows = [[NAMES[r["variant"]], r["placement"], f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}",
-             f"{100 * r['paper']:.2f}"] for r in table]
+    rows = [[NAMES[r["variant"]], r["placement"], f"{100 * r['mean']:.2f}" + (
+        f" ± {100 * r['std']:.2f}" if r["seeds"] > 1 else ""), f"{100 * r['paper']:.2f}"] for r in table]
     print(f"\n{title}\n" + common.markdown_table(["position embedding", "placement", "fastvit 5-shot %",
                                                    "paper 5-shot % (ViT-B/16, ImageNet)"], rows))
     result = {"title": title, "train_config": dataclasses.asdict(cfg), "seeds": args.seeds,

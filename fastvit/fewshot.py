@@ -61,16 +61,18 @@ def lsr_accuracy(train_x, train_y, test_x, test_y, l2=1.0) -> float:
 
 @torch.no_grad()
 def features(model, dataset, batch_size=256):
-    """Pre-logits features (N, D) of a dataset of (image, label) pairs, in float32 on the CPU."""
+    """Pre-logits features (N, D) of a dataset of (image, label) pairs, in float32 on the CPU, and the (N,) mask of
+    images that could be read (an unreadable one comes with label -1, see ``fastvit.data.EvalImages``)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = []
-    for x, _, _ in eval_batches(dataset, batch_size, desc="features"):
+    out, readable = [], []
+    for x, y, _ in eval_batches(dataset, batch_size, desc="features"):
         tokens = model.forward_features(x.to(device))
         out.append(model.forward_head(tokens, pre_logits=True).float().cpu())
+        readable.append(torch.as_tensor(y) >= 0)
     model.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out), torch.cat(readable)
 
 
 def sample_shots(labels, shots, seed):
@@ -87,7 +89,7 @@ def evaluate(model, train_set, test_set, shots=SHOTS, seeds=3, l2=1.0, batch_siz
     examples per class of ``train_set`` and test on all of ``test_set``.
 
     Returns {shots: {"mean": m, "std": s, "accs": [per-seed accuracy]}}; only the sampled training images and the
-    test set go through the model.
+    test set go through the model. Images that cannot be read are left out (with the dataset's warning).
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
@@ -96,16 +98,17 @@ def evaluate(model, train_set, test_set, shots=SHOTS, seeds=3, l2=1.0, batch_siz
     labels = dataset_labels(train_set).numpy()
     picks = {(k, s): sample_shots(labels, int(k), s) for k in shots for s in range(seeds)}
     needed = np.unique(np.concatenate(list(picks.values())))
-    train_feats = features(model, torch.utils.data.Subset(train_set, needed.tolist()), batch_size)
+    train_feats, train_ok = features(model, torch.utils.data.Subset(train_set, needed.tolist()), batch_size)
     row = {int(i): r for r, i in enumerate(needed)}
-    test_x = features(model, test_set, batch_size)
-    test_y = dataset_labels(test_set)
+    test_x, test_ok = features(model, test_set, batch_size)
+    test_x, test_y = test_x[test_ok], dataset_labels(test_set)[test_ok]
     results = {}
     for k in shots:
         accs = []
         for s in range(seeds):
-            rows = [row[int(i)] for i in picks[(k, s)]]
-            accs.append(lsr_accuracy(train_feats[rows], torch.as_tensor(labels[picks[(k, s)]]), test_x, test_y, l2))
+            picked = [int(i) for i in picks[(k, s)] if train_ok[row[int(i)]]]  # unreadable images left out
+            rows = [row[i] for i in picked]
+            accs.append(lsr_accuracy(train_feats[rows], torch.as_tensor(labels[picked]), test_x, test_y, l2))
         results[int(k)] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "accs": accs}
     return results
 

@@ -191,3 +191,40 @@ def test_folder_samples_read_files(tmp_path):
     assert samples.classes == ["cat", "dog", "owl"] and len(samples) == 18
     assert samples.read(0) == Path(samples.name(0)).read_bytes()
     assert decode_pil(samples.read(0)).shape == (3, *SIZES[0])
+
+
+def test_fewshot_leaves_unreadable_images_out(tmp_path):
+    """fastvit.fewshot on an ImageFolder with a broken training and a broken held-out file: the ridge fit and the
+    test set skip them, i.e. the result equals a direct fit on the readable images only."""
+    from fastvit import fewshot
+    broken = make_folder(tmp_path, broken={("train", "dog", 0), ("val", "cat", 2)})
+    source = ImageFolderSource(str(tmp_path), img_size=8, workers=0)
+    from test_fewshot import PixelFeatures
+    model = PixelFeatures()
+    with pytest.warns(BadSampleWarning):
+        got = fewshot.evaluate(model, source.train_eval, source.test, shots=(6,), seeds=1)[6]["accs"][0]
+
+    def readable(dataset):
+        keep = [i for i in range(len(dataset)) if dataset.samples.name(i) not in broken]
+        x = torch.stack([dataset[i][0][0].flatten() for i in keep])
+        return x, torch.as_tensor(dataset.targets[keep])
+    (train_x, train_y), (test_x, test_y) = readable(source.train_eval), readable(source.test)
+    assert len(train_y) == 17 and len(test_y) == 17
+    assert got == pytest.approx(fewshot.lsr_accuracy(train_x, train_y, test_x, test_y), abs=1e-12)
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="--decode gpu needs CUDA")
+def test_gpu_decode_on_cuda_is_close_to_the_cpu_path(tmp_path):
+    """On a GPU: nvjpeg + the GPU resize give the CPU path's batches up to decoder rounding (a few grey levels),
+    the same labels and the same replacements, and a short training run with --decode gpu works."""
+    make_folder(tmp_path, broken={("train", "owl", 0)})
+    cpu = ImageFolderSource(str(tmp_path), img_size=16, workers=0)
+    gpu = ImageFolderSource(str(tmp_path), img_size=16, workers=1, decode="gpu", device="cuda")
+    plan = list(micro_batch_plan(cpu.sampler(2), 2, 0, 0, 3, 6, 3, 1, 0))
+    for (xa, ya, ba), (xb, yb, bb) in zip(cpu.loader(iter(plan), 2), gpu.loader(iter(plan), 2), strict=True):
+        assert xb.is_cuda and torch.equal(ya, yb.cpu()) and ba == bb
+        assert (xa - xb.cpu()).abs().max() < 8 / 255 / 0.225  # 8 grey levels, in normalised units
+    result = train(TrainConfig(**dict(TINY, workers=1), data=str(tmp_path), out=str(tmp_path / "run"), steps=2,
+                               global_batch=6, decode="gpu", max_bad_frac=0.5))
+    assert result["step"] == 2

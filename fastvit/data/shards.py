@@ -368,9 +368,8 @@ def verify(folder: str, workers: int = 0) -> list:
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 0 else None
     try:
         results = pool.imap(_decode_check, items, chunksize=64) if pool else map(_decode_check, items)
-        failed = [(name, err) for name, err in zip(names, progress(results, total=len(items),
-                                                                   desc=f"verify {os.path.basename(folder)}",
-                                                                   unit="img")) if err]
+        bar = progress(results, total=len(items), desc=f"verify {os.path.basename(folder)}", unit="img")
+        failed = [(name, err) for err, name in zip(bar, names) if err]  # the bar first: it ends, and closes
     finally:
         if pool:
             pool.close()

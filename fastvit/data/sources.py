@@ -255,24 +255,6 @@ class ImageFolderSource(FileSource):
         super().__init__(train, test, img_size, workers, decode, device)
 
 
-def make_source(data: str, img_size: int, workers: int = 4, val_data: str | None = None, decode: str = "cpu",
-                device=None) -> DataSource:
-    """``'digits'``, an ImageFolder root, a folder with train/ and val/ folders of .tar shards, or a shard pattern
-    (with ``val_data``)."""
-    from fastvit.data import shards
-    if data == "digits":
-        if decode != "cpu":
-            raise ValueError("--decode gpu decodes JPEG files; --data digits has none (use --decode cpu)")
-        return DigitsSource(img_size)
-    if shards.is_shard_spec(data):
-        return shards.ShardSource(data, val_data, img_size, workers, decode, device)
-    if val_data is not None:
-        raise ValueError(f"--val-data is for a shard pattern given as --data, got --data {data!r}")
-    if not os.path.isdir(data):
-        raise ValueError(f"--data must be 'digits', an existing ImageFolder root or WebDataset shards, got {data!r}")
-    return ImageFolderSource(data, img_size, workers, decode, device)
-
-
 def progress(iterable=None, **kwargs):
     """A tqdm bar that refreshes at most every 10 s when stderr is not a terminal (CI logs stay short)."""
     from tqdm import tqdm
