@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 import fastvit
-from fastvit.data import DECODERS
+from fastvit.data.sources import DECODERS
 from fastvit.dist import DEFAULT_TIMEOUT_S
 from fastvit.model import POS_EMBED_AT, POS_EMBEDS
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastvit.data import dataset_labels, eval_batches
+from fastvit.data.sources import dataset_labels, eval_batches
 from fastvit.model import POS_EMBED_AT, POS_EMBEDS
 
 BIAS_CONSTANT = 100.0
@@ -135,7 +135,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args(argv)
-    from fastvit.data import make_source
+    from fastvit.data.choose import make_source
     from fastvit.restore import load_model_for_eval
 
     try:

@@ -36,7 +36,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 import fastvit
 from fastvit import checkpoint
 from fastvit.config import ARCH_FLAGS, RECIPE_DEFAULTS, TrainConfig, build_parser, check, resolve, steps_for
-from fastvit.data import BadSampleWarning, DataError, eval_batches, make_source, micro_batch_plan, mix_seed, progress
+from fastvit.data.choose import make_source
+from fastvit.data.keyed import micro_batch_plan, mix_seed
+from fastvit.data.sources import BadSampleWarning, DataError, eval_batches, progress
 from fastvit.dist import Env, device_and_backend, distributed, keep_thread_count, rank0_print
 from fastvit.flops import peak_flops, train_flops_per_image
 from fastvit.metrics import MetricsLog, plot_curves

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastvit.data.augment import augment_batch, decode_pil
-from fastvit.data.sources import MAX_REPLACEMENTS, KeyedImages
+from fastvit.data.keyed import MAX_REPLACEMENTS
 
 JPEG_MAGIC = (0xFF, 0xD8)
 
@@ -22,7 +22,8 @@ class GpuDecoder:
     """Turns the loader's encoded micro-batches into augmented batches on ``device`` (CUDA in training; any device
     torchvision's decode_jpeg supports, so the CPU can check the same code)."""
 
-    def __init__(self, dataset: KeyedImages, device):
+    def __init__(self, dataset, device):
+        """``dataset``: the loader's ``fastvit.data.sources.KeyedImages`` (its ``fetch`` finds substitutes)."""
         self.dataset, self.device = dataset, torch.device(device)
 
     def _gpu_decode(self, encoded: list) -> list:

@@ -78,3 +78,12 @@ def micro_batch_plan(sampler: GlobalSampler, seed: int, start_step: int, samples
         base = samples_seen + (step - start_step) * global_batch
         for j in range(accum):
             yield [(sampler.index(base + p), step, p) for p in rank_positions(global_batch, micro, world, rank, j)]
+
+
+MAX_REPLACEMENTS = 16  # unreadable samples in a row before the data counts as broken
+
+
+def replacement_index(seed: int, step: int, position: int, attempt: int, n: int) -> int:
+    """The dataset index that stands in, at its ``attempt``-th try (1, 2, ...), for an unreadable sample at
+    (step, position): a hash, so every rank, split and resume picks the same one."""
+    return mix_seed(seed, step, position, attempt, 0xBAD) % n

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from fastvit.data.augment import UNIFORMS, augment_batch, decode_pil, eval_transform
-from fastvit.data.keyed import GlobalSampler, keyed_uniform, mix_seed
+from fastvit.data.gpu import GpuDecoder
+from fastvit.data.keyed import MAX_REPLACEMENTS, GlobalSampler, keyed_uniform, replacement_index
 
 DECODERS = ("cpu", "gpu")
-MAX_REPLACEMENTS = 16  # unreadable samples in a row before the data counts as broken
 
 
 class DataError(RuntimeError):
@@ -161,11 +161,11 @@ class KeyedImages(torch.utils.data.Dataset):
 
     def fetch(self, index, step, pos, decode, attempt=0):
         """(decoded or checked image, label, bad, index read) of ``index``, or of its replacements from ``attempt``
-        on: the k-th replacement of the sample at (step, position) is index hash(seed, step, position, k) mod n."""
+        on (``keyed.replacement_index``)."""
         bad = []
         for k in range(attempt, attempt + MAX_REPLACEMENTS + 1):
             if k > 0:
-                index = mix_seed(self.seed, step, pos, k, 0xBAD) % len(self.samples)
+                index = replacement_index(self.seed, step, pos, k, len(self.samples))
             try:
                 return decode(self.samples.read(index)), int(self.samples.labels[index]), bad, index
             except Exception as e:  # noqa: BLE001  anything a broken file makes PIL or the reader raise
@@ -236,7 +236,6 @@ class FileSource(DataSource):
                                               collate_fn=collate, pin_memory=torch.cuda.is_available())
         if self.decode == "cpu":
             return ((x, y, bad) for x, y, _, bad, _ in batches)
-        from fastvit.data.gpu import GpuDecoder
         return GpuDecoder(dataset, self.device).batches(batches)
 
 
