@@ -6,7 +6,7 @@ standardised pre-logits, as big_vision's few-shot evaluator), mean ± std over -
 
     python bench/ablation.py                                   # digits, 3 seeds, 200 steps per run (minutes)
     python bench/ablation.py --seeds 1 --steps 20 --embed-dim 32 --depth 2   # smoke
-    python bench/ablation.py --data /data/imagenet --model vit_base_patch16_224 --epochs 7 --seeds 1
+    python bench/ablation.py --data /data/imagenet --model vit_base_patch16_224 --epochs 30 --seeds 1
 
 Every flag the ablation does not define is a ``python -m fastvit.train`` flag, passed to each run (--data, --steps,
 --model, --lr, ...). Writes ablation.json (per run: variant, placement, seed, held-out top-1, 5-shot accuracy) and
