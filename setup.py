@@ -12,16 +12,17 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastvit", "fastvit.kernels"],
+    packages=["fastvit", "fastvit.data", "fastvit.kernels"],
     package_dir={"fastvit": "fastvit", "fastvit.kernels": "kernels"},
     package_data={"fastvit": ["pretrained_cfgs.json"]},  # timm's pretrained configs (scripts/gen_pretrained_cfgs.py)
     install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy", "tqdm", "matplotlib",
                       "scikit-learn"],  # the embedded digits dataset of the default training run
     extras_require={
         "test": ["pytest", "pytest-benchmark", "timm", "scikit-learn", "safetensors", "transformers", "peft",
-                 "onnx", "onnxruntime", "onnxscript", "huggingface_hub"],
+                 "onnx", "onnxruntime", "onnxscript", "huggingface_hub", "webdataset"],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "hub": ["huggingface_hub", "safetensors"],  # pretrained=True downloads, save_pretrained
         "flash": ["flash-attn"],
+        "shards": ["webdataset"],  # --data with WebDataset .tar shards, python -m fastvit.data.shards
     },
 )

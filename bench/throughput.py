@@ -45,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from fastvit import ops  # noqa: E402
 from fastvit.flops import forward_flops, peak_flops  # noqa: E402
-from fastvit.train import distributed  # noqa: E402
+from fastvit.dist import distributed  # noqa: E402
 
 GPU_MODELS = "B/16,L/16,H/14"
 # Per-GPU micro-batches that fit an 80 GB GPU under bf16 autocast with both models resident.

@@ -4,7 +4,8 @@ Layout: ``<out>/checkpoints/step_00000042/`` holds DCP shards (``__<rank>_0.dist
 ``config.json`` (the run's configuration, so a checkpoint can rebuild its model). Every rank writes its shards into
 ``step_00000042.tmp``; after a barrier rank 0 renames the folder, so a folder without ``.tmp`` is complete. A run killed
 mid-save leaves only a ``.tmp`` folder, which ``--resume auto`` skips with a warning, as it skips folders whose
-metadata is missing or unreadable (and, in the trainer, ones whose shards fail to load).
+metadata is missing or unreadable (and, in the trainer, ones whose shards fail to load). A save that fails (a full
+disk) deletes its ``.tmp`` folder and raises ``CheckpointWriteError`` naming the checkpoint that stays usable.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -26,7 +28,11 @@ _STEP_RE = re.compile(r"^step_(\d+)(\.tmp)?$")
 
 
 class CheckpointWarning(UserWarning):
-    """A checkpoint folder that resume skips (incomplete or corrupt)."""
+    """A checkpoint folder that resume skips (incomplete or corrupt), or one that could not be written."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (e.g. a full disk); the earlier checkpoints are untouched."""
 
 
 def checkpoint_dir(out) -> Path:
@@ -84,6 +90,20 @@ def resume_candidates(out, warn: bool = True) -> list:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def find_checkpoint(path) -> Path | None:
+    """A training checkpoint folder: ``path`` itself, or the latest complete one in a run folder ``path``."""
+    path = Path(path)
+    if path.is_dir() and (path / ".metadata").is_file():
+        check_complete(path)
+        return path
+    if path.is_dir():
+        found = resume_candidates(path)
+        if not found:
+            raise ValueError(f"{path} holds no complete training checkpoint")
+        return found[0]
+    return None
+
+
 def write_config(folder, config: dict) -> None:
     """Store a run's configuration as ``config.json`` in ``folder`` (a run folder or a checkpoint)."""
     (Path(folder) / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
@@ -107,21 +127,56 @@ def _barrier():
         dist.barrier()
 
 
+def failure_reason(e: BaseException) -> str:
+    """One line on why a save or load failed; DCP wraps each rank's exception in a CheckpointException."""
+    if isinstance(e, CheckpointException) and e.failures:
+        rank, (inner, _) = next(iter(e.failures.items()))
+        return f"rank {rank}: {type(inner).__name__}: {inner}".splitlines()[0]
+    return f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+def _agree(error: BaseException | None) -> str | None:
+    """Collective: the first rank's failure reason, or None when every rank succeeded (ranks act alike after)."""
+    reason = None if error is None else failure_reason(error)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return reason
+    reasons = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, reason)
+    return next((r for r in reasons if r is not None), None)
+
+
 def save(out, step: int, state: dict, config: dict, keep: int = 0) -> Path:
     """Collective: write ``state`` with DCP as ``step_<step>`` in ``out``, then keep only the newest ``keep``
-    complete checkpoints (0 keeps all). Returns the final folder."""
+    complete checkpoints (0 keeps all). Returns the final folder. A write that fails on any rank (a full disk)
+    removes the partial folder and raises CheckpointWriteError on every rank; older checkpoints are untouched."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = step_path(out, step)
     tmp = final.with_name(final.name + ".tmp")
+    error = None
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    with _single_process_quiet():
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-    if rank == 0:
-        write_config(tmp, config)
-    _barrier()  # every rank's shards are on disk before the folder counts as complete
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            error = e
+    reason = _agree(error)  # also the barrier before any rank writes into tmp
+    if reason is None:
+        try:
+            with _single_process_quiet():
+                dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+            if rank == 0:
+                write_config(tmp, config)
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            error = e
+        reason = _agree(error)  # every rank's shards are on disk before the folder counts as complete
+    if reason is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        previous = resume_candidates(out, warn=False)
+        raise CheckpointWriteError(f"checkpoint {final} could not be written ({reason}); "
+                                   + (f"{previous[0]} stays the newest usable checkpoint" if previous else
+                                      "there is no earlier checkpoint"))
     if rank == 0:
         if final.exists():  # an older, unusable checkpoint of the same step (the run resumed before it)
             shutil.rmtree(final)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastvit.data import dataset_labels, eval_batches
+from fastvit.data.sources import dataset_labels, eval_batches
+from fastvit.model import POS_EMBED_AT, POS_EMBEDS
 
 BIAS_CONSTANT = 100.0
 SHOTS = (1, 5, 10, 25)
@@ -60,16 +61,18 @@ def lsr_accuracy(train_x, train_y, test_x, test_y, l2=1.0) -> float:
 
 @torch.no_grad()
 def features(model, dataset, batch_size=256):
-    """Pre-logits features (N, D) of a dataset of (image, label) pairs, in float32 on the CPU."""
+    """Pre-logits features (N, D) of a dataset of (image, label) pairs, in float32 on the CPU, and the (N,) mask of
+    images that could be read (an unreadable one comes with label -1, see ``fastvit.data.EvalImages``)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = []
-    for x, _, _ in eval_batches(dataset, batch_size, desc="features"):
+    out, readable = [], []
+    for x, y, _ in eval_batches(dataset, batch_size, desc="features"):
         tokens = model.forward_features(x.to(device))
         out.append(model.forward_head(tokens, pre_logits=True).float().cpu())
+        readable.append(torch.as_tensor(y) >= 0)
     model.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out), torch.cat(readable)
 
 
 def sample_shots(labels, shots, seed):
@@ -86,7 +89,7 @@ def evaluate(model, train_set, test_set, shots=SHOTS, seeds=3, l2=1.0, batch_siz
     examples per class of ``train_set`` and test on all of ``test_set``.
 
     Returns {shots: {"mean": m, "std": s, "accs": [per-seed accuracy]}}; only the sampled training images and the
-    test set go through the model.
+    test set go through the model. Images that cannot be read are left out (with the dataset's warning).
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
@@ -95,16 +98,17 @@ def evaluate(model, train_set, test_set, shots=SHOTS, seeds=3, l2=1.0, batch_siz
     labels = dataset_labels(train_set).numpy()
     picks = {(k, s): sample_shots(labels, int(k), s) for k in shots for s in range(seeds)}
     needed = np.unique(np.concatenate(list(picks.values())))
-    train_feats = features(model, torch.utils.data.Subset(train_set, needed.tolist()), batch_size)
+    train_feats, train_ok = features(model, torch.utils.data.Subset(train_set, needed.tolist()), batch_size)
     row = {int(i): r for r, i in enumerate(needed)}
-    test_x = features(model, test_set, batch_size)
-    test_y = dataset_labels(test_set)
+    test_x, test_ok = features(model, test_set, batch_size)
+    test_x, test_y = test_x[test_ok], dataset_labels(test_set)[test_ok]
     results = {}
     for k in shots:
         accs = []
         for s in range(seeds):
-            rows = [row[int(i)] for i in picks[(k, s)]]
-            accs.append(lsr_accuracy(train_feats[rows], torch.as_tensor(labels[picks[(k, s)]]), test_x, test_y, l2))
+            picked = [int(i) for i in picks[(k, s)] if train_ok[row[int(i)]]]  # unreadable images left out
+            rows = [row[i] for i in picked]
+            accs.append(lsr_accuracy(train_feats[rows], torch.as_tensor(labels[picked]), test_x, test_y, l2))
         results[int(k)] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "accs": accs}
     return results
 
@@ -118,7 +122,12 @@ def main(argv=None):
     parser.add_argument("--init", help="a training checkpoint (step folder, or a --out folder for its latest "
                                        "checkpoint) or a weights file for --model; omitted: random init")
     parser.add_argument("--model", help="model name (default: the checkpoint's, else vit_base_patch16_224)")
-    parser.add_argument("--data", default="digits", help="'digits' or an ImageFolder root with train/ and val/")
+    parser.add_argument("--data", default="digits", help="'digits', an ImageFolder root with train/ and val/, or "
+                                                          "WebDataset shards (a folder with train/ and val/)")
+    parser.add_argument("--val-data", help="held-out shards when --data is a shard pattern")
+    parser.add_argument("--pos-embed", choices=POS_EMBEDS, help="position embedding of a random or weights-file "
+                                                                "model (a checkpoint's own must match)")
+    parser.add_argument("--pos-embed-at", choices=POS_EMBED_AT, help="where position tables are added (as above)")
     parser.add_argument("--img-size", type=int, help="image size (default: the checkpoint's)")
     parser.add_argument("--shots", type=int, nargs="+", default=list(SHOTS))
     parser.add_argument("--seeds", type=int, default=3)
@@ -126,12 +135,13 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args(argv)
-    from fastvit.data import make_source
-    from fastvit.train import load_model_for_eval
+    from fastvit.data.choose import make_source
+    from fastvit.restore import load_model_for_eval
 
     try:
-        model, img_size = load_model_for_eval(args.init, args.model, args.img_size)
-        data = make_source(args.data, img_size, workers=args.workers)
+        model, img_size = load_model_for_eval(args.init, args.model, args.img_size, pos_embed=args.pos_embed,
+                                              pos_embed_at=args.pos_embed_at)
+        data = make_source(args.data, img_size, workers=args.workers, val_data=args.val_data)
         results = evaluate(model, data.train_eval, data.test, args.shots, args.seeds, args.l2, args.batch_size)
     except ValueError as e:
         parser.error(str(e))

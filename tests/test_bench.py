@@ -258,3 +258,43 @@ def test_gpu_suite_needs_a_gpu_and_dry_runs_on_cpu(tmp_path):
         assert json.loads((folder / "overhead.json").read_text())["ops"]
     finally:
         shutil.rmtree(folder)
+
+
+def test_ablation_smoke(tmp_path):
+    """bench/ablation.py with tiny settings: two Table 8 variants x 2 seeds, 5-shot accuracy per run, the table
+    beside the paper's values, JSON and PNG."""
+    out = _run([sys.executable, "bench/ablation.py", "--seeds", "2", "--fewshot-seeds", "1", "--variants",
+                "none:stem,learn_2d:every_layer_shared", "--steps", "3", "--embed-dim", "32", "--depth", "2",
+                "--num-heads", "2", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "ablation.json").read_text())
+    assert [(r["variant"], r["placement"], r["seed"]) for r in data["runs"]] == [
+        ("none", "stem", 0), ("none", "stem", 1), ("learn_2d", "every_layer_shared", 0),
+        ("learn_2d", "every_layer_shared", 1)]
+    assert all(0 < r["fewshot5"] <= 1 and len(r["fewshot5_per_draw"]) == 1 for r in data["runs"])
+    table = {(r["variant"], r["placement"]): r for r in data["table"]}
+    assert table[("none", "stem")]["paper"] == 0.61382 and table[("learn_2d", "every_layer_shared")]["seeds"] == 2
+    mean = sum(r["fewshot5"] for r in data["runs"][:2]) / 2
+    assert table[("none", "stem")]["mean"] == pytest.approx(mean)
+    assert "| no pos. emb. | stem |" in out and "61.38 |" in out
+    assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    kwargs = json.loads((tmp_path / "ablation_runs" / "learn_2d-every_layer_shared-seed1" / "config.json").read_text())
+    assert kwargs["model"]["kwargs"]["pos_embed_at"] == "every_layer_shared" and kwargs["train"]["seed"] == 1
+
+
+def test_loader_smoke(tmp_path):
+    """bench/loader.py on a few synthetic JPEGs: ImageFolder and shard paths through the trainer's loader, rates
+    per worker, the ratio to the model's training img/s taken from a throughput.json, JSON and PNG."""
+    throughput = {"world_size": 2, "rows": [{"mode": "infer", "model": "tiny", "fastvit": {"images_per_s": 1e6}},
+                                            {"mode": "train", "model": "tiny", "fastvit": {"images_per_s": 100.0}}]}
+    (tmp_path / "throughput.json").write_text(json.dumps(throughput))
+    out = _run([sys.executable, "bench/loader.py", "--images", "24", "--img-size", "32", "--batch", "8", "--steps",
+                "2", "--warmup", "1", "--workers", "1", "--paths", "folder,shards,shards-gpu",
+                "--throughput", str(tmp_path / "throughput.json"), "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "loader.json").read_text())
+    assert [(r["path"], r["workers"]) for r in data["rows"]] == [("folder", 1), ("shards", 1)]  # no CUDA here
+    assert "no CUDA device: skipping the shards-gpu path" in out
+    assert data["model_images_per_s_per_gpu"] == 50.0 and data["synthetic"]
+    for r in data["rows"]:
+        assert _positive_float(r["images_per_s"]) and r["ratio_to_model"] == pytest.approx(r["images_per_s"] / 50)
+    assert "x, meets the 1.5x goal" in out or "x, misses the 1.5x goal" in out
+    assert (tmp_path / "loader.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHECK = (
-    "import importlib.util, fastvit, fastvit.kernels, fastvit.kernels.layer_norm;"
+    "import importlib.util, fastvit, fastvit.kernels, fastvit.kernels.layer_norm, fastvit.data.shards;"
     "assert importlib.util.find_spec('kernels') is None, 'a top-level kernels module is installed';"
     "assert 'vit_base_patch16_224.augreg_in21k' in fastvit.list_pretrained(), 'pretrained_cfgs.json is missing';"
     "print(fastvit.kernels.__file__)"

@@ -1,6 +1,7 @@
 """fastvit.train on one process: a short digits run, fine-tuning from it, resume past corrupt checkpoints, SIGTERM,
 non-finite losses, recipes (optimizer groups, schedule) and flag errors. Multi-rank tests live in
 test_train_distributed.py, the FLOP count in test_flops.py."""
+import dataclasses
 import json
 import math
 import shutil
@@ -16,7 +17,9 @@ import torch
 import fastvit
 from fastvit import checkpoint
 from fastvit.flops import train_flops_per_image
-from fastvit.train import TrainConfig, WarmupDecay, main, param_groups, resolve, steps_for, train
+from fastvit.config import TrainConfig, resolve, steps_for
+from fastvit.recipes import WarmupDecay, param_groups
+from fastvit.train import main, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # a 2-block ViT of width 32 on 16x16 digits: a step takes a few milliseconds
@@ -182,10 +185,18 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     (["--resume", "/nonexistent/run"], "--resume must be 'auto', 'none' or an existing checkpoint folder"),
     (["--lr", "-1"], "--lr must be > 0, got -1.0"),
     (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
-    (["--data", "/nonexistent/images"], "--data must be 'digits' or an existing ImageFolder root"),
+    (["--data", "/nonexistent/images"], "--data must be 'digits', an existing ImageFolder root or WebDataset shards"),
     (["--img-size", "18"], "must be divisible by patch_size (4, 4)"),
     (["--seeds", "0"], "--seeds must be a positive integer, got 0"),
     (["--epochs", "-1"], "--epochs must be > 0, got -1.0"),
+    (["--max-bad-frac", "2"], "--max-bad-frac must be in [0, 1], got 2.0"),
+    (["--dist-timeout", "0"], "--dist-timeout must be > 0 seconds, got 0.0"),
+    (["--decode", "gpu"], "--decode gpu decodes JPEG files; --data digits has none"),
+    (["--decode", "gpu", "--data", "/tmp", "--device", "cpu"], "--decode gpu needs a CUDA device (none is available"),
+    (["--data", "/nonexistent/train-{0000..0003}.tar", "--val-data", "x.tar"],
+     "shard pattern '/nonexistent/train-{0000..0003}.tar' matches no file (it expands to 4 name(s)"),
+    (["--data", "/nonexistent/train-{0000..0003}.tar"], "is a shard pattern: pass the held-out shards with --val-data"),
+    (["--pos-embed", "sincos"], "argument --pos-embed: invalid choice: 'sincos'"),
 ], ids=lambda v: v[0] if isinstance(v, list) else None)
 def test_bad_flags_give_clear_errors(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
@@ -272,7 +283,7 @@ def test_imagefolder_data(tmp_path):
     """--data PATH: ImageFolder train/ and val/; the random crop + flip of a sample depends only on its key."""
     import numpy as np
     from PIL import Image
-    from fastvit.data import ImageFolderSource, _KeyedImageFolder
+    from fastvit.data import ImageFolderSource
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for c, name in enumerate(("cat", "dog")):
@@ -282,9 +293,10 @@ def test_imagefolder_data(tmp_path):
                 Image.fromarray(pixels).save(tmp_path / split / name / f"{i}.png")
     source = ImageFolderSource(str(tmp_path), img_size=16, workers=0)
     assert (source.num_classes, source.num_train, len(source.test)) == (2, 12, 12)
-    keyed = _KeyedImageFolder(source.train_folder, source.train_tf, seed=0)
+    keyed = source.keyed(seed=0)
     a, b, c = keyed[(3, 5, 1)], keyed[(3, 5, 1)], keyed[(3, 5, 2)]
     assert a[0].shape == (3, 16, 16) and torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+    assert a[1] == int(source.train_samples.labels[3]) and a[3] == []
     result = train(TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), steps=2, global_batch=4,
                                warmup_steps=1, workers=1, threads=1, **{k: v for k, v in TINY.items()
                                                                         if k != "global_batch"}))
@@ -308,3 +320,73 @@ def test_seeds_report_mean_std_and_mfu(tmp_path, capsys):
     assert a[0]["loss"] != b[0]["loss"]  # different initialisation and data order
     model = fastvit.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=10)
     assert a[0]["mfu"] == pytest.approx(a[0]["img_per_s"] * train_flops_per_image(model) / 0.5e12)
+
+
+def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(tmp_path):
+    """A full disk, simulated by the OS: RLIMIT_FSIZE caps the size of any file this process writes (SIGXFSZ
+    ignored, so a write past the cap fails with EFBIG, as a full disk fails with ENOSPC). The save at step 4 fails:
+    a warning names step 2 as the newest usable checkpoint, no partial folder is left, training goes on and the
+    save at step 6 (cap lifted) succeeds; a failed final save is an error."""
+    import resource
+    cap = 20_000  # metrics.jsonl and config.json stay below it, the checkpoint shards do not
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def disk(step, row):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (cap if step == 3 else limits[0], limits[1]))
+
+    cfg = TrainConfig(out=str(tmp_path), steps=6, warmup_steps=1, save_every=2, keep=0, eval_every=100, **TINY)
+    try:
+        with pytest.warns(checkpoint.CheckpointWarning) as record:
+            result = train(cfg, on_step_end=disk)
+        message = " ".join(str(w.message) for w in record)
+        assert "step_00000004 could not be written (" in message and "File too large" in message
+        assert "step_00000002 stays the newest usable checkpoint; training goes on" in message
+        assert result["step"] == 6
+        assert [p.name for p in checkpoint.resume_candidates(tmp_path)] == ["step_00000006", "step_00000002"]
+        assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+        final = dataclasses.replace(cfg, out=str(tmp_path / "final"), steps=2, save_every=1)
+        with pytest.raises(checkpoint.CheckpointWriteError, match="step_00000001 stays the newest usable"):
+            train(final, on_step_end=lambda step, row: disk(3 if step == 1 else 0, row))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_pos_embed_flags_are_stored_and_followed_by_init_and_fewshot(tmp_path, capsys):
+    """--pos-embed / --pos-embed-at reach the model, config.json, a fine-tune from the checkpoint and the few-shot
+    evaluator; a fine-tune cannot change them, and an impossible pair is a flag error."""
+    from fastvit.restore import load_model_for_eval
+    out = tmp_path / "pre"
+    main(["--out", str(out), "--steps", "2", "--warmup-steps", "1", "--pos-embed", "learn_2d", "--pos-embed-at",
+          "every_layer", *TINY_FLAGS])
+    kwargs = checkpoint.read_config(checkpoint.step_path(out, 2))["model"]["kwargs"]
+    assert (kwargs["pos_embed"], kwargs["pos_embed_at"]) == ("learn_2d", "every_layer")
+    saved = checkpoint.read_tensors(checkpoint.step_path(out, 2))
+    assert saved["model.pos_embed_h"].shape == (2, 4, 16) and "model.pos_embed" not in saved  # depth x grid x D/2
+    model, _ = load_model_for_eval(str(out))
+    assert (model.pos_embed_type, model.pos_embed_at) == ("learn_2d", "every_layer")
+    from fastvit import fewshot
+    assert fewshot.main(["--init", str(out), "--shots", "1", "--seeds", "1"])[1]["mean"] > 0
+    train(TrainConfig(recipe="finetune", init=str(out), out=str(tmp_path / "ft"), steps=1, img_size=32,
+                      global_batch=32, warmup_steps=1))
+    ft = checkpoint.read_tensors(checkpoint.step_path(tmp_path / "ft", 1))
+    assert ft["model.pos_embed_h"].shape == (2, 8, 16)  # resampled to the 8 x 8 grid of 32 px
+    with pytest.raises(ValueError, match="--pos-embed cannot change the architecture of checkpoint"):
+        train(TrainConfig(recipe="finetune", init=str(out), out=str(tmp_path / "ft2"), steps=1, pos_embed="learn"))
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "bad"), "--pos-embed", "rel", "--pos-embed-at", "every_layer", *TINY_FLAGS])
+    assert "pos_embed_at='every_layer' needs pos_embed 'learn' or 'learn_2d'" in capsys.readouterr().err
+
+
+def test_default_out_under_torchrun_survives_a_restart(tmp_path, monkeypatch):
+    """Without --out, a run started by torchrun is named after torchrun's run id (the same in every restart round),
+    so a restarted job resumes from its own checkpoints instead of starting a new timestamped folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job42")
+    flags = ["--steps", "2", "--warmup-steps", "1", "--save-every", "1", *TINY_FLAGS]
+    first = main(flags)[0]
+    assert first["out"] == "runs/digits-pretrain-job42"
+    again = main([*flags[:1], "3", *flags[2:]])[0]  # the "restarted" job: --steps 3, same run id
+    assert again["out"] == first["out"]
+    steps = [r["step"] for r in rows(tmp_path / first["out"], "loss")]
+    assert steps == [1, 2, 3]  # it resumed at step 2

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from fastvit import checkpoint
-from fastvit.train import TrainConfig, train
+from fastvit.config import TrainConfig
+from fastvit.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, threads=1, eval_every=100)
@@ -143,13 +144,43 @@ def test_batch_split_invariance(runs, tmp_path):
             torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
+# round -> [rank, step]: rank 1 dies after step 3 (last checkpoint 2), rank 0 after 5 (checkpoint 4), rank 1 after
+# the final step 6 (checkpoint 6 written: the last round only evaluates and exits)
+ELASTIC_KILLS = {"0": [1, 3], "1": [0, 5], "2": [1, 6]}
+
+
+def test_torchrun_restarts_after_sigkill_and_finishes_bitwise(runs, tmp_path):
+    """torchrun --max-restarts 3, a worker SIGKILLed in each of three rounds: every restart meets the others (no
+    stale rendezvous keys from the killed round), resumes from the newest checkpoint, and the run ends with the
+    uninterrupted run's losses, weights and optimizer state, bit for bit."""
+    out, _ = runs
+    run = tmp_path / "elastic"
+    cfg = dict(RESUME, save_every=2, out=str(run))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "--max-restarts", "3", "--monitor-interval", "0.2",
+                           str(ROOT / "tests" / "elastic_worker.py"), json.dumps(cfg), json.dumps(ELASTIC_KILLS)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=3 * LAUNCH_TIMEOUT)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    resumed = [line.split("checkpoints/")[1] for line in proc.stdout.splitlines() if line.startswith("resumed from")]
+    assert resumed == ["step_00000002 (step 2)", "step_00000004 (step 4)", "step_00000006 (step 6)"], log[-4000:]
+    assert "connectFullMesh" not in log
+    straight = out["ddp_straight"]
+    a, b = losses(straight), losses(run)
+    assert sorted(b) == [1, 2, 3, 4, 5, 6] and [b[s] for s in sorted(b)] == [a[s] for s in sorted(a)]
+    ta, tb = tensors(checkpoint.step_path(straight, 6)), tensors(checkpoint.step_path(run, 6))
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+
+
 def test_a_failing_rank_ends_the_job(tmp_path):
     """A rank that raises leaves the process group without a barrier, so torchrun sees it fail and stops the
     others (a barrier there would wait for ranks that are blocked in a collective: a hang)."""
     script = tmp_path / "fail.py"
     script.write_text(
         "import torch, torch.distributed as dist\n"
-        "from fastvit.train import distributed\n"
+        "from fastvit.dist import distributed\n"
         "with distributed(device='cpu') as env:\n"
         "    if env.rank == 1:\n"
         "        raise RuntimeError('rank 1 fails')\n"

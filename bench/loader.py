@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""Training-loader throughput: decoded + augmented images/s of fastvit's data paths, next to the model's training
+images/s, so one can see whether the loader keeps up (goal: at least 1.5x the model, per GPU).
+
+Paths: ImageFolder files decoded by PIL in loader workers; WebDataset shards decoded by PIL in workers; shards
+decoded on the GPU (``--decode gpu``: workers read bytes, one batched nvjpeg call per micro-batch, crop/flip/
+normalise on the GPU; CUDA only). Each path runs the trainer's own loader (``FileSource.loader`` over a
+``micro_batch_plan``), so the numbers include reading, decoding, the keyed random-resized-crop, flip, normalisation,
+collation and (GPU) the host-to-device copy.
+
+    python bench/loader.py                                  # synthetic JPEGs (about ImageNet's size), all paths
+    python bench/loader.py --data /data/imagenet --shards /data/imagenet-wds --workers 4,8,16 \\
+        --throughput results/throughput.json                # the model's img/s from bench/throughput.py
+
+Without --data, a synthetic ImageFolder of --images JPEGs (smooth scenes of 500 x 375 px on average, ~quality 90)
+is written to a temporary folder and sharded with ``python -m fastvit.data.shards``'s writer. --throughput reads the
+training images/s per GPU (fastvit, first train row) from a throughput.json; without it the model column is empty.
+Writes loader.json and loader.png to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+TARGET = 1.5  # loader img/s over model img/s
+
+
+def synthetic_folder(root, n, classes=10, seed=0):
+    """``n`` JPEGs in ``classes`` class folders under root/train and a few under root/val: smooth colour fields
+    with ellipses, sizes around ImageNet's mean (500 x 375), so the decoder sees natural-image-like entropy."""
+    from PIL import Image, ImageDraw
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n), ("val", max(classes, n // 10))):
+        for i in range(count):
+            w, h = int(rng.integers(350, 650)), int(rng.integers(260, 490))
+            yy, xx = np.mgrid[0:h, 0:w]
+            base = np.stack([np.sin(xx / rng.uniform(20, 90) + c) * np.cos(yy / rng.uniform(20, 90))
+                             for c in range(3)], -1)
+            image = Image.fromarray(((base + 1) * 110 + rng.uniform(0, 30)).clip(0, 255).astype(np.uint8))
+            draw = ImageDraw.Draw(image)
+            for _ in range(6):
+                x0, y0 = rng.integers(0, w), rng.integers(0, h)
+                draw.ellipse([x0, y0, x0 + rng.integers(20, 200), y0 + rng.integers(20, 200)],
+                             fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+            folder = os.path.join(root, split, f"c{i % classes:03d}")
+            os.makedirs(folder, exist_ok=True)
+            out = io.BytesIO()
+            image.save(out, format="JPEG", quality=90)
+            with open(os.path.join(folder, f"{i:06d}.jpg"), "wb") as f:
+                f.write(out.getvalue())
+
+
+def measure(source, batch, steps, warmup, seed=0):
+    """Images/s of ``source.loader`` over ``steps`` timed micro-batches after ``warmup`` ones (one rank)."""
+    from fastvit.data import micro_batch_plan
+    total = warmup + steps
+    plan = micro_batch_plan(source.sampler(seed), seed, 0, 0, total, batch, batch, 1, 0)
+    batches = source.loader(plan, seed)
+    for _ in range(warmup):
+        x, _, _ = next(batches)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        x, _, _ = next(batches)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def model_images_per_s(path):
+    """fastvit's training images/s per GPU from a bench/throughput.py JSON (its first train row), or None."""
+    if not path:
+        return None, None
+    data = json.loads(open(path).read())
+    row = next((r for r in data["rows"] if r["mode"] == "train"), None)
+    if row is None:
+        return None, None
+    return row["fastvit"]["images_per_s"] / data["world_size"], f"{row['model']} ({path})"
+
+
+def plot(rows, model_ips, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    xs = range(len(rows))
+    ax.bar(xs, [r["images_per_s"] for r in rows], color=["C0" if r["decode"] == "cpu" else "C2" for r in rows])
+    if model_ips:
+        ax.axhline(model_ips, color="k", lw=1, label=f"model training img/s per GPU ({model_ips:.0f})")
+        ax.axhline(TARGET * model_ips, color="r", ls="--", lw=1, label=f"{TARGET}x the model")
+        ax.legend(fontsize=8)
+    ax.set_xticks(list(xs), [f"{r['path']}\n{r['workers']} workers" for r in rows], fontsize=8)
+    ax.set_ylabel("decoded + augmented images / s")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", help="ImageFolder root with train/ (default: a synthetic one in a temporary folder)")
+    p.add_argument("--shards", help="the same images as shards (default: written from --data with the writer)")
+    p.add_argument("--images", type=int, default=512, help="synthetic training images (without --data)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=128, help="micro-batch (images per loader batch)")
+    p.add_argument("--steps", type=int, default=8, help="timed batches per measurement")
+    p.add_argument("--warmup", type=int, default=2, help="untimed batches first (worker start-up)")
+    p.add_argument("--workers", default=f"1,{os.cpu_count() or 1}", help="comma list of loader worker counts")
+    p.add_argument("--paths", default="folder,shards,shards-gpu",
+                   help="comma list from folder, shards, shards-gpu (shards-gpu needs CUDA)")
+    p.add_argument("--throughput", help="throughput.json of bench/throughput.py (the model's img/s)")
+    p.add_argument("--out", default="results")
+    args = p.parse_args(argv)
+    paths = common.choice_list(p, args.paths, ("folder", "shards", "shards-gpu"), "--paths")
+    workers = [int(w) for w in common.split_list(args.workers)]
+    if "shards-gpu" in paths and not torch.cuda.is_available():
+        print("no CUDA device: skipping the shards-gpu path")
+        paths = [q for q in paths if q != "shards-gpu"]
+    from fastvit.data import ImageFolderSource
+    from fastvit.data.shards import ShardSource, main as write_shards
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data
+        if data is None:
+            data = os.path.join(tmp, "images")
+            synthetic_folder(data, args.images)
+        shards = args.shards
+        if shards is None and any(q.startswith("shards") for q in paths):
+            shards = os.path.join(tmp, "shards")
+            write_shards([data, shards, "--shard-size", "64MB", "--no-verify"])
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        rows = []
+        for path in paths:
+            for w in workers:
+                if path == "folder":
+                    source = ImageFolderSource(data, args.img_size, w)
+                else:
+                    source = ShardSource(shards, None, args.img_size, w, "gpu" if path == "shards-gpu" else "cpu",
+                                         device)
+                ips = measure(source, args.batch, args.steps, args.warmup)
+                rows.append({"path": path, "decode": source.decode, "workers": w, "images_per_s": ips,
+                             "images_per_s_per_worker": ips / max(w, 1)})
+                print(f"{path:11s} {w:3d} workers {ips:9.1f} img/s ({ips / max(w, 1):7.1f} per worker)", flush=True)
+    model_ips, model_source = model_images_per_s(args.throughput)
+    for r in rows:
+        r["ratio_to_model"] = r["images_per_s"] / model_ips if model_ips else None
+    if model_ips:
+        best = max(rows, key=lambda r: r["images_per_s"])
+        verdict = "meets" if best["ratio_to_model"] >= TARGET else "misses"
+        print(f"model trains at {model_ips:.0f} img/s per GPU ({model_source}); best loader {best['path']} with "
+              f"{best['workers']} workers: {best['ratio_to_model']:.2f}x, {verdict} the {TARGET}x goal")
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
+    title = f"loader throughput at {args.img_size} px, batch {args.batch}, {device_name}"
+    out = common.out_dir(args.out)
+    result = {"title": title, "img_size": args.img_size, "batch": args.batch, "synthetic": args.data is None,
+              "rows": rows, "model_images_per_s_per_gpu": model_ips, "model_source": model_source,
+              "target_ratio": TARGET, "env": common.environment()}
+    common.write_json(out / "loader.json", result)
+    plot(rows, model_ips, out / "loader.png", title)
+    print(f"wrote {out / 'loader.json'} and {out / 'loader.png'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

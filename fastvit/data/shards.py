@@ -1,0 +1,436 @@
+"""WebDataset tar shards: read by index for training and evaluation, and written from an ImageFolder.
+
+    python -m fastvit.data.shards /data/imagenet /data/imagenet-wds --shard-size 1GB
+
+A shard is a plain tar of samples ``KEY.jpg`` (or ``.png`` / ``.webp``) + ``KEY.cls`` (the class index as text), the
+WebDataset layout. Each shard gets an index beside it (``<shard>.idx.json``: per sample its key, the byte offset and
+size of the image in the tar, and its label), written by the writer or built by one scan of the tar headers on first
+use, so a loader worker reads exactly the bytes of the samples it needs with one seek each.
+
+Order (``ShardSampler``): epoch e visits the shards in a permutation seeded by (seed, e), in windows of ``WINDOW``
+consecutive shards whose samples are shuffled together; the stream positions of a global batch then fall in one or
+two windows, and every rank reads only its own samples of them. Like ``GlobalSampler`` it depends on the seed and the
+shard sizes alone, never on the number of ranks, workers or micro-batches.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import multiprocessing
+import os
+import re
+import sys
+import tarfile
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastvit.data.augment import decode_pil
+from fastvit.data.keyed import mix_seed
+from fastvit.data.sources import FileSource, FolderSamples, Samples, progress
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+INDEX_SUFFIX = ".idx.json"
+MANIFEST = "manifest.json"
+WINDOW = 8  # shards shuffled together
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+
+
+def _webdataset():
+    try:
+        import webdataset
+    except ImportError as e:
+        raise ImportError("WebDataset shards need the webdataset package: pip install 'fastvit[shards]'") from e
+    return webdataset
+
+
+def parse_size(text: str) -> int:
+    """'1GB' -> 10**9 bytes, '512MiB' -> 512 * 2**20, '4096' -> 4096."""
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"--shard-size must look like 1GB, 500MB or 1073741824, got {text!r}")
+    power = "KMGT".find(m.group(2).upper()) + 1 if m.group(2) else 0
+    size = int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+    if size <= 0:
+        raise ValueError(f"--shard-size must be positive, got {text!r}")
+    return size
+
+
+def _split_folders(root: str) -> list:
+    return [s for s in ("train", "val", "test") if glob.glob(os.path.join(root, s, "*.tar"))]
+
+
+def is_shard_spec(data: str) -> bool:
+    """Whether ``--data`` names shards: a .tar file or brace pattern, or a folder whose train/ holds .tar files."""
+    if os.path.isdir(data):
+        return "train" in _split_folders(data)
+    return data.endswith(".tar") or "{" in data
+
+
+def expand(spec: str) -> list:
+    """Shard files of a folder (its .tar files, sorted) or of a brace pattern (``train-{0000..0999}.tar``);
+    every name a pattern expands to must exist."""
+    if os.path.isdir(spec):
+        paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
+        if not paths:
+            raise ValueError(f"{spec} holds no .tar shards")
+        return paths
+    names = _webdataset().shardlists.expand_urls(spec)
+    missing = [n for n in names if not os.path.isfile(n)]
+    if len(missing) == len(names):
+        raise ValueError(f"shard pattern {spec!r} matches no file (it expands to {len(names)} name(s), the first "
+                         f"{names[0]!r})")
+    if missing:
+        raise ValueError(f"shard pattern {spec!r}: {len(missing)} of {len(names)} shards do not exist "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    return names
+
+
+# ---- index ----------------------------------------------------------------------------------------------------
+def scan_shard(path: str) -> dict:
+    """Index one shard from its tar headers: {"bytes", "mtime_ns", "samples": [[key, offset, size, label], ...]}
+    in tar order. Raises ValueError for a sample without a label or an image; a tar damaged part-way is indexed up
+    to the damage, with a warning naming what is lost."""
+    base_plus_ext = _webdataset().tariterators.base_plus_ext
+    entries, order = {}, []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            try:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, ext = base_plus_ext(member.name)
+                    if key is None:
+                        continue
+                    if key not in entries:
+                        entries[key] = {}
+                        order.append(key)
+                    ext = ext.lower()
+                    if ext == "cls":
+                        entries[key]["cls"] = tar.extractfile(member).read()
+                    elif ext in IMAGE_EXTS and "image" not in entries[key]:
+                        entries[key]["image"] = (member.offset_data, member.size)
+            except (tarfile.ReadError, EOFError, OSError) as e:
+                warnings.warn(f"shard {path} is damaged after {len(order)} samples ({e}); the rest of it is lost",
+                              RuntimeWarning)
+    except tarfile.ReadError as e:
+        raise ValueError(f"shard {path} is not a readable tar file ({e})") from e
+    unlabelled = [k for k in order if "cls" not in entries[k]]
+    if unlabelled and len(unlabelled) == len(order):
+        raise ValueError(f"shard {path} has no labels: a labelled WebDataset sample is KEY.jpg (or .png/.webp) "
+                         f"with KEY.cls holding the class index")
+    if unlabelled:
+        raise ValueError(f"shard {path}: {len(unlabelled)} of {len(order)} samples have no .cls label "
+                         f"(first: {unlabelled[0]!r})")
+    imageless = [k for k in order if "image" not in entries[k]]
+    if imageless:
+        raise ValueError(f"shard {path}: {len(imageless)} samples have no image ({'/'.join(IMAGE_EXTS)}) "
+                         f"(first: {imageless[0]!r})")
+    samples = []
+    for key in order:
+        try:
+            label = int(entries[key]["cls"].decode().strip())
+        except ValueError as e:
+            raise ValueError(f"shard {path}: sample {key!r} has a .cls that is not a class index "
+                             f"({entries[key]['cls'][:20]!r})") from e
+        samples.append([key, *entries[key]["image"], label])
+    stat = os.stat(path)
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "samples": samples}
+
+
+def write_index(path: str, index: dict) -> None:
+    tmp = f"{path}{INDEX_SUFFIX}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(index, f)
+    os.replace(tmp, path + INDEX_SUFFIX)
+
+
+def shard_index(path: str) -> dict:
+    """The shard's index: its ``.idx.json`` when it matches the shard's size and time, else a fresh scan (saved
+    beside the shard when the folder is writable)."""
+    stat = os.stat(path)
+    try:
+        with open(path + INDEX_SUFFIX) as f:
+            index = json.load(f)
+        if index["bytes"] == stat.st_size and index["mtime_ns"] == stat.st_mtime_ns:
+            return index
+    except (OSError, ValueError, KeyError):
+        pass
+    index = scan_shard(path)
+    try:
+        write_index(path, index)
+    except OSError:
+        pass  # a read-only dataset: keep the index in memory
+    return index
+
+
+class ShardSamples(Samples):
+    """The samples of a list of shards, in shard order, read by (offset, size) from the index."""
+
+    def __init__(self, paths: list, desc: str = "index shards"):
+        indexes = [shard_index(p) for p in progress(paths, desc=desc, leave=False, disable=len(paths) < 50)]
+        empty = [p for p, ix in zip(paths, indexes) if not ix["samples"]]
+        for p in empty:
+            warnings.warn(f"shard {p} holds no samples; skipped", RuntimeWarning)
+        kept = [(p, ix) for p, ix in zip(paths, indexes) if ix["samples"]]
+        if not kept:
+            raise ValueError(f"the shards hold no samples ({len(paths)} shard(s), first {paths[0]})")
+        self.paths = [p for p, _ in kept]
+        self.counts = np.array([len(ix["samples"]) for _, ix in kept], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)])
+        columns = [np.array([s[1:] for s in ix["samples"]], dtype=np.int64) for _, ix in kept]
+        self.offsets, self.sizes, self.labels = np.concatenate(columns).T.copy()
+        self._files, self._pid = {}, None
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard number, sample number in the shard) of a global sample index."""
+        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return shard, int(index - self.starts[shard])
+
+    def _file(self, shard):
+        if self._pid != os.getpid():  # a forked loader worker opens its own handles
+            self._files, self._pid = {}, os.getpid()
+        if shard not in self._files:
+            if len(self._files) >= 2 * WINDOW:
+                self._files.pop(next(iter(self._files))).close()
+            self._files[shard] = open(self.paths[shard], "rb")
+        return self._files[shard]
+
+    def read(self, index):
+        f = self._file(self.locate(index)[0])
+        f.seek(int(self.offsets[index]))
+        data = f.read(int(self.sizes[index]))
+        if len(data) != self.sizes[index]:
+            raise OSError(f"shard truncated: {len(data)} of {self.sizes[index]} bytes")
+        return data
+
+    def name(self, index):
+        shard, i = self.locate(index)
+        return f"{self.paths[shard]}:{shard_index(self.paths[shard])['samples'][i][0]}"
+
+    def __getstate__(self):  # open files stay in the process that opened them
+        return {**self.__dict__, "_files": {}, "_pid": None}
+
+
+class ShardSampler:
+    """Stream position -> sample index: each epoch a seeded shard order, shuffled within windows of shards."""
+
+    def __init__(self, counts, seed: int, window: int = WINDOW):
+        self.counts, self.seed, self.window = np.asarray(counts, dtype=np.int64), seed, window
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)])
+        self.n = int(self.starts[-1])
+        self._epochs, self._windows = {}, {}
+
+    def _epoch(self, epoch):
+        """(shard order, start position of each window) of an epoch."""
+        if epoch not in self._epochs:
+            if len(self._epochs) > 2:
+                self._epochs.pop(min(self._epochs))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, 0x5AD, epoch))
+            order = torch.randperm(len(self.counts), generator=g).numpy()
+            sizes = [self.counts[order[i:i + self.window]].sum() for i in range(0, len(order), self.window)]
+            self._epochs[epoch] = order, np.concatenate([[0], np.cumsum(sizes)])
+        return self._epochs[epoch]
+
+    def _members(self, epoch, w):
+        """The sample indices of window ``w`` of an epoch, shuffled."""
+        if (epoch, w) not in self._windows:
+            if len(self._windows) > 2:
+                self._windows.pop(min(self._windows))
+            order, _ = self._epoch(epoch)
+            shards = order[w * self.window:(w + 1) * self.window]
+            members = np.concatenate([np.arange(self.starts[s], self.starts[s + 1]) for s in shards])
+            g = torch.Generator().manual_seed(mix_seed(self.seed, 0x5AD, epoch, w))
+            self._windows[(epoch, w)] = members[torch.randperm(len(members), generator=g).numpy()]
+        return self._windows[(epoch, w)]
+
+    def index(self, position: int) -> int:
+        epoch, p = divmod(position, self.n)
+        _, window_starts = self._epoch(epoch)
+        w = int(np.searchsorted(window_starts, p, side="right")) - 1
+        return int(self._members(epoch, w)[p - window_starts[w]])
+
+
+def resolve_specs(data: str, val_data: str | None) -> tuple[str, str]:
+    """(train spec, held-out spec) from --data and --val-data."""
+    if os.path.isdir(data):
+        splits = _split_folders(data)
+        held_out = next((s for s in ("val", "test") if s in splits), None)
+        if "train" not in splits or held_out is None:
+            raise ValueError(f"--data {data!r}: a shard folder needs train/ and val/ (or test/) sub-folders of .tar "
+                             f"shards (found .tar files in: {', '.join(splits) or 'none'})")
+        return os.path.join(data, "train"), val_data or os.path.join(data, held_out)
+    if val_data is None:
+        raise ValueError(f"--data {data!r} is a shard pattern: pass the held-out shards with --val-data PATTERN")
+    return data, val_data
+
+
+class ShardSource(FileSource):
+    """Training and held-out images from WebDataset shards."""
+
+    def __init__(self, data: str, val_data: str | None, img_size: int, workers: int = 4, decode: str = "cpu",
+                 device=None):
+        train_spec, val_spec = resolve_specs(data, val_data)
+        train = ShardSamples(expand(train_spec), desc="index train shards")
+        test = ShardSamples(expand(val_spec), desc="index val shards")
+        super().__init__(train, test, img_size, workers, decode, device)
+
+    def sampler(self, seed):
+        return ShardSampler(self.train_samples.counts, seed)
+
+
+# ---- writer ---------------------------------------------------------------------------------------------------
+def _encoded(path: str) -> tuple[str, bytes]:
+    """(extension, bytes) to store for an image file: JPEG, PNG and WebP as they are, other formats as PNG."""
+    ext = Path(path).suffix.lower().lstrip(".")
+    data = Path(path).read_bytes()
+    if ext in IMAGE_EXTS:
+        return ("jpg" if ext == "jpeg" else ext), data
+    import io
+    from PIL import Image
+    out = io.BytesIO()
+    with Image.open(io.BytesIO(data)) as image:
+        image.save(out, format="PNG")
+    return "png", out.getvalue()
+
+
+def write_split(src: str, dst: str, prefix: str, shard_size: int, seed: int, classes=None) -> dict:
+    """Write the ImageFolder ``src`` as shards ``dst/<prefix>-NNNNNN.tar`` (samples in a seeded random order, so
+    every shard mixes classes) with their indexes; returns the split's manifest entry."""
+    wds = _webdataset()
+    samples = FolderSamples(src)
+    if classes is not None and samples.classes != classes:
+        raise ValueError(f"{src} has classes {samples.classes[:5]}..., unlike train/ {classes[:5]}...")
+    if len(samples) == 0:
+        raise ValueError(f"{src} holds no images")
+    os.makedirs(dst, exist_ok=True)
+    order = np.random.default_rng(seed).permutation(len(samples))
+    shards, sources, skipped = [], {}, []
+    writer, tmp, size = None, None, 0
+
+    def close():
+        writer.close()
+        final = tmp[:-len(".tmp")]
+        os.replace(tmp, final)
+        index = scan_shard(final)
+        write_index(final, index)
+        per_class = Counter(samples.classes[s[3]] for s in index["samples"])
+        shards.append({"name": os.path.basename(final), "samples": len(index["samples"]), "bytes": index["bytes"],
+                       "per_class": dict(sorted(per_class.items()))})
+
+    for n, i in enumerate(progress(order, desc=f"write {prefix}", unit="img")):
+        try:
+            ext, data = _encoded(samples.paths[i])
+        except Exception as e:  # noqa: BLE001  an unreadable source of a format we re-encode
+            skipped.append({"source": samples.paths[i], "error": f"{type(e).__name__}: {e}"})
+            continue
+        if writer is None or (size + len(data) > shard_size and size > 0):
+            if writer is not None:
+                close()
+            tmp = os.path.join(dst, f"{prefix}-{len(shards):06d}.tar.tmp")
+            writer, size = wds.TarWriter(tmp, encoder=False, mtime=0), 0
+        key = f"{n:09d}"
+        sources[f"{prefix}-{len(shards):06d}.tar:{key}"] = samples.paths[i]
+        size += writer.write({"__key__": key, ext: data, "cls": str(int(samples.labels[i])).encode()})
+    if writer is not None:
+        close()
+    per_class = Counter()
+    for s in shards:
+        per_class.update(s["per_class"])
+    return {"samples": sum(s["samples"] for s in shards), "per_class": dict(sorted(per_class.items())),
+            "shards": shards, "skipped": skipped, "_sources": sources, "classes": samples.classes}
+
+
+def _decode_check(item):
+    path, offset, size = item
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    try:
+        decode_pil(data)
+        return None
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+
+
+def verify(folder: str, workers: int = 0) -> list:
+    """Decode every sample of the shards in ``folder`` (PIL); returns [(shard:key, error)] of those that fail."""
+    paths = expand(folder)
+    items, names = [], []
+    for path in paths:
+        for key, offset, size, _ in shard_index(path)["samples"]:
+            items.append((path, offset, size))
+            names.append(f"{os.path.basename(path)}:{key}")
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 0 else None
+    try:
+        results = pool.imap(_decode_check, items, chunksize=64) if pool else map(_decode_check, items)
+        bar = progress(results, total=len(items), desc=f"verify {os.path.basename(folder)}", unit="img")
+        failed = [(name, err) for err, name in zip(bar, names) if err]  # the bar first: it ends, and closes
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    return failed
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastvit.data.shards", description=(
+        "Write an ImageFolder (SRC/train and SRC/val or SRC/test, or SRC itself as one split) as WebDataset tar "
+        "shards with indexes and a manifest (counts per class and per shard), then decode every sample to verify."))
+    parser.add_argument("src", help="ImageFolder root: train/ and val/ (or test/) class folders, or class folders")
+    parser.add_argument("dst", help="output folder (train/ and val/ sub-folders of shards, manifest.json)")
+    parser.add_argument("--shard-size", default="1GB", help="bytes of images per shard (1GB, 500MB, 64MiB, ...)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample order (shards mix classes)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes for the verify pass (0: in this process)")
+    parser.add_argument("--no-verify", action="store_true", help="skip decoding every sample after writing")
+    args = parser.parse_args(argv)
+    try:
+        shard_size = parse_size(args.shard_size)
+        if not os.path.isdir(args.src):
+            raise ValueError(f"SRC {args.src!r} is not a folder")
+        splits = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(args.src, s))]
+        if splits and "train" not in splits:
+            raise ValueError(f"SRC {args.src!r} has {splits} but no train/ folder")
+        plan = [(os.path.join(args.src, s), os.path.join(args.dst, s), s) for s in splits] or \
+               [(args.src, args.dst, "shard")]
+        manifest = {"source": os.path.abspath(args.src), "shard_size": shard_size, "seed": args.seed, "splits": {}}
+        classes, sources = None, {}
+        for src, dst, name in plan:
+            entry = write_split(src, dst, name, shard_size, args.seed, classes)
+            classes = entry.pop("classes")
+            for key, path in entry.pop("_sources").items():
+                sources[f"{name}/{key}"] = path
+            manifest["splits"][name] = entry
+        manifest["classes"] = classes
+    except (ValueError, ImportError) as e:
+        parser.error(str(e))
+    failed = []
+    if not args.no_verify:
+        for src, dst, name in plan:
+            failed += [{"sample": f"{name}/{key}", "source": sources.get(f"{name}/{key}"), "error": err}
+                       for key, err in verify(dst, args.workers)]
+        manifest["verify"] = {"decoded": sum(s["samples"] for s in manifest["splits"].values()) - len(failed),
+                              "undecodable": failed}
+    Path(args.dst, MANIFEST).write_text(json.dumps(manifest, indent=1))
+    skipped = [s for entry in manifest["splits"].values() for s in entry["skipped"]]
+    for split, entry in manifest["splits"].items():
+        print(f"{split}: {entry['samples']} samples in {len(entry['shards'])} shards, "
+              f"{len(entry['per_class'])} classes")
+    for item in skipped:
+        print(f"not written (unreadable source): {item['source']} ({item['error']})", file=sys.stderr)
+    for item in failed:
+        print(f"undecodable: {item['sample']} from {item['source']} ({item['error']})", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} sample(s) do not decode; training replaces them (counted against --max-bad-frac)",
+              file=sys.stderr)
+    print(f"wrote {Path(args.dst, MANIFEST)}")
+    return 1 if failed or skipped else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

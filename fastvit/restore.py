@@ -1,0 +1,46 @@
+"""Models rebuilt for ``--init`` and few-shot evaluation: from a fastvit training checkpoint (the architecture stored
+in its config.json) or from a weights file in any layout ``fastvit.convert`` reads."""
+from __future__ import annotations
+
+import fastvit
+from fastvit import checkpoint
+from fastvit.config import ARCH_FLAGS, RECIPE_DEFAULTS, check_init
+
+
+def load_pretrained(init, model_name, overrides: dict):
+    """Build a model and load pretrained weights: a fastvit training checkpoint (its stored architecture) or a
+    weights file (``model_name`` with ``overrides``, headless). Returns (model, model name, constructor kwargs)."""
+    ckpt = checkpoint.find_checkpoint(init)
+    if ckpt is None:
+        kwargs = {k: v for k, v in overrides.items() if k != "num_classes"}
+        model = fastvit.create_model(model_name, num_classes=0, **kwargs)
+        from fastvit.convert import load_checkpoint
+        load_checkpoint(model, init)
+        return model, model_name, {**kwargs, "num_classes": 0}
+    stored = checkpoint.read_config(ckpt)["model"]
+    bad = [k for k in ARCH_FLAGS if k in overrides and overrides[k] != stored["kwargs"].get(k)]
+    if bad:
+        flag = bad[0]
+        raise ValueError(f"--{flag.replace('_', '-')} cannot change the architecture of checkpoint {ckpt} "
+                         f"(checkpoint: {stored['kwargs'].get(flag)}, passed: {overrides[flag]})")
+    kwargs = {**stored["kwargs"], **{k: v for k, v in overrides.items() if k not in ("num_classes", "img_size")}}
+    model = fastvit.create_model(stored["name"], **kwargs)
+    state = {"model": model.state_dict()}
+    checkpoint.load(ckpt, state)
+    return model, stored["name"], kwargs
+
+
+def load_model_for_eval(init, model_name=None, img_size=None, **arch):
+    """A model for feature extraction (``fastvit.fewshot``): from a checkpoint or weights file, or random.
+    ``arch``: constructor options such as pos_embed / pos_embed_at (a checkpoint's own must match)."""
+    arch = {k: v for k, v in arch.items() if v is not None}
+    overrides = {**arch, **({"img_size": img_size} if img_size else {})}
+    name = model_name or RECIPE_DEFAULTS["pretrain"]["model"]
+    if init is None:
+        model = fastvit.create_model(name, num_classes=0, **overrides)
+        return model, model.patch_embed.img_size[0]
+    check_init(init)
+    model = load_pretrained(init, name, overrides)[0]
+    if img_size and tuple(model.patch_embed.img_size) != (img_size, img_size):
+        model.set_input_size(img_size=img_size)
+    return model, model.patch_embed.img_size[0]

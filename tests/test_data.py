@@ -1,0 +1,230 @@
+"""fastvit.data on files: keyed augmentation against torchvision's ops, the GPU path's code on CPU tensors against the
+CPU path, unreadable samples (replaced, counted, a limit), and training on an ImageFolder with broken files."""
+import io
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastvit.config import TrainConfig
+from fastvit.data import (BadSampleWarning, DataError, FileSource, FolderSamples, ImageFolderSource, augment_batch,
+                          crop_boxes, decode_pil, eval_transform, keyed_uniform, micro_batch_plan, mix_seed)
+from fastvit.data.augment import UNIFORMS
+from fastvit.data.gpu import GpuDecoder
+from fastvit.data.sources import collate
+from fastvit.train import main, train
+
+TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, threads=1, workers=0, warmup_steps=1,
+            dropout=0.0, eval_every=100)
+SIZES = [(24, 20), (40, 31), (17, 60), (33, 33)]  # mixed image sizes, both orientations
+
+
+def encode(pixels, fmt):
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return out.getvalue()
+
+
+def make_folder(root, per_class=6, classes=("cat", "dog", "owl"), broken=(), seed=0):
+    """An ImageFolder with train/ and val/: JPEGs and PNGs of mixed sizes; ``broken`` names (split, class, i) files
+    written as a truncated JPEG. Returns the broken files' paths."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for split in ("train", "val"):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                h, w = SIZES[i % len(SIZES)]
+                pixels = (rng.random((h, w, 3)) * 60 + 80 * c).astype(np.uint8)
+                fmt = "PNG" if i % 3 == 2 else "JPEG"
+                data = encode(pixels, fmt)
+                path = root / split / name / f"{i}.{'png' if fmt == 'PNG' else 'jpg'}"
+                if (split, name, i) in broken:
+                    data = encode(pixels, "JPEG")[:60]  # a header, then nothing: PIL fails on load
+                    path = path.with_suffix(".jpg")
+                    paths.append(str(path))
+                path.write_bytes(data)
+    return paths
+
+
+def rows(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- augmentation -------------------------------------------------------------------------------------------
+def test_crop_boxes_match_random_resized_crop_statistics():
+    """Keyed boxes lie in the image, keep scale and ratio in range, and have the distribution of torchvision's
+    RandomResizedCrop.get_params (the reference, driven by torch's RNG) on the same image sizes."""
+    from torchvision.transforms import RandomResizedCrop
+    n, H, W = 4000, 60, 90
+    boxes, flips = crop_boxes(keyed_uniform(0, 1, range(n), UNIFORMS), [H] * n, [W] * n)
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= H).all() and (left + w <= W).all()
+    assert 0.45 < flips.mean() < 0.55
+    torch.manual_seed(0)
+    ref = np.array([RandomResizedCrop.get_params(torch.empty(3, H, W), (0.08, 1.0), (3 / 4, 4 / 3))
+                    for _ in range(n)])
+    for ours, theirs in ((h * w / (H * W), ref[:, 2] * ref[:, 3] / (H * W)), (w / h, ref[:, 3] / ref[:, 2]),
+                         (top / np.maximum(1, H - h), ref[:, 0] / np.maximum(1, H - ref[:, 2]))):
+        assert abs(ours.mean() - theirs.mean()) < 0.03 and abs(ours.std() - theirs.std()) < 0.03
+    # a 1 x 100 strip: no try fits, so the fallback centre crop with the ratio clamped to 4/3
+    box, _ = crop_boxes(keyed_uniform(0, 1, [0], UNIFORMS), [1], [100])
+    assert box.tolist() == [[0, 49, 1, 1]]
+
+
+def test_augment_equals_torchvision_ops_and_batches_mixed_sizes():
+    """augment_batch = torchvision's resized_crop (float, antialiased bilinear) + hflip + normalize per image, for a
+    batch of images of different sizes; eval_transform = resize shorter side + centre crop + normalize."""
+    import torchvision.transforms.v2.functional as TF
+    rng = np.random.default_rng(1)
+    images = [torch.from_numpy((rng.random((3, h, w)) * 255).astype(np.uint8)) for h, w in SIZES]
+    u = keyed_uniform(3, 7, range(len(images)), UNIFORMS)
+    boxes, flips = crop_boxes(u, [h for h, _ in SIZES], [w for _, w in SIZES])
+    out = augment_batch(images, u, 16)
+    mean, std = [255 * m for m in (0.485, 0.456, 0.406)], [255 * s for s in (0.229, 0.224, 0.225)]
+    for image, (t, l, h, w), flip, got in zip(images, boxes, flips, out):
+        ref = TF.resized_crop(image.float(), int(t), int(l), int(h), int(w), [16, 16], antialias=True)
+        ref = TF.normalize(TF.horizontal_flip(ref) if flip else ref, mean, std)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    for image in images:
+        short = round(16 / 0.875)
+        ref = TF.normalize(TF.center_crop(TF.resize(image.float(), short, antialias=True), [16, 16]), mean, std)
+        torch.testing.assert_close(eval_transform(image, 16), ref, rtol=0, atol=1e-4)
+
+
+# ---- unreadable samples -------------------------------------------------------------------------------------
+def test_unreadable_sample_is_replaced_by_a_keyed_substitute(tmp_path):
+    broken = make_folder(tmp_path, broken={("train", "dog", 1)})
+    source = ImageFolderSource(str(tmp_path), img_size=16, workers=0)
+    keyed = source.keyed(seed=4)
+    i = source.train_samples.paths.index(broken[0])
+    x, y, _, bad, (used, step, pos) = keyed[(i, 9, 5)]
+    assert [name for name, _ in bad] == [broken[0]] and bad[0][1]  # the file, and PIL's reason
+    assert used == mix_seed(4, 9, 5, 1, 0xBAD) % source.num_train and (step, pos) == (9, 5)
+    expect = keyed[(used, 9, 5)]  # the substitute, augmented with the key of the position it fills
+    assert torch.equal(x, expect[0]) and y == expect[1] == int(source.train_samples.labels[used])
+    assert torch.equal(keyed[(i, 9, 5)][0], x)  # deterministic
+    assert keyed[(i, 9, 6)][4][0] == mix_seed(4, 9, 6, 1, 0xBAD) % source.num_train  # keyed by the position too
+
+
+def test_gpu_path_code_on_cpu_equals_cpu_path(tmp_path):
+    """--decode gpu's batched decode_jpeg + augment_batch, run on CPU tensors, gives the CPU path's batches
+    exactly (PNGs go through PIL on both; a broken JPEG is replaced the same way in the workers)."""
+    make_folder(tmp_path, broken={("train", "owl", 0)})
+    source = ImageFolderSource(str(tmp_path), img_size=16, workers=0)
+    gpu = FileSource(source.train_samples, source.train_samples, 16, workers=0, decode="cpu")
+    gpu.decode = "gpu"  # what --decode gpu makes the loader workers return, decoded here on the CPU
+    plan = list(micro_batch_plan(source.sampler(2), 2, 0, 0, 3, 6, 3, 1, 0))
+    cpu_batches = list(source.loader(iter(plan), 2))
+    keyed = gpu.keyed(2)
+    loader = torch.utils.data.DataLoader(keyed, batch_sampler=plan, collate_fn=collate)
+    gpu_batches = list(GpuDecoder(keyed, "cpu").batches(loader))
+    assert sum(len(b) for _, _, b in cpu_batches) >= 1
+    for (xa, ya, ba), (xb, yb, bb) in zip(cpu_batches, gpu_batches, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and ba == bb
+    with pytest.raises(ValueError, match="--decode gpu needs a CUDA device"):
+        FileSource(source.train_samples, source.train_samples, 16, decode="gpu", device="cpu")
+
+
+def test_training_with_broken_files_counts_replaces_and_resumes(tmp_path):
+    """Two unreadable training files: the run warns naming them, logs bad_samples, gives the same losses for 1 x 6
+    and 3 micro-batches of 2 (replacements do not depend on the split), and a resumed run repeats it bitwise."""
+    broken = make_folder(tmp_path / "data", broken={("train", "dog", 1), ("train", "cat", 4), ("val", "owl", 3)})
+    common = dict(TINY, data=str(tmp_path / "data"), steps=4, global_batch=6, seed=1, max_bad_frac=0.5)
+    with pytest.warns(BadSampleWarning) as record:
+        train(TrainConfig(**common, out=str(tmp_path / "a"), micro_batch=6))
+    named = {str(w.message).split(" (")[0].removeprefix("unreadable sample ") for w in record}
+    assert named <= set(broken) and named & set(broken[:2])
+    assert broken[2] in named  # the held-out one, left out of evaluation
+    a = [r for r in rows(tmp_path / "a") if "loss" in r]
+    assert a[-1]["bad_samples"] > 0 and [r["bad_samples"] for r in a] == sorted(r["bad_samples"] for r in a)
+    with pytest.warns(BadSampleWarning):
+        train(TrainConfig(**common, out=str(tmp_path / "b"), micro_batch=2))
+    b = [r for r in rows(tmp_path / "b") if "loss" in r]
+    assert [r["bad_samples"] for r in b] == [r["bad_samples"] for r in a]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+
+    def crash(step, row):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    resumed = dict(common, out=str(tmp_path / "c"), micro_batch=6, save_every=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadSampleWarning)
+        with pytest.raises(KeyboardInterrupt):
+            train(TrainConfig(**resumed), on_step_end=crash)
+        train(TrainConfig(**resumed))
+    c = [r for r in rows(tmp_path / "c") if "loss" in r]
+    assert [(r["loss"], r["bad_samples"]) for r in c] == [(r["loss"], r["bad_samples"]) for r in a]
+
+
+def test_too_many_bad_samples_stop_the_run_with_a_clear_error(tmp_path, capsys):
+    make_folder(tmp_path / "data", broken={("train", "dog", 1), ("train", "cat", 4), ("train", "owl", 5)})
+    flags = ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--steps", "20", "--global-batch", "6",
+             "--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth", "2", "--num-heads", "2",
+             "--workers", "0", "--max-bad-frac", "0.05"]
+    with pytest.warns(BadSampleWarning), pytest.raises(SystemExit) as exit_info:
+        main(flags)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "unreadable samples among the" in err and "exceed --max-bad-frac 0.05 x max(drawn, training-set size 18)" \
+        in err
+    # 18 training images, 0.05 x 18 = 0.9: the first bad sample drawn stops it, before its step updates the model
+    logged = [r for r in rows(tmp_path / "run") if "loss" in r]
+    assert all(r["bad_samples"] == 0 for r in logged)
+
+
+def test_a_sample_that_never_decodes_is_a_data_error(tmp_path):
+    make_folder(tmp_path, per_class=1, classes=("a",), broken={("train", "a", 0)})
+    source = ImageFolderSource(str(tmp_path), img_size=16, workers=0)
+    with pytest.raises(DataError, match="17 samples in a row could not be read"):
+        source.keyed(0)[(0, 0, 0)]
+
+
+def test_folder_samples_read_files(tmp_path):
+    make_folder(tmp_path)
+    samples = FolderSamples(str(tmp_path / "train"))
+    assert samples.classes == ["cat", "dog", "owl"] and len(samples) == 18
+    assert samples.read(0) == Path(samples.name(0)).read_bytes()
+    assert decode_pil(samples.read(0)).shape == (3, *SIZES[0])
+
+
+def test_fewshot_leaves_unreadable_images_out(tmp_path):
+    """fastvit.fewshot on an ImageFolder with a broken training and a broken held-out file: the ridge fit and the
+    test set skip them, i.e. the result equals a direct fit on the readable images only."""
+    from fastvit import fewshot
+    broken = make_folder(tmp_path, broken={("train", "dog", 0), ("val", "cat", 2)})
+    source = ImageFolderSource(str(tmp_path), img_size=8, workers=0)
+    from test_fewshot import PixelFeatures
+    model = PixelFeatures()
+    with pytest.warns(BadSampleWarning):
+        got = fewshot.evaluate(model, source.train_eval, source.test, shots=(6,), seeds=1)[6]["accs"][0]
+
+    def readable(dataset):
+        keep = [i for i in range(len(dataset)) if dataset.samples.name(i) not in broken]
+        x = torch.stack([dataset[i][0][0].flatten() for i in keep])
+        return x, torch.as_tensor(dataset.targets[keep])
+    (train_x, train_y), (test_x, test_y) = readable(source.train_eval), readable(source.test)
+    assert len(train_y) == 17 and len(test_y) == 17
+    assert got == pytest.approx(fewshot.lsr_accuracy(train_x, train_y, test_x, test_y), abs=1e-12)
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="--decode gpu needs CUDA")
+def test_gpu_decode_on_cuda_is_close_to_the_cpu_path(tmp_path):
+    """On a GPU: nvjpeg + the GPU resize give the CPU path's batches up to decoder rounding (a few grey levels),
+    the same labels and the same replacements, and a short training run with --decode gpu works."""
+    make_folder(tmp_path, broken={("train", "owl", 0)})
+    cpu = ImageFolderSource(str(tmp_path), img_size=16, workers=0)
+    gpu = ImageFolderSource(str(tmp_path), img_size=16, workers=1, decode="gpu", device="cuda")
+    plan = list(micro_batch_plan(cpu.sampler(2), 2, 0, 0, 3, 6, 3, 1, 0))
+    for (xa, ya, ba), (xb, yb, bb) in zip(cpu.loader(iter(plan), 2), gpu.loader(iter(plan), 2), strict=True):
+        assert xb.is_cuda and torch.equal(ya, yb.cpu()) and ba == bb
+        assert (xa - xb.cpu()).abs().max() < 8 / 255 / 0.225  # 8 grey levels, in normalised units
+    result = train(TrainConfig(**dict(TINY, workers=1), data=str(tmp_path), out=str(tmp_path / "run"), steps=2,
+                               global_batch=6, decode="gpu", max_bad_frac=0.5))
+    assert result["step"] == 2
