@@ -16,7 +16,8 @@ setup(
     package_dir={"fastvit": "fastvit", "fastvit.kernels": "kernels"},
     package_data={"fastvit": ["pretrained_cfgs.json"]},  # timm's pretrained configs (scripts/gen_pretrained_cfgs.py)
     install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy", "tqdm", "matplotlib",
-                      "scikit-learn"],  # the embedded digits dataset of the default training run
+                      "scikit-learn",  # the embedded digits dataset of the default training run
+                      "safetensors"],  # the trainer writes its final model as a timm Hub folder
     extras_require={
         "test": ["pytest", "pytest-benchmark", "timm", "scikit-learn", "safetensors", "transformers", "peft",
                  "onnx", "onnxruntime", "onnxscript", "huggingface_hub", "webdataset"],

@@ -25,6 +25,7 @@ from fastvit.dist import DEFAULT_TIMEOUT_S
 from fastvit.model import POS_EMBED_AT, POS_EMBEDS
 
 RECIPES = ("pretrain", "finetune")
+PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("linear", "cosine")
 
 # The paper's settings (ImageNet, Table 3 / Appendix B.1.1); the lr is the lr at the given global batch.
@@ -114,6 +115,22 @@ class TrainConfig:
                                "fails, so torchrun can restart the job", default=DEFAULT_TIMEOUT_S, type=float)
     threads: int | None = _opt("CPU threads per rank (0: OMP_NUM_THREADS if set, else cores / local ranks); the "
                                "digits preset uses 1: threads only add overhead on its tiny tensors", type=int)
+    layer_decay: float | None = _opt("layer-wise lr decay: the head trains at lr, block i of L (and the final norm "
+                                     "with the last block) at lr x decay^(L - i), the stem at lr x decay^(L + 1) "
+                                     "(fine-tuning; BEiT's rule as timm applies it over model.group_matcher())",
+                                     type=float)
+    precision: str = _opt("autocast: auto (bf16 on CUDA, none on CPU), bf16 or fp32 (no autocast)", default="auto",
+                          choices=PRECISIONS)
+    residual_dtype: str = _opt("dtype of the residual stream under autocast: float32 or the autocast dtype "
+                               "('autocast'; 4 D fewer bytes kept per token and block)", default="float32",
+                               choices=("float32", "autocast"))
+    compile: bool = _opt("torch.compile the training forward and backward (inductor; evaluation stays eager)",
+                         default=False, action="store_true")
+    compile_mode: str | None = _opt("torch.compile mode (default, reduce-overhead, max-autotune, ...; implies "
+                                    "--compile)")
+    cuda_graphs: bool = _opt("replay the training forward and backward as CUDA graphs (torch.compile mode "
+                             "reduce-overhead) and update with torch's fused optimizer kernels (CUDA only)",
+                             default=False, action="store_true")
     fewshot: bool = _opt("after training, few-shot linear evaluation (1/5/10/25 shots, 3 seeds)", default=False,
                          action="store_true")
     peak_tflops: float | None = _opt("peak TFLOP/s per device for MFU (default: from the GPU name)", type=float)
@@ -227,6 +244,15 @@ def check(cfg: TrainConfig, world: int) -> None:
     _need(cfg.peak_tflops is None or cfg.peak_tflops > 0, f"--peak-tflops must be > 0, got {cfg.peak_tflops}")
     _need(0 <= cfg.max_bad_frac <= 1, f"--max-bad-frac must be in [0, 1], got {cfg.max_bad_frac}")
     _need(cfg.dist_timeout > 0, f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}")
+    _need(cfg.layer_decay is None or 0 < cfg.layer_decay <= 1,
+          f"--layer-decay must be in (0, 1], got {cfg.layer_decay}")
+    _need(cfg.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+    if cfg.cuda_graphs:
+        _need(cfg.device != "cpu" and torch.cuda.is_available(),
+              "--cuda-graphs needs a CUDA device (none is available here, or --device cpu); use --compile on CPU")
+        _need(cfg.compile_mode in (None, "reduce-overhead"),
+              f"--cuda-graphs is torch.compile's mode reduce-overhead; it cannot be combined with --compile-mode "
+              f"{cfg.compile_mode}")
     if cfg.decode == "gpu":
         _need(cfg.data != "digits", "--decode gpu decodes JPEG files; --data digits has none (use --decode cpu)")
         _need(cfg.device != "cpu" and torch.cuda.is_available(),

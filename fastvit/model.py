@@ -31,7 +31,9 @@ from fastvit.resample import (_pair, resample_abs_pos_embed, resample_patch_embe
 
 POS_EMBEDS = ("learn", "learn_2d", "none", "rel")
 POS_EMBED_AT = ("stem", "every_layer", "every_layer_shared")
-RESIDUAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, "autocast")
+# residual_dtype choices, by name (as flags and config.json give them) or as torch dtypes
+RESIDUAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                   "autocast": "autocast"}
 GLOBAL_POOLS = ("token", "avg", "")
 
 
@@ -409,8 +411,10 @@ class VisionTransformer(nn.Module):
         self.pos_embed_at = pos_embed_at
         self.grad_checkpointing = False
         self.backend = backend
-        if residual_dtype not in RESIDUAL_DTYPES:
-            raise ValueError(f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {residual_dtype!r}")
+        residual_dtype = RESIDUAL_DTYPES.get(residual_dtype, residual_dtype)
+        if residual_dtype not in RESIDUAL_DTYPES.values():
+            raise ValueError(f"residual_dtype must be one of {tuple(RESIDUAL_DTYPES)} (or those torch dtypes), "
+                             f"got {residual_dtype!r}")
         self.residual_dtype = residual_dtype
 
         self.patch_embed = embed_layer(img_size=img_size, patch_size=patch_size, in_chans=in_chans,

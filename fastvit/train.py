@@ -42,14 +42,15 @@ from fastvit.data.sources import BadSampleWarning, DataError, eval_batches, prog
 from fastvit.dist import Env, device_and_backend, distributed, keep_thread_count, rank0_print
 from fastvit.flops import peak_flops, train_flops_per_image
 from fastvit.metrics import MetricsLog, plot_curves
-from fastvit.recipes import WarmupDecay, make_optimizer, make_scheduler
+from fastvit.recipes import WarmupDecay, make_optimizer, make_scheduler, param_groups
 from fastvit.restore import load_pretrained
 
 
 def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
     """``create_model`` keywords for a fresh model; stored in config.json so a checkpoint can rebuild it."""
     kwargs = dict(num_classes=num_classes, img_size=cfg.img_size, proj_drop_rate=cfg.dropout,
-                  pos_drop_rate=cfg.dropout, drop_path_rate=cfg.drop_path, backend=cfg.backend)
+                  pos_drop_rate=cfg.dropout, drop_path_rate=cfg.drop_path, backend=cfg.backend,
+                  residual_dtype=cfg.residual_dtype)
     kwargs.update({k: getattr(cfg, k) for k in ARCH_FLAGS if getattr(cfg, k) is not None})
     return kwargs
 
@@ -160,7 +161,10 @@ class Run:
             self.model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         else:
             self.model = model
-        self.optimizer = make_optimizer(cfg.recipe, self.core, cfg.lr, cfg.weight_decay)
+        if cfg.compile or cfg.compile_mode or cfg.cuda_graphs:  # training forward and backward; evaluation eager
+            self.model = torch.compile(self.model, mode="reduce-overhead" if cfg.cuda_graphs else cfg.compile_mode)
+        self.optimizer = make_optimizer(cfg.recipe, self.core, cfg.lr, cfg.weight_decay, cfg.layer_decay,
+                                        fused=cfg.cuda_graphs)
         self.scheduler = make_scheduler(self.optimizer, cfg.warmup_steps, cfg.steps, cfg.schedule)
         self.train_flops = train_flops_per_image(self.core)
         self.peak = peak_flops(env.device, cfg.peak_tflops)
@@ -218,11 +222,15 @@ class Run:
         --steps): the same flags give bitwise the same values, changed ones apply from the next step."""
         cfg, groups = self.cfg, self.optimizer.param_groups
         fn = WarmupDecay(cfg.warmup_steps, cfg.steps, cfg.schedule)
+        fresh = param_groups(self.core, cfg.weight_decay, cfg.lr, cfg.layer_decay)
+        if [len(g["params"]) for g in fresh] != [len(g["params"]) for g in groups]:
+            raise ValueError(f"--layer-decay {cfg.layer_decay} groups the parameters differently from the run being "
+                             f"resumed; resume with the --layer-decay it was started with")
         self.scheduler.lr_lambdas = [fn] * len(groups)
-        self.scheduler.base_lrs = [cfg.lr] * len(groups)
-        for group in groups:
-            group["initial_lr"], group["lr"] = cfg.lr, cfg.lr * fn(self.scheduler.last_epoch)
-        groups[0]["weight_decay"] = cfg.weight_decay  # param_groups(): [weight matrices, exempt]
+        self.scheduler.base_lrs = [g["lr"] for g in fresh]
+        for group, new in zip(groups, fresh):
+            group["initial_lr"], group["lr"] = new["lr"], new["lr"] * fn(self.scheduler.last_epoch)
+            group["weight_decay"], group["lr_scale"] = new["weight_decay"], new["lr_scale"]
         self.scheduler._last_lr = [group["lr"] for group in groups]
 
     def resume(self):
@@ -256,8 +264,10 @@ class Run:
 
     # -- evaluation -------------------------------------------------------------------------------------------
     def _autocast(self):
-        if self.env.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast per --precision (auto: on CUDA only)."""
+        device = self.env.device.type
+        if self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and device == "cuda"):
+            return torch.autocast(device, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     @torch.no_grad()
@@ -403,6 +413,8 @@ class Run:
             self.save(step, seen, final=True)
         result = {"step": step, "top1": top1, "out": str(self.out), "stopped_by_signal": stopped,
                   "train_time_s": time.perf_counter() - t_run}
+        if not stopped:
+            result["model_dir"] = self._save_model_folder()
         if cfg.fewshot and not stopped:
             result["fewshot"] = self._fewshot()
         if env.rank == 0:
@@ -411,8 +423,19 @@ class Run:
             plot_curves(log.path, self.out / "curves.png")
             accuracy = "stopped before an evaluation" if top1 is None else f"held-out top-1 {100 * top1:.2f}%"
             print(f"{accuracy} at step {step}; {result['train_time_s']:.1f} s; metrics {log.path}, "
-                  f"curves {self.out / 'curves.png'}", flush=True)
+                  f"curves {self.out / 'curves.png'}" + (f", model {result['model_dir']}" if not stopped else ""),
+                  flush=True)
         return result
+
+    def _save_model_folder(self) -> str:
+        """The final weights as a timm Hub folder (``out/model``: config.json + model.safetensors), which
+        ``timm.create_model('local-dir:...', pretrained=True)`` and fastvit load (and ``hf-hub:`` after an upload)."""
+        folder = self.out / "model"
+        model = self._plain_model()  # FSDP2: gathered on every rank
+        if self.env.rank == 0:
+            fastvit.save_pretrained(model, folder)
+        dist.barrier()
+        return str(folder)
 
     def _fewshot(self):
         from fastvit import fewshot

@@ -79,6 +79,54 @@ def test_finetune_from_pretrain_checkpoint(pretrained, tmp_path):
     assert checkpoint.read_config(checkpoint.step_path(tmp_path, 3))["model"]["kwargs"]["img_size"] == 32
 
 
+def test_the_final_model_is_a_timm_hub_folder(pretrained):
+    """out/model holds config.json + model.safetensors that timm and fastvit load ('local-dir:') as the run's final
+    weights."""
+    import timm
+    out, result = pretrained
+    assert result["model_dir"] == str(out / "model")
+    final = checkpoint.read_tensors(checkpoint.step_path(out, 150))
+    ours = fastvit.create_model(f"local-dir:{out / 'model'}", pretrained=True).eval()
+    theirs = timm.create_model(f"local-dir:{out / 'model'}", pretrained=True).eval()
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(tensor, final[f"model.{name}"]), name
+    x = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+def test_layer_decay_matches_timms_rule(pretrained, tmp_path):
+    """--layer-decay gives each parameter timm's param_groups_layer_decay lr scale; the head group trains at --lr."""
+    from timm.optim import param_groups_layer_decay
+    model = fastvit.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=10)
+    ours = {id(p): (g["lr_scale"], g["weight_decay"]) for g in param_groups(model, 0.05, 0.1, 0.7)
+            for p in g["params"]}
+    expected = {id(p): (g["lr_scale"], g["weight_decay"])
+                for g in param_groups_layer_decay(model, 0.05, no_weight_decay_list=model.no_weight_decay(),
+                                                  layer_decay=0.7) for p in g["params"]}
+    assert ours.keys() == expected.keys()
+    for key, (scale, wd) in ours.items():
+        assert scale == pytest.approx(expected[key][0]) and wd == expected[key][1]
+    out, _ = pretrained
+    train(TrainConfig(recipe="finetune", init=str(out), out=str(tmp_path), steps=2, img_size=16, global_batch=32,
+                      warmup_steps=1, eval_every=2, layer_decay=0.5))
+    assert rows(tmp_path, "loss")[0]["lr"] == pytest.approx(0.01 * 32 / 128 / 1)  # the head's: lr at step 1 of 1
+
+
+def test_compile_bf16_and_a_16_bit_residual_stream_train(tmp_path):
+    """--compile gives eager's losses; --precision bf16 --residual-dtype autocast trains on CPU and is stored."""
+    eager = train(TrainConfig(out=str(tmp_path / "eager"), steps=3, warmup_steps=1, eval_every=3, **TINY))
+    train(TrainConfig(out=str(tmp_path / "compiled"), steps=3, warmup_steps=1, eval_every=3, compile=True, **TINY))
+    for a, b in zip(rows(tmp_path / "eager", "loss"), rows(tmp_path / "compiled", "loss")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    result = train(TrainConfig(out=str(tmp_path / "bf16"), steps=3, warmup_steps=1, eval_every=3, precision="bf16",
+                               residual_dtype="autocast", **TINY))
+    assert result["top1"] is not None and eager["top1"] is not None
+    stored = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert stored["model"]["kwargs"]["residual_dtype"] == "autocast"
+    bf16 = [r["loss"] for r in rows(tmp_path / "bf16", "loss")]
+    assert all(math.isfinite(v) for v in bf16) and bf16 != [r["loss"] for r in rows(tmp_path / "eager", "loss")]
+
+
 def test_finetune_from_weights_file(pretrained, tmp_path):
     """--init a plain state_dict file (timm layout) loads through fastvit.convert into a headless model."""
     out, _ = pretrained
@@ -197,6 +245,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
      "shard pattern '/nonexistent/train-{0000..0003}.tar' matches no file (it expands to 4 name(s)"),
     (["--data", "/nonexistent/train-{0000..0003}.tar"], "is a shard pattern: pass the held-out shards with --val-data"),
     (["--pos-embed", "sincos"], "argument --pos-embed: invalid choice: 'sincos'"),
+    (["--layer-decay", "1.5"], "--layer-decay must be in (0, 1], got 1.5"),
+    (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
+    (["--residual-dtype", "bfloat16"], "argument --residual-dtype: invalid choice: 'bfloat16'"),
 ], ids=lambda v: v[0] if isinstance(v, list) else None)
 def test_bad_flags_give_clear_errors(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
@@ -235,10 +286,11 @@ def test_presets_and_explicit_flags():
 
 def test_weight_decay_only_on_weight_matrices():
     model = fastvit.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=10)
-    decay, no_decay = param_groups(model, 0.1)
+    decay, no_decay = param_groups(model, 0.1, lr=0.5)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert decay["lr"] == no_decay["lr"] == 0.5
     assert decayed == {n for n, p in model.named_parameters() if p.ndim >= 2} - {"pos_embed", "cls_token"}
     assert "blocks.0.attn.qkv.weight" in decayed and "patch_embed.proj.weight" in decayed
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
