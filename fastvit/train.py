@@ -149,12 +149,11 @@ class Run:
         self.core = model
         if cfg.fsdp:
             from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+            from torch.distributed.fsdp import fully_shard
             mesh = init_device_mesh(env.device.type, (env.world,))
             for block in model.blocks:
+                # a sharded block carries FSDP's hooks, so the model calls it as a module (fastvit.model.runs_unmodified)
                 fully_shard(block, mesh=mesh)
-                # the model calls Block.forward_pair (to fuse residual adds across blocks), not Block.__call__
-                register_fsdp_forward_method(block, "forward_pair")
             self.model = fully_shard(model, mesh=mesh)
         elif env.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
