@@ -259,7 +259,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """MLP(z) = GELU(z W_1 + b_1) W_2 + b_2, exact (erf) GELU; the bias add is fused into the GELU."""
+    """MLP(z) = GELU(z W_1 + b_1) W_2 + b_2, exact (erf) GELU; the GELU is fused with fc2 (recomputed in its
+    backward, so the hidden activation is kept once, as fc1's output)."""
 
     def __init__(self, in_features, hidden_features, drop=0.0):
         super().__init__()
@@ -272,27 +273,24 @@ class Mlp(nn.Module):
 
     @property
     def fused_activation(self) -> bool:
-        """Whether fc1's bias and the GELU may run as one fused op (fc1 and act unmodified, exact GELU)."""
-        return (runs_unmodified(self.fc1, nn.Linear) and runs_unmodified(self.act, nn.GELU)
-                and self.act.approximate == "none")
+        """Whether the GELU may run inside a fused op (act an unmodified, exact nn.GELU)."""
+        return runs_unmodified(self.act, nn.GELU) and self.act.approximate == "none"
 
     def forward(self, x):
-        if self.fused_activation:
-            return self.activate(F.linear(x, self.fc1.weight))
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        return self.activate(self.fc1(x))
 
     def activate(self, h):
-        """GELU(h + b_1) W_2 + b_2 from fc1's bias-free output h (the block fuses fc1 with its LayerNorm).
+        """GELU(h) W_2 + b_2 from fc1's output h (the block may fuse fc1 with its LayerNorm).
 
         fc2 recomputes the GELU in backward, unless something must see the activation: dropout, or an edited
-        drop1 / fc2.
+        drop1 / fc2 (then the GELU runs alone); an edited act runs as it is.
         """
+        if not self.fused_activation:
+            return self.drop2(self.fc2(self.drop1(self.act(h))))
         if ((self.training and self.drop1.p > 0) or not runs_unmodified(self.drop1, nn.Dropout)
                 or not runs_unmodified(self.fc2, nn.Linear)):
-            h = self.drop1(ops.bias_gelu(h, self.fc1.bias, backend=self.backend))
-            return self.drop2(self.fc2(h))
-        return self.drop2(ops.bias_gelu_linear(h, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                                               backend=self.backend))
+            return self.drop2(self.fc2(self.drop1(ops.bias_gelu(h, None, backend=self.backend))))
+        return self.drop2(ops.bias_gelu_linear(h, None, self.fc2.weight, self.fc2.bias, backend=self.backend))
 
 
 class LayerScale(nn.Module):
@@ -360,9 +358,10 @@ class Block(nn.Module):
             # a replaced attention (timm's, say) takes no grid; only ours uses it, for the relative bias
             h = self.attn(normed, grid_size) if isinstance(self.attn, Attention) else self.attn(normed)
         h = self.drop_path1(self.ls1(h))
-        if fusable_layer_norm(self.norm2) and runs_unmodified(self.mlp, Mlp) and self.mlp.fused_activation:
+        if (fusable_layer_norm(self.norm2) and runs_unmodified(self.mlp, Mlp)
+                and runs_unmodified(self.mlp.fc1, nn.Linear)):
             hidden, residual = ops.add_layer_norm_linear(h, residual, self.norm2.weight, self.norm2.bias,
-                                                         self.mlp.fc1.weight, None, self.norm2.eps,
+                                                         self.mlp.fc1.weight, self.mlp.fc1.bias, self.norm2.eps,
                                                          backend=self.backend)
             h = self.mlp.activate(hidden)
         else:

@@ -129,10 +129,12 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight
     store = residual is not None or res_dtype != x.dtype
     n_rows, n_cols = x.shape
     if not use_triton:
-        # the kernel's math: the sum in fp32, rounded once to the residual's dtype, then normalised in fp32 by
-        # torch's own LayerNorm (so an fp32 model gives nn.LayerNorm's bits, as a traced or edited one does)
-        res = (x.float() if residual is None else x.float() + residual.float()).to(res_dtype)
-        y, mean, rstd = torch.native_layer_norm(res.float(), (n_cols,), weight.float(), bias.float(), eps)
+        # the kernel's math by torch's own ops: the sum in fp32 (torch adds 16-bit values in fp32 too), rounded once
+        # to the residual's dtype, then normalised with fp32 statistics and rounded once to x's dtype (an fp32
+        # model gets nn.LayerNorm's bits, as a traced or edited one does)
+        res = (x if residual is None else torch.add(x, residual)).to(res_dtype)
+        # fp32 parameters: fp32 statistics for any input (torch's mixed-dtype LayerNorm for a 16-bit one)
+        y, mean, rstd = torch.native_layer_norm(res, (n_cols,), weight.float(), bias.float(), eps)
         return y.to(x.dtype), (res if store else x.new_empty(0)), mean.view(n_rows), rstd.view(n_rows)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     return (y, *launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y))
@@ -180,17 +182,14 @@ def add_layer_norm_bwd(dy: torch.Tensor, dres_out: Optional[torch.Tensor], res: 
     ``separate_residual_grad`` (the residual's dtype differs from x's), else empty and equal to dx."""
     n_rows, n_cols = res.shape
     if not use_triton:
-        r = res.float()
-        g = dy.float()
-        xhat = (r - mean[:, None]) * rstd[:, None]
-        wdy = weight.float() * g
-        c1 = (xhat * wdy).sum(-1, keepdim=True) / n_cols
-        c2 = wdy.sum(-1, keepdim=True) / n_cols
-        d = (wdy - (xhat * c1 + c2)) * rstd[:, None]
+        # the kernel's math by torch's own LayerNorm backward (fp32 inside), in the residual's dtype
+        w = weight.float()
+        d, dw, db = torch.ops.aten.native_layer_norm_backward(
+            dy.to(res.dtype), res, [n_cols], mean.view(n_rows, 1), rstd.view(n_rows, 1), w, w, [True, True, True])
         if dres_out is not None:
-            d = d + dres_out.float()
+            d = d + dres_out
         dres_in = d.to(res.dtype, copy=True) if separate_residual_grad else dy.new_empty(0, dtype=res.dtype)
-        return (d.to(dy.dtype), dres_in, (g * xhat).sum(0).to(weight.dtype), g.sum(0).to(weight.dtype))
+        return d.to(dy.dtype), dres_in, dw.to(weight.dtype), db.to(weight.dtype)
     block, num_warps, num_stages = _config(n_cols)
     dy = _rows(dy)
     dres_out = None if dres_out is None else _rows(dres_out)
