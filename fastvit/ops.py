@@ -39,8 +39,10 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+@functools.cache
 def triton_interpreting() -> bool:
-    """Whether Triton runs kernels on CPU tensors through its interpreter (TRITON_INTERPRET=1)."""
+    """Whether Triton runs kernels on CPU tensors through its interpreter (TRITON_INTERPRET=1, which Triton itself
+    reads once, at import)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

@@ -251,8 +251,9 @@ def patch_embed_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     pos_cls_row = pos_embed is not None and has_cls and not no_embed_class
     if not use_triton:
         with torch.autocast(x.device.type, enabled=False):
-            xc = x[:, :, :gh * patch_h, :gw * patch_w].to(compute_dtype).float()
-            tokens = F.conv2d(xc, weight.to(compute_dtype).float(), stride=(patch_h, patch_w))
+            # the projection in the compute dtype, as PyTorch's autocast runs it (fp32 accumulation, one rounding)
+            xc = x[:, :, :gh * patch_h, :gw * patch_w].to(compute_dtype)
+            tokens = F.conv2d(xc, weight.to(compute_dtype), stride=(patch_h, patch_w)).float()
             tokens = tokens.flatten(2).transpose(1, 2)
             if bias is not None:
                 tokens = tokens + bias.float()
@@ -306,12 +307,13 @@ def patch_embed_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pat
     gh, gw = _grid_size(x, patch_h, patch_w)
     dx, dw, s = x.new_empty(0), weight.new_empty(0), dy.new_empty(0, dtype=torch.float32)
     with torch.autocast(x.device.type, enabled=False):
-        g = dy[:, int(has_cls):].to(compute_dtype).float().reshape(-1, dim)
+        # both products in the compute dtype, as PyTorch's autocast runs them (fp32 accumulation, one rounding)
+        g = dy[:, int(has_cls):].to(compute_dtype).reshape(-1, dim)
         if need_dw:
-            xp = _patches(x.to(compute_dtype).float(), patch_h, patch_w).reshape(g.shape[0], weight[0].numel())
+            xp = _patches(x.to(compute_dtype), patch_h, patch_w).reshape(g.shape[0], weight[0].numel())
             dw = (g.t() @ xp).view(weight.shape).to(weight.dtype)
         if need_dx:
-            dxp = g @ weight.to(compute_dtype).float().reshape(dim, -1)
+            dxp = (g @ weight.to(compute_dtype).reshape(dim, -1)).to(x.dtype)
             dxp = dxp.view(bsz, gh, gw, c, patch_h, patch_w).permute(0, 3, 1, 4, 2, 5)
             dx = torch.zeros_like(x)
             dx[:, :, :gh * patch_h, :gw * patch_w] = dxp.reshape(bsz, c, gh * patch_h, gw * patch_w)
