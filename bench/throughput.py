@@ -198,6 +198,8 @@ def main(argv=None):
                    help="add fastvit_compile and timm_compile columns: torch.compile of each model")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile's mode for the compiled columns")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="the compiled columns replay CUDA graphs: --compile --compile-mode reduce-overhead (CUDA only)")
     p.add_argument("--global-batch", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=None, help="per rank (default: a per-model table)")
     p.add_argument("--steps", type=int, default=None, help="timed global-batch steps per model (default 5)")
@@ -211,6 +213,13 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     modes = common.choice_list(p, args.mode, MODES, "mode")
+    if args.cuda_graphs:
+        if not torch.cuda.is_available():
+            p.error("--cuda-graphs needs a CUDA device; none is available here")
+        if args.compile_mode not in ("default", "reduce-overhead"):
+            p.error(f"--cuda-graphs is --compile-mode reduce-overhead; it cannot be combined with --compile-mode "
+                    f"{args.compile_mode}")
+        args.compile, args.compile_mode = True, "reduce-overhead"
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         p.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     use_cuda = torch.cuda.is_available() and not args.smoke

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastvit.flops import forward_flops
 
@@ -147,6 +148,13 @@ def test_throughput_compile_columns(tmp_path):
     data = json.loads((tmp_path / "throughput.json").read_text())
     assert data["compile"] is True and data["compile_mode"] == "default"
     _check_throughput(data, 1, 256, ["train"], ("fastvit", "fastvit_compile", "timm", "timm_compile"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error given without CUDA")
+def test_throughput_cuda_graphs_needs_cuda(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/throughput.py", "--cuda-graphs", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--cuda-graphs needs a CUDA device" in proc.stderr
 
 
 def test_throughput_torchrun_two_ranks(tmp_path):
