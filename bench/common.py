@@ -119,6 +119,12 @@ def build_pair(name, backend="auto", num_classes=None, seed=0):
     return ours, ref
 
 
+def sync(device):
+    """Wait for the device's queued work (a timing boundary); nothing to wait for on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def error_stats(out, ref):
     """max |out - ref| and mean relative error sum|out - ref| / sum|ref|, computed in float64."""
     out, ref = out.detach().double(), ref.detach().double()

@@ -70,11 +70,6 @@ def backend_used(requested, model, device, dtype):
     return {"ops": main, "attention": ops.attention_backend(q, backend=requested)}
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def memory_allocated(device):
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
@@ -121,7 +116,7 @@ class Runner:
             with torch.inference_mode(), self._autocast():
                 for _ in range(self.accum):
                     self.module(self.x)
-        sync(self.device)
+        common.sync(self.device)
 
 
 def bench_model(name, mode, args, world, device, dtype, peak):

@@ -306,3 +306,13 @@ def test_loader_smoke(tmp_path):
         assert _positive_float(r["images_per_s"]) and r["ratio_to_model"] == pytest.approx(r["images_per_s"] / 50)
     assert "x, meets the 1.5x goal" in out or "x, misses the 1.5x goal" in out
     assert (tmp_path / "loader.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_residual_dtype_smoke(tmp_path):
+    """Both residual dtypes: bytes kept (16-bit fewer), a step time and a digits accuracy each."""
+    _run([sys.executable, "bench/residual_dtype.py", "--model", "tiny", "--steps", "1", "--seeds", "1",
+          "--digits-steps", "3", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "residual_dtype.json").read_text())["rows"]
+    assert [r["residual_dtype"] for r in rows] == ["float32", "autocast"]
+    assert rows[1]["saved_mib_per_image"] < rows[0]["saved_mib_per_image"]
+    assert all(r["step_s"] > 0 and 0 <= r["digits_top1_mean"] <= 100 for r in rows)
