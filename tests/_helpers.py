@@ -73,3 +73,24 @@ def tuner(monkeypatch, tmp_path):
     autotune.clear()
     yield tmp_path
     autotune.clear()
+
+
+def timm_pair(**cfg):
+    """A fastvit and a timm VisionTransformer (eval mode) of one config with the same random weights, every one
+    made non-trivial (timm initialises LayerNorms to 1/0 and the class token near 0)."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    import fastvit
+    torch.manual_seed(0)
+    ref = TimmViT(**cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model = fastvit.VisionTransformer(**cfg).eval()
+    model.load_state_dict(ref.state_dict(), strict=True)
+    return model, ref
+
+
+def images(n=2, size=32):
+    """A fixed random (n, 3, size, size) image batch."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))

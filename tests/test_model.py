@@ -5,9 +5,9 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 import fastvit
+from _helpers import timm_pair
 from fastvit.kernels.flash_attention import relative_position_index
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
@@ -15,15 +15,7 @@ SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_
 
 def pair(**kwargs):
     """A fastvit model and a timm model with the same config and the same (timm's) random weights."""
-    torch.manual_seed(0)
-    cfg = {**SMALL, **kwargs}
-    ref = TimmViT(**cfg).eval()
-    with torch.no_grad():  # make every parameter non-trivial (timm inits LayerNorm to 1/0, cls to ~0)
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model = fastvit.VisionTransformer(**cfg).eval()
-    model.load_state_dict(ref.state_dict(), strict=True)
-    return model, ref
+    return timm_pair(**{**SMALL, **kwargs})
 
 
 TIMM_CONFIGS = [

@@ -5,29 +5,16 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 import fastvit
+from _helpers import images, timm_pair
 from fastvit.model import Block, runs_unmodified
 
 CFG = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
 
 
 def pair(**kwargs):
-    """fastvit and timm models with the same config and the same non-trivial random weights."""
-    torch.manual_seed(0)
-    cfg = {**CFG, **kwargs}
-    ref = TimmViT(**cfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model = fastvit.VisionTransformer(**cfg).eval()
-    model.load_state_dict(ref.state_dict())
-    return model, ref
-
-
-def images(n=2, size=32):
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return timm_pair(**{**CFG, **kwargs})
 
 
 def assert_same_grads(model, ref, atol=1e-5):
