@@ -69,8 +69,8 @@ def fusable_layer_norm(norm) -> bool:
 
 def layer_norm(norm, h, residual, backend):
     """(norm(h + residual), h + residual), residual None meaning 0: fused when ``norm`` is a plain LayerNorm whose
-    output may fuse."""
-    if fusable_layer_norm(norm) and output_may_fuse(norm, nn.LayerNorm):
+    output may fuse (not under torch.fx: see ``output_may_fuse``)."""
+    if fusable_layer_norm(norm) and not is_fx_symbolic_tracing():
         return ops.add_layer_norm(h, residual, norm.weight, norm.bias, norm.eps, backend=backend)
     z = h if residual is None else h + residual
     return norm(z), z
