@@ -106,8 +106,9 @@ def bias_gelu_case(gen, batch, tokens, dim):
 
 
 def add_layer_norm_linear_case(gen, batch, tokens, dim, out_dim, linear_bias, fused=False):
-    """LayerNorm(x + residual) followed by the next projection (qkv with bias, fc1 without), as the block runs it;
-    ``fused``: the LayerNorm inside our GEMM (``ln_matmul``), the Triton kernels on ``backend="triton"``."""
+    """LayerNorm(x + residual) followed by the next projection (the block's qkv and fc1 carry a bias; without one
+    is the op's other form); ``fused``: the LayerNorm inside our GEMM (``ln_matmul``), the Triton kernels on
+    ``backend="triton"``."""
     inputs = {"x": torch.randn(batch, tokens, dim, generator=gen),
               "residual": torch.randn(batch, tokens, dim, generator=gen),
               "norm_weight": 1 + 0.1 * torch.randn(dim, generator=gen),
@@ -131,7 +132,8 @@ def add_layer_norm_linear_case(gen, batch, tokens, dim, out_dim, linear_bias, fu
 
 
 def bias_gelu_linear_case(gen, batch, tokens, dim, out_dim, fused=False):
-    """GELU(x + b1) followed by fc2, as the MLP runs it; ``fused``: the GELU inside our GEMM (``gelu_matmul``)."""
+    """GELU(x + b1) followed by fc2 (the op's general form; the MLP passes no b1, fc1 having added it);
+    ``fused``: the GELU inside our GEMM (``gelu_matmul``)."""
     inputs = {"x": torch.randn(batch, tokens, dim, generator=gen), "bias": torch.randn(dim, generator=gen),
               "weight": 0.02 * torch.randn(out_dim, dim, generator=gen),
               "weight_bias": 0.02 * torch.randn(out_dim, generator=gen)}

@@ -48,6 +48,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 import numerics  # noqa: E402
 from fastvit import ops  # noqa: E402
+from fastvit.kernels import _launch  # noqa: E402
 
 DIRECTIONS = ("fwd", "fwd+bwd")
 
@@ -109,6 +110,7 @@ def stubbed_launches():
 
     JITFunction._do_compile = do_compile
     driver.set_active(_HostOnlyDriver(GPUTarget("cuda", 90, 32)))
+    saved_compiled = dict(_launch._COMPILED)
     try:
         yield counter
     finally:
@@ -116,6 +118,9 @@ def stubbed_launches():
         driver._active = saved_driver
         for fn in touched:
             fn.device_caches = collections.defaultdict(fn.create_binder)
+        # launch()'s cache of compiled kernels would keep the stand-ins: restore it as it was
+        _launch._COMPILED.clear()
+        _launch._COMPILED.update(saved_compiled)
 
 
 @contextlib.contextmanager

@@ -61,13 +61,17 @@ def columns(compiled):
     return ("fastvit", "fastvit_compile", "timm", "timm_compile") if compiled else ("fastvit", "timm")
 
 
-def backend_used(requested, model, device, dtype):
+def backend_used(requested, model, device, dtype, micro_batch, training):
     """What fastvit's ops run here, as ``fastvit.ops`` decides it: the kernels' side for most ops, and attention's
-    (flash_attn where installed and able, else Triton where it covers the head size, else torch) apart."""
+    apart, asked with the model's own call shape (on a GPU with ``auto`` that is the measured choice, made here once
+    and reused by the timed steps)."""
     main = "triton" if ops.use_triton(requested, torch.empty(0, device=device)) else "torch"
     attn = model.blocks[0].attn
-    q = torch.empty(1, attn.num_heads, 1, attn.head_dim, device=device, dtype=dtype)
-    return {"ops": main, "attention": ops.attention_backend(q, backend=requested)}
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    q = torch.empty(micro_batch, attn.num_heads, tokens, attn.head_dim, device=device, dtype=dtype,
+                    requires_grad=training)
+    dropout = attn.attn_drop if training else 0.0
+    return {"ops": main, "attention": ops.attention_backend(q, backend=requested, dropout_p=dropout)}
 
 
 def memory_allocated(device):
@@ -130,7 +134,7 @@ def bench_model(name, mode, args, world, device, dtype, peak):
     accum = args.global_batch // (world * micro)
     ours, ref = common.build_pair(name, backend=args.backend, num_classes=args.num_classes, seed=args.seed)
     flops_fwd = forward_flops(ours)
-    used = backend_used(args.backend, ours, device, dtype)
+    used = backend_used(args.backend, ours, device, dtype, micro, mode == "train")
     flops = flops_fwd * (3 if mode == "train" else 1)
     cols = columns(args.compile)
     # copies taken before any column trains, so that every column starts from the same weights

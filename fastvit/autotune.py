@@ -17,7 +17,8 @@ import pathlib
 
 import torch
 
-_WINNERS: dict[str, str] = {}
+_WINNERS: dict[tuple, str] = {}
+_DISK: dict | None = None  # the JSON file's winners, read once per process (``clear`` forgets them)
 
 
 def cache_path() -> pathlib.Path:
@@ -39,8 +40,17 @@ def _read_disk() -> dict:
         return {}
 
 
+def _disk() -> dict:
+    global _DISK
+    if _DISK is None:
+        _DISK = _read_disk()
+    return _DISK
+
+
 def _write_disk(key: str, winner: str) -> None:
-    """Add one winner to the JSON file (write to a temporary file, then rename: a crash leaves the old file)."""
+    """Add one winner to the JSON file (re-read, so winners other processes wrote stay; written to a temporary
+    file, then renamed: a crash leaves the old file)."""
+    _disk()[key] = winner
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,9 +97,9 @@ def fastest(op: str, device_index: int, fields: tuple, names, make_runner, defau
     if winner is not None:
         return winner
     disk_key = json.dumps(key)
-    winner = _read_disk().get(disk_key)
+    winner = _disk().get(disk_key)
     if winner not in names:
-        if not can_measure():
+        if not can_measure():  # maybe later (tracing or a graph capture ends): nothing is remembered
             return default
         times = {}
         for name in names:
@@ -97,7 +107,8 @@ def fastest(op: str, device_index: int, fields: tuple, names, make_runner, defau
                 times[name] = (measure or time_cuda)(make_runner(name))
             except Exception:  # noqa: BLE001  an implementation that cannot run this call is no candidate
                 continue
-        if not times:
+        if not times:  # nothing else runs this call: remember the default, so it is not measured again
+            _WINNERS[key] = default
             return default
         winner = min(times, key=times.get)
         _write_disk(disk_key, winner)
@@ -106,5 +117,7 @@ def fastest(op: str, device_index: int, fields: tuple, names, make_runner, defau
 
 
 def clear() -> None:
-    """Forget the in-memory winners (the disk file stays)."""
+    """Forget the in-memory winners and what was read of the disk file (the file stays)."""
+    global _DISK
     _WINNERS.clear()
+    _DISK = None

@@ -114,12 +114,13 @@ def add_layer_norm_linear(x, residual, norm_weight, norm_bias, weight, bias=None
     inside our GEMM's loads ("ln_gemm", ``kernels/ln_matmul.py``), whichever was measured faster for this call
     shape (:func:`gemm_impl`)."""
     if _exporting_torch(backend, x):
-        y, new_residual = _layer_norm.add_layer_norm_ref(x, residual, norm_weight, norm_bias, eps, residual_in_fp32)
-        return F.linear(y, weight, bias), new_residual
+        return _ln_matmul.ln_matmul_ref(x, residual, norm_weight, norm_bias, weight, bias, eps, residual_in_fp32)
     args = (x, residual, norm_weight, norm_bias, weight, bias, eps, residual_in_fp32, use_triton(backend, x))
+    if not _gemm_on_gpu(args[-1], x):
+        return _layer_norm.add_layer_norm_linear(*args)
     extra = (("residual", None if residual is None else str(residual.dtype)), ("residual_in_fp32", residual_in_fp32),
              ("bias", bias is not None))
-    impl = gemm_impl("add_layer_norm_linear", x, weight, args[-1], extra, functools.partial(_run_ln_linear, args))
+    impl = gemm_impl("add_layer_norm_linear", x, weight, extra, functools.partial(_run_ln_linear, args))
     return _run_ln_linear(args, impl)
 
 
@@ -134,9 +135,11 @@ def bias_gelu_linear(x, bias, weight, weight_bias=None, backend="auto"):
     On a GPU with the Triton kernels: the bias + GELU kernel before cuBLAS ("gelu+cublas") or inside our GEMM's
     loads ("gelu_gemm", ``kernels/gelu_matmul.py``), whichever was measured faster (:func:`gemm_impl`)."""
     if _exporting_torch(backend, x):
-        return F.linear(_bias_gelu.bias_gelu_ref(x, bias), weight, weight_bias)
+        return _gelu_matmul.gelu_matmul_ref(x, bias, weight, weight_bias)
     args = (x, bias, weight, weight_bias, use_triton(backend, x))
-    impl = gemm_impl("bias_gelu_linear", x, weight, args[-1], (("bias", weight_bias is not None),),
+    if not _gemm_on_gpu(args[-1], x):
+        return _bias_gelu.bias_gelu_linear(*args)
+    impl = gemm_impl("bias_gelu_linear", x, weight, (("bias", weight_bias is not None),),
                      functools.partial(_run_gelu_linear, args))
     return _run_gelu_linear(args, impl)
 
@@ -153,8 +156,9 @@ def linear_residual(x, weight, bias, residual, backend="auto"):
     before its store ("gemm_residual", ``kernels/matmul_residual.py``), whichever was measured faster
     (:func:`gemm_impl`); elsewhere, and with ``backend="torch"``, ``F.linear(x, W, b) + residual``."""
     args = (x, weight, bias, residual, use_triton(backend, x))
-    impl = gemm_impl("linear_residual", x, weight, args[-1],
-                     (("residual", str(residual.dtype)), ("bias", bias is not None)),
+    if not _gemm_on_gpu(args[-1], x):
+        return _matmul_residual.matmul_residual_ref(*args[:-1])
+    impl = gemm_impl("linear_residual", x, weight, (("residual", str(residual.dtype)), ("bias", bias is not None)),
                      functools.partial(_run_linear_residual, args))
     return _run_linear_residual(args, impl)
 
@@ -170,19 +174,26 @@ GEMM_IMPLS = {"add_layer_norm_linear": ("ln+cublas", "ln_gemm"), "bias_gelu_line
               "linear_residual": ("cublas+add", "gemm_residual")}
 
 
-def gemm_impl(op, x, weight, triton, extra_fields, run) -> str:
-    """Which of ``GEMM_IMPLS[op]`` runs a call with input ``x`` (any leading shape) and (N, K) ``weight``.
+def _gemm_on_gpu(triton, x) -> bool:
+    """Whether a fused GEMM may be a candidate at all (the cheap test, before :func:`gemm_impl`): the Triton
+    kernels run (``triton``) on a GPU tensor."""
+    return triton and x.is_cuda
 
-    The fused GEMM is a candidate only where the Triton kernels run on a GPU (``triton``) outside torch.compile /
-    export tracing: there the two are timed once per (GPU, dtypes, rows, K, N, ``extra_fields``) on the call's own
-    inputs, forward only (both share their backward), and the faster is cached (``fastvit.autotune``); everywhere
-    else the unfused path. ``run(impl)`` runs the op once with ``impl``.
+
+def gemm_impl(op, x, weight, extra_fields, run) -> str:
+    """Which of ``GEMM_IMPLS[op]`` runs a call with input ``x`` (any leading shape) and (N, K) ``weight``, where the
+    Triton kernels run on a GPU (:func:`_gemm_on_gpu`).
+
+    Outside torch.compile / export tracing the two are timed once per (GPU, dtypes, rows, K, N, ``extra_fields``)
+    on the call's own inputs, forward only (both share their backward), and the faster is cached
+    (``fastvit.autotune``); while tracing, the unfused path. ``run(impl)`` runs the op once with ``impl``.
     """
     unfused, fused = GEMM_IMPLS[op]
-    if (not triton or not x.is_cuda or not torch.cuda.is_available() or torch.compiler.is_compiling()
-            or _matmul.compute_dtype(x) not in (torch.float16, torch.bfloat16, torch.float32)):
+    compute = _matmul.compute_dtype(x)
+    if (not torch.cuda.is_available() or torch.compiler.is_compiling()
+            or compute not in (torch.float16, torch.bfloat16, torch.float32)):
         return unfused
-    fields = (("dtype", str(x.dtype)), ("compute", str(_matmul.compute_dtype(x))), ("weight", str(weight.dtype)),
+    fields = (("dtype", str(x.dtype)), ("compute", str(compute)), ("weight", str(weight.dtype)),
               ("rows", x.numel() // max(x.shape[-1], 1)), ("in", x.shape[-1]), ("out", weight.shape[0]),
               *extra_fields)
     return autotune.fastest(op, x.device.index or 0, fields, [unfused, fused],

@@ -413,9 +413,10 @@ class Run:
         result = {"step": step, "top1": top1, "out": str(self.out), "stopped_by_signal": stopped,
                   "train_time_s": time.perf_counter() - t_run}
         if not stopped:
-            result["model_dir"] = self._save_model_folder()
-        if cfg.fewshot and not stopped:
-            result["fewshot"] = self._fewshot()
+            final = self._plain_model()  # FSDP2: gathered on every rank, once for both uses
+            result["model_dir"] = self._save_model_folder(final)
+            if cfg.fewshot:
+                result["fewshot"] = self._fewshot(final)
         if env.rank == 0:
             log.write({"step": step, "final_top1": top1, "train_time_s": result["train_time_s"],
                        **({"fewshot": result["fewshot"]} if "fewshot" in result else {})})
@@ -426,19 +427,17 @@ class Run:
                   flush=True)
         return result
 
-    def _save_model_folder(self) -> str:
+    def _save_model_folder(self, model) -> str:
         """The final weights as a timm Hub folder (``out/model``: config.json + model.safetensors), which
         ``timm.create_model('local-dir:...', pretrained=True)`` and fastvit load (and ``hf-hub:`` after an upload)."""
         folder = self.out / "model"
-        model = self._plain_model()  # FSDP2: gathered on every rank
         if self.env.rank == 0:
             fastvit.save_pretrained(model, folder)
         dist.barrier()
         return str(folder)
 
-    def _fewshot(self):
+    def _fewshot(self, model):
         from fastvit import fewshot
-        model = self._plain_model()
         results = None
         if self.env.rank == 0:
             results = fewshot.evaluate(model, self.data.train_eval, self.data.test)

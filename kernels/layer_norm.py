@@ -125,10 +125,10 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight
                        bias: torch.Tensor, eps: float, residual_in_fp32: bool,
                        use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """On (rows, D): (y, new_residual, mean, rstd); new_residual is empty when it would equal x itself."""
-    res_dtype = _residual_dtype(x, residual, residual_in_fp32)
-    store = residual is not None or res_dtype != x.dtype
-    n_rows, n_cols = x.shape
     if not use_triton:
+        res_dtype = _residual_dtype(x, residual, residual_in_fp32)
+        store = residual is not None or res_dtype != x.dtype
+        n_rows, n_cols = x.shape
         # the kernel's math by torch's own ops: the sum in fp32 (torch adds 16-bit values in fp32 too), rounded once
         # to the residual's dtype, then normalised with fp32 statistics and rounded once to x's dtype (an fp32
         # model gets nn.LayerNorm's bits, as a traced or edited one does)

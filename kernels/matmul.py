@@ -7,7 +7,8 @@ store (the epilogue), so they share this kernel and pick their variant with cons
 - prologue ``"none"``: A as loaded, cast to W's dtype (an fp32 A meets bf16 weights under autocast);
 - ``"layer_norm"``: (A - mean) * rstd * gamma + beta per row, from per-row fp32 statistics, so the normalised
   tensor never reaches memory;
-- ``"bias_gelu"``: GELU(A + b1) (exact erf), so the MLP's activation never reaches memory;
+- ``"bias_gelu"``: GELU(A + b1) (exact erf), ``"gelu"``: GELU(A) (the model's, whose fc1 adds b1 in its GEMM), so
+  the MLP's activation never reaches memory;
 - epilogue: + bias (fp32), + residual (fp32 add of another (M, N) tensor), one rounding to OUT's dtype.
 
 The prologue works on fp32 values in registers and rounds once to W's dtype before the dot, as the unfused path
@@ -28,7 +29,7 @@ import triton.language as tl
 from fastvit.kernels._launch import cdiv, launch
 from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
 
-PROLOGUES = ("none", "layer_norm", "bias_gelu")
+PROLOGUES = ("none", "layer_norm", "bias_gelu", "gelu")
 _SQRT1_2 = tl.constexpr(1.0 / math.sqrt(2.0))
 
 
@@ -58,7 +59,7 @@ def config(dtype: torch.dtype, prologue: str, a_dtype: torch.dtype) -> Tiles:
     if dtype == torch.float32:
         return Tiles(64, 64, 32, 8, 4, 3)
     if dtype in (torch.float16, torch.bfloat16):
-        if prologue == "bias_gelu" or a_dtype == torch.float32:
+        if prologue in ("bias_gelu", "gelu") or a_dtype == torch.float32:
             return Tiles(128, 128, 32, 8, 8, 4)
         return Tiles(128, 128, 64, 8, 8, 3)
     raise ValueError(f"fused matmuls run in float32, float16 or bfloat16, got {dtype}")
@@ -118,12 +119,13 @@ def _fused_matmul_kernel(A, W, OUT, BIAS, RES, MEAN, RSTD, P_W, P_B,
                 gamma = tl.load(P_W + k0 + ks, mask=k_in, other=0.0).to(tl.float32)
                 beta = tl.load(P_B + k0 + ks, mask=k_in, other=0.0).to(tl.float32)
             a = (a.to(tl.float32) - mean) * rstd * gamma[None, :] + beta[None, :]
-        elif PROLOGUE == "bias_gelu":
-            if EVEN_K:
-                b1 = tl.load(P_B + k0 + ks).to(tl.float32)
-            else:
-                b1 = tl.load(P_B + k0 + ks, mask=k_in, other=0.0).to(tl.float32)
-            u = a.to(tl.float32) + b1[None, :]
+        elif PROLOGUE == "bias_gelu" or PROLOGUE == "gelu":
+            u = a.to(tl.float32)
+            if PROLOGUE == "bias_gelu":
+                if EVEN_K:
+                    u += tl.load(P_B + k0 + ks).to(tl.float32)[None, :]
+                else:
+                    u += tl.load(P_B + k0 + ks, mask=k_in, other=0.0).to(tl.float32)[None, :]
             a = 0.5 * u * (1.0 + tl.math.erf(u * _SQRT1_2))  # GELU(0) = 0 on padded lanes
         acc = tl.dot(a.to(W.dtype.element_ty), w, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
@@ -204,7 +206,7 @@ def aot_spec(name, dtype, prologue, a_type, out_type, has_bias, has_residual, re
            "MEAN": "*fp32" if prologue == "layer_norm" else unused,
            "RSTD": "*fp32" if prologue == "layer_norm" else unused,
            "P_W": "*fp32" if prologue == "layer_norm" else unused,
-           "P_B": "*fp32" if prologue != "none" else unused,
+           "P_B": "*fp32" if prologue in ("layer_norm", "bias_gelu") else unused,
            "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_om": "i32",
            "stride_rm": "i32"}
     consts = {"PROLOGUE": prologue, "HAS_BIAS": has_bias, "HAS_RESIDUAL": has_residual, "EVEN_K": True,

@@ -143,24 +143,24 @@ def test_the_faster_implementation_is_chosen_once_per_shape(timed):
     times, runs = timed
     times.update({"ln+cublas": 2.0, "ln_gemm": 1.0})
     x, w = torch.randn(2, 5, 64).as_subclass(_PretendCuda), torch.randn(96, 64)
-    assert ops.gemm_impl("add_layer_norm_linear", x, w, True, (), _recorder(runs)) == "ln_gemm"
+    assert ops.gemm_impl("add_layer_norm_linear", x, w, (), _recorder(runs)) == "ln_gemm"
     assert runs == [("ln+cublas", False), ("ln_gemm", False)]  # forward only, the call's own inputs
-    assert ops.gemm_impl("add_layer_norm_linear", x, w, True, (), _recorder(runs)) == "ln_gemm"
+    assert ops.gemm_impl("add_layer_norm_linear", x, w, (), _recorder(runs)) == "ln_gemm"
     assert len(runs) == 2  # cached
     times.update({"ln+cublas": 1.0})
     x2 = torch.randn(3, 5, 64).as_subclass(_PretendCuda)  # more rows: another key
-    assert ops.gemm_impl("add_layer_norm_linear", x2, w, True, (), _recorder(runs)) == "ln+cublas"
+    assert ops.gemm_impl("add_layer_norm_linear", x2, w, (), _recorder(runs)) == "ln+cublas"
     assert len(runs) == 4
 
 
 def test_unfused_where_nothing_may_be_measured(timed, monkeypatch):
     times, runs = timed
     gpu_x, w = torch.randn(2, 5, 64).as_subclass(_PretendCuda), torch.randn(96, 64)
-    assert ops.gemm_impl("bias_gelu_linear", torch.randn(2, 5, 64), w, True, (), _recorder(runs)) == "gelu+cublas"
-    assert ops.gemm_impl("bias_gelu_linear", gpu_x, w, False, (), _recorder(runs)) == "gelu+cublas"  # torch backend
-    assert ops.gemm_impl("linear_residual", gpu_x.double(), w.double(), True, (), _recorder(runs)) == "cublas+add"
+    assert not ops._gemm_on_gpu(True, torch.randn(2, 5, 64))  # a CPU tensor
+    assert not ops._gemm_on_gpu(False, gpu_x)  # the torch backend
+    assert ops.gemm_impl("linear_residual", gpu_x.double(), w.double(), (), _recorder(runs)) == "cublas+add"
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert ops.gemm_impl("linear_residual", gpu_x, w, True, (), _recorder(runs)) == "cublas+add"
+    assert ops.gemm_impl("linear_residual", gpu_x, w, (), _recorder(runs)) == "cublas+add"
     assert runs == []
 
 
@@ -175,7 +175,7 @@ def test_a_fused_gemm_that_cannot_run_is_no_candidate(timed):
     def run(impl):
         runs.append((impl, False))
         ops._run_ln_linear((x, r, w, b, lw, None, EPS, False, impl == "ln_gemm"), impl)
-    assert ops.gemm_impl("add_layer_norm_linear", x, lw, True, (), run) == "ln+cublas"
+    assert ops.gemm_impl("add_layer_norm_linear", x, lw, (), run) == "ln+cublas"
 
 
 @pytest.mark.parametrize("op,impls", list(ops.GEMM_IMPLS.items()))
@@ -188,6 +188,7 @@ def test_ops_route_each_choice(monkeypatch, op, impls):
         "linear_residual": (lambda: ops.linear_residual(x, lw, lb, r), [x, lw, lb, r]),
     }[op]
     results = []
+    monkeypatch.setattr(ops, "_gemm_on_gpu", lambda triton, x: True)  # as on a GPU with the kernels
     for impl in impls:
         seen = []
         monkeypatch.setattr(ops, "gemm_impl", lambda name, *a: seen.append(name) or impl)
