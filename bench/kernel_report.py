@@ -14,13 +14,13 @@ import pathlib
 import sys
 import traceback
 
-import triton
-from tqdm import tqdm
-
-from fastvit.kernels._report import DTYPES, MODELS, SMEM_LIMIT, collect_specs, compile_spec, kernel_modules
-
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the standard library: see common.py
-import common  # noqa: E402
+import common  # noqa: E402  first: it loads the standard library's profile before fastvit's imports ask for it
+
+import triton  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from fastvit.kernels._report import DTYPES, MODELS, SMEM_LIMIT, collect_specs, compile_spec, kernel_modules  # noqa: E402
 
 
 def run(models, dtypes, archs, modules):

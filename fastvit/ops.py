@@ -14,7 +14,6 @@ its GEMM). Each takes ``backend``:
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +27,7 @@ from fastvit.kernels import ln_matmul as _ln_matmul
 from fastvit.kernels import matmul as _matmul
 from fastvit.kernels import matmul_residual as _matmul_residual
 from fastvit.kernels import patch_embed as _patch_embed
+from fastvit.kernels._launch import interpreting as triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -37,13 +37,6 @@ def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return backend
-
-
-@functools.cache
-def triton_interpreting() -> bool:
-    """Whether Triton runs kernels on CPU tensors through its interpreter (TRITON_INTERPRET=1, which Triton itself
-    reads once, at import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def use_triton(backend: str, x: torch.Tensor) -> bool:

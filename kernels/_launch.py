@@ -11,14 +11,28 @@ At ViT sizes a fused op's wall time is mostly host time, so the per-call path
   dispatcher adds about 7 us per call and nothing needs to see the call; tracing, fake tensors, tensor subclasses
   and the profiler still go through the registered op.
 
+Each op is a ``torch.library.triton_op``, so ``torch.compile`` traces into it instead of keeping it as an opaque
+call: AOTAutograd decomposes the op into its body, a kernel launch becomes a ``triton_kernel_wrapper`` node (Triton
+kernels that inductor schedules, with its own buffers, around which it fuses) and a torch fallback becomes the
+aten ops it calls (which inductor fuses as it would timm's). Under Triton's interpreter a kernel is no JIT function
+that a graph can hold, so there the ops stay opaque custom ops.
+
 ``bench/overhead.py`` measures the result against the eager torch ops each fused op replaces.
 """
 import functools
+import os
 
 import torch
 from triton import knobs
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
+
+
+@functools.cache
+def interpreting() -> bool:
+    """Whether Triton runs kernels on CPU tensors through its interpreter (TRITON_INTERPRET=1, which Triton itself
+    reads once, at import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def cdiv(a: int, b: int) -> int:
@@ -55,10 +69,16 @@ def launch(kernel, grid, *args, **kwargs):
     constexprs, plus ``num_warps``/``num_stages``) goes through Triton, which compiles and launches; later ones
     call that compiled kernel exactly as ``JITFunction.run`` does (same device, stream, launch metadata and hooks).
     Interpreted kernels (TRITON_INTERPRET=1) always take Triton's path. The knobs ``JITFunction.run`` reads at every
-    launch (``knobs.runtime.debug``, instrumentation) count from a specialisation's first launch.
+    launch (``knobs.runtime.debug``, instrumentation) count from a specialisation's first launch. While a dispatch
+    mode traces the call (fake tensors, AOTAutograd's functionalisation inside ``torch.compile``), the launch is
+    recorded through ``torch.library.wrap_triton`` as a graph node; inside a compiled graph's own call of the op
+    ``wrap_triton`` is off and gives the kernel back.
     """
     if type(kernel) is not JITFunction:
         kernel[grid](*args, **kwargs)
+        return
+    if torch._C._len_torch_dispatch_stack():
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
         return
     device = driver.active.get_current_device()
     bound, specialization, options = kernel.device_caches[device][4](*args, **kwargs)
@@ -97,12 +117,15 @@ def _plain_eager(args):
 
 
 class EagerOp:
-    """A ``torch.library.custom_op`` named ``fastvit::<name>`` (its schema from ``fn``'s annotations) that runs
-    ``fn`` straight away in plain eager mode and through the dispatcher otherwise; ``register_fake`` as the op's."""
+    """A ``torch.library.triton_op`` named ``fastvit::<name>`` (its schema from ``fn``'s annotations; a
+    ``custom_op`` under the interpreter) that runs ``fn`` straight away in plain eager mode and through the
+    dispatcher otherwise. ``register_fake`` gives the op a shape-only implementation, used instead of ``fn`` for
+    fake tensors (``fn`` itself runs only where AOTAutograd decomposes the op)."""
 
     def __init__(self, name, fn):
         self.fn = fn
-        self.op = torch.library.custom_op(f"fastvit::{name}", fn, mutates_args=())
+        define = torch.library.custom_op if interpreting() else torch.library.triton_op
+        self.op = define(f"fastvit::{name}", fn, mutates_args=())
         self.overload = getattr(torch.ops.fastvit, name).default
         self.register_fake = self.op.register_fake
 

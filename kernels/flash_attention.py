@@ -21,7 +21,7 @@ backward kernels, so the mask is never stored; the seed is one int64 tensor draw
 
 The Triton launch and the torch fallback math sit inside the same ``torch.library`` custom ops
 (fastvit::attention_fwd / attention_bwd), save the same tensors (q, k, v, out, lse, the table and the seed) and do
-the same backward math; the fallback draws its dropout mask from a torch generator seeded the same way. The
+the same backward math; the fallback hashes (seed, element index) in torch integer ops for its dropout mask. The
 ``torch`` backend instead runs :func:`attention_ref` (scaled_dot_product_attention), and the ``flash`` backend the
 flash_attn package when it is installed.
 """
@@ -405,11 +405,33 @@ def _scores(q, k, rel_bias, grid_h, grid_w, scale):
     return s
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x, m):
+    """(x * m) mod 2^32 for int64 tensors x < 2^32 and a 32-bit constant m, in two 16-bit halves of m so that no
+    product leaves int64."""
+    return (x * (m & 0xFFFF) + (((x * (m >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x):
+    """MurmurHash3's 32-bit finaliser: every input bit flips each output bit with probability about 1/2."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
 def _dropout_scale(seed, shape, dropout_p, device):
-    """Fallback dropout: keep / (1 - p) with keep drawn from a generator seeded by ``seed``, so that the backward
-    regenerates the forward's mask (the Triton kernels instead hash (seed, bh, i, j) with Philox)."""
-    gen = torch.Generator(device=device).manual_seed(int(seed.item()))
-    return (torch.rand(shape, generator=gen, device=device) >= dropout_p) / (1.0 - dropout_p)
+    """Fallback dropout: keep / (1 - p), keep from a hash of (seed, element index), so that the backward
+    regenerates the forward's mask (the Triton kernels instead hash (seed, bh, i, j) with Philox). Tensor ops
+    only: the seed never goes to the host, so torch.compile traces the fallback into its graph."""
+    index = torch.arange(shape.numel(), device=device, dtype=torch.int64).view(shape)
+    key = _mix32((seed ^ (seed >> 32)) & _MASK32)
+    bits = _mix32(_mix32((index & _MASK32) ^ key) ^ (index >> 32))
+    uniform = (bits >> 8).to(torch.float32) * 2.0 ** -24  # 24 random bits: exact in fp32, in [0, 1)
+    return (uniform >= dropout_p) / (1.0 - dropout_p)
 
 
 def _strides(*tensors):

@@ -10,6 +10,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from triton.runtime.jit import JITFunction
 
+from _helpers import compile_capturing_graphs, graph_calls
 from fastvit.kernels import _launch
 from fastvit.kernels import layer_norm
 
@@ -82,3 +83,29 @@ def test_ops_skip_the_dispatcher_only_in_plain_eager(monkeypatch):
     with torch.no_grad():
         op(torch.nn.Parameter(args[0]), *args[1:])  # a Parameter is a plain tensor
     assert len(dispatched) == 3
+
+
+@pytest.mark.parametrize("case", overhead.tiny_cases(), ids=lambda c: c["op"])
+def test_compile_sees_every_kernel(monkeypatch, case):
+    """Under torch.compile each op decomposes into its kernels (triton_op + wrap_triton): the graphs inductor
+    gets launch, as Triton kernels it schedules, the kernels an eager forward + backward launches, and hold no
+    opaque fastvit op."""
+    launched = []
+    real_run = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: launched.append(self.fn.__name__)
+                        or real_run(self, *a, **k))
+    monkeypatch.setattr(_launch, "_COMPILED", {})
+    graphs = []
+    with overhead.stubbed_launches(), overhead.triton_on_cpu_tensors():
+        def run(f):
+            inputs = {k: v.clone().requires_grad_(k in case["grads"]) for k, v in case["inputs"].items()}
+            outs = f(*inputs.values())
+            torch.autograd.grad(outs, [inputs[k] for k in case["grads"]], [torch.ones_like(o) for o in outs])
+
+        names = list(case["inputs"])
+        run(lambda *vals: case["fastvit"](dict(zip(names, vals)), "triton"))
+        eager = set(launched)
+        torch._dynamo.reset()
+        run(compile_capturing_graphs(lambda *vals: case["fastvit"](dict(zip(names, vals)), "triton"), graphs))
+    kernels, ours = graph_calls(graphs)
+    assert eager and set(kernels) == eager and ours == []
