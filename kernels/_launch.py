@@ -28,11 +28,13 @@ from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
 
-@functools.cache
+# Triton reads TRITON_INTERPRET once, at import; so do we (a plain function of a constant, which dynamo folds)
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """Whether Triton runs kernels on CPU tensors through its interpreter (TRITON_INTERPRET=1, which Triton itself
-    reads once, at import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs kernels on CPU tensors through its interpreter (TRITON_INTERPRET=1)."""
+    return _INTERPRETING
 
 
 def cdiv(a: int, b: int) -> int:

@@ -253,16 +253,19 @@ def patch_embed_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         with torch.autocast(x.device.type, enabled=False):
             # the projection in the compute dtype, as PyTorch's autocast runs it (fp32 accumulation, one rounding)
             xc = x[:, :, :gh * patch_h, :gw * patch_w].to(compute_dtype)
-            tokens = F.conv2d(xc, weight.to(compute_dtype), stride=(patch_h, patch_w)).float()
-            tokens = tokens.flatten(2).transpose(1, 2)
-            if bias is not None:
-                tokens = tokens + bias.float()
+            tokens = F.conv2d(xc, weight.to(compute_dtype), stride=(patch_h, patch_w)).flatten(2).transpose(1, 2)
+            # + bias, + position rows in fp32, written in place into the output's patch rows (no class-token cat)
+            z = torch.empty((bsz, n + has_cls, dim), dtype=torch.float32, device=x.device)
+            patches = z[:, 1:] if has_cls else z
+            if bias is None:
+                patches.copy_(tokens)
+            else:
+                torch.add(tokens, bias.float(), out=patches)
             if pos_embed is not None:
-                tokens = tokens + pos_embed[:, 1:].float() if pos_cls_row else tokens + pos_embed.float()
+                patches += pos_embed[:, 1:].float() if pos_cls_row else pos_embed.float()
             if has_cls:
-                row0 = cls_token.float() + pos_embed[:, :1].float() if pos_cls_row else cls_token.float()
-                tokens = torch.cat([row0.expand(bsz, -1, -1), tokens], dim=1)
-            return tokens.to(out_dtype).contiguous()
+                z[:, :1] = cls_token.float() + pos_embed[:, :1].float() if pos_cls_row else cls_token.float()
+            return z.to(out_dtype)
     y = torch.empty((bsz, n + has_cls, dim), dtype=out_dtype, device=x.device)
     m = bsz * n
     if m == 0:
