@@ -316,3 +316,19 @@ def test_residual_dtype_smoke(tmp_path):
     assert [r["residual_dtype"] for r in rows] == ["float32", "autocast"]
     assert rows[1]["saved_mib_per_image"] < rows[0]["saved_mib_per_image"]
     assert all(r["step_s"] > 0 and 0 <= r["digits_top1_mean"] <= 100 for r in rows)
+
+
+def test_paired_smoke(tmp_path):
+    """Interleaved fastvit/timm pairs, both modes: a median between the quartiles for each clock; bad flags are
+    argparse errors."""
+    _run([sys.executable, "bench/paired.py", "--model", "tiny", "--batch", "8", "--pairs", "4", "--warmup", "1",
+          "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "paired.json").read_text())["rows"]
+    assert [(r["model"], r["mode"]) for r in rows] == [("tiny", "infer"), ("tiny", "train")]
+    for row in rows:
+        for clock in ("wall", "cpu"):
+            stats = row[clock]
+            assert all(_positive_float(v) for v in stats.values()) and stats["q1"] <= stats["median"] <= stats["q3"]
+    proc = subprocess.run([sys.executable, "bench/paired.py", "--mode", "eval"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown mode 'eval'" in proc.stderr
