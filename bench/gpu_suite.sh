@@ -6,13 +6,15 @@
 #   overhead      bench/overhead.py: host time per call (the CPU of this machine, launches stubbed)
 #   profile       bench/profile.py --model B/16: training-step time by category, fastvit and timm
 #   b16 l16 h14   bench/throughput.py --compile: train and infer, eager and torch.compile columns
+#   loader        bench/loader.py: decoded + augmented images/s (PIL workers, shards, --decode gpu) beside the
+#                 model's training images/s from the b16 step (the data issue's goal); only when named
 #
 # JSON (and the PNGs) go to bench/results/<gpu>/, <gpu> from torch.cuda.get_device_name (lower case, [a-z0-9-]);
 # Chrome traces to bench/results/<gpu>/traces/ (not committed: too large). Then bench/tables.py writes
 # bench/results/<gpu>/summary.md, the tables the README quotes, with date, GPU, torch and triton versions.
 # Commit the folder as written; never edit its files by hand.
 #
-#   bench/gpu_suite.sh                 # all steps
+#   bench/gpu_suite.sh                 # all steps but loader
 #   bench/gpu_suite.sh profile b16     # some steps (names above)
 #   bench/gpu_suite.sh --dry-run       # CPU: every step at smoke size into a temporary folder (checks plumbing)
 #
@@ -28,10 +30,10 @@ STEPS=()
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY=1 ;;
-        numerics|ops|overhead|profile|b16|l16|h14) STEPS+=("$arg") ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        numerics|ops|overhead|profile|b16|l16|h14|loader) STEPS+=("$arg") ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) echo "gpu_suite.sh: unknown argument '$arg'" \
-                "(steps: numerics ops overhead profile b16 l16 h14; --dry-run)" >&2
+                "(steps: numerics ops overhead profile b16 l16 h14 loader; --dry-run)" >&2
            exit 2 ;;
     esac
 done
@@ -75,6 +77,8 @@ for s in "${STEPS[@]}"; do
                          --out "$OUT" ;;
             b16|l16|h14) step "$s" 900 $PY bench/throughput.py --smoke --model tiny --mode train --compile \
                              --global-batch 512 --micro-batch 256 --steps 1 --warmup 1 --out "$OUT/throughput_$s" ;;
+            loader) step loader 300 $PY bench/loader.py --images 16 --img-size 64 --batch 8 --steps 1 --warmup 1 \
+                        --workers 1 --paths folder,shards --out "$OUT" ;;
         esac
         continue
     fi
@@ -90,6 +94,8 @@ for s in "${STEPS[@]}"; do
                  --out "$OUT/throughput_l16" ;;
         h14) step h14 100 $PY bench/throughput.py --model H/14 --compile --global-batch 512 --steps 1 --warmup 1 \
                  --out "$OUT/throughput_h14" ;;
+        loader) model=$OUT/throughput_b16/throughput.json  # the model's img/s, when the b16 step has run
+                step loader 150 $PY bench/loader.py $([ -f "$model" ] && echo --throughput "$model") --out "$OUT" ;;
     esac
 done
 # traces are large: keep them out of the committed folder's JSON

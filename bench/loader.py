@@ -80,14 +80,16 @@ def measure(source, batch, steps, warmup, seed=0):
 
 
 def model_images_per_s(path):
-    """fastvit's training images/s per GPU from a bench/throughput.py JSON (its first train row), or None."""
+    """fastvit's training images/s per GPU from a bench/throughput.py JSON (its first train row; the faster of
+    eager and compiled when both were timed), or None."""
     if not path:
         return None, None
     data = json.loads(open(path).read())
     row = next((r for r in data["rows"] if r["mode"] == "train"), None)
     if row is None:
         return None, None
-    return row["fastvit"]["images_per_s"] / data["world_size"], f"{row['model']} ({path})"
+    column = row.get("best", {}).get("fastvit", "fastvit")
+    return row[column]["images_per_s"] / data["world_size"], f"{row['model']} {column} ({path})"
 
 
 def plot(rows, model_ips, path, title):

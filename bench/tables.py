@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Markdown tables from one results folder written by bench/gpu_suite.sh (the tables the README quotes).
 
-Reads what is there of ``throughput_*/throughput.json``, ``profile.json``, ``numerics.json``, ``overhead.json``
-and ``ops_benchmark.json`` (pytest-benchmark) and writes ``summary.md`` beside them, headed by the date, GPU, torch
-and triton versions the files record. Nothing is measured here.
+Reads what is there of ``throughput_*/throughput.json``, ``profile.json``, ``numerics.json``, ``overhead.json``,
+``loader.json`` and ``ops_benchmark.json`` (pytest-benchmark) and writes ``summary.md`` beside them, headed by the
+date, GPU, torch and triton versions the files record. Nothing is measured here.
 
     python bench/tables.py bench/results/nvidia-h200
 """
@@ -80,12 +80,20 @@ def ops_benchmark_table(data):
     return common.markdown_table(["op, direction, dtype", "fastvit us", "torch us", "ratio"], rows)
 
 
+def loader_table(data):
+    """Loader images/s per path and worker count, and their ratio to the model's training images/s per GPU."""
+    return common.markdown_table(
+        ["path", "decode", "workers", "images/s", "per worker", f"x model (goal >= {data['target_ratio']})"],
+        [[r["path"], r["decode"], r["workers"], f"{r['images_per_s']:.0f}", f"{r['images_per_s_per_worker']:.0f}",
+          "—" if r["ratio_to_model"] is None else f"{r['ratio_to_model']:.2f}"] for r in data["rows"]])
+
+
 def summary(folder):
     folder = pathlib.Path(folder)
     throughput = [d for d in (_load(p) for p in sorted(folder.glob("throughput_*/throughput.json"))) if d]
     profile, numerics, overhead = (_load(folder / f) for f in ("profile.json", "numerics.json", "overhead.json"))
-    ops_bench = _load(folder / "ops_benchmark.json")
-    found = [d for d in (*throughput, profile, numerics, overhead) if d]
+    ops_bench, loader = _load(folder / "ops_benchmark.json"), _load(folder / "loader.json")
+    found = [d for d in (*throughput, profile, numerics, overhead, loader) if d]
     if not found and not ops_bench:
         raise SystemExit(f"no results in {folder}")
     env = found[0]["env"] if found else {}
@@ -108,6 +116,10 @@ def summary(folder):
                   overhead_table(overhead), ""]
     if ops_bench:
         lines += ["## Op micro-benchmarks (pytest bench/ --benchmark-only)", "", ops_benchmark_table(ops_bench), ""]
+    if loader:
+        model = (f"the model trains at {loader['model_images_per_s_per_gpu']:.0f} images/s per GPU "
+                 f"({loader['model_source']})" if loader["model_images_per_s_per_gpu"] else "no model figure")
+        lines += [f"## Training loader (bench/loader.py): {loader['title']}; {model}", "", loader_table(loader), ""]
     if numerics:
         lines += [f"## Numerics (bench/numerics.py): {numerics['failed']} of {len(numerics['rows'])} rows over "
                   f"{numerics['pass_ratio']}x PyTorch's own error", "", numerics_table(numerics), ""]

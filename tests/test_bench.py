@@ -258,12 +258,13 @@ def test_gpu_suite_needs_a_gpu_and_dry_runs_on_cpu(tmp_path):
     proc = subprocess.run(["bash", "bench/gpu_suite.sh", "overhead"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr
-    out = _run(["bash", "bench/gpu_suite.sh", "--dry-run", "overhead"])
+    out = _run(["bash", "bench/gpu_suite.sh", "--dry-run", "overhead", "loader"], timeout=480)
     folder = pathlib.Path(re.search(r"results in (\S+)", out).group(1))
     try:
         summary = (folder / "summary.md").read_text()
         assert "## Host time per call" in summary and "| add_layer_norm | fwd |" in summary
         assert json.loads((folder / "overhead.json").read_text())["ops"]
+        assert "## Training loader" in summary and "| shards | cpu | 1 |" in summary
     finally:
         shutil.rmtree(folder)
 
