@@ -19,8 +19,10 @@ that a graph can hold, so there the ops stay opaque custom ops.
 
 ``bench/overhead.py`` measures the result against the eager torch ops each fused op replaces.
 """
+import collections.abc
 import functools
 import os
+import types
 
 import torch
 from triton import knobs
@@ -118,6 +120,48 @@ def _plain_eager(args):
     return not args[0].is_meta
 
 
+def kernels_called(fn, depth=4):
+    """The Triton kernels ``fn`` may launch: JIT functions its code names (globals, attributes of the modules it
+    names, nested code) and, through the fastvit.kernels functions it calls, theirs, ``depth`` calls deep.
+
+    A triton_op finds its kernels only where its body writes ``wrap_triton(kernel)``; ours reach them through
+    :func:`launch`. torch.compile's AOTAutograd cache hashes these kernels' sources into its key, so that editing
+    a kernel cannot reuse a graph compiled from the old one."""
+    names, codes = set(), [fn.__code__]
+    while codes:
+        code = codes.pop()
+        names.update(code.co_names)
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    named = [fn.__globals__[n] for n in names if n in fn.__globals__]
+    named += [getattr(m, n) for m in named if isinstance(m, types.ModuleType) for n in names if hasattr(m, n)]
+    kernels = {}
+    for obj in named:
+        if isinstance(obj, JITFunction):
+            kernels[id(obj)] = obj
+        elif (depth and isinstance(obj, types.FunctionType) and obj is not fn
+              and obj.__module__.startswith("fastvit.kernels")):
+            kernels.update((id(k), k) for k in kernels_called(obj, depth - 1))
+    return list(kernels.values())
+
+
+class KernelsOf(collections.abc.Sequence):
+    """``kernels_called(fn)``, worked out on first use: an op's body may call helpers that its module defines
+    after it."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    @functools.cached_property
+    def kernels(self):
+        return kernels_called(self.fn)
+
+    def __getitem__(self, i):
+        return self.kernels[i]
+
+    def __len__(self):
+        return len(self.kernels)
+
+
 class EagerOp:
     """A ``torch.library.triton_op`` named ``fastvit::<name>`` (its schema from ``fn``'s annotations; a
     ``custom_op`` under the interpreter) that runs ``fn`` straight away in plain eager mode and through the
@@ -126,8 +170,12 @@ class EagerOp:
 
     def __init__(self, name, fn):
         self.fn = fn
-        define = torch.library.custom_op if interpreting() else torch.library.triton_op
-        self.op = define(f"fastvit::{name}", fn, mutates_args=())
+        qualname = f"fastvit::{name}"
+        if interpreting():
+            self.op = torch.library.custom_op(qualname, fn, mutates_args=())
+        else:
+            self.op = torch.library.triton_op(qualname, fn, mutates_args=())
+            torch._library.triton.triton_ops_to_kernels[qualname] = KernelsOf(fn)
         self.overload = getattr(torch.ops.fastvit, name).default
         self.register_fake = self.op.register_fake
 

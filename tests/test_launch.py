@@ -7,6 +7,7 @@ import pathlib
 
 import pytest
 import torch
+from torch._library.triton import get_triton_kernels_for_op
 from torch._subclasses.fake_tensor import FakeTensorMode
 from triton.runtime.jit import JITFunction
 
@@ -89,11 +90,14 @@ def test_ops_skip_the_dispatcher_only_in_plain_eager(monkeypatch):
 def test_compile_sees_every_kernel(monkeypatch, case):
     """Under torch.compile each op decomposes into its kernels (triton_op + wrap_triton): the graphs inductor
     gets launch, as Triton kernels it schedules, the kernels an eager forward + backward launches, and hold no
-    opaque fastvit op."""
-    launched = []
+    opaque fastvit op. Each op names those kernels to torch (whose compile cache hashes their sources)."""
+    launched, ops_called = [], []
     real_run = JITFunction.run
     monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: launched.append(self.fn.__name__)
                         or real_run(self, *a, **k))
+    real_call = _launch.EagerOp.__call__
+    monkeypatch.setattr(_launch.EagerOp, "__call__", lambda self, *a: ops_called.append(self.overload._name)
+                        or real_call(self, *a))
     monkeypatch.setattr(_launch, "_COMPILED", {})
     graphs = []
     with overhead.stubbed_launches(), overhead.triton_on_cpu_tensors():
@@ -105,7 +109,10 @@ def test_compile_sees_every_kernel(monkeypatch, case):
         names = list(case["inputs"])
         run(lambda *vals: case["fastvit"](dict(zip(names, vals)), "triton"))
         eager = set(launched)
+        monkeypatch.setattr(_launch.EagerOp, "__call__", real_call)  # dynamo would trace the recording
         torch._dynamo.reset()
         run(compile_capturing_graphs(lambda *vals: case["fastvit"](dict(zip(names, vals)), "triton"), graphs))
     kernels, ours = graph_calls(graphs)
     assert eager and set(kernels) == eager and ours == []
+    named = {k.fn.__name__ for op in ops_called for k in get_triton_kernels_for_op(op)}
+    assert eager <= named
