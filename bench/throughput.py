@@ -267,6 +267,27 @@ def run(args, modes, smoke, scaled, env):
 
     rows = []
     t_start = time.perf_counter()
+    out = common.out_dir(args.out)
+
+    def save(complete):
+        """throughput.json with the rows so far (after every row, so that a run stopped by a time limit keeps
+        what it measured); the chart at the end."""
+        result = {"smoke": smoke, "label": label, "scaled_down": scaled, "world_size": world,
+                  "device": str(device), "dtype": args.dtype, "backend": args.backend, "compile": args.compile,
+                  "compile_mode": args.compile_mode if args.compile else None,
+                  "columns": list(columns(args.compile)),
+                  "global_batch": args.global_batch, "steps": args.steps, "warmup": args.warmup,
+                  "peak_tflops": peak, "peak_source": peak_source, "rows": rows, "complete": complete,
+                  "seconds": time.perf_counter() - t_start, "env": common.environment()}
+        common.write_json(out / "throughput.json", result)
+        if complete:
+            common.bar_chart(rows, lambda r, col: r[col]["images_per_s"],
+                             [f"{r['model']}\n{r['mode']}" for r in rows], "images / s", out / "throughput.png",
+                             f"{label}\nworld {world}, global batch {args.global_batch}, {args.dtype}, "
+                             "best fastvit / best timm ratio above bars", log_if_spread=True,
+                             columns=columns(args.compile))
+            say(f"wrote {out / 'throughput.json'} and {out / 'throughput.png'} in {result['seconds']:.0f}s")
+
     for name in common.split_list(args.model):
         for mode in modes:
             r = bench_model(name, mode, args, world, device, dtype, peak)
@@ -281,24 +302,10 @@ def run(args, modes, smoke, scaled, env):
             say(f"{name:22s} {mode:5s} best fastvit / best timm images/s ratio {r['ratio']:.3f} "
                 f"({r['best']['fastvit']} / {r['best']['timm']}; fastvit ops: {used['ops']}, "
                 f"attention: {used['attention']})", flush=True)
-
+            if rank == 0:
+                save(complete=False)
     if rank == 0:
-        result = {"smoke": smoke, "label": label, "scaled_down": scaled, "world_size": world,
-                  "device": str(device), "dtype": args.dtype, "backend": args.backend, "compile": args.compile,
-                  "compile_mode": args.compile_mode if args.compile else None,
-                  "columns": list(columns(args.compile)),
-                  "global_batch": args.global_batch, "steps": args.steps, "warmup": args.warmup,
-                  "peak_tflops": peak, "peak_source": peak_source, "rows": rows,
-                  "seconds": time.perf_counter() - t_start, "env": common.environment()}
-        out = common.out_dir(args.out)
-        common.write_json(out / "throughput.json", result)
-        common.bar_chart(rows, lambda r, col: r[col]["images_per_s"],
-                         [f"{r['model']}\n{r['mode']}" for r in rows], "images / s", out / "throughput.png",
-                         f"{label}\nworld {world}, global batch {args.global_batch}, {args.dtype}, "
-                         "best fastvit / best timm ratio above bars", log_if_spread=True,
-                         columns=columns(args.compile))
-        say(f"wrote {out / 'throughput.json'} and {out / 'throughput.png'} in {result['seconds']:.0f}s")
-
+        save(complete=True)
 
 if __name__ == "__main__":
     main()

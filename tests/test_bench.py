@@ -134,7 +134,7 @@ def test_throughput_smoke(tmp_path):
     assert "SMOKE CONFIGURATION" in out
     data = json.loads((tmp_path / "throughput.json").read_text())
     _check_throughput(data, 1, 128, ["train", "infer"])
-    assert data["compile"] is False and data["compile_mode"] is None
+    assert data["compile"] is False and data["compile_mode"] is None and data["complete"] is True
     assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -333,3 +333,15 @@ def test_paired_smoke(tmp_path):
     proc = subprocess.run([sys.executable, "bench/paired.py", "--mode", "eval"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "unknown mode 'eval'" in proc.stderr
+
+
+def test_throughput_keeps_finished_rows_when_a_run_stops(tmp_path):
+    """throughput.json is rewritten after every row: a run that stops part-way (here at a model name nobody
+    knows; in bench/gpu_suite.sh, a step's time limit) leaves the rows it finished, marked incomplete."""
+    proc = subprocess.run([sys.executable, "bench/throughput.py", "--smoke", "--model", "tiny,no_such_vit",
+                           "--mode", "infer", "--global-batch", "256", "--micro-batch", "128", "--steps", "1",
+                           "--warmup", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode != 0 and "unknown model 'no_such_vit'" in proc.stderr
+    data = json.loads((tmp_path / "throughput.json").read_text())
+    assert data["complete"] is False and [(r["model"], r["mode"]) for r in data["rows"]] == [("tiny", "infer")]
