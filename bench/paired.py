@@ -24,6 +24,8 @@ import common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from fastvit import ops  # noqa: E402
+
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -73,7 +75,8 @@ def main(argv=None):
     p.add_argument("--pairs", type=int, default=60)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", default="bf16", choices=list(common.DTYPES), help="autocast dtype (fp32: none)")
-    p.add_argument("--backend", default="auto", help="fastvit's kernels (CPU: the torch fallbacks)")
+    p.add_argument("--backend", default="auto", choices=ops.BACKENDS, help="fastvit's kernels (CPU: the torch "
+                                                                          "fallbacks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results", help="output folder for paired.json")
     args = p.parse_args(argv)
