@@ -4,9 +4,9 @@
 At ViT sizes a fused op's GPU time is a few microseconds, so the Python between the model and the driver decides
 its speed. This script measures that host path without a GPU, so CI can run it:
 
-- fastvit side: the op through ``fastvit.ops`` with the Triton path taken on CPU tensors. Triton's own launch path
-  runs too (its argument binder, specialisation key and kernel-cache lookup, the grid, the launch metadata); only
-  the final driver call is a no-op. A host-only driver answers device, stream and target (sm_90) questions, and a
+- fastvit side: the op through ``fastvit.ops`` with the Triton path taken on CPU tensors. The launch path runs
+  as on a GPU (a kernel's first launch through Triton's binder and kernel cache, later ones through
+  ``fastvit.kernels._launch``'s cache; the grid, the launch metadata); only the final driver call is a no-op. A host-only driver answers device, stream and target (sm_90) questions, and a
   kernel looked up for the first time is "compiled" into a stand-in whose launch does nothing. The torch work
   around the kernels (output and partial-sum allocations, reductions of partial sums, autograd) is real.
 - torch side: the eager torch ops the fused op replaces (``bench/numerics.py``'s references, e.g. ``x + r`` and

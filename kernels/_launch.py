@@ -4,9 +4,9 @@ At ViT sizes a fused op's wall time is mostly host time, so the per-call path
 
 - avoids ``triton.cdiv`` and ``triton.next_power_of_2`` (ConstexprFunctions: about 4 us a call on the host, against
   0.1 us for the integer expressions) and asks for a device's SM count once;
-- launches a kernel through :func:`launch`, which keeps Triton's argument binder (so the kernel variant is the one
-  Triton's JIT picks) but calls the compiled kernel directly after its first launch, skipping the rest of
-  ``JITFunction.run`` (knob reads, hooks, cache-key building: about 5 us per launch);
+- launches a kernel through :func:`launch`, which calls the compiled kernel directly after its first launch,
+  found by a key cheaper than Triton's binder (argument binding, knob reads, hooks and cache-key hashing of
+  ``JITFunction.run``: about 7 us per launch);
 - calls the ops' Python bodies directly in plain eager mode (:class:`EagerOp`), where the ``torch.library``
   dispatcher adds about 7 us per call and nothing needs to see the call; tracing, fake tensors, tensor subclasses
   and the profiler still go through the registered op.
@@ -61,22 +61,45 @@ def row_programs(n_rows: int, device: torch.device) -> int:
     return min(n_rows, 4 * sm_count(device))
 
 
-# (id of the kernel, a module global; device; Triton's specialisation of the arguments; launch options) -> the
-# compiled kernel
+# (id of the kernel, a module global; device; what Triton specialises each argument on; the keyword arguments) ->
+# (the compiled kernel, the names of the parameters passed by keyword, in the kernel's signature order)
 _COMPILED = {}
+_COMPILED_MAX = 4096  # emptied when it grows past this (a run with ever-new shapes), rebuilt as launches come
+_KEY_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
+_KEY_SCALARS = frozenset((int, float, bool, type(None)))
+
+
+def _launch_key(kernel, device, args, kwargs):
+    """A key that fixes the compiled variant Triton's binder would pick, cheaper to build than the binder's own:
+    a tensor's dtype and 16-byte alignment (all Triton specialises a pointer on), any other argument's type and
+    value (an int's value fixes whether it is 1 or a multiple of 16; it is a shape or stride, of few values), and
+    the keyword arguments (constexprs, ``num_warps``, ``num_stages``). None when an argument is of another type."""
+    key = [id(kernel), device]
+    for a in args:
+        kind = type(a)
+        if kind in _KEY_TENSORS:
+            key.append(a.dtype)
+            key.append(a.data_ptr() & 15 == 0)
+        elif kind in _KEY_SCALARS:
+            key.append(kind)
+            key.append(a)
+        else:
+            return None
+    key.extend(kwargs.items())
+    return tuple(key)
 
 
 def launch(kernel, grid, *args, **kwargs):
-    """``kernel[grid](*args, **kwargs)``, with the Python of Triton's launch cut to its argument binder.
+    """``kernel[grid](*args, **kwargs)``, with the Python of Triton's launch cut to a dictionary lookup.
 
-    The first launch of each specialisation (the binder's per-argument dtypes, 16-byte alignment and
-    constexprs, plus ``num_warps``/``num_stages``) goes through Triton, which compiles and launches; later ones
-    call that compiled kernel exactly as ``JITFunction.run`` does (same device, stream, launch metadata and hooks).
-    Interpreted kernels (TRITON_INTERPRET=1) always take Triton's path. The knobs ``JITFunction.run`` reads at every
-    launch (``knobs.runtime.debug``, instrumentation) count from a specialisation's first launch. While a dispatch
-    mode traces the call (fake tensors, AOTAutograd's functionalisation inside ``torch.compile``), the launch is
-    recorded through ``torch.library.wrap_triton`` as a graph node; inside a compiled graph's own call of the op
-    ``wrap_triton`` is off and gives the kernel back.
+    The first launch of each variant (:func:`_launch_key`) goes through Triton, which binds the arguments,
+    compiles and launches; later ones call that compiled kernel exactly as ``JITFunction.run`` does (the same
+    argument values, device, stream, launch metadata and hooks), skipping the binder, the knob reads and the
+    cache-key hashing (about 5 us of Python per launch). Interpreted kernels (TRITON_INTERPRET=1) always take
+    Triton's path. The knobs ``JITFunction.run`` reads at every launch (``knobs.runtime.debug``, instrumentation)
+    count from a variant's first launch. While a dispatch mode traces the call (fake tensors, AOTAutograd's
+    functionalisation inside ``torch.compile``), the launch is recorded through ``torch.library.wrap_triton`` as a
+    graph node; inside a compiled graph's own call of the op ``wrap_triton`` is off and gives the kernel back.
     """
     if type(kernel) is not JITFunction:
         kernel[grid](*args, **kwargs)
@@ -85,21 +108,32 @@ def launch(kernel, grid, *args, **kwargs):
         torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
         return
     device = driver.active.get_current_device()
-    bound, specialization, options = kernel.device_caches[device][4](*args, **kwargs)
-    key = (id(kernel), device, *specialization, *options.items())  # hash(kernel) takes a lock and hashes its source
-    compiled = _COMPILED.get(key)
-    if compiled is None:
+    key = _launch_key(kernel, device, args, kwargs)
+    entry = _COMPILED.get(key)
+    if entry is None:
         compiled = kernel[grid](*args, **kwargs)
-        if compiled is not None:  # None: Triton did not launch it (a compile hook or asynchronous compilation)
-            _COMPILED[key] = compiled
+        _remember(kernel, key, compiled, len(args), kwargs)
         return
+    compiled, by_keyword = entry
     stream = driver.active.get_current_stream(device)
-    values = bound.values()
+    values = (*args, *[kwargs[name] for name in by_keyword])
     size = len(grid)
     runtime = knobs.runtime
     compiled.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, compiled.function,
                  compiled.packed_metadata, compiled.launch_metadata(grid, stream, *values),
                  runtime.launch_enter_hook, runtime.launch_exit_hook, *values)
+
+
+def _remember(kernel, key, compiled, n_positional, kwargs):
+    """Caches a kernel Triton compiled and launched for ``key``, when a later launch can rebuild its argument
+    values: every parameter after the positional ones passed by keyword (none left to its default). Not cached:
+    None for either (an argument type the key does not cover; Triton did not launch, e.g. a compile hook)."""
+    by_keyword = tuple(kernel.arg_names[n_positional:])
+    if key is None or compiled is None or not all(name in kwargs for name in by_keyword):
+        return
+    if len(_COMPILED) >= _COMPILED_MAX:
+        _COMPILED.clear()
+    _COMPILED[key] = (compiled, by_keyword)
 
 
 # argument types a plain eager call may carry; a tensor subclass (fake, functional, DTensor, ...) is none of them
@@ -118,6 +152,29 @@ def _plain_eager(args):
         if type(a) not in _PLAIN_TYPES:
             return False
     return not args[0].is_meta
+
+
+class _Unrecorded:
+    """The context an autograd Function's forward gets from :func:`apply` when autograd records nothing."""
+
+    def save_for_backward(self, *tensors):
+        pass
+
+    def set_materialize_grads(self, value):
+        pass
+
+
+def apply(function, *args):
+    """``function.apply(*args)`` for one of the ops' autograd Functions, or where autograd has nothing to record
+    (grad mode off or no tensor argument requiring grad: inference), in plain eager mode, its forward alone on a
+    context that keeps nothing: the same outputs, without ``Function.apply``'s ~3 us of graph bookkeeping."""
+    if torch.is_grad_enabled():
+        for a in args:
+            if type(a) in _KEY_TENSORS and a.requires_grad:
+                return function.apply(*args)
+    if not _plain_eager(args):
+        return function.apply(*args)
+    return function.forward(_Unrecorded(), *args)
 
 
 def kernels_called(fn, depth=4):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import cdiv, eager_op, launch, next_power_of_2, row_programs
+from fastvit.kernels._launch import apply, cdiv, eager_op, launch, next_power_of_2, row_programs
 from fastvit.kernels._report import AOT_IMAGES, AOT_PROGRAMS, spec_from_launch
 
 # constexpr so the kernels can read them
@@ -190,14 +190,14 @@ def _check_rows(x, bias):
 
 def bias_gelu(x, bias, use_triton):
     """GELU(x + bias) over the last dim of x (any leading shape), in x's dtype; see the module doc."""
-    return BiasGeluFn.apply(_check_rows(x, bias), bias, use_triton).view_as(x)
+    return apply(BiasGeluFn, _check_rows(x, bias), bias, use_triton).view_as(x)
 
 
 def bias_gelu_linear(x, bias, lin_weight, lin_bias, use_triton, function=BiasGeluLinearFn):
     """GELU(x + bias) lin_weight^T + lin_bias over the last dim of x, recomputing the GELU in backward.
 
     ``function`` is the autograd Function that runs it (``gelu_matmul`` passes its fused-GEMM subclass)."""
-    out = function.apply(_check_rows(x, bias), bias, lin_weight, lin_bias, use_triton)
+    out = apply(function, _check_rows(x, bias), bias, lin_weight, lin_bias, use_triton)
     return out.view(*x.shape[:-1], lin_weight.shape[0])
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import cdiv, eager_op, launch, next_power_of_2
+from fastvit.kernels._launch import apply, cdiv, eager_op, launch, next_power_of_2
 from fastvit.kernels._report import TORCH_DTYPES, spec_from_launch
 
 LOG2E = 1.4426950408889634
@@ -603,7 +603,7 @@ def flash_attention(q, k, v, rel_bias=None, grid_size=None, scale=None, dropout_
     if dropout_p > 0:
         seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return FlashAttentionFn.apply(q, k, v, rel_bias, seed, grid_h, grid_w, scale, float(dropout_p), use_triton)
+    return apply(FlashAttentionFn, q, k, v, rel_bias, seed, grid_h, grid_w, scale, float(dropout_p), use_triton)
 
 
 def attention(q, k, v, rel_bias, grid_size, dropout_p, scale, use_triton):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import cdiv, eager_op, launch, next_power_of_2, row_programs
+from fastvit.kernels._launch import apply, cdiv, eager_op, launch, next_power_of_2, row_programs
 from fastvit.kernels._report import AOT_IMAGES, AOT_PROGRAMS, spec_from_launch
 
 MAX_FEATURES = 16384
@@ -324,7 +324,7 @@ def _check_ln_args(x, residual, weight, bias):
 def add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, use_triton):
     """(LayerNorm(x + residual), x + residual) over the last dim of x (any leading shape); see the module doc."""
     x2, r2, copy = _check_ln_args(x, residual, weight, bias)
-    out = AddLayerNormFn.apply(x2, r2, weight, bias, eps, residual_in_fp32, use_triton, copy)
+    out = apply(AddLayerNormFn, x2, r2, weight, bias, eps, residual_in_fp32, use_triton, copy)
     if isinstance(out, tuple):
         y, res = out
         return y.view_as(x), res.view_as(x)
@@ -337,7 +337,7 @@ def add_layer_norm_linear(x, residual, weight, bias, lin_weight, lin_bias, eps, 
 
     ``function`` is the autograd Function that runs it (``ln_matmul`` passes its fused-GEMM subclass)."""
     x2, r2, copy = _check_ln_args(x, residual, weight, bias)
-    out = function.apply(x2, r2, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton, copy)
+    out = apply(function, x2, r2, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton, copy)
     out, res = out if isinstance(out, tuple) else (out, None)
     out = out.view(*x.shape[:-1], lin_weight.shape[0])
     return out, (x if res is None else res.view_as(x))

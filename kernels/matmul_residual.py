@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastvit.kernels._launch import eager_op
+from fastvit.kernels._launch import apply, eager_op
 from fastvit.kernels.matmul import aot_spec, compute_dtype, fused_matmul, gemm_weights
 
 
@@ -68,7 +68,7 @@ def matmul_residual(x, weight, bias, residual, use_triton):
                          f"{None if bias is None else tuple(bias.shape)}")
     if residual.shape != (*x.shape[:-1], n):
         raise ValueError(f"residual must have shape {(*x.shape[:-1], n)}, got {tuple(residual.shape)}")
-    out = MatmulResidualFn.apply(x.reshape(-1, k), weight, bias, residual.reshape(-1, n), use_triton)
+    out = apply(MatmulResidualFn, x.reshape(-1, k), weight, bias, residual.reshape(-1, n), use_triton)
     return out.view(*x.shape[:-1], n)
 
 

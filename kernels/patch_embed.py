@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import cdiv, eager_op, launch, next_power_of_2, sm_count
+from fastvit.kernels._launch import apply, cdiv, eager_op, launch, next_power_of_2, sm_count
 from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
 
 # compute dtype -> the constexpr code the kernels branch on (0: fp32 operands, exact IEEE dot)
@@ -453,8 +453,8 @@ def patch_embed(x, weight, bias, patch_size, pos_embed, cls_token, no_embed_clas
     if use_triton and compute_dtype not in _COMPUTE:
         raise TypeError(f"the Triton patch embedding computes in float32, float16 or bfloat16, got {compute_dtype}")
     out_dtype = compute_dtype if pos_embed is None else torch.promote_types(compute_dtype, pos_embed.dtype)
-    return PatchEmbedFn.apply(x, weight, bias, pos_embed, cls_token, ph, pw, bool(no_embed_class), compute_dtype,
-                              out_dtype, use_triton)
+    return apply(PatchEmbedFn, x, weight, bias, pos_embed, cls_token, ph, pw, bool(no_embed_class), compute_dtype,
+                 out_dtype, use_triton)
 
 
 def _int_args(sig, consts, aligned, **values):

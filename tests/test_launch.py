@@ -116,3 +116,54 @@ def test_compile_sees_every_kernel(monkeypatch, case):
     assert eager and set(kernels) == eager and ours == []
     named = {k.fn.__name__ for op in ops_called for k in get_triton_kernels_for_op(op)}
     assert eager <= named
+
+
+def test_launch_key_separates_what_tritons_binder_separates(monkeypatch):
+    """A launch found in ``launch``'s cache runs the variant Triton's own binder would pick: arguments that differ
+    in dtype, 16-byte alignment, an int that is 1 or a multiple of 16 (or not), or a bool passed for an int each get
+    their own compiled kernel, identical to the one ``kernel[grid]`` returns for them."""
+    monkeypatch.setattr(_launch, "_COMPILED", {})
+    kernel = layer_norm._add_ln_fwd_kernel
+    flags = dict(HAS_RESIDUAL=True, STORE_RESIDUAL=True, STORE_Y=True, BLOCK=32, num_warps=1, num_stages=3)
+
+    def args(dtype=torch.float32, offset=0, stride=32, n_cols=32):
+        buf = torch.zeros(6 * 32 + offset, dtype=dtype)
+        x = buf[offset:].view(6, 32)
+        return (x, x, torch.ones(32), torch.zeros(32), x, x, torch.empty(6), torch.empty(6),
+                stride, stride, stride, stride, n_cols, 1e-6)
+
+    variants = [args(), args(torch.float16), args(offset=1), args(stride=1), args(stride=17), args(n_cols=1),
+                args(n_cols=True)]
+    with overhead.stubbed_launches():
+        expected = [kernel[(6,)](*a, **flags) for a in variants]
+        assert len({id(k) for k in expected}) == len(variants)  # Triton's binder tells them all apart
+        for a, want in zip(variants, expected):
+            _launch.launch(kernel, (6,), *a, **flags)  # through Triton: cached
+            got, by_keyword = _launch._COMPILED[_launch._launch_key(kernel, 0, a, flags)]
+            assert got is want and by_keyword == ("HAS_RESIDUAL", "STORE_RESIDUAL", "STORE_Y", "BLOCK")
+
+
+@pytest.mark.parametrize("case", overhead.tiny_cases(), ids=lambda c: c["op"])
+def test_inference_skips_autograd_and_gives_the_same_outputs(monkeypatch, case):
+    """Where autograd has nothing to record (no_grad, or no input requiring grad), an op runs its Function's
+    forward alone (counted on the Triton path, where every op has a Function), with the outputs that recording
+    it gives (compared on the torch fallbacks, which compute on CPU); an input requiring grad records it."""
+    shortcuts = []
+    monkeypatch.setattr(_launch, "_Unrecorded", type("Counted", (_launch._Unrecorded,),
+                                                     {"__init__": lambda self: shortcuts.append(1)}))
+
+    def run(backend, grads=False):
+        inputs = {k: v.clone().requires_grad_(grads and k in case["grads"]) for k, v in case["inputs"].items()}
+        return case["fastvit"](inputs, backend)
+
+    with overhead.stubbed_launches(), overhead.triton_on_cpu_tensors():
+        with torch.no_grad():
+            run("triton")
+        run("triton")
+        assert len(shortcuts) == 2
+        recorded = run("triton", grads=True)
+        assert len(shortcuts) == 2 and all(o.grad_fn is not None for o in recorded)
+    with torch.no_grad():
+        fast = run("torch")
+    for a, b in zip(fast, run("torch", grads=True)):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
