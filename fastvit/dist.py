@@ -7,7 +7,10 @@ restart round the same ``MASTER_ADDR:MASTER_PORT``; torch's ``env://`` handler n
 workers' addresses ("connectFullMesh failed ... Connection refused"), or a barrier counts stale arrivals and waits
 forever. ``distributed()`` connects to the agent's store itself and prefixes every key with the restart round
 (``TORCHELASTIC_RESTART_COUNT``), and gives the store and the group a timeout, so a rank that cannot meet the others
-fails (and torchrun restarts the job) instead of hanging.
+fails (and torchrun restarts the job) instead of hanging. On several nodes each agent counts its own restarts, so
+the count names no common round: there ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` makes every round's rank 0 host a
+fresh store (tests/test_train_distributed.py runs two agents so), and without it a restarted worker stops with an
+error saying so instead of hanging.
 """
 from __future__ import annotations
 
@@ -60,9 +63,15 @@ def elastic_store(timeout: timedelta):
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restart_round() is None:
         return None
     if int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0:
-        # each node's agent counts its own restarts, so nodes may disagree on the round (pytorch#135712)
-        warnings.warn("restarts on more than one node: launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so "
-                      "that every restart round gets a fresh store", RuntimeWarning, stacklevel=3)
+        # each node's agent counts its own restarts, so nodes disagree on the round and no prefix can separate
+        # rounds; a restarted worker would meet the old round's keys and hang
+        fix = ("launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node, so that every restart round "
+               "gets a fresh store")
+        if restart_round():
+            raise RuntimeError(f"torchrun restarted this worker (round {restart_round()}) on one of "
+                               f"{os.environ['GROUP_WORLD_SIZE']} nodes that share the agent's store, where the "
+                               f"restarted ranks cannot meet: {fix}")
+        warnings.warn(f"restarts on more than one node will fail: {fix}", RuntimeWarning, stacklevel=3)
         return None
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                           int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)

@@ -7,9 +7,11 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -144,26 +146,25 @@ def test_batch_split_invariance(runs, tmp_path):
             torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
-# round -> [rank, step]: rank 1 dies after step 3 (last checkpoint 2), rank 0 after 5 (checkpoint 4), rank 1 after
+# [rank, step], in order: rank 1 dies after step 3 (last checkpoint 2), rank 0 after 5 (checkpoint 4), rank 1 after
 # the final step 6 (checkpoint 6 written: the last round only evaluates and exits)
-ELASTIC_KILLS = {"0": [1, 3], "1": [0, 5], "2": [1, 6]}
+ELASTIC_KILLS = [[1, 3], [0, 5], [1, 6]]
 
 
-def test_torchrun_restarts_after_sigkill_and_finishes_bitwise(runs, tmp_path):
-    """torchrun --max-restarts 3, a worker SIGKILLed in each of three rounds: every restart meets the others (no
-    stale rendezvous keys from the killed round), resumes from the newest checkpoint, and the run ends with the
-    uninterrupted run's losses, weights and optimizer state, bit for bit."""
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _assert_finishes_as_uninterrupted(runs, run, log):
+    """Resumed from checkpoints 2, 4 and 6 (one per kill), and the uninterrupted run's losses, weights and
+    optimizer state, bit for bit."""
     out, _ = runs
-    run = tmp_path / "elastic"
-    cfg = dict(RESUME, save_every=2, out=str(run))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "--max-restarts", "3", "--monitor-interval", "0.2",
-                           str(ROOT / "tests" / "elastic_worker.py"), json.dumps(cfg), json.dumps(ELASTIC_KILLS)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=3 * LAUNCH_TIMEOUT)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    resumed = [line.split("checkpoints/")[1] for line in proc.stdout.splitlines() if line.startswith("resumed from")]
+    # sorted: on two nodes, rank 0 (which prints) may move between the agents' logs
+    resumed = sorted(line.split("checkpoints/")[1] for line in log.splitlines() if line.startswith("resumed from"))
     assert resumed == ["step_00000002 (step 2)", "step_00000004 (step 4)", "step_00000006 (step 6)"], log[-4000:]
+    assert len(list((run / "kills").iterdir())) == len(ELASTIC_KILLS)
     assert "connectFullMesh" not in log
     straight = out["ddp_straight"]
     a, b = losses(straight), losses(run)
@@ -172,6 +173,50 @@ def test_torchrun_restarts_after_sigkill_and_finishes_bitwise(runs, tmp_path):
     assert ta.keys() == tb.keys()
     for key in ta:
         assert torch.equal(ta[key], tb[key]), key
+
+
+def _elastic_command(run):
+    cfg = dict(RESUME, save_every=2, out=str(run))
+    return [str(ROOT / "tests" / "elastic_worker.py"), json.dumps(cfg), json.dumps(ELASTIC_KILLS)]
+
+
+def test_torchrun_restarts_after_sigkill_and_finishes_bitwise(runs, tmp_path):
+    """torchrun --max-restarts 3, a worker SIGKILLed in each of three rounds: every restart meets the others (no
+    stale rendezvous keys from the killed round), resumes from the newest checkpoint, and the run ends with the
+    uninterrupted run's losses, weights and optimizer state, bit for bit."""
+    run = tmp_path / "elastic"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "--max-restarts", "3", "--monitor-interval", "0.2", *_elastic_command(run)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=3 * LAUNCH_TIMEOUT)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    _assert_finishes_as_uninterrupted(runs, run, proc.stdout)
+
+
+def test_two_node_restarts_after_sigkill_and_finish_bitwise(runs, tmp_path):
+    """The same three kills on two torchrun agents ("nodes", one worker each) meeting through a c10d rendezvous,
+    launched as the README says for several nodes (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): the agent of the killed
+    worker restarts it, the other agent restarts its own to meet it (the two count restarts differently), and the
+    run ends as the uninterrupted one."""
+    run = tmp_path / "two_nodes"
+    port = _free_port()
+    env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+                                "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id",
+                                "fastvit-test", "--max-restarts", "3", "--monitor-interval", "0.2",
+                                *_elastic_command(run)],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    logs = []
+    try:
+        for agent in agents:
+            logs.append(agent.communicate(timeout=4 * LAUNCH_TIMEOUT))
+    finally:
+        for agent in agents:
+            agent.kill()
+    log = "\n".join(out + err for out, err in logs)
+    assert [a.returncode for a in agents] == [0, 0], log[-6000:]
+    _assert_finishes_as_uninterrupted(runs, run, "\n".join(out for out, _ in logs))
 
 
 def test_a_failing_rank_ends_the_job(tmp_path):
@@ -188,3 +233,17 @@ def test_a_failing_rank_ends_the_job(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script)], cwd=ROOT, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert proc.returncode != 0 and "rank 1 fails" in proc.stderr
+
+
+def test_restarts_on_several_nodes_sharing_the_agent_store_stop_with_advice(monkeypatch):
+    """Several nodes, restarts, the agent's shared store (whose rounds the nodes count differently): a warning on the
+    first start, and on a restart a clear error naming the fix instead of a hang."""
+    from fastvit import dist as fdist
+    for key, value in dict(TORCHELASTIC_USE_AGENT_STORE="True", GROUP_WORLD_SIZE="2", TORCHELASTIC_MAX_RESTARTS="3",
+                           TORCHELASTIC_RESTART_COUNT="0").items():
+        monkeypatch.setenv(key, value)
+    with pytest.warns(RuntimeWarning, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        assert fdist.elastic_store(timedelta(seconds=1)) is None
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.raises(RuntimeError, match=r"round 1\) on one of 2 nodes.*TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        fdist.elastic_store(timedelta(seconds=1))
