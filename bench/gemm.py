@@ -4,17 +4,21 @@
 
 Per model (``--batch`` images at 224 px, so rows = batch x tokens) and GEMM:
 
-    qkv    LN(x + r) W^T + b         ln+cublas    vs ln_gemm        (kernels/ln_matmul.py)
-    fc1    LN(x + r) W^T + b         ln+cublas    vs ln_gemm
-    fc2    GELU(h) W^T + b           gelu+cublas  vs gelu_gemm      (kernels/gelu_matmul.py; fc1 added b1)
-    proj   x W^T + b + r             cublas+add   vs gemm_residual  (kernels/matmul_residual.py)
-    fc2+r  x W^T + b + r, K = mlp    cublas+add   vs gemm_residual
+    qkv    LN(x + r) W^T + b         ln+cublas    vs ln_gemm, ln_gemm_tma              (kernels/ln_matmul.py)
+    fc1    LN(x + r) W^T + b         ln+cublas    vs ln_gemm, ln_gemm_tma
+    fc2    GELU(h) W^T + b           gelu+cublas  vs gelu_gemm, gelu_gemm_tma          (kernels/gelu_matmul.py)
+    proj   x W^T + b + r             cublas+add   vs gemm_residual, gemm_residual_tma  (kernels/matmul_residual.py)
+    fc2+r  x W^T + b + r, K = mlp    cublas+add   vs gemm_residual, gemm_residual_tma
+
+(``*_tma``: the persistent TMA kernel, on sm_90 and newer and under the interpreter; fc2's GELU has no b1: fc1
+added it in its GEMM.)
 
 timed forward and forward + backward (median of CUDA-event timings, ``fastvit.autotune.time_cuda``) as a model
 runs them: activations in ``--dtype`` under autocast over fp32 parameters, the residual stream in fp32 with
 ``--residual-fp32``. A row gives both times, the speed-up (unfused / fused; > 1: the fused GEMM is faster), the
-fused GEMM's TFLOP/s, the winner of the forward (what ``ops.gemm_impl`` keeps: both paths share their backward)
-and the largest difference between the two outputs. Writes gemm.json and gemm.md.
+faster fused GEMM's TFLOP/s and name, the TMA kernel's speed-up over the one-program-per-tile kernel, the winner
+of the forward (what ``ops.gemm_impl`` keeps: all paths share their backward) and the largest difference between
+a fused and the unfused output. Writes gemm.json and gemm.md.
 
     python bench/gemm.py                                   # GPU: B/16, L/16, H/14 at batch 64, bf16
     python bench/gemm.py --models B/16 --batch 256 --dtype fp16 --residual-fp32
@@ -60,22 +64,26 @@ def cases(shape, batch, dtype, residual_fp32, device):
                 **({"bias": t(n, scale=0.02)} if bias else {})}
 
     def ln_run(impl, a):
-        fn = ln_matmul if impl == "ln_gemm" else add_layer_norm_linear
-        return fn(a["x"], a["residual"], a["norm_weight"], a["norm_bias"], a["weight"], a.get("bias"), 1e-6,
-                  residual_fp32, True)
+        args = (a["x"], a["residual"], a["norm_weight"], a["norm_bias"], a["weight"], a.get("bias"), 1e-6,
+                residual_fp32, True)
+        if impl == "ln+cublas":
+            return add_layer_norm_linear(*args)
+        return ln_matmul(*args, tma=impl == "ln_gemm_tma")
 
     def gelu_run(impl, a):
-        fn = gelu_matmul if impl == "gelu_gemm" else bias_gelu_linear
-        return fn(a["x"], a.get("b1"), a["weight"], a["bias"], True)
+        args = (a["x"], a.get("b1"), a["weight"], a["bias"], True)
+        if impl == "gelu+cublas":
+            return bias_gelu_linear(*args)
+        return gelu_matmul(*args, tma=impl == "gelu_gemm_tma")
 
     def residual_inputs(k):
         return {"x": t(m, k, dt=dtype), "weight": t(d, k, scale=k ** -0.5), "bias": t(d, scale=0.02),
                 "residual": t(m, d, dt=res_dtype)}
 
     def residual_run(impl, a):
-        if impl == "gemm_residual":
-            return matmul_residual(a["x"], a["weight"], a["bias"], a["residual"], True)
-        return matmul_residual_ref(a["x"], a["weight"], a["bias"], a["residual"])
+        if impl == "cublas+add":
+            return matmul_residual_ref(a["x"], a["weight"], a["bias"], a["residual"])
+        return matmul_residual(a["x"], a["weight"], a["bias"], a["residual"], True, tma=impl == "gemm_residual_tma")
 
     # as the block runs them: fc1 adds its bias in its GEMM, so fc2's GELU has none (b1 None)
     gelu_inputs = {"x": t(m, f, dt=dtype), "b1": None, "weight": t(d, f, scale=f ** -0.5), "bias": t(d, scale=0.02)}
@@ -100,15 +108,24 @@ def timer(device, repeats):
     return cpu
 
 
+def impls(op, device):
+    """The paths of ``op`` measured on ``device``: all of ``ops.GEMM_IMPLS``, less the TMA kernel before sm_90."""
+    names = ops.GEMM_IMPLS[op]
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+        return names[:2]
+    return names
+
+
 def measure(case, dtype, device, repeats):
-    """Times and outputs of both implementations of one case."""
+    """Times and outputs of every implementation of one case."""
     name, op, k, n, inputs, run = case
     autocast = dtype != torch.float32
     time_fn = timer(device, repeats)
     leaves = {key: v.requires_grad_() for key, v in inputs.items() if v is not None}
     result = {"gemm": name, "op": op, "K": k, "N": n, "rows": inputs["x"].shape[0]}
     outs = {}
-    for impl in ops.GEMM_IMPLS[op]:
+    names = impls(op, device)
+    for impl in names:
         def fwd():
             with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=autocast):
                 return run(impl, leaves)
@@ -124,27 +141,31 @@ def measure(case, dtype, device, repeats):
         out = fwd()
         outs[impl] = (out if isinstance(out, tuple) else (out,))[0]
         result[impl] = {"fwd_s": time_fn(fwd), "fwd_bwd_s": time_fn(fwd_bwd)}
-    unfused, fused = ops.GEMM_IMPLS[op]
+    unfused, fused = names[0], min(names[1:], key=lambda i: result[i]["fwd_s"])
     flops = 2 * result["rows"] * k * n
     result.update(
+        fused=fused,
         speedup_fwd=result[unfused]["fwd_s"] / result[fused]["fwd_s"],
         speedup_fwd_bwd=result[unfused]["fwd_bwd_s"] / result[fused]["fwd_bwd_s"],
         fused_tflops_fwd=flops / result[fused]["fwd_s"] / 1e12,
+        tma_speedup_fwd=(result[names[1]]["fwd_s"] / result[names[2]]["fwd_s"]) if len(names) > 2 else None,
         winner=fused if result[fused]["fwd_s"] < result[unfused]["fwd_s"] else unfused,
-        max_abs_diff=(outs[fused].double() - outs[unfused].double()).abs().max().item())
+        max_abs_diff=max((outs[i].double() - outs[unfused].double()).abs().max().item() for i in names[1:]))
     return result
 
 
 def markdown(rows, args, env):
-    header = ["model", "gemm", "rows x K -> N", "unfused", "fused", "fwd ms (unfused / fused)", "speed-up fwd",
-              "fwd+bwd ms", "speed-up fwd+bwd", "fused TFLOP/s", "winner", "max |diff|"]
+    header = ["model", "gemm", "rows x K -> N", "unfused", "faster fused", "fwd ms (unfused / fused)",
+              "speed-up fwd", "fwd+bwd ms", "speed-up fwd+bwd", "fused TFLOP/s", "TMA / tiles fwd", "winner",
+              "max |diff|"]
     cells = []
     for r in rows:
-        unfused, fused = ops.GEMM_IMPLS[r["op"]]
+        unfused, fused = ops.GEMM_IMPLS[r["op"]][0], r["fused"]
+        tma = "-" if r["tma_speedup_fwd"] is None else f"{r['tma_speedup_fwd']:.2f}x"
         cells.append([r["model"], r["gemm"], f"{r['rows']} x {r['K']} -> {r['N']}", unfused, fused,
                       f"{1e3 * r[unfused]['fwd_s']:.3f} / {1e3 * r[fused]['fwd_s']:.3f}", f"{r['speedup_fwd']:.2f}x",
                       f"{1e3 * r[unfused]['fwd_bwd_s']:.3f} / {1e3 * r[fused]['fwd_bwd_s']:.3f}",
-                      f"{r['speedup_fwd_bwd']:.2f}x", f"{r['fused_tflops_fwd']:.1f}", r["winner"],
+                      f"{r['speedup_fwd_bwd']:.2f}x", f"{r['fused_tflops_fwd']:.1f}", tma, r["winner"],
                       f"{r['max_abs_diff']:.1e}"])
     return (f"# Fused GEMMs vs unfused paths\n\n{args.dtype}, batch {args.batch}, residual "
             f"{'fp32' if args.residual_fp32 else args.dtype}; device {env.get('gpu', 'CPU')}, "
@@ -183,7 +204,7 @@ def main(argv=None):
             r = {"model": model, **measure(case, dtype, device, args.repeats)}
             rows.append(r)
             print(f"{model:8s} {r['gemm']:6s} {r['rows']:6d} x {r['K']:5d} -> {r['N']:5d}  fwd x{r['speedup_fwd']:.2f}"
-                  f"  fwd+bwd x{r['speedup_fwd_bwd']:.2f}  fused {r['fused_tflops_fwd']:.1f} TFLOP/s  "
+                  f"  fwd+bwd x{r['speedup_fwd_bwd']:.2f}  {r['fused']} {r['fused_tflops_fwd']:.1f} TFLOP/s  "
                   f"winner {r['winner']}", flush=True)
     env = common.environment()
     out = common.out_dir(args.out)

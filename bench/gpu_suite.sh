@@ -10,7 +10,9 @@
 #                 model's training images/s from the b16 step (the data issue's goal); only when named
 #
 # JSON (and the PNGs) go to bench/results/<gpu>/, <gpu> from torch.cuda.get_device_name (lower case, [a-z0-9-]);
-# Chrome traces to bench/results/<gpu>/traces/ (not committed: too large). Then bench/tables.py writes
+# the choices fastvit.autotune measured on the way (attention kernel, cuBLAS or which fused GEMM, per call shape) to
+# bench/results/<gpu>/autotune/autotune.json; Chrome traces to bench/results/<gpu>/traces/ (not committed: too
+# large). Then bench/tables.py writes
 # bench/results/<gpu>/summary.md, the tables the README quotes, with date, GPU, torch and triton versions.
 # Commit the folder as written; never edit its files by hand.
 #
@@ -53,6 +55,8 @@ print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'
     OUT=bench/results/$GPU
 fi
 mkdir -p "$OUT/traces"
+# fastvit.autotune's measured choices (attention kernel, GEMM path per call shape) land beside the results
+export FASTVIT_CACHE_DIR="$OUT/autotune"
 echo "== gpu_suite: ${STEPS[*]} -> $OUT ($GPU)"
 
 FAILED=()

@@ -26,7 +26,7 @@ from fastvit.kernels._report import DTYPES, MODELS, SMEM_LIMIT, collect_specs, c
 def run(models, dtypes, archs, modules):
     """One record per (model, dtype, kernel variant, arch), with a progress bar: a full report takes minutes."""
     jobs = [(model, dtype, module, spec, arch) for model in models for dtype in dtypes
-            for module, spec in collect_specs(MODELS[model], dtype, modules) for arch in archs]
+            for module, spec in collect_specs(MODELS[model], dtype, modules) for arch in archs if arch in spec.archs]
     records = []
     for model, dtype, module, spec, arch in tqdm(jobs, desc="compiling", unit="kernel", mininterval=5):
         rec = {"model": model, "dtype": dtype, "module": module, "kernel": spec.name, "label": spec.label,

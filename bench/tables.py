@@ -2,8 +2,9 @@
 """Markdown tables from one results folder written by bench/gpu_suite.sh (the tables the README quotes).
 
 Reads what is there of ``throughput_*/throughput.json``, ``profile.json``, ``numerics.json``, ``overhead.json``,
-``loader.json`` and ``ops_benchmark.json`` (pytest-benchmark) and writes ``summary.md`` beside them, headed by the
-date, GPU, torch and triton versions the files record. Nothing is measured here.
+``loader.json``, ``ops_benchmark.json`` (pytest-benchmark) and ``autotune/autotune.json`` (the choices
+``fastvit.autotune`` measured during the runs) and writes ``summary.md`` beside them, headed by the date, GPU,
+torch and triton versions the files record. Nothing is measured here.
 
     python bench/tables.py bench/results/nvidia-h200
 """
@@ -88,11 +89,22 @@ def loader_table(data):
           "—" if r["ratio_to_model"] is None else f"{r['ratio_to_model']:.2f}"] for r in data["rows"]])
 
 
+def autotune_table(data):
+    """One row per measured choice: the op, the call it was measured for, the winner."""
+    rows = []
+    for key, winner in sorted(data.items()):
+        op, fields, _ = json.loads(key)
+        call = ", ".join(f"{name} {'/'.join(map(str, v)) if isinstance(v, list) else v}" for name, v in fields)
+        rows.append([op, call, winner])
+    return common.markdown_table(["op", "call", "fastest"], rows)
+
+
 def summary(folder):
     folder = pathlib.Path(folder)
     throughput = [d for d in (_load(p) for p in sorted(folder.glob("throughput_*/throughput.json"))) if d]
     profile, numerics, overhead = (_load(folder / f) for f in ("profile.json", "numerics.json", "overhead.json"))
     ops_bench, loader = _load(folder / "ops_benchmark.json"), _load(folder / "loader.json")
+    choices = _load(folder / "autotune" / "autotune.json")
     found = [d for d in (*throughput, profile, numerics, overhead, loader) if d]
     if not found and not ops_bench:
         raise SystemExit(f"no results in {folder}")
@@ -120,6 +132,8 @@ def summary(folder):
         model = (f"the model trains at {loader['model_images_per_s_per_gpu']:.0f} images/s per GPU "
                  f"({loader['model_source']})" if loader["model_images_per_s_per_gpu"] else "no model figure")
         lines += [f"## Training loader (bench/loader.py): {loader['title']}; {model}", "", loader_table(loader), ""]
+    if choices:
+        lines += ["## Measured choices (fastvit.autotune, during the runs above)", "", autotune_table(choices), ""]
     if numerics:
         lines += [f"## Numerics (bench/numerics.py): {numerics['failed']} of {len(numerics['rows'])} rows over "
                   f"{numerics['pass_ratio']}x PyTorch's own error", "", numerics_table(numerics), ""]

@@ -118,8 +118,9 @@ def add_layer_norm_linear(x, residual, norm_weight, norm_bias, weight, bias=None
 
 
 def _run_ln_linear(args, impl):
-    fn = _ln_matmul.ln_matmul if impl == "ln_gemm" else _layer_norm.add_layer_norm_linear
-    return fn(*args)
+    if impl == "ln+cublas":
+        return _layer_norm.add_layer_norm_linear(*args)
+    return _ln_matmul.ln_matmul(*args, tma=impl == "ln_gemm_tma")
 
 
 def bias_gelu_linear(x, bias, weight, weight_bias=None, backend="auto"):
@@ -138,8 +139,9 @@ def bias_gelu_linear(x, bias, weight, weight_bias=None, backend="auto"):
 
 
 def _run_gelu_linear(args, impl):
-    fn = _gelu_matmul.gelu_matmul if impl == "gelu_gemm" else _bias_gelu.bias_gelu_linear
-    return fn(*args)
+    if impl == "gelu+cublas":
+        return _bias_gelu.bias_gelu_linear(*args)
+    return _gelu_matmul.gelu_matmul(*args, tma=impl == "gelu_gemm_tma")
 
 
 def linear_residual(x, weight, bias, residual, backend="auto"):
@@ -157,14 +159,16 @@ def linear_residual(x, weight, bias, residual, backend="auto"):
 
 
 def _run_linear_residual(args, impl):
-    if impl == "gemm_residual":
-        return _matmul_residual.matmul_residual(*args)
-    return _matmul_residual.matmul_residual_ref(*args[:-1])
+    if impl == "cublas+add":
+        return _matmul_residual.matmul_residual_ref(*args[:-1])
+    return _matmul_residual.matmul_residual(*args, tma=impl == "gemm_residual_tma")
 
 
-# per op: (the unfused path, the fused GEMM); the first is the static choice
-GEMM_IMPLS = {"add_layer_norm_linear": ("ln+cublas", "ln_gemm"), "bias_gelu_linear": ("gelu+cublas", "gelu_gemm"),
-              "linear_residual": ("cublas+add", "gemm_residual")}
+# per op: (the unfused path, our GEMM with one program per tile, the persistent TMA GEMM: sm_90 on); the first is
+# the static choice
+GEMM_IMPLS = {"add_layer_norm_linear": ("ln+cublas", "ln_gemm", "ln_gemm_tma"),
+              "bias_gelu_linear": ("gelu+cublas", "gelu_gemm", "gelu_gemm_tma"),
+              "linear_residual": ("cublas+add", "gemm_residual", "gemm_residual_tma")}
 
 
 def _gemm_on_gpu(triton, x) -> bool:
@@ -175,21 +179,23 @@ def _gemm_on_gpu(triton, x) -> bool:
 
 def gemm_impl(op, x, weight, extra_fields, run) -> str:
     """Which of ``GEMM_IMPLS[op]`` runs a call with input ``x`` (any leading shape) and (N, K) ``weight``, where the
-    Triton kernels run on a GPU (:func:`_gemm_on_gpu`).
+    Triton kernels run on a GPU (:func:`_gemm_on_gpu`); the TMA GEMM is a candidate on sm_90 and newer.
 
-    Outside torch.compile / export tracing the two are timed once per (GPU, dtypes, rows, K, N, ``extra_fields``)
-    on the call's own inputs, forward only (both share their backward), and the faster is cached
-    (``fastvit.autotune``); while tracing, the unfused path. ``run(impl)`` runs the op once with ``impl``.
+    Outside torch.compile / export tracing the candidates are timed once per (GPU, dtypes, rows, K, N,
+    ``extra_fields``, candidates) on the call's own inputs, forward only (all share their backward), and the
+    fastest is cached (``fastvit.autotune``); while tracing, the unfused path. ``run(impl)`` runs the op once with
+    ``impl``.
     """
-    unfused, fused = GEMM_IMPLS[op]
+    unfused, tiles, tma = GEMM_IMPLS[op]
     compute = _matmul.compute_dtype(x)
     if (not torch.cuda.is_available() or torch.compiler.is_compiling()
             or compute not in (torch.float16, torch.bfloat16, torch.float32)):
         return unfused
+    names = (unfused, tiles, tma) if torch.cuda.get_device_capability(x.device) >= (9, 0) else (unfused, tiles)
     fields = (("dtype", str(x.dtype)), ("compute", str(compute)), ("weight", str(weight.dtype)),
               ("rows", x.numel() // max(x.shape[-1], 1)), ("in", x.shape[-1]), ("out", weight.shape[0]),
-              *extra_fields)
-    return autotune.fastest(op, x.device.index or 0, fields, [unfused, fused],
+              *extra_fields, ("candidates", names))
+    return autotune.fastest(op, x.device.index or 0, fields, list(names),
                             lambda impl: functools.partial(_forward_only, run, impl), unfused)
 
 

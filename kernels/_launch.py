@@ -28,6 +28,7 @@ import torch
 from triton import knobs
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 # Triton reads TRITON_INTERPRET once, at import; so do we (a plain function of a constant, which dynamo folds)
@@ -71,9 +72,10 @@ _KEY_SCALARS = frozenset((int, float, bool, type(None)))
 
 def _launch_key(kernel, device, args, kwargs):
     """A key that fixes the compiled variant Triton's binder would pick, cheaper to build than the binder's own:
-    a tensor's dtype and 16-byte alignment (all Triton specialises a pointer on), any other argument's type and
-    value (an int's value fixes whether it is 1 or a multiple of 16; it is a shape or stride, of few values), and
-    the keyword arguments (constexprs, ``num_warps``, ``num_stages``). None when an argument is of another type."""
+    a tensor's dtype and 16-byte alignment (all Triton specialises a pointer on), a TMA descriptor's dtype and
+    block, any other argument's type and value (an int's value fixes whether it is 1 or a multiple of 16; it is a
+    shape or stride, of few values), and the keyword arguments (constexprs, ``num_warps``, ``num_stages``). None
+    when an argument is of another type."""
     key = [id(kernel), device]
     for a in args:
         kind = type(a)
@@ -83,6 +85,9 @@ def _launch_key(kernel, device, args, kwargs):
         elif kind in _KEY_SCALARS:
             key.append(kind)
             key.append(a)
+        elif kind is TensorDescriptor:  # Triton specialises a descriptor on its dtype and block shape
+            key.append(a.base.dtype)
+            key.append(tuple(a.block_shape))
         else:
             return None
     key.extend(kwargs.items())

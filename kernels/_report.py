@@ -14,7 +14,9 @@ shared memory, at the shapes of real models. A kernel module joins by exposing o
   ``"*fp16"``/``"*bf16"``/``"*fp32"`` pointers, ``"i32"``/``"i64"``/``"fp32"`` scalars, ``"constexpr"`` for
   constexpr parameters), ``constexprs`` (a value for every constexpr parameter) and the launch options
   ``num_warps`` / ``num_stages``; ``aligned`` names the parameters that are multiples of 16 at launch (pointers
-  from torch's allocator, widths like 768), which Triton's JIT would specialise on too.
+  from torch's allocator, widths like 768), which Triton's JIT would specialise on too; ``archs`` the compute
+  capabilities it runs on (a TMA kernel: ``(90,)``), the report compiling it for those only. A TMA descriptor
+  parameter is ``"tensordesc<bf16[128, 64]>"`` (dtype and block shape).
 
 The block sizes, warps and stages in a spec must come from the SAME function the launcher calls to pick them
 (e.g. ``layer_norm._config(dim)``), so that what the report checks is what runs. Specs cover every variant a model
@@ -83,6 +85,7 @@ class KernelSpec:
     num_stages: int = 1
     label: str = ""
     aligned: tuple = ()
+    archs: tuple = (80, 90)  # the GPUs (compute capabilities in SMEM_LIMIT) it runs on
 
 
 def spec_from_launch(name, fn, args, constexprs, num_warps, num_stages, label):

@@ -178,7 +178,8 @@ class BiasGeluLinearFn(torch.autograd.Function):
         d_lin_w = (dout.t() @ h.to(dout.dtype)).to(lin_weight.dtype)
         d_lin_b = dout.sum(0).to(lin_weight.dtype) if ctx.has_lin_bias else None
         dx, db = bias_gelu_bwd(dh, x, bias, ctx.use_triton)
-        return dx, (None if bias is None else db), d_lin_w, d_lin_b, None
+        # None for use_triton and what a subclass's forward adds
+        return dx, (None if bias is None else db), d_lin_w, d_lin_b, *[None] * (len(ctx.needs_input_grad) - 4)
 
 
 def _check_rows(x, bias):
@@ -193,11 +194,12 @@ def bias_gelu(x, bias, use_triton):
     return apply(BiasGeluFn, _check_rows(x, bias), bias, use_triton).view_as(x)
 
 
-def bias_gelu_linear(x, bias, lin_weight, lin_bias, use_triton, function=BiasGeluLinearFn):
+def bias_gelu_linear(x, bias, lin_weight, lin_bias, use_triton, function=BiasGeluLinearFn, function_args=()):
     """GELU(x + bias) lin_weight^T + lin_bias over the last dim of x, recomputing the GELU in backward.
 
-    ``function`` is the autograd Function that runs it (``gelu_matmul`` passes its fused-GEMM subclass)."""
-    out = apply(function, _check_rows(x, bias), bias, lin_weight, lin_bias, use_triton)
+    ``function`` is the autograd Function that runs it, with ``function_args`` after the common ones
+    (``gelu_matmul`` passes its fused-GEMM subclass and the kernel choice)."""
+    out = apply(function, _check_rows(x, bias), bias, lin_weight, lin_bias, use_triton, *function_args)
     return out.view(*x.shape[:-1], lin_weight.shape[0])
 
 

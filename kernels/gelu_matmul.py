@@ -32,39 +32,43 @@ def gelu_matmul_ref(x, bias, weight, weight_bias):
 
 @eager_op("gelu_matmul_fwd")
 def gelu_matmul_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], weight: torch.Tensor,
-                    weight_bias: Optional[torch.Tensor], use_triton: bool) -> torch.Tensor:
-    """GELU(x + bias) weight^T + weight_bias on (rows, C) x, in weight's dtype."""
+                    weight_bias: Optional[torch.Tensor], use_triton: bool, tma: bool = False) -> torch.Tensor:
+    """GELU(x + bias) weight^T + weight_bias on (rows, C) x, in weight's dtype; ``tma``: the persistent TMA GEMM."""
     if not use_triton:
         h = _bg.bias_gelu_fwd(x, bias, False).to(weight.dtype)
         return F.linear(h, weight, None if weight_bias is None else weight_bias.to(weight.dtype))
     if bias is None:
-        return fused_matmul(x, weight, weight.dtype, weight_bias, prologue="gelu")
-    return fused_matmul(x, weight, weight.dtype, weight_bias, prologue="bias_gelu", prologue_bias=bias.contiguous())
+        return fused_matmul(x, weight, weight.dtype, weight_bias, prologue="gelu", tma=tma)
+    return fused_matmul(x, weight, weight.dtype, weight_bias, prologue="bias_gelu", prologue_bias=bias.contiguous(),
+                        tma=tma)
 
 
 @gelu_matmul_fwd.register_fake
-def _(x, bias, weight, weight_bias, use_triton):
+def _(x, bias, weight, weight_bias, use_triton, tma=False):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=weight.dtype)
 
 
 class GeluMatmulFn(_bg.BiasGeluLinearFn):
-    """BiasGeluLinearFn with the bias + GELU folded into the GEMM's loads; same saved tensors, same backward."""
+    """BiasGeluLinearFn with the bias + GELU folded into the GEMM's loads (and ``tma``, the kernel choice, after its
+    arguments); same saved tensors, same backward."""
 
     @staticmethod
-    def forward(ctx, x, bias, lin_weight, lin_bias, use_triton):
+    def forward(ctx, x, bias, lin_weight, lin_bias, use_triton, tma=False):
         ctx.use_triton = use_triton
         ctx.has_lin_bias = lin_bias is not None
         ctx.save_for_backward(x, bias, lin_weight)
-        return gelu_matmul_fwd(x, bias, gemm_weights(x, lin_weight), lin_bias, use_triton)
+        return gelu_matmul_fwd(x, bias, gemm_weights(x, lin_weight), lin_bias, use_triton, tma)
 
 
-def gelu_matmul(x, bias, lin_weight, lin_bias, use_triton):
-    """``bias_gelu.bias_gelu_linear`` (same arguments and result) with the bias + GELU in the GEMM."""
-    return _bg.bias_gelu_linear(x, bias, lin_weight, lin_bias, use_triton, function=GeluMatmulFn)
+def gelu_matmul(x, bias, lin_weight, lin_bias, use_triton, tma=False):
+    """``bias_gelu.bias_gelu_linear`` (same arguments and result) with the bias + GELU in the GEMM; ``tma``: the
+    persistent TMA GEMM (sm_90), where it can run."""
+    return _bg.bias_gelu_linear(x, bias, lin_weight, lin_bias, use_triton, function=GeluMatmulFn,
+                                function_args=(tma,))
 
 
 def aot_specs(shape, dtype):
     """fc2: mlp_dim -> dim with bias, on an A (the fc1 output, its bias already added) of the activation dtype."""
     act = f"*{dtype}"
-    return [aot_spec("gelu_matmul", dtype, "gelu", act, act, True, False,
-                     label=f"fc2 {shape.mlp_dim}->{shape.dim}")]
+    return [aot_spec("gelu_matmul", dtype, "gelu", act, act, True, False, label=f"fc2 {shape.mlp_dim}->{shape.dim}",
+                     tma=tma) for tma in (False, True)]

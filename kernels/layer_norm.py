@@ -301,7 +301,8 @@ class AddLayerNormLinearFn(torch.autograd.Function):
         d_lin_w = (g.t() @ y.to(g.dtype)).to(lin_weight.dtype)
         d_lin_b = g.sum(0).to(lin_weight.dtype) if ctx.has_lin_bias else None
         dx, d_residual, dw, db = _ln_backward(ctx, dy, dres, res, weight, mean, rstd)
-        return dx, d_residual, dw, db, d_lin_w, d_lin_b, None, None, None, None
+        # None for eps, residual_in_fp32, use_triton, copy_residual_grad and what a subclass's forward adds
+        return dx, d_residual, dw, db, d_lin_w, d_lin_b, *[None] * (len(ctx.needs_input_grad) - 6)
 
 
 def _check_ln_args(x, residual, weight, bias):
@@ -332,12 +333,14 @@ def add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, use_triton)
 
 
 def add_layer_norm_linear(x, residual, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton,
-                          function=AddLayerNormLinearFn):
+                          function=AddLayerNormLinearFn, function_args=()):
     """(LayerNorm(x + residual) lin_weight^T + lin_bias, x + residual), recomputing the LayerNorm in backward.
 
-    ``function`` is the autograd Function that runs it (``ln_matmul`` passes its fused-GEMM subclass)."""
+    ``function`` is the autograd Function that runs it, with ``function_args`` after the common ones
+    (``ln_matmul`` passes its fused-GEMM subclass and the kernel choice)."""
     x2, r2, copy = _check_ln_args(x, residual, weight, bias)
-    out = apply(function, x2, r2, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton, copy)
+    out = apply(function, x2, r2, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton, copy,
+                *function_args)
     out, res = out if isinstance(out, tuple) else (out, None)
     out = out.view(*x.shape[:-1], lin_weight.shape[0])
     return out, (x if res is None else res.view_as(x))

@@ -31,10 +31,10 @@ def ln_matmul_ref(x, residual, norm_weight, norm_bias, weight, bias, eps=1e-6, r
 @eager_op("ln_matmul_fwd")
 def ln_matmul_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor,
                   norm_bias: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
-                  residual_in_fp32: bool, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                    torch.Tensor]:
+                  residual_in_fp32: bool, use_triton: bool, tma: bool = False) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                       torch.Tensor, torch.Tensor]:
     """On (rows, D) x: (out in weight's dtype, new_residual, mean, rstd), new_residual empty when it would equal x
-    (add_layer_norm_fwd's convention)."""
+    (add_layer_norm_fwd's convention). ``tma``: the persistent TMA GEMM (``matmul.fused_matmul``)."""
     if not use_triton:
         y, res, mean, rstd = _ln.add_layer_norm_fwd(x, residual, norm_weight, norm_bias, eps, residual_in_fp32,
                                                     False)
@@ -43,36 +43,37 @@ def ln_matmul_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight
     # the GEMM normalises the sum, or x itself when no sum was stored
     out = fused_matmul(res if res.shape == x.shape else x, weight, weight.dtype, bias, prologue="layer_norm",
                        mean=mean, rstd=rstd, prologue_weight=norm_weight.contiguous(),
-                       prologue_bias=norm_bias.contiguous())
+                       prologue_bias=norm_bias.contiguous(), tma=tma)
     return out, res, mean, rstd
 
 
 @ln_matmul_fwd.register_fake
-def _(x, residual, norm_weight, norm_bias, weight, bias, eps, residual_in_fp32, use_triton):
+def _(x, residual, norm_weight, norm_bias, weight, bias, eps, residual_in_fp32, use_triton, tma=False):
     _, res, mean, rstd = _ln.add_layer_norm_fwd(x, residual, norm_weight, norm_bias, eps, residual_in_fp32,
                                                 use_triton)
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=weight.dtype), res, mean, rstd
 
 
 class LayerNormMatmulFn(_ln.AddLayerNormLinearFn):
-    """AddLayerNormLinearFn with the LayerNorm folded into the GEMM's loads; same saved tensors, same backward."""
+    """AddLayerNormLinearFn with the LayerNorm folded into the GEMM's loads (and ``tma``, the kernel choice, after
+    its arguments); same saved tensors, same backward."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton,
-                copy_residual_grad=False):
-        out, res, mean, rstd = ln_matmul_fwd(x, residual, weight, bias,
-                                                              gemm_weights(x, lin_weight), lin_bias, eps,
-                                                              residual_in_fp32, use_triton)
+                copy_residual_grad=False, tma=False):
+        out, res, mean, rstd = ln_matmul_fwd(x, residual, weight, bias, gemm_weights(x, lin_weight), lin_bias, eps,
+                                             residual_in_fp32, use_triton, tma)
         saved = _ln.ln_context(ctx, x, residual, res, bias, eps, use_triton, copy_residual_grad)
         ctx.has_lin_bias = lin_bias is not None
         ctx.save_for_backward(saved, weight, bias, mean, rstd, lin_weight)
         return (out, res) if ctx.stored else out
 
 
-def ln_matmul(x, residual, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton):
-    """``layer_norm.add_layer_norm_linear`` (same arguments and results) with the LayerNorm in the GEMM."""
+def ln_matmul(x, residual, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton, tma=False):
+    """``layer_norm.add_layer_norm_linear`` (same arguments and results) with the LayerNorm in the GEMM; ``tma``:
+    the persistent TMA GEMM (sm_90), where it can run."""
     return _ln.add_layer_norm_linear(x, residual, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32,
-                                     use_triton, function=LayerNormMatmulFn)
+                                     use_triton, function=LayerNormMatmulFn, function_args=(tma,))
 
 
 def aot_specs(shape, dtype):
@@ -84,6 +85,7 @@ def aot_specs(shape, dtype):
              for s in _ln.aot_specs(shape, dtype) if s.name == "add_layer_norm_fwd"]
     for a_type in (act, "*fp32"):
         for n, has_bias, what in ((3 * shape.dim, True, "qkv"), (shape.mlp_dim, True, "fc1")):
-            specs.append(aot_spec("ln_matmul", dtype, "layer_norm", a_type, act, has_bias, False,
-                                  label=f"{what} {shape.dim}->{n} A={a_type[1:]}"))
+            for tma in (False, True):
+                specs.append(aot_spec("ln_matmul", dtype, "layer_norm", a_type, act, has_bias, False,
+                                      label=f"{what} {shape.dim}->{n} A={a_type[1:]}", tma=tma))
     return specs

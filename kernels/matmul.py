@@ -15,6 +15,10 @@ The prologue works on fp32 values in registers and rounds once to W's dtype befo
 rounds the LayerNorm / GELU output once to the GEMM's dtype. Tiles are visited in groups of ``GROUP_M`` row blocks
 so that W's column blocks stay in L2 across consecutive programs. A is read along unit-stride rows, W is (N, K)
 with unit-stride rows (nn.Linear's layout, no transpose copy).
+
+Two kernels share the prologue and epilogue: one program per output tile with pointer loads (any GPU), and on
+sm_90 a persistent one (a program per SM walking the tiles) that loads A and W and stores the output through TMA
+descriptors. Which one a call shape gets, or cuBLAS instead, is measured (``fastvit.ops.gemm_impl``).
 """
 from __future__ import annotations
 
@@ -25,8 +29,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from fastvit.kernels._launch import cdiv, launch
+from fastvit.kernels._launch import cdiv, interpreting, launch, sm_count
 from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
 
 PROLOGUES = ("none", "layer_norm", "bias_gelu", "gelu")
@@ -73,14 +78,49 @@ def precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
-def _tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row block, column block) of this program, row blocks grouped by GROUP_M for L2 reuse of W."""
-    pid = tl.program_id(0)
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of output tile ``tile``, row blocks grouped by GROUP_M for L2 reuse of W."""
     num_m = tl.cdiv(M, BLOCK_M)
     per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
-    first_m = (pid // per_group) * GROUP_M
+    first_m = (tile // per_group) * GROUP_M
     group_size = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (pid % per_group) % group_size, (pid % per_group) // group_size
+    return first_m + (tile % per_group) % group_size, (tile % per_group) // group_size
+
+
+@triton.jit
+def _prologue(a, k0, ks, K, mean, rstd, P_W, P_B, PROLOGUE: tl.constexpr, EVEN_K: tl.constexpr):
+    """An A tile (columns k0 + ks) as the dot takes it, in fp32: normalised ("layer_norm", with the rows' ``mean``
+    and ``rstd``), activated ("bias_gelu", "gelu") or as loaded ("none"). Lanes past K load as 0 and stay 0: gamma
+    and beta load as 0 there, and GELU(0) = 0."""
+    if PROLOGUE == "layer_norm":
+        if EVEN_K:
+            gamma = tl.load(P_W + k0 + ks).to(tl.float32)
+            beta = tl.load(P_B + k0 + ks).to(tl.float32)
+        else:
+            gamma = tl.load(P_W + k0 + ks, mask=ks < K - k0, other=0.0).to(tl.float32)
+            beta = tl.load(P_B + k0 + ks, mask=ks < K - k0, other=0.0).to(tl.float32)
+        a = (a.to(tl.float32) - mean) * rstd * gamma[None, :] + beta[None, :]
+    elif PROLOGUE == "bias_gelu" or PROLOGUE == "gelu":
+        u = a.to(tl.float32)
+        if PROLOGUE == "bias_gelu":
+            if EVEN_K:
+                u += tl.load(P_B + k0 + ks).to(tl.float32)[None, :]
+            else:
+                u += tl.load(P_B + k0 + ks, mask=ks < K - k0, other=0.0).to(tl.float32)[None, :]
+        a = 0.5 * u * (1.0 + tl.math.erf(u * _SQRT1_2))
+    return a
+
+
+@triton.jit
+def _epilogue(acc, rows, cols, M, N, BIAS, RES, stride_rm, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """The fp32 accumulator of output rows x cols plus the bias and the residual."""
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        mask = (rows[:, None] < M) & (cols[None, :] < N)
+        acc += tl.load(RES + rows.to(tl.int64)[:, None] * stride_rm + cols[None, :], mask=mask,
+                       other=0.0).to(tl.float32)
+    return acc
 
 
 @triton.jit
@@ -89,7 +129,8 @@ def _fused_matmul_kernel(A, W, OUT, BIAS, RES, MEAN, RSTD, P_W, P_B,
                          PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                          EVEN_K: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    """One output tile per program, operands through pointer loads (any GPU)."""
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # rows and columns past the edge wrap to valid ones, so loads need no row/column mask (the store has one)
@@ -98,6 +139,8 @@ def _fused_matmul_kernel(A, W, OUT, BIAS, RES, MEAN, RSTD, P_W, P_B,
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = A + rows_in[:, None] * stride_am + ks[None, :]
     w_ptrs = W + cols_in[None, :] * stride_wn + ks[:, None]
+    mean = 0.0
+    rstd = 0.0
     if PROLOGUE == "layer_norm":
         mean = tl.load(MEAN + rows_in)[:, None]
         rstd = tl.load(RSTD + rows_in)[:, None]
@@ -107,36 +150,41 @@ def _fused_matmul_kernel(A, W, OUT, BIAS, RES, MEAN, RSTD, P_W, P_B,
             a = tl.load(a_ptrs)
             w = tl.load(w_ptrs)
         else:
-            k_in = ks < K - k0
-            a = tl.load(a_ptrs, mask=k_in[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_in[:, None], other=0.0)
-        if PROLOGUE == "layer_norm":
-            # gamma and beta load as 0 past K, so a padded lane stays 0 and adds nothing to the dot
-            if EVEN_K:
-                gamma = tl.load(P_W + k0 + ks).to(tl.float32)
-                beta = tl.load(P_B + k0 + ks).to(tl.float32)
-            else:
-                gamma = tl.load(P_W + k0 + ks, mask=k_in, other=0.0).to(tl.float32)
-                beta = tl.load(P_B + k0 + ks, mask=k_in, other=0.0).to(tl.float32)
-            a = (a.to(tl.float32) - mean) * rstd * gamma[None, :] + beta[None, :]
-        elif PROLOGUE == "bias_gelu" or PROLOGUE == "gelu":
-            u = a.to(tl.float32)
-            if PROLOGUE == "bias_gelu":
-                if EVEN_K:
-                    u += tl.load(P_B + k0 + ks).to(tl.float32)[None, :]
-                else:
-                    u += tl.load(P_B + k0 + ks, mask=k_in, other=0.0).to(tl.float32)[None, :]
-            a = 0.5 * u * (1.0 + tl.math.erf(u * _SQRT1_2))  # GELU(0) = 0 on padded lanes
+            a = tl.load(a_ptrs, mask=ks[None, :] < K - k0, other=0.0)
+            w = tl.load(w_ptrs, mask=ks[:, None] < K - k0, other=0.0)
+        a = _prologue(a, k0, ks, K, mean, rstd, P_W, P_B, PROLOGUE, EVEN_K)
         acc = tl.dot(a.to(W.dtype.element_ty), w, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if HAS_BIAS:
-        acc += tl.load(BIAS + cols_in).to(tl.float32)[None, :]
+    acc = _epilogue(acc, rows, cols, M, N, BIAS, RES, stride_rm, HAS_BIAS, HAS_RESIDUAL)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
-    rows = rows.to(tl.int64)
-    if HAS_RESIDUAL:
-        acc += tl.load(RES + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + rows[:, None] * stride_om + cols[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fused_matmul_tma_kernel(A_DESC, W_DESC, OUT_DESC, BIAS, RES, MEAN, RSTD, P_W, P_B, M, N, K, stride_rm,
+                             programs, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                             EVEN_K: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Persistent (``programs`` programs, about one per SM, each walking every programs-th tile; the loops are
+    flattened so the next tile's loads overlap this one's epilogue), operands and output through TMA descriptors
+    (sm_90+), which zero-fill loads past M, N and K and clip the store."""
+    ks = tl.arange(0, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), programs, flatten=True):
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mean = 0.0
+        rstd = 0.0
+        if PROLOGUE == "layer_norm":
+            mean = tl.load(MEAN + rows % M)[:, None]
+            rstd = tl.load(RSTD + rows % M)[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = _prologue(A_DESC.load([pid_m * BLOCK_M, k0]), k0, ks, K, mean, rstd, P_W, P_B, PROLOGUE, EVEN_K)
+            acc = tl.dot(a.to(W_DESC.dtype), W_DESC.load([pid_n * BLOCK_N, k0]).T, acc, input_precision=PRECISION)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _epilogue(acc, rows, cols, M, N, BIAS, RES, stride_rm, HAS_BIAS, HAS_RESIDUAL)
+        OUT_DESC.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(OUT_DESC.dtype))
 
 
 def _rows(t):
@@ -144,13 +192,27 @@ def _rows(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def tma_supported(a, weight, out_dtype) -> bool:
+    """Whether the persistent TMA kernel can run prologue(a) weight^T into an ``out_dtype`` output: a Hopper or
+    newer GPU (or Triton's interpreter, for tests) and 16-byte aligned bases and row strides, as TMA requires."""
+    if a.is_cuda:
+        if torch.cuda.get_device_capability(a.device) < (9, 0):
+            return False
+    elif not interpreting():
+        return False
+    return (a.stride(-1) == 1 and weight.stride(-1) == 1 and a.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+            and (a.stride(0) * a.element_size()) % 16 == 0 and (weight.stride(0) * weight.element_size()) % 16 == 0
+            and (weight.shape[0] * out_dtype.itemsize) % 16 == 0)
+
+
 def fused_matmul(a, weight, out_dtype, bias=None, residual=None, prologue="none", mean=None, rstd=None,
-                 prologue_weight=None, prologue_bias=None):
+                 prologue_weight=None, prologue_bias=None, tma=False):
     """prologue(a) weight^T [+ bias] [+ residual] on (M, K) ``a`` and (N, K) ``weight``, computed in weight's
     dtype with fp32 accumulation, returned as a new (M, N) tensor of ``out_dtype``.
 
     ``prologue="layer_norm"`` needs the per-row fp32 ``mean`` and ``rstd`` of ``a`` and the LayerNorm's
-    ``prologue_weight`` / ``prologue_bias`` (K,); ``"bias_gelu"`` needs ``prologue_bias`` (K,).
+    ``prologue_weight`` / ``prologue_bias`` (K,); ``"bias_gelu"`` needs ``prologue_bias`` (K,). ``tma``: the
+    persistent TMA kernel (where :func:`tma_supported`), else one program per output tile.
     """
     a, weight = _rows(a), _rows(weight)
     (m, k), n = a.shape, weight.shape[0]
@@ -160,16 +222,25 @@ def fused_matmul(a, weight, out_dtype, bias=None, residual=None, prologue="none"
     tiles = config(weight.dtype, prologue, a.dtype)
     residual = None if residual is None else _rows(residual)
     bias = None if bias is None else bias.contiguous()
-    grid = (cdiv(m, tiles.block_m) * cdiv(n, tiles.block_n),)
-    launch(_fused_matmul_kernel, grid,
-        a, weight, out, out if bias is None else bias, out if residual is None else residual,
-        out if mean is None else mean, out if rstd is None else rstd,
-        out if prologue_weight is None else prologue_weight, out if prologue_bias is None else prologue_bias,
-        m, n, k, a.stride(0), weight.stride(0), out.stride(0), 0 if residual is None else residual.stride(0),
-        PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        EVEN_K=k % tiles.block_k == 0, PRECISION=precision(weight.dtype), BLOCK_M=tiles.block_m,
-        BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages)
+    tensors = (out if bias is None else bias, out if residual is None else residual,
+               out if mean is None else mean, out if rstd is None else rstd,
+               out if prologue_weight is None else prologue_weight, out if prologue_bias is None else prologue_bias)
+    options = dict(PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                   EVEN_K=k % tiles.block_k == 0, PRECISION=precision(weight.dtype), BLOCK_M=tiles.block_m,
+                   BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m, num_warps=tiles.num_warps,
+                   num_stages=tiles.num_stages)
+    num_tiles = cdiv(m, tiles.block_m) * cdiv(n, tiles.block_n)
+    res_stride = 0 if residual is None else residual.stride(0)
+    if tma and tma_supported(a, weight, out_dtype):
+        programs = min(num_tiles, sm_count(a.device))
+        launch(_fused_matmul_tma_kernel, (programs,),
+               TensorDescriptor.from_tensor(a, [tiles.block_m, tiles.block_k]),
+               TensorDescriptor.from_tensor(weight, [tiles.block_n, tiles.block_k]),
+               TensorDescriptor.from_tensor(out, [tiles.block_m, tiles.block_n]),
+               *tensors, m, n, k, res_stride, programs, **options)
+        return out
+    launch(_fused_matmul_kernel, (num_tiles,), a, weight, out, *tensors,
+           m, n, k, a.stride(0), weight.stride(0), out.stride(0), res_stride, **options)
     return out
 
 
@@ -195,24 +266,33 @@ def gemm_weights(x, weight):
     return weight
 
 
-def aot_spec(name, dtype, prologue, a_type, out_type, has_bias, has_residual, res_type=None, label=""):
+def aot_spec(name, dtype, prologue, a_type, out_type, has_bias, has_residual, res_type=None, label="", tma=False):
     """KernelSpec of one variant for the report: A of ``a_type`` ("*bf16", "*fp32", ...), weights of ``dtype``
     ("fp16"/"bf16"), fp32 bias and LayerNorm parameters as under AMP; K a multiple of the K block (every ViT width),
-    every row stride and N, K multiples of 16, M (batch x tokens) not."""
+    every row stride and N, K multiples of 16, M (batch x tokens) not. ``tma``: the persistent TMA kernel (sm_90;
+    its program count that of an H100/H200, 132)."""
     tiles = config(TORCH_DTYPES[dtype], prologue, TORCH_DTYPES[a_type[1:]])
     unused = out_type
-    sig = {"A": a_type, "W": f"*{dtype}", "OUT": out_type, "BIAS": "*fp32" if has_bias else unused,
-           "RES": res_type if has_residual else unused,
-           "MEAN": "*fp32" if prologue == "layer_norm" else unused,
-           "RSTD": "*fp32" if prologue == "layer_norm" else unused,
-           "P_W": "*fp32" if prologue == "layer_norm" else unused,
-           "P_B": "*fp32" if prologue in ("layer_norm", "bias_gelu") else unused,
-           "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_om": "i32",
-           "stride_rm": "i32"}
+    operands = {"BIAS": "*fp32" if has_bias else unused, "RES": res_type if has_residual else unused,
+                "MEAN": "*fp32" if prologue == "layer_norm" else unused,
+                "RSTD": "*fp32" if prologue == "layer_norm" else unused,
+                "P_W": "*fp32" if prologue == "layer_norm" else unused,
+                "P_B": "*fp32" if prologue in ("layer_norm", "bias_gelu") else unused}
+    if tma:
+        sig = {"A_DESC": f"tensordesc<{a_type[1:]}[{tiles.block_m}, {tiles.block_k}]>",
+               "W_DESC": f"tensordesc<{dtype}[{tiles.block_n}, {tiles.block_k}]>",
+               "OUT_DESC": f"tensordesc<{out_type[1:]}[{tiles.block_m}, {tiles.block_n}]>",
+               **operands, "M": "i32", "N": "i32", "K": "i32", "stride_rm": "i32", "programs": "i32"}
+        fn, archs, aligned = _fused_matmul_tma_kernel, (90,), ("N", "K", "stride_rm")
+    else:
+        sig = {"A": a_type, "W": f"*{dtype}", "OUT": out_type, **operands, "M": "i32", "N": "i32", "K": "i32",
+               "stride_am": "i32", "stride_wn": "i32", "stride_om": "i32", "stride_rm": "i32"}
+        fn, archs, aligned = _fused_matmul_kernel, (80, 90), ("A", "W", "OUT", "N", "K", "stride_am", "stride_wn",
+                                                              "stride_om", "stride_rm")
     consts = {"PROLOGUE": prologue, "HAS_BIAS": has_bias, "HAS_RESIDUAL": has_residual, "EVEN_K": True,
               "PRECISION": precision(TORCH_DTYPES[dtype]), "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n,
               "BLOCK_K": tiles.block_k, "GROUP_M": tiles.group_m}
     sig.update({k: "constexpr" for k in consts})
-    aligned = ("A", "W", "OUT", "BIAS", "RES", "MEAN", "RSTD", "P_W", "P_B", "N", "K", "stride_am", "stride_wn",
-               "stride_om", "stride_rm")
-    return KernelSpec(name, _fused_matmul_kernel, sig, consts, tiles.num_warps, tiles.num_stages, label, aligned)
+    aligned = (*aligned, "BIAS", "RES", "MEAN", "RSTD", "P_W", "P_B")
+    return KernelSpec(name + ("_tma" if tma else ""), fn, sig, consts, tiles.num_warps, tiles.num_stages, label,
+                      aligned, archs)

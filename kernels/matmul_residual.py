@@ -24,16 +24,16 @@ def matmul_residual_ref(x, weight, bias, residual):
 
 @eager_op("matmul_residual_fwd")
 def matmul_residual_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
-                        use_triton: bool) -> torch.Tensor:
+                        use_triton: bool, tma: bool = False) -> torch.Tensor:
     """x weight^T + bias + residual on (rows, K) x and (rows, N) residual, computed in weight's dtype, returned in
-    promote(weight's dtype, residual's dtype)."""
+    promote(weight's dtype, residual's dtype); ``tma``: the persistent TMA GEMM."""
     if not use_triton:
         return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)) + residual
-    return fused_matmul(x, weight, torch.promote_types(weight.dtype, residual.dtype), bias, residual)
+    return fused_matmul(x, weight, torch.promote_types(weight.dtype, residual.dtype), bias, residual, tma=tma)
 
 
 @matmul_residual_fwd.register_fake
-def _(x, weight, bias, residual, use_triton):
+def _(x, weight, bias, residual, use_triton, tma=False):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.promote_types(weight.dtype, residual.dtype))
 
 
@@ -41,34 +41,35 @@ class MatmulResidualFn(torch.autograd.Function):
     """x W^T + b + residual on (rows, K) x with a Linear's backward; saves x and W."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, use_triton):
+    def forward(ctx, x, weight, bias, residual, use_triton, tma=False):
         ctx.dtype = compute_dtype(x)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.residual_dtype = residual.dtype
         ctx.save_for_backward(x, weight)
-        return matmul_residual_fwd(x, gemm_weights(x, weight), bias, residual, use_triton)
+        return matmul_residual_fwd(x, gemm_weights(x, weight), bias, residual, use_triton, tma)
 
     @staticmethod
     def backward(ctx, dout):
         x, weight = ctx.saved_tensors
         g = dout.to(ctx.dtype)  # the gradient reaching the GEMM's output, in the dtype the GEMM ran in
-        need_x, need_w, need_b, need_r, _ = ctx.needs_input_grad
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
         dx = (g @ weight.to(g.dtype)).to(x.dtype) if need_x else None
         dw = (g.t() @ x.to(g.dtype)).to(weight.dtype) if need_w else None
         db = g.sum(0).to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
         dres = dout.to(ctx.residual_dtype) if need_r else None
-        return dx, dw, db, dres, None
+        return dx, dw, db, dres, None, None
 
 
-def matmul_residual(x, weight, bias, residual, use_triton):
-    """x weight^T + bias + residual over the last dim of x (any leading shape); see the module doc."""
+def matmul_residual(x, weight, bias, residual, use_triton, tma=False):
+    """x weight^T + bias + residual over the last dim of x (any leading shape); see the module doc. ``tma``: the
+    persistent TMA GEMM (sm_90), where it can run."""
     k, n = x.shape[-1], weight.shape[0]
     if weight.shape != (n, k) or (bias is not None and bias.shape != (n,)):
         raise ValueError(f"weight must have shape (N, {k}) and bias (N,), got {tuple(weight.shape)} and "
                          f"{None if bias is None else tuple(bias.shape)}")
     if residual.shape != (*x.shape[:-1], n):
         raise ValueError(f"residual must have shape {(*x.shape[:-1], n)}, got {tuple(residual.shape)}")
-    out = apply(MatmulResidualFn, x.reshape(-1, k), weight, bias, residual.reshape(-1, n), use_triton)
+    out = apply(MatmulResidualFn, x.reshape(-1, k), weight, bias, residual.reshape(-1, n), use_triton, tma)
     return out.view(*x.shape[:-1], n)
 
 
@@ -77,5 +78,6 @@ def aot_specs(shape, dtype):
     (``residual_in_fp32``, then an fp32 output)."""
     act = f"*{dtype}"
     return [aot_spec("matmul_residual", dtype, "none", act, res_t, True, True, res_t,
-                     label=f"{what} {k}->{shape.dim} residual={res_t[1:]}")
-            for what, k in (("proj", shape.dim), ("fc2", shape.mlp_dim)) for res_t in (act, "*fp32")]
+                     label=f"{what} {k}->{shape.dim} residual={res_t[1:]}", tma=tma)
+            for what, k in (("proj", shape.dim), ("fc2", shape.mlp_dim)) for res_t in (act, "*fp32")
+            for tma in (False, True)]

@@ -99,12 +99,13 @@ class PretendCuda(torch.Tensor):
 
 @pytest.fixture
 def tuner(monkeypatch, tmp_path):
-    """A clean tuner on a pretend GPU, its disk cache in tmp_path, measurements allowed; import it into a test
-    module to use it."""
+    """A clean tuner on a pretend GPU (sm_90), its disk cache in tmp_path, measurements allowed; import it into a
+    test module to use it."""
     monkeypatch.setenv("FASTVIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(autotune, "_environment", lambda index: ("Fake GPU", torch.__version__, "0"))
     monkeypatch.setattr(autotune, "can_measure", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # Hopper
     autotune.clear()
     yield tmp_path
     autotune.clear()

@@ -77,12 +77,15 @@ def test_gemm_smoke(tmp_path):
     rows = data["rows"]
     assert [r["gemm"] for r in rows] == ["qkv", "fc1", "fc2", "proj", "fc2+r"] and "wrote" in out
     for r in rows:
-        unfused, fused = {"add_layer_norm_linear": ("ln+cublas", "ln_gemm"),
-                          "bias_gelu_linear": ("gelu+cublas", "gelu_gemm"),
-                          "linear_residual": ("cublas+add", "gemm_residual")}[r["op"]]
-        for impl in (unfused, fused):
+        unfused, tiles, tma = {"add_layer_norm_linear": ("ln+cublas", "ln_gemm", "ln_gemm_tma"),
+                               "bias_gelu_linear": ("gelu+cublas", "gelu_gemm", "gelu_gemm_tma"),
+                               "linear_residual": ("cublas+add", "gemm_residual", "gemm_residual_tma")}[r["op"]]
+        for impl in (unfused, tiles, tma):  # the interpreter runs the TMA kernel too
             assert _positive_float(r[impl]["fwd_s"]) and _positive_float(r[impl]["fwd_bwd_s"])
+        fused = r["fused"]
+        assert fused == min((tiles, tma), key=lambda i: r[i]["fwd_s"])
         assert r["speedup_fwd"] == pytest.approx(r[unfused]["fwd_s"] / r[fused]["fwd_s"])
+        assert r["tma_speedup_fwd"] == pytest.approx(r[tiles]["fwd_s"] / r[tma]["fwd_s"])
         assert r["winner"] == (fused if r["speedup_fwd"] > 1 else unfused)
         assert r["max_abs_diff"] < 1e-2, r
 
@@ -345,3 +348,25 @@ def test_throughput_keeps_finished_rows_when_a_run_stops(tmp_path):
     assert proc.returncode != 0 and "unknown model 'no_such_vit'" in proc.stderr
     data = json.loads((tmp_path / "throughput.json").read_text())
     assert data["complete"] is False and [(r["model"], r["mode"]) for r in data["rows"]] == [("tiny", "infer")]
+
+
+def test_summary_lists_the_measured_choices(tmp_path, monkeypatch):
+    """What fastvit.autotune measured during a suite run (its cache file in the results folder, as gpu_suite.sh
+    sets FASTVIT_CACHE_DIR) becomes a table of op, call and winner in summary.md."""
+    from fastvit import autotune
+    monkeypatch.setenv("FASTVIT_CACHE_DIR", str(tmp_path / "autotune"))
+    monkeypatch.setattr(autotune, "_environment", lambda index: ("NVIDIA H200", torch.__version__, "3.6.0"))
+    monkeypatch.setattr(autotune, "can_measure", lambda: True)
+    autotune.clear()
+    times = {"ln+cublas": 2.0, "ln_gemm": 1.5, "ln_gemm_tma": 1.0}
+    fields = (("rows", 50432), ("in", 768), ("out", 2304), ("candidates", tuple(times)))
+    try:
+        assert autotune.fastest("add_layer_norm_linear", 0, fields, list(times), lambda name: name, "ln+cublas",
+                                measure=times.get) == "ln_gemm_tma"
+    finally:
+        autotune.clear()
+    (tmp_path / "overhead.json").write_text(json.dumps({"env": {"gpu": "NVIDIA H200"}, "ops": []}))
+    summary = (_load_bench("tables").summary(tmp_path)).read_text()
+    assert "## Measured choices" in summary
+    assert ("| add_layer_norm_linear | rows 50432, in 768, out 2304, candidates ln+cublas/ln_gemm/ln_gemm_tma "
+            "| ln_gemm_tma |") in summary

@@ -141,16 +141,31 @@ def _recorder(runs):
 
 def test_the_faster_implementation_is_chosen_once_per_shape(timed):
     times, runs = timed
-    times.update({"ln+cublas": 2.0, "ln_gemm": 1.0})
+    times.update({"ln+cublas": 2.0, "ln_gemm": 1.0, "ln_gemm_tma": 1.5})
     x, w = torch.randn(2, 5, 64).as_subclass(_PretendCuda), torch.randn(96, 64)
     assert ops.gemm_impl("add_layer_norm_linear", x, w, (), _recorder(runs)) == "ln_gemm"
-    assert runs == [("ln+cublas", False), ("ln_gemm", False)]  # forward only, the call's own inputs
+    # forward only, the call's own inputs
+    assert runs == [("ln+cublas", False), ("ln_gemm", False), ("ln_gemm_tma", False)]
     assert ops.gemm_impl("add_layer_norm_linear", x, w, (), _recorder(runs)) == "ln_gemm"
-    assert len(runs) == 2  # cached
-    times.update({"ln+cublas": 1.0})
+    assert len(runs) == 3  # cached
+    times.update({"ln_gemm_tma": 0.5})
     x2 = torch.randn(3, 5, 64).as_subclass(_PretendCuda)  # more rows: another key
-    assert ops.gemm_impl("add_layer_norm_linear", x2, w, (), _recorder(runs)) == "ln+cublas"
-    assert len(runs) == 4
+    assert ops.gemm_impl("add_layer_norm_linear", x2, w, (), _recorder(runs)) == "ln_gemm_tma"
+    assert len(runs) == 6
+
+
+def test_the_tma_gemm_is_a_candidate_from_sm_90_on(timed, monkeypatch):
+    """Before Hopper (no TMA) the persistent TMA kernel is not measured; the cache key names the candidates, so a
+    winner measured among fewer of them is not reused."""
+    times, runs = timed
+    times.update({"gelu+cublas": 2.0, "gelu_gemm": 1.0, "gelu_gemm_tma": 0.5})
+    x, w = torch.randn(2, 5, 64).as_subclass(_PretendCuda), torch.randn(96, 64)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert ops.gemm_impl("bias_gelu_linear", x, w, (), _recorder(runs)) == "gelu_gemm"
+    assert [r[0] for r in runs] == ["gelu+cublas", "gelu_gemm"]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert ops.gemm_impl("bias_gelu_linear", x, w, (), _recorder(runs)) == "gelu_gemm_tma"
+    assert [r[0] for r in runs[2:]] == ["gelu+cublas", "gelu_gemm", "gelu_gemm_tma"]
 
 
 def test_unfused_where_nothing_may_be_measured(timed, monkeypatch):
@@ -165,16 +180,16 @@ def test_unfused_where_nothing_may_be_measured(timed, monkeypatch):
 
 
 def test_a_fused_gemm_that_cannot_run_is_no_candidate(timed):
-    """The real runner of ln_gemm on CPU tensors cannot launch its kernel here (no GPU, no interpreter): the
-    measurement skips it and the unfused path, which does run, is chosen."""
+    """The real runners of ln_gemm and ln_gemm_tma on CPU tensors cannot launch their kernels here (no GPU, no
+    interpreter): the measurement skips them and the unfused path, which does run, is chosen."""
     times, runs = timed
-    times.update({"ln+cublas": 2.0, "ln_gemm": 1.0})
+    times.update({"ln+cublas": 2.0, "ln_gemm": 1.0, "ln_gemm_tma": 1.0})
     x, r, w, b, lw = (t.detach() for t in _leaves((2, 5, 64), (2, 5, 64), (64,), (64,), (96, 64)))
     x = x.as_subclass(_PretendCuda)
 
     def run(impl):
         runs.append((impl, False))
-        ops._run_ln_linear((x, r, w, b, lw, None, EPS, False, impl == "ln_gemm"), impl)
+        ops._run_ln_linear((x, r, w, b, lw, None, EPS, False, impl != "ln+cublas"), impl)
     assert ops.gemm_impl("add_layer_norm_linear", x, lw, (), run) == "ln+cublas"
 
 
@@ -194,8 +209,9 @@ def test_ops_route_each_choice(monkeypatch, op, impls):
         monkeypatch.setattr(ops, "gemm_impl", lambda name, *a: seen.append(name) or impl)
         results.append(_outputs_and_grads(lambda *_: call(), leaves))
         assert seen == [op]
-    for a, e in zip(*results):
-        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+    for other in results[1:]:
+        for a, e in zip(other, results[0]):
+            torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
 
 
 def test_linear_residual_backends_agree_with_torch():

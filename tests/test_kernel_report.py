@@ -148,10 +148,13 @@ def test_attention_kernels_do_not_spill(model):
 
 def _fused_gemm_launches(monkeypatch, shape, dt):
     """The kernel launches of the fused-GEMM ops as a model under autocast makes them (bf16/fp16 activations, fp32
-    parameters, the residual stream in the activation dtype or fp32), recorded instead of run."""
+    parameters, the residual stream in the activation dtype or fp32), with each GEMM kernel (the TMA one as on an
+    sm_90 GPU), recorded instead of run."""
     from fastvit.kernels import gelu_matmul, layer_norm, ln_matmul, matmul, matmul_residual
     calls = []
-    monkeypatch.setattr(matmul, "_fused_matmul_kernel", _LaunchRecorder(matmul._fused_matmul_kernel, calls))
+    for name in ("_fused_matmul_kernel", "_fused_matmul_tma_kernel"):
+        monkeypatch.setattr(matmul, name, _LaunchRecorder(getattr(matmul, name), calls))
+    monkeypatch.setattr(matmul, "tma_supported", lambda a, weight, out_dtype: True)
     monkeypatch.setattr(layer_norm, "_add_ln_fwd_kernel", _LaunchRecorder(layer_norm._add_ln_fwd_kernel, calls))
     d, m = shape.dim, shape.tokens
     g = torch.Generator().manual_seed(0)
@@ -159,13 +162,15 @@ def _fused_gemm_launches(monkeypatch, shape, dt):
     def t(*s, dtype=torch.float32):
         return torch.randn(s, generator=g).to(dtype)
     with torch.autocast("cpu", dtype=dt):
-        for residual, fp32 in ((None, False), (t(m, d, dtype=dt), False), (t(m, d), True)):
-            for n in (3 * d, shape.mlp_dim):  # qkv and fc1, each with its bias
-                ln_matmul.ln_matmul(t(m, d, dtype=dt), residual, t(d), t(d), t(n, d), t(n), 1e-6, fp32, True)
-        gelu_matmul.gelu_matmul(t(m, shape.mlp_dim, dtype=dt), None, t(d, shape.mlp_dim), t(d), True)  # fc2
-        for k in (d, shape.mlp_dim):
-            for res_dtype in (dt, torch.float32):
-                matmul_residual.matmul_residual(t(m, k, dtype=dt), t(d, k), t(d), t(m, d, dtype=res_dtype), True)
+        for tma in (False, True):
+            for residual, fp32 in ((None, False), (t(m, d, dtype=dt), False), (t(m, d), True)):
+                for n in (3 * d, shape.mlp_dim):  # qkv and fc1, each with its bias
+                    ln_matmul.ln_matmul(t(m, d, dtype=dt), residual, t(d), t(d), t(n, d), t(n), 1e-6, fp32, True, tma)
+            gelu_matmul.gelu_matmul(t(m, shape.mlp_dim, dtype=dt), None, t(d, shape.mlp_dim), t(d), True, tma)  # fc2
+            for k in (d, shape.mlp_dim):
+                for res_dtype in (dt, torch.float32):
+                    matmul_residual.matmul_residual(t(m, k, dtype=dt), t(d, k), t(d), t(m, d, dtype=res_dtype), True,
+                                                    tma)
     return calls
 
 
@@ -179,7 +184,7 @@ def test_fused_gemm_specs_cover_every_launch(monkeypatch, model, dtype):
     shape = MODELS[model]
     specs = [s for mod in (ln_matmul, gelu_matmul, matmul_residual) for s in mod.aot_specs(shape, dtype)]
     calls = _fused_gemm_launches(monkeypatch, shape, TORCH_DTYPES[dtype])
-    assert len(calls) == 6 + 6 + 1 + 4  # ln_matmul: statistics + GEMM, 6 times
+    assert len(calls) == 2 * (6 + 6 + 1 + 4)  # per GEMM kernel, ln_matmul: statistics + GEMM, 6 times
     matched = set()
     for fn, args, kwargs in calls:
         signature, constexprs, aligned = _jit_specialization(fn, args, kwargs)
@@ -189,7 +194,8 @@ def test_fused_gemm_specs_cover_every_launch(monkeypatch, model, dtype):
         assert hits, (fn, signature, constexprs, aligned)
         matched.update(hits)
     assert {specs[i].name for i in matched} == {"add_layer_norm_stats", "ln_matmul", "gelu_matmul",
-                                               "matmul_residual"}
+                                               "matmul_residual", "ln_matmul_tma", "gelu_matmul_tma",
+                                               "matmul_residual_tma"}
     assert matched >= {i for i, s in enumerate(specs) if s.name != "add_layer_norm_stats"}
 
 
@@ -231,7 +237,8 @@ def test_every_model_launch_has_its_spec(monkeypatch, model):
             assert found, (variant, fn.fn.__name__, signature, constexprs, sorted(aligned))
             matched.update(id(s) for s in found)
     # the fused GEMMs run only where measured faster on a GPU: test_fused_gemm_specs_cover_every_launch covers them
-    fused_gemm = {"add_layer_norm_stats", "ln_matmul", "gelu_matmul", "matmul_residual"}
+    fused_gemm = {"add_layer_norm_stats", "ln_matmul", "gelu_matmul", "matmul_residual", "ln_matmul_tma",
+                  "gelu_matmul_tma", "matmul_residual_tma"}
     unmatched = [(s.name, s.label) for s in specs
                  if not s.name.startswith("attn") and s.name not in fused_gemm and id(s) not in matched]
     assert not unmatched

@@ -167,3 +167,30 @@ def test_inference_skips_autograd_and_gives_the_same_outputs(monkeypatch, case):
         fast = run("torch")
     for a, b in zip(fast, run("torch", grads=True)):
         torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+
+
+def test_launch_key_separates_tma_descriptors(monkeypatch):
+    """Descriptor arguments (the persistent TMA GEMM's) specialise on their dtype and block shape: each variant gets
+    the compiled kernel Triton's binder picks, and a launch with new descriptors of a seen variant reuses it."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    from fastvit.kernels import matmul
+    monkeypatch.setattr(_launch, "_COMPILED", {})
+    kernel = matmul._fused_matmul_tma_kernel
+    flags = dict(PROLOGUE="none", HAS_BIAS=False, HAS_RESIDUAL=False, EVEN_K=True, PRECISION="ieee", BLOCK_M=32,
+                 BLOCK_N=32, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=3)
+
+    def args(dtype=torch.float16, block_k=16):
+        a, w, out = torch.zeros(64, 32, dtype=dtype), torch.zeros(48, 32, dtype=dtype), torch.zeros(64, 48)
+        descs = (TensorDescriptor.from_tensor(a, [32, block_k]), TensorDescriptor.from_tensor(w, [32, block_k]),
+                 TensorDescriptor.from_tensor(out, [32, 32]))
+        return (*descs, *[out] * 6, 64, 48, 32, 0, 4)
+
+    variants = [args(), args(torch.float32), args(block_k=32)]
+    with overhead.stubbed_launches():
+        expected = [kernel[(4,)](*a, **flags) for a in variants]
+        assert len({id(k) for k in expected}) == len(variants)
+        for a, want in zip(variants, expected):
+            _launch.launch(kernel, (4,), *a, **flags)
+            assert _launch._COMPILED[_launch._launch_key(kernel, 0, a, flags)][0] is want
+        again = args()
+        assert _launch._launch_key(kernel, 0, again, flags) == _launch._launch_key(kernel, 0, variants[0], flags)

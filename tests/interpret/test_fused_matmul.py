@@ -1,12 +1,13 @@
 """The fused-prologue/epilogue GEMMs (kernels/ln_matmul.py, gelu_matmul.py, matmul_residual.py) under
 TRITON_INTERPRET=1: outputs and every gradient against torch in fp64 on the same inputs, within 2x the error of
 torch's own math in the same dtype (fp32, fp16, and fp16 autocast over fp32 weights), at tiny shapes whose K and N
-are not multiples of the tiles (K 80 and 96 against K steps of 32/64, N 48 and 160 against 64/128-wide tiles).
+are not multiples of the tiles (K 80 and 96 against K steps of 32/64, N 48 and 160 against 64/128-wide tiles),
+with both GEMM kernels (one program per tile; persistent with TMA descriptors, which the interpreter emulates).
 bf16 only for the statistics pass, which has no tl.dot (the interpreter computes bf16 dots wrongly)."""
 import pytest
 import torch
 
-from fastvit.kernels import layer_norm
+from fastvit.kernels import layer_norm, matmul
 from fastvit.kernels.gelu_matmul import gelu_matmul, gelu_matmul_ref
 from fastvit.kernels.ln_matmul import ln_matmul, ln_matmul_ref
 from fastvit.kernels.matmul import fused_matmul
@@ -67,9 +68,9 @@ LN_CASES = [  # rows, K, N, residual ("none", "act" or "fp32": the residual stre
 ]
 
 
-def _ln_call(residual_mode):
+def _ln_call(residual_mode, tma=False):
     def fn(x, norm_weight, norm_bias, weight, residual=None, bias=None):
-        return ln_matmul(x, residual, norm_weight, norm_bias, weight, bias, EPS, residual_mode == "fp32", True)
+        return ln_matmul(x, residual, norm_weight, norm_bias, weight, bias, EPS, residual_mode == "fp32", True, tma)
 
     def ref(x, norm_weight, norm_bias, weight, residual=None, bias=None):
         return ln_matmul_ref(x, residual, norm_weight, norm_bias, weight, bias, EPS, residual_mode == "fp32")
@@ -89,11 +90,32 @@ def _ln_names(inputs):
     return ["out", "new_residual"] + [f"d{k}" for k in inputs]
 
 
+@pytest.fixture(params=[False, True], ids=["tiles", "tma"])
+def tma(request, monkeypatch):
+    """Which GEMM kernel runs; fails a test where the TMA kernel was asked for but the other one ran."""
+    launched = []
+    real = matmul._fused_matmul_tma_kernel
+    monkeypatch.setattr(matmul, "_fused_matmul_tma_kernel", _Recording(real, launched))
+    yield request.param
+    assert bool(launched) == request.param
+
+
+class _Recording:
+    """A kernel that notes each launch (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel, launched):
+        self.kernel, self.launched = kernel, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(grid)
+        return self.kernel[grid]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rows,k,n,residual_mode,with_bias", LN_CASES)
-def test_ln_matmul(dtype, rows, k, n, residual_mode, with_bias):
+def test_ln_matmul(dtype, rows, k, n, residual_mode, with_bias, tma):
     inputs = _ln_inputs(rows, k, n, residual_mode, with_bias)
-    fn, ref = _ln_call(residual_mode)
+    fn, ref = _ln_call(residual_mode, tma)
     _compare(fn, ref, inputs, {"*": dtype}, [(rows, n), (rows, k)], _ln_names(inputs), dtype)
 
 
@@ -131,14 +153,14 @@ GELU_CASES = [(40, 96, 48, True), (40, 80, 160, True), (33, 64, 48, False)]
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rows,k,n,with_b1", GELU_CASES)
-def test_gelu_matmul(dtype, rows, k, n, with_b1):
+def test_gelu_matmul(dtype, rows, k, n, with_b1, tma):
     shapes = {"x": (rows, k), "weight": (n, k), "bias": (n,)}
     if with_b1:
         shapes["b1"] = (k,)
     inputs = _tensors(shapes, 1)
 
     def fn(x, weight, bias, b1=None):
-        return gelu_matmul(x, b1, weight, bias, True)
+        return gelu_matmul(x, b1, weight, bias, True, tma)
 
     def ref(x, weight, bias, b1=None):
         return gelu_matmul_ref(x, b1, weight, bias)
@@ -162,14 +184,14 @@ RESIDUAL_CASES = [(40, 96, 48, "act", True), (40, 80, 160, "fp32", True), (40, 6
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rows,k,n,residual_mode,with_bias", RESIDUAL_CASES)
-def test_matmul_residual(dtype, rows, k, n, residual_mode, with_bias):
+def test_matmul_residual(dtype, rows, k, n, residual_mode, with_bias, tma):
     shapes = {"x": (rows, k), "weight": (n, k), "residual": (rows, n)}
     if with_bias:
         shapes["bias"] = (n,)
     inputs = _tensors(shapes, 3)
 
     def fn(x, weight, residual, bias=None):
-        return matmul_residual(x, weight, bias, residual, True)
+        return matmul_residual(x, weight, bias, residual, True, tma)
 
     def ref(x, weight, residual, bias=None):
         return matmul_residual_ref(x, weight, bias, residual)
@@ -178,17 +200,17 @@ def test_matmul_residual(dtype, rows, k, n, residual_mode, with_bias):
     assert ours[0].dtype == dtypes["residual"]
 
 
-def test_many_row_blocks_and_empty_inputs():
-    """600 rows: ten 64-row blocks, so the grouped tile order covers a full group of 8 and a partial one; and no
-    rows at all."""
-    inputs = _tensors({"x": (600, 40), "weight": (130, 40), "bias": (130,), "residual": (600, 130)}, 4)
-    out = fused_matmul(inputs["x"], inputs["weight"], torch.float32, inputs["bias"], inputs["residual"])
+def test_many_row_blocks_and_empty_inputs(tma):
+    """600 rows: ten 64-row blocks, so the grouped tile order covers a full group of 8 and a partial one (the
+    persistent kernel: 4 programs, as for CPU tensors, walking 30 tiles); and no rows at all."""
+    inputs = _tensors({"x": (600, 40), "weight": (132, 40), "bias": (132,), "residual": (600, 132)}, 4)
+    out = fused_matmul(inputs["x"], inputs["weight"], torch.float32, inputs["bias"], inputs["residual"], tma=tma)
     want = inputs["x"].double() @ inputs["weight"].double().T + inputs["bias"].double() + inputs["residual"].double()
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
     empty = _ln_inputs(0, 96, 48, "act", True)
     leaves = {k: v.requires_grad_() for k, v in empty.items()}
     out, res = ln_matmul(leaves["x"], leaves["residual"], leaves["norm_weight"], leaves["norm_bias"],
-                         leaves["weight"], leaves["bias"], EPS, False, True)
+                         leaves["weight"], leaves["bias"], EPS, False, True, tma)
     assert out.shape == (0, 48) and res.shape == (0, 96)
     (out.sum() + res.sum()).backward()
     assert leaves["weight"].grad.abs().sum() == 0
@@ -232,3 +254,14 @@ def test_strided_inputs():
     res = torch.randn(48, 40, generator=g).t()
     torch.testing.assert_close(matmul_residual(x, w, b, res, True), matmul_residual_ref(x, w, b, res), atol=1e-5,
                                rtol=1e-5)
+
+
+def test_tma_needs_aligned_rows():
+    """The TMA kernel needs 16-byte aligned row strides: fp16 rows of 36 elements (72 bytes) take the other kernel,
+    with the same result."""
+    g = torch.Generator().manual_seed(8)
+    x, w = torch.randn(20, 36, generator=g).half(), (0.1 * torch.randn(24, 36, generator=g)).half()
+    assert not matmul.tma_supported(x, w, torch.float16)
+    assert matmul.tma_supported(x[:, :32].contiguous(), w[:, :32].contiguous(), torch.float16)
+    torch.testing.assert_close(fused_matmul(x, w, torch.float16, tma=True), fused_matmul(x, w, torch.float16),
+                               atol=0, rtol=0)
