@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import pathlib
+import warnings
 
 import torch
 
@@ -84,13 +85,17 @@ def time_cuda(fn, repeats: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def fastest(op: str, device_index: int, fields: tuple, names, make_runner, default: str, measure=None) -> str:
+def fastest(op: str, device_index: int, fields: tuple, names, make_runner, default: str, measure=None,
+            agrees=None) -> str:
     """The fastest of the implementations ``names`` of ``op`` for a call described by ``fields`` (a tuple of
     (name, value) pairs) on CUDA device ``device_index``.
 
     ``make_runner(name)`` gives a zero-argument callable running that implementation once on inputs shaped like
     the call; it is only asked for when a measurement happens. A runner that raises cannot run the call and is
-    skipped. With no winner cached and no measurement possible now (see ``can_measure``), ``default``.
+    skipped. ``agrees(name)``, when given, checks an implementation's result against ``default``'s before it is
+    timed: one that disagrees (a kernel miscompiled for this GPU, say) is skipped with a warning, so speed never
+    wins over correctness. With no winner cached and no measurement possible now (see ``can_measure``),
+    ``default``.
     """
     key = (op, fields, _environment(device_index))
     winner = _WINNERS.get(key)
@@ -104,6 +109,10 @@ def fastest(op: str, device_index: int, fields: tuple, names, make_runner, defau
         times = {}
         for name in names:
             try:
+                if agrees is not None and name != default and not agrees(name):
+                    warnings.warn(f"fastvit.autotune: {op} implementation {name!r} disagrees with {default!r} for "
+                                  f"{dict(fields)}; it is not used", RuntimeWarning, stacklevel=2)
+                    continue
                 times[name] = (measure or time_cuda)(make_runner(name))
             except Exception:  # noqa: BLE001  an implementation that cannot run this call is no candidate
                 continue

@@ -135,8 +135,10 @@ def timed(tuner, monkeypatch):
     return times, runs
 
 
-def _recorder(runs):
-    return lambda impl: runs.append((impl, torch.is_grad_enabled()))
+def _recorder(runs, outputs=None):
+    """run(impl) that notes the call and returns ``outputs[impl]`` (default: the same tensor for every impl)."""
+    same = torch.ones(3)
+    return lambda impl: runs.append((impl, torch.is_grad_enabled())) or (outputs or {}).get(impl, same)
 
 
 def test_the_faster_implementation_is_chosen_once_per_shape(timed):
@@ -144,14 +146,34 @@ def test_the_faster_implementation_is_chosen_once_per_shape(timed):
     times.update({"ln+cublas": 2.0, "ln_gemm": 1.0, "ln_gemm_tma": 1.5})
     x, w = torch.randn(2, 5, 64).as_subclass(_PretendCuda), torch.randn(96, 64)
     assert ops.gemm_impl("add_layer_norm_linear", x, w, (), _recorder(runs)) == "ln_gemm"
-    # forward only, the call's own inputs
-    assert runs == [("ln+cublas", False), ("ln_gemm", False), ("ln_gemm_tma", False)]
+    # forward only, the call's own inputs; each fused path also run once beside the unfused one (agreement)
+    assert {r[0] for r in runs} == {"ln+cublas", "ln_gemm", "ln_gemm_tma"} and not any(r[1] for r in runs)
+    measured = len(runs)
     assert ops.gemm_impl("add_layer_norm_linear", x, w, (), _recorder(runs)) == "ln_gemm"
-    assert len(runs) == 3  # cached
+    assert len(runs) == measured  # cached
     times.update({"ln_gemm_tma": 0.5})
     x2 = torch.randn(3, 5, 64).as_subclass(_PretendCuda)  # more rows: another key
     assert ops.gemm_impl("add_layer_norm_linear", x2, w, (), _recorder(runs)) == "ln_gemm_tma"
-    assert len(runs) == 6
+    assert len(runs) == 2 * measured
+
+
+def test_a_fused_gemm_that_disagrees_is_not_chosen(timed):
+    """The fastest candidate whose output is off (a kernel wrong on this GPU) is skipped with a warning, and so is
+    one that gives a non-finite value; a small rounding difference is no disagreement."""
+    times, runs = timed
+    times.update({"cublas+add": 3.0, "gemm_residual": 2.0, "gemm_residual_tma": 1.0})
+    w, ref = torch.randn(96, 64), torch.randn(10, 96)
+    for rows, off in ((2, ref * 1.1), (3, torch.where(ref > 2, float("nan"), ref)), (4, None)):
+        x = torch.randn(rows, 5, 64).as_subclass(_PretendCuda)  # another call shape each time: measured anew
+        if off is None:
+            break
+        with pytest.warns(RuntimeWarning, match="'gemm_residual_tma' disagrees with 'cublas\\+add'"):
+            pick = ops.gemm_impl("linear_residual", x, w, (), _recorder(runs, {"cublas+add": ref, "gemm_residual": ref,
+                                                                                "gemm_residual_tma": off}))
+        assert pick == "gemm_residual"
+    close = ref + 0.005 * ref.abs().max() * torch.rand(10, 96)
+    outputs = {"cublas+add": ref, "gemm_residual": ref, "gemm_residual_tma": close}
+    assert ops.gemm_impl("linear_residual", x, w, (), _recorder(runs, outputs)) == "gemm_residual_tma"
 
 
 def test_the_tma_gemm_is_a_candidate_from_sm_90_on(timed, monkeypatch):
@@ -162,10 +184,10 @@ def test_the_tma_gemm_is_a_candidate_from_sm_90_on(timed, monkeypatch):
     x, w = torch.randn(2, 5, 64).as_subclass(_PretendCuda), torch.randn(96, 64)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert ops.gemm_impl("bias_gelu_linear", x, w, (), _recorder(runs)) == "gelu_gemm"
-    assert [r[0] for r in runs] == ["gelu+cublas", "gelu_gemm"]
+    assert {r[0] for r in runs} == {"gelu+cublas", "gelu_gemm"}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert ops.gemm_impl("bias_gelu_linear", x, w, (), _recorder(runs)) == "gelu_gemm_tma"
-    assert [r[0] for r in runs[2:]] == ["gelu+cublas", "gelu_gemm", "gelu_gemm_tma"]
+    assert "gelu_gemm_tma" in {r[0] for r in runs}
 
 
 def test_unfused_where_nothing_may_be_measured(timed, monkeypatch):
