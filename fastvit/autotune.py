@@ -5,7 +5,8 @@ kernels behind torch's scaled_dot_product_attention, our Triton kernel) and whic
 dtype, sequence length and head size. Each distinct key is timed once per process on random inputs of the call's
 shape (forward, or forward + backward when training) and the winner is kept in memory and in a JSON file
 (``$FASTVIT_CACHE_DIR``, default ``~/.cache/fastvit``), so later processes on the same GPU and versions skip the
-measurement. Nothing is measured while torch.compile / torch.export trace or a CUDA graph is captured: those calls
+measurement. Before it is timed, a candidate's output is checked against a reference (torch's SDPA; the unfused
+GEMM path): one that disagrees is dropped with a warning. Nothing is measured while torch.compile / torch.export trace or a CUDA graph is captured: those calls
 take the cached winner, or the caller's default.
 """
 from __future__ import annotations
@@ -92,7 +93,7 @@ def fastest(op: str, device_index: int, fields: tuple, names, make_runner, defau
 
     ``make_runner(name)`` gives a zero-argument callable running that implementation once on inputs shaped like
     the call; it is only asked for when a measurement happens. A runner that raises cannot run the call and is
-    skipped. ``agrees(name)``, when given, checks an implementation's result against ``default``'s before it is
+    skipped. ``agrees(name)``, when given, checks an implementation's result against a reference before it is
     timed: one that disagrees (a kernel miscompiled for this GPU, say) is skipped with a warning, so speed never
     wins over correctness. With no winner cached and no measurement possible now (see ``can_measure``),
     ``default``.
@@ -109,9 +110,9 @@ def fastest(op: str, device_index: int, fields: tuple, names, make_runner, defau
         times = {}
         for name in names:
             try:
-                if agrees is not None and name != default and not agrees(name):
-                    warnings.warn(f"fastvit.autotune: {op} implementation {name!r} disagrees with {default!r} for "
-                                  f"{dict(fields)}; it is not used", RuntimeWarning, stacklevel=2)
+                if agrees is not None and not agrees(name):
+                    warnings.warn(f"fastvit.autotune: {op} implementation {name!r} disagrees with the reference "
+                                  f"for {dict(fields)}; it is not used", RuntimeWarning, stacklevel=2)
                     continue
                 times[name] = (measure or time_cuda)(make_runner(name))
             except Exception:  # noqa: BLE001  an implementation that cannot run this call is no candidate

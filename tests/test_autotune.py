@@ -89,7 +89,25 @@ def test_auto_attention_runs_the_measured_winner(tuner, monkeypatch):
     # a training call is another key, measured with a backward pass
     q, k, v = _qkv(requires_grad=True)
     assert ops.attention_backend(q) == "torch"
-    assert len(runs) == 2 * 5  # sdpa_flash, sdpa_cudnn, sdpa_efficient, torch, triton per key
+    # per key: sdpa_flash and torch; sdpa_cudnn, sdpa_efficient and triton fail their agreement run (CPU tensors)
+    assert len(runs) == 2 * 2
+
+
+def test_auto_attention_skips_a_kernel_that_disagrees(tuner, monkeypatch):
+    """A candidate whose output differs from torch's SDPA (a kernel wrong on this GPU) is not timed, even if it
+    would be fastest; a warning names it."""
+    real = ops._run_attention
+
+    def run(impl, *args):
+        out = real(impl, *args)
+        return out + 1.0 if impl == "sdpa_flash" else out
+    monkeypatch.setattr(ops, "_run_attention", run)
+    timed = []
+    monkeypatch.setattr(autotune, "time_cuda", lambda fn: timed.append(fn) or {1: 1.0, 2: 2.0}[len(timed)])
+    q, _, _ = _qkv()
+    with pytest.warns(RuntimeWarning, match="'sdpa_flash' disagrees with the reference"):
+        assert ops.attention_backend(q) == "torch"
+    assert len(timed) == 1
 
 
 def test_auto_keeps_the_static_rule_for_bias_compile_and_cpu(tuner, monkeypatch):
