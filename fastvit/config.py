@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 import fastvit
-from fastvit.data.sources import DECODERS
+from fastvit.data.sources import DECODERS, decode_problem
 from fastvit.dist import DEFAULT_TIMEOUT_S
 from fastvit.model import POS_EMBED_AT, POS_EMBEDS
 
@@ -253,7 +253,6 @@ def check(cfg: TrainConfig, world: int) -> None:
         _need(cfg.compile_mode in (None, "reduce-overhead"),
               f"--cuda-graphs is torch.compile's mode reduce-overhead; it cannot be combined with --compile-mode "
               f"{cfg.compile_mode}")
-    if cfg.decode == "gpu":
-        _need(cfg.data != "digits", "--decode gpu decodes JPEG files; --data digits has none (use --decode cpu)")
-        _need(cfg.device != "cpu" and torch.cuda.is_available(),
-              "--decode gpu needs a CUDA device (none is available here, or --device cpu); use --decode cpu")
+    problem = decode_problem(cfg.decode, cfg.data == "digits",
+                             "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else None)
+    _need(problem is None, problem)

@@ -240,7 +240,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     (["--max-bad-frac", "2"], "--max-bad-frac must be in [0, 1], got 2.0"),
     (["--dist-timeout", "0"], "--dist-timeout must be > 0 seconds, got 0.0"),
     (["--decode", "gpu"], "--decode gpu decodes JPEG files; --data digits has none"),
-    (["--decode", "gpu", "--data", "/tmp", "--device", "cpu"], "--decode gpu needs a CUDA device (none is available"),
+    (["--decode", "gpu", "--data", "/tmp", "--device", "cpu"], "--decode gpu needs a CUDA device (got none: no CUDA"),
     (["--data", "/nonexistent/train-{0000..0003}.tar", "--val-data", "x.tar"],
      "shard pattern '/nonexistent/train-{0000..0003}.tar' matches no file (it expands to 4 name(s)"),
     (["--data", "/nonexistent/train-{0000..0003}.tar"], "is a shard pattern: pass the held-out shards with --val-data"),

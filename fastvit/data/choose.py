@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from fastvit.data.sources import DataSource, DigitsSource, ImageFolderSource
+from fastvit.data.sources import DataSource, DigitsSource, ImageFolderSource, decode_problem
 
 
 def make_source(data: str, img_size: int, workers: int = 4, val_data: str | None = None, decode: str = "cpu",
@@ -12,8 +12,9 @@ def make_source(data: str, img_size: int, workers: int = 4, val_data: str | None
     (with ``val_data``)."""
     from fastvit.data import shards  # here: ``python -m fastvit.data.shards`` must find it not yet imported
     if data == "digits":
-        if decode != "cpu":
-            raise ValueError("--decode gpu decodes JPEG files; --data digits has none (use --decode cpu)")
+        problem = decode_problem(decode, True, device)
+        if problem:
+            raise ValueError(problem)
         return DigitsSource(img_size)
     if shards.is_shard_spec(data):
         return shards.ShardSource(data, val_data, img_size, workers, decode, device)

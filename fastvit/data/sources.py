@@ -212,16 +212,28 @@ class EvalImages(torch.utils.data.Dataset):
         return eval_transform(image, self.img_size), int(self.samples.labels[index])
 
 
+def decode_problem(decode: str, digits: bool, device) -> str | None:
+    """Why ``--decode decode`` cannot run on the ``digits`` dataset or not and ``device`` (None: the CPU), or None
+    when it can; the trainer's flag check and the data sources both ask."""
+    if decode not in DECODERS:
+        return f"--decode must be one of {DECODERS}, got {decode!r}"
+    if decode == "gpu" and digits:
+        return "--decode gpu decodes JPEG files; --data digits has none (use --decode cpu)"
+    if decode == "gpu" and (device is None or torch.device(device).type != "cuda"):
+        return (f"--decode gpu needs a CUDA device (got {device or 'none: no CUDA device here, or --device cpu'}); "
+                "use --decode cpu")
+    return None
+
+
 class FileSource(DataSource):
     """Images read from files (ImageFolder) or shards: keyed random resized crop + flip for training (decoded on
     the CPU in loader workers, or on the GPU), resize + centre crop (ratio 0.875) for evaluation."""
 
     def __init__(self, train: Samples, test: Samples, img_size: int, workers: int = 4, decode: str = "cpu",
                  device=None):
-        if decode not in DECODERS:
-            raise ValueError(f"decode must be one of {DECODERS}, got {decode!r}")
-        if decode == "gpu" and (device is None or torch.device(device).type != "cuda"):
-            raise ValueError(f"--decode gpu needs a CUDA device, got {device}; use --decode cpu")
+        problem = decode_problem(decode, False, device)
+        if problem:
+            raise ValueError(problem)
         self.train_samples, self.img_size, self.workers, self.decode = train, img_size, workers, decode
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         num_classes = int(max(train.labels.max(), test.labels.max())) + 1
