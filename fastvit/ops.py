@@ -239,7 +239,7 @@ def attention(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None,
     and on CPU it takes flash_attn where it can run, else the Triton kernels where they can (fp32/fp16/bf16,
     head_dim <= 128), else scaled_dot_product_attention.
     """
-    impl = attention_backend(q, rel_bias, backend, dropout_p)
+    impl = attention_backend(q, rel_bias, backend, dropout_p, grid_size)
     return _run_attention(impl, q, k, v, rel_bias, grid_size, dropout_p, scale)
 
 
@@ -249,12 +249,16 @@ def _run_attention(impl, q, k, v, rel_bias, grid_size, dropout_p, scale):
     if impl in SDPA_KERNELS:
         with torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, SDPA_KERNELS[impl])):
             return _flash_attention.attention(q, k, v, None, None, dropout_p, scale, False)
-    return _flash_attention.attention(q, k, v, rel_bias, grid_size, dropout_p, scale, impl == "triton")
+    name, _, tiles = impl.partition("@")  # "triton@2": our kernel with forward_tiles(head_dim)[2]
+    return _flash_attention.attention(q, k, v, rel_bias, grid_size, dropout_p, scale, name == "triton",
+                                      int(tiles or 0))
 
 
-def attention_backend(q, rel_bias=None, backend="auto", dropout_p=0.0) -> str:
-    """Which implementation :func:`attention` runs for ``q`` (and ``rel_bias``, ``dropout_p``): "flash",
-    "triton", "torch", or with a tuned ``"auto"`` one of ``SDPA_KERNELS``."""
+def attention_backend(q, rel_bias=None, backend="auto", dropout_p=0.0, grid_size=None) -> str:
+    """Which implementation :func:`attention` runs for ``q`` (and ``rel_bias`` over ``grid_size``, ``dropout_p``):
+    "flash", "triton", "torch", or with a tuned ``"auto"`` one of ``SDPA_KERNELS`` or ``"triton@i"`` (our kernel
+    with the forward's i-th alternative tiles, ``flash_attention.forward_tiles``). A call with a ``rel_bias`` is
+    tuned among our kernel's tiles only (nothing else takes the bias)."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
     if backend == "flash" or (backend == "auto" and _flash_attention.flash_attn_supported(q, rel_bias)):
@@ -263,44 +267,52 @@ def attention_backend(q, rel_bias=None, backend="auto", dropout_p=0.0) -> str:
         static = "torch"
     else:
         static = "triton" if use_triton(backend, q) else "torch"
-    if (backend != "auto" or rel_bias is not None or not q.is_cuda or not torch.cuda.is_available()
-            or torch.compiler.is_compiling()):
+    if (backend != "auto" or not q.is_cuda or not torch.cuda.is_available() or torch.compiler.is_compiling()
+            or (rel_bias is not None and (static != "triton" or grid_size is None))):
         return static
     b, h, n, d = q.shape
-    training = torch.is_grad_enabled() and q.requires_grad
+    training = torch.is_grad_enabled() and (q.requires_grad or (rel_bias is not None and rel_bias.requires_grad))
     fields = (("dtype", str(q.dtype)), ("batch", b), ("heads", h), ("tokens", n), ("head_dim", d),
               ("dropout", dropout_p > 0), ("training", training))
-    names = [*SDPA_KERNELS, "torch"]
-    if static == "flash":
-        names.append("flash")
+    ours = []
     if _flash_attention.triton_supported(q):
-        names.append("triton")
+        ours = ["triton", *(f"triton@{i}" for i in range(1, len(_flash_attention.forward_tiles(d))))]
+    if rel_bias is not None:
+        fields, names = (*fields, ("rel_bias", tuple(rel_bias.shape)), ("grid", tuple(grid_size))), ours
+    else:
+        names = [*SDPA_KERNELS, "torch", *(["flash"] if static == "flash" else []), *ours]
     return autotune.fastest("attention", q.device.index or 0, fields, names,
-                            functools.partial(_attention_runner, q, dropout_p, training), static,
-                            agrees=functools.partial(_attention_agrees, q))
+                            functools.partial(_attention_runner, q, rel_bias, grid_size, dropout_p, training),
+                            static, agrees=functools.partial(_attention_agrees, q, rel_bias, grid_size))
 
 
-def _attention_agrees(q, impl) -> bool:
-    """Whether ``impl`` gives torch's SDPA output (:func:`_close`) on random inputs shaped like ``q``'s call,
-    without dropout (whose masks differ between implementations)."""
+def _attention_inputs(q, rel_bias, requires_grad=False):
+    """Random (q, k, v) shaped like ``q``'s call (strided views of one packed buffer, as the model passes them) and
+    a random table shaped like ``rel_bias`` (None without one)."""
+    b, h, n, d = q.shape
+    qkv = torch.randn(b, n, 3, h, d, device=q.device, dtype=q.dtype, requires_grad=requires_grad)
+    table = None if rel_bias is None else torch.randn(rel_bias.shape, device=q.device, dtype=rel_bias.dtype,
+                                                      requires_grad=requires_grad)
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0), table
+
+
+def _attention_agrees(q, rel_bias, grid, impl) -> bool:
+    """Whether ``impl`` gives the reference output (:func:`_close`: torch's SDPA, with the dense bias for a table)
+    on random inputs shaped like the call's, without dropout (whose masks differ between implementations)."""
     if impl == "torch":
         return True
-    b, h, n, d = q.shape
-    views = torch.randn(b, n, 3, h, d, device=q.device, dtype=q.dtype).permute(2, 0, 3, 1, 4).unbind(0)
+    views, table = _attention_inputs(q, rel_bias)
     with torch.no_grad():
-        return _close(_run_attention(impl, *views, None, None, 0.0, None),
-                      _run_attention("torch", *views, None, None, 0.0, None))
+        return _close(_run_attention(impl, *views, table, grid, 0.0, None),
+                      _run_attention("torch", *views, table, grid, 0.0, None))
 
 
-def _attention_runner(q, dropout_p, training, impl):
-    """A run of ``impl`` on random inputs shaped like the call (strided q/k/v views of one packed buffer, as the
-    model passes them), with a backward pass for a training call."""
-    b, h, n, d = q.shape
-    qkv = torch.randn(b, n, 3, h, d, device=q.device, dtype=q.dtype, requires_grad=training)
-    views = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+def _attention_runner(q, rel_bias, grid, dropout_p, training, impl):
+    """A run of ``impl`` on random inputs shaped like the call's, with a backward pass for a training call."""
+    views, table = _attention_inputs(q, rel_bias, requires_grad=training)
 
     def run():
-        out = _run_attention(impl, *views, None, None, dropout_p, None)
+        out = _run_attention(impl, *views, table, grid, dropout_p, None)
         if training:
             out.backward(torch.ones_like(out))
 

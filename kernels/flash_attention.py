@@ -123,6 +123,21 @@ def _config(head_dim):
     return _CONFIGS[max(next_power_of_2(head_dim), 16)]
 
 
+# Forward tiles that backend="auto" also times on a GPU (``fastvit.ops.attention_backend``), by padded head dim up
+# to 64 / above: a 64-query tile on 4 warps (twice the programs, for small batches), a third pipeline stage, and
+# 32-key steps (197 keys pad to 224 instead of 256). Each compiles without spills in every variant (bias, dropout)
+# on sm_80 and sm_90; tiles of 128 keys, or 64 keys at head dim 80, do not.
+_FWD_ALTERNATIVES = {64: (_Blocks(64, 64, 4, 2), _Blocks(128, 64, 8, 3), _Blocks(128, 32, 8, 2)),
+                     128: (_Blocks(64, 32, 8, 3),)}
+
+
+def forward_tiles(head_dim):
+    """The forward kernel's tile choices at ``head_dim``: the default (:func:`_blocks`) first, then the alternatives
+    a measured choice may pick (``fwd_tiles`` indexes this)."""
+    cfg = _config(head_dim)
+    return (cfg.fwd, *_FWD_ALTERNATIVES[64 if cfg.block_d <= 64 else 128])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
 
@@ -441,10 +456,10 @@ def _strides(*tensors):
 @eager_op("attention_fwd")
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_bias: Optional[torch.Tensor],
                   seed: Optional[torch.Tensor], grid_h: int, grid_w: int, scale: float, dropout_p: float,
-                  use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  use_triton: bool, fwd_tiles: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): out (B, heads, N, hd) in q's dtype, lse the fp32 (B, heads, N) row log-sum-exp of the
     scores (natural log, before dropout), the one statistic the backward needs. ``seed`` is a one-element int64
-    tensor when ``dropout_p`` > 0, else None."""
+    tensor when ``dropout_p`` > 0, else None. ``fwd_tiles`` picks the kernel's tiles from :func:`forward_tiles`."""
     bsz, heads, n, hd = q.shape
     out = _new_out(q)
     if not use_triton:
@@ -459,7 +474,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_bias: O
     if out.numel() == 0:
         return out, lse
     cfg = _config(hd)
-    blk = cfg.fwd
+    blk = forward_tiles(hd)[fwd_tiles]
     table = q if rel_bias is None else rel_bias
     grid = (bsz * heads * cdiv(n, blk.block_m),)
     launch(_attn_fwd_kernel, grid,
@@ -471,7 +486,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_bias: O
 
 
 @attention_fwd.register_fake
-def _(q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton):
+def _(q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton, fwd_tiles=0):
     return _new_out(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -543,8 +558,8 @@ class FlashAttentionFn(torch.autograd.Function):
     the dropout seed."""
 
     @staticmethod
-    def forward(ctx, q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton):
-        out, lse = attention_fwd(q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton)
+    def forward(ctx, q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton, fwd_tiles=0):
+        out, lse = attention_fwd(q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton, fwd_tiles)
         ctx.save_for_backward(q, k, v, out, lse, rel_bias, seed)
         ctx.args = (grid_h, grid_w, scale, dropout_p, use_triton)
         return out
@@ -553,7 +568,7 @@ class FlashAttentionFn(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, out, lse, rel_bias, seed = ctx.saved_tensors
         dq, dk, dv, dtable = attention_bwd(do, q, k, v, out, lse, rel_bias, seed, *ctx.args)
-        return dq, dk, dv, (None if rel_bias is None else dtable), None, None, None, None, None, None
+        return dq, dk, dv, (None if rel_bias is None else dtable), None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -588,30 +603,35 @@ def triton_supported(q):
     return q.dtype in TRITON_DTYPES and 0 < q.shape[-1] <= MAX_HEAD_DIM
 
 
-def flash_attention(q, k, v, rel_bias=None, grid_size=None, scale=None, dropout_p=0.0, use_triton=True):
-    """dropout(softmax(q k^T * scale + B_rel)) v through the custom ops: the Triton kernels, or
-    (``use_triton=False``) the torch fallback math with the same saved tensors. Returns (B, heads, N, hd) in q's
-    dtype. The dropout seed is drawn from torch's generator on q's device (so torch.manual_seed repeats it)."""
+def flash_attention(q, k, v, rel_bias=None, grid_size=None, scale=None, dropout_p=0.0, use_triton=True, fwd_tiles=0):
+    """dropout(softmax(q k^T * scale + B_rel)) v through the custom ops: the Triton kernels (the forward with tiles
+    ``forward_tiles(head_dim)[fwd_tiles]``), or (``use_triton=False``) the torch fallback math with the same saved
+    tensors. Returns (B, heads, N, hd) in q's dtype. The dropout seed is drawn from torch's generator on q's device
+    (so torch.manual_seed repeats it)."""
     grid_h, grid_w = _check_inputs(q, k, v, rel_bias, grid_size, dropout_p)
     if use_triton:
         if q.dtype not in TRITON_DTYPES:
             raise TypeError(f"the Triton attention needs float32, float16 or bfloat16 inputs, got {q.dtype}")
-        _config(q.shape[-1])
+        choices = len(forward_tiles(q.shape[-1]))
+        if not 0 <= fwd_tiles < choices:
+            raise ValueError(f"fwd_tiles must be in 0..{choices - 1} at head_dim {q.shape[-1]}, got {fwd_tiles}")
     if rel_bias is not None:
         rel_bias = rel_bias.contiguous()
     seed = None
     if dropout_p > 0:
         seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return apply(FlashAttentionFn, q, k, v, rel_bias, seed, grid_h, grid_w, scale, float(dropout_p), use_triton)
+    return apply(FlashAttentionFn, q, k, v, rel_bias, seed, grid_h, grid_w, scale, float(dropout_p), use_triton,
+                 fwd_tiles)
 
 
-def attention(q, k, v, rel_bias, grid_size, dropout_p, scale, use_triton):
-    """Dispatch from fastvit.ops.attention: the Triton kernels, or scaled_dot_product_attention."""
+def attention(q, k, v, rel_bias, grid_size, dropout_p, scale, use_triton, fwd_tiles=0):
+    """Dispatch from fastvit.ops.attention: the Triton kernels (forward tiles ``fwd_tiles``, see
+    :func:`forward_tiles`), or scaled_dot_product_attention."""
     if not use_triton:
         _check_inputs(q, k, v, rel_bias, grid_size, dropout_p)
         return attention_ref(q, k, v, rel_bias, grid_size, dropout_p, scale)
-    return flash_attention(q, k, v, rel_bias, grid_size, scale, dropout_p, True)
+    return flash_attention(q, k, v, rel_bias, grid_size, scale, dropout_p, True, fwd_tiles)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -655,7 +675,8 @@ def attention_flash(q, k, v, rel_bias=None, dropout_p=0.0, scale=None):
 def aot_specs(shape, dtype):
     """Every attention kernel at ``shape``'s head dim and tokens, in each variant a model launches: no bias, the
     relative-position table (pos_embed='rel'; fp32 under AMP, the activation dtype in a model cast to it), each
-    with and without attention dropout. Block sizes and warps come from :func:`_config`, as in the launchers.
+    with and without attention dropout; the forward also with each alternative of :func:`forward_tiles` (labelled
+    "tiles@i"). Block sizes and warps come from :func:`_config` / :func:`forward_tiles`, as in the launchers.
 
     Arguments are those of a real launch, so the specs specialise as the JIT does: q, k, v are views of the packed
     (B, N, 3, heads, hd) qkv output, strides (3ND, hd, 3D, 1); out is a (B, N, heads, hd) buffer seen as
@@ -690,11 +711,14 @@ def aot_specs(shape, dtype):
             common = {"HEAD_DIM": hd, "BLOCK_D": cfg.block_d, "HAS_BIAS": has_bias,
                       "HAS_CLS": has_bias and _has_cls(n, grid, grid), "DROPOUT": dropout,
                       "PRECISION": _precision(TORCH_DTYPES[dtype])}
-            for name, fn, blk in (("attn_fwd", _attn_fwd_kernel, cfg.fwd),
-                                  ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, cfg.bwd_dkdv),
-                                  ("attn_bwd_dq", _attn_bwd_dq_kernel, cfg.bwd_dq)):
+            label = f"hd={hd} N={n} " + ("+".join(parts) or "plain")
+            kernels = [("attn_fwd", _attn_fwd_kernel, cfg.fwd, label),
+                       ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, cfg.bwd_dkdv, label),
+                       ("attn_bwd_dq", _attn_bwd_dq_kernel, cfg.bwd_dq, label)]
+            kernels += [("attn_fwd", _attn_fwd_kernel, blk, f"{label} tiles@{i}")
+                        for i, blk in enumerate(forward_tiles(hd)[1:], 1)]
+            for name, fn, blk, variant in kernels:
                 specs.append(spec_from_launch(name, fn, args,
                                               {**common, "BLOCK_M": blk.block_m, "BLOCK_N": blk.block_n},
-                                              blk.num_warps, blk.num_stages,
-                                              f"hd={hd} N={n} " + ("+".join(parts) or "plain")))
+                                              blk.num_warps, blk.num_stages, variant))
     return specs

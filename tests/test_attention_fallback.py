@@ -205,7 +205,7 @@ def test_auto_picks_flash_only_where_it_can_run(fake_flash_attn, monkeypatch):
     assert len(fake_flash_attn) == 1 and fake_flash_attn[0]["dropout_p"] == 0.1
 
     chosen = []
-    monkeypatch.setattr(fa, "attention", lambda *args: chosen.append(args[-1]))
+    monkeypatch.setattr(fa, "attention", lambda *args: chosen.append(args[7]))  # use_triton
     table = torch.zeros(3, fa.num_relative_positions((7, 7)))
     ops.attention(q, k, v, rel_bias=table, grid_size=(7, 7), backend="auto")  # a bias: Triton
     ops.attention(*(t.float() for t in (q, k, v)), backend="auto")            # fp32: Triton
@@ -223,7 +223,7 @@ def test_auto_picks_flash_only_where_it_can_run(fake_flash_attn, monkeypatch):
 def test_auto_without_flash_attn_uses_triton_or_sdpa(no_flash_attn, monkeypatch):
     q, k, v = _pretend_cuda_qkv()
     chosen = []
-    monkeypatch.setattr(fa, "attention", lambda *args: chosen.append((args[5], args[-1])))
+    monkeypatch.setattr(fa, "attention", lambda *args: chosen.append((args[5], args[7])))  # dropout_p, use_triton
     ops.attention(q, k, v, backend="auto")
     ops.attention(q, k, v, dropout_p=0.1, backend="auto")
     ops.attention(*(t.double() for t in (q, k, v)), backend="auto")  # no fp64 kernel: SDPA

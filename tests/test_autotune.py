@@ -118,3 +118,27 @@ def test_auto_keeps_the_static_rule_for_bias_compile_and_cpu(tuner, monkeypatch)
     assert ops.attention_backend(torch.randn(2, 3, 50, 64)) == "torch"  # CPU
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert ops.attention_backend(q) == "triton"
+
+
+@pytest.mark.parametrize("head_dim,tiles", [(64, 4), (80, 2)])
+def test_a_relative_bias_call_is_tuned_among_our_forward_tiles(tuner, monkeypatch, head_dim, tiles):
+    """With a bias table only our kernel runs the call, so "auto" times its forward tiles (the default and each
+    alternative of flash_attention.forward_tiles) and runs the fastest; without a grid it keeps the default."""
+    from fastvit.kernels import flash_attention as fa
+    timed, ran = [], []
+    monkeypatch.setattr(ops, "_run_attention", lambda impl, q, k, v, table, grid, p, scale: ran.append(impl) or
+                        fa.attention_ref(*(t.as_subclass(torch.Tensor) for t in (q, k, v)), table, grid))
+    speed = {"triton": 3.0, "triton@1": 2.0, f"triton@{tiles - 1}": 1.0}
+
+    def measure(run):
+        run()  # the runner's one call names the implementation it ran
+        timed.append(ran[-1])
+        return speed.get(ran[-1], 4.0)
+    monkeypatch.setattr(autotune, "time_cuda", measure)
+    qkv = torch.randn(2, 50, 3, 2, head_dim)
+    q = qkv.permute(2, 0, 3, 1, 4).unbind(0)[0].as_subclass(_PretendCuda)
+    table = torch.zeros(2, fa.num_relative_positions((7, 7)))
+    assert len(fa.forward_tiles(head_dim)) == tiles
+    assert ops.attention_backend(q, rel_bias=table, grid_size=(7, 7)) == f"triton@{tiles - 1}"
+    assert timed == ["triton", *(f"triton@{i}" for i in range(1, tiles))]
+    assert ops.attention_backend(q, rel_bias=table) == "triton"  # no grid given: the static rule

@@ -171,3 +171,35 @@ def test_ops_dropout_runs_on_triton():
     assert not torch.allclose(out, fa.attention_ref(q, k, v), atol=1e-3)
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
         ops.attention(q, k, v, dropout_p=1.0, backend="triton")
+
+
+TILE_CASES = [(1, 2, 197, 64, (14, 14)), (2, 1, 41, 64, (5, 8)), (1, 1, 50, 80, (7, 7)), (1, 2, 257, 80, None)]
+
+
+@pytest.mark.parametrize("b,h,n,hd,grid", TILE_CASES, ids=[f"B{b}H{h}N{n}d{d}{'-rel' if g else ''}"
+                                                          for b, h, n, d, g in TILE_CASES])
+def test_every_forward_tile_choice_matches_reference(b, h, n, hd, grid, monkeypatch):
+    """Each forward tiling that backend="auto" may pick on a GPU (flash_attention.forward_tiles) is the one the
+    forward launches, and gives the reference's output and gradients in fp32 (the backward kernels are the same for
+    all)."""
+    launched = []
+    real_launch = fa.launch
+
+    def launch(kernel, grid, *args, **kwargs):
+        if kernel is fa._attn_fwd_kernel:
+            launched.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]))
+        return real_launch(kernel, grid, *args, **kwargs)
+    monkeypatch.setattr(fa, "launch", launch)
+    packed, table, do = _packed(b, h, n, hd, grid, seed=2)
+    ref = _run(_sdpa, packed.double(), None if table is None else table.double(), do.double(), h, hd, grid,
+               torch.float64)
+    choices = fa.forward_tiles(hd)
+    assert len(choices) > 1 and len(set(choices)) == len(choices)
+    for i in range(len(choices)):
+        ours = _run(lambda q, k, v, t, g: fa.flash_attention(q, k, v, t, g, fwd_tiles=i), packed, table, do, h, hd,
+                    grid, torch.float32)
+        assert launched[-1] == tuple(choices[i])
+        for name, a, e in zip(["out", "dq", "dk", "dv", "dtable"], ours, ref):
+            torch.testing.assert_close(a, e, atol=2e-5 if name == "out" else 1e-4, rtol=1e-4, msg=f"{i} {name}")
+    with pytest.raises(ValueError, match=f"fwd_tiles must be in 0..{len(choices) - 1}"):
+        fa.flash_attention(*_qkv(packed, h, hd), table, grid, fwd_tiles=len(choices))
