@@ -6,8 +6,8 @@ dtype, sequence length and head size. Each distinct key is timed once per proces
 shape (forward, or forward + backward when training) and the winner is kept in memory and in a JSON file
 (``$FASTVIT_CACHE_DIR``, default ``~/.cache/fastvit``), so later processes on the same GPU and versions skip the
 measurement. Before it is timed, a candidate's output is checked against a reference (torch's SDPA; the unfused
-GEMM path): one that disagrees is dropped with a warning. Nothing is measured while torch.compile / torch.export trace or a CUDA graph is captured: those calls
-take the cached winner, or the caller's default.
+GEMM path): one that disagrees is dropped with a warning. Nothing is measured while torch.compile / torch.export
+trace or a CUDA graph is captured: those calls take the cached winner, or the caller's default.
 """
 from __future__ import annotations
 

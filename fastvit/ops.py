@@ -197,20 +197,27 @@ def gemm_impl(op, x, weight, extra_fields, run) -> str:
               *extra_fields, ("candidates", names))
     return autotune.fastest(op, x.device.index or 0, fields, list(names),
                             lambda impl: functools.partial(_forward_only, run, impl), unfused,
-                            agrees=functools.partial(_agrees_with, run, unfused))
+                            agrees=_agreement(lambda impl: _forward_only(run, impl), unfused))
 
 
 def _forward_only(run, impl):
     with torch.no_grad():
-        return run(impl)
+        out = run(impl)
+    return out if isinstance(out, tuple) else (out,)
 
 
-def _agrees_with(run, unfused, impl) -> bool:
-    """Whether ``impl``'s forward outputs agree with the unfused path's (:func:`_close`)."""
-    if impl == unfused:
-        return True
-    ours, ref = _forward_only(run, impl), _forward_only(run, unfused)
-    return all(_close(a, b) for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (ours, ref))))
+def _agreement(outputs, reference):
+    """``agrees(impl)`` for ``autotune.fastest``: whether ``outputs(impl)`` (a tuple of tensors) matches
+    ``outputs(reference)``, computed once (:func:`_close`)."""
+    expected = []
+
+    def agrees(impl):
+        if impl == reference:
+            return True
+        if not expected:
+            expected.append(outputs(reference))
+        return all(_close(a, b) for a, b in zip(outputs(impl), expected[0], strict=True))
+    return agrees
 
 
 def _close(a, b) -> bool:
@@ -283,7 +290,7 @@ def attention_backend(q, rel_bias=None, backend="auto", dropout_p=0.0, grid_size
         names = [*SDPA_KERNELS, "torch", *(["flash"] if static == "flash" else []), *ours]
     return autotune.fastest("attention", q.device.index or 0, fields, names,
                             functools.partial(_attention_runner, q, rel_bias, grid_size, dropout_p, training),
-                            static, agrees=functools.partial(_attention_agrees, q, rel_bias, grid_size))
+                            static, agrees=_agreement(_attention_outputs(q, rel_bias, grid_size), "torch"))
 
 
 def _attention_inputs(q, rel_bias, requires_grad=False):
@@ -296,15 +303,19 @@ def _attention_inputs(q, rel_bias, requires_grad=False):
     return qkv.permute(2, 0, 3, 1, 4).unbind(0), table
 
 
-def _attention_agrees(q, rel_bias, grid, impl) -> bool:
-    """Whether ``impl`` gives the reference output (:func:`_close`: torch's SDPA, with the dense bias for a table)
-    on random inputs shaped like the call's, without dropout (whose masks differ between implementations)."""
-    if impl == "torch":
-        return True
-    views, table = _attention_inputs(q, rel_bias)
-    with torch.no_grad():
-        return _close(_run_attention(impl, *views, table, grid, 0.0, None),
-                      _run_attention("torch", *views, table, grid, 0.0, None))
+def _attention_outputs(q, rel_bias, grid):
+    """outputs(impl) for :func:`_agreement`: ``impl``'s output on one set of random inputs shaped like the call's,
+    without dropout (whose masks differ between implementations); "torch" is torch's SDPA, with the dense bias for
+    a table."""
+    inputs = []
+
+    def outputs(impl):
+        if not inputs:
+            inputs.append(_attention_inputs(q, rel_bias))
+        views, table = inputs[0]
+        with torch.no_grad():
+            return (_run_attention(impl, *views, table, grid, 0.0, None),)
+    return outputs
 
 
 def _attention_runner(q, rel_bias, grid, dropout_p, training, impl):

@@ -5,8 +5,8 @@ At ViT sizes a fused op's wall time is mostly host time, so the per-call path
 - avoids ``triton.cdiv`` and ``triton.next_power_of_2`` (ConstexprFunctions: about 4 us a call on the host, against
   0.1 us for the integer expressions) and asks for a device's SM count once;
 - launches a kernel through :func:`launch`, which calls the compiled kernel directly after its first launch,
-  found by a key cheaper than Triton's binder (argument binding, knob reads, hooks and cache-key hashing of
-  ``JITFunction.run``: about 7 us per launch);
+  found by a key cheaper than Triton's argument binder, skipping the rest of ``JITFunction.run`` too (knob reads,
+  hooks, cache-key hashing);
 - calls the ops' Python bodies directly in plain eager mode (:class:`EagerOp`), where the ``torch.library``
   dispatcher adds about 7 us per call and nothing needs to see the call; tracing, fake tensors, tensor subclasses
   and the profiler still go through the registered op.
@@ -100,7 +100,8 @@ def launch(kernel, grid, *args, **kwargs):
     The first launch of each variant (:func:`_launch_key`) goes through Triton, which binds the arguments,
     compiles and launches; later ones call that compiled kernel exactly as ``JITFunction.run`` does (the same
     argument values, device, stream, launch metadata and hooks), skipping the binder, the knob reads and the
-    cache-key hashing (about 5 us of Python per launch). Interpreted kernels (TRITON_INTERPRET=1) always take
+    cache-key hashing (bench/overhead.py's machine: 5.5 us a launch, 7.0 with the binder, more through all of
+    ``JITFunction.run``). Interpreted kernels (TRITON_INTERPRET=1) always take
     Triton's path. The knobs ``JITFunction.run`` reads at every launch (``knobs.runtime.debug``, instrumentation)
     count from a variant's first launch. While a dispatch mode traces the call (fake tensors, AOTAutograd's
     functionalisation inside ``torch.compile``), the launch is recorded through ``torch.library.wrap_triton`` as a
