@@ -92,7 +92,7 @@ for s in "${STEPS[@]}"; do
                  --benchmark-max-time=0.2 --benchmark-json="$OUT/ops_benchmark.json" ;;
         overhead) step overhead 20 $PY bench/overhead.py --out "$OUT" ;;
         profile) step profile 60 $PY bench/profile.py --model B/16 --warmup 1 --steps 1 --out "$OUT" ;;
-        b16) step b16 100 $PY bench/throughput.py --model B/16 --compile --steps 2 --warmup 1 \
+        b16) step b16 120 $PY bench/throughput.py --model B/16 --compile --steps 2 --warmup 1 \
                  --out "$OUT/throughput_b16" ;;
         l16) step l16 90 $PY bench/throughput.py --model L/16 --compile --global-batch 1024 --steps 1 --warmup 1 \
                  --out "$OUT/throughput_l16" ;;
