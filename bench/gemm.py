@@ -108,14 +108,6 @@ def timer(device, repeats):
     return cpu
 
 
-def impls(op, device):
-    """The paths of ``op`` measured on ``device``: all of ``ops.GEMM_IMPLS``, less the TMA kernel before sm_90."""
-    names = ops.GEMM_IMPLS[op]
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
-        return names[:2]
-    return names
-
-
 def measure(case, dtype, device, repeats):
     """Times and outputs of every implementation of one case."""
     name, op, k, n, inputs, run = case
@@ -124,7 +116,7 @@ def measure(case, dtype, device, repeats):
     leaves = {key: v.requires_grad_() for key, v in inputs.items() if v is not None}
     result = {"gemm": name, "op": op, "K": k, "N": n, "rows": inputs["x"].shape[0]}
     outs = {}
-    names = impls(op, device)
+    names = ops.gemm_candidates(op, inputs["x"])
     for impl in names:
         def fwd():
             with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=autocast):

@@ -186,18 +186,25 @@ def gemm_impl(op, x, weight, extra_fields, run) -> str:
     fastest of those whose outputs agree with the unfused path's is cached (``fastvit.autotune``); while tracing,
     the unfused path. ``run(impl)`` runs the op once with ``impl`` and returns its outputs.
     """
-    unfused, tiles, tma = GEMM_IMPLS[op]
+    unfused = GEMM_IMPLS[op][0]
     compute = _matmul.compute_dtype(x)
     if (not torch.cuda.is_available() or torch.compiler.is_compiling()
             or compute not in (torch.float16, torch.bfloat16, torch.float32)):
         return unfused
-    names = (unfused, tiles, tma) if torch.cuda.get_device_capability(x.device) >= (9, 0) else (unfused, tiles)
+    names = gemm_candidates(op, x)
     fields = (("dtype", str(x.dtype)), ("compute", str(compute)), ("weight", str(weight.dtype)),
               ("rows", x.numel() // max(x.shape[-1], 1)), ("in", x.shape[-1]), ("out", weight.shape[0]),
               *extra_fields, ("candidates", names))
     return autotune.fastest(op, x.device.index or 0, fields, list(names),
                             lambda impl: functools.partial(_forward_only, run, impl), unfused,
                             agrees=_agreement(lambda impl: _forward_only(run, impl), unfused))
+
+
+def gemm_candidates(op, x) -> tuple:
+    """The paths of ``GEMM_IMPLS[op]`` a call with input ``x`` may take: all of them, less the TMA kernel for a
+    tensor on a GPU before sm_90 (no TMA there)."""
+    names = GEMM_IMPLS[op]
+    return names[:2] if x.is_cuda and torch.cuda.get_device_capability(x.device) < (9, 0) else names
 
 
 def _forward_only(run, impl):

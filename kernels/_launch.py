@@ -101,9 +101,9 @@ def launch(kernel, grid, *args, **kwargs):
     compiles and launches; later ones call that compiled kernel exactly as ``JITFunction.run`` does (the same
     argument values, device, stream, launch metadata and hooks), skipping the binder, the knob reads and the
     cache-key hashing (bench/overhead.py's machine: 5.5 us a launch, 7.0 with the binder, more through all of
-    ``JITFunction.run``). Interpreted kernels (TRITON_INTERPRET=1) always take
-    Triton's path. The knobs ``JITFunction.run`` reads at every launch (``knobs.runtime.debug``, instrumentation)
-    count from a variant's first launch. While a dispatch mode traces the call (fake tensors, AOTAutograd's
+    ``JITFunction.run``). Interpreted kernels (TRITON_INTERPRET=1) always take Triton's path. The knobs
+    ``JITFunction.run`` reads at every launch (``knobs.runtime.debug``, instrumentation) count from a variant's
+    first launch. While a dispatch mode traces the call (fake tensors, AOTAutograd's
     functionalisation inside ``torch.compile``), the launch is recorded through ``torch.library.wrap_triton`` as a
     graph node; inside a compiled graph's own call of the op ``wrap_triton`` is off and gives the kernel back.
     """
