@@ -25,5 +25,6 @@ setup(
         "hub": ["huggingface_hub", "safetensors"],  # pretrained=True downloads, save_pretrained
         "flash": ["flash-attn"],
         "shards": ["webdataset"],  # --data with WebDataset .tar shards, python -m fastvit.data.shards
+        "dali": ["nvidia-dali-cuda130"],  # --decode dali (NVIDIA DALI built for CUDA 13)
     },
 )

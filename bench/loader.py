@@ -4,7 +4,8 @@ images/s, so one can see whether the loader keeps up (goal: at least 1.5x the mo
 
 Paths: ImageFolder files decoded by PIL in loader workers; WebDataset shards decoded by PIL in workers; shards
 decoded on the GPU (``--decode gpu``: workers read bytes, one batched nvjpeg call per micro-batch, crop/flip/
-normalise on the GPU; CUDA only). Each path runs the trainer's own loader (``FileSource.loader`` over a
+normalise on the GPU; CUDA only) and by NVIDIA DALI (``--decode dali``: one DALI pipeline run per micro-batch
+decodes, crops, resizes, flips and normalises; CUDA and the [dali] extra). Each path runs the trainer's own loader (``FileSource.loader`` over a
 ``micro_batch_plan``), so the numbers include reading, decoding, the keyed random-resized-crop, flip, normalisation,
 collation and (GPU) the host-to-device copy.
 
@@ -34,6 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 TARGET = 1.5  # loader img/s over model img/s
+PATHS = {"folder": "cpu", "shards": "cpu", "shards-gpu": "gpu", "shards-dali": "dali"}  # path -> --decode
 
 
 def synthetic_folder(root, n, classes=10, seed=0):
@@ -122,16 +124,21 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=8, help="timed batches per measurement")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches first (worker start-up)")
     p.add_argument("--workers", default=f"1,{os.cpu_count() or 1}", help="comma list of loader worker counts")
-    p.add_argument("--paths", default="folder,shards,shards-gpu",
-                   help="comma list from folder, shards, shards-gpu (shards-gpu needs CUDA)")
+    p.add_argument("--paths", default=",".join(PATHS),
+                   help=f"comma list from {', '.join(PATHS)} (the GPU paths need CUDA, shards-dali also DALI; "
+                        f"left out where they cannot run)")
     p.add_argument("--throughput", help="throughput.json of bench/throughput.py (the model's img/s)")
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
-    paths = common.choice_list(p, args.paths, ("folder", "shards", "shards-gpu"), "--paths")
+    paths = common.choice_list(p, args.paths, PATHS, "--paths")
     workers = [int(w) for w in common.split_list(args.workers)]
-    if "shards-gpu" in paths and not torch.cuda.is_available():
-        print("no CUDA device: skipping the shards-gpu path")
-        paths = [q for q in paths if q != "shards-gpu"]
+    from fastvit.data.sources import decode_problem
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    for path in [q for q in paths if PATHS[q] != "cpu"]:
+        problem = decode_problem(PATHS[path], False, device)
+        if problem:
+            print(f"skipping the {path} path: {problem}")
+            paths.remove(path)
     from fastvit.data import ImageFolderSource
     from fastvit.data.shards import ShardSource, main as write_shards
 
@@ -144,15 +151,13 @@ def main(argv=None):
         if shards is None and any(q.startswith("shards") for q in paths):
             shards = os.path.join(tmp, "shards")
             write_shards([data, shards, "--shard-size", "64MB", "--no-verify"])
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         rows = []
         for path in paths:
             for w in workers:
                 if path == "folder":
                     source = ImageFolderSource(data, args.img_size, w)
                 else:
-                    source = ShardSource(shards, None, args.img_size, w, "gpu" if path == "shards-gpu" else "cpu",
-                                         device)
+                    source = ShardSource(shards, None, args.img_size, w, PATHS[path], device)
                 ips = measure(source, args.batch, args.steps, args.warmup)
                 rows.append({"path": path, "decode": source.decode, "workers": w, "images_per_s": ips,
                              "images_per_s_per_worker": ips / max(w, 1)})

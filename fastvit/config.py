@@ -105,8 +105,9 @@ class TrainConfig:
     device: str = _opt("auto (cuda:<local rank> if available, else cpu), cpu or cuda", default="auto",
                        choices=("auto", "cpu", "cuda"))
     workers: int = _opt("data-loading worker processes per rank (ImageFolder, shards)", default=4, type=int)
-    decode: str = _opt("where training JPEGs are decoded and augmented: cpu (PIL in the loader workers) or gpu "
-                       "(batched torchvision.io.decode_jpeg on CUDA, crop/flip/normalise there)", default="cpu",
+    decode: str = _opt("where training images are decoded and augmented: cpu (PIL in the loader workers), gpu "
+                       "(batched torchvision.io.decode_jpeg on CUDA, crop/flip/normalise there) or dali (NVIDIA DALI "
+                       "decodes, crops, resizes, flips and normalises on CUDA; the [dali] extra)", default="cpu",
                        choices=DECODERS)
     max_bad_frac: float = _opt("stop with an error once the unreadable samples drawn exceed this fraction of "
                                "max(samples drawn, training-set size); each one is replaced and counted",

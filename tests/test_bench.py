@@ -300,11 +300,12 @@ def test_loader_smoke(tmp_path):
                                             {"mode": "train", "model": "tiny", "fastvit": {"images_per_s": 100.0}}]}
     (tmp_path / "throughput.json").write_text(json.dumps(throughput))
     out = _run([sys.executable, "bench/loader.py", "--images", "24", "--img-size", "32", "--batch", "8", "--steps",
-                "2", "--warmup", "1", "--workers", "1", "--paths", "folder,shards,shards-gpu",
+                "2", "--warmup", "1", "--workers", "1", "--paths", "folder,shards,shards-gpu,shards-dali",
                 "--throughput", str(tmp_path / "throughput.json"), "--out", str(tmp_path)])
     data = json.loads((tmp_path / "loader.json").read_text())
     assert [(r["path"], r["workers"]) for r in data["rows"]] == [("folder", 1), ("shards", 1)]  # no CUDA here
-    assert "no CUDA device: skipping the shards-gpu path" in out
+    assert "skipping the shards-gpu path: --decode gpu needs a CUDA device" in out
+    assert "skipping the shards-dali path: --decode dali needs a CUDA device" in out
     assert data["model_images_per_s_per_gpu"] == 50.0 and data["synthetic"]
     for r in data["rows"]:
         assert _positive_float(r["images_per_s"]) and r["ratio_to_model"] == pytest.approx(r["images_per_s"] / 50)

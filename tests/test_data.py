@@ -102,11 +102,12 @@ def test_unreadable_sample_is_replaced_by_a_keyed_substitute(tmp_path):
     source = ImageFolderSource(str(tmp_path), img_size=16, workers=0)
     keyed = source.keyed(seed=4)
     i = source.train_samples.paths.index(broken[0])
-    x, y, _, bad, (used, step, pos) = keyed[(i, 9, 5)]
+    x, y, _, bad, (used, step, pos, height, width) = keyed[(i, 9, 5)]
     assert [name for name, _ in bad] == [broken[0]] and bad[0][1]  # the file, and PIL's reason
     assert used == mix_seed(4, 9, 5, 1, 0xBAD) % source.num_train and (step, pos) == (9, 5)
     expect = keyed[(used, 9, 5)]  # the substitute, augmented with the key of the position it fills
     assert torch.equal(x, expect[0]) and y == expect[1] == int(source.train_samples.labels[used])
+    assert (height, width) == decode_pil(source.train_samples.read(used)).shape[1:]  # the substitute's size
     assert torch.equal(keyed[(i, 9, 5)][0], x)  # deterministic
     assert keyed[(i, 9, 6)][4][0] == mix_seed(4, 9, 6, 1, 0xBAD) % source.num_train  # keyed by the position too
 
@@ -128,6 +129,16 @@ def test_gpu_path_code_on_cpu_equals_cpu_path(tmp_path):
         assert torch.equal(xa, xb) and torch.equal(ya, yb) and ba == bb
     with pytest.raises(ValueError, match="--decode gpu needs a CUDA device"):
         FileSource(source.train_samples, source.train_samples, 16, decode="gpu", device="cpu")
+
+
+def test_decode_dali_without_dali_says_how_to_get_it(monkeypatch):
+    import importlib.util
+
+    from fastvit.data.sources import decode_problem
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nvidia.dali" else real(name, *a))
+    assert "--decode dali needs NVIDIA DALI (pip install -e \".[dali]\"" in decode_problem("dali", False, "cuda")
+    assert decode_problem("gpu", False, "cuda") is None and decode_problem("cpu", False, None) is None
 
 
 def test_training_with_broken_files_counts_replaces_and_resumes(tmp_path):

@@ -22,6 +22,8 @@ class GpuDecoder:
     """Turns the loader's encoded micro-batches into augmented batches on ``device`` (CUDA in training; any device
     torchvision's decode_jpeg supports, so the CPU can check the same code)."""
 
+    decoder = "on the GPU"  # for the reason of a bad sample
+
     def __init__(self, dataset, device):
         """``dataset``: the loader's ``fastvit.data.sources.KeyedImages`` (its ``fetch`` finds substitutes)."""
         self.dataset, self.device = dataset, torch.device(device)
@@ -48,17 +50,23 @@ class GpuDecoder:
             images[i] = image
         labels, bad = labels.clone(), []
         for i in (i for i, image in enumerate(images) if image is None):
-            try:
-                image = decode_pil(encoded[i].numpy().tobytes())
-            except Exception:  # noqa: BLE001  not decodable by either: a keyed substitute, as on the CPU path
-                index, step, pos = keys[i]
-                bad.append((self.dataset.samples.name(index), "undecodable on the GPU and by PIL"))
-                image, label, more, _ = self.dataset.fetch(index, step, pos, decode_pil,
-                                                           attempt=MAX_REPLACEMENTS + 1)
+            images[i], label, more = self.decode_elsewhere(encoded[i], keys[i])
+            if label is not None:
                 labels[i] = label
-                bad += more
-            images[i] = image.to(self.device, non_blocking=True)
+            bad += more
         return images, labels, bad
+
+    def decode_elsewhere(self, data: torch.Tensor, key):
+        """(image on the device, label of a substitute or None, bad) for a sample this decoder left undecoded:
+        PIL, else a keyed substitute as on the CPU path."""
+        try:
+            image, label, bad = decode_pil(data.numpy().tobytes()), None, []
+        except Exception:  # noqa: BLE001  not decodable by either: a keyed substitute, as on the CPU path
+            bad = [(self.dataset.samples.name(key.index), f"undecodable {self.decoder} and by PIL")]
+            image, label, more, _ = self.dataset.fetch(key.index, key.step, key.pos, decode_pil,
+                                                       attempt=MAX_REPLACEMENTS + 1)
+            bad += more
+        return image.to(self.device, non_blocking=True), label, bad
 
     def batches(self, loader):
         for encoded, labels, u, bad, keys in loader:

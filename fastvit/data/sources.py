@@ -10,11 +10,13 @@ is reported with the micro-batch (``bad``) for the trainer to count.
 from __future__ import annotations
 
 import abc
+import importlib.util
 import io
 import os
 import sys
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,7 +26,8 @@ from fastvit.data.augment import UNIFORMS, augment_batch, decode_pil, eval_trans
 from fastvit.data.gpu import GpuDecoder
 from fastvit.data.keyed import MAX_REPLACEMENTS, GlobalSampler, keyed_uniform, replacement_index
 
-DECODERS = ("cpu", "gpu")
+DECODERS = ("cpu", "gpu", "dali")
+ENCODED = ("gpu", "dali")  # the decoders to which the loader workers hand encoded bytes
 
 
 class DataError(RuntimeError):
@@ -140,18 +143,30 @@ class FolderSamples(Samples):
         return self.paths[index]
 
 
-def _check_header(data: bytes) -> bytes:
-    """For GPU decoding: fail now on what is not an image at all (PIL parses only the header)."""
+def _check_header(data: bytes) -> tuple[bytes, int, int]:
+    """For GPU decoding: fail now on what is not an image at all (PIL parses only the header); (data, height,
+    width)."""
     from PIL import Image
-    Image.open(io.BytesIO(data)).close()
-    return data
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+    return data, height, width
+
+
+class SampleKey(NamedTuple):
+    """Which sample filled a position of a step (``index``: the one read, a substitute's when the drawn one was
+    unreadable), and its image size (what the crop box is drawn from, for decoders that crop while decoding)."""
+    index: int
+    step: int
+    pos: int
+    height: int
+    width: int
 
 
 class KeyedImages(torch.utils.data.Dataset):
     """Training samples addressed by (index, step, position): read, decoded (``decode='cpu'``: PIL + augmentation in
-    the worker; ``'gpu'``: the encoded bytes, decoded later on the GPU), and replaced by a keyed substitute when
-    unreadable. An item is (image, label, uniforms, bad, (index read, step, position)), bad a list of (sample name,
-    reason)."""
+    the worker; ``'gpu'`` / ``'dali'``: the encoded bytes, decoded later on the GPU), and replaced by a keyed
+    substitute when unreadable. An item is (image, label, uniforms, bad, ``SampleKey``), bad a list of (sample
+    name, reason)."""
 
     def __init__(self, samples: Samples, img_size: int, seed: int, decode: str = "cpu"):
         self.samples, self.img_size, self.seed, self.decode = samples, img_size, seed, decode
@@ -176,16 +191,18 @@ class KeyedImages(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, step, pos = item
         u = keyed_uniform(self.seed, step, [pos], UNIFORMS)
-        if self.decode == "gpu":
-            data, label, bad, index = self.fetch(index, step, pos, _check_header)
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, u[0], bad, (index, step, pos)
+        if self.decode in ENCODED:
+            (data, height, width), label, bad, index = self.fetch(index, step, pos, _check_header)
+            key = SampleKey(index, step, pos, height, width)
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, u[0], bad, key
         image, label, bad, index = self.fetch(index, step, pos, decode_pil)
-        return augment_batch([image], u, self.img_size)[0], label, u[0], bad, (index, step, pos)
+        key = SampleKey(index, step, pos, image.shape[1], image.shape[2])
+        return augment_batch([image], u, self.img_size)[0], label, u[0], bad, key
 
 
 def collate(items):
     """Micro-batch of KeyedImages items: (images stacked, or a list of encoded ones), labels, uniforms, bad, and
-    the (index, step, position) keys (for replacements decided after the loader, on the GPU path)."""
+    the ``SampleKey`` of each (for crops and replacements decided after the loader, on the GPU paths)."""
     images, labels, u, bad, keys = zip(*items)
     stacked = torch.stack(images) if images[0].ndim == 3 else list(images)
     return stacked, torch.tensor(labels), torch.stack(u), [b for per in bad for b in per], list(keys)
@@ -217,11 +234,16 @@ def decode_problem(decode: str, digits: bool, device) -> str | None:
     when it can; the trainer's flag check and the data sources both ask."""
     if decode not in DECODERS:
         return f"--decode must be one of {DECODERS}, got {decode!r}"
-    if decode == "gpu" and digits:
-        return "--decode gpu decodes JPEG files; --data digits has none (use --decode cpu)"
-    if decode == "gpu" and (device is None or torch.device(device).type != "cuda"):
-        return (f"--decode gpu needs a CUDA device (got {device or 'none: no CUDA device here, or --device cpu'}); "
-                "use --decode cpu")
+    if decode == "cpu":
+        return None
+    if digits:
+        return f"--decode {decode} decodes image files; --data digits has none (use --decode cpu)"
+    if device is None or torch.device(device).type != "cuda":
+        return (f"--decode {decode} needs a CUDA device (got {device or 'none: no CUDA device here, or --device cpu'}"
+                "); use --decode cpu")
+    if decode == "dali" and importlib.util.find_spec("nvidia.dali") is None:
+        return ("--decode dali needs NVIDIA DALI (pip install -e \".[dali]\", or the nvidia-dali-cudaXXX wheel of "
+                "your CUDA version); --decode gpu needs only torchvision")
     return None
 
 
@@ -248,6 +270,9 @@ class FileSource(DataSource):
                                               collate_fn=collate, pin_memory=torch.cuda.is_available())
         if self.decode == "cpu":
             return ((x, y, bad) for x, y, _, bad, _ in batches)
+        if self.decode == "dali":
+            from fastvit.data.dali import DaliDecoder  # an optional extra, imported only when chosen
+            return DaliDecoder(dataset, self.device).batches(batches)
         return GpuDecoder(dataset, self.device).batches(batches)
 
 
