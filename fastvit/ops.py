@@ -27,6 +27,7 @@ from fastvit.kernels import ln_matmul as _ln_matmul
 from fastvit.kernels import matmul as _matmul
 from fastvit.kernels import matmul_residual as _matmul_residual
 from fastvit.kernels import patch_embed as _patch_embed
+from fastvit.kernels._launch import capability
 from fastvit.kernels._launch import interpreting as triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton")
@@ -204,7 +205,7 @@ def gemm_candidates(op, x) -> tuple:
     """The paths of ``GEMM_IMPLS[op]`` a call with input ``x`` may take: all of them, less the TMA kernel for a
     tensor on a GPU before sm_90 (no TMA there)."""
     names = GEMM_IMPLS[op]
-    return names[:2] if x.is_cuda and torch.cuda.get_device_capability(x.device) < (9, 0) else names
+    return names[:2] if x.is_cuda and capability(x.device) < (9, 0) else names
 
 
 def _forward_only(run, impl):

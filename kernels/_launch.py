@@ -56,6 +56,13 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+@functools.lru_cache(maxsize=None)
+def capability(device: torch.device) -> tuple:
+    """(major, minor) compute capability of a CUDA device, asked once per device (the GEMM paths check it per
+    call)."""
+    return torch.cuda.get_device_capability(device)
+
+
 def row_programs(n_rows: int, device: torch.device) -> int:
     """Programs of a row-wise backward kernel: a few per SM, each folding its rows into one fp32 partial sum of
     the weight/bias gradients, reduced after (fewer partials than rows, and no atomics)."""

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from fastvit.kernels._launch import cdiv, interpreting, launch, sm_count
+from fastvit.kernels._launch import capability, cdiv, interpreting, launch, sm_count
 from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
 
 PROLOGUES = ("none", "layer_norm", "bias_gelu", "gelu")
@@ -196,7 +196,7 @@ def tma_supported(a, weight, out_dtype) -> bool:
     """Whether the persistent TMA kernel can run prologue(a) weight^T into an ``out_dtype`` output: a Hopper or
     newer GPU (or Triton's interpreter, for tests) and 16-byte aligned bases and row strides, as TMA requires."""
     if a.is_cuda:
-        if torch.cuda.get_device_capability(a.device) < (9, 0):
+        if capability(a.device) < (9, 0):
             return False
     elif not interpreting():
         return False

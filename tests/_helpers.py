@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fastvit import autotune
+from fastvit.kernels._launch import capability
 
 # Triton's interpreter casts fp32 to bf16 by truncation (round toward zero; a GPU rounds to nearest even), which
 # doubles the worst-case rounding error of every bf16 store: error bounds against torch (which rounds to nearest)
@@ -107,8 +108,10 @@ def tuner(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # Hopper
     autotune.clear()
+    capability.cache_clear()  # asked once per device: forget what another test's pretend GPU answered
     yield tmp_path
     autotune.clear()
+    capability.cache_clear()
 
 
 def timm_pair(**cfg):

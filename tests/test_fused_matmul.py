@@ -11,6 +11,7 @@ from _helpers import tuner  # noqa: F401  (a fixture)
 
 from fastvit import autotune, ops
 from fastvit.kernels import gelu_matmul, ln_matmul, matmul_residual
+from fastvit.kernels._launch import capability
 
 EPS = 1e-6
 
@@ -183,9 +184,11 @@ def test_the_tma_gemm_is_a_candidate_from_sm_90_on(timed, monkeypatch):
     times.update({"gelu+cublas": 2.0, "gelu_gemm": 1.0, "gelu_gemm_tma": 0.5})
     x, w = torch.randn(2, 5, 64).as_subclass(_PretendCuda), torch.randn(96, 64)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    capability.cache_clear()
     assert ops.gemm_impl("bias_gelu_linear", x, w, (), _recorder(runs)) == "gelu_gemm"
     assert {r[0] for r in runs} == {"gelu+cublas", "gelu_gemm"}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    capability.cache_clear()
     assert ops.gemm_impl("bias_gelu_linear", x, w, (), _recorder(runs)) == "gelu_gemm_tma"
     assert "gelu_gemm_tma" in {r[0] for r in runs}
 
