@@ -37,6 +37,8 @@ from fastvit.kernels._launch import apply, cdiv, eager_op, launch, next_power_of
 from fastvit.kernels._report import TORCH_DTYPES, spec_from_launch
 
 LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)  # the kernels keep scores and the log-sum-exp in log2 units (exp2 is cheaper)
+_LN2 = tl.constexpr(0.6931471805599453)  # back to natural log for the saved log-sum-exp
 MAX_HEAD_DIM = 128
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -163,6 +165,35 @@ def _rel_index(q_tok, q_y, q_x, k_tok, k_y, k_x, grid_h, grid_w, HAS_CLS: tl.con
 
 
 @triton.jit
+def _bias_log2(TABLE, q_tok, q_y, q_x, k_tok, k_y, k_x, grid_h, grid_w, mask, HAS_CLS: tl.constexpr):
+    """(the relative-position bias of each (query, key) pair of a tile in log2 units, its table index)."""
+    idx = _rel_index(q_tok, q_y, q_x, k_tok, k_y, k_x, grid_h, grid_w, HAS_CLS)
+    return tl.load(TABLE + idx, mask=mask, other=0.0).to(tl.float32) * _LOG2E, idx
+
+
+@triton.jit
+def _program_block(seq_len, n_heads, BLOCK: tl.constexpr):
+    """(batch * head, batch, head, token offsets) of this program's block: one program per (block of BLOCK tokens,
+    batch * head), the blocks of one head adjacent so that they share K and V in L2."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(seq_len, BLOCK)
+    bh = pid // n_blocks
+    return bh, (bh // n_heads).to(tl.int64), bh % n_heads, (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _tile(X, b, h, offs, offs_d, stride_b, stride_h, stride_n, stride_d):
+    """Pointers to the (tokens, head dim) tile of X[b, h] at token offsets ``offs``."""
+    return X + b * stride_b + h * stride_h + offs[:, None] * stride_n + offs_d[None, :] * stride_d
+
+
+@triton.jit
+def _dropout_rows(bh, seq_len, offs_m):
+    """Philox counters of each query row's first key: the dropout draw of (bh, i, j) is rand(seed, row_i + j)."""
+    return (bh * seq_len + offs_m).to(tl.int64) * seq_len
+
+
+@triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, TABLE, SEED,
                      stride_qb, stride_qh, stride_qn, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
@@ -172,18 +203,12 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, TABLE, SEED,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, DROPOUT: tl.constexpr,
                      PRECISION: tl.constexpr):
-    # one program per (query block, batch * head); query blocks of one head are adjacent so they share K/V in L2
-    pid = tl.program_id(0)
-    n_m_blocks = tl.cdiv(seq_len, BLOCK_M)
-    bh = pid // n_m_blocks
-    b = (bh // n_heads).to(tl.int64)
-    h = bh % n_heads
-    offs_m = (pid % n_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h, offs_m = _program_block(seq_len, n_heads, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < seq_len
     d_mask = offs_d < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q_mask = m_mask[:, None] & d_mask[None, :]
+    q = tl.load(_tile(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd), mask=q_mask, other=0.0)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     if HAS_BIAS:
@@ -191,7 +216,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, TABLE, SEED,
         q_y, q_x = _grid_pos(offs_m, grid_w, HAS_CLS)
     if DROPOUT:
         seed = tl.load(SEED)
-        rows = (bh * seq_len + offs_m).to(tl.int64) * seq_len
+        rows = _dropout_rows(bh, seq_len, offs_m)
     # scores are kept in log2 units (times log2(e)) so the exponentials are exp2
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -204,10 +229,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, TABLE, SEED,
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
         if HAS_BIAS:
             k_y, k_x = _grid_pos(offs_n, grid_w, HAS_CLS)
-            idx = _rel_index(offs_m[:, None], q_y[:, None], q_x[:, None], offs_n[None, :], k_y[None, :],
-                             k_x[None, :], grid_h, grid_w, HAS_CLS)
-            bias = tl.load(TABLE + idx, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
+            bias, _ = _bias_log2(TABLE, offs_m[:, None], q_y[:, None], q_x[:, None], offs_n[None, :], k_y[None, :],
+                                 k_x[None, :], grid_h, grid_w, m_mask[:, None] & n_mask[None, :], HAS_CLS)
+            s += bias
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -223,9 +247,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, TABLE, SEED,
     acc = acc / l_i[:, None]
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
-    tl.store(LSE + bh * seq_len + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_mask)
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-             acc.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(LSE + bh * seq_len + offs_m, (m_i + tl.log2(l_i)) * _LN2, mask=m_mask)
+    tl.store(_tile(O, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on, stride_od), acc.to(O.dtype.element_ty),
+             mask=q_mask)
 
 
 @triton.jit
@@ -235,18 +259,13 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA,
                                 n_heads, seq_len,
                                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta_i = sum_d dO_id O_id, the row term of dS = P * (dP - delta)."""
-    pid = tl.program_id(0)
-    n_m_blocks = tl.cdiv(seq_len, BLOCK_M)
-    bh = pid // n_m_blocks
-    b = (bh // n_heads).to(tl.int64)
-    h = bh % n_heads
-    offs_m = (pid % n_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h, offs_m = _program_block(seq_len, n_heads, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                 mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(_tile(O, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on, stride_od), mask=mask,
+                other=0.0).to(tl.float32)
+    do = tl.load(_tile(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don, stride_dod), mask=mask,
+                 other=0.0).to(tl.float32)
     tl.store(DELTA + bh * seq_len + offs_m, tl.sum(o * do, axis=1), mask=offs_m < seq_len)
 
 
@@ -267,20 +286,13 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TABLE, SEED,
     Tiles are transposed (keys along rows) so that dV and dK accumulate without transposing P or dS. With
     dropout, Z = keep / (1 - p) multiplies P in dV and dP in dS (the forward used P * Z).
     """
-    pid = tl.program_id(0)
-    n_n_blocks = tl.cdiv(seq_len, BLOCK_N)
-    bh = pid // n_n_blocks
-    b = (bh // n_heads).to(tl.int64)
-    h = bh % n_heads
-    offs_n = (pid % n_n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh, b, h, offs_n = _program_block(seq_len, n_heads, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_mask = offs_n < seq_len
     d_mask = offs_d < HEAD_DIM
     kv_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=kv_mask, other=0.0)
+    k = tl.load(_tile(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd), mask=kv_mask, other=0.0)
+    v = tl.load(_tile(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd), mask=kv_mask, other=0.0)
     Q += b * stride_qb + h * stride_qh
     DO += b * stride_dob + h * stride_doh
     LSE += bh * seq_len
@@ -298,21 +310,19 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TABLE, SEED,
         m_mask = offs_m < seq_len
         qt = tl.load(Q + offs_m[None, :] * stride_qn + offs_d[:, None] * stride_qd,
                      mask=m_mask[None, :] & d_mask[:, None], other=0.0)
-        lse = tl.load(LSE + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+        lse = tl.load(LSE + offs_m, mask=m_mask, other=0.0) * _LOG2E
         st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale
         if HAS_BIAS:
             q_y, q_x = _grid_pos(offs_m, grid_w, HAS_CLS)
-            idx = _rel_index(offs_m[None, :], q_y[None, :], q_x[None, :], offs_n[:, None], k_y[:, None],
-                             k_x[:, None], grid_h, grid_w, HAS_CLS)
-            bias = tl.load(TABLE + idx, mask=n_mask[:, None] & m_mask[None, :], other=0.0)
-            st += bias.to(tl.float32) * 1.4426950408889634
+            bias, _ = _bias_log2(TABLE, offs_m[None, :], q_y[None, :], q_x[None, :], offs_n[:, None], k_y[:, None],
+                                 k_x[:, None], grid_h, grid_w, n_mask[:, None] & m_mask[None, :], HAS_CLS)
+            st += bias
         pt = tl.where(m_mask[None, :], tl.exp2(st - lse[None, :]), 0.0)
         do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
                      mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT:
-            rows = (bh * seq_len + offs_m).to(tl.int64) * seq_len
-            keep = tl.rand(seed, rows[None, :] + offs_n[:, None]) >= dropout_p
+            keep = tl.rand(seed, _dropout_rows(bh, seq_len, offs_m)[None, :] + offs_n[:, None]) >= dropout_p
             dv = tl.dot(tl.where(keep, pt * keep_scale, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
             dpt = tl.where(keep, dpt * keep_scale, 0.0)
         else:
@@ -320,9 +330,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TABLE, SEED,
         delta = tl.load(DELTA + offs_m, mask=m_mask, other=0.0)
         dst = pt * (dpt - delta[None, :])
         dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PRECISION)
-    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+    tl.store(_tile(DK, b, h, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkn, stride_dkd),
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+    tl.store(_tile(DV, b, h, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn, stride_dvd),
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -339,21 +349,15 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TABLE, DTABLE, SEED,
                         DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
     """One block of queries: dQ = scale * dS K over every key block; dS is also the bias gradient, which is
     added into the fp32 (heads, R) table gradient entry by entry."""
-    pid = tl.program_id(0)
-    n_m_blocks = tl.cdiv(seq_len, BLOCK_M)
-    bh = pid // n_m_blocks
-    b = (bh // n_heads).to(tl.int64)
-    h = bh % n_heads
-    offs_m = (pid % n_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h, offs_m = _program_block(seq_len, n_heads, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < seq_len
     d_mask = offs_d < HEAD_DIM
     q_mask = m_mask[:, None] & d_mask[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                 mask=q_mask, other=0.0)
-    lse = tl.load(LSE + bh * seq_len + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+    q = tl.load(_tile(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd), mask=q_mask, other=0.0)
+    do = tl.load(_tile(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don, stride_dod), mask=q_mask,
+                 other=0.0)
+    lse = tl.load(LSE + bh * seq_len + offs_m, mask=m_mask, other=0.0) * _LOG2E
     delta = tl.load(DELTA + bh * seq_len + offs_m, mask=m_mask, other=0.0)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
@@ -364,7 +368,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TABLE, DTABLE, SEED,
     if DROPOUT:
         seed = tl.load(SEED)
         keep_scale = 1.0 / (1.0 - dropout_p)
-        rows = (bh * seq_len + offs_m).to(tl.int64) * seq_len
+        rows = _dropout_rows(bh, seq_len, offs_m)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start_n in range(0, seq_len, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -374,11 +378,10 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TABLE, DTABLE, SEED,
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
         if HAS_BIAS:
             k_y, k_x = _grid_pos(offs_n, grid_w, HAS_CLS)
-            idx = _rel_index(offs_m[:, None], q_y[:, None], q_x[:, None], offs_n[None, :], k_y[None, :],
-                             k_x[None, :], grid_h, grid_w, HAS_CLS)
             tile_mask = m_mask[:, None] & n_mask[None, :]
-            bias = tl.load(TABLE + idx, mask=tile_mask, other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
+            bias, idx = _bias_log2(TABLE, offs_m[:, None], q_y[:, None], q_x[:, None], offs_n[None, :],
+                                   k_y[None, :], k_x[None, :], grid_h, grid_w, tile_mask, HAS_CLS)
+            s += bias
         p = tl.where(n_mask[None, :], tl.exp2(s - lse[:, None]), 0.0)
         vt = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
                      mask=n_mask[None, :] & d_mask[:, None], other=0.0)
@@ -389,7 +392,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TABLE, DTABLE, SEED,
         dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PRECISION)
         if HAS_BIAS:
             tl.atomic_add(DTABLE + idx, ds, mask=tile_mask, sem="relaxed")
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+    tl.store(_tile(DQ, b, h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd),
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
