@@ -2,12 +2,12 @@
 """Training-loader throughput: decoded + augmented images/s of fastvit's data paths, next to the model's training
 images/s, so one can see whether the loader keeps up (goal: at least 1.5x the model, per GPU).
 
-Paths: ImageFolder files decoded by PIL in loader workers; WebDataset shards decoded by PIL in workers; shards
-decoded on the GPU (``--decode gpu``: workers read bytes, one batched nvjpeg call per micro-batch, crop/flip/
-normalise on the GPU; CUDA only) and by NVIDIA DALI (``--decode dali``: one DALI pipeline run per micro-batch
-decodes, crops, resizes, flips and normalises; CUDA and the [dali] extra). Each path runs the trainer's own loader (``FileSource.loader`` over a
-``micro_batch_plan``), so the numbers include reading, decoding, the keyed random-resized-crop, flip, normalisation,
-collation and (GPU) the host-to-device copy.
+Paths: ImageFolder files and WebDataset shards decoded, cropped and flipped in loader workers (uint8, normalised on
+the device); shards decoded on the GPU (``--decode gpu``: workers read bytes, one batched nvjpeg call per
+micro-batch, crop/flip/normalise on the GPU; CUDA only) and by NVIDIA DALI (``--decode dali``: one DALI pipeline
+run per micro-batch decodes, crops, resizes, flips and normalises; CUDA and the [dali] extra). Each path runs the
+trainer's own loader (``FileSource.loader`` over a ``micro_batch_plan``), so the numbers include reading,
+decoding, the keyed random-resized-crop, flip, normalisation, collation and (GPU) the host-to-device copy.
 
     python bench/loader.py                                  # synthetic JPEGs (about ImageNet's size), all paths
     python bench/loader.py --data /data/imagenet --shards /data/imagenet-wds --workers 4,8,16 \\

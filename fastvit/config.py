@@ -105,7 +105,7 @@ class TrainConfig:
     device: str = _opt("auto (cuda:<local rank> if available, else cpu), cpu or cuda", default="auto",
                        choices=("auto", "cpu", "cuda"))
     workers: int = _opt("data-loading worker processes per rank (ImageFolder, shards)", default=4, type=int)
-    decode: str = _opt("where training images are decoded and augmented: cpu (PIL in the loader workers), gpu "
+    decode: str = _opt("where training images are decoded and augmented: cpu (in the loader workers), gpu "
                        "(batched torchvision.io.decode_jpeg on CUDA, crop/flip/normalise there) or dali (NVIDIA DALI "
                        "decodes, crops, resizes, flips and normalises on CUDA; the [dali] extra)", default="cpu",
                        choices=DECODERS)

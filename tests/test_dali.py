@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from fastvit.config import TrainConfig  # noqa: E402
-from fastvit.data import FileSource, ImageFolderSource, augment_batch, decode_pil, micro_batch_plan  # noqa: E402
+from fastvit.data import FileSource, ImageFolderSource, augment_batch, decode_image, micro_batch_plan  # noqa: E402
 from fastvit.data.dali import DaliDecoder  # noqa: E402
 from fastvit.data.keyed import MAX_REPLACEMENTS  # noqa: E402
 from fastvit.data.sources import collate  # noqa: E402
@@ -41,7 +41,7 @@ def test_dali_on_cpu_is_the_cpu_path_up_to_resampling(tmp_path):
         assert xb.shape == xa.shape and xb.dtype == torch.float32
         assert torch.equal(ya, yb) and ba == bb
         diff = (xa - xb).abs()
-        assert diff.max() < 4 * GREY and diff.mean() < 0.2 * GREY
+        assert diff.max() < 4 * GREY and diff.mean() < 0.3 * GREY
         assert (xa - xb.flip(-1)).abs().mean() > 10 * diff.mean()
 
 
@@ -78,11 +78,11 @@ def test_samples_dali_cannot_decode(tmp_path):
     at = {p: paths.index(str(p)) for p in (gif, cut)}
     keyed = source.keyed(7)
     u = keyed[items[at[gif]]][2][None]
-    assert torch.equal(x[at[gif]], augment_batch([decode_pil(gif.read_bytes())], u, 16)[0])
-    assert [name for name, _ in bad] == [str(cut)] and "undecodable by DALI and by PIL" in bad[0][1]
+    assert torch.equal(x[at[gif]], augment_batch([decode_image(gif.read_bytes())], u, 16)[0])
+    assert [name for name, _ in bad] == [str(cut)] and "undecodable by DALI and on the CPU" in bad[0][1]
     dataset = FileSource(source.train_samples, source.train_samples, 16, workers=0)
     dataset.decode = "dali"
-    sub = dataset.keyed(7).fetch(at[cut], 3, at[cut], decode_pil, attempt=MAX_REPLACEMENTS + 1)
+    sub = dataset.keyed(7).fetch(at[cut], 3, at[cut], decode_image, attempt=MAX_REPLACEMENTS + 1)
     assert y[at[cut]] == sub[1] != -1
     u = keyed[items[at[cut]]][2][None]
     assert torch.equal(x[at[cut]], augment_batch([sub[0]], u, 16)[0])

@@ -3,9 +3,9 @@
 Loader workers read the encoded bytes and the image size from its header; the crop boxes and flips come from the
 same keyed uniforms as on the other paths (``fastvit.data.augment.crop_boxes``), and one DALI pipeline run per
 micro-batch decodes only the box of each image (``decoders.image_slice``: nvJPEG through DALI's mixed decoder, with
-the GPU's hardware JPEG engine where it has one; PNG, WebP and the rest too), resizes it (linear, antialiased, in
-float), flips and normalises it. What DALI cannot decode goes the way of ``--decode gpu`` (PIL, else a keyed
-substitute; then ``augment_batch`` on the GPU).
+the GPU's hardware JPEG engine where it has one; PNG, WebP and the rest too), resizes it (linear, antialiased,
+rounded to uint8 as the other paths do), flips and normalises it. What DALI cannot decode goes the way of
+``--decode gpu`` (PIL, else a keyed substitute; then ``augment_batch`` on the GPU).
 
 Every output row depends on its sample alone: DALI's operators work per sample, EXIF orientation is ignored (as PIL
 and torchvision do here, so the header's size is the decoded size) and every image the hardware decoder accepts
@@ -44,8 +44,7 @@ def build_pipeline(batch_size: int, size: int, device: torch.device, threads: in
         images = fn.decoders.image_slice(encoded, anchor, shape, output_type=types.RGB, axis_names="WH",
                                          normalized_anchor=False, normalized_shape=False, adjust_orientation=False,
                                          **where)
-        images = fn.resize(images, size=[size, size], antialias=True, interp_type=types.INTERP_LINEAR,
-                           dtype=types.FLOAT)
+        images = fn.resize(images, size=[size, size], antialias=True, interp_type=types.INTERP_LINEAR)
         images = fn.crop_mirror_normalize(images, mirror=mirror, mean=[255 * m for m in IMAGENET_MEAN],
                                           std=[255 * s for s in IMAGENET_STD], output_layout="CHW",
                                           dtype=types.FLOAT)

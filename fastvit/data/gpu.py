@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fastvit.data.augment import augment_batch, decode_pil
+from fastvit.data.augment import augment_batch, decode_image, decode_jpeg
 from fastvit.data.keyed import MAX_REPLACEMENTS
 
 JPEG_MAGIC = (0xFF, 0xD8)
@@ -30,14 +30,13 @@ class GpuDecoder:
 
     def _gpu_decode(self, encoded: list) -> list:
         """Decoded (3, H, W) uint8 CUDA tensors, None where the GPU decoder failed."""
-        from torchvision.io import ImageReadMode, decode_jpeg
         try:
-            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+            return decode_jpeg(encoded, self.device)
         except RuntimeError:  # one bad image fails the batched call: find it one by one
             out = []
             for data in encoded:
                 try:
-                    out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                    out.append(decode_jpeg(data, self.device))
                 except RuntimeError:
                     out.append(None)
             return out
@@ -58,12 +57,12 @@ class GpuDecoder:
 
     def decode_elsewhere(self, data: torch.Tensor, key):
         """(image on the device, label of a substitute or None, bad) for a sample this decoder left undecoded:
-        PIL, else a keyed substitute as on the CPU path."""
+        ``decode_image`` on the CPU, else a keyed substitute as on the CPU path."""
         try:
-            image, label, bad = decode_pil(data.numpy().tobytes()), None, []
+            image, label, bad = decode_image(data.numpy().tobytes()), None, []
         except Exception:  # noqa: BLE001  not decodable by either: a keyed substitute, as on the CPU path
-            bad = [(self.dataset.samples.name(key.index), f"undecodable {self.decoder} and by PIL")]
-            image, label, more, _ = self.dataset.fetch(key.index, key.step, key.pos, decode_pil,
+            bad = [(self.dataset.samples.name(key.index), f"undecodable {self.decoder} and on the CPU")]
+            image, label, more, _ = self.dataset.fetch(key.index, key.step, key.pos, decode_image,
                                                        attempt=MAX_REPLACEMENTS + 1)
             bad += more
         return image.to(self.device, non_blocking=True), label, bad

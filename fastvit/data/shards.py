@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastvit.data.augment import decode_pil
+from fastvit.data.augment import decode_image
 from fastvit.data.keyed import mix_seed
 from fastvit.data.sources import FileSource, FolderSamples, Samples, progress
 
@@ -351,14 +351,15 @@ def _decode_check(item):
         f.seek(offset)
         data = f.read(size)
     try:
-        decode_pil(data)
+        decode_image(data)
         return None
     except Exception as e:  # noqa: BLE001
         return f"{type(e).__name__}: {e}"
 
 
 def verify(folder: str, workers: int = 0) -> list:
-    """Decode every sample of the shards in ``folder`` (PIL); returns [(shard:key, error)] of those that fail."""
+    """Decode every sample of the shards in ``folder`` as training does (``decode_image``); returns [(shard:key,
+    error)] of those that fail."""
     paths = expand(folder)
     items, names = [], []
     for path in paths:

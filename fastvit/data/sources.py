@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastvit.data.augment import UNIFORMS, augment_batch, decode_pil, eval_transform
+from fastvit.data.augment import UNIFORMS, crop_flip, decode_image, eval_transform, normalise
 from fastvit.data.gpu import GpuDecoder
 from fastvit.data.keyed import MAX_REPLACEMENTS, GlobalSampler, keyed_uniform, replacement_index
 
@@ -163,10 +163,10 @@ class SampleKey(NamedTuple):
 
 
 class KeyedImages(torch.utils.data.Dataset):
-    """Training samples addressed by (index, step, position): read, decoded (``decode='cpu'``: PIL + augmentation in
-    the worker; ``'gpu'`` / ``'dali'``: the encoded bytes, decoded later on the GPU), and replaced by a keyed
-    substitute when unreadable. An item is (image, label, uniforms, bad, ``SampleKey``), bad a list of (sample
-    name, reason)."""
+    """Training samples addressed by (index, step, position): read, decoded (``decode='cpu'``: decoded, cropped and
+    flipped in the worker, a uint8 image; ``'gpu'`` / ``'dali'``: the encoded bytes, decoded later on the GPU), and
+    replaced by a keyed substitute when unreadable. An item is (image, label, uniforms, bad, ``SampleKey``), bad a
+    list of (sample name, reason)."""
 
     def __init__(self, samples: Samples, img_size: int, seed: int, decode: str = "cpu"):
         self.samples, self.img_size, self.seed, self.decode = samples, img_size, seed, decode
@@ -195,9 +195,9 @@ class KeyedImages(torch.utils.data.Dataset):
             (data, height, width), label, bad, index = self.fetch(index, step, pos, _check_header)
             key = SampleKey(index, step, pos, height, width)
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, u[0], bad, key
-        image, label, bad, index = self.fetch(index, step, pos, decode_pil)
+        image, label, bad, index = self.fetch(index, step, pos, decode_image)
         key = SampleKey(index, step, pos, image.shape[1], image.shape[2])
-        return augment_batch([image], u, self.img_size)[0], label, u[0], bad, key
+        return crop_flip([image], u, self.img_size)[0], label, u[0], bad, key
 
 
 def collate(items):
@@ -221,7 +221,7 @@ class EvalImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         try:
-            image = decode_pil(self.samples.read(index))
+            image = decode_image(self.samples.read(index))
         except Exception as e:  # noqa: BLE001
             warnings.warn(f"unreadable sample {self.samples.name(index)} ({type(e).__name__}: {e}); left out of "
                           f"evaluation", BadSampleWarning)
@@ -268,8 +268,8 @@ class FileSource(DataSource):
         dataset = self.keyed(seed)
         batches = torch.utils.data.DataLoader(dataset, batch_sampler=plan, num_workers=self.workers,
                                               collate_fn=collate, pin_memory=torch.cuda.is_available())
-        if self.decode == "cpu":
-            return ((x, y, bad) for x, y, _, bad, _ in batches)
+        if self.decode == "cpu":  # uint8 crops from the workers, normalised on the training device
+            return ((normalise(x.to(self.device, non_blocking=True)), y, bad) for x, y, _, bad, _ in batches)
         if self.decode == "dali":
             from fastvit.data.dali import DaliDecoder  # an optional extra, imported only when chosen
             return DaliDecoder(dataset, self.device).batches(batches)
