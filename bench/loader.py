@@ -155,7 +155,7 @@ def main(argv=None):
         for path in paths:
             for w in workers:
                 if path == "folder":
-                    source = ImageFolderSource(data, args.img_size, w)
+                    source = ImageFolderSource(data, args.img_size, w, "cpu", device)
                 else:
                     source = ShardSource(shards, None, args.img_size, w, PATHS[path], device)
                 ips = measure(source, args.batch, args.steps, args.warmup)
