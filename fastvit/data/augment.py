@@ -66,25 +66,26 @@ def decode_jpeg(data, device="cpu"):
 
 def crop_boxes(u, heights, widths):
     """(B, UNIFORMS) uniforms and image sizes -> (B, 4) int64 boxes (top, left, height, width) and (B,) bool flips:
-    torchvision's RandomResizedCrop.get_params, driven by the given uniforms instead of torch's RNG."""
+    torchvision's RandomResizedCrop.get_params, driven by the given uniforms instead of torch's RNG. The ten tries
+    are computed at once (a loader worker calls this per sample, where numpy's per-call cost is what counts)."""
     u = np.asarray(u, dtype=np.float64)
-    H, W = np.asarray(heights, dtype=np.int64), np.asarray(widths, dtype=np.int64)
-    boxes = np.zeros((len(u), 4), dtype=np.int64)
-    found = np.zeros(len(u), dtype=bool)
+    H, W = np.asarray(heights, dtype=np.int64)[:, None], np.asarray(widths, dtype=np.int64)[:, None]
     log_lo, log_hi = math.log(RATIO[0]), math.log(RATIO[1])
-    for k in range(ATTEMPTS):
-        area = H * W * (SCALE[0] + u[:, 2 * k] * (SCALE[1] - SCALE[0]))
-        aspect = np.exp(log_lo + u[:, 2 * k + 1] * (log_hi - log_lo))
-        w = np.round(np.sqrt(area * aspect)).astype(np.int64)
-        h = np.round(np.sqrt(area / aspect)).astype(np.int64)
-        ok = ~found & (w > 0) & (w <= W) & (h > 0) & (h <= H)
-        boxes[ok, 2], boxes[ok, 3] = h[ok], w[ok]
-        found |= ok
+    area = H * W * (SCALE[0] + u[:, 0:2 * ATTEMPTS:2] * (SCALE[1] - SCALE[0]))  # (B, ATTEMPTS)
+    aspect = np.exp(log_lo + u[:, 1:2 * ATTEMPTS:2] * (log_hi - log_lo))
+    w = np.round(np.sqrt(area * aspect)).astype(np.int64)
+    h = np.round(np.sqrt(area / aspect)).astype(np.int64)
+    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first, found = ok.argmax(1), ok.any(1)  # the first try that fits
+    rows = np.arange(len(u))
+    H, W = H[:, 0], W[:, 0]
     # fallback: the largest centre crop whose ratio is within RATIO
     ratio = W / H
-    h = np.where(ratio < RATIO[0], np.round(W / RATIO[0]), H).astype(np.int64)
-    w = np.where(ratio > RATIO[1], np.round(H * RATIO[1]), W).astype(np.int64)
-    boxes[~found, 2], boxes[~found, 3] = h[~found], w[~found]
+    fall_h = np.where(ratio < RATIO[0], np.round(W / RATIO[0]), H).astype(np.int64)
+    fall_w = np.where(ratio > RATIO[1], np.round(H * RATIO[1]), W).astype(np.int64)
+    boxes = np.empty((len(u), 4), dtype=np.int64)
+    boxes[:, 2] = np.where(found, h[rows, first], fall_h)
+    boxes[:, 3] = np.where(found, w[rows, first], fall_w)
     top = np.floor(u[:, 2 * ATTEMPTS] * (H - boxes[:, 2] + 1)).astype(np.int64)
     left = np.floor(u[:, 2 * ATTEMPTS + 1] * (W - boxes[:, 3] + 1)).astype(np.int64)
     boxes[:, 0] = np.where(found, top, (H - boxes[:, 2]) // 2)
