@@ -129,9 +129,8 @@ def crop_flip(images, u, size: int) -> torch.Tensor:
     a (B, 3, size, size) uint8 batch: random resized crop, flip. The CPU loader's workers stop here, so that a
     quarter of the bytes float32 would take crosses to the trainer (and to the GPU), where ``normalise`` runs."""
     boxes, flips = crop_boxes(u, [im.shape[1] for im in images], [im.shape[2] for im in images])
-    crops = torch.stack([_resize(im[:, t:t + h, l:l + w], (size, size)) for im, (t, l, h, w) in zip(images, boxes)])
-    flips = torch.from_numpy(flips).to(crops.device)
-    return torch.where(flips.view(-1, 1, 1, 1), crops.flip(-1), crops)
+    crops = [_resize(im[:, t:t + h, l:l + w], (size, size)) for im, (t, l, h, w) in zip(images, boxes)]
+    return torch.stack([crop.flip(-1) if flip else crop for crop, flip in zip(crops, flips)])
 
 
 def augment_batch(images, u, size: int) -> torch.Tensor:
