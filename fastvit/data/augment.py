@@ -29,6 +29,7 @@ RATIO = (3 / 4, 4 / 3)
 ATTEMPTS = 10
 UNIFORMS = 2 * ATTEMPTS + 4  # (area, log-ratio) per attempt, then top, left, flip, one spare
 EVAL_CROP = 0.875
+JPEG_MAGIC = b"\xff\xd8"  # the first bytes of every JPEG file
 
 
 def decode_pil(data: bytes) -> torch.Tensor:
@@ -45,7 +46,7 @@ def decode_image(data: bytes) -> torch.Tensor:
     torchvision's libjpeg-turbo decoder (about twice as fast as through PIL: 0.44 against 0.84 ms for an ImageNet
     image; grey and CMYK converted to RGB as PIL does, the same pixels in the tests), any other image, and a JPEG it
     rejects, by :func:`decode_pil` (whose error names what is wrong with a broken file)."""
-    if data[:2] == b"\xff\xd8":
+    if data[:2] == JPEG_MAGIC:
         try:
             return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         except RuntimeError:
@@ -109,6 +110,7 @@ def _resize_float(image: torch.Tensor, size) -> torch.Tensor:
 
 
 def _resize(image: torch.Tensor, size) -> torch.Tensor:
+    """The uint8 resize of the image's device."""
     return (_resize_uint8 if image.device.type == "cpu" else _resize_float)(image, size)
 
 

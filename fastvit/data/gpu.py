@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from fastvit.data.augment import augment_batch, decode_image, decode_jpeg
+from fastvit.data.augment import JPEG_MAGIC, augment_batch, decode_image, decode_jpeg
 from fastvit.data.keyed import MAX_REPLACEMENTS
-
-JPEG_MAGIC = (0xFF, 0xD8)
 
 
 def is_jpeg(data: torch.Tensor) -> bool:
-    return len(data) > 2 and (int(data[0]), int(data[1])) == JPEG_MAGIC
+    return len(data) > 2 and bytes(data[:2].tolist()) == JPEG_MAGIC
 
 
 class GpuDecoder:
