@@ -287,10 +287,16 @@ class Mlp(nn.Module):
         """
         if not self.fused_activation:
             return self.drop2(self.fc2(self.drop1(self.act(h))))
-        if ((self.training and self.drop1.p > 0) or not runs_unmodified(self.drop1, nn.Dropout)
-                or not runs_unmodified(self.fc2, nn.Linear)):
+        if not self.gelu_fuses_into_fc2:
             return self.drop2(self.fc2(self.drop1(ops.bias_gelu(h, None, backend=self.backend))))
         return self.drop2(ops.bias_gelu_linear(h, None, self.fc2.weight, self.fc2.bias, backend=self.backend))
+
+    @property
+    def gelu_fuses_into_fc2(self) -> bool:
+        """Whether the GELU may run inside fc2's op: a fused activation, and nothing between them that must see it
+        (active dropout, an edited drop1 or fc2)."""
+        return (self.fused_activation and not (self.training and self.drop1.p > 0)
+                and runs_unmodified(self.drop1, nn.Dropout) and runs_unmodified(self.fc2, nn.Linear))
 
 
 class LayerScale(nn.Module):
@@ -360,10 +366,16 @@ class Block(nn.Module):
         h = self.drop_path1(self.ls1(h))
         if (fusable_layer_norm(self.norm2) and runs_unmodified(self.mlp, Mlp)
                 and runs_unmodified(self.mlp.fc1, nn.Linear)):
-            hidden, residual = ops.add_layer_norm_linear(h, residual, self.norm2.weight, self.norm2.bias,
-                                                         self.mlp.fc1.weight, self.mlp.fc1.bias, self.norm2.eps,
-                                                         backend=self.backend)
-            h = self.mlp.activate(hidden)
+            if self.mlp.gelu_fuses_into_fc2:
+                mlp, norm = self.mlp, self.norm2
+                h, residual = ops.layer_norm_mlp(h, residual, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias,
+                                                 mlp.fc2.weight, mlp.fc2.bias, norm.eps, backend=self.backend)
+                h = mlp.drop2(h)
+            else:
+                hidden, residual = ops.add_layer_norm_linear(h, residual, self.norm2.weight, self.norm2.bias,
+                                                             self.mlp.fc1.weight, self.mlp.fc1.bias, self.norm2.eps,
+                                                             backend=self.backend)
+                h = self.mlp.activate(hidden)
         else:
             residual = residual + h
             h = self.mlp(self.norm2(residual))

@@ -2,8 +2,9 @@
 
 The model calls only these functions for patch embedding, residual add + LayerNorm, bias + GELU and attention
 (plus two composites, LayerNorm + Linear and GELU + Linear, that recompute the LayerNorm / GELU output in backward
-instead of saving it, and on a GPU may run them inside our GEMMs; ``linear_residual`` adds a Linear's residual in
-its GEMM). Each takes ``backend``:
+instead of saving it, and on a GPU may run them inside our GEMMs; ``layer_norm_mlp``, a block's whole MLP branch,
+which in CPU inference runs the GELU in fc1's GEMM; ``linear_residual`` adds a Linear's residual in its GEMM).
+Each takes ``backend``:
 
 - ``"torch"``: the op's torch fallback (plain PyTorch math);
 - ``"triton"``: our Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
@@ -18,7 +19,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from fastvit import autotune
+from fastvit import autotune, onednn
 from fastvit.kernels import bias_gelu as _bias_gelu
 from fastvit.kernels import flash_attention as _flash_attention
 from fastvit.kernels import gelu_matmul as _gelu_matmul
@@ -27,7 +28,7 @@ from fastvit.kernels import ln_matmul as _ln_matmul
 from fastvit.kernels import matmul as _matmul
 from fastvit.kernels import matmul_residual as _matmul_residual
 from fastvit.kernels import patch_embed as _patch_embed
-from fastvit.kernels._launch import capability
+from fastvit.kernels._launch import capability, inference_call
 from fastvit.kernels._launch import interpreting as triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton")
@@ -143,6 +144,23 @@ def _run_gelu_linear(args, impl):
     if impl == "gelu+cublas":
         return _bias_gelu.bias_gelu_linear(*args)
     return _gelu_matmul.gelu_matmul(*args, tma=impl == "gelu_gemm_tma")
+
+
+def layer_norm_mlp(x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=1e-6,
+                   residual_in_fp32=False, backend="auto"):
+    """(MLP(LayerNorm(x + residual)), x + residual) with MLP(y) = GELU(y W_1^T + b_1) W_2^T + b_2: a block's MLP
+    branch as one op (TransformerEngine's LayerNormMLP).
+
+    Where autograd records the call, on a GPU and under tracing it is ``add_layer_norm_linear`` then
+    ``bias_gelu_linear`` (only the pre-activation is kept for backward). In plain CPU inference with the torch
+    fallback nothing is kept, so the GELU runs in fc1's GEMM epilogue instead (``fastvit.onednn``)."""
+    args = (x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    if x.device.type != "cpu" or use_triton(backend, x) or not inference_call(args):
+        hidden, residual = add_layer_norm_linear(x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, eps,
+                                                 residual_in_fp32, backend)
+        return bias_gelu_linear(hidden, None, fc2_weight, fc2_bias, backend), residual
+    y, residual = add_layer_norm(x, residual, norm_weight, norm_bias, eps, residual_in_fp32, backend)
+    return F.linear(onednn.linear_gelu(y, fc1_weight, fc1_bias), fc2_weight, fc2_bias), residual
 
 
 def linear_residual(x, weight, bias, residual, backend="auto"):
@@ -341,5 +359,5 @@ def _attention_runner(q, rel_bias, grid, dropout_p, training, impl):
 # torch.fx traces the model with these as leaf calls: a traced module runs the same kernels, and their Python
 # checks and dispatch see real tensors, never proxies.
 for _name in ("patch_embed", "add_class_and_position", "add_layer_norm", "bias_gelu", "add_layer_norm_linear",
-              "bias_gelu_linear", "linear_residual", "attention"):
+              "bias_gelu_linear", "layer_norm_mlp", "linear_residual", "attention"):
     torch.fx.wrap(_name)

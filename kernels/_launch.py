@@ -153,18 +153,22 @@ def _remember(kernel, key, compiled, n_positional, kwargs):
 _PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, int, float, bool, type(None), torch.dtype))
 
 
-def _plain_eager(args):
-    """Whether a call with ``args`` (the first one a tensor) may skip the dispatcher: not traced by dynamo
-    (checked first, so that dynamo folds it and never sees the rest), no dispatch mode (fake tensors,
-    functionalisation, make_fx, FLOP counters), the profiler off (it records the op by name), plain tensors only,
-    and not on the meta device."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
-            torch._C._autograd._profiler_enabled():
+def _untraced(args):
+    """Whether a call with ``args`` (the first one a tensor) runs on real tensors outside any trace: not traced by
+    dynamo (checked first, so that dynamo folds it and never sees the rest), no dispatch mode (fake tensors,
+    functionalisation, make_fx, FLOP counters), plain tensors only, and not on the meta device."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
     for a in args:
         if type(a) not in _PLAIN_TYPES:
             return False
     return not args[0].is_meta
+
+
+def _plain_eager(args):
+    """Whether a call with ``args`` may skip the dispatcher: :func:`_untraced`, and the profiler off (it records
+    the op by name)."""
+    return _untraced(args) and not torch._C._autograd._profiler_enabled()
 
 
 class _Unrecorded:
@@ -177,15 +181,26 @@ class _Unrecorded:
         pass
 
 
-def apply(function, *args):
-    """``function.apply(*args)`` for one of the ops' autograd Functions, or where autograd has nothing to record
-    (grad mode off or no tensor argument requiring grad: inference), in plain eager mode, its forward alone on a
-    context that keeps nothing: the same outputs, without ``Function.apply``'s ~3 us of graph bookkeeping."""
+def records_autograd(args) -> bool:
+    """Whether autograd would record a call with ``args``: grad mode on and a tensor argument requiring grad."""
     if torch.is_grad_enabled():
         for a in args:
             if type(a) in _KEY_TENSORS and a.requires_grad:
-                return function.apply(*args)
-    if not _plain_eager(args):
+                return True
+    return False
+
+
+def inference_call(args) -> bool:
+    """Whether a call with ``args`` (the first one a tensor) is eager inference on real tensors: nothing for
+    autograd to record, and no trace (:func:`_untraced`)."""
+    return not records_autograd(args) and _untraced(args)
+
+
+def apply(function, *args):
+    """``function.apply(*args)`` for one of the ops' autograd Functions, or where autograd has nothing to record,
+    in plain eager mode (:func:`_plain_eager`), its forward alone on a context that keeps nothing: the same outputs,
+    without ``Function.apply``'s ~3 us of graph bookkeeping."""
+    if records_autograd(args) or not _plain_eager(args):
         return function.apply(*args)
     return function.forward(_Unrecorded(), *args)
 

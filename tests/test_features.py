@@ -128,7 +128,7 @@ def test_symbolic_trace_equals_eager_exactly_and_keeps_fused_ops():
     traced = torch.fx.symbolic_trace(model)
     assert torch.equal(traced(x), model(x))
     targets = {getattr(n.target, "__name__", str(n.target)) for n in traced.graph.nodes if n.op == "call_function"}
-    assert {"patch_embed", "add_layer_norm_linear", "attention", "bias_gelu_linear"} <= targets
+    assert {"patch_embed", "add_layer_norm_linear", "attention", "layer_norm_mlp"} <= targets
 
 
 def test_create_feature_extractor_returns_timms_nodes():
