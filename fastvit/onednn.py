@@ -17,6 +17,22 @@ import torch.nn.functional as F
 from fastvit.kernels.matmul import compute_dtype
 
 
+# When the fused GEMM pays (measured on this project's CPU, whole model and GEMM alone, README): in fp32 from about
+# a million multiply-adds (below that a oneDNN call, ~50 us here, costs more than MKL's GEMM and the GELU pass:
+# 0.8x at 17 x 64 x 256, 1.1x at 68 x 64 x 256, 1.75x at 1 x 768 x 3072); in bf16 from rows >= 4x the input width
+# (each call converts the weight freshly cast by autocast into oneDNN's layout, a cost of the weight's size: a B/16
+# forward at batch 1 took 1.11x as long fused, at batch 16 0.95x; tiny and mini at batch 512 gain)
+FP32_MIN_MACS = 1 << 20
+LOW_PRECISION_MIN_ROWS_PER_INPUT = 4
+
+
+def worth_fusing(dtype: torch.dtype, rows: int, in_features: int, out_features: int) -> bool:
+    """Whether a (rows, in) x (in, out) product in ``dtype`` is faster fused than F.linear + F.gelu (see above)."""
+    if dtype == torch.float32:
+        return rows * in_features * out_features >= FP32_MIN_MACS
+    return rows >= LOW_PRECISION_MIN_ROWS_PER_INPUT * in_features
+
+
 @functools.lru_cache(maxsize=None)
 def supports(dtype: torch.dtype) -> bool:
     """Whether this PyTorch build and CPU run the fused GEMM in ``dtype`` and it gives F.linear + GELU's result
@@ -38,10 +54,11 @@ def supports(dtype: torch.dtype) -> bool:
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """GELU(x W^T + b) (exact erf GELU) over the last dim of a CPU tensor ``x``, in the dtype F.linear would compute
-    in (the autocast dtype under autocast), by one oneDNN GEMM where :func:`supports` that dtype, else by F.linear
-    and F.gelu. Inference only: the op has no backward."""
+    in (the autocast dtype under autocast), by one oneDNN GEMM where :func:`supports` that dtype and it is
+    :func:`worth_fusing`, else by F.linear and F.gelu. Inference only: the op has no backward."""
     dtype = compute_dtype(x)
-    if not supports(dtype):
+    k = x.shape[-1]
+    if not (worth_fusing(dtype, x.numel() // max(k, 1), k, weight.shape[0]) and supports(dtype)):
         return F.gelu(F.linear(x, weight, bias))
     rows = x.reshape(-1, x.shape[-1]).to(dtype)
     out = torch.ops.mkldnn._linear_pointwise(rows, weight.to(dtype).contiguous(),
