@@ -156,8 +156,9 @@ _PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, int, float, bool, ty
 def _untraced(args):
     """Whether a call with ``args`` (the first one a tensor) runs on real tensors outside any trace: not traced by
     dynamo (checked first, so that dynamo folds it and never sees the rest), no dispatch mode (fake tensors,
-    functionalisation, make_fx, FLOP counters), plain tensors only, and not on the meta device."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+    functionalisation, make_fx, FLOP counters), no TorchScript trace, plain tensors only, and not on the meta
+    device."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch.jit.is_tracing():
         return False
     for a in args:
         if type(a) not in _PLAIN_TYPES:

@@ -144,3 +144,13 @@ def test_model_inference_matches_timm(cfg):
     assert fused == 2
     ours, theirs = ((o.double() - want).abs().max().item() for o in (low, timms))
     assert ours <= 2 * theirs, (ours, theirs)
+
+
+def test_torchscript_trace_keeps_plain_aten_ops():
+    """A TorchScript trace (legacy ONNX export traces this way) records the unfused MLP: ONNX has no oneDNN op."""
+    model, _ = timm_pair(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4, num_classes=10)
+    x = torch.randn(32, 3, 32, 32)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x, check_trace=False)
+        assert "_linear_pointwise" not in str(traced.graph)
+        torch.testing.assert_close(traced(x), model(x), atol=1e-5, rtol=1e-5)
