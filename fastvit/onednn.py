@@ -60,7 +60,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     k = x.shape[-1]
     if not (worth_fusing(dtype, x.numel() // max(k, 1), k, weight.shape[0]) and supports(dtype)):
         return F.gelu(F.linear(x, weight, bias))
-    rows = x.reshape(-1, x.shape[-1]).to(dtype)
+    rows = x.reshape(-1, k).to(dtype)
     out = torch.ops.mkldnn._linear_pointwise(rows, weight.to(dtype).contiguous(),
                                              None if bias is None else bias.to(dtype), "gelu", [], "none")
     return out.view(*x.shape[:-1], weight.shape[0])
