@@ -22,6 +22,7 @@ that a graph can hold, so there the ops stay opaque custom ops.
 import collections.abc
 import functools
 import os
+import threading
 import types
 
 import torch
@@ -61,6 +62,12 @@ def capability(device: torch.device) -> tuple:
     """(major, minor) compute capability of a CUDA device, asked once per device (the GEMM paths check it per
     call)."""
     return torch.cuda.get_device_capability(device)
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without the call where ``t`` already has that dtype (``Tensor.to`` costs about 1 us on the
+    host even then, and the ops' host path calls it many times)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def row_programs(n_rows: int, device: torch.device) -> int:
@@ -197,13 +204,28 @@ def inference_call(args) -> bool:
     return not records_autograd(args) and _untraced(args)
 
 
+class _Local(threading.local):
+    plain = False  # inside :func:`apply`'s call of a forward in plain eager mode: its EagerOps need no check
+
+
+_LOCAL = _Local()
+
+
 def apply(function, *args):
     """``function.apply(*args)`` for one of the ops' autograd Functions, or where autograd has nothing to record,
     in plain eager mode (:func:`_plain_eager`), its forward alone on a context that keeps nothing: the same outputs,
-    without ``Function.apply``'s ~3 us of graph bookkeeping."""
-    if records_autograd(args) or not _plain_eager(args):
+    without ``Function.apply``'s ~3 us of graph bookkeeping. In plain eager mode the forward's own custom ops run
+    their bodies without checking again (the forward's tensors come from ``args``, in the same mode)."""
+    if not _plain_eager(args):
         return function.apply(*args)
-    return function.forward(_Unrecorded(), *args)
+    local = _LOCAL
+    outer, local.plain = local.plain, True
+    try:
+        if records_autograd(args):
+            return function.apply(*args)
+        return function.forward(_Unrecorded(), *args)
+    finally:
+        local.plain = outer
 
 
 def kernels_called(fn, depth=4):
@@ -269,7 +291,7 @@ class EagerOp:
         self.register_fake = self.op.register_fake
 
     def __call__(self, *args):
-        if _plain_eager(args):
+        if _LOCAL.plain or _plain_eager(args):
             return self.fn(*args)
         return self.overload(*args)
 

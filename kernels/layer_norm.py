@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import apply, cdiv, eager_op, launch, next_power_of_2, row_programs
+from fastvit.kernels._launch import apply, cast, cdiv, eager_op, launch, next_power_of_2, row_programs
 from fastvit.kernels._report import AOT_IMAGES, AOT_PROGRAMS, spec_from_launch
 
 MAX_FEATURES = 16384
@@ -116,7 +116,9 @@ def _add_ln_bwd_kernel(DY, DRES_OUT, RES, W, MEAN, RSTD, DX, DRES_IN, DW_PART, D
 
 
 def _rows(t):
-    """A 2D (rows, D) tensor whose last dim has unit stride (a copy only when it has not)."""
+    """``t`` as a 2D (rows, D) tensor whose last dim has unit stride (a copy only when it cannot be one)."""
+    if t.dim() != 2:
+        t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -124,18 +126,18 @@ def _rows(t):
 def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
                        bias: torch.Tensor, eps: float, residual_in_fp32: bool,
                        use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """On (rows, D): (y, new_residual, mean, rstd); new_residual is empty when it would equal x itself."""
+    """On (rows, D): (y, new_residual, mean, rstd); new_residual is empty when it would equal x itself; the
+    statistics are (rows, 1), as torch's LayerNorm gives them."""
     if not use_triton:
         res_dtype = _residual_dtype(x, residual, residual_in_fp32)
         store = residual is not None or res_dtype != x.dtype
-        n_rows, n_cols = x.shape
         # the kernel's math by torch's own ops: the sum in fp32 (torch adds 16-bit values in fp32 too), rounded once
         # to the residual's dtype, then normalised with fp32 statistics and rounded once to x's dtype (an fp32
         # model gets nn.LayerNorm's bits, as a traced or edited one does)
-        res = (x if residual is None else torch.add(x, residual)).to(res_dtype)
+        res = cast(x if residual is None else torch.add(x, residual), res_dtype)
         # fp32 parameters: fp32 statistics for any input (torch's mixed-dtype LayerNorm for a 16-bit one)
-        y, mean, rstd = torch.native_layer_norm(res, (n_cols,), weight.float(), bias.float(), eps)
-        return y.to(x.dtype), (res if store else x.new_empty(0)), mean.view(n_rows), rstd.view(n_rows)
+        y, mean, rstd = torch.native_layer_norm(res, (x.shape[1],), weight.float(), bias.float(), eps)
+        return cast(y, x.dtype), (res if store else x.new_empty(0)), mean, rstd
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     return (y, *launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y))
 
@@ -151,7 +153,7 @@ def launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y=No
     x = _rows(x)
     residual = None if residual is None else _rows(residual)
     res = torch.empty((n_rows, n_cols) if store else (0,), dtype=res_dtype, device=x.device)
-    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    mean = torch.empty((n_rows, 1), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     if n_rows:
         r_arg = x if residual is None else residual
@@ -170,7 +172,7 @@ def _(x, residual, weight, bias, eps, residual_in_fp32, use_triton):
     store = residual is not None or res_dtype != x.dtype
     n_rows = x.shape[0]
     res = x.new_empty(x.shape if store else (0,), dtype=res_dtype)
-    stat = x.new_empty((n_rows,), dtype=torch.float32)
+    stat = x.new_empty((n_rows, 1), dtype=torch.float32)
     return torch.empty_like(x, memory_format=torch.contiguous_format), res, stat, torch.empty_like(stat)
 
 
@@ -185,11 +187,11 @@ def add_layer_norm_bwd(dy: torch.Tensor, dres_out: Optional[torch.Tensor], res: 
         # the kernel's math by torch's own LayerNorm backward (fp32 inside), in the residual's dtype
         w = weight.float()
         d, dw, db = torch.ops.aten.native_layer_norm_backward(
-            dy.to(res.dtype), res, [n_cols], mean.view(n_rows, 1), rstd.view(n_rows, 1), w, w, [True, True, True])
+            cast(dy, res.dtype), res, [n_cols], mean, rstd, w, w, [True, True, True])
         if dres_out is not None:
             d = d + dres_out
         dres_in = d.to(res.dtype, copy=True) if separate_residual_grad else dy.new_empty(0, dtype=res.dtype)
-        return d.to(dy.dtype), dres_in, dw.to(weight.dtype), db.to(weight.dtype)
+        return cast(d, dy.dtype), dres_in, cast(dw, weight.dtype), cast(db, weight.dtype)
     block, num_warps, num_stages = _config(n_cols)
     dy = _rows(dy)
     dres_out = None if dres_out is None else _rows(dres_out)
@@ -208,7 +210,7 @@ def add_layer_norm_bwd(dy: torch.Tensor, dres_out: Optional[torch.Tensor], res: 
         dres_in.stride(0) if separate_residual_grad else 0, n_rows, n_cols, cdiv(n_rows, programs),
         HAS_DRES=dres_out is not None, STORE_DRES_IN=separate_residual_grad, BLOCK=block, num_warps=num_warps,
         num_stages=num_stages)
-    return dx, dres_in, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
+    return dx, dres_in, cast(dw_part.sum(0), weight.dtype), cast(db_part.sum(0), weight.dtype)
 
 
 @add_layer_norm_bwd.register_fake
@@ -249,10 +251,10 @@ def _ln_backward(ctx, dy, dres, res, weight, mean, rstd):
     if ctx.residual_dtype is None:
         d_residual = None
     else:
-        d_residual = dres_in.to(ctx.residual_dtype) if separate else dx
+        d_residual = cast(dres_in, ctx.residual_dtype) if separate else dx
         if ctx.copy_residual_grad and d_residual is dx:
             d_residual = dx.clone()
-    return dx, d_residual, dw, db.to(ctx.bias_dtype)
+    return dx, d_residual, dw, cast(db, ctx.bias_dtype)
 
 
 class AddLayerNormFn(torch.autograd.Function):
@@ -297,9 +299,9 @@ class AddLayerNormLinearFn(torch.autograd.Function):
         res, weight, bias, mean, rstd, lin_weight = ctx.saved_tensors
         y = add_layer_norm_fwd(res, None, weight, bias, ctx.eps, False, ctx.use_triton)[0]
         g = dout.reshape(-1, dout.shape[-1])
-        dy = (g @ lin_weight.to(g.dtype)).to(ctx.x_dtype)
-        d_lin_w = (g.t() @ y.to(g.dtype)).to(lin_weight.dtype)
-        d_lin_b = g.sum(0).to(lin_weight.dtype) if ctx.has_lin_bias else None
+        dy = cast(g @ cast(lin_weight, g.dtype), ctx.x_dtype)
+        d_lin_w = cast(g.t() @ cast(y, g.dtype), lin_weight.dtype)
+        d_lin_b = cast(g.sum(0), lin_weight.dtype) if ctx.has_lin_bias else None
         dx, d_residual, dw, db = _ln_backward(ctx, dy, dres, res, weight, mean, rstd)
         # None for eps, residual_in_fp32, use_triton, copy_residual_grad and what a subclass's forward adds
         return dx, d_residual, dw, db, d_lin_w, d_lin_b, *[None] * (len(ctx.needs_input_grad) - 6)
@@ -314,8 +316,8 @@ def _check_ln_args(x, residual, weight, bias):
                          f"{tuple(bias.shape)}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    x2 = _rows(x).reshape(-1, d)
-    r2 = None if residual is None else _rows(residual).reshape(-1, d)
+    x2 = _rows(x)
+    r2 = None if residual is None else _rows(residual)
     # x and residual get the same gradient; a leaf must not share its .grad storage with the other
     copy = (residual is not None and x.requires_grad and residual.requires_grad
             and (x.is_leaf or residual.is_leaf))

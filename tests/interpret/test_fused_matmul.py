@@ -145,7 +145,7 @@ def test_ln_matmul_saves_what_add_layer_norm_linear_saves():
         found.append([(tuple(t.shape), t.dtype) for t in saved])
     assert found[0] == found[1]
     assert found[0] == [((40, 96), torch.float16), ((96,), torch.float16), ((96,), torch.float16),
-                        ((40,), torch.float32), ((40,), torch.float32), ((160, 96), torch.float16)]
+                        ((40, 1), torch.float32), ((40, 1), torch.float32), ((160, 96), torch.float16)]
 
 
 GELU_CASES = [(40, 96, 48, True), (40, 80, 160, True), (33, 64, 48, False)]
@@ -234,8 +234,9 @@ def test_statistics_pass_bf16(residual_mode):
         assert res.dtype == (torch.float32 if residual_mode == "fp32" else torch.bfloat16)
         torch.testing.assert_close(res.float(), want, atol=0, rtol=2 ** -7)
         stored = res.double()
-    torch.testing.assert_close(mean.double(), stored.mean(1), atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(rstd.double(), 1 / (stored.var(1, unbiased=False) + EPS).sqrt(), atol=0, rtol=1e-5)
+    torch.testing.assert_close(mean.double(), stored.mean(1, keepdim=True), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rstd.double(), 1 / (stored.var(1, unbiased=False, keepdim=True) + EPS).sqrt(), atol=0,
+                               rtol=1e-5)
 
 
 def test_strided_inputs():
