@@ -54,6 +54,34 @@ def runs_unmodified(module, cls) -> bool:
                      or module._backward_pre_hooks or _has_global_hooks()))
 
 
+def weight_and_bias(module):
+    """(weight, bias) of a Linear / LayerNorm / Conv2d, read from its parameter table: nn.Module's attribute lookup
+    costs about 1 us a name on the host, and a fused block reads a dozen per call."""
+    params = module._parameters
+    return params["weight"], params["bias"]
+
+
+def passes_through(module) -> bool:
+    """Whether calling ``module`` would return its input unchanged, so the call (~3 us on the host) may be skipped:
+    an unmodified nn.Identity, or an unmodified nn.Dropout / DropPath that is off (eval mode or p = 0). Never under
+    torch.fx, where each module call is a node of its own."""
+    kind = type(module)
+    if kind is nn.Identity:
+        off = True
+    elif kind is nn.Dropout:
+        off = not module.training or module.p == 0
+    elif kind is DropPath:
+        off = not module.training or module.drop_prob == 0
+    else:
+        return False
+    return off and runs_unmodified(module, kind) and not is_fx_symbolic_tracing()
+
+
+def call(module, x):
+    """``module(x)``, or x where the module :func:`passes_through`."""
+    return x if passes_through(module) else module(x)
+
+
 def output_may_fuse(module, cls) -> bool:
     """Whether ``module``'s output may stay inside a fusion with what follows (z_0 with its tables, a block's
     output as an unevaluated sum, the final norm with the last residual add): only when it runs unmodified, and not
@@ -63,15 +91,17 @@ def output_may_fuse(module, cls) -> bool:
 
 def fusable_layer_norm(norm) -> bool:
     """An unmodified affine nn.LayerNorm over the last dim, which the fused residual add + LayerNorm can replace."""
-    return (runs_unmodified(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and norm.weight is not None
-            and norm.bias is not None)
+    if not runs_unmodified(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
+        return False
+    weight, bias = weight_and_bias(norm)
+    return weight is not None and bias is not None
 
 
 def layer_norm(norm, h, residual, backend):
     """(norm(h + residual), h + residual), residual None meaning 0: fused when ``norm`` is a plain LayerNorm whose
     output may fuse (not under torch.fx: see ``output_may_fuse``)."""
     if fusable_layer_norm(norm) and not is_fx_symbolic_tracing():
-        return ops.add_layer_norm(h, residual, norm.weight, norm.bias, norm.eps, backend=backend)
+        return ops.add_layer_norm(h, residual, *weight_and_bias(norm), norm.eps, backend=backend)
     z = h if residual is None else h + residual
     return norm(z), z
 
@@ -255,7 +285,8 @@ class Attention(nn.Module):
             rel_bias = resample_rel_pos_table(self.rel_pos_table, self.rel_pos_grid, grid_size)
         out = ops.attention(q, k, v, rel_bias=rel_bias, grid_size=grid_size,
                             dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, D3 // 3)))
+        modules = self._modules
+        return call(modules["proj_drop"], modules["proj"](out.transpose(1, 2).reshape(B, N, D3 // 3)))
 
 
 class Mlp(nn.Module):
@@ -274,7 +305,8 @@ class Mlp(nn.Module):
     @property
     def fused_activation(self) -> bool:
         """Whether the GELU may run inside a fused op (act an unmodified, exact nn.GELU)."""
-        return runs_unmodified(self.act, nn.GELU) and self.act.approximate == "none"
+        act = self._modules["act"]
+        return runs_unmodified(act, nn.GELU) and act.approximate == "none"
 
     def forward(self, x):
         return self.activate(self.fc1(x))
@@ -295,8 +327,9 @@ class Mlp(nn.Module):
     def gelu_fuses_into_fc2(self) -> bool:
         """Whether the GELU may run inside fc2's op: a fused activation, and nothing between them that must see it
         (active dropout, an edited drop1 or fc2)."""
-        return (self.fused_activation and not (self.training and self.drop1.p > 0)
-                and runs_unmodified(self.drop1, nn.Dropout) and runs_unmodified(self.fc2, nn.Linear))
+        drop1 = self._modules["drop1"]
+        return (self.fused_activation and not (self.training and drop1.p > 0) and runs_unmodified(drop1, nn.Dropout)
+                and runs_unmodified(self._modules["fc2"], nn.Linear))
 
 
 class LayerScale(nn.Module):
@@ -352,34 +385,35 @@ class Block(nn.Module):
         each LayerNorm runs together with the projection after it (qkv, fc1) so its output is never saved. Where
         the user edited a submodule of a branch, that branch calls its modules one by one instead.
         """
-        if (fusable_layer_norm(self.norm1) and runs_unmodified(self.attn, Attention)
-                and runs_unmodified(self.attn.qkv, nn.Linear)):
-            qkv, residual = ops.add_layer_norm_linear(h, residual, self.norm1.weight, self.norm1.bias,
-                                                      self.attn.qkv.weight, self.attn.qkv.bias, self.norm1.eps,
+        m = self._modules  # submodules read once per call (weight_and_bias says why)
+        norm1, attn, norm2, mlp = m["norm1"], m["attn"], m["norm2"], m["mlp"]
+        if (fusable_layer_norm(norm1) and runs_unmodified(attn, Attention)
+                and runs_unmodified(attn._modules["qkv"], nn.Linear)):
+            qkv, residual = ops.add_layer_norm_linear(h, residual, *weight_and_bias(norm1),
+                                                      *weight_and_bias(attn._modules["qkv"]), norm1.eps,
                                                       backend=self.backend)
-            h = self.attn.attend(qkv, grid_size)
+            h = attn.attend(qkv, grid_size)
         else:
             residual = h if residual is None else h + residual
-            normed = self.norm1(residual)
+            normed = norm1(residual)
             # a replaced attention (timm's, say) takes no grid; only ours uses it, for the relative bias
-            h = self.attn(normed, grid_size) if isinstance(self.attn, Attention) else self.attn(normed)
-        h = self.drop_path1(self.ls1(h))
-        if (fusable_layer_norm(self.norm2) and runs_unmodified(self.mlp, Mlp)
-                and runs_unmodified(self.mlp.fc1, nn.Linear)):
-            if self.mlp.gelu_fuses_into_fc2:
-                mlp, norm = self.mlp, self.norm2
-                h, residual = ops.layer_norm_mlp(h, residual, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias,
-                                                 mlp.fc2.weight, mlp.fc2.bias, norm.eps, backend=self.backend)
-                h = mlp.drop2(h)
+            h = attn(normed, grid_size) if isinstance(attn, Attention) else attn(normed)
+        h = call(m["drop_path1"], call(m["ls1"], h))
+        if (fusable_layer_norm(norm2) and runs_unmodified(mlp, Mlp)
+                and runs_unmodified(mlp._modules["fc1"], nn.Linear)):
+            fc1, fc2 = mlp._modules["fc1"], mlp._modules["fc2"]
+            if mlp.gelu_fuses_into_fc2:
+                h, residual = ops.layer_norm_mlp(h, residual, *weight_and_bias(norm2), *weight_and_bias(fc1),
+                                                 *weight_and_bias(fc2), norm2.eps, backend=self.backend)
+                h = call(mlp._modules["drop2"], h)
             else:
-                hidden, residual = ops.add_layer_norm_linear(h, residual, self.norm2.weight, self.norm2.bias,
-                                                             self.mlp.fc1.weight, self.mlp.fc1.bias, self.norm2.eps,
-                                                             backend=self.backend)
-                h = self.mlp.activate(hidden)
+                hidden, residual = ops.add_layer_norm_linear(h, residual, *weight_and_bias(norm2),
+                                                             *weight_and_bias(fc1), norm2.eps, backend=self.backend)
+                h = mlp.activate(hidden)
         else:
             residual = residual + h
-            h = self.mlp(self.norm2(residual))
-        return self.drop_path2(self.ls2(h)), residual
+            h = mlp(norm2(residual))
+        return call(m["drop_path2"], call(m["ls2"], h)), residual
 
 
 class VisionTransformer(nn.Module):
@@ -615,7 +649,7 @@ class VisionTransformer(nn.Module):
         else:  # hooked or replaced: it returns the patch tokens only, as timm's does
             h = ops.add_class_and_position(self.patch_embed(x), stem_pos, self.cls_token,
                                            not self._pos_covers_prefix)
-        h = self.pos_drop(residual_stream(h, self.residual_dtype))
+        h = call(self.pos_drop, residual_stream(h, self.residual_dtype))
         if not take and last is None and self.pos_embed_at == "stem" and not runs_unmodified(self.blocks,
                                                                                                nn.Sequential):
             # a hooked or replaced container runs whole, as in timm (the tables of the other layouts go between)
@@ -655,7 +689,7 @@ class VisionTransformer(nn.Module):
     def forward_head(self, x, pre_logits: bool = False):
         """Pool the tokens (class token or average), normalise if fc_norm, then the linear head."""
         x = layer_norm(self.fc_norm, self.pool(x), None, self.backend)[0]
-        x = self.head_drop(x)
+        x = call(self.head_drop, x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x):

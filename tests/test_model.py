@@ -68,6 +68,26 @@ def test_training_mode_with_dropout_is_stochastic_and_eval_is_not():
     assert torch.equal(model(x), model(x))
 
 
+@pytest.mark.parametrize("rates", [dict(pos_drop_rate=0.3), dict(proj_drop_rate=0.3), dict(drop_rate=0.3),
+                                   dict(drop_path_rate=0.5)], ids=lambda r: next(iter(r)))
+def test_training_mode_dropout_draws_as_timm(rates):
+    """Each active dropout / DropPath runs (none is skipped as an identity) and draws timm's masks, in timm's
+    order: the same seed gives timm's output."""
+    model, ref = pair(**rates)
+    model.train()
+    ref.train()
+    x = torch.randn(4, 3, 32, 32)
+    outs = []
+    for net in (model, ref):
+        torch.manual_seed(1)
+        outs.append(net(x))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    model.eval()
+    ref.eval()
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(x), outs[0], atol=1e-3)
+
+
 @pytest.mark.parametrize("name", fastvit.list_models())
 def test_registry_matches_timm(name):
     with torch.device("meta"):
