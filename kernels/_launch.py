@@ -77,7 +77,7 @@ def row_programs(n_rows: int, device: torch.device) -> int:
 
 
 # (id of the kernel, a module global; device; what Triton specialises each argument on; the keyword arguments) ->
-# (the compiled kernel, the names of the parameters passed by keyword, in the kernel's signature order)
+# (the compiled kernel, the values of the parameters passed by keyword, in the kernel's signature order)
 _COMPILED = {}
 _COMPILED_MAX = 4096  # emptied when it grows past this (a run with ever-new shapes), rebuilt as launches come
 _KEY_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
@@ -134,14 +134,16 @@ def launch(kernel, grid, *args, **kwargs):
         compiled = kernel[grid](*args, **kwargs)
         _remember(kernel, key, compiled, len(args), kwargs)
         return
-    compiled, by_keyword = entry
+    compiled, keyword_values = entry  # the key holds the keyword arguments: their values are the cached ones
     stream = driver.active.get_current_stream(device)
-    values = (*args, *[kwargs[name] for name in by_keyword])
+    values = args + keyword_values
     size = len(grid)
     runtime = knobs.runtime
+    enter_hook = runtime.launch_enter_hook
+    # CompiledKernel.launch_metadata returns None at once without an enter hook
+    metadata = None if enter_hook is None else compiled.launch_metadata(grid, stream, *values)
     compiled.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, compiled.function,
-                 compiled.packed_metadata, compiled.launch_metadata(grid, stream, *values),
-                 runtime.launch_enter_hook, runtime.launch_exit_hook, *values)
+                 compiled.packed_metadata, metadata, enter_hook, runtime.launch_exit_hook, *values)
 
 
 def _remember(kernel, key, compiled, n_positional, kwargs):
@@ -153,7 +155,7 @@ def _remember(kernel, key, compiled, n_positional, kwargs):
         return
     if len(_COMPILED) >= _COMPILED_MAX:
         _COMPILED.clear()
-    _COMPILED[key] = (compiled, by_keyword)
+    _COMPILED[key] = (compiled, tuple(kwargs[name] for name in by_keyword))
 
 
 # argument types a plain eager call may carry; a tensor subclass (fake, functional, DTensor, ...) is none of them

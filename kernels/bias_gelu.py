@@ -95,7 +95,7 @@ def bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], use_triton: boo
         return F.gelu(x if bias is None else x + bias.to(x.dtype))
     x = _rows(x)
     n_rows, n_cols = x.shape
-    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if n_rows and n_cols:
         block_m, block_n, num_warps, num_stages = _config(n_cols)
         grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
@@ -121,13 +121,13 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor
         db = x.new_empty(0) if bias is None else dx.sum(0, dtype=torch.float32).to(bias.dtype)
         return dx, db
     dy, x = _rows(dy), _rows(x)
-    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     if not (n_rows and n_cols):
         return dx, (x.new_empty(0) if bias is None else torch.zeros_like(bias))
     block_m, block_n, num_warps, num_stages = _config(n_cols)
     row_blocks = cdiv(n_rows, block_m)
     programs = row_programs(row_blocks, x.device)
-    db_part = torch.empty((programs if bias is not None else 0, n_cols), dtype=torch.float32, device=x.device)
+    db_part = x.new_empty((programs if bias is not None else 0, n_cols), dtype=torch.float32)
     launch(_bias_gelu_bwd_kernel, (programs, cdiv(n_cols, block_n)),
         dy, x, x if bias is None else bias.contiguous(), dx, db_part, dy.stride(0), x.stride(0), dx.stride(0),
         n_rows, n_cols, cdiv(row_blocks, programs), HAS_BIAS=bias is not None, BLOCK_M=block_m,

@@ -473,7 +473,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_bias: O
             p = p * _dropout_scale(seed, p.shape, dropout_p, q.device)
         out.copy_(torch.matmul(p, v.float()))
         return out, lse
-    lse = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device)
+    lse = q.new_empty((bsz, heads, n), dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
     cfg = _config(hd)
@@ -528,7 +528,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if q.numel() == 0:
         return dq, dk, dv, (q.new_empty(0) if rel_bias is None else dtable.to(rel_bias.dtype))
     cfg = _config(hd)
-    delta = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device)
+    delta = q.new_empty((bsz, heads, n), dtype=torch.float32)
     blk = cfg.preprocess
     launch(_attn_bwd_preprocess_kernel, (bsz * heads * cdiv(n, blk.block_m),),
         out, do, delta, *_strides(out, do), heads, n, HEAD_DIM=hd, BLOCK_D=cfg.block_d, BLOCK_M=blk.block_m,

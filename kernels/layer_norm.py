@@ -152,8 +152,10 @@ def launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y=No
     block, num_warps, num_stages = _config(n_cols)
     x = _rows(x)
     residual = None if residual is None else _rows(residual)
-    res = torch.empty((n_rows, n_cols) if store else (0,), dtype=res_dtype, device=x.device)
-    mean = torch.empty((n_rows, 1), dtype=torch.float32, device=x.device)
+    # empty_like / new_empty: ~1 us less host time each than torch.empty(shape, dtype=, device=)
+    res = (torch.empty_like(x, dtype=res_dtype, memory_format=torch.contiguous_format) if store
+           else x.new_empty(0, dtype=res_dtype))
+    mean = x.new_empty((n_rows, 1), dtype=torch.float32)
     rstd = torch.empty_like(mean)
     if n_rows:
         r_arg = x if residual is None else residual
@@ -195,13 +197,14 @@ def add_layer_norm_bwd(dy: torch.Tensor, dres_out: Optional[torch.Tensor], res: 
     block, num_warps, num_stages = _config(n_cols)
     dy = _rows(dy)
     dres_out = None if dres_out is None else _rows(dres_out)
-    dx = torch.empty((n_rows, n_cols), dtype=dy.dtype, device=dy.device)
-    dres_in = torch.empty((n_rows, n_cols) if separate_residual_grad else (0,), dtype=res.dtype, device=dy.device)
+    dx = torch.empty_like(res, dtype=dy.dtype, memory_format=torch.contiguous_format)
+    dres_in = (torch.empty_like(res, memory_format=torch.contiguous_format) if separate_residual_grad
+               else res.new_empty(0))
     if not n_rows:
         return dx, dres_in, torch.zeros_like(weight), torch.zeros_like(weight)
     programs = row_programs(n_rows, dy.device)
     # every program writes its row of partial sums, even one left without rows
-    dw_part = torch.empty((programs, n_cols), dtype=torch.float32, device=dy.device)
+    dw_part = dy.new_empty((programs, n_cols), dtype=torch.float32)
     db_part = torch.empty_like(dw_part)
     d_arg = dy if dres_out is None else dres_out
     launch(_add_ln_bwd_kernel, (programs,),
