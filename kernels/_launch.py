@@ -20,6 +20,7 @@ that a graph can hold, so there the ops stay opaque custom ops.
 ``bench/overhead.py`` measures the result against the eager torch ops each fused op replaces.
 """
 import collections.abc
+import contextlib
 import functools
 import os
 import threading
@@ -68,6 +69,15 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)``, without the call where ``t`` already has that dtype (``Tensor.to`` costs about 1 us on the
     host even then, and the ops' host path calls it many times)."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def autocast_off(device_type: str):
+    """A context with autocast off on ``device_type``: ``torch.autocast(device_type, enabled=False)`` where autocast
+    is on there, else a null context (entering and leaving torch.autocast costs ~10-20 us on the host even when it
+    changes nothing)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def row_programs(n_rows: int, device: torch.device) -> int:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import apply, cdiv, eager_op, launch, next_power_of_2, sm_count
+from fastvit.kernels._launch import apply, autocast_off, cast, cdiv, eager_op, launch, next_power_of_2, sm_count
 from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
 
 # compute dtype -> the constexpr code the kernels branch on (0: fp32 operands, exact IEEE dot)
@@ -250,10 +250,12 @@ def patch_embed_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     has_cls = cls_token is not None
     pos_cls_row = pos_embed is not None and has_cls and not no_embed_class
     if not use_triton:
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             # the projection in the compute dtype, as PyTorch's autocast runs it (fp32 accumulation, one rounding)
-            xc = x[:, :, :gh * patch_h, :gw * patch_w].to(compute_dtype)
-            tokens = F.conv2d(xc, weight.to(compute_dtype), stride=(patch_h, patch_w)).flatten(2).transpose(1, 2)
+            if x.shape[2] != gh * patch_h or x.shape[3] != gw * patch_w:
+                x = x[:, :, :gh * patch_h, :gw * patch_w]  # the rows and columns no patch covers are dropped
+            xc = cast(x, compute_dtype)
+            tokens = F.conv2d(xc, cast(weight, compute_dtype), stride=(patch_h, patch_w)).flatten(2).transpose(1, 2)
             # + bias, + position rows in fp32, written in place into the output's patch rows (no class-token cat)
             z = torch.empty((bsz, n + has_cls, dim), dtype=torch.float32, device=x.device)
             patches = z[:, 1:] if has_cls else z
@@ -265,7 +267,7 @@ def patch_embed_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                 patches += pos_embed[:, 1:].float() if pos_cls_row else pos_embed.float()
             if has_cls:
                 z[:, :1] = cls_token.float() + pos_embed[:, :1].float() if pos_cls_row else cls_token.float()
-            return z.to(out_dtype)
+            return cast(z, out_dtype)
     y = torch.empty((bsz, n + has_cls, dim), dtype=out_dtype, device=x.device)
     m = bsz * n
     if m == 0:
@@ -309,7 +311,7 @@ def patch_embed_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pat
     c = x.shape[1]
     gh, gw = _grid_size(x, patch_h, patch_w)
     dx, dw, s = x.new_empty(0), weight.new_empty(0), dy.new_empty(0, dtype=torch.float32)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         # both products in the compute dtype, as PyTorch's autocast runs them (fp32 accumulation, one rounding)
         g = dy[:, int(has_cls):].to(compute_dtype).reshape(-1, dim)
         if need_dw:
