@@ -43,6 +43,11 @@ def _config(n_cols):
     return block, min(max(block // 256, 1), 8), 3
 
 
+def _stats_shape(x):
+    """(..., 1) for x of shape (..., D): one mean / rstd per row, shaped as torch's LayerNorm returns them."""
+    return (*x.shape[:-1], 1)
+
+
 def _residual_dtype(x, residual, residual_in_fp32):
     if residual_in_fp32:
         return torch.float32
@@ -116,9 +121,12 @@ def _add_ln_bwd_kernel(DY, DRES_OUT, RES, W, MEAN, RSTD, DX, DRES_IN, DW_PART, D
 
 
 def _rows(t):
-    """``t`` as a 2D (rows, D) tensor whose last dim has unit stride (a copy only when it cannot be one)."""
-    if t.dim() != 2:
-        t = t.reshape(-1, t.shape[-1])
+    """``t`` as rows of D with unit stride, each ``t.stride(-2)`` after the last: ``t`` itself when contiguous (any
+    leading shape: no reshape there and back, ~1 us a view on the host and an autograd node each with grad), else a
+    2D (rows, D) view or copy."""
+    if t.dim() >= 2 and t.is_contiguous():
+        return t
+    t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -126,8 +134,8 @@ def _rows(t):
 def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
                        bias: torch.Tensor, eps: float, residual_in_fp32: bool,
                        use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """On (rows, D): (y, new_residual, mean, rstd); new_residual is empty when it would equal x itself; the
-    statistics are (rows, 1), as torch's LayerNorm gives them."""
+    """On x of shape (..., D) (rows as :func:`_rows` gives them): (y, new_residual, mean, rstd); new_residual is empty
+    when it would equal x itself; the statistics are (..., 1), as torch's LayerNorm gives them."""
     if not use_triton:
         res_dtype = _residual_dtype(x, residual, residual_in_fp32)
         store = residual is not None or res_dtype != x.dtype
@@ -136,33 +144,34 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight
         # model gets nn.LayerNorm's bits, as a traced or edited one does)
         res = cast(x if residual is None else torch.add(x, residual), res_dtype)
         # fp32 parameters: fp32 statistics for any input (torch's mixed-dtype LayerNorm for a 16-bit one)
-        y, mean, rstd = torch.native_layer_norm(res, (x.shape[1],), weight.float(), bias.float(), eps)
+        y, mean, rstd = torch.native_layer_norm(res, (x.shape[-1],), weight.float(), bias.float(), eps)
         return cast(y, x.dtype), (res if store else x.new_empty(0)), mean, rstd
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     return (y, *launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y))
 
 
 def launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y=None):
-    """The forward kernel on (rows, D): (new_residual, mean, rstd) as add_layer_norm_fwd returns them, and the
+    """The forward kernel on (..., D): (new_residual, mean, rstd) as add_layer_norm_fwd returns them, and the
     LayerNorm output written into ``y`` when given; without ``y`` only the sum and its statistics (for a GEMM that
     normalises while it loads, ``ln_matmul``)."""
     res_dtype = _residual_dtype(x, residual, residual_in_fp32)
     store = residual is not None or res_dtype != x.dtype
-    n_rows, n_cols = x.shape
+    n_cols = x.shape[-1]
     block, num_warps, num_stages = _config(n_cols)
+    n_rows = x.numel() // n_cols
     x = _rows(x)
     residual = None if residual is None else _rows(residual)
     # empty_like / new_empty: ~1 us less host time each than torch.empty(shape, dtype=, device=)
     res = (torch.empty_like(x, dtype=res_dtype, memory_format=torch.contiguous_format) if store
            else x.new_empty(0, dtype=res_dtype))
-    mean = x.new_empty((n_rows, 1), dtype=torch.float32)
+    mean = x.new_empty(_stats_shape(x), dtype=torch.float32)
     rstd = torch.empty_like(mean)
     if n_rows:
         r_arg = x if residual is None else residual
         y_arg = x if y is None else y  # unused without y: any pointer of the activation dtype
         launch(_add_ln_fwd_kernel, (n_rows,),
                x, r_arg, weight.contiguous(), bias.contiguous(), y_arg, res if store else y_arg, mean, rstd,
-               x.stride(0), r_arg.stride(0), y_arg.stride(0), res.stride(0) if store else 0, n_cols, eps,
+               x.stride(-2), r_arg.stride(-2), y_arg.stride(-2), res.stride(-2) if store else 0, n_cols, eps,
                HAS_RESIDUAL=residual is not None, STORE_RESIDUAL=store, STORE_Y=y is not None, BLOCK=block,
                num_warps=num_warps, num_stages=num_stages)
     return res, mean, rstd
@@ -172,9 +181,8 @@ def launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y=No
 def _(x, residual, weight, bias, eps, residual_in_fp32, use_triton):
     res_dtype = _residual_dtype(x, residual, residual_in_fp32)
     store = residual is not None or res_dtype != x.dtype
-    n_rows = x.shape[0]
     res = x.new_empty(x.shape if store else (0,), dtype=res_dtype)
-    stat = x.new_empty((n_rows, 1), dtype=torch.float32)
+    stat = x.new_empty(_stats_shape(x), dtype=torch.float32)
     return torch.empty_like(x, memory_format=torch.contiguous_format), res, stat, torch.empty_like(stat)
 
 
@@ -184,7 +192,7 @@ def add_layer_norm_bwd(dy: torch.Tensor, dres_out: Optional[torch.Tensor], res: 
                        use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d_residual, dweight, dbias): dx in dy's dtype; d_residual (in res's dtype) only when
     ``separate_residual_grad`` (the residual's dtype differs from x's), else empty and equal to dx."""
-    n_rows, n_cols = res.shape
+    n_cols = res.shape[-1]
     if not use_triton:
         # the kernel's math by torch's own LayerNorm backward (fp32 inside), in the residual's dtype
         w = weight.float()
@@ -195,6 +203,7 @@ def add_layer_norm_bwd(dy: torch.Tensor, dres_out: Optional[torch.Tensor], res: 
         dres_in = d.to(res.dtype, copy=True) if separate_residual_grad else dy.new_empty(0, dtype=res.dtype)
         return cast(d, dy.dtype), dres_in, cast(dw, weight.dtype), cast(db, weight.dtype)
     block, num_warps, num_stages = _config(n_cols)
+    n_rows = res.numel() // n_cols
     dy = _rows(dy)
     dres_out = None if dres_out is None else _rows(dres_out)
     dx = torch.empty_like(res, dtype=dy.dtype, memory_format=torch.contiguous_format)
@@ -209,8 +218,8 @@ def add_layer_norm_bwd(dy: torch.Tensor, dres_out: Optional[torch.Tensor], res: 
     d_arg = dy if dres_out is None else dres_out
     launch(_add_ln_bwd_kernel, (programs,),
         dy, d_arg, res, weight.contiguous(), mean, rstd, dx, dres_in if separate_residual_grad else dx, dw_part,
-        db_part, dy.stride(0), d_arg.stride(0), res.stride(0), dx.stride(0),
-        dres_in.stride(0) if separate_residual_grad else 0, n_rows, n_cols, cdiv(n_rows, programs),
+        db_part, dy.stride(-2), d_arg.stride(-2), res.stride(-2), dx.stride(-2),
+        dres_in.stride(-2) if separate_residual_grad else 0, n_rows, n_cols, cdiv(n_rows, programs),
         HAS_DRES=dres_out is not None, STORE_DRES_IN=separate_residual_grad, BLOCK=block, num_warps=num_warps,
         num_stages=num_stages)
     return dx, dres_in, cast(dw_part.sum(0), weight.dtype), cast(db_part.sum(0), weight.dtype)
@@ -261,7 +270,7 @@ def _ln_backward(ctx, dy, dres, res, weight, mean, rstd):
 
 
 class AddLayerNormFn(torch.autograd.Function):
-    """Autograd for (x, residual) -> (y, new_residual) on (rows, D); saves new_residual, mean and rstd only.
+    """Autograd for (x, residual) -> (y, new_residual) on (..., D); saves new_residual, mean and rstd only.
 
     When new_residual would be x itself (no residual, no dtype change) it returns y alone and saves x; the caller
     hands x on as new_residual, and autograd adds that gradient to x's.
@@ -302,8 +311,8 @@ class AddLayerNormLinearFn(torch.autograd.Function):
         res, weight, bias, mean, rstd, lin_weight = ctx.saved_tensors
         y = add_layer_norm_fwd(res, None, weight, bias, ctx.eps, False, ctx.use_triton)[0]
         g = dout.reshape(-1, dout.shape[-1])
-        dy = cast(g @ cast(lin_weight, g.dtype), ctx.x_dtype)
-        d_lin_w = cast(g.t() @ cast(y, g.dtype), lin_weight.dtype)
+        dy = cast(g @ cast(lin_weight, g.dtype), ctx.x_dtype).view_as(res)
+        d_lin_w = cast(g.t() @ cast(y, g.dtype).reshape(-1, y.shape[-1]), lin_weight.dtype)
         d_lin_b = cast(g.sum(0), lin_weight.dtype) if ctx.has_lin_bias else None
         dx, d_residual, dw, db = _ln_backward(ctx, dy, dres, res, weight, mean, rstd)
         # None for eps, residual_in_fp32, use_triton, copy_residual_grad and what a subclass's forward adds
@@ -321,6 +330,8 @@ def _check_ln_args(x, residual, weight, bias):
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     x2 = _rows(x)
     r2 = None if residual is None else _rows(residual)
+    if r2 is not None and r2.dim() != x2.dim():  # one of them was not contiguous: both as (rows, D)
+        x2, r2 = x2.reshape(-1, d), r2.reshape(-1, d)
     # x and residual get the same gradient; a leaf must not share its .grad storage with the other
     copy = (residual is not None and x.requires_grad and residual.requires_grad
             and (x.is_leaf or residual.is_leaf))
@@ -331,10 +342,10 @@ def add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, use_triton)
     """(LayerNorm(x + residual), x + residual) over the last dim of x (any leading shape); see the module doc."""
     x2, r2, copy = _check_ln_args(x, residual, weight, bias)
     out = apply(AddLayerNormFn, x2, r2, weight, bias, eps, residual_in_fp32, use_triton, copy)
-    if isinstance(out, tuple):
-        y, res = out
-        return y.view_as(x), res.view_as(x)
-    return out.view_as(x), x
+    y, res = out if isinstance(out, tuple) else (out, None)
+    if x2 is not x:
+        y, res = y.view_as(x), None if res is None else res.view_as(x)
+    return y, (x if res is None else res)
 
 
 def add_layer_norm_linear(x, residual, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton,
@@ -347,8 +358,9 @@ def add_layer_norm_linear(x, residual, weight, bias, lin_weight, lin_bias, eps, 
     out = apply(function, x2, r2, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton, copy,
                 *function_args)
     out, res = out if isinstance(out, tuple) else (out, None)
-    out = out.view(*x.shape[:-1], lin_weight.shape[0])
-    return out, (x if res is None else res.view_as(x))
+    if x2 is not x:
+        out, res = out.view(*x.shape[:-1], lin_weight.shape[0]), None if res is None else res.view_as(x)
+    return out, (x if res is None else res)
 
 
 def aot_specs(shape, dtype):

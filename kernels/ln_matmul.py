@@ -33,25 +33,26 @@ def ln_matmul_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight
                   norm_bias: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
                   residual_in_fp32: bool, use_triton: bool, tma: bool = False) -> tuple[torch.Tensor, torch.Tensor,
                                                                                        torch.Tensor, torch.Tensor]:
-    """On (rows, D) x: (out in weight's dtype, new_residual, mean, rstd), new_residual empty when it would equal x
-    (add_layer_norm_fwd's convention). ``tma``: the persistent TMA GEMM (``matmul.fused_matmul``)."""
+    """On x of shape (..., D): (out (..., N) in weight's dtype, new_residual, mean, rstd), new_residual empty when
+    it would equal x (add_layer_norm_fwd's convention). ``tma``: the persistent TMA GEMM (``matmul.fused_matmul``)."""
     if not use_triton:
         y, res, mean, rstd = _ln.add_layer_norm_fwd(x, residual, norm_weight, norm_bias, eps, residual_in_fp32,
                                                     False)
         return F.linear(y.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)), res, mean, rstd
     res, mean, rstd = _ln.launch_add_layer_norm(x, residual, norm_weight, norm_bias, eps, residual_in_fp32)
-    # the GEMM normalises the sum, or x itself when no sum was stored
-    out = fused_matmul(res if res.shape == x.shape else x, weight, weight.dtype, bias, prologue="layer_norm",
+    # the GEMM normalises the sum, or x itself when no sum was stored, as (rows, D)
+    a = res if res.shape == x.shape else x
+    out = fused_matmul(a.reshape(-1, a.shape[-1]), weight, weight.dtype, bias, prologue="layer_norm",
                        mean=mean, rstd=rstd, prologue_weight=norm_weight.contiguous(),
                        prologue_bias=norm_bias.contiguous(), tma=tma)
-    return out, res, mean, rstd
+    return out.view(*x.shape[:-1], weight.shape[0]), res, mean, rstd
 
 
 @ln_matmul_fwd.register_fake
 def _(x, residual, norm_weight, norm_bias, weight, bias, eps, residual_in_fp32, use_triton, tma=False):
     _, res, mean, rstd = _ln.add_layer_norm_fwd(x, residual, norm_weight, norm_bias, eps, residual_in_fp32,
                                                 use_triton)
-    return x.new_empty((x.shape[0], weight.shape[0]), dtype=weight.dtype), res, mean, rstd
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=weight.dtype), res, mean, rstd
 
 
 class LayerNormMatmulFn(_ln.AddLayerNormLinearFn):
