@@ -80,6 +80,16 @@ def autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as rows of its last dim with unit stride, each ``t.stride(-2)`` after the last, as the row-wise kernels
+    read them: ``t`` itself when contiguous (any leading shape: no reshape to (rows, D) and view back, each ~1 us on
+    the host and, with grad, an autograd node), else a 2D (rows, D) view or copy."""
+    if t.dim() >= 2 and t.is_contiguous():
+        return t
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def row_programs(n_rows: int, device: torch.device) -> int:
     """Programs of a row-wise backward kernel: a few per SM, each folding its rows into one fp32 partial sum of
     the weight/bias gradients, reduced after (fewer partials than rows, and no atomics)."""

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import apply, cdiv, eager_op, launch, next_power_of_2, row_programs
+from fastvit.kernels._launch import (apply, as_rows, cast, cdiv, eager_op, launch, next_power_of_2,
+                                     row_programs)
 from fastvit.kernels._report import AOT_IMAGES, AOT_PROGRAMS, spec_from_launch
 
 # constexpr so the kernels can read them
@@ -82,25 +83,21 @@ def _bias_gelu_bwd_kernel(DY, X, B, DX, DB_PART, stride_dy, stride_x, stride_dx,
         tl.store(DB_PART + pid * n_cols + cols, tl.sum(db, axis=0), mask=col_mask)
 
 
-def _rows(t):
-    """A 2D (rows, C) tensor whose last dim has unit stride (a copy only when it has not)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 @eager_op("bias_gelu_fwd")
 def bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], use_triton: bool) -> torch.Tensor:
-    """GELU(x + bias) on (rows, C), in x's dtype."""
+    """GELU(x + bias) on x of shape (..., C), in x's dtype."""
     if not use_triton:
         # as PyTorch computes it: the sum in x's dtype, then GELU (fp32 inside) rounded once
-        return F.gelu(x if bias is None else x + bias.to(x.dtype))
-    x = _rows(x)
-    n_rows, n_cols = x.shape
+        return F.gelu(x if bias is None else x + cast(bias, x.dtype))
+    x = as_rows(x)
+    n_cols = x.shape[-1]
+    n_rows = x.numel() // max(n_cols, 1)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if n_rows and n_cols:
         block_m, block_n, num_warps, num_stages = _config(n_cols)
         grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
-        launch(_bias_gelu_fwd_kernel, grid, x, x if bias is None else bias.contiguous(), y, x.stride(0),
-               y.stride(0), n_rows, n_cols, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        launch(_bias_gelu_fwd_kernel, grid, x, x if bias is None else bias.contiguous(), y, x.stride(-2),
+               y.stride(-2), n_rows, n_cols, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
                num_warps=num_warps, num_stages=num_stages)
     return y
 
@@ -114,13 +111,14 @@ def _(x, bias, use_triton):
 def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
                   use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dbias) from the saved pre-activation x and bias; dbias is empty when bias is None."""
-    n_rows, n_cols = x.shape
+    n_cols = x.shape[-1]
+    n_rows = x.numel() // max(n_cols, 1)
     if not use_triton:
         # as PyTorch computes it, by torch's own GELU backward (fp32 inside) on the forward's pre-activation
-        dx = torch.ops.aten.gelu_backward(dy.to(x.dtype), x if bias is None else x + bias.to(x.dtype))
-        db = x.new_empty(0) if bias is None else dx.sum(0, dtype=torch.float32).to(bias.dtype)
+        dx = torch.ops.aten.gelu_backward(cast(dy, x.dtype), x if bias is None else x + cast(bias, x.dtype))
+        db = x.new_empty(0) if bias is None else cast(dx.reshape(-1, n_cols).sum(0, dtype=torch.float32), bias.dtype)
         return dx, db
-    dy, x = _rows(dy), _rows(x)
+    dy, x = as_rows(dy), as_rows(x)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     if not (n_rows and n_cols):
         return dx, (x.new_empty(0) if bias is None else torch.zeros_like(bias))
@@ -129,10 +127,10 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor
     programs = row_programs(row_blocks, x.device)
     db_part = x.new_empty((programs if bias is not None else 0, n_cols), dtype=torch.float32)
     launch(_bias_gelu_bwd_kernel, (programs, cdiv(n_cols, block_n)),
-        dy, x, x if bias is None else bias.contiguous(), dx, db_part, dy.stride(0), x.stride(0), dx.stride(0),
+        dy, x, x if bias is None else bias.contiguous(), dx, db_part, dy.stride(-2), x.stride(-2), dx.stride(-2),
         n_rows, n_cols, cdiv(row_blocks, programs), HAS_BIAS=bias is not None, BLOCK_M=block_m,
         BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
-    return dx, (x.new_empty(0) if bias is None else db_part.sum(0).to(bias.dtype))
+    return dx, (x.new_empty(0) if bias is None else cast(db_part.sum(0), bias.dtype))
 
 
 @bias_gelu_bwd.register_fake
@@ -141,7 +139,7 @@ def _(dy, x, bias, use_triton):
 
 
 class BiasGeluFn(torch.autograd.Function):
-    """Autograd for GELU(x + b) on (rows, C); saves the pre-activation x and b only."""
+    """Autograd for GELU(x + b) on (..., C); saves the pre-activation x and b only."""
 
     @staticmethod
     def forward(ctx, x, bias, use_triton):
@@ -174,9 +172,10 @@ class BiasGeluLinearFn(torch.autograd.Function):
     def backward(ctx, dout):
         x, bias, lin_weight = ctx.saved_tensors
         h = bias_gelu_fwd(x, bias, ctx.use_triton)
-        dh = (dout @ lin_weight.to(dout.dtype)).to(x.dtype)
-        d_lin_w = (dout.t() @ h.to(dout.dtype)).to(lin_weight.dtype)
-        d_lin_b = dout.sum(0).to(lin_weight.dtype) if ctx.has_lin_bias else None
+        dh = cast(dout @ cast(lin_weight, dout.dtype), x.dtype)
+        g = dout.reshape(-1, dout.shape[-1])
+        d_lin_w = cast(g.t() @ cast(h, dout.dtype).reshape(-1, h.shape[-1]), lin_weight.dtype)
+        d_lin_b = cast(g.sum(0), lin_weight.dtype) if ctx.has_lin_bias else None
         dx, db = bias_gelu_bwd(dh, x, bias, ctx.use_triton)
         # None for use_triton and what a subclass's forward adds
         return dx, (None if bias is None else db), d_lin_w, d_lin_b, *[None] * (len(ctx.needs_input_grad) - 4)
@@ -186,12 +185,14 @@ def _check_rows(x, bias):
     c = x.shape[-1]
     if bias is not None and bias.shape != (c,):
         raise ValueError(f"bias must have shape ({c},), got {tuple(bias.shape)}")
-    return _rows(x).reshape(-1, c)
+    return as_rows(x)
 
 
 def bias_gelu(x, bias, use_triton):
     """GELU(x + bias) over the last dim of x (any leading shape), in x's dtype; see the module doc."""
-    return apply(BiasGeluFn, _check_rows(x, bias), bias, use_triton).view_as(x)
+    x2 = _check_rows(x, bias)
+    out = apply(BiasGeluFn, x2, bias, use_triton)
+    return out if x2 is x else out.view_as(x)
 
 
 def bias_gelu_linear(x, bias, lin_weight, lin_bias, use_triton, function=BiasGeluLinearFn, function_args=()):
@@ -199,8 +200,9 @@ def bias_gelu_linear(x, bias, lin_weight, lin_bias, use_triton, function=BiasGel
 
     ``function`` is the autograd Function that runs it, with ``function_args`` after the common ones
     (``gelu_matmul`` passes its fused-GEMM subclass and the kernel choice)."""
-    out = apply(function, _check_rows(x, bias), bias, lin_weight, lin_bias, use_triton, *function_args)
-    return out.view(*x.shape[:-1], lin_weight.shape[0])
+    x2 = _check_rows(x, bias)
+    out = apply(function, x2, bias, lin_weight, lin_bias, use_triton, *function_args)
+    return out if x2 is x else out.view(*x.shape[:-1], lin_weight.shape[0])
 
 
 def aot_specs(shape, dtype):

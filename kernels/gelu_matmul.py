@@ -33,19 +33,23 @@ def gelu_matmul_ref(x, bias, weight, weight_bias):
 @eager_op("gelu_matmul_fwd")
 def gelu_matmul_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], weight: torch.Tensor,
                     weight_bias: Optional[torch.Tensor], use_triton: bool, tma: bool = False) -> torch.Tensor:
-    """GELU(x + bias) weight^T + weight_bias on (rows, C) x, in weight's dtype; ``tma``: the persistent TMA GEMM."""
+    """GELU(x + bias) weight^T + weight_bias on x of shape (..., C), in weight's dtype; ``tma``: the persistent TMA
+    GEMM."""
     if not use_triton:
         h = _bg.bias_gelu_fwd(x, bias, False).to(weight.dtype)
         return F.linear(h, weight, None if weight_bias is None else weight_bias.to(weight.dtype))
+    a = x.reshape(-1, x.shape[-1])  # the GEMM's (rows, C) operand
     if bias is None:
-        return fused_matmul(x, weight, weight.dtype, weight_bias, prologue="gelu", tma=tma)
-    return fused_matmul(x, weight, weight.dtype, weight_bias, prologue="bias_gelu", prologue_bias=bias.contiguous(),
-                        tma=tma)
+        out = fused_matmul(a, weight, weight.dtype, weight_bias, prologue="gelu", tma=tma)
+    else:
+        out = fused_matmul(a, weight, weight.dtype, weight_bias, prologue="bias_gelu",
+                           prologue_bias=bias.contiguous(), tma=tma)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 @gelu_matmul_fwd.register_fake
 def _(x, bias, weight, weight_bias, use_triton, tma=False):
-    return x.new_empty((x.shape[0], weight.shape[0]), dtype=weight.dtype)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=weight.dtype)
 
 
 class GeluMatmulFn(_bg.BiasGeluLinearFn):

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import apply, cast, cdiv, eager_op, launch, next_power_of_2, row_programs
+from fastvit.kernels._launch import (apply, as_rows, cast, cdiv, eager_op, launch, next_power_of_2,
+                                     row_programs)
 from fastvit.kernels._report import AOT_IMAGES, AOT_PROGRAMS, spec_from_launch
 
 MAX_FEATURES = 16384
@@ -120,22 +121,13 @@ def _add_ln_bwd_kernel(DY, DRES_OUT, RES, W, MEAN, RSTD, DX, DRES_IN, DW_PART, D
     tl.store(DB_PART + pid * n_cols + cols, db, mask=mask)
 
 
-def _rows(t):
-    """``t`` as rows of D with unit stride, each ``t.stride(-2)`` after the last: ``t`` itself when contiguous (any
-    leading shape: no reshape there and back, ~1 us a view on the host and an autograd node each with grad), else a
-    2D (rows, D) view or copy."""
-    if t.dim() >= 2 and t.is_contiguous():
-        return t
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 @eager_op("add_layer_norm_fwd")
 def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
                        bias: torch.Tensor, eps: float, residual_in_fp32: bool,
                        use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """On x of shape (..., D) (rows as :func:`_rows` gives them): (y, new_residual, mean, rstd); new_residual is empty
-    when it would equal x itself; the statistics are (..., 1), as torch's LayerNorm gives them."""
+    """On x of shape (..., D) (rows as ``_launch.as_rows`` gives them): (y, new_residual, mean, rstd);
+    new_residual is empty when it would equal x itself; the statistics are (..., 1), as torch's LayerNorm gives
+    them."""
     if not use_triton:
         res_dtype = _residual_dtype(x, residual, residual_in_fp32)
         store = residual is not None or res_dtype != x.dtype
@@ -159,8 +151,8 @@ def launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y=No
     n_cols = x.shape[-1]
     block, num_warps, num_stages = _config(n_cols)
     n_rows = x.numel() // n_cols
-    x = _rows(x)
-    residual = None if residual is None else _rows(residual)
+    x = as_rows(x)
+    residual = None if residual is None else as_rows(residual)
     # empty_like / new_empty: ~1 us less host time each than torch.empty(shape, dtype=, device=)
     res = (torch.empty_like(x, dtype=res_dtype, memory_format=torch.contiguous_format) if store
            else x.new_empty(0, dtype=res_dtype))
@@ -204,8 +196,8 @@ def add_layer_norm_bwd(dy: torch.Tensor, dres_out: Optional[torch.Tensor], res: 
         return cast(d, dy.dtype), dres_in, cast(dw, weight.dtype), cast(db, weight.dtype)
     block, num_warps, num_stages = _config(n_cols)
     n_rows = res.numel() // n_cols
-    dy = _rows(dy)
-    dres_out = None if dres_out is None else _rows(dres_out)
+    dy = as_rows(dy)
+    dres_out = None if dres_out is None else as_rows(dres_out)
     dx = torch.empty_like(res, dtype=dy.dtype, memory_format=torch.contiguous_format)
     dres_in = (torch.empty_like(res, memory_format=torch.contiguous_format) if separate_residual_grad
                else res.new_empty(0))
@@ -328,8 +320,8 @@ def _check_ln_args(x, residual, weight, bias):
                          f"{tuple(bias.shape)}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    x2 = _rows(x)
-    r2 = None if residual is None else _rows(residual)
+    x2 = as_rows(x)
+    r2 = None if residual is None else as_rows(residual)
     if r2 is not None and r2.dim() != x2.dim():  # one of them was not contiguous: both as (rows, D)
         x2, r2 = x2.reshape(-1, d), r2.reshape(-1, d)
     # x and residual get the same gradient; a leaf must not share its .grad storage with the other
