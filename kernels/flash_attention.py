@@ -133,6 +133,7 @@ _FWD_ALTERNATIVES = {64: (_Blocks(64, 64, 4, 2), _Blocks(128, 64, 8, 3), _Blocks
                      128: (_Blocks(64, 32, 8, 3),)}
 
 
+@functools.lru_cache(maxsize=None)
 def forward_tiles(head_dim):
     """The forward kernel's tile choices at ``head_dim``: the default (:func:`_blocks`) first, then the alternatives
     a measured choice may pick (``fwd_tiles`` indexes this)."""
@@ -408,7 +409,7 @@ def _new_out(q):
     """The output as a (B, heads, N, hd) view of a (B, N, heads, hd) buffer: the model's
     ``out.transpose(1, 2).reshape(B, N, D)`` is then free."""
     b, h, n, d = q.shape
-    return q.new_empty((b, n, h, d)).permute(0, 2, 1, 3)
+    return q.new_empty_strided((b, h, n, d), (n * h * d, d, h * d, 1))  # one call: ~2 us less than a permute
 
 
 def _has_cls(n, grid_h, grid_w):
