@@ -89,6 +89,14 @@ def output_may_fuse(module, cls) -> bool:
     return runs_unmodified(module, cls) and not is_fx_symbolic_tracing()
 
 
+def linear(module, x):
+    """``module(x)`` for a Linear layer, by ``ops.linear`` on its parameters where it is an unmodified nn.Linear and
+    :func:`output_may_fuse` (the same product, in fp32 on a CPU that emulates its bf16 / fp16 GEMM)."""
+    if output_may_fuse(module, nn.Linear):
+        return ops.linear(x, *weight_and_bias(module))
+    return module(x)
+
+
 def fusable_layer_norm(norm) -> bool:
     """An unmodified affine nn.LayerNorm over the last dim, which the fused residual add + LayerNorm can replace."""
     if not runs_unmodified(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
@@ -286,7 +294,7 @@ class Attention(nn.Module):
         out = ops.attention(q, k, v, rel_bias=rel_bias, grid_size=grid_size,
                             dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
         modules = self._modules
-        return call(modules["proj_drop"], modules["proj"](out.transpose(1, 2).reshape(B, N, D3 // 3)))
+        return call(modules["proj_drop"], linear(modules["proj"], out.transpose(1, 2).reshape(B, N, D3 // 3)))
 
 
 class Mlp(nn.Module):
@@ -690,7 +698,7 @@ class VisionTransformer(nn.Module):
         """Pool the tokens (class token or average), normalise if fc_norm, then the linear head."""
         x = layer_norm(self.fc_norm, self.pool(x), None, self.backend)[0]
         x = call(self.head_drop, x)
-        return x if pre_logits else self.head(x)
+        return x if pre_logits else linear(self.head, x)
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))

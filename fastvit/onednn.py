@@ -14,6 +14,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from fastvit.kernels import _gemm
 from fastvit.kernels.matmul import compute_dtype
 
 
@@ -54,12 +55,14 @@ def supports(dtype: torch.dtype) -> bool:
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """GELU(x W^T + b) (exact erf GELU) over the last dim of a CPU tensor ``x``, in the dtype F.linear would compute
-    in (the autocast dtype under autocast), by one oneDNN GEMM where :func:`supports` that dtype and it is
-    :func:`worth_fusing`, else by F.linear and F.gelu. Inference only: the op has no backward."""
+    in (the autocast dtype under autocast), by one oneDNN GEMM where :func:`supports` that dtype, it is
+    :func:`worth_fusing` and the product does not run in fp32 (``kernels/_gemm.py``), else by that module's
+    ``linear`` and F.gelu. Inference only: the op has no backward."""
     dtype = compute_dtype(x)
     k = x.shape[-1]
-    if not (worth_fusing(dtype, x.numel() // max(k, 1), k, weight.shape[0]) and supports(dtype)):
-        return F.gelu(F.linear(x, weight, bias))
+    if (not (worth_fusing(dtype, x.numel() // max(k, 1), k, weight.shape[0]) and supports(dtype))
+            or _gemm.in_fp32(x, dtype)):
+        return F.gelu(_gemm.linear(x, weight, bias))
     rows = x.reshape(-1, k).to(dtype)
     out = torch.ops.mkldnn._linear_pointwise(rows, weight.to(dtype).contiguous(),
                                              None if bias is None else bias.to(dtype), "gelu", [], "none")

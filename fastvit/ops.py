@@ -3,7 +3,8 @@
 The model calls only these functions for patch embedding, residual add + LayerNorm, bias + GELU and attention
 (plus two composites, LayerNorm + Linear and GELU + Linear, that recompute the LayerNorm / GELU output in backward
 instead of saving it, and on a GPU may run them inside our GEMMs; ``layer_norm_mlp``, a block's whole MLP branch,
-which in CPU inference runs the GELU in fc1's GEMM; ``linear_residual`` adds a Linear's residual in its GEMM).
+which in CPU inference runs the GELU in fc1's GEMM; ``linear_residual`` adds a Linear's residual in its GEMM;
+``linear``, the other Linears, is F.linear but on a CPU whose bf16 / fp16 GEMM is emulated).
 Each takes ``backend``:
 
 - ``"torch"``: the op's torch fallback (plain PyTorch math);
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvit import autotune, onednn
+from fastvit.kernels import _gemm
 from fastvit.kernels import bias_gelu as _bias_gelu
 from fastvit.kernels import flash_attention as _flash_attention
 from fastvit.kernels import gelu_matmul as _gelu_matmul
@@ -28,7 +30,7 @@ from fastvit.kernels import ln_matmul as _ln_matmul
 from fastvit.kernels import matmul as _matmul
 from fastvit.kernels import matmul_residual as _matmul_residual
 from fastvit.kernels import patch_embed as _patch_embed
-from fastvit.kernels._launch import capability, inference_call
+from fastvit.kernels._launch import apply, capability, cast, inference_call
 from fastvit.kernels._launch import interpreting as triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton")
@@ -160,7 +162,7 @@ def layer_norm_mlp(x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, fc
                                                  residual_in_fp32, backend)
         return bias_gelu_linear(hidden, None, fc2_weight, fc2_bias, backend), residual
     y, residual = add_layer_norm(x, residual, norm_weight, norm_bias, eps, residual_in_fp32, backend)
-    return F.linear(onednn.linear_gelu(y, fc1_weight, fc1_bias), fc2_weight, fc2_bias), residual
+    return _gemm.linear(onednn.linear_gelu(y, fc1_weight, fc1_bias), fc2_weight, fc2_bias), residual
 
 
 def linear_residual(x, weight, bias, residual, backend="auto"):
@@ -175,6 +177,16 @@ def linear_residual(x, weight, bias, residual, backend="auto"):
     impl = gemm_impl("linear_residual", x, weight, (("residual", str(residual.dtype)), ("bias", bias is not None)),
                      functools.partial(_run_linear_residual, args))
     return _run_linear_residual(args, impl)
+
+
+def linear(x, weight, bias=None):
+    """x W^T + b: ``F.linear``, except on a CPU that only emulates the bf16 / fp16 GEMM the call computes in, where
+    the product and its backward run in fp32 on operands rounded as autocast rounds them (``kernels/_gemm.py``:
+    ~10x faster there, the same values up to summation order). The model's attention projection and head."""
+    dtype = _matmul.compute_dtype(x)
+    if not _gemm.in_fp32(x, dtype) or weight.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        return F.linear(x, weight, bias)  # (mixed dtypes without autocast raise there)
+    return apply(_gemm.LinearFn, cast(x, dtype), cast(weight, dtype), bias)
 
 
 def _run_linear_residual(args, impl):
@@ -359,5 +371,5 @@ def _attention_runner(q, rel_bias, grid, dropout_p, training, impl):
 # torch.fx traces the model with these as leaf calls: a traced module runs the same kernels, and their Python
 # checks and dispatch see real tensors, never proxies.
 for _name in ("patch_embed", "add_class_and_position", "add_layer_norm", "bias_gelu", "add_layer_norm_linear",
-              "bias_gelu_linear", "layer_norm_mlp", "linear_residual", "attention"):
+              "bias_gelu_linear", "layer_norm_mlp", "linear_residual", "linear", "attention"):
     torch.fx.wrap(_name)

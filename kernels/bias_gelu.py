@@ -16,6 +16,7 @@ import triton.language as tl
 
 from fastvit.kernels._launch import (apply, as_rows, cast, cdiv, eager_op, launch, next_power_of_2,
                                      row_programs)
+from fastvit.kernels._gemm import linear, matmul
 from fastvit.kernels._report import AOT_IMAGES, AOT_PROGRAMS, spec_from_launch
 
 # constexpr so the kernels can read them
@@ -166,15 +167,15 @@ class BiasGeluLinearFn(torch.autograd.Function):
         ctx.use_triton = use_triton
         ctx.has_lin_bias = lin_bias is not None
         ctx.save_for_backward(x, bias, lin_weight)
-        return F.linear(bias_gelu_fwd(x, bias, use_triton), lin_weight, lin_bias)
+        return linear(bias_gelu_fwd(x, bias, use_triton), lin_weight, lin_bias)
 
     @staticmethod
     def backward(ctx, dout):
         x, bias, lin_weight = ctx.saved_tensors
         h = bias_gelu_fwd(x, bias, ctx.use_triton)
-        dh = cast(dout @ cast(lin_weight, dout.dtype), x.dtype)
+        dh = cast(matmul(dout, lin_weight), x.dtype)
         g = dout.reshape(-1, dout.shape[-1])
-        d_lin_w = cast(g.t() @ cast(h, dout.dtype).reshape(-1, h.shape[-1]), lin_weight.dtype)
+        d_lin_w = cast(matmul(g.t(), h.reshape(-1, h.shape[-1])), lin_weight.dtype)
         d_lin_b = cast(g.sum(0), lin_weight.dtype) if ctx.has_lin_bias else None
         dx, db = bias_gelu_bwd(dh, x, bias, ctx.use_triton)
         # None for use_triton and what a subclass's forward adds

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from fastvit.kernels._launch import (apply, as_rows, cast, cdiv, eager_op, launch, next_power_of_2,
                                      row_programs)
+from fastvit.kernels._gemm import linear, matmul
 from fastvit.kernels._report import AOT_IMAGES, AOT_PROGRAMS, spec_from_launch
 
 MAX_FEATURES = 16384
@@ -293,7 +294,7 @@ class AddLayerNormLinearFn(torch.autograd.Function):
                 copy_residual_grad=False):
         y, res, mean, rstd = _ln_forward(ctx, x, residual, weight, bias, eps, residual_in_fp32, use_triton,
                                          copy_residual_grad)
-        out = F.linear(y, lin_weight, lin_bias)  # under autocast this runs in the autocast dtype
+        out = linear(y, lin_weight, lin_bias)  # under autocast this runs in the autocast dtype
         ctx.has_lin_bias = lin_bias is not None
         ctx.save_for_backward(res, weight, bias, mean, rstd, lin_weight)
         return (out, res) if ctx.stored else out
@@ -303,8 +304,8 @@ class AddLayerNormLinearFn(torch.autograd.Function):
         res, weight, bias, mean, rstd, lin_weight = ctx.saved_tensors
         y = add_layer_norm_fwd(res, None, weight, bias, ctx.eps, False, ctx.use_triton)[0]
         g = dout.reshape(-1, dout.shape[-1])
-        dy = cast(g @ cast(lin_weight, g.dtype), ctx.x_dtype).view_as(res)
-        d_lin_w = cast(g.t() @ cast(y, g.dtype).reshape(-1, y.shape[-1]), lin_weight.dtype)
+        dy = cast(matmul(g, lin_weight), ctx.x_dtype).view_as(res)
+        d_lin_w = cast(matmul(g.t(), y.reshape(-1, y.shape[-1])), lin_weight.dtype)
         d_lin_b = cast(g.sum(0), lin_weight.dtype) if ctx.has_lin_bias else None
         dx, d_residual, dw, db = _ln_backward(ctx, dy, dres, res, weight, mean, rstd)
         # None for eps, residual_in_fp32, use_triton, copy_residual_grad and what a subclass's forward adds

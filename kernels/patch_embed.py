@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from fastvit.kernels._launch import apply, autocast_off, cast, cdiv, eager_op, launch, next_power_of_2, sm_count
+from fastvit.kernels._gemm import in_fp32, matmul
 from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
 
 # compute dtype -> the constexpr code the kernels branch on (0: fp32 operands, exact IEEE dot)
@@ -255,7 +256,10 @@ def patch_embed_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
             if x.shape[2] != gh * patch_h or x.shape[3] != gw * patch_w:
                 x = x[:, :, :gh * patch_h, :gw * patch_w]  # the rows and columns no patch covers are dropped
             xc = cast(x, compute_dtype)
-            tokens = F.conv2d(xc, cast(weight, compute_dtype), stride=(patch_h, patch_w)).flatten(2).transpose(1, 2)
+            if in_fp32(x, compute_dtype):  # as one GEMM over the patch matrix (kernels._gemm)
+                tokens = matmul(_patches(xc, patch_h, patch_w), weight.reshape(dim, -1).t())
+            else:
+                tokens = F.conv2d(xc, cast(weight, compute_dtype), stride=(patch_h, patch_w)).flatten(2).transpose(1, 2)
             # + bias, + position rows in fp32, written in place into the output's patch rows (no class-token cat)
             z = torch.empty((bsz, n + has_cls, dim), dtype=torch.float32, device=x.device)
             patches = z[:, 1:] if has_cls else z
@@ -316,9 +320,9 @@ def patch_embed_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pat
         g = dy[:, int(has_cls):].to(compute_dtype).reshape(-1, dim)
         if need_dw:
             xp = _patches(x.to(compute_dtype), patch_h, patch_w).reshape(g.shape[0], weight[0].numel())
-            dw = (g.t() @ xp).view(weight.shape).to(weight.dtype)
+            dw = matmul(g.t(), xp).view(weight.shape).to(weight.dtype)
         if need_dx:
-            dxp = (g @ weight.to(compute_dtype).reshape(dim, -1)).to(x.dtype)
+            dxp = matmul(g, weight.reshape(dim, -1)).to(x.dtype)
             dxp = dxp.view(bsz, gh, gw, c, patch_h, patch_w).permute(0, 3, 1, 4, 2, 5)
             dx = torch.zeros_like(x)
             dx[:, :, :gh * patch_h, :gw * patch_w] = dxp.reshape(bsz, c, gh * patch_h, gw * patch_w)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from _helpers import timm_pair
 from fastvit import onednn, ops
+from fastvit.kernels import _gemm
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
 needs_bf16 = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
@@ -49,8 +50,10 @@ def test_linear_gelu_under_autocast_is_within_torchs_own_error():
 
 @needs_onednn
 @pytest.mark.parametrize("shape, dtype", [((17, 64), torch.float32), ((197, 768), torch.bfloat16)])
-def test_small_products_stay_unfused(shape, dtype):
-    """Where a oneDNN call costs more than it saves (``worth_fusing``): F.linear + F.gelu, bit for bit."""
+def test_small_products_stay_unfused(shape, dtype, monkeypatch):
+    """Where a oneDNN call costs more than it saves (``worth_fusing``): F.linear + F.gelu, bit for bit (with
+    PyTorch's own bf16 GEMM, which tests/test_cpu_gemm.py compares the fp32 one with)."""
+    monkeypatch.setattr(_gemm, "EMULATED", frozenset())
     x, w, b = _linear_case(shape=shape, out=4 * shape[-1])
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         out, fused = _fused_gemms(lambda: onednn.linear_gelu(x, w, b))
