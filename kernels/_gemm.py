@@ -9,7 +9,9 @@ timm's ViT and of ours. That kernel accumulates in fp32 too, so rounding the ope
 (at ViT shapes 99.99% of outputs are bitwise equal, the rest one rounding step apart) in a fraction of the time.
 
 :func:`linear` and :func:`matmul` do that on such CPUs and are F.linear and ``@`` elsewhere: on a GPU, on a CPU
-with native low-precision GEMMs, in fp32, and under torch.compile / export (inductor chooses its own GEMMs).
+with native low-precision GEMMs, in fp32, and under torch.export (an exported program keeps plain low-precision
+products). torch.compile traces them as written; inductor keeps the forward's fp32 products but has been seen to fold
+the backward's casts back into bf16 GEMMs (README).
 :class:`LinearFn` is the Linear whose backward products go the same way; it saves what F.linear saves.
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ EMULATED = _emulated_dtypes()
 
 def in_fp32(x: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether a product of CPU operands like ``x`` computing in ``dtype`` runs in fp32 here (see the module doc)."""
-    return dtype in EMULATED and x.device.type == "cpu" and not torch.compiler.is_compiling()
+    return dtype in EMULATED and x.device.type == "cpu" and not torch.compiler.is_exporting()
 
 
 def _rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
