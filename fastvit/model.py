@@ -90,11 +90,12 @@ def output_may_fuse(module, cls) -> bool:
 
 
 def linear(module, x):
-    """``module(x)`` for a Linear layer, by ``ops.linear`` on its parameters where it is an unmodified nn.Linear and
-    :func:`output_may_fuse` (the same product, in fp32 on a CPU that emulates its bf16 / fp16 GEMM)."""
-    if output_may_fuse(module, nn.Linear):
-        return ops.linear(x, *weight_and_bias(module))
-    return module(x)
+    """``module(x)`` for a Linear layer, by ``ops.linear`` on its parameters where that may differ from F.linear
+    (in fp32 on a CPU that emulates its bf16 / fp16 GEMM) and the module is an unmodified nn.Linear that
+    :func:`output_may_fuse`."""
+    if ops.linear_is_plain(x) or not output_may_fuse(module, nn.Linear):
+        return module(x)
+    return ops.linear(x, *weight_and_bias(module))
 
 
 def fusable_layer_norm(norm) -> bool:

@@ -189,6 +189,12 @@ def linear(x, weight, bias=None):
     return apply(_gemm.LinearFn, cast(x, dtype), cast(weight, dtype), bias)
 
 
+def linear_is_plain(x) -> bool:
+    """Whether :func:`linear` is F.linear for inputs like ``x`` whatever the dtype: a cheap test (off a CPU, or on
+    one with native low-precision GEMMs), so that a caller may keep its nn.Linear call there."""
+    return not _gemm.EMULATED or x.device.type != "cpu"
+
+
 def _run_linear_residual(args, impl):
     if impl == "cublas+add":
         return _matmul_residual.matmul_residual_ref(*args[:-1])
