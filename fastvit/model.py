@@ -91,9 +91,9 @@ def output_may_fuse(module, cls) -> bool:
 
 def linear(module, x):
     """``module(x)`` for a Linear layer, by ``ops.linear`` on its parameters where that may differ from F.linear
-    (in fp32 on a CPU that emulates its bf16 / fp16 GEMM) and the module is an unmodified nn.Linear that
-    :func:`output_may_fuse`."""
-    if ops.linear_is_plain(x) or not output_may_fuse(module, nn.Linear):
+    (in fp32 on a CPU that emulates its bf16 / fp16 GEMM), the module is an unmodified nn.Linear, and not under
+    torch.fx (a module call is a node of its own there, and ``x`` a proxy)."""
+    if is_fx_symbolic_tracing() or ops.linear_is_plain(x) or not runs_unmodified(module, nn.Linear):
         return module(x)
     return ops.linear(x, *weight_and_bias(module))
 
