@@ -183,9 +183,9 @@ def linear(x, weight, bias=None):
     """x W^T + b: ``F.linear``, except on a CPU that only emulates the bf16 / fp16 GEMM the call computes in, where
     the product and its backward run in fp32 on operands rounded as autocast rounds them (``kernels/_gemm.py``:
     ~10x faster there, the same values up to summation order). The model's attention projection and head."""
-    dtype = _matmul.compute_dtype(x)
-    if not _gemm.in_fp32(x, dtype) or weight.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
-        return F.linear(x, weight, bias)  # (mixed dtypes without autocast raise there)
+    dtype = _gemm.fp32_dtype(x, weight, bias)
+    if dtype is None:
+        return F.linear(x, weight, bias)
     return apply(_gemm.LinearFn, cast(x, dtype), cast(weight, dtype), bias)
 
 

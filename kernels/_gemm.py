@@ -51,18 +51,27 @@ def _rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cast(t, dtype).float()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` with its dtype rules (under autocast every operand is cast to the autocast
-    dtype; without, the operands' dtypes must agree), in fp32 where :func:`in_fp32` says so, rounded to the dtype
-    F.linear returns."""
+def fp32_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """The dtype ``F.linear(x, weight, bias)`` computes in, where :func:`in_fp32` moves that product to fp32;
+    else None (also for operands whose dtypes F.linear would reject: it raises for them)."""
     device = x.device.type
     if not EMULATED or device != "cpu":  # the cheap test first, for the host path of a GPU call
-        return F.linear(x, weight, bias)
+        return None
     autocast = torch.is_autocast_enabled(device)
     dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
     if not in_fp32(x, dtype) or not (autocast or weight.dtype == dtype and (bias is None or bias.dtype == dtype)):
+        return None
+    return dtype
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with its dtype rules (under autocast every operand is cast to the autocast
+    dtype; without, the operands' dtypes must agree), in fp32 where :func:`fp32_dtype` says so, rounded to the
+    dtype F.linear returns."""
+    dtype = fp32_dtype(x, weight, bias)
+    if dtype is None:
         return F.linear(x, weight, bias)
-    with autocast_off(device):
+    with autocast_off(x.device.type):
         out = F.linear(_rounded(x, dtype), _rounded(weight, dtype), None if bias is None else _rounded(bias, dtype))
     return out.to(dtype)
 
