@@ -30,7 +30,7 @@ from fastvit.kernels import ln_matmul as _ln_matmul
 from fastvit.kernels import matmul as _matmul
 from fastvit.kernels import matmul_residual as _matmul_residual
 from fastvit.kernels import patch_embed as _patch_embed
-from fastvit.kernels._launch import apply, capability, cast, inference_call
+from fastvit.kernels._launch import apply, capability, cast, inference_call, transformed
 from fastvit.kernels._launch import interpreting as triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton")
@@ -56,11 +56,12 @@ def use_triton(backend: str, x: torch.Tensor) -> bool:
     return runnable
 
 
-def _exporting_torch(backend, x) -> bool:
-    """Whether torch.export (so also torch.onnx's exporter) is tracing a call the torch fallback would run: then
-    the op emits its plain-torch reference, so the exported program holds only aten ops (ONNX has no translation
-    for ours, and inference needs none of their memory savings)."""
-    return torch.compiler.is_exporting() and not use_triton(backend, x)
+def _reference(backend, x) -> bool:
+    """Whether a call runs the op's plain-torch reference: under a torch.func transform (:func:`transformed`:
+    functorch cannot run the ops' autograd Functions), and where torch.export (so also torch.onnx's exporter)
+    traces a call the torch fallback would run (the exported program then holds only aten ops: ONNX has no
+    translation for ours, and inference needs none of their memory savings)."""
+    return transformed() or (torch.compiler.is_exporting() and not use_triton(backend, x))
 
 
 def patch_embed(x, weight, bias, patch_size, pos_embed=None, cls_token=None, no_embed_class=False,
@@ -71,7 +72,7 @@ def patch_embed(x, weight, bias, patch_size, pos_embed=None, cls_token=None, no_
     None or (1, L, D) with L = N + 1 when it has a class-token row (``no_embed_class=False``) else N;
     ``cls_token`` is None or (1, 1, D). Returns (B, N [+1], D).
     """
-    if _exporting_torch(backend, x):
+    if _reference(backend, x):
         return _patch_embed.patch_embed_ref(x, weight, bias, patch_size, pos_embed, cls_token, no_embed_class)
     return _patch_embed.patch_embed(x, weight, bias, patch_size, pos_embed, cls_token, no_embed_class,
                                     use_triton(backend, x))
@@ -88,14 +89,14 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-6, residual_in_fp32=False, 
 
     y has x's dtype; new_residual is fp32 when ``residual_in_fp32``.
     """
-    if _exporting_torch(backend, x):
+    if _reference(backend, x):
         return _layer_norm.add_layer_norm_ref(x, residual, weight, bias, eps, residual_in_fp32)
     return _layer_norm.add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, use_triton(backend, x))
 
 
 def bias_gelu(x, bias, backend="auto"):
     """y = GELU(x + bias) with the exact erf GELU of the paper and timm."""
-    if _exporting_torch(backend, x):
+    if _reference(backend, x):
         return _bias_gelu.bias_gelu_ref(x, bias)
     return _bias_gelu.bias_gelu(x, bias, use_triton(backend, x))
 
@@ -110,7 +111,7 @@ def add_layer_norm_linear(x, residual, norm_weight, norm_bias, weight, bias=None
     Where the Triton kernels run on a GPU, the LayerNorm either runs on its own before cuBLAS ("ln+cublas") or
     inside our GEMM's loads ("ln_gemm", ``kernels/ln_matmul.py``), whichever was measured faster for this call
     shape (:func:`gemm_impl`)."""
-    if _exporting_torch(backend, x):
+    if _reference(backend, x):
         return _ln_matmul.ln_matmul_ref(x, residual, norm_weight, norm_bias, weight, bias, eps, residual_in_fp32)
     args = (x, residual, norm_weight, norm_bias, weight, bias, eps, residual_in_fp32, use_triton(backend, x))
     if not _gemm_on_gpu(args[-1], x):
@@ -132,7 +133,7 @@ def bias_gelu_linear(x, bias, weight, weight_bias=None, backend="auto"):
 
     On a GPU with the Triton kernels: the bias + GELU kernel before cuBLAS ("gelu+cublas") or inside our GEMM's
     loads ("gelu_gemm", ``kernels/gelu_matmul.py``), whichever was measured faster (:func:`gemm_impl`)."""
-    if _exporting_torch(backend, x):
+    if _reference(backend, x):
         return _gelu_matmul.gelu_matmul_ref(x, bias, weight, weight_bias)
     args = (x, bias, weight, weight_bias, use_triton(backend, x))
     if not _gemm_on_gpu(args[-1], x):
@@ -157,7 +158,7 @@ def layer_norm_mlp(x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, fc
     ``bias_gelu_linear`` (only the pre-activation is kept for backward). In plain CPU inference with the torch
     fallback nothing is kept, so the GELU runs in fc1's GEMM epilogue instead (``fastvit.onednn``)."""
     args = (x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    if x.device.type != "cpu" or use_triton(backend, x) or not inference_call(args):
+    if x.device.type != "cpu" or use_triton(backend, x) or transformed() or not inference_call(args):
         hidden, residual = add_layer_norm_linear(x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, eps,
                                                  residual_in_fp32, backend)
         return bias_gelu_linear(hidden, None, fc2_weight, fc2_bias, backend), residual
@@ -172,7 +173,7 @@ def linear_residual(x, weight, bias, residual, backend="auto"):
     before its store ("gemm_residual", ``kernels/matmul_residual.py``), whichever was measured faster
     (:func:`gemm_impl`); elsewhere, and with ``backend="torch"``, ``F.linear(x, W, b) + residual``."""
     args = (x, weight, bias, residual, use_triton(backend, x))
-    if not _gemm_on_gpu(args[-1], x):
+    if not _gemm_on_gpu(args[-1], x) or transformed():
         return _matmul_residual.matmul_residual_ref(*args[:-1])
     impl = gemm_impl("linear_residual", x, weight, (("residual", str(residual.dtype)), ("bias", bias is not None)),
                      functools.partial(_run_linear_residual, args))
@@ -290,6 +291,9 @@ def attention(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None,
     and on CPU it takes flash_attn where it can run, else the Triton kernels where they can (fp32/fp16/bf16,
     head_dim <= 128), else scaled_dot_product_attention.
     """
+    if transformed():  # SDPA's math kernel: the fused ones have neither forward-mode AD nor vmap rules
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            return _run_attention("torch", q, k, v, rel_bias, grid_size, dropout_p, scale)
     impl = attention_backend(q, rel_bias, backend, dropout_p, grid_size)
     return _run_attention(impl, q, k, v, rel_bias, grid_size, dropout_p, scale)
 

@@ -80,6 +80,13 @@ def autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
+def transformed() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, jacrev, ...) is running. functorch takes only autograd
+    Functions that define ``setup_context`` (and a vmap rule), which the ops' Functions do not: the ops run their
+    plain-torch references instead, whose aten ops it transforms as it does timm's."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as rows of its last dim with unit stride, each ``t.stride(-2)`` after the last, as the row-wise kernels
     read them: ``t`` itself when contiguous (any leading shape: no reshape to (rows, D) and view back, each ~1 us on
