@@ -227,6 +227,15 @@ def records_autograd(args) -> bool:
     return False
 
 
+def triton_in_backward(use_triton: bool) -> bool:
+    """Whether a Function's backward runs our kernels (``use_triton``, as its forward did): not where autograd
+    records the backward itself (``create_graph=True``: double backward, gradient penalties, Hessian-vector
+    products). The kernels have no derivative, so their outputs would enter that graph as constants and a second
+    derivative would silently lose their terms; the torch fallback computes the same gradients by aten ops, which
+    have derivatives."""
+    return use_triton and not torch.is_grad_enabled()
+
+
 def inference_call(args) -> bool:
     """Whether a call with ``args`` (the first one a tensor) is eager inference on real tensors: nothing for
     autograd to record, and no trace (:func:`_untraced`)."""
@@ -321,6 +330,10 @@ class EagerOp:
 
     def __call__(self, *args):
         if _LOCAL.plain or _plain_eager(args):
+            return self.fn(*args)
+        if records_autograd(args) and _untraced(args):
+            # a backward that autograd records (see triton_in_backward), here under the profiler: the registered
+            # op has no derivative, its body's aten ops do
             return self.fn(*args)
         return self.overload(*args)
 

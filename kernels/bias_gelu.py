@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from fastvit.kernels._launch import (apply, as_rows, cast, cdiv, eager_op, launch, next_power_of_2,
-                                     row_programs)
+                                     row_programs, triton_in_backward)
 from fastvit.kernels._gemm import linear, matmul
 from fastvit.kernels._report import AOT_IMAGES, AOT_PROGRAMS, spec_from_launch
 
@@ -151,7 +151,7 @@ class BiasGeluFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, bias = ctx.saved_tensors
-        dx, db = bias_gelu_bwd(dy, x, bias, ctx.use_triton)
+        dx, db = bias_gelu_bwd(dy, x, bias, triton_in_backward(ctx.use_triton))
         return dx, (None if bias is None else db), None
 
 
@@ -172,12 +172,13 @@ class BiasGeluLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, bias, lin_weight = ctx.saved_tensors
-        h = bias_gelu_fwd(x, bias, ctx.use_triton)
+        use_triton = triton_in_backward(ctx.use_triton)
+        h = bias_gelu_fwd(x, bias, use_triton)
         dh = cast(matmul(dout, lin_weight), x.dtype)
         g = dout.reshape(-1, dout.shape[-1])
         d_lin_w = cast(matmul(g.t(), h.reshape(-1, h.shape[-1])), lin_weight.dtype)
         d_lin_b = cast(g.sum(0), lin_weight.dtype) if ctx.has_lin_bias else None
-        dx, db = bias_gelu_bwd(dh, x, bias, ctx.use_triton)
+        dx, db = bias_gelu_bwd(dh, x, bias, use_triton)
         # None for use_triton and what a subclass's forward adds
         return dx, (None if bias is None else db), d_lin_w, d_lin_b, *[None] * (len(ctx.needs_input_grad) - 4)
 

@@ -571,8 +571,29 @@ class FlashAttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse, rel_bias, seed = ctx.saved_tensors
-        dq, dk, dv, dtable = attention_bwd(do, q, k, v, out, lse, rel_bias, seed, *ctx.args)
+        if torch.is_grad_enabled():
+            dq, dk, dv, dtable = _recorded_backward(do, q, k, v, rel_bias, seed, *ctx.args)
+        else:
+            dq, dk, dv, dtable = attention_bwd(do, q, k, v, out, lse, rel_bias, seed, *ctx.args)
         return dq, dk, dv, (None if rel_bias is None else dtable), None, None, None, None, None, None, None
+
+
+def _recorded_backward(do, q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton):
+    """(dq, dk, dv, d rel_bias) for a backward that autograd records (``create_graph=True``): autograd through the
+    fallback's math, P = softmax(scores) recomputed from q and k. ``attention_bwd`` would read P off the saved lse,
+    which enters the graph as a constant, so a second derivative would lose P's dependence on q, k and the table."""
+    if dropout_p > 0 and use_triton:
+        raise NotImplementedError(
+            "backward with create_graph=True through attention dropout is not supported on the Triton kernels (their "
+            "Philox dropout mask has no torch counterpart); use attn_drop_rate=0 or backend='torch'")
+    p = torch.softmax(_scores(q, k, rel_bias, grid_h, grid_w, scale), -1)
+    if dropout_p > 0:
+        p = p * _dropout_scale(seed, p.shape, dropout_p, q.device)
+    out = torch.matmul(p, v.float()).to(q.dtype)
+    inputs = (q, k, v, rel_bias)
+    grads = iter(torch.autograd.grad(out, [t for t in inputs if t is not None and t.requires_grad], do,
+                                     create_graph=True))
+    return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs)
 
 
 # ----------------------------------------------------------------------------------------------------------------

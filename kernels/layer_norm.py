@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from fastvit.kernels._launch import (apply, as_rows, cast, cdiv, eager_op, launch, next_power_of_2,
-                                     row_programs)
+                                     row_programs, triton_in_backward)
 from fastvit.kernels._gemm import linear, matmul
 from fastvit.kernels._report import AOT_IMAGES, AOT_PROGRAMS, spec_from_launch
 
@@ -252,7 +252,8 @@ def _ln_backward(ctx, dy, dres, res, weight, mean, rstd):
     if dy is None:
         dy = torch.zeros(res.shape, dtype=ctx.x_dtype, device=res.device)
     separate = ctx.residual_dtype is not None and ctx.residual_dtype != ctx.x_dtype
-    dx, dres_in, dw, db = add_layer_norm_bwd(dy, dres, res, weight, mean, rstd, separate, ctx.use_triton)
+    dx, dres_in, dw, db = add_layer_norm_bwd(dy, dres, res, weight, mean, rstd, separate,
+                                             triton_in_backward(ctx.use_triton))
     if ctx.residual_dtype is None:
         d_residual = None
     else:
@@ -302,7 +303,7 @@ class AddLayerNormLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dres=None):
         res, weight, bias, mean, rstd, lin_weight = ctx.saved_tensors
-        y = add_layer_norm_fwd(res, None, weight, bias, ctx.eps, False, ctx.use_triton)[0]
+        y = add_layer_norm_fwd(res, None, weight, bias, ctx.eps, False, triton_in_backward(ctx.use_triton))[0]
         g = dout.reshape(-1, dout.shape[-1])
         dy = cast(matmul(g, lin_weight), ctx.x_dtype).view_as(res)
         d_lin_w = cast(matmul(g.t(), y.reshape(-1, y.shape[-1])), lin_weight.dtype)

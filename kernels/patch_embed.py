@@ -20,7 +20,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import apply, autocast_off, cast, cdiv, eager_op, launch, next_power_of_2, sm_count
+from fastvit.kernels._launch import (apply, autocast_off, cast, cdiv, eager_op, launch, next_power_of_2, sm_count,
+                                     triton_in_backward)
 from fastvit.kernels._gemm import in_fp32, matmul
 from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
 
@@ -405,7 +406,8 @@ class PatchEmbedFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dw, s = patch_embed_bwd(dy, x, weight, *ctx.args, need[0], need[1], any(need[2:5]), ctx.use_triton)
+        dx, dw, s = patch_embed_bwd(dy, x, weight, *ctx.args, need[0], need[1], any(need[2:5]),
+                                    triton_in_backward(ctx.use_triton))
         off = int(ctx.args[2])
         bias_dt, pos_dt, cls_dt = ctx.dtypes
         dbias = s[off:].sum(0).to(bias_dt) if need[2] else None

@@ -203,3 +203,60 @@ def test_every_forward_tile_choice_matches_reference(b, h, n, hd, grid, monkeypa
             torch.testing.assert_close(a, e, atol=2e-5 if name == "out" else 1e-4, rtol=1e-4, msg=f"{i} {name}")
     with pytest.raises(ValueError, match=f"fwd_tiles must be in 0..{len(choices) - 1}"):
         fa.flash_attention(*_qkv(packed, h, hd), table, grid, fwd_tiles=len(choices))
+
+
+def _second_order(fn, packed, table, do, h, hd, grid, dtype):
+    """A gradient penalty through ``fn``: the first gradients (packed, table) taken with create_graph=True, then
+    the gradients of their squared sum, in float64."""
+    packed = packed.to(dtype).requires_grad_()
+    table = table.to(dtype).requires_grad_()
+    out = fn(*_qkv(packed, h, hd), table, grid)
+    first = torch.autograd.grad(out, [packed, table], do.to(dtype), create_graph=True)
+    second = torch.autograd.grad(sum(g.square().sum() for g in first), [packed, table])
+    return [t.double() for t in (*first, *second)]
+
+
+@pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "fallback"])
+def test_second_derivatives_match_dense_math(use_triton):
+    """The backward that autograd records differentiates P = softmax(scores) through q, k and the table (the saved
+    lse is a constant to autograd): a second derivative against dense math in fp64."""
+    b, h, n, hd, grid = 1, 2, 50, 32, (7, 7)
+    packed, table, do = _packed(b, h, n, hd, grid, seed=5)
+
+    def ours(q, k, v, t, g):
+        return fa.flash_attention(q, k, v, t, g, use_triton=use_triton)
+
+    def dense(q, k, v, t, g):
+        return torch.softmax(q @ k.transpose(-1, -2) * hd ** -0.5 + fa.relative_bias_dense(t, g, n), -1) @ v
+
+    got = _second_order(ours, packed, table, do, h, hd, grid, torch.float32)
+    want = _second_order(dense, packed, table, do, h, hd, grid, torch.float64)
+    for name, a, e in zip(["d packed", "d table", "d2 packed", "d2 table"], got, want):
+        torch.testing.assert_close(a, e, atol=1e-4 * e.abs().max().item(), rtol=1e-4, msg=name)
+
+
+def test_second_derivatives_with_dropout():
+    """The fallback regenerates its dropout mask in the recorded backward (dense math with the revealed mask);
+    the kernels' Philox mask has no torch counterpart, so there a recorded backward refuses clearly."""
+    b, h, n, hd, grid, p_drop = 1, 2, 50, 64, (7, 7), 0.3  # hd >= n: v = identity reveals the mask
+    packed, table, do = _packed(b, h, n, hd, grid, seed=6)
+    q, k, _ = _qkv(packed, h, hd)
+    torch.manual_seed(7)
+    keep = fa.flash_attention(q, k, torch.eye(n, hd).expand(b, h, n, hd), table, grid, dropout_p=p_drop,
+                              use_triton=False)[..., :n] != 0
+
+    def ours(q, k, v, t, g):
+        torch.manual_seed(7)
+        return fa.flash_attention(q, k, v, t, g, dropout_p=p_drop, use_triton=False)
+
+    def dense(q, k, v, t, g):
+        s = q @ k.transpose(-1, -2) * hd ** -0.5 + fa.relative_bias_dense(t, g, n)
+        return (torch.softmax(s, -1) * keep / (1 - p_drop)) @ v
+
+    got = _second_order(ours, packed, table, do, h, hd, grid, torch.float32)
+    want = _second_order(dense, packed, table, do, h, hd, grid, torch.float64)
+    for name, a, e in zip(["d packed", "d table", "d2 packed", "d2 table"], got, want):
+        torch.testing.assert_close(a, e, atol=1e-4 * e.abs().max().item(), rtol=1e-4, msg=name)
+    with pytest.raises(NotImplementedError, match="attn_drop_rate=0 or backend='torch'"):
+        _second_order(lambda *a: fa.flash_attention(*a, dropout_p=p_drop, use_triton=True), packed, table, do, h,
+                      hd, grid, torch.float32)

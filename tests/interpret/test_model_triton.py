@@ -76,3 +76,28 @@ def test_export_of_the_triton_backend_keeps_the_kernels():
             if n.op == "call_function" and str(n.target).startswith("fastvit.")}
     assert {"patch_embed_fwd", "add_layer_norm_fwd", "bias_gelu_fwd", "attention_fwd"} <= ours
     torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(pos_embed="rel")], ids=["default", "rel"])
+def test_gradient_penalty_through_the_kernels_matches_torch(kwargs):
+    """A backward taken with create_graph=True runs the fallback math (the kernels have no derivative), so a
+    gradient penalty's parameter gradients are the torch backend's (with SDPA's math kernel: the fused ones have no
+    double backward)."""
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(**{**CFG, **kwargs}, backend="torch")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(2, 3, 32, 32)
+    results = {}
+    for backend in ("torch", "triton"):
+        model.set_backend(backend)
+        model.zero_grad()
+        xb = x.clone().requires_grad_()
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            g, = torch.autograd.grad(model(xb).square().sum(), xb, create_graph=True)
+            g.square().sum().backward()
+        results[backend] = [g.detach()] + [p.grad.clone() for p in model.parameters()]
+    names = ["input grad"] + [n for n, _ in model.named_parameters()]
+    for name, a, e in zip(names, results["triton"], results["torch"]):
+        torch.testing.assert_close(a, e, atol=1e-4 * e.abs().max().item(), rtol=1e-3, msg=name)
