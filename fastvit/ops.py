@@ -276,6 +276,10 @@ def _close(a, b) -> bool:
 ATTENTION_BACKENDS = BACKENDS + ("flash",)
 # torch's scaled_dot_product_attention with one of its kernels forced (candidates of the tuned "auto")
 SDPA_KERNELS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION"}
+# whether the user left each of them on (torch.backends.cuda.enable_*_sdp, or inside torch.nn.attention.sdpa_kernel)
+SDPA_ENABLED = {"sdpa_flash": torch.backends.cuda.flash_sdp_enabled,
+                "sdpa_cudnn": torch.backends.cuda.cudnn_sdp_enabled,
+                "sdpa_efficient": torch.backends.cuda.mem_efficient_sdp_enabled}
 
 
 def attention(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None, backend="auto"):
@@ -286,7 +290,8 @@ def attention(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None,
     class-token entries (query->key): class->patch, patch->class, class->class (BEiT's layout).
 
     ``backend`` may also be ``"flash"`` (the optional flash_attn package: CUDA fp16/bf16, no ``rel_bias``).
-    ``"auto"`` on a GPU runs the fastest of flash_attn, torch's SDPA kernels and our Triton kernel for this call
+    ``"auto"`` on a GPU runs the fastest of flash_attn, torch's SDPA kernels (those the user left enabled:
+    ``sdpa_kernel``, ``torch.backends.cuda.enable_flash_sdp`` and the like) and our Triton kernel for this call
     shape, measured once (``fastvit.autotune``); with a ``rel_bias`` (which only ours takes), under torch.compile
     and on CPU it takes flash_attn where it can run, else the Triton kernels where they can (fp32/fp16/bf16,
     head_dim <= 128), else scaled_dot_product_attention.
@@ -335,7 +340,9 @@ def attention_backend(q, rel_bias=None, backend="auto", dropout_p=0.0, grid_size
     if rel_bias is not None:
         fields, names = (*fields, ("rel_bias", tuple(rel_bias.shape)), ("grid", tuple(grid_size))), ours
     else:
-        names = [*SDPA_KERNELS, "torch", *(["flash"] if static == "flash" else []), *ours]
+        sdpa = tuple(name for name in SDPA_KERNELS if SDPA_ENABLED[name]())
+        fields = (*fields, ("sdpa", sdpa))
+        names = [*sdpa, "torch", *(["flash"] if static == "flash" else []), *ours]
     return autotune.fastest("attention", q.device.index or 0, fields, names,
                             functools.partial(_attention_runner, q, rel_bias, grid_size, dropout_p, training),
                             static, agrees=_agreement(_attention_outputs(q, rel_bias, grid_size), "torch"))

@@ -93,6 +93,26 @@ def test_auto_attention_runs_the_measured_winner(tuner, monkeypatch):
     assert len(runs) == 2 * 2
 
 
+def test_auto_attention_leaves_out_the_sdpa_kernels_the_user_disabled(tuner, monkeypatch):
+    """Inside sdpa_kernel(MATH) (e.g. for a double backward, which the fused SDPA kernels lack) or after
+    enable_flash_sdp(False), the tuner neither measures nor runs the kernels turned off."""
+    tried = []
+    real = ops._run_attention
+    monkeypatch.setattr(ops, "_run_attention", lambda impl, *args: tried.append(impl) or real(impl, *args))
+    monkeypatch.setattr(autotune, "time_cuda", lambda run: run() or 1.0)
+    q, k, v = _qkv()
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        assert ops.attention_backend(q) == "torch"
+    assert tried and not [impl for impl in tried if impl.startswith("sdpa")]
+    tried.clear()
+    torch.backends.cuda.enable_flash_sdp(False)
+    try:
+        ops.attention_backend(q)
+    finally:
+        torch.backends.cuda.enable_flash_sdp(True)
+    assert "sdpa_efficient" in tried and "sdpa_flash" not in tried
+
+
 def test_auto_attention_skips_a_kernel_that_disagrees(tuner, monkeypatch):
     """A candidate whose output differs from torch's SDPA (a kernel wrong on this GPU) is not timed, even if it
     would be fastest; a warning names it."""
