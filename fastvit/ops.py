@@ -30,7 +30,7 @@ from fastvit.kernels import ln_matmul as _ln_matmul
 from fastvit.kernels import matmul as _matmul
 from fastvit.kernels import matmul_residual as _matmul_residual
 from fastvit.kernels import patch_embed as _patch_embed
-from fastvit.kernels._launch import apply, capability, cast, inference_call, transformed
+from fastvit.kernels._launch import KERNEL_DTYPES, apply, capability, cast, inference_call, transformed
 from fastvit.kernels._launch import interpreting as triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton")
@@ -44,7 +44,8 @@ def check_backend(backend: str) -> str:
 
 
 def use_triton(backend: str, x: torch.Tensor) -> bool:
-    """Resolve ``backend`` for tensor ``x``: True runs the Triton kernel, False the torch fallback."""
+    """Resolve ``backend`` for tensor ``x``: True runs the Triton kernel, False the torch fallback (for "auto" also
+    where x's dtype is none the kernels compute in: an fp64 model stays fp64)."""
     check_backend(backend)
     if backend == "torch":
         return False
@@ -53,6 +54,11 @@ def use_triton(backend: str, x: torch.Tensor) -> bool:
         raise RuntimeError(
             f"backend='triton' needs CUDA tensors or TRITON_INTERPRET=1 for CPU tensors; got a tensor on {x.device}"
         )
+    if x.dtype not in KERNEL_DTYPES:
+        if backend == "triton":
+            raise TypeError(f"backend='triton' runs float32, float16 and bfloat16 tensors, got {x.dtype}; use "
+                            f"backend='auto' or 'torch'")
+        return False
     return runnable
 
 

@@ -33,6 +33,10 @@ from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 
+# the dtypes the kernels load, compute in (fp32 inside) and store
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 # Triton reads TRITON_INTERPRET once, at import; so do we (a plain function of a constant, which dynamo folds)
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

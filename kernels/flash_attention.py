@@ -33,14 +33,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import apply, cdiv, eager_op, launch, next_power_of_2
+from fastvit.kernels._launch import KERNEL_DTYPES, apply, cdiv, eager_op, launch, next_power_of_2
 from fastvit.kernels._report import TORCH_DTYPES, spec_from_launch
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # the kernels keep scores and the log-sum-exp in log2 units (exp2 is cheaper)
 _LN2 = tl.constexpr(0.6931471805599453)  # back to natural log for the saved log-sum-exp
 MAX_HEAD_DIM = 128
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def num_relative_positions(grid_size, class_token=True):
@@ -625,7 +624,7 @@ def _check_inputs(q, k, v, rel_bias, grid_size, dropout_p):
 
 def triton_supported(q):
     """Whether the Triton kernels cover this call's inputs: fp32/fp16/bf16 and head_dim <= 128."""
-    return q.dtype in TRITON_DTYPES and 0 < q.shape[-1] <= MAX_HEAD_DIM
+    return q.dtype in KERNEL_DTYPES and 0 < q.shape[-1] <= MAX_HEAD_DIM
 
 
 def flash_attention(q, k, v, rel_bias=None, grid_size=None, scale=None, dropout_p=0.0, use_triton=True, fwd_tiles=0):
@@ -635,7 +634,7 @@ def flash_attention(q, k, v, rel_bias=None, grid_size=None, scale=None, dropout_
     (so torch.manual_seed repeats it)."""
     grid_h, grid_w = _check_inputs(q, k, v, rel_bias, grid_size, dropout_p)
     if use_triton:
-        if q.dtype not in TRITON_DTYPES:
+        if q.dtype not in KERNEL_DTYPES:
             raise TypeError(f"the Triton attention needs float32, float16 or bfloat16 inputs, got {q.dtype}")
         choices = len(forward_tiles(q.shape[-1]))
         if not 0 <= fwd_tiles < choices:

@@ -50,6 +50,11 @@ def _stats_shape(x):
     return (*x.shape[:-1], 1)
 
 
+def _stats_dtype(res):
+    """The dtype of the fallback's statistics and parameters for a LayerNorm input ``res``: fp32, or fp64 for fp64."""
+    return torch.promote_types(res.dtype, torch.float32)
+
+
 def _residual_dtype(x, residual, residual_in_fp32):
     if residual_in_fp32:
         return torch.float32
@@ -136,8 +141,10 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight
         # to the residual's dtype, then normalised with fp32 statistics and rounded once to x's dtype (an fp32
         # model gets nn.LayerNorm's bits, as a traced or edited one does)
         res = cast(x if residual is None else torch.add(x, residual), res_dtype)
-        # fp32 parameters: fp32 statistics for any input (torch's mixed-dtype LayerNorm for a 16-bit one)
-        y, mean, rstd = torch.native_layer_norm(res, (x.shape[-1],), weight.float(), bias.float(), eps)
+        # fp32 parameters: fp32 statistics for any input (torch's mixed-dtype LayerNorm for a 16-bit one); fp64
+        # for an fp64 one
+        p_dtype = _stats_dtype(res)
+        y, mean, rstd = torch.native_layer_norm(res, (x.shape[-1],), cast(weight, p_dtype), cast(bias, p_dtype), eps)
         return cast(y, x.dtype), (res if store else x.new_empty(0)), mean, rstd
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     return (y, *launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y))
@@ -188,7 +195,7 @@ def add_layer_norm_bwd(dy: torch.Tensor, dres_out: Optional[torch.Tensor], res: 
     n_cols = res.shape[-1]
     if not use_triton:
         # the kernel's math by torch's own LayerNorm backward (fp32 inside), in the residual's dtype
-        w = weight.float()
+        w = cast(weight, _stats_dtype(res))
         d, dw, db = torch.ops.aten.native_layer_norm_backward(
             cast(dy, res.dtype), res, [n_cols], mean, rstd, w, w, [True, True, True])
         if dres_out is not None:

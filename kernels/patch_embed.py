@@ -239,6 +239,12 @@ def _patches(x, ph, pw):
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * ph * pw)
 
 
+def _accumulation_dtype(dtype):
+    """Where the fallback adds bias and positions and sums dY: fp32, or fp64 for fp64 (an fp64 model, as for
+    gradcheck, stays fp64 throughout)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 @eager_op("patch_embed_fwd")
 def patch_embed_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     pos_embed: Optional[torch.Tensor], cls_token: Optional[torch.Tensor], patch_h: int, patch_w: int,
@@ -261,17 +267,20 @@ def patch_embed_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                 tokens = matmul(_patches(xc, patch_h, patch_w), weight.reshape(dim, -1).t())
             else:
                 tokens = F.conv2d(xc, cast(weight, compute_dtype), stride=(patch_h, patch_w)).flatten(2).transpose(1, 2)
-            # + bias, + position rows in fp32, written in place into the output's patch rows (no class-token cat)
-            z = torch.empty((bsz, n + has_cls, dim), dtype=torch.float32, device=x.device)
+            # + bias, + position rows in fp32 (fp64 for fp64), written in place into the output's patch rows (no
+            # class-token cat)
+            acc = _accumulation_dtype(compute_dtype)
+            z = torch.empty((bsz, n + has_cls, dim), dtype=acc, device=x.device)
             patches = z[:, 1:] if has_cls else z
             if bias is None:
                 patches.copy_(tokens)
             else:
-                torch.add(tokens, bias.float(), out=patches)
+                torch.add(tokens, cast(bias, acc), out=patches)
             if pos_embed is not None:
-                patches += pos_embed[:, 1:].float() if pos_cls_row else pos_embed.float()
+                patches += cast(pos_embed[:, 1:] if pos_cls_row else pos_embed, acc)
             if has_cls:
-                z[:, :1] = cls_token.float() + pos_embed[:, :1].float() if pos_cls_row else cls_token.float()
+                cls = cast(cls_token, acc)
+                z[:, :1] = cls + cast(pos_embed[:, :1], acc) if pos_cls_row else cls
             return cast(z, out_dtype)
     y = torch.empty((bsz, n + has_cls, dim), dtype=out_dtype, device=x.device)
     m = bsz * n
@@ -308,14 +317,14 @@ def _(x, weight, bias, pos_embed, cls_token, patch_h, patch_w, no_embed_class, c
 def patch_embed_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, patch_h: int, patch_w: int,
                     has_cls: bool, compute_dtype: torch.dtype, need_dx: bool, need_dw: bool, need_sum: bool,
                     use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx in x's layout and dtype, dweight (contiguous, weight's dtype), dY summed over the batch (fp32,
-    (L, D))); a result not asked for has 0 elements. dY is rounded to the compute dtype for the two products."""
+    """(dx in x's layout and dtype, dweight (contiguous, weight's dtype), dY summed over the batch (fp32, fp64 for
+    fp64; (L, D))); a result not asked for has 0 elements. dY is rounded to the compute dtype for the two products."""
     if use_triton:
         return _bwd_triton(dy, x, weight, patch_h, patch_w, has_cls, compute_dtype, need_dx, need_dw, need_sum)
     bsz, _, dim = dy.shape
     c = x.shape[1]
     gh, gw = _grid_size(x, patch_h, patch_w)
-    dx, dw, s = x.new_empty(0), weight.new_empty(0), dy.new_empty(0, dtype=torch.float32)
+    dx, dw, s = x.new_empty(0), weight.new_empty(0), dy.new_empty(0, dtype=_accumulation_dtype(dy.dtype))
     with autocast_off(x.device.type):
         # both products in the compute dtype, as PyTorch's autocast runs them (fp32 accumulation, one rounding)
         g = dy[:, int(has_cls):].to(compute_dtype).reshape(-1, dim)
@@ -328,7 +337,7 @@ def patch_embed_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pat
             dx = torch.zeros_like(x)
             dx[:, :, :gh * patch_h, :gw * patch_w] = dxp.reshape(bsz, c, gh * patch_h, gw * patch_w)
         if need_sum:
-            s = dy.float().sum(0)
+            s = dy.sum(0, dtype=_accumulation_dtype(dy.dtype))
     return dx, dw, s
 
 
@@ -385,7 +394,7 @@ def _bwd_triton(dy, x, weight, patch_h, patch_w, has_cls, compute_dtype, need_dx
 def _(dy, x, weight, patch_h, patch_w, has_cls, compute_dtype, need_dx, need_dw, need_sum, use_triton):
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     dw = weight.new_empty(weight.shape) if need_dw else weight.new_empty(0)
-    return dx, dw, dy.new_empty(dy.shape[1:] if need_sum else (0,), dtype=torch.float32)
+    return dx, dw, dy.new_empty(dy.shape[1:] if need_sum else (0,), dtype=_accumulation_dtype(dy.dtype))
 
 
 class PatchEmbedFn(torch.autograd.Function):

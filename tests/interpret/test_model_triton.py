@@ -101,3 +101,19 @@ def test_gradient_penalty_through_the_kernels_matches_torch(kwargs):
     names = ["input grad"] + [n for n, _ in model.named_parameters()]
     for name, a, e in zip(names, results["triton"], results["torch"]):
         torch.testing.assert_close(a, e, atol=1e-4 * e.abs().max().item(), rtol=1e-3, msg=name)
+
+
+def test_float64_takes_the_fallback_on_auto_and_is_refused_by_triton():
+    """The kernels compute in fp32: "auto" keeps an fp64 model on the fallbacks (fp64 throughout, no launch), and
+    "triton" says which dtypes it runs."""
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(**CFG).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    model.set_backend("torch")
+    expected = model(x)
+    model.set_backend("auto")
+    torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+    model.set_backend("triton")
+    with pytest.raises(TypeError, match="backend='triton' runs float32, float16 and bfloat16 tensors, got "
+                                        "torch.float64"):
+        model(x)

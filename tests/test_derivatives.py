@@ -1,11 +1,14 @@
-"""Second derivatives (backward of a gradient taken with create_graph=True) through the model's default CPU path,
-against timm's model with the same weights. Both run attention under SDPA's math kernel, as timm needs too: torch's
+"""Derivatives checked against references: finite differences (gradcheck / gradgradcheck of an fp64 model) and
+timm's model with the same weights, for second derivatives (backward of a gradient taken with create_graph=True)
+through the model's default CPU path. Both run attention under SDPA's math kernel, as timm needs too: torch's
 fused SDPA kernels have no double backward. The Triton path is tested under the interpreter
 (tests/interpret/test_model_triton.py, test_flash_attention.py)."""
 import pytest
 import torch
+from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import fastvit
 from _helpers import images, timm_pair
 
 CFG = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
@@ -68,3 +71,41 @@ def test_gradient_penalty_under_the_profiler(pair):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
         got = _gradient_penalty(model, x)
     _assert_close(got, want)
+
+
+def test_float64_model_matches_timm():
+    """An fp64 model stays fp64 throughout (the fallbacks' statistics and sums included), as timm's does."""
+    model, ref = timm_pair(**CFG)
+    model, ref = model.double().train(), ref.double().train()
+    x = images(2).double()
+    out, want = model(x), ref(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    out.square().sum().backward()
+    want.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("pos_embed", ["learn", "rel"])
+def test_gradcheck_and_gradgradcheck_in_float64(pos_embed):
+    """First and second derivatives of every op's Function against finite differences: an fp64 ViT small enough
+    for torch.autograd.gradcheck, with respect to the image and every parameter."""
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(img_size=8, patch_size=4, embed_dim=8, depth=1, num_heads=2, num_classes=3,
+                                      pos_embed=pos_embed).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *params):
+        return functional_call(model, dict(zip(names, params)), (x,))
+
+    # fast mode: J and the second derivative projected on random vectors against finite differences of the same
+    # projections (a slow-mode check takes one column at a time)
+    assert torch.autograd.gradcheck(f, (x, *params), fast_mode=True)
+    with sdpa_kernel(SDPBackend.MATH):  # the fused SDPA kernels have no double backward
+        assert torch.autograd.gradgradcheck(f, (x, *params), fast_mode=True)
