@@ -8,7 +8,8 @@ the output and the row log-sum-exp only; the N x N probabilities never reach mem
 B_rel comes from a learned (heads, R) table indexed like :func:`relative_position_index` (BEiT's layout): the
 kernels compute each (query, key) pair's table index from the token indices and the patch grid and gather the
 entry, so no (heads, N, N) bias exists in memory; its gradient is accumulated by atomic adds into an fp32
-(heads, R) buffer.
+(heads, R) buffer (not deterministic: under ``torch.use_deterministic_algorithms(True)`` the fallback math runs
+that backward).
 
 Backward: a preprocessing kernel takes delta = rowsum(dO * O); then one kernel per key block accumulates dK and
 dV over all query blocks, and one kernel per query block accumulates dQ (and the table gradient) over all key
@@ -26,6 +27,7 @@ the same backward math; the fallback hashes (seed, element index) in torch integ
 flash_attn package when it is installed.
 """
 import functools
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -573,8 +575,29 @@ class FlashAttentionFn(torch.autograd.Function):
         if torch.is_grad_enabled():
             dq, dk, dv, dtable = _recorded_backward(do, q, k, v, rel_bias, seed, *ctx.args)
         else:
-            dq, dk, dv, dtable = attention_bwd(do, q, k, v, out, lse, rel_bias, seed, *ctx.args)
+            *args, use_triton = ctx.args
+            dq, dk, dv, dtable = attention_bwd(do, q, k, v, out, lse, rel_bias, seed, *args,
+                                               _backward_on_kernels(use_triton, rel_bias, args[3]))
         return dq, dk, dv, (None if rel_bias is None else dtable), None, None, None, None, None, None, None
+
+
+def _backward_on_kernels(use_triton, rel_bias, dropout_p) -> bool:
+    """Whether the backward runs the kernels (as the forward did, ``use_triton``). Their table gradient is a sum of
+    atomic adds, whose order (so the fp32 rounding) varies from run to run: under
+    ``torch.use_deterministic_algorithms(True)`` the fallback computes the backward instead (dense, its table
+    gradient by index_add, which torch makes deterministic there). With dropout it cannot (its mask is not the
+    kernels'), so that raises as torch's nondeterministic ops do, or warns with ``warn_only=True``."""
+    if not (use_triton and rel_bias is not None and torch.are_deterministic_algorithms_enabled()):
+        return use_triton
+    if dropout_p == 0:
+        return False
+    message = ("the Triton attention backward accumulates the relative-position table gradient by atomic adds, "
+               "which is not deterministic, and with attention dropout there is no deterministic fallback; "
+               "torch.use_deterministic_algorithms(True) was set: use attn_drop_rate=0 or backend='torch'")
+    if not torch.is_deterministic_algorithms_warn_only_enabled():
+        raise RuntimeError(message)
+    warnings.warn(message, stacklevel=3)
+    return True
 
 
 def _recorded_backward(do, q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton):

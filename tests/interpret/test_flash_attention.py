@@ -260,3 +260,40 @@ def test_second_derivatives_with_dropout():
     with pytest.raises(NotImplementedError, match="attn_drop_rate=0 or backend='torch'"):
         _second_order(lambda *a: fa.flash_attention(*a, dropout_p=p_drop, use_triton=True), packed, table, do, h,
                       hd, grid, torch.float32)
+
+
+def test_deterministic_mode_takes_the_table_gradient_off_the_atomics(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) a backward with a bias table (whose kernel sums by atomic
+    adds) runs the fallback math: no backward kernel launches, the fallback's gradients. With dropout there
+    is no such fallback: an error naming the way out, or with warn_only a warning and the kernels."""
+    b, h, n, hd, grid = 1, 2, 50, 32, (7, 7)
+    packed, table, do = _packed(b, h, n, hd, grid, seed=8)
+    launched = []
+    real = fa.launch
+    monkeypatch.setattr(fa, "launch", lambda kernel, *a, **k: launched.append(kernel) or real(kernel, *a, **k))
+
+    def grads(use_triton, dropout_p=0.0):
+        torch.manual_seed(0)
+        return _run(lambda q, k, v, t, g: fa.flash_attention(q, k, v, t, g, dropout_p=dropout_p,
+                                                            use_triton=use_triton),
+                    packed, table, do, h, hd, grid, torch.float32)
+
+    fallback, kernels = grads(False), grads(True)
+    assert any(k is not fa._attn_fwd_kernel for k in launched)  # the kernels' backward, outside that mode
+    try:
+        torch.use_deterministic_algorithms(True)
+        launched.clear()
+        deterministic = grads(True)
+        assert launched and all(k is fa._attn_fwd_kernel for k in launched)  # the forward only
+        torch.testing.assert_close(deterministic[0], kernels[0], rtol=0, atol=0)  # the kernels' forward
+        for a, e in zip(deterministic[1:], fallback[1:]):  # the fallback's backward, on the kernels' lse
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+        with pytest.raises(RuntimeError, match="use attn_drop_rate=0 or backend='torch'"):
+            grads(True, dropout_p=0.2)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        launched.clear()
+        with pytest.warns(UserWarning, match="not deterministic"):
+            grads(True, dropout_p=0.2)
+        assert any(k is not fa._attn_fwd_kernel for k in launched)
+    finally:
+        torch.use_deterministic_algorithms(False)
