@@ -27,6 +27,7 @@ import threading
 import types
 
 import torch
+from torch.autograd import forward_ad
 from triton import knobs
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
@@ -85,10 +86,14 @@ def autocast_off(device_type: str):
 
 
 def transformed() -> bool:
-    """Whether a torch.func transform (grad, vmap, jvp, jacrev, ...) is running. functorch takes only autograd
-    Functions that define ``setup_context`` (and a vmap rule), which the ops' Functions do not: the ops run their
-    plain-torch references instead, whose aten ops it transforms as it does timm's."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    """Whether a torch.func transform (grad, vmap, jvp, jacrev, ...) is running, or forward-mode AD
+    (``torch.autograd.forward_ad.dual_level``). functorch takes only autograd Functions that define
+    ``setup_context`` (and a vmap rule), forward AD only those with a ``jvp``, which the ops' Functions do not
+    define: the ops run their plain-torch references instead, whose aten ops have both, as timm's do. Folded to
+    False while dynamo traces (checked first: dynamo answers the functorch query with an interpreter of its own)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:

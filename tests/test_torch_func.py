@@ -1,10 +1,11 @@
-"""torch.func transforms (grad, vmap, jvp, jacrev, stack_module_state) on a fastvit model, against timm's model with
-the same weights and against fastvit's own autograd: functorch cannot run the ops' autograd Functions, so under a
-transform the ops run their plain-torch references."""
+"""torch.func transforms (grad, vmap, jvp, jacrev, stack_module_state) and forward-mode AD on a fastvit model,
+against timm's model with the same weights and against fastvit's own autograd: neither can run the ops' autograd
+Functions, so there the ops run their plain-torch references."""
 import warnings
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jvp, stack_module_state, vmap
 
@@ -72,6 +73,22 @@ def test_jvp_matches_timm_with_math_attention():
     want_out, want_dout = jvp(ref, (x,), (tangent,))
     torch.testing.assert_close(out, want_out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(dout, want_dout, rtol=1e-4, atol=1e-5)
+
+
+def test_forward_mode_ad_with_dual_tensors_matches_timm():
+    """torch.autograd.forward_ad (dual tensors, no torch.func): the ops' Functions have no jvp, so a dual level
+    sends them to their references as a transform does."""
+    model, ref = timm_pair(**CFG)
+    for block in ref.blocks:
+        block.attn.fused_attn = False
+    x = images(2)
+    tangent = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+
+    def tangent_out(m):
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(m(fwAD.make_dual(x, tangent))).tangent
+
+    torch.testing.assert_close(tangent_out(model), tangent_out(ref), rtol=1e-4, atol=1e-5)
 
 
 def test_input_jacobian_matches_timm():
