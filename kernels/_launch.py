@@ -70,6 +70,12 @@ def capability(device: torch.device) -> tuple:
     return torch.cuda.get_device_capability(device)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where the fallbacks sum and keep statistics for inputs of ``dtype``: fp32, or fp64 for fp64 (an fp64 model,
+    as for gradcheck, stays fp64 throughout)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)``, without the call where ``t`` already has that dtype (``Tensor.to`` costs about 1 us on the
     host even then, and the ops' host path calls it many times)."""
@@ -338,11 +344,9 @@ class EagerOp:
         self.register_fake = self.op.register_fake
 
     def __call__(self, *args):
-        if _LOCAL.plain or _plain_eager(args):
-            return self.fn(*args)
-        if records_autograd(args) and _untraced(args):
-            # a backward that autograd records (see triton_in_backward), here under the profiler: the registered
-            # op has no derivative, its body's aten ops do
+        # a backward that autograd records (see triton_in_backward) runs the body under the profiler too: the
+        # registered op has no derivative, its body's aten ops do
+        if _LOCAL.plain or _plain_eager(args) or (records_autograd(args) and _untraced(args)):
             return self.fn(*args)
         return self.overload(*args)
 

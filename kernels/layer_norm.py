@@ -16,8 +16,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import (apply, as_rows, cast, cdiv, eager_op, launch, next_power_of_2,
-                                     row_programs, triton_in_backward)
+from fastvit.kernels._launch import (accumulation_dtype, apply, as_rows, cast, cdiv, eager_op, launch,
+                                     next_power_of_2, row_programs, triton_in_backward)
 from fastvit.kernels._gemm import linear, matmul
 from fastvit.kernels._report import AOT_IMAGES, AOT_PROGRAMS, spec_from_launch
 
@@ -48,11 +48,6 @@ def _config(n_cols):
 def _stats_shape(x):
     """(..., 1) for x of shape (..., D): one mean / rstd per row, shaped as torch's LayerNorm returns them."""
     return (*x.shape[:-1], 1)
-
-
-def _stats_dtype(res):
-    """The dtype of the fallback's statistics and parameters for a LayerNorm input ``res``: fp32, or fp64 for fp64."""
-    return torch.promote_types(res.dtype, torch.float32)
 
 
 def _residual_dtype(x, residual, residual_in_fp32):
@@ -143,7 +138,7 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight
         res = cast(x if residual is None else torch.add(x, residual), res_dtype)
         # fp32 parameters: fp32 statistics for any input (torch's mixed-dtype LayerNorm for a 16-bit one); fp64
         # for an fp64 one
-        p_dtype = _stats_dtype(res)
+        p_dtype = accumulation_dtype(res.dtype)
         y, mean, rstd = torch.native_layer_norm(res, (x.shape[-1],), cast(weight, p_dtype), cast(bias, p_dtype), eps)
         return cast(y, x.dtype), (res if store else x.new_empty(0)), mean, rstd
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -195,7 +190,7 @@ def add_layer_norm_bwd(dy: torch.Tensor, dres_out: Optional[torch.Tensor], res: 
     n_cols = res.shape[-1]
     if not use_triton:
         # the kernel's math by torch's own LayerNorm backward (fp32 inside), in the residual's dtype
-        w = cast(weight, _stats_dtype(res))
+        w = cast(weight, accumulation_dtype(res.dtype))
         d, dw, db = torch.ops.aten.native_layer_norm_backward(
             cast(dy, res.dtype), res, [n_cols], mean, rstd, w, w, [True, True, True])
         if dres_out is not None:

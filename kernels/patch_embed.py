@@ -20,8 +20,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import (apply, autocast_off, cast, cdiv, eager_op, launch, next_power_of_2, sm_count,
-                                     triton_in_backward)
+from fastvit.kernels._launch import (accumulation_dtype, apply, autocast_off, cast, cdiv, eager_op, launch,
+                                     next_power_of_2, sm_count, triton_in_backward)
 from fastvit.kernels._gemm import in_fp32, matmul
 from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
 
@@ -239,12 +239,6 @@ def _patches(x, ph, pw):
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * ph * pw)
 
 
-def _accumulation_dtype(dtype):
-    """Where the fallback adds bias and positions and sums dY: fp32, or fp64 for fp64 (an fp64 model, as for
-    gradcheck, stays fp64 throughout)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 @eager_op("patch_embed_fwd")
 def patch_embed_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     pos_embed: Optional[torch.Tensor], cls_token: Optional[torch.Tensor], patch_h: int, patch_w: int,
@@ -269,7 +263,7 @@ def patch_embed_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                 tokens = F.conv2d(xc, cast(weight, compute_dtype), stride=(patch_h, patch_w)).flatten(2).transpose(1, 2)
             # + bias, + position rows in fp32 (fp64 for fp64), written in place into the output's patch rows (no
             # class-token cat)
-            acc = _accumulation_dtype(compute_dtype)
+            acc = accumulation_dtype(compute_dtype)
             z = torch.empty((bsz, n + has_cls, dim), dtype=acc, device=x.device)
             patches = z[:, 1:] if has_cls else z
             if bias is None:
@@ -324,7 +318,7 @@ def patch_embed_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pat
     bsz, _, dim = dy.shape
     c = x.shape[1]
     gh, gw = _grid_size(x, patch_h, patch_w)
-    dx, dw, s = x.new_empty(0), weight.new_empty(0), dy.new_empty(0, dtype=_accumulation_dtype(dy.dtype))
+    dx, dw, s = x.new_empty(0), weight.new_empty(0), dy.new_empty(0, dtype=accumulation_dtype(dy.dtype))
     with autocast_off(x.device.type):
         # both products in the compute dtype, as PyTorch's autocast runs them (fp32 accumulation, one rounding)
         g = dy[:, int(has_cls):].to(compute_dtype).reshape(-1, dim)
@@ -337,7 +331,7 @@ def patch_embed_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pat
             dx = torch.zeros_like(x)
             dx[:, :, :gh * patch_h, :gw * patch_w] = dxp.reshape(bsz, c, gh * patch_h, gw * patch_w)
         if need_sum:
-            s = dy.sum(0, dtype=_accumulation_dtype(dy.dtype))
+            s = dy.sum(0, dtype=accumulation_dtype(dy.dtype))
     return dx, dw, s
 
 
@@ -394,7 +388,7 @@ def _bwd_triton(dy, x, weight, patch_h, patch_w, has_cls, compute_dtype, need_dx
 def _(dy, x, weight, patch_h, patch_w, has_cls, compute_dtype, need_dx, need_dw, need_sum, use_triton):
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     dw = weight.new_empty(weight.shape) if need_dw else weight.new_empty(0)
-    return dx, dw, dy.new_empty(dy.shape[1:] if need_sum else (0,), dtype=_accumulation_dtype(dy.dtype))
+    return dx, dw, dy.new_empty(dy.shape[1:] if need_sum else (0,), dtype=accumulation_dtype(dy.dtype))
 
 
 class PatchEmbedFn(torch.autograd.Function):
