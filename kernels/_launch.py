@@ -95,11 +95,10 @@ def transformed() -> bool:
     """Whether a torch.func transform (grad, vmap, jvp, jacrev, ...) is running, or forward-mode AD
     (``torch.autograd.forward_ad.dual_level``). functorch takes only autograd Functions that define
     ``setup_context`` (and a vmap rule), forward AD only those with a ``jvp``, which the ops' Functions do not
-    define: the ops run their plain-torch references instead, whose aten ops have both, as timm's do. Folded to
-    False while dynamo traces (checked first: dynamo answers the functorch query with an interpreter of its own)."""
-    if torch.compiler.is_compiling():
-        return False
-    return torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
+    define: the ops run their plain-torch references instead, whose aten ops have both, as timm's do. (Asked of
+    functorch's current level: dynamo answers it as eager does, where it would answer peek_interpreter_stack()
+    with an interpreter of its own.)"""
+    return torch._C._functorch.maybe_current_level() is not None or forward_ad._current_level >= 0
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:

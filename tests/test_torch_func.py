@@ -52,6 +52,19 @@ def test_per_sample_gradients_match_timm_and_autograd():
     _assert_grads_close(ours, _looped_grads(model, x, y))
 
 
+def test_compiled_per_sample_gradients_match_timm():
+    """torch.compile over vmap(grad(...)), as for timm's model: dynamo must not hide the transform from the ops."""
+    model, ref = timm_pair(**{**CFG, "depth": 1})
+    x, y = images(3), torch.tensor([1, 7, 3])
+
+    def compiled_grads(m):
+        def loss(params, xb, yb):
+            return F.cross_entropy(functional_call(m, params, (xb[None],)), yb[None])
+        return torch.compile(vmap(grad(loss), in_dims=(None, 0, 0)))(_params(m), x, y)
+
+    _assert_grads_close(compiled_grads(model), compiled_grads(ref))
+
+
 @pytest.mark.parametrize("pos_embed", ["rel", "learn_2d"])
 def test_per_sample_gradients_of_the_paper_variants_match_autograd(pos_embed):
     """Variants timm does not have (the relative bias runs in our attention): the transform against the model's
