@@ -60,6 +60,28 @@ def _sdpa(q, k, v, table, grid):
     return fa.attention_ref(q, k, v, table, grid)
 
 
+def _seeded_dropout(p_drop, use_triton, seed=7):
+    """flash_attention with dropout whose mask comes from torch seed ``seed``: the same mask at every call."""
+    def run(q, k, v, table, grid):
+        torch.manual_seed(seed)
+        return fa.flash_attention(q, k, v, table, grid, dropout_p=p_drop, use_triton=use_triton)
+    return run
+
+
+def _dense_dropout(keep, p_drop):
+    """Dense attention math with the keep mask ``keep`` (dropped entries 0, the rest scaled by 1 / (1 - p))."""
+    def run(q, k, v, table, grid):
+        s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + fa.relative_bias_dense(table, grid, q.shape[-2])
+        return (torch.softmax(s, -1) * keep / (1 - p_drop)) @ v
+    return run
+
+
+def _dropped_probabilities(q, k, table, grid, p_drop, use_triton, seed=7):
+    """With v = identity (head_dim >= N) the output is the dropped, rescaled P itself, which reveals the mask."""
+    b, h, n, hd = q.shape
+    return _seeded_dropout(p_drop, use_triton, seed)(q, k, torch.eye(n, hd).expand(b, h, n, hd), table, grid)[..., :n]
+
+
 def test_interpreter_runs_triton():
     assert ops.triton_interpreting() and ops.use_triton("auto", torch.zeros(1))
 
@@ -134,28 +156,17 @@ def test_dropout_mask_is_shared_by_forward_and_backward(use_triton):
     packed, table, do = _packed(b, h, n, hd, grid, seed=4)
     q, k, _ = _qkv(packed, h, hd)
 
-    def probs(seed):
-        torch.manual_seed(seed)
-        eye = torch.eye(n, hd).expand(b, h, n, hd)
-        return fa.flash_attention(q, k, eye, table, grid, dropout_p=p_drop, use_triton=use_triton)[..., :n]
-
-    dropped = probs(7)
+    dropped = _dropped_probabilities(q, k, table, grid, p_drop, use_triton)
     keep = dropped != 0
     dense = torch.softmax(q @ k.transpose(-1, -2) * hd ** -0.5 + fa.relative_bias_dense(table, grid, n), -1)
     torch.testing.assert_close(dropped, dense * keep / (1 - p_drop), atol=1e-6, rtol=1e-5)
     assert abs(keep.float().mean().item() - (1 - p_drop)) < 0.03
-    assert (keep[:, 0] != keep[:, 1]).any() and ((probs(8) != 0) != keep).any()
+    other = _dropped_probabilities(q, k, table, grid, p_drop, use_triton, seed=8)
+    assert (keep[:, 0] != keep[:, 1]).any() and ((other != 0) != keep).any()
 
-    def ours(q, k, v, t, g):
-        torch.manual_seed(7)
-        return fa.flash_attention(q, k, v, t, g, dropout_p=p_drop, use_triton=use_triton)
-
-    def dense_dropout(q, k, v, t, g):
-        s = q @ k.transpose(-1, -2) * hd ** -0.5 + fa.relative_bias_dense(t, g, n)
-        return (torch.softmax(s, -1) * keep / (1 - p_drop)) @ v
-
-    res = _run(ours, packed, table, do, h, hd, grid, torch.float32)
-    ref = _run(dense_dropout, packed.double(), table.double(), do.double(), h, hd, grid, torch.float64)
+    res = _run(_seeded_dropout(p_drop, use_triton), packed, table, do, h, hd, grid, torch.float32)
+    ref = _run(_dense_dropout(keep, p_drop), packed.double(), table.double(), do.double(), h, hd, grid,
+               torch.float64)
     for name, a, e in zip(["out", "dq", "dk", "dv", "dtable"], res, ref):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4, msg=name)
 
@@ -241,25 +252,13 @@ def test_second_derivatives_with_dropout():
     b, h, n, hd, grid, p_drop = 1, 2, 50, 64, (7, 7), 0.3  # hd >= n: v = identity reveals the mask
     packed, table, do = _packed(b, h, n, hd, grid, seed=6)
     q, k, _ = _qkv(packed, h, hd)
-    torch.manual_seed(7)
-    keep = fa.flash_attention(q, k, torch.eye(n, hd).expand(b, h, n, hd), table, grid, dropout_p=p_drop,
-                              use_triton=False)[..., :n] != 0
-
-    def ours(q, k, v, t, g):
-        torch.manual_seed(7)
-        return fa.flash_attention(q, k, v, t, g, dropout_p=p_drop, use_triton=False)
-
-    def dense(q, k, v, t, g):
-        s = q @ k.transpose(-1, -2) * hd ** -0.5 + fa.relative_bias_dense(t, g, n)
-        return (torch.softmax(s, -1) * keep / (1 - p_drop)) @ v
-
-    got = _second_order(ours, packed, table, do, h, hd, grid, torch.float32)
-    want = _second_order(dense, packed, table, do, h, hd, grid, torch.float64)
+    keep = _dropped_probabilities(q, k, table, grid, p_drop, False) != 0
+    got = _second_order(_seeded_dropout(p_drop, False), packed, table, do, h, hd, grid, torch.float32)
+    want = _second_order(_dense_dropout(keep, p_drop), packed, table, do, h, hd, grid, torch.float64)
     for name, a, e in zip(["d packed", "d table", "d2 packed", "d2 table"], got, want):
         torch.testing.assert_close(a, e, atol=1e-4 * e.abs().max().item(), rtol=1e-4, msg=name)
     with pytest.raises(NotImplementedError, match="attn_drop_rate=0 or backend='torch'"):
-        _second_order(lambda *a: fa.flash_attention(*a, dropout_p=p_drop, use_triton=True), packed, table, do, h,
-                      hd, grid, torch.float32)
+        _second_order(_seeded_dropout(p_drop, True), packed, table, do, h, hd, grid, torch.float32)
 
 
 def test_deterministic_mode_takes_the_table_gradient_off_the_atomics(monkeypatch):
@@ -273,10 +272,7 @@ def test_deterministic_mode_takes_the_table_gradient_off_the_atomics(monkeypatch
     monkeypatch.setattr(fa, "launch", lambda kernel, *a, **k: launched.append(kernel) or real(kernel, *a, **k))
 
     def grads(use_triton, dropout_p=0.0):
-        torch.manual_seed(0)
-        return _run(lambda q, k, v, t, g: fa.flash_attention(q, k, v, t, g, dropout_p=dropout_p,
-                                                            use_triton=use_triton),
-                    packed, table, do, h, hd, grid, torch.float32)
+        return _run(_seeded_dropout(dropout_p, use_triton), packed, table, do, h, hd, grid, torch.float32)
 
     fallback, kernels = grads(False), grads(True)
     assert any(k is not fa._attn_fwd_kernel for k in launched)  # the kernels' backward, outside that mode
