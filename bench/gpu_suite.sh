@@ -40,7 +40,15 @@ for arg in "$@"; do
     esac
 done
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(numerics ops overhead profile b16 l16 h14)
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
+
+# fastvit must import as installed (setup.py maps kernels/ to fastvit.kernels). A fresh GPU machine has torch,
+# triton and timm but not this package, and no network: install it in place, without an index, dependencies or a
+# build environment (its setuptools and wheel build it), where it is missing.
+if ! $PY -c "import fastvit.kernels" 2>/dev/null; then
+    echo "== installing fastvit in place: $PY -m pip install --no-index --no-deps --no-build-isolation -e ."
+    $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+fi
 
 if [ "$DRY" = 1 ]; then
     OUT=$(mktemp -d /tmp/gpu_suite_dry.XXXXXX)
