@@ -133,3 +133,14 @@ def timm_pair(**cfg):
 def images(n=2, size=32):
     """A fixed random (n, 3, size, size) image batch."""
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def gradient_penalty(model, x):
+    """An R1 / WGAN-GP style penalty ||d sum(f(x)^2) / dx||^2 backpropagated, with attention on SDPA's math kernel
+    (the fused SDPA kernels have no double backward): (the input gradient, {name: parameter gradient})."""
+    model.zero_grad()
+    x = x.clone().requires_grad_()
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        g, = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+        g.square().sum().backward()
+    return g.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -9,19 +9,9 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastvit
-from _helpers import images, timm_pair
+from _helpers import gradient_penalty, images, timm_pair
 
 CFG = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
-
-
-def _gradient_penalty(model, x):
-    """Parameter gradients of ||d sum(f(x)^2) / dx||^2 (an R1 / WGAN-GP style penalty)."""
-    model.zero_grad()
-    x = x.clone().requires_grad_()
-    with sdpa_kernel(SDPBackend.MATH):
-        g, = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
-        g.square().sum().backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 def _hessian_vector_product(model, x, y, vec):
@@ -51,7 +41,7 @@ def pair():
 def test_gradient_penalty_matches_timm(pair):
     model, ref = pair
     x = images(2)
-    _assert_close(_gradient_penalty(model, x), _gradient_penalty(ref, x))
+    _assert_close(gradient_penalty(model, x)[1], gradient_penalty(ref, x)[1])
 
 
 def test_hessian_vector_product_matches_timm(pair):
@@ -67,9 +57,9 @@ def test_gradient_penalty_under_the_profiler(pair):
     that autograd records runs their bodies instead, so the result is the same as without it."""
     model, _ = pair
     x = images(2)
-    want = _gradient_penalty(model, x)
+    want = gradient_penalty(model, x)[1]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
-        got = _gradient_penalty(model, x)
+        got = gradient_penalty(model, x)[1]
     _assert_close(got, want)
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import fastvit
+from _helpers import gradient_penalty
 from fastvit import ops
 from fastvit.kernels import bias_gelu, flash_attention, layer_norm, patch_embed
 
@@ -92,15 +93,11 @@ def test_gradient_penalty_through_the_kernels_matches_torch(kwargs):
     results = {}
     for backend in ("torch", "triton"):
         model.set_backend(backend)
-        model.zero_grad()
-        xb = x.clone().requires_grad_()
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-            g, = torch.autograd.grad(model(xb).square().sum(), xb, create_graph=True)
-            g.square().sum().backward()
-        results[backend] = [g.detach()] + [p.grad.clone() for p in model.parameters()]
-    names = ["input grad"] + [n for n, _ in model.named_parameters()]
-    for name, a, e in zip(names, results["triton"], results["torch"]):
-        torch.testing.assert_close(a, e, atol=1e-4 * e.abs().max().item(), rtol=1e-3, msg=name)
+        g, grads = gradient_penalty(model, x)
+        results[backend] = {"input grad": g, **grads}
+    for name, e in results["torch"].items():
+        torch.testing.assert_close(results["triton"][name], e, atol=1e-4 * e.abs().max().item(), rtol=1e-3,
+                                   msg=name)
 
 
 def test_float64_takes_the_fallback_on_auto_and_is_refused_by_triton():
