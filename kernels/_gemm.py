@@ -10,8 +10,8 @@ timm's ViT and of ours. That kernel accumulates in fp32 too, so rounding the ope
 
 :func:`linear` and :func:`matmul` do that on such CPUs and are F.linear and ``@`` elsewhere: on a GPU, on a CPU
 with native low-precision GEMMs, in fp32, and under torch.export (an exported program keeps plain low-precision
-products). torch.compile traces them as written; inductor keeps the forward's fp32 products but has been seen to fold
-the backward's casts back into bf16 GEMMs (README).
+products). torch.compile traces them as written, the backward's too: :func:`matmul` turns autocast off around its
+product, since AOTAutograd traces a Function's backward under the forward's autocast, which would cast it back.
 :class:`LinearFn` is the Linear whose backward products go the same way; it saves what F.linear saves.
 """
 from __future__ import annotations
@@ -83,7 +83,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     dtype = a.dtype
     if not in_fp32(a, dtype):
         return a @ cast(b, dtype)
-    return (a.float() @ _rounded(b, dtype)).to(dtype)
+    # autocast off: torch.compile traces a Function's backward under the forward's autocast (AOTAutograd's
+    # backward_pass_autocast), which would cast this product back to the low-precision dtype
+    with autocast_off(a.device.type):
+        return (a.float() @ _rounded(b, dtype)).to(dtype)
 
 
 class LinearFn(torch.autograd.Function):

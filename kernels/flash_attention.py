@@ -35,7 +35,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import KERNEL_DTYPES, apply, cdiv, eager_op, launch, next_power_of_2
+from fastvit.kernels._launch import (KERNEL_DTYPES, apply, autocast_off, cdiv, eager_op, launch,
+                                     next_power_of_2)
 from fastvit.kernels._report import TORCH_DTYPES, spec_from_launch
 
 LOG2E = 1.4426950408889634
@@ -458,6 +459,45 @@ def _strides(*tensors):
     return [s for t in tensors for s in t.stride()]
 
 
+def _fallback_fwd(q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, out):
+    """The forward's torch math, into ``out``: fp32 scores, softmax and product as the kernels compute them (run
+    with autocast off, which would round these products to 16 bits, also where torch.compile traces a backward
+    under the forward's autocast)."""
+    s = _scores(q, k, rel_bias, grid_h, grid_w, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None])
+    if dropout_p > 0:
+        p = p * _dropout_scale(seed, p.shape, dropout_p, q.device)
+    out.copy_(torch.matmul(p, v.float()))
+    return out, lse
+
+
+def _fallback_bwd(do, q, k, v, out, lse, rel_bias, seed, grid_h, grid_w, scale, dropout_p, dq, dk, dv):
+    """The backward's torch math into dq, dk, dv (fp32 inside, autocast off as for :func:`_fallback_fwd`); returns
+    attention_bwd's outputs."""
+    _, heads, n, _ = q.shape
+    s = _scores(q, k, rel_bias, grid_h, grid_w, scale)
+    p = torch.exp(s - lse[..., None])
+    do32 = do.float()
+    dp = torch.matmul(do32, v.float().transpose(-1, -2))
+    if dropout_p > 0:
+        z = _dropout_scale(seed, p.shape, dropout_p, q.device)
+        dv.copy_(torch.matmul((p * z).transpose(-1, -2), do32))
+        dp = dp * z
+    else:
+        dv.copy_(torch.matmul(p.transpose(-1, -2), do32))
+    # rowsum(dO * O) = rowsum(P * dP) also with dropout, since O = (P * Z) V
+    ds = p * (dp - (do32 * out.float()).sum(-1, keepdim=True))
+    dq.copy_(torch.matmul(ds, k.float()) * scale)
+    dk.copy_(torch.matmul(ds.transpose(-1, -2), q.float()) * scale)
+    if rel_bias is None:
+        return dq, dk, dv, q.new_empty(0)
+    index = relative_position_index((grid_h, grid_w), _has_cls(n, grid_h, grid_w), q.device).flatten()
+    dtable = torch.zeros(rel_bias.shape, dtype=torch.float32, device=q.device)
+    dtable.index_add_(1, index, ds.sum(0).reshape(heads, n * n))
+    return dq, dk, dv, dtable.to(rel_bias.dtype)
+
+
 @eager_op("attention_fwd")
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_bias: Optional[torch.Tensor],
                   seed: Optional[torch.Tensor], grid_h: int, grid_w: int, scale: float, dropout_p: float,
@@ -468,13 +508,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_bias: O
     bsz, heads, n, hd = q.shape
     out = _new_out(q)
     if not use_triton:
-        s = _scores(q, k, rel_bias, grid_h, grid_w, scale)
-        lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - lse[..., None])
-        if dropout_p > 0:
-            p = p * _dropout_scale(seed, p.shape, dropout_p, q.device)
-        out.copy_(torch.matmul(p, v.float()))
-        return out, lse
+        with autocast_off(q.device.type):
+            return _fallback_fwd(q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, out)
     lse = q.new_empty((bsz, heads, n), dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
@@ -506,26 +541,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     bsz, heads, n, hd = q.shape
     dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     if not use_triton:
-        s = _scores(q, k, rel_bias, grid_h, grid_w, scale)
-        p = torch.exp(s - lse[..., None])
-        do32 = do.float()
-        dp = torch.matmul(do32, v.float().transpose(-1, -2))
-        if dropout_p > 0:
-            z = _dropout_scale(seed, p.shape, dropout_p, q.device)
-            dv.copy_(torch.matmul((p * z).transpose(-1, -2), do32))
-            dp = dp * z
-        else:
-            dv.copy_(torch.matmul(p.transpose(-1, -2), do32))
-        # rowsum(dO * O) = rowsum(P * dP) also with dropout, since O = (P * Z) V
-        ds = p * (dp - (do32 * out.float()).sum(-1, keepdim=True))
-        dq.copy_(torch.matmul(ds, k.float()) * scale)
-        dk.copy_(torch.matmul(ds.transpose(-1, -2), q.float()) * scale)
-        if rel_bias is None:
-            return dq, dk, dv, q.new_empty(0)
-        index = relative_position_index((grid_h, grid_w), _has_cls(n, grid_h, grid_w), q.device).flatten()
-        dtable = torch.zeros(rel_bias.shape, dtype=torch.float32, device=q.device)
-        dtable.index_add_(1, index, ds.sum(0).reshape(heads, n * n))
-        return dq, dk, dv, dtable.to(rel_bias.dtype)
+        with autocast_off(q.device.type):
+            return _fallback_bwd(do, q, k, v, out, lse, rel_bias, seed, grid_h, grid_w, scale, dropout_p, dq, dk, dv)
     dtable = None if rel_bias is None else torch.zeros(rel_bias.shape, dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return dq, dk, dv, (q.new_empty(0) if rel_bias is None else dtable.to(rel_bias.dtype))
@@ -608,13 +625,14 @@ def _recorded_backward(do, q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropo
         raise NotImplementedError(
             "backward with create_graph=True through attention dropout is not supported on the Triton kernels (their "
             "Philox dropout mask has no torch counterpart); use attn_drop_rate=0 or backend='torch'")
-    p = torch.softmax(_scores(q, k, rel_bias, grid_h, grid_w, scale), -1)
-    if dropout_p > 0:
-        p = p * _dropout_scale(seed, p.shape, dropout_p, q.device)
-    out = torch.matmul(p, v.float()).to(q.dtype)
     inputs = (q, k, v, rel_bias)
-    grads = iter(torch.autograd.grad(out, [t for t in inputs if t is not None and t.requires_grad], do,
-                                     create_graph=True))
+    with autocast_off(q.device.type):  # fp32 math, as in _fallback_fwd, and so its derivatives
+        p = torch.softmax(_scores(q, k, rel_bias, grid_h, grid_w, scale), -1)
+        if dropout_p > 0:
+            p = p * _dropout_scale(seed, p.shape, dropout_p, q.device)
+        out = torch.matmul(p, v.float()).to(q.dtype)
+        grads = iter(torch.autograd.grad(out, [t for t in inputs if t is not None and t.requires_grad], do,
+                                         create_graph=True))
     return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs)
 
 

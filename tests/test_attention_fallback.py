@@ -56,6 +56,27 @@ def test_fallback_in_half_precision_returns_input_dtype():
     torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_fallback_math_stays_fp32_under_autocast(create_graph):
+    """The fallback computes scores, softmax and products in fp32 as the kernels do, whatever autocast says: under
+    CPU bf16 autocast (around forward and backward, as torch.compile traces a backward) outputs and gradients are
+    bitwise those without autocast, for the plain and the recorded (create_graph) backward. Autocast would run its
+    matmuls in bf16 (errors ~1e-2)."""
+    packed, table, do = _case(2, 2, 50, 32, (7, 7))
+
+    def run():
+        q, k, v = _qkv(packed, 2)
+        out = fa.flash_attention(q, k, v, table, (7, 7), use_triton=False)
+        return [out, *torch.autograd.grad(out, [packed, table], do, create_graph=create_graph)]
+
+    want = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run()
+    for a, e in zip(got, want):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
 def test_rel_bias_gradient_is_the_scatter_of_the_dense_bias_gradient():
     """d table[h, r] = sum over batch and every (i, j) with index[i, j] = r of dL/dB[h, i, j]."""
     packed, table, do = _case(2, 2, 50, 32, (7, 7))

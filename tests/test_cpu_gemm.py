@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from _helpers import images, timm_pair
+from _helpers import compile_capturing_graphs, images, timm_pair
 from fastvit import ops
 from fastvit.kernels import _gemm
 from fastvit.memory import saved_activation_bytes
@@ -153,3 +153,23 @@ def test_compiled_training_step_matches_eager(emulated):
     compiled = _step(torch.compile(model, fullgraph=True), x, True)
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.02 * want.abs().max().item())
+
+
+def _graph_gemm_dtypes(graphs):
+    """The output dtype of every GEMM node in FX graphs (from the fake tensor AOTAutograd recorded)."""
+    return [node.meta["val"].dtype for gm in graphs for node in gm.graph.nodes
+            if node.op == "call_function" and getattr(node.target, "overloadpacket", None) in GEMMS]
+
+
+def test_compiled_training_keeps_the_fp32_products(emulated):
+    """The graphs torch.compile gives inductor for a bf16-autocast training step hold fp32 GEMMs only, in the
+    backward too: AOTAutograd traces a Function's backward under the forward's autocast, which cast the backward's
+    fp32 products back to bf16 (a compiled step was then 5x slower than eager on an AVX2 CPU)."""
+    emulated(True)
+    model, _ = timm_pair(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    graphs = []
+    torch._dynamo.reset()  # a fresh compile: earlier tests' frames would make it a dynamic-shape recompile
+    _step(compile_capturing_graphs(model, graphs), images(8), True)
+    assert len(graphs) == 2  # forward and backward
+    forward, backward = (_graph_gemm_dtypes([g]) for g in graphs)
+    assert forward and backward and set(forward + backward) == {torch.float32}
