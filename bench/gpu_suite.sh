@@ -98,7 +98,7 @@ for s in "${STEPS[@]}"; do
         numerics) step numerics 75 $PY bench/numerics.py --models tiny,B/16 --out "$OUT" ;;
         ops) step ops 45 $PY -m pytest -q -p no:cacheprovider bench/test_ops_benchmark.py --benchmark-only \
                  --benchmark-max-time=0.2 --benchmark-json="$OUT/ops_benchmark.json" ;;
-        overhead) step overhead 20 $PY bench/overhead.py --out "$OUT" ;;
+        overhead) step overhead 30 $PY bench/overhead.py --out "$OUT" ;;
         profile) step profile 60 $PY bench/profile.py --model B/16 --warmup 1 --steps 1 --out "$OUT" ;;
         b16) step b16 120 $PY bench/throughput.py --model B/16 --compile --steps 2 --warmup 1 \
                  --out "$OUT/throughput_b16" ;;

@@ -18,18 +18,25 @@ neither pays a device launch (cuLaunchKernel, ~2-4 us on a GPU). The torch side 
 a GPU (two to five against one or two), so leaving launches out on both sides favours torch. Not counted: autocast
 (timed without it), CUDA stream/device queries (constants here), caching-allocator time on a GPU.
 
+Whole-model rows (``--depth`` blocks, 12 by default; 0 leaves them out): fastvit's VisionTransformer on that path
+against timm's with the same weights, one 32 px image (17 tokens of width 64), a forward under no_grad and a training
+forward + backward: the ops' host time together with the model's own Python around it, which is the step time
+on a GPU at small batches. Only fastvit's Triton kernels are stubbed: timm's LayerNorm, GELU and attention compute
+on CPU (a microsecond or so each at this size), both models' GEMMs run in torch.
+
 Each time is the best of ``--repeat`` rounds of ``--number`` calls (noise only adds), with fastvit's and torch's
 rounds interleaved so that load on the machine hits both. ``fwd`` is a forward call; ``fwd+bwd`` a forward and
 ``torch.autograd.grad`` of every output with respect to every input.
 
     python bench/overhead.py                     # results/overhead.json
-    python bench/overhead.py --ops add_layer_norm,attention --number 500 --repeat 5
+    python bench/overhead.py --ops add_layer_norm,attention --number 500 --repeat 5 --depth 0
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -51,6 +58,8 @@ from fastvit import ops  # noqa: E402
 from fastvit.kernels import _launch  # noqa: E402
 
 DIRECTIONS = ("fwd", "fwd+bwd")
+# the whole-model rows' ViT (depth from --depth): 17 tokens of width 64, so that compute is small next to host time
+MODEL = dict(img_size=32, patch_size=8, embed_dim=64, num_heads=2, num_classes=10)
 
 
 def tiny_cases(seed=0):
@@ -152,7 +161,35 @@ def _call(case, impl, direction):
 
 def measure(case, direction, number, repeat, launches):
     """Best per-call microseconds of fastvit and torch, rounds interleaved; and fastvit's launches per call."""
-    calls = {impl: _call(case, impl, direction) for impl in ("fastvit", "torch")}
+    return measure_calls({impl: _call(case, impl, direction) for impl in ("fastvit", "torch")}, number, repeat,
+                         launches)
+
+
+def model_calls(depth, direction):
+    """{"fastvit": f, "timm": g}: one forward (eval, no_grad) or one training forward + backward of a ``depth``-block
+    ``MODEL`` on one image, the two models with the same weights, fastvit's on backend 'triton' (module doc)."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    from fastvit.model import VisionTransformer
+    cfg = dict(MODEL, depth=depth)
+    torch.manual_seed(0)
+    models = {"timm": TimmViT(**cfg)}
+    models["fastvit"] = VisionTransformer(**cfg, backend="triton")
+    models["fastvit"].load_state_dict(models["timm"].state_dict())
+    x = torch.randn(1, 3, cfg["img_size"], cfg["img_size"])
+    calls = {}
+    for name in ("fastvit", "timm"):
+        model = models[name].train(direction == "fwd+bwd")
+        if direction == "fwd":
+            calls[name] = torch.no_grad()(functools.partial(model, x))
+        else:
+            calls[name] = functools.partial(lambda m: m(x).sum().backward(), model)
+    return calls
+
+
+def measure_calls(calls, number, repeat, launches):
+    """Best per-call microseconds of each call in ``calls`` ({"fastvit": f, other: g}), rounds interleaved; and
+    fastvit's launches per call."""
     for fn in calls.values():  # first calls build caches (kernel keys, autograd graph pools)
         for _ in range(3):
             fn()
@@ -171,11 +208,17 @@ def main(argv=None):
     p.add_argument("--ops", default=",".join(numerics.OPS), help=f"comma list from {numerics.OPS}")
     p.add_argument("--number", type=int, default=200, help="calls per timed round")
     p.add_argument("--repeat", type=int, default=7, help="timed rounds per side (the best counts)")
+    p.add_argument("--depth", type=int, default=12,
+                   help="blocks of the whole-model rows (fastvit's model against timm's; 0 leaves them out)")
+    p.add_argument("--model-number", type=int, default=10,
+                   help="calls per timed round of the whole-model rows (a call is a whole forward or step)")
     p.add_argument("--out", default="results", help="output folder for overhead.json")
     args = p.parse_args(argv)
     names = common.choice_list(p, args.ops, numerics.OPS, "op")
-    if args.number < 1 or args.repeat < 1:
-        p.error("--number and --repeat must be at least 1")
+    if args.number < 1 or args.repeat < 1 or args.model_number < 1:
+        p.error("--number, --repeat and --model-number must be at least 1")
+    if args.depth < 0:
+        p.error(f"--depth must be 0 (no model rows) or more, got {args.depth}")
     torch.set_num_threads(1)
 
     rows = []
@@ -192,7 +235,19 @@ def main(argv=None):
                 rows.append(row)
                 print(f"{row['op']:22s} {direction:8s} fastvit {row['fastvit_us']:7.1f} us  torch "
                       f"{row['torch_us']:7.1f} us  ratio {row['ratio']:5.2f}  ({per_call} launches)", flush=True)
-    result = {"ops": rows, "number": args.number, "repeat": args.repeat, "threads": 1,
+        models = []
+        for direction in DIRECTIONS if args.depth else ():
+            best, per_call = measure_calls(model_calls(args.depth, direction), args.model_number, args.repeat,
+                                           launches)
+            row = {"model": f"ViT depth {args.depth} width {MODEL['embed_dim']}, 1 image", "direction": direction,
+                   "fastvit_us": best["fastvit"], "timm_us": best["timm"], "ratio": best["fastvit"] / best["timm"],
+                   "kernel_launches": per_call}
+            models.append(row)
+            print(f"{'model':22s} {direction:8s} fastvit {row['fastvit_us']:7.1f} us  timm  "
+                  f"{row['timm_us']:7.1f} us  ratio {row['ratio']:5.2f}  ({per_call} launches; {row['model']})",
+                  flush=True)
+    result = {"ops": rows, "models": models, "number": args.number, "model_number": args.model_number,
+              "repeat": args.repeat, "threads": 1,
               "seconds": time.perf_counter() - t_start, "env": common.environment()}
     out = common.out_dir(args.out)
     common.write_json(out / "overhead.json", result)

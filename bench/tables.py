@@ -64,9 +64,17 @@ def numerics_table(data):
 
 
 def overhead_table(data):
-    return common.markdown_table(["op", "direction", "fastvit us", "torch us", "ratio", "launches"],
-                                 [[r["op"], r["direction"], f"{r['fastvit_us']:.1f}", f"{r['torch_us']:.1f}",
-                                   f"{r['ratio']:.2f}", r["kernel_launches"]] for r in data["ops"]])
+    """Per op against the torch ops it replaces; then, where the file has them, the whole model against timm's."""
+    table = common.markdown_table(["op", "direction", "fastvit us", "torch us", "ratio", "launches"],
+                                  [[r["op"], r["direction"], f"{r['fastvit_us']:.1f}", f"{r['torch_us']:.1f}",
+                                    f"{r['ratio']:.2f}", r["kernel_launches"]] for r in data["ops"]])
+    models = data.get("models")
+    if not models:
+        return table
+    return table + "\n\n" + common.markdown_table(
+        ["model", "direction", "fastvit us", "timm us", "ratio", "launches"],
+        [[r["model"], r["direction"], f"{r['fastvit_us']:.1f}", f"{r['timm_us']:.1f}", f"{r['ratio']:.2f}",
+          r["kernel_launches"]] for r in models])
 
 
 def ops_benchmark_table(data):

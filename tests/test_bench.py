@@ -240,7 +240,8 @@ def test_profile_smoke(tmp_path):
 
 def test_overhead_smoke(tmp_path):
     """Host time per call of every fused op and of the torch ops it replaces, launches stubbed."""
-    out = _run([sys.executable, "bench/overhead.py", "--number", "3", "--repeat", "2", "--out", str(tmp_path)])
+    out = _run([sys.executable, "bench/overhead.py", "--number", "3", "--repeat", "2", "--depth", "2",
+                "--model-number", "2", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "overhead.json").read_text())
     assert "attention" in out
     ops = {(r["op"], r["direction"]) for r in data["ops"]}
@@ -252,6 +253,14 @@ def test_overhead_smoke(tmp_path):
         # one kernel per forward; backward kernels on top (attention: preprocess, dK/dV, dQ)
         assert r["kernel_launches"] == 1 if r["direction"] == "fwd" else r["kernel_launches"] >= 2, r
     assert {r["op"]: r["kernel_launches"] for r in data["ops"] if r["direction"] == "fwd+bwd"}["attention"] == 4
+    # the whole model against timm's: per block, the forward launches qkv's LayerNorm, attention, the MLP's
+    # LayerNorm and GELU (4), plus the stem's patch embedding and the final LayerNorm
+    models = {r["direction"]: r for r in data["models"]}
+    assert set(models) == {"fwd", "fwd+bwd"} and models["fwd"]["kernel_launches"] == 4 * 2 + 2
+    assert models["fwd+bwd"]["kernel_launches"] > models["fwd"]["kernel_launches"]
+    for r in models.values():
+        assert r["model"] == "ViT depth 2 width 64, 1 image"
+        assert _positive_float(r["fastvit_us"]) and r["ratio"] == pytest.approx(r["fastvit_us"] / r["timm_us"])
 
 
 def test_gpu_suite_needs_a_gpu_and_dry_runs_on_cpu(tmp_path):
