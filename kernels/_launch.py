@@ -138,9 +138,9 @@ def _picker(positions):
 
 class _Layout:
     """Where the tensors, scalars and TMA descriptors sit among a launch's arguments, for one tuple of argument
-    types: found once per tuple, so that a key is built by C-level maps instead of a Python loop over ~30 arguments
-    (bench/overhead.py: ~3.5 us less per launch, building and hashing, at the attention kernel's 30). ``valid`` is
-    False where an argument is of none of these kinds."""
+    types: found once per tuple, so that a key is built by C-level maps instead of a Python loop over the arguments
+    (key and lookup 10 -> 5.5 us at the attention forward's 30, timed alone). ``valid`` is False where an argument
+    is of none of these kinds."""
 
     def __init__(self, types):
         kinds = [_KEY_TENSORS, _KEY_SCALARS, (TensorDescriptor,)]
