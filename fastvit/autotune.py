@@ -1,4 +1,4 @@
-"""Pick the fastest implementation of an op for a call shape on this GPU: measured once, then cached.
+"""Pick the fastest implementation of an op for a call shape on this GPU or CPU: measured once, then cached.
 
 ``backend="auto"`` attention has several candidates on a GPU (flash-attn, the flash / cuDNN / memory-efficient
 kernels behind torch's scaled_dot_product_attention, our Triton kernel) and which one wins depends on the GPU,
@@ -8,6 +8,9 @@ shape (forward, or forward + backward when training) and the winner is kept in m
 measurement. Before it is timed, a candidate's output is checked against a reference (torch's SDPA; the unfused
 GEMM path): one that disagrees is dropped with a warning. Nothing is measured while torch.compile / torch.export
 trace or a CUDA graph is captured: those calls take the cached winner, or the caller's default.
+
+On CPU (:func:`fastest_on_cpu`) the same holds per CPU model, thread count and torch version: which of oneDNN's and
+MKL's GEMMs is faster differs between CPUs (fc1 with its GELU in oneDNN's epilogue, ``fastvit.onednn``).
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import functools
 import json
 import os
 import pathlib
+import platform
+import time
 import warnings
 
 import torch
@@ -98,23 +103,61 @@ def fastest(op: str, device_index: int, fields: tuple, names, make_runner, defau
     wins over correctness. With no winner cached and no measurement possible now (see ``can_measure``),
     ``default``.
     """
-    key = (op, fields, _environment(device_index))
+    return _fastest(op, fields, _environment(device_index), names, make_runner, default, measure or time_cuda,
+                    agrees, can_measure)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what ``platform`` knows."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def time_cpu(fn, repeats: int = 3) -> float:
+    """Fewest seconds of ``fn()`` over ``repeats`` calls after one warm-up call (on a shared CPU, load only adds)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def fastest_on_cpu(op: str, fields: tuple, names, make_runner, default: str) -> str:
+    """:func:`fastest` for a call on CPU tensors, timed by :func:`time_cpu` once per ``fields``, CPU model, thread
+    count and torch version; ``default`` while torch.compile traces."""
+    environment = (_cpu_name(), torch.get_num_threads(), torch.__version__)
+    return _fastest(op, fields, environment, names, make_runner, default, time_cpu, None,
+                    lambda: not torch.compiler.is_compiling())
+
+
+def _fastest(op, fields, environment, names, make_runner, default, measure, agrees, measurable) -> str:
+    """:func:`fastest`'s choice for a call whose timings hold on ``environment``; ``measurable()`` says whether
+    timing may happen now."""
+    key = (op, fields, environment)
     winner = _WINNERS.get(key)
     if winner is not None:
         return winner
     disk_key = json.dumps(key)
     winner = _disk().get(disk_key)
     if winner not in names:
-        if not can_measure():  # maybe later (tracing or a graph capture ends): nothing is remembered
+        if not measurable():  # maybe later (tracing or a graph capture ends): nothing is remembered
             return default
         times = {}
         for name in names:
             try:
                 if agrees is not None and not agrees(name):
                     warnings.warn(f"fastvit.autotune: {op} implementation {name!r} disagrees with the reference "
-                                  f"for {dict(fields)}; it is not used", RuntimeWarning, stacklevel=2)
+                                  f"for {dict(fields)}; it is not used", RuntimeWarning, stacklevel=3)
                     continue
-                times[name] = (measure or time_cuda)(make_runner(name))
+                times[name] = measure(make_runner(name))
             except Exception:  # noqa: BLE001  an implementation that cannot run this call is no candidate
                 continue
         if not times:  # nothing else runs this call: remember the default, so it is not measured again

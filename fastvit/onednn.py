@@ -4,8 +4,10 @@ On a GPU the MLP keeps only fc1's pre-activation for backward and recomputes the
 (``kernels/gelu_matmul.py``). In CPU inference nothing is kept, so the GELU belongs in fc1's epilogue: oneDNN
 (PyTorch's ``mkldnn::_linear_pointwise``, the op inductor emits for the same pattern on CPU) applies it to each
 output tile while it is in cache, and the (rows, 4D) activation is written once instead of written, read and written
-again. On this project's CPU ``F.gelu(F.linear(...))`` takes 1.15-2.2x the fused GEMM's time at the smoke and B/16
-shapes, bf16 and fp32 (README).
+again. Whether that pays depends on the CPU: the fused GEMM is oneDNN's, the unfused one MKL's, and on CPUs with
+AVX-512 ``F.gelu(F.linear(...))`` took 1.15-2.2x the fused GEMM's time at the smoke and B/16 shapes, bf16 and fp32,
+while on an AVX2 EPYC the fused one is the slower at ViT widths (README). So large enough products
+(:func:`worth_fusing`) are timed both ways once on each CPU (:func:`fused_is_faster`).
 """
 from __future__ import annotations
 
@@ -14,11 +16,13 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from fastvit import autotune
 from fastvit.kernels import _gemm
+from fastvit.kernels._launch import next_power_of_2
 from fastvit.kernels.matmul import compute_dtype
 
 
-# When the fused GEMM pays (measured on this project's CPU, whole model and GEMM alone, README): in fp32 from about
+# When the fused GEMM may pay (measured on an AVX-512 VM, whole model and GEMM alone, README): in fp32 from about
 # a million multiply-adds (below that a oneDNN call, ~50 us here, costs more than MKL's GEMM and the GELU pass:
 # 0.8x at 17 x 64 x 256, 1.1x at 68 x 64 x 256, 1.75x at 1 x 768 x 3072); in bf16 from rows >= 4x the input width
 # (each call converts the weight freshly cast by autocast into oneDNN's layout, a cost of the weight's size: a B/16
@@ -28,7 +32,8 @@ LOW_PRECISION_MIN_ROWS_PER_INPUT = 4
 
 
 def worth_fusing(dtype: torch.dtype, rows: int, in_features: int, out_features: int) -> bool:
-    """Whether a (rows, in) x (in, out) product in ``dtype`` is faster fused than F.linear + F.gelu (see above)."""
+    """Whether a (rows, in) x (in, out) product in ``dtype`` is large enough for the fused GEMM to be a candidate
+    (see above): below, a oneDNN call's fixed cost decides against it without a measurement."""
     if dtype == torch.float32:
         return rows * in_features * out_features >= FP32_MIN_MACS
     return rows >= LOW_PRECISION_MIN_ROWS_PER_INPUT * in_features
@@ -56,14 +61,39 @@ def supports(dtype: torch.dtype) -> bool:
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """GELU(x W^T + b) (exact erf GELU) over the last dim of a CPU tensor ``x``, in the dtype F.linear would compute
     in (the autocast dtype under autocast), by one oneDNN GEMM where :func:`supports` that dtype, it is
-    :func:`worth_fusing` and the product does not run in fp32 (``kernels/_gemm.py``), else by that module's
-    ``linear`` and F.gelu. Inference only: the op has no backward."""
+    :func:`worth_fusing`, the product does not run in fp32 (``kernels/_gemm.py``) and it was measured faster on this
+    CPU (:func:`fused_is_faster`), else by that module's ``linear`` and F.gelu. Inference only: the op has no
+    backward."""
     dtype = compute_dtype(x)
     k = x.shape[-1]
-    if (not (worth_fusing(dtype, x.numel() // max(k, 1), k, weight.shape[0]) and supports(dtype))
-            or _gemm.in_fp32(x, dtype)):
-        return F.gelu(_gemm.linear(x, weight, bias))
-    rows = x.reshape(-1, k).to(dtype)
-    out = torch.ops.mkldnn._linear_pointwise(rows, weight.to(dtype).contiguous(),
+    rows = x.numel() // max(k, 1)
+    if (not (worth_fusing(dtype, rows, k, weight.shape[0]) and supports(dtype)) or _gemm.in_fp32(x, dtype)
+            or not fused_is_faster(x, weight, bias, dtype)):
+        return _unfused(x, weight, bias, dtype)
+    return _fused(x, weight, bias, dtype)
+
+
+def _unfused(x, weight, bias, dtype):
+    return F.gelu(_gemm.linear(x, weight, bias))
+
+
+def _fused(x, weight, bias, dtype):
+    k = x.shape[-1]
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, k).to(dtype), weight.to(dtype).contiguous(),
                                              None if bias is None else bias.to(dtype), "gelu", [], "none")
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+IMPLS = {"fused": _fused, "unfused": _unfused}
+
+
+def fused_is_faster(x, weight, bias, dtype) -> bool:
+    """Whether the fused GEMM beat F.linear + F.gelu for a product like this one on this CPU: timed once on the
+    call's own inputs per dtype, row count (to the next power of two), widths and CPU (``fastvit.autotune``). The
+    answer differs between CPUs: oneDNN's fp32 GEMM trails MKL's at ViT widths on an AVX2 EPYC (the fused one took
+    1.3-1.5x as long at 384 and 768 -> 4x, batch 8) and leads on CPUs with AVX-512 (README)."""
+    k = x.shape[-1]
+    fields = (("dtype", str(dtype)), ("rows", next_power_of_2(max(x.numel() // max(k, 1), 1))), ("in", k),
+              ("out", weight.shape[0]), ("bias", bias is not None))
+    return autotune.fastest_on_cpu("linear_gelu", fields, tuple(IMPLS), lambda impl: functools.partial(
+        IMPLS[impl], x, weight, bias, dtype), "unfused") == "fused"

@@ -5,7 +5,8 @@ tests/ goes on sys.path so that test files here and in tests/interpret/ import t
 would add only each test file's own folder).
 
 No test reaches the Hugging Face Hub or reads the machine's HF cache: offline mode and an empty cache folder are set
-before huggingface_hub is first imported (it reads both once); tests that need cached files build their own."""
+before huggingface_hub is first imported (it reads both once); tests that need cached files build their own. Choices
+that fastvit.autotune measures go to a temporary folder too, never to the user's ~/.cache/fastvit."""
 import atexit
 import os
 import shutil
@@ -17,5 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="fastvit-tests-hf-")
 atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], True)
+os.environ["FASTVIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastvit-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["FASTVIT_CACHE_DIR"], True)
 
 collect_ignore_glob = [] if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else ["interpret/*"]

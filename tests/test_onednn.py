@@ -5,13 +5,19 @@ import torch
 import torch.nn.functional as F
 
 from _helpers import timm_pair
-from fastvit import onednn, ops
+from fastvit import autotune, onednn, ops
 from fastvit.kernels import _gemm
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
 needs_bf16 = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
                                      and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
                                 reason="no oneDNN bf16 GEMM on this CPU")
+
+
+@pytest.fixture
+def fused_wins(monkeypatch):
+    """The fused GEMM as this CPU's measured winner wherever it is a candidate (the measurement is tested below)."""
+    monkeypatch.setattr(onednn, "fused_is_faster", lambda *args: True)
 
 
 def _linear_case(shape=(3, 33, 64), out=640, bias=True, seed=0):
@@ -25,16 +31,17 @@ def _linear_case(shape=(3, 33, 64), out=640, bias=True, seed=0):
 
 @needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_gelu_matches_torch_fp32(bias):
+def test_linear_gelu_matches_torch_fp32(bias, fused_wins):
     assert onednn.supports(torch.float32)
     x, w, b = _linear_case(bias=bias)
-    out = onednn.linear_gelu(x, w, b)
+    out, fused = _fused_gemms(lambda: onednn.linear_gelu(x, w, b))
+    assert fused == 1
     assert out.shape == (3, 33, 640) and out.dtype == torch.float32
     torch.testing.assert_close(out, F.gelu(F.linear(x, w, b)), atol=1e-5, rtol=1e-5)
 
 
 @needs_bf16
-def test_linear_gelu_under_autocast_is_within_torchs_own_error():
+def test_linear_gelu_under_autocast_is_within_torchs_own_error(fused_wins):
     """Under bf16 autocast: the dtype F.linear gives, and an error against fp64 math no larger than twice that of
     F.linear + F.gelu under the same autocast (the fused GEMM rounds once, after the GELU)."""
     assert onednn.supports(torch.bfloat16)
@@ -58,6 +65,41 @@ def test_small_products_stay_unfused(shape, dtype, monkeypatch):
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         out, fused = _fused_gemms(lambda: onednn.linear_gelu(x, w, b))
         assert fused == 0 and torch.equal(out, F.gelu(F.linear(x, w, b)))
+
+
+@needs_onednn
+@pytest.mark.parametrize("winner", ["fused", "unfused"])
+def test_the_measured_winner_runs(winner, monkeypatch, tmp_path):
+    """Which GEMM runs is timed once on the call's own inputs per dtype, row count (to the next power of two) and
+    widths, then cached in memory and on disk: the winner of those timings runs, and fewer rows of the same
+    bucket, or a new process, measure nothing."""
+    monkeypatch.setenv("FASTVIT_CACHE_DIR", str(tmp_path))
+    timed = []
+
+    def time_cpu(run):  # the candidate a runner runs: functools.partial(onednn.IMPLS[name], x, w, b, dtype)
+        name = next(n for n, impl in onednn.IMPLS.items() if impl is run.func)
+        timed.append((name, run.args[0].shape))
+        return 1.0 if name == winner else 2.0
+    monkeypatch.setattr(autotune, "time_cpu", time_cpu)
+    autotune.clear()
+    try:
+        x, w, b = _linear_case(shape=(3, 40, 64))  # 120 rows: the 128 bucket
+        out, fused = _fused_gemms(lambda: onednn.linear_gelu(x, w, b))
+        assert sorted(name for name, _ in timed) == ["fused", "unfused"]
+        assert all(shape == x.shape for _, shape in timed)  # timed on the call's inputs
+        assert fused == (winner == "fused") * 1
+        if winner == "unfused":
+            assert torch.equal(out, F.gelu(F.linear(x, w, b)))
+        torch.testing.assert_close(out, F.gelu(F.linear(x, w, b)), atol=1e-5, rtol=1e-5)
+        fewer = x[:, :35]  # 105 rows, same bucket
+        _, fused = _fused_gemms(lambda: onednn.linear_gelu(fewer, w, b))
+        autotune.clear()  # a new process: the disk file answers
+        _, fused_again = _fused_gemms(lambda: onednn.linear_gelu(x, w, b))
+        assert len(timed) == 2 and fused == fused_again == (winner == "fused") * 1
+        onednn.linear_gelu(torch.cat([x, x]), w, b)  # 240 rows: the 256 bucket is measured
+        assert len(timed) == 4
+    finally:
+        autotune.clear()
 
 
 def test_linear_gelu_without_onednn_is_torchs(monkeypatch):
@@ -101,7 +143,7 @@ def _fused_gemms(fn):
 
 @needs_onednn
 @pytest.mark.parametrize("residual", [True, False])
-def test_layer_norm_mlp_inference_matches_torch_math(residual):
+def test_layer_norm_mlp_inference_matches_torch_math(residual, fused_wins):
     h, r, params = _mlp_case(residual=residual)
     with torch.inference_mode():
         (out, z), fused = _fused_gemms(lambda: ops.layer_norm_mlp(h, r, *params))
@@ -131,7 +173,7 @@ def test_layer_norm_mlp_with_autograd_is_the_two_op_path():
 @needs_bf16
 @pytest.mark.parametrize("cfg", [{}, dict(class_token=False, global_pool="avg", mlp_ratio=2.0)],
                          ids=["default", "avg-pool"])
-def test_model_inference_matches_timm(cfg):
+def test_model_inference_matches_timm(cfg, fused_wins):
     """The model's eval forward takes the fused MLP in inference and still gives timm's output: in fp32 to
     rounding, under bf16 autocast within twice timm's own error against fp64 math."""
     model, ref = timm_pair(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10, **cfg)
