@@ -19,23 +19,44 @@
 #   bench/gpu_suite.sh                 # all steps but loader
 #   bench/gpu_suite.sh profile b16     # some steps (names above)
 #   bench/gpu_suite.sh --dry-run       # CPU: every step at smoke size into a temporary folder (checks plumbing)
+#   bench/gpu_suite.sh --budget 560 --archive FILE.tgz   # (the defaults: budget 560 s, no archive)
 #
 # Each step runs under its own time limit (seconds below), so one slow step cannot use up the GPU session; a step
-# that fails or runs out of time is reported and the others still run; the exit status is 1 if any failed.
-# Step sizes are chosen for the limit: one warm-up and one or two timed global batches; L/16 and H/14 time a
-# global batch of 1024 and 512 (accumulation 8), where compiling both models twice already takes most of it.
+# that fails or runs out of time is reported and the others still run; the exit status is 1 if any failed. Step
+# sizes are chosen for the limit: one warm-up and one or two timed global batches; L/16 and H/14 time a global batch
+# of 1024 and 512 (accumulation 8), where compiling both models twice already takes most of it. The whole suite ends
+# within --budget seconds (a lent GPU machine runs one command for 10 minutes at most): a step gets at most what is
+# left of it after a reserve for the tables, and one that would get under 20 s is skipped (and counts as failed).
+# --archive writes the results folder, traces left out, as one .tgz (a lent machine hands back a few files only),
+# also when steps failed; unpack it with `tar xzf FILE.tgz -C bench/results`. On such a machine:
+#
+#   PYTHONUNBUFFERED=1 bash bench/gpu_suite.sh --archive $OUT/gpu_results.tgz 2>&1 | tee $OUT/gpu_suite.log
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DRY=0
 STEPS=()
-for arg in "$@"; do
+BUDGET=560
+ARCHIVE=
+RESERVE=30  # seconds kept for the tables and the archive
+while [ $# -gt 0 ]; do
+    arg=$1
+    shift
     case "$arg" in
         --dry-run) DRY=1 ;;
+        --budget|--archive)
+            [ $# -gt 0 ] || { echo "gpu_suite.sh: $arg needs a value" >&2; exit 2; }
+            if [ "$arg" = --budget ]; then
+                [[ $1 =~ ^[0-9]+$ ]] || { echo "gpu_suite.sh: --budget takes whole seconds, got '$1'" >&2; exit 2; }
+                BUDGET=$1
+            else
+                ARCHIVE=$1
+            fi
+            shift ;;
         numerics|ops|overhead|profile|b16|l16|h14|loader) STEPS+=("$arg") ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
         *) echo "gpu_suite.sh: unknown argument '$arg'" \
-                "(steps: numerics ops overhead profile b16 l16 h14 loader; --dry-run)" >&2
+                "(steps: numerics ops overhead profile b16 l16 h14 loader; --dry-run, --budget S, --archive F)" >&2
            exit 2 ;;
     esac
 done
@@ -68,9 +89,17 @@ export FASTVIT_CACHE_DIR="$OUT/autotune"
 echo "== gpu_suite: ${STEPS[*]} -> $OUT ($GPU)"
 
 FAILED=()
-step() {  # step NAME LIMIT_SECONDS COMMAND...
+step() {  # step NAME LIMIT_SECONDS COMMAND...: at most what is left of the budget (timeout may add 20 s to kill)
     local name=$1 limit=$2
     shift 2
+    local left=$((BUDGET - RESERVE - SECONDS - 20))
+    [ "$name" = tables ] && left=$((BUDGET - SECONDS - 20))
+    if [ $left -lt 20 ]; then
+        echo "== $name: skipped, ${left}s left of the ${BUDGET}s budget"
+        FAILED+=("$name(skipped)")
+        return
+    fi
+    [ $left -lt "$limit" ] && limit=$left
     local t0=$SECONDS
     echo "== $name (limit ${limit}s): $*"
     timeout --signal=INT --kill-after=20 "$limit" "$@"
@@ -113,6 +142,11 @@ done
 # traces are large: keep them out of the committed folder's JSON
 mv "$OUT"/trace_*.json "$OUT/traces/" 2>/dev/null
 step tables 60 $PY bench/tables.py "$OUT"
+if [ -n "$ARCHIVE" ]; then
+    tar -czf "$ARCHIVE" -C "$(dirname "$OUT")" --exclude=traces "$(basename "$OUT")" \
+        && echo "== archive: $ARCHIVE ($(du -h "$ARCHIVE" | cut -f1); tar xzf it -C bench/results)" \
+        || FAILED+=("archive")
+fi
 echo "== gpu_suite: $SECONDS s in all; results in $OUT"
 if [ ${#FAILED[@]} -gt 0 ]; then
     echo "== gpu_suite: FAILED: ${FAILED[*]}" >&2

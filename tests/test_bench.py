@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -264,21 +265,48 @@ def test_overhead_smoke(tmp_path):
 
 
 def test_gpu_suite_needs_a_gpu_and_dry_runs_on_cpu(tmp_path):
-    """Without a GPU the suite stops at once and says so; --dry-run runs a step at smoke size on CPU and builds the
-    summary tables from its JSON."""
+    """Without a GPU the suite stops at once and says so; --dry-run runs a step at smoke size on CPU, builds the
+    summary tables from its JSON and, with --archive, packs the folder (traces left out) into one .tgz."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(["bash", "bench/gpu_suite.sh", "overhead"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr
-    out = _run(["bash", "bench/gpu_suite.sh", "--dry-run", "overhead", "loader"], timeout=480)
+    archive = tmp_path / "gpu_results.tgz"
+    out = _run(["bash", "bench/gpu_suite.sh", "--dry-run", "--archive", str(archive), "overhead", "loader"],
+               timeout=480)
     folder = pathlib.Path(re.search(r"results in (\S+)", out).group(1))
     try:
         summary = (folder / "summary.md").read_text()
         assert "## Host time per call" in summary and "| add_layer_norm | fwd |" in summary
         assert json.loads((folder / "overhead.json").read_text())["ops"]
         assert "## Training loader" in summary and "| shards | cpu | 1 |" in summary
+        with tarfile.open(archive) as tar:
+            names = tar.getnames()
+        assert f"{folder.name}/summary.md" in names and f"{folder.name}/overhead.json" in names
+        assert not any("traces" in name for name in names)  # the folder exists (the profile step's traces)
     finally:
         shutil.rmtree(folder)
+
+
+def test_gpu_suite_keeps_to_its_budget(tmp_path):
+    """A step that would get less than 20 s of what is left of --budget is skipped, reported and counted as failed;
+    the archive is still written."""
+    archive = tmp_path / "gpu_results.tgz"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(["bash", "bench/gpu_suite.sh", "--dry-run", "--budget", "0", "--archive", str(archive),
+                           "overhead"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "== overhead: skipped" in proc.stdout and "== tables: skipped" in proc.stdout
+    assert "FAILED: overhead(skipped) tables(skipped)" in proc.stderr
+    folder = pathlib.Path(re.search(r"results in (\S+)", proc.stdout).group(1))
+    try:
+        with tarfile.open(archive) as tar:
+            assert tar.getnames()[0] == folder.name and not (folder / "overhead.json").exists()
+    finally:
+        shutil.rmtree(folder)
+    bad = subprocess.run(["bash", "bench/gpu_suite.sh", "--budget", "soon"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "--budget takes whole seconds, got 'soon'" in bad.stderr
 
 
 def test_ablation_smoke(tmp_path):
