@@ -68,7 +68,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     k = x.shape[-1]
     rows = x.numel() // max(k, 1)
     if (not (worth_fusing(dtype, rows, k, weight.shape[0]) and supports(dtype)) or _gemm.in_fp32(x, dtype)
-            or not fused_is_faster(x, weight, bias, dtype)):
+            or not fused_is_faster(x, weight, bias, dtype, rows)):
         return _unfused(x, weight, bias, dtype)
     return _fused(x, weight, bias, dtype)
 
@@ -87,13 +87,13 @@ def _fused(x, weight, bias, dtype):
 IMPLS = {"fused": _fused, "unfused": _unfused}
 
 
-def fused_is_faster(x, weight, bias, dtype) -> bool:
-    """Whether the fused GEMM beat F.linear + F.gelu for a product like this one on this CPU: timed once on the
-    call's own inputs per dtype, row count (to the next power of two), widths and CPU (``fastvit.autotune``). The
-    answer differs between CPUs: oneDNN's fp32 GEMM trails MKL's at ViT widths on an AVX2 EPYC (the fused one took
-    1.3-1.5x as long at 384 and 768 -> 4x, batch 8) and leads on CPUs with AVX-512 (README)."""
-    k = x.shape[-1]
-    fields = (("dtype", str(dtype)), ("rows", next_power_of_2(max(x.numel() // max(k, 1), 1))), ("in", k),
+def fused_is_faster(x, weight, bias, dtype, rows) -> bool:
+    """Whether the fused GEMM beat F.linear + F.gelu for a product like this one (``rows`` rows of ``x``) on this
+    CPU: timed once on the call's own inputs per dtype, row count (to the next power of two), widths and CPU
+    (``fastvit.autotune``). The answer differs between CPUs: oneDNN's fp32 GEMM trails MKL's at ViT widths on an
+    AVX2 EPYC (the fused one took 1.3-1.5x as long at 384 and 768 -> 4x, batch 8) and leads on CPUs with AVX-512
+    (README)."""
+    fields = (("dtype", str(dtype)), ("rows", next_power_of_2(max(rows, 1))), ("in", x.shape[-1]),
               ("out", weight.shape[0]), ("bias", bias is not None))
     return autotune.fastest_on_cpu("linear_gelu", fields, tuple(IMPLS), lambda impl: functools.partial(
         IMPLS[impl], x, weight, bias, dtype), "unfused") == "fused"
