@@ -131,9 +131,10 @@ def time_cpu(fn, repeats: int = 3) -> float:
 
 
 def fastest_on_cpu(op: str, fields: tuple, names, make_runner, default: str) -> str:
-    """:func:`fastest` for a call on CPU tensors, timed by :func:`time_cpu` once per ``fields``, CPU model, thread
-    count and torch version; ``default`` while torch.compile traces."""
-    environment = (_cpu_name(), torch.get_num_threads(), torch.__version__)
+    """:func:`fastest` for a call on CPU tensors, timed by :func:`time_cpu` once per ``fields``, CPU model and vector
+    ISA, thread count and torch version; ``default`` while torch.compile traces."""
+    # the vector ISA PyTorch dispatches to as well: one model name may cover CPUs with and without AVX-512
+    environment = (_cpu_name(), torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), torch.__version__)
     return _fastest(op, fields, environment, names, make_runner, default, time_cpu, None,
                     lambda: not torch.compiler.is_compiling())
 

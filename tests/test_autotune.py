@@ -162,3 +162,20 @@ def test_a_relative_bias_call_is_tuned_among_our_forward_tiles(tuner, monkeypatc
     assert ops.attention_backend(q, rel_bias=table, grid_size=(7, 7)) == f"triton@{tiles - 1}"
     assert timed == ["triton", *(f"triton@{i}" for i in range(1, tiles))]
     assert ops.attention_backend(q, rel_bias=table) == "triton"  # no grid given: the static rule
+
+
+def test_cpu_choices_are_kept_per_vector_isa(monkeypatch, tmp_path):
+    """``fastest_on_cpu`` measures again where PyTorch dispatches to another vector ISA under the same CPU model
+    name (one "AMD EPYC" covers AVX2 and AVX-512 machines, whose winners differ), and not on a repeat."""
+    monkeypatch.setenv("FASTVIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_cpu_name", lambda: "AMD EPYC")
+    timed = []
+    monkeypatch.setattr(autotune, "time_cpu", lambda run: timed.append(run) or 1.0)
+    autotune.clear()
+    try:
+        for isa in ("AVX2", "AVX512", "AVX2"):
+            monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: isa)
+            assert autotune.fastest_on_cpu("op", (("rows", 8),), ("only",), lambda name: name, "only") == "only"
+        assert timed == ["only", "only"]
+    finally:
+        autotune.clear()
