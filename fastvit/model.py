@@ -402,6 +402,7 @@ class Block(nn.Module):
                                                       *weight_and_bias(attn._modules["qkv"]), norm1.eps,
                                                       backend=self.backend)
             h = attn.attend(qkv, grid_size)
+            del qkv  # (B, N, 3D): freed before the MLP, as timm's Attention frees it on return
         else:
             residual = h if residual is None else h + residual
             normed = norm1(residual)

@@ -74,7 +74,9 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def _unfused(x, weight, bias, dtype):
-    return F.gelu(_gemm.linear(x, weight, bias))
+    # GELU in place: the product is a fresh tensor nothing else holds, and inference keeps no pre-activation, so the
+    # (rows, 4D) activation takes one buffer instead of two (a lower peak, fewer fresh pages to fault in)
+    return torch.ops.aten.gelu_(_gemm.linear(x, weight, bias))
 
 
 def _fused(x, weight, bias, dtype):

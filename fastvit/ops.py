@@ -30,7 +30,8 @@ from fastvit.kernels import ln_matmul as _ln_matmul
 from fastvit.kernels import matmul as _matmul
 from fastvit.kernels import matmul_residual as _matmul_residual
 from fastvit.kernels import patch_embed as _patch_embed
-from fastvit.kernels._launch import KERNEL_DTYPES, apply, capability, cast, inference_call, transformed
+from fastvit.kernels._launch import (KERNEL_DTYPES, apply, capability, cast, eager_training_call, inference_call,
+                                     transformed)
 from fastvit.kernels._launch import interpreting as triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton")
@@ -169,7 +170,9 @@ def layer_norm_mlp(x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, fc
                                                  residual_in_fp32, backend)
         return bias_gelu_linear(hidden, None, fc2_weight, fc2_bias, backend), residual
     y, residual = add_layer_norm(x, residual, norm_weight, norm_bias, eps, residual_in_fp32, backend)
-    return _gemm.linear(onednn.linear_gelu(y, fc1_weight, fc1_bias), fc2_weight, fc2_bias), residual
+    hidden = onednn.linear_gelu(y, fc1_weight, fc1_bias)
+    del y  # freed before fc2's output is allocated: inference memory peaks here
+    return _gemm.linear(hidden, fc2_weight, fc2_bias), residual
 
 
 def linear_residual(x, weight, bias, residual, backend="auto"):
@@ -300,7 +303,8 @@ def attention(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None,
     ``sdpa_kernel``, ``torch.backends.cuda.enable_flash_sdp`` and the like) and our Triton kernel for this call
     shape, measured once (``fastvit.autotune``); with a ``rel_bias`` (which only ours takes), under torch.compile
     and on CPU it takes flash_attn where it can run, else the Triton kernels where they can (fp32/fp16/bf16,
-    head_dim <= 128), else scaled_dot_product_attention.
+    head_dim <= 128), else scaled_dot_product_attention (on CPU, for 16-bit training at up to 128 tokens, with our
+    torch backward instead of SDPA's: :func:`_cpu_training_attention`).
     """
     if transformed():  # SDPA's math kernel: the fused ones have neither forward-mode AD nor vmap rules
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
@@ -310,6 +314,8 @@ def attention(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None,
 
 
 def _run_attention(impl, q, k, v, rel_bias, grid_size, dropout_p, scale):
+    if impl == "fallback":
+        return _flash_attention.flash_attention(q, k, v, rel_bias, grid_size, scale, dropout_p, False)
     if impl == "flash":
         return _flash_attention.attention_flash(q, k, v, rel_bias, dropout_p, scale)
     if impl in SDPA_KERNELS:
@@ -322,8 +328,9 @@ def _run_attention(impl, q, k, v, rel_bias, grid_size, dropout_p, scale):
 
 def attention_backend(q, rel_bias=None, backend="auto", dropout_p=0.0, grid_size=None) -> str:
     """Which implementation :func:`attention` runs for ``q`` (and ``rel_bias`` over ``grid_size``, ``dropout_p``):
-    "flash", "triton", "torch", or with a tuned ``"auto"`` one of ``SDPA_KERNELS`` or ``"triton@i"`` (our kernel
-    with the forward's i-th alternative tiles, ``flash_attention.forward_tiles``). A call with a ``rel_bias`` is
+    "flash", "triton", "torch", with a tuned ``"auto"`` one of ``SDPA_KERNELS`` or ``"triton@i"`` (our kernel
+    with the forward's i-th alternative tiles, ``flash_attention.forward_tiles``), or for a CPU training call
+    "fallback" (SDPA's forward, our torch backward: :func:`_cpu_training_attention`). A call with a ``rel_bias`` is
     tuned among our kernel's tiles only (nothing else takes the bias)."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
@@ -333,6 +340,8 @@ def attention_backend(q, rel_bias=None, backend="auto", dropout_p=0.0, grid_size
         static = "torch"
     else:
         static = "triton" if use_triton(backend, q) else "torch"
+    if backend == "auto" and static == "torch" and q.device.type == "cpu":
+        return _cpu_training_attention(q, rel_bias, dropout_p)
     if (backend != "auto" or not q.is_cuda or not torch.cuda.is_available() or torch.compiler.is_compiling()
             or (rel_bias is not None and (static != "triton" or grid_size is None))):
         return static
@@ -352,6 +361,26 @@ def attention_backend(q, rel_bias=None, backend="auto", dropout_p=0.0, grid_size
     return autotune.fastest("attention", q.device.index or 0, fields, names,
                             functools.partial(_attention_runner, q, rel_bias, grid_size, dropout_p, training),
                             static, agrees=_agreement(_attention_outputs(q, rel_bias, grid_size), "torch"))
+
+
+# 16-bit CPU training calls with at most this many tokens take the fallback's attention backward (see below)
+CPU_MATH_BACKWARD_MAX_TOKENS = 128
+
+
+def _cpu_training_attention(q, rel_bias, dropout_p) -> str:
+    """"fallback" (our attention Function's torch path) or "torch" (SDPA) for a call with ``backend="auto"`` on CPU.
+
+    Both run PyTorch's CPU flash kernel forward and save the same tensors; they differ in the backward: SDPA's CPU
+    flash backward, or the fallback's fp32 torch math (P recomputed from the saved log-sum-exp). On an AVX-512 VM
+    the flash backward in bf16 took 1.3-12x as long as the math one up to 101 tokens (11.6x at the smoke models'
+    17) and 0.87x from 145; in fp32 it was the faster everywhere (0.5-0.9x). So an eager 16-bit training call
+    without a bias or dropout and with at most ``CPU_MATH_BACKWARD_MAX_TOKENS`` tokens takes the fallback. A fixed
+    rule, not a timing: the choice changes a gradient's rounding, and a measured one could differ between the ranks
+    of a job, or between a run and its resume, which repeats the run bitwise."""
+    if (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-2] <= CPU_MATH_BACKWARD_MAX_TOKENS
+            and rel_bias is None and dropout_p == 0 and eager_training_call((q,))):
+        return "fallback"
+    return "torch"
 
 
 def _attention_inputs(q, rel_bias, requires_grad=False):

@@ -278,6 +278,12 @@ def triton_in_backward(use_triton: bool) -> bool:
     return use_triton and not torch.is_grad_enabled()
 
 
+def eager_training_call(args) -> bool:
+    """Whether a call with ``args`` (the first one a tensor) is recorded by autograd on real tensors, outside any
+    trace (:func:`_untraced`)."""
+    return records_autograd(args) and _untraced(args)
+
+
 def inference_call(args) -> bool:
     """Whether a call with ``args`` (the first one a tensor) is eager inference on real tensors: nothing for
     autograd to record, and no trace (:func:`_untraced`)."""

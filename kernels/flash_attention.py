@@ -459,10 +459,16 @@ def _strides(*tensors):
     return [s for t in tensors for s in t.stride()]
 
 
-def _fallback_fwd(q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, out):
-    """The forward's torch math, into ``out``: fp32 scores, softmax and product as the kernels compute them (run
-    with autocast off, which would round these products to 16 bits, also where torch.compile traces a backward
-    under the forward's autocast)."""
+def _fallback_fwd(q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p):
+    """(out, lse) by torch: without a bias or dropout on CPU, PyTorch's CPU flash kernel (what SDPA runs there:
+    the same two outputs, out in :func:`_new_out`'s layout, and no N x N scores in memory); otherwise fp32 scores,
+    softmax and product as the kernels compute them (run with autocast off, which would round these products to 16
+    bits, also where torch.compile traces a backward under the forward's autocast)."""
+    if (rel_bias is None and dropout_p == 0 and q.device.type == "cpu" and q.dtype in KERNEL_DTYPES
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        return out, lse.contiguous()  # it lays lse out as (B, N, heads); the op's contract is (B, heads, N)
+    out = _new_out(q)
     s = _scores(q, k, rel_bias, grid_h, grid_w, scale)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse[..., None])
@@ -472,30 +478,30 @@ def _fallback_fwd(q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, out
     return out, lse
 
 
-def _fallback_bwd(do, q, k, v, out, lse, rel_bias, seed, grid_h, grid_w, scale, dropout_p, dq, dk, dv):
-    """The backward's torch math into dq, dk, dv (fp32 inside, autocast off as for :func:`_fallback_fwd`); returns
-    attention_bwd's outputs."""
+def _fallback_bwd(do, q, k, v, out, lse, rel_bias, seed, grid_h, grid_w, scale, dropout_p):
+    """The backward's torch math (fp32 inside, autocast off as for :func:`_fallback_fwd`): attention_bwd's outputs.
+    The (B, heads, N, N) products are updated in place (they are this function's own): fewer such buffers."""
     _, heads, n, _ = q.shape
-    s = _scores(q, k, rel_bias, grid_h, grid_w, scale)
-    p = torch.exp(s - lse[..., None])
-    do32 = do.float()
+    q32, k32, do32 = q.float(), k.float(), do.float()
+    p = _scores(q32, k32, rel_bias, grid_h, grid_w, scale).sub_(lse[..., None]).exp_()
     dp = torch.matmul(do32, v.float().transpose(-1, -2))
     if dropout_p > 0:
         z = _dropout_scale(seed, p.shape, dropout_p, q.device)
-        dv.copy_(torch.matmul((p * z).transpose(-1, -2), do32))
-        dp = dp * z
+        dv = torch.matmul((p * z).transpose(-1, -2), do32)
+        dp.mul_(z)
     else:
-        dv.copy_(torch.matmul(p.transpose(-1, -2), do32))
+        dv = torch.matmul(p.transpose(-1, -2), do32)
     # rowsum(dO * O) = rowsum(P * dP) also with dropout, since O = (P * Z) V
-    ds = p * (dp - (do32 * out.float()).sum(-1, keepdim=True))
-    dq.copy_(torch.matmul(ds, k.float()) * scale)
-    dk.copy_(torch.matmul(ds.transpose(-1, -2), q.float()) * scale)
+    ds = dp.sub_((do32 * out.float()).sum(-1, keepdim=True)).mul_(p)
+    dq = torch.matmul(ds, k32).mul_(scale)
+    dk = torch.matmul(ds.transpose(-1, -2), q32).mul_(scale)
+    grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype))
     if rel_bias is None:
-        return dq, dk, dv, q.new_empty(0)
+        return (*grads, q.new_empty(0))
     index = relative_position_index((grid_h, grid_w), _has_cls(n, grid_h, grid_w), q.device).flatten()
     dtable = torch.zeros(rel_bias.shape, dtype=torch.float32, device=q.device)
     dtable.index_add_(1, index, ds.sum(0).reshape(heads, n * n))
-    return dq, dk, dv, dtable.to(rel_bias.dtype)
+    return (*grads, dtable.to(rel_bias.dtype))
 
 
 @eager_op("attention_fwd")
@@ -506,10 +512,10 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_bias: O
     scores (natural log, before dropout), the one statistic the backward needs. ``seed`` is a one-element int64
     tensor when ``dropout_p`` > 0, else None. ``fwd_tiles`` picks the kernel's tiles from :func:`forward_tiles`."""
     bsz, heads, n, hd = q.shape
-    out = _new_out(q)
     if not use_triton:
         with autocast_off(q.device.type):
-            return _fallback_fwd(q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, out)
+            return _fallback_fwd(q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p)
+    out = _new_out(q)
     lse = q.new_empty((bsz, heads, n), dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
@@ -539,10 +545,10 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dropout mask from the seed. d rel_bias is empty when rel_bias is None.
     """
     bsz, heads, n, hd = q.shape
-    dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     if not use_triton:
         with autocast_off(q.device.type):
-            return _fallback_bwd(do, q, k, v, out, lse, rel_bias, seed, grid_h, grid_w, scale, dropout_p, dq, dk, dv)
+            return _fallback_bwd(do, q, k, v, out, lse, rel_bias, seed, grid_h, grid_w, scale, dropout_p)
+    dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     dtable = None if rel_bias is None else torch.zeros(rel_bias.shape, dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return dq, dk, dv, (q.new_empty(0) if rel_bias is None else dtable.to(rel_bias.dtype))

@@ -261,15 +261,17 @@ def patch_embed_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                 tokens = matmul(_patches(xc, patch_h, patch_w), weight.reshape(dim, -1).t())
             else:
                 tokens = F.conv2d(xc, cast(weight, compute_dtype), stride=(patch_h, patch_w)).flatten(2).transpose(1, 2)
+            del xc  # the rounded image is freed before the output is allocated (a lower peak, as in timm)
             # + bias, + position rows in fp32 (fp64 for fp64), written in place into the output's patch rows (no
-            # class-token cat)
+            # class-token cat); copy_ then +=, since an add of 16-bit tokens and an fp32 bias into the output
+            # would first convert the tokens into a temporary of the output's size
             acc = accumulation_dtype(compute_dtype)
             z = torch.empty((bsz, n + has_cls, dim), dtype=acc, device=x.device)
             patches = z[:, 1:] if has_cls else z
-            if bias is None:
-                patches.copy_(tokens)
-            else:
-                torch.add(tokens, cast(bias, acc), out=patches)
+            patches.copy_(tokens)
+            del tokens
+            if bias is not None:
+                patches += cast(bias, acc)
             if pos_embed is not None:
                 patches += cast(pos_embed[:, 1:] if pos_cls_row else pos_embed, acc)
             if has_cls:

@@ -112,6 +112,60 @@ def test_saves_qkv_views_output_lse_and_table_only():
     assert out.transpose(1, 2).is_contiguous()
 
 
+def test_fallback_forward_without_bias_is_sdpas_cpu_kernel():
+    """Without a bias or dropout on CPU the fallback's forward is PyTorch's CPU flash kernel, the one SDPA runs
+    there: the same output bits, and the row log-sum-exp of the scores laid out (B, heads, N) as the op promises."""
+    for dtype in (torch.float32, torch.bfloat16):
+        packed, _, _ = _case(2, 3, 17, 32, None, dtype)
+        q, k, v = (t.detach() for t in _qkv(packed, 3))
+        out, lse = torch.ops.fastvit.attention_fwd(q, k, v, None, None, 0, 0, 32 ** -0.5, 0.0, False)
+        assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        assert lse.shape == (2, 3, 17) and lse.is_contiguous() and lse.dtype == torch.float32
+        scores = q.double() @ k.double().transpose(-1, -2) * 32 ** -0.5
+        tol = 1e-5 if dtype == torch.float32 else 1e-4  # fp32 sums of bf16 products, in another order
+        torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype, n, grad, dropout_p, table, backend, want", [
+    (torch.bfloat16, 17, True, 0.0, False, "auto", "fallback"),
+    (torch.float16, 128, True, 0.0, False, "auto", "fallback"),
+    (torch.bfloat16, 129, True, 0.0, False, "auto", "torch"),
+    (torch.float32, 17, True, 0.0, False, "auto", "torch"),
+    (torch.bfloat16, 17, False, 0.0, False, "auto", "torch"),
+    (torch.bfloat16, 17, True, 0.1, False, "auto", "torch"),
+    (torch.bfloat16, 17, True, 0.0, True, "auto", "torch"),
+    (torch.bfloat16, 17, True, 0.0, False, "torch", "torch")])
+def test_cpu_training_attention_choice(dtype, n, grad, dropout_p, table, backend, want):
+    """On CPU, "auto" takes the fallback's backward for 16-bit training calls of up to 128 tokens without a bias or
+    dropout (where PyTorch's CPU flash backward is the slow one), SDPA otherwise; "torch" is always SDPA."""
+    q = torch.randn(2, 2, n, 32, dtype=dtype, requires_grad=grad)
+    rel_bias = torch.zeros(2, fa.num_relative_positions((4, 4))) if table else None
+    assert ops.attention_backend(q, rel_bias, backend, dropout_p, (4, 4) if table else None) == want
+
+
+def test_cpu_bf16_training_attention_is_as_accurate_as_sdpa():
+    """The "auto" path of a bf16 CPU training call (our Function: SDPA's forward kernel, the backward in fp32 math)
+    gives SDPA's output bits and gradients within twice SDPA's own error against fp64 math."""
+    packed, _, do = _case(4, 2, 17, 32, None, torch.bfloat16)
+
+    def run(backend):
+        q, k, v = _qkv(packed, 2)
+        out = ops.attention(q, k, v, backend=backend)
+        return out, *torch.autograd.grad(out, packed, do)
+
+    ours, sdpa = run("auto"), run("torch")
+    assert type(ours[0].grad_fn).__name__ == "FlashAttentionFnBackward"
+    assert type(sdpa[0].grad_fn).__name__.startswith("ScaledDotProduct")
+    exact = packed.detach().double().requires_grad_()
+    q, k, v = _qkv(exact, 2)
+    out = torch.softmax(q @ k.transpose(-1, -2) * 32 ** -0.5, -1) @ v
+    ref = (out, *torch.autograd.grad(out, exact, do.double()))
+    assert torch.equal(ours[0], sdpa[0])
+    for name, a, s, r in zip(("out", "grad"), ours, sdpa, ref):
+        err, sdpa_err = ((t.double() - r).abs().max().item() for t in (a, s))
+        assert err <= 2 * sdpa_err, (name, err, sdpa_err)
+
+
 def test_custom_ops_pass_opcheck():
     g = torch.Generator().manual_seed(0)
     packed = torch.randn(2, 50, 3 * 2 * 32, generator=g)

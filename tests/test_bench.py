@@ -115,7 +115,9 @@ def _check_throughput(data, world, micro, modes, columns=("fastvit", "timm")):
         assert r["global_batch"] == 512 == world * r["micro_batch"] * r["accum_steps"] and r["micro_batch"] == micro
         fwd = forward_flops(common.build_model("tiny", "timm"))
         assert r["flops_per_image"] == fwd * (3 if r["mode"] == "train" else 1)
-        assert r["backend_used"] == {"ops": "torch", "attention": "torch"}
+        # CPU: the torch fallbacks; bf16 training at 17 tokens takes attention's torch backward (ops.attention)
+        attention = "fallback" if r["mode"] == "train" and data["dtype"] == "bf16" else "torch"
+        assert r["backend_used"] == {"ops": "torch", "attention": attention}
         assert r["columns"] == list(columns)
         for col in columns:
             v = r[col]
