@@ -465,7 +465,7 @@ def _fallback_fwd(q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p):
     softmax and product as the kernels compute them (run with autocast off, which would round these products to 16
     bits, also where torch.compile traces a backward under the forward's autocast)."""
     if (rel_bias is None and dropout_p == 0 and q.device.type == "cpu" and q.dtype in KERNEL_DTYPES
-            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and q.numel()):  # 0 tokens: SIGFPE in torch 2.14
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
         return out, lse.contiguous()  # it lays lse out as (B, N, heads); the op's contract is (B, heads, N)
     out = _new_out(q)

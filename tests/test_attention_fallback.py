@@ -124,6 +124,9 @@ def test_fallback_forward_without_bias_is_sdpas_cpu_kernel():
         scores = q.double() @ k.double().transpose(-1, -2) * 32 ** -0.5
         tol = 1e-5 if dtype == torch.float32 else 1e-4  # fp32 sums of bf16 products, in another order
         torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1), atol=tol, rtol=tol)
+    empty = torch.randn(2, 2, 0, 32)  # no tokens: the math path (PyTorch's CPU kernel dies of SIGFPE there)
+    out, lse = torch.ops.fastvit.attention_fwd(empty, empty, empty, None, None, 0, 0, 0.2, 0.0, False)
+    assert out.shape == (2, 2, 0, 32) and lse.shape == (2, 2, 0)
 
 
 @pytest.mark.parametrize("dtype, n, grad, dropout_p, table, backend, want", [
