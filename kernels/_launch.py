@@ -379,7 +379,7 @@ class EagerOp:
     def __call__(self, *args):
         # a backward that autograd records (see triton_in_backward) runs the body under the profiler too: the
         # registered op has no derivative, its body's aten ops do
-        if _LOCAL.plain or _plain_eager(args) or (records_autograd(args) and _untraced(args)):
+        if _LOCAL.plain or _plain_eager(args) or eager_training_call(args):
             return self.fn(*args)
         return self.overload(*args)
 
