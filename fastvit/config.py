@@ -104,7 +104,8 @@ class TrainConfig:
                              choices=("auto", "gloo", "nccl"))
     device: str = _opt("auto (cuda:<local rank> if available, else cpu), cpu or cuda", default="auto",
                        choices=("auto", "cpu", "cuda"))
-    workers: int = _opt("data-loading worker processes per rank (ImageFolder, shards)", default=4, type=int)
+    workers: int | None = _opt("data-loading worker processes per rank (ImageFolder, shards; default: this "
+                               "rank's share of the usable CPUs, at most 4)", type=int)
     decode: str = _opt("where training images are decoded and augmented: cpu (in the loader workers), gpu "
                        "(batched torchvision.io.decode_jpeg on CUDA, crop/flip/normalise there) or dali (NVIDIA DALI "
                        "decodes, crops, resizes, flips and normalises on CUDA; the [dali] extra)", default="cpu",
@@ -184,6 +185,8 @@ def resolve(cfg: TrainConfig, world: int) -> tuple[TrainConfig, dict]:
         # the table's lr is given at the table's batch: scale it linearly to the --global-batch passed
         table = preset if filled["lr"] == "preset" else RECIPE_DEFAULTS[cfg.recipe]
         values["lr"] = table["lr"] * cfg.global_batch / table["global_batch"]
+    if cfg.workers is None:  # more workers than CPUs only adds switching (and DataLoader's warning)
+        values["workers"] = min(4, cpus_per_local_rank(world))
     cfg = dataclasses.replace(cfg, **values)
     if cfg.micro_batch is None and isinstance(cfg.global_batch, int) and cfg.global_batch > 0 \
             and cfg.global_batch % world == 0:
@@ -191,6 +194,13 @@ def resolve(cfg: TrainConfig, world: int) -> tuple[TrainConfig, dict]:
         micro = max(d for d in range(1, min(per_rank, MAX_DEFAULT_MICRO) + 1) if per_rank % d == 0)
         cfg = dataclasses.replace(cfg, micro_batch=micro)
     return cfg, filled
+
+
+def cpus_per_local_rank(world: int) -> int:
+    """The CPUs this process may run on (its affinity mask, as DataLoader counts them), shared among the ranks that
+    torchrun started on this machine."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, usable // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 def steps_for(cfg: TrainConfig, num_train: int) -> TrainConfig:

@@ -35,7 +35,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import fastvit
 from fastvit import checkpoint
-from fastvit.config import ARCH_FLAGS, RECIPE_DEFAULTS, TrainConfig, build_parser, check, resolve, steps_for
+from fastvit.config import (ARCH_FLAGS, RECIPE_DEFAULTS, TrainConfig, build_parser, check, cpus_per_local_rank, resolve,
+                            steps_for)
 from fastvit.data.choose import make_source
 from fastvit.data.keyed import micro_batch_plan, mix_seed
 from fastvit.data.sources import BadSampleWarning, DataError, eval_batches, progress
@@ -108,8 +109,7 @@ class Run:
         if filled.get("warmup_steps") and cfg.warmup_steps >= cfg.steps:  # a default warmup longer than the run
             cfg = dataclasses.replace(cfg, warmup_steps=cfg.steps // 10)
         if env.device.type == "cpu" and (cfg.threads or "OMP_NUM_THREADS" not in os.environ):
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world))
-            torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local_world))
+            torch.set_num_threads(cfg.threads or cpus_per_local_rank(env.world))
         self.cfg = cfg
         if cfg.out is None:
             self.cfg = cfg = dataclasses.replace(cfg, out=default_out(cfg))

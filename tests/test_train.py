@@ -4,6 +4,7 @@ test_train_distributed.py, the FLOP count in test_flops.py."""
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -284,6 +285,21 @@ def test_presets_and_explicit_flags():
     assert cfg.lr == pytest.approx(2e-3 / 2, rel=1e-12)
     cfg, _ = resolve(TrainConfig(epochs=2.0), world=1)
     assert steps_for(cfg, num_train=1437).steps == math.ceil(2 * 1437 / 128)
+
+
+def test_default_workers_fit_the_cpus(monkeypatch):
+    """No more loader workers by default than this rank's share of the CPUs it may run on (DataLoader warns past
+    that, and a 2-core machine used to get 4), at most 4; an explicit --workers wins."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert resolve(TrainConfig(data="/data/imagenet"), world=1)[0].workers == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert resolve(TrainConfig(data="/data/imagenet"), world=1)[0].workers == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")  # 32 ranks on this machine: 2 CPUs each
+    assert resolve(TrainConfig(data="/data/imagenet"), world=64)[0].workers == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "128")
+    assert resolve(TrainConfig(data="/data/imagenet"), world=128)[0].workers == 1
+    assert resolve(TrainConfig(data="/data/imagenet", workers=0), world=128)[0].workers == 0
 
 
 def test_weight_decay_only_on_weight_matrices():
