@@ -31,7 +31,7 @@ from fastvit.kernels import matmul as _matmul
 from fastvit.kernels import matmul_residual as _matmul_residual
 from fastvit.kernels import patch_embed as _patch_embed
 from fastvit.kernels._launch import (KERNEL_DTYPES, apply, capability, cast, eager_training_call, inference_call,
-                                     transformed)
+                                     records_autograd, transformed)
 from fastvit.kernels._launch import interpreting as triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton")
@@ -373,12 +373,14 @@ def _cpu_training_attention(q, rel_bias, dropout_p) -> str:
     Both run PyTorch's CPU flash kernel forward and save the same tensors; they differ in the backward: SDPA's CPU
     flash backward, or the fallback's fp32 torch math (P recomputed from the saved log-sum-exp). On an AVX-512 VM
     the flash backward in bf16 took 1.3-12x as long as the math one up to 101 tokens (11.6x at the smoke models'
-    17) and 0.87x from 145; in fp32 it was the faster everywhere (0.5-0.9x). So an eager 16-bit training call
+    17) and 0.87x from 145; in fp32 it was the faster everywhere (0.5-0.9x). So a 16-bit training call
     without a bias or dropout and with at most ``CPU_MATH_BACKWARD_MAX_TOKENS`` tokens takes the fallback. A fixed
     rule, not a timing: the choice changes a gradient's rounding, and a measured one could differ between the ranks
-    of a job, or between a run and its resume, which repeats the run bitwise."""
+    of a job, or between a run and its resume, which repeats the run bitwise. Under torch.compile too: inductor
+    compiles the fallback's backward from its torch ops (a triton_op's body) where it would call SDPA's kernel."""
     if (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-2] <= CPU_MATH_BACKWARD_MAX_TOKENS
-            and rel_bias is None and dropout_p == 0 and eager_training_call((q,))):
+            and rel_bias is None and dropout_p == 0
+            and (eager_training_call((q,)) or (torch.compiler.is_compiling() and records_autograd((q,))))):
         return "fallback"
     return "torch"
 

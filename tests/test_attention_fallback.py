@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from _helpers import assert_compiled_matches_eager
+from _helpers import assert_compiled_matches_eager, compile_capturing_graphs
 
 from fastvit import ops
 from fastvit.kernels import flash_attention as fa
@@ -167,6 +167,31 @@ def test_cpu_bf16_training_attention_is_as_accurate_as_sdpa():
     for name, a, s, r in zip(("out", "grad"), ours, sdpa, ref):
         err, sdpa_err = ((t.double() - r).abs().max().item() for t in (a, s))
         assert err <= 2 * sdpa_err, (name, err, sdpa_err)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_compiled_cpu_bf16_training_attention_follows_the_eager_rule(backend):
+    """Under torch.compile a bf16 CPU training call chooses as in eager: with "auto" the backward graph computes the
+    fallback's math instead of calling SDPA's CPU flash backward (its slow one at 17 tokens), and gives eager's
+    output and gradients (the graphs run as traced, no inductor); "torch" keeps SDPA's backward."""
+    packed, _, do = _case(4, 2, 17, 32, None, torch.bfloat16)
+
+    def run(fn):
+        q, k, v = _qkv(packed, 2)
+        out = fn(q, k, v)
+        return out, *torch.autograd.grad(out, packed, do)
+
+    def attend(q, k, v):
+        return ops.attention(q, k, v, backend=backend)
+
+    graphs = []
+    compiled = run(compile_capturing_graphs(attend, graphs))
+    eager = run(attend)
+    backward = {str(node.target) for node in graphs[1].graph.nodes if node.op == "call_function"}
+    sdpa_backward = "aten._scaled_dot_product_flash_attention_for_cpu_backward.default"
+    assert (sdpa_backward in backward) == (backend == "torch"), sorted(backward)
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, atol=0, rtol=0)
 
 
 def test_custom_ops_pass_opcheck():
