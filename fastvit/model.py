@@ -698,12 +698,29 @@ class VisionTransformer(nn.Module):
 
     def forward_head(self, x, pre_logits: bool = False):
         """Pool the tokens (class token or average), normalise if fc_norm, then the linear head."""
-        x = layer_norm(self.fc_norm, self.pool(x), None, self.backend)[0]
+        return self._head(self.pool(x), pre_logits)
+
+    def _head(self, pooled, pre_logits=False):
+        x = layer_norm(self.fc_norm, pooled, None, self.backend)[0]
         x = call(self.head_drop, x)
         return x if pre_logits else linear(self.head, x)
 
     def forward(self, x):
-        return self.forward_head(self.forward_features(x))
+        """forward_head(forward_features(x)). Where the head reads the class token only, the final LayerNorm
+        normalises that token alone instead of all L: a LayerNorm works token by token, so the logits are the same
+        bits (a hooked, edited or fx-traced model, or a subclass with its own stages, runs the two stages as
+        written)."""
+        if not self._class_token_only():
+            return self.forward_head(self.forward_features(x))
+        h, residual, _, _ = self._encode(x)
+        z = layer_norm(self.norm, h[:, 0], None if residual is None else residual[:, 0], self.backend)[0]
+        return self._head(z)
+
+    def _class_token_only(self) -> bool:
+        cls = type(self)
+        return (self.global_pool == "token" and fusable_layer_norm(self.norm) and not is_fx_symbolic_tracing()
+                and cls.forward_features is VisionTransformer.forward_features
+                and cls.forward_head is VisionTransformer.forward_head and cls.pool is VisionTransformer.pool)
 
 
 # ---- registry: timm's ViT names ----------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """fastvit.VisionTransformer against timm (the reference implementation) and the paper's equations."""
+import functools
 import math
 
 import pytest
@@ -50,6 +51,46 @@ def test_matches_timm_outputs_and_gradients(cfg):
     feats = model.forward_features(x)
     torch.testing.assert_close(model.forward_head(feats, pre_logits=True),
                                ref.forward_head(ref.forward_features(x), pre_logits=True), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(pos_embed="rel"), dict(residual_dtype="autocast")])
+def test_forward_normalises_the_class_token_only_with_the_same_bits(kwargs):
+    """With a class-token head, forward's final LayerNorm runs on that token alone: the logits are the bits of
+    forward_head(forward_features(x)) (fp32 and bf16 autocast), the gradients agree to rounding, and autograd keeps
+    the final norm's input for B rows instead of B x L."""
+    from fastvit.memory import saved_activation_bytes
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(**SMALL, **kwargs)
+    x = torch.randn(4, 3, 32, 32)
+
+    def two_stages(m, images):
+        return m.forward_head(m.forward_features(images))
+
+    for enabled in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=enabled):
+            assert torch.equal(model(x), two_stages(model, x))
+    grads = []
+    for fn in (model, functools.partial(two_stages, model)):
+        model.zero_grad()
+        fn(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
+    one_row = saved_activation_bytes(model, x)
+    model.norm.register_forward_hook(lambda m, i, o: None)  # now forward runs the two stages as written
+    tokens = (32 // 8) ** 2 + 1
+    # B x (L - 1) rows more of the final norm's fp32 input, each with its fp32 mean and rstd
+    assert saved_activation_bytes(model, x) - one_row == 4 * (tokens - 1) * (64 * 4 + 2 * 4)
+
+
+def test_forward_runs_a_hooked_final_norm_on_every_token():
+    """A hook on the final norm, or a head that pools otherwise, sees the norm run on all tokens, as in timm."""
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(**SMALL)
+    seen = []
+    model.norm.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    model(torch.randn(2, 3, 32, 32))
+    assert seen == [(2, 17, 64)]
 
 
 def test_dynamic_img_size_matches_timm():
