@@ -388,18 +388,22 @@ def aot_specs(shape, dtype):
         specs.append(spec_from_launch("add_layer_norm_fwd", _add_ln_fwd_kernel, args,
                                       {"HAS_RESIDUAL": store, "STORE_RESIDUAL": store, "STORE_Y": True, "BLOCK": block}, num_warps,
                                       num_stages, f"D={d} {label}"))
-    # backward: (label, dY, residual, weights, HAS_DRES, a separate (fp32) residual gradient)
-    for label, dy_t, res_t, w_t, has_dres, separate in (
-            ("amp first", "*fp32", "*fp32", "*fp32", False, False),
-            ("amp residual", act, "*fp32", "*fp32", False, True),
-            ("amp residual+dres", act, "*fp32", "*fp32", True, True),
-            ("amp16", act, act, "*fp32", False, False), ("amp16 residual+dres", act, act, "*fp32", True, False),
-            ("half", act, act, act, False, False), ("half residual+dres", act, act, act, True, False)):
+    # backward: (label, dY, residual, weights, HAS_DRES, a separate (fp32) residual gradient, rows); the final
+    # norm of a class-token model normalises one row per image, one row per program (an int Triton specialises)
+    backward = [("amp first", "*fp32", "*fp32", "*fp32", False, False, rows),
+                ("amp residual", act, "*fp32", "*fp32", False, True, rows),
+                ("amp residual+dres", act, "*fp32", "*fp32", True, True, rows),
+                ("amp16", act, act, "*fp32", False, False, rows),
+                ("amp16 residual+dres", act, act, "*fp32", True, False, rows),
+                ("half", act, act, act, False, False, rows), ("half residual+dres", act, act, act, True, False, rows)]
+    backward += [(f"{label} class token", *types, AOT_IMAGES) for label, *types, _ in backward
+                 if label in ("amp residual", "amp16", "half")]
+    for label, dy_t, res_t, w_t, has_dres, separate, n_rows in backward:
         args = {"DY": dy_t, "DRES_OUT": res_t if has_dres else dy_t, "RES": res_t, "W": w_t, **stats, "DX": dy_t,
                 "DRES_IN": res_t if separate else dy_t, "DW_PART": "*fp32", "DB_PART": "*fp32",
                 "stride_dy": d, "stride_dres": d, "stride_res": d, "stride_dx": d,
-                "stride_dres_in": d if separate else 0, "n_rows": rows, "n_cols": d,
-                "rows_per_program": cdiv(rows, AOT_PROGRAMS)}
+                "stride_dres_in": d if separate else 0, "n_rows": n_rows, "n_cols": d,
+                "rows_per_program": cdiv(n_rows, min(n_rows, AOT_PROGRAMS))}
         specs.append(spec_from_launch("add_layer_norm_bwd", _add_ln_bwd_kernel, args,
                                       {"HAS_DRES": has_dres, "STORE_DRES_IN": separate, "BLOCK": block}, num_warps,
                                       num_stages, f"D={d} {label}"))
