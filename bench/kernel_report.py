@@ -1,10 +1,11 @@
-"""Compile every Triton kernel ahead of time for sm_80 and sm_90 and report registers, spills and shared memory.
+"""Compile every Triton kernel ahead of time for sm_80 and sm_90 and report registers, spills, shared memory and
+tensor-core instructions.
 
 No GPU is needed: each kernels/*.py module that exposes ``aot_specs`` (see kernels/_report.py) lists the kernel
 variants a model launches, with the block sizes and warps its launcher picks; this script compiles them at the
-shapes of ViT-B/16, L/16 and H/14 in fp16 and bf16, reads the cubins with the cuobjdump bundled with Triton,
-prints a table, writes JSON and exits 1 if any kernel spills (STACK/LOCAL > 0), exceeds the shared-memory limit
-of one block, or fails to compile.
+shapes of ViT-B/16, L/16 and H/14 in fp16 and bf16, reads the cubins with the cuobjdump bundled with Triton and the
+PTX for the MMA instructions, prints a table, writes JSON and exits 1 if any kernel spills (STACK/LOCAL > 0),
+exceeds the shared-memory limit of one block, issues mma.sync instead of wgmma on sm_90, or fails to compile.
 
     python bench/kernel_report.py [--models vit_base_patch16_224 ...] [--kernels layer_norm ...] [--out PATH]
 """
@@ -44,7 +45,7 @@ def run(models, dtypes, archs, modules):
 
 def print_table(records):
     head = f"{'model':<22} {'dtype':<5} {'arch':<6} {'kernel':<24} {'variant':<28} {'warps':>5} {'regs':>5} " \
-           f"{'stack':>5} {'local':>5} {'smem':>7}  ok"
+           f"{'stack':>5} {'local':>5} {'smem':>7} {'mma':<8}  ok"
     print(head)
     print("-" * len(head))
     for r in records:
@@ -53,7 +54,8 @@ def print_table(records):
                   f"COMPILE ERROR: {r['error'][:80]}")
             continue
         print(f"{r['model']:<22} {r['dtype']:<5} {r['arch']:<6} {r['kernel']:<24} {r['label']:<28} "
-              f"{r['num_warps']:>5} {r['registers']:>5} {r['stack']:>5} {r['local']:>5} {r['shared']:>7}  "
+              f"{r['num_warps']:>5} {r['registers']:>5} {r['stack']:>5} {r['local']:>5} {r['shared']:>7} "
+              f"{r['mma']:<8}  "
               f"{'yes' if r['ok'] else 'NO'}")
 
 

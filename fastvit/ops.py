@@ -321,15 +321,26 @@ def _run_attention(impl, q, k, v, rel_bias, grid_size, dropout_p, scale):
     if impl in SDPA_KERNELS:
         with torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, SDPA_KERNELS[impl])):
             return _flash_attention.attention(q, k, v, None, None, dropout_p, scale, False)
-    name, _, tiles = impl.partition("@")  # "triton@2": our kernel with forward_tiles(head_dim)[2]
+    # "triton@2": our kernel with forward_tiles(head_dim)[2]; "triton@2/1": and backward_tiles(head_dim, arch)[1]
+    name, _, tiles = impl.partition("@")
+    fwd, _, bwd = tiles.partition("/")
     return _flash_attention.attention(q, k, v, rel_bias, grid_size, dropout_p, scale, name == "triton",
-                                      int(tiles or 0))
+                                      int(fwd or 0), int(bwd or 0))
+
+
+def _triton_tiles(fwd: int, bwd: int) -> str:
+    """The implementation name of our kernel with forward tiles ``fwd`` and dK/dV tiles ``bwd`` (see
+    :func:`_run_attention`): "triton" for the defaults."""
+    if bwd:
+        return f"triton@{fwd}/{bwd}"
+    return f"triton@{fwd}" if fwd else "triton"
 
 
 def attention_backend(q, rel_bias=None, backend="auto", dropout_p=0.0, grid_size=None) -> str:
     """Which implementation :func:`attention` runs for ``q`` (and ``rel_bias`` over ``grid_size``, ``dropout_p``):
     "flash", "triton", "torch", with a tuned ``"auto"`` one of ``SDPA_KERNELS`` or ``"triton@i"`` (our kernel
-    with the forward's i-th alternative tiles, ``flash_attention.forward_tiles``), or for a CPU training call
+    with the forward's i-th alternative tiles, ``flash_attention.forward_tiles``; for a training call also
+    ``"triton@i/j"``, with the dK/dV kernel's j-th, ``flash_attention.backward_tiles``), or for a CPU training call
     "fallback" (SDPA's forward, our torch backward: :func:`_cpu_training_attention`). A call with a ``rel_bias`` is
     tuned among our kernel's tiles only (nothing else takes the bias)."""
     if backend not in ATTENTION_BACKENDS:
@@ -351,7 +362,9 @@ def attention_backend(q, rel_bias=None, backend="auto", dropout_p=0.0, grid_size
               ("dropout", dropout_p > 0), ("training", training))
     ours = []
     if _flash_attention.triton_supported(q):
-        ours = ["triton", *(f"triton@{i}" for i in range(1, len(_flash_attention.forward_tiles(d))))]
+        arch = _flash_attention.device_arch(q.device)
+        backward = len(_flash_attention.backward_tiles(d, arch)) if training else 1
+        ours = [_triton_tiles(i, j) for i in range(len(_flash_attention.forward_tiles(d))) for j in range(backward)]
     if rel_bias is not None:
         fields, names = (*fields, ("rel_bias", tuple(rel_bias.shape)), ("grid", tuple(grid_size))), ours
     else:
@@ -360,7 +373,7 @@ def attention_backend(q, rel_bias=None, backend="auto", dropout_p=0.0, grid_size
         names = [*sdpa, "torch", *(["flash"] if static == "flash" else []), *ours]
     return autotune.fastest("attention", q.device.index or 0, fields, names,
                             functools.partial(_attention_runner, q, rel_bias, grid_size, dropout_p, training),
-                            static, agrees=_agreement(_attention_outputs(q, rel_bias, grid_size), "torch"))
+                            static, agrees=_agreement(_attention_outputs(q, rel_bias, grid_size, training), "torch"))
 
 
 # 16-bit CPU training calls with at most this many tokens take the fallback's attention backward (see below)
@@ -395,18 +408,25 @@ def _attention_inputs(q, rel_bias, requires_grad=False):
     return qkv.permute(2, 0, 3, 1, 4).unbind(0), table
 
 
-def _attention_outputs(q, rel_bias, grid):
+def _attention_outputs(q, rel_bias, grid, training):
     """outputs(impl) for :func:`_agreement`: ``impl``'s output on one set of random inputs shaped like the call's,
-    without dropout (whose masks differ between implementations); "torch" is torch's SDPA, with the dense bias for
-    a table."""
+    and for a ``training`` call the gradients of q, k, v (and the table) for one random output gradient (implementations
+    that differ only in their backward tiles agree in the forward); without dropout (whose masks differ between
+    implementations). "torch" is torch's SDPA, with the dense bias for a table."""
     inputs = []
 
     def outputs(impl):
         if not inputs:
-            inputs.append(_attention_inputs(q, rel_bias))
+            inputs.append(_attention_inputs(q, rel_bias, requires_grad=training))
         views, table = inputs[0]
-        with torch.no_grad():
-            return (_run_attention(impl, *views, table, grid, 0.0, None),)
+        with torch.set_grad_enabled(training):
+            out = _run_attention(impl, *views, table, grid, 0.0, None)
+        if not training:
+            return (out,)
+        if len(inputs) == 1:
+            inputs.append(torch.randn_like(out))
+        leaves = [*views, *([] if table is None else [table])]
+        return (out.detach(), *torch.autograd.grad(out, leaves, inputs[1]))
     return outputs
 
 

@@ -139,8 +139,20 @@ def cuobjdump_path():
 _RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
+def tensor_core_instructions(ptx: str) -> str:
+    """Which tensor-core MMA a kernel's PTX issues: "wgmma" (Hopper's asynchronous warpgroup MMA), "mma.sync" (the
+    per-warp MMA of Ampere, which Hopper runs at a fraction of its peak), both joined by "+", or "none" (no
+    tl.dot, or fp32 dots computed without tensor cores)."""
+    found = [name for name, pattern in (("wgmma", r"\bwgmma\.mma_async"), ("mma.sync", r"\bmma\.sync"))
+             if re.search(pattern, ptx)]
+    return "+".join(found) or "none"
+
+
 def compile_spec(spec, arch):
-    """Compile ``spec`` for sm_``arch`` and return its resource use (registers, stack, local, shared bytes)."""
+    """Compile ``spec`` for sm_``arch`` and return its resource use (registers, stack, local, shared bytes) and
+    tensor-core instructions (:func:`tensor_core_instructions`). ``ok``: no spills, shared memory within one
+    block's limit, and on sm_90 no mma.sync (a tile too small for wgmma leaves most of Hopper's tensor cores
+    idle)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -162,6 +174,7 @@ def compile_spec(spec, arch):
     reg, stack, static_smem, local = map(int, m.groups())
     # Triton allocates shared memory dynamically; metadata.shared is the bytes it asks for at launch.
     shared = static_smem + int(kernel.metadata.shared)
+    mma = tensor_core_instructions(kernel.asm["ptx"])
     return {"registers": reg, "stack": stack, "local": local, "shared": shared,
-            "shared_limit": SMEM_LIMIT[arch],
-            "ok": stack == 0 and local == 0 and shared <= SMEM_LIMIT[arch]}
+            "shared_limit": SMEM_LIMIT[arch], "mma": mma,
+            "ok": stack == 0 and local == 0 and shared <= SMEM_LIMIT[arch] and not (arch >= 90 and "mma.sync" in mma)}

@@ -26,6 +26,7 @@ the same backward math; the fallback hashes (seed, element index) in torch integ
 ``torch`` backend instead runs :func:`attention_ref` (scaled_dot_product_attention), and the ``flash`` backend the
 flash_attn package when it is installed.
 """
+import dataclasses
 import functools
 import warnings
 from typing import NamedTuple, Optional
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import (KERNEL_DTYPES, apply, autocast_off, cdiv, eager_op, launch,
+from fastvit.kernels._launch import (KERNEL_DTYPES, apply, autocast_off, capability, cdiv, eager_op, launch,
                                      next_power_of_2)
 from fastvit.kernels._report import TORCH_DTYPES, spec_from_launch
 
@@ -107,7 +108,7 @@ def _blocks(block_d):
     sm_90 in any variant (bias table, dropout; checked by bench/kernel_report.py): 8 warps throughout, at
     BLOCK_D = 128 (head dim 80/96/128) tiles of 64 x 64 or less and 32 keys per forward step, since a 64 x 64
     forward tile with a bf16/fp16 table and dropout spills, and 32 keys per dK/dV program at BLOCK_D = 64, since
-    64 keys with bias and dropout spill on sm_80.
+    64 keys with bias and dropout spill on sm_80 (sm_90 takes :data:`_DKDV_HOPPER` instead: :func:`backward_tiles`).
     """
     if block_d <= 64:
         return _Config(block_d, fwd=_Blocks(128, 64, 8, 2), bwd_dkdv=_Blocks(64, 32, 8, 2),
@@ -115,6 +116,14 @@ def _blocks(block_d):
     return _Config(block_d, fwd=_Blocks(64, 32, 8, 2), bwd_dkdv=_Blocks(32, 64, 8, 2),
                    bwd_dq=_Blocks(64, 32, 8, 2), preprocess=_Blocks(64, 0, 4, 1))
 
+
+# dK/dV tiles on Hopper and newer at a padded head dim up to 64 (queries per step, keys per program, warps, stages).
+# Keys lie along the MMA's M dimension, and Hopper's warpgroup MMA (wgmma) takes at least 64 rows per warpgroup:
+# _blocks' 32 keys on 8 warps compile to the older mma.sync there (bench/kernel_report.py's "mma" column). Each of
+# these compiles to wgmma without spills in every variant (bias, dropout) on sm_90. The default, 128 keys over two
+# warpgroups and 32-query steps, pads 197 queries to 224 (64-query steps: 256); the others are what a measured
+# backend="auto" may pick instead (``fastvit.ops.attention_backend``).
+_DKDV_HOPPER = (_Blocks(32, 128, 8, 2), _Blocks(32, 64, 4, 2), _Blocks(64, 64, 8, 2), _Blocks(64, 128, 8, 2))
 
 # built once for every BLOCK_D a supported head dim pads to: _config runs on every launch
 _CONFIGS = {block_d: _blocks(block_d) for block_d in (16, 32, 64, 128)}
@@ -125,6 +134,26 @@ def _config(head_dim):
     if not 0 < head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"the Triton attention supports head_dim 1 to {MAX_HEAD_DIM}, got {head_dim}")
     return _CONFIGS[max(next_power_of_2(head_dim), 16)]
+
+
+def device_arch(device: torch.device) -> int:
+    """Compute capability of a CUDA device as major * 10 + minor; 90 for CPU tensors, so that the interpreter runs
+    the tiles of an H100 / H200."""
+    if device.type != "cuda":
+        return 90
+    major, minor = capability(device)
+    return 10 * major + minor
+
+
+@functools.lru_cache(maxsize=None)
+def backward_tiles(head_dim, arch):
+    """The dK/dV kernel's tile choices at ``head_dim`` on compute capability ``arch`` (:func:`device_arch`): the
+    default first (``bwd_tiles`` indexes this). Before Hopper, and at padded head dims above 64 (whose 64-key tiles
+    are wgmma already), only :func:`_blocks`'."""
+    cfg = _config(head_dim)
+    if arch >= 90 and cfg.block_d <= 64:
+        return _DKDV_HOPPER
+    return (cfg.bwd_dkdv,)
 
 
 # Forward tiles that backend="auto" also times on a GPU (``fastvit.ops.attention_backend``), by padded head dim up
@@ -539,10 +568,11 @@ def _(q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton, fwd
 @eager_op("attention_bwd")
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, rel_bias: Optional[torch.Tensor], seed: Optional[torch.Tensor], grid_h: int,
-                  grid_w: int, scale: float, dropout_p: float,
-                  use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  grid_w: int, scale: float, dropout_p: float, use_triton: bool,
+                  bwd_tiles: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, d rel_bias) from the saved q, k, v, out and lse; P is recomputed as exp(scores - lse) and the
-    dropout mask from the seed. d rel_bias is empty when rel_bias is None.
+    dropout mask from the seed. d rel_bias is empty when rel_bias is None. ``bwd_tiles`` picks the dK/dV kernel's
+    tiles from :func:`backward_tiles`.
     """
     bsz, heads, n, hd = q.shape
     if not use_triton:
@@ -564,7 +594,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     common = dict(HEAD_DIM=hd, BLOCK_D=cfg.block_d, HAS_BIAS=rel_bias is not None,
                   HAS_CLS=_has_cls(n, grid_h, grid_w), DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype))
     scalars = (heads, n, table.shape[-1], scale, scale * LOG2E, grid_h, grid_w, dropout_p)
-    blk = cfg.bwd_dkdv
+    blk = backward_tiles(hd, device_arch(q.device))[bwd_tiles]
     launch(_attn_bwd_dkdv_kernel, (bsz * heads * cdiv(n, blk.block_n),),
         q, k, v, do, lse, delta, dk, dv, table, seed, *_strides(q, k, v, do, dk, dv), *scalars,
         BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, num_warps=blk.num_warps, num_stages=blk.num_stages, **common)
@@ -576,7 +606,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 
 @attention_bwd.register_fake
-def _(do, q, k, v, out, lse, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton):
+def _(do, q, k, v, out, lse, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton, bwd_tiles=0):
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
     return (*grads, q.new_empty(0) if rel_bias is None else torch.empty_like(rel_bias))
 
@@ -586,10 +616,12 @@ class FlashAttentionFn(torch.autograd.Function):
     the dropout seed."""
 
     @staticmethod
-    def forward(ctx, q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton, fwd_tiles=0):
+    def forward(ctx, q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton, fwd_tiles=0,
+                bwd_tiles=0):
         out, lse = attention_fwd(q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton, fwd_tiles)
         ctx.save_for_backward(q, k, v, out, lse, rel_bias, seed)
         ctx.args = (grid_h, grid_w, scale, dropout_p, use_triton)
+        ctx.bwd_tiles = bwd_tiles
         return out
 
     @staticmethod
@@ -600,8 +632,8 @@ class FlashAttentionFn(torch.autograd.Function):
         else:
             *args, use_triton = ctx.args
             dq, dk, dv, dtable = attention_bwd(do, q, k, v, out, lse, rel_bias, seed, *args,
-                                               _backward_on_kernels(use_triton, rel_bias, args[3]))
-        return dq, dk, dv, (None if rel_bias is None else dtable), None, None, None, None, None, None, None
+                                               _backward_on_kernels(use_triton, rel_bias, args[3]), ctx.bwd_tiles)
+        return dq, dk, dv, (None if rel_bias is None else dtable), *[None] * 8
 
 
 def _backward_on_kernels(use_triton, rel_bias, dropout_p) -> bool:
@@ -674,18 +706,26 @@ def triton_supported(q):
     return q.dtype in KERNEL_DTYPES and 0 < q.shape[-1] <= MAX_HEAD_DIM
 
 
-def flash_attention(q, k, v, rel_bias=None, grid_size=None, scale=None, dropout_p=0.0, use_triton=True, fwd_tiles=0):
+def _check_tiles(q, fwd_tiles, bwd_tiles):
+    hd = q.shape[-1]
+    for name, index, choices in (("fwd_tiles", fwd_tiles, len(forward_tiles(hd))),
+                                 ("bwd_tiles", bwd_tiles, len(backward_tiles(hd, device_arch(q.device))))):
+        if not 0 <= index < choices:
+            raise ValueError(f"{name} must be in 0..{choices - 1} at head_dim {hd} on this device, got {index}")
+
+
+def flash_attention(q, k, v, rel_bias=None, grid_size=None, scale=None, dropout_p=0.0, use_triton=True, fwd_tiles=0,
+                    bwd_tiles=0):
     """dropout(softmax(q k^T * scale + B_rel)) v through the custom ops: the Triton kernels (the forward with tiles
-    ``forward_tiles(head_dim)[fwd_tiles]``), or (``use_triton=False``) the torch fallback math with the same saved
-    tensors. Returns (B, heads, N, hd) in q's dtype. The dropout seed is drawn from torch's generator on q's device
-    (so torch.manual_seed repeats it)."""
+    ``forward_tiles(head_dim)[fwd_tiles]``, the dK/dV kernel with ``backward_tiles(head_dim, arch)[bwd_tiles]``),
+    or (``use_triton=False``) the torch fallback math with the same saved tensors. Returns (B, heads, N, hd) in q's
+    dtype. The dropout seed is drawn from torch's generator on q's device (so torch.manual_seed repeats it)."""
     grid_h, grid_w = _check_inputs(q, k, v, rel_bias, grid_size, dropout_p)
     if use_triton:
         if q.dtype not in KERNEL_DTYPES:
             raise TypeError(f"the Triton attention needs float32, float16 or bfloat16 inputs, got {q.dtype}")
-        choices = len(forward_tiles(q.shape[-1]))
-        if not 0 <= fwd_tiles < choices:
-            raise ValueError(f"fwd_tiles must be in 0..{choices - 1} at head_dim {q.shape[-1]}, got {fwd_tiles}")
+        if fwd_tiles or bwd_tiles:  # the defaults exist for every call
+            _check_tiles(q, fwd_tiles, bwd_tiles)
     if rel_bias is not None:
         rel_bias = rel_bias.contiguous()
     seed = None
@@ -693,16 +733,16 @@ def flash_attention(q, k, v, rel_bias=None, grid_size=None, scale=None, dropout_
         seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return apply(FlashAttentionFn, q, k, v, rel_bias, seed, grid_h, grid_w, scale, float(dropout_p), use_triton,
-                 fwd_tiles)
+                 fwd_tiles, bwd_tiles)
 
 
-def attention(q, k, v, rel_bias, grid_size, dropout_p, scale, use_triton, fwd_tiles=0):
-    """Dispatch from fastvit.ops.attention: the Triton kernels (forward tiles ``fwd_tiles``, see
-    :func:`forward_tiles`), or scaled_dot_product_attention."""
+def attention(q, k, v, rel_bias, grid_size, dropout_p, scale, use_triton, fwd_tiles=0, bwd_tiles=0):
+    """Dispatch from fastvit.ops.attention: the Triton kernels (tiles ``fwd_tiles`` / ``bwd_tiles``, see
+    :func:`forward_tiles` and :func:`backward_tiles`), or scaled_dot_product_attention."""
     if not use_triton:
         _check_inputs(q, k, v, rel_bias, grid_size, dropout_p)
         return attention_ref(q, k, v, rel_bias, grid_size, dropout_p, scale)
-    return flash_attention(q, k, v, rel_bias, grid_size, scale, dropout_p, True, fwd_tiles)
+    return flash_attention(q, k, v, rel_bias, grid_size, scale, dropout_p, True, fwd_tiles, bwd_tiles)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -783,13 +823,25 @@ def aot_specs(shape, dtype):
                       "HAS_CLS": has_bias and _has_cls(n, grid, grid), "DROPOUT": dropout,
                       "PRECISION": _precision(TORCH_DTYPES[dtype])}
             label = f"hd={hd} N={n} " + ("+".join(parts) or "plain")
-            kernels = [("attn_fwd", _attn_fwd_kernel, cfg.fwd, label),
-                       ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, cfg.bwd_dkdv, label),
-                       ("attn_bwd_dq", _attn_bwd_dq_kernel, cfg.bwd_dq, label)]
-            kernels += [("attn_fwd", _attn_fwd_kernel, blk, f"{label} tiles@{i}")
+            kernels = [("attn_fwd", _attn_fwd_kernel, cfg.fwd, label, (80, 90)),
+                       ("attn_bwd_dq", _attn_bwd_dq_kernel, cfg.bwd_dq, label, (80, 90))]
+            kernels += [("attn_fwd", _attn_fwd_kernel, blk, f"{label} tiles@{i}", (80, 90))
                         for i, blk in enumerate(forward_tiles(hd)[1:], 1)]
-            for name, fn, blk, variant in kernels:
-                specs.append(spec_from_launch(name, fn, args,
-                                              {**common, "BLOCK_M": blk.block_m, "BLOCK_N": blk.block_n},
-                                              blk.num_warps, blk.num_stages, variant))
+            kernels += [("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, blk, variant, archs)
+                        for blk, (variant, archs) in _dkdv_variants(hd, label).items()]
+            for name, fn, blk, variant, archs in kernels:
+                spec = spec_from_launch(name, fn, args, {**common, "BLOCK_M": blk.block_m, "BLOCK_N": blk.block_n},
+                                        blk.num_warps, blk.num_stages, variant)
+                specs.append(dataclasses.replace(spec, archs=archs))
     return specs
+
+
+def _dkdv_variants(head_dim, label):
+    """{tiles: (label, archs)} of the dK/dV kernel: each arch's :func:`backward_tiles`, labelled "bwd tiles@j" after
+    the first, compiled for the archs that launch them (one spec where sm_80 and sm_90 share tiles)."""
+    variants = {}
+    for target in (80, 90):
+        for j, blk in enumerate(backward_tiles(head_dim, target)):
+            variant, archs = variants.get(blk, (f"{label} bwd tiles@{j}" if j else label, ()))
+            variants[blk] = (variant, (*archs, target))
+    return variants

@@ -164,6 +164,61 @@ def test_a_relative_bias_call_is_tuned_among_our_forward_tiles(tuner, monkeypatc
     assert ops.attention_backend(q, rel_bias=table) == "triton"  # no grid given: the static rule
 
 
+def test_a_training_call_is_tuned_over_forward_and_backward_tiles(tuner, monkeypatch):
+    """A training call (here with a table, so only our kernel runs it) times every pair of forward tiles
+    (flash_attention.forward_tiles) and dK/dV tiles (flash_attention.backward_tiles on the pretend sm_90), each run
+    with a backward, and the winner's name carries both to the kernels."""
+    from fastvit.kernels import flash_attention as fa
+    timed, ran = [], []
+    monkeypatch.setattr(ops, "_run_attention", lambda impl, q, k, v, table, grid, p, scale: ran.append(impl) or
+                        fa.attention_ref(*(t.as_subclass(torch.Tensor) for t in (q, k, v)), table, grid))
+
+    def measure(run):
+        run()
+        timed.append(ran[-1])
+        return 1.0 if ran[-1] == "triton@2/3" else 2.0
+    monkeypatch.setattr(autotune, "time_cuda", measure)
+    qkv = torch.randn(2, 50, 3, 2, 64, requires_grad=True)
+    q = qkv.permute(2, 0, 3, 1, 4).unbind(0)[0].as_subclass(_PretendCuda)
+    table = torch.zeros(2, fa.num_relative_positions((7, 7)), requires_grad=True)
+    fwd, bwd = len(fa.forward_tiles(64)), len(fa.backward_tiles(64, 90))
+    assert (fwd, bwd) == (4, 4)
+    assert ops.attention_backend(q, rel_bias=table, grid_size=(7, 7)) == "triton@2/3"
+    assert timed == [ops._triton_tiles(i, j) for i in range(fwd) for j in range(bwd)]
+    assert timed[:3] == ["triton", "triton@0/1", "triton@0/2"] and timed[4] == "triton@1"
+    with torch.no_grad():  # inference times the forward tiles only
+        assert ops.attention_backend(q, rel_bias=table, grid_size=(7, 7)) == "triton"
+
+
+def test_a_training_candidate_with_wrong_gradients_is_skipped(tuner, monkeypatch):
+    """For a training call the agreement check compares gradients too: backward tiles whose forward is right and
+    whose gradients are not (here doubled) are not timed, and a warning names them."""
+    from fastvit.kernels import flash_attention as fa
+
+    def run(impl, q, k, v, table, grid, p, scale):
+        out = fa.attention_ref(*(t.as_subclass(torch.Tensor) for t in (q, k, v)), table, grid)
+        if impl == "triton@0/2" and out.requires_grad:
+            out.register_hook(lambda grad: 2 * grad)
+        return out
+    monkeypatch.setattr(ops, "_run_attention", run)
+    monkeypatch.setattr(autotune, "time_cuda", lambda runner: 1.0)
+    qkv = torch.randn(2, 50, 3, 2, 64, requires_grad=True)
+    q = qkv.permute(2, 0, 3, 1, 4).unbind(0)[0].as_subclass(_PretendCuda)
+    table = torch.zeros(2, fa.num_relative_positions((7, 7)), requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="'triton@0/2' disagrees with the reference") as caught:
+        ops.attention_backend(q, rel_bias=table, grid_size=(7, 7))
+    assert len([w for w in caught if "disagrees" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize("impl,tiles", [("triton", (0, 0)), ("triton@2", (2, 0)), ("triton@0/3", (0, 3)),
+                                        ("triton@1/2", (1, 2))])
+def test_an_implementation_name_passes_its_tiles_to_the_kernels(monkeypatch, impl, tiles):
+    passed = []
+    monkeypatch.setattr(ops._flash_attention, "attention", lambda *args: passed.append(args[-2:]))
+    ops._run_attention(impl, *_qkv(), None, None, 0.0, None)
+    assert passed == [tiles] and ops._triton_tiles(*tiles) == impl
+
+
 def test_cpu_choices_are_kept_per_vector_isa(monkeypatch, tmp_path):
     """``fastest_on_cpu`` measures again where PyTorch dispatches to another vector ISA under the same CPU model
     name (one "AMD EPYC" covers AVX2 and AVX-512 machines, whose winners differ), and not on a repeat."""

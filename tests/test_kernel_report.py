@@ -99,7 +99,9 @@ def test_attention_specs_match_a_model_launch(monkeypatch, model, dtype, table, 
     grid = shape.img_size // shape.patch
     label = f"hd={shape.head_dim} N={shape.tokens} " + (
         "+".join(([f"bias({table})"] if table else []) + (["dropout"] if dropout else [])) or "plain")
-    specs = {s.fn: s for s in fa.aot_specs(shape, dtype) if s.label in (label, label.rsplit(" ", 1)[0])}
+    # the launches take an sm_90's tiles (flash_attention.device_arch of a CPU tensor), compiled for 90
+    specs = {s.fn: s for s in fa.aot_specs(shape, dtype)
+             if s.label in (label, label.rsplit(" ", 1)[0]) and fa.device_arch(torch.device("cpu")) in s.archs}
     kernels = [fa._attn_fwd_kernel, fa._attn_bwd_preprocess_kernel, fa._attn_bwd_dkdv_kernel, fa._attn_bwd_dq_kernel]
     assert set(specs) == set(kernels)
     calls = []
@@ -130,20 +132,35 @@ def test_attention_specs_match_a_model_launch(monkeypatch, model, dtype, table, 
 @pytest.mark.parametrize("model", ["vit_base_patch16_224", "vit_huge_patch14_224"])
 def test_attention_kernels_do_not_spill(model):
     """Head dims 64 and 80, bf16: the preprocess and the largest variants (table + dropout, fp32 or bf16 table)
-    of the forward, dK/dV and dQ kernels fit in registers and shared memory on sm_80 and sm_90. The full set is
-    bench/kernel_report.py's job."""
+    of the forward, dK/dV (each arch's default tiles) and dQ kernels fit in registers and shared memory on sm_80 and
+    sm_90, and their dots run on wgmma on sm_90 (mma.sync on sm_80). The full set is bench/kernel_report.py's job."""
     shape = MODELS[model]
     specs = [s for s in fa.aot_specs(shape, "bf16")
              if s.name == "attn_bwd_preprocess" or s.label.endswith(("bias(fp32)+dropout", "bias(bf16)+dropout"))]
-    assert len(specs) == 7
     cfg = fa._config(shape.head_dim)
+    compiled = set()
     for spec in specs:
-        blocks = {"attn_fwd": cfg.fwd, "attn_bwd_dkdv": cfg.bwd_dkdv, "attn_bwd_dq": cfg.bwd_dq,
-                  "attn_bwd_preprocess": cfg.preprocess}[spec.name]
-        assert spec.constexprs["BLOCK_M"] == blocks.block_m and spec.num_warps == blocks.num_warps
-        for arch in (80, 90):
+        for arch in spec.archs:
+            blocks = {"attn_fwd": cfg.fwd, "attn_bwd_dkdv": fa.backward_tiles(shape.head_dim, arch)[0],
+                      "attn_bwd_dq": cfg.bwd_dq, "attn_bwd_preprocess": cfg.preprocess}[spec.name]
+            assert (spec.constexprs["BLOCK_M"], spec.num_warps) == (blocks.block_m, blocks.num_warps), spec.label
             res = compile_spec(spec, arch)
             assert res["ok"] and 0 < res["registers"] <= 255, (spec.name, spec.label, arch, res)
+            expected = "none" if spec.name == "attn_bwd_preprocess" else {80: "mma.sync", 90: "wgmma"}[arch]
+            assert res["mma"] == expected, (spec.name, spec.label, arch, res["mma"])
+            compiled.add((spec.name, arch))
+    assert len(compiled) == 8  # four kernels, two archs
+
+
+def test_the_report_fails_mma_sync_on_sm90():
+    """The dK/dV kernel at the tiles it had before Hopper's (32 keys on 8 warps, below wgmma's 64 rows per
+    warpgroup) issues mma.sync, which the report counts as a failure on sm_90 and not on sm_80."""
+    shape = MODELS["vit_base_patch16_224"]
+    spec = next(s for s in fa.aot_specs(shape, "bf16") if s.name == "attn_bwd_dkdv" and s.archs == (80,))
+    assert spec.constexprs["BLOCK_N"] == 32
+    sm80, sm90 = compile_spec(spec, 80), compile_spec(spec, 90)
+    assert (sm80["mma"], sm80["ok"]) == ("mma.sync", True)
+    assert (sm90["mma"], sm90["ok"]) == ("mma.sync", False) and sm90["stack"] == sm90["local"] == 0
 
 
 def _fused_gemm_launches(monkeypatch, shape, dt):

@@ -216,6 +216,36 @@ def test_every_forward_tile_choice_matches_reference(b, h, n, hd, grid, monkeypa
         fa.flash_attention(*_qkv(packed, h, hd), table, grid, fwd_tiles=len(choices))
 
 
+@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("b,h,n,hd,grid", TILE_CASES, ids=[f"B{b}H{h}N{n}d{d}{'-rel' if g else ''}"
+                                                          for b, h, n, d, g in TILE_CASES])
+def test_every_backward_tile_choice_matches_reference(b, h, n, hd, grid, arch, monkeypatch):
+    """Each dK/dV tiling of a GPU generation (flash_attention.backward_tiles: Hopper's wgmma tiles, or the one
+    before it) is the one the backward launches, and gives the reference's gradients in fp32."""
+    launched = []
+    real_launch = fa.launch
+
+    def launch(kernel, grid, *args, **kwargs):
+        if kernel is fa._attn_bwd_dkdv_kernel:
+            launched.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]))
+        return real_launch(kernel, grid, *args, **kwargs)
+    monkeypatch.setattr(fa, "launch", launch)
+    monkeypatch.setattr(fa, "device_arch", lambda device: arch)
+    packed, table, do = _packed(b, h, n, hd, grid, seed=3)
+    ref = _run(_sdpa, packed.double(), None if table is None else table.double(), do.double(), h, hd, grid,
+               torch.float64)
+    choices = fa.backward_tiles(hd, arch)
+    assert len(set(choices)) == len(choices) and (len(choices) > 1) == (arch >= 90 and hd <= 64)
+    for j in range(len(choices)):
+        ours = _run(lambda q, k, v, t, g: fa.flash_attention(q, k, v, t, g, bwd_tiles=j), packed, table, do, h, hd,
+                    grid, torch.float32)
+        assert launched[-1] == tuple(choices[j])
+        for name, a, e in zip(["out", "dq", "dk", "dv", "dtable"], ours, ref):
+            torch.testing.assert_close(a, e, atol=2e-5 if name == "out" else 1e-4, rtol=1e-4, msg=f"{j} {name}")
+    with pytest.raises(ValueError, match=f"bwd_tiles must be in 0..{len(choices) - 1}"):
+        fa.flash_attention(*_qkv(packed, h, hd), table, grid, bwd_tiles=len(choices))
+
+
 def _second_order(fn, packed, table, do, h, hd, grid, dtype):
     """A gradient penalty through ``fn``: the first gradients (packed, table) taken with create_graph=True, then
     the gradients of their squared sum, in float64."""
