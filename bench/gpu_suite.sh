@@ -2,7 +2,8 @@
 # Every GPU measurement of the speed work, in one command on one GPU, in about 8 minutes:
 #
 #   numerics      bench/numerics.py (every op fwd/bwd at ViT-B/16 and H/14 shapes, tiny and B/16, fp32/fp16/bf16)
-#   ops           pytest-benchmark micro-benchmarks of each op, fastvit vs torch (bench/test_ops_benchmark.py)
+#   ops           pytest-benchmark micro-benchmarks of each op, fastvit vs torch, and of our attention's dK/dV
+#                 tilings side by side (bench/test_ops_benchmark.py)
 #   overhead      bench/overhead.py: host time per call (the CPU of this machine, launches stubbed)
 #   profile       bench/profile.py --model B/16: training-step time by category, fastvit and timm
 #   b16 l16 h14   bench/throughput.py --compile: train and infer, eager and torch.compile columns
@@ -54,7 +55,7 @@ while [ $# -gt 0 ]; do
             fi
             shift ;;
         numerics|ops|overhead|profile|b16|l16|h14|loader) STEPS+=("$arg") ;;
-        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
         *) echo "gpu_suite.sh: unknown argument '$arg'" \
                 "(steps: numerics ops overhead profile b16 l16 h14 loader; --dry-run, --budget S, --archive F)" >&2
            exit 2 ;;
@@ -125,7 +126,7 @@ for s in "${STEPS[@]}"; do
     fi
     case $s in
         numerics) step numerics 75 $PY bench/numerics.py --models tiny,B/16 --out "$OUT" ;;
-        ops) step ops 45 $PY -m pytest -q -p no:cacheprovider bench/test_ops_benchmark.py --benchmark-only \
+        ops) step ops 60 $PY -m pytest -q -p no:cacheprovider bench/test_ops_benchmark.py --benchmark-only \
                  --benchmark-max-time=0.2 --benchmark-json="$OUT/ops_benchmark.json" ;;
         overhead) step overhead 30 $PY bench/overhead.py --out "$OUT" ;;
         profile) step profile 60 $PY bench/profile.py --model B/16 --warmup 1 --steps 1 --out "$OUT" ;;

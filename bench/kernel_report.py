@@ -5,7 +5,9 @@ No GPU is needed: each kernels/*.py module that exposes ``aot_specs`` (see kerne
 variants a model launches, with the block sizes and warps its launcher picks; this script compiles them at the
 shapes of ViT-B/16, L/16 and H/14 in fp16 and bf16, reads the cubins with the cuobjdump bundled with Triton and the
 PTX for the MMA instructions, prints a table, writes JSON and exits 1 if any kernel spills (STACK/LOCAL > 0),
-exceeds the shared-memory limit of one block, issues mma.sync instead of wgmma on sm_90, or fails to compile.
+exceeds the shared-memory limit of one block, issues mma.sync instead of wgmma on sm_90, or fails to compile. It
+also lists the variants whose wgmma ptxas serialised (its note C7515; reported, not failed: which of them cost
+time needs a GPU).
 
     python bench/kernel_report.py [--models vit_base_patch16_224 ...] [--kernels layer_norm ...] [--out PATH]
 """
@@ -55,7 +57,7 @@ def print_table(records):
             continue
         print(f"{r['model']:<22} {r['dtype']:<5} {r['arch']:<6} {r['kernel']:<24} {r['label']:<28} "
               f"{r['num_warps']:>5} {r['registers']:>5} {r['stack']:>5} {r['local']:>5} {r['shared']:>7} "
-              f"{r['mma']:<8}  "
+              f"{r['mma'] + ('*' if r['wgmma_serialized'] else ''):<8}  "
               f"{'yes' if r['ok'] else 'NO'}")
 
 
@@ -74,6 +76,12 @@ def main(argv=None):
     bad = [r for r in records if not r["ok"]]
     out = common.out_dir(pathlib.Path(args.out).parent) / pathlib.Path(args.out).name
     common.write_json(out, {"triton": triton.__version__, "ok": not bad and bool(records), "kernels": records})
+    serialized = sorted({(r["kernel"], r["label"]) for r in records if r.get("wgmma_serialized")})
+    if serialized:
+        print(f"\nwgmma* = ptxas serialised the wgmma (note C7515: the tensor cores wait for each one in turn), "
+              f"in {len(serialized)} variants:")
+        for kernel, label in serialized:
+            print(f"  {kernel:<24} {label}")
     print(f"\n{len(records)} compiled kernels, {len(bad)} failing; wrote {out}")
     if not records:
         print("no kernel specs found", file=sys.stderr)

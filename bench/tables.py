@@ -78,15 +78,28 @@ def overhead_table(data):
 
 
 def ops_benchmark_table(data):
-    """Mean time per call of each micro-benchmark group, fastvit beside torch."""
+    """Mean time per call of each op micro-benchmark group, fastvit beside torch."""
     groups = {}
     for b in data["benchmarks"]:
-        impl = b["params"]["impl"]
-        groups.setdefault(b["group"], {})[impl] = b["stats"]["mean"] * 1e6
+        if "impl" in b["params"]:
+            groups.setdefault(b["group"], {})[b["params"]["impl"]] = b["stats"]["mean"] * 1e6
     rows = [[g, f"{t.get('fastvit', float('nan')):.1f}", f"{t.get('torch', float('nan')):.1f}",
              f"{t['fastvit'] / t['torch']:.2f}" if {"fastvit", "torch"} <= set(t) else "—"]
             for g, t in sorted(groups.items())]
     return common.markdown_table(["op, direction, dtype", "fastvit us", "torch us", "ratio"], rows)
+
+
+def attention_tiles_table(data):
+    """Our attention's forward + backward per dK/dV tiling (``test_attention_backward_tiles``), each against the
+    pre-Hopper tiling's time; None when the run has none (no GPU, or not a Hopper one for sm_90's)."""
+    runs = {b["params"]["tiles"]: b for b in data["benchmarks"] if "tiles" in b["params"]}
+    if not runs:
+        return None
+    base = runs["sm80"]["stats"]["mean"] if "sm80" in runs else None
+    rows = [[tiles, f"{b['stats']['mean'] * 1e6:.1f}", f"{b['stats']['mean'] / base:.2f}" if base else "—"]
+            for tiles, b in runs.items()]
+    return common.markdown_table([f"dK/dV tiles ({next(iter(runs.values()))['group']})", "fwd+bwd us",
+                                  "x sm80 tiles"], rows)
 
 
 def loader_table(data):
@@ -136,6 +149,9 @@ def summary(folder):
                   overhead_table(overhead), ""]
     if ops_bench:
         lines += ["## Op micro-benchmarks (pytest bench/ --benchmark-only)", "", ops_benchmark_table(ops_bench), ""]
+        tiles = attention_tiles_table(ops_bench)
+        if tiles:
+            lines += ["## Attention dK/dV tilings (bench/test_ops_benchmark.py)", "", tiles, ""]
     if loader:
         model = (f"the model trains at {loader['model_images_per_s_per_gpu']:.0f} images/s per GPU "
                  f"({loader['model_source']})" if loader["model_images_per_s_per_gpu"] else "no model figure")

@@ -14,6 +14,7 @@ import torch
 
 import common
 import numerics
+from fastvit.kernels import flash_attention
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -82,3 +83,36 @@ def _upstream(outs):
     """Fixed random gradients reaching the outputs (ones would hide a wrong sign or permutation in backward)."""
     gen = torch.Generator().manual_seed(1)
     return [torch.randn(o.shape, generator=gen).to(DEVICE, o.dtype) for o in outs]
+
+
+# the dK/dV tilings of our attention backward: the pre-Hopper one, then each that sm_90 may run
+BACKWARD_TILES = ["sm80", *(f"sm90@{j}" for j in range(len(flash_attention.backward_tiles(64, 90))))]
+
+
+@pytest.mark.skipif(not CUDA, reason="times the Triton attention kernels, which need a GPU")
+@pytest.mark.parametrize("tiles", BACKWARD_TILES)
+def test_attention_backward_tiles(benchmark, monkeypatch, tiles):
+    """Our attention's forward + backward at ViT-B/16's shape, batch 32, with each dK/dV tiling side by side: the
+    one sm_80 runs (mma.sync on Hopper) and sm_90's (wgmma, ``flash_attention.backward_tiles``), which
+    backend="auto" chooses among for a training call; gradients checked against SDPA in fp32."""
+    arch, _, index = tiles.partition("@")
+    if arch == "sm90" and flash_attention.device_arch(DEVICE) < 90:
+        pytest.skip("sm_90's tiles need a Hopper GPU")
+    monkeypatch.setattr(flash_attention, "device_arch", lambda device: int(arch[2:]))
+    benchmark.group = f"attention backward tiles {numerics.dtype_name(DTYPE)} B=32 N=197 H=12 d=64"
+    qkv = torch.randn(32, 197, 3, 12, 64, generator=torch.Generator().manual_seed(2)).to(DEVICE, DTYPE)
+    qkv.requires_grad_()
+    upstream = torch.randn(32, 12, 197, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE, DTYPE)
+
+    def run():
+        out = flash_attention.flash_attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0), bwd_tiles=int(index or 0))
+        (grad,) = torch.autograd.grad(out, [qkv], upstream)
+        torch.cuda.synchronize()
+        return grad
+
+    grad = benchmark(run)
+    ref_qkv = qkv.detach().float().requires_grad_()
+    ref = torch.autograd.grad(flash_attention.attention_ref(*ref_qkv.permute(2, 0, 3, 1, 4).unbind(0)), [ref_qkv],
+                              upstream.float())[0]
+    err = common.error_stats(grad, ref)
+    assert err["mean_rel"] < TOL[DTYPE], f"{tiles}: mean relative error {err['mean_rel']:.2e}"

@@ -31,8 +31,10 @@ one, so nothing else needs registering.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import io
 import os
 import pathlib
 import re
@@ -149,19 +151,25 @@ def tensor_core_instructions(ptx: str) -> str:
 
 
 def compile_spec(spec, arch):
-    """Compile ``spec`` for sm_``arch`` and return its resource use (registers, stack, local, shared bytes) and
-    tensor-core instructions (:func:`tensor_core_instructions`). ``ok``: no spills, shared memory within one
-    block's limit, and on sm_90 no mma.sync (a tile too small for wgmma leaves most of Hopper's tensor cores
-    idle)."""
+    """Compile ``spec`` for sm_``arch`` and return its resource use (registers, stack, local, shared bytes),
+    tensor-core instructions (:func:`tensor_core_instructions`) and whether ptxas serialised its wgmma
+    (``wgmma_serialized``: its C7515 note, each wgmma then waits for the one before). ``ok``: no spills, shared
+    memory within one block's limit, and on sm_90 no mma.sync (a tile too small for wgmma leaves most of Hopper's
+    tensor cores idle)."""
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     params = list(spec.signature)
     attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in spec.aligned}
     src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    # ptxas's notes reach us only through Triton's log dump, and only when it runs: no cache hit
+    with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(io.StringIO()) as log:
+        knobs.compilation.always_compile = True
+        knobs.nvidia.dump_ptxas_log = True
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
@@ -176,5 +184,5 @@ def compile_spec(spec, arch):
     shared = static_smem + int(kernel.metadata.shared)
     mma = tensor_core_instructions(kernel.asm["ptx"])
     return {"registers": reg, "stack": stack, "local": local, "shared": shared,
-            "shared_limit": SMEM_LIMIT[arch], "mma": mma,
+            "shared_limit": SMEM_LIMIT[arch], "mma": mma, "wgmma_serialized": "(C7515)" in log.getvalue(),
             "ok": stack == 0 and local == 0 and shared <= SMEM_LIMIT[arch] and not (arch >= 90 and "mma.sync" in mma)}

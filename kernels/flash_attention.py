@@ -36,8 +36,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import (KERNEL_DTYPES, apply, autocast_off, capability, cdiv, eager_op, launch,
-                                     next_power_of_2)
+from fastvit.kernels._launch import (KERNEL_DTYPES, accumulation_dtype, apply, autocast_off, capability, cdiv,
+                                     eager_op, launch, next_power_of_2)
 from fastvit.kernels._report import TORCH_DTYPES, spec_from_launch
 
 LOG2E = 1.4426950408889634
@@ -727,7 +727,10 @@ def flash_attention(q, k, v, rel_bias=None, grid_size=None, scale=None, dropout_
         if fwd_tiles or bwd_tiles:  # the defaults exist for every call
             _check_tiles(q, fwd_tiles, bwd_tiles)
     if rel_bias is not None:
-        rel_bias = rel_bias.contiguous()
+        # the bias is added in fp32: a 16-bit table (a model cast to fp16 / bf16) goes in as an exact fp32 copy, so
+        # no kernel variant loads a 16-bit table (with one, ptxas serialised every attention kernel's wgmma); its
+        # gradient returns through the cast
+        rel_bias = rel_bias.to(accumulation_dtype(rel_bias.dtype)).contiguous()
     seed = None
     if dropout_p > 0:
         seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=q.device)
@@ -785,9 +788,10 @@ def attention_flash(q, k, v, rel_bias=None, dropout_p=0.0, scale=None):
 
 def aot_specs(shape, dtype):
     """Every attention kernel at ``shape``'s head dim and tokens, in each variant a model launches: no bias, the
-    relative-position table (pos_embed='rel'; fp32 under AMP, the activation dtype in a model cast to it), each
-    with and without attention dropout; the forward also with each alternative of :func:`forward_tiles` (labelled
-    "tiles@i"). Block sizes and warps come from :func:`_config` / :func:`forward_tiles`, as in the launchers.
+    relative-position table (pos_embed='rel'; always fp32, see :func:`flash_attention`), each with and without
+    attention dropout; the forward also with each alternative of :func:`forward_tiles` (labelled "tiles@i"), the
+    dK/dV kernel with each of :func:`backward_tiles` on the archs that run it ("bwd tiles@j"). Block sizes and warps
+    come from :func:`_config` / :func:`forward_tiles` / :func:`backward_tiles`, as in the launchers.
 
     Arguments are those of a real launch, so the specs specialise as the JIT does: q, k, v are views of the packed
     (B, N, 3, heads, hd) qkv output, strides (3ND, hd, 3D, 1); out is a (B, N, heads, hd) buffer seen as
@@ -808,7 +812,7 @@ def aot_specs(shape, dtype):
     specs = [spec_from_launch("attn_bwd_preprocess", _attn_bwd_preprocess_kernel, base,
                               {"HEAD_DIM": hd, "BLOCK_D": cfg.block_d, "BLOCK_M": blk.block_m}, blk.num_warps,
                               blk.num_stages, f"hd={hd} N={n}")]
-    for table_t in (None, "*fp32", act):
+    for table_t in (None, "*fp32"):
         for dropout in (False, True):
             has_bias = table_t is not None
             parts = ([f"bias({table_t[1:]})"] if has_bias else []) + (["dropout"] if dropout else [])

@@ -171,13 +171,17 @@ def test_throughput_torchrun_two_ranks(tmp_path):
 
 
 def test_ops_benchmark_smoke():
-    """Every benchmark body ran once and its result check passed: the summary line counts only passes."""
-    out = _run([sys.executable, "-m", "pytest", "bench/test_ops_benchmark.py", "--benchmark-disable", "-q",
+    """Every benchmark body ran once and its result check passed: the summary line counts only passes, and skips
+    only of the GPU-only attention tiling benchmarks (Triton kernels need a GPU outside the interpreter)."""
+    out = _run([sys.executable, "-m", "pytest", "bench/test_ops_benchmark.py", "--benchmark-disable", "-q", "-rs",
                 "-p", "no:cacheprovider"])
     summary = re.search(r"^=*\s*(\d+ passed.*) in [\d.]+s", out, re.M)
     assert summary, out[-3000:]
     counts = {word.rstrip("s"): int(n) for n, word in re.findall(r"(\d+) (\w+)", summary.group(1))}
-    assert counts["passed"] > 0 and set(counts) <= {"passed", "warning"}, summary.group(0)
+    assert counts["passed"] > 0 and set(counts) <= {"passed", "warning", "skipped"}, summary.group(0)
+    reasons = re.findall(r"^SKIPPED \[(\d+)\] (.*)$", out, re.M)
+    assert sum(int(n) for n, _ in reasons) == counts.get("skipped", 0)
+    assert all("which need a GPU" in reason for _, reason in reasons), reasons
 
 
 def _load_bench(name):
@@ -410,3 +414,19 @@ def test_summary_lists_the_measured_choices(tmp_path, monkeypatch):
     assert "## Measured choices" in summary
     assert ("| add_layer_norm_linear | rows 50432, in 768, out 2304, candidates ln+cublas/ln_gemm/ln_gemm_tma "
             "| ln_gemm_tma |") in summary
+
+
+def test_summary_tabulates_the_attention_tilings_against_sm80s(tmp_path):
+    """pytest-benchmark's JSON of a GPU run (op benchmarks with an ``impl`` parameter, the attention tiling ones
+    with ``tiles``): the op table takes the first, a second table each tiling's time and its ratio to sm80's."""
+    group = "attention backward tiles bf16 B=32 N=197 H=12 d=64"
+    bench = [{"group": "attention fwd bf16", "params": {"op": "attention", "impl": impl, "direction": "fwd"},
+              "stats": {"mean": mean}} for impl, mean in (("fastvit", 2e-5), ("torch", 4e-5))]
+    bench += [{"group": group, "params": {"tiles": tiles}, "stats": {"mean": mean}}
+              for tiles, mean in (("sm80", 4e-4), ("sm90@0", 3e-4), ("sm90@1", 5e-4))]
+    (tmp_path / "ops_benchmark.json").write_text(json.dumps({"benchmarks": bench}))
+    summary = (_load_bench("tables").summary(tmp_path)).read_text()
+    assert "| attention fwd bf16 | 20.0 | 40.0 | 0.50 |" in summary
+    assert "## Attention dK/dV tilings" in summary
+    for row in ("| sm80 | 400.0 | 1.00 |", "| sm90@0 | 300.0 | 0.75 |", "| sm90@1 | 500.0 | 1.25 |"):
+        assert row in summary

@@ -246,6 +246,32 @@ def test_every_backward_tile_choice_matches_reference(b, h, n, hd, grid, arch, m
         fa.flash_attention(*_qkv(packed, h, hd), table, grid, bwd_tiles=len(choices))
 
 
+def test_a_16_bit_table_runs_as_its_fp32_copy(monkeypatch):
+    """A model cast to fp16 holds an fp16 table: the kernels get an exact fp32 copy (no 16-bit table variant, whose
+    loads made ptxas serialise the wgmma), so output and gradients are those of the fp32 table, the table's
+    gradient rounded once to fp16."""
+    tables = []
+    real_launch = fa.launch
+
+    def launch(kernel, grid, *args, **kwargs):
+        if kernel is fa._attn_fwd_kernel:
+            tables.append(args[5].dtype)  # TABLE
+        return real_launch(kernel, grid, *args, **kwargs)
+    monkeypatch.setattr(fa, "launch", launch)
+    packed, table, do = _packed(2, 2, 50, 32, (7, 7), seed=5)
+    packed, do, table16 = packed.half(), do.half(), table.half()
+    results = []
+    for t in (table16, table16.float()):
+        leaf_packed, leaf_table = packed.clone().requires_grad_(), t.clone().requires_grad_()
+        out = fa.flash_attention(*_qkv(leaf_packed, 2, 32), leaf_table, (7, 7))
+        results.append([out, *torch.autograd.grad(out, [leaf_packed, leaf_table], do)])
+    assert tables == [torch.float32, torch.float32]
+    (out16, dpacked16, dtable16), (out32, dpacked32, dtable32) = results
+    assert dtable16.dtype == torch.float16 and dtable32.dtype == torch.float32
+    assert torch.equal(out16, out32) and torch.equal(dpacked16, dpacked32)
+    torch.testing.assert_close(dtable16, dtable32.half(), rtol=0, atol=1e-3)  # atomic adds: order may differ
+
+
 def _second_order(fn, packed, table, do, h, hd, grid, dtype):
     """A gradient penalty through ``fn``: the first gradients (packed, table) taken with create_graph=True, then
     the gradients of their squared sum, in float64."""
