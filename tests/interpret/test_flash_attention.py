@@ -187,77 +187,55 @@ def test_ops_dropout_runs_on_triton():
 TILE_CASES = [(1, 2, 197, 64, (14, 14)), (2, 1, 41, 64, (5, 8)), (1, 1, 50, 80, (7, 7)), (1, 2, 257, 80, None)]
 
 
-@pytest.mark.parametrize("b,h,n,hd,grid", TILE_CASES, ids=[f"B{b}H{h}N{n}d{d}{'-rel' if g else ''}"
-                                                          for b, h, n, d, g in TILE_CASES])
-def test_every_forward_tile_choice_matches_reference(b, h, n, hd, grid, monkeypatch):
-    """Each forward tiling that backend="auto" may pick on a GPU (flash_attention.forward_tiles) is the one the
-    forward launches, and gives the reference's output and gradients in fp32 (the backward kernels are the same for
-    all)."""
-    launched = []
+def _record_launches(monkeypatch, kernel, record):
+    """Patches the launcher so that each launch of ``kernel`` appends ``record(args, kwargs)`` to the list returned."""
+    calls = []
     real_launch = fa.launch
 
-    def launch(kernel, grid, *args, **kwargs):
-        if kernel is fa._attn_fwd_kernel:
-            launched.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]))
-        return real_launch(kernel, grid, *args, **kwargs)
+    def launch(k, grid, *args, **kwargs):
+        if k is kernel:
+            calls.append(record(args, kwargs))
+        return real_launch(k, grid, *args, **kwargs)
     monkeypatch.setattr(fa, "launch", launch)
+    return calls
+
+
+# which tiling: (the kernel it sets, flash_attention's argument, the compute capability the launches act for)
+TILINGS = {"forward": (fa._attn_fwd_kernel, "fwd_tiles", 90), "dkdv-sm90": (fa._attn_bwd_dkdv_kernel, "bwd_tiles", 90),
+           "dkdv-sm80": (fa._attn_bwd_dkdv_kernel, "bwd_tiles", 80)}
+
+
+@pytest.mark.parametrize("tiling", list(TILINGS))
+@pytest.mark.parametrize("b,h,n,hd,grid", TILE_CASES, ids=[f"B{b}H{h}N{n}d{d}{'-rel' if g else ''}"
+                                                          for b, h, n, d, g in TILE_CASES])
+def test_every_tile_choice_matches_reference(b, h, n, hd, grid, tiling, monkeypatch):
+    """Each tiling backend="auto" may pick on a GPU (flash_attention.forward_tiles; backward_tiles of Hopper, or
+    the one before it) is the one launched, and gives the reference's output and gradients in fp32."""
+    kernel, argument, arch = TILINGS[tiling]
+    launched = _record_launches(monkeypatch, kernel, lambda args, kwargs: (
+        kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]))
+    monkeypatch.setattr(fa, "device_arch", lambda device: arch)
     packed, table, do = _packed(b, h, n, hd, grid, seed=2)
     ref = _run(_sdpa, packed.double(), None if table is None else table.double(), do.double(), h, hd, grid,
                torch.float64)
-    choices = fa.forward_tiles(hd)
-    assert len(choices) > 1 and len(set(choices)) == len(choices)
+    choices = fa.forward_tiles(hd) if argument == "fwd_tiles" else fa.backward_tiles(hd, arch)
+    several = argument == "fwd_tiles" or (arch >= 90 and hd <= 64)
+    assert len(set(choices)) == len(choices) and (len(choices) > 1) == several
     for i in range(len(choices)):
-        ours = _run(lambda q, k, v, t, g: fa.flash_attention(q, k, v, t, g, fwd_tiles=i), packed, table, do, h, hd,
-                    grid, torch.float32)
+        ours = _run(lambda q, k, v, t, g: fa.flash_attention(q, k, v, t, g, **{argument: i}), packed, table, do, h,
+                    hd, grid, torch.float32)
         assert launched[-1] == tuple(choices[i])
         for name, a, e in zip(["out", "dq", "dk", "dv", "dtable"], ours, ref):
             torch.testing.assert_close(a, e, atol=2e-5 if name == "out" else 1e-4, rtol=1e-4, msg=f"{i} {name}")
-    with pytest.raises(ValueError, match=f"fwd_tiles must be in 0..{len(choices) - 1}"):
-        fa.flash_attention(*_qkv(packed, h, hd), table, grid, fwd_tiles=len(choices))
-
-
-@pytest.mark.parametrize("arch", [90, 80])
-@pytest.mark.parametrize("b,h,n,hd,grid", TILE_CASES, ids=[f"B{b}H{h}N{n}d{d}{'-rel' if g else ''}"
-                                                          for b, h, n, d, g in TILE_CASES])
-def test_every_backward_tile_choice_matches_reference(b, h, n, hd, grid, arch, monkeypatch):
-    """Each dK/dV tiling of a GPU generation (flash_attention.backward_tiles: Hopper's wgmma tiles, or the one
-    before it) is the one the backward launches, and gives the reference's gradients in fp32."""
-    launched = []
-    real_launch = fa.launch
-
-    def launch(kernel, grid, *args, **kwargs):
-        if kernel is fa._attn_bwd_dkdv_kernel:
-            launched.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]))
-        return real_launch(kernel, grid, *args, **kwargs)
-    monkeypatch.setattr(fa, "launch", launch)
-    monkeypatch.setattr(fa, "device_arch", lambda device: arch)
-    packed, table, do = _packed(b, h, n, hd, grid, seed=3)
-    ref = _run(_sdpa, packed.double(), None if table is None else table.double(), do.double(), h, hd, grid,
-               torch.float64)
-    choices = fa.backward_tiles(hd, arch)
-    assert len(set(choices)) == len(choices) and (len(choices) > 1) == (arch >= 90 and hd <= 64)
-    for j in range(len(choices)):
-        ours = _run(lambda q, k, v, t, g: fa.flash_attention(q, k, v, t, g, bwd_tiles=j), packed, table, do, h, hd,
-                    grid, torch.float32)
-        assert launched[-1] == tuple(choices[j])
-        for name, a, e in zip(["out", "dq", "dk", "dv", "dtable"], ours, ref):
-            torch.testing.assert_close(a, e, atol=2e-5 if name == "out" else 1e-4, rtol=1e-4, msg=f"{j} {name}")
-    with pytest.raises(ValueError, match=f"bwd_tiles must be in 0..{len(choices) - 1}"):
-        fa.flash_attention(*_qkv(packed, h, hd), table, grid, bwd_tiles=len(choices))
+    with pytest.raises(ValueError, match=f"{argument} must be in 0..{len(choices) - 1}"):
+        fa.flash_attention(*_qkv(packed, h, hd), table, grid, **{argument: len(choices)})
 
 
 def test_a_16_bit_table_runs_as_its_fp32_copy(monkeypatch):
     """A model cast to fp16 holds an fp16 table: the kernels get an exact fp32 copy (no 16-bit table variant, whose
     loads made ptxas serialise the wgmma), so output and gradients are those of the fp32 table, the table's
     gradient rounded once to fp16."""
-    tables = []
-    real_launch = fa.launch
-
-    def launch(kernel, grid, *args, **kwargs):
-        if kernel is fa._attn_fwd_kernel:
-            tables.append(args[5].dtype)  # TABLE
-        return real_launch(kernel, grid, *args, **kwargs)
-    monkeypatch.setattr(fa, "launch", launch)
+    tables = _record_launches(monkeypatch, fa._attn_fwd_kernel, lambda args, kwargs: args[5].dtype)  # TABLE
     packed, table, do = _packed(2, 2, 50, 32, (7, 7), seed=5)
     packed, do, table16 = packed.half(), do.half(), table.half()
     results = []
