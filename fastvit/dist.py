@@ -1,22 +1,27 @@
 """Process-group setup shared by the trainer and the benchmarks: device and backend choice, and a group that also
 survives torchrun's elastic restarts.
 
-Restarts. torchrun's agent (c10d rendezvous, the default) hosts one TCPStore for the whole job and hands every
-restart round the same ``MASTER_ADDR:MASTER_PORT``; torch's ``env://`` handler no longer separates rounds in it
-(pytorch/pytorch#135712). A restarted worker therefore reads the previous round's keys: gloo connects to the dead
-workers' addresses ("connectFullMesh failed ... Connection refused"), or a barrier counts stale arrivals and waits
-forever. ``distributed()`` connects to the agent's store itself and prefixes every key with the restart round
-(``TORCHELASTIC_RESTART_COUNT``), and gives the store and the group a timeout, so a rank that cannot meet the others
-fails (and torchrun restarts the job) instead of hanging. On several nodes each agent counts its own restarts, so
-the count names no common round: there ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` makes every round's rank 0 host a
-fresh store (tests/test_train_distributed.py runs two agents so), and without it a restarted worker stops with an
-error saying so instead of hanging.
+Restarts. torchrun's agents (c10d rendezvous, the default) host one TCPStore for the whole job and hand every restart
+round the same ``MASTER_ADDR:MASTER_PORT``; torch's ``env://`` handler no longer separates rounds in it
+(pytorch/pytorch#135712). A restarted worker would read the killed round's keys: gloo connects to the dead workers'
+addresses ("connectFullMesh failed ... Connection refused"), or a barrier counts stale arrivals and waits forever.
+No round number separates them either: each node's agent counts its own restarts (the node whose worker died counts
+one, the others restart theirs without counting). So ``distributed()`` gives each start of the job a store of its
+own (:func:`round_store`): global rank 0 hosts a fresh TCPStore and announces its address in the agent's store; the
+other ranks take the announced store once they can reach it and it answers with the announcement's token (a stale
+announcement names a store that died with the previous round's rank 0). The store and the group get a timeout, so a
+rank that cannot meet the others fails (and torchrun restarts the job) instead of hanging. Tested: one agent of two
+workers and two agents ("nodes") of one, each with three SIGKILLs (tests/test_train_distributed.py).
 """
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import json
 import os
-import warnings
+import socket
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -50,32 +55,61 @@ def device_and_backend(device="auto", dist_backend="auto") -> tuple[torch.device
     return dev, backend
 
 
-def restart_round() -> int | None:
-    """torchrun's restart count of this worker group (0 on the first start), or None outside torchrun."""
-    count = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    return int(count) if count is not None else None
+def _advertised_host() -> str:
+    """The address other ranks reach this host's store by: the local address of the interface that routes to the
+    agent's store (``MASTER_ADDR``), or ``MASTER_ADDR`` itself where that route is loopback (this host is the
+    store's host, and a name that resolves to loopback here, as Debian's hosts file does, resolves to a reachable
+    address on the other nodes, which reach the agent's store by it)."""
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, kind, proto) as s:
+        s.connect(address)  # UDP: picks the route and the local address, sends nothing
+        local = s.getsockname()[0]
+    return host if ipaddress.ip_address(local.split("%")[0]).is_loopback else local
+
+
+def round_store(agent_store, rank: int, world: int, timeout: timedelta, key: str = "fastvit/round_store",
+                probe_s: float = 2.0):
+    """A store private to this start of the job (see the module doc), met through ``agent_store`` under ``key``.
+
+    Rank 0 starts a TCPStore server and sets ``key`` to its host, port and a fresh token; every other rank reads
+    ``key``, connects within ``probe_s`` and checks the token, and otherwise (the previous round's announcement,
+    whose store is gone, or a store slow to answer) reads ``key`` again, until ``timeout``."""
+    if rank == 0:
+        store = dist.TCPStore(_advertised_host(), 0, world, is_master=True, timeout=timeout, wait_for_workers=False)
+        token = uuid.uuid4().hex
+        store.set("fastvit/token", token)
+        agent_store.set(key, json.dumps([store.host, store.port, token]))
+        return store
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        host, port, token = json.loads(agent_store.get(key))  # waits for the first round's announcement
+        probe = timedelta(seconds=max(0.1, min(probe_s, deadline - time.monotonic())))
+        try:
+            store = dist.TCPStore(host, port, world, is_master=False, timeout=probe)
+            if store.get("fastvit/token").decode() == token:
+                store.set_timeout(timeout)
+                return store
+        except (RuntimeError, OSError):  # refused, timed out, or not a store: a stale or late announcement
+            pass
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"rank {rank} found no store of this restart round announced by rank 0 within "
+                               f"{timeout.total_seconds():.0f} s (last announcement {host}:{port}); --dist-timeout "
+                               f"bounds this wait")
+        time.sleep(0.2)
 
 
 def elastic_store(timeout: timedelta):
-    """A client of torchrun's agent store whose keys are private to this restart round (see the module doc), or
-    None when the agent does not host the workers' store (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, other
-    launchers): then ``env://`` gives every start a fresh store already."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restart_round() is None:
+    """A store for this start of the job (:func:`round_store`) where torchrun's agents host the workers' store, or
+    None where they do not (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, other launchers): ``env://`` then gives every
+    start a fresh store already."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    if int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0:
-        # each node's agent counts its own restarts, so nodes disagree on the round and no prefix can separate
-        # rounds; a restarted worker would meet the old round's keys and hang
-        fix = ("launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node, so that every restart round "
-               "gets a fresh store")
-        if restart_round():
-            raise RuntimeError(f"torchrun restarted this worker (round {restart_round()}) on one of "
-                               f"{os.environ['GROUP_WORLD_SIZE']} nodes that share the agent's store, where the "
-                               f"restarted ranks cannot meet: {fix}")
-        warnings.warn(f"restarts on more than one node will fail: {fix}", RuntimeWarning, stacklevel=3)
-        return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
-    return dist.PrefixStore(f"fastvit/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/round{restart_round()}", store)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return round_store(dist.PrefixStore(f"fastvit/{os.environ.get('TORCHELASTIC_RUN_ID', '')}", agent), rank, world,
+                       timeout)
 
 
 @contextlib.contextmanager
@@ -90,7 +124,7 @@ def keep_thread_count():
 
 @contextlib.contextmanager
 def distributed(dist_backend="auto", device="auto", timeout_s: float = DEFAULT_TIMEOUT_S):
-    """A process group for the run: torchrun's (env://, one store namespace per restart round), or a one-process
+    """A process group for the run: torchrun's (env://, a store of its own per restart round), or a one-process
     group; torn down only if created here. ``timeout_s`` bounds the wait for the other ranks at start-up and in
     every collective."""
     dev, backend = device_and_backend(device, dist_backend)
