@@ -102,13 +102,13 @@ class _Config(NamedTuple):
 
 
 def _blocks(block_d):
-    """Block sizes and warps of every attention kernel at a padded head dim ``block_d``.
+    """Block sizes and warps of every attention kernel at a padded head dim ``block_d`` (the defaults).
 
     The head dim is padded to a power of two in registers (BLOCK_D). Chosen so that no kernel spills on sm_80 or
     sm_90 in any variant (bias table, dropout; checked by bench/kernel_report.py): 8 warps throughout, at
-    BLOCK_D = 128 (head dim 80/96/128) tiles of 64 x 64 or less and 32 keys per forward step, since a 64 x 64
-    forward tile with a bf16/fp16 table and dropout spills, and 32 keys per dK/dV program at BLOCK_D = 64, since
-    64 keys with bias and dropout spill on sm_80 (sm_90 takes :data:`_DKDV_HOPPER` instead: :func:`backward_tiles`).
+    BLOCK_D = 128 (head dim 80/96/128) tiles of 64 x 64 or less, and 32 keys per dK/dV program at BLOCK_D = 64,
+    since 64 keys with bias and dropout spill on sm_80 (sm_90 takes :data:`_DKDV_HOPPER` instead:
+    :func:`backward_tiles`). The forward's alternatives are in :data:`_FWD_ALTERNATIVES`.
     """
     if block_d <= 64:
         return _Config(block_d, fwd=_Blocks(128, 64, 8, 2), bwd_dkdv=_Blocks(64, 32, 8, 2),
@@ -158,10 +158,12 @@ def backward_tiles(head_dim, arch):
 
 # Forward tiles that backend="auto" also times on a GPU (``fastvit.ops.attention_backend``), by padded head dim up
 # to 64 / above: a 64-query tile on 4 warps (twice the programs, for small batches), a third pipeline stage, and
-# 32-key steps (197 keys pad to 224 instead of 256). Each compiles without spills in every variant (bias, dropout)
-# on sm_80 and sm_90; tiles of 128 keys, or 64 keys at head dim 80, do not.
+# 32-key steps (197 keys pad to 224 instead of 256); above 64 (ViT-H/14's 80), 64-key steps and 128-query tiles too,
+# clean since the table is always fp32 (a 16-bit one spilled them). Each compiles without spills in every variant
+# (bias, dropout) on sm_80 and sm_90, with triton 3.6 and 3.8; at BLOCK_D = 128 a 64 x 64 tile on 4 warps, a
+# 128 x 64 tile, or a third stage with 64 keys do not.
 _FWD_ALTERNATIVES = {64: (_Blocks(64, 64, 4, 2), _Blocks(128, 64, 8, 3), _Blocks(128, 32, 8, 2)),
-                     128: (_Blocks(64, 32, 8, 3),)}
+                     128: (_Blocks(64, 32, 8, 3), _Blocks(64, 64, 8, 2), _Blocks(128, 32, 8, 2), _Blocks(64, 32, 4, 2))}
 
 
 @functools.lru_cache(maxsize=None)
