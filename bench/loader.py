@@ -162,23 +162,32 @@ def main(argv=None):
                 rows.append({"path": path, "decode": source.decode, "workers": w, "images_per_s": ips,
                              "images_per_s_per_worker": ips / max(w, 1)})
                 print(f"{path:11s} {w:3d} workers {ips:9.1f} img/s ({ips / max(w, 1):7.1f} per worker)", flush=True)
+                # rewritten after every row: a run stopped part-way (gpu_suite.sh's time limit) keeps what it measured
+                result = save(args, rows, complete=False)
+    result = save(args, rows, complete=True)
+    if result["model_images_per_s_per_gpu"]:
+        best = max(rows, key=lambda r: r["images_per_s"])
+        verdict = "meets" if best["ratio_to_model"] >= TARGET else "misses"
+        print(f"model trains at {result['model_images_per_s_per_gpu']:.0f} img/s per GPU ({result['model_source']}); "
+              f"best loader {best['path']} with {best['workers']} workers: {best['ratio_to_model']:.2f}x, {verdict} "
+              f"the {TARGET}x goal")
+    out = common.out_dir(args.out)
+    plot(rows, result["model_images_per_s_per_gpu"], out / "loader.png", result["title"])
+    print(f"wrote {out / 'loader.json'} and {out / 'loader.png'}")
+    return result
+
+
+def save(args, rows, complete):
+    """Writes loader.json for the rows measured so far (``complete``: all of them) and returns its content."""
     model_ips, model_source = model_images_per_s(args.throughput)
     for r in rows:
         r["ratio_to_model"] = r["images_per_s"] / model_ips if model_ips else None
-    if model_ips:
-        best = max(rows, key=lambda r: r["images_per_s"])
-        verdict = "meets" if best["ratio_to_model"] >= TARGET else "misses"
-        print(f"model trains at {model_ips:.0f} img/s per GPU ({model_source}); best loader {best['path']} with "
-              f"{best['workers']} workers: {best['ratio_to_model']:.2f}x, {verdict} the {TARGET}x goal")
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
-    title = f"loader throughput at {args.img_size} px, batch {args.batch}, {device_name}"
-    out = common.out_dir(args.out)
-    result = {"title": title, "img_size": args.img_size, "batch": args.batch, "synthetic": args.data is None,
-              "rows": rows, "model_images_per_s_per_gpu": model_ips, "model_source": model_source,
-              "target_ratio": TARGET, "env": common.environment()}
-    common.write_json(out / "loader.json", result)
-    plot(rows, model_ips, out / "loader.png", title)
-    print(f"wrote {out / 'loader.json'} and {out / 'loader.png'}")
+    result = {"title": f"loader throughput at {args.img_size} px, batch {args.batch}, {device_name}",
+              "img_size": args.img_size, "batch": args.batch, "synthetic": args.data is None, "rows": rows,
+              "model_images_per_s_per_gpu": model_ips, "model_source": model_source, "target_ratio": TARGET,
+              "complete": complete, "env": common.environment()}
+    common.write_json(common.out_dir(args.out) / "loader.json", result)
     return result
 
 

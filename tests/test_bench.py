@@ -310,6 +310,13 @@ def test_gpu_suite_keeps_to_its_budget(tmp_path):
             assert tar.getnames()[0] == folder.name and not (folder / "overhead.json").exists()
     finally:
         shutil.rmtree(folder)
+    # unnamed, the loader step is optional: left without time it is skipped, not failed
+    proc = subprocess.run(["bash", "bench/gpu_suite.sh", "--dry-run", "--budget", "0"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert "== loader: skipped (optional)" in proc.stdout
+    assert ("FAILED: numerics(skipped) ops(skipped) overhead(skipped) profile(skipped) b16(skipped) l16(skipped) "
+            "h14(skipped) tables(skipped)") in proc.stderr
+    shutil.rmtree(re.search(r"results in (\S+)", proc.stdout).group(1))
     bad = subprocess.run(["bash", "bench/gpu_suite.sh", "--budget", "soon"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "--budget takes whole seconds, got 'soon'" in bad.stderr
@@ -349,11 +356,23 @@ def test_loader_smoke(tmp_path):
     assert [(r["path"], r["workers"]) for r in data["rows"]] == [("folder", 1), ("shards", 1)]  # no CUDA here
     assert "skipping the shards-gpu path: --decode gpu needs a CUDA device" in out
     assert "skipping the shards-dali path: --decode dali needs a CUDA device" in out
-    assert data["model_images_per_s_per_gpu"] == 50.0 and data["synthetic"]
+    assert data["model_images_per_s_per_gpu"] == 50.0 and data["synthetic"] and data["complete"]
     for r in data["rows"]:
         assert _positive_float(r["images_per_s"]) and r["ratio_to_model"] == pytest.approx(r["images_per_s"] / 50)
     assert "x, meets the 1.5x goal" in out or "x, misses the 1.5x goal" in out
     assert (tmp_path / "loader.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loader_keeps_finished_rows_when_a_run_stops(tmp_path):
+    """loader.json is rewritten after every row: a run that stops part-way (here at a shard folder that does not
+    exist; in bench/gpu_suite.sh, a step's time limit) leaves the rows it measured, marked incomplete."""
+    proc = subprocess.run([sys.executable, "bench/loader.py", "--images", "16", "--img-size", "32", "--batch", "8",
+                           "--steps", "1", "--warmup", "1", "--workers", "1", "--paths", "folder,shards", "--shards",
+                           str(tmp_path / "no_shards"), "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode != 0 and "no_shards" in proc.stderr
+    data = json.loads((tmp_path / "loader.json").read_text())
+    assert data["complete"] is False and [(r["path"], r["workers"]) for r in data["rows"]] == [("folder", 1)]
 
 
 def test_residual_dtype_smoke(tmp_path):
