@@ -372,6 +372,19 @@ def main(argv=None):
 
     t_start = time.perf_counter()
     rows, vs_timm = [], []
+    out = common.out_dir(args.out)
+    env = common.environment()
+
+    def save(complete):
+        """numerics.json and .md for the rows so far: rewritten after every op case and model, so a run stopped
+        part-way (bench/gpu_suite.sh's time limit) keeps what it checked, marked incomplete."""
+        failed = sum(not r["ok"] for r in rows)
+        result = {"pass_ratio": PASS_RATIO, "rows": rows, "fastvit_vs_timm": vs_timm, "failed": failed,
+                  "complete": complete, "seconds": time.perf_counter() - t_start, "args": vars(args), "env": env}
+        common.write_json(out / "numerics.json", result)
+        (out / "numerics.md").write_text(markdown(rows, vs_timm, env), encoding="utf-8")
+        return result
+
     for case in op_cases(args.quick, args.seed):
         if case["op"] in op_names:
             for dtype in dtypes:
@@ -381,6 +394,7 @@ def main(argv=None):
                       f"fwd x{rows[-2]['ratio_max_abs']:.2f}/{rows[-2]['ratio_mean_rel']:.2f} "
                       f"bwd x{rows[-1]['ratio_max_abs']:.2f}/{rows[-1]['ratio_mean_rel']:.2f} "
                       f"({r['seconds']:.1f}s)", flush=True)
+            save(complete=False)
     for name in common.split_list(args.models):
         m_rows, m_vs = run_model(name, dtypes, args.backend, device, args.seed)
         rows += m_rows
@@ -388,17 +402,12 @@ def main(argv=None):
         for r in m_rows:
             print(f"{r['name']:21s} {r['shape']:30s} {r['dtype']:9s} {r['backend']:6s} "
                   f"fwd x{r['ratio_max_abs']:.2f}/{r['ratio_mean_rel']:.2f} ({r['seconds']:.1f}s)", flush=True)
+        save(complete=False)
 
-    env = common.environment()
-    failed = [r for r in rows if not r["ok"]]
-    result = {"pass_ratio": PASS_RATIO, "rows": rows, "fastvit_vs_timm": vs_timm, "failed": len(failed),
-              "seconds": time.perf_counter() - t_start, "args": vars(args), "env": env}
-    out = common.out_dir(args.out)
-    common.write_json(out / "numerics.json", result)
-    (out / "numerics.md").write_text(markdown(rows, vs_timm, env), encoding="utf-8")
-    print(f"{len(rows)} rows, {len(failed)} over {PASS_RATIO}x; wrote {out / 'numerics.json'} and "
+    result = save(complete=True)
+    print(f"{len(rows)} rows, {result['failed']} over {PASS_RATIO}x; wrote {out / 'numerics.json'} and "
           f"{out / 'numerics.md'} in {result['seconds']:.0f}s")
-    return 1 if failed and args.strict else 0
+    return 1 if result["failed"] and args.strict else 0
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def test_numerics_smoke(tmp_path):
     fp32/fp16, bf16 goes through the torch fallback, and each row says which ran."""
     _run([sys.executable, "bench/numerics.py", "--interpret", "--quick", "--models", "tiny", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "numerics.json").read_text())
-    assert (tmp_path / "numerics.md").read_text().startswith("# fastvit numerics")
+    assert data["complete"] and (tmp_path / "numerics.md").read_text().startswith("# fastvit numerics")
     rows = data["rows"]
     ops = {r["name"] for r in rows if r["kind"] == "op"}
     assert ops == {"patch_embed", "add_layer_norm", "bias_gelu", "attention", "add_layer_norm_linear",
@@ -361,6 +361,19 @@ def test_loader_smoke(tmp_path):
         assert _positive_float(r["images_per_s"]) and r["ratio_to_model"] == pytest.approx(r["images_per_s"] / 50)
     assert "x, meets the 1.5x goal" in out or "x, misses the 1.5x goal" in out
     assert (tmp_path / "loader.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_numerics_keeps_finished_rows_when_a_run_stops(tmp_path):
+    """numerics.json is rewritten after every op and model: a run that stops part-way (here at a model name nobody
+    knows; in bench/gpu_suite.sh, a step's time limit) leaves the rows it checked, marked incomplete."""
+    proc = subprocess.run([sys.executable, "bench/numerics.py", "--quick", "--ops", "add_layer_norm", "--dtypes",
+                           "fp32", "--models", "tiny,no_such_vit", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0 and "no_such_vit" in proc.stderr
+    data = json.loads((tmp_path / "numerics.json").read_text())
+    assert data["complete"] is False
+    assert {(r["kind"], r["name"]) for r in data["rows"]} == {("op", "add_layer_norm"), ("model", "tiny")}
+    assert "| add_layer_norm |" in (tmp_path / "numerics.md").read_text()
 
 
 def test_loader_keeps_finished_rows_when_a_run_stops(tmp_path):
