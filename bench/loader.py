@@ -163,7 +163,7 @@ def main(argv=None):
                              "images_per_s_per_worker": ips / max(w, 1)})
                 print(f"{path:11s} {w:3d} workers {ips:9.1f} img/s ({ips / max(w, 1):7.1f} per worker)", flush=True)
                 # rewritten after every row: a run stopped part-way (gpu_suite.sh's time limit) keeps what it measured
-                result = save(args, rows, complete=False)
+                save(args, rows, complete=False)
     result = save(args, rows, complete=True)
     if result["model_images_per_s_per_gpu"]:
         best = max(rows, key=lambda r: r["images_per_s"])
