@@ -9,9 +9,13 @@ exceeds the shared-memory limit of one block, issues mma.sync instead of wgmma o
 also lists the variants whose wgmma ptxas serialised (its note C7515; reported, not failed: which of them cost
 time needs a GPU).
 
-    python bench/kernel_report.py [--models vit_base_patch16_224 ...] [--kernels layer_norm ...] [--out PATH]
+    python bench/kernel_report.py [--models vit_base_patch16_224 ...] [--kernels layer_norm ...] [--jobs N]
+                                  [--out PATH]
 """
 import argparse
+import concurrent.futures
+import functools
+import multiprocessing as mp
 import os
 import pathlib
 import sys
@@ -26,23 +30,35 @@ from tqdm import tqdm  # noqa: E402
 from fastvit.kernels._report import DTYPES, MODELS, SMEM_LIMIT, collect_specs, compile_spec, kernel_modules  # noqa: E402
 
 
-def run(models, dtypes, archs, modules):
-    """One record per (model, dtype, kernel variant, arch), with a progress bar: a full report takes minutes."""
-    jobs = [(model, dtype, module, spec, arch) for model in models for dtype in dtypes
-            for module, spec in collect_specs(MODELS[model], dtype, modules) for arch in archs if arch in spec.archs]
-    records = []
-    for model, dtype, module, spec, arch in tqdm(jobs, desc="compiling", unit="kernel", mininterval=5):
-        rec = {"model": model, "dtype": dtype, "module": module, "kernel": spec.name, "label": spec.label,
-               "arch": f"sm_{arch}", "num_warps": spec.num_warps, "num_stages": spec.num_stages,
-               "constexprs": {k: v if isinstance(v, (bool, int, float)) else str(v)
-                              for k, v in spec.constexprs.items()}}
-        try:
-            rec.update(compile_spec(spec, arch))
-        except Exception as exc:  # a kernel that does not compile fails the report, not the run
-            rec.update(ok=False, error=f"{type(exc).__name__}: {exc}")
-            traceback.print_exc()
-        records.append(rec)
-    return records
+_JOBS = []  # (model, dtype, module, spec, arch) of the running report: forked workers read it by index
+
+
+def _compile_job(index):
+    """One record of the report: the job's identity and :func:`compile_spec`'s result, or its error."""
+    model, dtype, module, spec, arch = _JOBS[index]
+    rec = {"model": model, "dtype": dtype, "module": module, "kernel": spec.name, "label": spec.label,
+           "arch": f"sm_{arch}", "num_warps": spec.num_warps, "num_stages": spec.num_stages,
+           "constexprs": {k: v if isinstance(v, (bool, int, float)) else str(v) for k, v in spec.constexprs.items()}}
+    try:
+        rec.update(compile_spec(spec, arch))
+    except Exception as exc:  # a kernel that does not compile fails the report, not the run
+        rec.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+        traceback.print_exc()
+    return rec
+
+
+def run(models, dtypes, archs, modules, jobs=1):
+    """One record per (model, dtype, kernel variant, arch), in a fixed order, with a progress bar: a full report
+    takes minutes. ``jobs`` > 1 compiles in that many forked processes (compiling is CPU-bound and each kernel
+    stands alone), which divides the time by about as much."""
+    _JOBS[:] = [(model, dtype, module, spec, arch) for model in models for dtype in dtypes
+                for module, spec in collect_specs(MODELS[model], dtype, modules) for arch in archs
+                if arch in spec.archs]
+    progress = functools.partial(tqdm, total=len(_JOBS), desc="compiling", unit="kernel", mininterval=5)
+    if jobs <= 1 or len(_JOBS) <= 1:
+        return [_compile_job(i) for i in progress(range(len(_JOBS)))]
+    with concurrent.futures.ProcessPoolExecutor(min(jobs, len(_JOBS)), mp_context=mp.get_context("fork")) as pool:
+        return list(progress(pool.map(_compile_job, range(len(_JOBS)), chunksize=4)))
 
 
 def print_table(records):
@@ -68,10 +84,14 @@ def main(argv=None):
     p.add_argument("--archs", nargs="+", type=int, default=sorted(SMEM_LIMIT), choices=sorted(SMEM_LIMIT))
     p.add_argument("--kernels", nargs="+", default=None, choices=kernel_modules(),
                    help="kernel modules to include (default: every one with aot_specs)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="compiles at a time, each in its own process (default: one per CPU core)")
     p.add_argument("--out", default="results/kernel_report.json")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
 
-    records = run(args.models, args.dtypes, args.archs, args.kernels)
+    records = run(args.models, args.dtypes, args.archs, args.kernels, args.jobs)
     print_table(records)
     bad = [r for r in records if not r["ok"]]
     out = common.out_dir(pathlib.Path(args.out).parent) / pathlib.Path(args.out).name

@@ -46,6 +46,19 @@ def test_report_for_vit_base_has_no_spills(tmp_path):
     assert {r["constexprs"]["BLOCK"] for r in rows if r["module"] == "layer_norm"} == {1024}
 
 
+def test_report_compiles_in_parallel_to_the_same_records(monkeypatch):
+    """--jobs N compiles in N forked processes: the same records, in the same order, as one at a time."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("kernel_report", ROOT / "bench" / "kernel_report.py")
+    report = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "kernel_report", report)  # the workers find _compile_job by its name
+    spec.loader.exec_module(report)
+    args = (["vit_base_patch16_224"], ["bf16"], [90], ["bias_gelu"])
+    serial, parallel = report.run(*args, jobs=1), report.run(*args, jobs=2)
+    assert len(serial) == 2 and [r["kernel"] for r in serial] == ["bias_gelu_fwd", "bias_gelu_bwd"]
+    assert parallel == serial
+
+
 def test_spilling_kernel_is_flagged():
     """A bias+GELU backward tile of 4x1024 values on one warp cannot fit in registers: the report says so."""
     spec = bias_gelu.aot_specs(MODELS["vit_base_patch16_224"], "fp16")[1]
