@@ -256,8 +256,10 @@ def run(args, device, smoke):
         del runner
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    result["seconds"] = time.perf_counter() - t0
-    result["env"] = common.environment()
+        # written after each side: a run stopped part-way (gpu_suite.sh's time limit) keeps the side it profiled
+        result.update(seconds=time.perf_counter() - t0, env=common.environment(), complete=False)
+        common.write_json(out / "profile.json", result)
+    result["complete"] = True
     print(f"== {'SMOKE (CPU, not a benchmark): ' if smoke else ''}{args.model} training step, {args.dtype}, "
           f"micro {micro} x accum {accum}, {result['time_source']} time per step")
     print(table(result))

@@ -13,6 +13,7 @@ import tarfile
 import pytest
 import torch
 
+import fastvit
 from fastvit.flops import forward_flops
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -229,7 +230,7 @@ def test_profile_smoke(tmp_path):
     out = _run([sys.executable, "bench/profile.py", "--smoke", "--global-batch", "64", "--micro-batch", "32",
                 "--warmup", "1", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "profile.json").read_text())
-    assert "GEMM" in out and data["smoke"] and data["time_source"] == "CPU op self"
+    assert "GEMM" in out and data["smoke"] and data["time_source"] == "CPU op self" and data["complete"]
     assert list(data["sides"]) == ["fastvit", "timm"] and data["accum_steps"] == 2
     for side, v in data["sides"].items():
         cats = v["categories"]
@@ -243,6 +244,25 @@ def test_profile_smoke(tmp_path):
     top = data["sides"]["fastvit"]["categories"]["LayerNorm"]["top"]
     assert any(name.startswith("fastvit::add_layer_norm") for name, _ in top)
     assert (tmp_path / "profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profile_keeps_the_finished_side_when_a_run_stops(tmp_path, monkeypatch):
+    """profile.json is written after each side: a run that stops in timm's side (here its runner fails; in
+    bench/gpu_suite.sh, a step's time limit) keeps fastvit's profile, marked incomplete."""
+    profile = _load_bench("profile")
+    real_runner = profile.throughput.Runner
+
+    def runner(model, *args):
+        if not isinstance(model, fastvit.VisionTransformer):
+            raise RuntimeError("timm's side stops here")
+        return real_runner(model, *args)
+    monkeypatch.setattr(profile.throughput, "Runner", runner)
+    with pytest.raises(RuntimeError, match="timm's side stops here"):
+        profile.main(["--smoke", "--global-batch", "32", "--micro-batch", "32", "--warmup", "0", "--out",
+                      str(tmp_path)])
+    data = json.loads((tmp_path / "profile.json").read_text())
+    assert data["complete"] is False and list(data["sides"]) == ["fastvit"]
+    assert data["sides"]["fastvit"]["step_ms"] > 0
 
 
 def test_overhead_smoke(tmp_path):
