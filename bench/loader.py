@@ -151,7 +151,14 @@ def main(argv=None):
         if shards is None and any(q.startswith("shards") for q in paths):
             shards = os.path.join(tmp, "shards")
             write_shards([data, shards, "--shard-size", "64MB", "--no-verify"])
+        model_ips, model_source = model_images_per_s(args.throughput)
+        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
         rows = []
+        result = {"title": f"loader throughput at {args.img_size} px, batch {args.batch}, {device_name}",
+                  "img_size": args.img_size, "batch": args.batch, "synthetic": args.data is None, "rows": rows,
+                  "model_images_per_s_per_gpu": model_ips, "model_source": model_source, "target_ratio": TARGET,
+                  "complete": False, "env": common.environment()}
+        out = common.out_dir(args.out)
         for path in paths:
             for w in workers:
                 if path == "folder":
@@ -160,34 +167,20 @@ def main(argv=None):
                     source = ShardSource(shards, None, args.img_size, w, PATHS[path], device)
                 ips = measure(source, args.batch, args.steps, args.warmup)
                 rows.append({"path": path, "decode": source.decode, "workers": w, "images_per_s": ips,
-                             "images_per_s_per_worker": ips / max(w, 1)})
+                             "images_per_s_per_worker": ips / max(w, 1),
+                             "ratio_to_model": ips / model_ips if model_ips else None})
                 print(f"{path:11s} {w:3d} workers {ips:9.1f} img/s ({ips / max(w, 1):7.1f} per worker)", flush=True)
                 # rewritten after every row: a run stopped part-way (gpu_suite.sh's time limit) keeps what it measured
-                save(args, rows, complete=False)
-    result = save(args, rows, complete=True)
-    if result["model_images_per_s_per_gpu"]:
+                common.write_json(out / "loader.json", result)
+    result["complete"] = True
+    common.write_json(out / "loader.json", result)
+    if model_ips:
         best = max(rows, key=lambda r: r["images_per_s"])
         verdict = "meets" if best["ratio_to_model"] >= TARGET else "misses"
-        print(f"model trains at {result['model_images_per_s_per_gpu']:.0f} img/s per GPU ({result['model_source']}); "
-              f"best loader {best['path']} with {best['workers']} workers: {best['ratio_to_model']:.2f}x, {verdict} "
-              f"the {TARGET}x goal")
-    out = common.out_dir(args.out)
-    plot(rows, result["model_images_per_s_per_gpu"], out / "loader.png", result["title"])
+        print(f"model trains at {model_ips:.0f} img/s per GPU ({model_source}); best loader {best['path']} with "
+              f"{best['workers']} workers: {best['ratio_to_model']:.2f}x, {verdict} the {TARGET}x goal")
+    plot(rows, model_ips, out / "loader.png", result["title"])
     print(f"wrote {out / 'loader.json'} and {out / 'loader.png'}")
-    return result
-
-
-def save(args, rows, complete):
-    """Writes loader.json for the rows measured so far (``complete``: all of them) and returns its content."""
-    model_ips, model_source = model_images_per_s(args.throughput)
-    for r in rows:
-        r["ratio_to_model"] = r["images_per_s"] / model_ips if model_ips else None
-    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
-    result = {"title": f"loader throughput at {args.img_size} px, batch {args.batch}, {device_name}",
-              "img_size": args.img_size, "batch": args.batch, "synthetic": args.data is None, "rows": rows,
-              "model_images_per_s_per_gpu": model_ips, "model_source": model_source, "target_ratio": TARGET,
-              "complete": complete, "env": common.environment()}
-    common.write_json(common.out_dir(args.out) / "loader.json", result)
     return result
 
 

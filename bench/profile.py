@@ -246,7 +246,7 @@ def run(args, device, smoke):
               "compile_mode": args.compile_mode if args.compile else None, "micro_batch": micro,
               "accum_steps": accum, "global_batch": args.global_batch, "steps": args.steps, "warmup": args.warmup,
               "time_source": "GPU kernel" if device.type == "cuda" else "CPU op self",
-              "categories": list(CATEGORIES), "sides": {}}
+              "categories": list(CATEGORIES), "sides": {}, "complete": False, "env": common.environment()}
     t0 = time.perf_counter()
     for name, model in (("fastvit", ours), ("timm", ref)):
         side = name + ("_compile" if args.compile else "")
@@ -257,7 +257,7 @@ def run(args, device, smoke):
         if device.type == "cuda":
             torch.cuda.empty_cache()
         # written after each side: a run stopped part-way (gpu_suite.sh's time limit) keeps the side it profiled
-        result.update(seconds=time.perf_counter() - t0, env=common.environment(), complete=False)
+        result["seconds"] = time.perf_counter() - t0
         common.write_json(out / "profile.json", result)
     result["complete"] = True
     print(f"== {'SMOKE (CPU, not a benchmark): ' if smoke else ''}{args.model} training step, {args.dtype}, "
