@@ -66,7 +66,10 @@ def resample_rel_pos_table(table, old_size, new_size, num_extra=3, interpolation
 def resample_patch_embed(weight, new_size, interpolation="bicubic", antialias=True):
     """Resample a (D, C, P, P) patch projection to a new patch size (FlexiViT's pseudo-inverse resize).
 
-    Choosing w' = pinv(R^T) w, where R resizes a patch, keeps <x, w> = <resize(x), w'> for resized inputs.
+    Choosing w' = pinv(R^T) w, where R resizes a patch, keeps <x, w> = <resize(x), w'> for resized inputs. R is
+    built in fp32 (F.interpolate's antialiased kernels), so singular values at its rounding level are noise: the
+    pseudo-inverse drops them (fp32's tolerance, as timm's fp32 pinv does) rather than inverting them, which blew
+    w' up by ~1e9 where a size shrinks on one axis and grows on the other (8x8 -> 12x6).
     """
     old_size, new_size = tuple(weight.shape[-2:]), _pair(new_size)
     if old_size == new_size:
@@ -74,6 +77,7 @@ def resample_patch_embed(weight, new_size, interpolation="bicubic", antialias=Tr
     n = old_size[0] * old_size[1]
     basis = torch.eye(n, dtype=torch.float32, device=weight.device).reshape(n, 1, *old_size)
     resize = F.interpolate(basis, size=new_size, mode=interpolation, antialias=antialias).reshape(n, -1)
-    pinv = torch.linalg.pinv(resize.double())  # (new numel, old numel)
+    # (new numel, old numel), in fp64 for accuracy but with R's own (fp32) tolerance
+    pinv = torch.linalg.pinv(resize.double(), rtol=max(resize.shape) * torch.finfo(resize.dtype).eps)
     flat = weight.double().reshape(-1, n) @ pinv.T
     return flat.reshape(*weight.shape[:2], *new_size).to(weight.dtype)

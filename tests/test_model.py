@@ -169,6 +169,16 @@ def test_resample_abs_pos_embed_matches_timm(num_prefix, old, new):
                                expected)
 
 
+@pytest.mark.parametrize("new", [(12, 6), (16, 4), (7, 10), (14, 14), (4, 4)])
+def test_resample_patch_embed_matches_timm(new):
+    """Sizes that shrink on one axis and grow on the other make the resize matrix rank-deficient."""
+    torch.manual_seed(0)
+    weight = torch.randn(16, 3, 8, 8)
+    expected = timm.layers.resample_patch_embed(weight, list(new))
+    out = fastvit.resample_patch_embed(weight, new)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_resample_keeps_dtype_and_prefix():
     posemb = torch.randn(1, 1 + 16, 8, dtype=torch.float16)
     out = fastvit.resample_abs_pos_embed(posemb, (6, 6))
