@@ -7,6 +7,8 @@ state_dict prefixes, so detection / segmentation code written for timm's ViT bac
 """
 from __future__ import annotations
 
+import functools
+
 import torch.nn as nn
 
 from fastvit.model import feature_take_indices
@@ -81,12 +83,11 @@ class FeatureHookNet(nn.ModuleDict):
         self.body = model
         self._outputs = {}
         for i in out_indices:
-            model.blocks[i].register_forward_hook(self._keep(i))
+            # a bound method, not a closure: deepcopy (EMA) and pickle carry the hooks over to the copy's own
+            model.blocks[i].register_forward_hook(functools.partial(self._keep, i))
 
-    def _keep(self, index):
-        def hook(module, args, output):
-            self._outputs[index] = output
-        return hook
+    def _keep(self, index, module, args, output):
+        self._outputs[index] = output
 
     def forward(self, x):
         self._outputs.clear()

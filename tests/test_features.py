@@ -107,6 +107,24 @@ def test_features_only_matches_timm(feature_cls, out_indices):
     assert model.feature_info.module_name() == ref.feature_info.module_name()
 
 
+@pytest.mark.parametrize("feature_cls", ["getter", "hook"])
+def test_features_only_copies_and_pickles_to_a_working_model(feature_cls):
+    """An EMA copy (deepcopy) or a pickled backbone collects its own features, as timm's does."""
+    import copy
+    import pickle
+    model = fastvit.create_model("vit_tiny_patch16_224", img_size=64, depth=2, features_only=True,
+                                 feature_cls=feature_cls, out_indices=(0, 1)).eval()
+    x = images(size=64)
+    expected = model(x)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert_same(clone(x), expected)
+        with torch.no_grad():
+            clone.get_parameter(next(n for n, _ in clone.named_parameters() if n.endswith("blocks.0.mlp.fc2.bias")))\
+                .add_(1.0)
+        assert not torch.allclose(clone(x)[0], expected[0])  # the copy's own weights, not the original's
+        assert_same(model(x), expected)
+
+
 def test_features_only_rejects_an_unknown_class():
     with pytest.raises(ValueError, match=r"feature_cls must be one of \('getter', 'hook'\), got 'list'"):
         fastvit.create_model("vit_tiny_patch16_224", features_only=True, feature_cls="list")
