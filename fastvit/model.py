@@ -106,10 +106,18 @@ def fusable_layer_norm(norm) -> bool:
     return weight is not None and bias is not None
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def layer_norm(norm, h, residual, backend):
     """(norm(h + residual), h + residual), residual None meaning 0: fused when ``norm`` is a plain LayerNorm whose
-    output may fuse (not under torch.fx: see ``output_may_fuse``)."""
+    output may fuse (not under torch.fx: see ``output_may_fuse``). Under autocast the output is fp32, as autocast
+    runs a LayerNorm: the features and pre-logits a user gets have timm's dtype."""
     if fusable_layer_norm(norm) and not is_fx_symbolic_tracing():
+        if h.dtype in _HALF and torch.is_autocast_enabled(h.device.type):
+            # the output takes the first operand's dtype: the fp32 one goes first (the same sum)
+            h, residual = (residual, h) if residual is not None and residual.dtype not in _HALF else (h.float(),
+                                                                                                      residual)
         return ops.add_layer_norm(h, residual, *weight_and_bias(norm), norm.eps, backend=backend)
     z = h if residual is None else h + residual
     return norm(z), z
@@ -367,6 +375,13 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+def grid_keyword(attn, grid_size):
+    """The keyword arguments a block or attention of ours is called with: the patch grid where ``attn`` (the
+    block's attention) has a relative-position table, the grid's only user, else none. Called on the tokens alone,
+    as timm's are, a module's pre-hooks and a subclass's ``forward(x)`` see timm's arguments."""
+    return {"grid_size": grid_size} if getattr(attn, "rel_pos_table", None) is not None else {}
+
+
 class Block(nn.Module):
     """Pre-LN encoder block: z' = MSA(LN(z)) + z, then z_out = MLP(LN(z')) + z'."""
 
@@ -405,9 +420,7 @@ class Block(nn.Module):
             del qkv  # (B, N, 3D): freed before the MLP, as timm's Attention frees it on return
         else:
             residual = h if residual is None else h + residual
-            normed = norm1(residual)
-            # a replaced attention (timm's, say) takes no grid; only ours uses it, for the relative bias
-            h = attn(normed, grid_size) if isinstance(attn, Attention) else attn(normed)
+            h = attn(norm1(residual), **grid_keyword(attn, grid_size))
         h = call(m["drop_path1"], call(m["ls1"], h))
         if (fusable_layer_norm(norm2) and runs_unmodified(mlp, Mlp)
                 and runs_unmodified(mlp._modules["fc1"], nn.Linear)):
@@ -475,6 +488,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = embed_layer(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                        embed_dim=embed_dim, bias=True, dynamic_img_size=dynamic_img_size)
         self._embed_layer = type(self.patch_embed)  # a patch_embed of another type was put there by the user
+        self._keep_embed_geometry()
         grid = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         tables = depth if pos_embed_at == "every_layer" else 1
@@ -574,11 +588,22 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             if block.attn.rel_pos_table is not None:
                 block.attn.set_rel_pos_grid(grid)
+        self._keep_embed_geometry()
+
+    def _keep_embed_geometry(self):
+        """Record the patch grid and stride, for a patch_embed the user replaces by a module without them."""
+        pe = self.patch_embed
+        self._embed_geometry = (pe.grid_size, getattr(pe, "token_stride", pe.patch_size))
+
+    def _patch_geometry(self):
+        """(grid_size, stride) of the patch embedding: its own, or those recorded before it was replaced."""
+        pe, (grid, stride) = self.patch_embed, self._embed_geometry
+        return getattr(pe, "grid_size", grid), getattr(pe, "token_stride", getattr(pe, "patch_size", stride))
 
     # ---- forward -------------------------------------------------------------------------------------------
     def position_table(self, grid_size, layer=0):
         """E_pos for a patch grid, shape (1, L, D), resampled on the fly when the grid differs (dynamic size)."""
-        base = self.patch_embed.grid_size
+        base = self._patch_geometry()[0]
         if self.pos_embed is not None:
             table = self.pos_embed[layer:layer + 1]
             num_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
@@ -652,13 +677,7 @@ class VisionTransformer(nn.Module):
     def _encode(self, x, take=(), last=None):
         """Embedding and blocks up to ``last`` (all if None): (h, residual, grid, [z_i for i in take]), the
         tokens z = h + residual left as a sum for the final LayerNorm to fuse."""
-        x, grid = self.patch_embed.check_input(x)
-        stem_pos = self.position_table(grid) if self.pos_embed_at == "stem" else None
-        if output_may_fuse(self.patch_embed, self._embed_layer):
-            h = self.patch_embed.embed(x, stem_pos, self.cls_token, not self._pos_covers_prefix)
-        else:  # hooked or replaced: it returns the patch tokens only, as timm's does
-            h = ops.add_class_and_position(self.patch_embed(x), stem_pos, self.cls_token,
-                                           not self._pos_covers_prefix)
+        h, grid = self._embed(x)
         h = call(self.pos_drop, residual_stream(h, self.residual_dtype))
         if not take and last is None and self.pos_embed_at == "stem" and not runs_unmodified(self.blocks,
                                                                                                nn.Sequential):
@@ -677,17 +696,50 @@ class VisionTransformer(nn.Module):
                 h, residual = self._checkpointed(block.forward_pair, h, residual, grid)
             else:
                 z = h if residual is None else h + residual
-                h, residual = self._checkpointed(block, *((z, grid) if isinstance(block, Block) else (z,))), None
+                h, residual = self._checkpointed(block, z, **grid_keyword(getattr(block, "attn", None), grid)), None
             if i in take:
                 h, residual = (h if residual is None else h + residual), None
                 taken.append(h)
         return h, residual, grid, taken
 
-    def _checkpointed(self, fn, *args):
-        """fn(*args), recomputed in backward instead of keeping its activations when grad checkpointing is on."""
+    def _embed(self, x):
+        """(z_0, patch grid): the class token and the stem's position table with the patch tokens."""
+        pe, prefix_uncovered = self.patch_embed, not self._pos_covers_prefix
+        check = getattr(pe, "check_input", None)
+        if check is not None:
+            x, grid = check(x)
+        if output_may_fuse(pe, self._embed_layer):
+            return pe.embed(x, self._stem_table(grid), self.cls_token, prefix_uncovered), grid
+        # hooked or replaced: it returns the patch tokens only, as timm's does
+        tokens = pe(x)
+        if check is None:  # a replacement (timm's PatchEmbed, a wrapper): the grid from what it gave
+            tokens, grid = self._replaced_embed_grid(x, tokens)
+        return ops.add_class_and_position(tokens, self._stem_table(grid), self.cls_token, prefix_uncovered), grid
+
+    def _stem_table(self, grid):
+        return self.position_table(grid) if self.pos_embed_at == "stem" else None
+
+    def _replaced_embed_grid(self, x, tokens):
+        """(B, N, D) tokens and their patch grid from a replaced patch embedding's output: NHWC as timm's gives
+        it for dynamic sizes, else N tokens on the grid it (or the original) has, or the image's under
+        dynamic_img_size."""
+        if tokens.ndim == 4:
+            return tokens.flatten(1, 2), tuple(tokens.shape[1:3])
+        grid, stride = self._patch_geometry()
+        if self.dynamic_img_size:
+            stride = _pair(stride)
+            grid = (x.shape[-2] // stride[0], x.shape[-1] // stride[1])
+        if tokens.ndim != 3 or tokens.shape[1] != grid[0] * grid[1]:
+            raise ValueError(f"the replaced patch_embed gave {tuple(tokens.shape)}; expected (B, {grid[0] * grid[1]}, "
+                             f"D) tokens of a {grid[0]} x {grid[1]} patch grid (or (B, H, W, D))")
+        return tokens, tuple(grid)
+
+    def _checkpointed(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs), recomputed in backward instead of keeping its activations when grad checkpointing
+        is on."""
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        return fn(*args, **kwargs)
 
     def pool(self, x):
         if self.global_pool == "token":
@@ -720,7 +772,11 @@ class VisionTransformer(nn.Module):
         cls = type(self)
         return (self.global_pool == "token" and fusable_layer_norm(self.norm) and not is_fx_symbolic_tracing()
                 and cls.forward_features is VisionTransformer.forward_features
-                and cls.forward_head is VisionTransformer.forward_head and cls.pool is VisionTransformer.pool)
+                and cls.forward_head is VisionTransformer.forward_head and cls.pool is VisionTransformer.pool
+                and not _STAGES.intersection(self.__dict__))  # nor one set on the instance (a patched stage)
+
+
+_STAGES = frozenset(("forward_features", "forward_head", "pool"))
 
 
 # ---- registry: timm's ViT names ----------------------------------------------------------------------------------

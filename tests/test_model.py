@@ -53,6 +53,25 @@ def test_matches_timm_outputs_and_gradients(cfg):
                                ref.forward_head(ref.forward_features(x), pre_logits=True), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", [{}, dict(global_pool="avg"), dict(residual_dtype="autocast")],
+                         ids=["token", "avg", "16-bit residuals"])
+def test_autocast_features_and_pre_logits_are_fp32_as_timm(cfg):
+    """Autocast runs LayerNorm in fp32, so timm's features and pre-logits come back in fp32 (an fp32 probe takes
+    them); the logits are in the autocast dtype."""
+    model, ref = pair(**{k: v for k, v in cfg.items() if k != "residual_dtype"})
+    if "residual_dtype" in cfg:
+        model = fastvit.VisionTransformer(**SMALL, **cfg)
+        model.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        outs = [(m.forward_features(x), m.forward_head(m.forward_features(x), pre_logits=True), m(x),
+                 m.forward_intermediates(x, norm=True)[1][0]) for m in (model, ref)]
+    for ours, theirs in zip(*outs):
+        assert ours.dtype == theirs.dtype, (ours.dtype, theirs.dtype)
+        torch.testing.assert_close(ours.float(), theirs.float(), atol=0.1, rtol=0.05)
+    assert outs[0][0].dtype == torch.float32 and outs[0][2].dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("kwargs", [dict(), dict(pos_embed="rel"), dict(residual_dtype="autocast")])
 def test_forward_normalises_the_class_token_only_with_the_same_bits(kwargs):
     """With a class-token head, forward's final LayerNorm runs on that token alone: the logits are the bits of
@@ -79,8 +98,11 @@ def test_forward_normalises_the_class_token_only_with_the_same_bits(kwargs):
     one_row = saved_activation_bytes(model, x)
     model.norm.register_forward_hook(lambda m, i, o: None)  # now forward runs the two stages as written
     tokens = (32 // 8) ** 2 + 1
-    # B x (L - 1) rows more of the final norm's fp32 input, each with its fp32 mean and rstd
-    assert saved_activation_bytes(model, x) - one_row == 4 * (tokens - 1) * (64 * 4 + 2 * 4)
+    # B x (L - 1) rows more of the final norm's fp32 input, each with its fp32 mean and rstd; with 16-bit residuals
+    # the one-row path keeps its class-token sum in fp32 (the operand that gives the norm autocast's fp32 output),
+    # B x D x 2 bytes more than a 16-bit sum
+    extra = 4 * 64 * 2 if kwargs.get("residual_dtype") == "autocast" else 0
+    assert saved_activation_bytes(model, x) - one_row == 4 * (tokens - 1) * (64 * 4 + 2 * 4) - extra
 
 
 def test_forward_runs_a_hooked_final_norm_on_every_token():

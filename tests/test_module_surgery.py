@@ -244,3 +244,74 @@ def test_unmodified_modules_take_the_fused_paths(monkeypatch):
     model.blocks[1].mlp.fc1.register_forward_hook(lambda *a: None)
     model(images())
     assert len(calls) == 2 * len(model.blocks) - 1
+
+
+@pytest.mark.parametrize("path", ["blocks.0", "blocks.1.attn"])
+def test_pre_hooks_on_blocks_and_attention_see_timm_arguments(path):
+    """A block and an attention are called with the tokens alone, as timm's are (the grid goes only to a relative
+    position bias), so a pre-hook that unpacks them, or rewrites them, acts as on timm."""
+    model, ref = pair()
+    for net in (model, ref):
+        def pre(m, args):
+            (h,) = args
+            return (h * 1.1,)
+        _sub(net, path).register_forward_pre_hook(pre)
+    x = images()
+    torch.testing.assert_close(forward_backward(model, x), forward_backward(ref, x), atol=1e-5, rtol=1e-5)
+    assert_same_grads(model, ref)
+
+
+def test_a_block_subclass_with_timm_forward_signature_runs():
+    class Halved(Block):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    model, ref = pair()
+    block = Halved(64, 4)
+    block.load_state_dict(model.blocks[1].state_dict())
+    model.blocks[1] = block
+    out = model(images())
+    ref.blocks[1].register_forward_hook(lambda m, i, o: o * 0.5)
+    torch.testing.assert_close(out, ref(images()), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("replacement", ["timm", "wrapper"])
+def test_a_replaced_patch_embed_runs_as_on_timm(replacement):
+    from timm.layers import PatchEmbed as TimmPatchEmbed
+    model, ref = pair()
+    for net in (model, ref):
+        if replacement == "timm":
+            new = TimmPatchEmbed(32, 8, 3, 64)
+            new.load_state_dict(net.patch_embed.state_dict(), strict=False)
+        else:
+            new = Scaled(net.patch_embed)
+        net.patch_embed = new
+    x = images()
+    torch.testing.assert_close(forward_backward(model, x), forward_backward(ref, x), atol=1e-5, rtol=1e-5)
+    assert_same_grads(model, ref)
+
+
+def test_a_replaced_patch_embed_with_the_wrong_token_count_names_the_grid():
+    model, _ = pair()
+    model.patch_embed = nn.Sequential(nn.Conv2d(3, 64, 16, 16), nn.Flatten(2), _Transpose())
+    with pytest.raises(ValueError, match="4 x 4 patch grid"):
+        model(images())
+
+
+class _Transpose(nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)
+
+
+@pytest.mark.parametrize("stage", ["forward_features", "forward_head", "pool"])
+def test_stages_patched_on_the_instance_are_called(stage):
+    """timm's forward calls self.forward_features / forward_head / pool, so one set on the instance runs."""
+    model, ref = pair()
+    for net in (model, ref):
+        original = getattr(net, stage)
+        setattr(net, stage, lambda *args, original=original, **kw: original(*args, **kw) * 0.5)
+    x = images()
+    out = model(x)
+    torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-5)
+    del model.__dict__[stage]
+    assert not torch.allclose(model(x), out, atol=1e-4)
