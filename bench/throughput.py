@@ -70,7 +70,7 @@ def backend_used(requested, model, device, dtype, micro_batch, training):
     tokens = model.patch_embed.num_patches + model.num_prefix_tokens
     q = torch.empty(micro_batch, attn.num_heads, tokens, attn.head_dim, device=device, dtype=dtype,
                     requires_grad=training)
-    dropout = attn.attn_drop if training else 0.0
+    dropout = attn.attn_drop.p if training else 0.0
     return {"ops": main, "attention": ops.attention_backend(q, backend=requested, dropout_p=dropout)}
 
 

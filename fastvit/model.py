@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastvit import ops
 from fastvit.registry import register_model
-from fastvit.kernels.flash_attention import num_relative_positions
+from fastvit.kernels.flash_attention import num_relative_positions, relative_bias_dense
 from fastvit.resample import (_pair, resample_abs_pos_embed, resample_patch_embed, resample_pos_embed_1d,
                               resample_rel_pos_table)
 
@@ -261,7 +261,9 @@ class Attention(nn.Module):
     """MSA(z) = [SA_1(z); ...; SA_k(z)] U_msa with SA(z) = softmax(q k^T / sqrt(D_h) + B_rel) v, [q, k, v] = z U_qkv.
 
     With ``rel_pos_grid`` the bias B_rel comes from a learned per-head table over 2D patch offsets (the paper's
-    relative-position ablation); otherwise there is no bias.
+    relative-position ablation); otherwise there is no bias. As in timm, ``fused_attn = False`` (or an edited
+    ``attn_drop``) computes the attention matrix explicitly: softmax, then ``attn_drop`` on it, so that hooks there
+    and timm's ``AttentionExtract`` see the maps.
     """
 
     def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, rel_pos_grid=None,
@@ -271,9 +273,11 @@ class Attention(nn.Module):
             raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.attn_drop = attn_drop
+        self.scale = self.head_dim ** -0.5
+        self.fused_attn = True
         self.backend = "auto"
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.rel_pos_grid = None if rel_pos_grid is None else _pair(rel_pos_grid)
@@ -300,9 +304,16 @@ class Attention(nn.Module):
         if self.rel_pos_table is not None:
             grid_size = self.rel_pos_grid if grid_size is None else grid_size
             rel_bias = resample_rel_pos_table(self.rel_pos_table, self.rel_pos_grid, grid_size)
-        out = ops.attention(q, k, v, rel_bias=rel_bias, grid_size=grid_size,
-                            dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
         modules = self._modules
+        attn_drop = modules["attn_drop"]
+        if self.fused_attn and runs_unmodified(attn_drop, nn.Dropout):
+            out = ops.attention(q, k, v, rel_bias=rel_bias, grid_size=grid_size,
+                                dropout_p=attn_drop.p if self.training else 0.0, backend=self.backend)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if rel_bias is not None:
+                attn = attn + relative_bias_dense(rel_bias, grid_size, N).to(attn.dtype)
+            out = attn_drop(attn.softmax(dim=-1)) @ v
         return call(modules["proj_drop"], linear(modules["proj"], out.transpose(1, 2).reshape(B, N, D3 // 3)))
 
 
@@ -411,7 +422,7 @@ class Block(nn.Module):
         """
         m = self._modules  # submodules read once per call (weight_and_bias says why)
         norm1, attn, norm2, mlp = m["norm1"], m["attn"], m["norm2"], m["mlp"]
-        if (fusable_layer_norm(norm1) and runs_unmodified(attn, Attention)
+        if (fusable_layer_norm(norm1) and runs_unmodified(attn, Attention) and attn.fused_attn
                 and runs_unmodified(attn._modules["qkv"], nn.Linear)):
             qkv, residual = ops.add_layer_norm_linear(h, residual, *weight_and_bias(norm1),
                                                       *weight_and_bias(attn._modules["qkv"]), norm1.eps,

@@ -315,3 +315,51 @@ def test_stages_patched_on_the_instance_are_called(stage):
     torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-5)
     del model.__dict__[stage]
     assert not torch.allclose(model(x), out, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["hook", "fx"])
+def test_attention_maps_extract_as_on_timm(method):
+    """timm's AttentionExtract on models with fused_attn off: the same maps by the same names (attn_drop's output,
+    or the softmax node under torch.fx)."""
+    from timm.utils import AttentionExtract
+    model, ref = pair()
+    for net in (model, ref):
+        for block in net.blocks:
+            block.attn.fused_attn = False
+    x = images()
+    maps, expected = AttentionExtract(model, method=method)(x), AttentionExtract(ref, method=method)(x)
+    assert list(maps) == list(expected) and len(maps) == len(model.blocks)
+    for name in expected:
+        assert maps[name].shape == (x.shape[0], 4, 17, 17)
+        torch.testing.assert_close(maps[name], expected[name], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pos_embed", ["learn", "rel"])
+def test_explicit_attention_matches_the_fused_one(pos_embed):
+    """fused_attn off computes the same attention (the relative bias included) with the same gradients."""
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(**CFG, pos_embed=pos_embed)
+    with torch.no_grad():
+        for block in model.blocks:
+            if block.attn.rel_pos_table is not None:
+                block.attn.rel_pos_table.normal_()
+    explicit = copy.deepcopy(model)
+    for block in explicit.blocks:
+        block.attn.fused_attn = False
+    x = images()
+    torch.testing.assert_close(forward_backward(explicit, x), forward_backward(model, x), atol=1e-5, rtol=1e-5)
+    assert_same_grads(explicit, model)
+
+
+def test_attention_dropout_is_an_nn_dropout_as_in_timm():
+    """Setting every nn.Dropout's p to 0 turns attention dropout off too, as on timm."""
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(**CFG, attn_drop_rate=0.5).train()
+    assert isinstance(model.blocks[0].attn.attn_drop, nn.Dropout) and model.blocks[0].attn.attn_drop.p == 0.5
+    x = images()
+    assert not torch.equal(model(x), model(x))
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    assert torch.equal(model(x), model(x))
