@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from fastvit.hybrid import hybrid_backbone_from_npz
-from fastvit.resample import resample_abs_pos_embed, resample_pos_embed_1d, resample_rel_pos_table
+from fastvit.resample import (resample_abs_pos_embed, resample_patch_embed, resample_pos_embed_1d,
+                              resample_rel_pos_table)
 
 __all__ = ["CheckpointMismatchError", "LoadResult", "from_hf", "from_npz", "from_torchvision", "load_checkpoint",
            "read_checkpoint"]
@@ -370,7 +371,13 @@ def _fit_pos_embed(model, sd, target_shape):
 
 
 def _fit_tables(model, sd, expected):
-    """Adapt position tables whose size follows the patch grid (learned 1D, learned 2D, relative bias)."""
+    """Adapt what follows the patch size and grid: the patch projection (resampled to the model's patch size, as
+    timm's checkpoint filter does), position tables (learned 1D, learned 2D, relative bias)."""
+    key = "patch_embed.proj.weight"
+    t, want = sd.get(key), expected.get(key)
+    if t is not None and want is not None and t.ndim == want.ndim == 4 and t.shape[:2] == want.shape[:2] \
+            and t.shape[2:] != want.shape[2:]:
+        sd[key] = resample_patch_embed(t, tuple(want.shape[2:]))
     if "pos_embed" in sd and "pos_embed" in expected and sd["pos_embed"].shape != expected["pos_embed"].shape:
         _fit_pos_embed(model, sd, expected["pos_embed"].shape)
     for key in ("pos_embed_h", "pos_embed_w"):

@@ -6,6 +6,10 @@ the tag's head and input size), 'hf-hub:org/name[@revision]' or 'local-dir:PATH'
 """
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 from fastvit.convert import load_checkpoint
 from fastvit.features import features_only as wrap_features
 from fastvit.pretrained import RUNTIME_ARGS, load_pretrained, parse_model_name, read_model_config, resolve_weights
@@ -28,8 +32,9 @@ def _cfg_defaults(cfg, kwargs):
 
 
 def create_model(model_name, pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None,
-                 checkpoint_path=None, cache_dir=None, features_only=False, out_indices=3, feature_cls="getter",
-                 **kwargs):
+                 checkpoint_path=None, cache_dir=None, scriptable=None, exportable=None, no_jit=None,
+                 features_only=False, out_indices=3, feature_cls="getter", pretrained_strict=True, device=None,
+                 dtype=None, **kwargs):
     """Build ``model_name`` as timm does; keyword arguments override its config (None values are dropped).
 
     ``pretrained=True`` loads the tag's weights (the architecture's default tag without one) from the Hugging Face
@@ -38,8 +43,14 @@ def create_model(model_name, pretrained=False, pretrained_cfg=None, pretrained_c
     download). ``pretrained_cfg`` (a tag or a dict) and ``pretrained_cfg_overlay`` (fields to replace) as in timm.
     ``features_only`` returns the blocks ``out_indices`` as a feature extractor of class ``feature_cls``
     (``fastvit.features``), built after the weights are loaded. The model gets ``pretrained_cfg`` and its alias
-    ``default_cfg`` (a feature extractor without the classifier fields, as timm's).
+    ``default_cfg`` (a feature extractor without the classifier fields, as timm's). ``device`` and ``dtype`` place
+    the parameters as they are created (``device="meta"`` allocates nothing); ``pretrained_strict=False`` loads what
+    fits of a checkpoint. timm's ``exportable`` and ``no_jit`` change nothing here (the models export and compile as
+    they are); ``scriptable=True`` is refused: TorchScript is not supported (README, *Export*).
     """
+    if scriptable:
+        raise ValueError("scriptable=True: fastvit models do not support TorchScript; use torch.export or "
+                         "torch.compile (README, 'Export')")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     source, ident = parse_model_name(model_name)
     source_args = {}
@@ -61,16 +72,19 @@ def create_model(model_name, pretrained=False, pretrained_cfg=None, pretrained_c
     cfg = {**pretrained_cfg, **(pretrained_cfg_overlay or {})}
     cfg.setdefault("architecture", arch)
     # weights are found (downloaded) before the model is built, so a missing file fails fast
-    weights = resolve_weights(cfg, cache_dir) if pretrained and checkpoint_path is None else None
+    weights = resolve_weights(cfg, cache_dir) if pretrained and not checkpoint_path else None
 
-    model = builder(**_cfg_defaults(cfg, kwargs))
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = builder(**_cfg_defaults(cfg, kwargs))
+    if dtype is not None:
+        model.to(dtype)
     model.pretrained_cfg = model.default_cfg = cfg
     model.pretrained_model_args = source_args
     model._model_args = {k: v for k, v in kwargs.items() if k not in RUNTIME_ARGS}  # for save_pretrained
-    if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path, name=arch)
+    if checkpoint_path:  # an empty path is none, as in timm
+        load_checkpoint(model, checkpoint_path, strict=pretrained_strict, name=arch)
     elif weights is not None:
-        load_pretrained(model, cfg, weights=weights)
+        load_pretrained(model, cfg, weights=weights, strict=pretrained_strict)
     if features_only:
         model = wrap_features(model, feature_cls, out_indices)
         model.pretrained_cfg = model.default_cfg = {k: v for k, v in cfg.items()

@@ -150,12 +150,12 @@ def resolve_weights(cfg, cache_dir=None):
     raise ValueError(f"{name} has no pretrained weights; names with weights: {', '.join(with_weights) or 'none'}")
 
 
-def load_pretrained(model, pretrained_cfg=None, cache_dir=None, weights=None):
+def load_pretrained(model, pretrained_cfg=None, cache_dir=None, weights=None, strict=True):
     """Load the weights ``pretrained_cfg`` (default ``model.pretrained_cfg``) points to, or ``weights`` (what
     ``resolve_weights`` returned for it), as timm's ``load_pretrained`` does: a model with another class count
     keeps its own fresh classifier, the first convolution is adapted to the model's input channels, position tables
     are resampled to its grid. A file that does not fit raises ``CheckpointMismatchError`` naming the architecture
-    and loads nothing."""
+    and loads nothing (with ``strict=False``: loads what fits and returns the ``LoadResult`` that lists the rest)."""
     cfg = pretrained_cfg if pretrained_cfg is not None else getattr(model, "pretrained_cfg", None)
     if not cfg:
         raise ValueError("no pretrained_cfg: build the model with fastvit.create_model, or pass pretrained_cfg=")
@@ -170,7 +170,7 @@ def load_pretrained(model, pretrained_cfg=None, cache_dir=None, weights=None):
         for name in classifiers:  # keep the model's own freshly initialised classifier
             sd.update({f"{name}.{k}": v for k, v in model.get_submodule(name).state_dict().items()})
     name = ".".join(filter(None, (cfg.get("architecture"), cfg.get("tag")))) or type(model).__name__
-    return load_checkpoint(model, sd, strict=True, name=name)
+    return load_checkpoint(model, sd, strict=strict, name=name)
 
 
 # ---- saving ----------------------------------------------------------------------------------------------------

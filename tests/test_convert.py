@@ -292,6 +292,40 @@ def test_tables_resampled_like_set_input_size(pos_embed):
     assert_same_params(model, source)
 
 
+def test_patch_projection_resampled_to_model_patch_size_as_timm():
+    """A patch-16 checkpoint into a patch-8 model: timm's checkpoint filter resamples the projection (FlexiViT)
+    and the position table; so does load_checkpoint, to the same outputs."""
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    source = randomize(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=10))
+    ref = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=10, patch_size=8)
+    ref.load_state_dict(checkpoint_filter_fn(dict(source.state_dict()), ref))
+    model = fastvit.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=10, patch_size=8)
+    load_checkpoint(model, source.state_dict())
+    expected = ref.state_dict()
+    for k, v in model.state_dict().items():  # the pseudo-inverse in fp64 here, in fp32 in timm
+        torch.testing.assert_close(v, expected[k], rtol=1e-4, atol=1e-5, msg=k)
+    x = images(size=64)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_create_model_takes_timms_factory_arguments(tmp_path):
+    """device / dtype placement, pretrained_strict, an empty checkpoint_path (no checkpoint), timm's layer
+    config flags; scriptable=True is refused with the alternatives."""
+    meta = fastvit.create_model("vit_tiny_patch16_224", device="meta", dtype=torch.bfloat16, exportable=True,
+                                no_jit=True, checkpoint_path="")
+    assert {(p.device.type, p.dtype) for p in meta.parameters()} == {("meta", torch.bfloat16)}
+    source = randomize(fastvit_model())
+    save_file(source.state_dict(), tmp_path / "w.safetensors")
+    kwargs = {**CFG, "num_classes": 5, "checkpoint_path": tmp_path / "w.safetensors"}
+    model = fastvit.create_model("vit_tiny_patch16_224", **kwargs, pretrained_strict=False)
+    assert torch.equal(model.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
+    with pytest.raises(CheckpointMismatchError, match="head"):
+        fastvit.create_model("vit_tiny_patch16_224", **kwargs)
+    with pytest.raises(ValueError, match="torch.export"):
+        fastvit.create_model("vit_tiny_patch16_224", scriptable=True)
+
+
 # ---- mismatches ----------------------------------------------------------------------------------------------
 def test_head_size_mismatch():
     source = randomize(fastvit_model())
