@@ -34,7 +34,7 @@ POS_EMBED_AT = ("stem", "every_layer", "every_layer_shared")
 # residual_dtype choices, by name (as flags and config.json give them) or as torch dtypes
 RESIDUAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                    "autocast": "autocast"}
-GLOBAL_POOLS = ("token", "avg", "")
+GLOBAL_POOLS = ("token", "avg", "avgmax", "max", "")
 
 
 def _has_global_hooks():
@@ -223,7 +223,8 @@ class PatchEmbed(nn.Module):
     """Cut the image into P x P patches and project each flattened patch to D: x_p^i E (a stride-P convolution).
 
     ``forward`` returns the (B, N, D) patch tokens, as timm's does; ``embed`` also prepends the class token and adds
-    the position table, because the fused kernel writes the whole z_0 in one pass.
+    the position table, because the fused kernel writes the whole z_0 in one pass. ``norm`` is timm's placeholder
+    for a norm on the patch tokens (nn.Identity; a module put there runs before the class token and positions).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True, dynamic_img_size=False):
@@ -232,6 +233,7 @@ class PatchEmbed(nn.Module):
         self.dynamic_img_size = dynamic_img_size
         self.backend = "auto"
         self.proj = nn.Conv2d(in_chans, embed_dim, _pair(patch_size), stride=_pair(patch_size), bias=bias)
+        self.norm = nn.Identity()
         self._set_sizes(img_size, patch_size)
 
     def _set_sizes(self, img_size, patch_size):
@@ -250,10 +252,12 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         """(B, C, H, W) -> (B, N, D) patch tokens."""
-        return self.embed(x)
+        return call(self.norm, embed_patches(self.proj, x, self.patch_size, None, None, False, self.backend))
 
     def embed(self, x, pos_embed=None, cls_token=None, no_embed_class=False):
         """(B, C, H, W) -> (B, [1 +] N, D); see ``fastvit.ops.patch_embed`` for the optional tables."""
+        if not passes_through(self.norm):
+            return ops.add_class_and_position(self(x), pos_embed, cls_token, no_embed_class)
         return embed_patches(self.proj, x, self.patch_size, pos_embed, cls_token, no_embed_class, self.backend)
 
 
@@ -457,7 +461,8 @@ class VisionTransformer(nn.Module):
     concatenated per patch), 'none', 'rel' (learned relative-position attention bias per head).
     pos_embed_at: 'stem' (added once to z_0), 'every_layer' (a separate table added before each block),
     'every_layer_shared' (one table added before every block). backend: 'auto' | 'torch' | 'triton'.
-    residual_dtype: the dtype of the residual stream z under autocast: float32 (default: the sums, LayerNorm
+    pre_norm: a LayerNorm on z_0 before the blocks (``norm_pre``, timm's option for CLIP-style models; an
+    nn.Identity placeholder otherwise, as in timm). residual_dtype: the dtype of the residual stream z under autocast: float32 (default: the sums, LayerNorm
     inputs and what backward keeps of them stay fp32), bfloat16 / float16, or 'autocast' for the autocast dtype
     (16-bit saves 4 D bytes per token per block and rounds every residual add).
     """
@@ -466,7 +471,8 @@ class VisionTransformer(nn.Module):
                  embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, init_values=None,
                  class_token=True, pos_embed="learn", no_embed_class=False, fc_norm=None, dynamic_img_size=False,
                  drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
-                 embed_layer=PatchEmbed, pos_embed_at="stem", backend="auto", residual_dtype=torch.float32):
+                 embed_layer=PatchEmbed, pos_embed_at="stem", backend="auto", residual_dtype=torch.float32,
+                 pre_norm=False):
         super().__init__()
         pos_embed = "none" if pos_embed == "" else pos_embed
         _check_choice("global_pool", global_pool, GLOBAL_POOLS)
@@ -497,7 +503,7 @@ class VisionTransformer(nn.Module):
         self.residual_dtype = residual_dtype
 
         self.patch_embed = embed_layer(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                       embed_dim=embed_dim, bias=True, dynamic_img_size=dynamic_img_size)
+                                       embed_dim=embed_dim, bias=not pre_norm, dynamic_img_size=dynamic_img_size)
         self._embed_layer = type(self.patch_embed)  # a patch_embed of another type was put there by the user
         self._keep_embed_geometry()
         grid = self.patch_embed.grid_size
@@ -511,6 +517,7 @@ class VisionTransformer(nn.Module):
             self.pos_embed_h = nn.Parameter(torch.zeros(tables, grid[0], embed_dim // 2))
             self.pos_embed_w = nn.Parameter(torch.zeros(tables, grid[1], embed_dim // 2))
         self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=1e-6) if pre_norm else nn.Identity()
 
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth decay rule
         self.blocks = nn.Sequential(*[
@@ -520,7 +527,7 @@ class VisionTransformer(nn.Module):
         stride = getattr(self.patch_embed, "token_stride", self.patch_embed.patch_size)
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=max(stride))
                              for i in range(depth)]
-        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
+        use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if not use_fc_norm else nn.Identity()
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
@@ -690,6 +697,8 @@ class VisionTransformer(nn.Module):
         tokens z = h + residual left as a sum for the final LayerNorm to fuse."""
         h, grid = self._embed(x)
         h = call(self.pos_drop, residual_stream(h, self.residual_dtype))
+        if not passes_through(self.norm_pre):
+            h = residual_stream(self.norm_pre(h), self.residual_dtype)
         if not take and last is None and self.pos_embed_at == "stem" and not runs_unmodified(self.blocks,
                                                                                                nn.Sequential):
             # a hooked or replaced container runs whole, as in timm (the tables of the other layouts go between)
@@ -752,12 +761,19 @@ class VisionTransformer(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False, **kwargs)
         return fn(*args, **kwargs)
 
-    def pool(self, x):
-        if self.global_pool == "token":
+    def pool(self, x, pool_type=None):
+        """(B, L, D) tokens -> (B, D): the class token, or the mean / max / (mean + max) / 2 of the patch tokens
+        (``pool_type``, default ``global_pool``; '' keeps every token)."""
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if not pool_type:
+            return x
+        if pool_type == "token":
             return x[:, 0]
-        if self.global_pool == "avg":
-            return x[:, self.num_prefix_tokens:].mean(dim=1)
-        return x
+        _check_choice("global_pool", pool_type, GLOBAL_POOLS)
+        x = x[:, self.num_prefix_tokens:]
+        if pool_type == "avg":
+            return x.mean(dim=1)
+        return x.amax(dim=1) if pool_type == "max" else 0.5 * (x.amax(dim=1) + x.mean(dim=1))
 
     def forward_head(self, x, pre_logits: bool = False):
         """Pool the tokens (class token or average), normalise if fc_norm, then the linear head."""

@@ -26,6 +26,8 @@ TIMM_CONFIGS = [
     dict(global_pool="avg"),
     dict(global_pool="avg", fc_norm=False),
     dict(global_pool=""),
+    dict(global_pool="max"),
+    dict(global_pool="avgmax", fc_norm=False),
     dict(init_values=1e-2),
     dict(qkv_bias=False, mlp_ratio=2.0),
     dict(img_size=(32, 48), patch_size=(8, 16)),
@@ -218,6 +220,16 @@ def test_set_input_size_matches_timm(img_size, patch_size):
     torch.testing.assert_close(model.patch_embed.proj.weight, ref.patch_embed.proj.weight, atol=1e-5, rtol=1e-4)
     x = torch.randn(2, 3, *model.patch_embed.img_size)
     torch.testing.assert_close(model(x), ref(x), atol=1e-4, rtol=1e-4)
+
+
+def test_pool_types_override_as_timm():
+    model, ref = pair()
+    feats = ref.forward_features(torch.randn(2, 3, 32, 32))
+    for pool_type in ("token", "avg", "max", "avgmax", ""):
+        torch.testing.assert_close(model.pool(feats, pool_type=pool_type), ref.pool(feats, pool_type=pool_type))
+    model.global_pool = "mean"  # set past the constructor's check: the error names the choices
+    with pytest.raises(ValueError, match="global_pool must be one of"):
+        model.pool(feats)
 
 
 def test_reset_classifier_is_zero_initialised():

@@ -363,3 +363,28 @@ def test_attention_dropout_is_an_nn_dropout_as_in_timm():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
     assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("path", ["norm_pre", "patch_embed.norm"])
+def test_a_norm_put_in_timms_placeholders_runs(path):
+    """timm keeps nn.Identity placeholders for a norm on the patch tokens and before the blocks; a LayerNorm put
+    there runs, on fastvit as on timm."""
+    model, ref = pair()
+    for net in (model, ref):
+        torch.manual_seed(0)
+        norm = nn.LayerNorm(64)
+        nn.init.normal_(norm.weight)
+        _replace(net, path, lambda _, norm=norm: norm)
+    x = images()
+    out = forward_backward(model, x)
+    torch.testing.assert_close(out, forward_backward(ref, x), atol=1e-5, rtol=1e-5)
+    assert_same_grads(model, ref)
+    assert not torch.allclose(out, pair()[0](x), atol=1e-3)
+
+
+def test_pre_norm_matches_timm():
+    model, ref = pair(pre_norm=True)
+    assert "norm_pre.weight" in model.state_dict()
+    x = images()
+    torch.testing.assert_close(forward_backward(model, x), forward_backward(ref, x), atol=1e-5, rtol=1e-5)
+    assert_same_grads(model, ref)
