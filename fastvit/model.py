@@ -246,6 +246,14 @@ class PatchEmbed(nn.Module):
         resample_projection_(self.proj, patch_size)
         self._set_sizes(img_size or self.img_size, patch_size or self.patch_size)
 
+    def feat_ratio(self, as_scalar=True):
+        """The token stride in pixels: the largest side of the patch, or both (timm's PatchEmbed interface)."""
+        return max(self.patch_size) if as_scalar else self.patch_size
+
+    def dynamic_feat_size(self, img_size):
+        """The patch grid of an ``img_size`` image (timm's PatchEmbed interface)."""
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
     def check_input(self, x):
         """Validate an image batch: (x, its patch grid (gh, gw))."""
         return checked_image(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size)
@@ -486,6 +494,7 @@ class VisionTransformer(nn.Module):
         if pos_embed == "learn_2d" and embed_dim % 2:
             raise ValueError(f"pos_embed='learn_2d' needs an even embed_dim, got {embed_dim}")
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.has_class_token = class_token

@@ -232,6 +232,14 @@ def test_pool_types_override_as_timm():
         model.pool(feats)
 
 
+def test_patch_embed_and_model_attributes_as_timm():
+    model, ref = pair(img_size=(32, 48), patch_size=(8, 16))
+    assert model.in_chans == ref.in_chans == 3
+    for args in ((), (False,)):
+        assert model.patch_embed.feat_ratio(*args) == ref.patch_embed.feat_ratio(*args)
+    assert model.patch_embed.dynamic_feat_size((40, 70)) == ref.patch_embed.dynamic_feat_size((40, 70)) == (5, 4)
+
+
 def test_reset_classifier_is_zero_initialised():
     model, _ = pair()
     model.reset_classifier(5)
