@@ -8,7 +8,11 @@ import torch.nn.functional as F
 
 
 def _pair(size):
-    return (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+    """(h, w) of a size given as one number or two, as ints; a symbolic size (torch.export with dynamic shapes)
+    stays symbolic, where int() would fix it to the traced value."""
+    if isinstance(size, (int, torch.SymInt)):
+        size = (size, size)
+    return tuple(s if isinstance(s, torch.SymInt) else int(s) for s in size)
 
 
 def resample_abs_pos_embed(posemb, new_size, old_size=None, num_prefix_tokens=1, interpolation="bicubic",
@@ -26,7 +30,8 @@ def resample_abs_pos_embed(posemb, new_size, old_size=None, num_prefix_tokens=1,
             raise ValueError(f"cannot infer a square grid from {num_tokens} position rows; pass old_size")
         old_size = (side, side)
     old_size = _pair(old_size)
-    if old_size == new_size:
+    # no early return while torch.export traces: it would fix an exported dynamic image size to the traced one
+    if not torch.compiler.is_exporting() and old_size == new_size:
         return posemb
     if old_size[0] * old_size[1] != num_tokens:
         raise ValueError(f"old_size {old_size} does not match the {num_tokens} grid rows of the position table")
@@ -40,7 +45,7 @@ def resample_abs_pos_embed(posemb, new_size, old_size=None, num_prefix_tokens=1,
 
 def resample_pos_embed_1d(table, new_len, interpolation="linear"):
     """Interpolate a (T, g, D) table of row (or column) embeddings to ``new_len`` entries."""
-    if table.shape[1] == new_len:
+    if not torch.compiler.is_exporting() and table.shape[1] == new_len:  # see resample_abs_pos_embed
         return table
     out = F.interpolate(table.float().transpose(1, 2), size=new_len, mode=interpolation)
     return out.transpose(1, 2).to(table.dtype)

@@ -30,6 +30,20 @@ def test_torch_export_matches_eager_with_plain_aten_ops(backend):
     torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pos_embed", ["learn", "learn_2d"])
+def test_torch_export_with_a_dynamic_image_size_runs_other_sizes(pos_embed):
+    """dynamic_img_size with symbolic H and W: the program runs (and matches eager) at sizes other than the traced
+    one, as timm's does; nothing fixes the grid to the example's while tracing."""
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=5,
+                                      dynamic_img_size=True, pos_embed=pos_embed).eval()
+    h, w = torch.export.Dim("h", min=2, max=8), torch.export.Dim("w", min=2, max=8)
+    program = torch.export.export(model, (torch.randn(2, 3, 32, 32),), dynamic_shapes=({2: 8 * h, 3: 8 * w},))
+    for size in ((48, 40), (32, 32), (16, 64)):
+        x = torch.randn(2, 3, *size)
+        torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_torch_export_keeps_relative_position_bias():
     model = fastvit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
                                       num_classes=5, pos_embed="rel").eval()
