@@ -227,10 +227,12 @@ class PatchEmbed(nn.Module):
     for a norm on the patch tokens (nn.Identity; a module put there runs before the class token and positions).
     """
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True, dynamic_img_size=False):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True, dynamic_img_size=False,
+                 dynamic_img_pad=False):
         super().__init__()
         self.in_chans = in_chans
         self.dynamic_img_size = dynamic_img_size
+        self.dynamic_img_pad = dynamic_img_pad
         self.backend = "auto"
         self.proj = nn.Conv2d(in_chans, embed_dim, _pair(patch_size), stride=_pair(patch_size), bias=bias)
         self.norm = nn.Identity()
@@ -251,11 +253,17 @@ class PatchEmbed(nn.Module):
         return max(self.patch_size) if as_scalar else self.patch_size
 
     def dynamic_feat_size(self, img_size):
-        """The patch grid of an ``img_size`` image (timm's PatchEmbed interface)."""
-        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+        """The patch grid of an ``img_size`` image, partial patches counted with ``dynamic_img_pad`` (timm's
+        PatchEmbed interface)."""
+        (h, w), (ph, pw) = img_size, self.patch_size
+        return (-(-h // ph), -(-w // pw)) if self.dynamic_img_pad else (h // ph, w // pw)
 
     def check_input(self, x):
-        """Validate an image batch: (x, its patch grid (gh, gw))."""
+        """Validate an image batch: (x, its patch grid (gh, gw)); with ``dynamic_img_pad`` x is first zero-padded
+        on the bottom and right to whole patches, as timm's."""
+        if self.dynamic_img_pad and isinstance(x, torch.Tensor) and x.ndim == 4:
+            (ph, pw), (h, w) = self.patch_size, x.shape[-2:]
+            x = F.pad(x, (0, (pw - w % pw) % pw, 0, (ph - h % ph) % ph))
         return checked_image(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size)
 
     def forward(self, x):
@@ -469,6 +477,7 @@ class VisionTransformer(nn.Module):
     concatenated per patch), 'none', 'rel' (learned relative-position attention bias per head).
     pos_embed_at: 'stem' (added once to z_0), 'every_layer' (a separate table added before each block),
     'every_layer_shared' (one table added before every block). backend: 'auto' | 'torch' | 'triton'.
+    dynamic_img_pad: zero-pad images to whole patches (timm's; with dynamic_img_size, any image size runs).
     pre_norm: a LayerNorm on z_0 before the blocks (``norm_pre``, timm's option for CLIP-style models; an
     nn.Identity placeholder otherwise, as in timm). residual_dtype: the dtype of the residual stream z under autocast: float32 (default: the sums, LayerNorm
     inputs and what backward keeps of them stay fp32), bfloat16 / float16, or 'autocast' for the autocast dtype
@@ -480,7 +489,7 @@ class VisionTransformer(nn.Module):
                  class_token=True, pos_embed="learn", no_embed_class=False, fc_norm=None, dynamic_img_size=False,
                  drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
                  embed_layer=PatchEmbed, pos_embed_at="stem", backend="auto", residual_dtype=torch.float32,
-                 pre_norm=False):
+                 pre_norm=False, dynamic_img_pad=False):
         super().__init__()
         pos_embed = "none" if pos_embed == "" else pos_embed
         _check_choice("global_pool", global_pool, GLOBAL_POOLS)
@@ -512,7 +521,8 @@ class VisionTransformer(nn.Module):
         self.residual_dtype = residual_dtype
 
         self.patch_embed = embed_layer(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                       embed_dim=embed_dim, bias=not pre_norm, dynamic_img_size=dynamic_img_size)
+                                       embed_dim=embed_dim, bias=not pre_norm, dynamic_img_size=dynamic_img_size,
+                                       **({"dynamic_img_pad": True} if dynamic_img_pad else {}))
         self._embed_layer = type(self.patch_embed)  # a patch_embed of another type was put there by the user
         self._keep_embed_geometry()
         grid = self.patch_embed.grid_size

@@ -458,3 +458,15 @@ def test_whole_model_compiles_fullgraph(pos_embed):
     for g_c, p in zip(grads_c, model.parameters()):
         torch.testing.assert_close(g_c, p.grad)
     assert len(graphs) == 2 and graph_calls(graphs) == ([], [])
+
+
+def test_dynamic_img_pad_matches_timm():
+    """Images that are not whole patches are zero-padded on the bottom and right, as by timm's PatchEmbed."""
+    model, ref = pair(dynamic_img_size=True, dynamic_img_pad=True)
+    for size in ((30, 37), (32, 32), (41, 17)):
+        x = torch.randn(2, 3, *size)
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+        assert model.patch_embed.dynamic_feat_size(size) == ref.patch_embed.dynamic_feat_size(size)
+        kwargs = dict(indices=[0, 1], intermediates_only=True)
+        for ours, theirs in zip(model.forward_intermediates(x, **kwargs), ref.forward_intermediates(x, **kwargs)):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
