@@ -372,7 +372,7 @@ def test_rel_pos_follows_set_input_size():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(pos_embed="sincos"), "pos_embed"), (dict(global_pool="max"), "global_pool"),
+    (dict(pos_embed="sincos"), "pos_embed"), (dict(global_pool="map"), "global_pool"),
     (dict(backend="cuda"), "backend"), (dict(pos_embed_at="input"), "pos_embed_at"),
     (dict(pos_embed="none", pos_embed_at="every_layer"), "pos_embed_at"),
     (dict(class_token=False), "class_token"), (dict(num_heads=5), "num_heads"),
