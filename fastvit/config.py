@@ -46,6 +46,7 @@ DIGITS_PRESET = {
                      save_every=100, threads=1),
 }
 ARCH_FLAGS = ("patch_size", "embed_dim", "depth", "num_heads", "pos_embed", "pos_embed_at")
+ARCH_SIZES = ("patch_size", "embed_dim", "depth", "num_heads")  # the architecture flags that are counts
 MAX_DEFAULT_MICRO = 128
 
 
@@ -234,6 +235,14 @@ def check(cfg: TrainConfig, world: int) -> None:
         value = getattr(cfg, name)
         _need(isinstance(value, int) and value >= 1,
               f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    for name in ARCH_SIZES:
+        value = getattr(cfg, name)
+        _need(value is None or (isinstance(value, int) and value >= 1),
+              f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    if cfg.compile_mode is not None:
+        from torch._inductor import list_mode_options  # torch.compile's modes, as this torch knows them
+        modes = tuple(list_mode_options())
+        _need(cfg.compile_mode in modes, f"--compile-mode must be one of {modes}, got {cfg.compile_mode!r}")
     for name in ("warmup_steps", "keep", "workers", "threads"):
         _need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     for name in ("save_every", "eval_every"):
@@ -264,6 +273,9 @@ def check(cfg: TrainConfig, world: int) -> None:
         _need(cfg.compile_mode in (None, "reduce-overhead"),
               f"--cuda-graphs is torch.compile's mode reduce-overhead; it cannot be combined with --compile-mode "
               f"{cfg.compile_mode}")
-    problem = decode_problem(cfg.decode, cfg.data == "digits",
-                             "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else None)
+    on_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    _need(cfg.backend != "triton" or on_cuda or fastvit.ops.triton_interpreting(),
+          "--backend triton needs a CUDA device (or TRITON_INTERPRET=1 to run the kernels on CPU); use --backend "
+          "auto or torch here")
+    problem = decode_problem(cfg.decode, cfg.data == "digits", "cuda" if on_cuda else None)
     _need(problem is None, problem)

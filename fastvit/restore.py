@@ -7,9 +7,10 @@ from fastvit import checkpoint
 from fastvit.config import ARCH_FLAGS, RECIPE_DEFAULTS, check_init
 
 
-def load_pretrained(init, model_name, overrides: dict):
+def load_pretrained(init, model_name, overrides: dict, name_given=False):
     """Build a model and load pretrained weights: a fastvit training checkpoint (its stored architecture) or a
-    weights file (``model_name`` with ``overrides``, headless). Returns (model, model name, constructor kwargs)."""
+    weights file (``model_name`` with ``overrides``, headless). Returns (model, model name, constructor kwargs).
+    ``name_given``: the user named ``model_name`` (--model), so a checkpoint of another model is an error."""
     ckpt = checkpoint.find_checkpoint(init)
     if ckpt is None:
         kwargs = {k: v for k, v in overrides.items() if k != "num_classes"}
@@ -18,6 +19,9 @@ def load_pretrained(init, model_name, overrides: dict):
         load_checkpoint(model, init)
         return model, model_name, {**kwargs, "num_classes": 0}
     stored = checkpoint.read_config(ckpt)["model"]
+    if name_given and model_name != stored["name"]:
+        raise ValueError(f"--model {model_name} cannot change the architecture of checkpoint {ckpt} (it holds "
+                         f"{stored['name']}); leave --model out to take the checkpoint's")
     bad = [k for k in ARCH_FLAGS if k in overrides and overrides[k] != stored["kwargs"].get(k)]
     if bad:
         flag = bad[0]
@@ -40,7 +44,7 @@ def load_model_for_eval(init, model_name=None, img_size=None, **arch):
         model = fastvit.create_model(name, num_classes=0, **overrides)
         return model, model.patch_embed.img_size[0]
     check_init(init)
-    model = load_pretrained(init, name, overrides)[0]
+    model = load_pretrained(init, name, overrides, name_given=model_name is not None)[0]
     if img_size and tuple(model.patch_embed.img_size) != (img_size, img_size):
         model.set_input_size(img_size=img_size)
     return model, model.patch_embed.img_size[0]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -67,23 +68,30 @@ def default_out(cfg: TrainConfig) -> str:
 
 
 class _StopRequest:
-    """Records SIGTERM so the run saves a checkpoint at the end of the current step and exits."""
+    """Records SIGTERM or Ctrl-C (SIGINT) so the run saves a checkpoint at the end of the current step and exits;
+    a second Ctrl-C interrupts at once (the default handler is back after the first)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.requested = None  # the name of the signal that asked to stop
+        self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.requested = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signum, self._previous[signum])
+            print("\nCtrl-C: saving a checkpoint at the end of this step (again to stop at once)", file=sys.stderr,
+                  flush=True)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _clone(tree):
@@ -110,7 +118,7 @@ class Run:
             cfg = dataclasses.replace(cfg, warmup_steps=cfg.steps // 10)
         if env.device.type == "cpu" and (cfg.threads or "OMP_NUM_THREADS" not in os.environ):
             torch.set_num_threads(cfg.threads or cpus_per_local_rank(env.world))
-        self.cfg = cfg
+        self.cfg, self.model_named = cfg, cfg.model is not None and "model" not in filled  # --model given
         if cfg.out is None:
             self.cfg = cfg = dataclasses.replace(cfg, out=default_out(cfg))
         self.out = Path(cfg.out)
@@ -136,7 +144,7 @@ class Run:
         kwargs = model_kwargs(cfg, self.data.num_classes)
         if cfg.init:
             model, self.model_name, kwargs = load_pretrained(cfg.init, cfg.model or RECIPE_DEFAULTS[cfg.recipe]
-                                                             ["model"], kwargs)
+                                                             ["model"], kwargs, name_given=self.model_named)
             if tuple(model.patch_embed.img_size) != (cfg.img_size, cfg.img_size):
                 model.set_input_size(img_size=cfg.img_size)
             model.reset_classifier(self.data.num_classes)
@@ -243,6 +251,8 @@ class Run:
             return 0, 0, None
         explicit = cfg.resume != "auto"
         candidates = [Path(cfg.resume)] if explicit else checkpoint.resume_candidates(self.out, warn=env.rank == 0)
+        if candidates and not explicit:
+            self._check_same_run()
         for path in candidates:
             try:
                 if explicit:
@@ -256,10 +266,32 @@ class Run:
                     warnings.warn(f"skipping checkpoint {path}: loading failed ({reason})",
                                   checkpoint.CheckpointWarning)
                 continue
+            if step > cfg.steps:
+                raise ValueError(f"--steps {cfg.steps} is below step {step} of the checkpoint this run resumes "
+                                 f"({path}); pass --steps {step} or more to go on with it, or another --out")
             rank0_print(env, f"resumed from {path} (step {step})")
             return step, seen, path
         self.optimizer.state.clear()  # get_state_dict() initialised it for the load template
         return 0, 0, None
+
+    def _check_same_run(self):
+        """Refuse to resume a run folder whose config.json describes another model or data stream (another
+        architecture, --data, --val-data or --seed): its checkpoints would be skipped or continued as if they were
+        this run's. Schedule flags (--steps, --lr, ...) may change on resume (``_follow_flags``)."""
+        try:
+            old = checkpoint.read_config(self.out)
+        except (OSError, ValueError):
+            return
+        new = json.loads(json.dumps(self._config_json()))  # tuples as lists, as config.json holds them
+        arch = ("num_classes", "img_size", *ARCH_FLAGS)
+        fields = {"model": (old.get("model", {}).get("name"), new["model"]["name"])}
+        fields.update({k: (old.get("model", {}).get("kwargs", {}).get(k), new["model"]["kwargs"].get(k)) for k in arch})
+        fields.update({f"--{k.replace('_', '-')}": (old.get("train", {}).get(k), new["train"][k])
+                       for k in ("data", "val_data", "seed")})
+        changed = [f"{k} {a!r} -> {b!r}" for k, (a, b) in fields.items() if a != b]
+        if changed:
+            raise ValueError(f"--out {self.out} holds checkpoints of another run ({'; '.join(changed)}); choose "
+                             f"another --out, or start from its weights with --init {self.out}")
 
     # -- evaluation -------------------------------------------------------------------------------------------
     def _autocast(self):
@@ -324,7 +356,8 @@ class Run:
                 # mean over the global batch: DDP/FSDP average over ranks, so scale by micro*ranks/global = 1/accum
                 (loss / self.accum).backward()
             loss_sum += loss.detach().double() * len(y)
-        stats = torch.stack([loss_sum, torch.tensor(float(stop.requested), device=dev, dtype=torch.float64),
+        asked = float(stop.requested is not None)
+        stats = torch.stack([loss_sum, torch.tensor(asked, device=dev, dtype=torch.float64),
                              torch.tensor(float(bad), device=dev, dtype=torch.float64)])
         dist.all_reduce(stats)
         loss = (stats[0] / cfg.global_batch).item()
@@ -403,28 +436,31 @@ class Run:
                     on_step_end(step, row)
                 if stopped:
                     if env.rank == 0:
-                        bar.write(f"SIGTERM: saved checkpoint at step {step}; exiting")
+                        bar.write(f"{stop.requested or 'a stop request'}: saved checkpoint at step {step}; exiting "
+                                  f"(the same command resumes it)")
                     break
         bar.close()
-        if top1 is None and not stopped:  # resumed at the end: report the final accuracy again
-            top1 = self.evaluate()
         if saved_at != step:
             self.save(step, seen, final=True)
-        result = {"step": step, "top1": top1, "out": str(self.out), "stopped_by_signal": stopped,
+        if stopped:  # not finished: no final accuracy (the last evaluation is in metrics.jsonl), no model folder
+            if env.rank == 0:
+                plot_curves(log.path, self.out / "curves.png")
+            return {"step": step, "top1": None, "out": str(self.out), "stopped_by_signal": True,
+                    "train_time_s": time.perf_counter() - t_run}
+        if top1 is None:  # resumed at the end: report the final accuracy again
+            top1 = self.evaluate()
+        result = {"step": step, "top1": top1, "out": str(self.out), "stopped_by_signal": False,
                   "train_time_s": time.perf_counter() - t_run}
-        if not stopped:
-            final = self._plain_model()  # FSDP2: gathered on every rank, once for both uses
-            result["model_dir"] = self._save_model_folder(final)
-            if cfg.fewshot:
-                result["fewshot"] = self._fewshot(final)
+        final = self._plain_model()  # FSDP2: gathered on every rank, once for both uses
+        result["model_dir"] = self._save_model_folder(final)
+        if cfg.fewshot:
+            result["fewshot"] = self._fewshot(final)
         if env.rank == 0:
             log.write({"step": step, "final_top1": top1, "train_time_s": result["train_time_s"],
                        **({"fewshot": result["fewshot"]} if "fewshot" in result else {})})
             plot_curves(log.path, self.out / "curves.png")
-            accuracy = "stopped before an evaluation" if top1 is None else f"held-out top-1 {100 * top1:.2f}%"
-            print(f"{accuracy} at step {step}; {result['train_time_s']:.1f} s; metrics {log.path}, "
-                  f"curves {self.out / 'curves.png'}" + (f", model {result['model_dir']}" if not stopped else ""),
-                  flush=True)
+            print(f"held-out top-1 {100 * top1:.2f}% at step {step}; {result['train_time_s']:.1f} s; metrics "
+                  f"{log.path}, curves {self.out / 'curves.png'}, model {result['model_dir']}", flush=True)
         return result
 
     def _save_model_folder(self, model) -> str:
@@ -477,7 +513,9 @@ def main(argv=None) -> list:
                 except ValueError as e:
                     parser.error(str(e))
                 results.append(run.fit())
-            if cfg.seeds > 1:
+                if results[-1]["stopped_by_signal"]:  # the other seeds are not started
+                    break
+            if cfg.seeds > 1 and not results[-1]["stopped_by_signal"]:
                 top1 = np.array([r["top1"] for r in results]) * 100
                 rank0_print(env, f"held-out top-1 over {cfg.seeds} seeds: {top1.mean():.2f} ± "
                                   f"{top1.std(ddof=1):.2f}% ({', '.join(f'{t:.2f}' for t in top1)})")

@@ -80,6 +80,16 @@ def test_finetune_from_pretrain_checkpoint(pretrained, tmp_path):
     assert checkpoint.read_config(checkpoint.step_path(tmp_path, 3))["model"]["kwargs"]["img_size"] == 32
 
 
+def test_init_refuses_another_model_name(pretrained, tmp_path, capsys):
+    """--model names an architecture; with --init of a run of another one it is an error, not ignored."""
+    out, _ = pretrained
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--recipe", "finetune", "--init", str(out), "--model", "vit_huge_patch14_224", "--steps", "1",
+              "--out", str(tmp_path / "ft")])
+    assert exit_info.value.code == 2
+    assert "--model vit_huge_patch14_224 cannot change the architecture" in capsys.readouterr().err
+
+
 def test_the_final_model_is_a_timm_hub_folder(pretrained):
     """out/model holds config.json + model.safetensors that timm and fastvit load ('local-dir:') as the run's final
     weights."""
@@ -191,25 +201,67 @@ def test_resume_with_more_steps_follows_the_new_schedule(pretrained, tmp_path):
     assert [lrs[151], lrs[152]] == pytest.approx([5e-3 * 2 / 142, 5e-3 * 1 / 142], rel=1e-12)
 
 
-def test_sigterm_saves_and_exits(tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "fastvit.train", "--steps", "100000", "--out", str(out),
-                             "--save-every", "100000", "--eval-every", "100000", *TINY_FLAGS],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _stop_after_steps(argv, out, sig, steps=3):
+    """Run ``python -m fastvit.train argv``, send ``sig`` once ``out`` logged ``steps`` steps; (returncode,
+    output)."""
+    proc = subprocess.Popen([sys.executable, "-m", "fastvit.train", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not ((out / "metrics.jsonl").exists() and len(rows(out, "loss")) >= 3):
+        while not ((out / "metrics.jsonl").exists() and len(rows(out, "loss")) >= steps):
             assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         output, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 0, output[-2000:]
+    return proc.returncode, output
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_signal_saves_and_exits(tmp_path, sig):
+    """SIGTERM (a scheduler's preemption) and Ctrl-C save a checkpoint at the end of the step and exit cleanly,
+    reporting no final accuracy (the run is not finished)."""
+    out = tmp_path / "run"
+    code, output = _stop_after_steps(["--steps", "100000", "--out", str(out), "--save-every", "100000",
+                                      "--eval-every", "100000", *TINY_FLAGS], out, sig)
+    assert code == 0, output[-2000:]
     last = rows(out, "loss")[-1]["step"]
-    assert f"SIGTERM: saved checkpoint at step {last}" in output
+    assert f"{sig.name}: saved checkpoint at step {last}" in output and "Traceback" not in output
     assert [p.name for p in checkpoint.resume_candidates(out)] == [f"step_{last:08d}"]
     assert 3 <= last < 100000
+    assert not rows(out, "final_top1") and not (out / "model").exists()
+
+
+def test_a_stop_signal_ends_a_multi_seed_run(tmp_path):
+    """--seeds 2 stopped during the first seed: that seed saves and the second is not started."""
+    out = tmp_path / "runs"
+    code, output = _stop_after_steps(["--seeds", "2", "--steps", "100000", "--out", str(out), "--save-every",
+                                      "100000", "--eval-every", "100000", *TINY_FLAGS], out / "seed_0",
+                                     signal.SIGTERM)
+    assert code == 0 and "Traceback" not in output, output[-2000:]
+    assert checkpoint.resume_candidates(out / "seed_0") and not (out / "seed_1").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--embed-dim", "16", "--num-heads", "2"], "embed_dim 32 -> 16"),
+    (["--seed", "7"], "--seed 0 -> 7"),
+    (["--steps", "100"], "--steps 100 is below step 150 of the checkpoint"),
+])
+def test_resuming_another_run_s_folder_is_refused(pretrained, tmp_path, capsys, flags, message):
+    """An --out holding another model's or data stream's checkpoints (or a finished run beyond --steps) is an
+    error naming the difference; nothing in the folder changes."""
+    out, _ = pretrained
+    shutil.copytree(out, tmp_path / "run")
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    base = ["--out", str(tmp_path / "run"), "--steps", "150", "--lr", "5e-3", "--warmup-steps", "10",
+            *TINY_FLAGS[:-2], "--global-batch", "64"]
+    argv = base + flags
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
@@ -238,6 +290,10 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     (["--img-size", "18"], "must be divisible by patch_size (4, 4)"),
     (["--seeds", "0"], "--seeds must be a positive integer, got 0"),
     (["--epochs", "-1"], "--epochs must be > 0, got -1.0"),
+    (["--embed-dim", "0"], "--embed-dim must be a positive integer, got 0"),
+    (["--depth", "-1"], "--depth must be a positive integer, got -1"),
+    (["--compile-mode", "bogus"], "--compile-mode must be one of ("),
+    (["--backend", "triton", "--device", "cpu"], "--backend triton needs a CUDA device"),
     (["--max-bad-frac", "2"], "--max-bad-frac must be in [0, 1], got 2.0"),
     (["--dist-timeout", "0"], "--dist-timeout must be > 0 seconds, got 0.0"),
     (["--decode", "gpu"], "--decode gpu decodes image files; --data digits has none"),
