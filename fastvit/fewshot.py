@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -96,6 +97,12 @@ def evaluate(model, train_set, test_set, shots=SHOTS, seeds=3, l2=1.0, batch_siz
     if not shots or any(int(k) < 1 for k in shots):
         raise ValueError(f"shots must be positive integers, got {shots}")
     labels = dataset_labels(train_set).numpy()
+    counts = np.bincount(labels)
+    for k in shots:
+        short = np.flatnonzero(counts < int(k))
+        if short.size:
+            warnings.warn(f"{k}-shot: {short.size} of {counts.size} classes have fewer than {k} training images "
+                          f"(the fewest {counts.min()}); those use all they have")
     picks = {(k, s): sample_shots(labels, int(k), s) for k in shots for s in range(seeds)}
     needed = np.unique(np.concatenate(list(picks.values())))
     train_feats, train_ok = features(model, torch.utils.data.Subset(train_set, needed.tolist()), batch_size)

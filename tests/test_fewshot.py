@@ -90,3 +90,15 @@ def test_evaluate_runner_on_digit_pixels():
     assert not np.array_equal(fewshot.sample_shots(train_y, 5, 0), fewshot.sample_shots(train_y, 5, 1))
     with pytest.raises(ValueError, match="seeds must be >= 1"):
         fewshot.evaluate(PixelFeatures(), data.train_eval, data.test, seeds=0)
+
+
+def test_more_shots_than_a_class_has_warns_and_uses_them_all():
+    from fastvit.data import DigitsSource
+
+    data = DigitsSource(8)
+    counts = np.bincount(data.train_eval.tensors[1].numpy())
+    with pytest.warns(UserWarning, match=rf"1000-shot: 10 of 10 classes have fewer than 1000 training images "
+                                         rf"\(the fewest {counts.min()}\)"):
+        results = fewshot.evaluate(PixelFeatures(), data.train_eval, data.test, shots=(1000,), seeds=1)
+    idx = fewshot.sample_shots(data.train_eval.tensors[1].numpy(), 1000, 0)
+    assert len(idx) == counts.sum() and 0 < results[1000]["mean"] <= 1

@@ -28,6 +28,23 @@ def written(tmp_path_factory):
     return root / "src", root / "wds", code, broken[0]
 
 
+def test_writing_into_an_earlier_write_is_refused_or_replaced(tmp_path, capsys):
+    """A second write into the same DST would leave the first one's extra shards beside its own: refused, or with
+    --overwrite replaced, so the folder holds exactly the manifest's shards."""
+    make_folder(tmp_path / "src")
+    args = [str(tmp_path / "src"), str(tmp_path / "wds"), "--workers", "0", "--no-verify"]
+    assert write_main(args + ["--shard-size", "3KB"]) == 0
+    assert len(list((tmp_path / "wds" / "train").glob("*.tar"))) > 1
+    with pytest.raises(SystemExit) as exit_info:
+        write_main(args + ["--shard-size", "1MB"])
+    assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert write_main(args + ["--shard-size", "1MB", "--overwrite"]) == 0
+    manifest = json.loads((tmp_path / "wds" / "manifest.json").read_text())
+    for split in ("train", "val"):
+        on_disk = sorted(p.name for p in (tmp_path / "wds" / split).glob("*.tar"))
+        assert on_disk == [s["name"] for s in manifest["splits"][split]["shards"]] and len(on_disk) == 1
+
+
 def test_writer_output_reads_back_through_webdataset(written):
     src, dst, code, broken = written
     assert code == 1  # one sample does not decode: reported, still written

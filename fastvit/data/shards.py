@@ -378,6 +378,21 @@ def verify(folder: str, workers: int = 0) -> list:
     return failed
 
 
+def _clear_earlier_write(dst, plan, overwrite):
+    """Shards an earlier write left where this one writes would be read with the new ones (a folder is all its
+    .tar files): removed with ``overwrite``, else an error."""
+    old = [p for _, folder, prefix in plan for p in sorted(glob.glob(os.path.join(glob.escape(folder),
+                                                                                  f"{prefix}-*.tar")))]
+    if old and not overwrite:
+        raise ValueError(f"DST {dst!r} already holds {len(old)} shard(s) of an earlier write ({old[0]}, ...), which "
+                         f"a reader of the folder would take with the new ones; pass --overwrite to replace them, or "
+                         f"choose an empty DST")
+    for path in old + [os.path.join(dst, MANIFEST)]:
+        for file in (path, path + INDEX_SUFFIX):
+            if os.path.exists(file):
+                os.remove(file)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastvit.data.shards", description=(
         "Write an ImageFolder (SRC/train and SRC/val or SRC/test, or SRC itself as one split) as WebDataset tar "
@@ -389,6 +404,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="processes for the verify pass (0: in this process)")
     parser.add_argument("--no-verify", action="store_true", help="skip decoding every sample after writing")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the shards (and manifest) an earlier write left in DST")
     args = parser.parse_args(argv)
     try:
         shard_size = parse_size(args.shard_size)
@@ -399,6 +416,7 @@ def main(argv=None) -> int:
             raise ValueError(f"SRC {args.src!r} has {splits} but no train/ folder")
         plan = [(os.path.join(args.src, s), os.path.join(args.dst, s), s) for s in splits] or \
                [(args.src, args.dst, "shard")]
+        _clear_earlier_write(args.dst, plan, args.overwrite)
         manifest = {"source": os.path.abspath(args.src), "shard_size": shard_size, "seed": args.seed, "splits": {}}
         classes, sources = None, {}
         for src, dst, name in plan:
