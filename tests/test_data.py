@@ -223,6 +223,8 @@ def test_decode_image_is_pil_for_every_jpeg_mode_and_names_what_is_broken():
     jpeg = encode(pixels, "JPEG")
     with pytest.raises(OSError, match="image file is truncated"):
         decode_image(jpeg[:len(jpeg) // 2])
+    with pytest.raises(OSError, match=r"cannot identify image data \(9 bytes, starting b'not an i'\)"):
+        decode_image(b"not an im")  # PIL's own message would name a BytesIO object
 
 
 def test_folder_samples_read_files(tmp_path):
@@ -231,6 +233,10 @@ def test_folder_samples_read_files(tmp_path):
     assert samples.classes == ["cat", "dog", "owl"] and len(samples) == 18
     assert samples.read(0) == Path(samples.name(0)).read_bytes()
     assert decode_image(samples.read(0)).shape == (3, *SIZES[0])
+    (tmp_path / "train" / "yak").mkdir()  # a class folder without images: the error says where
+    with pytest.raises(ValueError, match=r"ImageFolder .*train: Found no valid file for the classes yak.*every class "
+                                         r"folder needs at least one image"):
+        FolderSamples(str(tmp_path / "train"))
 
 
 def test_fewshot_leaves_unreadable_images_out(tmp_path):

@@ -131,6 +131,11 @@ def test_bad_shard_input_gives_clear_errors(written, tmp_path):
     with pytest.warns(RuntimeWarning, match="empty.tar holds no samples; skipped"):
         samples = ShardSamples([str(tmp_path / "empty.tar"), str(first)])
     assert samples.paths == [str(first)]
+    (tmp_path / "zero.tar").write_bytes(b"")  # a zero-byte file is an empty shard too
+    with pytest.warns(RuntimeWarning, match="zero.tar holds no samples; skipped"):
+        assert ShardSamples([str(tmp_path / "zero.tar"), str(first)]).paths == [str(first)]
+    with pytest.raises(ValueError, match=r"wildcards \(\* \? \[...\]\) are not expanded: pass the folder"):
+        expand(str(dst / "train" / "*.tar"))
     with pytest.raises(ValueError, match="pass the held-out shards with --val-data"):
         ShardSource(pattern, None, 16)
     with pytest.raises(ValueError, match="needs train/ and val/"):

@@ -34,9 +34,15 @@ JPEG_MAGIC = b"\xff\xd8"  # the first bytes of every JPEG file
 
 def decode_pil(data: bytes) -> torch.Tensor:
     """An encoded image (JPEG, PNG, WebP, ...) as a (3, H, W) uint8 tensor, through PIL (grey, palette, CMYK and
-    alpha images converted to RGB). Raises whatever PIL raises on a broken file."""
-    from PIL import Image
-    with Image.open(io.BytesIO(data)) as image:
+    alpha images converted to RGB). Raises whatever PIL raises on a broken file; for data PIL cannot identify, with
+    the data's size and first bytes where PIL names a BytesIO object."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(f"cannot identify image data ({len(data)} bytes, starting {data[:8]!r})") \
+            from None
+    with image:
         rgb = np.asarray(image.convert("RGB"))
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 

@@ -15,6 +15,7 @@ shard sizes alone, never on the number of ranks, workers or micro-batches.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import multiprocessing
@@ -82,8 +83,10 @@ def expand(spec: str) -> list:
     names = _webdataset().shardlists.expand_urls(spec)
     missing = [n for n in names if not os.path.isfile(n)]
     if len(missing) == len(names):
+        glob_hint = ("; wildcards (* ? [...]) are not expanded: pass the folder of the shards or a brace pattern "
+                     "such as train-{0000..0999}.tar") if any(c in spec for c in "*?[") else ""
         raise ValueError(f"shard pattern {spec!r} matches no file (it expands to {len(names)} name(s), the first "
-                         f"{names[0]!r})")
+                         f"{names[0]!r}){glob_hint}")
     if missing:
         raise ValueError(f"shard pattern {spec!r}: {len(missing)} of {len(names)} shards do not exist "
                          f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
@@ -98,7 +101,8 @@ def scan_shard(path: str) -> dict:
     base_plus_ext = _webdataset().tariterators.base_plus_ext
     entries, order = {}, []
     try:
-        with tarfile.open(path, "r:") as tar:
+        # a zero-byte file is an empty shard (skipped with a warning, as an empty tar is), not a broken one
+        with tarfile.open(path, "r:") if os.path.getsize(path) else contextlib.nullcontext(()) as tar:
             try:
                 for member in tar:
                     if not member.isfile():

@@ -131,7 +131,10 @@ class FolderSamples(Samples):
 
     def __init__(self, root: str):
         from torchvision import datasets
-        folder = datasets.ImageFolder(root)
+        try:
+            folder = datasets.ImageFolder(root)
+        except FileNotFoundError as e:  # torchvision's message names the class, not where it is
+            raise ValueError(f"ImageFolder {root}: {e}".rstrip() + "; every class folder needs at least one image")
         self.classes, self.paths = folder.classes, [path for path, _ in folder.samples]
         self.labels = np.asarray(folder.targets, dtype=np.int64)
 
