@@ -1,6 +1,9 @@
 """Models rebuilt for ``--init`` and few-shot evaluation: from a fastvit training checkpoint (the architecture stored
-in its config.json) or from a weights file in any layout ``fastvit.convert`` reads."""
+in its config.json), a timm model folder (a run's ``out/model``, ``save_pretrained``'s output) or a weights file in
+any layout ``fastvit.convert`` reads."""
 from __future__ import annotations
+
+import os
 
 import fastvit
 from fastvit import checkpoint
@@ -11,6 +14,8 @@ def load_pretrained(init, model_name, overrides: dict, name_given=False):
     """Build a model and load pretrained weights: a fastvit training checkpoint (its stored architecture) or a
     weights file (``model_name`` with ``overrides``, headless). Returns (model, model name, constructor kwargs).
     ``name_given``: the user named ``model_name`` (--model), so a checkpoint of another model is an error."""
+    if all(os.path.isfile(os.path.join(init, f)) for f in ("config.json", "model.safetensors")):
+        return _from_model_folder(init, model_name, overrides, name_given)
     ckpt = checkpoint.find_checkpoint(init)
     if ckpt is None:
         kwargs = {k: v for k, v in overrides.items() if k != "num_classes"}
@@ -32,6 +37,19 @@ def load_pretrained(init, model_name, overrides: dict, name_given=False):
     state = {"model": model.state_dict()}
     checkpoint.load(ckpt, state)
     return model, stored["name"], kwargs
+
+
+def _from_model_folder(folder, model_name, overrides, name_given):
+    """A timm model folder's architecture and weights, with ``overrides`` (not its head size or image size)."""
+    from fastvit.pretrained import read_model_config
+    _, arch, args = read_model_config("local-dir", folder)
+    if name_given and model_name != arch:
+        raise ValueError(f"--model {model_name} cannot change the architecture of {folder} (it holds {arch}); leave "
+                         f"--model out to take the folder's")
+    kwargs = {k: v for k, v in overrides.items() if k not in ("num_classes", "img_size")}
+    model = fastvit.create_model(f"local-dir:{folder}", pretrained=True, **kwargs)
+    return model, arch, {**args, **kwargs, "num_classes": model.num_classes,
+                         "img_size": tuple(model.patch_embed.img_size)}
 
 
 def load_model_for_eval(init, model_name=None, img_size=None, **arch):

@@ -80,6 +80,19 @@ def test_finetune_from_pretrain_checkpoint(pretrained, tmp_path):
     assert checkpoint.read_config(checkpoint.step_path(tmp_path, 3))["model"]["kwargs"]["img_size"] == 32
 
 
+def test_init_from_the_run_s_model_folder_equals_init_from_its_checkpoint(pretrained, tmp_path):
+    """out/model (a timm folder of the final weights) works as --init, as the run folder does: the same losses."""
+    out, _ = pretrained
+    losses = []
+    for name, init in (("folder", out / "model"), ("run", out)):
+        train(TrainConfig(recipe="finetune", init=str(init), out=str(tmp_path / name), steps=2, img_size=16,
+                          global_batch=32, warmup_steps=1, eval_every=2))
+        losses.append([r["loss"] for r in rows(tmp_path / name, "loss")])
+    assert losses[0] == losses[1] and losses[0][0] == pytest.approx(math.log(10), abs=1e-6)
+    stored = json.loads((tmp_path / "folder" / "config.json").read_text())["model"]
+    assert stored["kwargs"]["embed_dim"] == 32 and stored["kwargs"]["num_classes"] == 10
+
+
 def test_init_refuses_another_model_name(pretrained, tmp_path, capsys):
     """--model names an architecture; with --init of a run of another one it is an error, not ignored."""
     out, _ = pretrained
