@@ -92,8 +92,9 @@ def main(argv=None):
                         help="comma list of pos_embed:pos_embed_at pairs (default: all of Table 8)")
     parser.add_argument("--out", default="results", help="folder for ablation.json / .png and the run folders")
     args, rest = parser.parse_known_args(argv)
-    pairs = [tuple(item.split(":")) for item in common.split_list(args.variants)]
-    unknown = [f"{v}:{p}" for v, p in pairs if (v, p) not in PAPER]
+    items = common.split_list(args.variants)
+    pairs = list(dict.fromkeys(tuple(item.split(":", 1)) for item in items))  # a repeated variant runs once
+    unknown = [":".join(pair) for pair in pairs if pair not in PAPER]
     if unknown:
         parser.error(f"--variants: {unknown} are not in Table 8; choose from {[f'{v}:{p}' for v, p in PAPER]}")
     if args.seeds < 1 or args.fewshot_seeds < 1:

@@ -99,7 +99,9 @@ def find_checkpoint(path) -> Path | None:
     if path.is_dir():
         found = resume_candidates(path)
         if not found:
-            raise ValueError(f"{path} holds no complete training checkpoint")
+            seeds = sorted(p.name for p in path.glob("seed_*") if p.is_dir())
+            hint = f" (a --seeds run: pass one of its folders, {', '.join(seeds[:3])}, ...)" if seeds else ""
+            raise ValueError(f"{path} holds no complete training checkpoint{hint}")
         return found[0]
     return None
 

@@ -259,8 +259,10 @@ def check(cfg: TrainConfig, world: int) -> None:
     _need(cfg.recipe != "finetune" or cfg.init, "--recipe finetune needs --init PATH (a pretrain checkpoint folder, "
                                                 "a pretrain run's --out folder or a weights file)")
     check_init(cfg.init)
+    _need(cfg.out is None or not os.path.exists(cfg.out) or os.path.isdir(cfg.out),
+          f"--out {cfg.out!r} is a file; --out names the run's folder")
     _need(cfg.resume in ("auto", "none") or os.path.isdir(cfg.resume),
-          f"--resume must be 'auto', 'none' or an existing checkpoint folder, got {cfg.resume!r}")
+          f"--resume must be 'auto', 'none' or an existing checkpoint folder (or run folder), got {cfg.resume!r}")
     _need(cfg.peak_tflops is None or cfg.peak_tflops > 0, f"--peak-tflops must be > 0, got {cfg.peak_tflops}")
     _need(0 <= cfg.max_bad_frac <= 1, f"--max-bad-frac must be in [0, 1], got {cfg.max_bad_frac}")
     _need(cfg.dist_timeout > 0, f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}")

@@ -255,8 +255,8 @@ class Run:
             self._check_same_run()
         for path in candidates:
             try:
-                if explicit:
-                    checkpoint.check_complete(path)
+                if explicit:  # a checkpoint folder, or a run folder's newest complete checkpoint
+                    path = checkpoint.find_checkpoint(path)
                 step, seen, self.bad_total = self._load(path)
             except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
                 reason = checkpoint.failure_reason(e)

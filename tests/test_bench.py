@@ -342,11 +342,17 @@ def test_gpu_suite_keeps_to_its_budget(tmp_path):
     assert bad.returncode == 2 and "--budget takes whole seconds, got 'soon'" in bad.stderr
 
 
+def test_ablation_names_a_variant_without_placement(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/ablation.py", "--variants", "learn", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--variants: ['learn'] are not in Table 8" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_ablation_smoke(tmp_path):
-    """bench/ablation.py with tiny settings: two Table 8 variants x 2 seeds, 5-shot accuracy per run, the table
-    beside the paper's values, JSON and PNG."""
+    """bench/ablation.py with tiny settings: two Table 8 variants (one named twice: it runs once) x 2 seeds, 5-shot
+    accuracy per run, the table beside the paper's values, JSON and PNG."""
     out = _run([sys.executable, "bench/ablation.py", "--seeds", "2", "--fewshot-seeds", "1", "--variants",
-                "none:stem,learn_2d:every_layer_shared", "--steps", "3", "--embed-dim", "32", "--depth", "2",
+                "none:stem,learn_2d:every_layer_shared,none:stem", "--steps", "3", "--embed-dim", "32", "--depth", "2",
                 "--num-heads", "2", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "ablation.json").read_text())
     assert [(r["variant"], r["placement"], r["seed"]) for r in data["runs"]] == [

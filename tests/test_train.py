@@ -93,6 +93,18 @@ def test_init_from_the_run_s_model_folder_equals_init_from_its_checkpoint(pretra
     assert stored["kwargs"]["embed_dim"] == 32 and stored["kwargs"]["num_classes"] == 10
 
 
+def test_resume_takes_a_run_folder_and_a_seeds_folder_is_named(pretrained, tmp_path):
+    """--resume RUN_FOLDER continues from its newest complete checkpoint (as --init takes run folders); a --seeds
+    parent folder, which holds none itself, is named as such."""
+    out, _ = pretrained
+    train(TrainConfig(out=str(tmp_path / "more"), resume=str(out), steps=152, lr=5e-3, warmup_steps=10,
+                      eval_every=152, **{**TINY, "global_batch": 64}))
+    assert [r["step"] for r in rows(tmp_path / "more", "loss")] == [151, 152]
+    (tmp_path / "seeds" / "seed_0").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"a --seeds run: pass one of its folders, seed_0"):
+        checkpoint.find_checkpoint(tmp_path / "seeds")
+
+
 def test_init_refuses_another_model_name(pretrained, tmp_path, capsys):
     """--model names an architecture; with --init of a run of another one it is an error, not ignored."""
     out, _ = pretrained
@@ -303,6 +315,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     (["--img-size", "18"], "must be divisible by patch_size (4, 4)"),
     (["--seeds", "0"], "--seeds must be a positive integer, got 0"),
     (["--epochs", "-1"], "--epochs must be > 0, got -1.0"),
+    (["--out", __file__], "is a file; --out names the run's folder"),
     (["--embed-dim", "0"], "--embed-dim must be a positive integer, got 0"),
     (["--depth", "-1"], "--depth must be a positive integer, got -1"),
     (["--compile-mode", "bogus"], "--compile-mode must be one of ("),
