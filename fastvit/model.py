@@ -116,8 +116,10 @@ def layer_norm(norm, h, residual, backend):
     if fusable_layer_norm(norm) and not is_fx_symbolic_tracing():
         if h.dtype in _HALF and torch.is_autocast_enabled(h.device.type):
             # the output takes the first operand's dtype: the fp32 one goes first (the same sum)
-            h, residual = (residual, h) if residual is not None and residual.dtype not in _HALF else (h.float(),
-                                                                                                      residual)
+            if residual is not None and residual.dtype not in _HALF:
+                h, residual = residual, h
+            else:
+                h = h.float()
         return ops.add_layer_norm(h, residual, *weight_and_bias(norm), norm.eps, backend=backend)
     z = h if residual is None else h + residual
     return norm(z), z
