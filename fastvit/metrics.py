@@ -6,13 +6,18 @@ from pathlib import Path
 
 
 class MetricsLog:
-    """JSON lines in <out>/metrics.jsonl, written by rank 0; on resume, rows after the resumed step are dropped."""
+    """JSON lines in <out>/metrics.jsonl, written by rank 0. On resume, rows after the resumed step are dropped, and
+    the final record of a run resumed at its end (which writes it again); ``elapsed`` is the training time the kept
+    rows reached, so that ``time`` goes on counting across restarts."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int):
-        self.path, self.enabled = path, enabled
+        self.path, self.enabled, self.elapsed = path, enabled, 0.0
         if enabled:
             rows = self.read(path) if path.exists() else []
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= resume_step))
+            rows = [r for r in rows if r.get("step", 0) < resume_step
+                    or (r.get("step", 0) == resume_step and "final_top1" not in r)]
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            self.elapsed = max((r["time"] for r in rows if "time" in r), default=0.0)
 
     @staticmethod
     def read(path) -> list:

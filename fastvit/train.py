@@ -406,7 +406,7 @@ class Run:
         batches = self.data.loader(plan, cfg.seed)
         bar = progress(total=cfg.steps, initial=start, disable=env.rank != 0, desc=cfg.recipe)
         step, top1, saved_at, stopped = start, None, start if resumed_from else None, False
-        speed, t_run = None, time.perf_counter()
+        speed, t_run = None, time.perf_counter() - log.elapsed  # training time goes on from a resumed step
         self.core.train()
         with _StopRequest() as stop:
             while step < cfg.steps:

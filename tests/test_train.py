@@ -215,6 +215,19 @@ def test_resume_skips_corrupt_checkpoints_and_is_exact(tmp_path):
     assert not (root / "step_00000005.tmp").exists()
 
 
+def test_resume_keeps_one_final_record_and_counts_time_on(tmp_path):
+    """metrics.jsonl over restarts: training time goes on from the resumed step, and a run resumed (or rerun) at
+    its end replaces its final record instead of adding one."""
+    cfg = TrainConfig(out=str(tmp_path), steps=4, save_every=2, eval_every=4, warmup_steps=1, **TINY)
+    for run_cfg in (dataclasses.replace(cfg, steps=2), cfg, cfg):
+        train(run_cfg)
+    steps = rows(tmp_path, "loss")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    times = [r["time"] for r in steps]
+    assert times == sorted(times) and times[2] > times[1]
+    assert [r["step"] for r in rows(tmp_path, "final_top1")] == [4]
+
+
 def test_resume_with_more_steps_follows_the_new_schedule(pretrained, tmp_path):
     """--steps raised on resume: the restored LambdaLR follows the flags (linear decay now ends at step 152)."""
     out, _ = pretrained
