@@ -289,7 +289,7 @@ class Attention(nn.Module):
     """
 
     def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, rel_pos_grid=None,
-                 class_token=True):
+                 class_token=True, qk_norm=False, scale_norm=False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
@@ -299,7 +299,12 @@ class Attention(nn.Module):
         self.fused_attn = True
         self.backend = "auto"
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        # timm's options, nn.Identity placeholders when off: LayerNorms of q and k per head, and of the heads'
+        # output before the projection
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = nn.LayerNorm(dim, eps=1e-6) if scale_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.rel_pos_grid = None if rel_pos_grid is None else _pair(rel_pos_grid)
@@ -327,6 +332,7 @@ class Attention(nn.Module):
             grid_size = self.rel_pos_grid if grid_size is None else grid_size
             rel_bias = resample_rel_pos_table(self.rel_pos_table, self.rel_pos_grid, grid_size)
         modules = self._modules
+        q, k = call(modules["q_norm"], q), call(modules["k_norm"], k)
         attn_drop = modules["attn_drop"]
         if self.fused_attn and runs_unmodified(attn_drop, nn.Dropout):
             out = ops.attention(q, k, v, rel_bias=rel_bias, grid_size=grid_size,
@@ -336,7 +342,8 @@ class Attention(nn.Module):
             if rel_bias is not None:
                 attn = attn + relative_bias_dense(rel_bias, grid_size, N).to(attn.dtype)
             out = attn_drop(attn.softmax(dim=-1)) @ v
-        return call(modules["proj_drop"], linear(modules["proj"], out.transpose(1, 2).reshape(B, N, D3 // 3)))
+        out = call(modules["norm"], out.transpose(1, 2).reshape(B, N, D3 // 3))
+        return call(modules["proj_drop"], linear(modules["proj"], out))
 
 
 class Mlp(nn.Module):
@@ -419,11 +426,13 @@ class Block(nn.Module):
     """Pre-LN encoder block: z' = MSA(LN(z)) + z, then z_out = MLP(LN(z')) + z'."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_drop=0.0, attn_drop=0.0,
-                 drop_path=0.0, init_values=None, rel_pos_grid=None, class_token=True):
+                 drop_path=0.0, init_values=None, rel_pos_grid=None, class_token=True, qk_norm=False,
+                 scale_attn_norm=False):
         super().__init__()
         self.backend = "auto"
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, rel_pos_grid, class_token)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, rel_pos_grid, class_token, qk_norm,
+                              scale_attn_norm)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
@@ -479,11 +488,13 @@ class VisionTransformer(nn.Module):
     concatenated per patch), 'none', 'rel' (learned relative-position attention bias per head).
     pos_embed_at: 'stem' (added once to z_0), 'every_layer' (a separate table added before each block),
     'every_layer_shared' (one table added before every block). backend: 'auto' | 'torch' | 'triton'.
-    dynamic_img_pad: zero-pad images to whole patches (timm's; with dynamic_img_size, any image size runs).
-    pre_norm: a LayerNorm on z_0 before the blocks (``norm_pre``, timm's option for CLIP-style models; an
-    nn.Identity placeholder otherwise, as in timm). residual_dtype: the dtype of the residual stream z under autocast: float32 (default: the sums, LayerNorm
+    residual_dtype: the dtype of the residual stream z under autocast: float32 (default: the sums, LayerNorm
     inputs and what backward keeps of them stay fp32), bfloat16 / float16, or 'autocast' for the autocast dtype
     (16-bit saves 4 D bytes per token per block and rounds every residual add).
+    timm's options beyond the paper: dynamic_img_pad (zero-pad images to whole patches), pre_norm (a LayerNorm on
+    z_0 before the blocks, ``norm_pre``, CLIP's layout), qk_norm (LayerNorms of q and k per head),
+    scale_attn_norm (a LayerNorm of the attention output before its projection), final_norm=False (no final norm);
+    where off, the norms are nn.Identity placeholders that run when replaced, as in timm.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
@@ -491,7 +502,7 @@ class VisionTransformer(nn.Module):
                  class_token=True, pos_embed="learn", no_embed_class=False, fc_norm=None, dynamic_img_size=False,
                  drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
                  embed_layer=PatchEmbed, pos_embed_at="stem", backend="auto", residual_dtype=torch.float32,
-                 pre_norm=False, dynamic_img_pad=False):
+                 pre_norm=False, dynamic_img_pad=False, qk_norm=False, scale_attn_norm=False, final_norm=True):
         super().__init__()
         pos_embed = "none" if pos_embed == "" else pos_embed
         _check_choice("global_pool", global_pool, GLOBAL_POOLS)
@@ -543,14 +554,15 @@ class VisionTransformer(nn.Module):
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth decay rule
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], init_values,
-                  rel_pos_grid=grid if pos_embed == "rel" else None, class_token=class_token)
+                  rel_pos_grid=grid if pos_embed == "rel" else None, class_token=class_token, qk_norm=qk_norm,
+                  scale_attn_norm=scale_attn_norm)
             for i in range(depth)])
         stride = getattr(self.patch_embed, "token_stride", self.patch_embed.patch_size)
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=max(stride))
                              for i in range(depth)]
         use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if not use_fc_norm else nn.Identity()
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if final_norm and not use_fc_norm else nn.Identity()
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
