@@ -364,8 +364,10 @@ def aot_specs(shape, dtype):
 
     Under AMP (fp32 weights, activations in ``dtype``, fp32 residual stream): the first LayerNorm and the backward's
     recomputation (fp32 input, no residual, fp32 output) and the residual add (``dtype`` branch + fp32 residual);
-    their backwards (all fp32; ``dtype`` gradient with an fp32 residual gradient, with or without a gradient
-    reaching the new residual). Under AMP with a ``dtype`` residual stream (``residual_dtype``) and in a model cast
+    their backwards (all fp32; ``dtype`` gradient with an fp32 residual gradient and a gradient reaching the new
+    residual). The model's final norm under AMP returns fp32 (autocast's LayerNorm dtype), with either residual
+    stream: fp32 first operand, ``dtype`` residual, fp32 output, and its backward (fp32, with a separate residual
+    gradient), on every token or one per image. Under AMP with a ``dtype`` residual stream (``residual_dtype``) and in a model cast
     to ``dtype`` (weights in ``dtype`` too): with and without a residual, and the backwards with and without a
     residual gradient. Placeholders are passed as the launchers pass
     them (x for a missing residual, y for an unstored one, dy and dx for unused gradients), unused strides as 0.
@@ -377,12 +379,12 @@ def aot_specs(shape, dtype):
     specs = []
     # forward: (label, X, residual (None: none), weights, STORE_RESIDUAL)
     for label, x_t, r_t, w_t in (("amp first/recompute", "*fp32", None, "*fp32"),
-                                 ("amp residual", act, "*fp32", "*fp32"), ("amp16", act, None, "*fp32"),
-                                 ("amp16 residual", act, act, "*fp32"),
+                                 ("amp residual", act, "*fp32", "*fp32"), ("amp final norm", "*fp32", act, "*fp32"),
+                                 ("amp16", act, None, "*fp32"), ("amp16 residual", act, act, "*fp32"),
                                  ("half", act, None, act), ("half residual", act, act, act)):
         store = r_t is not None
-        res_t = r_t if store else x_t
-        args = {"X": x_t, "R": res_t, "W": w_t, "B": w_t, "Y": x_t, "RES_OUT": res_t, **stats,
+        res_t = ("*fp32" if "*fp32" in (x_t, r_t) else r_t) if store else x_t  # torch.promote_types
+        args = {"X": x_t, "R": r_t or x_t, "W": w_t, "B": w_t, "Y": x_t, "RES_OUT": res_t, **stats,
                 "stride_x": d, "stride_r": d, "stride_y": d, "stride_res": d if store else 0, "n_cols": d,
                 "eps": 1e-6}
         specs.append(spec_from_launch("add_layer_norm_fwd", _add_ln_fwd_kernel, args,
@@ -391,13 +393,13 @@ def aot_specs(shape, dtype):
     # backward: (label, dY, residual, weights, HAS_DRES, a separate (fp32) residual gradient, rows); the final
     # norm of a class-token model normalises one row per image, one row per program (an int Triton specialises)
     backward = [("amp first", "*fp32", "*fp32", "*fp32", False, False, rows),
-                ("amp residual", act, "*fp32", "*fp32", False, True, rows),
                 ("amp residual+dres", act, "*fp32", "*fp32", True, True, rows),
+                ("amp final norm", "*fp32", "*fp32", "*fp32", False, True, rows),
                 ("amp16", act, act, "*fp32", False, False, rows),
                 ("amp16 residual+dres", act, act, "*fp32", True, False, rows),
                 ("half", act, act, act, False, False, rows), ("half residual+dres", act, act, act, True, False, rows)]
     backward += [(f"{label} class token", *types, AOT_IMAGES) for label, *types, _ in backward
-                 if label in ("amp residual", "amp16", "half")]
+                 if label in ("amp final norm", "half")]
     for label, dy_t, res_t, w_t, has_dres, separate, n_rows in backward:
         args = {"DY": dy_t, "DRES_OUT": res_t if has_dres else dy_t, "RES": res_t, "W": w_t, **stats, "DX": dy_t,
                 "DRES_IN": res_t if separate else dy_t, "DW_PART": "*fp32", "DB_PART": "*fp32",
