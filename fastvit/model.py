@@ -350,12 +350,14 @@ class Mlp(nn.Module):
     """MLP(z) = GELU(z W_1 + b_1) W_2 + b_2, exact (erf) GELU; the GELU is fused with fc2 (recomputed in its
     backward, so the hidden activation is kept once, as fc1's output)."""
 
-    def __init__(self, in_features, hidden_features, drop=0.0):
+    def __init__(self, in_features, hidden_features, drop=0.0, scale_norm=False):
         super().__init__()
         self.backend = "auto"
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.act = nn.GELU()
         self.drop1 = nn.Dropout(drop)
+        # timm's option, an nn.Identity placeholder when off: a LayerNorm of the activation before fc2
+        self.norm = nn.LayerNorm(hidden_features, eps=1e-6) if scale_norm else nn.Identity()
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop2 = nn.Dropout(drop)
 
@@ -371,22 +373,23 @@ class Mlp(nn.Module):
     def activate(self, h):
         """GELU(h) W_2 + b_2 from fc1's output h (the block may fuse fc1 with its LayerNorm).
 
-        fc2 recomputes the GELU in backward, unless something must see the activation: dropout, or an edited
+        fc2 recomputes the GELU in backward, unless something must see the activation: dropout, a norm, or an edited
         drop1 / fc2 (then the GELU runs alone); an edited act runs as it is.
         """
         if not self.fused_activation:
-            return self.drop2(self.fc2(self.drop1(self.act(h))))
+            return self.drop2(self.fc2(call(self.norm, self.drop1(self.act(h)))))
         if not self.gelu_fuses_into_fc2:
-            return self.drop2(self.fc2(self.drop1(ops.bias_gelu(h, None, backend=self.backend))))
+            return self.drop2(self.fc2(call(self.norm, self.drop1(ops.bias_gelu(h, None, backend=self.backend)))))
         return self.drop2(ops.bias_gelu_linear(h, None, self.fc2.weight, self.fc2.bias, backend=self.backend))
 
     @property
     def gelu_fuses_into_fc2(self) -> bool:
         """Whether the GELU may run inside fc2's op: a fused activation, and nothing between them that must see it
-        (active dropout, an edited drop1 or fc2)."""
-        drop1 = self._modules["drop1"]
+        (active dropout, a norm, an edited drop1 or fc2)."""
+        m = self._modules
+        drop1 = m["drop1"]
         return (self.fused_activation and not (self.training and drop1.p > 0) and runs_unmodified(drop1, nn.Dropout)
-                and runs_unmodified(self._modules["fc2"], nn.Linear))
+                and runs_unmodified(m["norm"], nn.Identity) and runs_unmodified(m["fc2"], nn.Linear))
 
 
 class LayerScale(nn.Module):
@@ -427,7 +430,7 @@ class Block(nn.Module):
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_drop=0.0, attn_drop=0.0,
                  drop_path=0.0, init_values=None, rel_pos_grid=None, class_token=True, qk_norm=False,
-                 scale_attn_norm=False):
+                 scale_attn_norm=False, scale_mlp_norm=False):
         super().__init__()
         self.backend = "auto"
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -436,7 +439,7 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop, scale_mlp_norm)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
@@ -493,7 +496,8 @@ class VisionTransformer(nn.Module):
     (16-bit saves 4 D bytes per token per block and rounds every residual add).
     timm's options beyond the paper: dynamic_img_pad (zero-pad images to whole patches), pre_norm (a LayerNorm on
     z_0 before the blocks, ``norm_pre``, CLIP's layout), qk_norm (LayerNorms of q and k per head),
-    scale_attn_norm (a LayerNorm of the attention output before its projection), final_norm=False (no final norm);
+    scale_attn_norm / scale_mlp_norm (a LayerNorm before the attention's projection / before fc2),
+    final_norm=False (no final norm);
     where off, the norms are nn.Identity placeholders that run when replaced, as in timm.
     """
 
@@ -502,7 +506,8 @@ class VisionTransformer(nn.Module):
                  class_token=True, pos_embed="learn", no_embed_class=False, fc_norm=None, dynamic_img_size=False,
                  drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
                  embed_layer=PatchEmbed, pos_embed_at="stem", backend="auto", residual_dtype=torch.float32,
-                 pre_norm=False, dynamic_img_pad=False, qk_norm=False, scale_attn_norm=False, final_norm=True):
+                 pre_norm=False, dynamic_img_pad=False, qk_norm=False, scale_attn_norm=False, scale_mlp_norm=False,
+                 final_norm=True):
         super().__init__()
         pos_embed = "none" if pos_embed == "" else pos_embed
         _check_choice("global_pool", global_pool, GLOBAL_POOLS)
@@ -555,7 +560,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], init_values,
                   rel_pos_grid=grid if pos_embed == "rel" else None, class_token=class_token, qk_norm=qk_norm,
-                  scale_attn_norm=scale_attn_norm)
+                  scale_attn_norm=scale_attn_norm, scale_mlp_norm=scale_mlp_norm)
             for i in range(depth)])
         stride = getattr(self.patch_embed, "token_stride", self.patch_embed.patch_size)
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=max(stride))

@@ -29,6 +29,7 @@ TIMM_CONFIGS = [
     dict(global_pool="max"),
     dict(global_pool="avgmax", fc_norm=False),
     dict(qk_norm=True, scale_attn_norm=True),
+    dict(scale_mlp_norm=True),
     dict(final_norm=False),
     dict(final_norm=False, global_pool="avg"),
     dict(init_values=1e-2),

@@ -365,14 +365,14 @@ def test_attention_dropout_is_an_nn_dropout_as_in_timm():
     assert torch.equal(model(x), model(x))
 
 
-@pytest.mark.parametrize("path", ["norm_pre", "patch_embed.norm"])
+@pytest.mark.parametrize("path", ["norm_pre", "patch_embed.norm", "blocks.1.mlp.norm", "blocks.0.attn.norm"])
 def test_a_norm_put_in_timms_placeholders_runs(path):
-    """timm keeps nn.Identity placeholders for a norm on the patch tokens and before the blocks; a LayerNorm put
-    there runs, on fastvit as on timm."""
+    """timm keeps nn.Identity placeholders for norms (on the patch tokens, before the blocks, before the
+    attention's projection and before fc2); a LayerNorm put there runs, on fastvit as on timm."""
     model, ref = pair()
     for net in (model, ref):
         torch.manual_seed(0)
-        norm = nn.LayerNorm(64)
+        norm = nn.LayerNorm(256 if ".mlp." in path else 64)  # the MLP's is over its hidden width
         nn.init.normal_(norm.weight)
         _replace(net, path, lambda _, norm=norm: norm)
     x = images()
