@@ -562,7 +562,7 @@ class VisionTransformer(nn.Module):
                   rel_pos_grid=grid if pos_embed == "rel" else None, class_token=class_token, qk_norm=qk_norm,
                   scale_attn_norm=scale_attn_norm, scale_mlp_norm=scale_mlp_norm)
             for i in range(depth)])
-        stride = getattr(self.patch_embed, "token_stride", self.patch_embed.patch_size)
+        stride = self._embed_geometry[1]
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=max(stride))
                              for i in range(depth)]
         use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
