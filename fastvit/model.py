@@ -24,7 +24,8 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.utils.checkpoint import checkpoint
 
 from fastvit import ops
-from fastvit.registry import register_model
+from fastvit.attention_pool import AttentionPoolLatent
+from fastvit.registry import register_model, timm_archs
 from fastvit.kernels.flash_attention import num_relative_positions, relative_bias_dense
 from fastvit.resample import (_pair, resample_abs_pos_embed, resample_patch_embed, resample_pos_embed_1d,
                               resample_rel_pos_table)
@@ -34,7 +35,42 @@ POS_EMBED_AT = ("stem", "every_layer", "every_layer_shared")
 # residual_dtype choices, by name (as flags and config.json give them) or as torch dtypes
 RESIDUAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                    "autocast": "autocast"}
-GLOBAL_POOLS = ("token", "avg", "avgmax", "max", "")
+GLOBAL_POOLS = ("token", "avg", "avgmax", "max", "map", "")
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation of OpenAI's CLIP weights (timm's 'quick_gelu')."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+# timm's names for the activations and norms of its ViT configs (``timm.layers.get_act_layer`` / ``get_norm_layer``)
+ACT_LAYERS = {"gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh"), "quick_gelu": QuickGELU,
+              "silu": nn.SiLU, "swish": nn.SiLU, "relu": nn.ReLU}
+NORM_LAYERS = {"layernorm": partial(nn.LayerNorm, eps=1e-6), "rmsnorm": partial(nn.RMSNorm, eps=1e-6)}
+
+
+def act_layer_of(act_layer):
+    """The activation factory for ``act_layer``: None (the exact GELU of the paper), a timm name, or a module class
+    or factory called with no arguments. Only an exact nn.GELU runs inside the fused ops; any other runs as itself."""
+    if act_layer is None:
+        return nn.GELU
+    if isinstance(act_layer, str):
+        return ACT_LAYERS[_check_choice("act_layer", act_layer, tuple(ACT_LAYERS))]
+    return act_layer
+
+
+def norm_layer_of(norm_layer):
+    """The norm factory ``dim -> module`` for ``norm_layer``: None (LayerNorm, eps 1e-6, as timm), a timm name
+    ('layernorm', 'rmsnorm'), or a class or factory such as ``partial(nn.LayerNorm, eps=1e-5)``. Only an exact
+    affine nn.LayerNorm fuses with the residual add and the projection after it."""
+    if norm_layer is None:
+        return NORM_LAYERS["layernorm"]
+    if isinstance(norm_layer, str):
+        name = norm_layer.replace("_", "").lower()
+        return NORM_LAYERS[_check_choice("norm_layer", name, tuple(NORM_LAYERS))]
+    return norm_layer
 
 
 def _has_global_hooks():
@@ -230,14 +266,14 @@ class PatchEmbed(nn.Module):
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True, dynamic_img_size=False,
-                 dynamic_img_pad=False):
+                 dynamic_img_pad=False, norm_layer=None):
         super().__init__()
         self.in_chans = in_chans
         self.dynamic_img_size = dynamic_img_size
         self.dynamic_img_pad = dynamic_img_pad
         self.backend = "auto"
         self.proj = nn.Conv2d(in_chans, embed_dim, _pair(patch_size), stride=_pair(patch_size), bias=bias)
-        self.norm = nn.Identity()
+        self.norm = nn.Identity() if norm_layer is None else norm_layer(embed_dim)
         self._set_sizes(img_size, patch_size)
 
     def _set_sizes(self, img_size, patch_size):
@@ -289,8 +325,9 @@ class Attention(nn.Module):
     """
 
     def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, rel_pos_grid=None,
-                 class_token=True, qk_norm=False, scale_norm=False):
+                 class_token=True, qk_norm=False, scale_norm=False, norm_layer=None):
         super().__init__()
+        norm_layer = norm_layer_of(norm_layer)
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
@@ -301,10 +338,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         # timm's options, nn.Identity placeholders when off: LayerNorms of q and k per head, and of the heads'
         # output before the projection
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
-        self.norm = nn.LayerNorm(dim, eps=1e-6) if scale_norm else nn.Identity()
+        self.norm = norm_layer(dim) if scale_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.rel_pos_grid = None if rel_pos_grid is None else _pair(rel_pos_grid)
@@ -348,16 +385,17 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
     """MLP(z) = GELU(z W_1 + b_1) W_2 + b_2, exact (erf) GELU; the GELU is fused with fc2 (recomputed in its
-    backward, so the hidden activation is kept once, as fc1's output)."""
+    backward, so the hidden activation is kept once, as fc1's output). Another ``act_layer`` (timm's configs: tanh
+    GELU, CLIP's quick GELU) runs as its own module between the two Linears."""
 
-    def __init__(self, in_features, hidden_features, drop=0.0, scale_norm=False):
+    def __init__(self, in_features, hidden_features, drop=0.0, scale_norm=False, act_layer=None, norm_layer=None):
         super().__init__()
         self.backend = "auto"
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
+        self.act = act_layer_of(act_layer)()
         self.drop1 = nn.Dropout(drop)
-        # timm's option, an nn.Identity placeholder when off: a LayerNorm of the activation before fc2
-        self.norm = nn.LayerNorm(hidden_features, eps=1e-6) if scale_norm else nn.Identity()
+        # timm's option, an nn.Identity placeholder when off: a norm of the activation before fc2
+        self.norm = norm_layer_of(norm_layer)(hidden_features) if scale_norm else nn.Identity()
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop2 = nn.Dropout(drop)
 
@@ -430,16 +468,17 @@ class Block(nn.Module):
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_drop=0.0, attn_drop=0.0,
                  drop_path=0.0, init_values=None, rel_pos_grid=None, class_token=True, qk_norm=False,
-                 scale_attn_norm=False, scale_mlp_norm=False):
+                 scale_attn_norm=False, scale_mlp_norm=False, norm_layer=None, act_layer=None):
         super().__init__()
         self.backend = "auto"
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        norm_layer = norm_layer_of(norm_layer)
+        self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, rel_pos_grid, class_token, qk_norm,
-                              scale_attn_norm)
+                              scale_attn_norm, norm_layer)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop, scale_mlp_norm)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop, scale_mlp_norm, act_layer, norm_layer)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
@@ -498,7 +537,10 @@ class VisionTransformer(nn.Module):
     z_0 before the blocks, ``norm_pre``, CLIP's layout), qk_norm (LayerNorms of q and k per head),
     scale_attn_norm / scale_mlp_norm (a LayerNorm before the attention's projection / before fc2),
     final_norm=False (no final norm);
-    where off, the norms are nn.Identity placeholders that run when replaced, as in timm.
+    where off, the norms are nn.Identity placeholders that run when replaced, as in timm. reg_tokens: learned
+    register tokens after the class token (DINOv2 with registers). norm_layer / act_layer / embed_norm_layer: timm's
+    names or factories (:func:`norm_layer_of`, :func:`act_layer_of`). global_pool='map': attention pooling by a
+    learned latent query (SigLIP; ``attn_pool``).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
@@ -507,9 +549,10 @@ class VisionTransformer(nn.Module):
                  drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
                  embed_layer=PatchEmbed, pos_embed_at="stem", backend="auto", residual_dtype=torch.float32,
                  pre_norm=False, dynamic_img_pad=False, qk_norm=False, scale_attn_norm=False, scale_mlp_norm=False,
-                 final_norm=True):
+                 final_norm=True, reg_tokens=0, norm_layer=None, act_layer=None, embed_norm_layer=None):
         super().__init__()
         pos_embed = "none" if pos_embed == "" else pos_embed
+        norm_layer, act_layer = norm_layer_of(norm_layer), act_layer_of(act_layer)
         _check_choice("global_pool", global_pool, GLOBAL_POOLS)
         _check_choice("pos_embed", pos_embed, POS_EMBEDS)
         _check_choice("pos_embed_at", pos_embed_at, POS_EMBED_AT)
@@ -520,12 +563,16 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"pos_embed_at={pos_embed_at!r} needs pos_embed 'learn' or 'learn_2d', got {pos_embed!r}")
         if pos_embed == "learn_2d" and embed_dim % 2:
             raise ValueError(f"pos_embed='learn_2d' needs an even embed_dim, got {embed_dim}")
+        if reg_tokens < 0 or (reg_tokens and pos_embed == "rel"):
+            raise ValueError(f"reg_tokens must be 0 or more, and 0 with pos_embed='rel'; got {reg_tokens} with "
+                             f"pos_embed={pos_embed!r}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.has_class_token = class_token
-        self.num_prefix_tokens = 1 if class_token else 0
+        self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
+        self.num_reg_tokens = reg_tokens
         self.no_embed_class = no_embed_class
         self.dynamic_img_size = dynamic_img_size
         self.pos_embed_type = pos_embed
@@ -540,11 +587,13 @@ class VisionTransformer(nn.Module):
 
         self.patch_embed = embed_layer(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                        embed_dim=embed_dim, bias=not pre_norm, dynamic_img_size=dynamic_img_size,
-                                       **({"dynamic_img_pad": True} if dynamic_img_pad else {}))
+                                       **({"dynamic_img_pad": True} if dynamic_img_pad else {}),
+                                       **({"norm_layer": norm_layer_of(embed_norm_layer)} if embed_norm_layer else {}))
         self._embed_layer = type(self.patch_embed)  # a patch_embed of another type was put there by the user
         self._keep_embed_geometry()
         grid = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         tables = depth if pos_embed_at == "every_layer" else 1
         self.pos_embed = self.pos_embed_h = self.pos_embed_w = None
         if pos_embed == "learn":
@@ -554,20 +603,25 @@ class VisionTransformer(nn.Module):
             self.pos_embed_h = nn.Parameter(torch.zeros(tables, grid[0], embed_dim // 2))
             self.pos_embed_w = nn.Parameter(torch.zeros(tables, grid[1], embed_dim // 2))
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        self.norm_pre = nn.LayerNorm(embed_dim, eps=1e-6) if pre_norm else nn.Identity()
+        self.norm_pre = norm_layer(embed_dim) if pre_norm else nn.Identity()
 
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth decay rule
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], init_values,
                   rel_pos_grid=grid if pos_embed == "rel" else None, class_token=class_token, qk_norm=qk_norm,
-                  scale_attn_norm=scale_attn_norm, scale_mlp_norm=scale_mlp_norm)
+                  scale_attn_norm=scale_attn_norm, scale_mlp_norm=scale_mlp_norm, norm_layer=norm_layer,
+                  act_layer=act_layer)
             for i in range(depth)])
         stride = self._embed_geometry[1]
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=max(stride))
                              for i in range(depth)]
         use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if final_norm and not use_fc_norm else nn.Identity()
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if final_norm and use_fc_norm else nn.Identity()
+        self.norm = norm_layer(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
+        self.attn_pool = None
+        if global_pool == "map":
+            self.attn_pool = AttentionPoolLatent(embed_dim, num_heads, mlp_ratio, norm_layer=norm_layer,
+                                                 mlp_layer=partial(Mlp, act_layer=act_layer))
+        self.fc_norm = norm_layer(embed_dim) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
@@ -578,8 +632,9 @@ class VisionTransformer(nn.Module):
         for table in (self.pos_embed, self.pos_embed_h, self.pos_embed_w):
             if table is not None:
                 nn.init.trunc_normal_(table, std=0.02)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
+        for token in (self.cls_token, self.reg_token):
+            if token is not None:
+                nn.init.normal_(token, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -600,12 +655,12 @@ class VisionTransformer(nn.Module):
 
     def group_matcher(self, coarse=False):
         """timm's parameter groups (stem, one per block, final norm last), read by layer-wise lr decay."""
-        return dict(stem=r"^cls_token|pos_embed|patch_embed",
+        return dict(stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
     def no_weight_decay(self):
         """Names of parameters that weight decay should skip: position tables and the class token."""
-        names = {"cls_token", "pos_embed", "pos_embed_h", "pos_embed_w"}
+        names = {"cls_token", "reg_token", "pos_embed", "pos_embed_h", "pos_embed_w"}
         names |= {f"blocks.{i}.attn.rel_pos_table" for i, b in enumerate(self.blocks)
                   if b.attn.rel_pos_table is not None}
         return {n for n, _ in self.named_parameters() if n in names}
@@ -619,6 +674,11 @@ class VisionTransformer(nn.Module):
             _check_choice("global_pool", global_pool, GLOBAL_POOLS)
             if global_pool == "token" and not self.has_class_token:
                 raise ValueError("global_pool='token' needs a class token")
+            if global_pool == "map" and self.attn_pool is None:
+                raise ValueError("global_pool='map' needs the attention pool built with the model "
+                                 "(global_pool='map' at construction)")
+            if global_pool != "map":
+                self.attn_pool = None
             self.global_pool = global_pool
         self.num_classes = num_classes
         if num_classes > 0:
@@ -674,8 +734,8 @@ class VisionTransformer(nn.Module):
 
     @property
     def _pos_covers_prefix(self):
-        """Whether E_pos has rows for the prefix (class) token; learn_2d tables only cover patches."""
-        return self.pos_embed is not None and not self.no_embed_class and self.has_class_token
+        """Whether E_pos has rows for the prefix (class, register) tokens; learn_2d tables only cover patches."""
+        return self.pos_embed is not None and not self.no_embed_class and self.num_prefix_tokens > 0
 
     def forward_features(self, x):
         """Image batch -> (B, [1 +] N, D) tokens after the final LayerNorm."""
@@ -761,18 +821,40 @@ class VisionTransformer(nn.Module):
         return h, residual, grid, taken
 
     def _embed(self, x):
-        """(z_0, patch grid): the class token and the stem's position table with the patch tokens."""
+        """(z_0, patch grid): the class token, the register tokens and the stem's position table with the patch
+        tokens."""
         pe, prefix_uncovered = self.patch_embed, not self._pos_covers_prefix
         check = getattr(pe, "check_input", None)
         if check is not None:
             x, grid = check(x)
         if output_may_fuse(pe, self._embed_layer):
-            return pe.embed(x, self._stem_table(grid), self.cls_token, prefix_uncovered), grid
+            table = self._stem_table(grid)
+            if self.reg_token is None:
+                return pe.embed(x, table, self.cls_token, prefix_uncovered), grid
+            # the fused op writes one class row at most: it embeds the patches, the prefix rows join in torch
+            patch_table, prefix = self._split_prefix(table, prefix_uncovered)
+            return self._prepend(prefix, pe.embed(x, patch_table)), grid
         # hooked or replaced: it returns the patch tokens only, as timm's does
         tokens = pe(x)
         if check is None:  # a replacement (timm's PatchEmbed, a wrapper): the grid from what it gave
             tokens, grid = self._replaced_embed_grid(x, tokens)
-        return ops.add_class_and_position(tokens, self._stem_table(grid), self.cls_token, prefix_uncovered), grid
+        table = self._stem_table(grid)
+        if self.reg_token is None:
+            return ops.add_class_and_position(tokens, table, self.cls_token, prefix_uncovered), grid
+        patch_table, prefix = self._split_prefix(table, prefix_uncovered)
+        return self._prepend(prefix, ops.add_class_and_position(tokens, patch_table)), grid
+
+    def _split_prefix(self, table, prefix_uncovered):
+        """(the position rows of the patches, the prefix rows [x_class; x_reg] + their position rows if any)."""
+        prefix = self.reg_token if self.cls_token is None else torch.cat([self.cls_token, self.reg_token], dim=1)
+        if table is None or prefix_uncovered:
+            return table, prefix
+        n = self.num_prefix_tokens
+        return table[:, n:], prefix + table[:, :n]
+
+    @staticmethod
+    def _prepend(prefix, tokens):
+        return torch.cat([prefix.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
 
     def _stem_table(self, grid):
         return self.position_table(grid) if self.pos_embed_at == "stem" else None
@@ -801,13 +883,16 @@ class VisionTransformer(nn.Module):
 
     def pool(self, x, pool_type=None):
         """(B, L, D) tokens -> (B, D): the class token, or the mean / max / (mean + max) / 2 of the patch tokens
-        (``pool_type``, default ``global_pool``; '' keeps every token)."""
+        (``pool_type``, default ``global_pool``; '' keeps every token), or the attention pool's output over the patch
+        tokens where the model has one (global_pool='map')."""
+        if self.attn_pool is not None:  # as timm: the attention pool reads the patch tokens, whatever pool_type
+            return self.attn_pool(x[:, self.num_prefix_tokens:])
         pool_type = self.global_pool if pool_type is None else pool_type
         if not pool_type:
             return x
         if pool_type == "token":
             return x[:, 0]
-        _check_choice("global_pool", pool_type, GLOBAL_POOLS)
+        _check_choice("global_pool", pool_type, ("avg", "avgmax", "max"))
         x = x[:, self.num_prefix_tokens:]
         if pool_type == "avg":
             return x.mean(dim=1)
@@ -845,17 +930,20 @@ _STAGES = frozenset(("forward_features", "forward_head", "pool"))
 
 
 # ---- registry: timm's ViT names ----------------------------------------------------------------------------------
-# The paper's Table 1 sizes plus timm's tiny and small, as (embed_dim, depth, num_heads); heads, image sizes and the
-# rest come from each name's pretrained config (``fastvit.registry``), as in timm.
-SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
-         "huge": (1280, 32, 16)}
-VARIANTS = [(size, patch, img) for size in ("tiny", "small", "base", "large") for patch, img in
-            [(16, 224), (16, 384)]] + [(size, 32, img) for size in ("base", "large") for img in (224, 384)] + \
-           [("huge", 14, 224)]
+# Each architecture of timm's vision_transformer.py that this class builds, with timm's constructor arguments
+# (``fastvit.registry.timm_archs``, written from timm by scripts/gen_pretrained_cfgs.py); image sizes, head sizes and
+# the rest come from each name's pretrained config, as in timm.
 
-for _size, _patch, _img in VARIANTS:
-    _dim, _depth, _heads = SIZES[_size]
-    register_model(f"vit_{_size}_patch{_patch}_{_img}",
-                   partial(VisionTransformer, img_size=_img, patch_size=_patch, embed_dim=_dim, depth=_depth,
-                           num_heads=_heads),
-                   module="vision_transformer")
+def constructor_args(args):
+    """VisionTransformer keyword arguments from an architecture's JSON arguments: a norm layer given as
+    [name, eps] becomes that norm with that eps."""
+    args = dict(args)
+    for key in ("norm_layer", "embed_norm_layer"):
+        if isinstance(args.get(key), list):
+            name, eps = args[key]
+            args[key] = partial(norm_layer_of(name), eps=eps)
+    return args
+
+
+for _name, _args in timm_archs().items():
+    register_model(_name, partial(VisionTransformer, **constructor_args(_args)), module="vision_transformer")

@@ -16,7 +16,7 @@ from functools import cache
 from importlib import resources
 
 __all__ = ["get_pretrained_cfg", "get_pretrained_cfg_value", "is_model", "json_cfg", "list_models", "list_pretrained",
-           "model_entrypoint", "register_model", "split_model_name_tag"]
+           "model_entrypoint", "register_model", "split_model_name_tag", "timm_archs"]
 
 _MODELS = {}  # name -> builder(**kwargs) -> nn.Module
 _MODULES = {}  # name -> the timm module that defines it ('vision_transformer', ...), for list_models(module=...)
@@ -53,6 +53,12 @@ def _tags(arch):
     """The architecture's tags, default first ([] when it has no configs)."""
     entry = _data()["models"].get(arch)
     return list(entry["tags"]) if entry else []
+
+
+def timm_archs():
+    """{name: constructor arguments (JSON values)} of timm's ViT architectures that fastvit builds, as the data file
+    holds them (``fastvit.model`` registers them)."""
+    return {arch: entry["args"] for arch, entry in _data()["models"].items() if "args" in entry}
 
 
 def _has_weights(cfg):

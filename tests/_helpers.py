@@ -1,9 +1,14 @@
 """Helpers shared by several test files (tests/conftest.py puts tests/ on sys.path, so tests/interpret/ can import
 this too): the compiled-vs-eager check of the fused ops, the patch-embedding case builders, the interpreter's bf16
-rounding factor, and a pretend GPU for the measured choices of fastvit.autotune."""
+rounding factor, a pretend GPU for the measured choices of fastvit.autotune, and the registered names that stand
+for all."""
+import json
+import re
+
 import pytest
 import torch
 
+import fastvit
 from fastvit import autotune
 from fastvit.kernels._launch import capability
 
@@ -144,3 +149,21 @@ def gradient_penalty(model, x):
         g, = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
         g.square().sum().backward()
     return g.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+# the constructor arguments that size a model; the others choose its layout (tokens, norms, pooling, activation)
+_SIZE_ARGS = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio", "img_size")
+
+
+def representative_names():
+    """``fastvit.list_models()`` cut to the first name of each layout (timm's constructor arguments apart from the
+    sizes), the paper's ViT-Ti/S/B/L/H names and every hybrid: per-name checks on these reach every option a
+    registered name builds, in CI time (``tests/test_model.py`` compares every name with timm)."""
+    layouts = {}
+    for name, args in fastvit.registry.timm_archs().items():
+        layout = json.dumps({k: v for k, v in args.items() if k not in _SIZE_ARGS}, sort_keys=True)
+        layouts.setdefault(layout, name)
+    keep = set(layouts.values()) | set(fastvit.list_models(module="vision_transformer_hybrid"))
+    paper = r"vit_(tiny|small|base|large)_patch16_(224|384)|vit_(base|large)_patch32_(224|384)|vit_huge_patch14_224"
+    keep |= {n for n in fastvit.list_models() if re.fullmatch(paper, n)}
+    return [n for n in fastvit.list_models() if n in keep]

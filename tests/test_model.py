@@ -5,10 +5,11 @@ import math
 import pytest
 import timm
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import fastvit
-from _helpers import compile_capturing_graphs, graph_calls, timm_pair
+from _helpers import compile_capturing_graphs, graph_calls, representative_names, timm_pair
 from fastvit.kernels.flash_attention import relative_position_index
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
@@ -36,6 +37,15 @@ TIMM_CONFIGS = [
     dict(qkv_bias=False, mlp_ratio=2.0),
     dict(img_size=(32, 48), patch_size=(8, 16)),
     dict(pos_embed="none"),
+    # register tokens (DINOv2), attention pooling (SigLIP), norm and activation layers (CLIP, SigLIP)
+    dict(reg_tokens=4, no_embed_class=True, init_values=1e-2),
+    dict(reg_tokens=3),
+    dict(reg_tokens=1, class_token=False, global_pool="avg"),
+    dict(class_token=False, global_pool="map"),
+    dict(reg_tokens=2, class_token=False, global_pool="map", act_layer="gelu_tanh"),
+    dict(pre_norm=True, norm_layer=functools.partial(nn.LayerNorm, eps=1e-5), act_layer="quick_gelu"),
+    dict(norm_layer="rmsnorm", class_token=False, global_pool="avg", qk_norm=True),
+    dict(embed_norm_layer="layernorm", act_layer="silu"),
 ]
 
 
@@ -164,6 +174,74 @@ def test_registry_matches_timm(name):
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
     assert model.num_classes == ref.num_classes
     assert model.patch_embed.grid_size == ref.patch_embed.grid_size
+
+
+@pytest.mark.parametrize("name", [n for n in representative_names() if "_r50_" not in n])
+def test_every_layout_builds_timms_model(name):
+    """Each registered layout (timm's constructor arguments as the data file holds them) against timm's model of the
+    same name, one block deep at 3 x 2 patches: the same outputs, features and gradients."""
+    with torch.device("meta"):
+        patch = fastvit.create_model(name, depth=1).patch_embed.patch_size
+    kwargs = dict(depth=1, img_size=(3 * patch[0], 2 * patch[1]), num_classes=5)
+    torch.manual_seed(0)
+    ref = timm.create_model(name, **kwargs)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model = fastvit.create_model(name, **kwargs)
+    model.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, *kwargs["img_size"], generator=torch.Generator().manual_seed(1))
+    out, expected = model(x), ref(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.forward_features(x), ref.forward_features(x), atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    grads = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n].grad, atol=1e-5, rtol=1e-4, msg=n)
+    assert model.no_weight_decay() <= ref.no_weight_decay() and model.group_matcher() == ref.group_matcher()
+
+
+def test_register_tokens_and_attention_pool_as_timm():
+    model, ref = pair(reg_tokens=2, class_token=False, global_pool="map")
+    x = torch.randn(2, 3, 32, 32)
+    assert model.num_prefix_tokens == ref.num_prefix_tokens == 2 and model.num_reg_tokens == 2
+    final, taken = model.forward_intermediates(x, indices=[0], return_prefix_tokens=True, output_fmt="NLC")
+    ref_final, ref_taken = ref.forward_intermediates(x, indices=[0], return_prefix_tokens=True, output_fmt="NLC")
+    torch.testing.assert_close(taken[0][1], ref_taken[0][1])  # the register tokens
+    torch.testing.assert_close(taken[0][0], ref_taken[0][0])
+    feats = ref.forward_features(x)
+    torch.testing.assert_close(model.pool(feats, pool_type="avg"), ref.pool(feats, pool_type="avg"))
+    assert model.no_weight_decay() == {"reg_token", "pos_embed"}
+    model.set_input_size(img_size=48)
+    ref.set_input_size(img_size=48)
+    x = torch.randn(2, 3, 48, 48)
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+    model.reset_classifier(3, global_pool="avg")  # no attention pool any more, as in timm
+    assert model.attn_pool is None and model(x).shape == (2, 3)
+    with pytest.raises(ValueError, match="global_pool='map' needs the attention pool"):
+        model.reset_classifier(3, global_pool="map")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(reg_tokens=2, pos_embed="rel"), "reg_tokens must be 0 or more, and 0 with pos_embed='rel'"),
+    (dict(reg_tokens=-1), "reg_tokens must be 0 or more"),
+    (dict(act_layer="gelu_erf"), r"act_layer must be one of \('gelu', 'gelu_tanh', 'quick_gelu'"),
+    (dict(norm_layer="batchnorm"), r"norm_layer must be one of \('layernorm', 'rmsnorm'\)"),
+    (dict(global_pool="map2"), "global_pool must be one of"),
+])
+def test_layout_options_say_what_was_expected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastvit.VisionTransformer(**{**SMALL, **kwargs})
+
+
+def test_only_an_exact_gelu_and_layernorm_fuse():
+    """Another activation or norm runs as its own module (a fused op would compute erf GELU / LayerNorm)."""
+    for kwargs, fused in [({}, True), (dict(act_layer="gelu_tanh"), False), (dict(act_layer=nn.GELU), True)]:
+        assert fastvit.VisionTransformer(**SMALL, **kwargs).blocks[0].mlp.fused_activation is fused
+    model = fastvit.VisionTransformer(**SMALL, norm_layer=functools.partial(nn.LayerNorm, eps=1e-5))
+    assert model.blocks[0].norm1.eps == model.norm.eps == 1e-5
+    assert type(fastvit.VisionTransformer(**SMALL, norm_layer="rmsnorm").blocks[0].norm1) is nn.RMSNorm
 
 
 @pytest.mark.parametrize("name,count", [("vit_base_patch16_224", 86_567_656), ("vit_large_patch16_224", 304_326_632),
@@ -376,7 +454,7 @@ def test_rel_pos_follows_set_input_size():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(pos_embed="sincos"), "pos_embed"), (dict(global_pool="map"), "global_pool"),
+    (dict(pos_embed="sincos"), "pos_embed"), (dict(global_pool="prr"), "global_pool"),
     (dict(backend="cuda"), "backend"), (dict(pos_embed_at="input"), "pos_embed_at"),
     (dict(pos_embed="none", pos_embed_at="every_layer"), "pos_embed_at"),
     (dict(class_token=False), "class_token"), (dict(num_heads=5), "num_heads"),

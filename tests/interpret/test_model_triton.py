@@ -1,6 +1,9 @@
 """The whole tiny ViT with every op on Triton kernels (interpreted on CPU) against the torch backend."""
+from functools import partial
+
 import pytest
 import torch
+import torch.nn as nn
 
 import fastvit
 from _helpers import gradient_penalty
@@ -15,8 +18,14 @@ def test_interpreter_is_on():
 
 
 @pytest.mark.parametrize("kwargs", [{}, dict(pos_embed="rel"), dict(no_embed_class=True, global_pool="avg"),
-                                    dict(patch_size=4, embed_dim=80, num_heads=1)],
-                         ids=["default", "rel", "no_embed_class-avg", "head_dim80"])
+                                    dict(patch_size=4, embed_dim=80, num_heads=1),
+                                    dict(reg_tokens=4, init_values=1e-5),
+                                    dict(reg_tokens=2, no_embed_class=True, class_token=False, global_pool="map",
+                                         act_layer="gelu_tanh"),
+                                    dict(pre_norm=True, norm_layer=partial(nn.LayerNorm, eps=1e-5),
+                                         act_layer="quick_gelu")],
+                         ids=["default", "rel", "no_embed_class-avg", "head_dim80", "registers", "registers-map",
+                              "clip"])
 def test_triton_model_matches_torch(kwargs):
     torch.manual_seed(0)
     model = fastvit.VisionTransformer(**{**CFG, **kwargs}, backend="torch")
