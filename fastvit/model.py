@@ -184,16 +184,21 @@ def _check_choice(name, value, choices):
     return value
 
 
-def grid_size_for(size, stride, stride_name="patch_size", size_name="img_size"):
-    """The token grid (size / stride per axis) of an image embedded at ``stride`` pixels per token; the ValueError
-    for a size the stride does not divide names both as ``size_name`` and ``stride_name``."""
-    if size[0] % stride[0] or size[1] % stride[1]:
+def grid_size_for(size, stride, stride_name="patch_size", size_name="img_size", whole=True):
+    """The token grid (size / stride per axis) of an image embedded at ``stride`` pixels per token. ``whole``: the
+    stride must divide the size (the ValueError names both as ``size_name`` and ``stride_name``); otherwise the
+    rows and columns past the last whole patch are dropped, as a strided convolution (and timm's ViT) drops them
+    (SigLIP so400m/14 at 384 px: 27 x 27 patches)."""
+    if whole and (size[0] % stride[0] or size[1] % stride[1]):
         raise ValueError(f"{size_name} {size} must be divisible by {stride_name} {stride}")
+    if size[0] < stride[0] or size[1] < stride[1]:
+        raise ValueError(f"{size_name} {size} is smaller than {stride_name} {stride}")
     return size[0] // stride[0], size[1] // stride[1]
 
 
-def image_grid_size(x, in_chans, img_size, stride, dynamic_img_size):
-    """Validate an image batch for an embedding of the given pixel ``stride`` per token; return the token grid."""
+def image_grid_size(x, in_chans, img_size, stride, dynamic_img_size, whole=True):
+    """Validate an image batch for an embedding of the given pixel ``stride`` per token; return the token grid
+    (``whole``: see :func:`grid_size_for`)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
     if x.ndim != 4:
@@ -206,24 +211,26 @@ def image_grid_size(x, in_chans, img_size, stride, dynamic_img_size):
     if not dynamic_img_size and size != img_size:
         raise ValueError(f"expected image size {img_size}, got {size}; pass dynamic_img_size=True or call "
                          f"set_input_size(img_size={size})")
-    return grid_size_for(size, stride, "the patch size", "image size")
+    return grid_size_for(size, stride, "the patch size", "image size", whole)
 
 
-def _validated_image(x, in_chans, img_size, stride):
+def _validated_image(x, in_chans, img_size, stride, whole):
     """x itself after ``image_grid_size``'s checks at a fixed size: a torch.fx leaf, so traced graphs keep them."""
-    image_grid_size(x, in_chans, img_size, stride, False)
+    image_grid_size(x, in_chans, img_size, stride, False, whole)
     return x
 
 
 torch.fx.wrap("_validated_image")
 
 
-def checked_image(x, in_chans, img_size, stride, dynamic_img_size):
+def checked_image(x, in_chans, img_size, stride, dynamic_img_size, whole=True):
     """(x, its token grid), validated. A fixed size is checked in a torch.fx leaf, so the model traces; a dynamic
-    size needs the shape in Python and does not (as in timm)."""
+    size needs the shape in Python and does not (as in timm). ``whole``: see :func:`grid_size_for`; a dynamic size
+    is always whole patches, as timm asks (or padded to them first: ``dynamic_img_pad``)."""
     if dynamic_img_size:
         return x, image_grid_size(x, in_chans, img_size, stride, True)
-    return _validated_image(x, in_chans, img_size, stride), grid_size_for(img_size, stride)
+    return (_validated_image(x, in_chans, img_size, stride, whole),
+            grid_size_for(img_size, stride, whole=whole))
 
 
 def residual_stream(h, dtype):
@@ -278,7 +285,7 @@ class PatchEmbed(nn.Module):
 
     def _set_sizes(self, img_size, patch_size):
         self.img_size, self.patch_size = _pair(img_size), _pair(patch_size)
-        self.grid_size = grid_size_for(self.img_size, self.patch_size)
+        self.grid_size = grid_size_for(self.img_size, self.patch_size, whole=False)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def set_input_size(self, img_size=None, patch_size=None):
@@ -302,7 +309,7 @@ class PatchEmbed(nn.Module):
         if self.dynamic_img_pad and isinstance(x, torch.Tensor) and x.ndim == 4:
             (ph, pw), (h, w) = self.patch_size, x.shape[-2:]
             x = F.pad(x, (0, (pw - w % pw) % pw, 0, (ph - h % ph) % ph))
-        return checked_image(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size)
+        return checked_image(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size, whole=False)
 
     def forward(self, x):
         """(B, C, H, W) -> (B, N, D) patch tokens."""

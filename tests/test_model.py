@@ -458,11 +458,26 @@ def test_rel_pos_follows_set_input_size():
     (dict(backend="cuda"), "backend"), (dict(pos_embed_at="input"), "pos_embed_at"),
     (dict(pos_embed="none", pos_embed_at="every_layer"), "pos_embed_at"),
     (dict(class_token=False), "class_token"), (dict(num_heads=5), "num_heads"),
-    (dict(img_size=30), "divisible"),
+    (dict(img_size=6), "smaller than patch_size"),
 ])
 def test_bad_config_names_expected_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fastvit.VisionTransformer(**{**SMALL, **kwargs})
+
+
+@pytest.mark.parametrize("cfg,size", [(dict(img_size=30), (30, 30)), (dict(img_size=(38, 44)), (38, 44)),
+                                      (dict(img_size=(45, 27), reg_tokens=2, global_pool="avg"), (45, 27))])
+def test_pixels_past_the_last_whole_patch_are_dropped_as_timm(cfg, size):
+    """A model whose image size is not a whole number of patches (SigLIP so400m/14 at 384 px): the remainder is
+    dropped, as timm's strided projection drops it (with dynamic_img_size each image must be whole patches, as in
+    timm: test_bad_inputs_raise_clear_errors)."""
+    model, ref = pair(**cfg)
+    x = torch.randn(2, 3, *size, requires_grad=True)
+    out, expected = model(x), ref(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    grad, ref_grad = torch.autograd.grad(out.square().sum(), x)[0], torch.autograd.grad(expected.square().sum(), x)[0]
+    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-4)
+    assert model.patch_embed.grid_size == ref.patch_embed.grid_size
 
 
 def test_bad_inputs_raise_clear_errors():
