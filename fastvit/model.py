@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastvit import ops
 from fastvit.attention_pool import AttentionPoolLatent
+from fastvit.glu_mlp import GluMlp, SwiGLU
 from fastvit.registry import register_model, timm_archs
 from fastvit.kernels.flash_attention import num_relative_positions, relative_bias_dense
 from fastvit.resample import (_pair, resample_abs_pos_embed, resample_patch_embed, resample_pos_embed_1d,
@@ -49,6 +50,8 @@ class QuickGELU(nn.Module):
 ACT_LAYERS = {"gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh"), "quick_gelu": QuickGELU,
               "silu": nn.SiLU, "swish": nn.SiLU, "relu": nn.ReLU}
 NORM_LAYERS = {"layernorm": partial(nn.LayerNorm, eps=1e-6), "rmsnorm": partial(nn.RMSNorm, eps=1e-6)}
+# gated MLPs by name (timm passes the classes; ``swiglu_packed`` is timm's SwiGLUPacked, DINOv2-giant's)
+MLP_LAYERS = {"swiglu": SwiGLU, "swiglu_packed": partial(GluMlp, act_layer=nn.SiLU, gate_last=False), "glu": GluMlp}
 
 
 def act_layer_of(act_layer):
@@ -59,6 +62,14 @@ def act_layer_of(act_layer):
     if isinstance(act_layer, str):
         return ACT_LAYERS[_check_choice("act_layer", act_layer, tuple(ACT_LAYERS))]
     return act_layer
+
+
+def mlp_layer_of(mlp_layer):
+    """The MLP factory for ``mlp_layer``: None (the paper's :class:`Mlp`), a name of ``MLP_LAYERS`` or a module
+    factory taking timm's Block keywords (in_features, hidden_features, act_layer, norm_layer, bias, drop)."""
+    if isinstance(mlp_layer, str):
+        return MLP_LAYERS[_check_choice("mlp_layer", mlp_layer, tuple(MLP_LAYERS))]
+    return mlp_layer
 
 
 def norm_layer_of(norm_layer):
@@ -332,7 +343,7 @@ class Attention(nn.Module):
     """
 
     def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, rel_pos_grid=None,
-                 class_token=True, qk_norm=False, scale_norm=False, norm_layer=None):
+                 class_token=True, qk_norm=False, scale_norm=False, norm_layer=None, proj_bias=True):
         super().__init__()
         norm_layer = norm_layer_of(norm_layer)
         if dim % num_heads:
@@ -349,7 +360,7 @@ class Attention(nn.Module):
         self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.norm = norm_layer(dim) if scale_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
         self.rel_pos_grid = None if rel_pos_grid is None else _pair(rel_pos_grid)
         self.rel_pos_table = None
@@ -395,15 +406,16 @@ class Mlp(nn.Module):
     backward, so the hidden activation is kept once, as fc1's output). Another ``act_layer`` (timm's configs: tanh
     GELU, CLIP's quick GELU) runs as its own module between the two Linears."""
 
-    def __init__(self, in_features, hidden_features, drop=0.0, scale_norm=False, act_layer=None, norm_layer=None):
+    def __init__(self, in_features, hidden_features, drop=0.0, scale_norm=False, act_layer=None, norm_layer=None,
+                 bias=True):
         super().__init__()
         self.backend = "auto"
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
         self.act = act_layer_of(act_layer)()
         self.drop1 = nn.Dropout(drop)
         # timm's option, an nn.Identity placeholder when off: a norm of the activation before fc2
         self.norm = norm_layer_of(norm_layer)(hidden_features) if scale_norm else nn.Identity()
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
         self.drop2 = nn.Dropout(drop)
 
     @property
@@ -475,17 +487,23 @@ class Block(nn.Module):
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_drop=0.0, attn_drop=0.0,
                  drop_path=0.0, init_values=None, rel_pos_grid=None, class_token=True, qk_norm=False,
-                 scale_attn_norm=False, scale_mlp_norm=False, norm_layer=None, act_layer=None):
+                 scale_attn_norm=False, scale_mlp_norm=False, norm_layer=None, act_layer=None, mlp_layer=None,
+                 proj_bias=True):
         super().__init__()
         self.backend = "auto"
-        norm_layer = norm_layer_of(norm_layer)
+        norm_layer, mlp_layer = norm_layer_of(norm_layer), mlp_layer_of(mlp_layer)
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, rel_pos_grid, class_token, qk_norm,
-                              scale_attn_norm, norm_layer)
+                              scale_attn_norm, norm_layer, proj_bias)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop, scale_mlp_norm, act_layer, norm_layer)
+        if mlp_layer is None:
+            self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop, scale_mlp_norm, act_layer, norm_layer, proj_bias)
+        else:  # another MLP (a gated one) runs as its own module
+            self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio),
+                                 act_layer=act_layer_of(act_layer), norm_layer=norm_layer if scale_mlp_norm else None,
+                                 bias=proj_bias, drop=proj_drop)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
@@ -547,7 +565,9 @@ class VisionTransformer(nn.Module):
     where off, the norms are nn.Identity placeholders that run when replaced, as in timm. reg_tokens: learned
     register tokens after the class token (DINOv2 with registers). norm_layer / act_layer / embed_norm_layer: timm's
     names or factories (:func:`norm_layer_of`, :func:`act_layer_of`). global_pool='map': attention pooling by a
-    learned latent query (SigLIP; ``attn_pool``).
+    learned latent query (SigLIP; ``attn_pool``). mlp_layer: a gated MLP ('swiglu', 'swiglu_packed', 'glu':
+    ``fastvit.glu_mlp``) or a factory with timm's keywords. proj_bias=False: no bias in the attention's projection
+    and the MLP. pool_include_prefix: pooling also reads the class and register tokens.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
@@ -556,7 +576,8 @@ class VisionTransformer(nn.Module):
                  drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
                  embed_layer=PatchEmbed, pos_embed_at="stem", backend="auto", residual_dtype=torch.float32,
                  pre_norm=False, dynamic_img_pad=False, qk_norm=False, scale_attn_norm=False, scale_mlp_norm=False,
-                 final_norm=True, reg_tokens=0, norm_layer=None, act_layer=None, embed_norm_layer=None):
+                 final_norm=True, reg_tokens=0, norm_layer=None, act_layer=None, embed_norm_layer=None,
+                 mlp_layer=None, proj_bias=True, pool_include_prefix=False):
         super().__init__()
         pos_embed = "none" if pos_embed == "" else pos_embed
         norm_layer, act_layer = norm_layer_of(norm_layer), act_layer_of(act_layer)
@@ -580,6 +601,7 @@ class VisionTransformer(nn.Module):
         self.has_class_token = class_token
         self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
         self.num_reg_tokens = reg_tokens
+        self.pool_include_prefix = pool_include_prefix
         self.no_embed_class = no_embed_class
         self.dynamic_img_size = dynamic_img_size
         self.pos_embed_type = pos_embed
@@ -617,7 +639,7 @@ class VisionTransformer(nn.Module):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], init_values,
                   rel_pos_grid=grid if pos_embed == "rel" else None, class_token=class_token, qk_norm=qk_norm,
                   scale_attn_norm=scale_attn_norm, scale_mlp_norm=scale_mlp_norm, norm_layer=norm_layer,
-                  act_layer=act_layer)
+                  act_layer=act_layer, mlp_layer=mlp_layer, proj_bias=proj_bias)
             for i in range(depth)])
         stride = self._embed_geometry[1]
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=max(stride))
@@ -647,6 +669,9 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        for m in self.modules():  # then a layer's own rule (a gated MLP's open gate, the attention pool's latent)
+            if m is not self and hasattr(m, "init_weights"):
+                m.init_weights()
 
     # ---- configuration -------------------------------------------------------------------------------------
     def set_backend(self, name):
@@ -893,14 +918,15 @@ class VisionTransformer(nn.Module):
         (``pool_type``, default ``global_pool``; '' keeps every token), or the attention pool's output over the patch
         tokens where the model has one (global_pool='map')."""
         if self.attn_pool is not None:  # as timm: the attention pool reads the patch tokens, whatever pool_type
-            return self.attn_pool(x[:, self.num_prefix_tokens:])
+            return self.attn_pool(x if self.pool_include_prefix else x[:, self.num_prefix_tokens:])
         pool_type = self.global_pool if pool_type is None else pool_type
         if not pool_type:
             return x
         if pool_type == "token":
             return x[:, 0]
         _check_choice("global_pool", pool_type, ("avg", "avgmax", "max"))
-        x = x[:, self.num_prefix_tokens:]
+        if not self.pool_include_prefix:
+            x = x[:, self.num_prefix_tokens:]
         if pool_type == "avg":
             return x.mean(dim=1)
         return x.amax(dim=1) if pool_type == "max" else 0.5 * (x.amax(dim=1) + x.mean(dim=1))

@@ -6,8 +6,9 @@ architecture's constructor arguments (read by calling the entry point with the m
 registry gives the pretrained configs, built from the ``default_cfgs`` tables of ``vision_transformer.py`` and
 ``vision_transformer_hybrid.py`` (``timm.models.get_arch_pretrained_cfgs``, tags in timm's priority order, the
 default first). An architecture is taken when every argument is one fastvit's VisionTransformer has (norm and
-activation layers by timm's names, ``fastvit.model.norm_layer_of`` / ``act_layer_of``) and the model it builds has
-timm's parameter names and shapes; the others are listed under ``skipped`` with the reason. The hybrids are
+activation layers and gated MLPs by name: ``fastvit.model.norm_layer_of``, ``act_layer_of``, ``mlp_layer_of``)
+and the model it builds has timm's parameter names and shapes; the others are listed under ``skipped`` with the
+reason. The hybrids are
 registered in code (``fastvit.hybrid``); their configs are written too. Run after upgrading timm:
 
     python scripts/gen_pretrained_cfgs.py
@@ -72,6 +73,21 @@ def _act_arg(layer):
     return {nn.GELU: "gelu", nn.SiLU: "silu", nn.ReLU: "relu"}.get(layer)
 
 
+def _mlp_arg(layer):
+    """timm's mlp_layer as one of fastvit.model.MLP_LAYERS' names, or None."""
+    import torch.nn as nn
+    from timm.layers import GluMlp, SwiGLU
+
+    if layer is SwiGLU:
+        return "swiglu"
+    if layer is GluMlp:
+        return "glu"
+    if (isinstance(layer, functools.partial) and layer.func is GluMlp and not layer.args
+            and layer.keywords == {"act_layer": nn.SiLU, "gate_last": False}):
+        return "swiglu_packed"
+    return None
+
+
 def as_json_args(kwargs):
     """(JSON arguments, None) for timm's constructor arguments, or (None, why not)."""
     args = {}
@@ -80,6 +96,8 @@ def as_json_args(kwargs):
             value = _norm_arg(value)
         elif key == "act_layer":
             value = _act_arg(value)
+        elif key == "mlp_layer":
+            value = _mlp_arg(value)
         elif isinstance(value, tuple):
             value = list(value)
         elif not isinstance(value, (int, float, str, bool, type(None))):

@@ -46,6 +46,9 @@ TIMM_CONFIGS = [
     dict(pre_norm=True, norm_layer=functools.partial(nn.LayerNorm, eps=1e-5), act_layer="quick_gelu"),
     dict(norm_layer="rmsnorm", class_token=False, global_pool="avg", qk_norm=True),
     dict(embed_norm_layer="layernorm", act_layer="silu"),
+    dict(proj_bias=False, qkv_bias=False),
+    dict(reg_tokens=2, global_pool="avg", pool_include_prefix=True),
+    dict(reg_tokens=1, class_token=False, global_pool="map", pool_include_prefix=True),
 ]
 
 
@@ -223,7 +226,39 @@ def test_register_tokens_and_attention_pool_as_timm():
         model.reset_classifier(3, global_pool="map")
 
 
+@pytest.mark.parametrize("ours,theirs", [
+    ("swiglu", "SwiGLU"), ("swiglu_packed", functools.partial(timm.layers.GluMlp, act_layer=nn.SiLU, gate_last=False)),
+    ("glu", "GluMlp")])
+def test_gated_mlps_match_timm(ours, theirs):
+    """AIMv2's and DINOv2-giant's MLPs by name against timm's classes: timm's init (the gate opened: bias 1, weights
+    near 0), outputs and gradients; with timm's own class passed, it runs as given."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    theirs = getattr(timm.layers, theirs) if isinstance(theirs, str) else theirs
+    cfg = dict(SMALL, mlp_ratio=3.0, act_layer="silu", proj_bias=False, scale_mlp_norm=True)
+    torch.manual_seed(0)
+    ref = TimmViT(**cfg, mlp_layer=theirs)
+    model = fastvit.VisionTransformer(**cfg, mlp_layer=ours)
+    for (name, p), q in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert p.shape == q.shape, name
+        if ".mlp.fc" in name:  # the same gate rows open: bias 1, weights ~ N(0, 1e-6)
+            flat = (p.abs().amax(-1) < 1e-3, q.abs().amax(-1) < 1e-3) if p.ndim == 2 else (p == 1, q == 1)
+            assert torch.equal(*flat) and flat[0].any() == name.endswith(("fc1_g.weight", "fc1.weight")), name
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    out, expected = model(x), ref(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert type(fastvit.VisionTransformer(**SMALL, mlp_layer=theirs).blocks[0].mlp) is type(ref.blocks[0].mlp)
+
+
 @pytest.mark.parametrize("kwargs,match", [
+    (dict(mlp_layer="geglu"), r"mlp_layer must be one of \('swiglu', 'swiglu_packed', 'glu'\)"),
     (dict(reg_tokens=2, pos_embed="rel"), "reg_tokens must be 0 or more, and 0 with pos_embed='rel'"),
     (dict(reg_tokens=-1), "reg_tokens must be 0 or more"),
     (dict(act_layer="gelu_erf"), r"act_layer must be one of \('gelu', 'gelu_tanh', 'quick_gelu'"),
