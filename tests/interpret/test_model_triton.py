@@ -23,9 +23,11 @@ def test_interpreter_is_on():
                                     dict(reg_tokens=2, no_embed_class=True, class_token=False, global_pool="map",
                                          act_layer="gelu_tanh"),
                                     dict(pre_norm=True, norm_layer=partial(nn.LayerNorm, eps=1e-5),
-                                         act_layer="quick_gelu")],
+                                         act_layer="quick_gelu"),
+                                    dict(proj_bias=False, qkv_bias=False),
+                                    dict(mlp_layer="swiglu", act_layer="silu", norm_layer="rmsnorm")],
                          ids=["default", "rel", "no_embed_class-avg", "head_dim80", "registers", "registers-map",
-                              "clip"])
+                              "clip", "no-proj-bias", "swiglu"])
 def test_triton_model_matches_torch(kwargs):
     torch.manual_seed(0)
     model = fastvit.VisionTransformer(**{**CFG, **kwargs}, backend="torch")
