@@ -15,6 +15,7 @@ torch module it was built as, with no hooks (``runs_unmodified``, checked per ca
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -62,6 +63,36 @@ def act_layer_of(act_layer):
     if isinstance(act_layer, str):
         return ACT_LAYERS[_check_choice("act_layer", act_layer, tuple(ACT_LAYERS))]
     return act_layer
+
+
+WEIGHT_INITS = ("", "jax", "jax_nlhb", "moco")  # timm's init modes (VisionTransformer.init_weights)
+
+
+def _lecun_normal_(weight):
+    """N(0, 1 / fan_in) truncated at 2 std, its std corrected for the cut (JAX's lecun_normal, timm's)."""
+    fan_in = weight[0].numel()
+    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # the std of a unit normal cut at +-2
+    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
+def _init_linear(m, name, mode, head_bias):
+    """One Linear by init ``mode`` (see VisionTransformer.init_weights); ``name`` is its module path."""
+    if not mode:
+        nn.init.trunc_normal_(m.weight, std=0.02)
+    elif mode.startswith("jax") and name.startswith("head"):
+        nn.init.zeros_(m.weight)
+        nn.init.constant_(m.bias, head_bias)
+        return
+    elif mode == "moco" and "qkv" in name:  # q, k and v each Xavier-uniform on its own (D x D) block
+        bound = math.sqrt(6.0 / (m.weight.shape[0] // 3 + m.weight.shape[1]))
+        nn.init.uniform_(m.weight, -bound, bound)
+    else:
+        nn.init.xavier_uniform_(m.weight)
+    if m.bias is not None:
+        if mode.startswith("jax") and "mlp" in name:
+            nn.init.normal_(m.bias, std=1e-6)
+        else:
+            nn.init.zeros_(m.bias)
 
 
 def mlp_layer_of(mlp_layer):
@@ -567,7 +598,8 @@ class VisionTransformer(nn.Module):
     names or factories (:func:`norm_layer_of`, :func:`act_layer_of`). global_pool='map': attention pooling by a
     learned latent query (SigLIP; ``attn_pool``). mlp_layer: a gated MLP ('swiglu', 'swiglu_packed', 'glu':
     ``fastvit.glu_mlp``) or a factory with timm's keywords. proj_bias=False: no bias in the attention's projection
-    and the MLP. pool_include_prefix: pooling also reads the class and register tokens.
+    and the MLP. pool_include_prefix: pooling also reads the class and register tokens. weight_init / fix_init:
+    timm's init modes (:meth:`init_weights`).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
@@ -577,7 +609,7 @@ class VisionTransformer(nn.Module):
                  embed_layer=PatchEmbed, pos_embed_at="stem", backend="auto", residual_dtype=torch.float32,
                  pre_norm=False, dynamic_img_pad=False, qk_norm=False, scale_attn_norm=False, scale_mlp_norm=False,
                  final_norm=True, reg_tokens=0, norm_layer=None, act_layer=None, embed_norm_layer=None,
-                 mlp_layer=None, proj_bias=True, pool_include_prefix=False):
+                 mlp_layer=None, proj_bias=True, pool_include_prefix=False, weight_init="", fix_init=False):
         super().__init__()
         pos_embed = "none" if pos_embed == "" else pos_embed
         norm_layer, act_layer = norm_layer_of(norm_layer), act_layer_of(act_layer)
@@ -653,25 +685,48 @@ class VisionTransformer(nn.Module):
         self.fc_norm = norm_layer(embed_dim) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.init_weights()
+        _check_choice("weight_init", weight_init, WEIGHT_INITS + ("skip",))
+        self.weight_init_mode = "" if weight_init == "skip" else weight_init
+        self.fix_init = fix_init
+        if weight_init != "skip":
+            self.init_weights()
         self.set_backend(backend)
 
-    def init_weights(self):
-        """timm's default init: truncated-normal(0.02) tables and Linear weights, near-zero class token."""
+    def init_weights(self, mode=""):
+        """Initialise every parameter by timm's rule ``mode`` (default: the constructor's ``weight_init``):
+
+        - '' (timm's): truncated-normal(0.02) tables and Linear weights, zero biases, near-zero class token;
+        - 'jax' (big_vision, the paper's code): Xavier-uniform Linears with zero biases, except N(0, 1e-6) MLP biases
+          and a zero head; a LeCun-normal patch projection; 'jax_nlhb' starts the head's bias at -log K;
+        - 'moco' (MoCo v3): Xavier-uniform Linears, q, k and v each as a Linear of its own.
+
+        Then each layer's own rule (a gated MLP's open gate, the attention pool's latent) and, with ``fix_init``,
+        timm's scaling of each block's output projections by 1 / sqrt(2 layer)."""
+        mode = mode or self.weight_init_mode
+        _check_choice("mode", mode, WEIGHT_INITS)
         for table in (self.pos_embed, self.pos_embed_h, self.pos_embed_w):
             if table is not None:
                 nn.init.trunc_normal_(table, std=0.02)
         for token in (self.cls_token, self.reg_token):
             if token is not None:
                 nn.init.normal_(token, std=1e-6)
-        for m in self.modules():
+        head_bias = -math.log(self.num_classes) if mode == "jax_nlhb" and self.num_classes > 0 else 0.0
+        for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                _init_linear(m, name, mode, head_bias)
+            elif isinstance(m, nn.Conv2d) and mode.startswith("jax"):
+                _lecun_normal_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for m in self.modules():  # then a layer's own rule (a gated MLP's open gate, the attention pool's latent)
+        for m in self.modules():
             if m is not self and hasattr(m, "init_weights"):
                 m.init_weights()
+        if self.fix_init:
+            with torch.no_grad():
+                for i, block in enumerate(self.blocks):
+                    scale = math.sqrt(2.0 * (i + 1))
+                    block.attn.proj.weight.div_(scale)
+                    block.mlp.fc2.weight.div_(scale)
 
     # ---- configuration -------------------------------------------------------------------------------------
     def set_backend(self, name):

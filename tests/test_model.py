@@ -257,6 +257,37 @@ def test_gated_mlps_match_timm(ours, theirs):
     assert type(fastvit.VisionTransformer(**SMALL, mlp_layer=theirs).blocks[0].mlp) is type(ref.blocks[0].mlp)
 
 
+@pytest.mark.parametrize("cfg", [dict(weight_init="jax"), dict(weight_init="jax_nlhb", global_pool="map",
+                                                                class_token=False),
+                                 dict(weight_init="moco"), dict(fix_init=True), dict(weight_init="jax", fix_init=True,
+                                                                                     pre_norm=True)])
+def test_weight_init_modes_draw_as_timm(cfg):
+    """Each init mode gives every parameter timm's distribution (the draws differ: the two models spend the RNG in
+    another order): the same constants where timm sets constants, the same std (5%) where it draws."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    cfg = dict(SMALL, embed_dim=192, num_heads=3, depth=3, num_classes=100, **cfg)
+    torch.manual_seed(0)
+    theirs = TimmViT(**cfg).state_dict()
+    ours = fastvit.VisionTransformer(**cfg).state_dict()
+    for name, q in theirs.items():
+        p = ours[name]
+        if q.std() < 1e-5:  # a constant (up to N(0, 1e-6) draws)
+            torch.testing.assert_close(p.mean(), q.mean(), atol=1e-5, rtol=1e-4, msg=name)
+            assert p.std() < 1e-5, name
+        else:  # few draws (a bias, the latent) vary more
+            torch.testing.assert_close(p.std(), q.std(), atol=0, rtol=0.05 if q.numel() > 500 else 0.3, msg=name)
+    with pytest.raises(ValueError, match="weight_init must be one of"):
+        fastvit.VisionTransformer(**SMALL, weight_init="xavier")
+
+
+def test_weight_init_skip_leaves_the_parameters_as_made():
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(**SMALL, weight_init="skip")
+    assert torch.count_nonzero(model.pos_embed) == 0  # not drawn
+    model.init_weights("jax")
+    assert torch.count_nonzero(model.head.weight) == 0 and model.pos_embed.std() > 0.01
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(mlp_layer="geglu"), r"mlp_layer must be one of \('swiglu', 'swiglu_packed', 'glu'\)"),
     (dict(reg_tokens=2, pos_embed="rel"), "reg_tokens must be 0 or more, and 0 with pos_embed='rel'"),
