@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from fastvit import ops
 from fastvit.attention_pool import AttentionPoolLatent
 from fastvit.glu_mlp import GluMlp, SwiGLU
+from fastvit.patch_dropout import PatchDropout
 from fastvit.registry import register_model, timm_archs
 from fastvit.kernels.flash_attention import num_relative_positions, relative_bias_dense
 from fastvit.resample import (_pair, resample_abs_pos_embed, resample_patch_embed, resample_pos_embed_1d,
@@ -599,7 +600,8 @@ class VisionTransformer(nn.Module):
     learned latent query (SigLIP; ``attn_pool``). mlp_layer: a gated MLP ('swiglu', 'swiglu_packed', 'glu':
     ``fastvit.glu_mlp``) or a factory with timm's keywords. proj_bias=False: no bias in the attention's projection
     and the MLP. pool_include_prefix: pooling also reads the class and register tokens. weight_init / fix_init:
-    timm's init modes (:meth:`init_weights`).
+    timm's init modes (:meth:`init_weights`). patch_drop_rate: in training, drop that share of the patch tokens
+    after the stem (``fastvit.patch_dropout``).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
@@ -609,7 +611,8 @@ class VisionTransformer(nn.Module):
                  embed_layer=PatchEmbed, pos_embed_at="stem", backend="auto", residual_dtype=torch.float32,
                  pre_norm=False, dynamic_img_pad=False, qk_norm=False, scale_attn_norm=False, scale_mlp_norm=False,
                  final_norm=True, reg_tokens=0, norm_layer=None, act_layer=None, embed_norm_layer=None,
-                 mlp_layer=None, proj_bias=True, pool_include_prefix=False, weight_init="", fix_init=False):
+                 mlp_layer=None, proj_bias=True, pool_include_prefix=False, weight_init="", fix_init=False,
+                 patch_drop_rate=0.0):
         super().__init__()
         pos_embed = "none" if pos_embed == "" else pos_embed
         norm_layer, act_layer = norm_layer_of(norm_layer), act_layer_of(act_layer)
@@ -623,6 +626,9 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"pos_embed_at={pos_embed_at!r} needs pos_embed 'learn' or 'learn_2d', got {pos_embed!r}")
         if pos_embed == "learn_2d" and embed_dim % 2:
             raise ValueError(f"pos_embed='learn_2d' needs an even embed_dim, got {embed_dim}")
+        if patch_drop_rate and (pos_embed == "rel" or pos_embed_at != "stem"):
+            raise ValueError(f"patch_drop_rate needs the position table at the stem (pos_embed_at='stem', not 'rel': "
+                             f"they need every patch); got pos_embed={pos_embed!r}, pos_embed_at={pos_embed_at!r}")
         if reg_tokens < 0 or (reg_tokens and pos_embed == "rel"):
             raise ValueError(f"reg_tokens must be 0 or more, and 0 with pos_embed='rel'; got {reg_tokens} with "
                              f"pos_embed={pos_embed!r}")
@@ -664,6 +670,7 @@ class VisionTransformer(nn.Module):
             self.pos_embed_h = nn.Parameter(torch.zeros(tables, grid[0], embed_dim // 2))
             self.pos_embed_w = nn.Parameter(torch.zeros(tables, grid[1], embed_dim // 2))
         self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.patch_drop = PatchDropout(patch_drop_rate, self.num_prefix_tokens) if patch_drop_rate else nn.Identity()
         self.norm_pre = norm_layer(embed_dim) if pre_norm else nn.Identity()
 
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth decay rule
@@ -881,7 +888,7 @@ class VisionTransformer(nn.Module):
         """Embedding and blocks up to ``last`` (all if None): (h, residual, grid, [z_i for i in take]), the
         tokens z = h + residual left as a sum for the final LayerNorm to fuse."""
         h, grid = self._embed(x)
-        h = call(self.pos_drop, residual_stream(h, self.residual_dtype))
+        h = call(self.patch_drop, call(self.pos_drop, residual_stream(h, self.residual_dtype)))
         if not passes_through(self.norm_pre):
             h = residual_stream(self.norm_pre(h), self.residual_dtype)
         if not take and last is None and self.pos_embed_at == "stem" and not runs_unmodified(self.blocks,

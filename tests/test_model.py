@@ -280,6 +280,30 @@ def test_weight_init_modes_draw_as_timm(cfg):
         fastvit.VisionTransformer(**SMALL, weight_init="xavier")
 
 
+@pytest.mark.parametrize("cfg", [dict(patch_drop_rate=0.5), dict(patch_drop_rate=0.3, reg_tokens=2,
+                                                                 class_token=False, global_pool="avg")])
+def test_patch_dropout_keeps_timms_tokens(cfg):
+    """In training the same seed keeps the same patch tokens as timm (the prefix tokens always), so outputs and
+    gradients match; in eval every token runs."""
+    model, ref = pair(**cfg, depth=1)
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    ref.train()
+    outs = []
+    for net in (model, ref):
+        torch.manual_seed(3)
+        outs.append(net.forward_features(x))
+    assert outs[0].shape[1] == ref.num_prefix_tokens + max(1, int(16 * (1 - cfg["patch_drop_rate"])))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad(o.square().sum(), net.patch_embed.proj.weight)[0] for o, net in zip(outs, (model, ref))]
+    torch.testing.assert_close(*grads, atol=1e-5, rtol=1e-4)
+    model.eval()
+    ref.eval()
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="patch_drop_rate needs the position table at the stem"):
+        fastvit.VisionTransformer(**SMALL, patch_drop_rate=0.5, pos_embed="rel")
+
+
 def test_weight_init_skip_leaves_the_parameters_as_made():
     torch.manual_seed(0)
     model = fastvit.VisionTransformer(**SMALL, weight_init="skip")
