@@ -115,7 +115,7 @@ def test_features_only_getter(name):
 def test_fx_forward_is_exact_and_backward_reaches_every_parameter(name):
     model = build(name).eval()
     if model.dynamic_img_size:
-        pytest.skip("dynamic_img_size needs shapes in Python and does not trace, as in timm")
+        pytest.skip("a dynamic_img_size model needs shapes in Python and does not trace (README, torch.fx)")
     x = images(model)
     train_nodes, eval_nodes = get_graph_node_names(model)
     with torch.inference_mode():
