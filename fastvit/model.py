@@ -268,8 +268,8 @@ torch.fx.wrap("_validated_image")
 
 def checked_image(x, in_chans, img_size, stride, dynamic_img_size, whole=True):
     """(x, its token grid), validated. A fixed size is checked in a torch.fx leaf, so the model traces; a dynamic
-    size needs the shape in Python and does not (as in timm). ``whole``: see :func:`grid_size_for`; a dynamic size
-    is always whole patches, as timm asks (or padded to them first: ``dynamic_img_pad``)."""
+    size needs the shape in Python and does not. ``whole``: see :func:`grid_size_for`; a dynamic size is always
+    whole patches, as timm asks (or padded to them first: ``dynamic_img_pad``)."""
     if dynamic_img_size:
         return x, image_grid_size(x, in_chans, img_size, stride, True)
     return (_validated_image(x, in_chans, img_size, stride, whole),

@@ -152,6 +152,13 @@ class Run:
         else:
             self.model_name = cfg.model
             model = fastvit.create_model(cfg.model, **kwargs)
+        # an image that is not whole patches loses its last pixels: a mistake, unless it is the architecture's own
+        # size (SigLIP so400m/14 at 384 px)
+        pe, own_size = model.patch_embed, (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (0,))[1:]
+        stride = getattr(pe, "token_stride", pe.patch_size)
+        if (pe.img_size[0] % stride[0] or pe.img_size[1] % stride[1]) and tuple(pe.img_size) != tuple(own_size):
+            raise ValueError(f"--img-size {cfg.img_size} must be divisible by patch_size {tuple(stride)}, or be the "
+                             f"model's own size; the pixels past the last whole patch would be dropped")
         self.model_kwargs = kwargs
         model.to(env.device)
         self.core = model
