@@ -170,7 +170,9 @@ def test_training_mode_dropout_draws_as_timm(rates):
     assert not torch.allclose(model(x), outs[0], atol=1e-3)
 
 
-@pytest.mark.parametrize("name", fastvit.list_models())
+# every registered name has timm's parameter names and shapes by construction (scripts/gen_pretrained_cfgs.py keeps
+# only those, and tests/test_pretrained.py checks the shipped file is what it writes): here through create_model
+@pytest.mark.parametrize("name", representative_names())
 def test_registry_matches_timm(name):
     with torch.device("meta"):
         model, ref = fastvit.create_model(name), timm.create_model(name)
