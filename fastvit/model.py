@@ -263,15 +263,25 @@ def _validated_image(x, in_chans, img_size, stride, whole):
     return x
 
 
+def _dynamic_image(x, in_chans, img_size, stride):
+    """(x, its token grid) after ``image_grid_size``'s checks at any size: a torch.fx leaf, so a dynamic-size model
+    traces too, its grid a node of the graph (read by leaves: the position table's resampling, reshapes)."""
+    return x, image_grid_size(x, in_chans, img_size, stride, True)
+
+
 torch.fx.wrap("_validated_image")
+torch.fx.wrap("_dynamic_image")
+# the position tables' resampling reads the grid in Python: a leaf under torch.fx (a dynamic size's grid is a node)
+torch.fx.wrap("resample_abs_pos_embed")
+torch.fx.wrap("resample_pos_embed_1d")
 
 
 def checked_image(x, in_chans, img_size, stride, dynamic_img_size, whole=True):
-    """(x, its token grid), validated. A fixed size is checked in a torch.fx leaf, so the model traces; a dynamic
-    size needs the shape in Python and does not. ``whole``: see :func:`grid_size_for`; a dynamic size is always
-    whole patches, as timm asks (or padded to them first: ``dynamic_img_pad``)."""
+    """(x, its token grid), validated, in torch.fx leaves, so the model traces at a fixed or a dynamic size.
+    ``whole``: see :func:`grid_size_for`; a dynamic size is always whole patches, as timm asks (or padded to them
+    first: ``dynamic_img_pad``)."""
     if dynamic_img_size:
-        return x, image_grid_size(x, in_chans, img_size, stride, True)
+        return _dynamic_image(x, in_chans, img_size, stride)
     return (_validated_image(x, in_chans, img_size, stride, whole),
             grid_size_for(img_size, stride, whole=whole))
 

@@ -169,6 +169,20 @@ def test_fx_training_graph_gives_every_gradient():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in traced.parameters())
 
 
+@pytest.mark.parametrize("cfg", [dict(), dict(reg_tokens=2, class_token=False, global_pool="avg", no_embed_class=True),
+                                 dict(pos_embed="learn_2d")])
+def test_a_dynamic_size_model_traces_and_runs_at_other_sizes(cfg):
+    """With dynamic_img_size the patch grid is a node of the graph (a leaf reads the image's shape), so the traced
+    module resamples the position table for each size as eager does, and gives eager's bits; timm's tests trace it."""
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=5,
+                                      dynamic_img_size=True, **cfg).eval()
+    traced = create_feature_extractor(model, return_nodes=[get_graph_node_names(model)[1][-1]])
+    for size in [(32, 32), (48, 24), (16, 40)]:
+        x = torch.randn(2, 3, *size)
+        assert torch.equal(next(iter(traced(x).values())), model(x)), size
+
+
 def test_hybrid_traces():
     model = fastvit.create_model("vit_base_r50_s16_224", img_size=64, depth=1).eval()
     x = images(1, 64)

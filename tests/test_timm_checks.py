@@ -114,8 +114,6 @@ def test_features_only_getter(name):
 @pytest.mark.parametrize("name", FX_NAMES)
 def test_fx_forward_is_exact_and_backward_reaches_every_parameter(name):
     model = build(name).eval()
-    if model.dynamic_img_size:
-        pytest.skip("a dynamic_img_size model needs shapes in Python and does not trace (README, torch.fx)")
     x = images(model)
     train_nodes, eval_nodes = get_graph_node_names(model)
     with torch.inference_mode():
