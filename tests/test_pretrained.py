@@ -161,6 +161,19 @@ def test_pretrained_from_the_hub_cache_gives_timms_outputs(tmp_path):
     assert model.head.weight.shape == (10, 192) and not torch.equal(model.head.weight[:, :5], ref.head.weight[:10, :5])
 
 
+@pytest.mark.parametrize("name", ["vit_small_patch14_reg4_dinov2", "vit_base_patch16_siglip_224",
+                                  "vit_base_patch16_clip_quickgelu_224", "aimv2_large_patch14_224",
+                                  "vit_betwixt_patch16_reg4_gap_256"])
+def test_pretrained_families_load_timms_hub_weights(tmp_path, name):
+    """The default tag of each family beyond the paper's ViT (registers, attention pooling, quick GELU, SwiGLU and
+    RMSNorm, a pooled head) from its Hub repo in the cache: timm's outputs, one block deep."""
+    ref = timm_pair(name, depth=1)
+    cache_weights(tmp_path, fastvit.get_pretrained_cfg(name)["hf_hub_id"], ref)
+    model = fastvit.create_model(name, pretrained=True, depth=1, cache_dir=tmp_path)
+    x = torch.randn(1, 3, *model.pretrained_cfg["input_size"][1:])
+    torch.testing.assert_close(outputs(model, x), outputs(ref, x), atol=1e-5, rtol=1e-5)
+
+
 def test_hf_hub_and_local_dir_names_load_timm_folders(tmp_path):
     ref = timm_pair(TINY, depth=2, img_size=64, num_classes=7)
     folder = tmp_path / "folder"
