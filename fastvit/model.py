@@ -308,6 +308,18 @@ def embed_patches(proj, x, patch_size, pos_embed, cls_token, no_embed_class, bac
     return ops.add_class_and_position(proj(x).flatten(2).transpose(1, 2), pos_embed, cls_token, no_embed_class)
 
 
+def _pad_to_patches(x, patch_size):
+    """An image batch zero-padded on the bottom and right to whole patches (timm's ``dynamic_img_pad``); anything
+    else unchanged, for the checks after to name. A torch.fx leaf: it reads the image's shape."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        return x
+    (ph, pw), (h, w) = patch_size, x.shape[-2:]
+    return F.pad(x, (0, (pw - w % pw) % pw, 0, (ph - h % ph) % ph))
+
+
+torch.fx.wrap("_pad_to_patches")
+
+
 def resample_projection_(proj, patch_size):
     """Give a patch projection (a stride-P conv) a new patch size in place, resampling its weights (FlexiViT)."""
     if patch_size is None or _pair(patch_size) == tuple(proj.kernel_size):
@@ -359,9 +371,8 @@ class PatchEmbed(nn.Module):
     def check_input(self, x):
         """Validate an image batch: (x, its patch grid (gh, gw)); with ``dynamic_img_pad`` x is first zero-padded
         on the bottom and right to whole patches, as timm's."""
-        if self.dynamic_img_pad and isinstance(x, torch.Tensor) and x.ndim == 4:
-            (ph, pw), (h, w) = self.patch_size, x.shape[-2:]
-            x = F.pad(x, (0, (pw - w % pw) % pw, 0, (ph - h % ph) % ph))
+        if self.dynamic_img_pad:
+            x = _pad_to_patches(x, self.patch_size)
         return checked_image(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size, whole=False)
 
     def forward(self, x):
