@@ -1,11 +1,11 @@
 """Gated MLPs of timm's ViT configs (AIMv2, DINOv2-giant): the hidden units are a product of two projections, one
-passed through the activation (Dauphin et al. 2017, "GLU variants", Shazeer 2020).
+passed through the activation (Dauphin et al. 2017; Shazeer 2020, "GLU Variants Improve Transformer").
 
     GLU(z) = (a(z W_g + b_g) * (z W_x + b_x)) W_2 + b_2        SwiGLU: a = SiLU
 
 Two layouts with timm's parameter names, so timm state_dicts load: :class:`SwiGLU` keeps the gate and value
-projections apart (``fc1_g``, ``fc1_x``); :class:`GluMlp` packs them into one ``fc1`` of twice the width, value half
-first and gate half last (``gate_last``) or the other way round. Constructor keywords are timm's Block calling
+projections apart (``fc1_g``, ``fc1_x``); :class:`GluMlp` packs them into one ``fc1`` as its two halves, value first
+and gate last (``gate_last``) or the other way round. Constructor keywords are timm's Block calling
 convention (``in_features``, ``hidden_features``, ``act_layer``, ``norm_layer``, ``bias``, ``drop``). They run as
 plain torch modules: no fused kernel covers a gated MLP.
 """
