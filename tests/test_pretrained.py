@@ -166,12 +166,17 @@ def test_pretrained_from_the_hub_cache_gives_timms_outputs(tmp_path):
                                   "vit_betwixt_patch16_reg4_gap_256"])
 def test_pretrained_families_load_timms_hub_weights(tmp_path, name):
     """The default tag of each family beyond the paper's ViT (registers, attention pooling, quick GELU, SwiGLU and
-    RMSNorm, a pooled head) from its Hub repo in the cache: timm's outputs, one block deep."""
+    RMSNorm, a pooled head) from its Hub repo in the cache: timm's outputs, one block deep; and at another image
+    size, the position table resampled around the prefix rows as timm resamples it."""
     ref = timm_pair(name, depth=1)
     cache_weights(tmp_path, fastvit.get_pretrained_cfg(name)["hf_hub_id"], ref)
     model = fastvit.create_model(name, pretrained=True, depth=1, cache_dir=tmp_path)
     x = torch.randn(1, 3, *model.pretrained_cfg["input_size"][1:])
     torch.testing.assert_close(outputs(model, x), outputs(ref, x), atol=1e-5, rtol=1e-5)
+    kw = dict(pretrained=True, depth=1, cache_dir=tmp_path, img_size=112)
+    model, theirs = fastvit.create_model(name, **kw), timm.create_model(name, **kw)
+    x = torch.randn(1, 3, 112, 112)
+    torch.testing.assert_close(outputs(model, x), outputs(theirs, x), atol=1e-5, rtol=1e-5)
 
 
 def test_hf_hub_and_local_dir_names_load_timm_folders(tmp_path):
