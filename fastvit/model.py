@@ -938,34 +938,32 @@ class VisionTransformer(nn.Module):
     def _embed(self, x):
         """(z_0, patch grid): the class token, the register tokens and the stem's position table with the patch
         tokens."""
-        pe, prefix_uncovered = self.patch_embed, not self._pos_covers_prefix
+        pe = self.patch_embed
         check = getattr(pe, "check_input", None)
         if check is not None:
             x, grid = check(x)
-        if output_may_fuse(pe, self._embed_layer):
-            table = self._stem_table(grid)
-            if self.reg_token is None:
-                return pe.embed(x, table, self.cls_token, prefix_uncovered), grid
-            # the fused op writes one class row at most: it embeds the patches, the prefix rows join in torch
-            patch_table, prefix = self._split_prefix(table, prefix_uncovered)
-            return self._prepend(prefix, pe.embed(x, patch_table)), grid
-        # hooked or replaced: it returns the patch tokens only, as timm's does
-        tokens = pe(x)
-        if check is None:  # a replacement (timm's PatchEmbed, a wrapper): the grid from what it gave
-            tokens, grid = self._replaced_embed_grid(x, tokens)
-        table = self._stem_table(grid)
-        if self.reg_token is None:
-            return ops.add_class_and_position(tokens, table, self.cls_token, prefix_uncovered), grid
-        patch_table, prefix = self._split_prefix(table, prefix_uncovered)
-        return self._prepend(prefix, ops.add_class_and_position(tokens, patch_table)), grid
+        fused = output_may_fuse(pe, self._embed_layer)
+        if not fused:  # hooked or replaced: it returns the patch tokens only, as timm's does
+            tokens = pe(x)
+            if check is None:  # a replacement (timm's PatchEmbed, a wrapper): the grid from what it gave
+                tokens, grid = self._replaced_embed_grid(x, tokens)
+        table, cls_token, prefix_uncovered, prefix = self._stem_rows(grid)
+        z = (pe.embed(x, table, cls_token, prefix_uncovered) if fused
+             else ops.add_class_and_position(tokens, table, cls_token, prefix_uncovered))
+        return (z if prefix is None else self._prepend(prefix, z)), grid
 
-    def _split_prefix(self, table, prefix_uncovered):
-        """(the position rows of the patches, the prefix rows [x_class; x_reg] + their position rows if any)."""
+    def _stem_rows(self, grid):
+        """(position table, class token, whether the table lacks the class row, prefix rows) for the embedding op.
+        The op writes one class row at most: with register tokens it embeds the patches alone, and the prefix rows
+        [x_class; x_reg] (plus their position rows, if the table has them) join after, in torch."""
+        table, prefix_uncovered = self._stem_table(grid), not self._pos_covers_prefix
+        if self.reg_token is None:
+            return table, self.cls_token, prefix_uncovered, None
         prefix = self.reg_token if self.cls_token is None else torch.cat([self.cls_token, self.reg_token], dim=1)
-        if table is None or prefix_uncovered:
-            return table, prefix
-        n = self.num_prefix_tokens
-        return table[:, n:], prefix + table[:, :n]
+        if table is not None and not prefix_uncovered:
+            n = self.num_prefix_tokens
+            table, prefix = table[:, n:], prefix + table[:, :n]
+        return table, None, True, prefix
 
     @staticmethod
     def _prepend(prefix, tokens):
