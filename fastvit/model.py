@@ -58,7 +58,8 @@ MLP_LAYERS = {"swiglu": SwiGLU, "swiglu_packed": partial(GluMlp, act_layer=nn.Si
 
 def act_layer_of(act_layer):
     """The activation factory for ``act_layer``: None (the exact GELU of the paper), a timm name, or a module class
-    or factory called with no arguments. Only an exact nn.GELU runs inside the fused ops; any other runs as itself."""
+    or factory called with no arguments. nn.GELU (exact or tanh) and QuickGELU run inside the fused ops; any other
+    runs as itself."""
     if act_layer is None:
         return nn.GELU
     if isinstance(act_layer, str):
@@ -456,8 +457,9 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
     """MLP(z) = GELU(z W_1 + b_1) W_2 + b_2, exact (erf) GELU; the GELU is fused with fc2 (recomputed in its
-    backward, so the hidden activation is kept once, as fc1's output). Another ``act_layer`` (timm's configs: tanh
-    GELU, CLIP's quick GELU) runs as its own module between the two Linears."""
+    backward, so the hidden activation is kept once, as fc1's output). So are timm's two approximations of it
+    (``act_layer`` 'gelu_tanh', SigLIP's, and 'quick_gelu', CLIP's); another activation runs as its own module
+    between the two Linears."""
 
     def __init__(self, in_features, hidden_features, drop=0.0, scale_norm=False, act_layer=None, norm_layer=None,
                  bias=True):
@@ -473,9 +475,17 @@ class Mlp(nn.Module):
 
     @property
     def fused_activation(self) -> bool:
-        """Whether the GELU may run inside a fused op (act an unmodified, exact nn.GELU)."""
+        """Whether the GELU may run inside a fused op (act an unmodified nn.GELU or QuickGELU)."""
+        return self.gelu_approximate is not None
+
+    @property
+    def gelu_approximate(self):
+        """The fused ops' name of the activation (``ops.bias_gelu``'s ``approximate``: nn.GELU's own, "sigmoid" for
+        QuickGELU), or None where it does not fuse (another or an edited module)."""
         act = self._modules["act"]
-        return runs_unmodified(act, nn.GELU) and act.approximate == "none"
+        if runs_unmodified(act, nn.GELU):
+            return act.approximate
+        return "sigmoid" if runs_unmodified(act, QuickGELU) else None
 
     def forward(self, x):
         return self.activate(self.fc1(x))
@@ -486,11 +496,13 @@ class Mlp(nn.Module):
         fc2 recomputes the GELU in backward, unless something must see the activation: dropout, a norm, or an edited
         drop1 / fc2 (then the GELU runs alone); an edited act runs as it is.
         """
-        if not self.fused_activation:
+        approximate = self.gelu_approximate
+        if approximate is None:
             return self.drop2(self.fc2(call(self.norm, self.drop1(self.act(h)))))
         if not self.gelu_fuses_into_fc2:
-            return self.drop2(self.fc2(call(self.norm, self.drop1(ops.bias_gelu(h, None, backend=self.backend)))))
-        return self.drop2(ops.bias_gelu_linear(h, None, self.fc2.weight, self.fc2.bias, backend=self.backend))
+            hidden = ops.bias_gelu(h, None, self.backend, approximate)
+            return self.drop2(self.fc2(call(self.norm, self.drop1(hidden))))
+        return self.drop2(ops.bias_gelu_linear(h, None, self.fc2.weight, self.fc2.bias, self.backend, approximate))
 
     @property
     def gelu_fuses_into_fc2(self) -> bool:
@@ -589,7 +601,8 @@ class Block(nn.Module):
             fc1, fc2 = mlp._modules["fc1"], mlp._modules["fc2"]
             if mlp.gelu_fuses_into_fc2:
                 h, residual = ops.layer_norm_mlp(h, residual, *weight_and_bias(norm2), *weight_and_bias(fc1),
-                                                 *weight_and_bias(fc2), norm2.eps, backend=self.backend)
+                                                 *weight_and_bias(fc2), norm2.eps, backend=self.backend,
+                                                 approximate=mlp.gelu_approximate)
                 h = call(mlp._modules["drop2"], h)
             else:
                 hidden, residual = ops.add_layer_norm_linear(h, residual, *weight_and_bias(norm2),

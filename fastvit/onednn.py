@@ -7,7 +7,8 @@ output tile while it is in cache, and the (rows, 4D) activation is written once 
 again. Whether that pays depends on the CPU: the fused GEMM is oneDNN's, the unfused one MKL's, and on CPUs with
 AVX-512 ``F.gelu(F.linear(...))`` took 1.15-2.2x the fused GEMM's time at the smoke and B/16 shapes, bf16 and fp32,
 while on an AVX2 EPYC the fused one is the slower at ViT widths (README). So large enough products
-(:func:`worth_fusing`) are timed both ways once on each CPU (:func:`fused_is_faster`).
+(:func:`worth_fusing`) are timed both ways once on each CPU (:func:`fused_is_faster`). oneDNN's post-op computes the
+exact and the tanh GELU; CLIP's quick GELU (``approximate="sigmoid"``) runs after the GEMM, in place.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from fastvit import autotune
 from fastvit.kernels import _gemm
 from fastvit.kernels._launch import next_power_of_2
+from fastvit.kernels.bias_gelu import bias_gelu_ref, gelu_ref
 from fastvit.kernels.matmul import compute_dtype
 
 
@@ -29,6 +31,8 @@ from fastvit.kernels.matmul import compute_dtype
 # forward at batch 1 took 1.11x as long fused, at batch 16 0.95x; tiny and mini at batch 512 gain)
 FP32_MIN_MACS = 1 << 20
 LOW_PRECISION_MIN_ROWS_PER_INPUT = 4
+# the GELUs (``approximate``) of oneDNN's post-op: its algorithm argument
+ONEDNN_GELUS = ("none", "tanh")
 
 
 def worth_fusing(dtype: torch.dtype, rows: int, in_features: int, out_features: int) -> bool:
@@ -39,10 +43,17 @@ def worth_fusing(dtype: torch.dtype, rows: int, in_features: int, out_features: 
     return rows >= LOW_PRECISION_MIN_ROWS_PER_INPUT * in_features
 
 
+def supports(dtype: torch.dtype, approximate: str = "none") -> bool:
+    """Whether this PyTorch build and CPU run the fused GEMM in ``dtype`` with the GELU ``approximate`` names and
+    it gives F.linear + GELU's result (checked once per dtype and GELU on a small product; a build without oneDNN,
+    or a CPU without bf16 support, says no)."""
+    return _supports(dtype, approximate)
+
+
 @functools.lru_cache(maxsize=None)
-def supports(dtype: torch.dtype) -> bool:
-    """Whether this PyTorch build and CPU run the fused GEMM in ``dtype`` and it gives F.linear + GELU's result
-    (checked once per dtype on a small product; a build without oneDNN, or a CPU without bf16 support, says no)."""
+def _supports(dtype, approximate):
+    if approximate not in ONEDNN_GELUS:
+        return False
     op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         return False
@@ -50,52 +61,53 @@ def supports(dtype: torch.dtype) -> bool:
     x, w, b = (torch.randn(shape, generator=gen).to(dtype) for shape in ((37, 24), (40, 24), (40,)))
     try:
         with torch.no_grad():
-            fused = op(x, w, b, "gelu", [], "none")
+            fused = op(x, w, b, "gelu", [], approximate)
     except RuntimeError:
         return False
-    want = F.gelu(F.linear(x.double(), w.double(), b.double()))
+    want = bias_gelu_ref(F.linear(x.double(), w.double(), b.double()), None, approximate)
     tolerance = 1e-4 if dtype == torch.float32 else 0.05
     return fused.shape == want.shape and bool((fused.double() - want).abs().max() <= tolerance)
 
 
-def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """GELU(x W^T + b) (exact erf GELU) over the last dim of a CPU tensor ``x``, in the dtype F.linear would compute
-    in (the autocast dtype under autocast), by one oneDNN GEMM where :func:`supports` that dtype, it is
-    :func:`worth_fusing`, the product does not run in fp32 (``kernels/_gemm.py``) and it was measured faster on this
-    CPU (:func:`fused_is_faster`), else by that module's ``linear`` and F.gelu. Inference only: the op has no
-    backward."""
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                approximate: str = "none") -> torch.Tensor:
+    """GELU(x W^T + b) (``approximate``: ``bias_gelu``'s) over the last dim of a CPU tensor ``x``, in the dtype
+    F.linear would compute in (the autocast dtype under autocast), by one oneDNN GEMM where :func:`supports` that
+    dtype and GELU, it is :func:`worth_fusing`, the product does not run in fp32 (``kernels/_gemm.py``) and it was
+    measured faster on this CPU (:func:`fused_is_faster`), else by that module's ``linear`` and the GELU in place.
+    Inference only: the op has no backward."""
     dtype = compute_dtype(x)
     k = x.shape[-1]
     rows = x.numel() // max(k, 1)
-    if (not (worth_fusing(dtype, rows, k, weight.shape[0]) and supports(dtype)) or _gemm.in_fp32(x, dtype)
-            or not fused_is_faster(x, weight, bias, dtype, rows)):
-        return _unfused(x, weight, bias, dtype)
-    return _fused(x, weight, bias, dtype)
+    if (not (worth_fusing(dtype, rows, k, weight.shape[0]) and supports(dtype, approximate))
+            or _gemm.in_fp32(x, dtype) or not fused_is_faster(x, weight, bias, dtype, rows, approximate)):
+        return _unfused(x, weight, bias, dtype, approximate)
+    return _fused(x, weight, bias, dtype, approximate)
 
 
-def _unfused(x, weight, bias, dtype):
+def _unfused(x, weight, bias, dtype, approximate="none"):
     # GELU in place: the product is a fresh tensor nothing else holds, and inference keeps no pre-activation, so the
     # (rows, 4D) activation takes one buffer instead of two (a lower peak, fewer fresh pages to fault in)
-    return torch.ops.aten.gelu_(_gemm.linear(x, weight, bias))
+    return gelu_ref(_gemm.linear(x, weight, bias), approximate, inplace=True)
 
 
-def _fused(x, weight, bias, dtype):
+def _fused(x, weight, bias, dtype, approximate="none"):
     k = x.shape[-1]
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, k).to(dtype), weight.to(dtype).contiguous(),
-                                             None if bias is None else bias.to(dtype), "gelu", [], "none")
+                                             None if bias is None else bias.to(dtype), "gelu", [], approximate)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
 IMPLS = {"fused": _fused, "unfused": _unfused}
 
 
-def fused_is_faster(x, weight, bias, dtype, rows) -> bool:
+def fused_is_faster(x, weight, bias, dtype, rows, approximate="none") -> bool:
     """Whether the fused GEMM beat F.linear + F.gelu for a product like this one (``rows`` rows of ``x``) on this
     CPU: timed once on the call's own inputs per dtype, row count (to the next power of two), widths and CPU
     (``fastvit.autotune``). The answer differs between CPUs: oneDNN's fp32 GEMM trails MKL's at ViT widths on an
     AVX2 EPYC (the fused one took 1.3-1.5x as long at 384 and 768 -> 4x, batch 8) and leads on CPUs with AVX-512
     (README)."""
     fields = (("dtype", str(dtype)), ("rows", next_power_of_2(max(rows, 1))), ("in", x.shape[-1]),
-              ("out", weight.shape[0]), ("bias", bias is not None))
+              ("out", weight.shape[0]), ("bias", bias is not None), ("gelu", approximate))
     return autotune.fastest_on_cpu("linear_gelu", fields, tuple(IMPLS), lambda impl: functools.partial(
-        IMPLS[impl], x, weight, bias, dtype), "unfused") == "fused"
+        IMPLS[impl], x, weight, bias, dtype, approximate), "unfused") == "fused"

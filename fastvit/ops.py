@@ -101,11 +101,12 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-6, residual_in_fp32=False, 
     return _layer_norm.add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, use_triton(backend, x))
 
 
-def bias_gelu(x, bias, backend="auto"):
-    """y = GELU(x + bias) with the exact erf GELU of the paper and timm."""
+def bias_gelu(x, bias, backend="auto", approximate="none"):
+    """y = GELU(x + bias): the exact erf GELU of the paper and timm, or with ``approximate`` "tanh" (as
+    ``F.gelu``) or "sigmoid" (u sigmoid(1.702 u), CLIP's quick GELU)."""
     if _reference(backend, x):
-        return _bias_gelu.bias_gelu_ref(x, bias)
-    return _bias_gelu.bias_gelu(x, bias, use_triton(backend, x))
+        return _bias_gelu.bias_gelu_ref(x, bias, approximate)
+    return _bias_gelu.bias_gelu(x, bias, use_triton(backend, x), approximate)
 
 
 # The two composites below are the ops above followed by the next Linear, differing only in what autograd keeps:
@@ -135,17 +136,17 @@ def _run_ln_linear(args, impl):
     return _ln_matmul.ln_matmul(*args, tma=impl == "ln_gemm_tma")
 
 
-def bias_gelu_linear(x, bias, weight, weight_bias=None, backend="auto"):
-    """GELU(x + bias) W^T + b, saving only the pre-activation x (as ``bias_gelu`` does).
+def bias_gelu_linear(x, bias, weight, weight_bias=None, backend="auto", approximate="none"):
+    """GELU(x + bias) W^T + b, saving only the pre-activation x (as ``bias_gelu`` does; ``approximate`` as there).
 
     On a GPU with the Triton kernels: the bias + GELU kernel before cuBLAS ("gelu+cublas") or inside our GEMM's
     loads ("gelu_gemm", ``kernels/gelu_matmul.py``), whichever was measured faster (:func:`gemm_impl`)."""
     if _reference(backend, x):
-        return _gelu_matmul.gelu_matmul_ref(x, bias, weight, weight_bias)
-    args = (x, bias, weight, weight_bias, use_triton(backend, x))
-    if not _gemm_on_gpu(args[-1], x):
+        return _gelu_matmul.gelu_matmul_ref(x, bias, weight, weight_bias, approximate)
+    args = (x, bias, weight, weight_bias, use_triton(backend, x), approximate)
+    if not _gemm_on_gpu(args[4], x):
         return _bias_gelu.bias_gelu_linear(*args)
-    impl = gemm_impl("bias_gelu_linear", x, weight, (("bias", weight_bias is not None),),
+    impl = gemm_impl("bias_gelu_linear", x, weight, (("bias", weight_bias is not None), ("gelu", approximate)),
                      functools.partial(_run_gelu_linear, args))
     return _run_gelu_linear(args, impl)
 
@@ -157,9 +158,9 @@ def _run_gelu_linear(args, impl):
 
 
 def layer_norm_mlp(x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=1e-6,
-                   residual_in_fp32=False, backend="auto"):
+                   residual_in_fp32=False, backend="auto", approximate="none"):
     """(MLP(LayerNorm(x + residual)), x + residual) with MLP(y) = GELU(y W_1^T + b_1) W_2^T + b_2: a block's MLP
-    branch as one op (TransformerEngine's LayerNormMLP).
+    branch as one op (TransformerEngine's LayerNormMLP; ``approximate`` picks the GELU, as in ``bias_gelu``).
 
     Where autograd records the call, on a GPU and under tracing it is ``add_layer_norm_linear`` then
     ``bias_gelu_linear`` (only the pre-activation is kept for backward). In plain CPU inference with the torch
@@ -168,9 +169,9 @@ def layer_norm_mlp(x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, fc
     if x.device.type != "cpu" or use_triton(backend, x) or transformed() or not inference_call(args):
         hidden, residual = add_layer_norm_linear(x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, eps,
                                                  residual_in_fp32, backend)
-        return bias_gelu_linear(hidden, None, fc2_weight, fc2_bias, backend), residual
+        return bias_gelu_linear(hidden, None, fc2_weight, fc2_bias, backend, approximate), residual
     y, residual = add_layer_norm(x, residual, norm_weight, norm_bias, eps, residual_in_fp32, backend)
-    hidden = onednn.linear_gelu(y, fc1_weight, fc1_bias)
+    hidden = onednn.linear_gelu(y, fc1_weight, fc1_bias, approximate)
     del y  # freed before fc2's output is allocated: inference memory peaks here
     return _gemm.linear(hidden, fc2_weight, fc2_bias), residual
 

@@ -228,7 +228,7 @@ def _remember(kernel, key, compiled, n_positional, kwargs):
 
 
 # argument types a plain eager call may carry; a tensor subclass (fake, functional, DTensor, ...) is none of them
-_PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, int, float, bool, type(None), torch.dtype))
+_PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, int, float, bool, type(None), torch.dtype, str))
 
 
 def _untraced(args):

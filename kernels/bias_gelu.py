@@ -1,9 +1,14 @@
-"""Bias + exact (erf) GELU.
+"""Bias + GELU: the exact (erf) GELU of the paper, or one of its two approximations.
 
 y = GELU(x + b) in x's dtype (the fc1 GEMM's output dtype; the sum is taken in fp32). Backward recomputes
 x + b from the saved pre-activation x and the bias, so nothing else is kept, and folds db into per-program fp32
 partial sums reduced afterwards. The Triton launch and the torch fallback sit in the same ``torch.library``
 custom ops and save the same tensors.
+
+``approximate`` picks the GELU, as timm's configs name them: "none" the exact u Phi(u) (the paper, timm's 'gelu'),
+"tanh" 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3))) (``F.gelu(approximate="tanh")``, SigLIP's 'gelu_tanh'),
+"sigmoid" u sigmoid(1.702 u) (Hendrycks and Gimpel's sigmoid approximation, OpenAI CLIP's 'quick_gelu'). The
+kernels write tanh(z) as 2 sigmoid(2 z) - 1, so both approximations are u sigmoid(s(u)).
 """
 import functools
 import math
@@ -22,11 +27,76 @@ from fastvit.kernels._report import AOT_IMAGES, AOT_PROGRAMS, spec_from_launch
 # constexpr so the kernels can read them
 _SQRT1_2 = tl.constexpr(1.0 / math.sqrt(2.0))
 _INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
+_TANH_SCALE = tl.constexpr(2.0 * math.sqrt(2.0 / math.pi))  # 0.5 (1 + tanh(z)) = sigmoid(2 z)
+_TANH_CUBIC = tl.constexpr(0.044715)
+_SIGMOID_SCALE = tl.constexpr(1.702)
+
+APPROXIMATIONS = ("none", "tanh", "sigmoid")
 
 
-def bias_gelu_ref(x, bias):
-    """Torch reference: GELU(x + b) with the erf form."""
-    return F.gelu(x if bias is None else x + bias)
+def check_approximate(approximate: str) -> str:
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+    return approximate
+
+
+def gelu_ref(u, approximate="none", inplace=False):
+    """Torch reference of the GELU ``approximate`` names, computed as timm's modules compute it (``nn.GELU``,
+    ``QuickGELU``); ``inplace`` writes it into ``u``."""
+    if approximate == "sigmoid":
+        s = torch.sigmoid(1.702 * u)
+        return u.mul_(s) if inplace else u * s
+    return (torch.ops.aten.gelu_ if inplace else F.gelu)(u, approximate=approximate)
+
+
+def bias_gelu_ref(x, bias, approximate="none"):
+    """Torch reference: GELU(x + b)."""
+    return gelu_ref(x if bias is None else x + bias, approximate)
+
+
+def _gelu_backward(dy, u, approximate):
+    """dy GELU'(u), as autograd differentiates :func:`gelu_ref` (torch's own GELU backward for "none" / "tanh")."""
+    if approximate != "sigmoid":
+        return torch.ops.aten.gelu_backward(dy, u, approximate=approximate)
+    s = torch.sigmoid(1.702 * u)
+    return dy * s + torch.ops.aten.sigmoid_backward(dy * u, s) * 1.702
+
+
+@triton.jit
+def _gate_arg(u, APPROXIMATE: tl.constexpr):
+    """s(u) of u sigmoid(s(u)); tensors first in each product (a constexpr first makes the interpreter's product a
+    constexpr)."""
+    if APPROXIMATE == "tanh":
+        z = u * _TANH_SCALE * (1.0 + u * u * _TANH_CUBIC)
+    else:
+        z = u * _SIGMOID_SCALE
+    return z
+
+
+@triton.jit
+def gelu(u, APPROXIMATE: tl.constexpr):
+    """GELU(u) of fp32 ``u`` (module doc)."""
+    if APPROXIMATE == "none":
+        y = 0.5 * u * (1.0 + tl.math.erf(u * _SQRT1_2))
+    else:
+        y = u * tl.sigmoid(_gate_arg(u, APPROXIMATE))
+    return y
+
+
+@triton.jit
+def gelu_grad(u, APPROXIMATE: tl.constexpr):
+    """d GELU(u) / du of fp32 ``u``: Phi(u) + u phi(u) for the exact GELU, s + u s (1 - s) s'(u) for
+    u sigmoid(s(u))."""
+    if APPROXIMATE == "none":
+        g = 0.5 * (1.0 + tl.math.erf(u * _SQRT1_2)) + u * tl.exp(-0.5 * u * u) * _INV_SQRT_2PI
+    else:
+        s = tl.sigmoid(_gate_arg(u, APPROXIMATE))
+        if APPROXIMATE == "tanh":
+            ds = (1.0 + u * u * (3.0 * _TANH_CUBIC)) * _TANH_SCALE
+        else:
+            ds = _SIGMOID_SCALE
+        g = s + u * s * (1.0 - s) * ds
+    return g
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,7 +113,8 @@ def _config(n_cols):
 
 @triton.jit
 def _bias_gelu_fwd_kernel(X, B, Y, stride_x, stride_y, n_rows, n_cols,
-                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, APPROXIMATE: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
@@ -51,14 +122,14 @@ def _bias_gelu_fwd_kernel(X, B, Y, stride_x, stride_y, n_rows, n_cols,
     u = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         u += tl.load(B + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
-    y = 0.5 * u * (1.0 + tl.math.erf(u * _SQRT1_2))
+    y = gelu(u, APPROXIMATE)
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _bias_gelu_bwd_kernel(DY, X, B, DX, DB_PART, stride_dy, stride_x, stride_dx, n_rows, n_cols,
-                          row_blocks_per_program,
-                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          row_blocks_per_program, HAS_BIAS: tl.constexpr, APPROXIMATE: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
@@ -74,10 +145,7 @@ def _bias_gelu_bwd_kernel(DY, X, B, DX, DB_PART, stride_dy, stride_x, stride_dx,
         if HAS_BIAS:
             u += b
         dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        # d/du [u Phi(u)] = Phi(u) + u phi(u)
-        cdf = 0.5 * (1.0 + tl.math.erf(u * _SQRT1_2))
-        pdf = tl.exp(-0.5 * u * u) * _INV_SQRT_2PI
-        dx = dy * (cdf + u * pdf)
+        dx = dy * gelu_grad(u, APPROXIMATE)
         db += dx
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     if HAS_BIAS:
@@ -85,11 +153,12 @@ def _bias_gelu_bwd_kernel(DY, X, B, DX, DB_PART, stride_dy, stride_x, stride_dx,
 
 
 @eager_op("bias_gelu_fwd")
-def bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], use_triton: bool) -> torch.Tensor:
+def bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], use_triton: bool,
+                  approximate: str = "none") -> torch.Tensor:
     """GELU(x + bias) on x of shape (..., C), in x's dtype."""
     if not use_triton:
         # as PyTorch computes it: the sum in x's dtype, then GELU (fp32 inside) rounded once
-        return F.gelu(x if bias is None else x + cast(bias, x.dtype))
+        return gelu_ref(x if bias is None else x + cast(bias, x.dtype), approximate)
     x = as_rows(x)
     n_cols = x.shape[-1]
     n_rows = x.numel() // max(n_cols, 1)
@@ -98,25 +167,25 @@ def bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], use_triton: boo
         block_m, block_n, num_warps, num_stages = _config(n_cols)
         grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
         launch(_bias_gelu_fwd_kernel, grid, x, x if bias is None else bias.contiguous(), y, x.stride(-2),
-               y.stride(-2), n_rows, n_cols, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-               num_warps=num_warps, num_stages=num_stages)
+               y.stride(-2), n_rows, n_cols, HAS_BIAS=bias is not None, APPROXIMATE=approximate, BLOCK_M=block_m,
+               BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     return y
 
 
 @bias_gelu_fwd.register_fake
-def _(x, bias, use_triton):
+def _(x, bias, use_triton, approximate="none"):
     return x.new_empty(x.shape)
 
 
 @eager_op("bias_gelu_bwd")
-def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
-                  use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], use_triton: bool,
+                  approximate: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dbias) from the saved pre-activation x and bias; dbias is empty when bias is None."""
     n_cols = x.shape[-1]
     n_rows = x.numel() // max(n_cols, 1)
     if not use_triton:
         # as PyTorch computes it, by torch's own GELU backward (fp32 inside) on the forward's pre-activation
-        dx = torch.ops.aten.gelu_backward(cast(dy, x.dtype), x if bias is None else x + cast(bias, x.dtype))
+        dx = _gelu_backward(cast(dy, x.dtype), x if bias is None else x + cast(bias, x.dtype), approximate)
         db = x.new_empty(0) if bias is None else cast(dx.reshape(-1, n_cols).sum(0, dtype=torch.float32), bias.dtype)
         return dx, db
     dy, x = as_rows(dy), as_rows(x)
@@ -129,13 +198,13 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor
     db_part = x.new_empty((programs if bias is not None else 0, n_cols), dtype=torch.float32)
     launch(_bias_gelu_bwd_kernel, (programs, cdiv(n_cols, block_n)),
         dy, x, x if bias is None else bias.contiguous(), dx, db_part, dy.stride(-2), x.stride(-2), dx.stride(-2),
-        n_rows, n_cols, cdiv(row_blocks, programs), HAS_BIAS=bias is not None, BLOCK_M=block_m,
-        BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+        n_rows, n_cols, cdiv(row_blocks, programs), HAS_BIAS=bias is not None, APPROXIMATE=approximate,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     return dx, (x.new_empty(0) if bias is None else cast(db_part.sum(0), bias.dtype))
 
 
 @bias_gelu_bwd.register_fake
-def _(dy, x, bias, use_triton):
+def _(dy, x, bias, use_triton, approximate="none"):
     return x.new_empty(x.shape), (x.new_empty(0) if bias is None else torch.empty_like(bias))
 
 
@@ -143,16 +212,16 @@ class BiasGeluFn(torch.autograd.Function):
     """Autograd for GELU(x + b) on (..., C); saves the pre-activation x and b only."""
 
     @staticmethod
-    def forward(ctx, x, bias, use_triton):
-        ctx.use_triton = use_triton
+    def forward(ctx, x, bias, use_triton, approximate):
+        ctx.use_triton, ctx.approximate = use_triton, approximate
         ctx.save_for_backward(x, bias)
-        return bias_gelu_fwd(x, bias, use_triton)
+        return bias_gelu_fwd(x, bias, use_triton, approximate)
 
     @staticmethod
     def backward(ctx, dy):
         x, bias = ctx.saved_tensors
-        dx, db = bias_gelu_bwd(dy, x, bias, triton_in_backward(ctx.use_triton))
-        return dx, (None if bias is None else db), None
+        dx, db = bias_gelu_bwd(dy, x, bias, triton_in_backward(ctx.use_triton), ctx.approximate)
+        return dx, (None if bias is None else db), None, None
 
 
 class BiasGeluLinearFn(torch.autograd.Function):
@@ -163,23 +232,23 @@ class BiasGeluLinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, bias, lin_weight, lin_bias, use_triton):
-        ctx.use_triton = use_triton
+    def forward(ctx, x, bias, lin_weight, lin_bias, use_triton, approximate):
+        ctx.use_triton, ctx.approximate = use_triton, approximate
         ctx.has_lin_bias = lin_bias is not None
         ctx.save_for_backward(x, bias, lin_weight)
-        return linear(bias_gelu_fwd(x, bias, use_triton), lin_weight, lin_bias)
+        return linear(bias_gelu_fwd(x, bias, use_triton, approximate), lin_weight, lin_bias)
 
     @staticmethod
     def backward(ctx, dout):
         x, bias, lin_weight = ctx.saved_tensors
-        use_triton = triton_in_backward(ctx.use_triton)
-        h = bias_gelu_fwd(x, bias, use_triton)
+        use_triton, approximate = triton_in_backward(ctx.use_triton), ctx.approximate
+        h = bias_gelu_fwd(x, bias, use_triton, approximate)
         dh = cast(matmul(dout, lin_weight), x.dtype)
         g = dout.reshape(-1, dout.shape[-1])
         d_lin_w = cast(matmul(g.t(), h.reshape(-1, h.shape[-1])), lin_weight.dtype)
         d_lin_b = cast(g.sum(0), lin_weight.dtype) if ctx.has_lin_bias else None
-        dx, db = bias_gelu_bwd(dh, x, bias, use_triton)
-        # None for use_triton and what a subclass's forward adds
+        dx, db = bias_gelu_bwd(dh, x, bias, use_triton, approximate)
+        # None for use_triton, approximate and what a subclass's forward adds
         return dx, (None if bias is None else db), d_lin_w, d_lin_b, *[None] * (len(ctx.needs_input_grad) - 4)
 
 
@@ -190,33 +259,39 @@ def _check_rows(x, bias):
     return as_rows(x)
 
 
-def bias_gelu(x, bias, use_triton):
+def bias_gelu(x, bias, use_triton, approximate="none"):
     """GELU(x + bias) over the last dim of x (any leading shape), in x's dtype; see the module doc."""
     x2 = _check_rows(x, bias)
-    out = apply(BiasGeluFn, x2, bias, use_triton)
+    out = apply(BiasGeluFn, x2, bias, use_triton, check_approximate(approximate))
     return out if x2 is x else out.view_as(x)
 
 
-def bias_gelu_linear(x, bias, lin_weight, lin_bias, use_triton, function=BiasGeluLinearFn, function_args=()):
+def bias_gelu_linear(x, bias, lin_weight, lin_bias, use_triton, approximate="none", function=BiasGeluLinearFn,
+                     function_args=()):
     """GELU(x + bias) lin_weight^T + lin_bias over the last dim of x, recomputing the GELU in backward.
 
     ``function`` is the autograd Function that runs it, with ``function_args`` after the common ones
     (``gelu_matmul`` passes its fused-GEMM subclass and the kernel choice)."""
     x2 = _check_rows(x, bias)
-    out = apply(function, x2, bias, lin_weight, lin_bias, use_triton, *function_args)
+    out = apply(function, x2, bias, lin_weight, lin_bias, use_triton, check_approximate(approximate),
+                *function_args)
     return out if x2 is x else out.view(*x.shape[:-1], lin_weight.shape[0])
 
 
 def aot_specs(shape, dtype):
     """Forward and backward at the MLP width ``shape.mlp_dim`` for ``AOT_IMAGES`` images, as a ViT launches them:
     without a bias (fc1's GEMM adds it), so the bias pointer is the placeholder x and the same under AMP and in a
-    model cast to ``dtype``."""
+    model cast to ``dtype``; the exact GELU first, then each approximation (label "tanh", "sigmoid")."""
     block_m, block_n, num_warps, num_stages = _config(shape.mlp_dim)
     act, c, rows = f"*{dtype}", shape.mlp_dim, AOT_IMAGES * shape.tokens
-    consts = {"HAS_BIAS": False, "BLOCK_M": block_m, "BLOCK_N": block_n}
     fwd = {"X": act, "B": act, "Y": act, "stride_x": c, "stride_y": c, "n_rows": rows, "n_cols": c}
     bwd = {"DY": act, "X": act, "B": act, "DX": act, "DB_PART": "*fp32", "stride_dy": c, "stride_x": c,
            "stride_dx": c, "n_rows": rows, "n_cols": c,
            "row_blocks_per_program": cdiv(cdiv(rows, block_m), AOT_PROGRAMS)}
-    return [spec_from_launch("bias_gelu_fwd", _bias_gelu_fwd_kernel, fwd, consts, num_warps, num_stages, f"C={c}"),
-            spec_from_launch("bias_gelu_bwd", _bias_gelu_bwd_kernel, bwd, consts, num_warps, num_stages, f"C={c}")]
+    specs = []
+    for approximate in APPROXIMATIONS:
+        consts = {"HAS_BIAS": False, "APPROXIMATE": approximate, "BLOCK_M": block_m, "BLOCK_N": block_n}
+        label = f"C={c}" + ("" if approximate == "none" else f" {approximate}")
+        specs += [spec_from_launch("bias_gelu_fwd", _bias_gelu_fwd_kernel, fwd, consts, num_warps, num_stages, label),
+                  spec_from_launch("bias_gelu_bwd", _bias_gelu_bwd_kernel, bwd, consts, num_warps, num_stages, label)]
+    return specs

@@ -7,8 +7,8 @@ store (the epilogue), so they share this kernel and pick their variant with cons
 - prologue ``"none"``: A as loaded, cast to W's dtype (an fp32 A meets bf16 weights under autocast);
 - ``"layer_norm"``: (A - mean) * rstd * gamma + beta per row, from per-row fp32 statistics, so the normalised
   tensor never reaches memory;
-- ``"bias_gelu"``: GELU(A + b1) (exact erf), ``"gelu"``: GELU(A) (the model's, whose fc1 adds b1 in its GEMM), so
-  the MLP's activation never reaches memory;
+- ``"bias_gelu"``: GELU(A + b1), ``"gelu"``: GELU(A) (the model's, whose fc1 adds b1 in its GEMM), so the MLP's
+  activation never reaches memory; the exact erf GELU or an approximation (``APPROXIMATE``, ``bias_gelu.gelu``);
 - epilogue: + bias (fp32), + residual (fp32 add of another (M, N) tensor), one rounding to OUT's dtype.
 
 The prologue works on fp32 values in registers and rounds once to W's dtype before the dot, as the unfused path
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import torch
 import triton
@@ -33,9 +32,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastvit.kernels._launch import capability, cdiv, interpreting, launch, sm_count
 from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
+from fastvit.kernels.bias_gelu import gelu
 
 PROLOGUES = ("none", "layer_norm", "bias_gelu", "gelu")
-_SQRT1_2 = tl.constexpr(1.0 / math.sqrt(2.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +87,8 @@ def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 
 @triton.jit
-def _prologue(a, k0, ks, K, mean, rstd, P_W, P_B, PROLOGUE: tl.constexpr, EVEN_K: tl.constexpr):
+def _prologue(a, k0, ks, K, mean, rstd, P_W, P_B, PROLOGUE: tl.constexpr, EVEN_K: tl.constexpr,
+              APPROXIMATE: tl.constexpr):
     """An A tile (columns k0 + ks) as the dot takes it, in fp32: normalised ("layer_norm", with the rows' ``mean``
     and ``rstd``), activated ("bias_gelu", "gelu") or as loaded ("none"). Lanes past K load as 0 and stay 0: gamma
     and beta load as 0 there, and GELU(0) = 0."""
@@ -107,7 +107,7 @@ def _prologue(a, k0, ks, K, mean, rstd, P_W, P_B, PROLOGUE: tl.constexpr, EVEN_K
                 u += tl.load(P_B + k0 + ks).to(tl.float32)[None, :]
             else:
                 u += tl.load(P_B + k0 + ks, mask=ks < K - k0, other=0.0).to(tl.float32)[None, :]
-        a = 0.5 * u * (1.0 + tl.math.erf(u * _SQRT1_2))
+        a = gelu(u, APPROXIMATE)
     return a
 
 
@@ -127,8 +127,8 @@ def _epilogue(acc, rows, cols, M, N, BIAS, RES, stride_rm, HAS_BIAS: tl.constexp
 def _fused_matmul_kernel(A, W, OUT, BIAS, RES, MEAN, RSTD, P_W, P_B,
                          M, N, K, stride_am, stride_wn, stride_om, stride_rm,
                          PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                         EVEN_K: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                         EVEN_K: tl.constexpr, APPROXIMATE: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """One output tile per program, operands through pointer loads (any GPU)."""
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -152,7 +152,7 @@ def _fused_matmul_kernel(A, W, OUT, BIAS, RES, MEAN, RSTD, P_W, P_B,
         else:
             a = tl.load(a_ptrs, mask=ks[None, :] < K - k0, other=0.0)
             w = tl.load(w_ptrs, mask=ks[:, None] < K - k0, other=0.0)
-        a = _prologue(a, k0, ks, K, mean, rstd, P_W, P_B, PROLOGUE, EVEN_K)
+        a = _prologue(a, k0, ks, K, mean, rstd, P_W, P_B, PROLOGUE, EVEN_K, APPROXIMATE)
         acc = tl.dot(a.to(W.dtype.element_ty), w, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -164,8 +164,9 @@ def _fused_matmul_kernel(A, W, OUT, BIAS, RES, MEAN, RSTD, P_W, P_B,
 @triton.jit
 def _fused_matmul_tma_kernel(A_DESC, W_DESC, OUT_DESC, BIAS, RES, MEAN, RSTD, P_W, P_B, M, N, K, stride_rm,
                              programs, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                             EVEN_K: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                             EVEN_K: tl.constexpr, APPROXIMATE: tl.constexpr, PRECISION: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             GROUP_M: tl.constexpr):
     """Persistent (``programs`` programs, about one per SM, each walking every programs-th tile; the loops are
     flattened so the next tile's loads overlap this one's epilogue), operands and output through TMA descriptors
     (sm_90+), which zero-fill loads past M, N and K and clip the store."""
@@ -180,7 +181,8 @@ def _fused_matmul_tma_kernel(A_DESC, W_DESC, OUT_DESC, BIAS, RES, MEAN, RSTD, P_
             rstd = tl.load(RSTD + rows % M)[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            a = _prologue(A_DESC.load([pid_m * BLOCK_M, k0]), k0, ks, K, mean, rstd, P_W, P_B, PROLOGUE, EVEN_K)
+            a = _prologue(A_DESC.load([pid_m * BLOCK_M, k0]), k0, ks, K, mean, rstd, P_W, P_B, PROLOGUE, EVEN_K,
+                          APPROXIMATE)
             acc = tl.dot(a.to(W_DESC.dtype), W_DESC.load([pid_n * BLOCK_N, k0]).T, acc, input_precision=PRECISION)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _epilogue(acc, rows, cols, M, N, BIAS, RES, stride_rm, HAS_BIAS, HAS_RESIDUAL)
@@ -206,13 +208,14 @@ def tma_supported(a, weight, out_dtype) -> bool:
 
 
 def fused_matmul(a, weight, out_dtype, bias=None, residual=None, prologue="none", mean=None, rstd=None,
-                 prologue_weight=None, prologue_bias=None, tma=False):
+                 prologue_weight=None, prologue_bias=None, tma=False, approximate="none"):
     """prologue(a) weight^T [+ bias] [+ residual] on (M, K) ``a`` and (N, K) ``weight``, computed in weight's
     dtype with fp32 accumulation, returned as a new (M, N) tensor of ``out_dtype``.
 
     ``prologue="layer_norm"`` needs the per-row fp32 ``mean`` and ``rstd`` of ``a`` and the LayerNorm's
-    ``prologue_weight`` / ``prologue_bias`` (K,); ``"bias_gelu"`` needs ``prologue_bias`` (K,). ``tma``: the
-    persistent TMA kernel (where :func:`tma_supported`), else one program per output tile.
+    ``prologue_weight`` / ``prologue_bias`` (K,); ``"bias_gelu"`` needs ``prologue_bias`` (K,); ``approximate``
+    picks the GELU of ``"bias_gelu"`` / ``"gelu"`` (``bias_gelu.APPROXIMATIONS``). ``tma``: the persistent TMA
+    kernel (where :func:`tma_supported`), else one program per output tile.
     """
     a, weight = _rows(a), _rows(weight)
     (m, k), n = a.shape, weight.shape[0]
@@ -226,9 +229,9 @@ def fused_matmul(a, weight, out_dtype, bias=None, residual=None, prologue="none"
                out if mean is None else mean, out if rstd is None else rstd,
                out if prologue_weight is None else prologue_weight, out if prologue_bias is None else prologue_bias)
     options = dict(PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                   EVEN_K=k % tiles.block_k == 0, PRECISION=precision(weight.dtype), BLOCK_M=tiles.block_m,
-                   BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m, num_warps=tiles.num_warps,
-                   num_stages=tiles.num_stages)
+                   EVEN_K=k % tiles.block_k == 0, APPROXIMATE=approximate, PRECISION=precision(weight.dtype),
+                   BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
+                   num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     num_tiles = cdiv(m, tiles.block_m) * cdiv(n, tiles.block_n)
     res_stride = 0 if residual is None else residual.stride(0)
     if tma and tma_supported(a, weight, out_dtype):
@@ -266,7 +269,8 @@ def gemm_weights(x, weight):
     return weight
 
 
-def aot_spec(name, dtype, prologue, a_type, out_type, has_bias, has_residual, res_type=None, label="", tma=False):
+def aot_spec(name, dtype, prologue, a_type, out_type, has_bias, has_residual, res_type=None, label="", tma=False,
+             approximate="none"):
     """KernelSpec of one variant for the report: A of ``a_type`` ("*bf16", "*fp32", ...), weights of ``dtype``
     ("fp16"/"bf16"), fp32 bias and LayerNorm parameters as under AMP; K a multiple of the K block (every ViT width),
     every row stride and N, K multiples of 16, M (batch x tokens) not. ``tma``: the persistent TMA kernel (sm_90;
@@ -290,8 +294,8 @@ def aot_spec(name, dtype, prologue, a_type, out_type, has_bias, has_residual, re
         fn, archs, aligned = _fused_matmul_kernel, (80, 90), ("A", "W", "OUT", "N", "K", "stride_am", "stride_wn",
                                                               "stride_om", "stride_rm")
     consts = {"PROLOGUE": prologue, "HAS_BIAS": has_bias, "HAS_RESIDUAL": has_residual, "EVEN_K": True,
-              "PRECISION": precision(TORCH_DTYPES[dtype]), "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n,
-              "BLOCK_K": tiles.block_k, "GROUP_M": tiles.group_m}
+              "APPROXIMATE": approximate, "PRECISION": precision(TORCH_DTYPES[dtype]), "BLOCK_M": tiles.block_m,
+              "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k, "GROUP_M": tiles.group_m}
     sig.update({k: "constexpr" for k in consts})
     aligned = (*aligned, "BIAS", "RES", "MEAN", "RSTD", "P_W", "P_B")
     return KernelSpec(name + ("_tma" if tma else ""), fn, sig, consts, tiles.num_warps, tiles.num_stages, label,

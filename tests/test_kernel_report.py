@@ -33,9 +33,11 @@ def test_report_for_vit_base_has_no_spills(tmp_path):
     report = json.loads(out.read_text())
     assert report["ok"] is True
     rows = report["kernels"]
-    seen = {(r["kernel"], r["dtype"], r["arch"]) for r in rows}
-    expected = {(k, dt, arch) for k in ("add_layer_norm_fwd", "add_layer_norm_bwd", "bias_gelu_fwd", "bias_gelu_bwd")
+    seen = {(r["kernel"], r["dtype"], r["arch"], r["constexprs"].get("APPROXIMATE")) for r in rows}
+    expected = {(k, dt, arch, None) for k in ("add_layer_norm_fwd", "add_layer_norm_bwd")
                 for dt in ("fp16", "bf16") for arch in ("sm_80", "sm_90")}
+    expected |= {(k, dt, arch, approximate) for k in ("bias_gelu_fwd", "bias_gelu_bwd") for dt in ("fp16", "bf16")
+                 for arch in ("sm_80", "sm_90") for approximate in bias_gelu.APPROXIMATIONS}
     assert seen == expected
     for r in rows:
         assert r["model"] == "vit_base_patch16_224"
@@ -55,7 +57,8 @@ def test_report_compiles_in_parallel_to_the_same_records(monkeypatch):
     spec.loader.exec_module(report)
     args = (["vit_base_patch16_224"], ["bf16"], [90], ["bias_gelu"])
     serial, parallel = report.run(*args, jobs=1), report.run(*args, jobs=2)
-    assert len(serial) == 2 and [r["kernel"] for r in serial] == ["bias_gelu_fwd", "bias_gelu_bwd"]
+    assert [r["kernel"] for r in serial] == ["bias_gelu_fwd", "bias_gelu_bwd"] * 3  # the exact GELU, tanh, sigmoid
+    assert [r["constexprs"]["APPROXIMATE"] for r in serial] == ["none", "none", "tanh", "tanh", "sigmoid", "sigmoid"]
     assert parallel == serial
 
 
@@ -215,7 +218,9 @@ def _fused_gemm_launches(monkeypatch, shape, dt):
             for residual, fp32 in ((None, False), (t(m, d, dtype=dt), False), (t(m, d), True)):
                 for n in (3 * d, shape.mlp_dim):  # qkv and fc1, each with its bias
                     ln_matmul.ln_matmul(t(m, d, dtype=dt), residual, t(d), t(d), t(n, d), t(n), 1e-6, fp32, True, tma)
-            gelu_matmul.gelu_matmul(t(m, shape.mlp_dim, dtype=dt), None, t(d, shape.mlp_dim), t(d), True, tma)  # fc2
+            for approximate in bias_gelu.APPROXIMATIONS:  # fc2
+                gelu_matmul.gelu_matmul(t(m, shape.mlp_dim, dtype=dt), None, t(d, shape.mlp_dim), t(d), True,
+                                        approximate, tma)
             for k in (d, shape.mlp_dim):
                 for res_dtype in (dt, torch.float32):
                     matmul_residual.matmul_residual(t(m, k, dtype=dt), t(d, k), t(d), t(m, d, dtype=res_dtype), True,
@@ -233,7 +238,7 @@ def test_fused_gemm_specs_cover_every_launch(monkeypatch, model, dtype):
     shape = MODELS[model]
     specs = [s for mod in (ln_matmul, gelu_matmul, matmul_residual) for s in mod.aot_specs(shape, dtype)]
     calls = _fused_gemm_launches(monkeypatch, shape, TORCH_DTYPES[dtype])
-    assert len(calls) == 2 * (6 + 6 + 1 + 4)  # per GEMM kernel, ln_matmul: statistics + GEMM, 6 times
+    assert len(calls) == 2 * (6 + 6 + 3 + 4)  # per GEMM kernel, ln_matmul: statistics + GEMM, 6 times
     matched = set()
     for fn, args, kwargs in calls:
         signature, constexprs, aligned = _jit_specialization(fn, args, kwargs)
@@ -265,10 +270,11 @@ def test_every_model_launch_has_its_spec(monkeypatch, model):
     shape = MODELS[model]
     specs = [s for _, s in collect_specs(shape, "bf16")]
     matched = set()
-    for variant in ("amp", "amp16", "half"):
+    for variant, act_layer in (("amp", "gelu"), ("amp16", "gelu"), ("half", "gelu"), ("amp", "gelu_tanh"),
+                               ("amp", "quick_gelu")):
         torch.manual_seed(0)
         vit = fastvit.VisionTransformer(patch_size=shape.patch, embed_dim=shape.dim, depth=1, num_heads=shape.heads,
-                                        mlp_ratio=shape.mlp_dim / shape.dim,
+                                        mlp_ratio=shape.mlp_dim / shape.dim, act_layer=act_layer,
                                         residual_dtype=torch.bfloat16 if variant == "amp16" else torch.float32)
         x = torch.randn(AOT_IMAGES, 3, shape.img_size, shape.img_size)
         if variant == "half":

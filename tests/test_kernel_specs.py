@@ -56,6 +56,26 @@ def test_bias_gelu_fallback_matches_reference(shape, with_bias):
         torch.testing.assert_close(a, e, atol=1e-5 if i == 0 else 1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("approximate", ["none", "tanh", "sigmoid"])
+def test_bias_gelu_fallback_is_timms_activation(approximate, dtype):
+    """The fallback of each GELU gives what timm's module computes after fc1 (nn.GELU, its tanh form, timm's
+    QuickGELU), forward and gradients, also in bf16 (the same ops in the same dtype)."""
+    from timm.layers import QuickGELU
+    act = QuickGELU() if approximate == "sigmoid" else torch.nn.GELU(approximate=approximate)
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(4, 33, 256, generator=g)).to(dtype).requires_grad_()
+    b = torch.randn(256, generator=g).to(dtype).requires_grad_()
+    gy = torch.randn(4, 33, 256, generator=g).to(dtype)
+    outs = []
+    for y in (bias_gelu(x, b, False, approximate), act(x + b)):
+        outs.append([y, *torch.autograd.grad(y, [x, b], gy)])
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=0, rtol=0)
+    for name, a, e in zip(["y", "dx", "db"], *outs):
+        assert a.dtype == e.dtype, name
+        torch.testing.assert_close(a, e, **(tol if name != "db" else dict(atol=1e-4, rtol=1e-2)), msg=name)
+
+
 def _saved(fn):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):

@@ -91,6 +91,21 @@ def test_block_bytes_per_token_are_pinned(dim, heads):
     assert per_block[1] == timm_block_bytes_per_token(dim, heads) == 36 * dim + 16 + 4 * heads
 
 
+@pytest.mark.parametrize("act_layer,timm_extra", [("gelu_tanh", 0), ("quick_gelu", 8)])
+def test_approximate_gelus_keep_what_the_exact_one_keeps(act_layer, timm_extra):
+    """SigLIP's tanh GELU and CLIP's quick GELU run in the fused MLP too, so a block keeps the exact GELU's 24 D + 16 +
+    4 heads bytes per token; timm keeps its 36 D + ..., and for x * sigmoid(1.702 x) also the bf16 sigmoid (4D wide:
+    8 D more; the product's other input is fc1's output, kept already)."""
+    dim, heads, batch = 64, 2, 3
+    x = torch.randn(batch, 3, 32, 32)
+    per_block = {}
+    for impl in (0, 1):
+        one, two = (_pair(embed_dim=dim, depth=d, num_heads=heads, act_layer=act_layer)[impl] for d in (1, 2))
+        per_block[impl] = (saved_activation_bytes(two, x) - saved_activation_bytes(one, x)) / (batch * 17)
+    assert per_block[0] == fastvit_block_bytes_per_token(dim, heads)
+    assert per_block[1] == timm_block_bytes_per_token(dim, heads) + timm_extra * dim
+
+
 def test_fp32_block_bytes_per_token():
     """Without autocast everything is fp32: the same tensors, qkv, attention output and fc1 at 4 bytes."""
     dim, heads, batch, tokens = 64, 2, 2, 17

@@ -3,6 +3,7 @@ inference, against torch math and timm."""
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import QuickGELU
 
 from _helpers import timm_pair
 from fastvit import autotune, onednn, ops
@@ -38,6 +39,20 @@ def test_linear_gelu_matches_torch_fp32(bias, fused_wins):
     assert fused == 1
     assert out.shape == (3, 33, 640) and out.dtype == torch.float32
     torch.testing.assert_close(out, F.gelu(F.linear(x, w, b)), atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_linear_gelu_approximations(fused_wins):
+    """The tanh GELU (SigLIP's) runs in oneDNN's epilogue too and gives F.gelu(approximate="tanh")'s result; CLIP's
+    quick GELU, which oneDNN's post-ops lack, runs after the GEMM with timm's QuickGELU's bits."""
+    assert onednn.supports(torch.float32, "tanh") and not onednn.supports(torch.float32, "sigmoid")
+    x, w, b = _linear_case()
+    out, fused = _fused_gemms(lambda: onednn.linear_gelu(x, w, b, "tanh"))
+    assert fused == 1
+    torch.testing.assert_close(out, F.gelu(F.linear(x, w, b), approximate="tanh"), atol=1e-5, rtol=1e-5)
+    out, fused = _fused_gemms(lambda: onednn.linear_gelu(x, w, b, "sigmoid"))
+    h = F.linear(x, w, b)
+    assert fused == 0 and torch.equal(out, QuickGELU()(h))
 
 
 @needs_bf16
@@ -103,18 +118,19 @@ def test_the_measured_winner_runs(winner, monkeypatch, tmp_path):
 
 
 def test_linear_gelu_without_onednn_is_torchs(monkeypatch):
-    monkeypatch.setattr(onednn, "supports", lambda dtype: False)
+    monkeypatch.setattr(onednn, "supports", lambda *args: False)
     x, w, b = _linear_case()
     assert torch.equal(onednn.linear_gelu(x, w, b), F.gelu(F.linear(x, w, b)))
+    assert torch.equal(onednn.linear_gelu(x, w, b, "tanh"), F.gelu(F.linear(x, w, b), approximate="tanh"))
 
 
 def test_supports_says_no_without_onednn(monkeypatch):
-    onednn.supports.cache_clear()
+    onednn._supports.cache_clear()
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     try:
         assert not onednn.supports(torch.float32)
     finally:
-        onednn.supports.cache_clear()
+        onednn._supports.cache_clear()
 
 
 def _mlp_case(seed=0, d=64, hidden=256, residual=True):

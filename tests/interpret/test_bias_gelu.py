@@ -1,6 +1,6 @@
 """The Triton bias + erf GELU (under TRITON_INTERPRET=1) against the torch reference: forward and the gradients of
 x and bias, at ViT widths (768, 1024, 1280 and the MLP's 3072/5120, which span several column blocks) and an odd
-one, for 0 to 257 rows, strided inputs and no bias."""
+one, for 0 to 257 rows, strided inputs and no bias; and its tanh and sigmoid (quick GELU) approximations."""
 import pytest
 import torch
 
@@ -64,6 +64,36 @@ def test_half_error_at_most_twice_torch(shape, dtype):
     torch_half = _run(bias_gelu_ref, x, b, gy)
     exact = _run(bias_gelu_ref, x.detach().float().requires_grad_(), b.detach().float().requires_grad_(), gy)
     assert ours[0].dtype == dtype
+    for name, a, t, e in zip(["y", "dx", "dbias"], ours, torch_half, exact):
+        err = (a.float() - e).abs().max().item()
+        torch_err = (t.float() - e).abs().max().item()
+        assert err <= INTERPRETER_ROUNDING[dtype] * 2 * torch_err + 1e-6, (name, err, torch_err)
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "sigmoid"])
+@pytest.mark.parametrize("shape,with_bias", [((1, 197, 768), True), ((1, 257, 37), True), ((50, 5120), False)])
+def test_approximations_fp32_match_reference(shape, with_bias, approximate):
+    """SigLIP's tanh GELU and CLIP's quick GELU (the kernels write both as u sigmoid(s(u))) against torch's
+    F.gelu(approximate="tanh") and x * sigmoid(1.702 x), inputs out to |u| ~ 10 where the sigmoid saturates."""
+    x, b = _inputs(shape, torch.float32, with_bias)
+    gy = _upstream(shape)
+    ours = _run(lambda x, b: bias_gelu(x, b, True, approximate), x, b, gy)
+    ref = _run(lambda x, b: bias_gelu_ref(x, b, approximate), x, b, gy)
+    for name, a, e in zip(["y", "dx", "dbias"], ours, ref):
+        assert a.shape == e.shape and a.dtype == e.dtype, name
+        torch.testing.assert_close(a, e, atol=1e-5 if name == "y" else 1e-4, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_approximations_half_error_at_most_twice_torch(dtype, approximate):
+    shape = (2, 50, 1280)
+    x, b = _inputs(shape, dtype)
+    gy = _upstream(shape).to(dtype).float()
+    ours = _run(lambda x, b: bias_gelu(x, b, True, approximate), x, b, gy)
+    torch_half = _run(lambda x, b: bias_gelu_ref(x, b, approximate), x, b, gy)
+    exact = _run(lambda x, b: bias_gelu_ref(x, b, approximate), x.detach().float().requires_grad_(),
+                 b.detach().float().requires_grad_(), gy)
     for name, a, t, e in zip(["y", "dx", "dbias"], ours, torch_half, exact):
         err = (a.float() - e).abs().max().item()
         torch_err = (t.float() - e).abs().max().item()

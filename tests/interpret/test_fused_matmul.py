@@ -160,11 +160,27 @@ def test_gelu_matmul(dtype, rows, k, n, with_b1, tma):
     inputs = _tensors(shapes, 1)
 
     def fn(x, weight, bias, b1=None):
-        return gelu_matmul(x, b1, weight, bias, True, tma)
+        return gelu_matmul(x, b1, weight, bias, True, tma=tma)
 
     def ref(x, weight, bias, b1=None):
         return gelu_matmul_ref(x, b1, weight, bias)
     _compare(fn, ref, inputs, {"*": dtype}, [(rows, n)], ["out"] + [f"d{k}" for k in inputs], dtype)
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gelu_matmul_approximations(dtype, approximate, tma):
+    """SigLIP's tanh GELU and CLIP's quick GELU in the GEMM's prologue, with and without b1."""
+    for rows, k, n, with_b1 in GELU_CASES[1:]:
+        shapes = {"x": (rows, k), "weight": (n, k), "bias": (n,), **({"b1": (k,)} if with_b1 else {})}
+        inputs = _tensors(shapes, 3)
+
+        def fn(x, weight, bias, b1=None):
+            return gelu_matmul(x, b1, weight, bias, True, approximate, tma)
+
+        def ref(x, weight, bias, b1=None):
+            return gelu_matmul_ref(x, b1, weight, bias, approximate)
+        _compare(fn, ref, inputs, {"*": dtype}, [(rows, n)], ["out"] + [f"d{k}" for k in inputs], dtype)
 
 
 def test_gelu_matmul_under_fp16_autocast():
