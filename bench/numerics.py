@@ -93,16 +93,21 @@ def add_layer_norm_case(gen, batch, tokens, dim):
     return _case("add_layer_norm", f"({batch},{tokens},{dim})", inputs, list(inputs), fv, ref)
 
 
-def bias_gelu_case(gen, batch, tokens, dim):
+def _gelu_label(approximate):
+    return "" if approximate == "none" else f" {approximate}"
+
+
+def bias_gelu_case(gen, batch, tokens, dim, approximate="none"):
+    """``approximate``: the exact GELU, or SigLIP's "tanh" or CLIP's "sigmoid" (quick GELU)."""
     inputs = {"x": torch.randn(batch, tokens, dim, generator=gen), "bias": torch.randn(dim, generator=gen)}
 
     def fv(t, backend):
-        return (ops.bias_gelu(t["x"], t["bias"], backend=backend),)
+        return (ops.bias_gelu(t["x"], t["bias"], backend=backend, approximate=approximate),)
 
     def ref(t):
-        return (bias_gelu_ref(t["x"], t["bias"]),)
+        return (bias_gelu_ref(t["x"], t["bias"], approximate),)
 
-    return _case("bias_gelu", f"({batch},{tokens},{dim})", inputs, list(inputs), fv, ref)
+    return _case("bias_gelu", f"({batch},{tokens},{dim})" + _gelu_label(approximate), inputs, list(inputs), fv, ref)
 
 
 def add_layer_norm_linear_case(gen, batch, tokens, dim, out_dim, linear_bias, fused=False):
@@ -131,9 +136,9 @@ def add_layer_norm_linear_case(gen, batch, tokens, dim, out_dim, linear_bias, fu
     return _case("ln_matmul" if fused else "add_layer_norm_linear", label, inputs, list(inputs), fv, ref)
 
 
-def bias_gelu_linear_case(gen, batch, tokens, dim, out_dim, fused=False):
+def bias_gelu_linear_case(gen, batch, tokens, dim, out_dim, fused=False, approximate="none"):
     """GELU(x + b1) followed by fc2 (the op's general form; the MLP passes no b1, fc1 having added it);
-    ``fused``: the GELU inside our GEMM (``gelu_matmul``)."""
+    ``fused``: the GELU inside our GEMM (``gelu_matmul``); ``approximate`` as in :func:`bias_gelu_case`."""
     inputs = {"x": torch.randn(batch, tokens, dim, generator=gen), "bias": torch.randn(dim, generator=gen),
               "weight": 0.02 * torch.randn(out_dim, dim, generator=gen),
               "weight_bias": 0.02 * torch.randn(out_dim, generator=gen)}
@@ -141,14 +146,14 @@ def bias_gelu_linear_case(gen, batch, tokens, dim, out_dim, fused=False):
     def fv(t, backend):
         args = (t["x"], t["bias"], t["weight"], t["weight_bias"])
         if fused:
-            return (gelu_matmul(*args, backend == "triton"),)
-        return (ops.bias_gelu_linear(*args, backend=backend),)
+            return (gelu_matmul(*args, backend == "triton", approximate),)
+        return (ops.bias_gelu_linear(*args, backend=backend, approximate=approximate),)
 
     def ref(t):
-        return (F.linear(bias_gelu_ref(t["x"], t["bias"]), t["weight"], t["weight_bias"]),)
+        return (F.linear(bias_gelu_ref(t["x"], t["bias"], approximate), t["weight"], t["weight_bias"]),)
 
-    return _case("gelu_matmul" if fused else "bias_gelu_linear", f"({batch},{tokens},{dim})->{out_dim}", inputs,
-                 list(inputs), fv, ref)
+    return _case("gelu_matmul" if fused else "bias_gelu_linear",
+                 f"({batch},{tokens},{dim})->{out_dim}" + _gelu_label(approximate), inputs, list(inputs), fv, ref)
 
 
 def linear_residual_case(gen, batch, tokens, dim, out_dim):
@@ -212,7 +217,11 @@ def op_cases(quick, seed):
             add_layer_norm_linear_case(gen, 1, 257, 1280, 3840, True, fused=True),
             bias_gelu_linear_case(gen, 2, 197, 3072, 768, fused=True),
             bias_gelu_linear_case(gen, 1, 257, 5120, 1280, fused=True),
-            linear_residual_case(gen, 2, 197, 768, 768), linear_residual_case(gen, 2, 197, 3072, 768)]
+            linear_residual_case(gen, 2, 197, 768, 768), linear_residual_case(gen, 2, 197, 3072, 768),
+            # the GELU approximations of SigLIP ("tanh") and CLIP ("sigmoid") at B/16's MLP
+            *[case for approximate in ("tanh", "sigmoid")
+              for case in (bias_gelu_case(gen, 2, 197, 3072, approximate),
+                           bias_gelu_linear_case(gen, 2, 197, 3072, 768, fused=True, approximate=approximate))]]
 
 
 # ---- running and grading ---------------------------------------------------------------------------------------
