@@ -67,7 +67,7 @@ def act_layer_of(act_layer):
     return act_layer
 
 
-WEIGHT_INITS = ("", "jax", "jax_nlhb", "moco")  # timm's init modes (VisionTransformer.init_weights)
+WEIGHT_INITS = ("", "jax", "jax_nlhb", "moco", "reset")  # timm's init modes (VisionTransformer.init_weights)
 
 
 def _lecun_normal_(weight):
@@ -519,7 +519,11 @@ class LayerScale(nn.Module):
 
     def __init__(self, dim, init_values=1e-5):
         super().__init__()
+        self.init_values = init_values
         self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def reset_parameters(self):
+        nn.init.constant_(self.gamma, self.init_values)
 
     def forward(self, x):
         return x * self.gamma
@@ -727,22 +731,26 @@ class VisionTransformer(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         _check_choice("weight_init", weight_init, WEIGHT_INITS + ("skip",))
-        self.weight_init_mode = "" if weight_init == "skip" else weight_init
+        self.weight_init_mode = "reset" if weight_init == "skip" else weight_init  # timm's: 'skip' defers a reset
         self.fix_init = fix_init
         if weight_init != "skip":
-            self.init_weights()
+            self.init_weights(needs_reset=False)  # the layers were just built: nothing to reset
         self.set_backend(backend)
 
-    def init_weights(self, mode=""):
+    def init_weights(self, mode="", needs_reset=True):
         """Initialise every parameter by timm's rule ``mode`` (default: the constructor's ``weight_init``):
 
         - '' (timm's): truncated-normal(0.02) tables and Linear weights, zero biases, near-zero class token;
         - 'jax' (big_vision, the paper's code): Xavier-uniform Linears with zero biases, except N(0, 1e-6) MLP biases
           and a zero head; a LeCun-normal patch projection; 'jax_nlhb' starts the head's bias at -log K;
-        - 'moco' (MoCo v3): Xavier-uniform Linears, q, k and v each as a Linear of its own.
+        - 'moco' (MoCo v3): Xavier-uniform Linears, q, k and v each as a Linear of its own;
+        - 'reset': the tables and tokens as in '', every layer by its own ``reset_parameters`` (PyTorch's defaults;
+          what ``weight_init='skip'`` leaves for a later call, as in timm).
 
-        Then each layer's own rule (a gated MLP's open gate, the attention pool's latent) and, with ``fix_init``,
-        timm's scaling of each block's output projections by 1 / sqrt(2 layer)."""
+        Then each layer's own rule (a gated MLP's open gate, the attention pool's latent, the hybrid's backbone) and,
+        with ``fix_init``, timm's scaling of each block's output projections by 1 / sqrt(2 layer). ``needs_reset``:
+        layers no rule covers (norms; the patch projection outside 'jax') are reset too, so re-initialising a
+        trained model starts it afresh, as timm's does; the constructor passes False (they are new)."""
         mode = mode or self.weight_init_mode
         _check_choice("mode", mode, WEIGHT_INITS)
         for table in (self.pos_embed, self.pos_embed_h, self.pos_embed_w):
@@ -753,15 +761,20 @@ class VisionTransformer(nn.Module):
                 nn.init.normal_(token, std=1e-6)
         head_bias = -math.log(self.num_classes) if mode == "jax_nlhb" and self.num_classes > 0 else 0.0
         for name, m in self.named_modules():
-            if isinstance(m, nn.Linear):
+            if m is self:
+                continue
+            if isinstance(m, nn.Linear) and mode != "reset":
                 _init_linear(m, name, mode, head_bias)
             elif isinstance(m, nn.Conv2d) and mode.startswith("jax"):
                 _lecun_normal_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for m in self.modules():
-            if m is not self and hasattr(m, "init_weights"):
-                m.init_weights()
+            elif needs_reset and hasattr(m, "reset_parameters") and (mode == "reset" or not hasattr(m, "init_weights")):
+                m.reset_parameters()
+        if mode != "reset":
+            for m in self.modules():
+                if m is not self and hasattr(m, "init_weights"):
+                    m.init_weights()
         if self.fix_init:
             with torch.no_grad():
                 for i, block in enumerate(self.blocks):

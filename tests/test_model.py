@@ -270,7 +270,8 @@ def test_gated_mlps_match_timm(ours, theirs):
 @pytest.mark.parametrize("cfg", [dict(weight_init="jax"), dict(weight_init="jax_nlhb", global_pool="map",
                                                                 class_token=False),
                                  dict(weight_init="moco"), dict(fix_init=True), dict(weight_init="jax", fix_init=True,
-                                                                                     pre_norm=True)])
+                                                                                     pre_norm=True),
+                                 dict(weight_init="reset")])
 def test_weight_init_modes_draw_as_timm(cfg):
     """Each init mode gives every parameter timm's distribution (the draws differ: the two models spend the RNG in
     another order): the same constants where timm sets constants, the same std (5%) where it draws."""
@@ -312,6 +313,30 @@ def test_patch_dropout_keeps_timms_tokens(cfg):
     torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="patch_drop_rate needs the position table at the stem"):
         fastvit.VisionTransformer(**SMALL, patch_drop_rate=0.5, pos_embed="rel")
+
+
+@pytest.mark.parametrize("mode", ["", "jax", "reset"])
+@pytest.mark.parametrize("needs_reset", [True, False])
+@pytest.mark.parametrize("cfg", [{}, dict(init_values=1e-5, reg_tokens=2, global_pool="map", class_token=False,
+                                          no_embed_class=True), dict(weight_init="skip")])
+def test_init_weights_restarts_a_trained_model_as_timm(cfg, mode, needs_reset):
+    """init_weights on trained weights (every parameter moved by ~3): the same parameters start afresh as in timm,
+    the constants with timm's values; with ``needs_reset`` the norms and layer scales too, without it they stay."""
+    model, ref = pair(**cfg)
+    with torch.no_grad():
+        for net in (model, ref):
+            torch.manual_seed(1)
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) + 3)
+    model.init_weights(mode, needs_reset=needs_reset)
+    ref.init_weights(mode, needs_reset=needs_reset)
+    ours, theirs = model.state_dict(), ref.state_dict()
+    kept = {name for name, t in theirs.items() if t.mean() > 1.5}
+    assert {name for name, t in ours.items() if t.mean() > 1.5} == kept
+    assert any("norm" in name for name in kept) is not needs_reset
+    for name, t in theirs.items():
+        if name in kept or t.std() < 1e-5:  # untouched, or reset to a constant: the same values
+            torch.testing.assert_close(ours[name], t, atol=1e-5, rtol=0, msg=name)
 
 
 def test_weight_init_skip_leaves_the_parameters_as_made():
