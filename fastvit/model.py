@@ -496,22 +496,25 @@ class Mlp(nn.Module):
         fc2 recomputes the GELU in backward, unless something must see the activation: dropout, a norm, or an edited
         drop1 / fc2 (then the GELU runs alone); an edited act runs as it is.
         """
+        approximate = self.fc2_gelu
+        if approximate is not None:
+            return self.drop2(ops.bias_gelu_linear(h, None, self.fc2.weight, self.fc2.bias, self.backend, approximate))
         approximate = self.gelu_approximate
         if approximate is None:
             return self.drop2(self.fc2(call(self.norm, self.drop1(self.act(h)))))
-        if not self.gelu_fuses_into_fc2:
-            hidden = ops.bias_gelu(h, None, self.backend, approximate)
-            return self.drop2(self.fc2(call(self.norm, self.drop1(hidden))))
-        return self.drop2(ops.bias_gelu_linear(h, None, self.fc2.weight, self.fc2.bias, self.backend, approximate))
+        hidden = ops.bias_gelu(h, None, self.backend, approximate)
+        return self.drop2(self.fc2(call(self.norm, self.drop1(hidden))))
 
     @property
-    def gelu_fuses_into_fc2(self) -> bool:
-        """Whether the GELU may run inside fc2's op: a fused activation, and nothing between them that must see it
-        (active dropout, a norm, an edited drop1 or fc2)."""
+    def fc2_gelu(self):
+        """The GELU (:attr:`gelu_approximate`) where it may run inside fc2's op: a fused activation, and nothing
+        between them that must see it (active dropout, a norm, an edited drop1 or fc2); else None."""
         m = self._modules
         drop1 = m["drop1"]
-        return (self.fused_activation and not (self.training and drop1.p > 0) and runs_unmodified(drop1, nn.Dropout)
-                and runs_unmodified(m["norm"], nn.Identity) and runs_unmodified(m["fc2"], nn.Linear))
+        if ((self.training and drop1.p > 0) or not runs_unmodified(drop1, nn.Dropout)
+                or not runs_unmodified(m["norm"], nn.Identity) or not runs_unmodified(m["fc2"], nn.Linear)):
+            return None
+        return self.gelu_approximate
 
 
 class LayerScale(nn.Module):
@@ -603,10 +606,11 @@ class Block(nn.Module):
         if (fusable_layer_norm(norm2) and runs_unmodified(mlp, Mlp)
                 and runs_unmodified(mlp._modules["fc1"], nn.Linear)):
             fc1, fc2 = mlp._modules["fc1"], mlp._modules["fc2"]
-            if mlp.gelu_fuses_into_fc2:
+            approximate = mlp.fc2_gelu
+            if approximate is not None:
                 h, residual = ops.layer_norm_mlp(h, residual, *weight_and_bias(norm2), *weight_and_bias(fc1),
                                                  *weight_and_bias(fc2), norm2.eps, backend=self.backend,
-                                                 approximate=mlp.gelu_approximate)
+                                                 approximate=approximate)
                 h = call(mlp._modules["drop2"], h)
             else:
                 hidden, residual = ops.add_layer_norm_linear(h, residual, *weight_and_bias(norm2),
