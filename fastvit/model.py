@@ -29,6 +29,7 @@ from fastvit.attention_pool import AttentionPoolLatent
 from fastvit.glu_mlp import GluMlp, SwiGLU
 from fastvit.patch_dropout import PatchDropout
 from fastvit.registry import register_model, timm_archs
+from fastvit.kernels.bias_gelu import gelu_ref
 from fastvit.kernels.flash_attention import num_relative_positions, relative_bias_dense
 from fastvit.resample import (_pair, resample_abs_pos_embed, resample_patch_embed, resample_pos_embed_1d,
                               resample_rel_pos_table)
@@ -45,7 +46,7 @@ class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the GELU approximation of OpenAI's CLIP weights (timm's 'quick_gelu')."""
 
     def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
+        return gelu_ref(x, "sigmoid")
 
 
 # timm's names for the activations and norms of its ViT configs (``timm.layers.get_act_layer`` / ``get_norm_layer``)

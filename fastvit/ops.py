@@ -104,6 +104,7 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-6, residual_in_fp32=False, 
 def bias_gelu(x, bias, backend="auto", approximate="none"):
     """y = GELU(x + bias): the exact erf GELU of the paper and timm, or with ``approximate`` "tanh" (as
     ``F.gelu``) or "sigmoid" (u sigmoid(1.702 u), CLIP's quick GELU)."""
+    _bias_gelu.check_approximate(approximate)
     if _reference(backend, x):
         return _bias_gelu.bias_gelu_ref(x, bias, approximate)
     return _bias_gelu.bias_gelu(x, bias, use_triton(backend, x), approximate)
@@ -141,6 +142,7 @@ def bias_gelu_linear(x, bias, weight, weight_bias=None, backend="auto", approxim
 
     On a GPU with the Triton kernels: the bias + GELU kernel before cuBLAS ("gelu+cublas") or inside our GEMM's
     loads ("gelu_gemm", ``kernels/gelu_matmul.py``), whichever was measured faster (:func:`gemm_impl`)."""
+    _bias_gelu.check_approximate(approximate)
     if _reference(backend, x):
         return _gelu_matmul.gelu_matmul_ref(x, bias, weight, weight_bias, approximate)
     args = (x, bias, weight, weight_bias, use_triton(backend, x), approximate)
@@ -165,6 +167,7 @@ def layer_norm_mlp(x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, fc
     Where autograd records the call, on a GPU and under tracing it is ``add_layer_norm_linear`` then
     ``bias_gelu_linear`` (only the pre-activation is kept for backward). In plain CPU inference with the torch
     fallback nothing is kept, so the GELU runs in fc1's GEMM epilogue instead (``fastvit.onednn``)."""
+    _bias_gelu.check_approximate(approximate)
     args = (x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     if x.device.type != "cpu" or use_triton(backend, x) or transformed() or not inference_call(args):
         hidden, residual = add_layer_norm_linear(x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, eps,

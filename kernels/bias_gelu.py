@@ -29,12 +29,14 @@ _SQRT1_2 = tl.constexpr(1.0 / math.sqrt(2.0))
 _INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
 _TANH_SCALE = tl.constexpr(2.0 * math.sqrt(2.0 / math.pi))  # 0.5 (1 + tanh(z)) = sigmoid(2 z)
 _TANH_CUBIC = tl.constexpr(0.044715)
-_SIGMOID_SCALE = tl.constexpr(1.702)
+QUICK_GELU_SCALE = 1.702  # s of CLIP's quick GELU u sigmoid(s u)
+_SIGMOID_SCALE = tl.constexpr(QUICK_GELU_SCALE)
 
 APPROXIMATIONS = ("none", "tanh", "sigmoid")
 
 
 def check_approximate(approximate: str) -> str:
+    """``approximate`` itself, or a ValueError naming the GELUs there are."""
     if approximate not in APPROXIMATIONS:
         raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
     return approximate
@@ -44,7 +46,7 @@ def gelu_ref(u, approximate="none", inplace=False):
     """Torch reference of the GELU ``approximate`` names, computed as timm's modules compute it (``nn.GELU``,
     ``QuickGELU``); ``inplace`` writes it into ``u``."""
     if approximate == "sigmoid":
-        s = torch.sigmoid(1.702 * u)
+        s = torch.sigmoid(QUICK_GELU_SCALE * u)
         return u.mul_(s) if inplace else u * s
     return (torch.ops.aten.gelu_ if inplace else F.gelu)(u, approximate=approximate)
 
@@ -60,7 +62,7 @@ def _gelu_backward(dy, u, approximate):
     autograd's chain through timm's QuickGELU takes five; what it saved, the sigmoid, is not kept here)."""
     if approximate != "sigmoid":
         return torch.ops.aten.gelu_backward(dy, u, approximate=approximate)
-    return torch.ops.aten.silu_backward(dy, u * 1.702)
+    return torch.ops.aten.silu_backward(dy, u * QUICK_GELU_SCALE)
 
 
 @triton.jit

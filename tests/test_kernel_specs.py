@@ -82,6 +82,21 @@ def test_bias_gelu_fallback_is_timms_activation(approximate, dtype):
         assert err <= 2 * timm_err + 1e-6 * e.abs().max().item(), (name, err, timm_err)
 
 
+@pytest.mark.parametrize("call", ["bias_gelu", "bias_gelu_linear", "layer_norm_mlp"])
+def test_ops_name_the_gelus_for_an_unknown_approximation(call):
+    """Every path of the public ops (here the torch reference under vmap, and the CPU inference path whose GEMM
+    epilogue computes the GELU) rejects an unknown approximation by our error, not by whatever op meets it."""
+    from fastvit import ops
+    x, w = torch.randn(2, 3, 8), torch.randn(8, 8)
+    calls = {"bias_gelu": lambda x: ops.bias_gelu(x, w[0], approximate="erf"),
+             "bias_gelu_linear": lambda x: ops.bias_gelu_linear(x, w[0], w, approximate="erf"),
+             "layer_norm_mlp": lambda x: ops.layer_norm_mlp(x, None, w[0], w[1], w, w[2], w, w[3],
+                                                             approximate="erf")[0]}
+    for run in (calls[call], torch.vmap(calls[call])):
+        with pytest.raises(ValueError, match=r"approximate must be one of \('none', 'tanh', 'sigmoid'\), got 'erf'"):
+            run(x)
+
+
 def _saved(fn):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
