@@ -33,32 +33,51 @@ from fastvit.kernels._report import DTYPES, MODELS, SMEM_LIMIT, collect_specs, c
 _JOBS = []  # (model, dtype, module, spec, arch) of the running report: forked workers read it by index
 
 
+def _compile_key(spec, arch):
+    """What a compilation depends on. Models often launch the same variant (B/16's and L/16's LayerNorms both take
+    1024-wide blocks; 1006 records, 648 variants), whose binary is compiled once for all of its records."""
+    return (id(spec.fn), repr(tuple(spec.signature.items())), repr(sorted(spec.constexprs.items())), spec.aligned,
+            spec.num_warps, spec.num_stages, arch)
+
+
 def _compile_job(index):
-    """One record of the report: the job's identity and :func:`compile_spec`'s result, or its error."""
-    model, dtype, module, spec, arch = _JOBS[index]
+    """:func:`compile_spec`'s result for one job, or its error."""
+    _, _, _, spec, arch = _JOBS[index]
+    try:
+        return compile_spec(spec, arch)
+    except Exception as exc:  # a kernel that does not compile fails the report, not the run
+        traceback.print_exc()
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _record(job, result):
+    """One record of the report: the job's identity and its variant's compile result."""
+    model, dtype, module, spec, arch = job
     rec = {"model": model, "dtype": dtype, "module": module, "kernel": spec.name, "label": spec.label,
            "arch": f"sm_{arch}", "num_warps": spec.num_warps, "num_stages": spec.num_stages,
            "constexprs": {k: v if isinstance(v, (bool, int, float)) else str(v) for k, v in spec.constexprs.items()}}
-    try:
-        rec.update(compile_spec(spec, arch))
-    except Exception as exc:  # a kernel that does not compile fails the report, not the run
-        rec.update(ok=False, error=f"{type(exc).__name__}: {exc}")
-        traceback.print_exc()
+    rec.update(result)
     return rec
 
 
 def run(models, dtypes, archs, modules, jobs=1):
-    """One record per (model, dtype, kernel variant, arch), in a fixed order, with a progress bar: a full report
-    takes minutes. ``jobs`` > 1 compiles in that many forked processes (compiling is CPU-bound and each kernel
-    stands alone), which divides the time by about as much."""
+    """One record per (model, dtype, kernel variant, arch), in a fixed order, with a progress bar over the distinct
+    compilations (:func:`_compile_key`; a full report takes minutes). ``jobs`` > 1 compiles in that many forked
+    processes (compiling is CPU-bound and each kernel stands alone), which divides the time by about as much."""
     _JOBS[:] = [(model, dtype, module, spec, arch) for model in models for dtype in dtypes
                 for module, spec in collect_specs(MODELS[model], dtype, modules) for arch in archs
                 if arch in spec.archs]
-    progress = functools.partial(tqdm, total=len(_JOBS), desc="compiling", unit="kernel", mininterval=5)
-    if jobs <= 1 or len(_JOBS) <= 1:
-        return [_compile_job(i) for i in progress(range(len(_JOBS)))]
-    with concurrent.futures.ProcessPoolExecutor(min(jobs, len(_JOBS)), mp_context=mp.get_context("fork")) as pool:
-        return list(progress(pool.map(_compile_job, range(len(_JOBS)), chunksize=4)))
+    first = {}  # compile key -> the first job with it
+    keys = [first.setdefault(_compile_key(spec, arch), i) for i, (_, _, _, spec, arch) in enumerate(_JOBS)]
+    unique = sorted(set(keys))
+    progress = functools.partial(tqdm, total=len(unique), desc="compiling", unit="kernel", mininterval=5)
+    if jobs <= 1 or len(unique) <= 1:
+        results = [_compile_job(i) for i in progress(unique)]
+    else:
+        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(unique)), mp_context=mp.get_context("fork")) as pool:
+            results = list(progress(pool.map(_compile_job, unique, chunksize=4)))
+    compiled = dict(zip(unique, results))
+    return [_record(job, compiled[k]) for job, k in zip(_JOBS, keys)]
 
 
 def print_table(records):

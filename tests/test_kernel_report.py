@@ -62,6 +62,38 @@ def test_report_compiles_in_parallel_to_the_same_records(monkeypatch):
     assert parallel == serial
 
 
+def test_report_compiles_each_variant_once(monkeypatch):
+    """B/16 and L/16 launch many of the same LayerNorm variants (widths 768 and 1024 both take 1024-wide blocks):
+    each distinct compilation (kernel, signature, constexprs, alignment, warps, stages, arch) runs once, and every
+    record gets its variant's result."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("kernel_report", ROOT / "bench" / "kernel_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    compiled = []
+
+    def fake_compile(spec, arch):
+        compiled.append((spec, arch))
+        return {"ok": True, "registers": len(compiled)}
+    monkeypatch.setattr(report, "compile_spec", fake_compile)
+    models = ["vit_base_patch16_224", "vit_large_patch16_224"]
+    records = report.run(models, ["bf16"], [80, 90], ["layer_norm"], jobs=1)
+    specs = [(s, arch) for m in models for _, s in collect_specs(MODELS[m], "bf16", ["layer_norm"])
+             for arch in (80, 90) if arch in s.archs]
+    assert len(records) == len(specs)
+
+    def variant(s, arch):
+        return (s.fn, tuple(s.signature.items()), sorted(s.constexprs.items()), s.aligned, s.num_warps,
+                s.num_stages, arch)
+    distinct = []
+    for s, arch in specs:
+        if variant(s, arch) not in distinct:
+            distinct.append(variant(s, arch))
+    assert len(compiled) == len(distinct) < len(specs)
+    for (s, arch), rec in zip(specs, records):
+        assert rec["registers"] == distinct.index(variant(s, arch)) + 1 and rec["kernel"] == s.name
+
+
 def test_spilling_kernel_is_flagged():
     """A bias+GELU backward tile of 4x1024 values on one warp cannot fit in registers: the report says so."""
     spec = bias_gelu.aot_specs(MODELS["vit_base_patch16_224"], "fp16")[1]
