@@ -47,6 +47,8 @@ DIGITS_PRESET = {
 }
 ARCH_FLAGS = ("patch_size", "embed_dim", "depth", "num_heads", "pos_embed", "pos_embed_at")
 ARCH_SIZES = ("patch_size", "embed_dim", "depth", "num_heads")  # the architecture flags that are counts
+# what of the pre-training digits preset is its tiny ViT: none of it applies where --model names one
+PRESET_MODEL = ("model", *ARCH_SIZES, "img_size")
 MAX_DEFAULT_MICRO = 128
 
 
@@ -155,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     epilog = "\n".join(["recipe defaults (explicit flags win; a default lr is scaled linearly to the "
                         "--global-batch you pass):"]
                        + [f"  {name}: {_table(values)}" for name, values in RECIPE_DEFAULTS.items()]
-                       + ["digits preset (--data digits, replaces the recipe's values it names):"]
+                       + ["digits preset (--data digits, replaces the recipe's values it names; with --model, "
+                          "that model as named, at the recipe's img_size, with the rest of the preset):"]
                        + [f"  {name}: {_table(values)}" for name, values in DIGITS_PRESET.items()])
     parser = argparse.ArgumentParser(prog="python -m fastvit.train", description=__doc__.split("\n\n")[0],
                                      epilog=epilog, formatter_class=_HelpFormatter)
@@ -180,6 +183,8 @@ def resolve(cfg: TrainConfig, world: int) -> tuple[TrainConfig, dict]:
                 continue
             if name == "model" and cfg.init and cfg.recipe == "finetune":
                 continue  # the architecture comes from the checkpoint
+            if source == "preset" and "model" in table and cfg.model is not None and name in PRESET_MODEL:
+                continue  # a named model keeps its own architecture (so400m/14 stays patch 14) and the recipe's size
             if getattr(cfg, name) is None and name not in values:
                 values[name], filled[name] = value, source
     if filled.get("lr") and "global_batch" not in filled and cfg.global_batch:

@@ -382,6 +382,26 @@ def test_presets_and_explicit_flags():
     assert steps_for(cfg, num_train=1437).steps == math.ceil(2 * 1437 / 128)
 
 
+def test_a_named_model_keeps_its_architecture_on_digits(tmp_path, capsys):
+    """--model on digits trains the architecture it names: the preset's tiny ViT (patch 4, width 64, 4 blocks of 4
+    heads, 16 px) is not laid over it (so400m/14 used to train with 4-pixel patches, 9216 tokens at 384 px), and
+    the input size is the recipe's; the preset's batch, lr and schedule still apply. At its own size, 384 px, which
+    is not whole 14-pixel patches, so400m/14 trains (its last 6 pixels dropped, as in timm; other sizes that are not
+    whole patches are refused: test_bad_flags_give_clear_errors)."""
+    cfg, filled = resolve(TrainConfig(model="vit_so400m_patch14_siglip_384"), world=1)
+    assert (cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads) == (None,) * 4
+    assert cfg.img_size == 224 and filled["img_size"] == "recipe"
+    assert (cfg.global_batch, cfg.lr, cfg.steps) == (128, 2e-3, 500) and filled["lr"] == "preset"
+    flags = ["--model", "vit_so400m_patch14_siglip_384", "--depth", "1", "--embed-dim", "32", "--num-heads", "2",
+             "--steps", "1", "--global-batch", "8", "--warmup-steps", "0", "--eval-every", "100"]
+    main([*flags, "--img-size", "384", "--out", str(tmp_path / "own")])
+    assert "patch_size" not in next(line for line in capsys.readouterr().out.splitlines()
+                                    if line.startswith("digits preset"))
+    model = fastvit.create_model(f"local-dir:{tmp_path / 'own' / 'model'}", pretrained=True)
+    assert model.patch_embed.patch_size == (14, 14) and model.patch_embed.grid_size == (27, 27)
+    assert model.embed_dim == 32 and len(model.blocks) == 1
+
+
 def test_default_workers_fit_the_cpus(monkeypatch):
     """No more loader workers by default than this rank's share of the CPUs it may run on (DataLoader warns past
     that, and a 2-core machine used to get 4), at most 4; an explicit --workers wins."""
