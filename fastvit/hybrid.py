@@ -261,6 +261,9 @@ for _name, _args in {
     "vit_base_r50_s16_384": ((3, 4, 9), 768, 12, 12, 384),
     "vit_large_r50_s32_224": ((3, 4, 6, 3), 1024, 24, 16, 224),
     "vit_large_r50_s32_384": ((3, 4, 6, 3), 1024, 24, 16, 384),
+    "vit_small_r26_s32_224": ((2, 2, 2, 2), 384, 12, 6, 224),
+    "vit_small_r26_s32_384": ((2, 2, 2, 2), 384, 12, 6, 384),
+    "vit_base_r26_s32_224": ((2, 2, 2, 2), 768, 12, 12, 224),
 }.items():
     register_model(_name, _hybrid_builder(*_args), module="vision_transformer_hybrid")
 

@@ -189,12 +189,13 @@ def _assert_close_to_scale(actual, expected, rtol, msg=None):
     torch.testing.assert_close(actual, expected, atol=1e-5 * scale, rtol=rtol, msg=msg)
 
 
-@pytest.mark.parametrize("name", [n for n in representative_names() if "_r50_" not in n])
+@pytest.mark.parametrize("name", representative_names())
 def test_every_layout_builds_timms_model(name):
     """Each registered layout (timm's constructor arguments as the data file holds them) against timm's model of the
-    same name, one block deep at 3 x 2 patches: the same outputs, features and gradients."""
+    same name, one block deep at 3 x 2 tokens: the same outputs, features and gradients."""
     with torch.device("meta"):
-        patch = fastvit.create_model(name, depth=1).patch_embed.patch_size
+        pe = fastvit.create_model(name, depth=1).patch_embed
+        patch = getattr(pe, "token_stride", pe.patch_size)  # a hybrid's: its backbone's reduction x patch_size
     kwargs = dict(depth=1, img_size=(3 * patch[0], 2 * patch[1]), num_classes=5)
     torch.manual_seed(0)
     ref = timm.create_model(name, **kwargs)
