@@ -2,7 +2,8 @@
 
 The CNN is the BiT ResNet the paper pairs with ViT, in the layout timm's ``vision_transformer_hybrid.py`` builds:
 weight-standardised convolutions with TensorFlow 'SAME' padding, GroupNorm(32) + ReLU, a 7x7/2 stem with 3x3/2 max
-pooling, and non-pre-activation bottleneck stages (R50: (3, 4, 9) for stride 16, (3, 4, 6, 3) for stride 32).
+pooling, and non-pre-activation bottleneck stages (R50: (3, 4, 9) for stride 16, (3, 4, 6, 3) for stride 32; R26:
+(2, 2, 2, 2); timm's R+ViT-Ti: the stem alone, with 8 x 8 patches).
 Parameter names match timm (``patch_embed.backbone.stem.conv.weight``, ``...stages.i.blocks.j.conv1.weight``, ...),
 so timm's hybrid weights load unchanged; ``hybrid_backbone_from_npz`` reads the original JAX layout.
 """
@@ -22,7 +23,8 @@ from fastvit.model import VisionTransformer, checked_image, embed_patches, grid_
 from fastvit.registry import register_model
 from fastvit.resample import _pair
 
-__all__ = ["Bottleneck", "GroupNormAct", "HybridEmbed", "ResNetV2", "StdConv2dSame", "hybrid_backbone_from_npz"]
+__all__ = ["Bottleneck", "GroupNormAct", "HybridEmbed", "ResNetStem", "ResNetV2", "StdConv2dSame",
+           "hybrid_backbone_from_npz"]
 
 
 def _same_padding(size, kernel, stride):
@@ -139,6 +141,19 @@ class ResNetStage(nn.Module):
         return self.blocks(x)
 
 
+class ResNetStem(nn.Sequential):
+    """The BiT ResNet's stem, 7x7/2 conv, GroupNorm + ReLU, 3x3/2 max pool: (B, C, H, W) -> (B, stem_chs, H / 4,
+    W / 4). ``ResNetV2`` starts with it; alone it is the backbone of timm's R+ViT-Ti hybrids (``layers=()``)."""
+
+    def __init__(self, in_chans=3, stem_chs=64):
+        super().__init__(OrderedDict([
+            ("conv", StdConv2dSame(in_chans, stem_chs, 7, stride=2)),
+            ("norm", GroupNormAct(stem_chs)),
+            ("pool", MaxPool2dSame(3, 2)),
+        ]))
+        self.in_chans, self.num_features, self.reduction = in_chans, stem_chs, 4
+
+
 class ResNetV2(nn.Module):
     """The hybrids' BiT ResNet backbone: image (B, C, H, W) -> feature map (B, num_features, H / r, W / r).
 
@@ -152,11 +167,7 @@ class ResNetV2(nn.Module):
             raise ValueError(f"layers must be 1 to 4 positive stage depths, e.g. (3, 4, 9), got {layers!r}")
         self.in_chans = in_chans
         self.layers = tuple(int(d) for d in layers)
-        self.stem = nn.Sequential(OrderedDict([
-            ("conv", StdConv2dSame(in_chans, stem_chs, 7, stride=2)),
-            ("norm", GroupNormAct(stem_chs)),
-            ("pool", MaxPool2dSame(3, 2)),
-        ]))
+        self.stem = ResNetStem(in_chans, stem_chs)
         self.stages = nn.Sequential()
         chs = stem_chs
         for i, depth in enumerate(self.layers):
@@ -247,10 +258,11 @@ class HybridEmbed(nn.Module):
 
 
 # ---- registry: timm's hybrid names (vision_transformer_hybrid.py); heads come from the pretrained configs -----
-def _hybrid_builder(layers, embed_dim, depth, num_heads, img_size):
+def _hybrid_builder(layers, embed_dim, depth, num_heads, img_size, patch_size=1):
     def build(**kwargs):
-        backbone = ResNetV2(layers, in_chans=kwargs.get("in_chans", 3))
-        cfg = dict(img_size=img_size, patch_size=1, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+        in_chans = kwargs.get("in_chans", 3)
+        backbone = ResNetV2(layers, in_chans=in_chans) if layers else ResNetStem(in_chans)
+        cfg = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                    embed_layer=partial(HybridEmbed, backbone=backbone))
         return VisionTransformer(**{**cfg, **kwargs})
     return build
@@ -264,6 +276,8 @@ for _name, _args in {
     "vit_small_r26_s32_224": ((2, 2, 2, 2), 384, 12, 6, 224),
     "vit_small_r26_s32_384": ((2, 2, 2, 2), 384, 12, 6, 384),
     "vit_base_r26_s32_224": ((2, 2, 2, 2), 768, 12, 12, 224),
+    "vit_tiny_r_s16_p8_224": ((), 192, 12, 3, 224, 8),
+    "vit_tiny_r_s16_p8_384": ((), 192, 12, 3, 384, 8),
 }.items():
     register_model(_name, _hybrid_builder(*_args), module="vision_transformer_hybrid")
 

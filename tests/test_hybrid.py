@@ -11,7 +11,8 @@ from fastvit.convert import from_npz, load_checkpoint
 from fastvit.hybrid import HybridEmbed, ResNetV2, hybrid_backbone_from_npz  # importing registers vit_*_r50_*
 
 NAMES = ["vit_base_r50_s16_224", "vit_base_r50_s16_384", "vit_large_r50_s32_224", "vit_large_r50_s32_384",
-         "vit_small_r26_s32_224", "vit_small_r26_s32_384", "vit_base_r26_s32_224"]
+         "vit_small_r26_s32_224", "vit_small_r26_s32_384", "vit_base_r26_s32_224", "vit_tiny_r_s16_p8_224",
+         "vit_tiny_r_s16_p8_384"]
 
 
 def pair(name, **kwargs):
