@@ -5,7 +5,8 @@ weight-standardised convolutions with TensorFlow 'SAME' padding, GroupNorm(32) +
 pooling, and non-pre-activation bottleneck stages (R50: (3, 4, 9) for stride 16, (3, 4, 6, 3) for stride 32; R26:
 (2, 2, 2, 2); timm's R+ViT-Ti: the stem alone, with 8 x 8 patches).
 Parameter names match timm (``patch_embed.backbone.stem.conv.weight``, ``...stages.i.blocks.j.conv1.weight``, ...),
-so timm's hybrid weights load unchanged; ``hybrid_backbone_from_npz`` reads the original JAX layout.
+so timm's hybrid weights load unchanged; ``hybrid_backbone_from_npz`` reads the original JAX layout. timm's four
+hybrids of its own design, which have no pretrained weights, use a ResNet-D instead (``fastvit.resnet_d``).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from fastvit.model import VisionTransformer, checked_image, embed_patches, grid_size_for, resample_projection_
 from fastvit.registry import register_model
 from fastvit.resample import _pair
+from fastvit.resnet_d import ResNetD, init_resnet_weights
 
 __all__ = ["Bottleneck", "GroupNormAct", "HybridEmbed", "ResNetStem", "ResNetV2", "StdConv2dSame",
            "hybrid_backbone_from_npz"]
@@ -178,17 +180,7 @@ class ResNetV2(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """timm's init of the hybrid backbone: He-normal (fan-out) convolutions, GroupNorm 1/0, and the last GroupNorm
-        of each residual branch zeroed so that every block starts as the identity on its shortcut."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.GroupNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        for m in self.modules():
-            if isinstance(m, Bottleneck):
-                nn.init.zeros_(m.norm3.weight)
+        init_resnet_weights(self, (m.norm3 for m in self.modules() if isinstance(m, Bottleneck)))
 
     def forward(self, x):
         return self.stages(self.stem(x))
@@ -258,26 +250,40 @@ class HybridEmbed(nn.Module):
 
 
 # ---- registry: timm's hybrid names (vision_transformer_hybrid.py); heads come from the pretrained configs -----
-def _hybrid_builder(layers, embed_dim, depth, num_heads, img_size, patch_size=1):
+def _bit(layers):
+    """in_chans -> the BiT ResNet with ``layers`` (the stem alone for ())."""
+    return lambda in_chans: ResNetV2(layers, in_chans=in_chans) if layers else ResNetStem(in_chans)
+
+
+def _resnet_d(layers):
+    """in_chans -> the ResNet-D with ``layers``."""
+    return lambda in_chans: ResNetD(layers, in_chans=in_chans)
+
+
+def _hybrid_builder(backbone, embed_dim, depth, num_heads, img_size, patch_size=1, mlp_ratio=4.0):
     def build(**kwargs):
-        in_chans = kwargs.get("in_chans", 3)
-        backbone = ResNetV2(layers, in_chans=in_chans) if layers else ResNetStem(in_chans)
         cfg = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                   embed_layer=partial(HybridEmbed, backbone=backbone))
+                   mlp_ratio=mlp_ratio,
+                   embed_layer=partial(HybridEmbed, backbone=backbone(kwargs.get("in_chans", 3))))
         return VisionTransformer(**{**cfg, **kwargs})
     return build
 
 
 for _name, _args in {
-    "vit_base_r50_s16_224": ((3, 4, 9), 768, 12, 12, 224),
-    "vit_base_r50_s16_384": ((3, 4, 9), 768, 12, 12, 384),
-    "vit_large_r50_s32_224": ((3, 4, 6, 3), 1024, 24, 16, 224),
-    "vit_large_r50_s32_384": ((3, 4, 6, 3), 1024, 24, 16, 384),
-    "vit_small_r26_s32_224": ((2, 2, 2, 2), 384, 12, 6, 224),
-    "vit_small_r26_s32_384": ((2, 2, 2, 2), 384, 12, 6, 384),
-    "vit_base_r26_s32_224": ((2, 2, 2, 2), 768, 12, 12, 224),
-    "vit_tiny_r_s16_p8_224": ((), 192, 12, 3, 224, 8),
-    "vit_tiny_r_s16_p8_384": ((), 192, 12, 3, 384, 8),
+    "vit_base_r50_s16_224": (_bit((3, 4, 9)), 768, 12, 12, 224),
+    "vit_base_r50_s16_384": (_bit((3, 4, 9)), 768, 12, 12, 384),
+    "vit_large_r50_s32_224": (_bit((3, 4, 6, 3)), 1024, 24, 16, 224),
+    "vit_large_r50_s32_384": (_bit((3, 4, 6, 3)), 1024, 24, 16, 384),
+    "vit_small_r26_s32_224": (_bit((2, 2, 2, 2)), 384, 12, 6, 224),
+    "vit_small_r26_s32_384": (_bit((2, 2, 2, 2)), 384, 12, 6, 384),
+    "vit_base_r26_s32_224": (_bit((2, 2, 2, 2)), 768, 12, 12, 224),
+    "vit_tiny_r_s16_p8_224": (_bit(()), 192, 12, 3, 224, 8),
+    "vit_tiny_r_s16_p8_384": (_bit(()), 192, 12, 3, 384, 8),
+    # timm's own hybrids (no pretrained weights): ResNet-D backbones, the "small" ones 8 blocks of width 768
+    "vit_small_resnet26d_224": (_resnet_d((2, 2, 2, 2)), 768, 8, 8, 224, 1, 3.0),
+    "vit_small_resnet50d_s16_224": (_resnet_d((3, 4, 6)), 768, 8, 8, 224, 1, 3.0),
+    "vit_base_resnet26d_224": (_resnet_d((2, 2, 2, 2)), 768, 12, 12, 224),
+    "vit_base_resnet50d_224": (_resnet_d((3, 4, 6, 3)), 768, 12, 12, 224),
 }.items():
     register_model(_name, _hybrid_builder(*_args), module="vision_transformer_hybrid")
 

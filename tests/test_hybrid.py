@@ -9,10 +9,12 @@ from timm.models.vision_transformer_hybrid import _resnetv2
 import fastvit
 from fastvit.convert import from_npz, load_checkpoint
 from fastvit.hybrid import HybridEmbed, ResNetV2, hybrid_backbone_from_npz  # importing registers vit_*_r50_*
+from fastvit.resnet_d import ResNetD
 
 NAMES = ["vit_base_r50_s16_224", "vit_base_r50_s16_384", "vit_large_r50_s32_224", "vit_large_r50_s32_384",
          "vit_small_r26_s32_224", "vit_small_r26_s32_384", "vit_base_r26_s32_224", "vit_tiny_r_s16_p8_224",
-         "vit_tiny_r_s16_p8_384"]
+         "vit_tiny_r_s16_p8_384", "vit_small_resnet26d_224", "vit_small_resnet50d_s16_224", "vit_base_resnet26d_224",
+         "vit_base_resnet50d_224"]
 
 
 def pair(name, **kwargs):
@@ -92,6 +94,61 @@ def test_backbone_same_padding_matches_timm_at_odd_sizes(size):
     assert out.shape == expected.shape == (1, 2048, -(-size[0] // 32), -(-size[1] // 32))
     # raw (un-normalised) residual stream: compare normwise, fp32 rounding measured 3e-6, a wrong pad gives ~1
     assert rel_err(out, expected) < 2e-5
+
+
+
+def _timm_resnet_d(layers):
+    """timm's resnet26d / resnet50d as the hybrids build it (features_only, the last stage of ``layers``), with its
+    parameters perturbed (its init zeroes each block's last BatchNorm)."""
+    torch.manual_seed(0)
+    ref = timm.create_model("resnet26d" if layers == (2, 2, 2, 2) else "resnet50d", features_only=True,
+                            out_indices=[len(layers)])
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return ref
+
+
+@pytest.mark.parametrize("layers,size", [((2, 2, 2, 2), (61, 47)), ((3, 4, 6), (64, 50))])
+def test_resnet_d_matches_timm_in_train_and_eval_mode(layers, size):
+    """ResNet-D against timm's at sizes that leave remainders in the strided convolutions and the shortcuts'
+    ceil-mode average pools: features and gradients in train mode (batch statistics), the running statistics that
+    step updates, and features in eval mode."""
+    ref = _timm_resnet_d(layers)
+    backbone = ResNetD(layers)
+    backbone.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, *size)
+    out, expected = backbone(x), ref(x)[-1]
+    reduction = 4 * 2 ** (len(layers) - 1)
+    assert out.shape == expected.shape == (2, backbone.num_features, -(-size[0] // reduction),
+                                           -(-size[1] // reduction))
+    assert rel_err(out, expected) < 2e-5
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    grads = dict(ref.named_parameters())
+    for name, p in backbone.named_parameters():
+        assert rel_err(p.grad, grads[name].grad) < 1e-4, name
+    buffers = dict(ref.named_buffers())
+    for name, b in backbone.named_buffers():
+        torch.testing.assert_close(b, buffers[name], msg=name)
+    backbone.eval(), ref.eval()
+    with torch.no_grad():
+        assert rel_err(backbone(x), ref(x)[-1]) < 2e-5
+
+
+def test_resnet_d_init_as_timm():
+    """timm's ResNet init: He-normal fan-out convolutions (the same spread per tensor), BatchNorm 1 / 0, and each
+    bottleneck's last BatchNorm weight zero so that a block starts as its shortcut."""
+    torch.manual_seed(0)
+    ref = timm.create_model("resnet26d", features_only=True, out_indices=[4])
+    ours = dict(ResNetD((2, 2, 2, 2)).named_parameters())
+    for name, p in ref.named_parameters():
+        if p.ndim == 4:
+            fan_out = p.shape[0] * p.shape[2] * p.shape[3]
+            assert abs(ours[name].std().item() / (2 / fan_out) ** 0.5 - 1) < 0.25, name
+        else:
+            assert torch.equal(ours[name], p), name
+    assert not ours["layer1.0.bn3.weight"].any() and ours["layer1.0.bn2.weight"].eq(1).all()
 
 
 def test_dynamic_img_size_matches_timm_and_validates():
