@@ -1,4 +1,4 @@
-"""Load ViT checkpoints from timm, torchvision, Hugging Face and JAX (.npz) into fastvit.
+"""Load ViT checkpoints from timm, torchvision, Hugging Face, Apple's MobileCLIP and JAX (.npz) into fastvit.
 
 fastvit keeps timm's state_dict layout, so timm checkpoints load as they are. The ``from_*`` converters rename
 (and where needed reshape) another layout's tensors into timm's; keys they do not know pass through unchanged, so
@@ -29,8 +29,8 @@ from fastvit.hybrid import hybrid_backbone_from_npz
 from fastvit.resample import (resample_abs_pos_embed, resample_patch_embed, resample_pos_embed_1d,
                               resample_rel_pos_table)
 
-__all__ = ["CheckpointMismatchError", "LoadResult", "from_hf", "from_npz", "from_torchvision", "load_checkpoint",
-           "read_checkpoint"]
+__all__ = ["CheckpointMismatchError", "LoadResult", "from_hf", "from_mobileclip", "from_npz", "from_torchvision",
+           "load_checkpoint", "read_checkpoint"]
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 # Keys that wrap a state_dict in training checkpoints (timm train.py, torchvision references, common scripts).
@@ -155,6 +155,40 @@ def from_hf(state_dict):
             raise ValueError(f"layer {block} {param}: expected query, key and value tensors, found only "
                              f"{sorted(parts)}")
         out[f"blocks.{block}.attn.qkv.{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+# ---- Apple's MobileCLIP (ml-mobileclip) -----------------------------------------------------------------------
+MOBILECLIP_PREFIX = "image_encoder.model."
+_MOBILECLIP_BLOCK = r"^transformer\.(\d+)\."
+_MOBILECLIP_RULES = [
+    (r"^patch_emb\.(\d+)\.block\.conv\.", r"patch_embed.backbone.\1.conv."),
+    (r"^patch_emb\.(\d+)\.block\.norm\.", r"patch_embed.backbone.\1.bn."),
+    (r"^post_transformer_norm\.", "norm."),
+    (_MOBILECLIP_BLOCK + r"pre_norm_mha\.0\.", r"blocks.\1.norm1."),
+    (_MOBILECLIP_BLOCK + r"pre_norm_mha\.1\.qkv_proj\.", r"blocks.\1.attn.qkv."),
+    (_MOBILECLIP_BLOCK + r"pre_norm_mha\.1\.out_proj\.", r"blocks.\1.attn.proj."),
+    (_MOBILECLIP_BLOCK + r"pre_norm_ffn\.0\.", r"blocks.\1.norm2."),
+    (_MOBILECLIP_BLOCK + r"pre_norm_ffn\.1\.", r"blocks.\1.mlp.fc1."),
+    (_MOBILECLIP_BLOCK + r"pre_norm_ffn\.4\.", r"blocks.\1.mlp.fc2."),
+    (r"^pos_embed\.pos_embed\.pos_embed$", "pos_embed"),
+]
+
+
+def from_mobileclip(state_dict):
+    """A MobileCLIP checkpoint of Apple's (ml-mobileclip, ViT-B/16 image encoder: ``vit_base_mci_224``) -> timm
+    layout: the image encoder's tensors renamed, the text encoder's dropped; the (D, K) projection into the joint
+    embedding becomes a (K, D) head with a zero bias, and the (1, 1, N, D) position table (1, N, D)."""
+    out = {}
+    for key, value in state_dict.items():
+        if not key.startswith(MOBILECLIP_PREFIX):
+            continue
+        name = key[len(MOBILECLIP_PREFIX):]
+        if name == "classifier.proj":
+            out["head.weight"], out["head.bias"] = value.T, value.new_zeros(value.shape[1])
+            continue
+        name = _rename(name, _MOBILECLIP_RULES)
+        out[name] = value.squeeze(0) if name == "pos_embed" else value
     return out
 
 
@@ -301,8 +335,10 @@ def _unwrap(obj):
 
 
 def _detect_layout(sd):
-    if "patch_embed.proj.weight" in sd:
+    if "patch_embed.proj.weight" in sd or "patch_embed.backbone.0.conv.weight" in sd:  # the latter: MobileCLIP's
         return "timm"
+    if MOBILECLIP_PREFIX + "patch_emb.0.block.conv.weight" in sd:
+        return "mobileclip"
     if "conv_proj.weight" in sd or "class_token" in sd:
         return "torchvision"
     if any(k in sd for k in ("embeddings.patch_embeddings.projection.weight",
@@ -311,16 +347,18 @@ def _detect_layout(sd):
     if any(f"{p}embedding/kernel" in sd for p in NPZ_PREFIXES):
         return "npz"
     raise ValueError(f"unrecognised checkpoint layout: expected a timm ('patch_embed.proj.weight'), torchvision "
-                     f"('conv_proj.weight'), Hugging Face ('vit.embeddings.patch_embeddings.projection.weight') or "
-                     f"JAX ('embedding/kernel') key; found {_listing(sorted(map(str, sd)))}")
+                     f"('conv_proj.weight'), Hugging Face ('vit.embeddings.patch_embeddings.projection.weight'), "
+                     f"MobileCLIP ('{MOBILECLIP_PREFIX}patch_emb.0.block.conv.weight') or JAX ('embedding/kernel') "
+                     f"key; found {_listing(sorted(map(str, sd)))}")
 
 
-_CONVERTERS = {"timm": dict, "torchvision": from_torchvision, "hf": from_hf, "npz": from_npz}
+_CONVERTERS = {"timm": dict, "torchvision": from_torchvision, "hf": from_hf, "mobileclip": from_mobileclip,
+               "npz": from_npz}
 
 
 def read_checkpoint(path_or_state_dict):
     """Any supported source (a path as ``load_checkpoint`` takes, or a state_dict) -> (timm-layout state_dict,
-    layout name: 'timm', 'torchvision', 'hf' or 'npz'), without fitting it to a model."""
+    layout name: 'timm', 'torchvision', 'hf', 'mobileclip' or 'npz'), without fitting it to a model."""
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         path = os.fspath(path_or_state_dict)
         if not os.path.exists(path):

@@ -6,7 +6,8 @@ pooling, and non-pre-activation bottleneck stages (R50: (3, 4, 9) for stride 16,
 (2, 2, 2, 2); timm's R+ViT-Ti: the stem alone, with 8 x 8 patches).
 Parameter names match timm (``patch_embed.backbone.stem.conv.weight``, ``...stages.i.blocks.j.conv1.weight``, ...),
 so timm's hybrid weights load unchanged; ``hybrid_backbone_from_npz`` reads the original JAX layout. timm's four
-hybrids of its own design, which have no pretrained weights, use a ResNet-D instead (``fastvit.resnet_d``).
+hybrids of its own design, which have no pretrained weights, use a ResNet-D instead (``fastvit.resnet_d``), and
+MobileCLIP-B's image encoder a small convolutional stem (``ConvStem``).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from fastvit.registry import register_model
 from fastvit.resample import _pair
 from fastvit.resnet_d import ResNetD, init_resnet_weights
 
-__all__ = ["Bottleneck", "GroupNormAct", "HybridEmbed", "ResNetStem", "ResNetV2", "StdConv2dSame",
+__all__ = ["Bottleneck", "ConvNormAct", "ConvStem", "GroupNormAct", "HybridEmbed", "ResNetStem", "ResNetV2", "StdConv2dSame",
            "hybrid_backbone_from_npz"]
 
 
@@ -186,6 +187,38 @@ class ResNetV2(nn.Module):
         return self.stages(self.stem(x))
 
 
+class ConvNormAct(nn.Module):
+    """A convolution (no padding), then BatchNorm + GELU, or nothing after it for the bare last layer of a
+    :class:`ConvStem` (which has a bias instead), as timm's ConvNormAct there."""
+
+    def __init__(self, in_chs, out_chs, kernel_size, stride, apply_norm=True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, bias=not apply_norm)
+        self.bn = nn.BatchNorm2d(out_chs) if apply_norm else nn.Identity()
+        self.apply_act = apply_norm
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        return F.gelu(x) if self.apply_act else x
+
+
+class ConvStem(nn.Sequential):
+    """MobileCLIP's convolutional stem (timm's ``vit_base_mci_224``): layers of stride = kernel size, each conv, BN and
+    GELU but the last, a bare conv whose output is the tokens (its hybrid has no projection after the backbone):
+    (B, C, H, W) -> (B, channels[-1], H / r, W / r), r the product of the strides."""
+
+    def __init__(self, in_chans=3, channels=(192, 192, 768), strides=(4, 2, 2)):
+        super().__init__()
+        if len(channels) != len(strides) or not channels:
+            raise ValueError(f"channels and strides must have the same length (>= 1), got {channels!r} and "
+                             f"{strides!r}")
+        chs = in_chans
+        for i, (out_chs, stride) in enumerate(zip(channels, strides)):
+            self.add_module(str(i), ConvNormAct(chs, out_chs, stride, stride, apply_norm=i < len(channels) - 1))
+            chs = out_chs
+        self.in_chans, self.num_features, self.reduction = in_chans, chs, math.prod(strides)
+
+
 class HybridEmbed(nn.Module):
     """The embed_layer of a hybrid ViT: backbone feature map -> P x P patches (P = 1 in the paper) projected to D.
 
@@ -193,10 +226,11 @@ class HybridEmbed(nn.Module):
     tokens, ``embed`` adding the optional position table and class token, ``set_input_size``) so ``VisionTransformer(embed_layer=partial(HybridEmbed,
     backbone=...))`` needs nothing else. ``patch_size`` is the projection's, over the feature map; ``grid_size`` is
     the feature grid divided by it. ``backbone`` must expose ``in_chans``, ``num_features`` and ``reduction``.
+    ``proj=False`` (MobileCLIP's): the features are the tokens, with no projection (embed_dim = num_features).
     """
 
     def __init__(self, backbone, img_size=224, patch_size=1, in_chans=3, embed_dim=768, bias=True,
-                 dynamic_img_size=False):
+                 dynamic_img_size=False, proj=True):
         super().__init__()
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be an nn.Module (e.g. fastvit.hybrid.ResNetV2), got "
@@ -213,7 +247,14 @@ class HybridEmbed(nn.Module):
         self.backend = "auto"
         self.feature_dim = backbone.num_features
         self.feature_ratio = _pair(backbone.reduction)
-        self.proj = nn.Conv2d(self.feature_dim, embed_dim, _pair(patch_size), stride=_pair(patch_size), bias=bias)
+        if proj:
+            self.proj = nn.Conv2d(self.feature_dim, embed_dim, _pair(patch_size), stride=_pair(patch_size), bias=bias)
+        elif self.feature_dim != embed_dim or _pair(patch_size) != (1, 1):
+            raise ValueError(f"proj=False takes the backbone's features as the tokens: it needs embed_dim equal to "
+                             f"the backbone's {self.feature_dim} features and patch_size 1, got {embed_dim} and "
+                             f"{patch_size}")
+        else:
+            self.proj = nn.Identity()
         self._set_sizes(img_size, patch_size)
 
     @property
@@ -231,7 +272,10 @@ class HybridEmbed(nn.Module):
     def set_input_size(self, img_size=None, patch_size=None):
         """Change the expected image size (feature grid = size / reduction / patch) and/or the projection's patch
         size (weights resampled as PatchEmbed does)."""
-        resample_projection_(self.proj, patch_size)
+        if not isinstance(self.proj, nn.Identity):
+            resample_projection_(self.proj, patch_size)
+        elif patch_size is not None and _pair(patch_size) != (1, 1):
+            raise ValueError(f"this hybrid has no projection (proj=False): patch_size must stay 1, got {patch_size}")
         self._set_sizes(img_size or self.img_size, patch_size or self.patch_size)
 
     def check_input(self, x):
@@ -260,11 +304,12 @@ def _resnet_d(layers):
     return lambda in_chans: ResNetD(layers, in_chans=in_chans)
 
 
-def _hybrid_builder(backbone, embed_dim, depth, num_heads, img_size, patch_size=1, mlp_ratio=4.0):
+def _hybrid_builder(backbone, embed_dim, depth, num_heads, img_size, patch_size=1, mlp_ratio=4.0, proj=True,
+                    **vit_kwargs):
     def build(**kwargs):
         cfg = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                   mlp_ratio=mlp_ratio,
-                   embed_layer=partial(HybridEmbed, backbone=backbone(kwargs.get("in_chans", 3))))
+                   mlp_ratio=mlp_ratio, **vit_kwargs,
+                   embed_layer=partial(HybridEmbed, backbone=backbone(kwargs.get("in_chans", 3)), proj=proj))
         return VisionTransformer(**{**cfg, **kwargs})
     return build
 
@@ -286,6 +331,9 @@ for _name, _args in {
     "vit_base_resnet50d_224": (_resnet_d((3, 4, 6, 3)), 768, 12, 12, 224),
 }.items():
     register_model(_name, _hybrid_builder(*_args), module="vision_transformer_hybrid")
+# MobileCLIP-B's image encoder: the stem's last conv makes the tokens (stride 16 in all), no class row in E_pos
+register_model("vit_base_mci_224", _hybrid_builder(lambda in_chans: ConvStem(in_chans), 768, 12, 12, 224, proj=False,
+                                                   no_embed_class=True), module="vision_transformer_hybrid")
 
 
 # ---- original JAX (.npz) layout ----------------------------------------------------------------------------------

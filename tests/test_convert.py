@@ -1,16 +1,20 @@
-"""Checkpoint conversion: torchvision, Hugging Face (both layouts) and JAX .npz weights loaded into fastvit must
+"""Checkpoint conversion: torchvision, Hugging Face (both layouts), MobileCLIP and JAX .npz weights loaded into fastvit must
 reproduce the source model's outputs; containers, files, grid resampling and mismatch errors behave as documented.
 
 Every source model is tiny (32px, patch 8, width 64, depth 2) with all parameters randomised (zero biases would
 hide a mis-mapped bias).
 """
+import re
+
 import numpy as np
 import pytest
+import timm
 import torch
 from safetensors.torch import save_file
 
 import fastvit
-from fastvit.convert import (CheckpointMismatchError, from_hf, from_npz, from_torchvision, load_checkpoint)
+from fastvit.convert import (CheckpointMismatchError, from_hf, from_mobileclip, from_npz, from_torchvision,
+                             load_checkpoint)
 
 CFG = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=10)
 ATOL = 1e-5
@@ -223,6 +227,49 @@ def test_npz_big_vision_scanned_layout(tmp_path, no_embed_class):
         torch.testing.assert_close(model(x), want, rtol=0, atol=ATOL)
         with np.load(tmp_path / "bv.npz") as f:  # a mapping of arrays works as well as the path
             assert set(from_npz(dict(f))) == set(source.state_dict())
+
+
+# timm's names -> Apple's MobileCLIP names (the inverse of timm's _convert_mobileclip, which the test compares with)
+_TO_MOBILECLIP = [(r"^patch_embed\.backbone\.(\d+)\.conv\.", r"patch_emb.\1.block.conv."),
+                  (r"^patch_embed\.backbone\.(\d+)\.bn\.", r"patch_emb.\1.block.norm."),
+                  (r"^norm\.", "post_transformer_norm."),
+                  (r"^blocks\.(\d+)\.norm1\.", r"transformer.\1.pre_norm_mha.0."),
+                  (r"^blocks\.(\d+)\.attn\.qkv\.", r"transformer.\1.pre_norm_mha.1.qkv_proj."),
+                  (r"^blocks\.(\d+)\.attn\.proj\.", r"transformer.\1.pre_norm_mha.1.out_proj."),
+                  (r"^blocks\.(\d+)\.norm2\.", r"transformer.\1.pre_norm_ffn.0."),
+                  (r"^blocks\.(\d+)\.mlp\.fc1\.", r"transformer.\1.pre_norm_ffn.1."),
+                  (r"^blocks\.(\d+)\.mlp\.fc2\.", r"transformer.\1.pre_norm_ffn.4.")]
+
+
+def test_mobileclip_checkpoint_converts_as_timm():
+    """An Apple MobileCLIP-B checkpoint (image and text encoder) -> timm's layout as timm's own converter gives it,
+    and loaded by load_checkpoint, timm's outputs."""
+    from timm.models.vision_transformer_hybrid import _convert_mobileclip
+
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_base_mci_224", depth=2, img_size=64).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        ref.head.bias.zero_()  # MobileCLIP's projection has no bias
+    raw = {"text_encoder.embedding_layer.weight": torch.randn(7, 4), "logit_scale": torch.ones(())}
+    for key, value in ref.state_dict().items():
+        if key == "head.weight":
+            raw["image_encoder.model.classifier.proj"] = value.T
+        elif key == "pos_embed":
+            raw["image_encoder.model.pos_embed.pos_embed.pos_embed"] = value.unsqueeze(0)
+        elif key != "head.bias":
+            name = next((re.sub(a, b, key) for a, b in _TO_MOBILECLIP if re.match(a, key)), key)
+            raw["image_encoder.model." + name] = value
+    ours, theirs = from_mobileclip(raw), _convert_mobileclip(raw, ref)
+    assert ours.keys() == theirs.keys() == ref.state_dict().keys()
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+    model = fastvit.create_model("vit_base_mci_224", depth=2, img_size=64).eval()
+    assert load_checkpoint(model, raw).layout == "mobileclip"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
 def test_class_row_folded_into_class_token():

@@ -8,13 +8,13 @@ from timm.models.vision_transformer_hybrid import _resnetv2
 
 import fastvit
 from fastvit.convert import from_npz, load_checkpoint
-from fastvit.hybrid import HybridEmbed, ResNetV2, hybrid_backbone_from_npz  # importing registers vit_*_r50_*
+from fastvit.hybrid import ConvStem, HybridEmbed, ResNetV2, hybrid_backbone_from_npz  # importing registers vit_*_r50_*
 from fastvit.resnet_d import ResNetD
 
 NAMES = ["vit_base_r50_s16_224", "vit_base_r50_s16_384", "vit_large_r50_s32_224", "vit_large_r50_s32_384",
          "vit_small_r26_s32_224", "vit_small_r26_s32_384", "vit_base_r26_s32_224", "vit_tiny_r_s16_p8_224",
          "vit_tiny_r_s16_p8_384", "vit_small_resnet26d_224", "vit_small_resnet50d_s16_224", "vit_base_resnet26d_224",
-         "vit_base_resnet50d_224"]
+         "vit_base_resnet50d_224", "vit_base_mci_224"]
 
 
 def pair(name, **kwargs):
@@ -178,6 +178,14 @@ def test_bad_configurations_raise_clear_errors():
         ResNetV2((3, 4, 0))
     one_channel = fastvit.create_model("vit_base_r50_s16_224", img_size=32, depth=1, in_chans=1)
     assert one_channel.patch_embed.backbone.stem.conv.weight.shape == (64, 1, 7, 7)
+    with pytest.raises(ValueError, match="layers"):
+        ResNetD(())
+    with pytest.raises(ValueError, match="embed_dim equal to the backbone's 768 features and patch_size 1, got 384"):
+        fastvit.create_model("vit_base_mci_224", embed_dim=384, num_heads=6, depth=1)
+    with pytest.raises(ValueError, match="patch_size must stay 1, got 2"):
+        fastvit.create_model("vit_base_mci_224", depth=1).set_input_size(patch_size=2)
+    with pytest.raises(ValueError, match="same length"):
+        ConvStem(channels=(8, 8), strides=(2,))
 
 
 def test_set_input_size_resamples_pos_embed_to_new_feature_grid():

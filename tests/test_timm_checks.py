@@ -18,7 +18,8 @@ NAMES = representative_names()
 # tracing a ResNet backbone takes seconds: one hybrid of each backbone family stands for the others in the torch.fx
 # check
 _HYBRIDS = set(fastvit.list_models(module="vision_transformer_hybrid"))
-FX_NAMES = [n for n in NAMES if n not in _HYBRIDS] + ["vit_base_r50_s16_224", "vit_small_resnet26d_224"]
+FX_NAMES = [n for n in NAMES if n not in _HYBRIDS] + ["vit_base_r50_s16_224", "vit_small_resnet26d_224",
+                                                      "vit_base_mci_224"]
 
 
 def build(name, **kwargs):
