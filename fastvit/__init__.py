@@ -2,13 +2,13 @@
 from fastvit import hybrid, model  # noqa: F401  each model family registers its names when imported
 from fastvit.convert import load_checkpoint
 from fastvit.factory import create_model
-from fastvit.model import Attention, Block, Mlp, PatchEmbed, VisionTransformer
+from fastvit.model import Attention, Block, Mlp, PatchEmbed, ResPostBlock, VisionTransformer
 from fastvit.pretrained import save_pretrained
 from fastvit.registry import (get_pretrained_cfg, get_pretrained_cfg_value, is_model, list_models, list_pretrained,
                               register_model)
 from fastvit.resample import resample_abs_pos_embed, resample_patch_embed
 
 __version__ = "0.1.0"
-__all__ = ["Attention", "Block", "Mlp", "PatchEmbed", "VisionTransformer", "create_model", "get_pretrained_cfg",
+__all__ = ["Attention", "Block", "Mlp", "PatchEmbed", "ResPostBlock", "VisionTransformer", "create_model", "get_pretrained_cfg",
            "get_pretrained_cfg_value", "is_model", "list_models", "list_pretrained", "load_checkpoint",
            "register_model", "resample_abs_pos_embed", "resample_patch_embed", "save_pretrained"]

@@ -555,6 +555,14 @@ def grid_keyword(attn, grid_size):
     return {"grid_size": grid_size} if getattr(attn, "rel_pos_table", None) is not None else {}
 
 
+def _block_mlp(dim, mlp_ratio, proj_drop, scale_mlp_norm, norm_layer, act_layer, mlp_layer, proj_bias):
+    """A block's MLP: the paper's :class:`Mlp`, or ``mlp_layer`` (a gated one) with timm's keywords."""
+    if mlp_layer is None:
+        return Mlp(dim, int(dim * mlp_ratio), proj_drop, scale_mlp_norm, act_layer, norm_layer, proj_bias)
+    return mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer_of(act_layer),
+                     norm_layer=norm_layer if scale_mlp_norm else None, bias=proj_bias, drop=proj_drop)
+
+
 class Block(nn.Module):
     """Pre-LN encoder block: z' = MSA(LN(z)) + z, then z_out = MLP(LN(z')) + z'."""
 
@@ -571,12 +579,7 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = norm_layer(dim)
-        if mlp_layer is None:
-            self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop, scale_mlp_norm, act_layer, norm_layer, proj_bias)
-        else:  # another MLP (a gated one) runs as its own module
-            self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio),
-                                 act_layer=act_layer_of(act_layer), norm_layer=norm_layer if scale_mlp_norm else None,
-                                 bias=proj_bias, drop=proj_drop)
+        self.mlp = _block_mlp(dim, mlp_ratio, proj_drop, scale_mlp_norm, norm_layer, act_layer, mlp_layer, proj_bias)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
@@ -623,6 +626,51 @@ class Block(nn.Module):
         return call(m["drop_path2"], call(m["ls2"], h)), residual
 
 
+class ResPostBlock(nn.Module):
+    """Residual post-norm block (timm's ``ResPostBlock``; Swin V2's res-post-norm): z' = z + LN(MSA(z)), then
+    z_out = z' + LN(MLP(z')). Each norm closes its branch, so it sees no residual sum and no LayerNorm fuses here;
+    ``init_values`` starts both norms' weights at that value, each branch near zero (what LayerScale does in
+    :class:`Block`). Takes Block's arguments."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_drop=0.0, attn_drop=0.0,
+                 drop_path=0.0, init_values=None, rel_pos_grid=None, class_token=True, qk_norm=False,
+                 scale_attn_norm=False, scale_mlp_norm=False, norm_layer=None, act_layer=None, mlp_layer=None,
+                 proj_bias=True):
+        super().__init__()
+        self.init_values = init_values
+        norm_layer, mlp_layer = norm_layer_of(norm_layer), mlp_layer_of(mlp_layer)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, rel_pos_grid, class_token, qk_norm,
+                              scale_attn_norm, norm_layer, proj_bias)
+        self.norm1 = norm_layer(dim)
+        self.drop_path1 = DropPath(drop_path)
+        self.mlp = _block_mlp(dim, mlp_ratio, proj_drop, scale_mlp_norm, norm_layer, act_layer, mlp_layer, proj_bias)
+        self.norm2 = norm_layer(dim)
+        self.drop_path2 = DropPath(drop_path)
+
+    def init_weights(self):
+        if self.init_values is not None:
+            nn.init.constant_(self.norm1.weight, self.init_values)
+            nn.init.constant_(self.norm2.weight, self.init_values)
+
+    def forward(self, x, grid_size=None):
+        m = self._modules
+        x = x + call(m["drop_path1"], m["norm1"](m["attn"](x, **grid_keyword(m["attn"], grid_size))))
+        return x + call(m["drop_path2"], m["norm2"](m["mlp"](x)))
+
+
+BLOCK_FNS = {"Block": Block, "ResPostBlock": ResPostBlock}  # timm's block_fn classes, by name
+
+
+def block_fn_of(block_fn):
+    """The block class for ``block_fn``: None (the paper's pre-LN :class:`Block`), a name of ``BLOCK_FNS`` (timm's
+    class names), or a class taking Block's arguments."""
+    if block_fn is None:
+        return Block
+    if isinstance(block_fn, str):
+        return BLOCK_FNS[_check_choice("block_fn", block_fn, tuple(BLOCK_FNS))]
+    return block_fn
+
+
 class VisionTransformer(nn.Module):
     """ViT with timm's constructor, methods and parameter names, plus the paper's position-embedding ablations.
 
@@ -644,7 +692,8 @@ class VisionTransformer(nn.Module):
     ``fastvit.glu_mlp``) or a factory with timm's keywords. proj_bias=False: no bias in the attention's projection
     and the MLP. pool_include_prefix: pooling also reads the class and register tokens. weight_init / fix_init:
     timm's init modes (:meth:`init_weights`). patch_drop_rate: in training, drop that share of the patch tokens
-    after the stem (``fastvit.patch_dropout``).
+    after the stem (``fastvit.patch_dropout``). block_fn: the block, the paper's pre-LN :class:`Block` by default,
+    or timm's residual post-norm :class:`ResPostBlock` (:func:`block_fn_of`).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
@@ -655,7 +704,7 @@ class VisionTransformer(nn.Module):
                  pre_norm=False, dynamic_img_pad=False, qk_norm=False, scale_attn_norm=False, scale_mlp_norm=False,
                  final_norm=True, reg_tokens=0, norm_layer=None, act_layer=None, embed_norm_layer=None,
                  mlp_layer=None, proj_bias=True, pool_include_prefix=False, weight_init="", fix_init=False,
-                 patch_drop_rate=0.0):
+                 patch_drop_rate=0.0, block_fn=None):
         super().__init__()
         pos_embed = "none" if pos_embed == "" else pos_embed
         norm_layer, act_layer = norm_layer_of(norm_layer), act_layer_of(act_layer)
@@ -717,8 +766,9 @@ class VisionTransformer(nn.Module):
         self.norm_pre = norm_layer(embed_dim) if pre_norm else nn.Identity()
 
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth decay rule
+        block_fn = block_fn_of(block_fn)
         self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], init_values,
+            block_fn(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], init_values,
                   rel_pos_grid=grid if pos_embed == "rel" else None, class_token=class_token, qk_norm=qk_norm,
                   scale_attn_norm=scale_attn_norm, scale_mlp_norm=scale_mlp_norm, norm_layer=norm_layer,
                   act_layer=act_layer, mlp_layer=mlp_layer, proj_bias=proj_bias)

@@ -88,6 +88,15 @@ def _mlp_arg(layer):
     return None
 
 
+def _block_arg(block):
+    """timm's block_fn as one of fastvit.model.BLOCK_FNS' names (timm's class names), or None."""
+    import timm.models.vision_transformer as tv
+
+    from fastvit.model import BLOCK_FNS
+    name = getattr(block, "__name__", None)
+    return name if name in BLOCK_FNS and getattr(tv, name, None) is block else None
+
+
 def as_json_args(kwargs):
     """(JSON arguments, None) for timm's constructor arguments, or (None, why not)."""
     args = {}
@@ -98,6 +107,8 @@ def as_json_args(kwargs):
             value = _act_arg(value)
         elif key == "mlp_layer":
             value = _mlp_arg(value)
+        elif key == "block_fn":
+            value = _block_arg(value)
         elif isinstance(value, tuple):
             value = list(value)
         elif not isinstance(value, (int, float, str, bool, type(None))):

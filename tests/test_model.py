@@ -216,6 +216,40 @@ def test_every_layout_builds_timms_model(name):
     assert model.no_weight_decay() <= ref.no_weight_decay() and model.group_matcher() == ref.group_matcher()
 
 
+def test_res_post_block_as_timm():
+    """block_fn='ResPostBlock' against timm's ResPostBlock: the norms start at init_values, and outputs (eval, and
+    train with DropPath drawing the same masks) and gradients match; the class works as the name does, and an
+    unknown name lists the choices."""
+    from timm.models.vision_transformer import ResPostBlock as TimmResPostBlock
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    cfg = dict(SMALL, init_values=1e-3, class_token=False, global_pool="avg", qkv_bias=False, drop_path_rate=0.3)
+    torch.manual_seed(0)
+    ref = TimmViT(**cfg, block_fn=TimmResPostBlock)
+    model = fastvit.VisionTransformer(**cfg, block_fn="ResPostBlock")
+    assert type(model.blocks[1]) is fastvit.ResPostBlock
+    assert model.blocks[1].norm2.weight.eq(1e-3).all() and ref.blocks[1].norm2.weight.eq(1e-3).all()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    for train in (False, True):
+        outs = []
+        for net in (model.train(train), ref.train(train)):
+            torch.manual_seed(1)
+            outs.append(net(x))
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outs[0], model.eval()(x), atol=1e-3)  # DropPath dropped something
+    for out in outs:
+        out.square().sum().backward()
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert type(fastvit.VisionTransformer(**SMALL, block_fn=fastvit.ResPostBlock).blocks[0]) is fastvit.ResPostBlock
+    with pytest.raises(ValueError, match=r"block_fn must be one of \('Block', 'ResPostBlock'\), got 'ResPost'"):
+        fastvit.VisionTransformer(**SMALL, block_fn="ResPost")
+
+
 def test_register_tokens_and_attention_pool_as_timm():
     model, ref = pair(reg_tokens=2, class_token=False, global_pool="map")
     x = torch.randn(2, 3, 32, 32)
