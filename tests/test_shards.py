@@ -147,8 +147,8 @@ def test_bad_shard_input_gives_clear_errors(written, tmp_path):
 
 def test_training_on_shards_folder_and_pattern_split_and_resume(written, tmp_path):
     """Shards as a folder and as a pattern + --val-data train identically; 1 x 6 and 3 micro-batches of 2 give the
-    same losses; a run stopped at step 2 and resumed repeats the uninterrupted one bitwise (the truncated JPEG is
-    replaced and counted in all of them)."""
+    same losses; a run stopped at step 2 and resumed repeats the uninterrupted one bitwise, dropout on (the truncated
+    JPEG is replaced and counted in all of them)."""
     _, dst, _, _ = written
     common = dict(TINY, steps=4, global_batch=6, seed=2, max_bad_frac=0.5)
     shards = sorted((dst / "train").glob("*.tar"))
@@ -163,13 +163,16 @@ def test_training_on_shards_folder_and_pattern_split_and_resume(written, tmp_pat
             if step == 2:
                 raise KeyboardInterrupt
 
-        resumed = dict(common, data=str(dst), out=str(tmp_path / "c"), micro_batch=6, save_every=2)
+        # dropout on: the loader must leave the global generator (the dropout stream) alone
+        resumed = dict(common, data=str(dst), out=str(tmp_path / "c"), micro_batch=6, save_every=2, dropout=0.1)
         with pytest.raises(KeyboardInterrupt):
             train(TrainConfig(**resumed), on_step_end=crash)
         train(TrainConfig(**resumed))
-    ra, rb, rc = ([r for r in rows(tmp_path / x) if "loss" in r] for x in "abc")
+        train(TrainConfig(**dict(resumed, out=str(tmp_path / "d"))))
+    ra, rb, rc, rd = ([r for r in rows(tmp_path / x) if "loss" in r] for x in "abcd")
     assert [r["loss"] for r in rb] == pytest.approx([r["loss"] for r in ra], rel=1e-5)
-    assert [(r["loss"], r["bad_samples"]) for r in rc] == [(r["loss"], r["bad_samples"]) for r in ra]
+    assert [(r["loss"], r["bad_samples"]) for r in rc] == [(r["loss"], r["bad_samples"]) for r in rd]
+    assert [r["bad_samples"] for r in rd] == [r["bad_samples"] for r in ra]
     assert 0 <= a["top1"] <= 1
     assert json.loads((tmp_path / "a" / "config.json").read_text())["train"]["data"] == str(dst)
     assert [r["bad_samples"] for r in rb] == [r["bad_samples"] for r in ra] and ra[-1]["bad_samples"] >= 1

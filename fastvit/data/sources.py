@@ -270,7 +270,8 @@ class FileSource(DataSource):
     def loader(self, plan, seed):
         dataset = self.keyed(seed)
         batches = torch.utils.data.DataLoader(dataset, batch_sampler=plan, num_workers=self.workers,
-                                              collate_fn=collate, pin_memory=torch.cuda.is_available())
+                                              collate_fn=collate, pin_memory=torch.cuda.is_available(),
+                                              generator=_own_generator(seed))
         if self.decode == "cpu":  # uint8 crops from the workers, normalised on the training device
             return ((normalise(x.to(self.device, non_blocking=True)), y, bad) for x, y, _, bad, _ in batches)
         if self.decode == "dali":
@@ -301,6 +302,14 @@ def progress(iterable=None, **kwargs):
     return tqdm(iterable, dynamic_ncols=True, **kwargs)
 
 
+def _own_generator(seed: int) -> torch.Generator:
+    """A DataLoader's own generator: each iterator it starts draws its workers' base seed from it instead of from
+    torch's global one, which is the dropout and drop-path stream a checkpoint saves (a resumed run starts its
+    loader after restoring that stream: one draw there would shift every dropout mask after it). The samples do
+    not depend on it: their augmentation is keyed by (seed, index)."""
+    return torch.Generator().manual_seed(seed)
+
+
 def eval_batches(dataset, batch_size: int, world: int = 1, rank: int = 0, workers: int = 0, desc: str | None = None):
     """Yield (x, y, valid) batches of this rank's shard; every rank yields the same number of batches (padded with
     sample 0 and ``valid`` False), so sharded models see matching collectives. ``desc``: a progress bar with that
@@ -311,7 +320,7 @@ def eval_batches(dataset, batch_size: int, world: int = 1, rank: int = 0, worker
     valid = torch.arange(per_rank) < len(idx)
     idx += [0] * (per_rank - len(idx))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size,
-                                         num_workers=workers)
+                                         num_workers=workers, generator=_own_generator(0))
     batches = progress(loader, desc=desc, leave=False, disable=desc is None or rank != 0)
     for i, (x, y) in enumerate(batches):
         yield x, y, valid[i * batch_size:i * batch_size + len(y)]
