@@ -217,10 +217,12 @@ class Run:
         state = _clone(self._state(0, 0))  # load into copies: a failed load leaves the live model untouched
         rng_key = f"rng/rank{self.env.rank}"
         if not any(k.startswith(rng_key + ".") for k in checkpoint.saved_keys(path)):
-            warnings.warn(f"{path} has no RNG state for rank {self.env.rank} (saved by another number of ranks); "
-                          f"dropout draws will differ from an uninterrupted run", checkpoint.CheckpointWarning)
-            del state[rng_key]
+            del state[rng_key]  # saved by fewer ranks than this run has
         checkpoint.load(path, state)
+        saved_world = int(state["trainer"]["world"])
+        if saved_world != self.env.world and self.env.rank == 0:
+            warnings.warn(f"{path} was saved by {saved_world} rank(s) and is resumed on {self.env.world}: the same "
+                          f"data, but dropout draws will differ from an uninterrupted run", checkpoint.CheckpointWarning)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(state["trainer"]["scheduler"])
         self._follow_flags()
@@ -295,6 +297,10 @@ class Run:
         fields.update({k: (old.get("model", {}).get("kwargs", {}).get(k), new["model"]["kwargs"].get(k)) for k in arch})
         fields.update({f"--{k.replace('_', '-')}": (old.get("train", {}).get(k), new["train"][k])
                        for k in ("data", "val_data", "seed")})
+        for k in ("--data", "--val-data"):  # the same folder however it is written ('wds', 'wds/', '/abs/wds')
+            a, b = fields[k]
+            if a and b and a != "digits" and os.path.realpath(a) == os.path.realpath(b):
+                fields[k] = (b, b)
         changed = [f"{k} {a!r} -> {b!r}" for k, (a, b) in fields.items() if a != b]
         if changed:
             raise ValueError(f"--out {self.out} holds checkpoints of another run ({'; '.join(changed)}); choose "
@@ -374,11 +380,17 @@ class Run:
         norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
         if not (math.isfinite(loss) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            last = checkpoint.resume_candidates(self.out, warn=False)
+            # a checkpoint of step j holds the weights step j + 1 ran on: those before this step gave finite ones
+            saved = checkpoint.resume_candidates(self.out, warn=False)
+            good = [p for p in saved if checkpoint.checkpoint_step(p) < step]
+            these = f"The newest checkpoint, {saved[0]}, holds the weights that gave it; " if len(saved) > len(good) \
+                else ""
+            advice = (f"resume from it with --resume {good[0]} and a lower --lr or more --warmup-steps" if good
+                      else "start again with a lower --lr or more --warmup-steps")
             raise FloatingPointError(
                 f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step + 1} "
-                f"(loss {loss}, grad norm {norm}); stopping without saving. Last good checkpoint: "
-                f"{last[0] if last else 'none'}. Lower --lr or raise --warmup-steps.")
+                f"(loss {loss}, grad norm {norm}); stopping without saving. {these}the last good checkpoint is "
+                f"{good[0] if good else 'none'}: {advice}.")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

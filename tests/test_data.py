@@ -188,6 +188,20 @@ def test_training_with_broken_files_counts_replaces_and_resumes(tmp_path):
     assert c == d and [n for _, n in d] == [r["bad_samples"] for r in a]
 
 
+def test_a_run_resumes_with_its_data_folder_written_another_way(tmp_path, monkeypatch):
+    """'data', 'data/' and the absolute path name one folder: resuming with another spelling goes on from the
+    checkpoint (it is not refused as another run's); another folder still is."""
+    make_folder(tmp_path / "data")
+    make_folder(tmp_path / "other")
+    monkeypatch.chdir(tmp_path)
+    common = dict(TINY, steps=2, global_batch=6, save_every=2, out=str(tmp_path / "run"))
+    train(TrainConfig(**common, data="data"))
+    train(TrainConfig(**dict(common, steps=3), data=str(tmp_path / "data") + "/"))
+    assert [r["step"] for r in rows(tmp_path / "run") if "loss" in r] == [1, 2, 3]
+    with pytest.raises(ValueError, match="holds checkpoints of another run .--data '.*data/' -> 'other'"):
+        train(TrainConfig(**dict(common, steps=4), data="other"))
+
+
 def test_too_many_bad_samples_stop_the_run_with_a_clear_error(tmp_path, capsys):
     make_folder(tmp_path / "data", broken={("train", "dog", 1), ("train", "cat", 4), ("train", "owl", 5)})
     flags = ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--steps", "20", "--global-batch", "6",

@@ -302,15 +302,28 @@ def test_resuming_another_run_s_folder_is_refused(pretrained, tmp_path, capsys, 
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
-    """lr 1e30 (Adam steps ~ lr) blows the weights up after step 1: the run stops at step 2 without saving it."""
+def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(tmp_path, capsys):
+    """lr 1e30 (Adam steps ~ lr) blows the weights up in step 1: the run stops at step 2 without saving it, and
+    says that step 1's checkpoint holds the weights that gave the loss (no good one is left). With a good start
+    (lr 1e-3 for 2 steps), the weights step 3 blows up give a non-finite loss at step 4, and step 2's checkpoint
+    (whose weights gave step 3 a finite loss) is the last good one."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["--out", str(tmp_path), "--steps", "5", "--lr", "1e30", "--warmup-steps", "0", "--save-every", "1",
-              *TINY_FLAGS])
+        main(["--out", str(tmp_path / "a"), "--steps", "5", "--lr", "1e30", "--warmup-steps", "0", "--save-every",
+              "1", *TINY_FLAGS])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
-    assert "non-finite loss at step 2" in err and "step_00000001" in err
-    assert [p.name for p in checkpoint.resume_candidates(tmp_path)] == ["step_00000001"]
+    assert "non-finite loss at step 2" in err and "step_00000001, holds the weights that gave it" in err
+    assert "the last good checkpoint is none: start again with a lower --lr" in err
+    assert [p.name for p in checkpoint.resume_candidates(tmp_path / "a")] == ["step_00000001"]
+    main(["--out", str(tmp_path / "b"), "--steps", "2", "--lr", "1e-3", "--warmup-steps", "0", "--save-every", "1",
+          *TINY_FLAGS])
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "b"), "--steps", "5", "--lr", "1e30", "--warmup-steps", "0", "--save-every",
+              "1", *TINY_FLAGS])
+    err = capsys.readouterr().err
+    good = checkpoint.step_path(tmp_path / "b", 2)
+    assert "non-finite loss at step 4" in err and "step_00000003, holds the weights" in err
+    assert f"the last good checkpoint is {good}: resume from it with --resume {good}" in err
 
 
 @pytest.mark.parametrize("argv,message", [

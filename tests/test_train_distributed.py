@@ -6,6 +6,7 @@ fixture): each rank process runs its jobs one after another, a SIGKILLed run las
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -117,6 +118,17 @@ def test_sigkill_and_resume_is_bitwise_exact(runs, tmp_path, kind):
     assert ta.keys() == tb.keys() and any(k.endswith("exp_avg_sq") for k in ta)
     for key in ta:
         assert torch.equal(ta[key], tb[key]), key
+
+
+def test_resuming_on_another_number_of_ranks_warns(runs, tmp_path):
+    """A 2-rank run's checkpoint resumed by one process: it goes on from the saved step, and a warning says the
+    dropout draws differ from an uninterrupted run (rank 0's RNG state is there, but not rank 1's stream)."""
+    out, _ = runs
+    run = tmp_path / "run"
+    shutil.copytree(out["ddp_straight"], run)
+    with pytest.warns(checkpoint.CheckpointWarning, match="saved by 2 rank.s. and is resumed on 1: the same data"):
+        train(TrainConfig(**dict(RESUME, fsdp=False, out=str(run), steps=7, resume="auto")))
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6, 7]
 
 
 def test_batch_split_invariance(runs, tmp_path):
