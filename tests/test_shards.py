@@ -124,6 +124,9 @@ def test_bad_shard_input_gives_clear_errors(written, tmp_path):
     _tar(tmp_path / "some.tar", [("a.jpg", b"x"), ("a.cls", b"1"), ("b.jpg", b"y")])
     with pytest.raises(ValueError, match="1 of 2 samples have no .cls label \\(first: 'b'\\)"):
         scan_shard(str(tmp_path / "some.tar"))
+    _tar(tmp_path / "negative.tar", [("a.jpg", b"x"), ("a.cls", b"1"), ("b.jpg", b"y"), ("b.cls", b"-1")])
+    with pytest.raises(ValueError, match="sample 'b' has class index -1; class indices are 0 or more"):
+        scan_shard(str(tmp_path / "negative.tar"))
     _tar(tmp_path / "noimage.tar", [("a.txt", b"x"), ("a.cls", b"1")])
     with pytest.raises(ValueError, match="samples have no image"):
         scan_shard(str(tmp_path / "noimage.tar"))
