@@ -486,8 +486,9 @@ class Run:
         """The final weights as a timm Hub folder (``out/model``: config.json + model.safetensors), which
         ``timm.create_model('local-dir:...', pretrained=True)`` and fastvit load (and ``hf-hub:`` after an upload)."""
         folder = self.out / "model"
-        if self.env.rank == 0:
-            fastvit.save_pretrained(model, folder)
+        if self.env.rank == 0:  # the preprocessing this run evaluated with, not that of the architecture's weights
+            fastvit.save_pretrained(model, folder, model_config={"pretrained_cfg": {**self.data.preprocessing,
+                                                                                      "tag": None}})
         dist.barrier()
         return str(folder)
 

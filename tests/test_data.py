@@ -13,7 +13,7 @@ from PIL import Image
 from fastvit.config import TrainConfig
 from fastvit.data import (BadSampleWarning, DataError, FileSource, FolderSamples, ImageFolderSource, augment_batch,
                           crop_boxes, decode_image, decode_pil, eval_transform, keyed_uniform, micro_batch_plan, mix_seed)
-from fastvit.data.augment import UNIFORMS
+from fastvit.data.augment import EVAL_CFG, UNIFORMS
 from fastvit.data.gpu import GpuDecoder
 from fastvit.data.sources import collate
 from fastvit.train import main, train
@@ -190,7 +190,8 @@ def test_training_with_broken_files_counts_replaces_and_resumes(tmp_path):
 
 def test_a_run_resumes_with_its_data_folder_written_another_way(tmp_path, monkeypatch):
     """'data', 'data/' and the absolute path name one folder: resuming with another spelling goes on from the
-    checkpoint (it is not refused as another run's); another folder still is."""
+    checkpoint (it is not refused as another run's); another folder still is. The saved model's config holds the
+    run's evaluation preprocessing."""
     make_folder(tmp_path / "data")
     make_folder(tmp_path / "other")
     monkeypatch.chdir(tmp_path)
@@ -198,6 +199,8 @@ def test_a_run_resumes_with_its_data_folder_written_another_way(tmp_path, monkey
     train(TrainConfig(**common, data="data"))
     train(TrainConfig(**dict(common, steps=3), data=str(tmp_path / "data") + "/"))
     assert [r["step"] for r in rows(tmp_path / "run") if "loss" in r] == [1, 2, 3]
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["pretrained_cfg"]
+    assert {k: saved[k] for k in EVAL_CFG} == json.loads(json.dumps(EVAL_CFG))  # how the run evaluated images
     with pytest.raises(ValueError, match="holds checkpoints of another run .--data '.*data/' -> 'other'"):
         train(TrainConfig(**dict(common, steps=4), data="other"))
 

@@ -128,6 +128,11 @@ def test_the_final_model_is_a_timm_hub_folder(pretrained):
         assert torch.equal(tensor, final[f"model.{name}"]), name
     x = torch.randn(4, 3, 16, 16)
     torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+    # timm's data config is the run's preprocessing (digits: [-1, 1], no crop), not that of the architecture's weights
+    data_cfg = timm.data.resolve_data_config(model=theirs)
+    assert (tuple(data_cfg["mean"]), tuple(data_cfg["std"]), data_cfg["crop_pct"], data_cfg["input_size"]) == \
+        ((0.5,) * 3, (0.5,) * 3, 1.0, (3, 16, 16))
+    assert ours.pretrained_cfg["tag"] is None
 
 
 def test_layer_decay_matches_timms_rule(pretrained, tmp_path):

@@ -29,6 +29,9 @@ RATIO = (3 / 4, 4 / 3)
 ATTEMPTS = 10
 UNIFORMS = 2 * ATTEMPTS + 4  # (area, log-ratio) per attempt, then top, left, flip, one spare
 EVAL_CROP = 0.875
+# what eval_transform does, as timm's pretrained_cfg keys (a trained model's config.json tells timm's data config)
+EVAL_CFG = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear", "crop_pct": EVAL_CROP,
+            "crop_mode": "center"}
 JPEG_MAGIC = b"\xff\xd8"  # the first bytes of every JPEG file
 
 

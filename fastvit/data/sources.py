@@ -16,13 +16,13 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastvit.data.augment import UNIFORMS, crop_flip, decode_image, eval_transform, normalise
+from fastvit.data.augment import EVAL_CFG, UNIFORMS, crop_flip, decode_image, eval_transform, normalise
 from fastvit.data.gpu import GpuDecoder
 from fastvit.data.keyed import MAX_REPLACEMENTS, GlobalSampler, keyed_uniform, replacement_index
 
@@ -45,6 +45,7 @@ class DataSource(abc.ABC):
     num_train: int
     train_eval: torch.utils.data.Dataset  # training images with the evaluation transform (few-shot features)
     test: torch.utils.data.Dataset
+    preprocessing: ClassVar[dict]  # the evaluation transform as timm's pretrained_cfg keys (mean, std, crop, ...)
 
     def sampler(self, seed: int):
         """Stream position -> training-set index (``GlobalSampler``: each epoch a seeded permutation)."""
@@ -58,6 +59,9 @@ class DataSource(abc.ABC):
 
 class DigitsSource(DataSource):
     """scikit-learn's 1797 8x8 digits, upsampled to ``img_size`` RGB; fixed stratified 80/20 split."""
+
+    preprocessing = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear", "crop_pct": 1.0,
+                     "crop_mode": "center"}
 
     def __init__(self, img_size: int):
         try:
@@ -253,6 +257,8 @@ def decode_problem(decode: str, digits: bool, device) -> str | None:
 class FileSource(DataSource):
     """Images read from files (ImageFolder) or shards: keyed random resized crop + flip for training (decoded on
     the CPU in loader workers, or on the GPU), resize + centre crop (ratio 0.875) for evaluation."""
+
+    preprocessing = EVAL_CFG
 
     def __init__(self, train: Samples, test: Samples, img_size: int, workers: int = 4, decode: str = "cpu",
                  device=None):
