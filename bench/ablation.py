@@ -102,6 +102,9 @@ def main(argv=None):
     from fastvit.config import TrainConfig, build_parser
     train_parser = build_parser()
     cfg = TrainConfig(**vars(train_parser.parse_args(rest)))
+    if cfg.pos_embed is not None or cfg.pos_embed_at is not None:
+        parser.error("--pos-embed and --pos-embed-at are what the ablation varies: choose the variants with "
+                     "--variants pos_embed:pos_embed_at,... (e.g. --variants none:stem)")
     if cfg.data == "digits" and cfg.steps is None and cfg.epochs is None:
         cfg = dataclasses.replace(cfg, steps=DIGITS_STEPS)
     out = common.out_dir(args.out)

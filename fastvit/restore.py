@@ -27,11 +27,7 @@ def load_pretrained(init, model_name, overrides: dict, name_given=False):
     if name_given and model_name != stored["name"]:
         raise ValueError(f"--model {model_name} cannot change the architecture of checkpoint {ckpt} (it holds "
                          f"{stored['name']}); leave --model out to take the checkpoint's")
-    bad = [k for k in ARCH_FLAGS if k in overrides and overrides[k] != stored["kwargs"].get(k)]
-    if bad:
-        flag = bad[0]
-        raise ValueError(f"--{flag.replace('_', '-')} cannot change the architecture of checkpoint {ckpt} "
-                         f"(checkpoint: {stored['kwargs'].get(flag)}, passed: {overrides[flag]})")
+    _check_same_architecture(overrides, stored["kwargs"], f"checkpoint {ckpt}", "checkpoint")
     kwargs = {**stored["kwargs"], **{k: v for k, v in overrides.items() if k not in ("num_classes", "img_size")}}
     model = fastvit.create_model(stored["name"], **kwargs)
     state = {"model": model.state_dict()}
@@ -46,10 +42,22 @@ def _from_model_folder(folder, model_name, overrides, name_given):
     if name_given and model_name != arch:
         raise ValueError(f"--model {model_name} cannot change the architecture of {folder} (it holds {arch}); leave "
                          f"--model out to take the folder's")
+    # a flag the folder's config leaves at the architecture's default goes to create_model, which says what differs
+    _check_same_architecture({k: v for k, v in overrides.items() if k in args}, args, folder, "folder")
     kwargs = {k: v for k, v in overrides.items() if k not in ("num_classes", "img_size")}
     model = fastvit.create_model(f"local-dir:{folder}", pretrained=True, **kwargs)
     return model, arch, {**args, **kwargs, "num_classes": model.num_classes,
                          "img_size": tuple(model.patch_embed.img_size)}
+
+
+def _check_same_architecture(overrides, stored, where, kind):
+    """An architecture flag (--pos-embed, --depth, ...) passed with a value other than the one ``stored`` for the
+    weights is an error naming both."""
+    bad = [k for k in ARCH_FLAGS if k in overrides and overrides[k] != stored.get(k)]
+    if bad:
+        flag = bad[0]
+        raise ValueError(f"--{flag.replace('_', '-')} cannot change the architecture of {where} "
+                         f"({kind}: {stored.get(flag)}, passed: {overrides[flag]})")
 
 
 def load_model_for_eval(init, model_name=None, img_size=None, **arch):

@@ -342,10 +342,14 @@ def test_gpu_suite_keeps_to_its_budget(tmp_path):
     assert bad.returncode == 2 and "--budget takes whole seconds, got 'soon'" in bad.stderr
 
 
-def test_ablation_names_a_variant_without_placement(tmp_path):
+def test_ablation_refuses_a_variant_without_placement_and_the_variant_flags(tmp_path):
     proc = subprocess.run([sys.executable, "bench/ablation.py", "--variants", "learn", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--variants: ['learn'] are not in Table 8" in proc.stderr, proc.stderr[-2000:]
+    # the variants are the ablation's own: a trainer flag that sets one would be overwritten by each variant
+    proc = subprocess.run([sys.executable, "bench/ablation.py", "--pos-embed", "none", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "choose the variants with --variants" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_ablation_smoke(tmp_path):

@@ -576,6 +576,10 @@ def test_pos_embed_flags_are_stored_and_followed_by_init_and_fewshot(tmp_path, c
     assert ft["model.pos_embed_h"].shape == (2, 8, 16)  # resampled to the 8 x 8 grid of 32 px
     with pytest.raises(ValueError, match="--pos-embed cannot change the architecture of checkpoint"):
         train(TrainConfig(recipe="finetune", init=str(out), out=str(tmp_path / "ft2"), steps=1, pos_embed="learn"))
+    with pytest.raises(ValueError, match=r"--pos-embed cannot change the architecture of .*model \(folder: "
+                                         r"learn_2d, passed: learn\)"):  # the run's timm folder, out/model
+        load_model_for_eval(str(out / "model"), pos_embed="learn")
+    assert load_model_for_eval(str(out / "model"), pos_embed="learn_2d")[0].pos_embed_type == "learn_2d"
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "bad"), "--pos-embed", "rel", "--pos-embed-at", "every_layer", *TINY_FLAGS])
     assert "pos_embed_at='every_layer' needs pos_embed 'learn' or 'learn_2d'" in capsys.readouterr().err
