@@ -9,6 +9,6 @@ from fastvit.registry import (get_pretrained_cfg, get_pretrained_cfg_value, is_m
 from fastvit.resample import resample_abs_pos_embed, resample_patch_embed
 
 __version__ = "0.1.0"
-__all__ = ["Attention", "Block", "Mlp", "PatchEmbed", "ResPostBlock", "VisionTransformer", "create_model", "get_pretrained_cfg",
-           "get_pretrained_cfg_value", "is_model", "list_models", "list_pretrained", "load_checkpoint",
-           "register_model", "resample_abs_pos_embed", "resample_patch_embed", "save_pretrained"]
+__all__ = ["Attention", "Block", "Mlp", "PatchEmbed", "ResPostBlock", "VisionTransformer", "create_model",
+           "get_pretrained_cfg", "get_pretrained_cfg_value", "is_model", "list_models", "list_pretrained",
+           "load_checkpoint", "register_model", "resample_abs_pos_embed", "resample_patch_embed", "save_pretrained"]

@@ -9,8 +9,10 @@ W = (XᵀX + λI)⁻¹XᵀY (or Xᵀ(XXᵀ + λI)⁻¹Y when there are fewer poi
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -124,13 +126,29 @@ def format_results(results) -> str:
     return "  ".join(f"{k}-shot {100 * r['mean']:.2f} ± {100 * r['std']:.2f}%" for k, r in results.items())
 
 
+def run_data(init):
+    """(--data, --val-data) of the training run ``init`` comes from (a checkpoint, its run folder, or the run's
+    ``out/model``), from the run's config.json; None for anything else (a weights file, another model folder)."""
+    if init is None:
+        return None
+    for folder in (Path(init), Path(init).parent):
+        try:
+            train = json.loads((folder / "config.json").read_text()).get("train")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(train, dict) and train.get("data"):
+            return train["data"], train.get("val_data")
+    return None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fastvit.fewshot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--init", help="a training checkpoint (step folder, or a --out folder for its latest "
                                        "checkpoint) or a weights file for --model; omitted: random init")
     parser.add_argument("--model", help="model name (default: the checkpoint's, else vit_base_patch16_224)")
-    parser.add_argument("--data", default="digits", help="'digits', an ImageFolder root with train/ and val/, or "
-                                                          "WebDataset shards (a folder with train/ and val/)")
+    parser.add_argument("--data", help="'digits', an ImageFolder root with train/ and val/, or WebDataset shards (a "
+                                       "folder with train/ and val/); default: the data of the training run --init "
+                                       "comes from, else digits")
     parser.add_argument("--val-data", help="held-out shards when --data is a shard pattern")
     parser.add_argument("--pos-embed", choices=POS_EMBEDS, help="position embedding of a random or weights-file "
                                                                 "model (a checkpoint's own must match)")
@@ -145,10 +163,16 @@ def main(argv=None):
     from fastvit.data.choose import make_source
     from fastvit.restore import load_model_for_eval
 
+    data_flags = (args.data, args.val_data)
+    if args.data is None:
+        run = run_data(args.init)
+        data_flags = ("digits", args.val_data) if run is None else (run[0], args.val_data or run[1])
+        if run is not None:
+            print(f"few-shot on --data {run[0]}: the data of the training run {args.init} comes from")
     try:
         model, img_size = load_model_for_eval(args.init, args.model, args.img_size, pos_embed=args.pos_embed,
                                               pos_embed_at=args.pos_embed_at)
-        data = make_source(args.data, img_size, workers=args.workers, val_data=args.val_data)
+        data = make_source(data_flags[0], img_size, workers=args.workers, val_data=data_flags[1])
         results = evaluate(model, data.train_eval, data.test, args.shots, args.seeds, args.l2, args.batch_size)
     except ValueError as e:
         parser.error(str(e))

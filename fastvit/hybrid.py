@@ -26,8 +26,8 @@ from fastvit.registry import register_model
 from fastvit.resample import _pair
 from fastvit.resnet_d import ResNetD, init_resnet_weights
 
-__all__ = ["Bottleneck", "ConvNormAct", "ConvStem", "GroupNormAct", "HybridEmbed", "ResNetStem", "ResNetV2", "StdConv2dSame",
-           "hybrid_backbone_from_npz"]
+__all__ = ["Bottleneck", "ConvNormAct", "ConvStem", "GroupNormAct", "HybridEmbed", "ResNetStem", "ResNetV2",
+           "StdConv2dSame", "hybrid_backbone_from_npz"]
 
 
 def _same_padding(size, kernel, stride):

@@ -222,7 +222,8 @@ class Run:
         saved_world = int(state["trainer"]["world"])
         if saved_world != self.env.world and self.env.rank == 0:
             warnings.warn(f"{path} was saved by {saved_world} rank(s) and is resumed on {self.env.world}: the same "
-                          f"data, but dropout draws will differ from an uninterrupted run", checkpoint.CheckpointWarning)
+                          f"data, but dropout draws will differ from an uninterrupted run",
+                          checkpoint.CheckpointWarning)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(state["trainer"]["scheduler"])
         self._follow_flags()

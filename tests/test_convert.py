@@ -1,5 +1,6 @@
-"""Checkpoint conversion: torchvision, Hugging Face (both layouts), MobileCLIP and JAX .npz weights loaded into fastvit must
-reproduce the source model's outputs; containers, files, grid resampling and mismatch errors behave as documented.
+"""Checkpoint conversion: torchvision, Hugging Face (both layouts), MobileCLIP and JAX .npz weights loaded into
+fastvit must reproduce the source model's outputs; containers, files, grid resampling and mismatch errors behave
+as documented.
 
 Every source model is tiny (32px, patch 8, width 64, depth 2) with all parameters randomised (zero biases would
 hide a mis-mapped bias).

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fastvit import fewshot
 from fastvit.config import TrainConfig
 from fastvit.data import (BadSampleWarning, DataError, FileSource, FolderSamples, ImageFolderSource, augment_batch,
                           crop_boxes, decode_image, decode_pil, eval_transform, keyed_uniform, micro_batch_plan, mix_seed)
@@ -188,10 +189,10 @@ def test_training_with_broken_files_counts_replaces_and_resumes(tmp_path):
     assert c == d and [n for _, n in d] == [r["bad_samples"] for r in a]
 
 
-def test_a_run_resumes_with_its_data_folder_written_another_way(tmp_path, monkeypatch):
+def test_a_run_resumes_with_its_data_folder_written_another_way(tmp_path, monkeypatch, capsys):
     """'data', 'data/' and the absolute path name one folder: resuming with another spelling goes on from the
     checkpoint (it is not refused as another run's); another folder still is. The saved model's config holds the
-    run's evaluation preprocessing."""
+    run's evaluation preprocessing, and few-shot evaluation of the run or its model folder takes the run's data."""
     make_folder(tmp_path / "data")
     make_folder(tmp_path / "other")
     monkeypatch.chdir(tmp_path)
@@ -201,6 +202,10 @@ def test_a_run_resumes_with_its_data_folder_written_another_way(tmp_path, monkey
     assert [r["step"] for r in rows(tmp_path / "run") if "loss" in r] == [1, 2, 3]
     saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["pretrained_cfg"]
     assert {k: saved[k] for k in EVAL_CFG} == json.loads(json.dumps(EVAL_CFG))  # how the run evaluated images
+    for init in ("run", "run/model"):  # few-shot without --data evaluates on the run's data, not on digits
+        assert fewshot.main(["--init", init, "--shots", "1", "--seeds", "1", "--workers", "0"])[1]["mean"] >= 0
+        said = capsys.readouterr().out
+        assert f"few-shot on --data {tmp_path / 'data'}/: the data of the training run {init}" in said
     with pytest.raises(ValueError, match="holds checkpoints of another run .--data '.*data/' -> 'other'"):
         train(TrainConfig(**dict(common, steps=4), data="other"))
 

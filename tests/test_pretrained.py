@@ -166,8 +166,9 @@ def test_pretrained_from_the_hub_cache_gives_timms_outputs(tmp_path):
                                   "vit_betwixt_patch16_reg4_gap_256", "vit_base_mci_224"])
 def test_pretrained_families_load_timms_hub_weights(tmp_path, name):
     """The default tag of each family beyond the paper's ViT (registers, attention pooling, quick GELU, SwiGLU and
-    RMSNorm, a pooled head, MobileCLIP's convolutional stem) from its Hub repo in the cache: timm's outputs, one block deep; and at another image
-    size, the position table resampled around the prefix rows as timm resamples it."""
+    RMSNorm, a pooled head, MobileCLIP's convolutional stem) from its Hub repo in the cache: timm's outputs, one
+    block deep; and at another image size, the position table resampled around the prefix rows as timm resamples
+    it."""
     ref = timm_pair(name, depth=1)
     cache_weights(tmp_path, fastvit.get_pretrained_cfg(name)["hf_hub_id"], ref)
     model = fastvit.create_model(name, pretrained=True, depth=1, cache_dir=tmp_path)
