@@ -404,7 +404,9 @@ class Run:
         limit = self.cfg.max_bad_frac * max(drawn, self.data.num_train)
         if self.bad_total > limit:
             self.optimizer.zero_grad(set_to_none=True)
-            raise DataError(f"{self.bad_total} unreadable samples among the {drawn} drawn so far exceed --max-bad-frac "
+            many = self.bad_total != 1
+            raise DataError(f"{self.bad_total} unreadable sample{'s' * many} among the {drawn} drawn so far "
+                            f"exceed{'s' * (not many)} --max-bad-frac "
                             f"{self.cfg.max_bad_frac:g} x max(drawn, training-set size {self.data.num_train}) = "
                             f"{limit:g}; the warnings above name them. Repair or remove them (python -m "
                             f"fastvit.data.shards verifies shards), or raise --max-bad-frac")

@@ -13,7 +13,8 @@ from PIL import Image
 from fastvit import fewshot
 from fastvit.config import TrainConfig
 from fastvit.data import (BadSampleWarning, DataError, FileSource, FolderSamples, ImageFolderSource, augment_batch,
-                          crop_boxes, decode_image, decode_pil, eval_transform, keyed_uniform, micro_batch_plan, mix_seed)
+                          crop_boxes, decode_image, decode_pil, eval_transform, keyed_uniform, make_source,
+                          micro_batch_plan, mix_seed)
 from fastvit.data.augment import EVAL_CFG, UNIFORMS
 from fastvit.data.gpu import GpuDecoder
 from fastvit.data.sources import collate
@@ -219,8 +220,8 @@ def test_too_many_bad_samples_stop_the_run_with_a_clear_error(tmp_path, capsys):
         main(flags)
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
-    assert "unreadable samples among the" in err and "exceed --max-bad-frac 0.05 x max(drawn, training-set size 18)" \
-        in err
+    assert "1 unreadable sample among the 6 drawn so far exceeds --max-bad-frac 0.05 x max(drawn, training-set " \
+           "size 18)" in err
     # 18 training images, 0.05 x 18 = 0.9: the first bad sample drawn stops it, before its step updates the model
     logged = [r for r in rows(tmp_path / "run") if "loss" in r]
     assert all(r["bad_samples"] == 0 for r in logged)
@@ -263,6 +264,11 @@ def test_folder_samples_read_files(tmp_path):
     with pytest.raises(ValueError, match=r"ImageFolder .*train: Found no valid file for the classes yak.*every class "
                                          r"folder needs at least one image"):
         FolderSamples(str(tmp_path / "train"))
+    for split in ("train", "val"):  # an empty data folder names both layouts --data takes
+        (tmp_path / "empty" / split).mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"empty.train holds no class folders: --data takes an ImageFolder .* or "
+                                         r"WebDataset shards .root/train/\*.tar."):
+        make_source(str(tmp_path / "empty"), 16)
 
 
 def test_fewshot_leaves_unreadable_images_out(tmp_path):

@@ -135,6 +135,9 @@ class FolderSamples(Samples):
 
     def __init__(self, root: str):
         from torchvision import datasets
+        if os.path.isdir(root) and not any(entry.is_dir() for entry in os.scandir(root)):
+            raise ValueError(f"{root} holds no class folders: --data takes an ImageFolder (root/train/<class>/*.jpg) "
+                             f"or WebDataset shards (root/train/*.tar), and this folder has neither")
         try:
             folder = datasets.ImageFolder(root)
         except FileNotFoundError as e:  # torchvision's message names the class, not where it is
