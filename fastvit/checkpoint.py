@@ -131,10 +131,12 @@ def _barrier():
 
 def failure_reason(e: BaseException) -> str:
     """One line on why a save or load failed; DCP wraps each rank's exception in a CheckpointException."""
+    where = ""
     if isinstance(e, CheckpointException) and e.failures:
-        rank, (inner, _) = next(iter(e.failures.items()))
-        return f"rank {rank}: {type(inner).__name__}: {inner}".splitlines()[0]
-    return f"{type(e).__name__}: {e}".splitlines()[0]
+        rank, (e, _) = next(iter(e.failures.items()))
+        where = f"rank {rank}: "
+    text = str(e).strip() or ("a file ends early (truncated or corrupt)" if isinstance(e, EOFError) else "no message")
+    return f"{where}{type(e).__name__}: {text}".splitlines()[0]
 
 
 def _agree(error: BaseException | None) -> str | None:

@@ -209,6 +209,7 @@ def test_resume_skips_corrupt_checkpoints_and_is_exact(tmp_path):
         result = train(cfg)
     messages = " ".join(str(w.message) for w in record)
     assert "step_00000004: loading failed" in messages and "step_00000003: no .metadata" in messages
+    assert "a file ends early (truncated or corrupt)" in messages  # the truncated shard's EOFError has no text
     assert "step_00000005.tmp: incomplete" in messages
     assert result["step"] == 6
     resumed = rows(tmp_path, "loss")
