@@ -169,7 +169,8 @@ def main(argv=None):
                 rows.append({"path": path, "decode": source.decode, "workers": w, "images_per_s": ips,
                              "images_per_s_per_worker": ips / max(w, 1),
                              "ratio_to_model": ips / model_ips if model_ips else None})
-                print(f"{path:11s} {w:3d} workers {ips:9.1f} img/s ({ips / max(w, 1):7.1f} per worker)", flush=True)
+                each = f"{ips / w:7.1f} per worker" if w else "in the main process"
+                print(f"{path:11s} {w:3d} workers {ips:9.1f} img/s ({each})", flush=True)
                 # rewritten after every row: a run stopped part-way (gpu_suite.sh's time limit) keeps what it measured
                 common.write_json(out / "loader.json", result)
     result["complete"] = True

@@ -91,8 +91,9 @@ def evaluate(model, train_set, test_set, shots=SHOTS, seeds=3, l2=1.0, batch_siz
     """Few-shot accuracy: for each shot count and each seed 0..seeds-1, fit the ridge classifier on that many
     examples per class of ``train_set`` and test on all of ``test_set``.
 
-    Returns {shots: {"mean": m, "std": s, "accs": [per-seed accuracy]}}; only the sampled training images and the
-    test set go through the model. Images that cannot be read are left out (with the dataset's warning).
+    Returns {shots: {"mean": m, "std": s (sample std over seeds), "accs": [per-seed accuracy]}}; only the sampled
+    training images and the test set go through the model. Images that cannot be read are left out (with the
+    dataset's warning).
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
@@ -118,7 +119,9 @@ def evaluate(model, train_set, test_set, shots=SHOTS, seeds=3, l2=1.0, batch_siz
             picked = [int(i) for i in picks[(k, s)] if train_ok[row[int(i)]]]  # unreadable images left out
             rows = [row[i] for i in picked]
             accs.append(lsr_accuracy(train_feats[rows], torch.as_tensor(labels[picked]), test_x, test_y, l2))
-        results[int(k)] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "accs": accs}
+        # the sample std over the draws (ddof 1, as --seeds and bench/ablation.py report theirs); 0 for one draw
+        results[int(k)] = {"mean": float(np.mean(accs)), "std": float(np.std(accs, ddof=1)) if seeds > 1 else 0.0,
+                           "accs": accs}
     return results
 
 

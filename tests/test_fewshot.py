@@ -87,6 +87,8 @@ def test_evaluate_runner_on_digit_pixels():
                                          test_x[:, 0].reshape(len(test_x), -1), 1.0, 10)
             assert results[k]["accs"][seed] == pytest.approx(float((scores.argmax(1) == test_y).mean()), abs=1e-12)
     assert results[10]["mean"] > 0.8 > results[1]["mean"] > 0.3  # pixels: 10 shots per class beat 1 shot
+    for r in results.values():  # the sample std over the draws, as --seeds reports the top-1's
+        assert r["std"] == pytest.approx(np.std(r["accs"], ddof=1), abs=1e-12) and r["mean"] == np.mean(r["accs"])
     assert not np.array_equal(fewshot.sample_shots(train_y, 5, 0), fewshot.sample_shots(train_y, 5, 1))
     with pytest.raises(ValueError, match="seeds must be >= 1"):
         fewshot.evaluate(PixelFeatures(), data.train_eval, data.test, seeds=0)
