@@ -122,6 +122,8 @@ class Run:
         if cfg.out is None:
             self.cfg = cfg = dataclasses.replace(cfg, out=default_out(cfg))
         self.out = Path(cfg.out)
+        if filled.get("warmup_steps"):
+            self.cfg = cfg = self._run_s_warmup(cfg)
         self.accum = cfg.global_batch // (env.world * cfg.micro_batch)
         preset = [f"{k}={getattr(cfg, k)}" for k, source in filled.items() if source == "preset"]
         if preset:
@@ -233,6 +235,17 @@ class Run:
                 torch.cuda.set_rng_state(state[rng_key]["cuda"], self.env.device)
         trainer = state["trainer"]
         return int(trainer["step"]), int(trainer["samples_seen"]), int(trainer["bad_samples"])
+
+    def _run_s_warmup(self, cfg):
+        """A default --warmup-steps goes on as the run being resumed had it: the default is cut to steps // 10 for a
+        run shorter than it, so a resume with more --steps would otherwise restart the warmup part-way."""
+        if cfg.resume == "none" or not checkpoint.resume_candidates(self.out, warn=False):
+            return cfg
+        try:
+            saved = checkpoint.read_config(self.out)["train"]["warmup_steps"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return cfg
+        return cfg if saved is None else dataclasses.replace(cfg, warmup_steps=int(saved))
 
     def _follow_flags(self):
         """After a restore, take lr, schedule and weight decay from this run's flags (a resumed run may extend

@@ -245,6 +245,17 @@ def test_resume_with_more_steps_follows_the_new_schedule(pretrained, tmp_path):
     assert [lrs[151], lrs[152]] == pytest.approx([5e-3 * 2 / 142, 5e-3 * 1 / 142], rel=1e-12)
 
 
+def test_a_cut_default_warmup_goes_on_as_the_run_had_it(tmp_path, capsys):
+    """A 4-step run cuts the default warmup (30, the digits preset's) to 4 // 10 = 0; resumed with --steps 40 it
+    keeps that warmup instead of starting a 30-step warmup at step 5 (lr back down to 5 / 30 of its peak)."""
+    flags = ["--out", str(tmp_path), "--save-every", "2", "--eval-every", "100", *TINY_FLAGS]
+    main(["--steps", "4", *flags])
+    main(["--steps", "40", *flags])
+    assert "warmup 0," in capsys.readouterr().out.split("resumed from")[-1]
+    lrs = {r["step"]: r["lr"] for r in rows(tmp_path, "loss")}
+    assert lrs[5] > 0.8 * lrs[4] and json.loads((tmp_path / "config.json").read_text())["train"]["warmup_steps"] == 0
+
+
 def _stop_after_steps(argv, out, sig, steps=3):
     """Run ``python -m fastvit.train argv``, send ``sig`` once ``out`` logged ``steps`` steps; (returncode,
     output)."""
