@@ -75,9 +75,45 @@ def split_list(text):
 def choice_list(parser, text, choices, what):
     """``split_list`` that stops with argparse's usage error, naming the valid choices, on an unknown name."""
     names = split_list(text)
+    if not names:
+        parser.error(f"no {what} given; expected names from {tuple(choices)}")
     for name in names:
         if name not in choices:
             parser.error(f"unknown {what} {name!r}; expected names from {tuple(choices)}")
+    return names
+
+
+def check_step_args(parser, args):
+    """Usage errors for the batch and compile flags throughput.py and profile.py share: a given --global-batch /
+    --micro-batch must be positive (None takes the default; 0 used to stand for it silently), --warmup at least 0,
+    and --compile-mode needs --compile (it was ignored without it)."""
+    for flag in ("global_batch", "micro_batch"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if getattr(args, "warmup", None) is not None and args.warmup < 0:
+        parser.error(f"--warmup must be at least 0, got {args.warmup}")
+    if args.compile_mode != "default" and not args.compile:
+        parser.error(f"--compile-mode {args.compile_mode} needs --compile")
+
+
+def is_model_name(name) -> bool:
+    """Whether :func:`build_model` builds ``name``: a short name (B/16), a config name (tiny) or a registry name."""
+    import fastvit
+    key = canonical(name)
+    return key in CONFIGS or fastvit.is_model(key)
+
+
+def model_list(parser, text):
+    """A comma list of model names, checked before anything runs: argparse's usage error on an empty list or an
+    unknown name (instead of a traceback once the models before it were measured)."""
+    names = split_list(text)
+    if not names:
+        parser.error(f"no model given; expected {sorted(ALIASES)}, {sorted(CONFIGS)} or a fastvit.list_models() name")
+    for name in names:
+        if not is_model_name(name):
+            parser.error(f"unknown model {name!r}; expected one of {sorted(ALIASES)}, {sorted(CONFIGS)} or a "
+                         f"fastvit.list_models() name")
     return names
 
 

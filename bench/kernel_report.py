@@ -97,7 +97,7 @@ def print_table(records):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--archs", nargs="+", type=int, default=sorted(SMEM_LIMIT), choices=sorted(SMEM_LIMIT))
@@ -105,15 +105,20 @@ def main(argv=None):
                    help="kernel modules to include (default: every one with aot_specs)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="compiles at a time, each in its own process (default: one per CPU core)")
-    p.add_argument("--out", default="results/kernel_report.json")
+    p.add_argument("--out", default="results/kernel_report.json",
+                   help="the JSON file to write, or a folder to write kernel_report.json in (checked before "
+                        "compiling)")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
+    out = pathlib.Path(args.out)
+    if out.is_dir() or args.out.endswith(os.sep):  # a folder, as the other scripts' --out
+        out = out / "kernel_report.json"
 
     records = run(args.models, args.dtypes, args.archs, args.kernels, args.jobs)
     print_table(records)
     bad = [r for r in records if not r["ok"]]
-    out = common.out_dir(pathlib.Path(args.out).parent) / pathlib.Path(args.out).name
+    out = common.out_dir(out.parent) / out.name
     common.write_json(out, {"triton": triton.__version__, "ok": not bad and bool(records), "kernels": records})
     serialized = sorted({(r["kernel"], r["label"]) for r in records if r.get("wgmma_serialized")})
     if serialized:

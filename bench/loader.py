@@ -70,13 +70,13 @@ def measure(source, batch, steps, warmup, seed=0):
     plan = micro_batch_plan(source.sampler(seed), seed, 0, 0, total, batch, batch, 1, 0)
     batches = source.loader(plan, seed)
     for _ in range(warmup):
-        x, _, _ = next(batches)
-    if x.is_cuda:
+        next(batches)
+    if torch.cuda.is_available():  # the GPU paths' warm-up work ends before the clock starts
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        x, _, _ = next(batches)
-    if x.is_cuda:
+        next(batches)
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
     return steps * batch / (time.perf_counter() - t0)
 
@@ -131,14 +131,23 @@ def main(argv=None):
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
     paths = common.choice_list(p, args.paths, PATHS, "--paths")
-    workers = [int(w) for w in common.split_list(args.workers)]
+    try:
+        workers = [int(w) for w in common.split_list(args.workers)]
+    except ValueError:
+        p.error(f"--workers takes a comma list of worker counts such as 0,2,8, got {args.workers!r}")
+    if not workers or min(workers) < 0:
+        p.error(f"--workers takes worker counts of 0 or more, got {args.workers!r}")
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.images < 1:
+        p.error("--steps, --batch and --images must be at least 1, --warmup at least 0")
     from fastvit.data.sources import decode_problem
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     for path in [q for q in paths if PATHS[q] != "cpu"]:
         problem = decode_problem(PATHS[path], False, device)
         if problem:
-            print(f"skipping the {path} path: {problem}")
+            print(f"skipping the {path} path: {problem.replace('use --decode cpu', 'the folder and shards paths run')}")
             paths.remove(path)
+    if not paths:
+        p.error("none of the chosen --paths can run here: the folder and shards paths decode on the CPU")
     from fastvit.data import ImageFolderSource
     from fastvit.data.shards import ShardSource, main as write_shards
 

@@ -99,9 +99,10 @@ def main(argv=None):
     dtype = None if args.dtype == "fp32" else common.DTYPES[args.dtype]
     use_gpu = torch.cuda.is_available() and not args.no_gpu
 
+    names = common.model_list(p, args.models)
     rows = []
     t_start = time.perf_counter()
-    for name in common.split_list(args.models):
+    for name in names:
         row = {"model": name}
         for impl in ("fastvit", "timm"):
             cfg, row[impl] = count_cpu(name, impl, args.batch, dtype, args.backend, args.seed)

@@ -368,7 +368,8 @@ def markdown(rows, vs_timm, env):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", default=",".join(OPS), help=f"comma list from {OPS}, or '' for none")
-    p.add_argument("--models", default="tiny,B/16", help="comma list: tiny, B/16, L/16, H/14 or a registry name")
+    p.add_argument("--models", default="tiny,B/16", help="comma list: tiny, B/16, L/16, H/14 or a registry name, or "
+                                                        "'' for none")
     p.add_argument("--dtypes", default="fp32,fp16,bf16")
     p.add_argument("--backend", default="auto", choices=ops.BACKENDS)
     p.add_argument("--quick", action="store_true", help="op shapes with fewer rows (same widths)")
@@ -379,7 +380,8 @@ def main(argv=None):
     p.add_argument("--strict", action="store_true", help="exit 1 when a row fails the 2x bound")
     args = p.parse_args(argv)
 
-    op_names = common.choice_list(p, args.ops, OPS, "op")
+    op_names = common.choice_list(p, args.ops, OPS, "op") if args.ops else []
+    model_names = common.model_list(p, args.models) if args.models else []
     dtypes = [common.DTYPES[name] for name in common.choice_list(p, args.dtypes, common.DTYPES, "dtype")]
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -413,7 +415,7 @@ def main(argv=None):
                 save(complete=False)
 
     check_ops(op_cases(args.quick, args.seed))
-    for name in common.split_list(args.models):
+    for name in model_names:
         m_rows, m_vs = run_model(name, dtypes, args.backend, device, args.seed)
         rows += m_rows
         vs_timm += m_vs

@@ -85,7 +85,7 @@ def main(argv=None):
         p.error(f"--pairs must be >= 4 and --batch >= 1, got {args.pairs} and {args.batch}")
     dtype = common.DTYPES[args.dtype]
     rows = []
-    for name in common.split_list(args.model):
+    for name in common.model_list(p, args.model):
         for mode in modes:
             row = paired(name, mode, args, dtype)
             rows.append(row)

@@ -215,8 +215,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results", help="output folder")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be at least 1 and --warmup at least 0")
+    if args.steps < 1:
+        p.error("--steps must be at least 1")
+    if args.model is not None:
+        common.model_list(p, args.model)
+    common.check_step_args(p, args)
     use_cuda = torch.cuda.is_available() and not args.smoke
     smoke = args.smoke or not use_cuda
     if smoke:

@@ -70,6 +70,11 @@ def main(argv=None):
     p.add_argument("--digits-steps", type=int, default=None, help="steps of each digits run (default: the preset's)")
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
+    if args.model is not None:
+        common.model_list(p, args.model)
+    if args.steps < 1 or args.seeds < 1 or (args.micro_batch is not None and args.micro_batch < 1) or \
+            (args.digits_steps is not None and args.digits_steps < 1):
+        p.error("--steps, --seeds, --micro-batch and --digits-steps must be at least 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bytes_model = args.model or "B/16"
     time_model = args.model or ("B/16" if device.type == "cuda" else "tiny")

@@ -212,6 +212,8 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     modes = common.choice_list(p, args.mode, MODES, "mode")
+    if args.model is not None:
+        common.model_list(p, args.model)
     if args.cuda_graphs:
         if not torch.cuda.is_available():
             p.error("--cuda-graphs needs a CUDA device; none is available here")
@@ -219,6 +221,7 @@ def main(argv=None):
             p.error(f"--cuda-graphs is --compile-mode reduce-overhead; it cannot be combined with --compile-mode "
                     f"{args.compile_mode}")
         args.compile, args.compile_mode = True, "reduce-overhead"
+    common.check_step_args(p, args)
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         p.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     use_cuda = torch.cuda.is_available() and not args.smoke

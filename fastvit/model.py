@@ -662,10 +662,14 @@ BLOCK_FNS = {"Block": Block, "ResPostBlock": ResPostBlock}  # timm's block_fn cl
 
 
 def block_fn_of(block_fn):
-    """The block class for ``block_fn``: None (the paper's pre-LN :class:`Block`), a name of ``BLOCK_FNS`` (timm's
-    class names), or a class taking Block's arguments."""
+    """The block class for ``block_fn``: None (the paper's pre-LN :class:`Block`), a name of ``BLOCK_FNS`` or timm's
+    class of that name (ours takes its place: the same parameters, and our arguments), or a class taking Block's
+    arguments."""
     if block_fn is None:
         return Block
+    name = getattr(block_fn, "__name__", None)
+    if getattr(block_fn, "__module__", "") == "timm.models.vision_transformer" and name in BLOCK_FNS:
+        return BLOCK_FNS[name]
     if isinstance(block_fn, str):
         return BLOCK_FNS[_check_choice("block_fn", block_fn, tuple(BLOCK_FNS))]
     return block_fn
@@ -878,7 +882,7 @@ class VisionTransformer(nn.Module):
             self.global_pool = global_pool
         self.num_classes = num_classes
         if num_classes > 0:
-            ref = self.patch_embed.proj.weight
+            ref = next(self.parameters())  # the model's device and dtype (a patch embedding may have no proj)
             self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)

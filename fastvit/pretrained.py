@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import warnings
 
 import torch
 
@@ -166,11 +167,20 @@ def load_pretrained(model, pretrained_cfg=None, cache_dir=None, weights=None, st
         if weight is not None and weight.shape[1] != module.weight.shape[1]:
             sd[conv + ".weight"] = adapt_input_conv(module.weight.shape[1], weight, base_chans)
     classifiers = [cfg["classifier"]] if isinstance(cfg.get("classifier"), str) else cfg.get("classifier") or ()
-    if getattr(model, "num_classes", 0) > 0 and model.num_classes != cfg.get("num_classes"):
+    new_head = getattr(model, "num_classes", 0) != cfg.get("num_classes")
+    if new_head and model.num_classes > 0:
         for name in classifiers:  # keep the model's own freshly initialised classifier
             sd.update({f"{name}.{k}": v for k, v in model.get_submodule(name).state_dict().items()})
     name = ".".join(filter(None, (cfg.get("architecture"), cfg.get("tag")))) or type(model).__name__
-    return load_checkpoint(model, sd, strict=strict, name=name)
+    if not (strict and new_head):
+        return load_checkpoint(model, sd, strict=strict, name=name)
+    # another head, as timm: load what fits (a pooled head's fc_norm for the final norm, ...) and say what did not
+    result = load_checkpoint(model, sd, strict=False, name=name)
+    left = result.missing_keys + result.unexpected_keys + [k for k, *_ in result.mismatched_keys]
+    if left:
+        warnings.warn(f"{name} loaded into a model with another head ({model.num_classes} classes, the weights "
+                      f"{cfg.get('num_classes')}): not loaded: {', '.join(left[:8])}{', ...' if len(left) > 8 else ''}")
+    return result
 
 
 # ---- saving ----------------------------------------------------------------------------------------------------

@@ -186,6 +186,9 @@ def test_bad_configurations_raise_clear_errors():
         fastvit.create_model("vit_base_mci_224", depth=1).set_input_size(patch_size=2)
     with pytest.raises(ValueError, match="same length"):
         ConvStem(channels=(8, 8), strides=(2,))
+    mci = fastvit.create_model("vit_base_mci_224", depth=1, img_size=32)  # no patch projection to read a dtype from
+    mci.reset_classifier(10)
+    assert mci(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
 def test_set_input_size_resamples_pos_embed_to_new_feature_grid():

@@ -245,7 +245,8 @@ def test_res_post_block_as_timm():
     grads = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
-    assert type(fastvit.VisionTransformer(**SMALL, block_fn=fastvit.ResPostBlock).blocks[0]) is fastvit.ResPostBlock
+    for cls in (fastvit.ResPostBlock, TimmResPostBlock):  # timm's class: ours in its place
+        assert type(fastvit.VisionTransformer(**SMALL, block_fn=cls).blocks[0]) is fastvit.ResPostBlock
     with pytest.raises(ValueError, match=r"block_fn must be one of \('Block', 'ResPostBlock'\), got 'ResPost'"):
         fastvit.VisionTransformer(**SMALL, block_fn="ResPost")
 

@@ -224,6 +224,23 @@ def test_no_weights_in_reach_is_a_clear_error(tmp_path):
         fastvit.create_model("vit_huge_patch14_224.untrained", pretrained=True)
 
 
+def test_weights_load_into_another_head_as_timm(tmp_path):
+    """Another head (num_classes, with a pooled layout: fc_norm instead of the final norm) loads what fits and
+    warns about the rest, as timm's load_pretrained turns strict off there; with the weights' own head it is
+    strict (below)."""
+    ref = timm_pair(f"{TINY}", depth=2)
+    cache_weights(tmp_path, f"timm/{TINY}", ref)
+    with pytest.warns(UserWarning, match=r"another head \(0 classes, the weights 1000\): not loaded: "
+                                         r"fc_norm.weight, fc_norm.bias, norm.bias, norm.weight"):
+        model = fastvit.create_model(TINY, pretrained=True, depth=2, cache_dir=tmp_path, num_classes=0,
+                                     global_pool="avg")
+    theirs = ref.state_dict()
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("fc_norm"):
+            assert torch.equal(tensor, theirs[name]), name
+    assert model.fc_norm.weight.eq(1).all()
+
+
 def test_a_hub_file_of_another_architecture_loads_nothing(tmp_path):
     cache_weights(tmp_path, f"timm/{TINY}", timm_pair("vit_small_patch16_224.augreg_in21k_ft_in1k", depth=2))
     with pytest.raises(CheckpointMismatchError, match=r"does not match vit_tiny_patch16_224.augreg_in21k_ft_in1k; "
