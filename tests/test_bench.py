@@ -1,5 +1,6 @@
 """CPU smoke of the benchmark scripts (small settings, each in a subprocess). The FLOP count the throughput script
 uses is tested in tests/test_flops.py, the saved-activation counter the memory script uses in tests/test_memory.py."""
+import argparse
 import importlib.util
 import json
 import os
@@ -492,3 +493,25 @@ def test_summary_tabulates_the_attention_tilings_against_sm80s(tmp_path):
     assert "## Attention dK/dV tilings" in summary
     for row in ("| sm80 | 400.0 | 1.00 |", "| sm90@0 | 300.0 | 0.75 |", "| sm90@1 | 500.0 | 1.25 |"):
         assert row in summary
+
+
+def test_scripts_check_their_arguments_before_running(tmp_path):
+    """Bad model names, empty lists, batch and warm-up signs and --compile-mode without --compile are usage errors
+    before anything runs (they were tracebacks after the first models, silent defaults, or ignored)."""
+    parser = argparse.ArgumentParser(prog="x")
+    for text, message in [("tiny,nosuch", "unknown model 'nosuch'"), ("", "no model given")]:
+        with pytest.raises(SystemExit):
+            common.model_list(parser, text)
+    assert common.model_list(parser, "B/16,tiny,vit_small_patch16_224") == ["B/16", "tiny", "vit_small_patch16_224"]
+    with pytest.raises(SystemExit):
+        common.choice_list(parser, "", ("train", "infer"), "mode")
+    cases = [(["bench/throughput.py", "--model", "tiny,nosuch"], "unknown model 'nosuch'"),
+             (["bench/throughput.py", "--mode", ""], "no mode given"),
+             (["bench/throughput.py", "--compile-mode", "max-autotune"], "--compile-mode max-autotune needs --compile"),
+             (["bench/profile.py", "--global-batch", "-64"], "--global-batch must be at least 1, got -64"),
+             (["bench/overhead.py", "--ops", "ln_matmul"], "unknown op 'ln_matmul'"),
+             (["bench/loader.py", "--workers", "a"], "--workers takes a comma list of worker counts")]
+    for args, message in cases:
+        proc = subprocess.run([sys.executable, *args, "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-1000:])
