@@ -123,7 +123,7 @@ class Run:
             self.cfg = cfg = dataclasses.replace(cfg, out=default_out(cfg))
         self.out = Path(cfg.out)
         if filled.get("warmup_steps"):
-            self.cfg = cfg = self._run_s_warmup(cfg)
+            self.cfg = cfg = self._resumed_warmup(cfg)
         self.accum = cfg.global_batch // (env.world * cfg.micro_batch)
         preset = [f"{k}={getattr(cfg, k)}" for k, source in filled.items() if source == "preset"]
         if preset:
@@ -236,7 +236,7 @@ class Run:
         trainer = state["trainer"]
         return int(trainer["step"]), int(trainer["samples_seen"]), int(trainer["bad_samples"])
 
-    def _run_s_warmup(self, cfg):
+    def _resumed_warmup(self, cfg):
         """A default --warmup-steps goes on as the run being resumed had it: the default is cut to steps // 10 for a
         run shorter than it, so a resume with more --steps would otherwise restart the warmup part-way."""
         if cfg.resume == "none" or not checkpoint.resume_candidates(self.out, warn=False):
@@ -397,13 +397,13 @@ class Run:
             # a checkpoint of step j holds the weights step j + 1 ran on: those before this step gave finite ones
             saved = checkpoint.resume_candidates(self.out, warn=False)
             good = [p for p in saved if checkpoint.checkpoint_step(p) < step]
-            these = f"The newest checkpoint, {saved[0]}, holds the weights that gave it; " if len(saved) > len(good) \
+            these = f" The newest checkpoint, {saved[0]}, holds the weights that gave it." if saved[:1] != good[:1] \
                 else ""
             advice = (f"resume from it with --resume {good[0]} and a lower --lr or more --warmup-steps" if good
                       else "start again with a lower --lr or more --warmup-steps")
             raise FloatingPointError(
                 f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step + 1} "
-                f"(loss {loss}, grad norm {norm}); stopping without saving. {these}the last good checkpoint is "
+                f"(loss {loss}, grad norm {norm}); stopping without saving.{these} The last good checkpoint is "
                 f"{good[0] if good else 'none'}: {advice}.")
         self.optimizer.step()
         self.scheduler.step()

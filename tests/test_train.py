@@ -330,7 +330,7 @@ def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(tmp_path, capsy
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert "non-finite loss at step 2" in err and "step_00000001, holds the weights that gave it" in err
-    assert "the last good checkpoint is none: start again with a lower --lr" in err
+    assert "The last good checkpoint is none: start again with a lower --lr" in err
     assert [p.name for p in checkpoint.resume_candidates(tmp_path / "a")] == ["step_00000001"]
     main(["--out", str(tmp_path / "b"), "--steps", "2", "--lr", "1e-3", "--warmup-steps", "0", "--save-every", "1",
           *TINY_FLAGS])
@@ -340,7 +340,7 @@ def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(tmp_path, capsy
     err = capsys.readouterr().err
     good = checkpoint.step_path(tmp_path / "b", 2)
     assert "non-finite loss at step 4" in err and "step_00000003, holds the weights" in err
-    assert f"the last good checkpoint is {good}: resume from it with --resume {good}" in err
+    assert f"The last good checkpoint is {good}: resume from it with --resume {good}" in err
 
 
 @pytest.mark.parametrize("argv,message", [
