@@ -155,15 +155,22 @@ def gradient_penalty(model, x):
 _SIZE_ARGS = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio", "img_size")
 
 
+# one hybrid per backbone layout: BiT R50 at stride 16 and 32, R26, the stem alone, ResNet-D 26 and 50 (stride 16),
+# MobileCLIP's stem; the other names differ from these in sizes only
+HYBRID_LAYOUTS = ("vit_base_r50_s16_224", "vit_large_r50_s32_224", "vit_small_r26_s32_224", "vit_tiny_r_s16_p8_224",
+                  "vit_small_resnet26d_224", "vit_small_resnet50d_s16_224", "vit_base_mci_224")
+
+
 def representative_names():
     """``fastvit.list_models()`` cut to the first name of each layout (timm's constructor arguments apart from the
-    sizes), the paper's ViT-Ti/S/B/L/H names and every hybrid: per-name checks on these reach every option a
-    registered name builds, in CI time (``tests/test_model.py`` compares every name with timm)."""
+    sizes), the paper's ViT-Ti/S/B/L/H names and one hybrid of each backbone layout (``HYBRID_LAYOUTS``): per-name
+    checks on these reach every option a registered name builds, in CI time (``tests/test_model.py`` compares every
+    name with timm; ``tests/test_hybrid.py`` checks every hybrid name's layout and defaults)."""
     layouts = {}
     for name, args in fastvit.registry.timm_archs().items():
         layout = json.dumps({k: v for k, v in args.items() if k not in _SIZE_ARGS}, sort_keys=True)
         layouts.setdefault(layout, name)
-    keep = set(layouts.values()) | set(fastvit.list_models(module="vision_transformer_hybrid"))
+    keep = set(layouts.values()) | set(HYBRID_LAYOUTS)
     paper = r"vit_(tiny|small|base|large)_patch16_(224|384)|vit_(base|large)_patch32_(224|384)|vit_huge_patch14_224"
     keep |= {n for n in fastvit.list_models() if re.fullmatch(paper, n)}
     return [n for n in fastvit.list_models() if n in keep]

@@ -394,13 +394,26 @@ def test_loader_smoke(tmp_path):
     assert (tmp_path / "loader.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_numerics_keeps_finished_rows_when_a_run_stops(tmp_path):
-    """numerics.json is rewritten after every op and model: a run that stops part-way (here at a model name nobody
-    knows; in bench/gpu_suite.sh, a step's time limit) leaves the rows it checked, marked incomplete."""
-    proc = subprocess.run([sys.executable, "bench/numerics.py", "--quick", "--ops", "add_layer_norm", "--dtypes",
-                           "fp32", "--models", "tiny,no_such_vit", "--out", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode != 0 and "no_such_vit" in proc.stderr
+def _stop_at(module, function, name, monkeypatch):
+    """Make ``module.function`` (a bench script's per-model step) raise for model ``name``: a run that stops
+    part-way, as bench/gpu_suite.sh's time limit stops one."""
+    real = getattr(module, function)
+
+    def step(model, *args, **kwargs):
+        if model == name:
+            raise RuntimeError(f"stopped at {name}")
+        return real(model, *args, **kwargs)
+    monkeypatch.setattr(module, function, step)
+
+
+def test_numerics_keeps_finished_rows_when_a_run_stops(tmp_path, monkeypatch):
+    """numerics.json is rewritten after every op and model: a run that stops part-way (here at its second model;
+    in bench/gpu_suite.sh, a step's time limit) leaves the rows it checked, marked incomplete."""
+    numerics = _load_bench("numerics")
+    _stop_at(numerics, "run_model", "mini", monkeypatch)
+    with pytest.raises(RuntimeError, match="stopped at mini"):
+        numerics.main(["--quick", "--ops", "add_layer_norm", "--dtypes", "fp32", "--models", "tiny,mini", "--out",
+                       str(tmp_path)])
     data = json.loads((tmp_path / "numerics.json").read_text())
     assert data["complete"] is False
     assert {(r["kind"], r["name"]) for r in data["rows"]} == {("op", "add_layer_norm"), ("model", "tiny")}
@@ -445,14 +458,14 @@ def test_paired_smoke(tmp_path):
     assert proc.returncode == 2 and "unknown mode 'eval'" in proc.stderr
 
 
-def test_throughput_keeps_finished_rows_when_a_run_stops(tmp_path):
-    """throughput.json is rewritten after every row: a run that stops part-way (here at a model name nobody
-    knows; in bench/gpu_suite.sh, a step's time limit) leaves the rows it finished, marked incomplete."""
-    proc = subprocess.run([sys.executable, "bench/throughput.py", "--smoke", "--model", "tiny,no_such_vit",
-                           "--mode", "infer", "--global-batch", "256", "--micro-batch", "128", "--steps", "1",
-                           "--warmup", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode != 0 and "unknown model 'no_such_vit'" in proc.stderr
+def test_throughput_keeps_finished_rows_when_a_run_stops(tmp_path, monkeypatch):
+    """throughput.json is rewritten after every row: a run that stops part-way (here at its second model; in
+    bench/gpu_suite.sh, a step's time limit) leaves the rows it finished, marked incomplete."""
+    throughput = _load_bench("throughput")
+    _stop_at(throughput, "bench_model", "mini", monkeypatch)
+    with pytest.raises(RuntimeError, match="stopped at mini"):
+        throughput.main(["--smoke", "--model", "tiny,mini", "--mode", "infer", "--global-batch", "256",
+                         "--micro-batch", "128", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "throughput.json").read_text())
     assert data["complete"] is False and [(r["model"], r["mode"]) for r in data["rows"]] == [("tiny", "infer")]
 

@@ -135,9 +135,13 @@ class FolderSamples(Samples):
 
     def __init__(self, root: str):
         from torchvision import datasets
-        if os.path.isdir(root) and not any(entry.is_dir() for entry in os.scandir(root)):
-            raise ValueError(f"{root} holds no class folders: --data takes an ImageFolder (root/train/<class>/*.jpg) "
-                             f"or WebDataset shards (root/train/*.tar), and this folder has neither")
+        if os.path.isdir(root):
+            with os.scandir(root) as entries:  # closed even where any() stops early
+                classless = not any(entry.is_dir() for entry in entries)
+            if classless:
+                raise ValueError(f"{root} holds no class folders: --data takes an ImageFolder "
+                                 f"(root/train/<class>/*.jpg) or WebDataset shards (root/train/*.tar), and this folder "
+                                 f"has neither")
         try:
             folder = datasets.ImageFolder(root)
         except FileNotFoundError as e:  # torchvision's message names the class, not where it is
