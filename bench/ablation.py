@@ -76,7 +76,7 @@ def plot(table, path, title):
     ax.bar(xs + 0.2, [100 * r["paper"] for r in table], 0.4, label="paper (ViT-B/16, ImageNet)")
     ax.set_xticks(xs, labels, fontsize=8)
     ax.set_ylabel("5-shot linear accuracy (%)")
-    ax.set_title(title, fontsize=9)
+    common.set_title(ax, title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -122,9 +122,8 @@ def main(argv=None):
     print(f"\n{title}\n" + common.markdown_table(["position embedding", "placement", "fastvit 5-shot %",
                                                    "paper 5-shot % (ViT-B/16, ImageNet)"], rows))
     result = {"title": title, "train_config": dataclasses.asdict(cfg), "seeds": args.seeds,
-              "fewshot_seeds": args.fewshot_seeds, "shots": SHOTS, "runs": runs, "table": table,
-              "seconds": time.perf_counter() - t0, "env": common.environment()}
-    common.write_json(out / "ablation.json", result)
+              "fewshot_seeds": args.fewshot_seeds, "shots": SHOTS, "runs": runs, "table": table}
+    result = common.write_result(out / "ablation.json", result, args, t0)
     plot(table, out / "ablation.png", title)
     print(f"wrote {out / 'ablation.json'} and {out / 'ablation.png'} in {result['seconds']:.0f}s")
     return result

@@ -23,6 +23,8 @@ import pathlib
 import platform
 import sys
 import sysconfig
+import textwrap
+import time
 
 
 def _load_stdlib_profile():
@@ -54,6 +56,13 @@ CONFIGS = {
 def interpreting():
     """Whether Triton kernels run through the interpreter (set before triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def interpreter_note():
+    """What a timing script adds to its label when the kernels ran in Triton's interpreter (--interpret): its
+    numbers are then Python's speed, not the kernels'."""
+    return " [TRITON_INTERPRET=1: the kernels ran in Triton's interpreter, times are not a benchmark]" \
+        if interpreting() else ""
 
 
 def reexec_with_interpreter(argv=None):
@@ -199,6 +208,23 @@ def write_json(path, data):
     return path
 
 
+def write_result(path, result, args, t_start, complete=True):
+    """Write a script's result file with the fields every one of them has, under the same names: ``args``,
+    ``env`` (:func:`environment`), ``complete`` (False while a run is part-way: scripts rewrite their file as rows
+    finish, so a run stopped by a time limit keeps them) and ``seconds`` since ``t_start``."""
+    data = {**result, "complete": complete, "seconds": time.perf_counter() - t_start, "args": vars(args),
+            "env": environment()}
+    write_json(path, data)
+    return data
+
+
+def set_title(ax, title, fontsize=9):
+    """The axes' title, each line wrapped to the figure's width: a run's description is longer than a 5-inch
+    chart, and matplotlib cuts it at the edges instead of wrapping."""
+    chars = max(20, int(ax.figure.get_figwidth() * 72 / (0.6 * fontsize)))  # ~0.6 em per character
+    ax.set_title("\n".join(textwrap.fill(line, chars) for line in title.split("\n")), fontsize=fontsize)
+
+
 def bar_chart(rows, value, labels, ylabel, path, title, log_if_spread=False, columns=("fastvit", "timm")):
     """Bars side by side per row, one per column (fastvit and timm by default), with each row's ``ratio`` above
     its group.
@@ -224,7 +250,7 @@ def bar_chart(rows, value, labels, ylabel, path, title, log_if_spread=False, col
         ax.set_yscale("log")
     ax.set_xticks(list(xs), labels, fontsize=8)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
+    set_title(ax, title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

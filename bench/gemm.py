@@ -175,6 +175,7 @@ def main(argv=None):
     p.add_argument("--interpret", action="store_true", help="re-run with TRITON_INTERPRET=1 (CPU kernels)")
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
+    t_start = time.perf_counter()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not common.interpreting():
@@ -200,7 +201,7 @@ def main(argv=None):
                   f"winner {r['winner']}", flush=True)
     env = common.environment()
     out = common.out_dir(args.out)
-    common.write_json(out / "gemm.json", {"args": vars(args), "env": env, "rows": rows})
+    common.write_result(out / "gemm.json", {"rows": rows}, args, t_start)
     (out / "gemm.md").write_text(markdown(rows, args, env), encoding="utf-8")
     print(f"wrote {out / 'gemm.json'} and {out / 'gemm.md'}")
     return 0

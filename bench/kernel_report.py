@@ -19,6 +19,7 @@ import multiprocessing as mp
 import os
 import pathlib
 import sys
+import time
 import traceback
 
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the standard library: see common.py
@@ -115,11 +116,13 @@ def main(argv=None):
     if out.is_dir() or args.out.endswith(os.sep):  # a folder, as the other scripts' --out
         out = out / "kernel_report.json"
 
+    t_start = time.perf_counter()
     records = run(args.models, args.dtypes, args.archs, args.kernels, args.jobs)
     print_table(records)
     bad = [r for r in records if not r["ok"]]
     out = common.out_dir(out.parent) / out.name
-    common.write_json(out, {"triton": triton.__version__, "ok": not bad and bool(records), "kernels": records})
+    common.write_result(out, {"triton": triton.__version__, "ok": not bad and bool(records), "kernels": records}, args,
+                        t_start)
     serialized = sorted({(r["kernel"], r["label"]) for r in records if r.get("wgmma_serialized")})
     if serialized:
         print(f"\nwgmma* = ptxas serialised the wgmma (note C7515: the tensor cores wait for each one in turn), "

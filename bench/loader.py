@@ -108,7 +108,7 @@ def plot(rows, model_ips, path, title):
         ax.legend(fontsize=8)
     ax.set_xticks(list(xs), [f"{r['path']}\n{r['workers']} workers" for r in rows], fontsize=8)
     ax.set_ylabel("decoded + augmented images / s")
-    ax.set_title(title, fontsize=9)
+    common.set_title(ax, title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -130,6 +130,7 @@ def main(argv=None):
     p.add_argument("--throughput", help="throughput.json of bench/throughput.py (the model's img/s)")
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
+    t_start = time.perf_counter()
     paths = common.choice_list(p, args.paths, PATHS, "--paths")
     try:
         workers = [int(w) for w in common.split_list(args.workers)]
@@ -165,8 +166,7 @@ def main(argv=None):
         rows = []
         result = {"title": f"loader throughput at {args.img_size} px, batch {args.batch}, {device_name}",
                   "img_size": args.img_size, "batch": args.batch, "synthetic": args.data is None, "rows": rows,
-                  "model_images_per_s_per_gpu": model_ips, "model_source": model_source, "target_ratio": TARGET,
-                  "complete": False, "env": common.environment()}
+                  "model_images_per_s_per_gpu": model_ips, "model_source": model_source, "target_ratio": TARGET}
         out = common.out_dir(args.out)
         for path in paths:
             for w in workers:
@@ -181,9 +181,8 @@ def main(argv=None):
                 each = f"{ips / w:7.1f} per worker" if w else "in the main process"
                 print(f"{path:11s} {w:3d} workers {ips:9.1f} img/s ({each})", flush=True)
                 # rewritten after every row: a run stopped part-way (gpu_suite.sh's time limit) keeps what it measured
-                common.write_json(out / "loader.json", result)
-    result["complete"] = True
-    common.write_json(out / "loader.json", result)
+                common.write_result(out / "loader.json", result, args, t_start, complete=False)
+    result = common.write_result(out / "loader.json", result, args, t_start)
     if model_ips:
         best = max(rows, key=lambda r: r["images_per_s"])
         verdict = "meets" if best["ratio_to_model"] >= TARGET else "misses"

@@ -127,10 +127,9 @@ def main(argv=None):
     result = {"dtype": args.dtype, "autocast": dtype is not None, "batch": args.batch,
               "method": "unique storages saved by autograd on CPU during one training forward, parameters and "
                         "their autocast copies excluded",
-              "cpu_backend_used": backend_used, "rows": rows, "seconds": time.perf_counter() - t_start,
-              "args": vars(args), "env": common.environment()}
+              "cpu_backend_used": backend_used, "rows": rows}
     out = common.out_dir(args.out)
-    common.write_json(out / "memory.json", result)
+    result = common.write_result(out / "memory.json", result, args, t_start)
     common.bar_chart(rows, lambda r, impl: r[impl]["activation_mib_per_image"], [r["model"] for r in rows],
                      "saved activations, MiB / image", out / "memory.png",
                      f"saved activations per image, training, {args.dtype} autocast, batch {args.batch}\n"

@@ -383,7 +383,15 @@ def main(argv=None):
     op_names = common.choice_list(p, args.ops, OPS, "op") if args.ops else []
     model_names = common.model_list(p, args.models) if args.models else []
     dtypes = [common.DTYPES[name] for name in common.choice_list(p, args.dtypes, common.DTYPES, "dtype")]
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device {args.device!r}: {e}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        p.error(f"--device {args.device}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here; on CPU use "
+                "--device cpu (with --interpret for the Triton kernels)")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device}: cpu or cuda[:N]")
     torch.manual_seed(args.seed)
 
     t_start = time.perf_counter()
@@ -395,9 +403,9 @@ def main(argv=None):
         """numerics.json and .md for the rows so far: rewritten after every op case and model, so a run stopped
         part-way (bench/gpu_suite.sh's time limit) keeps what it checked, marked incomplete."""
         failed = sum(not r["ok"] for r in rows)
-        result = {"pass_ratio": PASS_RATIO, "rows": rows, "fastvit_vs_timm": vs_timm, "failed": failed,
-                  "complete": complete, "seconds": time.perf_counter() - t_start, "args": vars(args), "env": env}
-        common.write_json(out / "numerics.json", result)
+        result = common.write_result(out / "numerics.json", {
+            "pass_ratio": PASS_RATIO, "rows": rows, "fastvit_vs_timm": vs_timm, "failed": failed},
+            args, t_start, complete)
         (out / "numerics.md").write_text(markdown(rows, vs_timm, env), encoding="utf-8")
         return result
 

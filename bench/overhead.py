@@ -251,10 +251,9 @@ def main(argv=None):
                   f"{row['timm_us']:7.1f} us  ratio {row['ratio']:5.2f}  ({per_call} launches; {row['model']})",
                   flush=True)
     result = {"ops": rows, "models": models, "number": args.number, "model_number": args.model_number,
-              "repeat": args.repeat, "threads": 1,
-              "seconds": time.perf_counter() - t_start, "env": common.environment()}
+              "repeat": args.repeat, "threads": 1}
     out = common.out_dir(args.out)
-    common.write_json(out / "overhead.json", result)
+    result = common.write_result(out / "overhead.json", result, args, t_start)
     print(f"wrote {out / 'overhead.json'} in {result['seconds']:.0f}s")
 
 

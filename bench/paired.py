@@ -80,6 +80,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results", help="output folder for paired.json")
     args = p.parse_args(argv)
+    t_start = time.perf_counter()
     modes = common.choice_list(p, args.mode, ("infer", "train"), "mode")
     if args.pairs < 4 or args.batch < 1:
         p.error(f"--pairs must be >= 4 and --batch >= 1, got {args.pairs} and {args.batch}")
@@ -93,7 +94,7 @@ def main(argv=None):
                   + "  ".join(f"{c} {row[c]['median']:.3f} [{row[c]['q1']:.3f}, {row[c]['q3']:.3f}]"
                               for c in CLOCKS))
     path = os.path.join(common.out_dir(args.out), "paired.json")
-    common.write_json(path, {"environment": common.environment(), "dtype": args.dtype, "rows": rows})
+    common.write_result(path, {"dtype": args.dtype, "rows": rows}, args, t_start)
     print(f"wrote {path}")
 
 

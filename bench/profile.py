@@ -147,6 +147,10 @@ def profile_side(runner, warmup, steps, device, trace_path):
     """Warm ``runner`` up, profile ``steps`` steps, write its Chrome trace; per-step ms by category."""
     for _ in range(warmup):
         runner.step()
+    if device.type == "cpu":
+        # Kineto's log lines (its stages, and "gpuGetDeviceCount failed" without a GPU) say nothing on CPU; on a
+        # GPU they stay, since a CUPTI error there explains a table without kernels
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
@@ -174,8 +178,9 @@ def stacked_bars(result, path):
         ax.bar(sides, heights, 0.6, bottom=bottom, label=cat)
         bottom = [b + h for b, h in zip(bottom, heights)]
     ax.set_ylabel(f"{result['time_source']} ms per step")
-    ax.set_title(f"{result['model']} training step, {result['dtype']}, micro {result['micro_batch']} x accum "
-                 f"{result['accum_steps']}" + (" (SMOKE)" if result["smoke"] else ""), fontsize=9)
+    common.set_title(ax, f"{result['model']} training step, {result['dtype']}, micro {result['micro_batch']} x "
+                         f"accum {result['accum_steps']}" + (" (SMOKE)" if result["smoke"] else "")
+                         + common.interpreter_note())
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -249,10 +254,13 @@ def run(args, device, smoke):
               "compile_mode": args.compile_mode if args.compile else None, "micro_batch": micro,
               "accum_steps": accum, "global_batch": args.global_batch, "steps": args.steps, "warmup": args.warmup,
               "time_source": "GPU kernel" if device.type == "cuda" else "CPU op self",
-              "categories": list(CATEGORIES), "sides": {}, "complete": False, "env": common.environment()}
+              "categories": list(CATEGORIES), "sides": {}}
     t0 = time.perf_counter()
     for name, model in (("fastvit", ours), ("timm", ref)):
         side = name + ("_compile" if args.compile else "")
+        print(f"{side}: {args.warmup} warm-up steps"
+              + (" (the first one compiles: a minute or more)" if args.compile else "")
+              + f", then {args.steps} profiled steps of {accum} x {micro} images", flush=True)
         runner = throughput.Runner(model, "train", device, dtype, accum, micro,
                                    args.compile_mode if args.compile else None, args.seed)
         result["sides"][side] = profile_side(runner, args.warmup, args.steps, device, out / f"trace_{side}.json")
@@ -260,13 +268,11 @@ def run(args, device, smoke):
         if device.type == "cuda":
             torch.cuda.empty_cache()
         # written after each side: a run stopped part-way (gpu_suite.sh's time limit) keeps the side it profiled
-        result["seconds"] = time.perf_counter() - t0
-        common.write_json(out / "profile.json", result)
-    result["complete"] = True
+        common.write_result(out / "profile.json", result, args, t0, complete=False)
+    result = common.write_result(out / "profile.json", result, args, t0)
     print(f"== {'SMOKE (CPU, not a benchmark): ' if smoke else ''}{args.model} training step, {args.dtype}, "
-          f"micro {micro} x accum {accum}, {result['time_source']} time per step")
+          f"micro {micro} x accum {accum}, {result['time_source']} time per step{common.interpreter_note()}")
     print(table(result))
-    common.write_json(out / "profile.json", result)
     stacked_bars(result, out / "profile.png")
     print(f"wrote {out / 'profile.json'}, {out / 'profile.png'} and the traces in {result['seconds']:.0f}s")
 

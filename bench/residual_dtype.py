@@ -70,6 +70,7 @@ def main(argv=None):
     p.add_argument("--digits-steps", type=int, default=None, help="steps of each digits run (default: the preset's)")
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
+    t_start = time.perf_counter()
     if args.model is not None:
         common.model_list(p, args.model)
     if args.steps < 1 or args.seeds < 1 or (args.micro_batch is not None and args.micro_batch < 1) or \
@@ -98,7 +99,7 @@ def main(argv=None):
         [[r["residual_dtype"], f"{r['saved_mib_per_image']:.1f}", f"{1e3 * r['step_s']:.1f}",
           f"{r['digits_top1_mean']:.2f} ({', '.join(f'{t:.2f}' for t in r['digits_top1'])})"] for r in rows]))
     path = os.path.join(common.out_dir(args.out), "residual_dtype.json")
-    common.write_json(path, dict(rows=rows, environment=common.environment()))
+    common.write_result(path, dict(rows=rows), args, t_start)
     print(f"wrote {path}")
 
 

@@ -120,6 +120,47 @@ def autotune_table(data):
     return common.markdown_table(["op", "call", "fastest"], rows)
 
 
+ENV_KEYS = ("gpu", "torch", "triton", "timm")
+
+
+def caveats(data, env):
+    """What a reader must know about one result file before quoting it: a run stopped part-way, a smoke or
+    interpreter run (not a benchmark), or a file from another machine or version than the summary's header."""
+    notes = []
+    if not data.get("complete", True):
+        notes.append("**incomplete**: the run stopped part-way (a time limit), these are the rows it finished")
+    if data.get("smoke"):
+        notes.append("**smoke configuration**: scaled down, not a benchmark")
+    its_env = data.get("env", {})
+    if its_env.get("triton_interpret"):
+        notes.append("**TRITON_INTERPRET=1**: the kernels ran in Triton's interpreter, times are not a benchmark")
+    other = [f"{k} {its_env.get(k)}" for k in ENV_KEYS if its_env.get(k) != env.get(k)]
+    if other:
+        notes.append("measured with " + ", ".join(other) + " (not as in the header)")
+    return [f"> {n}" for n in notes] + ([""] if notes else [])
+
+
+def throughput_sections(results, env):
+    """One section per distinct setting (dtype, backend, compile, world, peak): files of runs made with other
+    flags are not described by one heading."""
+    groups = {}
+    for d in results:
+        key = (d["dtype"], d["backend"], d["compile"], d["compile_mode"], d["world_size"], d["peak_tflops"],
+               d["peak_source"])
+        groups.setdefault(key, []).append(d)
+    lines = []
+    for (dtype, backend, compiled, mode, world, peak, source), group in groups.items():
+        lines += [f"## Throughput (bench/throughput.py{' --compile' if compiled else ''})", "",
+                  f"{dtype} autocast, backend {backend}, "
+                  + (f"torch.compile mode {mode}" if compiled else "eager only (no torch.compile columns)")
+                  + f", world {world}; MFU against {peak} TFLOP/s ({source}); "
+                  "global batch = micro-batch x accumulation.", ""]
+        for d in group:
+            lines += caveats(d, env)
+        lines += [throughput_table(group), ""]
+    return lines
+
+
 def summary(folder):
     folder = pathlib.Path(folder)
     throughput = [d for d in (_load(p) for p in sorted(folder.glob("throughput_*/throughput.json"))) if d]
@@ -129,24 +170,21 @@ def summary(folder):
     found = [d for d in (*throughput, profile, numerics, overhead, loader) if d]
     if not found and not ops_bench:
         raise SystemExit(f"no results in {folder}")
-    env = found[0]["env"] if found else {}
-    lines = [f"# fastvit GPU results: {env.get('gpu', 'no GPU')}", "",
+    env = found[0].get("env", {}) if found else {}
+    lines = [f"# fastvit results: {env.get('gpu', 'CPU only, no GPU')}", "",
              f"Written by bench/tables.py on {datetime.date.today().isoformat()} from the JSON in this folder "
              f"(bench/gpu_suite.sh); torch {env.get('torch')}, triton {env.get('triton')}, timm {env.get('timm')}.",
              ""]
-    if throughput:
-        d = throughput[0]
-        lines += ["## Throughput (bench/throughput.py --compile)", "",
-                  f"{d['dtype']} autocast, backend {d['backend']}, torch.compile mode {d['compile_mode']}, "
-                  f"world {d['world_size']}; MFU against {d['peak_tflops']} TFLOP/s ({d['peak_source']}); "
-                  "global batch = micro-batch x accumulation.", "", throughput_table(throughput), ""]
+    lines += throughput_sections(throughput, env)
     if profile:
-        lines += [f"## Training step by category (bench/profile.py --model {profile['model']})", "",
+        flag = f" --compile-mode {profile['compile_mode']}" if profile["compile"] else ""
+        lines += [f"## Training step by category (bench/profile.py --model {profile['model']}{flag})", "",
                   f"{profile['time_source']} time per step, micro {profile['micro_batch']} x accum "
-                  f"{profile['accum_steps']}, {profile['dtype']}.", "", profile_table(profile), ""]
+                  f"{profile['accum_steps']}, {profile['dtype']}.", "", *caveats(profile, env),
+                  profile_table(profile), ""]
     if overhead:
         lines += ["## Host time per call (bench/overhead.py; this machine's CPU, launches stubbed)", "",
-                  overhead_table(overhead), ""]
+                  *caveats(overhead, env), overhead_table(overhead), ""]
     if ops_bench:
         lines += ["## Op micro-benchmarks (pytest bench/ --benchmark-only)", "", ops_benchmark_table(ops_bench), ""]
         tiles = attention_tiles_table(ops_bench)
@@ -155,12 +193,14 @@ def summary(folder):
     if loader:
         model = (f"the model trains at {loader['model_images_per_s_per_gpu']:.0f} images/s per GPU "
                  f"({loader['model_source']})" if loader["model_images_per_s_per_gpu"] else "no model figure")
-        lines += [f"## Training loader (bench/loader.py): {loader['title']}; {model}", "", loader_table(loader), ""]
+        lines += [f"## Training loader (bench/loader.py): {loader['title']}; {model}", "", *caveats(loader, env),
+                  loader_table(loader), ""]
     if choices:
         lines += ["## Measured choices (fastvit.autotune, during the runs above)", "", autotune_table(choices), ""]
     if numerics:
         lines += [f"## Numerics (bench/numerics.py): {numerics['failed']} of {len(numerics['rows'])} rows over "
-                  f"{numerics['pass_ratio']}x PyTorch's own error", "", numerics_table(numerics), ""]
+                  f"{numerics['pass_ratio']}x PyTorch's own error", "", *caveats(numerics, env),
+                  numerics_table(numerics), ""]
     out = folder / "summary.md"
     out.write_text("\n".join(lines), encoding="utf-8")
     return out

@@ -261,7 +261,8 @@ def run(args, modes, smoke, scaled, env):
     else:
         peak_source = "unknown (pass --peak-tflops)"
     say = print if rank == 0 else (lambda *a, **k: None)
-    label = "SMOKE CONFIGURATION (no GPU: scaled down, not a benchmark)" if smoke else f"{device.type.upper()} run"
+    label = ("SMOKE CONFIGURATION (no GPU: scaled down, not a benchmark)" if smoke else f"{device.type.upper()} run") \
+        + common.interpreter_note()
     compiled = f"compile {args.compile}" + (f" (mode {args.compile_mode})" if args.compile else "")
     say(f"== {label}: world {world}, global batch {args.global_batch}, {args.dtype}, backend {args.backend}, "
         f"{compiled}, peak {peak} TFLOP/s ({peak_source})")
@@ -280,9 +281,8 @@ def run(args, modes, smoke, scaled, env):
                   "compile_mode": args.compile_mode if args.compile else None,
                   "columns": list(columns(args.compile)),
                   "global_batch": args.global_batch, "steps": args.steps, "warmup": args.warmup,
-                  "peak_tflops": peak, "peak_source": peak_source, "rows": rows, "complete": complete,
-                  "seconds": time.perf_counter() - t_start, "env": common.environment()}
-        common.write_json(out / "throughput.json", result)
+                  "peak_tflops": peak, "peak_source": peak_source, "rows": rows}
+        result = common.write_result(out / "throughput.json", result, args, t_start, complete)
         if complete:
             common.bar_chart(rows, lambda r, col: r[col]["images_per_s"],
                              [f"{r['model']}\n{r['mode']}" for r in rows], "images / s", out / "throughput.png",

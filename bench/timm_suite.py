@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the standard library: see common.py
@@ -102,6 +103,7 @@ def main(argv=None):
     parser.add_argument("-k", default=DEFAULT_K, help="pytest -k expression selecting timm's tests")
     parser.add_argument("--out", default="results", help="folder for timm_suite.json")
     args = parser.parse_args(argv)
+    t_start = time.perf_counter()
     if not args.test_file.is_file():
         parser.error(f"{args.test_file} is not a file (timm's tests/test_models.py)")
     with tempfile.TemporaryDirectory(prefix="fastvit-timm-suite-") as tmp:
@@ -117,9 +119,9 @@ def main(argv=None):
     print(f"\n{totals['passed']} passed, {totals['failed']} failed, {totals['skipped']} skipped")
     for name, msg in failures.items():
         print(f"FAILED {name}: {msg}")
-    common.write_json(pathlib.Path(common.out_dir(args.out)) / "timm_suite.json",
-                      dict(names=args.names, k=args.k, totals=dict(totals), tests=per_test, failures=failures,
-                           environment=common.environment()))
+    common.write_result(pathlib.Path(common.out_dir(args.out)) / "timm_suite.json",
+                        dict(names=args.names, k=args.k, totals=dict(totals), tests=per_test, failures=failures),
+                        args, t_start)
     return 1 if totals["failed"] else 0
 
 

@@ -39,6 +39,14 @@ def _run(args, timeout=240):
     return proc.stdout
 
 
+def _result(path):
+    """A bench script's JSON, with the fields every one of them writes under the same names."""
+    data = json.loads(path.read_text())
+    assert {"args", "env", "complete", "seconds"} <= set(data) and data["env"]["torch"] == torch.__version__, path
+    assert isinstance(data["complete"], bool) and data["seconds"] >= 0, path
+    return data
+
+
 def _positive_float(v):
     return isinstance(v, float) and v > 0 and v == v and v != float("inf")
 
@@ -49,7 +57,7 @@ def test_numerics_smoke(tmp_path):
     """Under the Triton interpreter (the script re-executes itself with TRITON_INTERPRET=1): the kernels run in
     fp32/fp16, bf16 goes through the torch fallback, and each row says which ran."""
     _run([sys.executable, "bench/numerics.py", "--interpret", "--quick", "--models", "tiny", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "numerics.json").read_text())
+    data = _result(tmp_path / "numerics.json")
     assert data["complete"] and (tmp_path / "numerics.md").read_text().startswith("# fastvit numerics")
     rows = data["rows"]
     ops = {r["name"] for r in rows if r["kind"] == "op"}
@@ -75,7 +83,7 @@ def test_gemm_smoke(tmp_path):
     """Under the interpreter: every GEMM with a fused variant timed both ways, consistent speed-ups and winners,
     and the two paths agree to fp16 rounding."""
     out = _run([sys.executable, "bench/gemm.py", "--interpret", "--smoke", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "gemm.json").read_text())
+    data = _result(tmp_path / "gemm.json")
     assert (tmp_path / "gemm.md").read_text().startswith("# Fused GEMMs")
     rows = data["rows"]
     assert [r["gemm"] for r in rows] == ["qkv", "fc1", "fc2", "proj", "fc2+r"] and "wrote" in out
@@ -96,7 +104,7 @@ def test_gemm_smoke(tmp_path):
 def test_memory_smoke(tmp_path):
     _run([sys.executable, "bench/memory.py", "--models", "tiny,mini", "--batch", "2", "--no-gpu",
           "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "memory.json").read_text())
+    data = _result(tmp_path / "memory.json")
     assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [r["model"] for r in data["rows"]] == ["tiny", "mini"]
     assert data["dtype"] == "bf16" and data["autocast"] and data["batch"] == 2 and data["cpu_backend_used"] == "torch"
@@ -140,7 +148,7 @@ def test_throughput_smoke(tmp_path):
     out = _run([sys.executable, "bench/throughput.py", "--smoke", "--model", "tiny", "--global-batch", "512",
                 "--micro-batch", "128", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)])
     assert "SMOKE CONFIGURATION" in out
-    data = json.loads((tmp_path / "throughput.json").read_text())
+    data = _result(tmp_path / "throughput.json")
     _check_throughput(data, 1, 128, ["train", "infer"])
     assert data["compile"] is False and data["compile_mode"] is None and data["complete"] is True
     assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -153,7 +161,7 @@ def test_throughput_compile_columns(tmp_path):
                 "--global-batch", "512", "--micro-batch", "256", "--steps", "1", "--warmup", "1", "--compile",
                 "--compile-mode", "default", "--out", str(tmp_path)], timeout=600)
     assert "compile True (mode default)" in out
-    data = json.loads((tmp_path / "throughput.json").read_text())
+    data = _result(tmp_path / "throughput.json")
     assert data["compile"] is True and data["compile_mode"] == "default"
     _check_throughput(data, 1, 256, ["train"], ("fastvit", "fastvit_compile", "timm", "timm_compile"))
 
@@ -169,7 +177,7 @@ def test_throughput_torchrun_two_ranks(tmp_path):
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
           "bench/throughput.py", "--smoke", "--model", "tiny", "--mode", "train", "--global-batch", "512",
           "--micro-batch", "64", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)])
-    _check_throughput(json.loads((tmp_path / "throughput.json").read_text()), 2, 64, ["train"])
+    _check_throughput(_result(tmp_path / "throughput.json"), 2, 64, ["train"])
 
 
 def test_ops_benchmark_smoke():
@@ -230,7 +238,7 @@ def test_profile_smoke(tmp_path):
     """CPU: the category table from CPU op self time; each side's categories and idle add up to its step."""
     out = _run([sys.executable, "bench/profile.py", "--smoke", "--global-batch", "64", "--micro-batch", "32",
                 "--warmup", "1", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "profile.json").read_text())
+    data = _result(tmp_path / "profile.json")
     assert "GEMM" in out and data["smoke"] and data["time_source"] == "CPU op self" and data["complete"]
     assert list(data["sides"]) == ["fastvit", "timm"] and data["accum_steps"] == 2
     for side, v in data["sides"].items():
@@ -261,7 +269,7 @@ def test_profile_keeps_the_finished_side_when_a_run_stops(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="timm's side stops here"):
         profile.main(["--smoke", "--global-batch", "32", "--micro-batch", "32", "--warmup", "0", "--out",
                       str(tmp_path)])
-    data = json.loads((tmp_path / "profile.json").read_text())
+    data = _result(tmp_path / "profile.json")
     assert data["complete"] is False and list(data["sides"]) == ["fastvit"]
     assert data["sides"]["fastvit"]["step_ms"] > 0
 
@@ -270,7 +278,7 @@ def test_overhead_smoke(tmp_path):
     """Host time per call of every fused op and of the torch ops it replaces, launches stubbed."""
     out = _run([sys.executable, "bench/overhead.py", "--number", "3", "--repeat", "2", "--depth", "2",
                 "--model-number", "2", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "overhead.json").read_text())
+    data = _result(tmp_path / "overhead.json")
     assert "attention" in out
     ops = {(r["op"], r["direction"]) for r in data["ops"]}
     assert ops == {(op, d) for op in ("patch_embed", "add_layer_norm", "bias_gelu", "attention",
@@ -359,7 +367,7 @@ def test_ablation_smoke(tmp_path):
     out = _run([sys.executable, "bench/ablation.py", "--seeds", "2", "--fewshot-seeds", "1", "--variants",
                 "none:stem,learn_2d:every_layer_shared,none:stem", "--steps", "3", "--embed-dim", "32", "--depth", "2",
                 "--num-heads", "2", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "ablation.json").read_text())
+    data = _result(tmp_path / "ablation.json")
     assert [(r["variant"], r["placement"], r["seed"]) for r in data["runs"]] == [
         ("none", "stem", 0), ("none", "stem", 1), ("learn_2d", "every_layer_shared", 0),
         ("learn_2d", "every_layer_shared", 1)]
@@ -383,7 +391,7 @@ def test_loader_smoke(tmp_path):
     out = _run([sys.executable, "bench/loader.py", "--images", "24", "--img-size", "32", "--batch", "8", "--steps",
                 "2", "--warmup", "1", "--workers", "1", "--paths", "folder,shards,shards-gpu,shards-dali",
                 "--throughput", str(tmp_path / "throughput.json"), "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "loader.json").read_text())
+    data = _result(tmp_path / "loader.json")
     assert [(r["path"], r["workers"]) for r in data["rows"]] == [("folder", 1), ("shards", 1)]  # no CUDA here
     assert "skipping the shards-gpu path: --decode gpu needs a CUDA device" in out
     assert "skipping the shards-dali path: --decode dali needs a CUDA device" in out
@@ -414,7 +422,7 @@ def test_numerics_keeps_finished_rows_when_a_run_stops(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="stopped at mini"):
         numerics.main(["--quick", "--ops", "add_layer_norm", "--dtypes", "fp32", "--models", "tiny,mini", "--out",
                        str(tmp_path)])
-    data = json.loads((tmp_path / "numerics.json").read_text())
+    data = _result(tmp_path / "numerics.json")
     assert data["complete"] is False
     assert {(r["kind"], r["name"]) for r in data["rows"]} == {("op", "add_layer_norm"), ("model", "tiny")}
     assert "| add_layer_norm |" in (tmp_path / "numerics.md").read_text()
@@ -428,7 +436,7 @@ def test_loader_keeps_finished_rows_when_a_run_stops(tmp_path):
                            str(tmp_path / "no_shards"), "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
                           text=True, timeout=240)
     assert proc.returncode != 0 and "no_shards" in proc.stderr
-    data = json.loads((tmp_path / "loader.json").read_text())
+    data = _result(tmp_path / "loader.json")
     assert data["complete"] is False and [(r["path"], r["workers"]) for r in data["rows"]] == [("folder", 1)]
 
 
@@ -436,7 +444,7 @@ def test_residual_dtype_smoke(tmp_path):
     """Both residual dtypes: bytes kept (16-bit fewer), a step time and a digits accuracy each."""
     _run([sys.executable, "bench/residual_dtype.py", "--model", "tiny", "--steps", "1", "--seeds", "1",
           "--digits-steps", "3", "--out", str(tmp_path)])
-    rows = json.loads((tmp_path / "residual_dtype.json").read_text())["rows"]
+    rows = _result(tmp_path / "residual_dtype.json")["rows"]
     assert [r["residual_dtype"] for r in rows] == ["float32", "autocast"]
     assert rows[1]["saved_mib_per_image"] < rows[0]["saved_mib_per_image"]
     assert all(r["step_s"] > 0 and 0 <= r["digits_top1_mean"] <= 100 for r in rows)
@@ -447,7 +455,7 @@ def test_paired_smoke(tmp_path):
     argparse errors."""
     _run([sys.executable, "bench/paired.py", "--model", "tiny", "--batch", "8", "--pairs", "4", "--warmup", "1",
           "--out", str(tmp_path)])
-    rows = json.loads((tmp_path / "paired.json").read_text())["rows"]
+    rows = _result(tmp_path / "paired.json")["rows"]
     assert [(r["model"], r["mode"]) for r in rows] == [("tiny", "infer"), ("tiny", "train")]
     for row in rows:
         for clock in ("wall", "cpu"):
@@ -466,7 +474,7 @@ def test_throughput_keeps_finished_rows_when_a_run_stops(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="stopped at mini"):
         throughput.main(["--smoke", "--model", "tiny,mini", "--mode", "infer", "--global-batch", "256",
                          "--micro-batch", "128", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "throughput.json").read_text())
+    data = _result(tmp_path / "throughput.json")
     assert data["complete"] is False and [(r["model"], r["mode"]) for r in data["rows"]] == [("tiny", "infer")]
 
 
@@ -490,6 +498,34 @@ def test_summary_lists_the_measured_choices(tmp_path, monkeypatch):
     assert "## Measured choices" in summary
     assert ("| add_layer_norm_linear | rows 50432, in 768, out 2304, candidates ln+cublas/ln_gemm/ln_gemm_tma "
             "| ln_gemm_tma |") in summary
+
+
+def test_summary_heads_each_throughput_setting_and_flags_what_is_not_a_benchmark(tmp_path):
+    """Throughput files of runs with other flags get their own headings (an eager run was once headed
+    "--compile"); a run stopped part-way, one under the interpreter and one from another GPU say so."""
+    env = {"gpu": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "timm": "1.0.31", "triton_interpret": False}
+    side = {"images_per_s": 100.0, "mfu": 0.3, "peak_mem_gib": 1.0}
+
+    def write(folder, compiled, env=env, complete=True):
+        row = {"model": "B/16", "mode": "train", "micro_batch": 256, "accum_steps": 16, "fastvit": side,
+               "timm": side, "ratio": 1.0, "best": {"fastvit": "fastvit", "timm": "timm"}}
+        data = {"dtype": "bf16", "backend": "auto", "compile": compiled, "compile_mode": "default" if compiled
+                else None, "world_size": 1, "peak_tflops": 989.0, "peak_source": "H200 dense bf16",
+                "rows": [row], "complete": complete, "env": env}
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "throughput.json").write_text(json.dumps(data))
+
+    write("throughput_b16", compiled=True)
+    write("throughput_l16", compiled=False, complete=False)
+    write("throughput_h14", compiled=False, env={**env, "gpu": "NVIDIA H100", "triton_interpret": True})
+    summary = (_load_bench("tables").summary(tmp_path)).read_text()
+    assert summary.startswith("# fastvit results: NVIDIA H200")
+    assert summary.count("## Throughput (bench/throughput.py --compile)") == 1
+    assert summary.count("## Throughput (bench/throughput.py)") == 1
+    eager = summary.split("## Throughput (bench/throughput.py)")[1]
+    assert "eager only" in eager and "**incomplete**" in eager and "**TRITON_INTERPRET=1**" in eager
+    assert "measured with gpu NVIDIA H100 (not as in the header)" in eager
+    assert "**incomplete**" not in summary.split("## Throughput (bench/throughput.py)")[0]
 
 
 def test_summary_tabulates_the_attention_tilings_against_sm80s(tmp_path):
@@ -524,6 +560,8 @@ def test_scripts_check_their_arguments_before_running(tmp_path):
              (["bench/profile.py", "--global-batch", "-64"], "--global-batch must be at least 1, got -64"),
              (["bench/overhead.py", "--ops", "ln_matmul"], "unknown op 'ln_matmul'"),
              (["bench/loader.py", "--workers", "a"], "--workers takes a comma list of worker counts")]
+    if not torch.cuda.is_available():
+        cases.append((["bench/numerics.py", "--device", "cuda"], "--device cuda: torch sees 0 CUDA GPU(s) here"))
     for args, message in cases:
         proc = subprocess.run([sys.executable, *args, "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
