@@ -186,10 +186,22 @@ def save(out, step: int, state: dict, config: dict, keep: int = 0) -> Path:
             shutil.rmtree(final)
         tmp.rename(final)
         if keep > 0:
-            for old in resume_candidates(out, warn=False)[keep:]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune(out, keep)
     _barrier()
     return final
+
+
+def prune(out, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints and delete every step folder older than the oldest of them,
+    complete or not: an unreadable one there can no longer be the newest usable, and would stay on disk forever.
+    Broken folders newer than that stay for a look (resume skips them with a warning)."""
+    kept = resume_candidates(out, warn=False)[:keep]
+    if len(kept) < keep:
+        return
+    oldest = checkpoint_step(kept[-1])
+    for path in checkpoint_dir(out).iterdir():
+        if path.is_dir() and _STEP_RE.match(path.name) and checkpoint_step(path) < oldest:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def load(path, state: dict) -> None:

@@ -26,8 +26,14 @@ def test_save_renames_complete_folder_and_roundtrips(tmp_path):
 def test_keep_last_k(tmp_path):
     for step in range(1, 6):
         checkpoint.save(tmp_path, step, state(step, step), {}, keep=2)
-    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["step_00000004", "step_00000005"]
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000004", "step_00000005"]
+    # a broken folder counts for nothing: it goes once two complete checkpoints are newer, not before
+    (root / "step_00000005" / ".metadata").write_bytes(b"\x80\x04garbage")
+    checkpoint.save(tmp_path, 6, state(6, 6), {}, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000004", "step_00000005", "step_00000006"]
+    checkpoint.save(tmp_path, 7, state(7, 7), {}, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000006", "step_00000007"]
 
 
 def test_candidates_skip_incomplete_and_corrupt_with_warnings(tmp_path):

@@ -2,6 +2,7 @@
 the windowed sampler, bad input, and training on shards (split invariance, exact resume)."""
 import io
 import json
+import shutil
 import tarfile
 import warnings
 
@@ -146,6 +147,27 @@ def test_bad_shard_input_gives_clear_errors(written, tmp_path):
     assert parse_size("1GB") == 10 ** 9 and parse_size("64MiB") == 64 * 2 ** 20 and parse_size("4096") == 4096
     with pytest.raises(ValueError, match="--shard-size must look like 1GB"):
         parse_size("big")
+
+
+def test_class_count_comes_from_the_manifest_and_a_stray_label_is_caught(written, tmp_path):
+    """WebDataset carries no class list: with the writer's manifest above the shards, its classes set the head and
+    a label past them is refused by name; without one the head is the largest label + 1, and a class index no
+    training sample has (a mistyped .cls) is warned about instead of silently widening the head."""
+    _, dst, _, _ = written
+    assert ShardSource(str(dst), None, 16).num_classes == 3
+    copy = tmp_path / "wds"
+    shutil.copytree(dst, copy)
+    _tar(copy / "train" / "zz-stray.tar", [("s.jpg", b"x"), ("s.cls", b"7")])
+    with pytest.raises(ValueError, match=r"training sample .*zz-stray.tar:s has class index 7, but the shards' "
+                                         r"manifest.json lists 3 classes \(1 such sample"):
+        ShardSource(str(copy), None, 16)
+    (copy / "manifest.json").unlink()
+    with pytest.warns(RuntimeWarning, match=r"4 of the class indices 0..7 have no training sample \(first 3\)"):
+        assert ShardSource(str(copy), None, 16).num_classes == 8
+    (copy / "train" / "zz-stray.tar").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ShardSource(str(copy), None, 16).num_classes == 3
 
 
 def test_training_on_shards_folder_and_pattern_split_and_resume(written, tmp_path):

@@ -275,6 +275,41 @@ def resolve_specs(data: str, val_data: str | None) -> tuple[str, str]:
     return data, val_data
 
 
+def manifest_classes(shard_path: str) -> list | None:
+    """The class names of the manifest this module's writer put above a split's shards (DST/manifest.json for
+    DST/train/*.tar), or None for shards written by another tool."""
+    split_folder = os.path.dirname(os.path.abspath(shard_path))
+    for folder in (os.path.dirname(split_folder), split_folder):
+        try:
+            with open(os.path.join(folder, MANIFEST)) as f:
+                return json.load(f)["classes"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def count_classes(train: "ShardSamples", test: "ShardSamples") -> int:
+    """The number of classes: that of the manifest above the shards, every label checked against it; else the
+    largest label + 1 (WebDataset shards carry no class list), with a warning when an index below it has no
+    training sample, which is how a mistyped .cls shows (a 7 among 3 classes would build an 8-way head)."""
+    classes = manifest_classes(train.paths[0])
+    if classes is not None:
+        for split, samples in (("training", train), ("held-out", test)):
+            wrong = np.flatnonzero(samples.labels >= len(classes))
+            if len(wrong):
+                raise ValueError(f"{split} sample {samples.name(int(wrong[0]))} has class index "
+                                 f"{samples.labels[wrong[0]]}, but the shards' {MANIFEST} lists {len(classes)} "
+                                 f"classes ({len(wrong)} such sample(s))")
+        return len(classes)
+    count = int(max(train.labels.max(), test.labels.max())) + 1
+    missing = np.setdiff1d(np.arange(count), train.labels)
+    if len(missing):
+        warnings.warn(f"{len(missing)} of the class indices 0..{count - 1} have no training sample (first "
+                      f"{missing[0]}); the head has {count} classes, the largest .cls + 1. Without a {MANIFEST} "
+                      "listing the classes above the shards, a mistyped .cls makes the head bigger", RuntimeWarning)
+    return count
+
+
 class ShardSource(FileSource):
     """Training and held-out images from WebDataset shards."""
 
@@ -283,7 +318,7 @@ class ShardSource(FileSource):
         train_spec, val_spec = resolve_specs(data, val_data)
         train = ShardSamples(expand(train_spec), desc="index train shards")
         test = ShardSamples(expand(val_spec), desc="index val shards")
-        super().__init__(train, test, img_size, workers, decode, device)
+        super().__init__(train, test, img_size, workers, decode, device, count_classes(train, test))
 
     def sampler(self, seed):
         return ShardSampler(self.train_samples.counts, seed)

@@ -268,13 +268,13 @@ class FileSource(DataSource):
     preprocessing = EVAL_CFG
 
     def __init__(self, train: Samples, test: Samples, img_size: int, workers: int = 4, decode: str = "cpu",
-                 device=None):
+                 device=None, num_classes: int | None = None):
         problem = decode_problem(decode, False, device)
         if problem:
             raise ValueError(problem)
         self.train_samples, self.img_size, self.workers, self.decode = train, img_size, workers, decode
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+        num_classes = num_classes or int(max(train.labels.max(), test.labels.max())) + 1
         super().__init__(num_classes, len(train), EvalImages(train, img_size), EvalImages(test, img_size))
 
     def keyed(self, seed) -> KeyedImages:
