@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastvit import ops
+
 POOL_TYPES = ("token", "avg", "")
 
 
@@ -78,7 +80,7 @@ class AttentionPoolLatent(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.latent_len = latent_len
         self.pool = pool_type
-        self.fused_attn = True
+        self.fused_attn = ops.timm_fused_attn()
 
         # Submodules are created in timm's order, so under the same seed the default inits draw the same numbers.
         self.latent = nn.Parameter(torch.zeros(1, latent_len, in_features))
@@ -114,10 +116,7 @@ class AttentionPoolLatent(nn.Module):
         else:
             logits = (q * self.scale) @ k.transpose(-2, -1)
             if attn_mask is not None:
-                if attn_mask.dtype == torch.bool:
-                    logits = logits.masked_fill(~attn_mask, float("-inf"))
-                else:
-                    logits = logits + attn_mask
+                logits = logits + ops.mask_bias(N, logits, attn_mask)
             x = logits.softmax(dim=-1) @ v
         x = x.transpose(1, 2).reshape(B, L, C)
         x = self.proj_drop(self.proj(x))

@@ -394,7 +394,7 @@ class Attention(nn.Module):
     With ``rel_pos_grid`` the bias B_rel comes from a learned per-head table over 2D patch offsets (the paper's
     relative-position ablation); otherwise there is no bias. As in timm, ``fused_attn = False`` (or an edited
     ``attn_drop``) computes the attention matrix explicitly: softmax, then ``attn_drop`` on it, so that hooks there
-    and timm's ``AttentionExtract`` see the maps.
+    and timm's ``AttentionExtract`` see the maps; its default follows timm's switch (:func:`fastvit.ops.timm_fused_attn`).
     """
 
     def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, rel_pos_grid=None,
@@ -406,7 +406,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.fused_attn = True
+        self.fused_attn = ops.timm_fused_attn()
         self.backend = "auto"
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         # timm's options, nn.Identity placeholders when off: LayerNorms of q and k per head, and of the heads'
@@ -429,11 +429,12 @@ class Attention(nn.Module):
         self.rel_pos_table = nn.Parameter(table)
         self.rel_pos_grid = _pair(grid_size)
 
-    def forward(self, x, grid_size=None):
-        return self.attend(self.qkv(x), grid_size)
+    def forward(self, x, grid_size=None, attn_mask=None, is_causal=False):
+        return self.attend(self.qkv(x), grid_size, attn_mask, is_causal)
 
-    def attend(self, qkv, grid_size=None):
-        """Everything after the qkv projection (the block fuses that projection with its LayerNorm)."""
+    def attend(self, qkv, grid_size=None, attn_mask=None, is_causal=False):
+        """Everything after the qkv projection (the block fuses that projection with its LayerNorm).
+        ``attn_mask`` / ``is_causal``: timm's (and SDPA's) masks, see :func:`fastvit.ops.attention`."""
         B, N, D3 = qkv.shape
         # (B, N, 3, heads, D_h) -> three (B, heads, N, D_h) strided views of one buffer, no copies
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -446,11 +447,15 @@ class Attention(nn.Module):
         attn_drop = modules["attn_drop"]
         if self.fused_attn and runs_unmodified(attn_drop, nn.Dropout):
             out = ops.attention(q, k, v, rel_bias=rel_bias, grid_size=grid_size,
-                                dropout_p=attn_drop.p if self.training else 0.0, backend=self.backend)
+                                dropout_p=attn_drop.p if self.training else 0.0, backend=self.backend,
+                                attn_mask=attn_mask, is_causal=is_causal)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             if rel_bias is not None:
                 attn = attn + relative_bias_dense(rel_bias, grid_size, N).to(attn.dtype)
+            mask = ops.mask_bias(N, attn, attn_mask, is_causal)
+            if mask is not None:
+                attn = attn + mask
             out = attn_drop(attn.softmax(dim=-1)) @ v
         out = call(modules["norm"], out.transpose(1, 2).reshape(B, N, D3 // 3))
         return call(modules["proj_drop"], linear(modules["proj"], out))
@@ -555,6 +560,12 @@ def grid_keyword(attn, grid_size):
     return {"grid_size": grid_size} if getattr(attn, "rel_pos_table", None) is not None else {}
 
 
+def mask_keywords(attn_mask, is_causal):
+    """timm's mask keywords for a call into a module that may be the user's: none when there is no mask, so a
+    replacement written without them still runs unmasked."""
+    return {"attn_mask": attn_mask, "is_causal": is_causal} if attn_mask is not None or is_causal else {}
+
+
 def _block_mlp(dim, mlp_ratio, proj_drop, scale_mlp_norm, norm_layer, act_layer, mlp_layer, proj_bias):
     """A block's MLP: the paper's :class:`Mlp`, or ``mlp_layer`` (a gated one) with timm's keywords."""
     if mlp_layer is None:
@@ -583,11 +594,11 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x, grid_size=None):
-        h, residual = self.forward_pair(x, None, grid_size)
+    def forward(self, x, grid_size=None, attn_mask=None, is_causal=False):
+        h, residual = self.forward_pair(x, None, grid_size, attn_mask, is_causal)
         return residual + h
 
-    def forward_pair(self, h, residual, grid_size=None):
+    def forward_pair(self, h, residual, grid_size=None, attn_mask=None, is_causal=False):
         """The block on z = h + residual (residual None: z = h), returning (MLP branch, z') so that z_out = sum.
 
         Keeping the sum unevaluated lets each LayerNorm fuse the preceding residual add, also across blocks, and
@@ -601,11 +612,11 @@ class Block(nn.Module):
             qkv, residual = ops.add_layer_norm_linear(h, residual, *weight_and_bias(norm1),
                                                       *weight_and_bias(attn._modules["qkv"]), norm1.eps,
                                                       backend=self.backend)
-            h = attn.attend(qkv, grid_size)
+            h = attn.attend(qkv, grid_size, attn_mask, is_causal)
             del qkv  # (B, N, 3D): freed before the MLP, as timm's Attention frees it on return
         else:
             residual = h if residual is None else h + residual
-            h = attn(norm1(residual), **grid_keyword(attn, grid_size))
+            h = attn(norm1(residual), **grid_keyword(attn, grid_size), **mask_keywords(attn_mask, is_causal))
         h = call(m["drop_path1"], call(m["ls1"], h))
         if (fusable_layer_norm(norm2) and runs_unmodified(mlp, Mlp)
                 and runs_unmodified(mlp._modules["fc1"], nn.Linear)):
@@ -652,9 +663,10 @@ class ResPostBlock(nn.Module):
             nn.init.constant_(self.norm1.weight, self.init_values)
             nn.init.constant_(self.norm2.weight, self.init_values)
 
-    def forward(self, x, grid_size=None):
+    def forward(self, x, grid_size=None, attn_mask=None, is_causal=False):
         m = self._modules
-        x = x + call(m["drop_path1"], m["norm1"](m["attn"](x, **grid_keyword(m["attn"], grid_size))))
+        x = x + call(m["drop_path1"], m["norm1"](m["attn"](x, **grid_keyword(m["attn"], grid_size),
+                                                           **mask_keywords(attn_mask, is_causal))))
         return x + call(m["drop_path2"], m["norm2"](m["mlp"](x)))
 
 
@@ -937,13 +949,15 @@ class VisionTransformer(nn.Module):
         """Whether E_pos has rows for the prefix (class, register) tokens; learn_2d tables only cover patches."""
         return self.pos_embed is not None and not self.no_embed_class and self.num_prefix_tokens > 0
 
-    def forward_features(self, x):
-        """Image batch -> (B, [1 +] N, D) tokens after the final LayerNorm."""
-        h, residual, _, _ = self._encode(x)
+    def forward_features(self, x, attn_mask=None, is_causal=False):
+        """Image batch -> (B, [1 +] N, D) tokens after the final LayerNorm; ``attn_mask`` / ``is_causal`` reach
+        every block's attention, as in timm."""
+        h, residual, _, _ = self._encode(x, attn_mask=attn_mask, is_causal=is_causal)
         return layer_norm(self.norm, h, residual, self.backend)[0]
 
     def forward_intermediates(self, x, indices=None, return_prefix_tokens=False, norm=False, stop_early=False,
-                              output_fmt="NCHW", intermediates_only=False, output_dict=False):
+                              output_fmt="NCHW", intermediates_only=False, output_dict=False, attn_mask=None,
+                              is_causal=False):
         """The outputs z_i of the blocks ``indices`` (an int n: the last n; a list: those, negative from the end;
         None: all) next to the final features, with timm's arguments and results.
 
@@ -953,7 +967,7 @@ class VisionTransformer(nn.Module):
         """
         _check_choice("output_fmt", output_fmt, ("NCHW", "NLC"))
         take, last = feature_take_indices(len(self.blocks), indices)
-        h, residual, grid, taken = self._encode(x, take, last if stop_early else None)
+        h, residual, grid, taken = self._encode(x, take, last if stop_early else None, attn_mask, is_causal)
         if norm:
             taken = [layer_norm(self.norm, z, None, self.backend)[0] for z in taken]
         prefix = [z[:, :self.num_prefix_tokens] for z in taken] if self.num_prefix_tokens else None
@@ -990,16 +1004,18 @@ class VisionTransformer(nn.Module):
             self.reset_classifier(0, "")
         return take
 
-    def _encode(self, x, take=(), last=None):
+    def _encode(self, x, take=(), last=None, attn_mask=None, is_causal=False):
         """Embedding and blocks up to ``last`` (all if None): (h, residual, grid, [z_i for i in take]), the
         tokens z = h + residual left as a sum for the final LayerNorm to fuse."""
+        masks = mask_keywords(attn_mask, is_causal)
         h, grid = self._embed(x)
         h = call(self.patch_drop, call(self.pos_drop, residual_stream(h, self.residual_dtype)))
         if not passes_through(self.norm_pre):
             h = residual_stream(self.norm_pre(h), self.residual_dtype)
-        if not take and last is None and self.pos_embed_at == "stem" and not runs_unmodified(self.blocks,
-                                                                                               nn.Sequential):
-            # a hooked or replaced container runs whole, as in timm (the tables of the other layouts go between)
+        if not take and last is None and not masks and self.pos_embed_at == "stem" and \
+                not runs_unmodified(self.blocks, nn.Sequential):
+            # a hooked or replaced container runs whole, as in timm (the tables of the other layouts go between;
+            # with a mask timm too calls the blocks one by one)
             return self._checkpointed(self.blocks, h), None, grid, []
         residual = None
         taken = []
@@ -1011,10 +1027,11 @@ class VisionTransformer(nn.Module):
                 h = h + pos.to(h.dtype)
             # otherwise the block is called as a module (its hooks fire) on the evaluated sum
             if output_may_fuse(block, Block):
-                h, residual = self._checkpointed(block.forward_pair, h, residual, grid)
+                h, residual = self._checkpointed(block.forward_pair, h, residual, grid, attn_mask, is_causal)
             else:
                 z = h if residual is None else h + residual
-                h, residual = self._checkpointed(block, z, **grid_keyword(getattr(block, "attn", None), grid)), None
+                h, residual = self._checkpointed(block, z, **grid_keyword(getattr(block, "attn", None), grid),
+                                                 **masks), None
             if i in take:
                 h, residual = (h if residual is None else h + residual), None
                 taken.append(h)
@@ -1106,14 +1123,15 @@ class VisionTransformer(nn.Module):
         x = call(self.head_drop, x)
         return x if pre_logits else linear(self.head, x)
 
-    def forward(self, x):
+    def forward(self, x, attn_mask=None, is_causal=False):
         """forward_head(forward_features(x)). Where the head reads the class token only, the final LayerNorm
         normalises that token alone instead of all L: a LayerNorm works token by token, so the logits are the same
         bits (a hooked, edited or fx-traced model, or a subclass with its own stages, runs the two stages as
         written)."""
+        masks = mask_keywords(attn_mask, is_causal)
         if not self._class_token_only():
-            return self.forward_head(self.forward_features(x))
-        h, residual, _, _ = self._encode(x)
+            return self.forward_head(self.forward_features(x, **masks))
+        h, residual, _, _ = self._encode(x, attn_mask=attn_mask, is_causal=is_causal)
         z = layer_norm(self.norm, h[:, 0], None if residual is None else residual[:, 0], self.backend)[0]
         return self._head(z)
 

@@ -16,6 +16,8 @@ Each takes ``backend``:
 from __future__ import annotations
 
 import functools
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -295,8 +297,9 @@ SDPA_ENABLED = {"sdpa_flash": torch.backends.cuda.flash_sdp_enabled,
                 "sdpa_efficient": torch.backends.cuda.mem_efficient_sdp_enabled}
 
 
-def attention(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None, backend="auto"):
-    """softmax(q k^T / sqrt(D_h) + B_rel) v on (B, heads, N, head_dim) views, which may be strided.
+def attention(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None, backend="auto", attn_mask=None,
+              is_causal=False):
+    """softmax(q k^T / sqrt(D_h) + B_rel [+ M]) v on (B, heads, N, head_dim) views, which may be strided.
 
     ``rel_bias`` is None or a per-head table of relative-position biases, shape (heads, (2gh-1)(2gw-1) [+3]),
     over the ``grid_size`` = (gh, gw) patch grid; its last 3 entries (present when N = gh*gw + 1) are the
@@ -309,12 +312,48 @@ def attention(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None,
     and on CPU it takes flash_attn where it can run, else the Triton kernels where they can (fp32/fp16/bf16,
     head_dim <= 128), else scaled_dot_product_attention (on CPU, for 16-bit training at up to 128 tokens, with our
     torch backward instead of SDPA's: :func:`_cpu_training_attention`).
+
+    ``attn_mask`` / ``is_causal`` are timm's and SDPA's: a mask M broadcast to (B, heads, N, N), bool (True where a
+    query may attend) or added to the scores, or the causal mask. No fused kernel takes one, so a masked call runs
+    SDPA whatever ``backend`` (with ``rel_bias`` added to the mask: :func:`mask_bias`).
     """
+    if attn_mask is not None or is_causal:
+        return _masked_attention(q, k, v, rel_bias, grid_size, dropout_p, scale, attn_mask, is_causal)
     if transformed():  # SDPA's math kernel: the fused ones have neither forward-mode AD nor vmap rules
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
             return _run_attention("torch", q, k, v, rel_bias, grid_size, dropout_p, scale)
     impl = attention_backend(q, rel_bias, backend, dropout_p, grid_size)
     return _run_attention(impl, q, k, v, rel_bias, grid_size, dropout_p, scale)
+
+
+def timm_fused_attn() -> bool:
+    """timm's global default for a new attention's ``fused_attn`` (False: the explicit path, whose maps hooks see):
+    ``timm.layers.set_fused_attn`` / ``set_exportable`` where timm is loaded, else its TIMM_FUSED_ATTN variable."""
+    config = sys.modules.get("timm.layers.config")
+    if config is not None:
+        return config.use_fused_attn()
+    return int(os.environ.get("TIMM_FUSED_ATTN", "1")) > 0
+
+
+def mask_bias(n, like, attn_mask=None, is_causal=False):
+    """The additive (.., n, n) bias of a mask as timm's explicit attention resolves it (None without one):
+    ``is_causal`` -inf above the diagonal (it wins over ``attn_mask``, as in timm), a bool mask -inf where False, a
+    float mask as it is; ``like`` gives the dtype and device."""
+    if is_causal:
+        return like.new_full((n, n), float("-inf")).triu_(1)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        return torch.zeros_like(attn_mask, dtype=like.dtype).masked_fill_(~attn_mask, float("-inf"))
+    return attn_mask
+
+
+def _masked_attention(q, k, v, rel_bias, grid_size, dropout_p, scale, attn_mask, is_causal):
+    """SDPA with the mask; a relative-position bias joins it as one additive mask."""
+    if rel_bias is not None:
+        n = q.shape[-2]
+        bias = _flash_attention.relative_bias_dense(rel_bias, grid_size, n).to(q.dtype)
+        attn_mask, is_causal = bias + mask_bias(n, bias, attn_mask, is_causal), False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                          scale=scale)
 
 
 def _run_attention(impl, q, k, v, rel_bias, grid_size, dropout_p, scale):

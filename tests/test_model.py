@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastvit
-from _helpers import compile_capturing_graphs, graph_calls, representative_names, timm_pair
+from _helpers import compile_capturing_graphs, graph_calls, images, representative_names, timm_pair
 from fastvit.kernels.flash_attention import relative_position_index
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
@@ -607,6 +607,87 @@ def test_relative_position_bias_matches_brute_force():
     expected = attn.proj((probs @ v).transpose(1, 2).reshape(B, N, D))
     torch.testing.assert_close(attn(y, (gh, gw)), expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(relative_position_index((gh, gw))[1:, 1:].diagonal(), torch.full((gh * gw,), r // 2))
+
+
+def _masks(n, tokens):
+    """timm's mask arguments: a bool mask (True: may attend), an additive float one per image, and causal."""
+    gen = torch.Generator().manual_seed(3)
+    keep = torch.rand(tokens, tokens, generator=gen) > 0.3
+    keep |= torch.eye(tokens, dtype=torch.bool)  # every query keeps a key
+    additive = torch.randn(n, 1, tokens, tokens, generator=gen)
+    return [dict(attn_mask=keep), dict(attn_mask=additive), dict(is_causal=True)]
+
+
+@pytest.mark.parametrize("fused_attn", [True, False], ids=["fused", "explicit"])
+@pytest.mark.parametrize("which", ["bool", "float", "causal"])
+def test_attention_masks_as_timm(which, fused_attn):
+    """timm's attn_mask / is_causal on forward, forward_features, forward_intermediates, a block and an attention:
+    outputs and gradients equal timm's, on the fused path (SDPA with the mask) and the explicit one."""
+    model, ref = pair(reg_tokens=1)
+    for m in (model, ref):
+        for block in m.blocks:
+            block.attn.fused_attn = fused_attn
+    x = images(2)
+    masks = _masks(2, 1 + 1 + 16)[["bool", "float", "causal"].index(which)]
+    out, expected = model(x, **masks), ref(x, **masks)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, model(x), atol=1e-3)  # the mask changed something
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+    torch.testing.assert_close(model.forward_features(x, **masks), ref.forward_features(x, **masks), atol=1e-5,
+                               rtol=1e-5)
+    ours = model.forward_intermediates(x, indices=[0, 1], **masks)
+    theirs = ref.forward_intermediates(x, indices=[0, 1], **masks)
+    for a, b in zip([ours[0], *ours[1]], [theirs[0], *theirs[1]]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    tokens = torch.randn(2, 18, 64)
+    torch.testing.assert_close(model.blocks[0](tokens, **masks), ref.blocks[0](tokens, **masks), atol=1e-5,
+                               rtol=1e-5)
+    torch.testing.assert_close(model.blocks[1].attn(tokens, **masks), ref.blocks[1].attn(tokens, **masks),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["bool", "float", "causal"])
+def test_attention_masks_join_the_relative_position_bias(which):
+    """With pos_embed='rel' (ours only) the mask and the bias add up: the fused path (SDPA with one additive mask)
+    gives what the explicit softmax(q k^T / sqrt(D_h) + B_rel + M) v gives."""
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(**SMALL, pos_embed="rel").eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.rel_pos_table.normal_()
+    x = images(2)
+    masks = _masks(2, 17)[["bool", "float", "causal"].index(which)]
+    fused = model(x, **masks)
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    torch.testing.assert_close(fused, model(x, **masks), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fused, model(x), atol=1e-3)
+
+
+def test_fused_attn_default_follows_timms_switch(monkeypatch):
+    """timm.layers.set_fused_attn(False) (or TIMM_FUSED_ATTN=0 before timm is loaded) builds attention layers on the
+    explicit path, as timm's own, in blocks and in the attention pool."""
+    import sys
+
+    from timm.layers import set_fused_attn
+    from timm.layers.config import use_fused_attn
+    was = use_fused_attn()
+    set_fused_attn(False)
+    try:
+        model, ref = pair(class_token=False, global_pool="map")
+        assert [b.attn.fused_attn for b in model.blocks] == [b.attn.fused_attn for b in ref.blocks] == [False] * 2
+        assert model.attn_pool.fused_attn is ref.attn_pool.fused_attn is False
+        torch.testing.assert_close(model(images(2)), ref(images(2)), atol=1e-5, rtol=1e-5)
+    finally:
+        set_fused_attn(was)
+    assert fastvit.VisionTransformer(**SMALL).blocks[0].attn.fused_attn is True
+    monkeypatch.delitem(sys.modules, "timm.layers.config")
+    monkeypatch.setenv("TIMM_FUSED_ATTN", "0")
+    assert fastvit.VisionTransformer(**SMALL).blocks[0].attn.fused_attn is False
 
 
 def test_rel_pos_follows_set_input_size():
