@@ -107,13 +107,13 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="compiles at a time, each in its own process (default: one per CPU core)")
     p.add_argument("--out", default="results/kernel_report.json",
-                   help="the JSON file to write, or a folder to write kernel_report.json in (checked before "
-                        "compiling)")
+                   help="the .json file to write, or a folder (any other path: made if missing) to write "
+                        "kernel_report.json in")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
     out = pathlib.Path(args.out)
-    if out.is_dir() or args.out.endswith(os.sep):  # a folder, as the other scripts' --out
+    if out.is_dir() or args.out.endswith(os.sep) or out.suffix != ".json":  # a folder, as the other scripts' --out
         out = out / "kernel_report.json"
 
     t_start = time.perf_counter()

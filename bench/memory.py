@@ -116,7 +116,7 @@ def main(argv=None):
         rows.append(row)
         f, t = row["fastvit"], row["timm"]
         line = (f"{name:22s} fastvit {f['activation_mib_per_image']:8.1f} MiB/img "
-                f"({f['bf16_d_values_per_token_per_block']:.1f} D/token/block)  timm "
+                f"({f['bf16_d_values_per_token_per_block']:.1f} x D bf16 values / token / block)  timm "
                 f"{t['activation_mib_per_image']:8.1f} MiB/img ({t['bf16_d_values_per_token_per_block']:.1f})  "
                 f"ratio {row['ratio']:.3f}")
         if use_gpu:

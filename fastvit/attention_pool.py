@@ -115,8 +115,7 @@ class AttentionPoolLatent(nn.Module):
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         else:
             logits = (q * self.scale) @ k.transpose(-2, -1)
-            if attn_mask is not None:
-                logits = logits + ops.mask_bias(N, logits, attn_mask)
+            logits = ops.masked_scores(logits, attn_mask)
             x = logits.softmax(dim=-1) @ v
         x = x.transpose(1, 2).reshape(B, L, C)
         x = self.proj_drop(self.proj(x))

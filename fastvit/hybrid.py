@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastvit.model import VisionTransformer, checked_image, embed_patches, grid_size_for, resample_projection_
+from fastvit.model import (VisionTransformer, checked_image, embed_patches, grid_size_for, keep_original_forward,
+                           resample_projection_)
 from fastvit.registry import register_model
 from fastvit.resample import _pair
 from fastvit.resnet_d import ResNetD, init_resnet_weights
@@ -291,6 +292,9 @@ class HybridEmbed(nn.Module):
         """(B, C, H, W) image -> backbone features -> (B, [1 +] N, D) tokens, as ``PatchEmbed.embed``."""
         return embed_patches(self.proj, self.backbone(x), self.patch_size, pos_embed, cls_token, no_embed_class,
                              self.backend)
+
+
+keep_original_forward(HybridEmbed)
 
 
 # ---- registry: timm's hybrid names (vision_transformer_hybrid.py); heads come from the pretrained configs -----

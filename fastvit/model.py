@@ -124,13 +124,29 @@ def _has_global_hooks():
                 or m._global_backward_pre_hooks)
 
 
+# each fusable class's forward as fastvit found it (keep_original_forward; others when first checked): a class-level
+# patch (``nn.GELU.forward = ...``) then reads as a modified module, as an instance-level one does
+_ORIGINAL_FORWARD = {}
+
+
+def keep_original_forward(*classes):
+    """Record the classes' forward now, at import, before user code can patch them."""
+    for cls in classes:
+        _ORIGINAL_FORWARD.setdefault(cls, cls.forward)
+
+
+keep_original_forward(nn.Linear, nn.LayerNorm, nn.GELU, nn.Conv2d, nn.Dropout, nn.Identity, nn.Sequential)
+
+
 def runs_unmodified(module, cls) -> bool:
-    """Whether ``module`` is exactly a ``cls`` with no hooks (its own or global) and no patched ``forward``.
+    """Whether ``module`` is exactly a ``cls`` with no hooks (its own or global) and no patched ``forward``, on
+    the instance or the class.
 
     Only then may a fused kernel read its parameters instead of calling it: a subclass, a wrapper (LoRA), a
-    parametrised or quantised layer, a hook or an instance-level forward all have to run as the user left them.
+    parametrised or quantised layer, a hook or a patched forward all have to run as the user left them.
     """
     return (type(module) is cls and "forward" not in module.__dict__
+            and _ORIGINAL_FORWARD.setdefault(cls, cls.forward) is cls.forward
             and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                      or module._backward_pre_hooks or _has_global_hooks()))
 
@@ -453,9 +469,7 @@ class Attention(nn.Module):
             attn = (q * self.scale) @ k.transpose(-2, -1)
             if rel_bias is not None:
                 attn = attn + relative_bias_dense(rel_bias, grid_size, N).to(attn.dtype)
-            mask = ops.mask_bias(N, attn, attn_mask, is_causal)
-            if mask is not None:
-                attn = attn + mask
+            attn = ops.masked_scores(attn, attn_mask, is_causal)
             out = attn_drop(attn.softmax(dim=-1)) @ v
         out = call(modules["norm"], out.transpose(1, 2).reshape(B, N, D3 // 3))
         return call(modules["proj_drop"], linear(modules["proj"], out))
@@ -1054,6 +1068,20 @@ class VisionTransformer(nn.Module):
              else ops.add_class_and_position(tokens, table, cls_token, prefix_uncovered))
         return (z if prefix is None else self._prepend(prefix, z)), grid
 
+    def _pos_embed(self, x):
+        """timm's stage for code that runs the stages by hand: patch tokens, (B, N, D) or (B, gh, gw, D), -> z_0
+        with the class and register tokens and the stem's position table, after ``pos_drop``."""
+        if x.ndim == 4:
+            grid, x = tuple(x.shape[1:3]), x.flatten(1, 2)
+        else:
+            grid = self._patch_geometry()[0]
+            if x.ndim != 3 or x.shape[1] != grid[0] * grid[1]:
+                raise ValueError(f"_pos_embed takes (B, {grid[0] * grid[1]}, D) tokens of the {grid[0]} x {grid[1]} "
+                                 f"patch grid, or (B, gh, gw, D) for another grid; got {tuple(x.shape)}")
+        table, cls_token, prefix_uncovered, prefix = self._stem_rows(grid)
+        z = ops.add_class_and_position(x, table, cls_token, prefix_uncovered)
+        return call(self.pos_drop, z if prefix is None else self._prepend(prefix, z))
+
     def _stem_rows(self, grid):
         """(position table, class token, whether the table lacks the class row, prefix rows) for the embedding op.
         The op writes one class row at most: with register tokens it embeds the patches alone, and the prefix rows
@@ -1135,6 +1163,11 @@ class VisionTransformer(nn.Module):
         z = layer_norm(self.norm, h[:, 0], None if residual is None else residual[:, 0], self.backend)[0]
         return self._head(z)
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script asks this first: a clear refusal instead of TorchScript's compiler error."""
+        raise RuntimeError("fastvit models do not support TorchScript scripting (torch.jit.script); use "
+                           "torch.export.export, torch.compile or torch.jit.trace")
+
     def _class_token_only(self) -> bool:
         cls = type(self)
         return (self.global_pool == "token" and fusable_layer_norm(self.norm) and not is_fx_symbolic_tracing()
@@ -1144,6 +1177,7 @@ class VisionTransformer(nn.Module):
 
 
 _STAGES = frozenset(("forward_features", "forward_head", "pool"))
+keep_original_forward(QuickGELU, PatchEmbed, Attention, Mlp, DropPath, Block)
 
 
 # ---- registry: timm's ViT names ----------------------------------------------------------------------------------

@@ -67,10 +67,11 @@ def use_triton(backend: str, x: torch.Tensor) -> bool:
 
 def _reference(backend, x) -> bool:
     """Whether a call runs the op's plain-torch reference: under a torch.func transform (:func:`transformed`:
-    functorch cannot run the ops' autograd Functions), and where torch.export (so also torch.onnx's exporter)
-    traces a call the torch fallback would run (the exported program then holds only aten ops: ONNX has no
-    translation for ours, and inference needs none of their memory savings)."""
-    return transformed() or (torch.compiler.is_exporting() and not use_triton(backend, x))
+    functorch cannot run the ops' autograd Functions), and where torch.export (so also torch.onnx's exporter) or
+    torch.jit.trace (the legacy ONNX exporter's tracer) traces a call the torch fallback would run (the traced
+    program then holds only aten ops: ONNX has no translation for ours, and inference needs none of their memory
+    savings)."""
+    return transformed() or ((torch.compiler.is_exporting() or torch.jit.is_tracing()) and not use_triton(backend, x))
 
 
 def patch_embed(x, weight, bias, patch_size, pos_embed=None, cls_token=None, no_embed_class=False,
@@ -346,6 +347,13 @@ def mask_bias(n, like, attn_mask=None, is_causal=False):
     return attn_mask
 
 
+def masked_scores(scores, attn_mask=None, is_causal=False):
+    """Attention scores (.., n, n) with a mask's bias added (:func:`mask_bias`), or as they are without one: the
+    explicit attention's step, one torch.fx leaf (a traced graph then runs with or without a mask)."""
+    bias = mask_bias(scores.shape[-1], scores, attn_mask, is_causal)
+    return scores if bias is None else scores + bias
+
+
 def _masked_attention(q, k, v, rel_bias, grid_size, dropout_p, scale, attn_mask, is_causal):
     """SDPA with the mask; a relative-position bias joins it as one additive mask."""
     if rel_bias is not None:
@@ -488,5 +496,5 @@ def _attention_runner(q, rel_bias, grid, dropout_p, training, impl):
 # torch.fx traces the model with these as leaf calls: a traced module runs the same kernels, and their Python
 # checks and dispatch see real tensors, never proxies.
 for _name in ("patch_embed", "add_class_and_position", "add_layer_norm", "bias_gelu", "add_layer_norm_linear",
-              "bias_gelu_linear", "layer_norm_mlp", "linear_residual", "linear", "attention"):
+              "bias_gelu_linear", "layer_norm_mlp", "linear_residual", "linear", "attention", "masked_scores"):
     torch.fx.wrap(_name)

@@ -79,6 +79,10 @@ def is_model(model_name):
 def model_entrypoint(model_name):
     """The builder registered for the architecture of ``model_name``; unknown names raise with close matches."""
     arch = split_model_name_tag(model_name)[0]
+    skipped = _data().get("skipped", {}).get(arch)
+    if arch not in _MODELS and skipped:  # one of timm's that is not built: say why instead of "unknown"
+        raise ValueError(f"{arch!r} is timm's, but fastvit does not build it ({skipped}); the rest of timm's "
+                         f"ViTs are in fastvit.list_models()")
     if arch not in _MODELS:
         close = difflib.get_close_matches(arch, list(_MODELS), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see fastvit.list_models()"

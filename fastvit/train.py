@@ -179,6 +179,7 @@ class Run:
             self.model = model
         if cfg.compile or cfg.compile_mode or cfg.cuda_graphs:  # training forward and backward; evaluation eager
             self.model = torch.compile(self.model, mode="reduce-overhead" if cfg.cuda_graphs else cfg.compile_mode)
+            rank0_print(env, "torch.compile: the first step compiles the training step (a minute or more)")
         self.optimizer = make_optimizer(cfg.recipe, self.core, cfg.lr, cfg.weight_decay, cfg.layer_decay,
                                         fused=cfg.cuda_graphs)
         self.scheduler = make_scheduler(self.optimizer, cfg.warmup_steps, cfg.steps, cfg.schedule)
@@ -471,8 +472,9 @@ class Run:
                     on_step_end(step, row)
                 if stopped:
                     if env.rank == 0:
+                        # the default --out holds the start time: a rerun without --out would start a new run
                         bar.write(f"{stop.requested or 'a stop request'}: saved checkpoint at step {step}; exiting "
-                                  f"(the same command resumes it)")
+                                  f"(the same command with --out {cfg.out} resumes it)")
                     break
         bar.close()
         if saved_at != step:

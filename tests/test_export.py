@@ -64,3 +64,21 @@ def test_onnx_export_runs_in_onnxruntime_like_eager(name, kwargs):
     expected = model(x).detach().numpy()
     assert out.shape == expected.shape
     assert np.abs(out - expected).max() <= 1e-4
+
+
+def test_legacy_onnx_exporter_and_jit_trace_record_plain_ops(tmp_path):
+    """torch.onnx.export(dynamo=False) traces with torch.jit.trace, which recorded our autograd Functions as Python
+    operators ONNX cannot export: under tracing the torch fallback's aten ops are recorded instead."""
+    name, kwargs = MODELS[0]
+    model = _model(name, kwargs)
+    x = _images(kwargs)
+    traced = torch.jit.trace(model, (x,))
+    assert "prim::PythonOp" not in str(traced.inlined_graph)
+    torch.testing.assert_close(traced(x[:1]), model(x[:1]), atol=1e-5, rtol=1e-5)
+    torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch"}})
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"x": x.numpy()})[0]
+    assert np.abs(out - model(x).detach().numpy()).max() <= 1e-4
+    with pytest.raises(RuntimeError, match="do not support TorchScript scripting .* use torch.export.export"):
+        torch.jit.script(model)

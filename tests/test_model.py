@@ -423,6 +423,10 @@ def test_registry_names_and_errors():
     assert fastvit.list_models("vit_large_patch32*") == ["vit_large_patch32_224", "vit_large_patch32_384"]
     with pytest.raises(ValueError, match="vit_base_patch16_224"):
         fastvit.create_model("vit_base_patch16_244")
+    assert "vit_base_patch16_18x2_224" in timm.list_models()  # timm's, not built here: the error says why
+    with pytest.raises(ValueError, match=r"'vit_base_patch16_18x2_224' is timm's, but fastvit does not build it "
+                                         r"\(block_fn='ParallelThingsBlock'\)"):
+        fastvit.create_model("vit_base_patch16_18x2_224")
     with pytest.raises(FileNotFoundError, match="checkpoint_path"):  # offline, nothing cached (tests/conftest.py)
         fastvit.create_model("vit_tiny_patch16_224", pretrained=True)
     model = fastvit.create_model("vit_tiny_patch16_224.augreg_in21k", num_classes=7, depth=1)
@@ -666,6 +670,29 @@ def test_attention_masks_join_the_relative_position_bias(which):
         block.attn.fused_attn = False
     torch.testing.assert_close(fused, model(x, **masks), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(fused, model(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("cfg", [{}, dict(reg_tokens=2), dict(no_embed_class=True, reg_tokens=1),
+                                 dict(class_token=False, global_pool="avg"), dict(pos_embed="none")],
+                         ids=["cls", "reg", "no_embed_class", "no_cls", "none"])
+def test_stages_by_hand_as_timm(cfg):
+    """patch_embed, _pos_embed, patch_drop, norm_pre, blocks, norm called one by one (code written against timm's
+    forward_features) give timm's tokens, and our forward_features; (B, gh, gw, D) tokens take another grid."""
+    model, ref = pair(**cfg) if cfg.get("pos_embed") != "none" else (fastvit.VisionTransformer(**SMALL, **cfg), None)
+    x = images(2)
+
+    def by_hand(m, x):
+        z = m._pos_embed(m.patch_embed(x))
+        return m.norm(m.blocks(m.norm_pre(m.patch_drop(z))))
+
+    torch.testing.assert_close(by_hand(model, x), model.forward_features(x), atol=1e-5, rtol=1e-5)
+    if ref is not None:
+        torch.testing.assert_close(by_hand(model, x), by_hand(ref, x), atol=1e-5, rtol=1e-5)
+    tokens = model.patch_embed(images(2, 48))
+    grid = tokens.reshape(2, 6, 6, -1)
+    assert model._pos_embed(grid).shape == (2, model.num_prefix_tokens + 36, 64)
+    with pytest.raises(ValueError, match=r"_pos_embed takes \(B, 16, D\) tokens of the 4 x 4 patch grid"):
+        model._pos_embed(tokens)
 
 
 def test_fused_attn_default_follows_timms_switch(monkeypatch):

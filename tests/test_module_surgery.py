@@ -1,6 +1,7 @@
 """Edits to a model's submodules (hooks, replaced or wrapped layers, LoRA, quantisation) act on fastvit exactly as
 the same edit acts on timm: the fused paths step aside for any module that is not the plain one it was built as."""
 import copy
+import types
 
 import pytest
 import torch
@@ -170,6 +171,32 @@ def test_replaced_activation_and_instance_forward_are_honoured():
         lin.forward = lambda x, lin=lin: nn.functional.linear(x, lin.weight) * 2.0
     x = images()
     torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls, patched", [
+    (nn.GELU, lambda self, x: torch.relu(x)),
+    (nn.Linear, lambda self, x: nn.functional.linear(x, self.weight, self.bias) * 0.5),
+    (nn.LayerNorm, lambda self, x: nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, 1e-1)),
+    (nn.Conv2d, lambda self, x: self._conv_forward(x, self.weight, None)),
+    (nn.Identity, lambda self, x: x * 2.0),
+], ids=["GELU", "Linear", "LayerNorm", "Conv2d", "Identity"])
+def test_class_level_patches_are_honoured(monkeypatch, cls, patched):
+    """A forward patched on the class (``nn.GELU.forward = ...``) is a modified module, as an instance-level patch
+    is (that one matches timm: test_replaced_activation_and_instance_forward_are_honoured): the fused kernels must
+    not read past it."""
+    model, _ = pair()
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if type(m) is cls:
+            m.forward = types.MethodType(patched, m)
+    x = images()
+    before = model(x)
+    monkeypatch.setattr(cls, "forward", patched)
+    out = model(x)
+    torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, before, atol=1e-3)
+    monkeypatch.undo()
+    torch.testing.assert_close(model(x), before, atol=0, rtol=0)  # the fused path again
 
 
 def test_replaced_timm_attention_and_block_run():

@@ -283,6 +283,7 @@ def test_a_stop_signal_saves_and_exits(tmp_path, sig):
     assert code == 0, output[-2000:]
     last = rows(out, "loss")[-1]["step"]
     assert f"{sig.name}: saved checkpoint at step {last}" in output and "Traceback" not in output
+    assert f"(the same command with --out {out} resumes it)" in output
     assert [p.name for p in checkpoint.resume_candidates(out)] == [f"step_{last:08d}"]
     assert 3 <= last < 100000
     assert not rows(out, "final_top1") and not (out / "model").exists()
