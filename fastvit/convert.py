@@ -305,13 +305,19 @@ def _read_hf_dir(path):
 
 def _read_file(path):
     suffix = os.path.splitext(path)[1].lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(path, device="cpu")
-    if suffix in TORCH_SUFFIXES:
+    if suffix not in (".safetensors", *TORCH_SUFFIXES):
+        raise ValueError(f"unsupported checkpoint file {path!r}: expected one of "
+                         f"{('.safetensors', '.npz') + TORCH_SUFFIXES} or a Hugging Face model folder")
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(path, device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
-    raise ValueError(f"unsupported checkpoint file {path!r}: expected one of "
-                     f"{('.safetensors', '.npz') + TORCH_SUFFIXES} or a Hugging Face model folder")
+    except (FileNotFoundError, ImportError, MemoryError):
+        raise
+    except Exception as e:  # a truncated or foreign file raises anything from KeyError to UnpicklingError
+        kind = "safetensors" if suffix == ".safetensors" else "PyTorch (torch.save)"
+        raise ValueError(f"{path} is not a readable {kind} checkpoint ({type(e).__name__}: {e})") from e
 
 
 def _unwrap(obj):

@@ -442,3 +442,12 @@ def test_unknown_suffix(tmp_path):
     (tmp_path / "w.h5").write_bytes(b"")
     with pytest.raises(ValueError, match=r"unsupported checkpoint file .*w\.h5.*\.safetensors"):
         load_checkpoint(fastvit_model(), tmp_path / "w.h5")
+
+
+@pytest.mark.parametrize("name, kind", [("junk.pth", r"PyTorch \(torch.save\)"), ("junk.safetensors", "safetensors")])
+def test_unreadable_file_names_itself(tmp_path, name, kind):
+    """A file that is not a checkpoint of its suffix's format: an error naming the file and the format, not the
+    unpickler's KeyError or safetensors' header error alone."""
+    (tmp_path / name).write_bytes(b"hello")
+    with pytest.raises(ValueError, match=rf"{name} is not a readable {kind} checkpoint"):
+        load_checkpoint(fastvit_model(), tmp_path / name)
