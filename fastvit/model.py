@@ -1058,15 +1058,20 @@ class VisionTransformer(nn.Module):
         check = getattr(pe, "check_input", None)
         if check is not None:
             x, grid = check(x)
-        fused = output_may_fuse(pe, self._embed_layer)
-        if not fused:  # hooked or replaced: it returns the patch tokens only, as timm's does
-            tokens = pe(x)
+        if not output_may_fuse(pe, self._embed_layer):
+            tokens = pe(x)  # hooked or replaced: it returns the patch tokens only, as timm's does
             if check is None:  # a replacement (timm's PatchEmbed, a wrapper): the grid from what it gave
                 tokens, grid = self._replaced_embed_grid(x, tokens)
+            return self._add_stem(tokens, grid), grid
         table, cls_token, prefix_uncovered, prefix = self._stem_rows(grid)
-        z = (pe.embed(x, table, cls_token, prefix_uncovered) if fused
-             else ops.add_class_and_position(tokens, table, cls_token, prefix_uncovered))
+        z = pe.embed(x, table, cls_token, prefix_uncovered)
         return (z if prefix is None else self._prepend(prefix, z)), grid
+
+    def _add_stem(self, tokens, grid):
+        """z_0 from (B, N, D) patch tokens, in torch: the class and register tokens and the stem's table."""
+        table, cls_token, prefix_uncovered, prefix = self._stem_rows(grid)
+        z = ops.add_class_and_position(tokens, table, cls_token, prefix_uncovered)
+        return z if prefix is None else self._prepend(prefix, z)
 
     def _pos_embed(self, x):
         """timm's stage for code that runs the stages by hand: patch tokens, (B, N, D) or (B, gh, gw, D), -> z_0
@@ -1078,9 +1083,7 @@ class VisionTransformer(nn.Module):
             if x.ndim != 3 or x.shape[1] != grid[0] * grid[1]:
                 raise ValueError(f"_pos_embed takes (B, {grid[0] * grid[1]}, D) tokens of the {grid[0]} x {grid[1]} "
                                  f"patch grid, or (B, gh, gw, D) for another grid; got {tuple(x.shape)}")
-        table, cls_token, prefix_uncovered, prefix = self._stem_rows(grid)
-        z = ops.add_class_and_position(x, table, cls_token, prefix_uncovered)
-        return call(self.pos_drop, z if prefix is None else self._prepend(prefix, z))
+        return call(self.pos_drop, self._add_stem(x, grid))
 
     def _stem_rows(self, grid):
         """(position table, class token, whether the table lacks the class row, prefix rows) for the embedding op.
