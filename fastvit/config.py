@@ -24,6 +24,10 @@ from fastvit.data.sources import DECODERS, decode_problem
 from fastvit.dist import DEFAULT_TIMEOUT_S
 from fastvit.model import POS_EMBED_AT, POS_EMBEDS
 
+DESCRIPTION = ("Train a ViT (pretrain) or fine-tune one (--recipe finetune --init RUN): on the embedded digits by "
+               "default, or on an ImageFolder or WebDataset shards (--data). The recipe (and, on digits, a small-data "
+               "preset) fills every flag you leave out; what it chose is printed at the start.")
+
 RECIPES = ("pretrain", "finetune")
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("linear", "cosine")
@@ -160,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                        + ["digits preset (--data digits, replaces the recipe's values it names; with --model, "
                           "that model as named, at the recipe's img_size, with the rest of the preset):"]
                        + [f"  {name}: {_table(values)}" for name, values in DIGITS_PRESET.items()])
-    parser = argparse.ArgumentParser(prog="python -m fastvit.train", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m fastvit.train", description=DESCRIPTION,
                                      epilog=epilog, formatter_class=_HelpFormatter)
     length = parser.add_mutually_exclusive_group()
     for f in dataclasses.fields(TrainConfig):

@@ -157,11 +157,13 @@ def main(argv=None):
                                                                 "model (a checkpoint's own must match)")
     parser.add_argument("--pos-embed-at", choices=POS_EMBED_AT, help="where position tables are added (as above)")
     parser.add_argument("--img-size", type=int, help="image size (default: the checkpoint's)")
-    parser.add_argument("--shots", type=int, nargs="+", default=list(SHOTS))
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--shots", type=int, nargs="+", default=list(SHOTS),
+                        help=f"training images per class of each evaluation (default: {' '.join(map(str, SHOTS))})")
+    parser.add_argument("--seeds", type=int, default=3, help="draws of the few-shot subsets per shot count "
+                                                             "(default: 3; mean and std reported)")
     parser.add_argument("--l2", type=float, default=1.0, help="ridge regularisation")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=256, help="images per feature batch (default: 256)")
+    parser.add_argument("--workers", type=int, default=4, help="image loader processes (default: 4)")
     args = parser.parse_args(argv)
     from fastvit.data.choose import make_source
     from fastvit.restore import load_model_for_eval

@@ -440,7 +440,7 @@ def main(argv=None) -> int:
         "shards with indexes and a manifest (counts per class and per shard), then decode every sample to verify."))
     parser.add_argument("src", help="ImageFolder root: train/ and val/ (or test/) class folders, or class folders")
     parser.add_argument("dst", help="output folder (train/ and val/ sub-folders of shards, manifest.json)")
-    parser.add_argument("--shard-size", default="1GB", help="bytes of images per shard (1GB, 500MB, 64MiB, ...)")
+    parser.add_argument("--shard-size", default="1GB", help="bytes of images per shard (1GB, 500MB, 64MiB, ...; default: 1GB)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample order (shards mix classes)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="processes for the verify pass (0: in this process)")
