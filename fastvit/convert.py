@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -136,8 +137,8 @@ def from_hf(state_dict):
 
     Accepts the on-disk (transformers 4.x) names and the transformers 5.x in-memory names, with or without the
     ``vit.`` prefix. Separate query/key/value projections are concatenated into ``qkv``; ``ViTModel``'s pooler (a
-    tanh layer that timm's ViT does not have) is dropped. HF's default LayerNorm eps is 1e-12 against 1e-6 here,
-    which changes outputs only negligibly.
+    tanh layer that timm's ViT does not have) is dropped. A state_dict carries no LayerNorm eps: HF's default is
+    1e-12 against timm's 1e-6 (``load_checkpoint`` on an HF folder warns when its config.json differs from the model).
     """
     out, qkv = {}, {}
     for key, value in state_dict.items():
@@ -301,6 +302,35 @@ def _read_hf_dir(path):
         if os.path.exists(os.path.join(path, single)):
             return _read_file(os.path.join(path, single))
     raise FileNotFoundError(f"{path} holds no model.safetensors, pytorch_model.bin or shard index")
+
+
+def _hf_config_eps(path):
+    """The ``layer_norm_eps`` of an HF model folder's config.json; None for anything else or where it is unstated."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    config = os.path.join(os.fspath(path), "config.json")
+    if not os.path.isfile(config):
+        return None
+    try:
+        with open(config) as f:
+            eps = json.load(f).get("layer_norm_eps")
+    except (OSError, ValueError, AttributeError):  # unreadable or not a JSON object: the weights alone decide
+        return None
+    return float(eps) if isinstance(eps, (int, float)) else None
+
+
+def _check_eps(model, path):
+    """Warn when an HF folder's LayerNorm eps differs from the model's: the weights load either way, but outputs
+    then differ from the HF model's (by ~1e-3 at random weights for 1e-12 against 1e-6)."""
+    eps = _hf_config_eps(path)
+    if eps is None:
+        return
+    model_eps = sorted({m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)})
+    if model_eps and model_eps != [eps]:
+        shown = ", ".join(f"{e:g}" for e in model_eps)
+        warnings.warn(f"{os.fspath(path)}/config.json has layer_norm_eps={eps:g}, the model's LayerNorms use eps "
+                      f"{shown}: outputs will differ slightly from the Hugging Face model's; for the same outputs "
+                      f"build it with norm_layer=functools.partial(torch.nn.LayerNorm, eps={eps:g})", stacklevel=3)
 
 
 def _read_file(path):
@@ -469,6 +499,8 @@ def load_checkpoint(model, path_or_state_dict, strict=True, name=None):
     ``name`` names the model in errors (default: its class name).
     """
     sd, layout = read_checkpoint(path_or_state_dict)
+    if layout == "hf":
+        _check_eps(model, path_or_state_dict)
     expected = model.state_dict()
     ignored = []
     if "head.weight" not in expected:  # headless model: the checkpoint's classifier has nowhere to go

@@ -119,6 +119,37 @@ def test_hf_classifier_on_disk_layout(tmp_path):
             torch.testing.assert_close(model(x), want, rtol=0, atol=ATOL, msg=str(source))
 
 
+def test_hf_folder_with_another_layer_norm_eps_warns_and_matches_when_built_with_it(tmp_path):
+    """A state_dict has no eps: HF's default 1e-12 against the model's 1e-6 gives slightly different outputs, so
+    loading such a folder says so, and a model built with the named eps gives the HF model's outputs."""
+    import functools
+    import warnings
+
+    from transformers import ViTForImageClassification
+    config = hf_config()
+    config.layer_norm_eps = 1e-12
+    hf = randomize(ViTForImageClassification(config))
+    with torch.no_grad():  # tokens of small variance enter the first LayerNorm, where eps matters
+        for name, p in hf.named_parameters():
+            if "embeddings" in name:
+                p.mul_(1e-3)
+    hf.save_pretrained(tmp_path)
+    x = images()
+    with torch.no_grad():
+        want = hf(pixel_values=x).logits
+    model = fastvit_model()
+    with pytest.warns(UserWarning, match=r"layer_norm_eps=1e-12.*eps 1e-06.*eps=1e-12"):
+        load_checkpoint(model, tmp_path)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), want, rtol=0, atol=ATOL)
+    model = fastvit_model(norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(model, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=0, atol=ATOL)
+
+
 def test_hf_backbone_both_layouts(tmp_path):
     """ViTModel: no 'vit.' prefix and a pooler; its last_hidden_state is fastvit's forward_features."""
     hf = hf_backbone()
