@@ -250,19 +250,26 @@ def ln_context(ctx, x, residual, res, bias, eps, use_triton, copy_residual_grad)
 
 
 def _ln_backward(ctx, dy, dres, res, weight, mean, rstd):
-    """The backward shared by both Functions: (dx, d_residual, dweight, dbias)."""
+    """The backward shared by both Functions: (dx, d_residual, dweight, dbias).
+
+    Without a gradient for the LayerNorm's output (only new_residual's: a double backward reaching the residual
+    stream, an unused norm) that gradient is x's and the residual's, and the LayerNorm's parameters get None, as
+    after timm's separate add and LayerNorm (a zero gradient would still be decayed by AdamW)."""
     if dy is None:
-        dy = torch.zeros(res.shape, dtype=ctx.x_dtype, device=res.device)
-    separate = ctx.residual_dtype is not None and ctx.residual_dtype != ctx.x_dtype
-    dx, dres_in, dw, db = add_layer_norm_bwd(dy, dres, res, weight, mean, rstd, separate,
-                                             triton_in_backward(ctx.use_triton))
-    if ctx.residual_dtype is None:
-        d_residual = None
+        if dres is None:
+            return None, None, None, None
+        dx = cast(dres, ctx.x_dtype)
+        d_residual = None if ctx.residual_dtype is None else cast(dres, ctx.residual_dtype)
+        dw = db = None
     else:
-        d_residual = cast(dres_in, ctx.residual_dtype) if separate else dx
-        if ctx.copy_residual_grad and d_residual is dx:
-            d_residual = dx.clone()
-    return dx, d_residual, dw, cast(db, ctx.bias_dtype)
+        separate = ctx.residual_dtype is not None and ctx.residual_dtype != ctx.x_dtype
+        dx, dres_in, dw, db = add_layer_norm_bwd(dy, dres, res, weight, mean, rstd, separate,
+                                                 triton_in_backward(ctx.use_triton))
+        db = cast(db, ctx.bias_dtype)
+        d_residual = None if ctx.residual_dtype is None else cast(dres_in, ctx.residual_dtype) if separate else dx
+    if ctx.copy_residual_grad and d_residual is dx:
+        d_residual = dx.clone()
+    return dx, d_residual, dw, db
 
 
 class AddLayerNormFn(torch.autograd.Function):
@@ -305,6 +312,9 @@ class AddLayerNormLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dres=None):
         res, weight, bias, mean, rstd, lin_weight = ctx.saved_tensors
+        pad = [None] * (len(ctx.needs_input_grad) - 4)  # no gradient reaches the Linear or the arguments after it
+        if dout is None:
+            return *_ln_backward(ctx, None, dres, res, weight, mean, rstd), *pad
         y = add_layer_norm_fwd(res, None, weight, bias, ctx.eps, False, triton_in_backward(ctx.use_triton))[0]
         g = dout.reshape(-1, dout.shape[-1])
         dy = cast(matmul(g, lin_weight), ctx.x_dtype).view_as(res)
@@ -312,7 +322,7 @@ class AddLayerNormLinearFn(torch.autograd.Function):
         d_lin_b = cast(g.sum(0), lin_weight.dtype) if ctx.has_lin_bias else None
         dx, d_residual, dw, db = _ln_backward(ctx, dy, dres, res, weight, mean, rstd)
         # None for eps, residual_in_fp32, use_triton, copy_residual_grad and what a subclass's forward adds
-        return dx, d_residual, dw, db, d_lin_w, d_lin_b, *[None] * (len(ctx.needs_input_grad) - 6)
+        return dx, d_residual, dw, db, d_lin_w, d_lin_b, *pad[2:]
 
 
 def _check_ln_args(x, residual, weight, bias):

@@ -44,6 +44,23 @@ def test_gradient_penalty_matches_timm(pair):
     _assert_close(gradient_penalty(model, x)[1], gradient_penalty(ref, x)[1])
 
 
+def test_parameters_without_second_derivative_get_none_as_in_timm(pair):
+    """For a loss linear in the logits the input gradient does not depend on the final norm's bias (nor the head's):
+    a penalty on it leaves their .grad None in timm, so optimizers skip them; the same here, not a zero gradient
+    (which AdamW would still decay)."""
+    grads = {}
+    for name, m in zip(("fastvit", "timm"), pair):
+        x = images(2).requires_grad_()
+        with sdpa_kernel(SDPBackend.MATH):
+            g, = torch.autograd.grad(m(x).sum(), x, create_graph=True)
+            g.square().sum().backward()
+        grads[name] = {n: p.grad for n, p in m.named_parameters()}
+    assert {n for n, g in grads["timm"].items() if g is None} == {"norm.bias", "head.bias"}
+    assert {n for n, g in grads["fastvit"].items() if g is None} == {"norm.bias", "head.bias"}
+    _assert_close({n: g for n, g in grads["fastvit"].items() if g is not None},
+                  {n: g for n, g in grads["timm"].items() if g is not None})
+
+
 def test_hessian_vector_product_matches_timm(pair):
     model, ref = pair
     x, y = images(2), torch.tensor([3, 8])
