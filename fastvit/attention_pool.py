@@ -15,7 +15,6 @@ ViTs use is supported (no ``pos_embed``, ``q_proj=False``, ``latent_dim`` or pre
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from functools import partial
 
@@ -24,27 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvit import ops
+from fastvit.weight_init import trunc_normal_tf_
 
 POOL_TYPES = ("token", "avg", "")
-
-
-def _trunc_normal_scaled_(tensor: torch.Tensor, std: float, bound: float = 2.0) -> torch.Tensor:
-    """Fill ``tensor`` with std * t, t a standard normal truncated to [-bound, bound] (so the cut is at +-bound std,
-    as in TF / JAX), drawn by the inverse CDF of a uniform sample.
-
-    Written out rather than calling ``nn.init.trunc_normal_`` because that one cuts at absolute values and, in recent
-    torch, samples by rejection: this sampler spends the RNG exactly as timm's ``trunc_normal_tf_``, so a seeded build
-    gives the same latent as timm's.
-    """
-    cdf_lo = 0.5 * (1.0 + math.erf(-bound / math.sqrt(2.0)))
-    cdf_hi = 0.5 * (1.0 + math.erf(bound / math.sqrt(2.0)))
-    with torch.no_grad():
-        tensor.uniform_(2.0 * cdf_lo - 1.0, 2.0 * cdf_hi - 1.0)
-        tensor.erfinv_()  # erfinv(2u - 1) * sqrt(2) is the standard normal quantile of u
-        tensor.mul_(math.sqrt(2.0))
-        tensor.clamp_(min=-bound, max=bound)
-        tensor.mul_(std)
-    return tensor
 
 
 class AttentionPoolLatent(nn.Module):
@@ -99,7 +80,7 @@ class AttentionPoolLatent(nn.Module):
         """timm's init: latent ~ truncated normal with std D^-1/2 (cut at 2 std), so each latent vector starts with
         a norm near 1 whatever D is. The Linears and norms keep torch's default init, as in timm (a ViT's own
         init_weights then re-inits the Linears)."""
-        _trunc_normal_scaled_(self.latent, std=self.latent.shape[-1] ** -0.5)
+        trunc_normal_tf_(self.latent, std=self.latent.shape[-1] ** -0.5)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``attn_mask``: optional, broadcastable to (B, H, L, N); float masks are added to the logits, boolean masks

@@ -28,6 +28,7 @@ from fastvit import ops
 from fastvit.attention_pool import AttentionPoolLatent
 from fastvit.glu_mlp import GluMlp, SwiGLU
 from fastvit.patch_dropout import PatchDropout
+from fastvit.weight_init import lecun_normal_, trunc_normal_
 from fastvit.registry import register_model, timm_archs
 from fastvit.kernels.bias_gelu import gelu_ref
 from fastvit.kernels.flash_attention import num_relative_positions, relative_bias_dense
@@ -71,17 +72,19 @@ def act_layer_of(act_layer):
 WEIGHT_INITS = ("", "jax", "jax_nlhb", "moco", "reset")  # timm's init modes (VisionTransformer.init_weights)
 
 
-def _lecun_normal_(weight):
-    """N(0, 1 / fan_in) truncated at 2 std, its std corrected for the cut (JAX's lecun_normal, timm's)."""
-    fan_in = weight[0].numel()
-    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # the std of a unit normal cut at +-2
-    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+def _children_first(module, prefix=""):
+    """(path, submodule) for every submodule below ``module``, each after its own submodules (depth first, as timm's
+    ``named_apply`` visits them)."""
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        yield from _children_first(child, path)
+        yield path, child
 
 
 def _init_linear(m, name, mode, head_bias):
     """One Linear by init ``mode`` (see VisionTransformer.init_weights); ``name`` is its module path."""
     if not mode:
-        nn.init.trunc_normal_(m.weight, std=0.02)
+        trunc_normal_(m.weight, std=0.02)
     elif mode.startswith("jax") and name.startswith("head"):
         nn.init.zeros_(m.weight)
         nn.init.constant_(m.bias, head_bias)
@@ -840,26 +843,25 @@ class VisionTransformer(nn.Module):
         _check_choice("mode", mode, WEIGHT_INITS)
         for table in (self.pos_embed, self.pos_embed_h, self.pos_embed_w):
             if table is not None:
-                nn.init.trunc_normal_(table, std=0.02)
+                trunc_normal_(table, std=0.02)
         for token in (self.cls_token, self.reg_token):
             if token is not None:
                 nn.init.normal_(token, std=1e-6)
         head_bias = -math.log(self.num_classes) if mode == "jax_nlhb" and self.num_classes > 0 else 0.0
-        for name, m in self.named_modules():
-            if m is self:
-                continue
-            if isinstance(m, nn.Linear) and mode != "reset":
+        for name, m in _children_first(self):  # timm's order, so that a seed draws timm's numbers
+            if mode == "reset":
+                if needs_reset and hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            elif isinstance(m, nn.Linear):
                 _init_linear(m, name, mode, head_bias)
             elif isinstance(m, nn.Conv2d) and mode.startswith("jax"):
-                _lecun_normal_(m.weight)
+                lecun_normal_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif needs_reset and hasattr(m, "reset_parameters") and (mode == "reset" or not hasattr(m, "init_weights")):
+            elif hasattr(m, "init_weights"):
+                m.init_weights()
+            elif needs_reset and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-        if mode != "reset":
-            for m in self.modules():
-                if m is not self and hasattr(m, "init_weights"):
-                    m.init_weights()
         if self.fix_init:
             with torch.no_grad():
                 for i, block in enumerate(self.blocks):

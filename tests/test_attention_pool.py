@@ -12,8 +12,9 @@ from timm.layers import Mlp as TimmMlp
 from timm.layers.attention_pool import AttentionPoolLatent as TimmAttentionPoolLatent
 from torch import nn
 
-from fastvit.attention_pool import AttentionPoolLatent, _trunc_normal_scaled_
+from fastvit.attention_pool import AttentionPoolLatent
 from fastvit.model import Mlp
+from fastvit.weight_init import trunc_normal_tf_
 
 DIM, HEADS, TOKENS, BATCH = 64, 4, 7, 3
 LN = partial(nn.LayerNorm, eps=1e-6)
@@ -96,7 +97,7 @@ def test_seeded_init_is_timms():
 def test_truncated_normal_sampler():
     torch.manual_seed(0)
     std = 0.05
-    sample = _trunc_normal_scaled_(torch.empty(200_000), std=std)
+    sample = trunc_normal_tf_(torch.empty(200_000), std=std)
     assert sample.abs().max() <= 2 * std
     # a standard normal cut at +-2 has std 0.8796 and its mean at 0
     assert abs(sample.std().item() / std - 0.8796) < 0.005
