@@ -34,8 +34,40 @@ SHOTS = 5
 DIGITS_STEPS = 200  # per run with --data digits, unless --steps/--epochs are passed
 
 
+class Stopped(Exception):
+    """A run's training ended by a stop request; ``result`` is what ``fastvit.train.train`` returned."""
+
+    def __init__(self, result):
+        super().__init__(result["signal"])
+        self.result = result
+
+
+SETTINGS_FILE = "settings.json"
+# trainer flags that change no run's numbers (where files go, how often they are written, how work is spread)
+_FREE_FLAGS = ("out", "resume", "keep", "save_every", "eval_every", "workers", "threads", "dist_timeout", "fewshot",
+               "peak_tflops")
+
+
+def check_same_settings(runs_dir, cfg):
+    """Record the trainer settings the runs in ``runs_dir`` use, or refuse others: a rerun resumes the runs found
+    there, and with another --steps or --lr they would go on under a schedule they did not start with."""
+    import json
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _FREE_FLAGS}
+    path = runs_dir / SETTINGS_FILE
+    if path.exists():
+        stored = json.loads(path.read_text())
+        changed = [f"--{k.replace('_', '-')} {stored.get(k)} -> {v}" for k, v in settings.items() if stored.get(k) != v]
+        if changed:
+            raise ValueError(f"{runs_dir} holds ablation runs trained with other settings ({', '.join(changed)}); "
+                             f"rerun with their flags to resume them, or pass another --out")
+        return
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    common.write_json(path, settings)
+
+
 def run_variant(cfg, variant, placement, seed, out, fewshot_seeds):
-    """Train one variant with one seed; returns its held-out top-1 and 5-shot linear accuracy."""
+    """Train one variant with one seed; returns its held-out top-1 and 5-shot linear accuracy. Raises
+    :class:`Stopped` where a stop request (Ctrl-C, SIGTERM) ended the training (its checkpoint saved)."""
     from fastvit import fewshot
     from fastvit.data import make_source
     from fastvit.restore import load_model_for_eval
@@ -44,6 +76,8 @@ def run_variant(cfg, variant, placement, seed, out, fewshot_seeds):
     run_cfg = dataclasses.replace(cfg, pos_embed=variant, pos_embed_at=placement, seed=seed, seeds=1,
                                   out=os.path.join(out, f"{variant}-{placement}-seed{seed}"), fewshot=False)
     result = train(run_cfg)
+    if result["stopped_by_signal"]:
+        raise Stopped(result)
     model, img_size = load_model_for_eval(run_cfg.out)
     data = make_source(run_cfg.data, img_size, workers=run_cfg.workers, val_data=run_cfg.val_data)
     shots = fewshot.evaluate(model, data.train_eval, data.test, shots=(SHOTS,), seeds=fewshot_seeds)[SHOTS]
@@ -108,22 +142,35 @@ def main(argv=None):
     if cfg.data == "digits" and cfg.steps is None and cfg.epochs is None:
         cfg = dataclasses.replace(cfg, steps=DIGITS_STEPS)
     out = common.out_dir(args.out)
+    try:
+        check_same_settings(out / "ablation_runs", cfg)
+    except ValueError as e:
+        parser.error(str(e))
     runs, t0 = [], time.perf_counter()
     from fastvit.data import progress
-    jobs = [(v, p, cfg.seed + s) for v, p in pairs for s in range(args.seeds)]
-    for variant, placement, seed in progress(jobs, desc="ablation", unit="run"):
-        runs.append(run_variant(cfg, variant, placement, seed, str(out / "ablation_runs"), args.fewshot_seeds))
-    table = summarise(runs)
+    from fastvit.train import stop_status
     data_name = "digits" if cfg.data == "digits" else cfg.data
     title = (f"5-shot linear accuracy by position embedding: {data_name}, {args.seeds} seed(s), "
              f"{cfg.steps or cfg.epochs} {'steps' if cfg.steps else 'epochs'} per run")
+    result = {"title": title, "train_config": dataclasses.asdict(cfg), "seeds": args.seeds,
+              "fewshot_seeds": args.fewshot_seeds, "shots": SHOTS}
+    jobs = [(v, p, cfg.seed + s) for v, p in pairs for s in range(args.seeds)]
+    for variant, placement, seed in progress(jobs, desc="ablation", unit="run"):
+        try:
+            runs.append(run_variant(cfg, variant, placement, seed, str(out / "ablation_runs"), args.fewshot_seeds))
+        except Stopped as stop:  # the finished runs are kept, the file says it is incomplete, no table
+            common.write_result(out / "ablation.json", {**result, "runs": runs, "table": []}, args, t0,
+                                complete=False)
+            print(f"stopped during {variant}:{placement} seed {seed}, its checkpoint saved; the same bench/ablation.py "
+                  f"command (same --out {args.out}) resumes the ablation there ({len(runs)} of {len(jobs)} runs "
+                  f"done, in {out / 'ablation.json'})", file=sys.stderr, flush=True)
+            sys.exit(stop_status(stop.result))
+    table = summarise(runs)
     rows = [[NAMES[r["variant"]], r["placement"], f"{100 * r['mean']:.2f}" + (
         f" ± {100 * r['std']:.2f}" if r["seeds"] > 1 else ""), f"{100 * r['paper']:.2f}"] for r in table]
     print(f"\n{title}\n" + common.markdown_table(["position embedding", "placement", "fastvit 5-shot %",
                                                    "paper 5-shot % (ViT-B/16, ImageNet)"], rows))
-    result = {"title": title, "train_config": dataclasses.asdict(cfg), "seeds": args.seeds,
-              "fewshot_seeds": args.fewshot_seeds, "shots": SHOTS, "runs": runs, "table": table}
-    result = common.write_result(out / "ablation.json", result, args, t0)
+    result = common.write_result(out / "ablation.json", {**result, "runs": runs, "table": table}, args, t0)
     plot(table, out / "ablation.png", title)
     print(f"wrote {out / 'ablation.json'} and {out / 'ablation.png'} in {result['seconds']:.0f}s")
     return result

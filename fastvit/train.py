@@ -483,7 +483,7 @@ class Run:
             if env.rank == 0:
                 plot_curves(log.path, self.out / "curves.png")
             return {"step": step, "top1": None, "out": str(self.out), "stopped_by_signal": True,
-                    "train_time_s": time.perf_counter() - t_run}
+                    "signal": stop.requested or "SIGTERM", "train_time_s": time.perf_counter() - t_run}
         if top1 is None:  # resumed at the end: report the final accuracy again
             top1 = self.evaluate()
         result = {"step": step, "top1": top1, "out": str(self.out), "stopped_by_signal": False,
@@ -560,7 +560,16 @@ def main(argv=None) -> list:
     except (FloatingPointError, DataError, checkpoint.CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+    if results and results[-1]["stopped_by_signal"]:
+        sys.exit(stop_status(results[-1]))
     return results
+
+
+def stop_status(result) -> int:
+    """The exit status of a run a stop request ended: 128 + the signal's number (130 after Ctrl-C, 143 after
+    SIGTERM, also on the ranks that stopped with the one that got it), as a shell reports a process that signal
+    killed, so that ``train && fewshot`` stops there and a scheduler or torchrun sees an unfinished job."""
+    return 128 + signal.Signals[result["signal"]].value
 
 
 if __name__ == "__main__":

@@ -384,6 +384,38 @@ def test_ablation_smoke(tmp_path):
     assert kwargs["model"]["kwargs"]["pos_embed_at"] == "every_layer_shared" and kwargs["train"]["seed"] == 1
 
 
+def test_ablation_stopped_keeps_its_runs_and_refuses_other_settings_on_rerun(tmp_path):
+    """Ctrl-C during a run: the run saves, the ablation writes no table (ablation.json says incomplete), exits 130
+    and names how to resume; a rerun with another schedule is refused (it would continue the saved runs under a
+    schedule they did not start with)."""
+    import signal
+    import time
+    flags = ["--seeds", "1", "--fewshot-seeds", "1", "--variants", "none:stem,learn:stem", "--embed-dim", "32",
+             "--depth", "1", "--num-heads", "2", "--out", str(tmp_path)]
+    proc = subprocess.Popen([sys.executable, "bench/ablation.py", "--steps", "100000", "--eval-every", "100000",
+                             *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "ablation_runs" / "none-stem-seed0" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 180
+        while not (metrics.exists() and metrics.read_text().count('"loss"') >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "stopped during none:stem seed 0" in stderr and "resumes the ablation there (0 of 2 runs" in stderr
+    data = _result(tmp_path / "ablation.json")
+    assert data["complete"] is False and data["runs"] == [] and data["table"] == []
+    assert not (tmp_path / "ablation.png").exists()
+    assert not (tmp_path / "ablation_runs" / "learn-stem-seed0").exists()
+    rerun = subprocess.run([sys.executable, "bench/ablation.py", "--steps", "50", *flags], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 2 and "--steps 100000 -> 50" in rerun.stderr, rerun.stderr[-2000:]
+    assert "rerun with their flags to resume them, or pass another --out" in rerun.stderr
+
+
 def test_loader_smoke(tmp_path):
     """bench/loader.py on a few synthetic JPEGs: ImageFolder and shard paths through the trainer's loader, rates
     per worker, the ratio to the model's training img/s taken from a throughput.json, JSON and PNG."""
