@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastvit.config import ARCH_FLAGS
 from fastvit.data.sources import dataset_labels, eval_batches
 from fastvit.model import POS_EMBED_AT, POS_EMBEDS
 
@@ -156,6 +157,9 @@ def main(argv=None):
     parser.add_argument("--pos-embed", choices=POS_EMBEDS, help="position embedding of a random or weights-file "
                                                                 "model (a checkpoint's own must match)")
     parser.add_argument("--pos-embed-at", choices=POS_EMBED_AT, help="where position tables are added (as above)")
+    for flag in ("patch-size", "embed-dim", "depth", "num-heads"):
+        parser.add_argument(f"--{flag}", type=int, help=f"{flag.replace('-', ' ')} of a random or weights-file model "
+                                                        f"(a checkpoint's own must match)")
     parser.add_argument("--img-size", type=int, help="image size (default: the checkpoint's)")
     parser.add_argument("--shots", type=int, nargs="+", default=list(SHOTS),
                         help=f"training images per class of each evaluation (default: {' '.join(map(str, SHOTS))})")
@@ -173,10 +177,10 @@ def main(argv=None):
         run = run_data(args.init)
         data_flags = ("digits", args.val_data) if run is None else (run[0], args.val_data or run[1])
         if run is not None:
-            print(f"few-shot on --data {run[0]}: the data of the training run {args.init} comes from")
+            print(f"few-shot on --data {run[0]}, the data the run {args.init} trained on (--data to change)")
     try:
-        model, img_size = load_model_for_eval(args.init, args.model, args.img_size, pos_embed=args.pos_embed,
-                                              pos_embed_at=args.pos_embed_at)
+        model, img_size = load_model_for_eval(args.init, args.model, args.img_size,
+                                              **{k: getattr(args, k) for k in ARCH_FLAGS})
         data = make_source(data_flags[0], img_size, workers=args.workers, val_data=data_flags[1])
         results = evaluate(model, data.train_eval, data.test, args.shots, args.seeds, args.l2, args.batch_size)
     except ValueError as e:

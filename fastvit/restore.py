@@ -3,6 +3,7 @@ in its config.json), a timm model folder (a run's ``out/model``, ``save_pretrain
 any layout ``fastvit.convert`` reads."""
 from __future__ import annotations
 
+import json
 import os
 
 import fastvit
@@ -14,9 +15,9 @@ def load_pretrained(init, model_name, overrides: dict, name_given=False):
     """Build a model and load pretrained weights: a fastvit training checkpoint (its stored architecture) or a
     weights file (``model_name`` with ``overrides``, headless). Returns (model, model name, constructor kwargs).
     ``name_given``: the user named ``model_name`` (--model), so a checkpoint of another model is an error."""
-    if all(os.path.isfile(os.path.join(init, f)) for f in ("config.json", "model.safetensors")):
+    if _is_timm_folder(init):
         return _from_model_folder(init, model_name, overrides, name_given)
-    ckpt = checkpoint.find_checkpoint(init)
+    ckpt = None if _is_hf_folder(init) else checkpoint.find_checkpoint(init)
     if ckpt is None:
         kwargs = {k: v for k, v in overrides.items() if k != "num_classes"}
         model = fastvit.create_model(model_name, num_classes=0, **kwargs)
@@ -27,7 +28,7 @@ def load_pretrained(init, model_name, overrides: dict, name_given=False):
     if name_given and model_name != stored["name"]:
         raise ValueError(f"--model {model_name} cannot change the architecture of checkpoint {ckpt} (it holds "
                          f"{stored['name']}); leave --model out to take the checkpoint's")
-    _check_same_architecture(overrides, stored["kwargs"], f"checkpoint {ckpt}", "checkpoint")
+    _check_same_architecture(overrides, stored["name"], stored["kwargs"], f"checkpoint {ckpt}", "checkpoint")
     kwargs = {**stored["kwargs"], **{k: v for k, v in overrides.items() if k not in ("num_classes", "img_size")}}
     model = fastvit.create_model(stored["name"], **kwargs)
     state = {"model": model.state_dict()}
@@ -42,22 +43,68 @@ def _from_model_folder(folder, model_name, overrides, name_given):
     if name_given and model_name != arch:
         raise ValueError(f"--model {model_name} cannot change the architecture of {folder} (it holds {arch}); leave "
                          f"--model out to take the folder's")
-    # a flag the folder's config leaves at the architecture's default goes to create_model, which says what differs
-    _check_same_architecture({k: v for k, v in overrides.items() if k in args}, args, folder, "folder")
+    _check_same_architecture(overrides, arch, args, folder, "folder")
     kwargs = {k: v for k, v in overrides.items() if k not in ("num_classes", "img_size")}
     model = fastvit.create_model(f"local-dir:{folder}", pretrained=True, **kwargs)
     return model, arch, {**args, **kwargs, "num_classes": model.num_classes,
                          "img_size": tuple(model.patch_embed.img_size)}
 
 
-def _check_same_architecture(overrides, stored, where, kind):
-    """An architecture flag (--pos-embed, --depth, ...) passed with a value other than the one ``stored`` for the
-    weights is an error naming both."""
-    bad = [k for k in ARCH_FLAGS if k in overrides and overrides[k] != stored.get(k)]
+def _is_timm_folder(path) -> bool:
+    """A timm model folder (config.json naming an ``architecture``, model.safetensors), not a Hugging Face
+    transformers folder, which holds files of the same names (``fastvit.convert`` reads those)."""
+    config = os.path.join(path, "config.json")
+    if not (os.path.isfile(config) and os.path.isfile(os.path.join(path, "model.safetensors"))):
+        return False
+    try:
+        with open(config) as f:
+            return "architecture" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return True  # a broken timm config: read_model_config names the problem
+
+
+def _is_hf_folder(path) -> bool:
+    """A Hugging Face transformers model folder (weights that ``fastvit.convert`` reads), not a run folder."""
+    weights = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and any(
+        os.path.isfile(os.path.join(path, f)) for f in weights)
+
+
+def architecture(name, kwargs) -> dict:
+    """What ``create_model(name, **kwargs)`` builds, as ARCH_FLAGS values plus num_classes and img_size: an option
+    ``kwargs`` leaves out has the registered model's own value, so passing that value explicitly changes nothing."""
+    import torch
+    with torch.device("meta"):
+        m = fastvit.create_model(name, **kwargs)
+    patch = tuple(m.patch_embed.patch_size)
+    return {"patch_size": patch[0] if patch[0] == patch[-1] else list(patch), "embed_dim": m.embed_dim,
+            "depth": len(m.blocks), "num_heads": m.blocks[0].attn.num_heads if len(m.blocks) else None,
+            "pos_embed": m.pos_embed_type, "pos_embed_at": m.pos_embed_at, "num_classes": m.num_classes,
+            "img_size": list(m.patch_embed.img_size)}
+
+
+def _check_same_architecture(overrides, name, stored, where, kind):
+    """An architecture flag (--pos-embed, --depth, ...) passed with a value other than the one the weights were
+    built with (``name`` with ``stored`` kwargs) is an error naming both."""
+    passed = {k: overrides[k] for k in ARCH_FLAGS if overrides.get(k) is not None}
+    if not passed:
+        return
+    built = architecture(name, stored)
+    bad = [k for k in passed if passed[k] != built[k]]
     if bad:
         flag = bad[0]
         raise ValueError(f"--{flag.replace('_', '-')} cannot change the architecture of {where} "
-                         f"({kind}: {stored.get(flag)}, passed: {overrides[flag]})")
+                         f"({kind}: {built[flag]}, passed: {passed[flag]})")
+
+
+def check_whole_patches(model):
+    """An image that is not whole patches loses its last pixels: a mistake, unless it is the architecture's own
+    size (SigLIP so400m/14 at 384 px). ValueError naming --img-size otherwise."""
+    pe, own_size = model.patch_embed, (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (0,))[1:]
+    stride = getattr(pe, "token_stride", pe.patch_size)
+    if (pe.img_size[0] % stride[0] or pe.img_size[1] % stride[1]) and tuple(pe.img_size) != tuple(own_size):
+        raise ValueError(f"--img-size {pe.img_size[0]} must be divisible by patch_size {tuple(stride)}, or be the "
+                         f"model's own size; the pixels past the last whole patch would be dropped")
 
 
 def load_model_for_eval(init, model_name=None, img_size=None, **arch):
@@ -68,9 +115,10 @@ def load_model_for_eval(init, model_name=None, img_size=None, **arch):
     name = model_name or RECIPE_DEFAULTS["pretrain"]["model"]
     if init is None:
         model = fastvit.create_model(name, num_classes=0, **overrides)
-        return model, model.patch_embed.img_size[0]
-    check_init(init)
-    model = load_pretrained(init, name, overrides, name_given=model_name is not None)[0]
-    if img_size and tuple(model.patch_embed.img_size) != (img_size, img_size):
-        model.set_input_size(img_size=img_size)
+    else:
+        check_init(init)
+        model = load_pretrained(init, name, overrides, name_given=model_name is not None)[0]
+        if img_size and tuple(model.patch_embed.img_size) != (img_size, img_size):
+            model.set_input_size(img_size=img_size)
+    check_whole_patches(model)
     return model, model.patch_embed.img_size[0]

@@ -45,7 +45,7 @@ from fastvit.dist import Env, device_and_backend, distributed, keep_thread_count
 from fastvit.flops import peak_flops, train_flops_per_image
 from fastvit.metrics import MetricsLog, plot_curves
 from fastvit.recipes import WarmupDecay, make_optimizer, make_scheduler, param_groups
-from fastvit.restore import load_pretrained
+from fastvit.restore import architecture, check_whole_patches, load_pretrained
 
 
 def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
@@ -154,13 +154,7 @@ class Run:
         else:
             self.model_name = cfg.model
             model = fastvit.create_model(cfg.model, **kwargs)
-        # an image that is not whole patches loses its last pixels: a mistake, unless it is the architecture's own
-        # size (SigLIP so400m/14 at 384 px)
-        pe, own_size = model.patch_embed, (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (0,))[1:]
-        stride = getattr(pe, "token_stride", pe.patch_size)
-        if (pe.img_size[0] % stride[0] or pe.img_size[1] % stride[1]) and tuple(pe.img_size) != tuple(own_size):
-            raise ValueError(f"--img-size {cfg.img_size} must be divisible by patch_size {tuple(stride)}, or be the "
-                             f"model's own size; the pixels past the last whole patch would be dropped")
+        check_whole_patches(model)
         self.model_kwargs = kwargs
         model.to(env.device)
         self.core = model
@@ -307,9 +301,11 @@ class Run:
         except (OSError, ValueError):
             return
         new = json.loads(json.dumps(self._config_json()))  # tuples as lists, as config.json holds them
-        arch = ("num_classes", "img_size", *ARCH_FLAGS)
-        fields = {"model": (old.get("model", {}).get("name"), new["model"]["name"])}
-        fields.update({k: (old.get("model", {}).get("kwargs", {}).get(k), new["model"]["kwargs"].get(k)) for k in arch})
+        old_model = old.get("model", {})
+        fields = {"model": (old_model.get("name"), new["model"]["name"])}
+        if fields["model"][0] == fields["model"][1]:  # the same model: what each run's options build
+            built = [architecture(m["name"], m.get("kwargs", {})) for m in (old_model, new["model"])]
+            fields.update({k: (built[0][k], built[1][k]) for k in built[0]})
         fields.update({f"--{k.replace('_', '-')}": (old.get("train", {}).get(k), new["train"][k])
                        for k in ("data", "val_data", "seed")})
         for k in ("--data", "--val-data"):  # the same folder however it is written ('wds', 'wds/', '/abs/wds')

@@ -206,7 +206,7 @@ def test_a_run_resumes_with_its_data_folder_written_another_way(tmp_path, monkey
     for init in ("run", "run/model"):  # few-shot without --data evaluates on the run's data, not on digits
         assert fewshot.main(["--init", init, "--shots", "1", "--seeds", "1", "--workers", "0"])[1]["mean"] >= 0
         said = capsys.readouterr().out
-        assert f"few-shot on --data {tmp_path / 'data'}/: the data of the training run {init}" in said
+        assert f"few-shot on --data {tmp_path / 'data'}/, the data the run {init} trained on" in said
     with pytest.raises(ValueError, match="holds checkpoints of another run .--data '.*data/' -> 'other'"):
         train(TrainConfig(**dict(common, steps=4), data="other"))
 

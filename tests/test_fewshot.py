@@ -104,3 +104,16 @@ def test_more_shots_than_a_class_has_warns_and_uses_them_all():
         results = fewshot.evaluate(PixelFeatures(), data.train_eval, data.test, shots=(1000,), seeds=1)
     idx = fewshot.sample_shots(data.train_eval.tensors[1].numpy(), 1000, 0)
     assert len(idx) == counts.sum() and 0 < results[1000]["mean"] <= 1
+
+
+def test_cli_builds_the_architecture_flags_and_refuses_partial_patches(capsys):
+    """The size flags build a random (or weights-file) model as the trainer's do; an image size that is not whole
+    patches is refused as the trainer refuses it, instead of dropping pixels."""
+    from fastvit import fewshot
+    from fastvit.restore import load_model_for_eval
+    model, _ = load_model_for_eval(None, "vit_tiny_patch16_224", 16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    assert (model.patch_embed.patch_size, model.embed_dim, len(model.blocks)) == ((4, 4), 32, 1)
+    with pytest.raises(SystemExit):
+        fewshot.main(["--model", "vit_tiny_patch16_224", "--img-size", "30", "--patch-size", "4", "--embed-dim", "32",
+                      "--depth", "1", "--num-heads", "2", "--shots", "1", "--seeds", "1"])
+    assert "--img-size 30 must be divisible by patch_size (4, 4)" in capsys.readouterr().err

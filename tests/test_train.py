@@ -599,6 +599,43 @@ def test_pos_embed_flags_are_stored_and_followed_by_init_and_fewshot(tmp_path, c
     assert "pos_embed_at='every_layer' needs pos_embed 'learn' or 'learn_2d'" in capsys.readouterr().err
 
 
+def test_a_flag_passed_at_the_model_s_own_value_is_no_change(pretrained, tmp_path):
+    """--pos-embed learn / --pos-embed-at stem / --patch-size at the value the run was built with (a default
+    config.json does not store) resume the run, fine-tune and evaluate from it; another value is named as the
+    built one."""
+    from fastvit.restore import load_model_for_eval
+    out, _ = pretrained
+    same = ["--pos-embed", "learn", "--pos-embed-at", "stem"]
+    run = tmp_path / "run"
+    main(["--out", str(run), "--steps", "2", "--warmup-steps", "1", *TINY_FLAGS])
+    main(["--out", str(run), "--steps", "3", "--warmup-steps", "1", *same, *TINY_FLAGS])  # resumed, not refused
+    assert [r["step"] for r in rows(run, "loss")] == [1, 2, 3]
+    model, _ = load_model_for_eval(str(out), pos_embed="learn", pos_embed_at="stem", patch_size=4)
+    assert model.pos_embed_type == "learn"
+    train(TrainConfig(recipe="finetune", init=str(out), out=str(tmp_path / "ft"), steps=1, img_size=32,
+                      global_batch=32, warmup_steps=1, pos_embed="learn", patch_size=4))
+    with pytest.raises(ValueError, match=r"--pos-embed cannot change the architecture of checkpoint .*\(checkpoint: "
+                                         r"learn, passed: rel\)"):
+        load_model_for_eval(str(out), pos_embed="rel")
+
+
+def test_init_from_a_hugging_face_folder(tmp_path):
+    """A transformers ViT folder (config.json and model.safetensors, as a timm folder has) is read as weights by
+    fastvit.convert: fine-tuning and few-shot evaluation start from it."""
+    from transformers import ViTConfig, ViTModel
+
+    from fastvit import fewshot
+    hf = ViTModel(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=128, layer_norm_eps=1e-6), add_pooling_layer=False)
+    hf.save_pretrained(tmp_path / "hf")
+    arch = ["--model", "vit_tiny_patch16_224", "--img-size", "16", "--patch-size", "4", "--embed-dim", "32",
+            "--depth", "2", "--num-heads", "2"]
+    result = main(["--recipe", "finetune", "--init", str(tmp_path / "hf"), "--out", str(tmp_path / "ft"), "--steps",
+                   "1", "--warmup-steps", "1", "--global-batch", "32", *arch])[0]
+    assert result["step"] == 1
+    assert fewshot.main(["--init", str(tmp_path / "hf"), "--shots", "1", "--seeds", "1", *arch])[1]["mean"] > 0
+
+
 def test_default_out_under_torchrun_survives_a_restart(tmp_path, monkeypatch):
     """Without --out, a run started by torchrun is named after torchrun's run id (the same in every restart round),
     so a restarted job resumes from its own checkpoints instead of starting a new timestamped folder."""
