@@ -421,8 +421,9 @@ def _square_side(n):
     return side if side > 0 and side * side == n else None
 
 
-def _fit_pos_embed(model, sd, target_shape):
-    """Move the class-token row to where the model keeps it, then resample the grid rows to the model's grid."""
+def _fit_pos_embed(model, sd, target_shape, **resize):
+    """Move the class-token row to where the model keeps it, then resample the grid rows to the model's grid
+    (``resize``: resample_abs_pos_embed's interpolation / antialias)."""
     table = sd["pos_embed"]
     if table.ndim != 3 or table.shape[0] != target_shape[0] or table.shape[2] != target_shape[2]:
         return
@@ -441,19 +442,20 @@ def _fit_pos_embed(model, sd, target_shape):
         else:  # model adds a class-token row: zero keeps the class token as the checkpoint had it
             table = torch.cat([table.new_zeros(1, 1, table.shape[2]), table], dim=1)
     side = _square_side(rows - ckpt_prefix)
-    sd["pos_embed"] = resample_abs_pos_embed(table, model.patch_embed.grid_size, (side, side), model_prefix)
+    sd["pos_embed"] = resample_abs_pos_embed(table, model.patch_embed.grid_size, (side, side), model_prefix, **resize)
 
 
-def _fit_tables(model, sd, expected):
+def _fit_tables(model, sd, expected, **resize):
     """Adapt what follows the patch size and grid: the patch projection (resampled to the model's patch size, as
-    timm's checkpoint filter does), position tables (learned 1D, learned 2D, relative bias)."""
+    timm's checkpoint filter does), position tables (learned 1D, learned 2D, relative bias). ``resize``: the
+    interpolation / antialias of the first two (bicubic, antialiased by default)."""
     key = "patch_embed.proj.weight"
     t, want = sd.get(key), expected.get(key)
     if t is not None and want is not None and t.ndim == want.ndim == 4 and t.shape[:2] == want.shape[:2] \
             and t.shape[2:] != want.shape[2:]:
-        sd[key] = resample_patch_embed(t, tuple(want.shape[2:]))
+        sd[key] = resample_patch_embed(t, tuple(want.shape[2:]), **resize)
     if "pos_embed" in sd and "pos_embed" in expected and sd["pos_embed"].shape != expected["pos_embed"].shape:
-        _fit_pos_embed(model, sd, expected["pos_embed"].shape)
+        _fit_pos_embed(model, sd, expected["pos_embed"].shape, **resize)
     for key in ("pos_embed_h", "pos_embed_w"):
         t, want = sd.get(key), expected.get(key)
         if t is not None and want is not None and t.shape != want.shape and t.ndim == 3 and \
@@ -507,7 +509,9 @@ def load_checkpoint(model, path_or_state_dict, strict=True, name=None):
         ignored = [k for k in ("head.weight", "head.bias") if k in sd]
         for k in ignored:
             del sd[k]
-    _fit_tables(model, sd, expected)
+    # timm's .npz loader resizes bilinearly without antialiasing, as the original ViT code does; its state_dict
+    # filter bicubically with it
+    _fit_tables(model, sd, expected, **(dict(interpolation="bilinear", antialias=False) if layout == "npz" else {}))
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     mismatched = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in sd.items()

@@ -231,6 +231,19 @@ def test_npz_original_layout(tmp_path):
         torch.testing.assert_close(model(x), want, rtol=0, atol=ATOL)
 
 
+def test_npz_at_another_grid_and_patch_size_is_resized_as_timm_resizes_it(tmp_path):
+    """An .npz for a 32 px, patch-8 model loaded at 48 px and patch 4: position table and patch projection resized
+    as timm's .npz loader does (bilinear, no antialiasing, like the original ViT code); bicubic would differ by ~1e-2."""
+    source = randomize(fastvit_model())
+    write_npz(source, tmp_path / "vit.npz")
+    for overrides in (dict(img_size=48), dict(img_size=48, patch_size=4)):
+        model = fastvit_model(**overrides)
+        load_checkpoint(model, tmp_path / "vit.npz")
+        want = timm_reference(tmp_path / "vit.npz", **overrides).state_dict()
+        for k, v in model.state_dict().items():  # the projection's pseudo-inverse: a rounding apart
+            torch.testing.assert_close(v, want[k], rtol=0, atol=1e-6, msg=k)
+
+
 def test_npz_bfloat16_arrays(tmp_path):
     """JAX bfloat16 arrays reach numpy as 2-byte void; they load as the bf16 values they hold."""
     source = randomize(fastvit_model())
