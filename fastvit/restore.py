@@ -21,8 +21,15 @@ def load_pretrained(init, model_name, overrides: dict, name_given=False):
     if ckpt is None:
         kwargs = {k: v for k, v in overrides.items() if k != "num_classes"}
         model = fastvit.create_model(model_name, num_classes=0, **kwargs)
-        from fastvit.convert import load_checkpoint
-        load_checkpoint(model, init)
+        from fastvit.convert import CheckpointMismatchError, load_checkpoint
+        try:
+            load_checkpoint(model, init, name=model_name)
+        except CheckpointMismatchError as e:
+            if name_given:
+                raise
+            raise ValueError(f"{e}\n  hint: --init {init} is a weights file, so the model is --model's, "
+                             f"{model_name} when --model is not passed: pass the --model (and size flags) of the "
+                             f"model it holds") from e
         return model, model_name, {**kwargs, "num_classes": 0}
     stored = checkpoint.read_config(ckpt)["model"]
     if name_given and model_name != stored["name"]:

@@ -495,3 +495,16 @@ def test_unreadable_file_names_itself(tmp_path, name, kind):
     (tmp_path / name).write_bytes(b"hello")
     with pytest.raises(ValueError, match=rf"{name} is not a readable {kind} checkpoint"):
         load_checkpoint(fastvit_model(), tmp_path / name)
+
+
+def test_a_checkpoint_of_another_width_is_named_as_such(tmp_path):
+    """A wider model's weights: the hint names both widths, not the grid (the position table only differs in
+    width); from --init without --model it also says which model was assumed."""
+    from fastvit.restore import load_model_for_eval
+    torch.save(fastvit_model(embed_dim=96, num_heads=2).state_dict(), tmp_path / "wide.pth")
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_checkpoint(fastvit_model(), tmp_path / "wide.pth")
+    assert "embedding width is 96, the model's 64" in str(err.value) and "could not be fitted" not in str(err.value)
+    with pytest.raises(ValueError, match=r"is a weights file, so the model is --model's, vit_base_patch16_224 when "
+                                         r"--model is not passed"):
+        load_model_for_eval(str(tmp_path / "wide.pth"))
