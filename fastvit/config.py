@@ -99,7 +99,8 @@ class TrainConfig:
     seed: int = _opt("seed of the model init, data order and augmentation", default=0, type=int)
     seeds: int = _opt("repeat the run with seeds seed..seed+N-1 and report top-1 mean ± std", default=1, type=int)
     out: str | None = _opt("run folder: checkpoints, metrics.jsonl, curves.png (default runs/<data>-<recipe>-<time>)")
-    resume: str = _opt("'auto' (latest complete checkpoint in --out, if any), 'none', or a checkpoint folder",
+    resume: str = _opt("'auto' (latest complete checkpoint in --out, if any), 'none', or a checkpoint folder (or a "
+                       "run folder: its latest complete one) of the same run",
                        default="auto")
     keep: int = _opt("keep the last K checkpoints (0: all)", default=3, type=int)
     save_every: int | None = _opt("checkpoint every N steps (and at the end)", type=int)
@@ -220,6 +221,11 @@ def steps_for(cfg: TrainConfig, num_train: int) -> TrainConfig:
     return dataclasses.replace(cfg, steps=max(1, math.ceil(cfg.epochs * num_train / cfg.global_batch)))
 
 
+def plural(n, word: str) -> str:
+    """'1 rank', '2 ranks': a count and its noun, as printed messages say it."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _need(ok, msg):
     if not ok:
         raise ValueError(msg)
@@ -272,6 +278,9 @@ def check(cfg: TrainConfig, world: int) -> None:
           f"--out {cfg.out!r} is a file; --out names the run's folder")
     _need(cfg.resume in ("auto", "none") or os.path.isdir(cfg.resume),
           f"--resume must be 'auto', 'none' or an existing checkpoint folder (or run folder), got {cfg.resume!r}")
+    _need(cfg.data != "digits" or cfg.val_data is None,
+          f"--val-data {cfg.val_data!r} has nothing to do with --data digits (its held-out split is built in); it "
+          f"goes with a shard pattern --data")
     _need(cfg.peak_tflops is None or cfg.peak_tflops > 0, f"--peak-tflops must be > 0, got {cfg.peak_tflops}")
     _need(0 <= cfg.max_bad_frac <= 1, f"--max-bad-frac must be in [0, 1], got {cfg.max_bad_frac}")
     _need(cfg.dist_timeout > 0, f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastvit.config import ARCH_FLAGS
+from fastvit.config import ARCH_FLAGS, plural
 from fastvit.data.sources import dataset_labels, eval_batches
 from fastvit.model import POS_EMBED_AT, POS_EMBEDS
 
@@ -127,7 +127,8 @@ def evaluate(model, train_set, test_set, shots=SHOTS, seeds=3, l2=1.0, batch_siz
 
 
 def format_results(results) -> str:
-    return "  ".join(f"{k}-shot {100 * r['mean']:.2f} ± {100 * r['std']:.2f}%" for k, r in results.items())
+    return "  ".join(f"{k}-shot {100 * r['mean']:.2f}" + (f" ± {100 * r['std']:.2f}" if len(r["accs"]) > 1 else "")
+                     + "%" for k, r in results.items())
 
 
 def run_data(init):
@@ -185,7 +186,7 @@ def main(argv=None):
         results = evaluate(model, data.train_eval, data.test, args.shots, args.seeds, args.l2, args.batch_size)
     except ValueError as e:
         parser.error(str(e))
-    print(f"few-shot ({args.seeds} seeds, l2={args.l2}): {format_results(results)}")
+    print(f"few-shot ({plural(args.seeds, 'seed')}, l2={args.l2}): {format_results(results)}")
     return results
 
 

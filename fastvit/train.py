@@ -36,8 +36,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import fastvit
 from fastvit import checkpoint
-from fastvit.config import (ARCH_FLAGS, RECIPE_DEFAULTS, TrainConfig, build_parser, check, cpus_per_local_rank, resolve,
-                            steps_for)
+from fastvit.config import (ARCH_FLAGS, RECIPE_DEFAULTS, TrainConfig, build_parser, check, cpus_per_local_rank,
+                            plural, resolve, steps_for)
 from fastvit.data.choose import make_source
 from fastvit.data.keyed import micro_batch_plan, mix_seed
 from fastvit.data.sources import BadSampleWarning, DataError, eval_batches, progress
@@ -134,11 +134,22 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         self.start, self.samples_seen, self.resumed_from = self.resume()
-        rank0_print(env, f"{cfg.recipe}: {self.model_name} ({sum(p.numel() for p in self.core.parameters()):,} "
-                          f"params{', FSDP2' if cfg.fsdp else ''}) on {env.world} x {env.device.type}; "
-                          f"global batch {cfg.global_batch} = {env.world} ranks x {cfg.micro_batch} micro x "
-                          f"{self.accum} accumulation; {cfg.steps} steps, lr {cfg.lr:g}, warmup {cfg.warmup_steps}, "
-                          f"{cfg.schedule} decay; out {self.out}")
+        rank0_print(env, f"{cfg.recipe}: {self._model_description()} on {env.world} x {env.device.type}; "
+                          f"global batch {cfg.global_batch} = {plural(env.world, 'rank')} x {cfg.micro_batch} micro x "
+                          f"{self.accum} accumulation; {plural(cfg.steps, 'step')}, lr {cfg.lr:g}, warmup "
+                          f"{cfg.warmup_steps}, {cfg.schedule} decay; out {self.out}")
+        if cfg.global_batch > self.data.num_train and env.rank == 0:
+            warnings.warn(f"--global-batch {cfg.global_batch} is larger than the training set "
+                          f"({self.data.num_train} images): each step passes over it "
+                          f"{cfg.global_batch / self.data.num_train:.1f} times; a small dataset wants a smaller "
+                          f"--global-batch (and --model)", stacklevel=2)
+
+    def _model_description(self):
+        """'vit_base_patch16_224 with embed_dim 32, depth 2 (32,554 params)': the name and what the flags changed."""
+        own, built = architecture(self.model_name, {}), architecture(self.model_name, self.model_kwargs)
+        changed = [f"{k} {v}" for k, v in built.items() if k in ARCH_FLAGS and v != own[k]]
+        return (f"{self.model_name}{' with ' + ', '.join(changed) if changed else ''} "
+                f"({sum(p.numel() for p in self.core.parameters()):,} params{', FSDP2' if self.cfg.fsdp else ''})")
 
     def _build_model(self):
         cfg, env = self.cfg, self.env
@@ -269,8 +280,8 @@ class Run:
             return 0, 0, None
         explicit = cfg.resume != "auto"
         candidates = [Path(cfg.resume)] if explicit else checkpoint.resume_candidates(self.out, warn=env.rank == 0)
-        if candidates and not explicit:
-            self._check_same_run()
+        if candidates:
+            self._check_same_run(Path(cfg.resume) if explicit else self.out)
         for path in candidates:
             try:
                 if explicit:  # a checkpoint folder, or a run folder's newest complete checkpoint
@@ -292,12 +303,13 @@ class Run:
         self.optimizer.state.clear()  # get_state_dict() initialised it for the load template
         return 0, 0, None
 
-    def _check_same_run(self):
-        """Refuse to resume a run folder whose config.json describes another model or data stream (another
-        architecture, --data, --val-data or --seed): its checkpoints would be skipped or continued as if they were
-        this run's. Schedule flags (--steps, --lr, ...) may change on resume (``_follow_flags``)."""
+    def _check_same_run(self, folder):
+        """Refuse to resume from ``folder`` (--out, or the run or checkpoint folder --resume names) where its
+        config.json describes another model or data stream (another architecture, --data, --val-data or --seed):
+        its checkpoints would be skipped or continued as if they were this run's. Schedule flags (--steps, --lr,
+        ...) may change on resume (``_follow_flags``)."""
         try:
-            old = checkpoint.read_config(self.out)
+            old = checkpoint.read_config(folder)
         except (OSError, ValueError):
             return
         new = json.loads(json.dumps(self._config_json()))  # tuples as lists, as config.json holds them
@@ -312,10 +324,14 @@ class Run:
             a, b = fields[k]
             if a and b and a != "digits" and os.path.realpath(a) == os.path.realpath(b):
                 fields[k] = (b, b)
-        changed = [f"{k} {a!r} -> {b!r}" for k, (a, b) in fields.items() if a != b]
+        changed = [k for k, (a, b) in fields.items() if a != b]
         if changed:
-            raise ValueError(f"--out {self.out} holds checkpoints of another run ({'; '.join(changed)}); choose "
-                             f"another --out, or start from its weights with --init {self.out}")
+            where = f"--out {self.out}" if folder == self.out else f"--resume {folder}"
+            advice = "choose another --out" if folder == self.out else "pass a checkpoint of this run to --resume"
+            if all(k.startswith("--") for k in changed):  # the same model: its weights can start a new run
+                advice += f", or start from its weights with --init {folder}"
+            changes = "; ".join(f"{k} {fields[k][0]!r} -> {fields[k][1]!r}" for k in changed)
+            raise ValueError(f"{where} holds checkpoints of another run ({changes}); {advice}")
 
     # -- evaluation -------------------------------------------------------------------------------------------
     def _autocast(self):
@@ -481,6 +497,8 @@ class Run:
             return {"step": step, "top1": None, "out": str(self.out), "stopped_by_signal": True,
                     "signal": stop.requested or "SIGTERM", "train_time_s": time.perf_counter() - t_run}
         if top1 is None:  # resumed at the end: report the final accuracy again
+            rank0_print(env, f"the run in {self.out} is complete (step {step} of {cfg.steps}): evaluating its model "
+                             f"again (a larger --steps would go on training it)")
             top1 = self.evaluate()
         result = {"step": step, "top1": top1, "out": str(self.out), "stopped_by_signal": False,
                   "train_time_s": time.perf_counter() - t_run}
@@ -551,8 +569,13 @@ def main(argv=None) -> list:
                     break
             if cfg.seeds > 1 and not results[-1]["stopped_by_signal"]:
                 top1 = np.array([r["top1"] for r in results]) * 100
+                summary = Path(cfg.out) / "seeds.json"
+                if env.rank == 0:
+                    summary.write_text(json.dumps({"seeds": [cfg.seed + i for i in range(cfg.seeds)],
+                                                   "top1": top1.tolist(), "mean": top1.mean(),
+                                                   "std": top1.std(ddof=1)}, indent=1) + "\n")
                 rank0_print(env, f"held-out top-1 over {cfg.seeds} seeds: {top1.mean():.2f} ± "
-                                  f"{top1.std(ddof=1):.2f}% ({', '.join(f'{t:.2f}' for t in top1)})")
+                                  f"{top1.std(ddof=1):.2f}% ({', '.join(f'{t:.2f}' for t in top1)}; {summary})")
     except (FloatingPointError, DataError, checkpoint.CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -100,6 +100,15 @@ def test_resume_takes_a_run_folder_and_a_seeds_folder_is_named(pretrained, tmp_p
     train(TrainConfig(out=str(tmp_path / "more"), resume=str(out), steps=152, lr=5e-3, warmup_steps=10,
                       eval_every=152, **{**TINY, "global_batch": 64}))
     assert [r["step"] for r in rows(tmp_path / "more", "loss")] == [151, 152]
+    # another run's checkpoint is refused as --out's are, with the difference named
+    with pytest.raises(ValueError, match=r"--resume .* holds checkpoints of another run \(--seed 0 -> 5\); pass a "
+                                         r"checkpoint of this run to --resume, or start from its weights with --init"):
+        train(TrainConfig(out=str(tmp_path / "other"), resume=str(out), seed=5, steps=152, lr=5e-3, warmup_steps=10,
+                          **{**TINY, "global_batch": 64}))
+    with pytest.raises(ValueError, match=r"--resume .* \(embed_dim 32 -> 64\); pass a checkpoint of this run to "
+                                         r"--resume$"):
+        train(TrainConfig(out=str(tmp_path / "wide"), resume=str(out), steps=152,
+                          **{**TINY, "global_batch": 64, "embed_dim": 64}))
     (tmp_path / "seeds" / "seed_0").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"a --seeds run: pass one of its folders, seed_0"):
         checkpoint.find_checkpoint(tmp_path / "seeds")
@@ -532,7 +541,10 @@ def test_seeds_report_mean_std_and_mfu(tmp_path, capsys):
     preset = next(line for line in out.splitlines() if line.startswith("digits preset (flags you pass win): "))
     assert "model=vit_tiny_patch16_224" in preset and "lr=0.0005" in preset  # 2e-3 at batch 128, scaled to 32
     assert "embed_dim" not in preset and "global_batch" not in preset and "warmup_steps" not in preset  # passed
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed_0", "seed_1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed_0", "seed_1", "seeds.json"]
+    summary = json.loads((tmp_path / "seeds.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["top1"] == pytest.approx([100 * r["top1"] for r in results])
+    assert summary["mean"] == pytest.approx(sum(summary["top1"]) / 2)
     a, b = (rows(tmp_path / s, "loss") for s in ("seed_0", "seed_1"))
     assert a[0]["loss"] != b[0]["loss"]  # different initialisation and data order
     model = fastvit.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=10)
