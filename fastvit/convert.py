@@ -15,6 +15,7 @@ Policy of ``load_checkpoint``:
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -333,6 +334,13 @@ def _check_eps(model, path):
                       f"build it with norm_layer=functools.partial(torch.nn.LayerNorm, eps={eps:g})", stacklevel=3)
 
 
+# what training scripts put beside the weights, allowed in a weights-only load: timm's and DeiT's train.py save
+# their argparse.Namespace ('args'), others a numpy metric; plain data with no code of their own
+_TRAINING_CHECKPOINT_GLOBALS = [argparse.Namespace, np.dtype,
+                                (np._core if hasattr(np, "_core") else np.core).multiarray.scalar,
+                                *(type(np.dtype(t)) for t in (np.float64, np.float32, np.int64))]
+
+
 def _read_file(path):
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in (".safetensors", *TORCH_SUFFIXES):
@@ -342,12 +350,17 @@ def _read_file(path):
         if suffix == ".safetensors":
             from safetensors.torch import load_file
             return load_file(path, device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_TRAINING_CHECKPOINT_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (FileNotFoundError, ImportError, MemoryError):
         raise
     except Exception as e:  # a truncated or foreign file raises anything from KeyError to UnpicklingError
         kind = "safetensors" if suffix == ".safetensors" else "PyTorch (torch.save)"
-        raise ValueError(f"{path} is not a readable {kind} checkpoint ({type(e).__name__}: {e})") from e
+        # torch's weights-only refusal is a page of advice; its one line that names the object is what matters
+        unsafe = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
+        reason = (f"it holds a {unsafe.group(1)}, which torch.load(weights_only=True) does not build: tensors and "
+                  f"plain containers only" if unsafe else f"{type(e).__name__}: {e}")
+        raise ValueError(f"{path} is not a readable {kind} checkpoint ({reason})") from e
 
 
 def _unwrap(obj):

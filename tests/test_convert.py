@@ -508,3 +508,21 @@ def test_a_checkpoint_of_another_width_is_named_as_such(tmp_path):
     with pytest.raises(ValueError, match=r"is a weights file, so the model is --model's, vit_base_patch16_224 when "
                                          r"--model is not passed"):
         load_model_for_eval(str(tmp_path / "wide.pth"))
+
+
+def test_a_training_script_checkpoint_with_its_args_loads(tmp_path):
+    """timm's (and DeiT's) train.py save their argparse.Namespace and a metric beside the weights: a weights-only load
+    takes them, as timm's loader does; an object with code of its own is refused in one line naming it."""
+    import argparse
+    import datetime
+    source = randomize(fastvit_model())
+    torch.save({"epoch": 3, "arch": "vit", "state_dict": source.state_dict(), "args": argparse.Namespace(lr=0.1),
+                "metric": np.float64(81.5), "version": 2}, tmp_path / "model_best.pth.tar")
+    model = fastvit_model()
+    load_checkpoint(model, tmp_path / "model_best.pth.tar")
+    assert_same_params(model, source)
+    torch.save({"state_dict": source.state_dict(), "when": datetime.date(2026, 12, 4)}, tmp_path / "odd.pth")
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(fastvit_model(), tmp_path / "odd.pth")
+    assert "it holds a datetime.date, which torch.load(weights_only=True) does not build" in str(err.value)
+    assert "Re-running" not in str(err.value) and "\n" not in str(err.value)
