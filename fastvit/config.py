@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -221,6 +222,19 @@ def steps_for(cfg: TrainConfig, num_train: int) -> TrainConfig:
     return dataclasses.replace(cfg, steps=max(1, math.ceil(cfg.epochs * num_train / cfg.global_batch)))
 
 
+def short_warnings() -> None:
+    """In the command-line tools: fastvit's own warnings print as 'warning: message' lines, not as Python's
+    'path:line: Category: message' with the source line that raised them; others print as Python prints them."""
+    default = warnings.formatwarning
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if category.__module__.startswith("fastvit") or f"{os.sep}fastvit{os.sep}" in filename:
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format_warning
+
+
 def plural(n, word: str) -> str:
     """'1 rank', '2 ranks': a count and its noun, as printed messages say it."""
     return f"{n} {word}{'' if n == 1 else 's'}"
@@ -278,6 +292,9 @@ def check(cfg: TrainConfig, world: int) -> None:
           f"--out {cfg.out!r} is a file; --out names the run's folder")
     _need(cfg.resume in ("auto", "none") or os.path.isdir(cfg.resume),
           f"--resume must be 'auto', 'none' or an existing checkpoint folder (or run folder), got {cfg.resume!r}")
+    _need(cfg.pos_embed_at in (None, "stem") or cfg.pos_embed in (None, "learn", "learn_2d"),
+          f"--pos-embed-at {cfg.pos_embed_at} needs --pos-embed learn or learn_2d (position tables to add), got "
+          f"--pos-embed {cfg.pos_embed}")
     _need(cfg.data != "digits" or cfg.val_data is None,
           f"--val-data {cfg.val_data!r} has nothing to do with --data digits (its held-out split is built in); it "
           f"goes with a shard pattern --data")

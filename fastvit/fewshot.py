@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastvit.config import ARCH_FLAGS, plural
+from fastvit.config import ARCH_FLAGS, plural, short_warnings
 from fastvit.data.sources import dataset_labels, eval_batches
 from fastvit.model import POS_EMBED_AT, POS_EMBEDS
 
@@ -170,6 +170,10 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=256, help="images per feature batch (default: 256)")
     parser.add_argument("--workers", type=int, default=4, help="image loader processes (default: 4)")
     args = parser.parse_args(argv)
+    short_warnings()
+    if args.seeds < 1 or min(args.shots) < 1:
+        parser.error(f"--seeds and --shots must be positive integers, got --seeds {args.seeds} and --shots "
+                     f"{' '.join(map(str, args.shots))}")
     from fastvit.data.choose import make_source
     from fastvit.restore import load_model_for_eval
 

@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 import fastvit
 from fastvit import checkpoint
 from fastvit.config import (ARCH_FLAGS, RECIPE_DEFAULTS, TrainConfig, build_parser, check, cpus_per_local_rank,
-                            plural, resolve, steps_for)
+                            plural, resolve, short_warnings, steps_for)
 from fastvit.data.choose import make_source
 from fastvit.data.keyed import micro_batch_plan, mix_seed
 from fastvit.data.sources import BadSampleWarning, DataError, eval_batches, progress
@@ -542,6 +542,7 @@ def train(cfg: TrainConfig, on_step_end=None) -> dict:
 
 
 def main(argv=None) -> list:
+    short_warnings()
     parser = build_parser()
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
     try:

@@ -117,3 +117,10 @@ def test_cli_builds_the_architecture_flags_and_refuses_partial_patches(capsys):
         fewshot.main(["--model", "vit_tiny_patch16_224", "--img-size", "30", "--patch-size", "4", "--embed-dim", "32",
                       "--depth", "1", "--num-heads", "2", "--shots", "1", "--seeds", "1"])
     assert "--img-size 30 must be divisible by patch_size (4, 4)" in capsys.readouterr().err
+
+
+def test_cli_names_its_flags_in_errors(capsys):
+    from fastvit import fewshot
+    with pytest.raises(SystemExit):
+        fewshot.main(["--seeds", "0"])
+    assert "--seeds and --shots must be positive integers, got --seeds 0 and --shots 1 5 10 25" in capsys.readouterr().err

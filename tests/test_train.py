@@ -608,7 +608,8 @@ def test_pos_embed_flags_are_stored_and_followed_by_init_and_fewshot(tmp_path, c
     assert load_model_for_eval(str(out / "model"), pos_embed="learn_2d")[0].pos_embed_type == "learn_2d"
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "bad"), "--pos-embed", "rel", "--pos-embed-at", "every_layer", *TINY_FLAGS])
-    assert "pos_embed_at='every_layer' needs pos_embed 'learn' or 'learn_2d'" in capsys.readouterr().err
+    assert ("--pos-embed-at every_layer needs --pos-embed learn or learn_2d (position tables to add), got --pos-embed "
+            "rel") in capsys.readouterr().err
 
 
 def test_a_flag_passed_at_the_model_s_own_value_is_no_change(pretrained, tmp_path):

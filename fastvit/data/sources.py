@@ -309,9 +309,15 @@ class ImageFolderSource(FileSource):
 
 
 def progress(iterable=None, **kwargs):
-    """A tqdm bar that refreshes at most every 10 s when stderr is not a terminal (CI logs stay short)."""
+    """A tqdm bar that refreshes at most every 10 s when stderr is not a terminal (CI logs stay short); there a
+    bar inside another (evaluation during training) is left out: nesting moves the cursor by escape codes, which a
+    log file keeps as garbage."""
     from tqdm import tqdm
-    kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 10.0)
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", 10.0)
+        if getattr(tqdm, "_instances", None):
+            kwargs["disable"] = True
+    kwargs.setdefault("mininterval", 0.1)
     return tqdm(iterable, dynamic_ncols=True, **kwargs)
 
 
