@@ -91,7 +91,8 @@ def model_images_per_s(path):
     if row is None:
         return None, None
     column = row.get("best", {}).get("fastvit", "fastvit")
-    return row[column]["images_per_s"] / data["world_size"], f"{row['model']} {column} ({path})"
+    device = "GPU" if data.get("env", {}).get("cuda") else "CPU process"  # what one rank of that run trained on
+    return row[column]["images_per_s"] / data["world_size"], f"{row['model']} {column} per {device} ({path})"
 
 
 def plot(rows, model_ips, path, title):
@@ -103,7 +104,7 @@ def plot(rows, model_ips, path, title):
     xs = range(len(rows))
     ax.bar(xs, [r["images_per_s"] for r in rows], color=["C0" if r["decode"] == "cpu" else "C2" for r in rows])
     if model_ips:
-        ax.axhline(model_ips, color="k", lw=1, label=f"model training img/s per GPU ({model_ips:.0f})")
+        ax.axhline(model_ips, color="k", lw=1, label=f"model training img/s per rank ({model_ips:.0f})")
         ax.axhline(TARGET * model_ips, color="r", ls="--", lw=1, label=f"{TARGET}x the model")
         ax.legend(fontsize=8)
     ax.set_xticks(list(xs), [f"{r['path']}\n{r['workers']} workers" for r in rows], fontsize=8)
@@ -186,7 +187,7 @@ def main(argv=None):
     if model_ips:
         best = max(rows, key=lambda r: r["images_per_s"])
         verdict = "meets" if best["ratio_to_model"] >= TARGET else "misses"
-        print(f"model trains at {model_ips:.0f} img/s per GPU ({model_source}); best loader {best['path']} with "
+        print(f"model trains at {model_ips:.0f} img/s ({model_source}); best loader {best['path']} with "
               f"{best['workers']} workers: {best['ratio_to_model']:.2f}x, {verdict} the {TARGET}x goal")
     plot(rows, model_ips, out / "loader.png", result["title"])
     print(f"wrote {out / 'loader.json'} and {out / 'loader.png'}")
