@@ -324,6 +324,11 @@ def embed_patches(proj, x, patch_size, pos_embed, cls_token, no_embed_class, bac
     geometry, otherwise ``proj(x)`` followed by the class token and position rows in torch."""
     if (runs_unmodified(proj, nn.Conv2d) and tuple(proj.kernel_size) == tuple(proj.stride) == tuple(patch_size)
             and proj.padding == (0, 0) and proj.dilation == (1, 1) and proj.groups == 1):
+        weight = proj._parameters["weight"]
+        if isinstance(x, torch.Tensor) and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            # nn.Conv2d's rule, which timm's model follows: no silent cast of the image to the model's dtype
+            raise RuntimeError(f"Input type ({x.dtype}) and weight type ({weight.dtype}) should be the same: cast "
+                               f"the images or the model, or run under torch.autocast")
         return ops.patch_embed(x, *weight_and_bias(proj), patch_size, pos_embed, cls_token, no_embed_class,
                                backend=backend)
     return ops.add_class_and_position(proj(x).flatten(2).transpose(1, 2), pos_embed, cls_token, no_embed_class)

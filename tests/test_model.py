@@ -841,3 +841,17 @@ def test_dynamic_img_pad_matches_timm():
         kwargs = dict(indices=[0, 1], intermediates_only=True)
         for ours, theirs in zip(model.forward_intermediates(x, **kwargs), ref.forward_intermediates(x, **kwargs)):
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_images_of_another_dtype_than_the_model_are_refused_as_timm_refuses_them():
+    """An fp32 model given bf16 images raises as timm's (nn.Conv2d's rule) instead of casting in silence; under
+    autocast, and with the model cast to the images' dtype, it runs."""
+    model, ref = timm_pair(**SMALL)
+    x = torch.randn(2, 3, 32, 32).bfloat16()
+    with pytest.raises(RuntimeError, match="should be the same"):
+        ref(x)
+    with pytest.raises(RuntimeError, match=r"Input type \(torch.bfloat16\) and weight type \(torch.float32\) should "
+                                           r"be the same"):
+        model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(model(x).float(), ref(x).float(), atol=0.1, rtol=0.05)
