@@ -25,7 +25,7 @@ from fastvit.model import (VisionTransformer, checked_image, embed_patches, grid
                            resample_projection_)
 from fastvit.registry import register_model
 from fastvit.resample import _pair
-from fastvit.resnet_d import ResNetD, init_resnet_weights
+from fastvit.resnet_d import ResNetD, init_resnet_d, init_resnet_weights, resnet_d_stage
 
 __all__ = ["Bottleneck", "ConvNormAct", "ConvStem", "GroupNormAct", "HybridEmbed", "ResNetStem", "ResNetV2",
            "StdConv2dSame", "hybrid_backbone_from_npz"]
@@ -303,9 +303,21 @@ def _bit(layers):
     return lambda in_chans: ResNetV2(layers, in_chans=in_chans) if layers else ResNetStem(in_chans)
 
 
-def _resnet_d(layers):
-    """in_chans -> the ResNet-D with ``layers``."""
-    return lambda in_chans: ResNetD(layers, in_chans=in_chans)
+def _resnet_d(layers, dropped_stage=0):
+    """in_chans -> the ResNet-D with ``layers``, drawing its weights as timm's does: timm builds the whole ResNet
+    (a 4th stage of ``dropped_stage`` bottlenecks where the hybrid keeps 3, and a 1000-class head) before its
+    feature wrapper keeps what the hybrid uses, so those are built here too, in timm's order, then thrown away:
+    a seed gives timm's weights."""
+    def build(in_chans):
+        backbone = ResNetD(layers, in_chans=in_chans, init=False)
+        stages = len(layers)
+        dropped = resnet_d_stage(stages, dropped_stage, backbone.num_features) if dropped_stage else None
+        nn.Linear(backbone.num_features * (2 if dropped_stage else 1), 1000)
+        init_resnet_d(backbone)
+        if dropped is not None:
+            init_resnet_d(dropped)
+        return backbone
+    return build
 
 
 def _hybrid_builder(backbone, embed_dim, depth, num_heads, img_size, patch_size=1, mlp_ratio=4.0, proj=True,
@@ -330,7 +342,7 @@ for _name, _args in {
     "vit_tiny_r_s16_p8_384": (_bit(()), 192, 12, 3, 384, 8),
     # timm's own hybrids (no pretrained weights): ResNet-D backbones, the "small" ones 8 blocks of width 768
     "vit_small_resnet26d_224": (_resnet_d((2, 2, 2, 2)), 768, 8, 8, 224, 1, 3.0),
-    "vit_small_resnet50d_s16_224": (_resnet_d((3, 4, 6)), 768, 8, 8, 224, 1, 3.0),
+    "vit_small_resnet50d_s16_224": (_resnet_d((3, 4, 6), dropped_stage=3), 768, 8, 8, 224, 1, 3.0),
     "vit_base_resnet26d_224": (_resnet_d((2, 2, 2, 2)), 768, 12, 12, 224),
     "vit_base_resnet50d_224": (_resnet_d((3, 4, 6, 3)), 768, 12, 12, 224),
 }.items():

@@ -14,7 +14,7 @@ from collections import OrderedDict
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ResNetD", "ResNetDBottleneck", "init_resnet_weights"]
+__all__ = ["ResNetD", "ResNetDBottleneck", "init_resnet_d", "init_resnet_weights", "resnet_d_stage"]
 
 EXPANSION = 4  # a bottleneck's output channels over its 3x3 convolution's
 
@@ -62,15 +62,32 @@ class ResNetDBottleneck(nn.Module):
         return F.relu(self.bn3(self.conv3(x)) + shortcut)
 
 
+def init_resnet_d(model):
+    """timm's ResNet init (:func:`init_resnet_weights`) for a ResNet-D or part of one: every bottleneck starts as
+    the identity on its shortcut."""
+    init_resnet_weights(model, (m.bn3 for m in model.modules() if isinstance(m, ResNetDBottleneck)))
+
+
+def resnet_d_stage(i, depth, in_chs):
+    """Stage ``i`` (from 0) of ``depth`` bottlenecks on ``in_chs`` channels: width 64 * 2^i, stride 2 but in the
+    first stage."""
+    width = 64 * 2 ** i
+    blocks = [ResNetDBottleneck(in_chs if j == 0 else width * EXPANSION, width, (1 if i == 0 else 2) if j == 0 else 1)
+              for j in range(depth)]
+    return nn.Sequential(OrderedDict((str(j), b) for j, b in enumerate(blocks)))
+
+
 class ResNetD(nn.Module):
     """Image (B, C, H, W) -> the last stage's feature map (B, num_features, H / r, W / r).
 
     ``layers`` gives the bottlenecks per stage (resnet26d: (2, 2, 2, 2); resnet50d: (3, 4, 6, 3), or its first three
     stages for stride 16); stage i has 256 * 2^i output channels and stride 2 except the first, after a stride-4
-    stem, so r = ``reduction`` = 4 * 2^(len(layers) - 1).
+    stem, so r = ``reduction`` = 4 * 2^(len(layers) - 1). ``init=False`` leaves the layers as built (PyTorch's
+    defaults) for a later :func:`init_resnet_d`. It has no ``init_weights``: as timm's feature wrapper around its
+    ResNet, a ViT's ``init_weights`` leaves it alone (or, with ``needs_reset``, resets each layer).
     """
 
-    def __init__(self, layers=(3, 4, 6, 3), in_chans=3, stem_width=32):
+    def __init__(self, layers=(3, 4, 6, 3), in_chans=3, stem_width=32, init=True):
         super().__init__()
         if not 1 <= len(layers) <= 4 or any(int(d) < 1 for d in layers):
             raise ValueError(f"layers must be 1 to 4 positive stage depths, e.g. (3, 4, 6, 3), got {layers!r}")
@@ -84,17 +101,12 @@ class ResNetD(nn.Module):
         self.conv1 = nn.Sequential(conv_a, bn_a, nn.ReLU(inplace=True), conv_b, bn_b, nn.ReLU(inplace=True), conv_c)
         self.maxpool = nn.MaxPool2d(3, 2, padding=1)
         for i, depth in enumerate(self.layers):
-            width, stride = 64 * 2 ** i, 1 if i == 0 else 2
-            blocks = [ResNetDBottleneck(chs if j == 0 else width * EXPANSION, width, stride if j == 0 else 1)
-                      for j in range(depth)]
-            self.add_module(f"layer{i + 1}", nn.Sequential(OrderedDict((str(j), b) for j, b in enumerate(blocks))))
-            chs = width * EXPANSION
+            self.add_module(f"layer{i + 1}", resnet_d_stage(i, depth, chs))
+            chs = 64 * 2 ** i * EXPANSION
         self.num_features = chs
         self.reduction = 4 * 2 ** (len(self.layers) - 1)
-        self.init_weights()
-
-    def init_weights(self):
-        init_resnet_weights(self, (m.bn3 for m in self.modules() if isinstance(m, ResNetDBottleneck)))
+        if init:  # else the caller calls init_resnet_d (fastvit.hybrid, to draw as timm's build does)
+            init_resnet_d(self)
 
     def forward(self, x):
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))

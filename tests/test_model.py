@@ -202,10 +202,9 @@ def test_every_layout_builds_timms_model(name):
     ref = timm.create_model(name, **kwargs)
     torch.manual_seed(0)
     model = fastvit.create_model(name, **kwargs)
-    if "resnet" not in name:  # timm builds a ResNet-D's 1000-class head (and a 4th stage for s16), then drops them
-        initial = model.state_dict()
-        for k, v in ref.state_dict().items():  # a seed reproduces a timm run from its first step
-            assert torch.equal(initial[k], v), f"{k}: the same seed initialised it otherwise than timm"
+    initial = model.state_dict()
+    for k, v in ref.state_dict().items():  # a seed reproduces a timm run from its first step
+        assert torch.equal(initial[k], v), f"{k}: the same seed initialised it otherwise than timm"
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.05)
