@@ -497,9 +497,10 @@ def _hints(model, result):
     elif "head.weight" in result.missing_keys:
         hints.append("the checkpoint has no classifier: build the model with num_classes=0, or pass strict=False "
                      "to keep the model's freshly initialised head")
-    widths = {m[1][-1]: m[2][-1] for m in result.mismatched_keys if m[0] in ("cls_token", "pos_embed", "norm.weight")}
-    if any(a != b for a, b in widths.items()):
-        (a, b), = [(a, b) for a, b in widths.items() if a != b][:1]
+    widths = [(ckpt[-1], own[-1]) for key, ckpt, own in result.mismatched_keys
+              if key in ("cls_token", "pos_embed", "norm.weight") and ckpt[-1] != own[-1]]
+    if widths:
+        a, b = widths[0]
         hints.append(f"the checkpoint's embedding width is {a}, the model's {b}: it holds a model of another size "
                      f"(embed_dim, depth, num_heads)")
     elif any(m[0] == "pos_embed" for m in result.mismatched_keys):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+import torch
+
 import fastvit
 from fastvit import checkpoint
 from fastvit.config import ARCH_FLAGS, RECIPE_DEFAULTS, check_init
@@ -80,7 +82,6 @@ def _is_hf_folder(path) -> bool:
 def architecture(name, kwargs) -> dict:
     """What ``create_model(name, **kwargs)`` builds, as ARCH_FLAGS values plus num_classes and img_size: an option
     ``kwargs`` leaves out has the registered model's own value, so passing that value explicitly changes nothing."""
-    import torch
     with torch.device("meta"):
         m = fastvit.create_model(name, **kwargs)
     patch = tuple(m.patch_embed.patch_size)
