@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastvit import fewshot
 
@@ -70,6 +71,27 @@ class PixelFeatures(torch.nn.Module):
         return x
 
 
+def rendered(dataset):
+    """All (images, labels) of a digits set as numpy arrays, read one by one as a DataLoader without batching would."""
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))))
+    return torch.stack(images).numpy(), torch.stack(labels).numpy()
+
+
+def test_digits_render_when_read_as_upsampled_pixels():
+    """The evaluation sets render when read (at 384 px all of them up front were 3 GiB): a DataLoader's batch, a
+    single read and bilinear upsampling (torch's, away from the zero-padded border) give the same images."""
+    from fastvit.data import DigitsSource
+
+    data = DigitsSource(32)
+    assert not any(t.shape[-1] == 32 for t in vars(data.test).values() if isinstance(t, torch.Tensor))
+    x, y = next(iter(torch.utils.data.DataLoader(data.test, batch_size=5)))
+    one = [data.test[i] for i in range(5)]
+    assert torch.equal(x, torch.stack([im for im, _ in one])) and torch.equal(y, torch.stack([c for _, c in one]))
+    up = F.interpolate(data.test.images[:5], size=32, mode="bilinear", align_corners=False) * 2 - 1
+    assert x.shape == (5, 3, 32, 32) and torch.equal(x[:, 0], x[:, 2])
+    torch.testing.assert_close(x[:, :1, 2:-2, 2:-2], up[..., 2:-2, 2:-2])
+
+
 def test_evaluate_runner_on_digit_pixels():
     from fastvit.data import DigitsSource
 
@@ -77,8 +99,8 @@ def test_evaluate_runner_on_digit_pixels():
     results = fewshot.evaluate(PixelFeatures(), data.train_eval, data.test, shots=(1, 10), seeds=2, l2=1.0)
     assert set(results) == {1, 10} and all(len(r["accs"]) == 2 for r in results.values())
     # the runner equals a direct ridge fit on the sampled shots (numpy reference)
-    train_x, train_y = (t.numpy() for t in data.train_eval.tensors)
-    test_x, test_y = (t.numpy() for t in data.test.tensors)
+    train_x, train_y = rendered(data.train_eval)
+    test_x, test_y = rendered(data.test)
     for k in (1, 10):
         for seed in range(2):
             idx = fewshot.sample_shots(train_y, k, seed)
@@ -98,11 +120,11 @@ def test_more_shots_than_a_class_has_warns_and_uses_them_all():
     from fastvit.data import DigitsSource
 
     data = DigitsSource(8)
-    counts = np.bincount(data.train_eval.tensors[1].numpy())
+    counts = np.bincount(data.train_eval.targets.numpy())
     with pytest.warns(UserWarning, match=rf"1000-shot: 10 of 10 classes have fewer than 1000 training images "
                                          rf"\(the fewest {counts.min()}\)"):
         results = fewshot.evaluate(PixelFeatures(), data.train_eval, data.test, shots=(1000,), seeds=1)
-    idx = fewshot.sample_shots(data.train_eval.tensors[1].numpy(), 1000, 0)
+    idx = fewshot.sample_shots(data.train_eval.targets.numpy(), 1000, 0)
     assert len(idx) == counts.sum() and 0 < results[1000]["mean"] <= 1
 
 
