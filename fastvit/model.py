@@ -15,6 +15,8 @@ torch module it was built as, with no hooks (``runs_unmodified``, checked per ca
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from functools import partial
 
@@ -146,12 +148,24 @@ def runs_unmodified(module, cls) -> bool:
     the instance or the class.
 
     Only then may a fused kernel read its parameters instead of calling it: a subclass, a wrapper (LoRA), a
-    parametrised or quantised layer, a hook or a patched forward all have to run as the user left them.
+    parametrised or quantised layer, a weight that is not a parameter, a hook or a patched forward all have to run as
+    the user left them.
     """
+    return unedited(module, cls) and not _has_global_hooks()
+
+
+def unedited(module, cls) -> bool:
+    """:func:`runs_unmodified` but for global hooks (for a module that timm's forward would not call either)."""
     return (type(module) is cls and "forward" not in module.__dict__
             and _ORIGINAL_FORWARD.setdefault(cls, cls.forward) is cls.forward
             and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                     or module._backward_pre_hooks or _has_global_hooks()))
+                     or module._backward_pre_hooks)
+            and all(name in module._parameters for name in _PARAMETERS.get(cls, ())))
+
+
+# the parameters a fused kernel reads from each layer's table (None where the layer has none, as nn.Linear's bias
+# can be): one set as a plain tensor or a buffer instead (hypernetworks, functional meta-learning) is an edit
+_PARAMETERS = {nn.Linear: ("weight", "bias"), nn.LayerNorm: ("weight", "bias"), nn.Conv2d: ("weight", "bias")}
 
 
 def weight_and_bias(module):
@@ -429,6 +443,8 @@ class Attention(nn.Module):
             raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.attn_dim = dim  # timm's attributes, read by timm's Attention.forward where users graft it on
+        self.gate = None
         self.scale = self.head_dim ** -0.5
         self.fused_attn = ops.timm_fused_attn()
         self.backend = "auto"
@@ -469,7 +485,9 @@ class Attention(nn.Module):
         modules = self._modules
         q, k = call(modules["q_norm"], q), call(modules["k_norm"], k)
         attn_drop = modules["attn_drop"]
-        if self.fused_attn and runs_unmodified(attn_drop, nn.Dropout):
+        # timm's fused path never calls attn_drop, so a global module hook (an activation logger) is no reason to
+        # compute the maps; one on attn_drop itself is (it asks for them: timm's AttentionExtract)
+        if self.fused_attn and unedited(attn_drop, nn.Dropout):
             out = ops.attention(q, k, v, rel_bias=rel_bias, grid_size=grid_size,
                                 dropout_p=attn_drop.p if self.training else 0.0, backend=self.backend,
                                 attn_mask=attn_mask, is_causal=is_causal)
@@ -539,7 +557,8 @@ class Mlp(nn.Module):
         between them that must see it (active dropout, a norm, an edited drop1 or fc2); else None."""
         m = self._modules
         drop1 = m["drop1"]
-        if ((self.training and drop1.p > 0) or not runs_unmodified(drop1, nn.Dropout)
+        # drop1's own mode, not the Mlp's: MC dropout turns single Dropouts back on in an eval-mode model
+        if ((drop1.training and drop1.p > 0) or not runs_unmodified(drop1, nn.Dropout)
                 or not runs_unmodified(m["norm"], nn.Identity) or not runs_unmodified(m["fc2"], nn.Linear)):
             return None
         return self.gelu_approximate
@@ -558,6 +577,11 @@ class LayerScale(nn.Module):
 
     def forward(self, x):
         return x * self.gamma
+
+
+def drop_path_or_identity(drop_path):
+    """A branch's stochastic depth, an nn.Identity when off (timm's module types, for code that walks them)."""
+    return DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
 
 class DropPath(nn.Module):
@@ -580,6 +604,23 @@ def grid_keyword(attn, grid_size):
     block's attention) has a relative-position table, the grid's only user, else none. Called on the tokens alone,
     as timm's are, a module's pre-hooks and a subclass's ``forward(x)`` see timm's arguments."""
     return {"grid_size": grid_size} if getattr(attn, "rel_pos_table", None) is not None else {}
+
+
+def attention_keywords(attn, grid_size, attn_mask, is_causal):
+    """The keywords a block calls its attention module with: the grid (:func:`grid_keyword`) and, as timm's Block
+    always passes them, ``attn_mask`` / ``is_causal`` (None / False without a mask, so hooks with kwargs see timm's);
+    a replacement whose forward takes neither gets them only with a mask."""
+    keywords = grid_keyword(attn, grid_size)
+    if attn_mask is not None or is_causal or _takes_masks(attn.__dict__.get("forward", type(attn).forward)):
+        keywords.update(attn_mask=attn_mask, is_causal=is_causal)
+    return keywords
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_masks(forward) -> bool:
+    params = inspect.signature(forward).parameters.values()
+    names = {p.name for p in params}
+    return {"attn_mask", "is_causal"} <= names or any(p.kind is p.VAR_KEYWORD for p in params)
 
 
 def mask_keywords(attn_mask, is_causal):
@@ -610,11 +651,11 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, rel_pos_grid, class_token, qk_norm,
                               scale_attn_norm, norm_layer, proj_bias)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path1 = DropPath(drop_path)
+        self.drop_path1 = drop_path_or_identity(drop_path)
         self.norm2 = norm_layer(dim)
         self.mlp = _block_mlp(dim, mlp_ratio, proj_drop, scale_mlp_norm, norm_layer, act_layer, mlp_layer, proj_bias)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path2 = DropPath(drop_path)
+        self.drop_path2 = drop_path_or_identity(drop_path)
 
     def forward(self, x, grid_size=None, attn_mask=None, is_causal=False):
         h, residual = self.forward_pair(x, None, grid_size, attn_mask, is_causal)
@@ -638,7 +679,7 @@ class Block(nn.Module):
             del qkv  # (B, N, 3D): freed before the MLP, as timm's Attention frees it on return
         else:
             residual = h if residual is None else h + residual
-            h = attn(norm1(residual), **grid_keyword(attn, grid_size), **mask_keywords(attn_mask, is_causal))
+            h = attn(norm1(residual), **attention_keywords(attn, grid_size, attn_mask, is_causal))
         h = call(m["drop_path1"], call(m["ls1"], h))
         if (fusable_layer_norm(norm2) and runs_unmodified(mlp, Mlp)
                 and runs_unmodified(mlp._modules["fc1"], nn.Linear)):
@@ -675,10 +716,10 @@ class ResPostBlock(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, rel_pos_grid, class_token, qk_norm,
                               scale_attn_norm, norm_layer, proj_bias)
         self.norm1 = norm_layer(dim)
-        self.drop_path1 = DropPath(drop_path)
+        self.drop_path1 = drop_path_or_identity(drop_path)
         self.mlp = _block_mlp(dim, mlp_ratio, proj_drop, scale_mlp_norm, norm_layer, act_layer, mlp_layer, proj_bias)
         self.norm2 = norm_layer(dim)
-        self.drop_path2 = DropPath(drop_path)
+        self.drop_path2 = drop_path_or_identity(drop_path)
 
     def init_weights(self):
         if self.init_values is not None:
@@ -687,8 +728,8 @@ class ResPostBlock(nn.Module):
 
     def forward(self, x, grid_size=None, attn_mask=None, is_causal=False):
         m = self._modules
-        x = x + call(m["drop_path1"], m["norm1"](m["attn"](x, **grid_keyword(m["attn"], grid_size),
-                                                           **mask_keywords(attn_mask, is_causal))))
+        x = x + call(m["drop_path1"], m["norm1"](m["attn"](x, **attention_keywords(m["attn"], grid_size, attn_mask,
+                                                                                   is_causal))))
         return x + call(m["drop_path2"], m["norm2"](m["mlp"](x)))
 
 
@@ -1030,7 +1071,7 @@ class VisionTransformer(nn.Module):
         tokens z = h + residual left as a sum for the final LayerNorm to fuse."""
         masks = mask_keywords(attn_mask, is_causal)
         h, grid = self._embed(x)
-        h = call(self.patch_drop, call(self.pos_drop, residual_stream(h, self.residual_dtype)))
+        h = call(self.patch_drop, residual_stream(h, self.residual_dtype))
         if not passes_through(self.norm_pre):
             h = residual_stream(self.norm_pre(h), self.residual_dtype)
         if not take and last is None and not masks and self.pos_embed_at == "stem" and \
@@ -1059,20 +1100,24 @@ class VisionTransformer(nn.Module):
         return h, residual, grid, taken
 
     def _embed(self, x):
-        """(z_0, patch grid): the class token, the register tokens and the stem's position table with the patch
-        tokens."""
+        """(z_0 after ``pos_drop``, patch grid): the class token, the register tokens and the stem's position table
+        with the patch tokens. A ``_pos_embed`` overridden by a subclass or on the instance builds z_0 from the
+        patch tokens, as timm's forward calls it."""
         pe = self.patch_embed
         check = getattr(pe, "check_input", None)
         if check is not None:
             x, grid = check(x)
-        if not output_may_fuse(pe, self._embed_layer):
+        own_stem = type(self)._pos_embed is VisionTransformer._pos_embed and "_pos_embed" not in self.__dict__
+        if not (own_stem and output_may_fuse(pe, self._embed_layer)):
             tokens = pe(x)  # hooked or replaced: it returns the patch tokens only, as timm's does
             if check is None:  # a replacement (timm's PatchEmbed, a wrapper): the grid from what it gave
                 tokens, grid = self._replaced_embed_grid(x, tokens)
-            return self._add_stem(tokens, grid), grid
+            if not own_stem:  # (B, gh, gw, D) under dynamic_img_size, as timm's patch embedding gives them
+                return self._pos_embed(tokens.unflatten(1, grid) if self.dynamic_img_size else tokens), grid
+            return call(self.pos_drop, self._add_stem(tokens, grid)), grid
         table, cls_token, prefix_uncovered, prefix = self._stem_rows(grid)
         z = pe.embed(x, table, cls_token, prefix_uncovered)
-        return (z if prefix is None else self._prepend(prefix, z)), grid
+        return call(self.pos_drop, z if prefix is None else self._prepend(prefix, z)), grid
 
     def _add_stem(self, tokens, grid):
         """z_0 from (B, N, D) patch tokens, in torch: the class and register tokens and the stem's table."""

@@ -135,6 +135,106 @@ def test_global_module_hooks_fire_for_every_submodule():
     assert "blocks.1.attn.qkv" in fired[model] and "blocks.1.mlp.fc2" in fired[model]
 
 
+@pytest.mark.parametrize("drop_path_rate", [0.0, 0.1])
+def test_a_global_hook_sees_timms_modules_in_timms_order(drop_path_rate):
+    """An activation logger (a global forward hook) sees the modules timm's forward calls, of timm's types, in its
+    order: no attention dropout on the fused attention path (timm's never calls it, so the maps are not computed
+    for the logger), and the drop paths are nn.Identity where off."""
+    model, ref = pair(drop_path_rate=drop_path_rate)
+    calls = {model: [], ref: []}
+    names = {id(m): (net, n, type(m).__name__) for net in (model, ref) for n, m in net.named_modules()}
+
+    def hook(m, i, o):
+        if id(m) in names:
+            net, *name_and_type = names[id(m)]
+            calls[net].append(tuple(name_and_type))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        x = images()
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+    finally:
+        handle.remove()
+    # the rate rises linearly over the blocks from 0: block 0 has none
+    assert calls[model] == calls[ref] and ("blocks.1.drop_path1", "Identity" if drop_path_rate == 0 else "DropPath"
+                                           ) in calls[ref]
+    assert not any(name.endswith("attn_drop") for name, _ in calls[model])
+
+
+def test_mc_dropout_on_an_eval_model_drops_as_on_timm():
+    """Monte-Carlo dropout: an eval-mode model with its MLP dropouts switched back on draws the same masks as timm
+    (the fused GELU + fc2 path steps aside for a Dropout in training mode, whatever the Mlp's own mode)."""
+    model, ref = pair(proj_drop_rate=0.5)
+    outs = []
+    for net in (model, ref):
+        for block in net.blocks:
+            block.mlp.drop1.train()
+        torch.manual_seed(3)
+        outs.append([net(images()) for _ in range(2)])
+    assert not torch.allclose(outs[0][0], outs[0][1], atol=1e-3)
+    for got, expected in zip(*outs):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["attribute", "buffer"])
+@pytest.mark.parametrize("path", ["patch_embed.proj", "blocks.0.attn.qkv", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2",
+                                  "blocks.0.norm1", "norm"])
+def test_a_weight_that_is_not_a_parameter_runs_as_on_timm(path, how):
+    """A weight set as a plain tensor or a buffer (hypernetworks, functional meta-learning): the layer runs as the
+    user left it, on fastvit as on timm, and the gradient reaches the tensor it came from."""
+    model, ref = pair()
+    sources = []
+    for net in (model, ref):
+        layer = _sub(net, path)
+        weight = (layer.weight.detach() * 1.5).requires_grad_()
+        del layer.weight
+        if how == "buffer":
+            layer.register_buffer("weight", weight)
+        else:
+            layer.weight = weight
+        sources.append(weight)
+    x = images()
+    torch.testing.assert_close(forward_backward(model, x), forward_backward(ref, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sources[0].grad, sources[1].grad, atol=1e-5, rtol=1e-4)
+    assert_same_grads(model, ref)
+
+
+@pytest.mark.parametrize("where", ["subclass", "instance"])
+def test_an_overridden_pos_embed_stage_builds_z0_as_on_timm(where):
+    """timm's forward builds z_0 by ``self._pos_embed(self.patch_embed(x))``: a positional encoding of one's own
+    put there (by a subclass or on the instance) runs, on fastvit as on timm, fixed or dynamic image size."""
+    extra = torch.linspace(-1, 1, 64)
+    for dynamic in (False, True):
+        model, ref = pair(dynamic_img_size=dynamic)
+        for net in (model, ref):
+            base = type(net)
+            if where == "subclass":
+                net.__class__ = type("Own", (base,), {"_pos_embed": lambda s, t, base=base: base._pos_embed(s, t) + extra})
+            else:
+                net._pos_embed = types.MethodType(lambda s, t, base=base: base._pos_embed(s, t) + extra, net)
+        x = images(size=48 if dynamic else 32)
+        out = forward_backward(model, x)
+        torch.testing.assert_close(out, forward_backward(ref, x), atol=1e-5, rtol=1e-5)
+        assert_same_grads(model, ref)
+        assert not torch.allclose(out, pair(dynamic_img_size=dynamic)[0](x), atol=1e-3)
+
+
+def test_timms_attention_forward_grafted_on_runs():
+    """Copying timm's Attention.forward onto ours (the usual recipe for extracting attention maps) finds timm's
+    attributes, and with_kwargs hooks see the keywords timm's Block passes."""
+    from timm.layers import Attention as TimmAttention
+    model, ref = pair()
+    seen = []
+    for net in (model, ref):
+        attn = net.blocks[0].attn
+        attn.forward = types.MethodType(TimmAttention.forward, attn)
+        attn.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    x = images()
+    torch.testing.assert_close(forward_backward(model, x), forward_backward(ref, x), atol=1e-5, rtol=1e-5)
+    assert_same_grads(model, ref)
+    assert seen[0] == seen[1] == {"attn_mask": None, "is_causal": False}
+
+
 @pytest.mark.parametrize("path", ["patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.1.mlp.fc1",
                                   "blocks.1.mlp.fc2", "blocks.0.norm1", "blocks.1.norm2", "norm"])
 def test_a_wrapped_layer_changes_what_runs_as_on_timm(path):
