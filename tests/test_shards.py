@@ -11,8 +11,8 @@ import pytest
 
 from fastvit.config import TrainConfig
 from fastvit.data import BadSampleWarning, FolderSamples, micro_batch_plan
-from fastvit.data.shards import (ShardSampler, ShardSamples, ShardSource, expand, main as write_main, parse_size,
-                                 scan_shard)
+from fastvit.data.shards import (ShardSampler, ShardSamples, ShardSource, expand, is_shard_spec, main as write_main,
+                                 parse_size, scan_shard)
 from fastvit.train import train
 from test_data import TINY, make_folder, rows
 
@@ -44,6 +44,25 @@ def test_writing_into_an_earlier_write_is_refused_or_replaced(tmp_path, capsys):
     for split in ("train", "val"):
         on_disk = sorted(p.name for p in (tmp_path / "wds" / split).glob("*.tar"))
         assert on_disk == [s["name"] for s in manifest["splits"][split]["shards"]] and len(on_disk) == 1
+
+
+def test_dst_must_be_a_folder_apart_from_src(tmp_path, capsys):
+    """DST equal to SRC, inside it, or holding it would put shards beside the class folders (and --data SRC would
+    then read as shards): refused naming both paths, before anything is written. A DST that is a file, or cannot be
+    created, is a usage error too, not a traceback."""
+    src = tmp_path / "src"
+    make_folder(src)
+    (tmp_path / "afile").write_text("x")
+    tree = sorted(src.rglob("*"))
+    overlaps = [(src, "is SRC"), (f"{src}/../src", "is SRC"), (src / "wds", "lies inside SRC"),
+                (src / "train" / "wds", "lies inside SRC"), (tmp_path, "lies inside DST")]
+    for dst, message in overlaps + [(tmp_path / "afile", "is a file"), (tmp_path / "afile" / "wds", "cannot create")]:
+        with pytest.raises(SystemExit) as exit_info:
+            write_main([str(src), str(dst), "--workers", "0", "--no-verify"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and repr(str(dst)) in err, err
+        assert (dst, message) not in overlaps or repr(str(src)) in err, err
+    assert sorted(src.rglob("*")) == tree and not is_shard_spec(str(src))
 
 
 def test_writer_output_reads_back_through_webdataset(written):

@@ -348,7 +348,6 @@ def write_split(src: str, dst: str, prefix: str, shard_size: int, seed: int, cla
         raise ValueError(f"{src} has classes {samples.classes[:5]}..., unlike train/ {classes[:5]}...")
     if len(samples) == 0:
         raise ValueError(f"{src} holds no images")
-    os.makedirs(dst, exist_ok=True)
     order = np.random.default_rng(seed).permutation(len(samples))
     shards, sources, skipped = [], {}, []
     writer, tmp, size = None, None, 0
@@ -434,6 +433,23 @@ def _clear_earlier_write(dst, plan, overwrite):
                 os.remove(file)
 
 
+def _check_apart(src: str, dst: str) -> None:
+    """SRC and DST must be apart: shards written into SRC land beside its class folders (and ``--data SRC`` is then
+    read as shards), and images inside DST share a tree with the shards made from them."""
+    if not os.path.isdir(src):
+        raise ValueError(f"SRC {src!r} is not a folder")
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise ValueError(f"DST {dst!r} is a file; DST is the folder the shards are written to")
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+    common = os.path.commonpath([real_src, real_dst])
+    if common in (real_src, real_dst):
+        overlap = (f"DST {dst!r} is SRC {src!r}" if real_src == real_dst else
+                   f"DST {dst!r} lies inside SRC {src!r}" if common == real_src else
+                   f"SRC {src!r} lies inside DST {dst!r}")
+        raise ValueError(f"{overlap}: the shards would share a folder tree with the images they are made from; "
+                         f"choose a DST apart from SRC, neither inside the other")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastvit.data.shards", description=(
         "Write an ImageFolder (SRC/train and SRC/val or SRC/test, or SRC itself as one split) as WebDataset tar "
@@ -450,14 +466,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         shard_size = parse_size(args.shard_size)
-        if not os.path.isdir(args.src):
-            raise ValueError(f"SRC {args.src!r} is not a folder")
+        _check_apart(args.src, args.dst)
         splits = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(args.src, s))]
         if splits and "train" not in splits:
             raise ValueError(f"SRC {args.src!r} has {splits} but no train/ folder")
         plan = [(os.path.join(args.src, s), os.path.join(args.dst, s), s) for s in splits] or \
                [(args.src, args.dst, "shard")]
         _clear_earlier_write(args.dst, plan, args.overwrite)
+        for _, dst, _ in plan:
+            try:
+                os.makedirs(dst, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"cannot create {dst!r} for DST {args.dst!r}: {e.strerror}") from e
         manifest = {"source": os.path.abspath(args.src), "shard_size": shard_size, "seed": args.seed, "splits": {}}
         classes, sources = None, {}
         for src, dst, name in plan:
