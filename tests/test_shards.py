@@ -65,6 +65,20 @@ def test_dst_must_be_a_folder_apart_from_src(tmp_path, capsys):
     assert sorted(src.rglob("*")) == tree and not is_shard_spec(str(src))
 
 
+def test_splits_with_other_classes_are_refused_before_writing(tmp_path, capsys):
+    """A val/ whose classes differ from train/'s is refused naming the difference before any shard is written (it
+    was refused after all of train/, whose shards stayed without a manifest and made a rerun need --overwrite)."""
+    src = tmp_path / "src"
+    make_folder(src)
+    shutil.move(src / "val" / "owl", src / "val" / "bat")
+    with pytest.raises(SystemExit) as exit_info:
+        write_main([str(src), str(tmp_path / "wds"), "--workers", "0", "--no-verify"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "must have the 3 classes of" in err
+    assert "lacks 1 of them (owl) and has 1 other(s) (bat)" in err
+    assert not (tmp_path / "wds").exists()
+
+
 def test_writer_output_reads_back_through_webdataset(written):
     src, dst, code, broken = written
     assert code == 1  # one sample does not decode: reported, still written

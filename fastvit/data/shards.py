@@ -339,15 +339,26 @@ def _encoded(path: str) -> tuple[str, bytes]:
     return "png", out.getvalue()
 
 
-def write_split(src: str, dst: str, prefix: str, shard_size: int, seed: int, classes=None) -> dict:
-    """Write the ImageFolder ``src`` as shards ``dst/<prefix>-NNNNNN.tar`` (samples in a seeded random order, so
-    every shard mixes classes) with their indexes; returns the split's manifest entry."""
+def _read_splits(plan) -> list:
+    """The FolderSamples of every split, their class lists compared before anything is written (a class index must
+    name the same class in every split; found after train/ was written, its shards stayed without a manifest)."""
+    splits = [FolderSamples(src) for src, _, _ in plan]
+    classes = splits[0].classes
+    for (src, _, _), samples in zip(plan, splits):
+        if samples.classes != classes:
+            lacks = [c for c in classes if c not in samples.classes]
+            extra = [c for c in samples.classes if c not in classes]
+            differences = [f"{what} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" for what, names in
+                           ((f"lacks {len(lacks)} of them", lacks), (f"has {len(extra)} other(s)", extra)) if names]
+            raise ValueError(f"{src} must have the {len(classes)} classes of {plan[0][0]} (a class index names the "
+                             f"same class in every split), but {' and '.join(differences)}")
+    return splits
+
+
+def write_split(samples: FolderSamples, dst: str, prefix: str, shard_size: int, seed: int) -> dict:
+    """Write an ImageFolder's samples as shards ``dst/<prefix>-NNNNNN.tar`` into the folder ``dst`` (samples in a
+    seeded random order, so every shard mixes classes) with their indexes; returns the split's manifest entry."""
     wds = _webdataset()
-    samples = FolderSamples(src)
-    if classes is not None and samples.classes != classes:
-        raise ValueError(f"{src} has classes {samples.classes[:5]}..., unlike train/ {classes[:5]}...")
-    if len(samples) == 0:
-        raise ValueError(f"{src} holds no images")
     order = np.random.default_rng(seed).permutation(len(samples))
     shards, sources, skipped = [], {}, []
     writer, tmp, size = None, None, 0
@@ -382,7 +393,7 @@ def write_split(src: str, dst: str, prefix: str, shard_size: int, seed: int, cla
     for s in shards:
         per_class.update(s["per_class"])
     return {"samples": sum(s["samples"] for s in shards), "per_class": dict(sorted(per_class.items())),
-            "shards": shards, "skipped": skipped, "_sources": sources, "classes": samples.classes}
+            "shards": shards, "skipped": skipped, "_sources": sources}
 
 
 def _decode_check(item):
@@ -472,6 +483,7 @@ def main(argv=None) -> int:
             raise ValueError(f"SRC {args.src!r} has {splits} but no train/ folder")
         plan = [(os.path.join(args.src, s), os.path.join(args.dst, s), s) for s in splits] or \
                [(args.src, args.dst, "shard")]
+        splits = _read_splits(plan)
         _clear_earlier_write(args.dst, plan, args.overwrite)
         for _, dst, _ in plan:
             try:
@@ -479,14 +491,13 @@ def main(argv=None) -> int:
             except OSError as e:
                 raise ValueError(f"cannot create {dst!r} for DST {args.dst!r}: {e.strerror}") from e
         manifest = {"source": os.path.abspath(args.src), "shard_size": shard_size, "seed": args.seed, "splits": {}}
-        classes, sources = None, {}
-        for src, dst, name in plan:
-            entry = write_split(src, dst, name, shard_size, args.seed, classes)
-            classes = entry.pop("classes")
+        sources = {}
+        for (_, dst, name), samples in zip(plan, splits):
+            entry = write_split(samples, dst, name, shard_size, args.seed)
             for key, path in entry.pop("_sources").items():
                 sources[f"{name}/{key}"] = path
             manifest["splits"][name] = entry
-        manifest["classes"] = classes
+        manifest["classes"] = splits[0].classes
     except (ValueError, ImportError) as e:
         parser.error(str(e))
     failed = []
