@@ -79,6 +79,28 @@ def test_splits_with_other_classes_are_refused_before_writing(tmp_path, capsys):
     assert not (tmp_path / "wds").exists()
 
 
+def test_manifest_paths_are_absolute_and_ignored_files_counted(tmp_path, monkeypatch, capsys):
+    """From a relative SRC, the sources of skipped and undecodable samples are absolute, as the manifest's source;
+    files ImageFolder does not list (other extensions, files beside the class folders) are counted per split and
+    named in one line, not silently left out."""
+    make_folder(tmp_path / "src", broken={("train", "dog", 1)})
+    for name in ("cat/notes.txt", "dog/notes.txt", "owl/anim.gif", "README"):
+        (tmp_path / "src" / "train" / name).write_text("x")
+    (tmp_path / "src" / "train" / "owl" / "bad.bmp").write_bytes(b"BM" + bytes(10))  # listed, fails re-encoding
+    monkeypatch.chdir(tmp_path)
+    assert write_main(["src", "wds", "--shard-size", "1MB", "--workers", "0"]) == 1
+    manifest = json.loads((tmp_path / "wds" / "manifest.json").read_text())
+    assert manifest["source"] == str(tmp_path / "src")
+    train = manifest["splits"]["train"]
+    assert [s["source"] for s in train["skipped"]] == [str(tmp_path / "src" / "train" / "owl" / "bad.bmp")]
+    assert [u["source"] for u in manifest["verify"]["undecodable"]] == [str(tmp_path / "src" / "train" / "dog" /
+                                                                            "1.jpg")]
+    assert train["ignored"] == {"count": 4, "extensions": {".txt": 2, "(none)": 1, ".gif": 1}}
+    assert manifest["splits"]["val"]["ignored"] == {"count": 0, "extensions": {}}
+    err = capsys.readouterr().err
+    assert "ignored 4 file(s) in SRC, not written (.txt 2, (none) 1, .gif 1): ImageFolder reads only .jpg" in err
+
+
 def test_writer_output_reads_back_through_webdataset(written):
     src, dst, code, broken = written
     assert code == 1  # one sample does not decode: reported, still written

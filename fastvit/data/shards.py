@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from fastvit.data.augment import decode_image
 from fastvit.data.keyed import mix_seed
@@ -355,6 +356,15 @@ def _read_splits(plan) -> list:
     return splits
 
 
+def _ignored(root: str, samples: FolderSamples) -> dict:
+    """The files under an ImageFolder split that it does not list (another extension, or outside the class folders),
+    counted per extension: left out of the shards, they would otherwise go unnoticed."""
+    listed = set(samples.paths)
+    ignored = Counter(Path(name).suffix.lower() or "(none)" for folder, _, names in os.walk(root, followlinks=True)
+                      for name in names if os.path.join(folder, name) not in listed)
+    return {"count": ignored.total(), "extensions": dict(sorted(ignored.items(), key=lambda item: (-item[1], item[0])))}
+
+
 def write_split(samples: FolderSamples, dst: str, prefix: str, shard_size: int, seed: int) -> dict:
     """Write an ImageFolder's samples as shards ``dst/<prefix>-NNNNNN.tar`` into the folder ``dst`` (samples in a
     seeded random order, so every shard mixes classes) with their indexes; returns the split's manifest entry."""
@@ -462,6 +472,8 @@ def _check_apart(src: str, dst: str) -> None:
 
 
 def main(argv=None) -> int:
+    """Write, then verify; 1 when a source was not written or a sample does not decode. Every path of a source in
+    manifest.json (``source``, ``skipped``, ``verify.undecodable``) is absolute."""
     parser = argparse.ArgumentParser(prog="python -m fastvit.data.shards", description=(
         "Write an ImageFolder (SRC/train and SRC/val or SRC/test, or SRC itself as one split) as WebDataset tar "
         "shards with indexes and a manifest (counts per class and per shard), then decode every sample to verify."))
@@ -481,8 +493,8 @@ def main(argv=None) -> int:
         splits = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(args.src, s))]
         if splits and "train" not in splits:
             raise ValueError(f"SRC {args.src!r} has {splits} but no train/ folder")
-        plan = [(os.path.join(args.src, s), os.path.join(args.dst, s), s) for s in splits] or \
-               [(args.src, args.dst, "shard")]
+        src = os.path.abspath(args.src)
+        plan = [(os.path.join(src, s), os.path.join(args.dst, s), s) for s in splits] or [(src, args.dst, "shard")]
         splits = _read_splits(plan)
         _clear_earlier_write(args.dst, plan, args.overwrite)
         for _, dst, _ in plan:
@@ -490,10 +502,11 @@ def main(argv=None) -> int:
                 os.makedirs(dst, exist_ok=True)
             except OSError as e:
                 raise ValueError(f"cannot create {dst!r} for DST {args.dst!r}: {e.strerror}") from e
-        manifest = {"source": os.path.abspath(args.src), "shard_size": shard_size, "seed": args.seed, "splits": {}}
+        manifest = {"source": src, "shard_size": shard_size, "seed": args.seed, "splits": {}}
         sources = {}
-        for (_, dst, name), samples in zip(plan, splits):
+        for (split_src, dst, name), samples in zip(plan, splits):
             entry = write_split(samples, dst, name, shard_size, args.seed)
+            entry["ignored"] = _ignored(split_src, samples)
             for key, path in entry.pop("_sources").items():
                 sources[f"{name}/{key}"] = path
             manifest["splits"][name] = entry
@@ -512,6 +525,13 @@ def main(argv=None) -> int:
     for split, entry in manifest["splits"].items():
         print(f"{split}: {entry['samples']} samples in {len(entry['shards'])} shards, "
               f"{len(entry['per_class'])} classes")
+    ignored = Counter()
+    for entry in manifest["splits"].values():
+        ignored.update(entry["ignored"]["extensions"])
+    if ignored:
+        counts = ", ".join(f"{ext} {n}" for ext, n in ignored.most_common())
+        print(f"ignored {ignored.total()} file(s) in SRC, not written ({counts}): ImageFolder reads only "
+              f"{', '.join(IMG_EXTENSIONS)} files inside class folders", file=sys.stderr)
     for item in skipped:
         print(f"not written (unreadable source): {item['source']} ({item['error']})", file=sys.stderr)
     for item in failed:
