@@ -11,8 +11,8 @@ import pytest
 
 from fastvit.config import TrainConfig
 from fastvit.data import BadSampleWarning, FolderSamples, micro_batch_plan
-from fastvit.data.shards import (ShardSampler, ShardSamples, ShardSource, expand, is_shard_spec, main as write_main,
-                                 parse_size, scan_shard)
+from fastvit.data.shards import (ShardSampler, ShardSamples, ShardSource, count_classes, expand, is_shard_spec,
+                                 main as write_main, parse_size, scan_shard)
 from fastvit.train import train
 from test_data import TINY, make_folder, rows
 
@@ -223,6 +223,33 @@ def test_class_count_comes_from_the_manifest_and_a_stray_label_is_caught(written
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ShardSource(str(copy), None, 16).num_classes == 3
+
+
+def test_a_huge_class_index_without_a_manifest_is_refused_by_name(tmp_path):
+    """Without a manifest the head has the largest .cls + 1 classes. A mistyped one far above the classes the shards
+    show is refused naming the sample (100000000000 had numpy allocate 800 GB to list the missing classes; 5000
+    among 4 classes built a 5001-way head with a warning); ImageNet-21k's 21841 classes, a subset of it that shows
+    every 7th class, and a modest stray label are taken, the last two with the warning."""
+    def shards(name, labels):
+        path = tmp_path / f"{name}.tar"
+        _tar(path, [m for i, label in enumerate(labels) for m in ((f"k{i}.jpg", b"x"), (f"k{i}.cls", b"%d" % label))])
+        return ShardSamples([str(path)])
+
+    val = shards("val", [0, 1, 2, 3])
+    for huge in (100000000000, 5000):
+        with pytest.raises(ValueError, match=rf"training sample \S*train{huge}.tar:k6 has class index {huge}, but the "
+                                             r"shards hold only 5 distinct class indices: a mistyped .cls\?"):
+            count_classes(shards(f"train{huge}", [0, 1, 2, 3, 0, 1, huge]), val)
+    with pytest.raises(ValueError, match=r"held-out sample \S*valhuge.tar:k4 has class index 5000"):
+        count_classes(val, shards("valhuge", [0, 1, 2, 3, 5000]))
+    with pytest.warns(RuntimeWarning, match=r"995 of the class indices 0..999 have no training sample \(first 4\)"):
+        assert count_classes(shards("stray", [0, 1, 2, 3, 999]), val) == 1000
+    subset = shards("subset", range(0, 21841, 7))
+    with pytest.warns(RuntimeWarning, match=r"18720 of the class indices 0..21840 have no training sample \(first 1"):
+        assert count_classes(subset, subset) == 21841
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert count_classes(shards("in21k", range(21841)), val) == 21841
 
 
 def test_training_on_shards_folder_and_pattern_split_and_resume(written, tmp_path):
