@@ -63,6 +63,22 @@ def synthetic_folder(root, n, classes=10, seed=0):
                 f.write(out.getvalue())
 
 
+def train_shards(spec):
+    """The samples of --shards' training shards: a writer's output folder (its train/), a folder of .tar files or a
+    brace pattern. The benchmark reads no held-out shards, which ShardSource would also want."""
+    from fastvit.data.shards import ShardSamples, expand
+    train = os.path.join(spec, "train")
+    return ShardSamples(expand(train if os.path.isdir(train) else spec), desc="index train shards")
+
+
+def shard_source(samples, img_size, workers, decode, device):
+    """The trainer's shard source (its windowed shard order) over training shards alone."""
+    from fastvit.data.shards import ShardSource
+    source = ShardSource.__new__(ShardSource)
+    super(ShardSource, source).__init__(samples, samples, img_size, workers, decode, device)
+    return source
+
+
 def measure(source, batch, steps, warmup, seed=0):
     """Images/s of ``source.loader`` over ``steps`` timed micro-batches after ``warmup`` ones (one rank)."""
     from fastvit.data import micro_batch_plan
@@ -118,7 +134,8 @@ def plot(rows, model_ips, path, title):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="ImageFolder root with train/ (default: a synthetic one in a temporary folder)")
-    p.add_argument("--shards", help="the same images as shards (default: written from --data with the writer)")
+    p.add_argument("--shards", help="the same images as shards: the writer's output folder, a folder of .tar files or "
+                                    "a brace pattern of training shards (default: written from --data with the writer)")
     p.add_argument("--images", type=int, default=512, help="synthetic training images (without --data)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch", type=int, default=128, help="micro-batch (images per loader batch)")
@@ -151,17 +168,23 @@ def main(argv=None):
     if not paths:
         p.error("none of the chosen --paths can run here: the folder and shards paths decode on the CPU")
     from fastvit.data import ImageFolderSource
-    from fastvit.data.shards import ShardSource, main as write_shards
+    from fastvit.data.shards import main as write_shards
 
+    shards, shard_paths = None, any(q.startswith("shards") for q in paths)
+    if args.shards and shard_paths:
+        try:
+            shards = train_shards(args.shards)
+        except (ValueError, ImportError) as e:
+            p.error(f"--shards: {e}")
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:
             data = os.path.join(tmp, "images")
             synthetic_folder(data, args.images)
-        shards = args.shards
-        if shards is None and any(q.startswith("shards") for q in paths):
-            shards = os.path.join(tmp, "shards")
-            write_shards([data, shards, "--shard-size", "64MB", "--no-verify"])
+        if shards is None and shard_paths:
+            folder = os.path.join(tmp, "shards")
+            write_shards([data, folder, "--shard-size", "64MB", "--no-verify"])
+            shards = train_shards(folder)
         model_ips, model_source = model_images_per_s(args.throughput)
         device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
         rows = []
@@ -171,10 +194,11 @@ def main(argv=None):
         out = common.out_dir(args.out)
         for path in paths:
             for w in workers:
-                if path == "folder":
-                    source = ImageFolderSource(data, args.img_size, w, "cpu", device)
-                else:
-                    source = ShardSource(shards, None, args.img_size, w, PATHS[path], device)
+                try:
+                    source = (ImageFolderSource(data, args.img_size, w, "cpu", device) if path == "folder" else
+                              shard_source(shards, args.img_size, w, PATHS[path], device))
+                except ValueError as e:  # a --data that is no ImageFolder with train/ and val/
+                    p.error(str(e))
                 ips = measure(source, args.batch, args.steps, args.warmup)
                 rows.append({"path": path, "decode": source.decode, "workers": w, "images_per_s": ips,
                              "images_per_s_per_worker": ips / max(w, 1),

@@ -463,16 +463,49 @@ def test_numerics_keeps_finished_rows_when_a_run_stops(tmp_path, monkeypatch):
     assert "| add_layer_norm |" in (tmp_path / "numerics.md").read_text()
 
 
-def test_loader_keeps_finished_rows_when_a_run_stops(tmp_path):
-    """loader.json is rewritten after every row: a run that stops part-way (here at a shard folder that does not
-    exist; in bench/gpu_suite.sh, a step's time limit) leaves the rows it measured, marked incomplete."""
-    proc = subprocess.run([sys.executable, "bench/loader.py", "--images", "16", "--img-size", "32", "--batch", "8",
-                           "--steps", "1", "--warmup", "1", "--workers", "1", "--paths", "folder,shards", "--shards",
-                           str(tmp_path / "no_shards"), "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=240)
-    assert proc.returncode != 0 and "no_shards" in proc.stderr
+def test_loader_keeps_finished_rows_when_a_run_stops(tmp_path, monkeypatch):
+    """loader.json is rewritten after every row: a run that stops part-way (here at its second measurement; in
+    bench/gpu_suite.sh, a step's time limit) leaves the rows it measured, marked incomplete."""
+    loader = _load_bench("loader")
+    real, calls = loader.measure, []
+
+    def measure(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("stopped at the second row")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(loader, "measure", measure)
+    with pytest.raises(RuntimeError, match="stopped at the second row"):
+        loader.main(["--images", "16", "--img-size", "32", "--batch", "8", "--steps", "1", "--warmup", "1",
+                     "--workers", "0", "--paths", "folder,shards", "--out", str(tmp_path)])
     data = _result(tmp_path / "loader.json")
-    assert data["complete"] is False and [(r["path"], r["workers"]) for r in data["rows"]] == [("folder", 1)]
+    assert data["complete"] is False and [(r["path"], r["workers"]) for r in data["rows"]] == [("folder", 0)]
+
+
+def test_loader_takes_training_shards_as_a_pattern_or_a_folder(tmp_path, capsys):
+    """--shards takes a brace pattern or a folder of .tar files, not only the writer's output folder (both were a
+    traceback asking for --val-data, a flag loader.py does not have): only training shards are read. A --shards that
+    names no shards is a usage error before anything is measured."""
+    pytest.importorskip("webdataset")
+    from fastvit.data.shards import main as write_shards
+    loader = _load_bench("loader")
+    loader.synthetic_folder(tmp_path / "images", 12, classes=3)
+    assert write_shards([str(tmp_path / "images"), str(tmp_path / "wds"), "--shard-size", "30KB", "--no-verify"]) == 0
+    count = len(list((tmp_path / "wds" / "train").glob("*.tar")))
+    assert count > 1
+    args = ["--data", str(tmp_path / "images"), "--img-size", "32", "--batch", "4", "--steps", "1", "--warmup", "0",
+            "--workers", "0", "--paths", "shards", "--out", str(tmp_path / "out")]
+    for shards in (f"{tmp_path}/wds/train/train-{{000000..{count - 1:06d}}}.tar", str(tmp_path / "wds" / "train"),
+                   str(tmp_path / "wds")):
+        rows = loader.main(args + ["--shards", shards])["rows"]
+        assert [(r["path"], r["workers"]) for r in rows] == [("shards", 0)] and _positive_float(rows[0]["images_per_s"])
+    for shards, message in ((f"{tmp_path}/wds/train/train-{{000000..000999}}.tar", "shards do not exist"),
+                            (str(tmp_path / "nothing"), "matches no file")):
+        with pytest.raises(SystemExit) as exit_info:
+            loader.main(args + ["--shards", shards, "--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"error: --shards: shard pattern {shards!r}" in err and message in err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_residual_dtype_smoke(tmp_path):
