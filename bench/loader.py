@@ -21,6 +21,7 @@ Writes loader.json and loader.png to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -183,7 +184,8 @@ def main(argv=None):
             synthetic_folder(data, args.images)
         if shards is None and shard_paths:
             folder = os.path.join(tmp, "shards")
-            write_shards([data, folder, "--shard-size", "64MB", "--no-verify"])
+            with contextlib.redirect_stdout(io.StringIO()):  # its summary names a folder deleted at the end
+                write_shards([data, folder, "--shard-size", "64MB", "--no-verify"])
             shards = train_shards(folder)
         model_ips, model_source = model_images_per_s(args.throughput)
         device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
