@@ -507,7 +507,7 @@ def main(argv=None) -> int:
             raise ValueError(f"SRC {args.src!r} has {splits} but no train/ folder")
         src = os.path.abspath(args.src)
         plan = [(os.path.join(src, s), os.path.join(args.dst, s), s) for s in splits] or [(src, args.dst, "shard")]
-        splits = _read_splits(plan)
+        folders = _read_splits(plan)
         _clear_earlier_write(args.dst, plan, args.overwrite)
         for _, dst, _ in plan:
             try:
@@ -516,13 +516,13 @@ def main(argv=None) -> int:
                 raise ValueError(f"cannot create {dst!r} for DST {args.dst!r}: {e.strerror}") from e
         manifest = {"source": src, "shard_size": shard_size, "seed": args.seed, "splits": {}}
         sources = {}
-        for (split_src, dst, name), samples in zip(plan, splits):
+        for (split_src, dst, name), samples in zip(plan, folders):
             entry = write_split(samples, dst, name, shard_size, args.seed)
             entry["ignored"] = _ignored(split_src, samples)
             for key, path in entry.pop("_sources").items():
                 sources[f"{name}/{key}"] = path
             manifest["splits"][name] = entry
-        manifest["classes"] = splits[0].classes
+        manifest["classes"] = folders[0].classes
     except (ValueError, ImportError) as e:
         parser.error(str(e))
     failed = []
