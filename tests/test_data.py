@@ -2,6 +2,11 @@
 CPU path, unreadable samples (replaced, counted, a limit), and training on an ImageFolder with broken files."""
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -188,6 +193,31 @@ def test_training_with_broken_files_counts_replaces_and_resumes(tmp_path):
         train(TrainConfig(**dict(resumed, out=str(tmp_path / "d"))))
     c, d = ([(r["loss"], r["bad_samples"]) for r in rows(tmp_path / x) if "loss" in r] for x in "cd")
     assert c == d and [n for _, n in d] == [r["bad_samples"] for r in a]
+
+
+def test_sigterm_to_the_process_group_saves_with_loader_workers(tmp_path):
+    """A scheduler (SLURM's scancel), torchrun or a terminal signals the whole process group, loader workers
+    included: the workers leave the signal to the trainer, which saves at the end of the step and exits 143 (a
+    worker killed by it used to end the run with a traceback and nothing saved)."""
+    make_folder(tmp_path / "data", per_class=8)
+    out = tmp_path / "run"
+    flags = ["--data", str(tmp_path / "data"), "--workers", "2", "--steps", "100000", "--global-batch", "6",
+             "--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
+             "--save-every", "100000", "--eval-every", "100000", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "fastvit.train", *flags], cwd=Path(__file__).parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").exists() and len([r for r in rows(out) if "loss" in r]) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    last = [r for r in rows(out) if "loss" in r][-1]["step"]
+    assert proc.returncode == 128 + signal.SIGTERM.value, output[-3000:]
+    assert f"SIGTERM: saved checkpoint at step {last}" in output and "Traceback" not in output, output[-3000:]
 
 
 def test_a_run_resumes_with_its_data_folder_written_another_way(tmp_path, monkeypatch, capsys):

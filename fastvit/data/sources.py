@@ -261,6 +261,13 @@ class EvalImages(torch.utils.data.Dataset):
         return eval_transform(image, self.img_size), int(self.samples.labels[index])
 
 
+def leave_stops_to_the_parent(worker_id: int):
+    """A loader worker leaves the trainer's process group: a scheduler, torchrun or a terminal signals the whole
+    group (SIGTERM, Ctrl-C), and a worker killed by it would end the run before the trainer saves at the end of the
+    step. The trainer still stops its workers itself (and a worker whose parent dies exits by itself)."""
+    os.setpgid(0, 0)
+
+
 def decode_problem(decode: str, digits: bool, device) -> str | None:
     """Why ``--decode decode`` cannot run on the ``digits`` dataset or not and ``device`` (None: the CPU), or None
     when it can; the trainer's flag check and the data sources both ask."""
@@ -302,7 +309,7 @@ class FileSource(DataSource):
         dataset = self.keyed(seed)
         batches = torch.utils.data.DataLoader(dataset, batch_sampler=plan, num_workers=self.workers,
                                               collate_fn=collate, pin_memory=torch.cuda.is_available(),
-                                              generator=_own_generator(seed))
+                                              generator=_own_generator(seed), worker_init_fn=leave_stops_to_the_parent)
         if self.decode == "cpu":  # uint8 crops from the workers, normalised on the training device
             return ((normalise(x.to(self.device, non_blocking=True)), y, bad) for x, y, _, bad, _ in batches)
         if self.decode == "dali":
@@ -357,7 +364,8 @@ def eval_batches(dataset, batch_size: int, world: int = 1, rank: int = 0, worker
     valid = torch.arange(per_rank) < len(idx)
     idx += [0] * (per_rank - len(idx))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size,
-                                         num_workers=workers, generator=_own_generator(0))
+                                         num_workers=workers, generator=_own_generator(0),
+                                         worker_init_fn=leave_stops_to_the_parent)
     batches = progress(loader, desc=desc, leave=False, disable=desc is None or rank != 0)
     for i, (x, y) in enumerate(batches):
         yield x, y, valid[i * batch_size:i * batch_size + len(y)]
