@@ -197,8 +197,13 @@ def test_bad_shard_input_gives_clear_errors(written, tmp_path):
         expand(str(dst / "train" / "*.tar"))
     with pytest.raises(ValueError, match="pass the held-out shards with --val-data"):
         ShardSource(pattern, None, 16)
-    with pytest.raises(ValueError, match="needs train/ and val/"):
+    with pytest.raises(ValueError, match="is a folder of shards without train/ and val/: pass the held-out shards "
+                                         "with --val-data"):
         ShardSource(str(dst / "train"), None, 16)
+    (tmp_path / "only_train" / "train").mkdir(parents=True)
+    shutil.copy(first, tmp_path / "only_train" / "train")
+    with pytest.raises(ValueError, match="needs train/ and val/"):
+        ShardSource(str(tmp_path / "only_train"), None, 16)
     assert parse_size("1GB") == 10 ** 9 and parse_size("64MiB") == 64 * 2 ** 20 and parse_size("4096") == 4096
     with pytest.raises(ValueError, match="--shard-size must look like 1GB"):
         parse_size("big")
@@ -250,6 +255,23 @@ def test_a_huge_class_index_without_a_manifest_is_refused_by_name(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert count_classes(shards("in21k", range(21841)), val) == 21841
+
+
+def test_a_folder_of_shards_takes_its_val_folder_and_their_classes_must_agree(written, tmp_path):
+    """A flat folder of .tar files (what the writer gives for a SRC without train/) is shards, with --val-data a
+    pattern or another folder; held-out shards whose manifest numbers the classes otherwise (another writer run that
+    found other classes) are refused, where their labels would silently name other classes."""
+    _, dst, _, _ = written
+    from fastvit.data import make_source
+    source = make_source(str(dst / "train"), 16, workers=0, val_data=str(dst / "val"))
+    assert isinstance(source, ShardSource) and source.num_classes == 3 and len(source.test) == 18
+    other = tmp_path / "other"
+    shutil.copytree(dst / "val", other / "val")
+    manifest = json.loads((dst / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps(dict(manifest, classes=["cat", "owl"])))
+    with pytest.raises(ValueError, match=r"held-out shards' manifest.json lists other classes than the training "
+                                         r"shards' \(index 1: 'owl' there, 'dog' in training; 2 vs 3 classes\)"):
+        ShardSource(str(dst / "train"), str(other / "val"), 16)
 
 
 def test_training_on_shards_folder_and_pattern_split_and_resume(written, tmp_path):

@@ -9,7 +9,7 @@ from fastvit.data.sources import DataSource, DigitsSource, ImageFolderSource, de
 def make_source(data: str, img_size: int, workers: int = 4, val_data: str | None = None, decode: str = "cpu",
                 device=None) -> DataSource:
     """``'digits'``, an ImageFolder root, a folder with train/ and val/ folders of .tar shards, or a shard pattern
-    (with ``val_data``)."""
+    or a folder of .tar shards (with ``val_data``)."""
     from fastvit.data import shards  # here: ``python -m fastvit.data.shards`` must find it not yet imported
     if data == "digits":
         problem = decode_problem(decode, True, device)

@@ -67,9 +67,10 @@ def _split_folders(root: str) -> list:
 
 
 def is_shard_spec(data: str) -> bool:
-    """Whether ``--data`` names shards: a .tar file or brace pattern, or a folder whose train/ holds .tar files."""
+    """Whether ``--data`` names shards: a .tar file or brace pattern, a folder whose train/ holds .tar files, or a
+    folder of .tar files (one split, as the writer gives for a SRC without train/)."""
     if os.path.isdir(data):
-        return "train" in _split_folders(data)
+        return "train" in _split_folders(data) or bool(glob.glob(os.path.join(data, "*.tar")))
     return data.endswith(".tar") or "{" in data
 
 
@@ -264,15 +265,17 @@ class ShardSampler:
 
 def resolve_specs(data: str, val_data: str | None) -> tuple[str, str]:
     """(train spec, held-out spec) from --data and --val-data."""
-    if os.path.isdir(data):
-        splits = _split_folders(data)
+    splits = _split_folders(data) if os.path.isdir(data) else []
+    if splits:
         held_out = next((s for s in ("val", "test") if s in splits), None)
         if "train" not in splits or held_out is None:
             raise ValueError(f"--data {data!r}: a shard folder needs train/ and val/ (or test/) sub-folders of .tar "
                              f"shards (found .tar files in: {', '.join(splits) or 'none'})")
         return os.path.join(data, "train"), val_data or os.path.join(data, held_out)
     if val_data is None:
-        raise ValueError(f"--data {data!r} is a shard pattern: pass the held-out shards with --val-data PATTERN")
+        kind = "folder of shards without train/ and val/" if os.path.isdir(data) else "shard pattern"
+        raise ValueError(f"--data {data!r} is a {kind}: pass the held-out shards with --val-data (a pattern or a "
+                         "folder of .tar files)")
     return data, val_data
 
 
@@ -294,6 +297,14 @@ def count_classes(train: "ShardSamples", test: "ShardSamples") -> int:
     largest label + 1 (WebDataset shards carry no class list), with a warning when an index below it has no
     training sample, which is how a mistyped .cls shows (a 7 among 3 classes would build an 8-way head)."""
     classes = manifest_classes(train.paths[0])
+    held_out = manifest_classes(test.paths[0])
+    if classes is not None and held_out is not None and held_out != classes:
+        # each writer run numbers the classes it found: an index would name another class in each split
+        first = next(i for i, pair in enumerate(zip(classes, held_out + [None] * len(classes))) if pair[0] != pair[1])
+        raise ValueError(f"the held-out shards' {MANIFEST} lists other classes than the training shards' (index "
+                         f"{first}: {held_out[first] if first < len(held_out) else 'none'!r} there, {classes[first]!r} "
+                         f"in training; {len(held_out)} vs {len(classes)} classes): write both splits in one run of "
+                         "python -m fastvit.data.shards, from a SRC with train/ and val/")
     if classes is not None:
         for split, samples in (("training", train), ("held-out", test)):
             wrong = np.flatnonzero(samples.labels >= len(classes))
