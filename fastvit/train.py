@@ -67,6 +67,11 @@ def default_out(cfg: TrainConfig) -> str:
     return out[0]
 
 
+class BadSampleLimit(DataError):
+    """More unreadable samples than --max-bad-frac allows, found by every rank at once (the step's counts are
+    summed over ranks), so all of them can save before stopping."""
+
+
 class _StopRequest:
     """Records SIGTERM or Ctrl-C (SIGINT) so the run saves a checkpoint at the end of the current step and exits;
     a second Ctrl-C interrupts at once (the default handler is back after the first)."""
@@ -195,13 +200,22 @@ class Run:
     def _state(self, step, samples_seen, bad_samples=0):
         from torch.distributed.checkpoint.state_dict import get_state_dict
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        rng = {"cpu": torch.get_rng_state()}
-        if self.env.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.env.device)
-        return {"model": model_sd, "optim": optim_sd, f"rng/rank{self.env.rank}": rng,
+        return {"model": model_sd, "optim": optim_sd, f"rng/rank{self.env.rank}": self._rng_state(),
                 "trainer": {"step": step, "samples_seen": samples_seen, "bad_samples": bad_samples,
                             "scheduler": self.scheduler.state_dict(),
                             "world": self.env.world, "global_batch": self.cfg.global_batch}}
+
+    def _rng_state(self) -> dict:
+        """This rank's dropout / drop-path generators."""
+        rng = {"cpu": torch.get_rng_state()}
+        if self.env.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.env.device)
+        return rng
+
+    def _set_rng_state(self, rng: dict):
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.env.device)
 
     def _config_json(self):
         return {"train": dataclasses.asdict(self.cfg), "model": {"name": self.model_name, "kwargs": self.model_kwargs}}
@@ -236,9 +250,7 @@ class Run:
         self.scheduler.load_state_dict(state["trainer"]["scheduler"])
         self._follow_flags()
         if rng_key in state:
-            torch.set_rng_state(state[rng_key]["cpu"])
-            if "cuda" in state[rng_key]:
-                torch.cuda.set_rng_state(state[rng_key]["cuda"], self.env.device)
+            self._set_rng_state(state[rng_key])
         trainer = state["trainer"]
         return int(trainer["step"]), int(trainer["samples_seen"]), int(trainer["bad_samples"])
 
@@ -426,16 +438,17 @@ class Run:
     def _count_bad(self, bad: int, drawn: int):
         """Add a step's unreadable samples (all ranks) and stop once they exceed --max-bad-frac x max(samples
         drawn, training-set size): a few bad files never stop a run, a broken dataset stops it early."""
-        self.bad_total += bad
+        total = self.bad_total + bad
         limit = self.cfg.max_bad_frac * max(drawn, self.data.num_train)
-        if self.bad_total > limit:
+        if total > limit:
             self.optimizer.zero_grad(set_to_none=True)
-            many = self.bad_total != 1
-            raise DataError(f"{self.bad_total} unreadable sample{'s' * many} among the {drawn} drawn so far "
+            many = total != 1
+            raise BadSampleLimit(f"{total} unreadable sample{'s' * many} among the {drawn} drawn so far "
                             f"exceed{'s' * (not many)} --max-bad-frac "
                             f"{self.cfg.max_bad_frac:g} x max(drawn, training-set size {self.data.num_train}) = "
                             f"{limit:g}; the warnings above name them. Repair or remove them (python -m "
                             f"fastvit.data.shards verifies shards), or raise --max-bad-frac")
+        self.bad_total = total
 
     def fit(self, on_step_end=None) -> dict:
         """Train to cfg.steps (resuming per --resume) and return the final metrics.
@@ -460,7 +473,15 @@ class Run:
             while step < cfg.steps:
                 t0 = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]
-                loss, norm, stopped = self._step(batches, stop, step, seen)
+                rng = self._rng_state()  # cheap: a few KB
+                try:
+                    loss, norm, stopped = self._step(batches, stop, step, seen)
+                except BadSampleLimit as e:  # every rank, together: keep the finished steps
+                    self._set_rng_state(rng)  # as before the step, which a resume then repeats
+                    if step > 0 and (saved_at == step or self.save(step, seen)):
+                        e.args = (f"{e}. Saved checkpoint at step {step}, before this step: the same command with a "
+                                  f"larger --max-bad-frac goes on from there",)
+                    raise
                 step, seen = step + 1, seen + cfg.global_batch
                 dt = time.perf_counter() - t0
                 speed = cfg.global_batch / dt if speed is None else 0.9 * speed + 0.1 * cfg.global_batch / dt

@@ -3,6 +3,7 @@ CPU path, unreadable samples (replaced, counted, a limit), and training on an Im
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -255,6 +256,25 @@ def test_too_many_bad_samples_stop_the_run_with_a_clear_error(tmp_path, capsys):
     # 18 training images, 0.05 x 18 = 0.9: the first bad sample drawn stops it, before its step updates the model
     logged = [r for r in rows(tmp_path / "run") if "loss" in r]
     assert all(r["bad_samples"] == 0 for r in logged)
+
+
+def test_the_bad_sample_limit_keeps_the_finished_steps(tmp_path):
+    """A run stopped by --max-bad-frac after some steps saves them (the model as before the failing step, its
+    dropout generator too); the same run with a larger limit goes on from there and repeats, bitwise, a run that
+    had the larger limit from the start."""
+    make_folder(tmp_path / "data", broken={("train", "dog", 1), ("train", "cat", 4), ("train", "owl", 5)})
+    common = dict(TINY, data=str(tmp_path / "data"), steps=8, global_batch=6, seed=3, dropout=0.1, save_every=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadSampleWarning)
+        with pytest.raises(DataError, match=r"Saved checkpoint at step (\d+), before this step: the same command "
+                                            r"with a larger --max-bad-frac goes on from there") as stopped:
+            train(TrainConfig(**common, out=str(tmp_path / "a"), max_bad_frac=0.12))
+        saved = int(re.search(r"at step (\d+), before", str(stopped.value)).group(1))
+        assert 0 < saved < 8 and [r["step"] for r in rows(tmp_path / "a") if "loss" in r][-1] == saved
+        train(TrainConfig(**common, out=str(tmp_path / "a"), max_bad_frac=0.5))
+        train(TrainConfig(**common, out=str(tmp_path / "b"), max_bad_frac=0.5))
+    a, b = ([(r["step"], r["loss"], r["bad_samples"]) for r in rows(tmp_path / x) if "loss" in r] for x in "ab")
+    assert a == b and a[-1][0] == 8
 
 
 def test_a_sample_that_never_decodes_is_a_data_error(tmp_path):
