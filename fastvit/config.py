@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -224,7 +225,8 @@ def steps_for(cfg: TrainConfig, num_train: int) -> TrainConfig:
 
 def short_warnings() -> None:
     """In the command-line tools: fastvit's own warnings print as 'warning: message' lines, not as Python's
-    'path:line: Category: message' with the source line that raised them; others print as Python prints them."""
+    'path:line: Category: message' with the source line that raised them; others print as Python prints them.
+    (Not on a terminal, ``showwarning`` stays Python's, so that recorders such as pytest.warns see them.)"""
     default = warnings.formatwarning
 
     def format_warning(message, category, filename, lineno, line=None):
@@ -233,6 +235,13 @@ def short_warnings() -> None:
         return default(message, category, filename, lineno, line)
 
     warnings.formatwarning = format_warning
+    if sys.stderr.isatty():  # on a terminal, above the progress bar instead of appended to its line
+        def show_warning(message, category, filename, lineno, file=None, line=None):
+            from tqdm import tqdm
+            tqdm.write(format_warning(message, category, filename, lineno, line).rstrip("\n"),
+                       file=file or sys.stderr)
+
+        warnings.showwarning = show_warning
 
 
 def plural(n, word: str) -> str:

@@ -469,7 +469,7 @@ class Run:
         step, top1, saved_at, stopped = start, None, start if resumed_from else None, False
         speed, t_run = None, time.perf_counter() - log.elapsed  # training time goes on from a resumed step
         self.core.train()
-        with _StopRequest() as stop:
+        with _StopRequest() as stop, bar:  # the bar closed on an error too: its message starts a line of its own
             while step < cfg.steps:
                 t0 = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -509,7 +509,6 @@ class Run:
                         bar.write(f"{stop.requested or 'a stop request'}: saved checkpoint at step {step}; exiting "
                                   f"(the same command with --out {cfg.out} resumes it)")
                     break
-        bar.close()
         if saved_at != step:
             self.save(step, seen, final=True)
         if stopped:  # not finished: no final accuracy (the last evaluation is in metrics.jsonl), no model folder
@@ -599,11 +598,20 @@ def main(argv=None) -> list:
                 rank0_print(env, f"held-out top-1 over {cfg.seeds} seeds: {top1.mean():.2f} ± "
                                   f"{top1.std(ddof=1):.2f}% ({', '.join(f'{t:.2f}' for t in top1)}; {summary})")
     except (FloatingPointError, DataError, checkpoint.CheckpointWriteError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {own_message(e)}", file=sys.stderr, flush=True)
         sys.exit(1)
     if results and results[-1]["stopped_by_signal"]:
         sys.exit(stop_status(results[-1]))
     return results
+
+
+def own_message(error: Exception) -> str:
+    """The error's own message: raised in a loader worker, it comes back with the worker's traceback in front
+    (torch's ExceptionWrapper), whose last line is the original error."""
+    text = str(error)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 def stop_status(result) -> int:

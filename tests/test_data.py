@@ -277,6 +277,21 @@ def test_the_bad_sample_limit_keeps_the_finished_steps(tmp_path):
     assert a == b and a[-1][0] == 8
 
 
+def test_broken_data_read_by_loader_workers_ends_with_the_one_line_error(tmp_path, capsys):
+    """Data found broken in a loader worker ends the run with the error's own line, as with --workers 0, not the
+    worker's traceback that torch puts in front of it."""
+    make_folder(tmp_path / "data", per_class=2, broken={(split, c, i) for split in ("train", "val")
+                                                       for c in ("cat", "dog", "owl") for i in range(2)})
+    flags = ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--steps", "2", "--global-batch", "2",
+             "--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
+             "--workers", "1", "--max-bad-frac", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(flags)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err and "Caught" not in err, err[-2000:]
+    assert re.search(r"^error: 17 samples in a row could not be read or decoded \(last: .*\.jpg: ", err, re.M), err
+
+
 def test_a_sample_that_never_decodes_is_a_data_error(tmp_path):
     make_folder(tmp_path, per_class=1, classes=("a",), broken={("train", "a", 0)})
     source = ImageFolderSource(str(tmp_path), img_size=16, workers=0)
