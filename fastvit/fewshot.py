@@ -64,14 +64,15 @@ def lsr_accuracy(train_x, train_y, test_x, test_y, l2=1.0) -> float:
 
 
 @torch.no_grad()
-def features(model, dataset, batch_size=256):
+def features(model, dataset, batch_size=256, workers=0):
     """Pre-logits features (N, D) of a dataset of (image, label) pairs, in float32 on the CPU, and the (N,) mask of
-    images that could be read (an unreadable one comes with label -1, see ``fastvit.data.EvalImages``)."""
+    images that could be read (an unreadable one comes with label -1, see ``fastvit.data.EvalImages``); ``workers``
+    loader processes decode the images."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out, readable = [], []
-    for x, y, _ in eval_batches(dataset, batch_size, desc="features"):
+    for x, y, _ in eval_batches(dataset, batch_size, workers=workers, desc="features"):
         tokens = model.forward_features(x.to(device))
         out.append(model.forward_head(tokens, pre_logits=True).float().cpu())
         readable.append(torch.as_tensor(y) >= 0)
@@ -88,13 +89,13 @@ def sample_shots(labels, shots, seed):
     return np.sort(np.concatenate(picked))
 
 
-def evaluate(model, train_set, test_set, shots=SHOTS, seeds=3, l2=1.0, batch_size=256):
+def evaluate(model, train_set, test_set, shots=SHOTS, seeds=3, l2=1.0, batch_size=256, workers=0):
     """Few-shot accuracy: for each shot count and each seed 0..seeds-1, fit the ridge classifier on that many
     examples per class of ``train_set`` and test on all of ``test_set``.
 
     Returns {shots: {"mean": m, "std": s (sample std over seeds), "accs": [per-seed accuracy]}}; only the sampled
     training images and the test set go through the model. Images that cannot be read are left out (with the
-    dataset's warning).
+    dataset's warning). ``workers``: loader processes that decode the images.
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
@@ -109,9 +110,9 @@ def evaluate(model, train_set, test_set, shots=SHOTS, seeds=3, l2=1.0, batch_siz
                           f"(the fewest {counts.min()}); those use all they have")
     picks = {(k, s): sample_shots(labels, int(k), s) for k in shots for s in range(seeds)}
     needed = np.unique(np.concatenate(list(picks.values())))
-    train_feats, train_ok = features(model, torch.utils.data.Subset(train_set, needed.tolist()), batch_size)
+    train_feats, train_ok = features(model, torch.utils.data.Subset(train_set, needed.tolist()), batch_size, workers)
     row = {int(i): r for r, i in enumerate(needed)}
-    test_x, test_ok = features(model, test_set, batch_size)
+    test_x, test_ok = features(model, test_set, batch_size, workers)
     test_x, test_y = test_x[test_ok], dataset_labels(test_set)[test_ok]
     results = {}
     for k in shots:
@@ -187,7 +188,9 @@ def main(argv=None):
         model, img_size = load_model_for_eval(args.init, args.model, args.img_size,
                                               **{k: getattr(args, k) for k in ARCH_FLAGS})
         data = make_source(data_flags[0], img_size, workers=args.workers, val_data=data_flags[1])
-        results = evaluate(model, data.train_eval, data.test, args.shots, args.seeds, args.l2, args.batch_size)
+        workers = 0 if data_flags[0] == "digits" else args.workers  # digits are in memory: no decoding to spread
+        results = evaluate(model, data.train_eval, data.test, args.shots, args.seeds, args.l2, args.batch_size,
+                           workers)
     except ValueError as e:
         parser.error(str(e))
     print(f"few-shot ({plural(args.seeds, 'seed')}, l2={args.l2}): {format_results(results)}")

@@ -356,6 +356,24 @@ def test_fewshot_leaves_unreadable_images_out(tmp_path):
     assert got == pytest.approx(fewshot.lsr_accuracy(train_x, train_y, test_x, test_y), abs=1e-12)
 
 
+def test_fewshot_decodes_in_its_loader_workers(tmp_path, monkeypatch):
+    """fewshot's --workers (and the trainer's, for its few-shot evaluation) decode the images in that many loader
+    processes (they used to be ignored: every image decoded in the main process), with the same result."""
+    from fastvit import fewshot
+    from test_fewshot import PixelFeatures
+    make_folder(tmp_path / "data")
+    source = ImageFolderSource(str(tmp_path / "data"), img_size=8, workers=0)
+    alone = fewshot.evaluate(PixelFeatures(), source.train_eval, source.test, shots=(2,), seeds=1)
+    real, asked = torch.utils.data.DataLoader, []
+    monkeypatch.setattr(torch.utils.data, "DataLoader",
+                        lambda *a, **kw: asked.append(kw["num_workers"]) or real(*a, **kw))
+    assert fewshot.main(["--data", str(tmp_path / "data"), "--img-size", "8", "--patch-size", "4", "--embed-dim",
+                         "16", "--depth", "1", "--num-heads", "2", "--workers", "2", "--shots", "2", "--seeds", "1"])
+    assert asked == [2, 2]
+    asked.clear()
+    assert fewshot.evaluate(PixelFeatures(), source.train_eval, source.test, shots=(2,), seeds=1, workers=2) == alone
+    assert asked == [2, 2]
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="--decode gpu needs CUDA")
 def test_gpu_decode_on_cuda_is_close_to_the_cpu_path(tmp_path):
