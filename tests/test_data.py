@@ -319,6 +319,18 @@ def test_decode_image_is_pil_for_every_jpeg_mode_and_names_what_is_broken():
         decode_image(b"not an im")  # PIL's own message would name a BytesIO object
 
 
+def test_a_16_bit_grey_png_keeps_its_range():
+    """A 16-bit grey PNG (scans, medical and satellite crops) decodes to its top 8 bits in every channel: PIL's
+    convert("RGB"), torchvision's ImageFolder loader's too, clips at 255 and made most of such an image white."""
+    ramp = np.linspace(0, 65535, 40 * 30).astype(np.uint16).reshape(30, 40)
+    out = io.BytesIO()
+    Image.fromarray(ramp).save(out, format="PNG")
+    assert Image.open(io.BytesIO(out.getvalue())).mode.startswith("I")
+    got = decode_image(out.getvalue())
+    expected = torch.from_numpy((ramp >> 8).astype(np.uint8)).expand(3, -1, -1)
+    assert got.dtype == torch.uint8 and torch.equal(got, expected)
+
+
 def test_folder_samples_read_files(tmp_path):
     make_folder(tmp_path)
     samples = FolderSamples(str(tmp_path / "train"))

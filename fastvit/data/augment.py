@@ -36,8 +36,8 @@ JPEG_MAGIC = b"\xff\xd8"  # the first bytes of every JPEG file
 
 
 def decode_pil(data: bytes) -> torch.Tensor:
-    """An encoded image (JPEG, PNG, WebP, ...) as a (3, H, W) uint8 tensor, through PIL (grey, palette, CMYK and
-    alpha images converted to RGB). Raises whatever PIL raises on a broken file; for data PIL cannot identify, with
+    """An encoded image (JPEG, PNG, WebP, ...) as a (3, H, W) uint8 tensor, through PIL (grey, 16-bit grey, palette,
+    CMYK and alpha images converted to RGB). Raises whatever PIL raises on a broken file; for data PIL cannot identify, with
     the data's size and first bytes where PIL names a BytesIO object."""
     from PIL import Image, UnidentifiedImageError
     try:
@@ -46,7 +46,12 @@ def decode_pil(data: bytes) -> torch.Tensor:
         raise UnidentifiedImageError(f"cannot identify image data ({len(data)} bytes, starting {data[:8]!r})") \
             from None
     with image:
-        rgb = np.asarray(image.convert("RGB"))
+        if image.mode.startswith("I;16") or image.mode == "I":
+            # 16-bit grey (PNG): convert("RGB") clips every value above 255, most of the image white; its top 8 bits
+            grey = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+            rgb = np.repeat(grey[..., None], 3, axis=-1)
+        else:
+            rgb = np.asarray(image.convert("RGB"))
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 
