@@ -410,8 +410,11 @@ class PatchEmbed(nn.Module):
 
     def check_input(self, x):
         """Validate an image batch: (x, its patch grid (gh, gw)); with ``dynamic_img_pad`` x is first zero-padded
-        on the bottom and right to whole patches, as timm's."""
+        on the bottom and right to whole patches, as timm's (which checks a fixed size before padding: an image of
+        another size is refused, not padded up to it)."""
         if self.dynamic_img_pad:
+            if not self.dynamic_img_size:
+                checked_image(x, self.in_chans, self.img_size, self.patch_size, False, whole=False)
             x = _pad_to_patches(x, self.patch_size)
         return checked_image(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size, whole=False)
 

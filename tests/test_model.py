@@ -842,6 +842,18 @@ def test_dynamic_img_pad_matches_timm():
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
+def test_dynamic_img_pad_alone_refuses_another_image_size_as_timm():
+    """Without dynamic_img_size the image size is fixed: timm checks it before padding, so an image of another size
+    is refused instead of being zero-padded up to the model's."""
+    model, ref = pair(dynamic_img_pad=True)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(AssertionError, match="doesn't match model"):
+        ref(x[..., :20, :30])
+    with pytest.raises(ValueError, match=r"expected image size \(32, 32\), got \(20, 30\)"):
+        model(x[..., :20, :30])
+
+
 def test_images_of_another_dtype_than_the_model_are_refused_as_timm_refuses_them():
     """An fp32 model given bf16 images raises as timm's (nn.Conv2d's rule) instead of casting in silence; under
     autocast, and with the model cast to the images' dtype, it runs."""
