@@ -14,6 +14,7 @@ from fastvit.convert import load_checkpoint
 from fastvit.features import features_only as wrap_features
 from fastvit.pretrained import RUNTIME_ARGS, load_pretrained, parse_model_name, read_model_config, resolve_weights
 from fastvit.registry import get_pretrained_cfg, is_model, model_entrypoint, split_model_name_tag
+from fastvit.resample import _pair
 
 __all__ = ["create_model"]
 
@@ -81,12 +82,19 @@ def create_model(model_name, pretrained=False, pretrained_cfg=None, pretrained_c
     model.pretrained_cfg = model.default_cfg = cfg
     model.pretrained_model_args = source_args
     model._model_args = {k: v for k, v in kwargs.items() if k not in RUNTIME_ARGS}  # for save_pretrained
+    # timm's input traits (timm.models.get_model_input_config, save_for_hf read them): the size asked for, if any
+    first_conv = cfg.get("first_conv")
+    model._traits = {"img_size": _pair(kwargs["img_size"]) if "img_size" in kwargs else None,
+                     "fixed_input_size": not getattr(model, "dynamic_img_size", False),
+                     "first_conv": tuple(first_conv) if isinstance(first_conv, list) else first_conv}
     if checkpoint_path:  # an empty path is none, as in timm
         load_checkpoint(model, checkpoint_path, strict=pretrained_strict, name=arch)
     elif weights is not None:
         load_pretrained(model, cfg, weights=weights, strict=pretrained_strict)
     if features_only:
+        traits = model._traits
         model = wrap_features(model, feature_cls, out_indices)
+        model._traits = traits
         model.pretrained_cfg = model.default_cfg = {k: v for k, v in cfg.items()
                                                     if k not in ("num_classes", "classifier", "global_pool")}
     return model

@@ -957,6 +957,9 @@ class VisionTransformer(nn.Module):
             if global_pool != "map":
                 self.attn_pool = None
             self.global_pool = global_pool
+            # the norm placement follows global_pool at construction: the kept one, for save_pretrained (timm's)
+            self._model_args = {**getattr(self, "_model_args", {}), "fc_norm": not isinstance(self.fc_norm,
+                                                                                             nn.Identity)}
         self.num_classes = num_classes
         if num_classes > 0:
             ref = next(self.parameters())  # the model's device and dtype (a patch embedding may have no proj)
@@ -965,6 +968,7 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(self.head.bias)
         else:
             self.head = nn.Identity()
+        self.head.train(self.training)
 
     def set_input_size(self, img_size=None, patch_size=None):
         """Adapt to a new image and/or patch size, interpolating the position tables in 2D (paper, fine-tuning)."""
@@ -982,6 +986,11 @@ class VisionTransformer(nn.Module):
             if block.attn.rel_pos_table is not None:
                 block.attn.set_rel_pos_grid(grid)
         self._keep_embed_geometry()
+        # the new size where timm's tools (get_model_input_config, save_for_hf) and save_pretrained read it
+        size = tuple(self.patch_embed.img_size)
+        self._traits = {**getattr(self, "_traits", {}), "img_size": size}
+        self._model_args = {**getattr(self, "_model_args", {}), "img_size": size,
+                            **({"patch_size": patch_size} if patch_size is not None else {})}
 
     def _keep_embed_geometry(self):
         """Record the patch grid and stride, for a patch_embed the user replaces by a module without them."""

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.models import get_arch_pretrained_cfgs
 from timm.models import get_pretrained_cfg as timm_cfg
+from timm.models import get_model_input_config
 from timm.models._hub import save_for_hf
 from timm.models._registry import _model_to_module
 
@@ -279,11 +280,13 @@ def test_checkpoint_path_and_cfg_file_load_without_the_hub(tmp_path):
 # ---- save_pretrained -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,kwargs,img,steps", [
     ("vit_tiny_patch16_224.augreg_in21k", dict(depth=2, img_size=32, num_classes=7, drop_path_rate=0.1), 32,
-     ("as built", "fine-tuned: new head, new size")),
+     ("as built", "fine-tuned: new head, new size", "pooled: avg, its norm kept")),
     ("vit_base_r50_s16_224", dict(depth=1, img_size=32, num_classes=3, embed_dim=64, num_heads=2), 32,
      ("as built",)),
 ])
 def test_save_pretrained_writes_timms_folder(tmp_path, name, kwargs, img, steps):
+    """fastvit.save_pretrained and timm's save_for_hf on our model write the config timm's writes for its own, after
+    a new head and size (the size in timm's input traits too) and a new pooling (the norm placement it keeps)."""
     ref = timm_pair(name, **kwargs)
     model = fastvit.create_model(name, backend="torch", residual_dtype=torch.bfloat16, **kwargs)  # not in timm
     model.load_state_dict(ref.state_dict())
@@ -295,10 +298,18 @@ def test_save_pretrained_writes_timms_folder(tmp_path, name, kwargs, img, steps)
                 m.set_input_size(img_size=img + 16)
             ref.load_state_dict(model.state_dict())
             x = torch.randn(2, 3, img + 16, img + 16)
-        ours, theirs = tmp_path / "ours" / step, tmp_path / "timm" / step
+            assert get_model_input_config(model) == get_model_input_config(ref)
+            assert get_model_input_config(model)["input_size"] == (3, img + 16, img + 16)
+        if step.startswith("pooled"):
+            for m in (model, ref):
+                m.reset_classifier(4, "avg")
+            ref.load_state_dict(model.state_dict())
+        ours, theirs, by_timm = (tmp_path / side / step for side in ("ours", "timm", "ours_by_timm"))
         assert fastvit.save_pretrained(model, ours) == ours
         save_for_hf(ref, theirs, safe_serialization=True)
+        save_for_hf(model, by_timm, safe_serialization=True)
         assert json.loads((ours / "config.json").read_text()) == json.loads((theirs / "config.json").read_text())
+        assert json.loads((by_timm / "config.json").read_text()) == json.loads((theirs / "config.json").read_text())
         assert sorted(os.listdir(ours)) == ["config.json", "model.safetensors"]
         expected = outputs(model, x)
         for reload in (timm.create_model(f"local-dir:{ours}", pretrained=True),
