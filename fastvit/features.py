@@ -3,7 +3,11 @@ state_dict prefixes, so detection / segmentation code written for timm's ViT bac
 
 - ``'getter'`` (the default for a ViT, as in timm): ``forward_intermediates`` of the wrapped model, (B, D, gh, gw)
   maps (or (B, N, D) tokens with ``output_fmt='NLC'``) with the blocks after the last one asked for pruned away.
-- ``'hook'``: forward hooks on the chosen blocks, returning their raw (B, [1 +] N, D) outputs.
+- ``'hook'`` (or any name with 'hook', as timm reads it): forward hooks on the chosen blocks, returning their raw
+  (B, [1 +] N, D) outputs.
+- ``'fx'``: the same raw block outputs from a torch.fx graph of the model (torchvision's
+  ``create_feature_extractor``), which compiles and exports as one graph.
+A class is called as timm calls one: ``feature_cls(model, out_indices=..., **kwargs)``.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import torch.nn as nn
 
 from fastvit.model import feature_take_indices
 
-FEATURE_CLASSES = ("getter", "hook")
+FEATURE_CLASSES = ("getter", "hook", "fx")
 
 
 class FeatureInfo:
@@ -97,11 +101,33 @@ class FeatureHookNet(nn.ModuleDict):
         return out
 
 
+class FeatureGraphNet(nn.Module):
+    """Raw block outputs of a torch.fx graph of the model, the blocks' modules as return nodes (state_dict keys
+    ``graph_module.*``, as timm's)."""
+
+    def __init__(self, model, out_indices=3):
+        super().__init__()
+        from torchvision.models.feature_extraction import create_feature_extractor
+        out_indices, _ = feature_take_indices(len(model.blocks), out_indices)
+        self.feature_info = FeatureInfo(model.feature_info, out_indices)
+        self.out_indices = out_indices
+        names = self.feature_info.module_name()
+        self.graph_module = create_feature_extractor(model, dict(zip(names, names)))
+
+    def forward(self, x):
+        return list(self.graph_module(x).values())
+
+
 def features_only(model, feature_cls="getter", out_indices=3, **kwargs):
-    """Wrap ``model`` as a feature extractor of type ``feature_cls`` ('getter' or 'hook', timm's names)."""
-    name = feature_cls.lower() if isinstance(feature_cls, str) else feature_cls
+    """Wrap ``model`` as a feature extractor: ``feature_cls`` 'getter', 'fx', a name with 'hook' (timm's rule for its
+    names), or a class, called as ``feature_cls(model, out_indices=..., **kwargs)``."""
+    if not isinstance(feature_cls, str):
+        return feature_cls(model, out_indices=out_indices, **kwargs)
+    name = feature_cls.lower()
     if name == "getter":
         return FeatureGetterNet(model, out_indices, **kwargs)
-    if name == "hook":
+    if "hook" in name:
         return FeatureHookNet(model, out_indices, **kwargs)
-    raise ValueError(f"feature_cls must be one of {FEATURE_CLASSES}, got {feature_cls!r}")
+    if name == "fx":
+        return FeatureGraphNet(model, out_indices, **kwargs)
+    raise ValueError(f"feature_cls must be 'getter', 'fx', a name with 'hook' or a feature class, got {feature_cls!r}")

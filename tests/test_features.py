@@ -93,13 +93,18 @@ def test_feature_info_matches_timm():
         assert model.feature_info == timm.create_model(name, **kwargs).feature_info
 
 
-@pytest.mark.parametrize("feature_cls", ["getter", "hook"])
+@pytest.mark.parametrize("feature_cls", ["getter", "hook", "FeatureHookNet", "fx", "timm's FeatureGetterNet"])
 @pytest.mark.parametrize("out_indices", [3, (1, -1)])
 def test_features_only_matches_timm(feature_cls, out_indices):
+    """Each feature class timm builds for a ViT (by its name, timm's rule for names, or a class) gives timm's
+    outputs, feature_info and state_dict keys (model.* / body.* / graph_module.*)."""
+    if feature_cls == "timm's FeatureGetterNet":
+        from timm.models._features import FeatureGetterNet
+        feature_cls = FeatureGetterNet
     kwargs = dict(img_size=64, features_only=True, feature_cls=feature_cls, out_indices=out_indices)
     ref = timm.create_model("vit_tiny_patch16_224", **kwargs).eval()
     model = fastvit.create_model("vit_tiny_patch16_224", **kwargs).eval()
-    model.load_state_dict(ref.state_dict())  # same state_dict keys (model.* / body.*), strict
+    model.load_state_dict(ref.state_dict())  # same keys, strict
     x = images(size=64)
     assert_same(model(x), ref(x))
     assert model.feature_info.channels() == ref.feature_info.channels()
@@ -107,7 +112,7 @@ def test_features_only_matches_timm(feature_cls, out_indices):
     assert model.feature_info.module_name() == ref.feature_info.module_name()
 
 
-@pytest.mark.parametrize("feature_cls", ["getter", "hook"])
+@pytest.mark.parametrize("feature_cls", ["getter", "hook", "fx"])
 def test_features_only_copies_and_pickles_to_a_working_model(feature_cls):
     """An EMA copy (deepcopy) or a pickled backbone collects its own features, as timm's does."""
     import copy
@@ -126,7 +131,8 @@ def test_features_only_copies_and_pickles_to_a_working_model(feature_cls):
 
 
 def test_features_only_rejects_an_unknown_class():
-    with pytest.raises(ValueError, match=r"feature_cls must be one of \('getter', 'hook'\), got 'list'"):
+    with pytest.raises(ValueError, match=r"feature_cls must be 'getter', 'fx', a name with 'hook' or a feature "
+                                         r"class, got 'list'"):
         fastvit.create_model("vit_tiny_patch16_224", features_only=True, feature_cls="list")
 
 
