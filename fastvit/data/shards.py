@@ -143,8 +143,9 @@ def scan_shard(path: str) -> dict:
         except ValueError as e:
             raise ValueError(f"shard {path}: sample {key!r} has a .cls that is not a class index "
                              f"({entries[key]['cls'][:20]!r})") from e
-        if label < 0:
-            raise ValueError(f"shard {path}: sample {key!r} has class index {label}; class indices are 0 or more")
+        if not 0 <= label < 2 ** 31:  # an index past int32 is a mistyped .cls (and past int64 would not even store)
+            raise ValueError(f"shard {path}: sample {key!r} has class index {label}; class indices are 0 or more "
+                             "and below 2**31")
         samples.append([key, *entries[key]["image"], label])
     stat = os.stat(path)
     return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "samples": samples}
