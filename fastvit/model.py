@@ -619,7 +619,7 @@ def attention_keywords(attn, grid_size, attn_mask, is_causal):
     return keywords
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=256)  # bounded: a forward patched on an instance is a key that holds its module
 def _takes_masks(forward) -> bool:
     params = inspect.signature(forward).parameters.values()
     names = {p.name for p in params}
