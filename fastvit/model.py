@@ -123,10 +123,13 @@ def norm_layer_of(norm_layer):
     return norm_layer
 
 
+# torch's tables of global module hooks (registered and removed in place, never rebound), read on every check
+_GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, f"_global_{kind}_hooks")
+                      for kind in ("forward", "forward_pre", "backward", "backward_pre"))
+
+
 def _has_global_hooks():
-    m = torch.nn.modules.module
-    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
-                or m._global_backward_pre_hooks)
+    return any(_GLOBAL_HOOKS)
 
 
 # each fusable class's forward as fastvit found it (keep_original_forward; others when first checked): a class-level
@@ -160,12 +163,13 @@ def unedited(module, cls) -> bool:
             and _ORIGINAL_FORWARD.setdefault(cls, cls.forward) is cls.forward
             and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                      or module._backward_pre_hooks)
-            and all(name in module._parameters for name in _PARAMETERS.get(cls, ())))
+            and (cls not in _WEIGHTED or ("weight" in module._parameters and "bias" in module._parameters)))
 
 
-# the parameters a fused kernel reads from each layer's table (None where the layer has none, as nn.Linear's bias
-# can be): one set as a plain tensor or a buffer instead (hypernetworks, functional meta-learning) is an edit
-_PARAMETERS = {nn.Linear: ("weight", "bias"), nn.LayerNorm: ("weight", "bias"), nn.Conv2d: ("weight", "bias")}
+# layers whose weight and bias a fused kernel reads from the parameter table (None where there is none, as
+# nn.Linear's bias can be): one set as a plain tensor or a buffer instead (hypernetworks, functional
+# meta-learning) is an edit
+_WEIGHTED = frozenset((nn.Linear, nn.LayerNorm, nn.Conv2d))
 
 
 def weight_and_bias(module):
