@@ -72,14 +72,6 @@ def train_shards(spec):
     return ShardSamples(expand(train if os.path.isdir(train) else spec), desc="index train shards")
 
 
-def shard_source(samples, img_size, workers, decode, device):
-    """The trainer's shard source (its windowed shard order) over training shards alone."""
-    from fastvit.data.shards import ShardSource
-    source = ShardSource.__new__(ShardSource)
-    super(ShardSource, source).__init__(samples, samples, img_size, workers, decode, device)
-    return source
-
-
 def measure(source, batch, steps, warmup, seed=0):
     """Images/s of ``source.loader`` over ``steps`` timed micro-batches after ``warmup`` ones (one rank)."""
     from fastvit.data import micro_batch_plan
@@ -168,7 +160,7 @@ def main(argv=None):
             paths.remove(path)
     if not paths:
         p.error("none of the chosen --paths can run here: the folder and shards paths decode on the CPU")
-    from fastvit.data import ImageFolderSource
+    from fastvit.data import FileSource, ImageFolderSource
     from fastvit.data.shards import main as write_shards
 
     shards, shard_paths = None, any(q.startswith("shards") for q in paths)
@@ -198,7 +190,7 @@ def main(argv=None):
             for w in workers:
                 try:
                     source = (ImageFolderSource(data, args.img_size, w, "cpu", device) if path == "folder" else
-                              shard_source(shards, args.img_size, w, PATHS[path], device))
+                              FileSource(shards, shards, args.img_size, w, PATHS[path], device))
                 except ValueError as e:  # a --data that is no ImageFolder with train/ and val/
                     p.error(str(e))
                 ips = measure(source, args.batch, args.steps, args.warmup)

@@ -221,6 +221,9 @@ class ShardSamples(Samples):
         shard, i = self.locate(index)
         return f"{self.paths[shard]}:{shard_index(self.paths[shard])['samples'][i][0]}"
 
+    def sampler(self, seed):
+        return ShardSampler(self.counts, seed)
+
     def __getstate__(self):  # open files stay in the process that opened them
         return {**self.__dict__, "_files": {}, "_pid": None}
 
@@ -344,9 +347,6 @@ class ShardSource(FileSource):
         train = ShardSamples(expand(train_spec), desc="index train shards")
         test = ShardSamples(expand(val_spec), desc="index val shards")
         super().__init__(train, test, img_size, workers, decode, device, count_classes(train, test))
-
-    def sampler(self, seed):
-        return ShardSampler(self.train_samples.counts, seed)
 
 
 # ---- writer ---------------------------------------------------------------------------------------------------

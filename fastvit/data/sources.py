@@ -147,6 +147,11 @@ class Samples(abc.ABC):
     def name(self, index: int) -> str:
         """The sample's file path or shard and key, for messages."""
 
+    def sampler(self, seed: int):
+        """The order to read them in, stream position -> index: a seeded permutation per epoch (``GlobalSampler``);
+        shards read whole windows of shards instead (``ShardSampler``)."""
+        return GlobalSampler(len(self), seed)
+
 
 class FolderSamples(Samples):
     """The image files of an ImageFolder tree (one sub-folder per class, classes in sorted order)."""
@@ -301,6 +306,9 @@ class FileSource(DataSource):
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         num_classes = num_classes or int(max(train.labels.max(), test.labels.max())) + 1
         super().__init__(num_classes, len(train), EvalImages(train, img_size), EvalImages(test, img_size))
+
+    def sampler(self, seed):
+        return self.train_samples.sampler(seed)
 
     def keyed(self, seed) -> KeyedImages:
         return KeyedImages(self.train_samples, self.img_size, seed, self.decode)
