@@ -17,9 +17,6 @@ import torch.nn as nn
 
 from fastvit.model import feature_take_indices
 
-FEATURE_CLASSES = ("getter", "hook", "fx")
-
-
 class FeatureInfo:
     """What each returned feature is: its module, channels and reduction (timm's ``FeatureInfo`` interface)."""
 

@@ -188,9 +188,8 @@ def main(argv=None):
         model, img_size = load_model_for_eval(args.init, args.model, args.img_size,
                                               **{k: getattr(args, k) for k in ARCH_FLAGS})
         data = make_source(data_flags[0], img_size, workers=args.workers, val_data=data_flags[1])
-        workers = 0 if data_flags[0] == "digits" else args.workers  # digits are in memory: no decoding to spread
         results = evaluate(model, data.train_eval, data.test, args.shots, args.seeds, args.l2, args.batch_size,
-                           workers)
+                           data.eval_workers(args.workers))
     except ValueError as e:
         parser.error(str(e))
     print(f"few-shot ({plural(args.seeds, 'seed')}, l2={args.l2}): {format_results(results)}")

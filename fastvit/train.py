@@ -217,11 +217,6 @@ class Run:
         if "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], self.env.device)
 
-    @property
-    def _eval_workers(self) -> int:
-        """Loader processes for evaluation: --workers, none for digits (in memory, nothing to decode)."""
-        return self.cfg.workers if self.cfg.data != "digits" else 0
-
     def _config_json(self):
         return {"train": dataclasses.asdict(self.cfg), "model": {"name": self.model_name, "kwargs": self.model_kwargs}}
 
@@ -364,7 +359,7 @@ class Run:
         self.core.eval()
         counts = torch.zeros(2, dtype=torch.float64)
         for x, y, valid in eval_batches(self.data.test, 2 * self.cfg.micro_batch, self.env.world, self.env.rank,
-                                        self._eval_workers, desc="eval"):
+                                        self.data.eval_workers(self.cfg.workers), desc="eval"):
             with self._autocast():
                 pred = self.core(x.to(self.env.device, non_blocking=True)).argmax(1).cpu()
             valid = valid & (y >= 0)  # label -1: an unreadable image, left out
@@ -553,7 +548,8 @@ class Run:
         from fastvit import fewshot
         results = None
         if self.env.rank == 0:
-            results = fewshot.evaluate(model, self.data.train_eval, self.data.test, workers=self._eval_workers)
+            results = fewshot.evaluate(model, self.data.train_eval, self.data.test,
+                                       workers=self.data.eval_workers(self.cfg.workers))
             print(f"few-shot: {fewshot.format_results(results)}", flush=True)
         box = [results]
         dist.broadcast_object_list(box, src=0)

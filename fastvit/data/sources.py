@@ -51,6 +51,10 @@ class DataSource(abc.ABC):
         """Stream position -> training-set index (``GlobalSampler``: each epoch a seeded permutation)."""
         return GlobalSampler(self.num_train, seed)
 
+    def eval_workers(self, workers: int) -> int:
+        """Loader processes worth starting for the evaluation sets: ``workers``, where images are decoded."""
+        return workers
+
     @abc.abstractmethod
     def loader(self, plan, seed):
         """Iterate augmented (x, y, bad) micro-batches for a ``micro_batch_plan``; bad lists the (sample name,
@@ -99,6 +103,9 @@ class DigitsSource(DataSource):
         scale, angle = 1 + 0.1 * u[:, 0], torch.deg2rad(10 * u[:, 1])
         c, s = torch.cos(angle) / scale, torch.sin(angle) / scale
         return torch.stack([torch.stack([c, -s, 0.15 * u[:, 2]], 1), torch.stack([s, c, 0.15 * u[:, 3]], 1)], 1)
+
+    def eval_workers(self, workers: int) -> int:
+        return 0  # rendered in memory: nothing to decode in other processes
 
     def batch(self, items, seed):
         """Images and labels of (dataset index, step, position) items, augmented by keyed randomness."""
