@@ -41,7 +41,7 @@ POS_EMBEDS = ("learn", "learn_2d", "none", "rel")
 POS_EMBED_AT = ("stem", "every_layer", "every_layer_shared")
 # residual_dtype choices, by name (as flags and config.json give them) or as torch dtypes
 RESIDUAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                   "autocast": "autocast"}
+                   "autocast": "autocast", "model": None}
 GLOBAL_POOLS = ("token", "avg", "avgmax", "max", "map", "")
 
 
@@ -229,10 +229,13 @@ _HALF = (torch.float16, torch.bfloat16)
 
 def layer_norm(norm, h, residual, backend):
     """(norm(h + residual), h + residual), residual None meaning 0: fused when ``norm`` is a plain LayerNorm whose
-    output may fuse (not under torch.fx: see ``output_may_fuse``). Under autocast the output is fp32, as autocast
-    runs a LayerNorm: the features and pre-logits a user gets have timm's dtype."""
+    output may fuse (not under torch.fx: see ``output_may_fuse``). Under autocast the output is fp32, as CUDA's
+    autocast runs a LayerNorm (so what CPU runs measure speaks for the GPU); CPU's autocast keeps a 16-bit LayerNorm
+    in 16 bits, so a model cast to 16 bits keeps its dtype there: the features a user gets have timm's dtype."""
     if fusable_layer_norm(norm) and not is_fx_symbolic_tracing():
-        if h.dtype in _HALF and torch.is_autocast_enabled(h.device.type):
+        device = h.device.type
+        if h.dtype in _HALF and torch.is_autocast_enabled(device) and \
+                not (device == "cpu" and norm._parameters["weight"].dtype in _HALF):
             # the output takes the first operand's dtype: the fp32 one goes first (the same sum)
             if residual is not None and residual.dtype not in _HALF:
                 h, residual = residual, h
@@ -266,15 +269,28 @@ def _check_choice(name, value, choices):
     return value
 
 
+class ImageSizeError(ValueError, AssertionError):
+    """An image size the model cannot take: a ValueError that is also the AssertionError of timm's size checks,
+    so code written against timm catches it."""
+
+
+class ImageChannelsError(ValueError, RuntimeError):
+    """An image batch of the wrong shape: also the RuntimeError timm's convolution raises."""
+
+
+class ImageDtypeError(TypeError, RuntimeError):
+    """An image batch that is not floating point: also the RuntimeError timm's convolution raises."""
+
+
 def grid_size_for(size, stride, stride_name="patch_size", size_name="img_size", whole=True):
     """The token grid (size / stride per axis) of an image embedded at ``stride`` pixels per token. ``whole``: the
     stride must divide the size (the ValueError names both as ``size_name`` and ``stride_name``); otherwise the
     rows and columns past the last whole patch are dropped, as a strided convolution (and timm's ViT) drops them
     (SigLIP so400m/14 at 384 px: 27 x 27 patches)."""
     if whole and (size[0] % stride[0] or size[1] % stride[1]):
-        raise ValueError(f"{size_name} {size} must be divisible by {stride_name} {stride}")
+        raise ImageSizeError(f"{size_name} {size} must be divisible by {stride_name} {stride}")
     if size[0] < stride[0] or size[1] < stride[1]:
-        raise ValueError(f"{size_name} {size} is smaller than {stride_name} {stride}")
+        raise ImageSizeError(f"{size_name} {size} is smaller than {stride_name} {stride}")
     return size[0] // stride[0], size[1] // stride[1]
 
 
@@ -284,15 +300,15 @@ def image_grid_size(x, in_chans, img_size, stride, dynamic_img_size, whole=True)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
     if x.ndim != 4:
-        raise ValueError(f"expected a 4D (B, C, H, W) image batch, got shape {tuple(x.shape)}")
+        raise ImageChannelsError(f"expected a 4D (B, C, H, W) image batch, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise TypeError(f"expected a floating-point image batch, got dtype {x.dtype}")
+        raise ImageDtypeError(f"expected a floating-point image batch, got dtype {x.dtype}")
     if x.shape[1] != in_chans:
-        raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        raise ImageChannelsError(f"expected {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
     size = tuple(x.shape[-2:])
     if not dynamic_img_size and size != img_size:
-        raise ValueError(f"expected image size {img_size}, got {size}; pass dynamic_img_size=True or call "
-                         f"set_input_size(img_size={size})")
+        raise ImageSizeError(f"expected image size {img_size}, got {size}; pass dynamic_img_size=True or call "
+                             f"set_input_size(img_size={size})")
     return grid_size_for(size, stride, "the patch size", "image size", whole)
 
 
@@ -325,11 +341,14 @@ def checked_image(x, in_chans, img_size, stride, dynamic_img_size, whole=True):
             grid_size_for(img_size, stride, whole=whole))
 
 
-def residual_stream(h, dtype):
-    """``h`` in the residual stream's dtype under autocast ('autocast': the autocast dtype), else unchanged; a
-    torch.fx leaf, so a traced model follows the autocast state it runs under."""
+def residual_stream(h, dtype, param):
+    """``h`` in the residual stream's dtype under autocast ('autocast': the autocast dtype; None: the dtype of the
+    model's parameter ``param``, as timm's stream has it), else unchanged; a torch.fx leaf, so a traced model follows
+    the autocast state it runs under and the dtype it was cast to."""
     device = h.device.type
     if torch.is_autocast_enabled(device):
+        if dtype is None:
+            dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
         return h.to(torch.get_autocast_dtype(device) if dtype == "autocast" else dtype)
     return h
 
@@ -764,9 +783,10 @@ class VisionTransformer(nn.Module):
     concatenated per patch), 'none', 'rel' (learned relative-position attention bias per head).
     pos_embed_at: 'stem' (added once to z_0), 'every_layer' (a separate table added before each block),
     'every_layer_shared' (one table added before every block). backend: 'auto' | 'torch' | 'triton'.
-    residual_dtype: the dtype of the residual stream z under autocast: float32 (default: the sums, LayerNorm
-    inputs and what backward keeps of them stay fp32), bfloat16 / float16, or 'autocast' for the autocast dtype
-    (16-bit saves 4 D bytes per token per block and rounds every residual add).
+    residual_dtype: the dtype of the residual stream z under autocast: None / 'model' (default) for the dtype of the
+    model's parameters, as in timm (fp32 for an fp32 model: the sums, LayerNorm inputs and what backward keeps of
+    them stay fp32; bf16 in a model cast with ``.bfloat16()``), float32, bfloat16 / float16, or 'autocast' for the
+    autocast dtype (16-bit saves 4 D bytes per token per block and rounds every residual add).
     timm's options beyond the paper: dynamic_img_pad (zero-pad images to whole patches), pre_norm (a LayerNorm on
     z_0 before the blocks, ``norm_pre``, CLIP's layout), qk_norm (LayerNorms of q and k per head),
     scale_attn_norm / scale_mlp_norm (a LayerNorm before the attention's projection / before fc2),
@@ -786,7 +806,7 @@ class VisionTransformer(nn.Module):
                  embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, init_values=None,
                  class_token=True, pos_embed="learn", no_embed_class=False, fc_norm=None, dynamic_img_size=False,
                  drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
-                 embed_layer=PatchEmbed, pos_embed_at="stem", backend="auto", residual_dtype=torch.float32,
+                 embed_layer=PatchEmbed, pos_embed_at="stem", backend="auto", residual_dtype=None,
                  pre_norm=False, dynamic_img_pad=False, qk_norm=False, scale_attn_norm=False, scale_mlp_norm=False,
                  final_norm=True, reg_tokens=0, norm_layer=None, act_layer=None, embed_norm_layer=None,
                  mlp_layer=None, proj_bias=True, pool_include_prefix=False, weight_init="", fix_init=False,
@@ -1087,9 +1107,10 @@ class VisionTransformer(nn.Module):
         tokens z = h + residual left as a sum for the final LayerNorm to fuse."""
         masks = mask_keywords(attn_mask, is_causal)
         h, grid = self._embed(x)
-        h = call(self.patch_drop, residual_stream(h, self.residual_dtype))
+        param = next(self.parameters(), None)
+        h = call(self.patch_drop, residual_stream(h, self.residual_dtype, param))
         if not passes_through(self.norm_pre):
-            h = residual_stream(self.norm_pre(h), self.residual_dtype)
+            h = residual_stream(self.norm_pre(h), self.residual_dtype, param)
         if not take and last is None and not masks and self.pos_embed_at == "stem" and \
                 not runs_unmodified(self.blocks, nn.Sequential):
             # a hooked or replaced container runs whole, as in timm (the tables of the other layouts go between;

@@ -91,6 +91,32 @@ def test_autocast_features_and_pre_logits_are_fp32_as_timm(cfg):
     assert outs[0][0].dtype == torch.float32 and outs[0][2].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("residual_dtype", [None, "model"])
+def test_a_model_cast_to_bf16_keeps_timms_dtypes_under_cpu_autocast(residual_dtype):
+    """In a model cast with .bfloat16() timm's residual stream is bf16 and CPU autocast keeps a bf16 LayerNorm in
+    bf16: features, intermediates, pre-logits and logits come back bf16, ours as timm's, with timm's values to
+    bf16 rounding, and training reaches every (bf16) parameter."""
+    torch.manual_seed(0)
+    ref = timm.models.vision_transformer.VisionTransformer(**SMALL).bfloat16()
+    model = fastvit.VisionTransformer(**SMALL, residual_dtype=residual_dtype).bfloat16()
+    model.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 32, 32).bfloat16()
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        outs = [(m.forward_features(x), m.forward_head(m.forward_features(x), pre_logits=True), m(x),
+                 *m.forward_intermediates(x, norm=True)[1], *m.forward_intermediates(x)[1]) for m in (model, ref)]
+    for ours, theirs in zip(*outs):
+        assert ours.dtype == theirs.dtype == torch.bfloat16
+        torch.testing.assert_close(ours.float(), theirs.float(), atol=0.1, rtol=0.05)
+    with torch.autocast("cpu", torch.bfloat16):
+        model(x).float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_residual_dtype_names_a_choice():
+    with pytest.raises(ValueError, match="residual_dtype must be one of .*'model'"):
+        fastvit.VisionTransformer(**SMALL, residual_dtype="fp32")
+
+
 @pytest.mark.parametrize("kwargs", [dict(), dict(pos_embed="rel"), dict(residual_dtype="autocast")])
 def test_forward_normalises_the_class_token_only_with_the_same_bits(kwargs):
     """With a class-token head, forward's final LayerNorm runs on that token alone: the logits are the bits of
@@ -770,6 +796,22 @@ def test_bad_inputs_raise_clear_errors():
         dyn(torch.randn(1, 3, 36, 32))
     with pytest.raises(ValueError, match="backend"):
         model.set_backend("cudnn")
+
+
+@pytest.mark.parametrize("dynamic, shape, dtype", [(False, (1, 3, 48, 48), torch.float32),
+                                                   (True, (1, 3, 36, 32), torch.float32),
+                                                   (False, (1, 1, 32, 32), torch.float32),
+                                                   (False, (1, 3, 32, 32), torch.int64)],
+                         ids=["size", "not-whole-patches", "channels", "integer"])
+def test_bad_images_raise_what_timm_raises(dynamic, shape, dtype):
+    """Code written against timm catches our errors with timm's exception type (an AssertionError for a size,
+    the convolution's RuntimeError for channels or dtype); ours are ValueError / TypeError as well."""
+    model, ref = pair(dynamic_img_size=dynamic)
+    x = torch.zeros(shape, dtype=dtype)
+    with pytest.raises(Exception) as theirs:
+        ref(x)
+    with pytest.raises(type(theirs.value)):
+        model(x)
 
 
 def test_triton_backend_without_gpu_or_interpreter_says_so(monkeypatch):
