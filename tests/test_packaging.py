@@ -63,6 +63,30 @@ def test_install_gives_fastvit_kernels_only(scratch_env, editable):
         assert not (location.parents[2] / "kernels").exists()
 
 
+# from the checkout's root the working directory is first on sys.path, and its kernels/ folder with it
+FROM_ROOT = ("import sys, kernels; print(kernels.__file__);"
+             "assert sys.modules['kernels'] is kernels and kernels.__name__ == 'kernels'")
+
+
+def test_kernels_from_the_checkout_root_is_hugging_faces_package():
+    """``python -m pytest`` or ``python -m fastvit.train`` run in the checkout: ``import kernels`` (transformers'
+    hub kernels) gets Hugging Face's package, not our folder, and without it fails as a missing module does."""
+    import sys
+    installed = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"], cwd=ROOT.parent,
+                               capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", FROM_ROOT], cwd=ROOT, capture_output=True, text=True)
+    if installed.returncode == 0:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.strip() == installed.stdout.strip()
+    else:
+        assert "ModuleNotFoundError: No module named 'kernels'" in proc.stderr, proc.stderr[-3000:]
+    # without any other copy on the path: a missing module, which find-based checks treat as absent
+    hidden = subprocess.run([sys.executable, "-c", "import sys; sys.path[:] = [p for p in sys.path if "
+                             "'-packages' not in p]; import kernels"], cwd=ROOT, capture_output=True, text=True)
+    assert "ModuleNotFoundError: No module named 'kernels' (this folder is fastvit's" in hidden.stderr, \
+        hidden.stderr[-3000:]
+
+
 def test_ci_runs_exactly_the_readme_commands():
     """.ci/run must install and test exactly as the README's set-up block says."""
     readme = (ROOT / "README.md").read_text()
