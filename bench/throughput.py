@@ -67,7 +67,8 @@ def backend_used(requested, model, device, dtype, micro_batch, training):
     apart, asked with the model's own call shape (on a GPU with ``auto`` that is the measured choice, made here once
     and reused by the timed steps)."""
     main = "triton" if ops.use_triton(requested, torch.empty(0, device=device)) else "torch"
-    attn = model.blocks[0].attn
+    # the first block's attention: its ``attn``, a ParallelThingsBlock's first branch's, a ParallelScalingBlock itself
+    attn = next(m for m in model.blocks[0].modules() if hasattr(m, "attn_drop"))
     tokens = model.patch_embed.num_patches + model.num_prefix_tokens
     q = torch.empty(micro_batch, attn.num_heads, tokens, attn.head_dim, device=device, dtype=dtype,
                     requires_grad=training)

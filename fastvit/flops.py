@@ -16,25 +16,36 @@ PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200",
                ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0))
 
 
+def _mlp_dim_and_branches(block):
+    """(MLP hidden width, attention + MLP branch pairs) of a block, timm's or ours: a ParallelScalingBlock's MLP is
+    the first part of its one input projection, a ParallelThingsBlock runs ``num_parallel`` pairs."""
+    if hasattr(block, "in_split"):
+        return block.in_split[0], 1
+    if hasattr(block, "ffns"):
+        return block.ffns[0].mlp.fc1.out_features, block.num_parallel
+    return block.mlp.fc1.out_features, 1
+
+
 def vit_config(model):
     """The sizes that decide a ViT's FLOPs, read from a fastvit or timm VisionTransformer."""
     pe = model.patch_embed
     kh, kw = pe.proj.kernel_size
+    mlp_dim, branches = _mlp_dim_and_branches(model.blocks[0]) if len(model.blocks) else (0, 1)
     return dict(num_patches=pe.num_patches, prefix_tokens=model.num_prefix_tokens, embed_dim=model.embed_dim,
-                depth=len(model.blocks), mlp_dim=model.blocks[0].mlp.fc1.out_features if len(model.blocks) else 0,
+                depth=len(model.blocks), mlp_dim=mlp_dim, branches=branches,
                 patch_dim=kh * kw * pe.proj.in_channels, num_classes=model.num_classes)
 
 
 def forward_flops(model) -> int:
-    """Forward FLOPs per image of ``model``: patch projection, per block qkv / attention scores and mix / output
-    projection / MLP, and the head on the pooled token."""
+    """Forward FLOPs per image of ``model``: patch projection, per block (per branch pair of a parallel block) qkv /
+    attention scores and mix / output projection / MLP, and the head on the pooled token."""
     c = vit_config(model)
     n, d = c["num_patches"] + c["prefix_tokens"], c["embed_dim"]
     macs = c["num_patches"] * c["patch_dim"] * d
     per_block = n * d * 3 * d + n * d * d               # qkv, attention output projection
     per_block += 2 * n * n * d                          # q k^T and softmax(.) v over all heads
     per_block += 2 * n * d * c["mlp_dim"]               # fc1, fc2
-    macs += c["depth"] * per_block + d * c["num_classes"]
+    macs += c["depth"] * c["branches"] * per_block + d * c["num_classes"]
     return 2 * macs
 
 

@@ -962,9 +962,14 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self):
         """Names of parameters that weight decay should skip: position tables and the class token."""
         names = {"cls_token", "reg_token", "pos_embed", "pos_embed_h", "pos_embed_w"}
-        names |= {f"blocks.{i}.attn.rel_pos_table" for i, b in enumerate(self.blocks)
-                  if b.attn.rel_pos_table is not None}
+        names |= {f"blocks.{i}.attn.rel_pos_table" for i, _ in self._rel_pos_attentions()}
         return {n for n, _ in self.named_parameters() if n in names}
+
+    def _rel_pos_attentions(self):
+        """(block index, its attention) of the blocks whose attention has a relative-position table (a parallel
+        block has no ``attn``, and no table)."""
+        attns = ((i, getattr(b, "attn", None)) for i, b in enumerate(self.blocks))
+        return [(i, a) for i, a in attns if getattr(a, "rel_pos_table", None) is not None]
 
     def get_classifier(self):
         return self.head
@@ -1006,9 +1011,8 @@ class VisionTransformer(nn.Module):
         if self.pos_embed_h is not None:
             self.pos_embed_h = nn.Parameter(resample_pos_embed_1d(self.pos_embed_h.detach(), grid[0]))
             self.pos_embed_w = nn.Parameter(resample_pos_embed_1d(self.pos_embed_w.detach(), grid[1]))
-        for block in self.blocks:
-            if block.attn.rel_pos_table is not None:
-                block.attn.set_rel_pos_grid(grid)
+        for _, attn in self._rel_pos_attentions():
+            attn.set_rel_pos_grid(grid)
         self._keep_embed_geometry()
         # the new size where timm's tools (get_model_input_config, save_for_hf) and save_pretrained read it
         size = tuple(self.patch_embed.img_size)

@@ -79,6 +79,13 @@ def _is_hf_folder(path) -> bool:
         os.path.isfile(os.path.join(path, f)) for f in weights)
 
 
+def _num_heads(model):
+    """The first block's head count, wherever its attention keeps it (``attn``, a parallel block's branches or
+    itself); None without blocks."""
+    heads = (m.num_heads for block in model.blocks[:1] for m in block.modules() if hasattr(m, "num_heads"))
+    return next(heads, None)
+
+
 def architecture(name, kwargs) -> dict:
     """What ``create_model(name, **kwargs)`` builds, as ARCH_FLAGS values plus num_classes and img_size: an option
     ``kwargs`` leaves out has the registered model's own value, so passing that value explicitly changes nothing."""
@@ -86,7 +93,7 @@ def architecture(name, kwargs) -> dict:
         m = fastvit.create_model(name, **kwargs)
     patch = tuple(m.patch_embed.patch_size)
     return {"patch_size": patch[0] if patch[0] == patch[-1] else list(patch), "embed_dim": m.embed_dim,
-            "depth": len(m.blocks), "num_heads": m.blocks[0].attn.num_heads if len(m.blocks) else None,
+            "depth": len(m.blocks), "num_heads": _num_heads(m),
             "pos_embed": m.pos_embed_type, "pos_embed_at": m.pos_embed_at, "num_classes": m.num_classes,
             "img_size": list(m.patch_embed.img_size)}
 

@@ -7,17 +7,18 @@ import fastvit
 from fastvit.flops import forward_flops, peak_flops, train_flops_per_image
 
 
-def test_flops_match_torch_flop_counter():
+@pytest.mark.parametrize("block_fn", ["Block", "ParallelThingsBlock", "ParallelScalingBlock"])
+def test_flops_match_torch_flop_counter(block_fn):
     """Exact: every matmul and the patch conv. Counted on timm's plain-torch model (fastvit's custom ops are opaque
     to the counter) with the math SDPA backend, which runs attention as counted matmuls."""
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    import timm.models.vision_transformer as tv
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     cfg = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
-    ref = TimmViT(**cfg)
+    ref = tv.VisionTransformer(**cfg, block_fn=getattr(tv, block_fn))
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         ref(torch.randn(2, 3, 32, 32))
-    ours = fastvit.VisionTransformer(**cfg)
+    ours = fastvit.VisionTransformer(**cfg, block_fn=block_fn)
     assert forward_flops(ours) == forward_flops(ref) == counter.get_total_flops() / 2
     assert train_flops_per_image(ours) == 3 * forward_flops(ours)
 

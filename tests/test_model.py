@@ -278,8 +278,69 @@ def test_res_post_block_as_timm():
         torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
     for cls in (fastvit.ResPostBlock, TimmResPostBlock):  # timm's class: ours in its place
         assert type(fastvit.VisionTransformer(**SMALL, block_fn=cls).blocks[0]) is fastvit.ResPostBlock
-    with pytest.raises(ValueError, match=r"block_fn must be one of \('Block', 'ResPostBlock'\), got 'ResPost'"):
+    with pytest.raises(ValueError, match=r"block_fn must be one of \('Block', 'ResPostBlock', 'ParallelThingsBlock', "
+                                         r"'ParallelScalingBlock'\), got 'ResPost'"):
         fastvit.VisionTransformer(**SMALL, block_fn="ResPost")
+
+
+@pytest.mark.parametrize("block, cfg", [
+    ("ParallelThingsBlock", dict(init_values=1e-3)),
+    ("ParallelThingsBlock", dict(qk_norm=True, scale_mlp_norm=True, proj_drop_rate=0.2)),
+    ("ParallelScalingBlock", dict(init_values=1e-3, proj_drop_rate=0.2)),
+    ("ParallelScalingBlock", dict(qkv_bias=False, qk_norm=True, norm_layer="rmsnorm", pre_norm=True,
+                                  no_embed_class=True)),
+    (functools.partial(fastvit.ParallelScalingBlock, fuse_out_proj=True), dict(qkv_bias=False))],
+    ids=["things", "things-qk_norm-drop", "scaling-drop", "scaling-xp", "scaling-fused-out"])
+def test_parallel_blocks_as_timm(block, cfg):
+    """timm's parallel blocks (its vit_*_18x2 and vit_*_xp models): the same parameter names in the same order,
+    the same initial weights from a seed, and outputs (eval, and train with DropPath and dropout drawing the same
+    masks), masked outputs and gradients of timm's; a hook on one branch fires as in timm."""
+    import timm.models.vision_transformer as tv
+    if isinstance(block, str):
+        theirs = getattr(tv, block)
+    else:
+        theirs = functools.partial(getattr(tv, block.func.__name__), **block.keywords)
+    cfg = dict(SMALL, drop_path_rate=0.3, **cfg)
+    torch.manual_seed(0)
+    ref = tv.VisionTransformer(**cfg, block_fn=theirs)
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(**cfg, block_fn=block)
+    assert list(model.state_dict()) == list(ref.state_dict())
+    for (name, p), q in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(p, q), name
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    for train in (False, True):
+        outs = []
+        for net in (model.train(train), ref.train(train)):
+            torch.manual_seed(1)
+            outs.append(net(x))
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outs[0], model.eval()(x), atol=1e-3)  # something was dropped
+    for out in outs:
+        out.square().sum().backward()
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+    mask = torch.rand(1, 1, 17, 17) > 0.3
+    mask[..., 0] = True
+    torch.testing.assert_close(model.eval().forward_features(x, attn_mask=mask),
+                               ref.eval().forward_features(x, attn_mask=mask), atol=1e-5, rtol=1e-5)
+    if isinstance(block, str) and block == "ParallelThingsBlock":
+        seen = []
+        for net in (model, ref):
+            handle = net.blocks[1].attns[1].register_forward_hook(lambda m, i, o: seen.append(o))
+            net(x)
+            handle.remove()
+        torch.testing.assert_close(seen[0], seen[1], atol=1e-5, rtol=1e-5)
+
+
+def test_parallel_blocks_refuse_relative_positions():
+    with pytest.raises(ValueError, match="pos_embed='rel' needs one attention per block"):
+        fastvit.VisionTransformer(**SMALL, pos_embed="rel", block_fn="ParallelScalingBlock")
 
 
 def test_register_tokens_and_attention_pool_as_timm():

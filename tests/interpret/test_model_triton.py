@@ -25,9 +25,11 @@ def test_interpreter_is_on():
                                     dict(pre_norm=True, norm_layer=partial(nn.LayerNorm, eps=1e-5),
                                          act_layer="quick_gelu"),
                                     dict(proj_bias=False, qkv_bias=False),
-                                    dict(mlp_layer="swiglu", act_layer="silu", norm_layer="rmsnorm")],
+                                    dict(mlp_layer="swiglu", act_layer="silu", norm_layer="rmsnorm"),
+                                    dict(block_fn="ParallelThingsBlock", init_values=1e-5),
+                                    dict(block_fn="ParallelScalingBlock", qkv_bias=False, qk_norm=True)],
                          ids=["default", "rel", "no_embed_class-avg", "head_dim80", "registers", "registers-map",
-                              "clip", "no-proj-bias", "swiglu"])
+                              "clip", "no-proj-bias", "swiglu", "parallel-things", "parallel-scaling"])
 def test_triton_model_matches_torch(kwargs):
     torch.manual_seed(0)
     model = fastvit.VisionTransformer(**{**CFG, **kwargs}, backend="torch")
