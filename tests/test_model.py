@@ -247,6 +247,27 @@ def test_every_layout_builds_timms_model(name):
     assert model.no_weight_decay() <= ref.no_weight_decay() and model.group_matcher() == ref.group_matcher()
 
 
+def _trains_as_timm(model, ref, x):
+    """From perturbed weights loaded into both: outputs in eval and in training (stochastic layers drawing the
+    same masks from one seed, and dropping something) and gradients of timm's."""
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.load_state_dict(ref.state_dict(), strict=True)
+    for train in (False, True):
+        outs = []
+        for net in (model.train(train), ref.train(train)):
+            torch.manual_seed(1)
+            outs.append(net(x))
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outs[0], model.eval()(x), atol=1e-3)  # something was dropped
+    for out in outs:
+        out.square().sum().backward()
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_res_post_block_as_timm():
     """block_fn='ResPostBlock' against timm's ResPostBlock: the norms start at init_values, and outputs (eval, and
     train with DropPath drawing the same masks) and gradients match; the class works as the name does, and an
@@ -259,23 +280,8 @@ def test_res_post_block_as_timm():
     model = fastvit.VisionTransformer(**cfg, block_fn="ResPostBlock")
     assert type(model.blocks[1]) is fastvit.ResPostBlock
     assert model.blocks[1].norm2.weight.eq(1e-3).all() and ref.blocks[1].norm2.weight.eq(1e-3).all()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.load_state_dict(ref.state_dict(), strict=True)
     x = torch.randn(2, 3, 32, 32)
-    for train in (False, True):
-        outs = []
-        for net in (model.train(train), ref.train(train)):
-            torch.manual_seed(1)
-            outs.append(net(x))
-        torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(outs[0], model.eval()(x), atol=1e-3)  # DropPath dropped something
-    for out in outs:
-        out.square().sum().backward()
-    grads = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+    _trains_as_timm(model, ref, x)
     for cls in (fastvit.ResPostBlock, TimmResPostBlock):  # timm's class: ours in its place
         assert type(fastvit.VisionTransformer(**SMALL, block_fn=cls).blocks[0]) is fastvit.ResPostBlock
     with pytest.raises(ValueError, match=r"block_fn must be one of \('Block', 'ResPostBlock', 'ParallelThingsBlock', "
@@ -308,23 +314,8 @@ def test_parallel_blocks_as_timm(block, cfg):
     assert list(model.state_dict()) == list(ref.state_dict())
     for (name, p), q in zip(model.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(p, q), name
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.load_state_dict(ref.state_dict(), strict=True)
     x = torch.randn(2, 3, 32, 32)
-    for train in (False, True):
-        outs = []
-        for net in (model.train(train), ref.train(train)):
-            torch.manual_seed(1)
-            outs.append(net(x))
-        torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(outs[0], model.eval()(x), atol=1e-3)  # something was dropped
-    for out in outs:
-        out.square().sum().backward()
-    grads = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+    _trains_as_timm(model, ref, x)
     mask = torch.rand(1, 1, 17, 17) > 0.3
     mask[..., 0] = True
     torch.testing.assert_close(model.eval().forward_features(x, attn_mask=mask),
