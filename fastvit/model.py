@@ -490,9 +490,9 @@ class Attention(nn.Module):
                                                                                             class_token)))
 
     def set_rel_pos_grid(self, grid_size):
-        """Resample the relative-position table to a new patch grid."""
+        """Resample the relative-position table to a new patch grid (a frozen table stays frozen)."""
         table = resample_rel_pos_table(self.rel_pos_table.detach(), self.rel_pos_grid, grid_size)
-        self.rel_pos_table = nn.Parameter(table)
+        self.rel_pos_table = nn.Parameter(table, requires_grad=self.rel_pos_table.requires_grad)
         self.rel_pos_grid = _pair(grid_size)
 
     def forward(self, x, grid_size=None, attn_mask=None, is_causal=False):
@@ -1000,7 +1000,8 @@ class VisionTransformer(nn.Module):
         self.head.train(self.training)
 
     def set_input_size(self, img_size=None, patch_size=None):
-        """Adapt to a new image and/or patch size, interpolating the position tables in 2D (paper, fine-tuning)."""
+        """Adapt to a new image and/or patch size, interpolating the position tables in 2D (paper, fine-tuning); a
+        frozen table (requires_grad False) stays frozen."""
         old_grid = self.patch_embed.grid_size
         self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
         grid = self.patch_embed.grid_size
@@ -1009,8 +1010,10 @@ class VisionTransformer(nn.Module):
             table = resample_abs_pos_embed(self.pos_embed.detach(), grid, old_grid, num_prefix)
             self.pos_embed = nn.Parameter(table, requires_grad=self.pos_embed.requires_grad)
         if self.pos_embed_h is not None:
-            self.pos_embed_h = nn.Parameter(resample_pos_embed_1d(self.pos_embed_h.detach(), grid[0]))
-            self.pos_embed_w = nn.Parameter(resample_pos_embed_1d(self.pos_embed_w.detach(), grid[1]))
+            self.pos_embed_h = nn.Parameter(resample_pos_embed_1d(self.pos_embed_h.detach(), grid[0]),
+                                            requires_grad=self.pos_embed_h.requires_grad)
+            self.pos_embed_w = nn.Parameter(resample_pos_embed_1d(self.pos_embed_w.detach(), grid[1]),
+                                            requires_grad=self.pos_embed_w.requires_grad)
         for _, attn in self._rel_pos_attentions():
             attn.set_rel_pos_grid(grid)
         self._keep_embed_geometry()

@@ -551,6 +551,17 @@ def test_set_input_size_matches_timm(img_size, patch_size):
     torch.testing.assert_close(model(x), ref(x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("pos_embed", ["learn", "learn_2d", "rel"])
+def test_set_input_size_keeps_frozen_position_tables_frozen(pos_embed):
+    """A fine-tune that froze the stem changes the resolution: every resampled table stays as frozen as it was."""
+    model = fastvit.VisionTransformer(**SMALL, pos_embed=pos_embed)
+    for name, p in model.named_parameters():
+        p.requires_grad_("pos" not in name)
+    model.set_input_size(img_size=48)
+    trains = {name: p.requires_grad for name, p in model.named_parameters() if "pos" in name}
+    assert trains and not any(trains.values())
+
+
 def test_pool_types_override_as_timm():
     model, ref = pair()
     feats = ref.forward_features(torch.randn(2, 3, 32, 32))
