@@ -38,18 +38,22 @@ def layer_id(name: str, matcher: dict, num_layers: int) -> int:
 def param_groups(model, weight_decay: float, lr: float, layer_decay: float | None = None) -> list:
     """Weight decay on weight matrices only: 1-D parameters (biases, LayerNorm) and no_weight_decay() are exempt.
 
-    With ``layer_decay`` each depth (``layer_id``) gets its own groups at lr x layer_decay^(L + 1 - depth), so the
-    head trains at lr and the stem slowest (BEiT's rule, as timm's ``param_groups_layer_decay``)."""
+    With ``layer_decay`` each depth (``layer_id``) gets its own groups at lr x layer_decay^(deepest - depth), so the
+    head trains at lr (a headless model: its last block) and the stem slowest (BEiT's rule, as timm's
+    ``param_groups_layer_decay``, which counts only the depths the model's parameters have, frozen ones too)."""
     skip = model.no_weight_decay()
     num_layers = len(model.blocks)
     matcher = model.group_matcher() if layer_decay is not None else None
+    depths = {name: num_layers + 1 if matcher is None else layer_id(name, matcher, num_layers)
+              for name, _ in model.named_parameters()}
+    deepest = max(depths.values(), default=0)
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        depth = num_layers + 1 if matcher is None else layer_id(name, matcher, num_layers)
+        depth = depths[name]
         decays = not (p.ndim <= 1 or name in skip)
-        scale = 1.0 if layer_decay is None else layer_decay ** (num_layers + 1 - depth)
+        scale = 1.0 if layer_decay is None else layer_decay ** (deepest - depth)
         group = groups.setdefault((depth, decays), {"params": [], "weight_decay": weight_decay if decays else 0.0,
                                                     "lr": lr * scale, "lr_scale": scale})
         group["params"].append(p)

@@ -156,6 +156,14 @@ def test_layer_decay_matches_timms_rule(pretrained, tmp_path):
     assert ours.keys() == expected.keys()
     for key, (scale, wd) in ours.items():
         assert scale == pytest.approx(expected[key][0]) and wd == expected[key][1]
+    # a backbone under a head of the user's: its last block trains at lr; a frozen head still counts, as in timm
+    headless = fastvit.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=0)
+    model.head.requires_grad_(False)
+    for m in (headless, model):
+        ours = {id(p): g["lr_scale"] for g in param_groups(m, 0.05, 0.1, 0.7) for p in g["params"]}
+        expected = {id(p): g["lr_scale"] for g in param_groups_layer_decay(m, 0.05, layer_decay=0.7)
+                    for p in g["params"]}
+        assert ours == pytest.approx(expected)
     out, _ = pretrained
     train(TrainConfig(recipe="finetune", init=str(out), out=str(tmp_path), steps=2, img_size=16, global_batch=32,
                       warmup_steps=1, eval_every=2, layer_decay=0.5))
