@@ -101,6 +101,10 @@ def find_checkpoint(path) -> Path | None:
         if not found:
             seeds = sorted(p.name for p in path.glob("seed_*") if p.is_dir())
             hint = f" (a --seeds run: pass one of its folders, {', '.join(seeds[:3])}, ...)" if seeds else ""
+            if path.name == CHECKPOINT_DIR and resume_candidates(path.parent, warn=False):
+                # the step folders are in it, not in a checkpoints/ below it: "holds none" would be untrue
+                hint = (f" (it is the {CHECKPOINT_DIR}/ folder of run {path.parent}: pass the run folder, or one of "
+                        f"the step folders in it)")
             raise ValueError(f"{path} holds no complete training checkpoint{hint}")
         return found[0]
     return None

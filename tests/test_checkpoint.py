@@ -61,3 +61,13 @@ def test_candidates_skip_incomplete_and_corrupt_with_warnings(tmp_path):
 def test_bad_names_raise():
     with pytest.raises(ValueError, match="step_00000042"):
         checkpoint.checkpoint_step("/tmp/latest")
+
+
+def test_a_runs_checkpoints_folder_is_named_as_such(tmp_path):
+    """--init / --resume given a run's checkpoints/ folder (its step folders inside) says to pass the run folder or a
+    step folder, not that it holds no checkpoint."""
+    checkpoint.save(tmp_path, 3, state(3, 1.0), {})
+    with pytest.raises(ValueError, match=rf"it is the checkpoints/ folder of run {tmp_path}: pass the run folder, or "
+                                         r"one of the step folders in it"):
+        checkpoint.find_checkpoint(tmp_path / "checkpoints")
+    assert checkpoint.find_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_00000003"
