@@ -60,7 +60,7 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint that does not fit the model; ``result`` is the ``LoadResult`` a non-strict load would return."""
 
     def __init__(self, result: LoadResult, model_name: str, hints=()):
-        self.result = result
+        self.result, self.model_name = result, model_name
         self.missing_keys = result.missing_keys
         self.unexpected_keys = result.unexpected_keys
         self.mismatched_keys = result.mismatched_keys
@@ -486,17 +486,23 @@ def _fit_tables(model, sd, expected, **resize):
             sd[key] = resample_rel_pos_table(t, (side, side), grid, num_extra=extra)
 
 
-def _hints(model, result):
+def _hints(model, result, caller="load_checkpoint"):
+    """What to do about a mismatch, in the arguments of the call that loaded: ``load_checkpoint``, or
+    ``create_model`` with a ``checkpoint_path`` or ``pretrained`` weights (no model yet to reset there, and strict is
+    pretrained_strict)."""
     hints = []
+    strict = "strict=False" if caller == "load_checkpoint" else "pretrained_strict=False"
     head = [m for m in result.mismatched_keys if m[0] == "head.weight"]
     if head:
         k = head[0][1][0]
-        hints.append(f"the classifier differs (checkpoint {k} classes, model {model.num_classes}): call "
-                     f"model.reset_classifier({k}) first to take the checkpoint's head, or pass strict=False to keep "
-                     f"the model's head and load everything else")
+        take = {"load_checkpoint": f"call model.reset_classifier({k}) first",
+                "checkpoint_path": f"build it with num_classes={k}",
+                "pretrained": f"pass pretrained_cfg_overlay=dict(num_classes={k}) (the weights' class count)"}[caller]
+        hints.append(f"the classifier differs (checkpoint {k} classes, model {model.num_classes}): {take} to take "
+                     f"the checkpoint's head, or pass {strict} to keep the model's head and load everything else")
     elif "head.weight" in result.missing_keys:
-        hints.append("the checkpoint has no classifier: build the model with num_classes=0, or pass strict=False "
-                     "to keep the model's freshly initialised head")
+        hints.append(f"the checkpoint has no classifier: build the model with num_classes=0, or pass {strict} to "
+                     f"keep the model's freshly initialised head")
     widths = [(ckpt[-1], own[-1]) for key, ckpt, own in result.mismatched_keys
               if key in ("cls_token", "pos_embed", "norm.weight") and ckpt[-1] != own[-1]]
     if widths:

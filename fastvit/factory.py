@@ -10,7 +10,7 @@ import contextlib
 
 import torch
 
-from fastvit.convert import load_checkpoint
+from fastvit.convert import CheckpointMismatchError, _hints, load_checkpoint
 from fastvit.features import features_only as wrap_features
 from fastvit.pretrained import RUNTIME_ARGS, load_pretrained, parse_model_name, read_model_config, resolve_weights
 from fastvit.registry import get_pretrained_cfg, is_model, model_entrypoint, split_model_name_tag
@@ -87,10 +87,14 @@ def create_model(model_name, pretrained=False, pretrained_cfg=None, pretrained_c
     model._traits = {"img_size": _pair(kwargs["img_size"]) if "img_size" in kwargs else None,
                      "fixed_input_size": not getattr(model, "dynamic_img_size", False),
                      "first_conv": tuple(first_conv) if isinstance(first_conv, list) else first_conv}
-    if checkpoint_path:  # an empty path is none, as in timm
-        load_checkpoint(model, checkpoint_path, strict=pretrained_strict, name=arch)
-    elif weights is not None:
-        load_pretrained(model, cfg, weights=weights, strict=pretrained_strict)
+    try:
+        if checkpoint_path:  # an empty path is none, as in timm
+            load_checkpoint(model, checkpoint_path, strict=pretrained_strict, name=arch)
+        elif weights is not None:
+            load_pretrained(model, cfg, weights=weights, strict=pretrained_strict)
+    except CheckpointMismatchError as e:  # hints in create_model's arguments (strict=False here is a TypeError)
+        caller = "checkpoint_path" if checkpoint_path else "pretrained"
+        raise CheckpointMismatchError(e.result, e.model_name, _hints(model, e.result, caller)) from None
     if features_only:
         traits = model._traits
         model = wrap_features(model, feature_cls, out_indices)

@@ -5,6 +5,7 @@ as documented.
 Every source model is tiny (32px, patch 8, width 64, depth 2) with all parameters randomised (zero biases would
 hide a mis-mapped bias).
 """
+import functools
 import re
 
 import numpy as np
@@ -442,6 +443,24 @@ def test_head_size_mismatch():
     model.reset_classifier(10)
     load_checkpoint(model, source.state_dict())
     assert_same_params(model, source)
+
+
+def test_create_model_head_mismatch_hints_name_create_models_arguments(tmp_path):
+    """Inside create_model there is no model to reset yet and strict=False is not an argument (a TypeError): the
+    hints name what create_model takes, and each of them loads."""
+    save_file(randomize(fastvit_model()).state_dict(), tmp_path / "w.safetensors")
+    kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, backend="torch")
+    build = functools.partial(fastvit.create_model, "vit_tiny_patch16_224", **kw)
+    with pytest.raises(CheckpointMismatchError, match=r"build it with num_classes=10 to take the checkpoint's head, "
+                                                      r"or pass pretrained_strict=False"):
+        build(num_classes=7, checkpoint_path=tmp_path / "w.safetensors")
+    assert build(num_classes=10, checkpoint_path=tmp_path / "w.safetensors").num_classes == 10
+    assert build(num_classes=7, checkpoint_path=tmp_path / "w.safetensors", pretrained_strict=False).num_classes == 7
+    with pytest.raises(CheckpointMismatchError, match=r"pass pretrained_cfg_overlay=dict\(num_classes=10\) \(the "
+                                                      r"weights' class count\) to take the checkpoint's head"):
+        build(pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "w.safetensors")))
+    assert build(pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "w.safetensors"),
+                                                              num_classes=10)).num_classes == 10
 
 
 def test_missing_and_unexpected_keys_listed():
