@@ -452,6 +452,21 @@ class PatchEmbed(nn.Module):
         return embed_patches(self.proj, x, self.patch_size, pos_embed, cls_token, no_embed_class, self.backend)
 
 
+def attention_layers(attn, dim, qkv_bias, qk_norm, scale_norm, norm_layer, attn_drop, proj_drop, proj_bias):
+    """timm's attention layers on ``attn`` (whose ``head_dim`` is set), in its order: qkv, then its options as
+    nn.Identity placeholders when off (norms of q and k per head, of the heads' output before the projection), the
+    attention dropout, proj; and the scale and timm's fused-attention switch."""
+    attn.scale = attn.head_dim ** -0.5
+    attn.fused_attn = ops.timm_fused_attn()
+    attn.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+    attn.q_norm = norm_layer(attn.head_dim) if qk_norm else nn.Identity()
+    attn.k_norm = norm_layer(attn.head_dim) if qk_norm else nn.Identity()
+    attn.attn_drop = nn.Dropout(attn_drop)
+    attn.norm = norm_layer(dim) if scale_norm else nn.Identity()
+    attn.proj = nn.Linear(dim, dim, bias=proj_bias)
+    attn.proj_drop = nn.Dropout(proj_drop)
+
+
 class Attention(nn.Module):
     """MSA(z) = [SA_1(z); ...; SA_k(z)] U_msa with SA(z) = softmax(q k^T / sqrt(D_h) + B_rel) v, [q, k, v] = z U_qkv.
 
@@ -471,18 +486,8 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.attn_dim = dim  # timm's attributes, read by timm's Attention.forward where users graft it on
         self.gate = None
-        self.scale = self.head_dim ** -0.5
-        self.fused_attn = ops.timm_fused_attn()
         self.backend = "auto"
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        # timm's options, nn.Identity placeholders when off: LayerNorms of q and k per head, and of the heads'
-        # output before the projection
-        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.norm = norm_layer(dim) if scale_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
-        self.proj_drop = nn.Dropout(proj_drop)
+        attention_layers(self, dim, qkv_bias, qk_norm, scale_norm, norm_layer, attn_drop, proj_drop, proj_bias)
         self.rel_pos_grid = None if rel_pos_grid is None else _pair(rel_pos_grid)
         self.rel_pos_table = None
         if rel_pos_grid is not None:
@@ -525,6 +530,35 @@ class Attention(nn.Module):
             out = attn_drop(attn.softmax(dim=-1)) @ v
         out = call(modules["norm"], out.transpose(1, 2).reshape(B, N, D3 // 3))
         return call(modules["proj_drop"], linear(modules["proj"], out))
+
+
+# timm's attn_layer choices, by name ('' and 'attn': the paper's MSA); fastvit.diff_attention registers 'diff'
+ATTN_LAYERS = {"": Attention, "attn": Attention}
+
+
+def block_attention(attn_layer, dim, num_heads, qkv_bias, attn_drop, proj_drop, rel_pos_grid, class_token,
+                    qk_norm, scale_norm, norm_layer, proj_bias, depth):
+    """A block's attention for ``attn_layer``: :class:`Attention` for None, a name of ``ATTN_LAYERS`` or timm's class
+    of that name (ours in its place), or a class taking timm's keywords (and ``depth``, the block's index, where its
+    constructor has it, as timm's DiffAttention does)."""
+    if isinstance(attn_layer, str):
+        cls = ATTN_LAYERS[_check_choice("attn_layer", attn_layer, tuple(ATTN_LAYERS))]
+    elif attn_layer is None:
+        cls = Attention
+    elif getattr(attn_layer, "__module__", "").startswith("timm."):
+        ours = {c.__name__: c for c in ATTN_LAYERS.values()}
+        cls = ours.get(attn_layer.__name__, attn_layer)
+    else:
+        cls = attn_layer
+    if cls is Attention:
+        return Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, rel_pos_grid, class_token, qk_norm,
+                         scale_norm, norm_layer, proj_bias)
+    if rel_pos_grid is not None:
+        raise ValueError(f"pos_embed='rel' is fastvit's Attention's: attn_layer {cls.__name__} has no relative "
+                         f"positions")
+    extra = {"depth": depth} if "depth" in inspect.signature(cls).parameters else {}
+    return cls(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, scale_norm=scale_norm,
+               proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer, **extra)
 
 
 class Mlp(nn.Module):
@@ -664,18 +698,19 @@ def _block_mlp(dim, mlp_ratio, proj_drop, scale_mlp_norm, norm_layer, act_layer,
 
 
 class Block(nn.Module):
-    """Pre-LN encoder block: z' = MSA(LN(z)) + z, then z_out = MLP(LN(z')) + z'."""
+    """Pre-LN encoder block: z' = MSA(LN(z)) + z, then z_out = MLP(LN(z')) + z'. ``attn_layer`` /
+    ``depth``: :func:`block_attention`."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_drop=0.0, attn_drop=0.0,
                  drop_path=0.0, init_values=None, rel_pos_grid=None, class_token=True, qk_norm=False,
                  scale_attn_norm=False, scale_mlp_norm=False, norm_layer=None, act_layer=None, mlp_layer=None,
-                 proj_bias=True):
+                 proj_bias=True, attn_layer=None, depth=0):
         super().__init__()
         self.backend = "auto"
         norm_layer, mlp_layer = norm_layer_of(norm_layer), mlp_layer_of(mlp_layer)
         self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, rel_pos_grid, class_token, qk_norm,
-                              scale_attn_norm, norm_layer, proj_bias)
+        self.attn = block_attention(attn_layer, dim, num_heads, qkv_bias, attn_drop, proj_drop, rel_pos_grid,
+                                    class_token, qk_norm, scale_attn_norm, norm_layer, proj_bias, depth)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = drop_path_or_identity(drop_path)
         self.norm2 = norm_layer(dim)
@@ -735,12 +770,12 @@ class ResPostBlock(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_drop=0.0, attn_drop=0.0,
                  drop_path=0.0, init_values=None, rel_pos_grid=None, class_token=True, qk_norm=False,
                  scale_attn_norm=False, scale_mlp_norm=False, norm_layer=None, act_layer=None, mlp_layer=None,
-                 proj_bias=True):
+                 proj_bias=True, attn_layer=None, depth=0):
         super().__init__()
         self.init_values = init_values
         norm_layer, mlp_layer = norm_layer_of(norm_layer), mlp_layer_of(mlp_layer)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, rel_pos_grid, class_token, qk_norm,
-                              scale_attn_norm, norm_layer, proj_bias)
+        self.attn = block_attention(attn_layer, dim, num_heads, qkv_bias, attn_drop, proj_drop, rel_pos_grid,
+                                    class_token, qk_norm, scale_attn_norm, norm_layer, proj_bias, depth)
         self.norm1 = norm_layer(dim)
         self.drop_path1 = drop_path_or_identity(drop_path)
         self.mlp = _block_mlp(dim, mlp_ratio, proj_drop, scale_mlp_norm, norm_layer, act_layer, mlp_layer, proj_bias)
@@ -799,8 +834,9 @@ class VisionTransformer(nn.Module):
     and the MLP. pool_include_prefix: pooling also reads the class and register tokens. weight_init / fix_init:
     timm's init modes (:meth:`init_weights`). patch_drop_rate: in training, drop that share of the patch tokens
     after the stem (``fastvit.patch_dropout``). block_fn: the block, the paper's pre-LN :class:`Block` by default,
-    or timm's residual post-norm :class:`ResPostBlock` (:func:`block_fn_of`).
-    """
+    or timm's residual post-norm :class:`ResPostBlock` (:func:`block_fn_of`; also timm's parallel blocks,
+    ``fastvit.parallel_blocks``). attn_layer: the blocks' attention (:func:`block_attention`; 'diff':
+    ``fastvit.diff_attention``)."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
                  embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, init_values=None,
@@ -810,7 +846,7 @@ class VisionTransformer(nn.Module):
                  pre_norm=False, dynamic_img_pad=False, qk_norm=False, scale_attn_norm=False, scale_mlp_norm=False,
                  final_norm=True, reg_tokens=0, norm_layer=None, act_layer=None, embed_norm_layer=None,
                  mlp_layer=None, proj_bias=True, pool_include_prefix=False, weight_init="", fix_init=False,
-                 patch_drop_rate=0.0, block_fn=None):
+                 patch_drop_rate=0.0, block_fn=None, attn_layer=None):
         super().__init__()
         pos_embed = "none" if pos_embed == "" else pos_embed
         norm_layer, act_layer = norm_layer_of(norm_layer), act_layer_of(act_layer)
@@ -873,11 +909,16 @@ class VisionTransformer(nn.Module):
 
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth decay rule
         block_fn = block_fn_of(block_fn)
+        # timm passes every block attn_layer and its index; a block class written for Block's arguments gets them
+        # only where it takes them (attn_layer when one is asked for)
+        takes = inspect.signature(block_fn).parameters
+        extra = {"attn_layer": attn_layer} if attn_layer is not None else {}
         self.blocks = nn.Sequential(*[
             block_fn(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], init_values,
                   rel_pos_grid=grid if pos_embed == "rel" else None, class_token=class_token, qk_norm=qk_norm,
                   scale_attn_norm=scale_attn_norm, scale_mlp_norm=scale_mlp_norm, norm_layer=norm_layer,
-                  act_layer=act_layer, mlp_layer=mlp_layer, proj_bias=proj_bias)
+                  act_layer=act_layer, mlp_layer=mlp_layer, proj_bias=proj_bias, **extra,
+                  **({"depth": i} if "depth" in takes else {}))
             for i in range(depth)])
         stride = self._embed_geometry[1]
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=max(stride))

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from fastvit import ops
-from fastvit.model import (BLOCK_FNS, Attention, LayerScale, act_layer_of, attention_keywords, call,
+from fastvit.model import (BLOCK_FNS, LayerScale, act_layer_of, attention_keywords, block_attention, call,
                            drop_path_or_identity, linear, mlp_layer_of, norm_layer_of, runs_unmodified, unedited,
                            weight_and_bias, _block_mlp)
 
@@ -28,6 +28,41 @@ def _no_rel_pos(rel_pos_grid, name):
         raise ValueError(f"pos_embed='rel' needs one attention per block: use Block or ResPostBlock, not {name}")
 
 
+def in_projection_layers(block, dim, num_heads, head_split, mlp_ratio, qkv_bias, qk_norm, norm_layer, attn_drop,
+                         rel_pos_grid, scale_norms):
+    """The layers a ViT-22B block (plain or differential: heads of ``head_dim / head_split``) builds first, in
+    timm's order: the norm, the one input projection [MLP hidden | q | k | v] (the MLP's bias is part of it with
+    ``qkv_bias``, else ``mlp_bias``), the norms of q and k, the attention dropout; returns the MLP's width."""
+    name = type(block).__name__
+    _no_rel_pos(rel_pos_grid, name)
+    if scale_norms:
+        raise ValueError(f"{name} has no scale_attn_norm / scale_mlp_norm (timm's neither)")
+    if dim % num_heads:
+        raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
+    norm_layer = norm_layer_of(norm_layer)
+    block.num_heads = num_heads
+    block.head_dim = dim // num_heads // head_split
+    block.scale = block.head_dim ** -0.5
+    block.fused_attn = ops.timm_fused_attn()
+    hidden = int(mlp_ratio * dim)
+    block.in_norm = norm_layer(dim)
+    block.in_proj = nn.Linear(dim, hidden + 3 * dim, bias=qkv_bias)
+    block.in_split = [hidden] + [dim] * 3
+    block.mlp_bias = None if qkv_bias else nn.Parameter(torch.zeros(hidden))
+    block.q_norm = norm_layer(block.head_dim) if qk_norm else nn.Identity()
+    block.k_norm = norm_layer(block.head_dim) if qk_norm else nn.Identity()
+    block.attn_drop = nn.Dropout(attn_drop)
+    return hidden
+
+
+def mlp_hidden(block, x_mlp):
+    """A ViT-22B block's MLP activation from its share of the input projection: + ``mlp_bias`` (where the
+    projection has none), the activation, dropout."""
+    if block.mlp_bias is not None:
+        x_mlp = x_mlp + block.mlp_bias
+    return block.mlp_drop(block.mlp_act(x_mlp))
+
+
 class ParallelThingsBlock(nn.Module):
     """``num_parallel`` attention branches side by side, then as many MLP branches; each branch is timm's
     ``nn.Sequential`` of norm, attn (or mlp), ls and drop_path. Takes Block's arguments and ``num_parallel``."""
@@ -35,7 +70,7 @@ class ParallelThingsBlock(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_drop=0.0, attn_drop=0.0,
                  drop_path=0.0, init_values=None, rel_pos_grid=None, class_token=True, qk_norm=False,
                  scale_attn_norm=False, scale_mlp_norm=False, norm_layer=None, act_layer=None, mlp_layer=None,
-                 proj_bias=True, num_parallel=2):
+                 proj_bias=True, attn_layer=None, depth=0, num_parallel=2):
         super().__init__()
         _no_rel_pos(rel_pos_grid, type(self).__name__)
         norm_layer, mlp_layer = norm_layer_of(norm_layer), mlp_layer_of(mlp_layer)
@@ -44,14 +79,17 @@ class ParallelThingsBlock(nn.Module):
         def tail():
             return [("ls", LayerScale(dim, init_values) if init_values else nn.Identity()),
                     ("drop_path", drop_path_or_identity(drop_path))]
-        self.attns = nn.ModuleList(nn.Sequential(OrderedDict([
-            ("norm", norm_layer(dim)),
-            ("attn", Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, None, class_token, qk_norm,
-                               scale_attn_norm, norm_layer, proj_bias)), *tail()])) for _ in range(num_parallel))
-        self.ffns = nn.ModuleList(nn.Sequential(OrderedDict([
-            ("norm", norm_layer(dim)),
-            ("mlp", _block_mlp(dim, mlp_ratio, proj_drop, scale_mlp_norm, norm_layer, act_layer, mlp_layer,
-                               proj_bias)), *tail()])) for _ in range(num_parallel))
+        self.attns, self.ffns = nn.ModuleList(), nn.ModuleList()
+        for _ in range(num_parallel):  # built in timm's order (attention, MLP, attention, ...), so a seed draws alike
+            self.attns.append(nn.Sequential(OrderedDict([
+                ("norm", norm_layer(dim)),
+                ("attn", block_attention(attn_layer, dim, num_heads, qkv_bias, attn_drop, proj_drop, None,
+                                         class_token, qk_norm, scale_attn_norm, norm_layer, proj_bias, depth)),
+                *tail()])))
+            self.ffns.append(nn.Sequential(OrderedDict([
+                ("norm", norm_layer(dim)),
+                ("mlp", _block_mlp(dim, mlp_ratio, proj_drop, scale_mlp_norm, norm_layer, act_layer, mlp_layer,
+                                   proj_bias)), *tail()])))
 
     def forward(self, x, attn_mask=None, is_causal=False):
         if attn_mask is None and not is_causal:
@@ -72,34 +110,17 @@ class ParallelScalingBlock(nn.Module):
     The MLP's first bias is ``in_proj``'s with ``qkv_bias``, else ``mlp_bias``; ``fuse_out_proj`` projects the
     concatenated attention and MLP outputs with one ``out_proj`` instead of ``attn_out_proj`` + ``mlp_out_proj``.
     The attention runs :func:`fastvit.ops.attention`, and the GELU runs inside the MLP's output projection
-    (recomputed in backward) where nothing must see it. Takes Block's arguments (``mlp_layer`` is not used, as in
-    timm) and ``fuse_out_proj``."""
+    (recomputed in backward) where nothing must see it. Takes Block's arguments (``mlp_layer``, ``attn_layer`` and
+    ``depth`` are not used, as in timm) and ``fuse_out_proj``."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_drop=0.0, attn_drop=0.0,
                  drop_path=0.0, init_values=None, rel_pos_grid=None, class_token=True, qk_norm=False,
                  scale_attn_norm=False, scale_mlp_norm=False, norm_layer=None, act_layer=None, mlp_layer=None,
-                 proj_bias=True, fuse_out_proj=False):
+                 proj_bias=True, attn_layer=None, depth=0, fuse_out_proj=False):
         super().__init__()
-        _no_rel_pos(rel_pos_grid, type(self).__name__)
-        if scale_attn_norm or scale_mlp_norm:
-            raise ValueError("ParallelScalingBlock has no scale_attn_norm / scale_mlp_norm (timm's neither)")
-        if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
-        norm_layer = norm_layer_of(norm_layer)
         self.backend = "auto"
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.fused_attn = ops.timm_fused_attn()
-        hidden = int(mlp_ratio * dim)
-        self.in_norm = norm_layer(dim)
-        self.in_proj = nn.Linear(dim, hidden + 3 * dim, bias=qkv_bias)
-        self.in_split = [hidden] + [dim] * 3
-        # with qkv_bias the MLP's bias is part of in_proj's
-        self.mlp_bias = None if qkv_bias else nn.Parameter(torch.zeros(hidden))
-        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.attn_drop = nn.Dropout(attn_drop)
+        hidden = in_projection_layers(self, dim, num_heads, 1, mlp_ratio, qkv_bias, qk_norm, norm_layer, attn_drop,
+                                      rel_pos_grid, scale_attn_norm or scale_mlp_norm)
         self.mlp_drop = nn.Dropout(proj_drop)
         self.mlp_act = act_layer_of(act_layer)()
         self.out_proj = nn.Linear(dim + hidden, dim, bias=proj_bias) if fuse_out_proj else None
@@ -128,7 +149,7 @@ class ParallelScalingBlock(nn.Module):
             x_attn = attn_drop(attn.softmax(dim=-1)) @ v
         x_attn = x_attn.transpose(1, 2).reshape(B, N, C)
         if m.get("out_proj") is not None:
-            y = linear(m["out_proj"], torch.cat((x_attn, self._mlp_hidden(x_mlp)), dim=-1))
+            y = linear(m["out_proj"], torch.cat((x_attn, mlp_hidden(self, x_mlp)), dim=-1))
         else:
             y = linear(m["attn_out_proj"], x_attn) + self._mlp_out(x_mlp)
         return x + call(m["drop_path"], call(m["ls"], y))
@@ -144,15 +165,10 @@ class ParallelScalingBlock(nn.Module):
             return None
         return act.approximate
 
-    def _mlp_hidden(self, x_mlp):
-        if self.mlp_bias is not None:
-            x_mlp = x_mlp + self.mlp_bias
-        return self.mlp_drop(self.mlp_act(x_mlp))
-
     def _mlp_out(self, x_mlp):
         approximate = self._gelu_in_out_proj
         if approximate is None:
-            return self._modules["mlp_out_proj"](self._mlp_hidden(x_mlp))
+            return self._modules["mlp_out_proj"](mlp_hidden(self, x_mlp))
         return ops.bias_gelu_linear(x_mlp, self.mlp_bias, *weight_and_bias(self._modules["mlp_out_proj"]),
                                     self.backend, approximate)
 

@@ -285,7 +285,7 @@ def test_res_post_block_as_timm():
     for cls in (fastvit.ResPostBlock, TimmResPostBlock):  # timm's class: ours in its place
         assert type(fastvit.VisionTransformer(**SMALL, block_fn=cls).blocks[0]) is fastvit.ResPostBlock
     with pytest.raises(ValueError, match=r"block_fn must be one of \('Block', 'ResPostBlock', 'ParallelThingsBlock', "
-                                         r"'ParallelScalingBlock'\), got 'ResPost'"):
+                                         r"'ParallelScalingBlock', 'DiffParallelScalingBlock'\), got 'ResPost'"):
         fastvit.VisionTransformer(**SMALL, block_fn="ResPost")
 
 
@@ -295,12 +295,20 @@ def test_res_post_block_as_timm():
     ("ParallelScalingBlock", dict(init_values=1e-3, proj_drop_rate=0.2)),
     ("ParallelScalingBlock", dict(qkv_bias=False, qk_norm=True, norm_layer="rmsnorm", pre_norm=True,
                                   no_embed_class=True)),
-    (functools.partial(fastvit.ParallelScalingBlock, fuse_out_proj=True), dict(qkv_bias=False))],
-    ids=["things", "things-qk_norm-drop", "scaling-drop", "scaling-xp", "scaling-fused-out"])
-def test_parallel_blocks_as_timm(block, cfg):
-    """timm's parallel blocks (its vit_*_18x2 and vit_*_xp models): the same parameter names in the same order,
-    the same initial weights from a seed, and outputs (eval, and train with DropPath and dropout drawing the same
-    masks), masked outputs and gradients of timm's; a hook on one branch fires as in timm."""
+    (functools.partial(fastvit.ParallelScalingBlock, fuse_out_proj=True), dict(qkv_bias=False)),
+    ("Block", dict(attn_layer="diff", init_values=1e-3)),
+    ("ResPostBlock", dict(attn_layer="diff", qk_norm=True, scale_attn_norm=True)),
+    ("ParallelThingsBlock", dict(attn_layer="diff")),
+    ("DiffParallelScalingBlock", dict(qkv_bias=False, init_values=1e-3, proj_drop_rate=0.2)),
+    ("DiffParallelScalingBlock", dict(qk_norm=True, norm_layer="rmsnorm"))],
+    ids=["things", "things-qk_norm-drop", "scaling-drop", "scaling-xp", "scaling-fused-out", "diff",
+         "diff-res-post", "diff-things", "diff-scaling-drop", "diff-scaling-qk_norm"])
+def test_parallel_and_differential_blocks_as_timm(block, cfg):
+    """timm's parallel blocks (its vit_*_18x2 and vit_*_xp models) and differential attention (attn_layer='diff'
+    in any block, DiffParallelScalingBlock: its dwee, dlittle and dpwee models): the same parameter names in the
+    same order, the same initial weights from a seed (lambda depends on the block's index), and outputs (eval, and
+    train with DropPath and dropout drawing the same masks), masked outputs and gradients of timm's; a hook on one
+    branch fires as in timm."""
     import timm.models.vision_transformer as tv
     if isinstance(block, str):
         theirs = getattr(tv, block)
@@ -329,9 +337,13 @@ def test_parallel_blocks_as_timm(block, cfg):
         torch.testing.assert_close(seen[0], seen[1], atol=1e-5, rtol=1e-5)
 
 
-def test_parallel_blocks_refuse_relative_positions():
+def test_parallel_blocks_and_differential_attention_refuse_relative_positions():
     with pytest.raises(ValueError, match="pos_embed='rel' needs one attention per block"):
         fastvit.VisionTransformer(**SMALL, pos_embed="rel", block_fn="ParallelScalingBlock")
+    with pytest.raises(ValueError, match="attn_layer DiffAttention has no relative positions"):
+        fastvit.VisionTransformer(**SMALL, pos_embed="rel", attn_layer="diff")
+    with pytest.raises(ValueError, match=r"attn_layer must be one of \('', 'attn', 'diff'\), got 'dif'"):
+        fastvit.VisionTransformer(**SMALL, attn_layer="dif")
 
 
 def test_register_tokens_and_attention_pool_as_timm():
@@ -496,15 +508,20 @@ def test_parameter_counts_of_the_paper_variants(name, count):
     assert sum(p.numel() for p in model.parameters()) == count
 
 
-def test_registry_names_and_errors():
+def test_registry_names_and_errors(monkeypatch):
     assert "vit_base_patch16_224" in fastvit.list_models()
     assert fastvit.list_models("vit_large_patch32*") == ["vit_large_patch32_224", "vit_large_patch32_384"]
+    # every ViT of timm's vision_transformer.py (timm 1.0.31), parallel blocks and differential attention included
+    assert set(timm.list_models(module="vision_transformer")) <= set(fastvit.list_models())
     with pytest.raises(ValueError, match="vit_base_patch16_224"):
         fastvit.create_model("vit_base_patch16_244")
-    assert "vit_base_patch16_18x2_224" in timm.list_models()  # timm's, not built here: the error says why
-    with pytest.raises(ValueError, match=r"'vit_base_patch16_18x2_224' is timm's, but fastvit does not build it "
-                                         r"\(block_fn='ParallelThingsBlock'\)"):
-        fastvit.create_model("vit_base_patch16_18x2_224")
+    # one of a later timm's that the data file lists as not built: the error says why
+    data = {**fastvit.registry._data(), "skipped": {"vit_next_patch16_224": "attn_layer='next'"}}
+    monkeypatch.setattr(fastvit.registry, "_data", lambda: data)
+    with pytest.raises(ValueError, match=r"'vit_next_patch16_224' is timm's, but fastvit does not build it "
+                                         r"\(attn_layer='next'\)"):
+        fastvit.create_model("vit_next_patch16_224")
+    monkeypatch.undo()
     with pytest.raises(FileNotFoundError, match="checkpoint_path"):  # offline, nothing cached (tests/conftest.py)
         fastvit.create_model("vit_tiny_patch16_224", pretrained=True)
     model = fastvit.create_model("vit_tiny_patch16_224.augreg_in21k", num_classes=7, depth=1)

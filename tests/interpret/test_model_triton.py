@@ -27,9 +27,10 @@ def test_interpreter_is_on():
                                     dict(proj_bias=False, qkv_bias=False),
                                     dict(mlp_layer="swiglu", act_layer="silu", norm_layer="rmsnorm"),
                                     dict(block_fn="ParallelThingsBlock", init_values=1e-5),
-                                    dict(block_fn="ParallelScalingBlock", qkv_bias=False, qk_norm=True)],
+                                    dict(block_fn="ParallelScalingBlock", qkv_bias=False, qk_norm=True),
+                                    dict(attn_layer="diff", init_values=1e-5)],
                          ids=["default", "rel", "no_embed_class-avg", "head_dim80", "registers", "registers-map",
-                              "clip", "no-proj-bias", "swiglu", "parallel-things", "parallel-scaling"])
+                              "clip", "no-proj-bias", "swiglu", "parallel-things", "parallel-scaling", "diff"])
 def test_triton_model_matches_torch(kwargs):
     torch.manual_seed(0)
     model = fastvit.VisionTransformer(**{**CFG, **kwargs}, backend="torch")
