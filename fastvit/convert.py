@@ -452,9 +452,13 @@ def _fit_pos_embed(model, sd, target_shape, **resize):
         if ckpt_prefix == 1:  # model adds no position to the class token: fold its row into cls_token
             sd["cls_token"] = sd["cls_token"] + table[:, :1]
             table = table[:, 1:]
-        else:  # model adds a class-token row: zero keeps the class token as the checkpoint had it
-            table = torch.cat([table.new_zeros(1, 1, table.shape[2]), table], dim=1)
     side = _square_side(rows - ckpt_prefix)
+    if ckpt_prefix < model_prefix:  # model adds a class-token row: zero keeps the class token as the checkpoint had it
+        table = torch.cat([table.new_zeros(1, 1, table.shape[2]), table], dim=1)
+        # n^2 rows are also an (n-1) x (n+1) grid with a class row, which no state_dict tells apart
+        warnings.warn(f"pos_embed's {rows} rows were read as a {side}x{side} patch grid without a class-token row "
+                      f"(the class token gets a zero row); a checkpoint of a {side - 1}x{side + 1} grid with a class "
+                      f"row reads the same: load that at its own image size, then call set_input_size", stacklevel=4)
     sd["pos_embed"] = resample_abs_pos_embed(table, model.patch_embed.grid_size, (side, side), model_prefix, **resize)
 
 

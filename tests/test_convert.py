@@ -7,6 +7,7 @@ hide a mis-mapped bias).
 """
 import functools
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -326,6 +327,20 @@ def test_class_row_folded_into_class_token():
     x = images()
     with torch.no_grad():
         torch.testing.assert_close(model(x), source(x), rtol=0, atol=ATOL)
+
+
+def test_a_square_table_read_without_a_class_row_says_what_else_it_could_be():
+    """25 rows are a 5x5 grid without a class row (DeiT-3's layout, folded into a class-row model) or a 4x6 grid
+    with one: no state_dict tells them apart, so the fold says which it took and how to load the other."""
+    source = timm.create_model("vit_tiny_patch16_224", img_size=(32, 48), patch_size=8, depth=1)
+    model = fastvit.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=1)
+    with pytest.warns(UserWarning, match=r"25 rows were read as a 5x5 patch grid without a class-token row .* "
+                                         r"4x6 grid with a class row reads the same"):
+        load_checkpoint(model, source.state_dict())
+    with warnings.catch_warnings():  # a table with the model's own layout is not a fold
+        warnings.simplefilter("error")
+        load_checkpoint(fastvit.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=1),
+                        timm.create_model("vit_tiny_patch16_224", img_size=40, patch_size=8, depth=1).state_dict())
 
 
 # ---- files and containers -------------------------------------------------------------------------------------
