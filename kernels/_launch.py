@@ -105,8 +105,10 @@ def transformed() -> bool:
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as rows of its last dim with unit stride, each ``t.stride(-2)`` after the last, as the row-wise kernels
     read them: ``t`` itself when contiguous (any leading shape: no reshape to (rows, D) and view back, each ~1 us on
-    the host and, with grad, an autograd node), else a 2D (rows, D) view or copy."""
-    if t.dim() >= 2 and t.is_contiguous():
+    the host and, with grad, an autograd node), else a 2D (rows, D) view or copy. A contiguous tensor whose
+    next-to-last dim has size 1 may carry any stride there (torch ignores it: a (B, D, 1) map transposed to
+    (B, 1, D) has stride(-2) 1), so it is taken as it is only where that stride is D (or it has no rows to read)."""
+    if t.dim() >= 2 and t.is_contiguous() and (t.stride(-2) == t.shape[-1] or not t.numel()):
         return t
     t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()

@@ -129,6 +129,22 @@ def test_strided_inputs():
             torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-5)
 
 
+def test_one_token_view_of_a_transposed_map():
+    """A (B, 1, C) view of a (B, C, 1) map is contiguous to torch with a token stride of 1, not C: such an input,
+    and an upstream gradient laid out the same way, give the reference's results."""
+    c = 48
+    g = torch.Generator().manual_seed(4)
+    x, gy = torch.randn(3, c, 1, generator=g), torch.randn(3, c, 1, generator=g)
+    b = torch.randn(c, generator=g)
+    results = []
+    for fn in (_ours, bias_gelu_ref):
+        xx, bb = x.transpose(1, 2).requires_grad_(), b.clone().requires_grad_()
+        assert xx.is_contiguous() and xx.stride(1) == 1
+        y = fn(xx, bb)
+        results.append([y, *torch.autograd.grad((y.transpose(1, 2) * gy).sum(), (xx, bb))])
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-5)
+
 def test_empty_batch():
     x, b = _inputs((0, 197, 3072), torch.float32)
     y = _ours(x, b)

@@ -125,6 +125,24 @@ def test_strided_inputs():
             torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-5)
 
 
+def test_one_token_view_of_a_transposed_map():
+    """A (B, 1, D) view of a (B, D, 1) map (one token per image) is contiguous to torch with a token stride of 1,
+    not D: such inputs, and upstream gradients laid out the same way, give the reference's results."""
+    d = 48
+    g = torch.Generator().manual_seed(4)
+    x, r, gy, gres = (torch.randn(3, d, 1, generator=g) for _ in range(4))
+    w, b = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    results = []
+    for fn in (_ours, _ref):
+        leaves = [x.transpose(1, 2).requires_grad_(), r.transpose(1, 2).requires_grad_(), w.clone().requires_grad_(),
+                  b.clone().requires_grad_()]
+        assert leaves[0].is_contiguous() and leaves[0].stride(1) == 1
+        y, res = fn(*leaves, False)
+        loss = (y.transpose(1, 2) * gy).sum() + (res.transpose(1, 2) * gres).sum()
+        results.append([y, res, *torch.autograd.grad(loss, leaves)])
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-5)
+
 def test_empty_batch():
     x, r, w, b = _inputs((0, 197, 768), torch.float32, "add")
     y, res = _ours(x, r, w, b, False)
