@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import (apply, as_rows, cast, cdiv, eager_op, launch, next_power_of_2,
-                                     row_programs, triton_in_backward)
+from fastvit.kernels._launch import (accumulation_dtype, apply, as_rows, cast, cdiv, eager_op, launch,
+                                     next_power_of_2, row_programs, triton_in_backward)
 from fastvit.kernels._gemm import linear, matmul
 from fastvit.kernels._report import AOT_IMAGES, AOT_PROGRAMS, spec_from_launch
 
@@ -189,7 +189,8 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor
     if not use_triton:
         # as PyTorch computes it, by torch's own GELU backward (fp32 inside) on the forward's pre-activation
         dx = _gelu_backward(cast(dy, x.dtype), x if bias is None else x + cast(bias, x.dtype), approximate)
-        db = x.new_empty(0) if bias is None else cast(dx.reshape(-1, n_cols).sum(0, dtype=torch.float32), bias.dtype)
+        db = (x.new_empty(0) if bias is None
+              else cast(dx.reshape(-1, n_cols).sum(0, dtype=accumulation_dtype(dx.dtype)), bias.dtype))
         return dx, db
     dy, x = as_rows(dy), as_rows(x)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -9,6 +9,8 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastvit
+from fastvit import ops
+from fastvit.kernels.bias_gelu import gelu_ref
 from _helpers import gradient_penalty, images, timm_pair
 
 CFG = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
@@ -116,3 +118,16 @@ def test_gradcheck_and_gradgradcheck_in_float64(pos_embed):
     assert torch.autograd.gradcheck(f, (x, *params), fast_mode=True)
     with sdpa_kernel(SDPBackend.MATH):  # the fused SDPA kernels have no double backward
         assert torch.autograd.gradgradcheck(f, (x, *params), fast_mode=True)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh", "sigmoid"])
+def test_bias_gelu_bias_gradient_in_float64(approximate):
+    """An fp64 call's bias gradient is summed in fp64, as autograd's of GELU(x + b) is (an fp32 sum was ~1e-4 off
+    over 800 rows)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 200, 96, dtype=torch.float64, generator=g).requires_grad_()
+    b = torch.randn(96, dtype=torch.float64, generator=g).requires_grad_()
+    got = torch.autograd.grad(ops.bias_gelu(x, b, backend="torch", approximate=approximate).sum(), (x, b))
+    want = torch.autograd.grad(gelu_ref(x + b, approximate).sum(), (x, b))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
