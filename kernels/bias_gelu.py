@@ -59,9 +59,13 @@ def bias_gelu_ref(x, bias, approximate="none"):
 def _gelu_backward(dy, u, approximate):
     """dy GELU'(u) by torch's own fused backward kernels: GELU's for "none" / "tanh"; for "sigmoid", SiLU's at
     v = 1.702 u, since u sigmoid(1.702 u) = SiLU(v) / 1.702 has the derivative SiLU'(v) (two passes over u where
-    autograd's chain through timm's QuickGELU takes five; what it saved, the sigmoid, is not kept here)."""
+    autograd's chain through timm's QuickGELU takes five; what it saved, the sigmoid, is not kept here). aten has
+    no derivative of silu_backward, so a backward that autograd records (create_graph=True) writes SiLU'(v) out."""
     if approximate != "sigmoid":
         return torch.ops.aten.gelu_backward(dy, u, approximate=approximate)
+    if torch.is_grad_enabled():
+        s = torch.sigmoid(QUICK_GELU_SCALE * u)
+        return dy * s * (1 + QUICK_GELU_SCALE * u * (1 - s))
     return torch.ops.aten.silu_backward(dy, u * QUICK_GELU_SCALE)
 
 

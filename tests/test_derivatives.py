@@ -131,3 +131,12 @@ def test_bias_gelu_bias_gradient_in_float64(approximate):
     want = torch.autograd.grad(gelu_ref(x + b, approximate).sum(), (x, b))
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh", "sigmoid"])
+def test_bias_gelu_second_derivatives_in_float64(approximate):
+    """Double backward through each GELU (CLIP's quick GELU included) against finite differences."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, generator=g).requires_grad_()
+    b = torch.randn(8, dtype=torch.float64, generator=g).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x, b: ops.bias_gelu(x, b, approximate=approximate), (x, b))
