@@ -32,6 +32,7 @@ from fastvit.glu_mlp import GluMlp, SwiGLU
 from fastvit.patch_dropout import PatchDropout
 from fastvit.weight_init import lecun_normal_, trunc_normal_
 from fastvit.registry import register_model, timm_archs
+from fastvit.kernels._launch import autocast_enabled
 from fastvit.kernels.bias_gelu import gelu_ref
 from fastvit.kernels.flash_attention import num_relative_positions, relative_bias_dense
 from fastvit.resample import (_pair, resample_abs_pos_embed, resample_patch_embed, resample_pos_embed_1d,
@@ -234,7 +235,7 @@ def layer_norm(norm, h, residual, backend):
     in 16 bits, so a model cast to 16 bits keeps its dtype there: the features a user gets have timm's dtype."""
     if fusable_layer_norm(norm) and not is_fx_symbolic_tracing():
         device = h.device.type
-        if h.dtype in _HALF and torch.is_autocast_enabled(device) and \
+        if h.dtype in _HALF and autocast_enabled(device) and \
                 not (device == "cpu" and norm._parameters["weight"].dtype in _HALF):
             # the output takes the first operand's dtype: the fp32 one goes first (the same sum)
             if residual is not None and residual.dtype not in _HALF:
@@ -346,7 +347,7 @@ def residual_stream(h, dtype, param):
     model's parameter ``param``, as timm's stream has it), else unchanged; a torch.fx leaf, so a traced model follows
     the autocast state it runs under and the dtype it was cast to."""
     device = h.device.type
-    if torch.is_autocast_enabled(device):
+    if autocast_enabled(device):
         if dtype is None:
             dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
         return h.to(torch.get_autocast_dtype(device) if dtype == "autocast" else dtype)
@@ -362,7 +363,7 @@ def embed_patches(proj, x, patch_size, pos_embed, cls_token, no_embed_class, bac
     if (runs_unmodified(proj, nn.Conv2d) and tuple(proj.kernel_size) == tuple(proj.stride) == tuple(patch_size)
             and proj.padding == (0, 0) and proj.dilation == (1, 1) and proj.groups == 1):
         weight = proj._parameters["weight"]
-        if isinstance(x, torch.Tensor) and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        if isinstance(x, torch.Tensor) and x.dtype != weight.dtype and not autocast_enabled(x.device.type):
             # nn.Conv2d's rule, which timm's model follows: no silent cast of the image to the model's dtype
             raise RuntimeError(f"Input type ({x.dtype}) and weight type ({weight.dtype}) should be the same: cast "
                                f"the images or the model, or run under torch.autocast")

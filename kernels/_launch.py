@@ -83,6 +83,12 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, and False on the meta device (where a model is planned without
+    memory), for which torch's raises."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 def autocast_off(device_type: str):
     """A context with autocast off on ``device_type``: ``torch.autocast(device_type, enabled=False)`` where autocast
     is on there, else a null context (entering and leaving torch.autocast costs ~10-20 us on the host even when it

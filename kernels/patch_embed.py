@@ -20,8 +20,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import (accumulation_dtype, apply, autocast_off, cast, cdiv, eager_op, launch,
-                                     next_power_of_2, sm_count, triton_in_backward)
+from fastvit.kernels._launch import (accumulation_dtype, apply, autocast_enabled, autocast_off, cast, cdiv,
+                                     eager_op, launch, next_power_of_2, sm_count, triton_in_backward)
 from fastvit.kernels._gemm import in_fp32, matmul
 from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
 
@@ -462,7 +462,7 @@ def patch_embed(x, weight, bias, patch_size, pos_embed, cls_token, no_embed_clas
     """
     ph, pw = _check_args(x, weight, bias, patch_size, pos_embed, cls_token, no_embed_class)
     dev = x.device.type
-    compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    compute_dtype = torch.get_autocast_dtype(dev) if autocast_enabled(dev) else x.dtype
     if use_triton and compute_dtype not in _COMPUTE:
         raise TypeError(f"the Triton patch embedding computes in float32, float16 or bfloat16, got {compute_dtype}")
     out_dtype = compute_dtype if pos_embed is None else torch.promote_types(compute_dtype, pos_embed.dtype)

@@ -508,6 +508,20 @@ def test_parameter_counts_of_the_paper_variants(name, count):
     assert sum(p.numel() for p in model.parameters()) == count
 
 
+@pytest.mark.parametrize("pos_embed", ["learn", "rel"])
+def test_forward_and_backward_on_the_meta_device(pos_embed):
+    """A model planned on the meta device runs there, as timm's does (shapes without memory), in fp32, fp16 and
+    under autocast (which has no meta mode)."""
+    with torch.device("meta"):
+        model = fastvit.create_model("vit_tiny_patch16_224", pos_embed=pos_embed, num_classes=7)
+        x = torch.randn(2, 3, 224, 224, requires_grad=True)
+        model(x).sum().backward()
+        assert x.grad.is_meta and x.grad.shape == x.shape
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(x).shape == (2, 7)
+        assert model.half()(x.half()).dtype == torch.float16
+
+
 def test_registry_names_and_errors(monkeypatch):
     assert "vit_base_patch16_224" in fastvit.list_models()
     assert fastvit.list_models("vit_large_patch32*") == ["vit_large_patch32_224", "vit_large_patch32_384"]
