@@ -355,9 +355,11 @@ def masked_scores(scores, attn_mask=None, is_causal=False):
 
 
 def _masked_attention(q, k, v, rel_bias, grid_size, dropout_p, scale, attn_mask, is_causal):
-    """SDPA with the mask; a relative-position bias joins it as one additive mask."""
+    """SDPA with the mask; a relative-position bias joins it as one additive mask, checked as without a mask (a
+    table of another size or head count would otherwise be indexed or broadcast silently)."""
     if rel_bias is not None:
         n = q.shape[-2]
+        grid_size = _flash_attention._check_inputs(q, k, v, rel_bias, grid_size, dropout_p)
         bias = _flash_attention.relative_bias_dense(rel_bias, grid_size, n).to(q.dtype)
         attn_mask, is_causal = bias + mask_bias(n, bias, attn_mask, is_causal), False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,

@@ -247,6 +247,14 @@ def test_bad_inputs_raise_clear_errors():
         fa.flash_attention(*(torch.randn(1, 1, 4, 160) for _ in range(3)))
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         fa.flash_attention(*(torch.randn(1, 1, 4, 16).double() for _ in range(3)))
+    # with a mask too, where SDPA would index or broadcast a wrong table silently
+    for mask in (dict(attn_mask=torch.ones(50, 50, dtype=torch.bool)), dict(is_causal=True)):
+        with pytest.raises(ValueError, match=r"rel_bias must have shape \(2, 172\)"):
+            ops.attention(q, k, v, rel_bias=torch.zeros(2, 200), grid_size=(7, 7), **mask)
+        with pytest.raises(ValueError, match=r"rel_bias must have shape \(2, 172\)"):
+            ops.attention(q, k, v, rel_bias=table[:1], grid_size=(7, 7), **mask)
+        with pytest.raises(ValueError, match="grid_size"):
+            ops.attention(q, k, v, rel_bias=table, **mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
