@@ -323,15 +323,19 @@ def patch_embed_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pat
     dx, dw, s = x.new_empty(0), weight.new_empty(0), dy.new_empty(0, dtype=accumulation_dtype(dy.dtype))
     with autocast_off(x.device.type):
         # both products in the compute dtype, as PyTorch's autocast runs them (fp32 accumulation, one rounding)
-        g = dy[:, int(has_cls):].to(compute_dtype).reshape(-1, dim)
+        g = (dy[:, 1:] if has_cls else dy).to(compute_dtype).reshape(-1, dim)
         if need_dw:
             xp = _patches(x.to(compute_dtype), patch_h, patch_w).reshape(g.shape[0], weight[0].numel())
             dw = matmul(g.t(), xp).view(weight.shape).to(weight.dtype)
         if need_dx:
             dxp = matmul(g, weight.reshape(dim, -1)).to(x.dtype)
             dxp = dxp.view(bsz, gh, gw, c, patch_h, patch_w).permute(0, 3, 1, 4, 2, 5)
-            dx = torch.zeros_like(x)
-            dx[:, :, :gh * patch_h, :gw * patch_w] = dxp.reshape(bsz, c, gh * patch_h, gw * patch_w)
+            # out of place, zero right of / below the last whole patch: autograd's batched gradients (jacobian with
+            # vectorize=True) can write no batched dx into zeros of x's shape (nor take dy[:, 0:], an alias)
+            dx = F.pad(dxp.reshape(bsz, c, gh * patch_h, gw * patch_w),
+                       (0, x.shape[3] - gw * patch_w, 0, x.shape[2] - gh * patch_h))
+            if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+                dx = dx.contiguous(memory_format=torch.channels_last)
         if need_sum:
             s = dy.sum(0, dtype=accumulation_dtype(dy.dtype))
     return dx, dw, s

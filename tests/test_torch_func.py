@@ -110,6 +110,23 @@ def test_input_jacobian_matches_timm():
     torch.testing.assert_close(torch.func.jacrev(model)(x), torch.func.jacrev(ref)(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", [{}, dict(class_token=False, global_pool="avg"), dict(pos_embed="rel")],
+                         ids=["cls", "no_cls", "rel"])
+def test_vectorized_autograd_jacobian(cfg):
+    """torch.autograd.functional.jacobian(vectorize=True) runs the forward as usual and the backward once on a batch
+    of gradients (autograd's is_grads_batched, torch's legacy vmap) through the ops' autograd Functions: timm's
+    Jacobian (pos_embed='rel', ours only: the one taken row by row)."""
+    x = images(1)
+    if cfg.get("pos_embed") == "rel":
+        model = fastvit.VisionTransformer(**CFG, **cfg).eval()
+        want = torch.autograd.functional.jacobian(model, x)
+    else:
+        model, ref = timm_pair(**CFG, **cfg)
+        want = torch.autograd.functional.jacobian(ref, x)
+    got = torch.autograd.functional.jacobian(model, x, vectorize=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_ensemble_by_stack_module_state_matches_each_model():
     """torch's model-ensembling recipe: the parameters of several models stacked, one vmap over them."""
     models = []
