@@ -117,9 +117,11 @@ def spec_from_launch(name, fn, args, constexprs, num_warps, num_stages, label):
 
 
 def kernel_modules():
-    """Names of the modules in kernels/ (fastvit.kernels), except private ones like this file."""
+    """Names of the modules in kernels/ (fastvit.kernels) that list their launches (``aot_specs``); not private ones
+    like this file, nor ``matmul``, whose GEMM the fused-matmul modules list with their prologues and epilogues."""
     here = pathlib.Path(__file__).parent
-    return sorted(p.stem for p in here.glob("*.py") if not p.stem.startswith("_"))
+    names = sorted(p.stem for p in here.glob("*.py") if not p.stem.startswith("_"))
+    return [n for n in names if hasattr(importlib.import_module(f"fastvit.kernels.{n}"), "aot_specs")]
 
 
 def collect_specs(shape, dtype, modules=None):

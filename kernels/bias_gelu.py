@@ -261,6 +261,8 @@ class BiasGeluLinearFn(torch.autograd.Function):
 
 
 def _check_rows(x, bias):
+    if x.ndim == 0:
+        raise ValueError("x must have a channel dim, shape (..., C), got a 0-d tensor (reshape it to (1,))")
     c = x.shape[-1]
     if bias is not None and bias.shape != (c,):
         raise ValueError(f"bias must have shape ({c},), got {tuple(bias.shape)}")

@@ -95,6 +95,14 @@ def test_weight_dtype_must_match_without_autocast():
         matmul_residual.matmul_residual(x, lw, lb, r, False)
 
 
+def test_bias_gelu_of_a_scalar_names_the_shape_it_takes():
+    from fastvit import ops
+    for call in (lambda: ops.bias_gelu(torch.tensor(1.0), None),
+                 lambda: ops.bias_gelu_linear(torch.tensor(1.0), None, torch.ones(2, 1))):
+        with pytest.raises(ValueError, match=r"x must have a channel dim, shape \(\.\.\., C\), got a 0-d tensor"):
+            call()
+
+
 def test_custom_ops_pass_opcheck():
     g = torch.Generator().manual_seed(0)
     x, r = torch.randn(6, 48, generator=g), torch.randn(6, 48, generator=g)

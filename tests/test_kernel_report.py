@@ -23,6 +23,18 @@ from fastvit.model import Attention
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def test_kernels_flag_offers_the_modules_that_list_launches():
+    """--kernels offers each module with aot_specs; matmul's GEMM is listed by the fused-matmul modules, so naming it
+    alone is refused by the parser instead of ending in 'no kernel specs found'."""
+    from fastvit.kernels._report import kernel_modules
+    names = kernel_modules()
+    assert "matmul" not in names and {"layer_norm", "bias_gelu", "flash_attention", "patch_embed", "ln_matmul",
+                                      "gelu_matmul", "matmul_residual"} <= set(names)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_report.py"), "--kernels", "matmul"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid choice: 'matmul'" in proc.stderr, proc.stderr
+
+
 def test_report_for_vit_base_has_no_spills(tmp_path):
     out = tmp_path / "report.json"
     proc = subprocess.run(
