@@ -618,8 +618,9 @@ class Mlp(nn.Module):
         between them that must see it (active dropout, a norm, an edited drop1 or fc2); else None."""
         m = self._modules
         drop1 = m["drop1"]
-        # drop1's own mode, not the Mlp's: MC dropout turns single Dropouts back on in an eval-mode model
-        if ((drop1.training and drop1.p > 0) or not runs_unmodified(drop1, nn.Dropout)
+        # drop1's own mode, not the Mlp's: MC dropout turns single Dropouts back on in an eval-mode model; its type
+        # first, since a module put in its place (nn.Identity) has no p
+        if (not runs_unmodified(drop1, nn.Dropout) or (drop1.training and drop1.p > 0)
                 or not runs_unmodified(m["norm"], nn.Identity) or not runs_unmodified(m["fc2"], nn.Linear)):
             return None
         return self.gelu_approximate

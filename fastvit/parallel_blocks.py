@@ -160,8 +160,8 @@ class ParallelScalingBlock(nn.Module):
         inactive unmodified dropout, an unmodified Linear; else None."""
         m = self._modules
         act, drop = m["mlp_act"], m["mlp_drop"]
-        if (not runs_unmodified(act, nn.GELU) or (drop.training and drop.p > 0)
-                or not runs_unmodified(drop, nn.Dropout) or not runs_unmodified(m["mlp_out_proj"], nn.Linear)):
+        if (not runs_unmodified(act, nn.GELU) or not runs_unmodified(drop, nn.Dropout)
+                or (drop.training and drop.p > 0) or not runs_unmodified(m["mlp_out_proj"], nn.Linear)):
             return None
         return act.approximate
 

@@ -156,6 +156,22 @@ def test_mc_dropout_on_an_eval_model_drops_as_on_timm():
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("block_fn, path", [(None, "blocks.1.mlp.drop1"),
+                                             ("ParallelScalingBlock", "blocks.1.mlp_drop")], ids=["mlp", "parallel"])
+def test_a_dropout_replaced_before_the_output_projection_runs_as_on_timm(block_fn, path):
+    """nn.Identity in place of the dropout between the GELU and the MLP's output projection (a common way to switch
+    it off) runs, in training too: the check for fusing the GELU into that projection read the module's p first
+    (an AttributeError that nn.Module reported as a missing fc2_gelu / _gelu_in_out_proj)."""
+    import timm.models.vision_transformer as tv
+    model, ref = pair(**({"block_fn": getattr(tv, block_fn)} if block_fn else {}))
+    for net in (model, ref):
+        _replace(net, path, lambda _: nn.Identity())
+        net.train()
+    x = images()
+    torch.testing.assert_close(forward_backward(model, x), forward_backward(ref, x), atol=1e-5, rtol=1e-5)
+    assert_same_grads(model, ref)
+
+
 @pytest.mark.parametrize("how", ["attribute", "buffer"])
 @pytest.mark.parametrize("path", ["patch_embed.proj", "blocks.0.attn.qkv", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2",
                                   "blocks.0.norm1", "norm"])
