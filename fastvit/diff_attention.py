@@ -71,7 +71,7 @@ class _DifferentialHeads(nn.Module):
         if self.fused_attn:
             q1, q2 = q.reshape(B, self.num_heads, 2, N, self.head_dim).unbind(2)
             k1, k2 = k.reshape(B, self.num_heads, 2, N, self.head_dim).unbind(2)
-            p = self.attn_drop.p if self.training else 0.0
+            p = self.attn_drop_p if self.training else 0.0  # timm's: attn_drop may be replaced (nn.Identity)
             out = (F.scaled_dot_product_attention(q1, k1, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
                    - lambda_full * F.scaled_dot_product_attention(q2, k2, v, attn_mask=attn_mask, dropout_p=p,
                                                                   is_causal=is_causal))
@@ -96,6 +96,7 @@ class DiffAttention(_DifferentialHeads):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads // 2
         attention_layers(self, dim, qkv_bias, qk_norm, scale_norm, norm_layer, attn_drop, proj_drop, proj_bias)
+        self.attn_drop_p = attn_drop
         self._init_lambda(depth, dual_lambda)
         self.reset_parameters()
 
@@ -119,6 +120,7 @@ class DiffParallelScalingBlock(_DifferentialHeads):
         super().__init__()
         hidden = in_projection_layers(self, dim, num_heads, 2, mlp_ratio, qkv_bias, qk_norm, norm_layer, attn_drop,
                                       rel_pos_grid, scale_attn_norm or scale_mlp_norm)
+        self.attn_drop_p = attn_drop
         self._init_lambda(depth, dual_lambda)
         self.mlp_drop = nn.Dropout(proj_drop)
         self.mlp_act = act_layer_of(act_layer)()

@@ -172,6 +172,25 @@ def test_a_dropout_replaced_before_the_output_projection_runs_as_on_timm(block_f
     assert_same_grads(model, ref)
 
 
+@pytest.mark.parametrize("cfg, path", [(dict(attn_layer="diff"), "blocks.1.attn.attn_drop"),
+                                        (dict(block_fn="DiffParallelScalingBlock"), "blocks.1.attn_drop")],
+                         ids=["diff", "diff-parallel"])
+def test_differential_attention_keeps_timms_dropout_rate(cfg, path):
+    """timm's differential attention reads its fused maps' dropout from attn_drop_p, not attn_drop: nn.Identity
+    put there runs in training, still dropping at that rate (fastvit read attn_drop.p, an AttributeError)."""
+    import timm.models.vision_transformer as tv
+    cfg = {k: getattr(tv, v) if k == "block_fn" else v for k, v in cfg.items()}
+    model, ref = pair(**cfg, attn_drop_rate=0.3)
+    assert _sub(model, path.rpartition(".")[0]).attn_drop_p == 0.3
+    outs = []
+    for net in (model, ref):
+        _replace(net, path, lambda _: nn.Identity())
+        torch.manual_seed(1)
+        outs.append(forward_backward(net.train(), images()))
+    torch.testing.assert_close(*outs, atol=1e-5, rtol=1e-5)
+    assert_same_grads(model, ref)
+
+
 @pytest.mark.parametrize("how", ["attribute", "buffer"])
 @pytest.mark.parametrize("path", ["patch_embed.proj", "blocks.0.attn.qkv", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2",
                                   "blocks.0.norm1", "norm"])
