@@ -801,10 +801,13 @@ BLOCK_FNS = {"Block": Block, "ResPostBlock": ResPostBlock}  # timm's block_fn cl
 
 def block_fn_of(block_fn):
     """The block class for ``block_fn``: None (the paper's pre-LN :class:`Block`), a name of ``BLOCK_FNS`` or timm's
-    class of that name (ours takes its place: the same parameters, and our arguments), or a class taking Block's
-    arguments."""
+    class of that name (ours takes its place: the same parameters, and our arguments; also inside a
+    ``functools.partial``, how timm sets ``num_parallel``, ``fuse_out_proj`` or ``dual_lambda``), or a class taking
+    Block's arguments."""
     if block_fn is None:
         return Block
+    if isinstance(block_fn, partial):
+        return partial(block_fn_of(block_fn.func), *block_fn.args, **block_fn.keywords)
     name = getattr(block_fn, "__name__", None)
     if getattr(block_fn, "__module__", "") == "timm.models.vision_transformer" and name in BLOCK_FNS:
         return BLOCK_FNS[name]

@@ -296,19 +296,24 @@ def test_res_post_block_as_timm():
     ("ParallelScalingBlock", dict(qkv_bias=False, qk_norm=True, norm_layer="rmsnorm", pre_norm=True,
                                   no_embed_class=True)),
     (functools.partial(fastvit.ParallelScalingBlock, fuse_out_proj=True), dict(qkv_bias=False)),
+    (functools.partial(timm.models.vision_transformer.ParallelScalingBlock, fuse_out_proj=True), {}),
+    (functools.partial(timm.models.vision_transformer.ParallelThingsBlock, num_parallel=3), {}),
+    (functools.partial(timm.models.vision_transformer.DiffParallelScalingBlock, dual_lambda=True), {}),
     ("Block", dict(attn_layer="diff", init_values=1e-3)),
     ("ResPostBlock", dict(attn_layer="diff", qk_norm=True, scale_attn_norm=True)),
     ("ParallelThingsBlock", dict(attn_layer="diff")),
     ("DiffParallelScalingBlock", dict(qkv_bias=False, init_values=1e-3, proj_drop_rate=0.2)),
     ("DiffParallelScalingBlock", dict(qk_norm=True, norm_layer="rmsnorm"))],
-    ids=["things", "things-qk_norm-drop", "scaling-drop", "scaling-xp", "scaling-fused-out", "diff",
+    ids=["things", "things-qk_norm-drop", "scaling-drop", "scaling-xp", "scaling-fused-out", "timm-fused-out",
+         "timm-three-things", "timm-diff-dual-lambda", "diff",
          "diff-res-post", "diff-things", "diff-scaling-drop", "diff-scaling-qk_norm"])
 def test_parallel_and_differential_blocks_as_timm(block, cfg):
     """timm's parallel blocks (its vit_*_18x2 and vit_*_xp models) and differential attention (attn_layer='diff'
     in any block, DiffParallelScalingBlock: its dwee, dlittle and dpwee models): the same parameter names in the
     same order, the same initial weights from a seed (lambda depends on the block's index), and outputs (eval, and
     train with DropPath and dropout drawing the same masks), masked outputs and gradients of timm's; a hook on one
-    branch fires as in timm."""
+    branch fires as in timm. A functools.partial of timm's class (how timm sets a block's own options) builds ours
+    with them."""
     import timm.models.vision_transformer as tv
     if isinstance(block, str):
         theirs = getattr(tv, block)
