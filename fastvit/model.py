@@ -960,6 +960,11 @@ class VisionTransformer(nn.Module):
         trained model starts it afresh, as timm's does; the constructor passes False (they are new)."""
         mode = mode or self.weight_init_mode
         _check_choice("mode", mode, WEIGHT_INITS)
+        first = self.blocks[0] if len(self.blocks) else None
+        if self.fix_init and first is not None and not (hasattr(getattr(first, "attn", None), "proj")
+                                                        and hasattr(getattr(first, "mlp", None), "fc2")):
+            raise ValueError(f"fix_init scales each block's attn.proj and mlp.fc2, which {type(first).__name__} has "
+                             f"not (timm's fix_init fails there too)")
         for table in (self.pos_embed, self.pos_embed_h, self.pos_embed_w):
             if table is not None:
                 trunc_normal_(table, std=0.02)

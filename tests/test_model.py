@@ -342,6 +342,14 @@ def test_parallel_and_differential_blocks_as_timm(block, cfg):
         torch.testing.assert_close(seen[0], seen[1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("block", ["ParallelThingsBlock", "ParallelScalingBlock", "DiffParallelScalingBlock"])
+def test_fix_init_names_the_blocks_it_cannot_scale(block):
+    """timm's fix_init scales Block's attn.proj and mlp.fc2; the parallel blocks have neither (timm's raises an
+    AttributeError from its init), so fix_init is refused with a ValueError that says so."""
+    with pytest.raises(ValueError, match=f"fix_init scales each block's attn.proj and mlp.fc2, which {block} has not"):
+        fastvit.VisionTransformer(**SMALL, block_fn=block, fix_init=True)
+
+
 def test_parallel_blocks_and_differential_attention_refuse_relative_positions():
     with pytest.raises(ValueError, match="pos_embed='rel' needs one attention per block"):
         fastvit.VisionTransformer(**SMALL, pos_embed="rel", block_fn="ParallelScalingBlock")
