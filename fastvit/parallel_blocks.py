@@ -151,7 +151,7 @@ class ParallelScalingBlock(nn.Module):
         if m.get("out_proj") is not None:
             y = linear(m["out_proj"], torch.cat((x_attn, mlp_hidden(self, x_mlp)), dim=-1))
         else:
-            y = linear(m["attn_out_proj"], x_attn) + self._mlp_out(x_mlp)
+            y = self._out_projections(x_attn, x_mlp)
         return x + call(m["drop_path"], call(m["ls"], y))
 
     @property
@@ -165,12 +165,16 @@ class ParallelScalingBlock(nn.Module):
             return None
         return act.approximate
 
-    def _mlp_out(self, x_mlp):
+    def _out_projections(self, x_attn, x_mlp):
+        """attn_out_proj(x_attn) + mlp_out_proj(the MLP's activation), the activation (where it runs alone) first,
+        so that a global hook sees timm's order."""
+        m = self._modules
         approximate = self._gelu_in_out_proj
         if approximate is None:
-            return self._modules["mlp_out_proj"](mlp_hidden(self, x_mlp))
-        return ops.bias_gelu_linear(x_mlp, self.mlp_bias, *weight_and_bias(self._modules["mlp_out_proj"]),
-                                    self.backend, approximate)
+            hidden = mlp_hidden(self, x_mlp)
+            return linear(m["attn_out_proj"], x_attn) + m["mlp_out_proj"](hidden)
+        return linear(m["attn_out_proj"], x_attn) + ops.bias_gelu_linear(
+            x_mlp, self.mlp_bias, *weight_and_bias(m["mlp_out_proj"]), self.backend, approximate)
 
 
 BLOCK_FNS.update(ParallelThingsBlock=ParallelThingsBlock, ParallelScalingBlock=ParallelScalingBlock)

@@ -114,12 +114,8 @@ def test_pre_hooks_and_backward_hooks_fire(path):
     assert_same_grads(model, ref)
 
 
-@pytest.mark.parametrize("drop_path_rate", [0.0, 0.1])
-def test_a_global_hook_sees_timms_modules_in_timms_order(drop_path_rate):
-    """An activation logger (a global forward hook) sees every module timm's forward calls, of timm's types, in its
-    order (the fused paths step aside for it): no attention dropout on the fused attention path (timm's never calls it, so the maps are not computed
-    for the logger), and the drop paths are nn.Identity where off."""
-    model, ref = pair(drop_path_rate=drop_path_rate)
+def _global_hook_calls(model, ref):
+    """{net: [(name, type) of each module a global forward hook sees]} of one forward of each, checked alike."""
     calls = {model: [], ref: []}
     names = {id(m): (net, n, type(m).__name__) for net in (model, ref) for n, m in net.named_modules()}
 
@@ -134,6 +130,26 @@ def test_a_global_hook_sees_timms_modules_in_timms_order(drop_path_rate):
         torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
     finally:
         handle.remove()
+    return calls
+
+
+@pytest.mark.parametrize("block_fn", ["ParallelThingsBlock", "ParallelScalingBlock", "DiffParallelScalingBlock"])
+def test_a_global_hook_sees_a_parallel_blocks_modules_in_timms_order(block_fn):
+    """ParallelScalingBlock ran attn_out_proj before the MLP's activation and dropout; timm runs them first. (Names
+    only: the differential sub-norm is torch's nn.RMSNorm, timm's RmsNorm.)"""
+    import timm.models.vision_transformer as tv
+    model, ref = pair(block_fn=getattr(tv, block_fn))
+    calls = _global_hook_calls(model, ref)
+    assert [name for name, _ in calls[model]] == [name for name, _ in calls[ref]]
+
+
+@pytest.mark.parametrize("drop_path_rate", [0.0, 0.1])
+def test_a_global_hook_sees_timms_modules_in_timms_order(drop_path_rate):
+    """An activation logger (a global forward hook) sees every module timm's forward calls, of timm's types, in its
+    order (the fused paths step aside for it): no attention dropout on the fused attention path (timm's never calls it, so the maps are not computed
+    for the logger), and the drop paths are nn.Identity where off."""
+    model, ref = pair(drop_path_rate=drop_path_rate)
+    calls = _global_hook_calls(model, ref)
     # the rate rises linearly over the blocks from 0: block 0 has none
     assert calls[model] == calls[ref] and ("blocks.1.drop_path1", "Identity" if drop_path_rate == 0 else "DropPath"
                                            ) in calls[ref]
