@@ -8,6 +8,7 @@ backbone (only its patch projection is counted).
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 __all__ = ["PEAK_TFLOPS", "vit_config", "forward_flops", "train_flops_per_image", "peak_flops"]
 
@@ -16,23 +17,30 @@ PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200",
                ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0))
 
 
-def _mlp_dim_and_branches(block):
-    """(MLP hidden width, attention + MLP branch pairs) of a block, timm's or ours: a ParallelScalingBlock's MLP is
-    the first part of its one input projection, a ParallelThingsBlock runs ``num_parallel`` pairs."""
+def _linear_macs(mlp):
+    """Multiply-accumulates per token of an MLP's Linears: fc1 and fc2, and a gated MLP's gate (SwiGLU's fc1_g and
+    fc1_x; GluMlp's fc1 is twice as wide as fc2's input)."""
+    return sum(m.in_features * m.out_features for m in mlp.modules() if isinstance(m, nn.Linear))
+
+
+def _mlp_macs_and_branches(block):
+    """(MLP multiply-accumulates per token, attention + MLP branch pairs) of a block, timm's or ours: a
+    ParallelScalingBlock's MLP is the first part of its one input projection (and of its output projection), a
+    ParallelThingsBlock runs ``num_parallel`` pairs."""
     if hasattr(block, "in_split"):
-        return block.in_split[0], 1
+        return 2 * block.in_split[0] * block.in_proj.in_features, 1
     if hasattr(block, "ffns"):
-        return block.ffns[0].mlp.fc1.out_features, block.num_parallel
-    return block.mlp.fc1.out_features, 1
+        return _linear_macs(block.ffns[0].mlp), block.num_parallel
+    return _linear_macs(block.mlp), 1
 
 
 def vit_config(model):
     """The sizes that decide a ViT's FLOPs, read from a fastvit or timm VisionTransformer."""
     pe = model.patch_embed
     kh, kw = pe.proj.kernel_size
-    mlp_dim, branches = _mlp_dim_and_branches(model.blocks[0]) if len(model.blocks) else (0, 1)
+    mlp_macs, branches = _mlp_macs_and_branches(model.blocks[0]) if len(model.blocks) else (0, 1)
     return dict(num_patches=pe.num_patches, prefix_tokens=model.num_prefix_tokens, embed_dim=model.embed_dim,
-                depth=len(model.blocks), mlp_dim=mlp_dim, branches=branches,
+                depth=len(model.blocks), mlp_macs=mlp_macs, branches=branches,
                 patch_dim=kh * kw * pe.proj.in_channels, num_classes=model.num_classes)
 
 
@@ -44,7 +52,7 @@ def forward_flops(model) -> int:
     macs = c["num_patches"] * c["patch_dim"] * d
     per_block = n * d * 3 * d + n * d * d               # qkv, attention output projection
     per_block += 2 * n * n * d                          # q k^T and softmax(.) v over all heads
-    per_block += 2 * n * d * c["mlp_dim"]               # fc1, fc2
+    per_block += n * c["mlp_macs"]                      # fc1 (and a gate), fc2
     macs += c["depth"] * c["branches"] * per_block + d * c["num_classes"]
     return 2 * macs
 

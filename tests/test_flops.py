@@ -7,14 +7,20 @@ import fastvit
 from fastvit.flops import forward_flops, peak_flops, train_flops_per_image
 
 
-@pytest.mark.parametrize("block_fn", ["Block", "ParallelThingsBlock", "ParallelScalingBlock"])
-def test_flops_match_torch_flop_counter(block_fn):
+@pytest.mark.parametrize("block_fn, mlp_layer", [("Block", None), ("ParallelThingsBlock", None),
+                                                 ("ParallelScalingBlock", None), ("Block", "SwiGLU"),
+                                                 ("ParallelThingsBlock", "SwiGLU"), ("Block", "GluMlp")])
+def test_flops_match_torch_flop_counter(block_fn, mlp_layer):
     """Exact: every matmul and the patch conv. Counted on timm's plain-torch model (fastvit's custom ops are opaque
-    to the counter) with the math SDPA backend, which runs attention as counted matmuls."""
+    to the counter) with the math SDPA backend, which runs attention as counted matmuls. A gated MLP counts its
+    gate (SwiGLU has no fc1: an AttributeError; GluMlp's fc1 is twice fc2's width: counted as twice the MLP)."""
+    import timm.layers
     import timm.models.vision_transformer as tv
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     cfg = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
+    if mlp_layer:
+        cfg.update(mlp_layer=getattr(timm.layers, mlp_layer), act_layer="silu")
     ref = tv.VisionTransformer(**cfg, block_fn=getattr(tv, block_fn))
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         ref(torch.randn(2, 3, 32, 32))
