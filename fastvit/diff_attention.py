@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from fastvit import ops
 from fastvit.model import (ATTN_LAYERS, BLOCK_FNS, LayerScale, act_layer_of, attention_layers, call,
                            drop_path_or_identity, linear, norm_layer_of)
-from fastvit.parallel_blocks import in_projection_layers, mlp_hidden
+from fastvit.parallel_blocks import check_heads, in_projection_layers, mlp_hidden
 
 __all__ = ["DiffAttention", "DiffParallelScalingBlock"]
 
@@ -90,8 +90,7 @@ class DiffAttention(_DifferentialHeads):
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_norm=False, scale_norm=False, proj_bias=True,
                  attn_drop=0.0, proj_drop=0.0, norm_layer=None, depth=0, dual_lambda=False):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
+        check_heads(dim, num_heads, 2)
         norm_layer = norm_layer_of(norm_layer or "rmsnorm")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads // 2

@@ -28,6 +28,14 @@ def _no_rel_pos(rel_pos_grid, name):
         raise ValueError(f"pos_embed='rel' needs one attention per block: use Block or ResPostBlock, not {name}")
 
 
+def check_heads(dim, num_heads, head_split):
+    """embed_dim splits into ``num_heads`` heads, each into ``head_split`` equal parts (differential attention's
+    halves of q and k): else a ValueError now, not a reshape error in the first forward."""
+    if dim % (num_heads * head_split):
+        halves = " into heads of an even width (differential attention halves each)" if head_split > 1 else ""
+        raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}{halves}")
+
+
 def in_projection_layers(block, dim, num_heads, head_split, mlp_ratio, qkv_bias, qk_norm, norm_layer, attn_drop,
                          rel_pos_grid, scale_norms):
     """The layers a ViT-22B block (plain or differential: heads of ``head_dim / head_split``) builds first, in
@@ -37,8 +45,7 @@ def in_projection_layers(block, dim, num_heads, head_split, mlp_ratio, qkv_bias,
     _no_rel_pos(rel_pos_grid, name)
     if scale_norms:
         raise ValueError(f"{name} has no scale_attn_norm / scale_mlp_norm (timm's neither)")
-    if dim % num_heads:
-        raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
+    check_heads(dim, num_heads, head_split)
     norm_layer = norm_layer_of(norm_layer)
     block.num_heads = num_heads
     block.head_dim = dim // num_heads // head_split

@@ -350,6 +350,15 @@ def test_fix_init_names_the_blocks_it_cannot_scale(block):
         fastvit.VisionTransformer(**SMALL, block_fn=block, fix_init=True)
 
 
+@pytest.mark.parametrize("cfg", [dict(attn_layer="diff"), dict(block_fn="DiffParallelScalingBlock")])
+def test_differential_attention_refuses_odd_head_widths(cfg):
+    """Differential attention halves each head's q and k: 66 channels in 2 heads of 33 were accepted and failed
+    in the first forward with a reshape error (as timm's)."""
+    with pytest.raises(ValueError, match="embed_dim 66 must be divisible by num_heads 2 into heads of an even width"):
+        fastvit.VisionTransformer(**dict(SMALL, embed_dim=66, num_heads=2), **cfg)
+    fastvit.VisionTransformer(**dict(SMALL, embed_dim=68, num_heads=2), **cfg)
+
+
 def test_parallel_blocks_and_differential_attention_refuse_relative_positions():
     with pytest.raises(ValueError, match="pos_embed='rel' needs one attention per block"):
         fastvit.VisionTransformer(**SMALL, pos_embed="rel", block_fn="ParallelScalingBlock")
