@@ -540,8 +540,8 @@ ATTN_LAYERS = {"": Attention, "attn": Attention}
 def block_attention(attn_layer, dim, num_heads, qkv_bias, attn_drop, proj_drop, rel_pos_grid, class_token,
                     qk_norm, scale_norm, norm_layer, proj_bias, depth):
     """A block's attention for ``attn_layer``: :class:`Attention` for None, a name of ``ATTN_LAYERS`` or timm's class
-    of that name (ours in its place), or a class taking timm's keywords (and ``depth``, the block's index, where its
-    constructor has it, as timm's DiffAttention does)."""
+    of that name (ours in its place), or a class taking timm's keywords (and ``depth``, the block's index, if it is
+    a DiffAttention, as timm passes it)."""
     if isinstance(attn_layer, str):
         cls = ATTN_LAYERS[_check_choice("attn_layer", attn_layer, tuple(ATTN_LAYERS))]
     elif attn_layer is None:
@@ -557,7 +557,9 @@ def block_attention(attn_layer, dim, num_heads, qkv_bias, attn_drop, proj_drop, 
     if rel_pos_grid is not None:
         raise ValueError(f"pos_embed='rel' is fastvit's Attention's: attn_layer {cls.__name__} has no relative "
                          f"positions")
-    extra = {"depth": depth} if "depth" in inspect.signature(cls).parameters else {}
+    # the block's index, as timm passes it: to differential attention (timm's, ours, their subclasses) only
+    base = cls.func if isinstance(cls, partial) else cls
+    extra = {"depth": depth} if any(c.__name__ == "DiffAttention" for c in getattr(base, "__mro__", ())) else {}
     return cls(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, scale_norm=scale_norm,
                proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer, **extra)
 

@@ -359,6 +359,27 @@ def test_differential_attention_refuses_odd_head_widths(cfg):
     fastvit.VisionTransformer(**dict(SMALL, embed_dim=68, num_heads=2), **cfg)
 
 
+def test_the_block_index_reaches_differential_attention_only_as_in_timm():
+    """timm passes ``depth`` (the block's index, which sets lambda_init) to DiffAttention and its subclasses only:
+    a user's attention with a ``depth`` argument of its own keeps its default, in fastvit as in timm."""
+    import timm.models.vision_transformer as tv
+
+    class DepthAttention(fastvit.Attention):
+        def __init__(self, dim, depth=-1, **kwargs):
+            super().__init__(dim, kwargs["num_heads"], kwargs["qkv_bias"])
+            self.depth = depth
+
+    class Sub(fastvit.DiffAttention):
+        pass
+
+    cfg = dict(SMALL, depth=3)
+    for vit in (fastvit.VisionTransformer, tv.VisionTransformer):
+        assert [b.attn.depth for b in vit(**cfg, attn_layer=DepthAttention).blocks] == [-1, -1, -1]
+    for layer in (Sub, functools.partial(fastvit.DiffAttention, dual_lambda=True), "diff"):
+        lambdas = [b.attn.lambda_init for b in fastvit.VisionTransformer(**cfg, attn_layer=layer).blocks]
+        assert lambdas == [0.8 - 0.6 * math.exp(-0.3 * i) for i in range(3)]
+
+
 def test_parallel_blocks_and_differential_attention_refuse_relative_positions():
     with pytest.raises(ValueError, match="pos_embed='rel' needs one attention per block"):
         fastvit.VisionTransformer(**SMALL, pos_embed="rel", block_fn="ParallelScalingBlock")
