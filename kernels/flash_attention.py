@@ -237,6 +237,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, TABLE, SEED,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, DROPOUT: tl.constexpr,
                      PRECISION: tl.constexpr):
+    # Inductor passes Python floats to a kernel it compiles as fp64 (Triton: fp32): fp64 scores would fail tl.dot
+    qk_scale, dropout_p = tl.cast(qk_scale, tl.float32), tl.cast(dropout_p, tl.float32)
     bh, b, h, offs_m = _program_block(seq_len, n_heads, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < seq_len
@@ -320,6 +322,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TABLE, SEED,
     Tiles are transposed (keys along rows) so that dV and dK accumulate without transposing P or dS. With
     dropout, Z = keep / (1 - p) multiplies P in dV and dP in dS (the forward used P * Z).
     """
+    # Inductor passes Python floats to a kernel it compiles as fp64 (Triton: fp32): fp64 scores would fail tl.dot
+    sm_scale, qk_scale = tl.cast(sm_scale, tl.float32), tl.cast(qk_scale, tl.float32)
+    dropout_p = tl.cast(dropout_p, tl.float32)
     bh, b, h, offs_n = _program_block(seq_len, n_heads, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_mask = offs_n < seq_len
@@ -383,6 +388,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TABLE, DTABLE, SEED,
                         DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
     """One block of queries: dQ = scale * dS K over every key block; dS is also the bias gradient, which is
     added into the fp32 (heads, R) table gradient entry by entry."""
+    # Inductor passes Python floats to a kernel it compiles as fp64 (Triton: fp32): fp64 scores would fail tl.dot
+    sm_scale, qk_scale = tl.cast(sm_scale, tl.float32), tl.cast(qk_scale, tl.float32)
+    dropout_p = tl.cast(dropout_p, tl.float32)
     bh, b, h, offs_m = _program_block(seq_len, n_heads, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < seq_len

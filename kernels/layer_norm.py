@@ -62,6 +62,7 @@ def _add_ln_fwd_kernel(X, R, W, B, Y, RES_OUT, MEAN, RSTD,
                        HAS_RESIDUAL: tl.constexpr, STORE_RESIDUAL: tl.constexpr, STORE_Y: tl.constexpr,
                        BLOCK: tl.constexpr):
     """The sum and its statistics; without STORE_Y nothing else (a fused matmul normalises while it loads)."""
+    eps = tl.cast(eps, tl.float32)  # Inductor passes a Python float as fp64 (Triton: fp32)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
