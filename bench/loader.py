@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -157,6 +158,11 @@ def main(argv=None):
         problem = decode_problem(PATHS[path], False, device)
         if problem:
             print(f"skipping the {path} path: {problem.replace('use --decode cpu', 'the folder and shards paths run')}")
+            paths.remove(path)
+    if not args.shards and importlib.util.find_spec("webdataset") is None:
+        for path in [q for q in paths if q.startswith("shards")]:
+            print(f"skipping the {path} path: writing the benchmark's shards needs the webdataset package "
+                  "(pip install 'fastvit[shards]')")
             paths.remove(path)
     if not paths:
         p.error("none of the chosen --paths can run here: the folder and shards paths decode on the CPU")
