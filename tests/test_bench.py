@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import types
 
 import pytest
 import torch
@@ -481,6 +482,32 @@ def test_loader_keeps_finished_rows_when_a_run_stops(tmp_path, monkeypatch):
                      "--workers", "0", "--paths", "folder,shards", "--out", str(tmp_path)])
     data = _result(tmp_path / "loader.json")
     assert data["complete"] is False and [(r["path"], r["workers"]) for r in data["rows"]] == [("folder", 0)]
+
+
+def test_loader_times_past_the_workers_prefetched_batches(monkeypatch):
+    """Workers have up to 2 batches each ready when the clock would start: measure() takes those in its warm-up and
+    times at least 8 batches per worker, so that queued batches cannot make up most of the window (16 workers over
+    8 timed batches once read 7x the decode rate of the machine's cores)."""
+    import fastvit.data
+    loader = _load_bench("loader")
+    pulled = []
+
+    class Source:
+        workers = 4
+
+        def sampler(self, seed):
+            return None
+
+        def loader(self, plan, seed):
+            for b in plan:
+                pulled.append(b)
+                yield b
+    monkeypatch.setattr(fastvit.data, "micro_batch_plan", lambda *a: list(range(a[4])))
+    # a clock that reads one second per batch pulled
+    monkeypatch.setattr(loader, "time", types.SimpleNamespace(perf_counter=lambda: float(len(pulled))))
+    ips = loader.measure(Source(), 10, steps=3, warmup=1)
+    assert len(pulled) == 1 + 2 * 4 + 8 * 4  # the warm-up takes the prefetched batches; 32 timed, not 3
+    assert ips == pytest.approx(10.0)  # 32 batches of 10 in 32 "seconds"
 
 
 def test_loader_takes_training_shards_as_a_pattern_or_a_folder(tmp_path, capsys):
