@@ -16,6 +16,7 @@ loads the standard module first (a script run from bench/ has bench/ first on sy
 """
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import json
 import os
@@ -182,7 +183,8 @@ def environment():
     import triton
     info = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
             "cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
-            "triton_interpret": interpreting(), "cuda": torch.cuda.is_available()}
+            "triton_interpret": interpreting(), "cuda": torch.cuda.is_available(),
+            "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat()}
     try:
         import timm
         info["timm"] = timm.__version__

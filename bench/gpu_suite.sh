@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the speed work, in one command on one GPU, in about 8 minutes:
+# Every GPU measurement of the speed work on one GPU, in priority order, as many as --budget holds:
 #
 #   numerics      bench/numerics.py (every op fwd/bwd at ViT-B/16 and H/14 shapes, tiny and B/16, fp32/fp16/bf16)
 #   ops           pytest-benchmark micro-benchmarks of each op, fastvit vs torch, and of our attention's dK/dV
@@ -9,6 +9,8 @@
 #   b16 l16 h14   bench/throughput.py: train and infer, the eager columns (fastvit and timm)
 #   b16c l16c h14c  the same with --compile: all four columns side by side (eager and torch.compile of each); a
 #                 cold Inductor cache compiles each model twice per mode, which takes most of these steps' time
+#   b16ct         B/16 --compile --backend torch: fastvit's torch reference ops, which Inductor can fuse, in place of
+#                 its Triton kernels, which it calls as they are (does compiling fastvit want the kernels at all?)
 #   loader        bench/loader.py: decoded + augmented images/s (PIL workers, shards, --decode gpu) beside the
 #                 model's training images/s from the b16 step (the data issue's goal); by default last, with what
 #                 is left of the budget (skipped without failing when too little is left; named, it must run)
@@ -59,16 +61,18 @@ while [ $# -gt 0 ]; do
                 ARCHIVE=$1
             fi
             shift ;;
-        numerics|ops|overhead|profile|b16|l16|h14|b16c|l16c|h14c|loader) STEPS+=("$arg") ;;
-        -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
+        numerics|ops|overhead|profile|b16|l16|h14|b16c|l16c|h14c|b16ct|loader) STEPS+=("$arg") ;;
+        -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
         *) echo "gpu_suite.sh: unknown argument '$arg'" \
-                "(steps: numerics ops overhead profile b16 l16 h14 b16c l16c h14c loader; --dry-run, --budget S, --archive F)" >&2
+                "(steps: numerics ops overhead profile b16 l16 h14 b16c l16c h14c b16ct loader;" \
+                "--dry-run, --budget S, --archive F)" >&2
            exit 2 ;;
     esac
 done
 # unnamed, the loader step comes last and is optional: it gets what the others leave of the budget
 OPTIONAL=
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(b16 l16 h14 numerics profile ops overhead b16c l16c h14c loader) && OPTIONAL=loader
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(b16 l16 h14 numerics profile ops overhead b16c l16c h14c b16ct loader) \
+    && OPTIONAL=loader
 PY=${PYTHON:-$(command -v python || command -v python3)}
 
 # fastvit must import as installed (setup.py maps kernels/ to fastvit.kernels). A fresh GPU machine has torch,
@@ -133,6 +137,9 @@ for s in "${STEPS[@]}"; do
             b16c|l16c|h14c) step "$s" 900 $PY bench/throughput.py --smoke --model tiny --mode train --compile \
                              --global-batch 512 --micro-batch 256 --steps 1 --warmup 1 \
                              --out "$OUT/throughput_${s%c}_compile" ;;
+            b16ct) step b16ct 900 $PY bench/throughput.py --smoke --model tiny --mode train --compile --backend torch \
+                       --global-batch 512 --micro-batch 256 --steps 1 --warmup 1 \
+                       --out "$OUT/throughput_b16_compile_torch" ;;
             loader) step loader 300 $PY bench/loader.py --images 16 --img-size 64 --batch 8 --steps 1 --warmup 1 \
                         --workers 1 --paths folder,shards --out "$OUT" ;;
         esac
@@ -155,6 +162,8 @@ for s in "${STEPS[@]}"; do
                   --warmup 1 --out "$OUT/throughput_l16_compile" ;;
         h14c) step h14c 300 $PY bench/throughput.py --model H/14 --compile --global-batch 512 --steps 1 \
                   --warmup 1 --out "$OUT/throughput_h14_compile" ;;
+        b16ct) step b16ct 300 $PY bench/throughput.py --model B/16 --compile --backend torch --steps 1 --warmup 1 \
+                   --out "$OUT/throughput_b16_compile_torch" ;;
         loader) model=$OUT/throughput_b16/throughput.json  # the model's img/s, when the b16 step has run
                 step loader 150 $PY bench/loader.py $([ -f "$model" ] && echo --throughput "$model") --out "$OUT" ;;
     esac

@@ -7,6 +7,7 @@ Reads what is there of ``throughput_*/throughput.json``, ``profile.json``, ``num
 torch and triton versions the files record. Nothing is measured here.
 
     python bench/tables.py bench/results/nvidia-h200
+    python bench/tables.py bench/results/nvidia-h200 --readme README.md   # and the README's GPU tables
 """
 from __future__ import annotations
 
@@ -123,9 +124,10 @@ def autotune_table(data):
 ENV_KEYS = ("gpu", "torch", "triton", "timm")
 
 
-def caveats(data, env):
+def caveats(data, env, what=""):
     """What a reader must know about one result file before quoting it: a run stopped part-way, a smoke or
-    interpreter run (not a benchmark), or a file from another machine or version than the summary's header."""
+    interpreter run (not a benchmark), or a file from another machine or version than the summary's header.
+    ``what`` names the file's part of a table that several files fill (their models)."""
     notes = []
     if not data.get("complete", True):
         notes.append("**incomplete**: the run stopped part-way (a time limit), these are the rows it finished")
@@ -137,12 +139,13 @@ def caveats(data, env):
     other = [f"{k} {its_env.get(k)}" for k in ENV_KEYS if its_env.get(k) != env.get(k)]
     if other:
         notes.append("measured with " + ", ".join(other) + " (not as in the header)")
-    return [f"> {n}" for n in notes] + ([""] if notes else [])
+    return [f"> {what}{n}" for n in notes] + ([""] if notes else [])
 
 
-def throughput_sections(results, env):
+def throughput_sections(results, env, level="##"):
     """One section per distinct setting (dtype, backend, compile, world, peak): files of runs made with other
-    flags are not described by one heading."""
+    flags are not described by one heading. Smaller models first."""
+    results = sorted(results, key=lambda d: min((r.get("flops_per_image", 0) for r in d["rows"]), default=0))
     groups = {}
     for d in results:
         key = (d["dtype"], d["backend"], d["compile"], d["compile_mode"], d["world_size"], d["peak_tflops"],
@@ -150,20 +153,64 @@ def throughput_sections(results, env):
         groups.setdefault(key, []).append(d)
     lines = []
     for (dtype, backend, compiled, mode, world, peak, source), group in groups.items():
-        lines += [f"## Throughput (bench/throughput.py{' --compile' if compiled else ''})", "",
+        lines += [f"{level} Throughput (bench/throughput.py{' --compile' if compiled else ''})", "",
                   f"{dtype} autocast, backend {backend}, "
                   + (f"torch.compile mode {mode}" if compiled else "eager only (no torch.compile columns)")
                   + f", world {world}; MFU against {peak} TFLOP/s ({source}); "
                   "global batch = micro-batch x accumulation.", ""]
         for d in group:
-            lines += caveats(d, env)
+            models = sorted({r["model"] for r in d["rows"]})
+            lines += caveats(d, env, f"{', '.join(models)}: " if models else "")
         lines += [throughput_table(group), ""]
     return lines
 
 
+def profile_section(profile, env, level="##"):
+    if not profile:
+        return []
+    flag = f" --compile-mode {profile['compile_mode']}" if profile["compile"] else ""
+    return [f"{level} Training step by category (bench/profile.py --model {profile['model']}{flag})", "",
+            f"{profile['time_source']} time per step, micro {profile['micro_batch']} x accum "
+            f"{profile['accum_steps']}, {profile['dtype']}.", "", *caveats(profile, env), profile_table(profile), ""]
+
+
+def _throughput_files(folder):
+    return [d for d in (_load(p) for p in sorted(folder.glob("throughput_*/throughput.json"))) if d]
+
+
+README_START = "<!-- bench/tables.py --readme: start (generated; do not edit) -->"
+README_END = "<!-- bench/tables.py --readme: end -->"
+
+
+def readme(folder, path):
+    """Replace the README's generated block (between ``README_START`` and ``README_END``) with ``folder``'s
+    throughput and profile tables, headed by where, when and with which versions they were measured."""
+    folder, path = pathlib.Path(folder), pathlib.Path(path)
+    throughput, profile = _throughput_files(folder), _load(folder / "profile.json")
+    found = [d for d in (*throughput, profile) if d]
+    if not found:
+        raise SystemExit(f"no throughput or profile results in {folder}")
+    env = found[0]["env"]
+    dates = sorted({d["env"]["date"] for d in found if d["env"].get("date")})
+    when = f"measured {', '.join(dates)}" if dates else f"tables written {datetime.date.today().isoformat()}"
+    block = [README_START, "",
+             f"From `{folder.as_posix()}/` ({when}; {env.get('gpu', 'no GPU')}, torch {env.get('torch')}, "
+             f"triton {env.get('triton')}, timm {env.get('timm')}), by `python bench/tables.py {folder.as_posix()} "
+             f"--readme {path.name}`; `summary.md` there has every table.", "",
+             *throughput_sections(throughput, env, "####"), *profile_section(profile, env, "####"), README_END]
+    text = path.read_text(encoding="utf-8")
+    if text.count(README_START) != 1 or text.count(README_END) != 1 or text.index(README_START) > text.index(
+            README_END):
+        raise SystemExit(f"{path} needs one line {README_START!r} and, after it, one line {README_END!r}: the "
+                         "generated tables go between them")
+    head, rest = text.split(README_START)
+    path.write_text(head + "\n".join(block) + rest.split(README_END, 1)[1], encoding="utf-8")
+    return path
+
+
 def summary(folder):
     folder = pathlib.Path(folder)
-    throughput = [d for d in (_load(p) for p in sorted(folder.glob("throughput_*/throughput.json"))) if d]
+    throughput = _throughput_files(folder)
     profile, numerics, overhead = (_load(folder / f) for f in ("profile.json", "numerics.json", "overhead.json"))
     ops_bench, loader = _load(folder / "ops_benchmark.json"), _load(folder / "loader.json")
     choices = _load(folder / "autotune" / "autotune.json")
@@ -176,12 +223,7 @@ def summary(folder):
              f"(bench/gpu_suite.sh); torch {env.get('torch')}, triton {env.get('triton')}, timm {env.get('timm')}.",
              ""]
     lines += throughput_sections(throughput, env)
-    if profile:
-        flag = f" --compile-mode {profile['compile_mode']}" if profile["compile"] else ""
-        lines += [f"## Training step by category (bench/profile.py --model {profile['model']}{flag})", "",
-                  f"{profile['time_source']} time per step, micro {profile['micro_batch']} x accum "
-                  f"{profile['accum_steps']}, {profile['dtype']}.", "", *caveats(profile, env),
-                  profile_table(profile), ""]
+    lines += profile_section(profile, env)
     if overhead:
         lines += ["## Host time per call (bench/overhead.py; this machine's CPU, launches stubbed)", "",
                   *caveats(overhead, env), overhead_table(overhead), ""]
@@ -209,8 +251,13 @@ def summary(folder):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="a results folder, e.g. bench/results/nvidia-h200")
+    p.add_argument("--readme", metavar="PATH",
+                   help="also put the throughput and profile tables into PATH (README.md) between its two "
+                        "'bench/tables.py --readme' marker lines")
     args = p.parse_args(argv)
     print(f"wrote {summary(args.folder)}")
+    if args.readme:
+        print(f"wrote the tables into {readme(args.folder, args.readme)}")
 
 
 if __name__ == "__main__":

@@ -346,8 +346,8 @@ def test_gpu_suite_keeps_to_its_budget(tmp_path):
     proc = subprocess.run(["bash", "bench/gpu_suite.sh", "--dry-run", "--budget", "0"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert "== loader: skipped (optional)" in proc.stdout
-    assert ("FAILED: numerics(skipped) ops(skipped) overhead(skipped) profile(skipped) b16(skipped) l16(skipped) "
-            "h14(skipped) tables(skipped)") in proc.stderr
+    assert ("FAILED: b16(skipped) l16(skipped) h14(skipped) numerics(skipped) profile(skipped) ops(skipped) "
+            "overhead(skipped) b16c(skipped) l16c(skipped) h14c(skipped) b16ct(skipped) tables(skipped)") in proc.stderr
     shutil.rmtree(re.search(r"results in (\S+)", proc.stdout).group(1))
     bad = subprocess.run(["bash", "bench/gpu_suite.sh", "--budget", "soon"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
@@ -622,6 +622,37 @@ def test_summary_heads_each_throughput_setting_and_flags_what_is_not_a_benchmark
     assert "eager only" in eager and "**incomplete**" in eager and "**TRITON_INTERPRET=1**" in eager
     assert "measured with gpu NVIDIA H100 (not as in the header)" in eager
     assert "**incomplete**" not in summary.split("## Throughput (bench/throughput.py)")[0]
+
+
+def test_readme_tables_are_rebuilt_between_their_markers(tmp_path):
+    """``tables.py FOLDER --readme README.md`` replaces what lies between the two marker lines with the folder's
+    throughput tables (smaller models first, an incomplete run named), headed by GPU, versions and the run's date,
+    and leaves the rest of the README as it was; without both markers it refuses."""
+    tables = _load_bench("tables")
+    env = {"gpu": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "timm": "1.0.29", "date": "2026-12-04"}
+    side = {"images_per_s": 100.0, "mfu": 0.3, "peak_mem_gib": 1.0}
+    for folder, model, flops, complete in (("throughput_h14", "H/14", 3e11, False), ("throughput_b16", "B/16", 3e10,
+                                                                                       True)):
+        row = {"model": model, "mode": "train", "micro_batch": 64, "accum_steps": 8, "fastvit": side, "timm": side,
+               "ratio": 1.0, "best": {"fastvit": "fastvit", "timm": "timm"}, "flops_per_image": flops}
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "throughput.json").write_text(json.dumps(
+            {"dtype": "bf16", "backend": "auto", "compile": False, "compile_mode": None, "world_size": 1,
+             "peak_tflops": 989.0, "peak_source": "H200 dense bf16", "rows": [row], "complete": complete,
+             "env": env}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{tables.README_START}\nold table\n{tables.README_END}\nafter\n")
+    tables.readme(tmp_path, readme)
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{tables.README_END}\nafter\n")
+    assert "old table" not in text and "measured 2026-12-04; NVIDIA H200, torch 2.11.0, triton 3.6.0" in text
+    assert text.index("| B/16 | train |") < text.index("| H/14 | train |")
+    assert "> H/14: **incomplete**" in text
+    tables.readme(tmp_path, readme)  # again: the same text, the markers kept
+    assert readme.read_text() == text
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="needs one line"):
+        tables.readme(tmp_path, readme)
 
 
 def test_summary_tabulates_the_attention_tilings_against_sm80s(tmp_path):
