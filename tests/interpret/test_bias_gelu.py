@@ -85,6 +85,19 @@ def test_approximations_fp32_match_reference(shape, with_bias, approximate):
 
 
 @pytest.mark.parametrize("approximate", ["tanh", "sigmoid"])
+def test_approximations_fp32_gradient_no_less_exact_than_torch(approximate):
+    """The fp32 gradient of both approximations against fp64, out to |u| = 8: at most torch's own fp32 error. Written
+    s + u s (1 - s) s'(u) with 1 - s subtracted from 1, the tanh GELU's had 1.9x torch's here (3.3x on an H200)."""
+    u = torch.linspace(-8, 8, 20001).reshape(1, -1)
+    gy = torch.ones_like(u)
+    ours = _run(lambda x, b: bias_gelu(x, b, True, approximate), u.clone().requires_grad_(), None, gy)[1]
+    torch32 = _run(lambda x, b: bias_gelu_ref(x, b, approximate), u.clone().requires_grad_(), None, gy)[1]
+    exact = _run(lambda x, b: bias_gelu_ref(x, b, approximate), u.double().requires_grad_(), None, gy.double())[1]
+    err, torch_err = ((g.double() - exact).abs().max().item() for g in (ours, torch32))
+    assert err <= torch_err, (err, torch_err)
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "sigmoid"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_approximations_half_error_at_most_twice_torch(dtype, approximate):
     shape = (2, 50, 1280)
