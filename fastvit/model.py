@@ -508,28 +508,41 @@ class Attention(nn.Module):
         """Everything after the qkv projection (the block fuses that projection with its LayerNorm).
         ``attn_mask`` / ``is_causal``: timm's (and SDPA's) masks, see :func:`fastvit.ops.attention`."""
         B, N, D3 = qkv.shape
-        # (B, N, 3, heads, D_h) -> three (B, heads, N, D_h) strided views of one buffer, no copies
-        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         rel_bias = None
         if self.rel_pos_table is not None:
             grid_size = self.rel_pos_grid if grid_size is None else grid_size
             rel_bias = resample_rel_pos_table(self.rel_pos_table, self.rel_pos_grid, grid_size)
         modules = self._modules
-        q, k = call(modules["q_norm"], q), call(modules["k_norm"], k)
         attn_drop = modules["attn_drop"]
         # timm's fused path never calls attn_drop, so a global module hook (an activation logger) is no reason to
         # compute the maps; one on attn_drop itself is (it asks for them: timm's AttentionExtract)
-        if self.fused_attn and unedited(attn_drop, nn.Dropout):
-            out = ops.attention(q, k, v, rel_bias=rel_bias, grid_size=grid_size,
-                                dropout_p=attn_drop.p if self.training else 0.0, backend=self.backend,
-                                attn_mask=attn_mask, is_causal=is_causal)
+        fused = self.fused_attn and unedited(attn_drop, nn.Dropout)
+        dropout_p = attn_drop.p if self.training else 0.0
+        if (fused and attn_mask is None and not is_causal and passes_through(modules["q_norm"])
+                and passes_through(modules["k_norm"])):
+            # q, k, v stay packed in qkv: the attention's backward returns qkv's gradient in one piece
+            out = ops.attention_qkv(qkv, self.num_heads, rel_bias=rel_bias, grid_size=grid_size,
+                                    dropout_p=dropout_p, backend=self.backend)
+            return self._project(out)
+        # (B, N, 3, heads, D_h) -> three (B, heads, N, D_h) strided views of one buffer, no copies
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = call(modules["q_norm"], q), call(modules["k_norm"], k)
+        if fused:
+            out = ops.attention(q, k, v, rel_bias=rel_bias, grid_size=grid_size, dropout_p=dropout_p,
+                                backend=self.backend, attn_mask=attn_mask, is_causal=is_causal)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             if rel_bias is not None:
                 attn = attn + relative_bias_dense(rel_bias, grid_size, N).to(attn.dtype)
             attn = ops.masked_scores(attn, attn_mask, is_causal)
             out = attn_drop(attn.softmax(dim=-1)) @ v
-        out = call(modules["norm"], out.transpose(1, 2).reshape(B, N, D3 // 3))
+        return self._project(out)
+
+    def _project(self, out):
+        """(B, heads, N, D_h) heads -> norm, proj, proj_drop on (B, N, D)."""
+        B, heads, N, head_dim = out.shape
+        modules = self._modules
+        out = call(modules["norm"], out.transpose(1, 2).reshape(B, N, heads * head_dim))
         return call(modules["proj_drop"], linear(modules["proj"], out))
 
 

@@ -327,6 +327,25 @@ def attention(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None,
     return _run_attention(impl, q, k, v, rel_bias, grid_size, dropout_p, scale)
 
 
+def attention_qkv(qkv, num_heads, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None, backend="auto"):
+    """:func:`attention` of the q, k, v packed in ``qkv`` (B, N, 3 D), the qkv projection's output, split into
+    ``num_heads`` heads; (B, heads, N, D / heads) out. Where our attention Function runs (the Triton kernels, or the
+    CPU training "fallback"), it takes the packed tensor and returns its gradient in one piece
+    (``flash_attention.attention_bwd_qkv``); every other implementation gets the three views."""
+    b, n, d3 = qkv.shape
+    qkv = qkv.reshape(b, n, 3, num_heads, d3 // (3 * num_heads))
+    q, k, v = _flash_attention.split_qkv(qkv)
+    if transformed():
+        return attention(q, k, v, rel_bias, grid_size, dropout_p, scale, backend)
+    impl = attention_backend(q, rel_bias, backend, dropout_p, grid_size)
+    name, _, tiles = impl.partition("@")
+    if name not in ("triton", "fallback"):
+        return _run_attention(impl, q, k, v, rel_bias, grid_size, dropout_p, scale)
+    fwd, _, bwd = tiles.partition("/")
+    return _flash_attention.flash_attention_qkv(qkv, rel_bias, grid_size, scale, dropout_p, name == "triton",
+                                                int(fwd or 0), int(bwd or 0))
+
+
 def timm_fused_attn() -> bool:
     """timm's global default for a new attention's ``fused_attn`` (False: the explicit path, whose maps hooks see):
     ``timm.layers.set_fused_attn`` / ``set_exportable`` where timm is loaded, else its TIMM_FUSED_ATTN variable."""

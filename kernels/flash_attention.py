@@ -584,14 +584,22 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dropout mask from the seed. d rel_bias is empty when rel_bias is None. ``bwd_tiles`` picks the dK/dV kernel's
     tiles from :func:`backward_tiles`.
     """
-    bsz, heads, n, hd = q.shape
     if not use_triton:
         with autocast_off(q.device.type):
             return _fallback_bwd(do, q, k, v, out, lse, rel_bias, seed, grid_h, grid_w, scale, dropout_p)
     dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    dtable = _launch_bwd(do, q, k, v, out, lse, rel_bias, seed, grid_h, grid_w, scale, dropout_p, bwd_tiles, dq, dk,
+                         dv)
+    return dq, dk, dv, dtable
+
+
+def _launch_bwd(do, q, k, v, out, lse, rel_bias, seed, grid_h, grid_w, scale, dropout_p, bwd_tiles, dq, dk, dv):
+    """The backward kernels, writing dq, dk, dv into the given (B, heads, N, hd) tensors, which may be strided views
+    (of one packed gradient: :func:`attention_bwd_qkv`); returns d rel_bias (empty when rel_bias is None)."""
+    bsz, heads, n, hd = q.shape
     dtable = None if rel_bias is None else torch.zeros(rel_bias.shape, dtype=torch.float32, device=q.device)
     if q.numel() == 0:
-        return dq, dk, dv, (q.new_empty(0) if rel_bias is None else dtable.to(rel_bias.dtype))
+        return q.new_empty(0) if rel_bias is None else dtable.to(rel_bias.dtype)
     cfg = _config(hd)
     delta = q.new_empty((bsz, heads, n), dtype=torch.float32)
     blk = cfg.preprocess
@@ -612,13 +620,46 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     launch(_attn_bwd_dq_kernel, (bsz * heads * cdiv(n, blk.block_m),),
         q, k, v, do, lse, delta, dq, table, dtable_arg, seed, *_strides(q, k, v, do, dq), *scalars,
         BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, num_warps=blk.num_warps, num_stages=blk.num_stages, **common)
-    return dq, dk, dv, (q.new_empty(0) if rel_bias is None else dtable.to(rel_bias.dtype))
+    return q.new_empty(0) if rel_bias is None else dtable.to(rel_bias.dtype)
 
 
 @attention_bwd.register_fake
 def _(do, q, k, v, out, lse, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton, bwd_tiles=0):
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
     return (*grads, q.new_empty(0) if rel_bias is None else torch.empty_like(rel_bias))
+
+
+def split_qkv(qkv):
+    """q, k, v as (B, heads, N, hd) strided views of a packed (B, N, 3, heads, hd) tensor (no copies)."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@eager_op("attention_bwd_qkv")
+def attention_bwd_qkv(do: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                      rel_bias: Optional[torch.Tensor], seed: Optional[torch.Tensor], grid_h: int, grid_w: int,
+                      scale: float, dropout_p: float, use_triton: bool,
+                      bwd_tiles: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d qkv, d rel_bias) for q, k, v packed in ``qkv`` (B, N, 3, heads, hd): :func:`attention_bwd` with the
+    kernels writing dq, dk, dv straight into their slots of one gradient of qkv's layout. Split by autograd, the
+    three gradients would be stacked and then copied into that layout: two passes over the gradient that took 89 of
+    the 1577 ms of kernel time of the H200's B/16 training step (profile.json). The fallback copies its three in."""
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    grads = split_qkv(dqkv)
+    q, k, v = split_qkv(qkv)
+    if not use_triton:
+        with autocast_off(q.device.type):
+            *parts, dtable = _fallback_bwd(do, q, k, v, out, lse, rel_bias, seed, grid_h, grid_w, scale, dropout_p)
+        for grad, part in zip(grads, parts):
+            grad.copy_(part)
+        return dqkv, dtable
+    return dqkv, _launch_bwd(do, q, k, v, out, lse, rel_bias, seed, grid_h, grid_w, scale, dropout_p, bwd_tiles,
+                             *grads)
+
+
+@attention_bwd_qkv.register_fake
+def _(do, qkv, out, lse, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton, bwd_tiles=0):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format), (
+        qkv.new_empty(0) if rel_bias is None else torch.empty_like(rel_bias))
 
 
 class FlashAttentionFn(torch.autograd.Function):
@@ -644,6 +685,34 @@ class FlashAttentionFn(torch.autograd.Function):
             dq, dk, dv, dtable = attention_bwd(do, q, k, v, out, lse, rel_bias, seed, *args,
                                                _backward_on_kernels(use_triton, rel_bias, args[3]), ctx.bwd_tiles)
         return dq, dk, dv, (None if rel_bias is None else dtable), *[None] * 8
+
+
+class FlashAttentionQKVFn(torch.autograd.Function):
+    """:class:`FlashAttentionFn` for q, k, v packed in one (B, N, 3, heads, hd) tensor, as the qkv projection
+    returns them: saves that tensor instead of three views of it, and returns its gradient in one piece
+    (:func:`attention_bwd_qkv`)."""
+
+    @staticmethod
+    def forward(ctx, qkv, rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton, fwd_tiles=0, bwd_tiles=0):
+        out, lse = attention_fwd(*split_qkv(qkv), rel_bias, seed, grid_h, grid_w, scale, dropout_p, use_triton,
+                                 fwd_tiles)
+        ctx.save_for_backward(qkv, out, lse, rel_bias, seed)
+        ctx.args = (grid_h, grid_w, scale, dropout_p, use_triton)
+        ctx.bwd_tiles = bwd_tiles
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, out, lse, rel_bias, seed = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            *grads, dtable = _recorded_backward(do, *split_qkv(qkv), rel_bias, seed, *ctx.args)
+            grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, split_qkv(qkv))]
+            dqkv = torch.stack(grads, 0).permute(1, 3, 0, 2, 4)  # (3, B, heads, N, hd) -> qkv's layout
+        else:
+            *args, use_triton = ctx.args
+            dqkv, dtable = attention_bwd_qkv(do, qkv, out, lse, rel_bias, seed, *args,
+                                             _backward_on_kernels(use_triton, rel_bias, args[3]), ctx.bwd_tiles)
+        return dqkv, (None if rel_bias is None else dtable), *[None] * 8
 
 
 def _backward_on_kernels(use_triton, rel_bias, dropout_p) -> bool:
@@ -730,6 +799,21 @@ def flash_attention(q, k, v, rel_bias=None, grid_size=None, scale=None, dropout_
     ``forward_tiles(head_dim)[fwd_tiles]``, the dK/dV kernel with ``backward_tiles(head_dim, arch)[bwd_tiles]``),
     or (``use_triton=False``) the torch fallback math with the same saved tensors. Returns (B, heads, N, hd) in q's
     dtype. The dropout seed is drawn from torch's generator on q's device (so torch.manual_seed repeats it)."""
+    return apply(FlashAttentionFn, q, k, v, *_prepare(q, k, v, rel_bias, grid_size, scale, dropout_p, use_triton,
+                                                      fwd_tiles, bwd_tiles))
+
+
+def flash_attention_qkv(qkv, rel_bias=None, grid_size=None, scale=None, dropout_p=0.0, use_triton=True, fwd_tiles=0,
+                        bwd_tiles=0):
+    """:func:`flash_attention` of the q, k, v packed in ``qkv`` (B, N, 3, heads, hd), whose gradient comes back in
+    one piece (:class:`FlashAttentionQKVFn`)."""
+    return apply(FlashAttentionQKVFn, qkv, *_prepare(*split_qkv(qkv), rel_bias, grid_size, scale, dropout_p,
+                                                     use_triton, fwd_tiles, bwd_tiles))
+
+
+def _prepare(q, k, v, rel_bias, grid_size, scale, dropout_p, use_triton, fwd_tiles, bwd_tiles):
+    """The checked arguments of the attention Functions after q, k, v: (rel_bias in fp32, dropout seed, grid_h,
+    grid_w, scale, dropout_p, use_triton, fwd_tiles, bwd_tiles)."""
     grid_h, grid_w = _check_inputs(q, k, v, rel_bias, grid_size, dropout_p)
     if use_triton:
         if q.dtype not in KERNEL_DTYPES:
@@ -745,8 +829,7 @@ def flash_attention(q, k, v, rel_bias=None, grid_size=None, scale=None, dropout_
     if dropout_p > 0:
         seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return apply(FlashAttentionFn, q, k, v, rel_bias, seed, grid_h, grid_w, scale, float(dropout_p), use_triton,
-                 fwd_tiles, bwd_tiles)
+    return rel_bias, seed, grid_h, grid_w, scale, float(dropout_p), use_triton, fwd_tiles, bwd_tiles
 
 
 def attention(q, k, v, rel_bias, grid_size, dropout_p, scale, use_triton, fwd_tiles=0, bwd_tiles=0):
