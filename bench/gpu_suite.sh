@@ -11,6 +11,8 @@
 #                 cold Inductor cache compiles each model twice per mode, which takes most of these steps' time
 #   b16ct         B/16 --compile --backend torch: fastvit's torch reference ops, which Inductor can fuse, in place of
 #                 its Triton kernels, which it calls as they are (does compiling fastvit want the kernels at all?)
+#   resid         bench/residual_dtype.py --model B/16: the residual stream in fp32 or bf16, step time and bytes
+#                 kept side by side, and one digits run each (which default is the better one)
 #   loader        bench/loader.py: decoded + augmented images/s (PIL workers, shards, --decode gpu) beside the
 #                 model's training images/s from the b16 step (the data issue's goal); by default last, with what
 #                 is left of the budget (skipped without failing when too little is left; named, it must run)
@@ -61,17 +63,17 @@ while [ $# -gt 0 ]; do
                 ARCHIVE=$1
             fi
             shift ;;
-        numerics|ops|overhead|profile|b16|l16|h14|b16c|l16c|h14c|b16ct|loader) STEPS+=("$arg") ;;
-        -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
+        numerics|ops|overhead|profile|b16|l16|h14|b16c|l16c|h14c|b16ct|resid|loader) STEPS+=("$arg") ;;
+        -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
         *) echo "gpu_suite.sh: unknown argument '$arg'" \
-                "(steps: numerics ops overhead profile b16 l16 h14 b16c l16c h14c b16ct loader;" \
+                "(steps: numerics ops overhead profile b16 l16 h14 b16c l16c h14c b16ct resid loader;" \
                 "--dry-run, --budget S, --archive F)" >&2
            exit 2 ;;
     esac
 done
 # unnamed, the loader step comes last and is optional: it gets what the others leave of the budget
 OPTIONAL=
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(b16 l16 h14 numerics profile ops overhead b16c l16c h14c b16ct loader) \
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(b16 l16 h14 numerics profile ops overhead b16c l16c h14c b16ct resid loader) \
     && OPTIONAL=loader
 PY=${PYTHON:-$(command -v python || command -v python3)}
 
@@ -140,6 +142,8 @@ for s in "${STEPS[@]}"; do
             b16ct) step b16ct 900 $PY bench/throughput.py --smoke --model tiny --mode train --compile --backend torch \
                        --global-batch 512 --micro-batch 256 --steps 1 --warmup 1 \
                        --out "$OUT/throughput_b16_compile_torch" ;;
+            resid) step resid 300 $PY bench/residual_dtype.py --model tiny --steps 1 --seeds 1 --digits-steps 3 \
+                       --out "$OUT" ;;
             loader) step loader 300 $PY bench/loader.py --images 16 --img-size 64 --batch 8 --steps 1 --warmup 1 \
                         --workers 1 --paths folder,shards --out "$OUT" ;;
         esac
@@ -164,6 +168,7 @@ for s in "${STEPS[@]}"; do
                   --warmup 1 --out "$OUT/throughput_h14_compile" ;;
         b16ct) step b16ct 300 $PY bench/throughput.py --model B/16 --compile --backend torch --steps 1 --warmup 1 \
                    --out "$OUT/throughput_b16_compile_torch" ;;
+        resid) step resid 150 $PY bench/residual_dtype.py --model B/16 --micro-batch 256 --seeds 1 --out "$OUT" ;;
         loader) model=$OUT/throughput_b16/throughput.json  # the model's img/s, when the b16 step has run
                 step loader 150 $PY bench/loader.py $([ -f "$model" ] && echo --throughput "$model") --out "$OUT" ;;
     esac

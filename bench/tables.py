@@ -2,9 +2,9 @@
 """Markdown tables from one results folder written by bench/gpu_suite.sh (the tables the README quotes).
 
 Reads what is there of ``throughput_*/throughput.json``, ``profile.json``, ``numerics.json``, ``overhead.json``,
-``loader.json``, ``ops_benchmark.json`` (pytest-benchmark) and ``autotune/autotune.json`` (the choices
-``fastvit.autotune`` measured during the runs) and writes ``summary.md`` beside them, headed by the date, GPU,
-torch and triton versions the files record. Nothing is measured here.
+``loader.json``, ``residual_dtype.json``, ``ops_benchmark.json`` (pytest-benchmark) and ``autotune/autotune.json``
+(the choices ``fastvit.autotune`` measured during the runs) and writes ``summary.md`` beside them, headed by the
+date, GPU, torch and triton versions the files record. Nothing is measured here.
 
     python bench/tables.py bench/results/nvidia-h200
     python bench/tables.py bench/results/nvidia-h200 --readme README.md   # and the README's GPU tables
@@ -76,6 +76,15 @@ def overhead_table(data):
         ["model", "direction", "fastvit us", "timm us", "ratio", "launches"],
         [[r["model"], r["direction"], f"{r['fastvit_us']:.1f}", f"{r['timm_us']:.1f}", f"{r['ratio']:.2f}",
           r["kernel_launches"]] for r in models])
+
+
+def residual_dtype_table(data):
+    rows = [[r["residual_dtype"], f"{r['saved_mib_per_image']:.1f}", f"{1e3 * r['step_s']:.1f}",
+             f"{r['digits_top1_mean']:.1f}"] for r in data["rows"]]
+    first = data["rows"][0]
+    return common.markdown_table(
+        ["residual dtype", f"{first['model']} MiB kept per image", f"{first['step_model']} step ms (micro "
+         f"{first['micro_batch']})", f"digits top-1 % ({len(first['digits_top1'])} seeds)"], rows)
 
 
 def ops_benchmark_table(data):
@@ -213,8 +222,9 @@ def summary(folder):
     throughput = _throughput_files(folder)
     profile, numerics, overhead = (_load(folder / f) for f in ("profile.json", "numerics.json", "overhead.json"))
     ops_bench, loader = _load(folder / "ops_benchmark.json"), _load(folder / "loader.json")
+    resid = _load(folder / "residual_dtype.json")
     choices = _load(folder / "autotune" / "autotune.json")
-    found = [d for d in (*throughput, profile, numerics, overhead, loader) if d]
+    found = [d for d in (*throughput, profile, numerics, overhead, loader, resid) if d]
     if not found and not ops_bench:
         raise SystemExit(f"no results in {folder}")
     env = found[0].get("env", {}) if found else {}
@@ -237,6 +247,9 @@ def summary(folder):
                  f"({loader['model_source']})" if loader["model_images_per_s_per_gpu"] else "no model figure")
         lines += [f"## Training loader (bench/loader.py): {loader['title']}; {model}", "", *caveats(loader, env),
                   loader_table(loader), ""]
+    if resid:
+        lines += ["## Residual stream dtype (bench/residual_dtype.py)", "", *caveats(resid, env),
+                  residual_dtype_table(resid), ""]
     if choices:
         lines += ["## Measured choices (fastvit.autotune, during the runs above)", "", autotune_table(choices), ""]
     if numerics:
