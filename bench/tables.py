@@ -88,15 +88,16 @@ def residual_dtype_table(data):
 
 
 def ops_benchmark_table(data):
-    """Mean time per call of each op micro-benchmark group, fastvit beside torch."""
+    """Median time per call of each op micro-benchmark group, fastvit beside torch (the median: a run without
+    warm-up has a first call's compile and autotuning in its mean)."""
     groups = {}
     for b in data["benchmarks"]:
         if "impl" in b["params"]:
-            groups.setdefault(b["group"], {})[b["params"]["impl"]] = b["stats"]["mean"] * 1e6
+            groups.setdefault(b["group"], {})[b["params"]["impl"]] = b["stats"]["median"] * 1e6
     rows = [[g, f"{t.get('fastvit', float('nan')):.1f}", f"{t.get('torch', float('nan')):.1f}",
              f"{t['fastvit'] / t['torch']:.2f}" if {"fastvit", "torch"} <= set(t) else "—"]
             for g, t in sorted(groups.items())]
-    return common.markdown_table(["op, direction, dtype", "fastvit us", "torch us", "ratio"], rows)
+    return common.markdown_table(["op, direction, dtype", "fastvit us (median)", "torch us (median)", "ratio"], rows)
 
 
 def attention_tiles_table(data):
@@ -105,10 +106,10 @@ def attention_tiles_table(data):
     runs = {b["params"]["tiles"]: b for b in data["benchmarks"] if "tiles" in b["params"]}
     if not runs:
         return None
-    base = runs["sm80"]["stats"]["mean"] if "sm80" in runs else None
-    rows = [[tiles, f"{b['stats']['mean'] * 1e6:.1f}", f"{b['stats']['mean'] / base:.2f}" if base else "—"]
+    base = runs["sm80"]["stats"]["median"] if "sm80" in runs else None
+    rows = [[tiles, f"{b['stats']['median'] * 1e6:.1f}", f"{b['stats']['median'] / base:.2f}" if base else "—"]
             for tiles, b in runs.items()]
-    return common.markdown_table([f"dK/dV tiles ({next(iter(runs.values()))['group']})", "fwd+bwd us",
+    return common.markdown_table([f"dK/dV tiles ({next(iter(runs.values()))['group']})", "fwd+bwd us (median)",
                                   "x sm80 tiles"], rows)
 
 
