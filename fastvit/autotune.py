@@ -107,6 +107,12 @@ def fastest(op: str, device_index: int, fields: tuple, names, make_runner, defau
                     agrees, can_measure)
 
 
+def cached(op: str, device_index: int, fields: tuple, names, default: str) -> str:
+    """:func:`fastest`'s winner where one was measured (in this process or the file), else ``default``: never
+    times anything (for a choice made while torch.compile traces)."""
+    return _fastest(op, fields, _environment(device_index), names, None, default, None, None, lambda: False)
+
+
 @functools.lru_cache(maxsize=None)
 def _cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo on Linux), else what ``platform`` knows."""

@@ -425,27 +425,46 @@ def attention_backend(q, rel_bias=None, backend="auto", dropout_p=0.0, grid_size
         static = "triton" if use_triton(backend, q) else "torch"
     if backend == "auto" and static == "torch" and q.device.type == "cpu":
         return _cpu_training_attention(q, rel_bias, dropout_p)
-    if (backend != "auto" or not q.is_cuda or not torch.cuda.is_available() or torch.compiler.is_compiling()
+    if (backend != "auto" or not q.is_cuda or not torch.cuda.is_available()
             or (rel_bias is not None and (static != "triton" or grid_size is None))):
         return static
-    b, h, n, d = q.shape
     training = torch.is_grad_enabled() and (q.requires_grad or (rel_bias is not None and rel_bias.requires_grad))
-    fields = (("dtype", str(q.dtype)), ("batch", b), ("heads", h), ("tokens", n), ("head_dim", d),
-              ("dropout", dropout_p > 0), ("training", training))
-    ours = []
-    if _flash_attention.triton_supported(q):
-        arch = _flash_attention.device_arch(q.device)
-        backward = len(_flash_attention.backward_tiles(d, arch)) if training else 1
-        ours = [_triton_tiles(i, j) for i in range(len(_flash_attention.forward_tiles(d))) for j in range(backward)]
-    if rel_bias is not None:
-        fields, names = (*fields, ("rel_bias", tuple(rel_bias.shape)), ("grid", tuple(grid_size))), ours
-    else:
-        sdpa = tuple(name for name in SDPA_KERNELS if SDPA_ENABLED[name]())
-        fields = (*fields, ("sdpa", sdpa))
-        names = [*sdpa, "torch", *(["flash"] if static == "flash" else []), *ours]
+    call = (str(q.dtype), *q.shape, dropout_p > 0, training, _flash_attention.triton_supported(q),
+            q.device.index or 0, None if rel_bias is None else tuple(rel_bias.shape),
+            None if grid_size is None else tuple(grid_size), static)
+    if torch.compiler.is_compiling():
+        return _traced_attention_choice(*call)
+    fields, names = _attention_candidates(*call)
     return autotune.fastest("attention", q.device.index or 0, fields, names,
                             functools.partial(_attention_runner, q, rel_bias, grid_size, dropout_p, training),
                             static, agrees=_agreement(_attention_outputs(q, rel_bias, grid_size, training), "torch"))
+
+
+def _attention_candidates(dtype, b, h, n, d, dropout, training, ours_run, device_index, table_shape, grid, static):
+    """(autotune fields, candidate names) of an attention call, from plain values (so that torch.compile can call
+    this at trace time): our kernel's tile choices where it runs the call, SDPA's kernels the user left on, torch's
+    default, flash_attn where it can run; with a bias table, our tiles only."""
+    fields = (("dtype", dtype), ("batch", b), ("heads", h), ("tokens", n), ("head_dim", d), ("dropout", dropout),
+              ("training", training))
+    ours = []
+    if ours_run:
+        arch = _flash_attention.device_arch(torch.device("cuda", device_index))
+        backward = len(_flash_attention.backward_tiles(d, arch)) if training else 1
+        ours = [_triton_tiles(i, j) for i in range(len(_flash_attention.forward_tiles(d))) for j in range(backward)]
+    if table_shape is not None:
+        return (*fields, ("rel_bias", table_shape), ("grid", grid)), ours
+    sdpa = tuple(name for name in SDPA_KERNELS if SDPA_ENABLED[name]())
+    return (*fields, ("sdpa", sdpa)), [*sdpa, "torch", *(["flash"] if static == "flash" else []), *ours]
+
+
+@torch.compiler.assume_constant_result
+def _traced_attention_choice(*call) -> str:
+    """:func:`attention_backend`'s choice while torch.compile traces, where nothing can be timed: the winner an
+    eager call measured for this call (in this process or the autotune file), else the static choice. Asked once
+    per compiled graph, outside it. (Compiled models used to take the static choice at every shape: our kernel
+    where eager ran cuDNN's, H/14 training on the H200 336 against 362 images/s.)"""
+    fields, names = _attention_candidates(*call)
+    return autotune.cached("attention", call[8], fields, names, call[-1])
 
 
 # 16-bit CPU training calls with at most this many tokens take the fallback's attention backward (see below)

@@ -137,7 +137,35 @@ def test_auto_keeps_the_static_rule_for_bias_compile_and_cpu(tuner, monkeypatch)
     assert ops.attention_backend(q, rel_bias=table) == "triton"  # only ours takes the bias
     assert ops.attention_backend(torch.randn(2, 3, 50, 64)) == "torch"  # CPU
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert ops.attention_backend(q) == "triton"
+    assert ops.attention_backend(q) == "triton"  # nothing measured for this call: the static rule
+
+
+def test_compile_takes_the_winner_eager_measured(tuner, monkeypatch):
+    """While torch.compile traces nothing is timed, but the winner measured for the same call (by an eager call, in
+    this process or the file) runs: compiled models took the static choice at every shape, our kernel also where
+    eager ran cuDNN's and was faster. The choice is a constant to dynamo: a fullgraph compile traces through it."""
+    q, _, _ = _qkv()
+    call = (str(q.dtype), *q.shape, False, False, True, 0, None, None, "triton")
+    fields, names = ops._attention_candidates(*call)
+    assert "sdpa_cudnn" in names and "triton" in names
+    times = {name: 1.0 if name == "sdpa_cudnn" else 2.0 for name in names}
+    assert autotune.fastest("attention", 0, fields, names, lambda name: name, "triton", measure=times.get) == (
+        "sdpa_cudnn")  # as an eager call on this GPU would have measured it
+    autotune.clear()  # another process: the file answers
+    monkeypatch.setattr(autotune, "time_cuda", lambda run: pytest.fail("nothing should be measured"))
+    real = torch.compiler.is_compiling
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert ops.attention_backend(q) == "sdpa_cudnn"
+    monkeypatch.setattr(torch.compiler, "is_compiling", real)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # dynamo itself asks CUDA questions otherwise
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def step(x):
+        return x + 1 if ops._traced_attention_choice(*call) == "sdpa_cudnn" else x - 1
+    assert torch.equal(step(torch.zeros(2)), torch.ones(2))
+    other = (*call[:3], 197, *call[4:])  # a shape nobody measured: the static choice
+    assert ops._traced_attention_choice(*other) == "triton"
 
 
 @pytest.mark.parametrize("head_dim,tiles", [(64, 4), (80, 5)])
