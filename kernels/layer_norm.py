@@ -125,11 +125,12 @@ def _add_ln_bwd_kernel(DY, DRES_OUT, RES, W, MEAN, RSTD, DX, DRES_IN, DW_PART, D
 
 @eager_op("add_layer_norm_fwd")
 def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
-                       bias: torch.Tensor, eps: float, residual_in_fp32: bool,
-                       use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                       bias: torch.Tensor, eps: float, residual_in_fp32: bool, use_triton: bool,
+                       y_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor]:
     """On x of shape (..., D) (rows as ``_launch.as_rows`` gives them): (y, new_residual, mean, rstd);
     new_residual is empty when it would equal x itself; the statistics are (..., 1), as torch's LayerNorm gives
-    them."""
+    them. y is in x's dtype, or ``y_dtype`` (rounded once from fp32 either way)."""
     if not use_triton:
         res_dtype = _residual_dtype(x, residual, residual_in_fp32)
         store = residual is not None or res_dtype != x.dtype
@@ -141,8 +142,8 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight
         # for an fp64 one
         p_dtype = accumulation_dtype(res.dtype)
         y, mean, rstd = torch.native_layer_norm(res, (x.shape[-1],), cast(weight, p_dtype), cast(bias, p_dtype), eps)
-        return cast(y, x.dtype), (res if store else x.new_empty(0)), mean, rstd
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return cast(y, y_dtype or x.dtype), (res if store else x.new_empty(0)), mean, rstd
+    y = torch.empty_like(x, dtype=y_dtype or x.dtype, memory_format=torch.contiguous_format)
     return (y, *launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y))
 
 
@@ -174,12 +175,13 @@ def launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y=No
 
 
 @add_layer_norm_fwd.register_fake
-def _(x, residual, weight, bias, eps, residual_in_fp32, use_triton):
+def _(x, residual, weight, bias, eps, residual_in_fp32, use_triton, y_dtype=None):
     res_dtype = _residual_dtype(x, residual, residual_in_fp32)
     store = residual is not None or res_dtype != x.dtype
     res = x.new_empty(x.shape if store else (0,), dtype=res_dtype)
     stat = x.new_empty(_stats_shape(x), dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), res, stat, torch.empty_like(stat)
+    return (torch.empty_like(x, dtype=y_dtype or x.dtype, memory_format=torch.contiguous_format), res, stat,
+            torch.empty_like(stat))
 
 
 @eager_op("add_layer_norm_bwd")
@@ -316,7 +318,10 @@ class AddLayerNormLinearFn(torch.autograd.Function):
         pad = [None] * (len(ctx.needs_input_grad) - 4)  # no gradient reaches the Linear or the arguments after it
         if dout is None:
             return *_ln_backward(ctx, None, dres, res, weight, mean, rstd), *pad
-        y = add_layer_norm_fwd(res, None, weight, bias, ctx.eps, False, triton_in_backward(ctx.use_triton))[0]
+        # y recomputed straight in the dtype its weight-gradient product runs in (dout's), as the forward's GEMM
+        # took it: recomputed in the residual's fp32, matmul cast it again (on the H200's B/16 step 28 ms of casts)
+        y = add_layer_norm_fwd(res, None, weight, bias, ctx.eps, False, triton_in_backward(ctx.use_triton),
+                               dout.dtype)[0]
         g = dout.reshape(-1, dout.shape[-1])
         dy = cast(matmul(g, lin_weight), ctx.x_dtype).view_as(res)
         d_lin_w = cast(matmul(g.t(), y.reshape(-1, y.shape[-1])), lin_weight.dtype)
