@@ -378,8 +378,9 @@ def add_layer_norm_linear(x, residual, weight, bias, lin_weight, lin_bias, eps, 
 def aot_specs(shape, dtype):
     """Every forward and backward variant a ViT launches at width ``shape.dim``, for ``AOT_IMAGES`` images.
 
-    Under AMP (fp32 weights, activations in ``dtype``, fp32 residual stream): the first LayerNorm and the backward's
-    recomputation (fp32 input, no residual, fp32 output) and the residual add (``dtype`` branch + fp32 residual);
+    Under AMP (fp32 weights, activations in ``dtype``, fp32 residual stream): the first LayerNorm (fp32 input, no
+    residual, fp32 output), the backward's recomputation (the same with its output in ``dtype``, the dtype of the
+    weight-gradient product) and the residual add (``dtype`` branch + fp32 residual);
     their backwards (all fp32; ``dtype`` gradient with an fp32 residual gradient and a gradient reaching the new
     residual). The model's final norm under AMP returns fp32 (autocast's LayerNorm dtype), with either residual
     stream: fp32 first operand, ``dtype`` residual, fp32 output, and its backward (fp32, with a separate residual
@@ -393,14 +394,16 @@ def aot_specs(shape, dtype):
     d, rows = shape.dim, AOT_IMAGES * shape.tokens
     stats = {"MEAN": "*fp32", "RSTD": "*fp32"}
     specs = []
-    # forward: (label, X, residual (None: none), weights, STORE_RESIDUAL)
-    for label, x_t, r_t, w_t in (("amp first/recompute", "*fp32", None, "*fp32"),
-                                 ("amp residual", act, "*fp32", "*fp32"), ("amp final norm", "*fp32", act, "*fp32"),
-                                 ("amp16", act, None, "*fp32"), ("amp16 residual", act, act, "*fp32"),
-                                 ("half", act, None, act), ("half residual", act, act, act)):
+    # forward: (label, X, residual (None: none), weights, Y (None: X's dtype))
+    for label, x_t, r_t, w_t, y_t in (("amp first", "*fp32", None, "*fp32", None),
+                                      ("amp recompute", "*fp32", None, "*fp32", act),
+                                      ("amp residual", act, "*fp32", "*fp32", None),
+                                      ("amp final norm", "*fp32", act, "*fp32", None),
+                                      ("amp16", act, None, "*fp32", None), ("amp16 residual", act, act, "*fp32", None),
+                                      ("half", act, None, act, None), ("half residual", act, act, act, None)):
         store = r_t is not None
-        res_t = ("*fp32" if "*fp32" in (x_t, r_t) else r_t) if store else x_t  # torch.promote_types
-        args = {"X": x_t, "R": r_t or x_t, "W": w_t, "B": w_t, "Y": x_t, "RES_OUT": res_t, **stats,
+        res_t = ("*fp32" if "*fp32" in (x_t, r_t) else r_t) if store else (y_t or x_t)  # torch.promote_types
+        args = {"X": x_t, "R": r_t or x_t, "W": w_t, "B": w_t, "Y": y_t or x_t, "RES_OUT": res_t, **stats,
                 "stride_x": d, "stride_r": d, "stride_y": d, "stride_res": d if store else 0, "n_cols": d,
                 "eps": 1e-6}
         specs.append(spec_from_launch("add_layer_norm_fwd", _add_ln_fwd_kernel, args,
