@@ -507,7 +507,7 @@ class Attention(nn.Module):
     def attend(self, qkv, grid_size=None, attn_mask=None, is_causal=False):
         """Everything after the qkv projection (the block fuses that projection with its LayerNorm).
         ``attn_mask`` / ``is_causal``: timm's (and SDPA's) masks, see :func:`fastvit.ops.attention`."""
-        B, N, D3 = qkv.shape
+        B, N, _ = qkv.shape
         rel_bias = None
         if self.rel_pos_table is not None:
             grid_size = self.rel_pos_grid if grid_size is None else grid_size

@@ -338,12 +338,9 @@ def attention_qkv(qkv, num_heads, rel_bias=None, grid_size=None, dropout_p=0.0, 
     if transformed():
         return attention(q, k, v, rel_bias, grid_size, dropout_p, scale, backend)
     impl = attention_backend(q, rel_bias, backend, dropout_p, grid_size)
-    name, _, tiles = impl.partition("@")
-    if name not in ("triton", "fallback"):
+    if impl != "fallback" and not impl.startswith("triton"):
         return _run_attention(impl, q, k, v, rel_bias, grid_size, dropout_p, scale)
-    fwd, _, bwd = tiles.partition("/")
-    return _flash_attention.flash_attention_qkv(qkv, rel_bias, grid_size, scale, dropout_p, name == "triton",
-                                                int(fwd or 0), int(bwd or 0))
+    return _flash_attention.flash_attention_qkv(qkv, rel_bias, grid_size, scale, dropout_p, *_kernel_choice(impl))
 
 
 def timm_fused_attn() -> bool:
@@ -393,11 +390,16 @@ def _run_attention(impl, q, k, v, rel_bias, grid_size, dropout_p, scale):
     if impl in SDPA_KERNELS:
         with torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, SDPA_KERNELS[impl])):
             return _flash_attention.attention(q, k, v, None, None, dropout_p, scale, False)
-    # "triton@2": our kernel with forward_tiles(head_dim)[2]; "triton@2/1": and backward_tiles(head_dim, arch)[1]
+    return _flash_attention.attention(q, k, v, rel_bias, grid_size, dropout_p, scale, *_kernel_choice(impl))
+
+
+def _kernel_choice(impl: str) -> tuple:
+    """(use_triton, forward tiles, dK/dV tiles) for our attention Function from an implementation name: "triton@2"
+    is our kernel with forward_tiles(head_dim)[2], "triton@2/1" also with backward_tiles(head_dim, arch)[1]
+    (:func:`_triton_tiles`); "fallback" and "torch" its torch math."""
     name, _, tiles = impl.partition("@")
     fwd, _, bwd = tiles.partition("/")
-    return _flash_attention.attention(q, k, v, rel_bias, grid_size, dropout_p, scale, name == "triton",
-                                      int(fwd or 0), int(bwd or 0))
+    return name == "triton", int(fwd or 0), int(bwd or 0)
 
 
 def _triton_tiles(fwd: int, bwd: int) -> str:
