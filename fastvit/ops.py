@@ -460,13 +460,15 @@ def _attention_candidates(dtype, b, h, n, d, dropout, training, ours_run, device
 
 
 @torch.compiler.assume_constant_result
-def _traced_attention_choice(*call) -> str:
+def _traced_attention_choice(dtype, b, h, n, d, dropout, training, ours_run, device_index, table_shape, grid,
+                             static) -> str:
     """:func:`attention_backend`'s choice while torch.compile traces, where nothing can be timed: the winner an
     eager call measured for this call (in this process or the autotune file), else the static choice. Asked once
     per compiled graph, outside it. (Compiled models used to take the static choice at every shape: our kernel
     where eager ran cuDNN's, H/14 training on the H200 336 against 362 images/s.)"""
-    fields, names = _attention_candidates(*call)
-    return autotune.cached("attention", call[8], fields, names, call[-1])
+    fields, names = _attention_candidates(dtype, b, h, n, d, dropout, training, ours_run, device_index, table_shape,
+                                          grid, static)
+    return autotune.cached("attention", device_index, fields, names, static)
 
 
 # 16-bit CPU training calls with at most this many tokens take the fallback's attention backward (see below)
@@ -498,7 +500,7 @@ def _attention_inputs(q, rel_bias, requires_grad=False):
     qkv = torch.randn(b, n, 3, h, d, device=q.device, dtype=q.dtype, requires_grad=requires_grad)
     table = None if rel_bias is None else torch.randn(rel_bias.shape, device=q.device, dtype=rel_bias.dtype,
                                                       requires_grad=requires_grad)
-    return qkv.permute(2, 0, 3, 1, 4).unbind(0), table
+    return _flash_attention.split_qkv(qkv), table
 
 
 def _attention_outputs(q, rel_bias, grid, training):

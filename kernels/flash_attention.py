@@ -705,8 +705,9 @@ class FlashAttentionQKVFn(torch.autograd.Function):
     def backward(ctx, do):
         qkv, out, lse, rel_bias, seed = ctx.saved_tensors
         if torch.is_grad_enabled():
-            *grads, dtable = _recorded_backward(do, *split_qkv(qkv), rel_bias, seed, *ctx.args)
-            grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, split_qkv(qkv))]
+            views = split_qkv(qkv)
+            *grads, dtable = _recorded_backward(do, *views, rel_bias, seed, *ctx.args)
+            grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, views)]
             dqkv = torch.stack(grads, 0).permute(1, 3, 0, 2, 4)  # (3, B, heads, N, hd) -> qkv's layout
         else:
             *args, use_triton = ctx.args
