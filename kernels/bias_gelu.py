@@ -137,9 +137,10 @@ def _bias_gelu_fwd_kernel(X, B, Y, stride_x, stride_y, n_rows, n_cols,
 
 
 @triton.jit
-def _bias_gelu_bwd_kernel(DY, X, B, DX, DB_PART, stride_dy, stride_x, stride_dx, n_rows, n_cols,
+def _bias_gelu_bwd_kernel(DY, X, B, DX, DB_PART, Y, stride_dy, stride_x, stride_dx, stride_y, n_rows, n_cols,
                           row_blocks_per_program, HAS_BIAS: tl.constexpr, APPROXIMATE: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          STORE_Y: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """DX = DY GELU'(X + B), its column sums into DB_PART, and with STORE_Y the recomputed GELU(X + B) into Y."""
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
@@ -158,6 +159,9 @@ def _bias_gelu_bwd_kernel(DY, X, B, DX, DB_PART, stride_dy, stride_x, stride_dx,
         dx = dy * gelu_grad(u, APPROXIMATE)
         db += dx
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if STORE_Y:
+            tl.store(Y + rows[:, None] * stride_y + cols[None, :], gelu(u, APPROXIMATE).to(Y.dtype.element_ty),
+                     mask=mask)
     if HAS_BIAS:
         tl.store(DB_PART + pid * n_cols + cols, tl.sum(db, axis=0), mask=col_mask)
 
@@ -189,34 +193,41 @@ def _(x, bias, use_triton, approximate="none"):
 
 @eager_op("bias_gelu_bwd")
 def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], use_triton: bool,
-                  approximate: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx, dbias) from the saved pre-activation x and bias; dbias is empty when bias is None."""
+                  approximate: str = "none", need_y: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dbias, y) from the saved pre-activation x and bias: dbias is empty when bias is None; y, the forward's
+    GELU(x + bias) recomputed in the same pass over x (for a weight gradient that needs it), is empty unless
+    ``need_y``."""
     n_cols = x.shape[-1]
     n_rows = x.numel() // max(n_cols, 1)
     if not use_triton:
-        # as PyTorch computes it, by torch's own GELU backward (fp32 inside) on the forward's pre-activation
-        dx = _gelu_backward(cast(dy, x.dtype), x if bias is None else x + cast(bias, x.dtype), approximate)
+        # as PyTorch computes it, by torch's own GELU backward (fp32 inside) on the forward's pre-activation; y as
+        # bias_gelu_fwd computes it
+        u = x if bias is None else x + cast(bias, x.dtype)
+        dx = _gelu_backward(cast(dy, x.dtype), u, approximate)
         db = (x.new_empty(0) if bias is None
               else cast(dx.reshape(-1, n_cols).sum(0, dtype=accumulation_dtype(dx.dtype)), bias.dtype))
-        return dx, db
+        return dx, db, gelu_ref(u, approximate) if need_y else x.new_empty(0)
     dy, x = as_rows(dy), as_rows(x)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    y = torch.empty_like(dx) if need_y else x.new_empty(0)
     if not (n_rows and n_cols):
-        return dx, (x.new_empty(0) if bias is None else torch.zeros_like(bias))
+        return dx, (x.new_empty(0) if bias is None else torch.zeros_like(bias)), y
     block_m, block_n, num_warps, num_stages = _config(n_cols)
     row_blocks = cdiv(n_rows, block_m)
     programs = row_programs(row_blocks, x.device)
     db_part = x.new_empty((programs if bias is not None else 0, n_cols), dtype=torch.float32)
     launch(_bias_gelu_bwd_kernel, (programs, cdiv(n_cols, block_n)),
-        dy, x, x if bias is None else bias.contiguous(), dx, db_part, dy.stride(-2), x.stride(-2), dx.stride(-2),
-        n_rows, n_cols, cdiv(row_blocks, programs), HAS_BIAS=bias is not None, APPROXIMATE=approximate,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
-    return dx, (x.new_empty(0) if bias is None else cast(db_part.sum(0), bias.dtype))
+        dy, x, x if bias is None else bias.contiguous(), dx, db_part, y if need_y else dx, dy.stride(-2),
+        x.stride(-2), dx.stride(-2), dx.stride(-2), n_rows, n_cols, cdiv(row_blocks, programs),
+        HAS_BIAS=bias is not None, APPROXIMATE=approximate, STORE_Y=need_y, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages)
+    return dx, (x.new_empty(0) if bias is None else cast(db_part.sum(0), bias.dtype)), y
 
 
 @bias_gelu_bwd.register_fake
-def _(dy, x, bias, use_triton, approximate="none"):
-    return x.new_empty(x.shape), (x.new_empty(0) if bias is None else torch.empty_like(bias))
+def _(dy, x, bias, use_triton, approximate="none", need_y=False):
+    return (x.new_empty(x.shape), (x.new_empty(0) if bias is None else torch.empty_like(bias)),
+            x.new_empty(x.shape if need_y else (0,)))
 
 
 class BiasGeluFn(torch.autograd.Function):
@@ -231,7 +242,7 @@ class BiasGeluFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, bias = ctx.saved_tensors
-        dx, db = bias_gelu_bwd(dy, x, bias, triton_in_backward(ctx.use_triton), ctx.approximate)
+        dx, db, _ = bias_gelu_bwd(dy, x, bias, triton_in_backward(ctx.use_triton), ctx.approximate)
         return dx, (None if bias is None else db), None, None
 
 
@@ -239,7 +250,9 @@ class BiasGeluLinearFn(torch.autograd.Function):
     """GELU(x + b) W^T + c that keeps no GELU output for backward.
 
     A plain Linear after the GELU would save its (rows, 4D) input; here backward recomputes it from the saved
-    pre-activation x with the same forward op, so the MLP's hidden layer is saved once, as x.
+    pre-activation x, so the MLP's hidden layer is saved once, as x. The recompute rides on the GELU's gradient
+    pass (which reads x anyway), after the product that gives that gradient: a separate forward pass read x once
+    more, 42 ms of the H200's 1577 ms B/16 step (profile.json, ``_bias_gelu_fwd_kernel``).
     """
 
     @staticmethod
@@ -253,12 +266,11 @@ class BiasGeluLinearFn(torch.autograd.Function):
     def backward(ctx, dout):
         x, bias, lin_weight = ctx.saved_tensors
         use_triton, approximate = triton_in_backward(ctx.use_triton), ctx.approximate
-        h = bias_gelu_fwd(x, bias, use_triton, approximate)
         dh = cast(matmul(dout, lin_weight), x.dtype)
+        dx, db, h = bias_gelu_bwd(dh, x, bias, use_triton, approximate, True)
         g = dout.reshape(-1, dout.shape[-1])
         d_lin_w = cast(matmul(g.t(), h.reshape(-1, h.shape[-1])), lin_weight.dtype)
         d_lin_b = cast(g.sum(0), lin_weight.dtype) if ctx.has_lin_bias else None
-        dx, db = bias_gelu_bwd(dh, x, bias, use_triton, approximate)
         # None for use_triton, approximate and what a subclass's forward adds
         return dx, (None if bias is None else db), d_lin_w, d_lin_b, *[None] * (len(ctx.needs_input_grad) - 4)
 
@@ -294,17 +306,19 @@ def bias_gelu_linear(x, bias, lin_weight, lin_bias, use_triton, approximate="non
 def aot_specs(shape, dtype):
     """Forward and backward at the MLP width ``shape.mlp_dim`` for ``AOT_IMAGES`` images, as a ViT launches them:
     without a bias (fc1's GEMM adds it), so the bias pointer is the placeholder x and the same under AMP and in a
-    model cast to ``dtype``; the exact GELU first, then each approximation (label "tanh", "sigmoid")."""
+    model cast to ``dtype``; the exact GELU first, then each approximation (label "tanh", "sigmoid"). The backward
+    stores the recomputed GELU as well, as the MLP's (``BiasGeluLinearFn``) does."""
     block_m, block_n, num_warps, num_stages = _config(shape.mlp_dim)
     act, c, rows = f"*{dtype}", shape.mlp_dim, AOT_IMAGES * shape.tokens
     fwd = {"X": act, "B": act, "Y": act, "stride_x": c, "stride_y": c, "n_rows": rows, "n_cols": c}
-    bwd = {"DY": act, "X": act, "B": act, "DX": act, "DB_PART": "*fp32", "stride_dy": c, "stride_x": c,
-           "stride_dx": c, "n_rows": rows, "n_cols": c,
+    bwd = {"DY": act, "X": act, "B": act, "DX": act, "DB_PART": "*fp32", "Y": act, "stride_dy": c, "stride_x": c,
+           "stride_dx": c, "stride_y": c, "n_rows": rows, "n_cols": c,
            "row_blocks_per_program": cdiv(cdiv(rows, block_m), AOT_PROGRAMS)}
     specs = []
     for approximate in APPROXIMATIONS:
         consts = {"HAS_BIAS": False, "APPROXIMATE": approximate, "BLOCK_M": block_m, "BLOCK_N": block_n}
         label = f"C={c}" + ("" if approximate == "none" else f" {approximate}")
         specs += [spec_from_launch("bias_gelu_fwd", _bias_gelu_fwd_kernel, fwd, consts, num_warps, num_stages, label),
-                  spec_from_launch("bias_gelu_bwd", _bias_gelu_bwd_kernel, bwd, consts, num_warps, num_stages, label)]
+                  spec_from_launch("bias_gelu_bwd", _bias_gelu_bwd_kernel, bwd, dict(consts, STORE_Y=True),
+                                   num_warps, num_stages, label)]
     return specs

@@ -175,3 +175,20 @@ def test_kernel_saves_what_fallback_saves():
             bias_gelu(x, b, use_triton)
         assert [(tuple(t.shape), t.dtype) for t in saved] == [((2, 7, 3072), torch.float16), ((3072,), torch.float16)]
         assert saved[0].data_ptr() == x.data_ptr()
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_backward_recomputes_the_forward_output(dtype, approximate):
+    """bias_gelu_bwd's ``need_y`` output (the MLP's recomputed activation, for fc2's weight gradient) is what the
+    forward op wrote, on the kernel and on the fallback; without ``need_y`` it is empty and dx is unchanged."""
+    from fastvit.kernels.bias_gelu import bias_gelu_bwd, bias_gelu_fwd
+    x, b = _inputs((2, 37, 1100), dtype)  # two column blocks, a partial one
+    x, b = x.detach(), b.detach()
+    dy = _upstream(x.shape).to(dtype)
+    for use_triton in (True, False):
+        y = bias_gelu_fwd(x, b, use_triton, approximate)
+        dx, db, y_again = bias_gelu_bwd(dy, x, b, use_triton, approximate, True)
+        assert torch.equal(y_again, y)
+        dx_only, db_only, nothing = bias_gelu_bwd(dy, x, b, use_triton, approximate)
+        assert nothing.numel() == 0 and torch.equal(dx_only, dx) and torch.equal(db_only, db)
