@@ -305,20 +305,22 @@ def bias_gelu_linear(x, bias, lin_weight, lin_bias, use_triton, approximate="non
 
 def aot_specs(shape, dtype):
     """Forward and backward at the MLP width ``shape.mlp_dim`` for ``AOT_IMAGES`` images, as a ViT launches them:
-    without a bias (fc1's GEMM adds it), so the bias pointer is the placeholder x and the same under AMP and in a
-    model cast to ``dtype``; the exact GELU first, then each approximation (label "tanh", "sigmoid"). The backward
+    with fc1's bias (``ops.layer_norm_mlp`` adds it here), fp32 under AMP (label "amp") and in ``dtype`` in a model
+    cast to it ("half"); the exact GELU first, then each approximation (label "tanh", "sigmoid"). The backward
     stores the recomputed GELU as well, as the MLP's (``BiasGeluLinearFn``) does."""
     block_m, block_n, num_warps, num_stages = _config(shape.mlp_dim)
     act, c, rows = f"*{dtype}", shape.mlp_dim, AOT_IMAGES * shape.tokens
-    fwd = {"X": act, "B": act, "Y": act, "stride_x": c, "stride_y": c, "n_rows": rows, "n_cols": c}
-    bwd = {"DY": act, "X": act, "B": act, "DX": act, "DB_PART": "*fp32", "Y": act, "stride_dy": c, "stride_x": c,
-           "stride_dx": c, "stride_y": c, "n_rows": rows, "n_cols": c,
-           "row_blocks_per_program": cdiv(cdiv(rows, block_m), AOT_PROGRAMS)}
     specs = []
     for approximate in APPROXIMATIONS:
-        consts = {"HAS_BIAS": False, "APPROXIMATE": approximate, "BLOCK_M": block_m, "BLOCK_N": block_n}
-        label = f"C={c}" + ("" if approximate == "none" else f" {approximate}")
-        specs += [spec_from_launch("bias_gelu_fwd", _bias_gelu_fwd_kernel, fwd, consts, num_warps, num_stages, label),
-                  spec_from_launch("bias_gelu_bwd", _bias_gelu_bwd_kernel, bwd, dict(consts, STORE_Y=True),
-                                   num_warps, num_stages, label)]
+        consts = {"HAS_BIAS": True, "APPROXIMATE": approximate, "BLOCK_M": block_m, "BLOCK_N": block_n}
+        for variant, bias in (("amp", "*fp32"), ("half", act)):
+            label = f"C={c} {variant}" + ("" if approximate == "none" else f" {approximate}")
+            fwd = {"X": act, "B": bias, "Y": act, "stride_x": c, "stride_y": c, "n_rows": rows, "n_cols": c}
+            bwd = {"DY": act, "X": act, "B": bias, "DX": act, "DB_PART": "*fp32", "Y": act, "stride_dy": c,
+                   "stride_x": c, "stride_dx": c, "stride_y": c, "n_rows": rows, "n_cols": c,
+                   "row_blocks_per_program": cdiv(cdiv(rows, block_m), AOT_PROGRAMS)}
+            specs += [spec_from_launch("bias_gelu_fwd", _bias_gelu_fwd_kernel, fwd, consts, num_warps, num_stages,
+                                       label),
+                      spec_from_launch("bias_gelu_bwd", _bias_gelu_bwd_kernel, bwd, dict(consts, STORE_Y=True),
+                                       num_warps, num_stages, label)]
     return specs

@@ -69,8 +69,9 @@ def test_report_compiles_in_parallel_to_the_same_records(monkeypatch):
     spec.loader.exec_module(report)
     args = (["vit_base_patch16_224"], ["bf16"], [90], ["bias_gelu"])
     serial, parallel = report.run(*args, jobs=1), report.run(*args, jobs=2)
-    assert [r["kernel"] for r in serial] == ["bias_gelu_fwd", "bias_gelu_bwd"] * 3  # the exact GELU, tanh, sigmoid
-    assert [r["constexprs"]["APPROXIMATE"] for r in serial] == ["none", "none", "tanh", "tanh", "sigmoid", "sigmoid"]
+    # the exact GELU, tanh, sigmoid; each with an fp32 bias (AMP) and a bf16 one (a model cast to bf16)
+    assert [r["kernel"] for r in serial] == ["bias_gelu_fwd", "bias_gelu_bwd"] * 6
+    assert [r["constexprs"]["APPROXIMATE"] for r in serial] == [a for a in ("none", "tanh", "sigmoid") for _ in "1234"]
     assert parallel == serial
 
 
@@ -315,7 +316,7 @@ def test_every_model_launch_has_its_spec(monkeypatch, model):
     specs = [s for _, s in collect_specs(shape, "bf16")]
     matched = set()
     for variant, act_layer in (("amp", "gelu"), ("amp16", "gelu"), ("half", "gelu"), ("amp", "gelu_tanh"),
-                               ("amp", "quick_gelu")):
+                               ("amp", "quick_gelu"), ("half", "gelu_tanh"), ("half", "quick_gelu")):
         torch.manual_seed(0)
         vit = fastvit.VisionTransformer(patch_size=shape.patch, embed_dim=shape.dim, depth=1, num_heads=shape.heads,
                                         mlp_ratio=shape.mlp_dim / shape.dim, act_layer=act_layer,
