@@ -111,7 +111,12 @@ class _NoLaunch:
 @contextlib.contextmanager
 def stubbed_launches():
     """Inside, every ``kernel[grid](...)`` runs Triton's host path up to the driver call and launches nothing;
-    yields a one-element list counting the launches. Kernels used inside get fresh per-device caches on exit."""
+    yields a one-element list counting the launches. Kernels used inside get fresh per-device caches on exit.
+
+    A stubbed kernel leaves its output as allocated, uninitialised: where that memory holds denormal floats, a torch
+    op reading it computes at the CPU's slow denormal speed (bias_gelu_linear's fc2 GEMM after the stubbed GELU:
+    ~200 us instead of ~10), a cost no GPU run has. So denormals flush to zero inside (off again on exit, torch's
+    default)."""
     counter, touched = [0], set()
     saved_compile, saved_driver = JITFunction._do_compile, driver._active  # triton 3.8: no public getter
 
@@ -124,9 +129,11 @@ def stubbed_launches():
     JITFunction._do_compile = do_compile
     driver.set_active(_HostOnlyDriver(GPUTarget("cuda", 90, 32)))
     saved_compiled = dict(_launch._COMPILED)
+    torch.set_flush_denormal(True)
     try:
         yield counter
     finally:
+        torch.set_flush_denormal(False)
         JITFunction._do_compile = saved_compile
         driver._active = saved_driver
         for fn in touched:
