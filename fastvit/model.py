@@ -538,6 +538,15 @@ class Attention(nn.Module):
             out = attn_drop(attn.softmax(dim=-1)) @ v
         return self._project(out)
 
+    def attend_class_token(self, qkv):
+        """:meth:`attend`'s output at the class token's row alone, (B, 1, D): each head's first query against every
+        key (the last block of a model whose head reads nothing else: :func:`class_token_suffices`)."""
+        B, N, _ = qkv.shape
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        modules = self._modules
+        q, k = call(modules["q_norm"], q[:, :, :1]), call(modules["k_norm"], k)
+        return self._project(ops.attention(q, k, v, backend=self.backend))
+
     def _project(self, out):
         """(B, heads, N, D_h) heads -> norm, proj, proj_drop on (B, N, D)."""
         B, heads, N, head_dim = out.shape
@@ -676,6 +685,32 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+# the layers of the paper's Block, each of which computes token by token
+_TOKENWISE = frozenset((nn.Linear, nn.LayerNorm, nn.GELU, QuickGELU, nn.Identity, nn.Dropout, DropPath, LayerScale,
+                        Mlp, Attention))
+
+
+def class_token_suffices(block) -> bool:
+    """Whether the last block may compute its output at the class token's row alone, for a head that reads nothing
+    else (``VisionTransformer.forward`` with global_pool='token', in a training step): its MLP, projection and
+    query then run on 1 row of N + 1 (9 of a block's 12 D^2 multiply-adds per token; a B/16 step does 1/16 fewer).
+    Only for a Block that runs unmodified whose layers are all ours, token by token and unmodified (a hook, a
+    replaced or wrapped layer sees the rows timm's block gives it), without a relative-position table (its bias
+    indexes the N x N scores) or an element-wise dropout that is on (its mask would be drawn for another shape;
+    DropPath draws one per sample)."""
+    if not output_may_fuse(block, Block):
+        return False
+    for module in block.modules():
+        kind = type(module)
+        if module is block:
+            continue
+        if (kind not in _TOKENWISE or not unedited(module, kind)
+                or (kind is nn.Dropout and module.training and module.p > 0)
+                or (kind is Attention and module.rel_pos_table is not None)):
+            return False
+    return True
+
+
 def grid_keyword(attn, grid_size):
     """The keyword arguments a block or attention of ours is called with: the patch grid where ``attn`` (the
     block's attention) has a relative-position table, the grid's only user, else none. Called on the tokens alone,
@@ -739,12 +774,14 @@ class Block(nn.Module):
         h, residual = self.forward_pair(x, None, grid_size, attn_mask, is_causal)
         return residual + h
 
-    def forward_pair(self, h, residual, grid_size=None, attn_mask=None, is_causal=False):
+    def forward_pair(self, h, residual, grid_size=None, attn_mask=None, is_causal=False, class_token_only=False):
         """The block on z = h + residual (residual None: z = h), returning (MLP branch, z') so that z_out = sum.
 
         Keeping the sum unevaluated lets each LayerNorm fuse the preceding residual add, also across blocks, and
         each LayerNorm runs together with the projection after it (qkv, fc1) so its output is never saved. Where
         the user edited a submodule of a branch, that branch calls its modules one by one instead.
+        ``class_token_only`` (for :func:`class_token_suffices`) returns both at the class token's row alone: keys
+        and values come from every token, the query, the projection and the MLP run on that row only.
         """
         m = self._modules  # submodules read once per call (weight_and_bias says why)
         norm1, attn, norm2, mlp = m["norm1"], m["attn"], m["norm2"], m["mlp"]
@@ -753,11 +790,14 @@ class Block(nn.Module):
             qkv, residual = ops.add_layer_norm_linear(h, residual, *weight_and_bias(norm1),
                                                       *weight_and_bias(attn._modules["qkv"]), norm1.eps,
                                                       backend=self.backend)
-            h = attn.attend(qkv, grid_size, attn_mask, is_causal)
+            h = (attn.attend_class_token(qkv) if class_token_only
+                 else attn.attend(qkv, grid_size, attn_mask, is_causal))
             del qkv  # (B, N, 3D): freed before the MLP, as timm's Attention frees it on return
         else:
             residual = h if residual is None else h + residual
             h = attn(norm1(residual), **attention_keywords(attn, grid_size, attn_mask, is_causal))
+        if class_token_only:
+            h, residual = h[:, :1], residual[:, :1]
         h = call(m["drop_path1"], call(m["ls1"], h))
         if (fusable_layer_norm(norm2) and runs_unmodified(mlp, Mlp)
                 and runs_unmodified(mlp._modules["fc1"], nn.Linear)):
@@ -1175,9 +1215,10 @@ class VisionTransformer(nn.Module):
             self.reset_classifier(0, "")
         return take
 
-    def _encode(self, x, take=(), last=None, attn_mask=None, is_causal=False):
+    def _encode(self, x, take=(), last=None, attn_mask=None, is_causal=False, class_token=False):
         """Embedding and blocks up to ``last`` (all if None): (h, residual, grid, [z_i for i in take]), the
-        tokens z = h + residual left as a sum for the final LayerNorm to fuse."""
+        tokens z = h + residual left as a sum for the final LayerNorm to fuse. ``class_token``: the caller reads
+        the class token's row alone, so the last block may compute just that row (:func:`class_token_suffices`)."""
         masks = mask_keywords(attn_mask, is_causal)
         h, grid = self._embed(x)
         param = next(self.parameters(), None)
@@ -1191,14 +1232,19 @@ class VisionTransformer(nn.Module):
             return self._checkpointed(self.blocks, h), None, grid, []
         residual = None
         taken = []
-        for i, block in enumerate(self.blocks if last is None else self.blocks[:last + 1]):
+        blocks = self.blocks if last is None else self.blocks[:last + 1]
+        # the last block on the class token alone: nothing else of it is read (no taken outputs, no mask)
+        class_token = class_token and not take and last is None and not masks
+        for i, block in enumerate(blocks):
             if self.pos_embed_at != "stem":
                 pos = self.position_table(grid, i if self.pos_embed_at == "every_layer" else 0)
                 if not self._pos_covers_prefix:
                     pos = F.pad(pos, (0, 0, self.num_prefix_tokens, 0))
                 h = h + pos.to(h.dtype)
             # otherwise the block is called as a module (its hooks fire) on the evaluated sum
-            if output_may_fuse(block, Block):
+            if class_token and i == len(blocks) - 1 and class_token_suffices(block):
+                h, residual = self._checkpointed(block.forward_pair, h, residual, grid, class_token_only=True)
+            elif output_may_fuse(block, Block):
                 h, residual = self._checkpointed(block.forward_pair, h, residual, grid, attn_mask, is_causal)
             else:
                 z = h if residual is None else h + residual
@@ -1319,12 +1365,16 @@ class VisionTransformer(nn.Module):
     def forward(self, x, attn_mask=None, is_causal=False):
         """forward_head(forward_features(x)). Where the head reads the class token only, the final LayerNorm
         normalises that token alone instead of all L: a LayerNorm works token by token, so the logits are the same
-        bits (a hooked, edited or fx-traced model, or a subclass with its own stages, runs the two stages as
-        written)."""
+        bits. In a training step (train mode, grad enabled) the last block also computes that token's row alone
+        where it may (:func:`class_token_suffices`): the other rows of its output are never read, and the logits
+        and gradients agree to the rounding of its smaller products. In eval mode it runs whole, so that the logits
+        keep the bits of the fx-traced graph (timm's test_model_forward_fx asks for them). A hooked, edited or
+        fx-traced model, or a subclass with its own stages, runs the two stages as written."""
         masks = mask_keywords(attn_mask, is_causal)
         if not self._class_token_only():
             return self.forward_head(self.forward_features(x, **masks))
-        h, residual, _, _ = self._encode(x, attn_mask=attn_mask, is_causal=is_causal)
+        h, residual, _, _ = self._encode(x, attn_mask=attn_mask, is_causal=is_causal,
+                                         class_token=self.training and torch.is_grad_enabled())
         z = layer_norm(self.norm, h[:, 0], None if residual is None else residual[:, 0], self.backend)[0]
         return self._head(z)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -326,6 +327,12 @@ def attention(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None,
     """
     if attn_mask is not None or is_causal:
         return _masked_attention(q, k, v, rel_bias, grid_size, dropout_p, scale, attn_mask, is_causal)
+    if q.shape[-2] < k.shape[-2] and k.shape == v.shape and rel_bias is None:
+        # fewer queries than keys (a last block's class-token query, model.class_token_suffices): SDPA takes them,
+        # our kernels do not; its math kernel under a torch.func transform, as below
+        math = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if transformed() else nullcontext()
+        with math:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     if transformed():  # SDPA's math kernel: the fused ones have neither forward-mode AD nor vmap rules
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
             return _run_attention("torch", q, k, v, rel_bias, grid_size, dropout_p, scale)

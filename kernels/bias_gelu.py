@@ -307,7 +307,9 @@ def aot_specs(shape, dtype):
     """Forward and backward at the MLP width ``shape.mlp_dim`` for ``AOT_IMAGES`` images, as a ViT launches them:
     with fc1's bias (``ops.layer_norm_mlp`` adds it here), fp32 under AMP (label "amp") and in ``dtype`` in a model
     cast to it ("half"); the exact GELU first, then each approximation (label "tanh", "sigmoid"). The backward
-    stores the recomputed GELU as well, as the MLP's (``BiasGeluLinearFn``) does."""
+    stores the recomputed GELU as well, as the MLP's (``BiasGeluLinearFn``) does, on every token and (label
+    "class token") on one row per image, the MLP of a training step's last block (``model.class_token_suffices``):
+    one row block per program there (an int Triton specialises)."""
     block_m, block_n, num_warps, num_stages = _config(shape.mlp_dim)
     act, c, rows = f"*{dtype}", shape.mlp_dim, AOT_IMAGES * shape.tokens
     specs = []
@@ -316,11 +318,12 @@ def aot_specs(shape, dtype):
         for variant, bias in (("amp", "*fp32"), ("half", act)):
             label = f"C={c} {variant}" + ("" if approximate == "none" else f" {approximate}")
             fwd = {"X": act, "B": bias, "Y": act, "stride_x": c, "stride_y": c, "n_rows": rows, "n_cols": c}
-            bwd = {"DY": act, "X": act, "B": bias, "DX": act, "DB_PART": "*fp32", "Y": act, "stride_dy": c,
-                   "stride_x": c, "stride_dx": c, "stride_y": c, "n_rows": rows, "n_cols": c,
-                   "row_blocks_per_program": cdiv(cdiv(rows, block_m), AOT_PROGRAMS)}
-            specs += [spec_from_launch("bias_gelu_fwd", _bias_gelu_fwd_kernel, fwd, consts, num_warps, num_stages,
-                                       label),
-                      spec_from_launch("bias_gelu_bwd", _bias_gelu_bwd_kernel, bwd, dict(consts, STORE_Y=True),
-                                       num_warps, num_stages, label)]
+            specs.append(spec_from_launch("bias_gelu_fwd", _bias_gelu_fwd_kernel, fwd, consts, num_warps, num_stages,
+                                          label))
+            for n_rows, suffix in ((rows, ""), (AOT_IMAGES, " class token")):
+                bwd = {"DY": act, "X": act, "B": bias, "DX": act, "DB_PART": "*fp32", "Y": act, "stride_dy": c,
+                       "stride_x": c, "stride_dx": c, "stride_y": c, "n_rows": n_rows, "n_cols": c,
+                       "row_blocks_per_program": cdiv(cdiv(n_rows, block_m), AOT_PROGRAMS)}
+                specs.append(spec_from_launch("bias_gelu_bwd", _bias_gelu_bwd_kernel, bwd, dict(consts, STORE_Y=True),
+                                              num_warps, num_stages, label + suffix))
     return specs

@@ -410,7 +410,8 @@ def aot_specs(shape, dtype):
                                       {"HAS_RESIDUAL": store, "STORE_RESIDUAL": store, "STORE_Y": True, "BLOCK": block}, num_warps,
                                       num_stages, f"D={d} {label}"))
     # backward: (label, dY, residual, weights, HAS_DRES, a separate (fp32) residual gradient, rows); the final
-    # norm of a class-token model normalises one row per image, one row per program (an int Triton specialises)
+    # norm of a class-token model normalises one row per image, and so does the second norm of a training step's
+    # last block (model.class_token_suffices): one row per program (an int Triton specialises)
     backward = [("amp first", "*fp32", "*fp32", "*fp32", False, False, rows),
                 ("amp residual+dres", act, "*fp32", "*fp32", True, True, rows),
                 ("amp final norm", "*fp32", "*fp32", "*fp32", False, True, rows),
@@ -418,7 +419,7 @@ def aot_specs(shape, dtype):
                 ("amp16 residual+dres", act, act, "*fp32", True, False, rows),
                 ("half", act, act, act, False, False, rows), ("half residual+dres", act, act, act, True, False, rows)]
     backward += [(f"{label} class token", *types, AOT_IMAGES) for label, *types, _ in backward
-                 if label in ("amp final norm", "half")]
+                 if label in ("amp final norm", "half") or label.endswith("residual+dres")]
     for label, dy_t, res_t, w_t, has_dres, separate, n_rows in backward:
         args = {"DY": dy_t, "DRES_OUT": res_t if has_dres else dy_t, "RES": res_t, "W": w_t, **stats, "DX": dy_t,
                 "DRES_IN": res_t if separate else dy_t, "DW_PART": "*fp32", "DB_PART": "*fp32",

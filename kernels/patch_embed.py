@@ -9,8 +9,8 @@ before the dot: the autocast dtype under autocast (as conv2d would be), else the
 Backward saves only the image and the weight (never a patch matrix): dweight = sum over patches of dY^T x_patch
 gathers the patches again, into a transient matrix for one GEMM; the image gradient (only when the image requires
 grad) scatters dY W back into the patch positions (stride = P, so patches do not overlap); dbias, dpos_embed and
-dcls come from the batch sum of dY. The Triton launch and the torch fallback sit inside the same ``torch.library`` custom ops and save the same
-tensors, so memory measured on CPU speaks for the GPU path.
+dcls come from the batch sum of dY. The Triton launch and the torch fallback sit inside the same ``torch.library``
+custom ops and save the same tensors, so memory measured on CPU speaks for the GPU path.
 """
 import functools
 from typing import Optional
