@@ -11,7 +11,9 @@ torch.compile (``--compile-mode``) of a copy of each model with the same weights
 what a performance-minded timm user runs. ``ratio`` is the best fastvit column over the best timm column.
 
 Printed and saved per model and mode: images/s, achieved TFLOP/s (FLOPs per image counted from the model config by
-``fastvit.flops``: 2 x the MACs of every matmul, attention included; training = 3 x forward), MFU against the
+``fastvit.flops``: 2 x the MACs of every matmul, attention included; training = 3 x forward; the same count for
+every column, the whole model's, though fastvit's training step runs its last block on the class token alone:
+``fastvit.model.class_token_suffices``), MFU against the
 GPU's dense bf16 peak (``fastvit.flops.PEAK_TFLOPS``, or --peak-tflops), peak memory (GPU: the most memory
 allocated while that model warmed up, above what was allocated before it was built, so it counts its weights,
 gradients, optimizer state and activations), and fastvit/timm ratios.
