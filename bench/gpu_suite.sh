@@ -6,6 +6,8 @@
 #                 tilings side by side (bench/test_ops_benchmark.py)
 #   overhead      bench/overhead.py: host time per call (the CPU of this machine, launches stubbed)
 #   profile       bench/profile.py --model B/16: training-step time by category, fastvit and timm
+#   profilec      the same with --compile (into profile_compile/): what Inductor does to timm's step that makes it
+#                 the bar, category by category
 #   b16 l16 h14   bench/throughput.py: train and infer, the eager columns (fastvit and timm)
 #   b16c l16c h14c  the same with --compile: all four columns side by side (eager and torch.compile of each); a
 #                 cold Inductor cache compiles each model twice per mode, which takes most of these steps' time
@@ -63,17 +65,18 @@ while [ $# -gt 0 ]; do
                 ARCHIVE=$1
             fi
             shift ;;
-        numerics|ops|overhead|profile|b16|l16|h14|b16c|l16c|h14c|b16ct|resid|loader) STEPS+=("$arg") ;;
-        -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
+        numerics|ops|overhead|profile|profilec|b16|l16|h14|b16c|l16c|h14c|b16ct|resid|loader) STEPS+=("$arg") ;;
+        -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
         *) echo "gpu_suite.sh: unknown argument '$arg'" \
-                "(steps: numerics ops overhead profile b16 l16 h14 b16c l16c h14c b16ct resid loader;" \
+                "(steps: numerics ops overhead profile profilec b16 l16 h14 b16c l16c h14c b16ct resid loader;" \
                 "--dry-run, --budget S, --archive F)" >&2
            exit 2 ;;
     esac
 done
 # unnamed, the loader step comes last and is optional: it gets what the others leave of the budget
 OPTIONAL=
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(b16 l16 h14 numerics profile ops overhead b16c l16c h14c b16ct resid loader) \
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(b16 l16 h14 numerics profile ops overhead b16c l16c h14c b16ct resid profilec \
+                                  loader) \
     && OPTIONAL=loader
 PY=${PYTHON:-$(command -v python || command -v python3)}
 
@@ -134,6 +137,8 @@ for s in "${STEPS[@]}"; do
             overhead) step overhead 300 $PY bench/overhead.py --number 5 --repeat 2 --out "$OUT" ;;
             profile) step profile 600 $PY bench/profile.py --smoke --global-batch 64 --micro-batch 32 --warmup 1 \
                          --out "$OUT" ;;
+            profilec) step profilec 900 $PY bench/profile.py --smoke --compile --global-batch 64 --micro-batch 32 \
+                          --warmup 1 --out "$OUT/profile_compile" ;;
             b16|l16|h14) step "$s" 300 $PY bench/throughput.py --smoke --model tiny --mode train \
                              --global-batch 512 --micro-batch 256 --steps 1 --warmup 1 --out "$OUT/throughput_$s" ;;
             b16c|l16c|h14c) step "$s" 900 $PY bench/throughput.py --smoke --model tiny --mode train --compile \
@@ -155,6 +160,8 @@ for s in "${STEPS[@]}"; do
                  --benchmark-max-time=0.2 --benchmark-json="$OUT/ops_benchmark.json" ;;
         overhead) step overhead 30 $PY bench/overhead.py --out "$OUT" ;;
         profile) step profile 60 $PY bench/profile.py --model B/16 --warmup 1 --steps 1 --out "$OUT" ;;
+        profilec) step profilec 300 $PY bench/profile.py --model B/16 --compile --warmup 1 --steps 1 \
+                      --out "$OUT/profile_compile" ;;
         b16) step b16 90 $PY bench/throughput.py --model B/16 --steps 2 --warmup 1 --out "$OUT/throughput_b16" ;;
         l16) step l16 90 $PY bench/throughput.py --model L/16 --global-batch 2048 --steps 1 --warmup 1 \
                  --out "$OUT/throughput_l16" ;;
@@ -174,7 +181,7 @@ for s in "${STEPS[@]}"; do
     esac
 done
 # traces are large: keep them out of the committed folder's JSON
-mv "$OUT"/trace_*.json "$OUT/traces/" 2>/dev/null
+mv "$OUT"/trace_*.json "$OUT"/profile_compile/trace_*.json "$OUT/traces/" 2>/dev/null
 step tables 60 $PY bench/tables.py "$OUT"
 if [ -n "$ARCHIVE" ]; then
     tar -czf "$ARCHIVE" -C "$(dirname "$OUT")" --exclude=traces "$(basename "$OUT")" \

@@ -222,10 +222,11 @@ def summary(folder):
     folder = pathlib.Path(folder)
     throughput = _throughput_files(folder)
     profile, numerics, overhead = (_load(folder / f) for f in ("profile.json", "numerics.json", "overhead.json"))
+    profile_compile = _load(folder / "profile_compile" / "profile.json")
     ops_bench, loader = _load(folder / "ops_benchmark.json"), _load(folder / "loader.json")
     resid = _load(folder / "residual_dtype.json")
     choices = _load(folder / "autotune" / "autotune.json")
-    found = [d for d in (*throughput, profile, numerics, overhead, loader, resid) if d]
+    found = [d for d in (*throughput, profile, profile_compile, numerics, overhead, loader, resid) if d]
     if not found and not ops_bench:
         raise SystemExit(f"no results in {folder}")
     env = found[0].get("env", {}) if found else {}
@@ -234,7 +235,7 @@ def summary(folder):
              f"(bench/gpu_suite.sh); torch {env.get('torch')}, triton {env.get('triton')}, timm {env.get('timm')}.",
              ""]
     lines += throughput_sections(throughput, env)
-    lines += profile_section(profile, env)
+    lines += profile_section(profile, env) + profile_section(profile_compile, env)
     if overhead:
         lines += ["## Host time per call (bench/overhead.py; this machine's CPU, launches stubbed)", "",
                   *caveats(overhead, env), overhead_table(overhead), ""]
