@@ -323,7 +323,8 @@ def attention(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None,
 
     ``attn_mask`` / ``is_causal`` are timm's and SDPA's: a mask M broadcast to (B, heads, N, N), bool (True where a
     query may attend) or added to the scores, or the causal mask. No fused kernel takes one, so a masked call runs
-    SDPA whatever ``backend`` (with ``rel_bias`` added to the mask: :func:`mask_bias`).
+    SDPA whatever ``backend`` (with ``rel_bias`` added to the mask: :func:`mask_bias`). Nor does one take fewer
+    queries than keys (q of (B, heads, M < N, head_dim), no ``rel_bias``): SDPA runs those too.
     """
     if attn_mask is not None or is_causal:
         return _masked_attention(q, k, v, rel_bias, grid_size, dropout_p, scale, attn_mask, is_causal)
