@@ -5,13 +5,13 @@
 Per model (``--batch`` images at 224 px, so rows = batch x tokens) and GEMM:
 
     qkv    LN(x + r) W^T + b         ln+cublas    vs ln_gemm, ln_gemm_tma              (kernels/ln_matmul.py)
-    fc1    LN(x + r) W^T + b         ln+cublas    vs ln_gemm, ln_gemm_tma
-    fc2    GELU(h) W^T + b           gelu+cublas  vs gelu_gemm, gelu_gemm_tma          (kernels/gelu_matmul.py)
+    fc1    LN(x + r) W^T             ln+cublas    vs ln_gemm, ln_gemm_tma
+    fc2    GELU(h + b1) W^T + b      gelu+cublas  vs gelu_gemm, gelu_gemm_tma          (kernels/gelu_matmul.py)
     proj   x W^T + b + r             cublas+add   vs gemm_residual, gemm_residual_tma  (kernels/matmul_residual.py)
     fc2+r  x W^T + b + r, K = mlp    cublas+add   vs gemm_residual, gemm_residual_tma
 
-(``*_tma``: the persistent TMA kernel, on sm_90 and newer and under the interpreter; fc2's GELU has no b1: fc1
-added it in its GEMM.)
+(``*_tma``: the persistent TMA kernel, on sm_90 and newer and under the interpreter; fc1's bias b1 is added by
+fc2's GELU, as ``ops.layer_norm_mlp`` runs the MLP with the Triton kernels.)
 
 timed forward and forward + backward (median of CUDA-event timings, ``fastvit.autotune.time_cuda``) as a model
 runs them: activations in ``--dtype`` under autocast over fp32 parameters, the residual stream in fp32 with
@@ -85,10 +85,11 @@ def cases(shape, batch, dtype, residual_fp32, device):
             return matmul_residual_ref(a["x"], a["weight"], a["bias"], a["residual"])
         return matmul_residual(a["x"], a["weight"], a["bias"], a["residual"], True, tma=impl == "gemm_residual_tma")
 
-    # as the block runs them: fc1 adds its bias in its GEMM, so fc2's GELU has none (b1 None)
-    gelu_inputs = {"x": t(m, f, dt=dtype), "b1": None, "weight": t(d, f, scale=f ** -0.5), "bias": t(d, scale=0.02)}
+    # as the block runs them: fc1's bias b1 is added by fc2's GELU (ops.layer_norm_mlp), not in fc1's GEMM
+    gelu_inputs = {"x": t(m, f, dt=dtype), "b1": t(f, scale=0.02), "weight": t(d, f, scale=f ** -0.5),
+                   "bias": t(d, scale=0.02)}
     return [("qkv", "add_layer_norm_linear", d, 3 * d, ln_inputs(3 * d, True), ln_run),
-            ("fc1", "add_layer_norm_linear", d, f, ln_inputs(f, True), ln_run),
+            ("fc1", "add_layer_norm_linear", d, f, ln_inputs(f, False), ln_run),
             ("fc2", "bias_gelu_linear", f, d, gelu_inputs, gelu_run),
             ("proj", "linear_residual", d, d, residual_inputs(d), residual_run),
             ("fc2+r", "linear_residual", f, d, residual_inputs(f), residual_run)]

@@ -137,7 +137,7 @@ def add_layer_norm_linear_case(gen, batch, tokens, dim, out_dim, linear_bias, fu
 
 
 def bias_gelu_linear_case(gen, batch, tokens, dim, out_dim, fused=False, approximate="none"):
-    """GELU(x + b1) followed by fc2 (the op's general form; the MLP passes no b1, fc1 having added it);
+    """GELU(x + b1) followed by fc2 (as the MLP runs it with the Triton kernels: fc1's bias b1 added here);
     ``fused``: the GELU inside our GEMM (``gelu_matmul``); ``approximate`` as in :func:`bias_gelu_case`."""
     inputs = {"x": torch.randn(batch, tokens, dim, generator=gen), "bias": torch.randn(dim, generator=gen),
               "weight": 0.02 * torch.randn(out_dim, dim, generator=gen),

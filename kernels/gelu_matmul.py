@@ -10,9 +10,9 @@ it recomputes the activation with the bias_gelu kernel for dW2, runs dH and dW2 
 derivative with the bias_gelu backward kernel.
 
 Why not bias + GELU in fc1's epilogue instead: that design writes both the pre-activation (for backward) and the
-activation (for fc2), 8 D values per token, where this one writes h alone, 4 D; fc1's epilogue in this design
-only adds its bias (the model's fc1 GEMM is ln_matmul with bias, and this GEMM then has no b1: the ``"gelu"``
-prologue). The price is that every column
+activation (for fc2), 8 D values per token, where this one writes h alone, 4 D (the model's fc1 GEMM, cuBLAS or
+ln_matmul, runs without its bias, which this GEMM adds with the GELU: the ``"bias_gelu"`` prologue, so that the
+backward's GELU pass sums its gradient). The price is that every column
 block of fc2 recomputes the GELU of its A tiles (D / BLOCK_N times per value, 6 at D = 768), which the measured
 choice in ``fastvit.ops`` weighs against cuBLAS on each GPU.
 """
@@ -74,10 +74,10 @@ def gelu_matmul(x, bias, lin_weight, lin_bias, use_triton, approximate="none", t
 
 
 def aot_specs(shape, dtype):
-    """fc2: mlp_dim -> dim with bias, on an A (the fc1 output, its bias already added) of the activation dtype; the
-    exact GELU, then each approximation."""
+    """fc2: mlp_dim -> dim with bias, on an A (the fc1 output, without its bias: the prologue adds it, fp32 as under
+    AMP) of the activation dtype; the exact GELU, then each approximation."""
     act = f"*{dtype}"
     label = f"fc2 {shape.mlp_dim}->{shape.dim}"
-    return [aot_spec("gelu_matmul", dtype, "gelu", act, act, True, False, tma=tma, approximate=approximate,
+    return [aot_spec("gelu_matmul", dtype, "bias_gelu", act, act, True, False, tma=tma, approximate=approximate,
                      label=label + ("" if approximate == "none" else f" {approximate}"))
             for approximate in _bg.APPROXIMATIONS for tma in (False, True)]

@@ -79,13 +79,13 @@ def ln_matmul(x, residual, weight, bias, lin_weight, lin_bias, eps, residual_in_
 
 def aot_specs(shape, dtype):
     """The statistics pass at width D (no residual, one in the activation dtype, one in fp32), and the GEMM for
-    qkv (N = 3D) and fc1 (N = mlp_dim), both with their bias, on an A of the activation dtype or fp32
-    (residual_in_fp32)."""
+    qkv (N = 3D) with its bias and fc1 (N = mlp_dim) without (``ops.layer_norm_mlp`` adds fc1's in the GELU), on an
+    A of the activation dtype or fp32 (residual_in_fp32)."""
     act = f"*{dtype}"
     specs = [dataclasses.replace(s, name="add_layer_norm_stats", constexprs={**s.constexprs, "STORE_Y": False})
              for s in _ln.aot_specs(shape, dtype) if s.name == "add_layer_norm_fwd"]
     for a_type in (act, "*fp32"):
-        for n, has_bias, what in ((3 * shape.dim, True, "qkv"), (shape.mlp_dim, True, "fc1")):
+        for n, has_bias, what in ((3 * shape.dim, True, "qkv"), (shape.mlp_dim, False, "fc1")):
             for tma in (False, True):
                 specs.append(aot_spec("ln_matmul", dtype, "layer_norm", a_type, act, has_bias, False,
                                       label=f"{what} {shape.dim}->{n} A={a_type[1:]}", tma=tma))

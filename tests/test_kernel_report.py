@@ -263,11 +263,12 @@ def _fused_gemm_launches(monkeypatch, shape, dt):
     with torch.autocast("cpu", dtype=dt):
         for tma in (False, True):
             for residual, fp32 in ((None, False), (t(m, d, dtype=dt), False), (t(m, d), True)):
-                for n in (3 * d, shape.mlp_dim):  # qkv and fc1, each with its bias
-                    ln_matmul.ln_matmul(t(m, d, dtype=dt), residual, t(d), t(d), t(n, d), t(n), 1e-6, fp32, True, tma)
-            for approximate in bias_gelu.APPROXIMATIONS:  # fc2
-                gelu_matmul.gelu_matmul(t(m, shape.mlp_dim, dtype=dt), None, t(d, shape.mlp_dim), t(d), True,
-                                        approximate, tma)
+                # qkv with its bias; fc1 without (ops.layer_norm_mlp adds it in fc2's GELU)
+                for n, bias in ((3 * d, t(3 * d)), (shape.mlp_dim, None)):
+                    ln_matmul.ln_matmul(t(m, d, dtype=dt), residual, t(d), t(d), t(n, d), bias, 1e-6, fp32, True, tma)
+            for approximate in bias_gelu.APPROXIMATIONS:  # fc2, with fc1's bias in its GELU
+                gelu_matmul.gelu_matmul(t(m, shape.mlp_dim, dtype=dt), t(shape.mlp_dim), t(d, shape.mlp_dim), t(d),
+                                        True, approximate, tma)
             for k in (d, shape.mlp_dim):
                 for res_dtype in (dt, torch.float32):
                     matmul_residual.matmul_residual(t(m, k, dtype=dt), t(d, k), t(d), t(m, d, dtype=res_dtype), True,
