@@ -524,8 +524,7 @@ class Attention(nn.Module):
             out = ops.attention_qkv(qkv, self.num_heads, rel_bias=rel_bias, grid_size=grid_size,
                                     dropout_p=dropout_p, backend=self.backend)
             return self._project(out)
-        # (B, N, 3, heads, D_h) -> three (B, heads, N, D_h) strided views of one buffer, no copies
-        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self._split_heads(qkv)
         q, k = call(modules["q_norm"], q), call(modules["k_norm"], k)
         if fused:
             out = ops.attention(q, k, v, rel_bias=rel_bias, grid_size=grid_size, dropout_p=dropout_p,
@@ -541,11 +540,16 @@ class Attention(nn.Module):
     def attend_class_token(self, qkv):
         """:meth:`attend`'s output at the class token's row alone, (B, 1, D): each head's first query against every
         key (the last block of a model whose head reads nothing else: :func:`class_token_suffices`)."""
-        B, N, _ = qkv.shape
-        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self._split_heads(qkv)
         modules = self._modules
         q, k = call(modules["q_norm"], q[:, :, :1]), call(modules["k_norm"], k)
         return self._project(ops.attention(q, k, v, backend=self.backend))
+
+    def _split_heads(self, qkv):
+        """(B, N, 3D) -> (B, N, 3, heads, D_h) -> q, k, v: three (B, heads, N, D_h) strided views of one buffer, no
+        copies."""
+        B, N, _ = qkv.shape
+        return qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
     def _project(self, out):
         """(B, heads, N, D_h) heads -> norm, proj, proj_drop on (B, N, D)."""

@@ -337,16 +337,16 @@ def patch_embed_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pat
 
 def _bwd_triton(dy, x, weight, patch_h, patch_w, has_cls, compute_dtype, need_dx, need_dw, need_sum):
     bsz, rows, dim = dy.shape
-    h, w = x.shape[2:]
-    gh, gw = _grid_size(x, patch_h, patch_w)
-    n = gh * gw
-    m = bsz * n
-    r = x.shape[1] * patch_h  # patch rows per patch vector
-    k_padded = r * _padded(patch_w)
-    consts = dict(ROW0=int(has_cls), PH=patch_h, PW=patch_w, PWP=_padded(patch_w), COMPUTE=_COMPUTE[compute_dtype])
     if need_dx:
+        gh, gw = _grid_size(x, patch_h, patch_w)
+        n = gh * gw
+        m = bsz * n
+        r = x.shape[1] * patch_h  # patch rows per patch vector
+        k_padded = r * _padded(patch_w)
+        consts = dict(ROW0=int(has_cls), PH=patch_h, PW=patch_w, PWP=_padded(patch_w),
+                      COMPUTE=_COMPUTE[compute_dtype])
         # pixels right of / below the last whole patch get no gradient
-        dx = torch.empty_like(x) if (gh * patch_h, gw * patch_w) == (h, w) else torch.zeros_like(x)
+        dx = torch.empty_like(x) if (gh * patch_h, gw * patch_w) == x.shape[2:] else torch.zeros_like(x)
         if m:
             w2 = weight.reshape(dim, -1)
             block_m, block_d, block_k, num_warps, num_stages = _config("dx", dim, patch_w, _load_bytes(dy, weight))
