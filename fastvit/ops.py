@@ -123,10 +123,14 @@ def add_layer_norm_linear(x, residual, norm_weight, norm_bias, weight, bias=None
 
     Where the Triton kernels run on a GPU, the LayerNorm either runs on its own before cuBLAS ("ln+cublas") or
     inside our GEMM's loads ("ln_gemm", ``kernels/ln_matmul.py``), whichever was measured faster for this call
-    shape (:func:`gemm_impl`)."""
+    shape (:func:`gemm_impl`). In plain CPU inference with the torch fallback the GEMM may add the bias in oneDNN's
+    epilogue (``fastvit.onednn.linear``)."""
     if _reference(backend, x):
         return _ln_matmul.ln_matmul_ref(x, residual, norm_weight, norm_bias, weight, bias, eps, residual_in_fp32)
     args = (x, residual, norm_weight, norm_bias, weight, bias, eps, residual_in_fp32, use_triton(backend, x))
+    if _cpu_inference(args[:6], args[-1]):
+        y, residual = add_layer_norm(x, residual, norm_weight, norm_bias, eps, residual_in_fp32, backend)
+        return onednn.linear(y, weight, bias), residual
     if not _gemm_on_gpu(args[-1], x):
         return _layer_norm.add_layer_norm_linear(*args)
     extra = (("residual", None if residual is None else str(residual.dtype)), ("residual_in_fp32", residual_in_fp32),
@@ -178,7 +182,7 @@ def layer_norm_mlp(x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, fc
     _bias_gelu.check_approximate(approximate)
     args = (x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     triton = use_triton(backend, x)
-    if x.device.type != "cpu" or triton or transformed() or not inference_call(args):
+    if not _cpu_inference(args, triton):
         hidden, residual = add_layer_norm_linear(x, residual, norm_weight, norm_bias, fc1_weight,
                                                  None if triton else fc1_bias, eps, residual_in_fp32, backend)
         return bias_gelu_linear(hidden, fc1_bias if triton else None, fc2_weight, fc2_bias, backend,
@@ -186,7 +190,14 @@ def layer_norm_mlp(x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, fc
     y, residual = add_layer_norm(x, residual, norm_weight, norm_bias, eps, residual_in_fp32, backend)
     hidden = onednn.linear_gelu(y, fc1_weight, fc1_bias, approximate)
     del y  # freed before fc2's output is allocated: inference memory peaks here
-    return _gemm.linear(hidden, fc2_weight, fc2_bias), residual
+    return onednn.linear(hidden, fc2_weight, fc2_bias), residual
+
+
+def _cpu_inference(args, triton) -> bool:
+    """Whether a call with tensor arguments ``args`` (the first the input) is eager CPU inference on the torch
+    fallback, where GEMMs may take their bias or GELU in oneDNN's epilogue (``fastvit.onednn``): nothing for
+    autograd to keep, no trace, no torch.func transform."""
+    return args[0].device.type == "cpu" and not triton and not transformed() and inference_call(args)
 
 
 def linear_residual(x, weight, bias, residual, backend="auto"):

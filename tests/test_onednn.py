@@ -1,5 +1,5 @@
-"""fastvit.onednn (fc1 with its GELU in the GEMM epilogue) and ops.layer_norm_mlp, the MLP branch that uses it in CPU
-inference, against torch math and timm."""
+"""fastvit.onednn (fc1 with its GELU, qkv and fc2 with their bias in the GEMM epilogue) and the ops that use it in CPU
+inference (ops.layer_norm_mlp, the MLP branch; ops.add_layer_norm_linear), against torch math and timm."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -80,6 +80,8 @@ def test_small_products_stay_unfused(shape, dtype, monkeypatch):
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         out, fused = _fused_gemms(lambda: onednn.linear_gelu(x, w, b))
         assert fused == 0 and torch.equal(out, F.gelu(F.linear(x, w, b)))
+        out, fused = _fused_gemms(lambda: onednn.linear(x, w, b))
+        assert fused == 0 and torch.equal(out, F.linear(x, w, b))
 
 
 @needs_onednn
@@ -113,13 +115,60 @@ def test_the_measured_winner_runs(winner, monkeypatch, tmp_path):
         assert len(timed) == 2 and fused == fused_again == (winner == "fused") * 1
         onednn.linear_gelu(torch.cat([x, x]), w, b)  # 240 rows: the 256 bucket is measured
         assert len(timed) == 4
+        out, fused = _fused_gemms(lambda: onednn.linear(x, w, b))  # the bias alone: a product timed on its own
+        assert len(timed) == 6 and fused == (winner == "fused") * 1
+        torch.testing.assert_close(out, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
     finally:
         autotune.clear()
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_torch_fp32(bias, fused_wins):
+    """The plain product, its bias (if any) added in oneDNN's epilogue: F.linear's result to rounding."""
+    assert onednn.supports(torch.float32, None)
+    x, w, b = _linear_case(bias=bias)
+    out, weights = _onednn_weights(lambda: onednn.linear(x, w, b))
+    assert weights == [(640, 64)]
+    assert out.shape == (3, 33, 640) and out.dtype == torch.float32
+    torch.testing.assert_close(out, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+@needs_bf16
+def test_linear_under_autocast_is_within_torchs_own_error(fused_wins):
+    x, w, b = _linear_case(shape=(512, 96), out=288)
+    want = F.linear(x.double(), w.double(), b.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, weights = _onednn_weights(lambda: onednn.linear(x, w, b))
+        torch_out = F.linear(x, w, b)
+    assert weights == [(288, 96)] and out.dtype == torch_out.dtype == torch.bfloat16
+    ours, torchs = ((o.double() - want).abs().max().item() for o in (out, torch_out))
+    assert ours <= 2 * torchs, (ours, torchs)
+
+
+@needs_onednn
+@pytest.mark.parametrize("residual", [True, False])
+def test_add_layer_norm_linear_inference_matches_torch_math(residual, fused_wins):
+    """ops.add_layer_norm_linear in CPU inference (the qkv projection with its LayerNorm): the LayerNorm, then the
+    product with its bias in oneDNN's epilogue; where autograd records, the Function's own GEMM, bit for bit as
+    before."""
+    h, r, (nw, nb, w, b, _, _) = _mlp_case(residual=residual)
+    with torch.inference_mode():
+        (out, z), weights = _onednn_weights(lambda: ops.add_layer_norm_linear(h, r, nw, nb, w, b))
+    z_want = h if r is None else h + r
+    assert weights == [(256, 64)]
+    torch.testing.assert_close(out, F.linear(F.layer_norm(z_want, (64,), nw, nb, 1e-6), w, b), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z, z_want)
+    leaves = [t.clone().requires_grad_() for t in (h, nw, nb, w, b)]
+    (out_grad, _), weights = _onednn_weights(lambda: ops.add_layer_norm_linear(leaves[0], r, *leaves[1:]))
+    assert weights == []
+    torch.testing.assert_close(out_grad, out, atol=1e-5, rtol=1e-5)
 
 
 def test_linear_gelu_without_onednn_is_torchs(monkeypatch):
     monkeypatch.setattr(onednn, "supports", lambda *args: False)
     x, w, b = _linear_case()
+    assert torch.equal(onednn.linear(x, w, b), F.linear(x, w, b))
     assert torch.equal(onednn.linear_gelu(x, w, b), F.gelu(F.linear(x, w, b)))
     assert torch.equal(onednn.linear_gelu(x, w, b, "tanh"), F.gelu(F.linear(x, w, b), approximate="tanh"))
 
@@ -128,7 +177,7 @@ def test_supports_says_no_without_onednn(monkeypatch):
     onednn._supports.cache_clear()
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     try:
-        assert not onednn.supports(torch.float32)
+        assert not onednn.supports(torch.float32) and not onednn.supports(torch.float32, None)
     finally:
         onednn._supports.cache_clear()
 
@@ -148,13 +197,20 @@ def _mlp_reference(h, r, nw, nb, w1, b1, w2, b2):
     return F.linear(F.gelu(F.linear(F.layer_norm(z, nw.shape, nw, nb, 1e-6), w1, b1)), w2, b2), z
 
 
-def _fused_gemms(fn):
-    """fn()'s result and how many oneDNN GEMMs with a fused epilogue it ran (counted by the profiler)."""
+def _onednn_weights(fn):
+    """fn()'s result and the (out, in) weight shapes of the oneDNN GEMMs it ran, in order (seen by the profiler)."""
     for dtype in (torch.float32, torch.bfloat16):
-        onednn.supports(dtype)  # its one-time check runs the GEMM too
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for approximate in (None, "none", "tanh"):
+            onednn.supports(dtype, approximate)  # its one-time check runs the GEMM too
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         out = fn()
-    return out, sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+    return out, [tuple(e.input_shapes[1]) for e in prof.events() if e.name == "mkldnn::_linear_pointwise"]
+
+
+def _fused_gemms(fn):
+    """fn()'s result and how many oneDNN GEMMs with a fused epilogue it ran."""
+    out, weights = _onednn_weights(fn)
+    return out, len(weights)
 
 
 @needs_onednn
@@ -162,9 +218,9 @@ def _fused_gemms(fn):
 def test_layer_norm_mlp_inference_matches_torch_math(residual, fused_wins):
     h, r, params = _mlp_case(residual=residual)
     with torch.inference_mode():
-        (out, z), fused = _fused_gemms(lambda: ops.layer_norm_mlp(h, r, *params))
+        (out, z), weights = _onednn_weights(lambda: ops.layer_norm_mlp(h, r, *params))
     want, want_z = _mlp_reference(h, r, *params)
-    assert fused == 1
+    assert weights == [(256, 64), (64, 256)]  # fc1 with its GELU, fc2 with its bias
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(z, want_z)
 
@@ -194,15 +250,18 @@ def test_model_inference_matches_timm(cfg, fused_wins):
     rounding, under bf16 autocast within twice timm's own error against fp64 math."""
     model, ref = timm_pair(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10, **cfg)
     x = torch.randn(32, 3, 32, 32)
+    hidden = int(64 * cfg.get("mlp_ratio", 4))
     with torch.inference_mode():
-        out, fused = _fused_gemms(lambda: model(x))
-        assert fused == 2  # one per block
+        out, weights = _onednn_weights(lambda: model(x))
+        assert weights == [(192, 64), (hidden, 64), (64, hidden)] * 2  # qkv, fc1 + GELU, fc2 in each block
         torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-5)
         want = ref.double()(x.double())
         ref.float()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            (low, fused), timms = _fused_gemms(lambda: model(x)), ref(x)
-    assert fused == 2
+            (low, weights), timms = _onednn_weights(lambda: model(x)), ref(x)
+    # in bf16 a product is a candidate from rows >= 4x its input width (worth_fusing): 512-544 rows leave out fc2
+    # from 256 inputs, not from 128
+    assert weights == ([(192, 64), (hidden, 64)] + [(64, hidden)] * (hidden == 128)) * 2
     ours, theirs = ((o.double() - want).abs().max().item() for o in (low, timms))
     assert ours <= 2 * theirs, (ours, theirs)
 
