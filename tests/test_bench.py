@@ -237,6 +237,37 @@ def test_profile_categories(names, category):
     assert _load_bench("profile").classify(names) == category
 
 
+def test_profile_counts_each_gpu_kernel_once():
+    """GPU categorisation from torch's own event objects, as the profiler builds them: each device kernel counts
+    once, with the runtime call its correlation id names and that call's enclosing ops, even where an op event
+    has the same id (op and runtime ids are numbered apart: torch's FunctionEvent.kernels gives the kernel to both);
+    a kernel linked to no call counts by its own name, reported as unlinked; busy is the union of the kernels."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+    profile = _load_bench("profile")
+
+    def event(id, name, start, end, device=DeviceType.CPU, link=0, parent=None):
+        e = FunctionEvent(id=id, name=name, thread=1, start_us=start, end_us=end, device_type=device,
+                          linked_correlation_id=link)
+        e.cpu_parent = parent
+        return e
+    step = event(1, profile.STEP, 0, 100)
+    norm = event(7, "fastvit::add_layer_norm_fwd", 1, 10, parent=step)
+    launch_ln = event(8, "cuLaunchKernelEx", 2, 3, parent=norm)
+    linear = event(8, "aten::linear", 11, 20, parent=step)  # an op whose id equals the launch's
+    launch_mm = event(9, "cudaLaunchKernel", 12, 13, parent=linear)
+    events = [step, norm, launch_ln, linear, launch_mm,
+              event(101, "_add_ln_fwd_kernel", 4, 14, DeviceType.CUDA, link=8),
+              event(102, "nvjet_sm90_tst_192x192_NNN", 14, 34, DeviceType.CUDA, link=9),
+              event(103, "void at::native::vectorized_elementwise_kernel<4, AddFunctor>", 40, 45, DeviceType.CUDA,
+                    link=55)]
+    totals, by_name, busy, wall, unlinked = profile.categorise(events, "cuda")
+    assert totals["LayerNorm"] == 10 and totals["GEMM"] == 20 and totals["GELU/bias/elementwise"] == 5
+    assert sum(totals.values()) - totals["idle"] == 35 and unlinked == 5
+    assert busy == 35 and wall == 100 and totals["idle"] == 65
+    assert by_name["LayerNorm", "_add_ln_fwd_kernel"] == 10
+
+
 def test_profile_smoke(tmp_path):
     """CPU: the category table from CPU op self time; each side's categories and idle add up to its step."""
     out = _run([sys.executable, "bench/profile.py", "--smoke", "--global-batch", "64", "--micro-batch", "32",
