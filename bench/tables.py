@@ -53,6 +53,10 @@ def profile_table(data):
     rows = [[cat, *[f"{c['ms']:.1f} ({c['pct']:.1f}%)" for c in (data["sides"][s]["categories"][cat] for s in sides)]]
             for cat in data["categories"]]
     rows.append(["step", *[f"{data['sides'][s]['step_ms']:.1f}" for s in sides]])
+    rows.append(["busy (some kernel running)", *[f"{data['sides'][s]['busy_ms']:.1f}" for s in sides]])
+    if any("unlinked_ms" in data["sides"][s] for s in sides):  # profiles since kernels count once (profile.py)
+        rows.append(["kernels linked to no CPU call",
+                     *[f"{data['sides'][s].get('unlinked_ms', float('nan')):.1f}" for s in sides]])
     return common.markdown_table(header, rows)
 
 

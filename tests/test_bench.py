@@ -606,6 +606,22 @@ def test_throughput_keeps_finished_rows_when_a_run_stops(tmp_path, monkeypatch):
     assert data["complete"] is False and [(r["model"], r["mode"]) for r in data["rows"]] == [("tiny", "infer")]
 
 
+def test_profile_table_shows_busy_and_unlinked_kernel_time():
+    """The profile table ends with each side's step, busy time and, for profiles that report it, the kernel time
+    the profiler tied to no CPU call; older profile.json files (no unlinked_ms) leave that row out."""
+    tables = _load_bench("tables")
+    cats = {"GEMM": {"ms": 600.0, "pct": 40.0}}
+    data = {"categories": ["GEMM"], "sides": {
+        "fastvit": {"step_ms": 1500.0, "busy_ms": 1490.0, "unlinked_ms": 12.5, "categories": cats},
+        "timm": {"step_ms": 1600.0, "busy_ms": 1590.0, "unlinked_ms": 0.0, "categories": cats}}}
+    table = tables.profile_table(data)
+    assert "| busy (some kernel running) | 1490.0 | 1590.0 |" in table
+    assert "| kernels linked to no CPU call | 12.5 | 0.0 |" in table
+    for side in data["sides"].values():
+        del side["unlinked_ms"]
+    assert "linked to no CPU call" not in tables.profile_table(data)
+
+
 def test_summary_lists_the_measured_choices(tmp_path, monkeypatch):
     """What fastvit.autotune measured during a suite run (its cache file in the results folder, as gpu_suite.sh
     sets FASTVIT_CACHE_DIR) becomes a table of op, call and winner in summary.md."""
