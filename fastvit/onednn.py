@@ -7,7 +7,7 @@ On a GPU the MLP keeps only fc1's pre-activation for backward and recomputes the
 output tile while it is in cache, and the (rows, 4D) activation is written once instead of written, read and written
 again. A plain Linear gains too: PyTorch's addmm first copies the bias into every row of its output and then
 multiplies into it, where oneDNN adds the bias to each tile it computes (bf16, 8704 rows, on an AMX VM: the mini
-model's qkv product 96 -> 288 took 0.55 ms by F.linear, 0.34 ms by oneDNN; 64 -> 192 0.28 and 0.21 ms).
+model's qkv product 96 -> 288 took 0.42 ms by F.linear, 0.32 ms by oneDNN, the fewest of many calls each).
 
 Whether that pays depends on the CPU: the fused GEMM is oneDNN's, the unfused one MKL's, and on CPUs with
 AVX-512 ``F.gelu(F.linear(...))`` took 1.15-2.2x the fused GEMM's time at the smoke and B/16 shapes, bf16 and fp32,
