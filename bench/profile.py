@@ -15,7 +15,8 @@ name (GEMMs, copies) and then its launching ops', innermost first; else "GELU/bi
 pointwise kernel and "other" for the rest. ``idle`` is the step's wall time minus the time some kernel ran
 (the union of kernel intervals): the GPU waiting on the host. Each kernel counts once, found from the device's
 own kernel events and tied to the runtime call that launched it by the profiler's correlation id; profile.json's
-``unlinked_ms`` is the kernel time the profiler tied to no call (categorised by the kernel's name alone).
+``unlinked_ms`` is the kernel time the profiler tied to no call (categorised by the kernel's name alone), and
+``unlinked_top`` the costliest such kernels.
 
 On CPU (CI smoke) the same table comes from CPU time: each op's self time, categorised the same way, and
 ``idle`` is the time the step spent outside any op (Python, the framework).
@@ -127,7 +128,7 @@ def _launcher(kernel, by_id):
 
 def categorise(events, device_type):
     """(microseconds per category, microseconds per (category, kernel or op name), busy microseconds, step wall
-    microseconds, microseconds of kernels linked to no CPU event) from a profiler's events.
+    microseconds, microseconds per name of the kernels linked to no CPU event) from a profiler's events.
 
     GPU: every kernel once, categorised with the CPU event that launched it and that event's enclosing ops
     (:func:`_launcher`; a kernel linked to none by its own name alone), busy = the union of the kernels' intervals.
@@ -137,7 +138,7 @@ def categorise(events, device_type):
     by_name = collections.Counter()
     steps = [e for e in events if e.name == STEP and e.device_type == DeviceType.CPU]
     wall = sum(e.time_range.end - e.time_range.start for e in steps)
-    unlinked = 0.0
+    unlinked = collections.Counter()
     if device_type == "cuda":
         by_id = collections.defaultdict(list)
         for e in events:
@@ -148,7 +149,7 @@ def categorise(events, device_type):
             launcher = _launcher(k, by_id)
             duration = k.time_range.end - k.time_range.start
             if launcher is None:
-                unlinked += duration
+                unlinked[k.name] += duration
             names = [k.name] + ([] if launcher is None else [launcher.name, *_ancestors(launcher)])
             category = classify(names)
             totals[category] += duration
@@ -186,7 +187,8 @@ def profile_side(runner, warmup, steps, device, trace_path):
                 "top": [[name, t / steps / 1e3] for (cat, name), t in by_name.most_common() if cat == c][:TOP]}
             for c, us in totals.items()}
     # kernel time in the categories (idle aside) exceeds busy time where kernels overlap (streams running at once)
-    return {"step_ms": step_ms, "busy_ms": busy / steps / 1e3, "unlinked_ms": unlinked / steps / 1e3,
+    return {"step_ms": step_ms, "busy_ms": busy / steps / 1e3, "unlinked_ms": sum(unlinked.values()) / steps / 1e3,
+            "unlinked_top": [[name, t / steps / 1e3] for name, t in unlinked.most_common(TOP)],
             "categories": rows, "trace": trace_path.name}
 
 
