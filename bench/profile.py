@@ -14,9 +14,9 @@ enclosing regions that decide it wherever they sit (optimizer step, collectives,
 name (GEMMs, copies) and then its launching ops', innermost first; else "GELU/bias/elementwise" for a known
 pointwise kernel and "other" for the rest. ``idle`` is the step's wall time minus the time some kernel ran
 (the union of kernel intervals): the GPU waiting on the host. Each kernel counts once, found from the device's
-own kernel events and tied to the runtime call that launched it by the profiler's correlation id; profile.json's
-``unlinked_ms`` is the kernel time the profiler tied to no call (categorised by the kernel's name alone), and
-``unlinked_top`` the costliest such kernels.
+own kernel events and tied to the runtime call that launched it by the profiler's correlation id (or to the op
+that launched it, :func:`_launcher`); profile.json's ``unlinked_ms`` is the kernel time the profiler tied to
+neither (categorised by the kernel's name alone), and ``unlinked_top`` the costliest such kernels.
 
 On CPU (CI smoke) the same table comes from CPU time: each op's self time, categorised the same way, and
 ``idle`` is the time the step spent outside any op (Python, the framework).
@@ -114,16 +114,21 @@ def _union_us(intervals):
     return total
 
 
-def _launcher(kernel, by_id):
-    """The CPU event that launched ``kernel`` (None if the profiler linked it to none): among the CPU events whose
-    id is the kernel's linked correlation id, a CUDA runtime or driver call ("cudaLaunchKernel", "cuLaunchKernelEx",
-    ...) that started before the kernel, the latest such. Op events and runtime calls number their ids apart, so one
-    id can name an op as well as the launch; torch's own attachment (``FunctionEvent.kernels``) gives the kernel to
-    every event with that id and none to a kernel whose call it missed, so its sums can miss or repeat kernels."""
-    candidates = [e for e in by_id.get(getattr(kernel, "linked_correlation_id", 0), ())
-                  if e.time_range.start <= kernel.time_range.start]
-    calls = [e for e in candidates if e.name.startswith("cu")] or candidates
-    return max(calls, key=lambda e: e.time_range.start, default=None)
+def _is_runtime_call(event) -> bool:
+    """A CUDA runtime or driver call (cudaLaunchKernel, cuLaunchKernelEx, cudaMemcpyAsync, ...) rather than an op."""
+    return event.name.startswith("cu")
+
+
+def _launcher(kernel, calls, ops):
+    """The CPU event whose enclosing ops categorise ``kernel``, or None where the profiler linked it to none.
+
+    The profiler numbers events in two spaces: a kernel and the runtime or driver call that launched it share
+    CUPTI's correlation id (their ``id``), while ops carry torch's own counter, which a kernel names as its
+    ``linked_correlation_id`` (the op innermost at the launch). The two counters overlap, so an id names a call
+    only among calls and an op only among ops. The launching call is found first (every torch version);
+    else the linked op, where torch records that link on the event (newer than the GPU machine's 2.11)."""
+    call = calls.get(kernel.id)
+    return call if call is not None else ops.get(getattr(kernel, "linked_correlation_id", 0))
 
 
 def categorise(events, device_type):
@@ -140,13 +145,13 @@ def categorise(events, device_type):
     wall = sum(e.time_range.end - e.time_range.start for e in steps)
     unlinked = collections.Counter()
     if device_type == "cuda":
-        by_id = collections.defaultdict(list)
+        calls, ops = {}, {}
         for e in events:
-            if e.device_type == DeviceType.CPU and not e.is_async:
-                by_id[e.id].append(e)
+            if e.device_type == DeviceType.CPU and not e.is_async and e.id:
+                (calls if _is_runtime_call(e) else ops)[e.id] = e
         kernels = [e for e in events if e.device_type == DeviceType.CUDA]
         for k in kernels:
-            launcher = _launcher(k, by_id)
+            launcher = _launcher(k, calls, ops)
             duration = k.time_range.end - k.time_range.start
             if launcher is None:
                 unlinked[k.name] += duration
