@@ -1388,14 +1388,15 @@ class VisionTransformer(nn.Module):
                            "torch.export.export, torch.compile or torch.jit.trace")
 
     def _class_token_only(self) -> bool:
-        cls = type(self)
+        # each stage still this class's own method: not overridden by a subclass nor set on the instance (a patched
+        # stage has no __func__, or another one); asked through the bound methods, which dynamo traces in every
+        # torch version (torch 2.11's cannot read set operations on an instance's __dict__: a graph break)
         return (self.global_pool == "token" and fusable_layer_norm(self.norm) and not is_fx_symbolic_tracing()
-                and cls.forward_features is VisionTransformer.forward_features
-                and cls.forward_head is VisionTransformer.forward_head and cls.pool is VisionTransformer.pool
-                and not _STAGES.intersection(self.__dict__))  # nor one set on the instance (a patched stage)
+                and getattr(self.forward_features, "__func__", None) is VisionTransformer.forward_features
+                and getattr(self.forward_head, "__func__", None) is VisionTransformer.forward_head
+                and getattr(self.pool, "__func__", None) is VisionTransformer.pool)
 
 
-_STAGES = frozenset(("forward_features", "forward_head", "pool"))
 keep_original_forward(QuickGELU, PatchEmbed, Attention, Mlp, DropPath, Block)
 
 
