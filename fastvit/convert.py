@@ -26,6 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+# numpy's scalar pickler under its 2.x name, which numpy 1.26 also answers (np._core there is a partial shim)
+from numpy._core.multiarray import scalar as _np_scalar
 
 from fastvit.hybrid import hybrid_backbone_from_npz
 from fastvit.resample import (resample_abs_pos_embed, resample_patch_embed, resample_pos_embed_1d,
@@ -336,8 +338,7 @@ def _check_eps(model, path):
 
 # what training scripts put beside the weights, allowed in a weights-only load: timm's and DeiT's train.py save
 # their argparse.Namespace ('args'), others a numpy metric; plain data with no code of their own
-_TRAINING_CHECKPOINT_GLOBALS = [argparse.Namespace, np.dtype,
-                                (np._core if hasattr(np, "_core") else np.core).multiarray.scalar,
+_TRAINING_CHECKPOINT_GLOBALS = [argparse.Namespace, np.dtype, _np_scalar,
                                 *(type(np.dtype(t)) for t in (np.float64, np.float32, np.int64))]
 
 
