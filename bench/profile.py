@@ -21,7 +21,8 @@ neither (categorised by the kernel's name alone), and ``unlinked_top`` the costl
 On CPU (CI smoke) the same table comes from CPU time: each op's self time, categorised the same way, and
 ``idle`` is the time the step spent outside any op (Python, the framework).
 
-Writes ``profile.json`` (with the costliest kernels or ops of each category), one Chrome trace per side
+Writes ``profile.json`` (with the costliest kernels or ops of each category, and in ``top_sites`` the costliest
+kernel-and-caller pairs: a copy kernel by the op that asked for it), one Chrome trace per side
 (``trace_<side>.json``, for chrome://tracing or Perfetto) and ``profile.png`` (stacked bars, ms per step) to --out.
 
     python bench/profile.py --model B/16                 # GPU
@@ -52,6 +53,7 @@ from fastvit.train import distributed  # noqa: E402
 
 STEP = "fastvit-bench-step"
 TOP = 8  # kernels (GPU) or ops (CPU) listed per category in profile.json, the costliest first
+SITE_DEPTH = 3  # enclosing ops named per kernel in profile.json's top_sites (which copy is whose)
 CATEGORIES = ("GEMM", "attention forward", "attention backward", "LayerNorm", "GELU/bias/elementwise",
               "casts and copies", "optimizer", "communication", "other", "idle")
 # Regions that claim every kernel inside them, checked outermost first (an optimizer step's elementwise kernels
@@ -131,16 +133,23 @@ def _launcher(kernel, calls, ops):
     return call if call is not None else ops.get(getattr(kernel, "linked_correlation_id", 0))
 
 
+def _site(name, ops):
+    """``name`` with where it ran: "kernel <- innermost op < its caller < ...", SITE_DEPTH ops at most."""
+    ops = [o for o in ops if not o.startswith("cu")][:SITE_DEPTH]  # the runtime call adds nothing
+    return f"{name} <- {' < '.join(ops)}" if ops else name
+
+
 def categorise(events, device_type):
-    """(microseconds per category, microseconds per (category, kernel or op name), busy microseconds, step wall
-    microseconds, microseconds per name of the kernels linked to no CPU event) from a profiler's events.
+    """(microseconds per category, microseconds per (category, kernel or op name), microseconds per (category,
+    :func:`_site` of that kernel or op), busy microseconds, step wall microseconds, microseconds per name of the
+    kernels linked to no CPU event) from a profiler's events.
 
     GPU: every kernel once, categorised with the CPU event that launched it and that event's enclosing ops
     (:func:`_launcher`; a kernel linked to none by its own name alone), busy = the union of the kernels' intervals.
     CPU: every op's self time, busy = their sum.
     """
     totals = dict.fromkeys(CATEGORIES, 0.0)
-    by_name = collections.Counter()
+    by_name, by_site = collections.Counter(), collections.Counter()
     steps = [e for e in events if e.name == STEP and e.device_type == DeviceType.CPU]
     wall = sum(e.time_range.end - e.time_range.start for e in steps)
     unlinked = collections.Counter()
@@ -159,17 +168,20 @@ def categorise(events, device_type):
             category = classify(names)
             totals[category] += duration
             by_name[category, k.name] += duration
+            by_site[category, _site(k.name, names[1:])] += duration
         busy = _union_us([(k.time_range.start, k.time_range.end) for k in kernels])
     else:
         busy = 0.0
         for e in events:
             if e.device_type == DeviceType.CPU and e.name != STEP and not e.is_async:
-                category = classify([e.name, *_ancestors(e)])
+                ancestors = _ancestors(e)
+                category = classify([e.name, *ancestors])
                 totals[category] += e.self_cpu_time_total
                 by_name[category, e.name] += e.self_cpu_time_total
+                by_site[category, _site(e.name, ancestors)] += e.self_cpu_time_total
                 busy += e.self_cpu_time_total
     totals["idle"] = max(wall - busy, 0.0)
-    return totals, by_name, busy, wall, unlinked
+    return totals, by_name, by_site, busy, wall, unlinked
 
 
 def profile_side(runner, warmup, steps, device, trace_path):
@@ -186,10 +198,13 @@ def profile_side(runner, warmup, steps, device, trace_path):
             with record_function(STEP):
                 runner.step()
     prof.export_chrome_trace(str(trace_path))
-    totals, by_name, busy, wall, unlinked = categorise(prof.events(), device.type)
+    totals, by_name, by_site, busy, wall, unlinked = categorise(prof.events(), device.type)
     step_ms = wall / steps / 1e3
-    rows = {c: {"ms": us / steps / 1e3, "pct": 100 * us / wall if wall else 0.0,
-                "top": [[name, t / steps / 1e3] for (cat, name), t in by_name.most_common() if cat == c][:TOP]}
+
+    def top(counter, category):
+        return [[name, t / steps / 1e3] for (cat, name), t in counter.most_common() if cat == category][:TOP]
+    rows = {c: {"ms": us / steps / 1e3, "pct": 100 * us / wall if wall else 0.0, "top": top(by_name, c),
+                "top_sites": top(by_site, c)}
             for c, us in totals.items()}
     # kernel time in the categories (idle aside) exceeds busy time where kernels overlap (streams running at once)
     return {"step_ms": step_ms, "busy_ms": busy / steps / 1e3, "unlinked_ms": sum(unlinked.values()) / steps / 1e3,

@@ -269,7 +269,7 @@ def test_profile_counts_each_gpu_kernel_once(torch_links_ops):
               # its launch call missing from the trace: found through its op where torch links them
               event(60, "kernel_0", 34, 36, DeviceType.CUDA, link=7),
               event(61, "void at::native::vectorized_elementwise_kernel<4, AddFunctor>", 40, 45, DeviceType.CUDA)]
-    totals, by_name, busy, wall, unlinked = profile.categorise(events, "cuda")
+    totals, by_name, by_site, busy, wall, unlinked = profile.categorise(events, "cuda")
     assert totals["GEMM"] == 20 and totals["GELU/bias/elementwise"] == 5
     assert (totals["LayerNorm"], totals["other"]) == ((12, 0) if torch_links_ops else (10, 2))
     assert sum(totals.values()) - totals["idle"] == 37
@@ -277,6 +277,11 @@ def test_profile_counts_each_gpu_kernel_once(torch_links_ops):
     assert unlinked == (expected if torch_links_ops else {**expected, "kernel_0": 2})
     assert busy == 37 and wall == 100 and totals["idle"] == 63
     assert by_name["LayerNorm", "_add_ln_fwd_kernel"] == 10
+    # each kernel beside the ops that launched it (innermost first, the runtime call and the step left out)
+    assert by_site["GEMM", "nvjet_sm90_tst_192x192_NNN <- aten::linear"] == 20
+    assert by_site["LayerNorm", "_add_ln_fwd_kernel <- fastvit::add_layer_norm_fwd"] == 10
+    assert by_site["LayerNorm" if torch_links_ops else "other",
+                   "kernel_0 <- fastvit::add_layer_norm_fwd" if torch_links_ops else "kernel_0"] == 2
 
 
 def test_profile_smoke(tmp_path):
@@ -293,10 +298,16 @@ def test_profile_smoke(tmp_path):
         assert sum(c["pct"] for c in cats.values()) == pytest.approx(100, rel=1e-6)
         for name in ("GEMM", "attention forward", "attention backward", "LayerNorm", "optimizer"):
             assert cats[name]["ms"] > 0 and cats[name]["top"], (side, name)
+            # the same time again, by op and caller: each site's op is one of the top ops or a cheaper one
+            sites = cats[name]["top_sites"]
+            assert sites and sites[0][1] <= cats[name]["ms"] + 1e-9, (side, name)
+            assert sum(t for _, t in sites) <= cats[name]["ms"] * (1 + 1e-9), (side, name)
         json.loads((tmp_path / v["trace"]).read_text())  # a readable Chrome trace
     # fastvit's fused ops appear by name in their own categories
     top = data["sides"]["fastvit"]["categories"]["LayerNorm"]["top"]
     assert any(name.startswith("fastvit::add_layer_norm") for name, _ in top)
+    sites = data["sides"]["fastvit"]["categories"]["LayerNorm"]["top_sites"]
+    assert any(" <- " in site for site, _ in sites)  # ops under the model's modules name their callers
     assert (tmp_path / "profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
