@@ -116,9 +116,10 @@ def _union_us(intervals):
     return total
 
 
-def _is_runtime_call(event) -> bool:
-    """A CUDA runtime or driver call (cudaLaunchKernel, cuLaunchKernelEx, cudaMemcpyAsync, ...) rather than an op."""
-    return event.name.startswith("cu")
+def _is_runtime_call(name: str) -> bool:
+    """Whether an event named ``name`` is a CUDA runtime or driver call (cudaLaunchKernel, cuLaunchKernelEx,
+    cudaMemcpyAsync, ...) rather than an op."""
+    return name.startswith("cu")
 
 
 def _launcher(kernel, calls, ops):
@@ -135,7 +136,7 @@ def _launcher(kernel, calls, ops):
 
 def _site(name, ops):
     """``name`` with where it ran: "kernel <- innermost op < its caller < ...", SITE_DEPTH ops at most."""
-    ops = [o for o in ops if not o.startswith("cu")][:SITE_DEPTH]  # the runtime call adds nothing
+    ops = [o for o in ops if not _is_runtime_call(o)][:SITE_DEPTH]  # the runtime call adds nothing
     return f"{name} <- {' < '.join(ops)}" if ops else name
 
 
@@ -157,7 +158,7 @@ def categorise(events, device_type):
         calls, ops = {}, {}
         for e in events:
             if e.device_type == DeviceType.CPU and not e.is_async and e.id:
-                (calls if _is_runtime_call(e) else ops)[e.id] = e
+                (calls if _is_runtime_call(e.name) else ops)[e.id] = e
         kernels = [e for e in events if e.device_type == DeviceType.CUDA]
         for k in kernels:
             launcher = _launcher(k, calls, ops)
