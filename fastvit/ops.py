@@ -259,17 +259,22 @@ def gemm_impl(op, x, weight, extra_fields, run) -> str:
     the unfused path. ``run(impl)`` runs the op once with ``impl`` and returns its outputs.
     """
     unfused = GEMM_IMPLS[op][0]
-    compute = _matmul.compute_dtype(x)
-    if (not torch.cuda.is_available() or torch.compiler.is_compiling()
-            or compute not in (torch.float16, torch.bfloat16, torch.float32)):
+    if torch.compiler.is_compiling():
         return unfused
+    compute = _matmul.compute_dtype(x)
+    rows, k, n = x.numel() // max(x.shape[-1], 1), x.shape[-1], weight.shape[0]
     names = gemm_candidates(op, x)
-    fields = (("dtype", str(x.dtype)), ("compute", str(compute)), ("weight", str(weight.dtype)),
-              ("rows", x.numel() // max(x.shape[-1], 1)), ("in", x.shape[-1]), ("out", weight.shape[0]),
-              *extra_fields, ("candidates", names))
-    return autotune.fastest(op, x.device.index or 0, fields, list(names),
-                            lambda impl: functools.partial(_forward_only, run, impl), unfused,
-                            agrees=_agreement(lambda impl: _forward_only(run, impl), unfused))
+    call = (op, x.device.index or 0, x.dtype, compute, weight.dtype, rows, k, n, extra_fields, names)
+    impl = autotune.settled(call)
+    if impl is not None:
+        return impl
+    if not torch.cuda.is_available() or compute not in (torch.float16, torch.bfloat16, torch.float32):
+        return unfused
+    fields = (("dtype", str(x.dtype)), ("compute", str(compute)), ("weight", str(weight.dtype)), ("rows", rows),
+              ("in", k), ("out", n), *extra_fields, ("candidates", names))
+    return autotune.fastest(op, call[1], fields, list(names), lambda impl: functools.partial(_forward_only, run, impl),
+                            unfused, agrees=_agreement(lambda impl: _forward_only(run, impl), unfused),
+                            call_key=call)
 
 
 def gemm_candidates(op, x) -> tuple:
@@ -452,7 +457,7 @@ def attention_backend(q, rel_bias=None, backend="auto", dropout_p=0.0, grid_size
         static = "triton" if use_triton(backend, q) else "torch"
     if backend == "auto" and static == "torch" and q.device.type == "cpu":
         return _cpu_training_attention(q, rel_bias, dropout_p)
-    if (backend != "auto" or not q.is_cuda or not torch.cuda.is_available()
+    if (backend != "auto" or not q.is_cuda
             or (rel_bias is not None and (static != "triton" or grid_size is None))):
         return static
     training = torch.is_grad_enabled() and (q.requires_grad or (rel_bias is not None and rel_bias.requires_grad))
@@ -461,10 +466,18 @@ def attention_backend(q, rel_bias=None, backend="auto", dropout_p=0.0, grid_size
             None if grid_size is None else tuple(grid_size), static)
     if torch.compiler.is_compiling():
         return _traced_attention_choice(*call)
+    # SDPA's kernels the user left on are candidates: a switch flipped later is another call
+    call_key = (*call, *(SDPA_ENABLED[name]() for name in SDPA_KERNELS))
+    impl = autotune.settled(call_key)
+    if impl is not None:
+        return impl
+    if not torch.cuda.is_available():
+        return static
     fields, names = _attention_candidates(*call)
     return autotune.fastest("attention", q.device.index or 0, fields, names,
                             functools.partial(_attention_runner, q, rel_bias, grid_size, dropout_p, training),
-                            static, agrees=_agreement(_attention_outputs(q, rel_bias, grid_size, training), "torch"))
+                            static, agrees=_agreement(_attention_outputs(q, rel_bias, grid_size, training), "torch"),
+                            call_key=call_key)
 
 
 def _attention_candidates(dtype, b, h, n, d, dropout, training, ours_run, device_index, table_shape, grid, static):

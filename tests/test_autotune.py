@@ -59,6 +59,39 @@ def test_without_measurement_the_default_is_used(tuner, monkeypatch):
     assert autotune.fastest("op", 0, (), ["broken"], _runners([]), "dflt", _timer({"broken": 1.0}, [])) == "dflt"
 
 
+def test_a_settled_choice_is_answered_by_the_callers_key(tuner, monkeypatch):
+    """fastest()'s winner for a call given with a call_key is then answered by settled(call_key), without the
+    fields and runners; a default handed out while nothing can be measured is not settled; clear() forgets."""
+    log, times = [], {"a": 2.0, "b": 1.0}
+    monkeypatch.setattr(autotune, "can_measure", lambda: False)
+    assert autotune.fastest("op", 0, (), ["a", "b"], _runners([]), "a", _timer(times, log), call_key=("k",)) == "a"
+    assert autotune.settled(("k",)) is None and log == []
+    monkeypatch.setattr(autotune, "can_measure", lambda: True)
+    assert autotune.fastest("op", 0, (), ["a", "b"], _runners([]), "a", _timer(times, log), call_key=("k",)) == "b"
+    assert autotune.settled(("k",)) == "b" and autotune.settled(("other",)) is None
+    autotune.clear()
+    assert autotune.settled(("k",)) is None
+    # a new process: the disk file settles it, nothing measured
+    assert autotune.fastest("op", 0, (), ["a", "b"], _runners([]), "a", _timer(times, log), call_key=("k",)) == "b"
+    assert autotune.settled(("k",)) == "b" and len(log) == 2
+
+
+def test_a_settled_attention_choice_skips_the_tuner_until_an_sdpa_switch_flips(tuner, monkeypatch):
+    asked = []
+    real = autotune.fastest
+    monkeypatch.setattr(autotune, "fastest", lambda *args, **kw: asked.append(args[0]) or real(*args, **kw))
+    monkeypatch.setattr(autotune, "time_cuda", lambda run: run() or 1.0)
+    q, _, _ = _qkv()
+    first = ops.attention_backend(q)
+    assert ops.attention_backend(q) == first and asked == ["attention"]
+    torch.backends.cuda.enable_flash_sdp(False)
+    try:
+        assert ops.attention_backend(q) != "sdpa_flash" and len(asked) == 2  # another set of candidates
+    finally:
+        torch.backends.cuda.enable_flash_sdp(True)
+    assert ops.attention_backend(q) == first and len(asked) == 2
+
+
 def test_a_read_only_cache_dir_keeps_the_winner_in_memory(tuner, monkeypatch, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

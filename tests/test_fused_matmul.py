@@ -166,6 +166,25 @@ def test_the_faster_implementation_is_chosen_once_per_shape(timed):
     assert len(runs) == 2 * measured
 
 
+def test_a_settled_gemm_choice_skips_the_tuner(timed, monkeypatch):
+    """Once chosen, a call shape's implementation comes from the call's own key (dtypes, rows, K, N, the op's
+    extra fields): the tuner's fields and runners are not built again; any of those changed is another call."""
+    times, runs = timed
+    times.update({"ln+cublas": 2.0, "ln_gemm": 1.0, "ln_gemm_tma": 1.5})
+    asked = []
+    real = autotune.fastest
+    monkeypatch.setattr(autotune, "fastest", lambda *args, **kw: asked.append(args[2]) or real(*args, **kw))
+    x, w = torch.randn(2, 5, 64).as_subclass(_PretendCuda), torch.randn(96, 64)
+    for _ in range(3):
+        assert ops.gemm_impl("add_layer_norm_linear", x, w, (("bias", True),), _recorder(runs)) == "ln_gemm"
+    assert len(asked) == 1
+    times.update({"ln+cublas": 0.5})
+    assert ops.gemm_impl("add_layer_norm_linear", x, w, (("bias", False),), _recorder(runs)) == "ln+cublas"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # another compute dtype
+        ops.gemm_impl("add_layer_norm_linear", x, w, (("bias", True),), _recorder(runs))
+    assert [dict(fields)["compute"] for fields in asked] == ["torch.float32", "torch.float32", "torch.bfloat16"]
+
+
 def test_a_fused_gemm_that_disagrees_is_not_chosen(timed):
     """The fastest candidate whose output is off (a kernel wrong on this GPU) is skipped with a warning, and so is
     one that gives a non-finite value; a small rounding difference is no disagreement."""
