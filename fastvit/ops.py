@@ -423,6 +423,7 @@ def _run_attention(impl, q, k, v, rel_bias, grid_size, dropout_p, scale):
     return _flash_attention.attention(q, k, v, rel_bias, grid_size, dropout_p, scale, *_kernel_choice(impl))
 
 
+@functools.lru_cache(maxsize=None)  # a few names, asked at every call
 def _kernel_choice(impl: str) -> tuple:
     """(use_triton, forward tiles, dK/dV tiles) for our attention Function from an implementation name: "triton@2"
     is our kernel with forward_tiles(head_dim)[2], "triton@2/1" also with backward_tiles(head_dim, arch)[1]
