@@ -129,7 +129,7 @@ def add_layer_norm_linear(x, residual, norm_weight, norm_bias, weight, bias=None
         return _ln_matmul.ln_matmul_ref(x, residual, norm_weight, norm_bias, weight, bias, eps, residual_in_fp32)
     args = (x, residual, norm_weight, norm_bias, weight, bias, eps, residual_in_fp32, use_triton(backend, x))
     if _cpu_inference(args[:6], args[-1]):
-        y, residual = add_layer_norm(x, residual, norm_weight, norm_bias, eps, residual_in_fp32, backend)
+        y, residual = _layer_norm.add_layer_norm_inference(x, residual, norm_weight, norm_bias, eps, residual_in_fp32)
         return onednn.linear(y, weight, bias), residual
     if not _gemm_on_gpu(args[-1], x):
         return _layer_norm.add_layer_norm_linear(*args)
@@ -187,7 +187,7 @@ def layer_norm_mlp(x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, fc
                                                  None if triton else fc1_bias, eps, residual_in_fp32, backend)
         return bias_gelu_linear(hidden, fc1_bias if triton else None, fc2_weight, fc2_bias, backend,
                                 approximate), residual
-    y, residual = add_layer_norm(x, residual, norm_weight, norm_bias, eps, residual_in_fp32, backend)
+    y, residual = _layer_norm.add_layer_norm_inference(x, residual, norm_weight, norm_bias, eps, residual_in_fp32)
     hidden = onednn.linear_gelu(y, fc1_weight, fc1_bias, approximate)
     del y  # freed before fc2's output is allocated: inference memory peaks here
     return onednn.linear(hidden, fc2_weight, fc2_bias), residual

@@ -132,19 +132,32 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight
     new_residual is empty when it would equal x itself; the statistics are (..., 1), as torch's LayerNorm gives
     them. y is in x's dtype, or ``y_dtype`` (rounded once from fp32 either way)."""
     if not use_triton:
-        res_dtype = _residual_dtype(x, residual, residual_in_fp32)
-        store = residual is not None or res_dtype != x.dtype
-        # the kernel's math by torch's own ops: the sum in fp32 (torch adds 16-bit values in fp32 too), rounded once
-        # to the residual's dtype, then normalised with fp32 statistics and rounded once to x's dtype (an fp32
-        # model gets nn.LayerNorm's bits, as a traced or edited one does)
-        res = cast(x if residual is None else torch.add(x, residual), res_dtype)
-        # fp32 parameters: fp32 statistics for any input (torch's mixed-dtype LayerNorm for a 16-bit one); fp64
-        # for an fp64 one
-        p_dtype = accumulation_dtype(res.dtype)
-        y, mean, rstd = torch.native_layer_norm(res, (x.shape[-1],), cast(weight, p_dtype), cast(bias, p_dtype), eps)
-        return cast(y, y_dtype or x.dtype), (res if store else x.new_empty(0)), mean, rstd
+        y, res, mean, rstd = _add_layer_norm_torch(x, residual, weight, bias, eps, residual_in_fp32, y_dtype)
+        return y, (res if res is not x else x.new_empty(0)), mean, rstd
     y = torch.empty_like(x, dtype=y_dtype or x.dtype, memory_format=torch.contiguous_format)
     return (y, *launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y))
+
+
+def _add_layer_norm_torch(x, residual, weight, bias, eps, residual_in_fp32, y_dtype=None):
+    """The kernel's math by torch's own ops: (y, new_residual, mean, rstd), new_residual x itself where it equals x.
+    The sum in fp32 (torch adds 16-bit values in fp32 too), rounded once to the residual's dtype, then normalised
+    with fp32 statistics and rounded once to x's dtype or ``y_dtype`` (an fp32 model gets nn.LayerNorm's bits, as a
+    traced or edited one does)."""
+    res = cast(x if residual is None else torch.add(x, residual), _residual_dtype(x, residual, residual_in_fp32))
+    # fp32 parameters: fp32 statistics for any input (torch's mixed-dtype LayerNorm for a 16-bit one); fp64 for an
+    # fp64 one
+    p_dtype = accumulation_dtype(res.dtype)
+    y, mean, rstd = torch.native_layer_norm(res, (x.shape[-1],), cast(weight, p_dtype), cast(bias, p_dtype), eps)
+    return cast(y, y_dtype or x.dtype), res, mean, rstd
+
+
+def add_layer_norm_inference(x, residual, weight, bias, eps, residual_in_fp32):
+    """:func:`add_layer_norm` on the torch fallback where autograd records nothing and nothing traces (eager CPU
+    inference): the same ops on the same values, without the autograd Function and custom-op layers around them
+    (~8 us of host time a call: at batch 1 a CPU forward is mostly host time)."""
+    _check_ln_args(x, residual, weight, bias)
+    y, res, _, _ = _add_layer_norm_torch(x, residual, weight, bias, eps, residual_in_fp32)
+    return y, res
 
 
 def launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y=None):

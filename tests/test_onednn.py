@@ -165,6 +165,34 @@ def test_add_layer_norm_linear_inference_matches_torch_math(residual, fused_wins
     torch.testing.assert_close(out_grad, out, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float32, None), (torch.float32, torch.float32),
+                                    (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)],
+                         ids=["fp32-none", "fp32", "bf16-fp32", "bf16"])
+@pytest.mark.parametrize("residual_in_fp32", [False, True])
+def test_inference_add_layer_norm_is_the_ops_bit_for_bit(dtypes, residual_in_fp32, monkeypatch):
+    """The CPU-inference branch's residual add + LayerNorm (kernels.layer_norm.add_layer_norm_inference, which
+    skips the autograd Function around it) gives ops.add_layer_norm's outputs exactly, x itself as the new residual
+    where that is x; and the two CPU-inference ops take it, not the Function."""
+    from fastvit.kernels import layer_norm
+    x_dtype, r_dtype = dtypes
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 64, generator=gen).to(x_dtype)
+    r = None if r_dtype is None else torch.randn(2, 7, 64, generator=gen).to(r_dtype)
+    w, b = torch.randn(64, generator=gen), torch.randn(64, generator=gen)
+    with torch.no_grad():
+        y, z = layer_norm.add_layer_norm_inference(x, r, w, b, 1e-6, residual_in_fp32)
+        y_op, z_op = ops.add_layer_norm(x, r, w, b, 1e-6, residual_in_fp32)
+    assert torch.equal(y, y_op) and y.dtype == y_op.dtype and torch.equal(z, z_op) and z.dtype == z_op.dtype
+    assert (z is x) == (z_op is x)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        layer_norm.add_layer_norm_inference(x, x[:1], w, b, 1e-6, False)
+    monkeypatch.setattr(layer_norm.AddLayerNormFn, "forward", lambda *args: pytest.fail("the Function ran"))
+    h, hr, params = _mlp_case()
+    with torch.inference_mode():
+        ops.add_layer_norm_linear(h, hr, *params[:4])
+        ops.layer_norm_mlp(h, hr, *params)
+
+
 def test_linear_gelu_without_onednn_is_torchs(monkeypatch):
     monkeypatch.setattr(onednn, "supports", lambda *args: False)
     x, w, b = _linear_case()
