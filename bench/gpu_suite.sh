@@ -5,6 +5,9 @@
 #   ops           pytest-benchmark micro-benchmarks of each op, fastvit vs torch, and of our attention's dK/dV
 #                 tilings side by side (bench/test_ops_benchmark.py)
 #   overhead      bench/overhead.py: host time per call (the CPU of this machine, launches stubbed)
+#   latency       bench/throughput.py --model B/16 at micro-batch 1, train and infer, eager: where the host
+#                 decides the speed, with the real launches (what overhead.py stubs) and the per-call choices of a
+#                 GPU run (fused GEMM, attention kernel), fastvit against timm
 #   profile       bench/profile.py --model B/16: training-step time by category, fastvit and timm
 #   profilec      the same with --compile (into profile_compile/): what Inductor does to timm's step that makes it
 #                 the bar, category by category
@@ -65,18 +68,19 @@ while [ $# -gt 0 ]; do
                 ARCHIVE=$1
             fi
             shift ;;
-        numerics|ops|overhead|profile|profilec|b16|l16|h14|b16c|l16c|h14c|b16ct|resid|loader) STEPS+=("$arg") ;;
-        -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
+        numerics|ops|overhead|latency|profile|profilec|b16|l16|h14|b16c|l16c|h14c|b16ct|resid|loader)
+            STEPS+=("$arg") ;;
+        -h|--help) sed -n '2,48p' "$0"; exit 0 ;;
         *) echo "gpu_suite.sh: unknown argument '$arg'" \
-                "(steps: numerics ops overhead profile profilec b16 l16 h14 b16c l16c h14c b16ct resid loader;" \
+                "(steps: numerics ops overhead latency profile profilec b16 l16 h14 b16c l16c h14c b16ct resid loader;" \
                 "--dry-run, --budget S, --archive F)" >&2
            exit 2 ;;
     esac
 done
 # unnamed, the loader step comes last and is optional: it gets what the others leave of the budget
 OPTIONAL=
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(b16 l16 h14 numerics profile ops overhead b16c l16c h14c b16ct resid profilec \
-                                  loader) \
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(b16 l16 h14 numerics profile ops overhead latency b16c l16c h14c b16ct resid \
+                                  profilec loader) \
     && OPTIONAL=loader
 PY=${PYTHON:-$(command -v python || command -v python3)}
 
@@ -135,6 +139,8 @@ for s in "${STEPS[@]}"; do
             numerics) step numerics 600 $PY bench/numerics.py --quick --models tiny --dtypes fp32 --out "$OUT" ;;
             ops) step ops 600 $PY -m pytest -q -p no:cacheprovider bench/test_ops_benchmark.py --benchmark-disable ;;
             overhead) step overhead 300 $PY bench/overhead.py --number 5 --repeat 2 --out "$OUT" ;;
+            latency) step latency 300 $PY bench/throughput.py --smoke --model tiny --micro-batch 1 --global-batch 4 \
+                         --steps 1 --warmup 1 --out "$OUT/throughput_b16_batch1" ;;
             profile) step profile 600 $PY bench/profile.py --smoke --global-batch 64 --micro-batch 32 --warmup 1 \
                          --out "$OUT" ;;
             profilec) step profilec 900 $PY bench/profile.py --smoke --compile --global-batch 64 --micro-batch 32 \
@@ -159,6 +165,8 @@ for s in "${STEPS[@]}"; do
         ops) step ops 60 $PY -m pytest -q -p no:cacheprovider bench/test_ops_benchmark.py --benchmark-only \
                  --benchmark-max-time=0.2 --benchmark-json="$OUT/ops_benchmark.json" ;;
         overhead) step overhead 30 $PY bench/overhead.py --out "$OUT" ;;
+        latency) step latency 60 $PY bench/throughput.py --model B/16 --micro-batch 1 --global-batch 32 --steps 3 \
+                     --warmup 1 --out "$OUT/throughput_b16_batch1" ;;
         profile) step profile 60 $PY bench/profile.py --model B/16 --warmup 1 --steps 1 --out "$OUT" ;;
         profilec) step profilec 300 $PY bench/profile.py --model B/16 --compile --warmup 1 --steps 1 \
                       --out "$OUT/profile_compile" ;;

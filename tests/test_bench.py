@@ -400,7 +400,7 @@ def test_gpu_suite_keeps_to_its_budget(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert "== loader: skipped (optional)" in proc.stdout
     assert ("FAILED: b16(skipped) l16(skipped) h14(skipped) numerics(skipped) profile(skipped) ops(skipped) "
-            "overhead(skipped) b16c(skipped) l16c(skipped) h14c(skipped) b16ct(skipped) resid(skipped) "
+            "overhead(skipped) latency(skipped) b16c(skipped) l16c(skipped) h14c(skipped) b16ct(skipped) resid(skipped) "
             "profilec(skipped) tables(skipped)") in proc.stderr
     shutil.rmtree(re.search(r"results in (\S+)", proc.stdout).group(1))
     bad = subprocess.run(["bash", "bench/gpu_suite.sh", "--budget", "soon"], cwd=ROOT, capture_output=True, text=True,
