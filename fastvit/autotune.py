@@ -114,8 +114,9 @@ def fastest(op: str, device_index: int, fields: tuple, names, make_runner, defau
 
 def settled(call_key: tuple):
     """The implementation :func:`fastest` settled for a call it was given as ``call_key``, else None. A caller
-    that asks for every call (each fused GEMM, each attention on a GPU) skips building fields and runners once
-    the choice is made: 5-9 us of host time per call, three or four per block."""
+    that asks for every call (each fused GEMM, each attention on a GPU: four per block) skips building fields and
+    runners once the choice is made (a whole choice 5.0 -> 3.2 us for a GEMM, 8.8 -> 4.2 us for attention, on a CPU
+    with a pretend GPU)."""
     return _SETTLED.get(call_key)
 
 
