@@ -261,7 +261,7 @@ def patch_embed_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
             # class-token cat); copy_ then +=, since an add of 16-bit tokens and an fp32 bias into the output
             # would first convert the tokens into a temporary of the output's size
             acc = accumulation_dtype(compute_dtype)
-            z = torch.empty((bsz, n + has_cls, dim), dtype=acc, device=x.device)
+            z = torch.empty((bsz, n + int(has_cls), dim), dtype=acc, device=x.device)
             patches = z[:, 1:] if has_cls else z
             patches.copy_(tokens)
             del tokens
@@ -273,7 +273,7 @@ def patch_embed_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                 cls = cast(cls_token, acc)
                 z[:, :1] = cls + cast(pos_embed[:, :1], acc) if pos_cls_row else cls
             return cast(z, out_dtype)
-    y = torch.empty((bsz, n + has_cls, dim), dtype=out_dtype, device=x.device)
+    y = torch.empty((bsz, n + int(has_cls), dim), dtype=out_dtype, device=x.device)
     m = bsz * n
     if m == 0:
         return y
@@ -301,7 +301,8 @@ def _load_bytes(*tensors):
 def _(x, weight, bias, pos_embed, cls_token, patch_h, patch_w, no_embed_class, compute_dtype, out_dtype,
       use_triton):
     gh, gw = _grid_size(x, patch_h, patch_w)
-    return x.new_empty((x.shape[0], gh * gw + (cls_token is not None), weight.shape[0]), dtype=out_dtype)
+    # int(): torch 2.11 cannot add a bool to a symbolic size (compile with dynamic shapes)
+    return x.new_empty((x.shape[0], gh * gw + int(cls_token is not None), weight.shape[0]), dtype=out_dtype)
 
 
 @eager_op("patch_embed_bwd")
