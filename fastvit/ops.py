@@ -423,14 +423,23 @@ def _run_attention(impl, q, k, v, rel_bias, grid_size, dropout_p, scale):
     return _flash_attention.attention(q, k, v, rel_bias, grid_size, dropout_p, scale, *_kernel_choice(impl))
 
 
-@functools.lru_cache(maxsize=None)  # a few names, asked at every call
 def _kernel_choice(impl: str) -> tuple:
     """(use_triton, forward tiles, dK/dV tiles) for our attention Function from an implementation name: "triton@2"
     is our kernel with forward_tiles(head_dim)[2], "triton@2/1" also with backward_tiles(head_dim, arch)[1]
-    (:func:`_triton_tiles`); "fallback" and "torch" its torch math."""
+    (:func:`_triton_tiles`); "fallback" and "torch" its torch math. Parsed once per name in eager calls; traced,
+    the parse folds to constants (dynamo ignores a cache and warns about it at every compile)."""
+    if torch.compiler.is_compiling():
+        return _parse_kernel_choice(impl)
+    return _cached_kernel_choice(impl)
+
+
+def _parse_kernel_choice(impl: str) -> tuple:
     name, _, tiles = impl.partition("@")
     fwd, _, bwd = tiles.partition("/")
     return name == "triton", int(fwd or 0), int(bwd or 0)
+
+
+_cached_kernel_choice = functools.lru_cache(maxsize=None)(_parse_kernel_choice)  # a few names, asked at every call
 
 
 def _triton_tiles(fwd: int, bwd: int) -> str:

@@ -136,6 +136,7 @@ def _config(head_dim):
     return _CONFIGS[max(next_power_of_2(head_dim), 16)]
 
 
+@torch.compiler.assume_constant_result  # torch.compile asks it at trace time instead of tracing the device query
 def device_arch(device: torch.device) -> int:
     """Compute capability of a CUDA device as major * 10 + minor; 90 for CPU tensors, so that the interpreter runs
     the tiles of an H100 / H200."""
@@ -855,11 +856,20 @@ def _flash_attn_func():
     return flash_attn_func
 
 
+@torch.compiler.assume_constant_result
+def flash_attn_installed() -> bool:
+    """Whether the flash_attn package imports. A constant to torch.compile, which would otherwise trace the import
+    (the cache around it is ignored there) and, where the package is missing, break the graph at every attention
+    call."""
+    return _flash_attn_func() is not None
+
+
 def flash_attn_supported(q, rel_bias=None):
     """Whether the flash_attn package can run this call: installed, CUDA fp16/bf16, head_dim a multiple of 8 up
-    to 256, and no bias table (flash_attn takes no additive bias)."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and rel_bias is None
-            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and _flash_attn_func() is not None)
+    to 256, and no bias table (flash_attn takes no additive bias). Asked whether it is installed first, so that a
+    compiled CPU model traces that question as a GPU one does."""
+    return (flash_attn_installed() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and rel_bias is None
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
 
 
 def attention_flash(q, k, v, rel_bias=None, dropout_p=0.0, scale=None):

@@ -301,7 +301,7 @@ def _load_bytes(*tensors):
 def _(x, weight, bias, pos_embed, cls_token, patch_h, patch_w, no_embed_class, compute_dtype, out_dtype,
       use_triton):
     gh, gw = _grid_size(x, patch_h, patch_w)
-    # int(): torch 2.11 cannot add a bool to a symbolic size (compile with dynamic shapes)
+    # int(): torch 2.11 cannot add a bool to a symbolic size (torch.compile with dynamic shapes)
     return x.new_empty((x.shape[0], gh * gw + int(cls_token is not None), weight.shape[0]), dtype=out_dtype)
 
 
@@ -433,7 +433,7 @@ def _check_args(x, weight, bias, patch_size, pos_embed, cls_token, no_embed_clas
     if cls_token is not None and tuple(cls_token.shape) != (1, 1, dim):
         raise ValueError(f"cls_token must have shape (1, 1, {dim}), got {tuple(cls_token.shape)}")
     if pos_embed is not None:
-        rows = (h // ph) * (w // pw) + (cls_token is not None and not no_embed_class)
+        rows = (h // ph) * (w // pw) + int(cls_token is not None and not no_embed_class)
         if tuple(pos_embed.shape) != (1, rows, dim):
             raise ValueError(f"pos_embed must have shape (1, {rows}, {dim}) for this image, class token and "
                              f"no_embed_class={no_embed_class}, got {tuple(pos_embed.shape)}")

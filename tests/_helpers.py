@@ -57,9 +57,9 @@ def graph_calls(graphs):
     return kernels, ours
 
 
-def compile_capturing_graphs(f, graphs):
-    """torch.compile(f, fullgraph=True) with AOTAutograd, appending the forward and backward graphs it would give
-    inductor to ``graphs`` and running them as they are."""
+def compile_capturing_graphs(f, graphs, dynamic=None):
+    """torch.compile(f, fullgraph=True, dynamic=dynamic) with AOTAutograd, appending the forward and backward graphs
+    it would give inductor to ``graphs`` and running them as they are."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
@@ -67,7 +67,8 @@ def compile_capturing_graphs(f, graphs):
         graphs.append(gm)
         return make_boxed_func(gm.forward)
 
-    return torch.compile(f, fullgraph=True, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    return torch.compile(f, fullgraph=True, dynamic=dynamic,
+                         backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
 
 
 def patch_embed_leaves(shape, dtype=torch.float32, cls=True, pos=True, bias=True, no_embed_class=False, seed=0):

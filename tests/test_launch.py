@@ -195,3 +195,32 @@ def test_launch_key_separates_tma_descriptors(monkeypatch):
             assert _launch._COMPILED[_launch._launch_key(kernel, 0, a, flags)][0] is want
         again = args()
         assert _launch._launch_key(kernel, 0, again, flags) == _launch._launch_key(kernel, 0, variants[0], flags)
+
+
+def test_whole_model_on_the_kernel_path_compiles_in_one_graph_with_dynamic_shapes(monkeypatch):
+    """A GPU's torch.compile path, traced on CPU with the launches stubbed (so only the graphs are checked, not
+    numbers): a training step of the whole model with the Triton kernels traces in one forward and one backward
+    graph, also with dynamic shapes, holds every kernel and no opaque fastvit op, and draws no warning from dynamo.
+    Questions only a GPU run asks (is flash_attn installed, the device's compute capability, the attention kernel's
+    tiles) are constants to dynamo, not traced: tracing the flash_attn import broke the graph at every attention
+    call where the package is missing, and a cache around a parse drew a warning at every compile."""
+    import warnings
+
+    from fastvit.model import VisionTransformer
+    monkeypatch.setattr(_launch, "_COMPILED", {})
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    graphs = []
+    # backend "auto", as on a GPU: it runs the kernels on these CPU tensors (triton_on_cpu_tensors)
+    with overhead.stubbed_launches() as launches, overhead.triton_on_cpu_tensors(), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch._dynamo.reset()
+        compiled = compile_capturing_graphs(model, graphs, dynamic=True)
+        for batch in (2, 3):
+            compiled(torch.randn(batch, 3, 32, 32)).sum().backward()
+    kernels, ours = graph_calls(graphs)
+    assert len(graphs) % 2 == 0 and launches[0] > 0 and ours == []
+    assert {"_patch_embed_fwd_kernel", "_add_ln_fwd_kernel", "_bias_gelu_fwd_kernel", "_attn_fwd_kernel",
+            "_add_ln_bwd_kernel", "_attn_bwd_dq_kernel"} <= set(kernels)
+    assert not [str(w.message) for w in caught if "dynamo" in str(w.message).lower()]
