@@ -15,6 +15,14 @@ def _pair(size):
     return tuple(s if isinstance(s, torch.SymInt) else int(s) for s in size)
 
 
+def _specialized(size):
+    """``size`` as plain ints while torch.compile traces: an antialiased interpolation has no backward for a symbolic
+    size there (torch's meta kernel asserts "Expected IntList"), which failed a compiled training step at a new image
+    size. Formatting a symbolic int fixes it to its value (dynamo guards on it: one graph per grid), as timm's patch
+    embedding does with its size-check message; int() alone would leave it symbolic."""
+    return tuple(int(f"{s}") for s in size)
+
+
 def resample_abs_pos_embed(posemb, new_size, old_size=None, num_prefix_tokens=1, interpolation="bicubic",
                            antialias=True):
     """Interpolate a (T, prefix + gh*gw, D) position table to the ``new_size`` grid in 2D.
@@ -23,6 +31,8 @@ def resample_abs_pos_embed(posemb, new_size, old_size=None, num_prefix_tokens=1,
     ``old_size`` is None) and interpolated in fp32, then cast back. Same results as timm's function for T = 1.
     """
     new_size = _pair(new_size)
+    if antialias and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        new_size = _specialized(new_size)
     num_tokens = posemb.shape[1] - num_prefix_tokens
     if old_size is None:
         side = math.isqrt(num_tokens)
