@@ -827,6 +827,11 @@ def _prepare(q, k, v, rel_bias, grid_size, scale, dropout_p, use_triton, fwd_til
         # no kernel variant loads a 16-bit table (with one, ptxas serialised every attention kernel's wgmma); its
         # gradient returns through the cast
         rel_bias = rel_bias.to(accumulation_dtype(rel_bias.dtype)).contiguous()
+        if torch.compiler.is_compiling():
+            # torch 2.11's compile took the table as written by the kernel and copied it back into the parameter
+            # (an in-place op on a leaf that requires grad: a compiled training step failed); a copy of the
+            # (heads, R) table costs nothing next to the attention
+            rel_bias = rel_bias.clone()
     seed = None
     if dropout_p > 0:
         seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=q.device)

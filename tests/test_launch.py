@@ -197,7 +197,8 @@ def test_launch_key_separates_tma_descriptors(monkeypatch):
         assert _launch._launch_key(kernel, 0, again, flags) == _launch._launch_key(kernel, 0, variants[0], flags)
 
 
-def test_whole_model_on_the_kernel_path_compiles_in_one_graph_with_dynamic_shapes(monkeypatch):
+@pytest.mark.parametrize("pos_embed", ["learn", "rel"])
+def test_whole_model_on_the_kernel_path_compiles_in_one_graph_with_dynamic_shapes(monkeypatch, pos_embed):
     """A GPU's torch.compile path, traced on CPU with the launches stubbed (so only the graphs are checked, not
     numbers): a training step of the whole model with the Triton kernels traces in one forward and one backward
     graph, also with dynamic shapes, holds every kernel and no opaque fastvit op, and draws no warning from dynamo.
@@ -209,7 +210,8 @@ def test_whole_model_on_the_kernel_path_compiles_in_one_graph_with_dynamic_shape
     from fastvit.model import VisionTransformer
     monkeypatch.setattr(_launch, "_COMPILED", {})
     torch.manual_seed(0)
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10,
+                              pos_embed=pos_embed)
     graphs = []
     # backend "auto", as on a GPU: it runs the kernels on these CPU tensors (triton_on_cpu_tensors)
     with overhead.stubbed_launches() as launches, overhead.triton_on_cpu_tensors(), \
