@@ -16,6 +16,7 @@ Each takes ``backend``:
 from __future__ import annotations
 
 import functools
+import operator
 import os
 import sys
 from contextlib import nullcontext
@@ -475,7 +476,7 @@ def attention_backend(q, rel_bias=None, backend="auto", dropout_p=0.0, grid_size
             q.device.index or 0, None if rel_bias is None else tuple(rel_bias.shape),
             None if grid_size is None else tuple(grid_size), static)
     if torch.compiler.is_compiling():
-        return _traced_attention_choice(*call)
+        return _compiled_attention_choice(call)
     # SDPA's kernels the user left on are candidates: a switch flipped later is another call
     call_key = (*call, *(SDPA_ENABLED[name]() for name in SDPA_KERNELS))
     impl = autotune.settled(call_key)
@@ -505,6 +506,15 @@ def _attention_candidates(dtype, b, h, n, d, dropout, training, ours_run, device
         return (*fields, ("rel_bias", table_shape), ("grid", grid)), ours
     sdpa = tuple(name for name in SDPA_KERNELS if SDPA_ENABLED[name]())
     return (*fields, ("sdpa", sdpa)), [*sdpa, "torch", *(["flash"] if static == "flash" else []), *ours]
+
+
+def _compiled_attention_choice(call) -> str:
+    """:func:`_traced_attention_choice` for ``call`` while torch.compile traces, its sizes as plain ints: dynamo
+    cannot hand a symbolic size (a dynamic batch, after a recompile for a new one) to a constant function, which
+    broke the graph at every attention call. ``operator.index`` fixes a symbolic int to its value (dynamo guards on
+    it: one graph per shape, as the per-shape winners want); int() would leave it symbolic."""
+    return _traced_attention_choice(*(operator.index(v) if isinstance(v, (int, torch.SymInt))
+                                      and not isinstance(v, bool) else v for v in call))
 
 
 @torch.compiler.assume_constant_result

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +19,9 @@ def _pair(size):
 def _specialized(size):
     """``size`` as plain ints while torch.compile traces: an antialiased interpolation has no backward for a symbolic
     size there (torch's meta kernel asserts "Expected IntList"), which failed a compiled training step at a new image
-    size. Formatting a symbolic int fixes it to its value (dynamo guards on it: one graph per grid), as timm's patch
-    embedding does with its size-check message; int() alone would leave it symbolic."""
-    return tuple(int(f"{s}") for s in size)
+    size. ``operator.index`` fixes a symbolic int to its value (dynamo guards on it: one graph per grid), as timm's
+    patch embedding does by formatting its sizes into a check's message; int() would leave it symbolic."""
+    return tuple(map(operator.index, size))
 
 
 def resample_abs_pos_embed(posemb, new_size, old_size=None, num_prefix_tokens=1, interpolation="bicubic",

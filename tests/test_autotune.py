@@ -201,6 +201,29 @@ def test_compile_takes_the_winner_eager_measured(tuner, monkeypatch):
     assert ops._traced_attention_choice(*other) == "triton"
 
 
+def test_a_compiled_call_with_symbolic_sizes_takes_the_winner_for_its_shape(tuner, monkeypatch):
+    """With dynamic shapes (dynamic=True, or a recompile for a new batch size) a call's sizes are symbolic, which
+    dynamo cannot hand to the constant choice function: each attention call broke the graph (fullgraph: an error).
+    They are fixed to their values instead, so each shape gets the winner measured for it (one graph per shape)."""
+    q, _, _ = _qkv()
+    call = (str(q.dtype), *q.shape, False, False, True, 0, None, None, "triton")
+    fields, names = ops._attention_candidates(*call)
+    times = {name: 1.0 if name == "sdpa_cudnn" else 2.0 for name in names}
+    assert autotune.fastest("attention", 0, fields, names, lambda name: name, "triton", measure=times.get) == (
+        "sdpa_cudnn")
+    monkeypatch.setattr(autotune, "time_cuda", lambda run: pytest.fail("nothing should be measured"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # dynamo itself asks CUDA questions otherwise
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="eager", dynamic=True)
+    def step(x):
+        choice = ops._compiled_attention_choice((call[0], *x.shape, *call[5:]))
+        return x + 1 if choice == "sdpa_cudnn" else x - 1
+    measured, other = torch.zeros(q.shape), torch.zeros(3, *q.shape[1:])
+    assert torch.equal(step(measured), measured + 1)
+    assert torch.equal(step(other), other - 1)  # a batch size nobody measured: the static choice
+
+
 @pytest.mark.parametrize("head_dim,tiles", [(64, 4), (80, 5)])
 def test_a_relative_bias_call_is_tuned_among_our_forward_tiles(tuner, monkeypatch, head_dim, tiles):
     """With a bias table only our kernel runs the call, so "auto" times its forward tiles (the default and each
