@@ -513,8 +513,14 @@ def _compiled_attention_choice(call) -> str:
     cannot hand a symbolic size (a dynamic batch, after a recompile for a new one) to a constant function, which
     broke the graph at every attention call. ``operator.index`` fixes a symbolic int to its value (dynamo guards on
     it: one graph per shape, as the per-shape winners want); int() would leave it symbolic."""
-    return _traced_attention_choice(*(operator.index(v) if isinstance(v, (int, torch.SymInt))
-                                      and not isinstance(v, bool) else v for v in call))
+    return _traced_attention_choice(*map(_plain_sizes, call))
+
+
+def _plain_sizes(v):
+    """``v`` with every (symbolic) int in it, also inside a tuple (a grid), as a plain int."""
+    if isinstance(v, tuple):
+        return tuple(map(_plain_sizes, v))
+    return operator.index(v) if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) else v
 
 
 @torch.compiler.assume_constant_result

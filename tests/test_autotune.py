@@ -216,12 +216,15 @@ def test_a_compiled_call_with_symbolic_sizes_takes_the_winner_for_its_shape(tune
     torch._dynamo.reset()
 
     @torch.compile(fullgraph=True, backend="eager", dynamic=True)
-    def step(x):
-        choice = ops._compiled_attention_choice((call[0], *x.shape, *call[5:]))
+    def step(x, with_grid=False):
+        grid = (x.shape[2] // 10, 5) if with_grid else None
+        choice = ops._compiled_attention_choice((call[0], *x.shape, *call[5:-2], grid, call[-1]))
         return x + 1 if choice == "sdpa_cudnn" else x - 1
     measured, other = torch.zeros(q.shape), torch.zeros(3, *q.shape[1:])
     assert torch.equal(step(measured), measured + 1)
     assert torch.equal(step(other), other - 1)  # a batch size nobody measured: the static choice
+    # a grid of symbolic sizes (a dynamic image size) is a plain tuple too; without a bias table it picks nothing
+    assert torch.equal(step(measured, True), measured + 1)
 
 
 @pytest.mark.parametrize("head_dim,tiles", [(64, 4), (80, 5)])
