@@ -35,7 +35,7 @@ from fastvit.kernels import matmul as _matmul
 from fastvit.kernels import matmul_residual as _matmul_residual
 from fastvit.kernels import patch_embed as _patch_embed
 from fastvit.kernels._launch import (KERNEL_DTYPES, apply, capability, cast, eager_training_call, inference_call,
-                                     records_autograd, transformed)
+                                     plain_inference, records_autograd, transformed)
 from fastvit.kernels._launch import interpreting as triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton")
@@ -103,7 +103,10 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-6, residual_in_fp32=False, 
     """
     if _reference(backend, x):
         return _layer_norm.add_layer_norm_ref(x, residual, weight, bias, eps, residual_in_fp32)
-    return _layer_norm.add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, use_triton(backend, x))
+    triton = use_triton(backend, x)
+    if _inference((x, residual, weight, bias), triton):
+        return _layer_norm.add_layer_norm_inference(x, residual, weight, bias, eps, residual_in_fp32, triton)
+    return _layer_norm.add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, triton)
 
 
 def bias_gelu(x, bias, backend="auto", approximate="none"):
@@ -112,7 +115,10 @@ def bias_gelu(x, bias, backend="auto", approximate="none"):
     _bias_gelu.check_approximate(approximate)
     if _reference(backend, x):
         return _bias_gelu.bias_gelu_ref(x, bias, approximate)
-    return _bias_gelu.bias_gelu(x, bias, use_triton(backend, x), approximate)
+    triton = use_triton(backend, x)
+    if _inference((x, bias), triton):
+        return _bias_gelu.bias_gelu_inference(x, bias, triton, approximate)
+    return _bias_gelu.bias_gelu(x, bias, triton, approximate)
 
 
 # The two composites below are the ops above followed by the next Linear, differing only in what autograd keeps:
@@ -128,16 +134,19 @@ def add_layer_norm_linear(x, residual, norm_weight, norm_bias, weight, bias=None
     epilogue (``fastvit.onednn.linear``)."""
     if _reference(backend, x):
         return _ln_matmul.ln_matmul_ref(x, residual, norm_weight, norm_bias, weight, bias, eps, residual_in_fp32)
-    args = (x, residual, norm_weight, norm_bias, weight, bias, eps, residual_in_fp32, use_triton(backend, x))
-    if _cpu_inference(args[:6], args[-1]):
-        y, residual = _layer_norm.add_layer_norm_inference(x, residual, norm_weight, norm_bias, eps, residual_in_fp32)
-        return onednn.linear(y, weight, bias), residual
-    if not _gemm_on_gpu(args[-1], x):
-        return _layer_norm.add_layer_norm_linear(*args)
-    extra = (("residual", None if residual is None else str(residual.dtype)), ("residual_in_fp32", residual_in_fp32),
-             ("bias", bias is not None))
-    impl = gemm_impl("add_layer_norm_linear", x, weight, extra, functools.partial(_run_ln_linear, args))
-    return _run_ln_linear(args, impl)
+    triton = use_triton(backend, x)
+    args = (x, residual, norm_weight, norm_bias, weight, bias, eps, residual_in_fp32, triton)
+    if _gemm_on_gpu(triton, x):
+        extra = (("residual", None if residual is None else str(residual.dtype)),
+                 ("residual_in_fp32", residual_in_fp32), ("bias", bias is not None))
+        impl = gemm_impl("add_layer_norm_linear", x, weight, extra, functools.partial(_run_ln_linear, args))
+        if impl != "ln+cublas":
+            return _run_ln_linear(args, impl)
+    if _inference(args[:6], triton):
+        y, residual = _layer_norm.add_layer_norm_inference(x, residual, norm_weight, norm_bias, eps, residual_in_fp32,
+                                                           triton)
+        return _inference_linear(y, weight, bias, triton), residual
+    return _layer_norm.add_layer_norm_linear(*args)
 
 
 def _run_ln_linear(args, impl):
@@ -154,12 +163,16 @@ def bias_gelu_linear(x, bias, weight, weight_bias=None, backend="auto", approxim
     _bias_gelu.check_approximate(approximate)
     if _reference(backend, x):
         return _gelu_matmul.gelu_matmul_ref(x, bias, weight, weight_bias, approximate)
-    args = (x, bias, weight, weight_bias, use_triton(backend, x), approximate)
-    if not _gemm_on_gpu(args[4], x):
-        return _bias_gelu.bias_gelu_linear(*args)
-    impl = gemm_impl("bias_gelu_linear", x, weight, (("bias", weight_bias is not None), ("gelu", approximate)),
-                     functools.partial(_run_gelu_linear, args))
-    return _run_gelu_linear(args, impl)
+    triton = use_triton(backend, x)
+    args = (x, bias, weight, weight_bias, triton, approximate)
+    if _gemm_on_gpu(triton, x):
+        impl = gemm_impl("bias_gelu_linear", x, weight, (("bias", weight_bias is not None), ("gelu", approximate)),
+                         functools.partial(_run_gelu_linear, args))
+        if impl != "gelu+cublas":
+            return _run_gelu_linear(args, impl)
+    if _inference(args[:4], triton):
+        return _gemm.linear(_bias_gelu.bias_gelu_inference(x, bias, triton, approximate), weight, weight_bias)
+    return _bias_gelu.bias_gelu_linear(*args)
 
 
 def _run_gelu_linear(args, impl):
@@ -194,11 +207,26 @@ def layer_norm_mlp(x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, fc
     return onednn.linear(hidden, fc2_weight, fc2_bias), residual
 
 
+def _inference(args, triton) -> bool:
+    """Whether a call with tensor arguments ``args`` (the first the input) runs its op's forward body alone: eager
+    inference (nothing for autograd to keep, no trace), no torch.func transform, and on the kernels no profiler
+    (``kernels._launch.plain_inference``). At small batches a GPU forward waits on the host: the autograd Function,
+    its context and the custom-op layers cost ~5-10 us a fused op there."""
+    return not transformed() and (plain_inference(args) if triton else inference_call(args))
+
+
 def _cpu_inference(args, triton) -> bool:
-    """Whether a call with tensor arguments ``args`` (the first the input) is eager CPU inference on the torch
-    fallback, where GEMMs may take their bias or GELU in oneDNN's epilogue (``fastvit.onednn``): nothing for
-    autograd to keep, no trace, no torch.func transform."""
-    return args[0].device.type == "cpu" and not triton and not transformed() and inference_call(args)
+    """:func:`_inference` on the torch fallback on CPU, where GEMMs may take their bias or GELU in oneDNN's
+    epilogue (``fastvit.onednn``)."""
+    return args[0].device.type == "cpu" and not triton and _inference(args, triton)
+
+
+def _inference_linear(y, weight, bias, triton):
+    """The Linear after a fused op's forward in eager inference: oneDNN's (the bias in its epilogue) on the CPU
+    fallback, else the product the op's autograd Function computes (``kernels._gemm.linear``)."""
+    if y.device.type == "cpu" and not triton:
+        return onednn.linear(y, weight, bias)
+    return _gemm.linear(y, weight, bias)
 
 
 def linear_residual(x, weight, bias, residual, backend="auto"):
@@ -371,7 +399,10 @@ def attention_qkv(qkv, num_heads, rel_bias=None, grid_size=None, dropout_p=0.0, 
     impl = attention_backend(q, rel_bias, backend, dropout_p, grid_size)
     if impl != "fallback" and not impl.startswith("triton"):
         return _run_attention(impl, q, k, v, rel_bias, grid_size, dropout_p, scale)
-    return _flash_attention.flash_attention_qkv(qkv, rel_bias, grid_size, scale, dropout_p, *_kernel_choice(impl))
+    kernel_choice = _kernel_choice(impl)
+    if plain_inference((qkv, rel_bias)):
+        return _flash_attention.attention_inference(q, k, v, rel_bias, grid_size, scale, dropout_p, *kernel_choice[:2])
+    return _flash_attention.flash_attention_qkv(qkv, rel_bias, grid_size, scale, dropout_p, *kernel_choice)
 
 
 def timm_fused_attn() -> bool:
@@ -421,7 +452,11 @@ def _run_attention(impl, q, k, v, rel_bias, grid_size, dropout_p, scale):
     if impl in SDPA_KERNELS:
         with torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, SDPA_KERNELS[impl])):
             return _flash_attention.attention(q, k, v, None, None, dropout_p, scale, False)
-    return _flash_attention.attention(q, k, v, rel_bias, grid_size, dropout_p, scale, *_kernel_choice(impl))
+    use_triton, fwd_tiles, bwd_tiles = _kernel_choice(impl)
+    if use_triton and plain_inference((q, k, v, rel_bias)):
+        return _flash_attention.attention_inference(q, k, v, rel_bias, grid_size, scale, dropout_p, True, fwd_tiles)
+    return _flash_attention.attention(q, k, v, rel_bias, grid_size, dropout_p, scale, use_triton, fwd_tiles,
+                                      bwd_tiles)
 
 
 def _kernel_choice(impl: str) -> tuple:

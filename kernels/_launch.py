@@ -298,6 +298,13 @@ def inference_call(args) -> bool:
     return not records_autograd(args) and _untraced(args)
 
 
+def plain_inference(args) -> bool:
+    """:func:`inference_call` with the profiler off (:func:`_plain_eager`): where an op may run its forward body
+    alone, without the autograd Function, its context and the custom-op layers around it. At small batches a GPU
+    forward waits on this host time; a profiled call keeps the layers, through which the profiler names the op."""
+    return not records_autograd(args) and _plain_eager(args)
+
+
 class _Local(threading.local):
     plain = False  # inside :func:`apply`'s call of a forward in plain eager mode: its EagerOps need no check
 

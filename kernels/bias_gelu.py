@@ -291,6 +291,14 @@ def bias_gelu(x, bias, use_triton, approximate="none"):
     return out if x2 is x else out.view_as(x)
 
 
+def bias_gelu_inference(x, bias, use_triton, approximate="none"):
+    """:func:`bias_gelu` where autograd records nothing and nothing traces or profiles (eager inference, ``ops``):
+    the forward op's body alone, without the autograd Function and custom-op layers around it."""
+    x2 = _check_rows(x, bias)
+    out = bias_gelu_fwd.fn(x2, bias, use_triton, check_approximate(approximate))
+    return out if x2 is x else out.view_as(x)
+
+
 def bias_gelu_linear(x, bias, lin_weight, lin_bias, use_triton, approximate="none", function=BiasGeluLinearFn,
                      function_args=()):
     """GELU(x + bias) lin_weight^T + lin_bias over the last dim of x, recomputing the GELU in backward.

@@ -813,6 +813,15 @@ def flash_attention_qkv(qkv, rel_bias=None, grid_size=None, scale=None, dropout_
                                                      use_triton, fwd_tiles, bwd_tiles))
 
 
+def attention_inference(q, k, v, rel_bias=None, grid_size=None, scale=None, dropout_p=0.0, use_triton=True,
+                        fwd_tiles=0):
+    """:func:`flash_attention` where autograd records nothing and nothing traces or profiles (eager inference,
+    ``ops``): the forward op's body alone on the same checked arguments, without the autograd Function and
+    custom-op layers around it."""
+    prepared = _prepare(q, k, v, rel_bias, grid_size, scale, dropout_p, use_triton, fwd_tiles, 0)
+    return attention_fwd.fn(q, k, v, *prepared[:-1])[0]
+
+
 def _prepare(q, k, v, rel_bias, grid_size, scale, dropout_p, use_triton, fwd_tiles, bwd_tiles):
     """The checked arguments of the attention Functions after q, k, v: (rel_bias in fp32, dropout seed, grid_h,
     grid_w, scale, dropout_p, use_triton, fwd_tiles, bwd_tiles)."""

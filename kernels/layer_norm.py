@@ -151,13 +151,22 @@ def _add_layer_norm_torch(x, residual, weight, bias, eps, residual_in_fp32, y_dt
     return cast(y, y_dtype or x.dtype), res, mean, rstd
 
 
-def add_layer_norm_inference(x, residual, weight, bias, eps, residual_in_fp32):
-    """:func:`add_layer_norm` on the torch fallback where autograd records nothing and nothing traces (eager CPU
-    inference): the same ops on the same values, without the autograd Function and custom-op layers around them
-    (~8 us of host time a call: at batch 1 a CPU forward is mostly host time)."""
-    _check_ln_args(x, residual, weight, bias)
-    y, res, _, _ = _add_layer_norm_torch(x, residual, weight, bias, eps, residual_in_fp32)
-    return y, res
+def add_layer_norm_inference(x, residual, weight, bias, eps, residual_in_fp32, use_triton=False):
+    """:func:`add_layer_norm` where autograd records nothing and nothing traces or profiles (eager inference,
+    ``ops``): the same kernel launch, or torch math, on the same values, without the autograd Function and custom-op
+    layers around it (~8 us of host time a call on the torch path, ~6 on the kernels'; at small batches a forward
+    is mostly host time)."""
+    x2, r2, _ = _check_ln_args(x, residual, weight, bias)
+    if not use_triton:
+        y, res, _, _ = _add_layer_norm_torch(x, residual, weight, bias, eps, residual_in_fp32)
+        return y, res
+    y = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    res = launch_add_layer_norm(x2, r2, weight, bias, eps, residual_in_fp32, y)[0]
+    if x2 is not x:
+        y = y.view_as(x)
+    if residual is None and res.dtype == x.dtype:  # not stored: new_residual would equal x
+        return y, x
+    return y, (res if x2 is x else res.view_as(x))
 
 
 def launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y=None):

@@ -6,6 +6,7 @@ import torch
 
 from _helpers import INTERPRETER_ROUNDING
 
+from fastvit import ops
 from fastvit.kernels.bias_gelu import bias_gelu, bias_gelu_ref
 
 
@@ -192,3 +193,23 @@ def test_backward_recomputes_the_forward_output(dtype, approximate):
         assert torch.equal(y_again, y)
         dx_only, db_only, nothing = bias_gelu_bwd(dy, x, b, use_triton, approximate)
         assert nothing.numel() == 0 and torch.equal(dx_only, dx) and torch.equal(db_only, db)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh", "sigmoid"])
+@pytest.mark.parametrize("linear", [False, True], ids=["gelu", "gelu-linear"])
+def test_inference_call_gives_the_recorded_calls_output(approximate, linear):
+    """``ops.bias_gelu`` and ``ops.bias_gelu_linear`` in eager inference launch the kernel without the autograd
+    Function: the bits of the call autograd records, on a strided (column-slice) input too."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 9, 300, generator=g)[..., :256].half()
+    b, w = torch.randn(256, generator=g).half(), torch.randn(64, 256, generator=g).half()
+
+    def call(bias):
+        if linear:
+            return ops.bias_gelu_linear(x, bias, w, None, backend="triton", approximate=approximate)
+        return ops.bias_gelu(x, bias, backend="triton", approximate=approximate)
+    recorded = call(b.clone().requires_grad_())
+    with torch.no_grad():
+        inferred = call(b)
+    assert recorded.requires_grad and not inferred.requires_grad
+    assert torch.equal(inferred, recorded)

@@ -378,3 +378,23 @@ def test_packed_qkv_second_derivative_matches_dense_math():
     want = run(dense, torch.float64)
     for name, a, e in zip(["d packed", "d table", "d2 packed", "d2 table"], got, want):
         torch.testing.assert_close(a, e, atol=1e-4 * e.abs().max().item(), rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("grid", [None, (4, 4)], ids=["plain", "rel"])
+@pytest.mark.parametrize("packed_call", [False, True], ids=["views", "packed"])
+def test_inference_call_gives_the_recorded_calls_output(grid, packed_call):
+    """``ops.attention`` (strided views) and ``ops.attention_qkv`` (the packed projection) in eager inference
+    launch the forward kernel without the autograd Function: the bits of the call autograd records."""
+    h, hd, n = 2, 32, 17
+    packed, table, _ = _packed(2, h, n, hd, grid)
+    table = None if table is None else table.requires_grad_()
+
+    def call(x):
+        if packed_call:
+            return ops.attention_qkv(x, h, rel_bias=table, grid_size=grid, backend="triton")
+        return ops.attention(*_qkv(x, h, hd), rel_bias=table, grid_size=grid, backend="triton")
+    recorded = call(packed.requires_grad_())
+    with torch.no_grad():
+        inferred = call(packed)
+    assert recorded.requires_grad and not inferred.requires_grad
+    assert inferred.stride() == recorded.stride() and torch.equal(inferred, recorded)

@@ -6,6 +6,7 @@ import torch
 
 from _helpers import INTERPRETER_ROUNDING
 
+from fastvit import ops
 from fastvit.kernels.layer_norm import add_layer_norm, add_layer_norm_ref
 
 EPS = 1e-6
@@ -199,3 +200,25 @@ def test_fp32_residual_stream_with_fp16_branch(use_triton):
         assert a.dtype == e.dtype == dt, name
         tol = {"atol": 1e-4, "rtol": 1e-5} if dt == torch.float32 else {"atol": 2e-3, "rtol": 2e-3}
         torch.testing.assert_close(a, e, **tol, msg=name)
+
+
+@pytest.mark.parametrize("mode,fp32_res", [("add", False), ("none", False), ("none", True), ("add", True)])
+@pytest.mark.parametrize("layout", ["contiguous", "column-slice", "transposed"])
+def test_inference_call_gives_the_recorded_calls_outputs(mode, fp32_res, layout):
+    """``fastvit.ops.add_layer_norm`` in eager inference launches the kernel without its autograd Function: the
+    same bits as the call autograd records, for any layout, and x itself as new_residual where the sum would
+    equal x (the caller's residual stream then stays x, as after the recorded call)."""
+    d = 96
+    g = torch.Generator().manual_seed(6)
+    base = {"contiguous": torch.randn(2, 9, d, generator=g), "column-slice": torch.randn(2, 9, d + 8, generator=g),
+            "transposed": torch.randn(2, d, 9, generator=g)}[layout].half()
+    x = {"contiguous": base, "column-slice": base[..., 4:4 + d], "transposed": base.transpose(1, 2)}[layout]
+    r = None if mode == "none" else torch.randn(2, 9, d, generator=g).half()
+    w, b = torch.randn(d, generator=g).half(), torch.randn(d, generator=g).half()
+    recorded = ops.add_layer_norm(x, r, w.requires_grad_(), b, EPS, fp32_res, backend="triton")
+    with torch.no_grad():
+        inferred = ops.add_layer_norm(x, r, w, b, EPS, fp32_res, backend="triton")
+    assert recorded[0].requires_grad and not inferred[0].requires_grad
+    for a, e in zip(inferred, recorded):
+        assert a.shape == e.shape and a.dtype == e.dtype and torch.equal(a, e)
+    assert (inferred[1] is x) == (recorded[1] is x) == (mode == "none" and not fp32_res)

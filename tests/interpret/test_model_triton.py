@@ -53,6 +53,35 @@ def test_triton_model_matches_torch(kwargs):
     torch.testing.assert_close(x.grad, x_grad, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("kwargs", [{}, dict(pos_embed="rel"),
+                                    dict(no_embed_class=True, global_pool="avg", act_layer="gelu_tanh",
+                                         reg_tokens=2)],
+                         ids=["default", "rel", "avg-tanh-registers"])
+def test_inference_runs_the_forward_bodies_alone_with_the_same_bits(kwargs, dtype, monkeypatch):
+    """An eager no-grad forward on the kernels runs each fused op's forward body without its autograd Function
+    (no LayerNorm, GELU or attention Function is applied) and gives the bits of the forward autograd records;
+    inference_mode too."""
+    applied = []
+    for module in (bias_gelu, flash_attention, layer_norm):
+        def recording(function, *args, _real=module.apply):
+            applied.append(function.__name__)
+            return _real(function, *args)
+        monkeypatch.setattr(module, "apply", recording)
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(**{**CFG, **kwargs}, backend="triton").to(dtype).eval()
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    recorded = model(x)
+    assert recorded.requires_grad
+    assert {"AddLayerNormLinearFn", "BiasGeluLinearFn", "FlashAttentionQKVFn"} <= set(applied)
+    for context in (torch.no_grad, torch.inference_mode):
+        applied.clear()
+        with context():
+            out = model(x)
+        assert not applied, context
+        assert torch.equal(out, recorded.detach()), context
+
+
 def test_auto_runs_the_kernels_and_matches_torch(monkeypatch):
     """backend="auto" resolves to the Triton kernels here (every op's kernels launch) and gives the torch
     backend's outputs and gradients; "torch" launches none."""
