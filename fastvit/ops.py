@@ -211,7 +211,7 @@ def _inference(args, triton) -> bool:
     """Whether a call with tensor arguments ``args`` (the first the input) runs its op's forward body alone: eager
     inference (nothing for autograd to keep, no trace), no torch.func transform, and on the kernels no profiler
     (``kernels._launch.plain_inference``). At small batches a GPU forward waits on the host: the autograd Function,
-    its context and the custom-op layers cost ~5-10 us a fused op there."""
+    its context and the custom-op layers cost ~2-4 us a fused op (bench/overhead.py's stubbed launches)."""
     return not transformed() and (plain_inference(args) if triton else inference_call(args))
 
 

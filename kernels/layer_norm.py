@@ -154,8 +154,8 @@ def _add_layer_norm_torch(x, residual, weight, bias, eps, residual_in_fp32, y_dt
 def add_layer_norm_inference(x, residual, weight, bias, eps, residual_in_fp32, use_triton=False):
     """:func:`add_layer_norm` where autograd records nothing and nothing traces or profiles (eager inference,
     ``ops``): the same kernel launch, or torch math, on the same values, without the autograd Function and custom-op
-    layers around it (~8 us of host time a call on the torch path, ~6 on the kernels'; at small batches a forward
-    is mostly host time)."""
+    layers around it (host time a call: ~8 us less on the torch path, ~2-4 us on the kernels', bench/overhead.py; at
+    small batches a forward is mostly host time)."""
     x2, r2, _ = _check_ln_args(x, residual, weight, bias)
     if not use_triton:
         y, res, _, _ = _add_layer_norm_torch(x, residual, weight, bias, eps, residual_in_fp32)
