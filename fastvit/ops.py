@@ -389,20 +389,17 @@ def attention(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None,
 def attention_qkv(qkv, num_heads, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None, backend="auto"):
     """:func:`attention` of the q, k, v packed in ``qkv`` (B, N, 3 D), the qkv projection's output, split into
     ``num_heads`` heads; (B, heads, N, D / heads) out. Where our attention Function runs (the Triton kernels, or the
-    CPU training "fallback"), it takes the packed tensor and returns its gradient in one piece
-    (``flash_attention.attention_bwd_qkv``); every other implementation gets the three views."""
+    CPU training "fallback") for a call autograd records, it takes the packed tensor and returns its gradient in one
+    piece (``flash_attention.attention_bwd_qkv``); every other call gets the three views."""
     b, n, d3 = qkv.shape
     qkv = qkv.reshape(b, n, 3, num_heads, d3 // (3 * num_heads))
     q, k, v = _flash_attention.split_qkv(qkv)
     if transformed():
         return attention(q, k, v, rel_bias, grid_size, dropout_p, scale, backend)
     impl = attention_backend(q, rel_bias, backend, dropout_p, grid_size)
-    if impl != "fallback" and not impl.startswith("triton"):
+    if (impl != "fallback" and not impl.startswith("triton")) or not records_autograd((qkv, rel_bias)):
         return _run_attention(impl, q, k, v, rel_bias, grid_size, dropout_p, scale)
-    kernel_choice = _kernel_choice(impl)
-    if plain_inference((qkv, rel_bias)):
-        return _flash_attention.attention_inference(q, k, v, rel_bias, grid_size, scale, dropout_p, *kernel_choice[:2])
-    return _flash_attention.flash_attention_qkv(qkv, rel_bias, grid_size, scale, dropout_p, *kernel_choice)
+    return _flash_attention.flash_attention_qkv(qkv, rel_bias, grid_size, scale, dropout_p, *_kernel_choice(impl))
 
 
 def timm_fused_attn() -> bool:
