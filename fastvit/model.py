@@ -125,12 +125,14 @@ def norm_layer_of(norm_layer):
 
 
 # torch's tables of global module hooks (registered and removed in place, never rebound), read on every check
-_GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, f"_global_{kind}_hooks")
-                      for kind in ("forward", "forward_pre", "backward", "backward_pre"))
+_GLOBAL_FORWARD, _GLOBAL_FORWARD_PRE, _GLOBAL_BACKWARD, _GLOBAL_BACKWARD_PRE = (
+    getattr(torch.nn.modules.module, f"_global_{kind}_hooks") for kind in ("forward", "forward_pre", "backward",
+                                                                            "backward_pre"))
 
 
 def _has_global_hooks():
-    return any(_GLOBAL_HOOKS)
+    # the tables' truth values, not any() over a tuple of them: a block asks ~20 times
+    return bool(_GLOBAL_FORWARD or _GLOBAL_FORWARD_PRE or _GLOBAL_BACKWARD or _GLOBAL_BACKWARD_PRE)
 
 
 _MODULE_CALL = nn.Module.__call__
@@ -169,12 +171,15 @@ def runs_unmodified(module, cls) -> bool:
 
 
 def unedited(module, cls) -> bool:
-    """:func:`runs_unmodified` but for global hooks (for a module that timm's forward would not call either)."""
-    return (type(module) is cls and "forward" not in module.__dict__
+    """:func:`runs_unmodified` but for global hooks (for a module that timm's forward would not call either).
+    Reads the instance's own dict, where nn.Module keeps its hook tables and parameter table (a quarter less host
+    time than attribute lookups, which search the class first; a block asks ~25 times per call)."""
+    d = module.__dict__
+    return (type(module) is cls and "forward" not in d
             and _ORIGINAL_FORWARD.setdefault(cls, cls.forward) is cls.forward
-            and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                     or module._backward_pre_hooks)
-            and (cls not in _WEIGHTED or ("weight" in module._parameters and "bias" in module._parameters)))
+            and not (d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"]
+                     or d["_backward_pre_hooks"])
+            and (cls not in _WEIGHTED or ("weight" in d["_parameters"] and "bias" in d["_parameters"])))
 
 
 # layers whose weight and bias a fused kernel reads from the parameter table (None where there is none, as

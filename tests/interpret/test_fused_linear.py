@@ -144,3 +144,32 @@ def test_backward_recomputes_the_norm_in_the_products_dtype(backend):
     again = layer_norm.add_layer_norm_fwd(res, None, w.detach(), b.detach(), EPS, False, use_triton,
                                           torch.bfloat16)[0]
     assert y.dtype == again.dtype == torch.bfloat16 and torch.equal(y, again)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_eager_backward_recomputes_the_norm_by_the_kernel_alone(monkeypatch, dtype, residual):
+    """In a plain eager backward the LayerNorm's recomputation launches the kernel alone, keeping neither statistic
+    (layer_norm._normalized): the op is not called, and every gradient has the bits it has when the op recomputes
+    (a traced or profiled backward, forced here)."""
+    from fastvit.kernels import layer_norm
+    x, r, w, b, lw, lb = (t.detach().to(dtype).requires_grad_()
+                          for t in leaves((2, 17, 96), (2, 17, 96), (96,), (96,), (40, 96), (40,), seed=7))
+    r = r if residual else None
+    ins = [t for t in (x, r, w, b, lw, lb) if t is not None]
+    gout = torch.randn(2, 17, 40, generator=torch.Generator().manual_seed(8)).to(dtype)
+    op_calls = []
+    real_op = layer_norm.add_layer_norm_fwd
+    monkeypatch.setattr(layer_norm, "add_layer_norm_fwd", lambda *a: op_calls.append(a[6:]) or real_op(*a))
+
+    def grads():
+        out, _ = ops.add_layer_norm_linear(x, r, w, b, lw, lb, EPS, backend="triton")
+        op_calls.clear()
+        return torch.autograd.grad((out * gout).sum(), ins)
+    eager = grads()
+    assert op_calls == []  # the forward's op ran before the clear; the backward called none
+    monkeypatch.setattr(layer_norm, "plain_inference", lambda args: False)
+    through_op = grads()
+    assert op_calls == [(True, dtype)]  # the recomputation as the op: use_triton, y in the product's dtype
+    for a, e in zip(eager, through_op):
+        assert a.dtype == e.dtype and torch.equal(a, e)
