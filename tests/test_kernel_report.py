@@ -304,8 +304,9 @@ def test_fused_gemm_specs_cover_every_launch(monkeypatch, model, dtype):
 @pytest.mark.skipif(not _JIT_BINDER, reason="this triton lacks the JIT binder internals the test reuses")
 @pytest.mark.parametrize("model", ["vit_base_patch16_224", "vit_huge_patch14_224"])
 def test_every_model_launch_has_its_spec(monkeypatch, model):
-    """A one-block model at the full width, forward (and forward_features) and backward over AOT_IMAGES images with
-    every kernel launch recorded (CPU; nothing runs), under AMP (fp32 and bf16 residual stream) and cast to bf16:
+    """A one-block model at the full width, forward (and forward_features) and backward over AOT_IMAGES images, then
+    an eval-mode forward without grad, with every kernel launch recorded (CPU; nothing runs), under AMP (fp32 and
+    bf16 residual stream) and cast to bf16:
     each launch of every kernel is, in Triton's JIT's own specialisation, one of the specs bench/kernel_report.py
     compiles; and every LayerNorm, bias+GELU and patch embedding spec is some launch (attention's bias and dropout
     variants: test_attention_specs_match_a_model_launch).
@@ -332,6 +333,10 @@ def test_every_model_launch_has_its_spec(monkeypatch, model):
             out = vit(x.requires_grad_())  # the final norm on the class tokens
             features = vit.forward_features(x)  # on every token, as a feature extractor trains it
         (out.float().sum() + features.float().sum()).backward()
+        # eager inference launches the forward kernels without their autograd Functions (the LayerNorm keeps no
+        # statistics): the same compiled variants
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant != "half"):
+            vit.eval()(x)
         assert {c[0] for c in calls} >= {layer_norm._add_ln_fwd_kernel, layer_norm._add_ln_bwd_kernel,
                                          bias_gelu._bias_gelu_fwd_kernel, bias_gelu._bias_gelu_bwd_kernel}
         for fn, args, kwargs in calls:
