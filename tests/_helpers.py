@@ -18,6 +18,16 @@ from fastvit.kernels._launch import capability
 INTERPRETER_ROUNDING = {torch.float16: 1, torch.bfloat16: 2}
 
 
+def assert_close_to_scale(actual, expected, rtol, msg=None):
+    """assert_close with an absolute tolerance of 1e-5 x the largest |expected| (at least 1e-5): fp32 summation-order
+    noise grows with the values summed (on an AVX2 EPYC, 3e-5 apart in a giant's features, 1.4e-5 in a head's
+    gradient of ~8, where an AVX-512 VM's BLAS met 1e-5; 1.08e-5 in a width-1024 hybrid's logits of ~7, where CPU
+    inference had timed oneDNN's GEMM against MKL's and taken the other), where a wrong implementation is off by far
+    more."""
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual, expected, atol=1e-5 * scale, rtol=rtol, msg=msg)
+
+
 def assert_compiled_matches_eager(f, args):
     """torch.compile(f, fullgraph=True) (inductor; one graph, or it raises) gives eager's scalar output and its
     gradients with respect to every tensor in ``args`` that requires grad, to fp32 rounding: each result's largest

@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastvit
-from _helpers import compile_capturing_graphs, graph_calls, images, representative_names, timm_pair
+from _helpers import (assert_close_to_scale, compile_capturing_graphs, graph_calls, images, representative_names,
+                      timm_pair)
 from fastvit.kernels.flash_attention import relative_position_index
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
@@ -218,14 +219,6 @@ def test_registry_matches_timm(name):
     assert model.patch_embed.grid_size == ref.patch_embed.grid_size
 
 
-def _assert_close_to_scale(actual, expected, rtol, msg=None):
-    """assert_close with an absolute tolerance of 1e-5 x the largest |expected| (at least 1e-5): fp32 summation-order
-    noise grows with the values summed (on an AVX2 EPYC, 3e-5 apart in a giant's features, 1.4e-5 in a head's
-    gradient of ~8, where an AVX-512 VM's BLAS met 1e-5)."""
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual, expected, atol=1e-5 * scale, rtol=rtol, msg=msg)
-
-
 @pytest.mark.parametrize("name", representative_names())
 def test_every_layout_builds_timms_model(name):
     """Each registered layout (timm's constructor arguments as the data file holds them) against timm's model of the
@@ -248,13 +241,13 @@ def test_every_layout_builds_timms_model(name):
     model.load_state_dict(ref.state_dict(), strict=True)
     x = torch.randn(2, 3, *kwargs["img_size"], generator=torch.Generator().manual_seed(1))
     out, expected = model(x), ref(x)
-    _assert_close_to_scale(out, expected, rtol=1e-5)
-    _assert_close_to_scale(model.forward_features(x), ref.forward_features(x), rtol=1e-5)
+    assert_close_to_scale(out, expected, rtol=1e-5)
+    assert_close_to_scale(model.forward_features(x), ref.forward_features(x), rtol=1e-5)
     out.square().sum().backward()
     expected.square().sum().backward()
     grads = dict(ref.named_parameters())
     for n, p in model.named_parameters():
-        _assert_close_to_scale(p.grad, grads[n].grad, rtol=1e-4, msg=n)
+        assert_close_to_scale(p.grad, grads[n].grad, rtol=1e-4, msg=n)
     assert model.no_weight_decay() <= ref.no_weight_decay() and model.group_matcher() == ref.group_matcher()
 
 
