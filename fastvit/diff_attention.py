@@ -18,9 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastvit import ops
-from fastvit.model import (ATTN_LAYERS, BLOCK_FNS, LayerScale, act_layer_of, attention_layers, call,
-                           drop_path_or_identity, linear, norm_layer_of)
+from fastvit.drop import drop_path_or_identity
+from fastvit.model import ATTN_LAYERS, BLOCK_FNS, LayerScale, act_layer_of, attention_layers, norm_layer_of
 from fastvit.parallel_blocks import check_heads, in_projection_layers, mlp_hidden
+from fastvit.surgery import call, linear
 
 __all__ = ["DiffAttention", "DiffParallelScalingBlock"]
 

@@ -18,9 +18,10 @@ import torch
 import torch.nn as nn
 
 from fastvit import ops
-from fastvit.model import (BLOCK_FNS, LayerScale, act_layer_of, attention_keywords, block_attention, call,
-                           drop_path_or_identity, linear, mlp_layer_of, norm_layer_of, runs_unmodified, unedited,
-                           weight_and_bias, _block_mlp)
+from fastvit.drop import drop_path_or_identity
+from fastvit.model import (BLOCK_FNS, LayerScale, act_layer_of, attention_keywords, block_attention, mlp_layer_of,
+                           norm_layer_of, _block_mlp)
+from fastvit.surgery import call, linear, runs_unmodified, unedited, weight_and_bias
 
 
 def _no_rel_pos(rel_pos_grid, name):

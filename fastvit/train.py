@@ -179,7 +179,7 @@ class Run:
             from torch.distributed.fsdp import fully_shard
             mesh = init_device_mesh(env.device.type, (env.world,))
             for block in model.blocks:
-                # a sharded block carries FSDP's hooks, so the model calls it as a module (fastvit.model.runs_unmodified)
+                # a sharded block carries FSDP's hooks, so the model calls it as a module (fastvit.surgery.runs_unmodified)
                 fully_shard(block, mesh=mesh)
             self.model = fully_shard(model, mesh=mesh)
         elif env.world > 1:

@@ -9,7 +9,8 @@ import torch.nn as nn
 
 import fastvit
 from _helpers import images, timm_pair
-from fastvit.model import Block, runs_unmodified
+from fastvit.model import Block
+from fastvit.surgery import runs_unmodified
 
 CFG = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
 
