@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from fastvit.model import VisionTransformer, checked_image, embed_patches, grid_size_for, resample_projection_
 from fastvit.registry import register_model
 from fastvit.resample import _pair
-from fastvit.surgery import keep_original_forward
 from fastvit.resnet_d import ResNetD, init_resnet_d, init_resnet_weights, resnet_d_stage
+from fastvit.surgery import keep_original_forward
 
 __all__ = ["Bottleneck", "ConvNormAct", "ConvStem", "GroupNormAct", "HybridEmbed", "ResNetStem", "ResNetV2",
            "StdConv2dSame", "hybrid_backbone_from_npz"]
