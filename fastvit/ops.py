@@ -35,7 +35,7 @@ from fastvit.kernels import matmul as _matmul
 from fastvit.kernels import matmul_residual as _matmul_residual
 from fastvit.kernels import patch_embed as _patch_embed
 from fastvit.kernels._launch import (KERNEL_DTYPES, apply, capability, cast, eager_training_call, inference_call,
-                                     plain_inference, records_autograd, transformed)
+                                     plain_inference, quiet_size_checks, records_autograd, transformed)
 from fastvit.kernels._launch import interpreting as triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton")
@@ -350,6 +350,7 @@ SDPA_ENABLED = {"sdpa_flash": torch.backends.cuda.flash_sdp_enabled,
                 "sdpa_efficient": torch.backends.cuda.mem_efficient_sdp_enabled}
 
 
+@quiet_size_checks
 def attention(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None, backend="auto", attn_mask=None,
               is_causal=False):
     """softmax(q k^T / sqrt(D_h) + B_rel [+ M]) v on (B, heads, N, head_dim) views, which may be strided.
@@ -386,6 +387,7 @@ def attention(q, k, v, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None,
     return _run_attention(impl, q, k, v, rel_bias, grid_size, dropout_p, scale)
 
 
+@quiet_size_checks
 def attention_qkv(qkv, num_heads, rel_bias=None, grid_size=None, dropout_p=0.0, scale=None, backend="auto"):
     """:func:`attention` of the q, k, v packed in ``qkv`` (B, N, 3 D), the qkv projection's output, split into
     ``num_heads`` heads; (B, heads, N, D / heads) out. Where our attention Function runs (the Triton kernels, or the

@@ -26,6 +26,7 @@ import operator
 import os
 import threading
 import types
+import warnings
 
 import torch
 from torch.autograd import forward_ad
@@ -106,6 +107,23 @@ def transformed() -> bool:
     functorch's current level: dynamo answers it as eager does, where it would answer peek_interpreter_stack()
     with an interpreter of its own.)"""
     return torch._C._functorch.maybe_current_level() is not None or forward_ad._current_level >= 0
+
+
+def quiet_size_checks(fn):
+    """Decorator for an op whose argument checks compare sizes. Under ``torch.jit.trace`` a size is a traced
+    value, so each comparison warns (TracerWarning) that the trace may not generalise: attention's checks gave
+    about 20 warnings a block, where timm's whole ViT gives 11. They ran on the example input, and what they
+    compare (q against k and v, the token count against the patch grid) does not change with the batch, so those
+    warnings are dropped while tracing. Outside a trace the wrapper costs a ``torch.jit.is_tracing()`` call (~0.5 us
+    here); dynamo reads that as False."""
+    @functools.wraps(fn)
+    def op(*args, **kwargs):
+        if not torch.jit.is_tracing():
+            return fn(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return fn(*args, **kwargs)
+    return op
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:

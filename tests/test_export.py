@@ -1,4 +1,6 @@
 """torch.export and ONNX export (the torch backend's program holds only aten ops and runs in onnxruntime)."""
+import warnings
+
 import numpy as np
 import onnxruntime
 import pytest
@@ -64,6 +66,32 @@ def test_onnx_export_runs_in_onnxruntime_like_eager(name, kwargs):
     expected = model(x).detach().numpy()
     assert out.shape == expected.shape
     assert np.abs(out - expected).max() <= 1e-4
+
+
+def _tracer_warnings(model, x):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.jit.trace(model, (x,), check_trace=False)
+    return [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+
+
+@pytest.mark.parametrize("rel", [False, True])
+def test_jit_trace_warns_per_model_not_per_block(rel):
+    """torch.jit.trace warns where Python compares a traced size. timm's ViT does so a fixed number of times (its
+    image checks); so does ours (its image checks compare a couple of sizes more), while attention's argument
+    checks, about 20 warnings a block before, stay quiet."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    counts = {}
+    for depth in (1, 3):
+        torch.manual_seed(0)
+        kwargs = dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2, depth=depth, num_classes=5)
+        model = fastvit.VisionTransformer(**kwargs, pos_embed="rel" if rel else "learn").eval()
+        x = torch.randn(1, 3, 32, 32)
+        counts[depth] = len(_tracer_warnings(model, x))
+        if not rel:
+            timm_count = len(_tracer_warnings(TimmViT(**kwargs).eval(), x))
+            assert counts[depth] <= timm_count + 2
+    assert counts[1] == counts[3]
 
 
 def test_legacy_onnx_exporter_and_jit_trace_record_plain_ops(tmp_path):
