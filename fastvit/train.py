@@ -218,7 +218,8 @@ class Run:
             torch.cuda.set_rng_state(rng["cuda"], self.env.device)
 
     def _config_json(self):
-        return {"train": dataclasses.asdict(self.cfg), "model": {"name": self.model_name, "kwargs": self.model_kwargs}}
+        return {"train": dataclasses.asdict(self.cfg), "model": {"name": self.model_name, "kwargs": self.model_kwargs},
+                "data": {"train_samples": self.data.num_train}}
 
     def save(self, step, samples_seen, final=False):
         """Write a checkpoint. A write that fails (a full disk) leaves the previous checkpoint the newest usable one;
@@ -344,6 +345,11 @@ class Run:
                 advice += f", or start from its weights with --init {folder}"
             changes = "; ".join(f"{k} {fields[k][0]!r} -> {fields[k][1]!r}" for k in changed)
             raise ValueError(f"{where} holds checkpoints of another run ({changes}); {advice}")
+        before = old.get("data", {}).get("train_samples")  # absent from runs saved before 2026-12-05
+        if before is not None and before != self.data.num_train and self.env.rank == 0:
+            warnings.warn(f"the run in {folder} was trained on {before} training samples and --data now holds "
+                          f"{self.data.num_train}: it resumes, but the samples it draws from here on differ from "
+                          f"those of an uninterrupted run", checkpoint.CheckpointWarning)
 
     # -- evaluation -------------------------------------------------------------------------------------------
     def _autocast(self):
@@ -354,8 +360,9 @@ class Run:
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Top-1 on the held-out split, sharded over ranks."""
+    def evaluate(self) -> float | None:
+        """Top-1 on the held-out split, sharded over ranks; None where none of its images could be read (each one
+        named in a warning as it was read)."""
         self.core.eval()
         counts = torch.zeros(2, dtype=torch.float64)
         for x, y, valid in eval_batches(self.data.test, 2 * self.cfg.micro_batch, self.env.world, self.env.rank,
@@ -367,6 +374,8 @@ class Run:
         self.core.train()
         counts = counts.to(self.env.device)
         dist.all_reduce(counts)
+        if not counts[1]:
+            return None
         return (counts[0] / counts[1]).item()
 
     def _plain_model(self):
@@ -497,7 +506,7 @@ class Run:
                     top1 = self.evaluate()
                     log.write({"step": step, "eval_top1": top1})
                     if env.rank == 0:
-                        bar.write(f"step {step}: held-out top-1 {100 * top1:.2f}%")
+                        bar.write(f"step {step}: held-out top-1 {top1_text(top1)}")
                 final = stopped or step == cfg.steps
                 if (final or step % cfg.save_every == 0) and self.save(step, seen, final=final):
                     saved_at = step
@@ -516,7 +525,7 @@ class Run:
                 plot_curves(log.path, self.out / "curves.png")
             return {"step": step, "top1": None, "out": str(self.out), "stopped_by_signal": True,
                     "signal": stop.requested or "SIGTERM", "train_time_s": time.perf_counter() - t_run}
-        if top1 is None:  # resumed at the end: report the final accuracy again
+        if step == start:  # resumed at the end: report the final accuracy again
             rank0_print(env, f"the run in {self.out} is complete (step {step} of {cfg.steps}): evaluating its model "
                              f"again (a larger --steps would go on training it)")
             top1 = self.evaluate()
@@ -530,7 +539,7 @@ class Run:
             log.write({"step": step, "final_top1": top1, "train_time_s": result["train_time_s"],
                        **({"fewshot": result["fewshot"]} if "fewshot" in result else {})})
             plot_curves(log.path, self.out / "curves.png")
-            print(f"held-out top-1 {100 * top1:.2f}% at step {step}; {result['train_time_s']:.1f} s; metrics "
+            print(f"held-out top-1 {top1_text(top1)} at step {step}; {result['train_time_s']:.1f} s; metrics "
                   f"{log.path}, curves {self.out / 'curves.png'}, model {result['model_dir']}", flush=True)
         return result
 
@@ -569,14 +578,14 @@ def main(argv=None) -> list:
     try:
         device_and_backend(cfg.device, cfg.dist_backend)
     except ValueError as e:
-        parser.error(str(e))
+        setting_error(parser, e)
     results = []
     try:
         with keep_thread_count(), distributed(cfg.dist_backend, cfg.device, cfg.dist_timeout) as env:
             try:
                 check(resolve(cfg, env.world)[0], env.world)  # before the loop over --seeds
             except ValueError as e:
-                parser.error(str(e))
+                setting_error(parser, e)
             cfg = dataclasses.replace(cfg, out=cfg.out or default_out(cfg))
             for i in range(cfg.seeds):
                 run_cfg = cfg
@@ -585,11 +594,12 @@ def main(argv=None) -> list:
                 try:
                     run = Run(run_cfg, env)
                 except ValueError as e:
-                    parser.error(str(e))
+                    setting_error(parser, e)
                 results.append(run.fit())
                 if results[-1]["stopped_by_signal"]:  # the other seeds are not started
                     break
-            if cfg.seeds > 1 and not results[-1]["stopped_by_signal"]:
+            # a stopped run, or one without a readable held-out image, has no top-1 to summarise
+            if cfg.seeds > 1 and all(r["top1"] is not None for r in results):
                 top1 = np.array([r["top1"] for r in results]) * 100
                 summary = Path(cfg.out) / "seeds.json"
                 if env.rank == 0:
@@ -604,6 +614,20 @@ def main(argv=None) -> list:
     if results and results[-1]["stopped_by_signal"]:
         sys.exit(stop_status(results[-1]))
     return results
+
+
+def setting_error(parser, error: Exception):
+    """Exit as ``parser.error`` does (status 2, the program's name before the message) but without the usage,
+    which runs to 30 lines here: these errors come from the data, the run folder or a combination of flags, and
+    name what to change."""
+    parser.exit(2, f"{parser.prog}: error: {error}\n")
+
+
+def top1_text(top1: float | None) -> str:
+    """A held-out top-1 as printed: a percentage, or why there is none."""
+    if top1 is None:
+        return "not measured (no held-out image could be read; each is named in a warning above)"
+    return f"{100 * top1:.2f}%"
 
 
 def own_message(error: Exception) -> str:

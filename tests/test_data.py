@@ -1,5 +1,6 @@
 """fastvit.data on files: keyed augmentation against torchvision's ops, the GPU path's code on CPU tensors against the
 CPU path, unreadable samples (replaced, counted, a limit), and training on an ImageFolder with broken files."""
+import dataclasses
 import io
 import json
 import os
@@ -16,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastvit import fewshot
+from fastvit import checkpoint, fewshot
 from fastvit.config import TrainConfig
 from fastvit.data import (BadSampleWarning, DataError, FileSource, FolderSamples, ImageFolderSource, augment_batch,
                           crop_boxes, decode_image, decode_pil, eval_transform, keyed_uniform, make_source,
@@ -275,6 +276,40 @@ def test_the_bad_sample_limit_keeps_the_finished_steps(tmp_path):
         train(TrainConfig(**common, out=str(tmp_path / "b"), max_bad_frac=0.5))
     a, b = ([(r["step"], r["loss"], r["bad_samples"]) for r in rows(tmp_path / x) if "loss" in r] for x in "ab")
     assert a == b and a[-1][0] == 8
+
+
+def test_no_readable_held_out_image_leaves_top1_unmeasured(tmp_path, capsys):
+    """Every held-out image unreadable: the run trains, says the accuracy was not measured, and metrics.jsonl holds
+    null (strict JSON; it held NaN, printed as "nan%"); two seeds write no summary of values they do not have."""
+    make_folder(tmp_path / "data", per_class=2, broken={("val", c, i) for c in ("cat", "dog", "owl") for i in range(2)})
+    flags = ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--steps", "2", "--global-batch", "2",
+             "--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
+             "--workers", "0", "--seeds", "2"]
+    with pytest.warns(BadSampleWarning, match="left out of evaluation"):
+        results = main(flags)
+    assert [r["top1"] for r in results] == [None, None] and all(r["model_dir"] for r in results)
+    out = capsys.readouterr().out
+    assert out.count("held-out top-1 not measured (no held-out image could be read") == 4, out  # step 2, final
+    assert "nan" not in out.lower() and not (tmp_path / "run" / "seeds.json").exists()
+    lines = (tmp_path / "run" / "seed_0" / "metrics.jsonl").read_text().splitlines()
+    rows_ = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) for line in lines]
+    assert [r["final_top1"] for r in rows_ if "final_top1" in r] == [None]
+
+
+def test_resuming_on_a_changed_training_set_says_so(tmp_path):
+    """config.json records the training-set size; a resume on a folder that has since lost (or gained) images
+    warns that the run no longer repeats an uninterrupted one, naming both counts; an unchanged one does not."""
+    make_folder(tmp_path / "data")
+    cfg = TrainConfig(**dict(TINY, data=str(tmp_path / "data"), out=str(tmp_path / "run"), steps=2, global_batch=4))
+    train(cfg)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == {"train_samples": 18}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", checkpoint.CheckpointWarning)
+        train(dataclasses.replace(cfg, steps=3))
+    next((tmp_path / "data" / "train" / "owl").iterdir()).unlink()
+    with pytest.warns(checkpoint.CheckpointWarning, match=r"was trained on 18 training samples and --data now "
+                                                          r"holds 17: it resumes"):
+        assert train(dataclasses.replace(cfg, steps=4))["step"] == 4
 
 
 def test_broken_data_read_by_loader_workers_ends_with_the_one_line_error(tmp_path, capsys):

@@ -213,6 +213,31 @@ def test_bad_shard_input_gives_clear_errors(written, tmp_path):
         parse_size("big")
 
 
+def test_a_shard_cut_short_keeps_its_whole_samples_and_says_so(tmp_path):
+    """A shard cut anywhere (inside a member's data, at a header boundary, inside a header) is indexed up to its
+    last whole sample, with a warning. Python's tarfile reads a missing or short header as the end of the archive:
+    cut there, the shard lost its last samples without a word, or failed on the half sample left."""
+    _tar(tmp_path / "whole.tar", [(f"{i:03d}.{ext}", data) for i in range(4)
+                                  for ext, data in (("cls", str(i).encode()), ("jpg", bytes([i + 1]) * 700))])
+    raw = (tmp_path / "whole.tar").read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a whole shard: no warning
+        assert [s[0] for s in scan_shard(str(tmp_path / "whole.tar"))["samples"]] == ["000", "001", "002", "003"]
+    # members: header (512) + data padded to 512: a sample is cls (1024 bytes) then jpg (512 + 1024)
+    sample = 1024 + 1536
+    for cut, kept in ((2 * sample, 2),              # at the header of sample 2's .cls: nothing of it is left
+                      (2 * sample + 1024, 2),       # at the header of its .jpg: a label without an image
+                      (2 * sample + 1024 + 300, 2),  # inside that header
+                      (2 * sample + 1024 + 900, 3),  # inside its image data: kept (its decode fails later)
+                      (4 * sample, 4)):             # after the last member, without the end-of-archive blocks
+        path = tmp_path / f"cut{cut}.tar"
+        path.write_bytes(raw[:cut])
+        with pytest.warns(RuntimeWarning, match=f"cut{cut}.tar is damaged after {kept} samples"):
+            samples = scan_shard(str(path))["samples"]
+        assert [s[0] for s in samples] == [f"{i:03d}" for i in range(kept)]
+        assert [s[3] for s in samples] == list(range(kept))
+
+
 def test_class_count_comes_from_the_manifest_and_a_stray_label_is_caught(written, tmp_path):
     """WebDataset carries no class list: with the writer's manifest above the shards, its classes set the head and
     a label past them is refused by name; without one the head is the largest label + 1, and a class index no
@@ -226,7 +251,7 @@ def test_class_count_comes_from_the_manifest_and_a_stray_label_is_caught(written
                                          r"manifest.json lists 3 classes \(1 such sample"):
         ShardSource(str(copy), None, 16)
     (copy / "manifest.json").unlink()
-    with pytest.warns(RuntimeWarning, match=r"4 of the class indices 0..7 have no training sample \(first 3\)"):
+    with pytest.warns(RuntimeWarning, match=r"4 of the class indices 0..7 have no training sample \(the first: 3\)"):
         assert ShardSource(str(copy), None, 16).num_classes == 8
     (copy / "train" / "zz-stray.tar").unlink()
     with warnings.catch_warnings():
@@ -251,10 +276,12 @@ def test_a_huge_class_index_without_a_manifest_is_refused_by_name(tmp_path):
             count_classes(shards(f"train{huge}", [0, 1, 2, 3, 0, 1, huge]), val)
     with pytest.raises(ValueError, match=r"held-out sample \S*valhuge.tar:k4 has class index 5000"):
         count_classes(val, shards("valhuge", [0, 1, 2, 3, 5000]))
-    with pytest.warns(RuntimeWarning, match=r"995 of the class indices 0..999 have no training sample \(first 4\)"):
+    with pytest.warns(RuntimeWarning,
+                      match=r"995 of the class indices 0..999 have no training sample \(the first: 4\)"):
         assert count_classes(shards("stray", [0, 1, 2, 3, 999]), val) == 1000
     subset = shards("subset", range(0, 21841, 7))
-    with pytest.warns(RuntimeWarning, match=r"18720 of the class indices 0..21840 have no training sample \(first 1"):
+    with pytest.warns(RuntimeWarning,
+                      match=r"18720 of the class indices 0..21840 have no training sample \(the first: 1"):
         assert count_classes(subset, subset) == 21841
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -101,7 +101,7 @@ def scan_shard(path: str) -> dict:
     in tar order. Raises ValueError for a sample without a label or an image; a tar damaged part-way is indexed up
     to the damage, with a warning naming what is lost."""
     base_plus_ext = _webdataset().tariterators.base_plus_ext
-    entries, order = {}, []
+    entries, order, damage = {}, [], None
     try:
         # a zero-byte file is an empty shard (skipped with a warning, as an empty tar is), not a broken one
         with tarfile.open(path, "r:") if os.path.getsize(path) else contextlib.nullcontext(()) as tar:
@@ -120,11 +120,17 @@ def scan_shard(path: str) -> dict:
                         entries[key]["cls"] = tar.extractfile(member).read()
                     elif ext in IMAGE_EXTS and "image" not in entries[key]:
                         entries[key]["image"] = (member.offset_data, member.size)
+                if order:
+                    damage = _unterminated(path, tar.offset)
             except (tarfile.ReadError, EOFError, OSError) as e:
-                warnings.warn(f"shard {path} is damaged after {len(order)} samples ({e}); the rest of it is lost",
-                              RuntimeWarning)
+                damage = str(e)
     except tarfile.ReadError as e:
         raise ValueError(f"shard {path} is not a readable tar file ({e})") from e
+    if damage:
+        if order and ("cls" not in entries[order[-1]] or "image" not in entries[order[-1]]):
+            del entries[order.pop()]  # the cut went through this sample's members
+        warnings.warn(f"shard {path} is damaged after {len(order)} samples ({damage}); the rest of it is lost",
+                      RuntimeWarning)
     unlabelled = [k for k in order if "cls" not in entries[k]]
     if unlabelled and len(unlabelled) == len(order):
         raise ValueError(f"shard {path} has no labels: a labelled WebDataset sample is KEY.jpg (or .png/.webp) "
@@ -149,6 +155,20 @@ def scan_shard(path: str) -> dict:
         samples.append([key, *entries[key]["image"], label])
     stat = os.stat(path)
     return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "samples": samples}
+
+
+def _unterminated(path: str, end: int):
+    """Why a tar whose members end at byte ``end`` was cut short, or None where a zero block (the end-of-archive
+    marker) follows them. Python's tarfile reads a header cut short, or none at all, as the end of the archive, so
+    a shard truncated at or inside a header would otherwise lose its last samples without a word."""
+    with open(path, "rb") as f:
+        f.seek(end)
+        tail = f.read(tarfile.BLOCKSIZE)
+    if len(tail) < tarfile.BLOCKSIZE:
+        return f"it ends {len(tail)} bytes after its last whole member, without the tar end-of-archive blocks"
+    if any(tail):
+        return "a damaged tar header follows its last whole member"
+    return None
 
 
 def write_index(path: str, index: dict) -> None:
@@ -331,7 +351,7 @@ def count_classes(train: "ShardSamples", test: "ShardSamples") -> int:
     trained = np.unique(train.labels)
     if len(trained) < count:
         gaps = np.flatnonzero(trained != np.arange(len(trained)))
-        warnings.warn(f"{count - len(trained)} of the class indices 0..{count - 1} have no training sample (first "
+        warnings.warn(f"{count - len(trained)} of the class indices 0..{count - 1} have no training sample (the first: "
                       f"{gaps[0] if len(gaps) else len(trained)}); the head has {count} classes, the largest .cls + "
                       f"1. Without a {MANIFEST} listing the classes above the shards, a mistyped .cls makes the head "
                       "bigger", RuntimeWarning)
