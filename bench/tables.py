@@ -60,6 +60,21 @@ def profile_table(data):
     return common.markdown_table(header, rows)
 
 
+def numerics_worst_table(data):
+    """Per op or model, dtype and direction, the worst of fastvit's error over PyTorch's (max-abs and mean-rel,
+    over every shape): the table the README quotes."""
+    worst, names = {}, []
+    for r in data["rows"]:
+        names += [r["name"]] if r["name"] not in names else []
+        key = (r["name"], r["dtype"], r["direction"])
+        worst[key] = max(worst.get(key, 0.0), r["ratio_max_abs"], r["ratio_mean_rel"])
+    cols = [(dtype, direction) for dtype in ("fp32", "fp16", "bf16") for direction in ("fwd", "bwd")]
+    cols = [c for c in cols if any((n, *c) in worst for n in names)]
+    return common.markdown_table(["op / model", *(f"{d} {di}" for d, di in cols)],
+                                 [[n, *(f"{worst[(n, *c)]:.2f}" if (n, *c) in worst else "—" for c in cols)]
+                                  for n in names])
+
+
 def numerics_table(data):
     header = ["kind", "name", "shape", "dtype", "direction", "backend", "ratio max abs", "ratio mean rel", "ok"]
     rows = [[r["kind"], r["name"], r["shape"], r["dtype"], r["direction"], r["backend"],
@@ -261,7 +276,8 @@ def summary(folder):
     if numerics:
         lines += [f"## Numerics (bench/numerics.py): {numerics['failed']} of {len(numerics['rows'])} rows over "
                   f"{numerics['pass_ratio']}x PyTorch's own error", "", *caveats(numerics, env),
-                  numerics_table(numerics), ""]
+                  "The worst ratio per op, dtype and direction:", "", numerics_worst_table(numerics), "",
+                  "Every row:", "", numerics_table(numerics), ""]
     out = folder / "summary.md"
     out.write_text("\n".join(lines), encoding="utf-8")
     return out

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastvit.config import ARCH_FLAGS, plural, short_warnings
+from fastvit.config import ARCH_FLAGS, cpus_per_local_rank, plural, short_warnings
 from fastvit.data.sources import dataset_labels, eval_batches
 from fastvit.model import POS_EMBED_AT, POS_EMBEDS
 
@@ -169,8 +169,10 @@ def main(argv=None):
                                                              "(default: 3; mean and std reported)")
     parser.add_argument("--l2", type=float, default=1.0, help="ridge regularisation")
     parser.add_argument("--batch-size", type=int, default=256, help="images per feature batch (default: 256)")
-    parser.add_argument("--workers", type=int, default=4, help="image loader processes (default: 4)")
+    parser.add_argument("--workers", type=int, help="image loader processes (default: the usable CPUs, at most 4)")
     args = parser.parse_args(argv)
+    if args.workers is None:  # more workers than CPUs only adds switching (and DataLoader's warning), as in train
+        args.workers = min(4, cpus_per_local_rank(1))
     short_warnings()
     if args.seeds < 1 or min(args.shots) < 1:
         parser.error(f"--seeds and --shots must be positive integers, got --seeds {args.seeds} and --shots "

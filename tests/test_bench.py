@@ -12,6 +12,7 @@ import sys
 import tarfile
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -692,6 +693,25 @@ def test_summary_heads_each_throughput_setting_and_flags_what_is_not_a_benchmark
     assert "eager only" in eager and "**incomplete**" in eager and "**TRITON_INTERPRET=1**" in eager
     assert "measured with gpu NVIDIA H100 (not as in the header)" in eager
     assert "**incomplete**" not in summary.split("## Throughput (bench/throughput.py)")[0]
+
+
+def test_numerics_worst_table_takes_the_worst_ratio_per_cell():
+    """The README's numerics table: per op, dtype and direction, the largest of both error ratios over every
+    shape; a dtype or direction no row has is no column, a missing cell a dash."""
+    tables = _load_bench("tables")
+    rng = np.random.default_rng(0)
+    rows = [{"name": name, "dtype": dtype, "direction": direction, "ratio_max_abs": float(rng.uniform(0, 2)),
+             "ratio_mean_rel": float(rng.uniform(0, 2))}
+            for name in ("attention", "tiny") for dtype in ("fp32", "bf16") for direction in ("fwd", "bwd")
+            for _ in range(3) if not (name == "tiny" and direction == "bwd")]
+    lines = tables.numerics_worst_table({"rows": rows}).splitlines()
+    assert lines[0] == "| op / model | fp32 fwd | fp32 bwd | bf16 fwd | bf16 bwd |"
+    cells = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").split(" | ")[1:] for line in lines[2:]}
+    for name in ("attention", "tiny"):
+        for i, (dtype, direction) in enumerate([("fp32", "fwd"), ("fp32", "bwd"), ("bf16", "fwd"), ("bf16", "bwd")]):
+            mine = [max(r["ratio_max_abs"], r["ratio_mean_rel"]) for r in rows
+                    if (r["name"], r["dtype"], r["direction"]) == (name, dtype, direction)]
+            assert cells[name][i] == (f"{max(mine):.2f}" if mine else "—"), (name, dtype, direction)
 
 
 def test_readme_tables_are_rebuilt_between_their_markers(tmp_path):
