@@ -312,6 +312,12 @@ class Run:
                 raise ValueError(f"--steps {cfg.steps} is below step {step} of the checkpoint this run resumes "
                                  f"({path}); pass --steps {step} or more to go on with it, or another --out")
             rank0_print(env, f"resumed from {path} (step {step})")
+            if explicit and env.rank == 0:  # an older checkpoint than --out's newest: say what happens to the rest
+                newer = [checkpoint.checkpoint_step(p) for p in checkpoint.resume_candidates(self.out, warn=False)]
+                if newer and newer[0] > step:
+                    warnings.warn(f"{self.out} holds checkpoints up to step {newer[0]}: they stay until this run "
+                                  f"saves over them (--resume auto before then takes the newest of them), and "
+                                  f"metrics.jsonl keeps its rows up to step {step}", checkpoint.CheckpointWarning)
             return step, seen, path
         self.optimizer.state.clear()  # get_state_dict() initialised it for the load template
         return 0, 0, None

@@ -238,6 +238,18 @@ def test_resume_skips_corrupt_checkpoints_and_is_exact(tmp_path):
     assert not (root / "step_00000005.tmp").exists()
 
 
+def test_resuming_an_older_checkpoint_of_the_run_says_what_happens_to_the_newer(tmp_path):
+    """--resume of one of --out's own checkpoints older than its newest: the newer ones stay until saved over
+    (a --resume auto would take them up) and metrics.jsonl is cut back; the run says so, then repeats the steps."""
+    cfg = TrainConfig(out=str(tmp_path), steps=4, warmup_steps=1, save_every=1, keep=0, eval_every=100, **TINY)
+    train(cfg)
+    first = rows(tmp_path, "loss")
+    with pytest.warns(checkpoint.CheckpointWarning, match=r"holds checkpoints up to step 4: they stay until this "
+                                                          r"run saves over them .* keeps its rows up to step 2"):
+        train(dataclasses.replace(cfg, resume=str(checkpoint.step_path(tmp_path, 2))))
+    assert [r["loss"] for r in rows(tmp_path, "loss")] == [r["loss"] for r in first]
+
+
 def test_resume_keeps_one_final_record_and_counts_time_on(tmp_path):
     """metrics.jsonl over restarts: training time goes on from the resumed step, and a run resumed (or rerun) at
     its end replaces its final record instead of adding one."""
