@@ -226,6 +226,8 @@ def steps_for(cfg: TrainConfig, num_train: int) -> TrainConfig:
 def short_warnings() -> None:
     """In the command-line tools: fastvit's own warnings print as 'warning: message' lines, not as Python's
     'path:line: Category: message' with the source line that raised them; others print as Python prints them.
+    Either kind starts a line of its own where a progress bar is running: on a terminal above the bar, in a log
+    file after the bar's last state (tqdm writes a bar's updates to one line, ending it only when the bar closes).
     (Not on a terminal, ``showwarning`` stays Python's, so that recorders such as pytest.warns see them.)"""
     default = warnings.formatwarning
 
@@ -234,14 +236,25 @@ def short_warnings() -> None:
             return f"warning: {message}\n"
         return default(message, category, filename, lineno, line)
 
-    warnings.formatwarning = format_warning
     if sys.stderr.isatty():  # on a terminal, above the progress bar instead of appended to its line
+        warnings.formatwarning = format_warning
+
         def show_warning(message, category, filename, lineno, file=None, line=None):
             from tqdm import tqdm
             tqdm.write(format_warning(message, category, filename, lineno, line).rstrip("\n"),
                        file=file or sys.stderr)
 
         warnings.showwarning = show_warning
+        return
+
+    def format_in_log(message, category, filename, lineno, line=None):
+        # after a running bar's line (two warnings in a row get a blank line between them: the bar may have
+        # written between them or not)
+        from tqdm import tqdm
+        text = format_warning(message, category, filename, lineno, line)
+        return "\n" + text if getattr(tqdm, "_instances", None) else text
+
+    warnings.formatwarning = format_in_log
 
 
 def plural(n, word: str) -> str:

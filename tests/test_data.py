@@ -327,6 +327,21 @@ def test_broken_data_read_by_loader_workers_ends_with_the_one_line_error(tmp_pat
     assert re.search(r"^error: 17 samples in a row could not be read or decoded \(last: .*\.jpg: ", err, re.M), err
 
 
+def test_warnings_in_a_log_start_lines_of_their_own(tmp_path):
+    """Not on a terminal (a log file, a scheduler's output) tqdm writes a bar's updates to one line; a warning
+    printed while it runs starts a new line instead of being appended to the bar's."""
+    make_folder(tmp_path / "data", broken={("train", "dog", 1)})
+    flags = ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--steps", "6", "--global-batch",
+             "6", "--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
+             "--workers", "0", "--max-bad-frac", "1", "--eval-every", "3"]
+    proc = subprocess.run([sys.executable, "-m", "fastvit.train", *flags], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "it/s" in proc.stderr and proc.stderr.count("warning: unreadable sample") >= 1, proc.stderr[-2000:]
+    assert proc.stderr.count("warning: unreadable sample") == len(re.findall(r"^warning: unreadable sample",
+                                                                             proc.stderr, re.M)), proc.stderr
+
+
 def test_a_sample_that_never_decodes_is_a_data_error(tmp_path):
     make_folder(tmp_path, per_class=1, classes=("a",), broken={("train", "a", 0)})
     source = ImageFolderSource(str(tmp_path), img_size=16, workers=0)
