@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvit.config import ARCH_FLAGS, cpus_per_local_rank, plural, short_warnings
-from fastvit.data.sources import dataset_labels, eval_batches
+from fastvit.data.sources import DataError, dataset_labels, eval_batches
 from fastvit.model import POS_EMBED_AT, POS_EMBEDS
 
 BIAS_CONSTANT = 100.0
@@ -113,12 +113,18 @@ def evaluate(model, train_set, test_set, shots=SHOTS, seeds=3, l2=1.0, batch_siz
     train_feats, train_ok = features(model, torch.utils.data.Subset(train_set, needed.tolist()), batch_size, workers)
     row = {int(i): r for r, i in enumerate(needed)}
     test_x, test_ok = features(model, test_set, batch_size, workers)
+    if not test_ok.any():
+        raise DataError(f"none of the {len(test_ok)} held-out images could be read (each is named in a warning "
+                        f"above): no few-shot accuracy")
     test_x, test_y = test_x[test_ok], dataset_labels(test_set)[test_ok]
     results = {}
     for k in shots:
         accs = []
         for s in range(seeds):
             picked = [int(i) for i in picks[(k, s)] if train_ok[row[int(i)]]]  # unreadable images left out
+            if not picked:
+                raise DataError(f"{k}-shot, draw {s}: none of its {len(picks[(k, s)])} training images could be "
+                                f"read (each is named in a warning above)")
             rows = [row[i] for i in picked]
             accs.append(lsr_accuracy(train_feats[rows], torch.as_tensor(labels[picked]), test_x, test_y, l2))
         # the sample std over the draws (ddof 1, as --seeds and bench/ablation.py report theirs); 0 for one draw
@@ -194,6 +200,8 @@ def main(argv=None):
                            data.eval_workers(args.workers))
     except ValueError as e:
         parser.error(str(e))
+    except DataError as e:
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
     print(f"few-shot ({plural(args.seeds, 'seed')}, l2={args.l2}): {format_results(results)}")
     return results
 

@@ -563,9 +563,12 @@ class Run:
         from fastvit import fewshot
         results = None
         if self.env.rank == 0:
-            results = fewshot.evaluate(model, self.data.train_eval, self.data.test,
-                                       workers=self.data.eval_workers(self.cfg.workers))
-            print(f"few-shot: {fewshot.format_results(results)}", flush=True)
+            try:
+                results = fewshot.evaluate(model, self.data.train_eval, self.data.test,
+                                           workers=self.data.eval_workers(self.cfg.workers))
+                print(f"few-shot: {fewshot.format_results(results)}", flush=True)
+            except DataError as e:  # the run is done and saved: say so, and let the other ranks go on
+                print(f"few-shot: not measured ({e})", flush=True)
         box = [results]
         dist.broadcast_object_list(box, src=0)
         return box[0]

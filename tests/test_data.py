@@ -279,16 +279,19 @@ def test_the_bad_sample_limit_keeps_the_finished_steps(tmp_path):
 
 
 def test_no_readable_held_out_image_leaves_top1_unmeasured(tmp_path, capsys):
-    """Every held-out image unreadable: the run trains, says the accuracy was not measured, and metrics.jsonl holds
-    null (strict JSON; it held NaN, printed as "nan%"); two seeds write no summary of values they do not have."""
+    """Every held-out image unreadable: the run trains, says the accuracy (and the few-shot accuracy) was not
+    measured, and metrics.jsonl holds null (strict JSON; it held NaN, printed as "nan%", and few-shot raised a
+    traceback); two seeds write no summary of values they do not have."""
     make_folder(tmp_path / "data", per_class=2, broken={("val", c, i) for c in ("cat", "dog", "owl") for i in range(2)})
     flags = ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--steps", "2", "--global-batch", "2",
              "--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
-             "--workers", "0", "--seeds", "2"]
+             "--workers", "0", "--seeds", "2", "--fewshot"]
     with pytest.warns(BadSampleWarning, match="left out of evaluation"):
         results = main(flags)
     assert [r["top1"] for r in results] == [None, None] and all(r["model_dir"] for r in results)
+    assert [r["fewshot"] for r in results] == [None, None]
     out = capsys.readouterr().out
+    assert out.count("few-shot: not measured (none of the 6 held-out images could be read") == 2, out
     assert out.count("held-out top-1 not measured (no held-out image could be read") == 4, out  # step 2, final
     assert "nan" not in out.lower() and not (tmp_path / "run" / "seeds.json").exists()
     lines = (tmp_path / "run" / "seed_0" / "metrics.jsonl").read_text().splitlines()
