@@ -7,13 +7,14 @@ the tag's head and input size), 'hf-hub:org/name[@revision]' or 'local-dir:PATH'
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
 from fastvit.convert import CheckpointMismatchError, _hints, load_checkpoint
 from fastvit.features import features_only as wrap_features
 from fastvit.pretrained import RUNTIME_ARGS, load_pretrained, parse_model_name, read_model_config, resolve_weights
-from fastvit.registry import get_pretrained_cfg, is_model, model_entrypoint, split_model_name_tag
+from fastvit.registry import current_name, get_pretrained_cfg, is_model, model_entrypoint, split_model_name_tag
 from fastvit.resample import _pair
 
 __all__ = ["create_model"]
@@ -64,6 +65,9 @@ def create_model(model_name, pretrained=False, pretrained_cfg=None, pretrained_c
                              f"fastvit.list_models() lists what it does")
         kwargs = {**source_args, **kwargs}
     else:
+        if current_name(ident) is not None:  # as timm maps them
+            warnings.warn(f"Mapping deprecated model name {ident} to current {current_name(ident)}.", stacklevel=2)
+            ident = current_name(ident)
         arch, tag = split_model_name_tag(ident)
         if isinstance(pretrained_cfg, str):  # a tag passed apart from the name wins, as in timm
             tag, pretrained_cfg = pretrained_cfg, None

@@ -15,6 +15,7 @@ torch module it was built as, with no hooks (``fastvit.surgery``, checked per ca
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -275,8 +276,9 @@ def resample_projection_(proj, patch_size):
 class PatchEmbed(nn.Module):
     """Cut the image into P x P patches and project each flattened patch to D: x_p^i E (a stride-P convolution).
 
-    ``forward`` returns the (B, N, D) patch tokens, as timm's does; ``embed`` also prepends the class token and adds
-    the position table, because the fused kernel writes the whole z_0 in one pass. ``norm`` is timm's placeholder
+    ``forward`` returns the patch tokens as timm's does: (B, N, D), or (B, gh, gw, D) with ``dynamic_img_size``
+    (timm's NHWC output, which keeps the grid of an image of any size); ``embed`` also prepends the class token and
+    adds the position table, because the fused kernel writes the whole z_0 in one pass. ``norm`` is timm's placeholder
     for a norm on the patch tokens (nn.Identity; a module put there runs before the class token and positions).
     """
 
@@ -322,8 +324,11 @@ class PatchEmbed(nn.Module):
         return checked_image(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size, whole=False)
 
     def forward(self, x):
-        """(B, C, H, W) -> (B, N, D) patch tokens."""
-        return call(self.norm, embed_patches(self.proj, x, self.patch_size, None, None, False, self.backend))
+        """(B, C, H, W) -> (B, N, D) patch tokens; (B, gh, gw, D) with ``dynamic_img_size``."""
+        tokens = call(self.norm, embed_patches(self.proj, x, self.patch_size, None, None, False, self.backend))
+        if not self.dynamic_img_size:
+            return tokens
+        return tokens.unflatten(1, (x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1]))
 
     def embed(self, x, pos_embed=None, cls_token=None, no_embed_class=False):
         """(B, C, H, W) -> (B, [1 +] N, D); see ``fastvit.ops.patch_embed`` for the optional tables."""
@@ -734,6 +739,23 @@ def block_fn_of(block_fn):
     return block_fn
 
 
+def placed(init):
+    """A module's ``__init__`` that also takes timm's ``device`` and ``dtype`` keywords: the parameters are created
+    on ``device`` (``"meta"`` allocates nothing), then cast to ``dtype``."""
+    @functools.wraps(init)
+    def placed_init(self, *args, device=None, dtype=None, **kwargs):
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            init(self, *args, **kwargs)
+        if dtype is not None:
+            self.to(dtype)
+
+    signature = inspect.signature(init)
+    placed_init.__signature__ = signature.replace(parameters=[
+        *signature.parameters.values(),
+        *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in ("device", "dtype"))])
+    return placed_init
+
+
 class VisionTransformer(nn.Module):
     """ViT with timm's constructor, methods and parameter names, plus the paper's position-embedding ablations.
 
@@ -761,6 +783,7 @@ class VisionTransformer(nn.Module):
     ``fastvit.parallel_blocks``). attn_layer: the blocks' attention (:func:`block_attention`; 'diff':
     ``fastvit.diff_attention``)."""
 
+    @placed
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
                  embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, init_values=None,
                  class_token=True, pos_embed="learn", no_embed_class=False, fc_norm=None, dynamic_img_size=False,
@@ -861,6 +884,15 @@ class VisionTransformer(nn.Module):
         if weight_init != "skip":
             self.init_weights(needs_reset=False)  # the layers were just built: nothing to reset
         self.set_backend(backend)
+
+    def load_pretrained(self, checkpoint_path, prefix=""):
+        """The original JAX (big_vision) ``.npz`` weights, as timm's method of this name (``timm.models.
+        load_checkpoint`` calls it for a .npz file): :func:`fastvit.load_checkpoint`, which finds the prefix of the
+        parameter names ('', 'opt/target/', ...) by itself; a ``prefix`` given must be one of those."""
+        from fastvit.convert import NPZ_PREFIXES, load_checkpoint
+        if prefix and prefix not in NPZ_PREFIXES:
+            raise ValueError(f"prefix must be one of {NPZ_PREFIXES}, got {prefix!r}")
+        load_checkpoint(self, checkpoint_path)
 
     def init_weights(self, mode="", needs_reset=True):
         """Initialise every parameter by timm's rule ``mode`` (default: the constructor's ``weight_init``):
@@ -1131,6 +1163,8 @@ class VisionTransformer(nn.Module):
             tokens = pe(x)  # hooked or replaced: it returns the patch tokens only, as timm's does
             if check is None:  # a replacement (timm's PatchEmbed, a wrapper): the grid from what it gave
                 tokens, grid = self._replaced_embed_grid(x, tokens)
+            elif pe.dynamic_img_size:  # (B, gh, gw, D)
+                tokens = tokens.flatten(1, 2)
             if not own_stem:  # (B, gh, gw, D) under dynamic_img_size, as timm's patch embedding gives them
                 return self._pos_embed(tokens.unflatten(1, grid) if self.dynamic_img_size else tokens), grid
             return call(self.pos_drop, self._add_stem(tokens, grid)), grid

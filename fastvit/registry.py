@@ -15,11 +15,16 @@ import re
 from functools import cache
 from importlib import resources
 
-__all__ = ["get_pretrained_cfg", "get_pretrained_cfg_value", "is_model", "json_cfg", "list_models", "list_pretrained",
-           "model_entrypoint", "register_model", "split_model_name_tag", "timm_archs"]
+__all__ = ["UnknownModelError", "current_name", "get_pretrained_cfg", "get_pretrained_cfg_value", "is_model",
+           "json_cfg", "list_models", "list_pretrained", "model_entrypoint", "register_model", "split_model_name_tag",
+           "timm_archs"]
 
 _MODELS = {}  # name -> builder(**kwargs) -> nn.Module
 _MODULES = {}  # name -> the timm module that defines it ('vision_transformer', ...), for list_models(module=...)
+
+
+class UnknownModelError(ValueError, RuntimeError):
+    """A model name fastvit does not build: a ValueError, and the RuntimeError timm's ``create_model`` raises."""
 
 
 def register_model(name, builder, module=""):
@@ -76,17 +81,23 @@ def is_model(model_name):
     return split_model_name_tag(model_name)[0] in _MODELS
 
 
+def current_name(model_name):
+    """The 'arch.tag' that timm now gives a deprecated model name (``vit_base_patch16_224_in21k`` ->
+    ``vit_base_patch16_224.augreg_in21k``), or None for any other name."""
+    return _data().get("deprecated", {}).get(model_name)
+
+
 def model_entrypoint(model_name):
     """The builder registered for the architecture of ``model_name``; unknown names raise with close matches."""
     arch = split_model_name_tag(model_name)[0]
     skipped = _data().get("skipped", {}).get(arch)
     if arch not in _MODELS and skipped:  # one of timm's that is not built: say why instead of "unknown"
-        raise ValueError(f"{arch!r} is timm's, but fastvit does not build it ({skipped}); the rest of timm's "
-                         f"ViTs are in fastvit.list_models()")
+        raise UnknownModelError(f"{arch!r} is timm's, but fastvit does not build it ({skipped}); the rest of "
+                                f"timm's ViTs are in fastvit.list_models()")
     if arch not in _MODELS:
         close = difflib.get_close_matches(arch, list(_MODELS), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see fastvit.list_models()"
-        raise ValueError(f"unknown model {model_name!r}{hint}")
+        raise UnknownModelError(f"unknown model {model_name!r}{hint}")
     return _MODELS[arch]
 
 

@@ -142,7 +142,7 @@ def _same_parameters(name, args):
 def build_table():
     """The file's content as a dict."""
     import timm
-    from timm.models import PretrainedCfg, get_arch_pretrained_cfgs
+    from timm.models import PretrainedCfg, get_arch_pretrained_cfgs, get_deprecated_models
 
     import fastvit
 
@@ -165,6 +165,11 @@ def build_table():
         models[arch] = {"tags": tags, "cfgs": {tag: cfg.to_dict() for tag, cfg in zip(tags, cfgs.values())}}
         if args is not None:
             models[arch]["args"] = args
+    # timm's deprecated names (vit_base_patch16_224_in21k, ...) and the 'arch.tag' each now maps to, where fastvit
+    # builds that architecture
+    deprecated = {old: new for module in ("vision_transformer", "vision_transformer_hybrid")
+                  for old, new in get_deprecated_models(module).items()
+                  if new is not None and new.partition(".")[0] in models}
     return {
         "source": "timm's ViT entry points and registered default_cfgs (timm/models/vision_transformer.py, "
                   "vision_transformer_hybrid.py), written by scripts/gen_pretrained_cfgs.py",
@@ -172,6 +177,7 @@ def build_table():
         "defaults": PretrainedCfg().to_dict(),
         "models": models,
         "skipped": dict(sorted(skipped.items())),
+        "deprecated": dict(sorted(deprecated.items())),
     }
 
 

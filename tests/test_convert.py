@@ -231,6 +231,10 @@ def test_npz_original_layout(tmp_path):
         assert load_checkpoint(model, tmp_path / "vit.npz").layout == "npz"
         assert_same_params(model, source)
         torch.testing.assert_close(model(x), want, rtol=0, atol=ATOL)
+        # timm's own loader of a .npz file calls the model's load_pretrained, as it does timm's
+        model = fastvit_model()
+        timm.models.load_checkpoint(model, str(tmp_path / "vit.npz"))
+        assert_same_params(model, source)
 
 
 def test_npz_at_another_grid_and_patch_size_is_resized_as_timm_resizes_it(tmp_path):

@@ -1,5 +1,6 @@
 """fastvit.VisionTransformer against timm (the reference implementation) and the paper's equations."""
 import functools
+import inspect
 import math
 
 import pytest
@@ -569,6 +570,22 @@ def test_forward_and_backward_on_the_meta_device(pos_embed):
         assert model.half()(x.half()).dtype == torch.float16
 
 
+def test_the_class_takes_timms_device_and_dtype_keywords():
+    """``VisionTransformer(..., device=, dtype=)`` as timm's class takes them: built on the meta device without
+    memory; in bf16, timm's fp32 initialisation with the same seed, rounded (timm draws in bf16 itself)."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    model = fastvit.VisionTransformer(**kwargs, device="meta")
+    assert all(p.is_meta for p in model.parameters()) and model.num_classes == 5
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(**kwargs, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    ref = TimmViT(**kwargs).to(torch.bfloat16)
+    for (name, p), (ref_name, q) in zip(model.state_dict().items(), ref.state_dict().items(), strict=True):
+        assert name == ref_name and p.dtype == q.dtype == torch.bfloat16 and torch.equal(p, q), name
+    assert {"device", "dtype"} <= set(inspect.signature(fastvit.VisionTransformer).parameters)
+
+
 def test_registry_names_and_errors(monkeypatch):
     assert "vit_base_patch16_224" in fastvit.list_models()
     assert fastvit.list_models("vit_large_patch32*") == ["vit_large_patch32_224", "vit_large_patch32_384"]
@@ -860,6 +877,22 @@ def test_stages_by_hand_as_timm(cfg):
     assert model._pos_embed(grid).shape == (2, model.num_prefix_tokens + 36, 64)
     with pytest.raises(ValueError, match=r"_pos_embed takes \(B, 16, D\) tokens of the 4 x 4 patch grid"):
         model._pos_embed(tokens)
+
+
+@pytest.mark.parametrize("cfg", [{}, dict(dynamic_img_pad=True)], ids=["dynamic", "dynamic_pad"])
+def test_dynamic_size_patch_tokens_keep_their_grid_as_timms(cfg):
+    """With dynamic_img_size, patch_embed gives (B, gh, gw, D) tokens as timm's (its NHWC output), so a forward
+    run stage by stage takes an image of another size; a hook on patch_embed sees what timm's would."""
+    model, ref = pair(dynamic_img_size=True, **cfg)
+    x = images(2, 48)[..., :40]  # 6 x 5 patches
+    seen = []
+    model.patch_embed.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    for m in (model, ref):
+        assert m.patch_embed(x).shape == (2, 6, 5, 64)
+    torch.testing.assert_close(model._pos_embed(model.patch_embed(x)), ref._pos_embed(ref.patch_embed(x)),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+    assert seen[-1] == (2, 6, 5, 64)  # the hooked model's own forward
 
 
 def test_fused_attn_default_follows_timms_switch(monkeypatch):

@@ -15,7 +15,7 @@ from timm.models import get_arch_pretrained_cfgs
 from timm.models import get_pretrained_cfg as timm_cfg
 from timm.models import get_model_input_config
 from timm.models._hub import save_for_hf
-from timm.models._registry import _model_to_module
+from timm.models._registry import _model_to_module, split_model_name_tag
 
 import fastvit
 from fastvit.convert import CheckpointMismatchError
@@ -86,6 +86,7 @@ def test_the_data_file_is_what_the_generator_writes():
     shipped = json.loads((ROOT / "fastvit" / "pretrained_cfgs.json").read_text())
     fresh = json.loads(gen.render(gen.build_table()))
     assert (fresh["models"], fresh["defaults"]) == (shipped["models"], shipped["defaults"])
+    assert fresh["deprecated"] == shipped["deprecated"]
     assert "vision_transformer.py" in shipped["source"] and shipped["timm_version"]
 
 
@@ -131,12 +132,42 @@ def test_tag_examples_and_explicit_arguments_win():
     assert model.num_classes == 1000 and model.pretrained_cfg["tag"] == "augreg2_in21k_ft_in1k"
 
 
+def _tags_of(name):
+    return [n.partition(".")[2] for n in get_arch_pretrained_cfgs(split_model_name_tag(name)[0])]
+
+
+@pytest.mark.parametrize("module", ["vision_transformer", "vision_transformer_hybrid"])
+def test_deprecated_names_map_as_timm_maps_them(module):
+    """timm's old names (vit_base_patch16_224_in21k, ...) build the current architecture with the tag timm maps
+    them to, with timm's warning; every one of timm's, for the two modules fastvit builds (where timm maps a name to
+    a tag it has since dropped, both refuse it)."""
+    deprecated = timm.models.get_deprecated_models(module)
+    assert deprecated
+    for name, current in deprecated.items():
+        if split_model_name_tag(current)[1] not in _tags_of(current):  # timm maps it to a tag it no longer has
+            with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="Invalid pretrained tag"):
+                timm.create_model(name)
+            with pytest.warns(UserWarning), pytest.raises(ValueError, match="unknown pretrained tag"):
+                fastvit.create_model(name)
+            continue
+        with pytest.warns(UserWarning) as theirs, torch.device("meta"):
+            ref = timm.create_model(name)
+        with pytest.warns(UserWarning) as ours, torch.device("meta"):
+            model = fastvit.create_model(name)
+        assert [str(w.message) for w in ours] == [str(w.message) for w in theirs] == [
+            f"Mapping deprecated model name {name} to current {current}."]
+        assert model.pretrained_cfg == ref.pretrained_cfg and model.num_classes == ref.num_classes, name
+        assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+
+
 def test_bad_names_say_what_was_expected():
     with pytest.raises(ValueError, match=r"unknown pretrained tag 'nope' for vit_base_patch16_224; its tags are: "
                                          r"augreg2_in21k_ft_in1k, .*mae"):
         fastvit.create_model("vit_base_patch16_224.nope")
     with pytest.raises(ValueError, match="did you mean vit_base_patch16_224"):
         fastvit.get_pretrained_cfg("vit_base_patch16_244.augreg_in1k")
+    with pytest.raises(RuntimeError, match="unknown model 'vit_nope'"):  # what timm raises, and a ValueError
+        fastvit.create_model("vit_nope")
     with pytest.raises(ValueError, match="hf-hub:timm/vit_base_patch16_224"):
         fastvit.create_model("timm/vit_base_patch16_224")
     with pytest.raises(ValueError, match="expected one of .*hf-hub"):
