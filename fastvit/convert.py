@@ -29,7 +29,6 @@ import torch
 # numpy's scalar pickler under its 2.x name, which numpy 1.26 also answers (np._core there is a partial shim)
 from numpy._core.multiarray import scalar as _np_scalar
 
-from fastvit.hybrid import hybrid_backbone_from_npz
 from fastvit.resample import (resample_abs_pos_embed, resample_patch_embed, resample_pos_embed_1d,
                               resample_rel_pos_table)
 
@@ -248,6 +247,44 @@ def _npz_tensor(array):
     if array.dtype.kind == "V" and array.dtype.itemsize == 2:  # bfloat16 saved by JAX: raw 16-bit words
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)
+
+
+_NPZ_BACKBONE = re.compile(r"^(?:(conv_root|gn_root)|block(\d+)/unit(\d+)/(conv|gn)(1|2|3|_proj))/(kernel|scale|bias)$")
+
+
+def hybrid_backbone_from_npz(npz, prefix=""):
+    """Split the ResNet of an original R50+ViT ``.npz`` (google-research/vision_transformer) into timm names.
+
+    ``npz``: a mapping of array names to numpy arrays or tensors; only names starting with ``prefix`` are read.
+    Returns ``(backbone_state_dict, rest)``: ``patch_embed.backbone.*`` tensors (conv kernels HWIO -> OIHW,
+    GroupNorm scale/bias flattened), and every other entry of ``npz`` unchanged (the ViT part, for ``from_npz``).
+    Names: ``conv_root``/``gn_root`` -> ``stem.conv``/``stem.norm``; ``block{i}/unit{j}/conv{r}``/``gn{r}`` ->
+    ``stages.{i-1}.blocks.{j-1}.conv{r}``/``norm{r}``; ``conv_proj``/``gn_proj`` -> ``downsample.conv``/``.norm``.
+    A checkpoint without a backbone returns ``({}, dict(npz))``, so ``from_npz`` can call this unconditionally.
+    """
+    out, rest = {}, {}
+    for key, value in npz.items():
+        match = _NPZ_BACKBONE.match(key[len(prefix):]) if key.startswith(prefix) else None
+        if match is None:
+            rest[key] = value
+            continue
+        root, stage, unit, kind, which, param = match.groups()
+        if root:
+            module = "stem.conv" if root == "conv_root" else "stem.norm"
+        else:
+            layer = {"conv": "conv", "gn": "norm"}[kind]
+            sub = f"downsample.{layer}" if which == "_proj" else f"{layer}{which}"
+            module = f"stages.{int(stage) - 1}.blocks.{int(unit) - 1}.{sub}"
+        t = torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else torch.as_tensor(value)
+        if param == "kernel":
+            if t.ndim != 4:
+                raise ValueError(f"{key}: expected a 4D HWIO convolution kernel, got shape {tuple(t.shape)}")
+            t = t.permute(3, 2, 0, 1)
+        else:
+            t = t.reshape(-1)  # GroupNorm parameters may be stored as (1, 1, 1, C)
+        name = "weight" if param in ("kernel", "scale") else "bias"
+        out[f"patch_embed.backbone.{module}.{name}"] = t.contiguous()
+    return out, rest
 
 
 def from_npz(path):

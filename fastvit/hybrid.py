@@ -5,18 +5,16 @@ weight-standardised convolutions with TensorFlow 'SAME' padding, GroupNorm(32) +
 pooling, and non-pre-activation bottleneck stages (R50: (3, 4, 9) for stride 16, (3, 4, 6, 3) for stride 32; R26:
 (2, 2, 2, 2); timm's R+ViT-Ti: the stem alone, with 8 x 8 patches).
 Parameter names match timm (``patch_embed.backbone.stem.conv.weight``, ``...stages.i.blocks.j.conv1.weight``, ...),
-so timm's hybrid weights load unchanged; ``hybrid_backbone_from_npz`` reads the original JAX layout. timm's four
-hybrids of its own design, which have no pretrained weights, use a ResNet-D instead (``fastvit.resnet_d``), and
-MobileCLIP-B's image encoder a small convolutional stem (``ConvStem``).
+so timm's hybrid weights load unchanged (``fastvit.convert.hybrid_backbone_from_npz`` reads the original JAX
+layout). timm's four hybrids of its own design, which have no pretrained weights, use a ResNet-D instead
+(``fastvit.resnet_d``), and MobileCLIP-B's image encoder a small convolutional stem (``ConvStem``).
 """
 from __future__ import annotations
 
 import math
-import re
 from collections import OrderedDict
 from functools import partial
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,7 +26,7 @@ from fastvit.resnet_d import ResNetD, init_resnet_d, init_resnet_weights, resnet
 from fastvit.surgery import keep_original_forward
 
 __all__ = ["Bottleneck", "ConvNormAct", "ConvStem", "GroupNormAct", "HybridEmbed", "ResNetStem", "ResNetV2",
-           "StdConv2dSame", "hybrid_backbone_from_npz"]
+           "StdConv2dSame"]
 
 
 def _same_padding(size, kernel, stride):
@@ -350,42 +348,3 @@ for _name, _args in {
 # MobileCLIP-B's image encoder: the stem's last conv makes the tokens (stride 16 in all), no class row in E_pos
 register_model("vit_base_mci_224", _hybrid_builder(lambda in_chans: ConvStem(in_chans), 768, 12, 12, 224, proj=False,
                                                    no_embed_class=True), module="vision_transformer_hybrid")
-
-
-# ---- original JAX (.npz) layout ----------------------------------------------------------------------------------
-_NPZ_BACKBONE = re.compile(r"^(?:(conv_root|gn_root)|block(\d+)/unit(\d+)/(conv|gn)(1|2|3|_proj))/(kernel|scale|bias)$")
-
-
-def hybrid_backbone_from_npz(npz, prefix=""):
-    """Split the ResNet of an original R50+ViT ``.npz`` (google-research/vision_transformer) into timm names.
-
-    ``npz``: a mapping of array names to numpy arrays or tensors; only names starting with ``prefix`` are read.
-    Returns ``(backbone_state_dict, rest)``: ``patch_embed.backbone.*`` tensors (conv kernels HWIO -> OIHW,
-    GroupNorm scale/bias flattened), and every other entry of ``npz`` unchanged (the ViT part, for ``from_npz``).
-    Names: ``conv_root``/``gn_root`` -> ``stem.conv``/``stem.norm``; ``block{i}/unit{j}/conv{r}``/``gn{r}`` ->
-    ``stages.{i-1}.blocks.{j-1}.conv{r}``/``norm{r}``; ``conv_proj``/``gn_proj`` -> ``downsample.conv``/``.norm``.
-    A checkpoint without a backbone returns ``({}, dict(npz))``, so ``from_npz`` can call this unconditionally.
-    """
-    out, rest = {}, {}
-    for key, value in npz.items():
-        match = _NPZ_BACKBONE.match(key[len(prefix):]) if key.startswith(prefix) else None
-        if match is None:
-            rest[key] = value
-            continue
-        root, stage, unit, kind, which, param = match.groups()
-        if root:
-            module = "stem.conv" if root == "conv_root" else "stem.norm"
-        else:
-            layer = {"conv": "conv", "gn": "norm"}[kind]
-            sub = f"downsample.{layer}" if which == "_proj" else f"{layer}{which}"
-            module = f"stages.{int(stage) - 1}.blocks.{int(unit) - 1}.{sub}"
-        t = torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else torch.as_tensor(value)
-        if param == "kernel":
-            if t.ndim != 4:
-                raise ValueError(f"{key}: expected a 4D HWIO convolution kernel, got shape {tuple(t.shape)}")
-            t = t.permute(3, 2, 0, 1)
-        else:
-            t = t.reshape(-1)  # GroupNorm parameters may be stored as (1, 1, 1, C)
-        name = "weight" if param in ("kernel", "scale") else "bias"
-        out[f"patch_embed.backbone.{module}.{name}"] = t.contiguous()
-    return out, rest

@@ -8,8 +8,8 @@ from timm.models.vision_transformer_hybrid import _resnetv2
 
 import fastvit
 from _helpers import assert_close_to_scale
-from fastvit.convert import from_npz, load_checkpoint
-from fastvit.hybrid import ConvStem, HybridEmbed, ResNetV2, hybrid_backbone_from_npz  # importing registers vit_*_r50_*
+from fastvit.convert import from_npz, hybrid_backbone_from_npz, load_checkpoint
+from fastvit.hybrid import ConvStem, HybridEmbed, ResNetV2  # importing registers vit_*_r50_*
 from fastvit.resnet_d import ResNetD
 
 NAMES = ["vit_base_r50_s16_224", "vit_base_r50_s16_384", "vit_large_r50_s32_224", "vit_large_r50_s32_384",
