@@ -1093,10 +1093,11 @@ class VisionTransformer(nn.Module):
             return taken
         return layer_norm(self.norm, h, residual, self.backend)[0], taken
 
-    def get_intermediate_layers(self, x, n=1, reshape=False, return_prefix_tokens=False, norm=False):
+    def get_intermediate_layers(self, x, n=1, reshape=False, return_prefix_tokens=False, norm=False, attn_mask=None):
         """The last ``n`` block outputs (or the blocks listed in ``n``): DINO's interface, as timm keeps it."""
         return self.forward_intermediates(x, n, return_prefix_tokens=return_prefix_tokens, norm=norm,
-                                          output_fmt="NCHW" if reshape else "NLC", intermediates_only=True)
+                                          output_fmt="NCHW" if reshape else "NLC", intermediates_only=True,
+                                          attn_mask=attn_mask)
 
     def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
         """Drop the blocks after the last of ``indices`` (and the final norm / head if asked); returns the

@@ -64,8 +64,12 @@ def test_forward_intermediates_final_output_is_forward_features():
 def test_get_intermediate_layers_matches_timm():
     model, ref = pair()
     x = images()
-    for kwargs in (dict(n=2), dict(n=[0, 2], reshape=True, norm=True), dict(n=1, return_prefix_tokens=True)):
+    keep = torch.rand(17, 17, generator=torch.Generator().manual_seed(0)) > 0.3
+    keep.fill_diagonal_(True)
+    for kwargs in (dict(n=2), dict(n=[0, 2], reshape=True, norm=True), dict(n=1, return_prefix_tokens=True),
+                   dict(n=2, attn_mask=keep)):
         assert_same(model.get_intermediate_layers(x, **kwargs), ref.get_intermediate_layers(x, **kwargs))
+    assert not torch.allclose(model.get_intermediate_layers(x, attn_mask=keep)[0], model.get_intermediate_layers(x)[0])
 
 
 @pytest.mark.parametrize("indices, prune_norm", [(1, False), ([0, 2], True), (4, False)])
