@@ -209,6 +209,21 @@ def test_training_mode_dropout_draws_as_timm(rates):
     assert not torch.allclose(model(x), outs[0], atol=1e-3)
 
 
+@pytest.mark.parametrize("drop_prob", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("scale_by_keep", [True, False])
+def test_drop_path_module_is_timms(drop_prob, scale_by_keep):
+    """fastvit.drop.DropPath against timm.layers.DropPath: the same bits from the same seed (the mask scaled, then
+    multiplied in), drop_prob 1 drops everything (no 0 / 0), the same repr and arguments."""
+    from fastvit.drop import DropPath
+    x = torch.randn(64, 17, 32)
+    ours, theirs = DropPath(drop_prob, scale_by_keep), timm.layers.DropPath(drop_prob, scale_by_keep=scale_by_keep)
+    torch.manual_seed(0)
+    out = ours(x)
+    torch.manual_seed(0)
+    assert torch.equal(out, theirs(x)) and out.isfinite().all()
+    assert repr(ours) == repr(theirs) and ours.eval()(x) is x
+
+
 # every registered name has timm's parameter names and shapes by construction (scripts/gen_pretrained_cfgs.py keeps
 # only those, and tests/test_pretrained.py checks the shipped file is what it writes): here through create_model
 @pytest.mark.parametrize("name", representative_names())
