@@ -65,9 +65,10 @@ def create_model(model_name, pretrained=False, pretrained_cfg=None, pretrained_c
                              f"fastvit.list_models() lists what it does")
         kwargs = {**source_args, **kwargs}
     else:
-        if current_name(ident) is not None:  # as timm maps them
-            warnings.warn(f"Mapping deprecated model name {ident} to current {current_name(ident)}.", stacklevel=2)
-            ident = current_name(ident)
+        current = current_name(ident)
+        if current is not None:  # as timm maps them
+            warnings.warn(f"Mapping deprecated model name {ident} to current {current}.", stacklevel=2)
+            ident = current
         arch, tag = split_model_name_tag(ident)
         if isinstance(pretrained_cfg, str):  # a tag passed apart from the name wins, as in timm
             tag, pretrained_cfg = pretrained_cfg, None

@@ -324,7 +324,10 @@ class PatchEmbed(nn.Module):
         return checked_image(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size, whole=False)
 
     def forward(self, x):
-        """(B, C, H, W) -> (B, N, D) patch tokens; (B, gh, gw, D) with ``dynamic_img_size``."""
+        """(B, C, H, W) -> (B, N, D) patch tokens; (B, gh, gw, D) with ``dynamic_img_size``; with
+        ``dynamic_img_pad`` the image is first zero-padded to whole patches, as timm's."""
+        if self.dynamic_img_pad:
+            x = _pad_to_patches(x, self.patch_size)
         tokens = call(self.norm, embed_patches(self.proj, x, self.patch_size, None, None, False, self.backend))
         if not self.dynamic_img_size:
             return tokens
