@@ -300,6 +300,10 @@ class Run:
                 if explicit:  # a checkpoint folder, or a run folder's newest complete checkpoint
                     path = checkpoint.find_checkpoint(path)
                 step, seen, self.bad_total = self._load(path)
+            except checkpoint.CheckpointMismatchError as e:  # readable, but not this run's: never a fresh start over it
+                raise ValueError(f"checkpoint {path} does not fit this run ({e}): another --recipe or --layer-decay "
+                                 f"than the run was started with? Resume with its flags, or choose another --out"
+                                 ) from e
             except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
                 reason = checkpoint.failure_reason(e)
                 if explicit:
@@ -324,9 +328,10 @@ class Run:
 
     def _check_same_run(self, folder):
         """Refuse to resume from ``folder`` (--out, or the run or checkpoint folder --resume names) where its
-        config.json describes another model or data stream (another architecture, --data, --val-data or --seed):
-        its checkpoints would be skipped or continued as if they were this run's. Schedule flags (--steps, --lr,
-        ...) may change on resume (``_follow_flags``)."""
+        config.json describes another model, data stream or optimizer (another architecture, --data, --val-data,
+        --seed, --recipe, or --layer-decay given or left out): its checkpoints would be skipped or continued as if
+        they were this run's. Schedule flags (--steps, --lr, --layer-decay's value, ...) may change on resume
+        (``_follow_flags``)."""
         try:
             old = checkpoint.read_config(folder)
         except (OSError, ValueError):
@@ -338,7 +343,11 @@ class Run:
             built = [architecture(m["name"], m.get("kwargs", {})) for m in (old_model, new["model"])]
             fields.update({k: (built[0][k], built[1][k]) for k in built[0]})
         fields.update({f"--{k.replace('_', '-')}": (old.get("train", {}).get(k), new["train"][k])
-                       for k in ("data", "val_data", "seed")})
+                       for k in ("data", "val_data", "seed", "recipe")})
+        # the optimizer's parameter groups: one per depth with --layer-decay, whatever its value
+        decay = old.get("train", {}).get("layer_decay"), new["train"]["layer_decay"]
+        if (decay[0] is None) != (decay[1] is None):
+            fields["--layer-decay"] = decay
         for k in ("--data", "--val-data"):  # the same folder however it is written ('wds', 'wds/', '/abs/wds')
             a, b = fields[k]
             if a and b and a != "digits" and os.path.realpath(a) == os.path.realpath(b):

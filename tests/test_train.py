@@ -333,16 +333,25 @@ def test_a_stop_signal_ends_a_multi_seed_run(tmp_path):
     (["--embed-dim", "16", "--num-heads", "2"], "embed_dim 32 -> 16"),
     (["--seed", "7"], "--seed 0 -> 7"),
     (["--steps", "100"], "--steps 100 is below step 150 of the checkpoint"),
+    # another optimizer: its state would not load, and the run used to start afresh over the checkpoints
+    (["--recipe", "finetune", "--init", "INIT"], "--recipe 'pretrain' -> 'finetune'"),
+    (["--layer-decay", "0.75"], "--layer-decay None -> 0.75"),
+    # config.json edited to agree: the optimizer state itself is found not to fit
+    (["--layer-decay", "0.75", "EDIT"], "does not fit this run (it lacks 'optim.param_groups.2."),
 ])
 def test_resuming_another_run_s_folder_is_refused(pretrained, tmp_path, capsys, flags, message):
-    """An --out holding another model's or data stream's checkpoints (or a finished run beyond --steps) is an
-    error naming the difference; nothing in the folder changes."""
+    """An --out holding another model's, data stream's or optimizer's checkpoints (or a finished run beyond
+    --steps) is an error naming the difference; nothing in the folder changes."""
     out, _ = pretrained
     shutil.copytree(out, tmp_path / "run")
+    if "EDIT" in flags:
+        config = json.loads((tmp_path / "run" / "config.json").read_text())
+        config["train"]["layer_decay"] = 0.75
+        (tmp_path / "run" / "config.json").write_text(json.dumps(config))
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     base = ["--out", str(tmp_path / "run"), "--steps", "150", "--lr", "5e-3", "--warmup-steps", "10",
             *TINY_FLAGS[:-2], "--global-batch", "64"]
-    argv = base + flags
+    argv = [str(out) if a == "INIT" else a for a in base + flags if a != "EDIT"]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
