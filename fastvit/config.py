@@ -72,8 +72,9 @@ class TrainConfig:
                      "'train-{0000..0999}.tar' (with --val-data)", default="digits")
     val_data: str | None = _opt("held-out shards when --data is a shard pattern (a pattern or a folder of .tar)")
     recipe: str = _opt("pretrain (AdamW) or finetune (SGD from --init)", default="pretrain", choices=RECIPES)
-    init: str | None = _opt("finetune from this checkpoint: a step folder, a run's --out folder (its latest "
-                            "checkpoint) or a timm/torchvision/HF/.npz weights file")
+    init: str | None = _opt("start from these weights: a step folder, a run's --out folder (its latest "
+                            "checkpoint) or a timm/torchvision/HF/.npz weights file; finetune gives the model a new "
+                            "zero head, pretrain (a warm start) keeps a head of the data's class count")
     img_size: int | None = _opt("input resolution (finetune: the model is resampled to it)", type=int)
     patch_size: int | None = _opt("override the model's patch size", type=int)
     embed_dim: int | None = _opt("override the model's width", type=int)

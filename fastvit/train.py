@@ -36,8 +36,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import fastvit
 from fastvit import checkpoint
-from fastvit.config import (ARCH_FLAGS, RECIPE_DEFAULTS, TrainConfig, build_parser, check, cpus_per_local_rank,
-                            plural, resolve, short_warnings, steps_for)
+from fastvit.config import (ARCH_FLAGS, DIGITS_PRESET, RECIPE_DEFAULTS, TrainConfig, build_parser, check,
+                            cpus_per_local_rank, plural, resolve, short_warnings, steps_for)
 from fastvit.data.choose import make_source
 from fastvit.data.keyed import micro_batch_plan, mix_seed
 from fastvit.data.sources import BadSampleWarning, DataError, eval_batches, progress
@@ -119,8 +119,16 @@ class Run:
         self.data = make_source(cfg.data, cfg.img_size, workers=cfg.workers, val_data=cfg.val_data,
                                 decode=cfg.decode, device=env.device)
         cfg = steps_for(cfg, self.data.num_train)
+        why = {}  # preset values changed since, and why (the preset line says both)
+        if filled.get("lr") == "preset" and "global_batch" not in filled:
+            why["lr"] = f"at batch {DIGITS_PRESET[cfg.recipe]['global_batch']}, scaled to {cfg.global_batch}"
         if filled.get("warmup_steps") and cfg.warmup_steps >= cfg.steps:  # a default warmup longer than the run
             cfg = dataclasses.replace(cfg, warmup_steps=cfg.steps // 10)
+            why["warmup_steps"] = f"cut to steps // 10 for {plural(cfg.steps, 'step')}"
+        elif not filled.get("warmup_steps") and cfg.warmup_steps >= cfg.steps and env.rank == 0:
+            warnings.warn(f"--warmup-steps {cfg.warmup_steps} is not below --steps {cfg.steps}: the lr rises for "
+                          f"the whole run, to {cfg.steps / cfg.warmup_steps:.2g} x --lr at the last step, and never "
+                          f"decays", stacklevel=2)
         if env.device.type == "cpu" and (cfg.threads or "OMP_NUM_THREADS" not in os.environ):
             torch.set_num_threads(cfg.threads or cpus_per_local_rank(env.world))
         self.cfg, self.model_named = cfg, cfg.model is not None and "model" not in filled  # --model given
@@ -128,9 +136,14 @@ class Run:
             self.cfg = cfg = dataclasses.replace(cfg, out=default_out(cfg))
         self.out = Path(cfg.out)
         if filled.get("warmup_steps"):
-            self.cfg = cfg = self._resumed_warmup(cfg)
+            resumed = self._resumed_warmup(cfg)
+            if resumed.warmup_steps != cfg.warmup_steps:
+                why["warmup_steps"] = "as the run being resumed had it"
+            self.cfg = cfg = resumed
         self.accum = cfg.global_batch // (env.world * cfg.micro_batch)
-        preset = [f"{k}={getattr(cfg, k)}" for k, source in filled.items() if source == "preset"]
+        table = DIGITS_PRESET.get(cfg.recipe, {})
+        preset = [f"{k}={getattr(cfg, k)}" + (f" (preset {table[k]}, {why[k]})" if k in why and getattr(cfg, k) !=
+                                              table[k] else "") for k, source in filled.items() if source == "preset"]
         if preset:
             rank0_print(env, "digits preset (flags you pass win): " + " ".join(preset))
         self._build_model()
@@ -163,9 +176,20 @@ class Run:
         if cfg.init:
             model, self.model_name, kwargs = load_pretrained(cfg.init, cfg.model or RECIPE_DEFAULTS[cfg.recipe]
                                                              ["model"], kwargs, name_given=self.model_named)
+            done = []
+            grid = tuple(model.patch_embed.grid_size)
             if tuple(model.patch_embed.img_size) != (cfg.img_size, cfg.img_size):
                 model.set_input_size(img_size=cfg.img_size)
-            model.reset_classifier(self.data.num_classes)
+                new_grid = tuple(model.patch_embed.grid_size)
+                if new_grid != grid:
+                    done.append("position table resampled from {}x{} to {}x{} patches".format(*grid, *new_grid))
+            # fine-tuning replaces the head (the paper's zero D x K layer); a pre-training warm start keeps a fitting one
+            if cfg.recipe == "finetune" or model.num_classes != self.data.num_classes:
+                model.reset_classifier(self.data.num_classes)
+                done.append(f"new zero-initialised head ({self.data.num_classes} classes)")
+            else:
+                done.append(f"its head kept ({model.num_classes} classes)")
+            rank0_print(self.env, f"--init {cfg.init}: {'; '.join(done)}")
             kwargs.update(img_size=cfg.img_size, num_classes=self.data.num_classes)
         else:
             self.model_name = cfg.model

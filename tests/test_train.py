@@ -64,11 +64,13 @@ def test_short_digits_run_learns(pretrained):
     assert stored["model"]["kwargs"]["embed_dim"] == 32 and stored["train"]["recipe"] == "pretrain"
 
 
-def test_finetune_from_pretrain_checkpoint(pretrained, tmp_path):
-    """SGD from the pretrain run at 32x32: zero head (first loss = ln 10), resampled position table."""
+def test_finetune_from_pretrain_checkpoint(pretrained, tmp_path, capsys):
+    """SGD from the pretrain run at 32x32: zero head (first loss = ln 10), resampled position table, both said."""
     out, _ = pretrained
     result = train(TrainConfig(recipe="finetune", init=str(out), out=str(tmp_path), steps=3, img_size=32,
                                global_batch=32, warmup_steps=1, eval_every=3))
+    assert (f"--init {out}: position table resampled from 4x4 to 8x8 patches; new zero-initialised head (10 "
+            f"classes)") in capsys.readouterr().out
     losses = rows(tmp_path, "loss")
     assert losses[0]["loss"] == pytest.approx(math.log(10), abs=1e-6)
     assert losses[-1]["loss"] < losses[0]["loss"]
@@ -78,6 +80,15 @@ def test_finetune_from_pretrain_checkpoint(pretrained, tmp_path):
     assert "optim.state.head.weight.momentum_buffer" in final  # SGD with momentum
     assert not any(k.endswith("exp_avg") for k in final)
     assert checkpoint.read_config(checkpoint.step_path(tmp_path, 3))["model"]["kwargs"]["img_size"] == 32
+
+
+def test_a_pretraining_warm_start_keeps_the_head(pretrained, tmp_path, capsys):
+    """--init under the pretrain recipe continues from the weights, head included where the class count fits: the
+    first loss is the trained model's, not ln 10 as after fine-tuning's zero head."""
+    out, result = pretrained
+    train(TrainConfig(init=str(out), out=str(tmp_path), steps=1, eval_every=1, **TINY))
+    assert f"--init {out}: its head kept (10 classes)" in capsys.readouterr().out
+    assert rows(tmp_path, "loss")[0]["loss"] < math.log(10) - 0.3  # a zero head gives ln 10 exactly
 
 
 def test_init_from_the_run_s_model_folder_equals_init_from_its_checkpoint(pretrained, tmp_path):
@@ -429,6 +440,20 @@ def test_resume_none_refuses_a_used_out(pretrained, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(out), "--resume", "none", *TINY_FLAGS])
     assert "already holds checkpoints; pass --resume auto" in capsys.readouterr().err
+
+
+def test_the_preset_line_says_what_changed_a_preset_value_and_a_long_warmup_warns(tmp_path, capsys):
+    """The digits preset line gives a value changed since (lr scaled to the batch passed, warmup cut for a short
+    run) with the preset's own and why; an explicit --warmup-steps not below --steps warns that the peak lr is never
+    reached."""
+    main(["--global-batch", "64", "--steps", "2", "--out", str(tmp_path / "a"), "--eval-every", "100"])
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("digits preset"))
+    assert "lr=0.001 (preset 0.002, at batch 128, scaled to 64)" in line
+    assert "warmup_steps=0 (preset 30, cut to steps // 10 for 2 steps)" in line and "weight_decay=0.05 " in line
+    with pytest.warns(UserWarning, match=r"--warmup-steps 6 is not below --steps 2: the lr rises for the whole run, "
+                                         r"to 0.33 x --lr at the last step"):
+        main(["--steps", "2", "--warmup-steps", "6", "--out", str(tmp_path / "b"), "--eval-every", "100",
+              *TINY_FLAGS])
 
 
 def test_presets_and_explicit_flags():
