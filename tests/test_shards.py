@@ -12,7 +12,7 @@ import pytest
 from fastvit.config import TrainConfig
 from fastvit.data import BadSampleWarning, FolderSamples, micro_batch_plan
 from fastvit.data.shards import (ShardSampler, ShardSamples, ShardSource, count_classes, expand, is_shard_spec,
-                                 main as write_main, parse_size, scan_shard)
+                                 main as write_main, parse_size, scan_shard, shard_index)
 from fastvit.train import train
 from test_data import TINY, make_folder, rows
 
@@ -215,7 +215,8 @@ def test_bad_shard_input_gives_clear_errors(written, tmp_path):
 
 def test_a_shard_cut_short_keeps_its_whole_samples_and_says_so(tmp_path):
     """A shard cut anywhere (inside a member's data, at a header boundary, inside a header) is indexed up to its
-    last whole sample, with a warning. Python's tarfile reads a missing or short header as the end of the archive:
+    last whole sample, with a warning (a sample whose image is cut is lost with the rest: drawn, it would count as
+    unreadable against --max-bad-frac). Python's tarfile reads a missing or short header as the end of the archive:
     cut there, the shard lost its last samples without a word, or failed on the half sample left."""
     _tar(tmp_path / "whole.tar", [(f"{i:03d}.{ext}", data) for i in range(4)
                                   for ext, data in (("cls", str(i).encode()), ("jpg", bytes([i + 1]) * 700))])
@@ -228,7 +229,7 @@ def test_a_shard_cut_short_keeps_its_whole_samples_and_says_so(tmp_path):
     for cut, kept in ((2 * sample, 2),              # at the header of sample 2's .cls: nothing of it is left
                       (2 * sample + 1024, 2),       # at the header of its .jpg: a label without an image
                       (2 * sample + 1024 + 300, 2),  # inside that header
-                      (2 * sample + 1024 + 900, 3),  # inside its image data: kept (its decode fails later)
+                      (2 * sample + 1024 + 900, 2),  # inside its image data: lost, not drawn as unreadable
                       (4 * sample, 4)):             # after the last member, without the end-of-archive blocks
         path = tmp_path / f"cut{cut}.tar"
         path.write_bytes(raw[:cut])
@@ -236,6 +237,10 @@ def test_a_shard_cut_short_keeps_its_whole_samples_and_says_so(tmp_path):
             samples = scan_shard(str(path))["samples"]
         assert [s[0] for s in samples] == [f"{i:03d}" for i in range(kept)]
         assert [s[3] for s in samples] == list(range(kept))
+    for _ in range(2):  # the first call scans and saves the index, the second reads it: both say what is lost
+        with pytest.warns(RuntimeWarning, match=f"cut{4 * sample}.tar is damaged after 4 samples"):
+            assert len(shard_index(str(tmp_path / f"cut{4 * sample}.tar"))["samples"]) == 4
+    assert (tmp_path / f"cut{4 * sample}.tar.idx.json").exists()
 
 
 def test_class_count_comes_from_the_manifest_and_a_stray_label_is_caught(written, tmp_path):

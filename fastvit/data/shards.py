@@ -37,6 +37,7 @@ from fastvit.data.sources import FileSource, FolderSamples, Samples, progress
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 INDEX_SUFFIX = ".idx.json"
+INDEX_VERSION = 2  # 2: a sample whose image a cut went through is dropped; the damage is recorded
 MANIFEST = "manifest.json"
 WINDOW = 8  # shards shuffled together
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
@@ -97,8 +98,8 @@ def expand(spec: str) -> list:
 
 # ---- index ----------------------------------------------------------------------------------------------------
 def scan_shard(path: str) -> dict:
-    """Index one shard from its tar headers: {"bytes", "mtime_ns", "samples": [[key, offset, size, label], ...]}
-    in tar order. Raises ValueError for a sample without a label or an image; a tar damaged part-way is indexed up
+    """Index one shard from its tar headers: {"version", "bytes", "mtime_ns", "samples": [[key, offset, size,
+    label], ...] in tar order, "damage": the warning on a damaged tar or None}. Raises ValueError for a sample without a label or an image; a tar damaged part-way is indexed up
     to the damage, with a warning naming what is lost."""
     base_plus_ext = _webdataset().tariterators.base_plus_ext
     entries, order, damage = {}, [], None
@@ -126,11 +127,15 @@ def scan_shard(path: str) -> dict:
                 damage = str(e)
     except tarfile.ReadError as e:
         raise ValueError(f"shard {path} is not a readable tar file ({e})") from e
+    if damage and order:
+        last = entries[order[-1]]
+        # the cut went through this sample's members, or its image's data: lost with the rest, never drawn as an
+        # unreadable sample (which counts towards --max-bad-frac)
+        if "cls" not in last or "image" not in last or sum(last["image"]) > os.path.getsize(path):
+            del entries[order.pop()]
     if damage:
-        if order and ("cls" not in entries[order[-1]] or "image" not in entries[order[-1]]):
-            del entries[order.pop()]  # the cut went through this sample's members
-        warnings.warn(f"shard {path} is damaged after {len(order)} samples ({damage}); the rest of it is lost",
-                      RuntimeWarning)
+        damage = f"shard {path} is damaged after {len(order)} samples ({damage}); the rest of it is lost"
+        warnings.warn(damage, RuntimeWarning)
     unlabelled = [k for k in order if "cls" not in entries[k]]
     if unlabelled and len(unlabelled) == len(order):
         raise ValueError(f"shard {path} has no labels: a labelled WebDataset sample is KEY.jpg (or .png/.webp) "
@@ -154,7 +159,8 @@ def scan_shard(path: str) -> dict:
                              "and below 2**31")
         samples.append([key, *entries[key]["image"], label])
     stat = os.stat(path)
-    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "samples": samples}
+    return {"version": INDEX_VERSION, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "samples": samples,
+            "damage": damage}
 
 
 def _unterminated(path: str, end: int):
@@ -185,7 +191,10 @@ def shard_index(path: str) -> dict:
     try:
         with open(path + INDEX_SUFFIX) as f:
             index = json.load(f)
-        if index["bytes"] == stat.st_size and index["mtime_ns"] == stat.st_mtime_ns:
+        if (index.get("version") == INDEX_VERSION and index["bytes"] == stat.st_size
+                and index["mtime_ns"] == stat.st_mtime_ns):
+            if index["damage"]:  # said again by every run that reads the shard, not only by the one that scanned it
+                warnings.warn(index["damage"], RuntimeWarning)
             return index
     except (OSError, ValueError, KeyError):
         pass
