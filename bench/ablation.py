@@ -75,7 +75,7 @@ def run_variant(cfg, variant, placement, seed, out, fewshot_seeds):
 
     run_cfg = dataclasses.replace(cfg, pos_embed=variant, pos_embed_at=placement, seed=seed, seeds=1,
                                   out=os.path.join(out, f"{variant}-{placement}-seed{seed}"), fewshot=False)
-    result = train(run_cfg)
+    result = train(run_cfg, resume_hint="")  # the ablation says how to resume it (its own --out), not the run
     if result["stopped_by_signal"]:
         raise Stopped(result)
     model, img_size = load_model_for_eval(run_cfg.out)

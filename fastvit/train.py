@@ -112,8 +112,10 @@ def _clone(tree):
 class Run:
     """One training run: data, model, optimizer and schedule built from a config; ``fit()`` trains it."""
 
-    def __init__(self, cfg: TrainConfig, env: Env):
-        self.env = env
+    def __init__(self, cfg: TrainConfig, env: Env, resume_hint: str | None = None):
+        """``resume_hint``: how to resume the run after a stop request, for the message (default: the same command
+        with its --out; a caller running several runs names its own command, "" says nothing)."""
+        self.env, self.resume_hint = env, resume_hint
         cfg, filled = resolve(cfg, env.world)
         check(cfg, env.world)
         self.data = make_source(cfg.data, cfg.img_size, workers=cfg.workers, val_data=cfg.val_data,
@@ -554,8 +556,10 @@ class Run:
                 if stopped:
                     if env.rank == 0:
                         # the default --out holds the start time: a rerun without --out would start a new run
-                        bar.write(f"{stop.requested or 'a stop request'}: saved checkpoint at step {step}; exiting "
-                                  f"(the same command with --out {cfg.out} resumes it)")
+                        hint = (f"the same command with --out {cfg.out} resumes it" if self.resume_hint is None
+                                else self.resume_hint)
+                        bar.write(f"{stop.requested or 'a stop request'}: saved checkpoint at step {step}; exiting"
+                                  + (f" ({hint})" if hint else ""))
                     break
         if saved_at != step:
             self.save(step, seen, final=True)
@@ -607,10 +611,11 @@ class Run:
         return box[0]
 
 
-def train(cfg: TrainConfig, on_step_end=None) -> dict:
-    """Run one training run (inside torchrun, or on one process) and return its final metrics."""
+def train(cfg: TrainConfig, on_step_end=None, resume_hint: str | None = None) -> dict:
+    """Run one training run (inside torchrun, or on one process) and return its final metrics (``resume_hint``:
+    :class:`Run`'s)."""
     with keep_thread_count(), distributed(cfg.dist_backend, cfg.device, cfg.dist_timeout) as env:
-        return Run(cfg, env).fit(on_step_end)
+        return Run(cfg, env, resume_hint).fit(on_step_end)
 
 
 def main(argv=None) -> list:
@@ -630,11 +635,13 @@ def main(argv=None) -> list:
                 setting_error(parser, e)
             cfg = dataclasses.replace(cfg, out=cfg.out or default_out(cfg))
             for i in range(cfg.seeds):
-                run_cfg = cfg
-                if cfg.seeds > 1:  # one run folder per seed
+                run_cfg, hint = cfg, None
+                if cfg.seeds > 1:  # one run folder per seed, resumed by the command that names their parent
                     run_cfg = dataclasses.replace(cfg, seed=cfg.seed + i, out=f"{cfg.out}/seed_{cfg.seed + i}")
+                    hint = (f"the same command with --out {cfg.out} resumes its seeds, a finished one only "
+                            f"evaluated again")
                 try:
-                    run = Run(run_cfg, env)
+                    run = Run(run_cfg, env, hint)
                 except ValueError as e:
                     setting_error(parser, e)
                 results.append(run.fit())

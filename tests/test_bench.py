@@ -462,6 +462,8 @@ def test_ablation_stopped_keeps_its_runs_and_refuses_other_settings_on_rerun(tmp
         proc.kill()
     assert proc.returncode == 130, stderr[-3000:]
     assert "stopped during none:stem seed 0" in stderr and "resumes the ablation there (0 of 2 runs" in stderr
+    # only the ablation's way to resume: the trainer's (its run's --out) would start an ablation inside that run
+    assert "SIGINT: saved checkpoint at step" in stdout + stderr and "resumes it)" not in stdout + stderr
     data = _result(tmp_path / "ablation.json")
     assert data["complete"] is False and data["runs"] == [] and data["table"] == []
     assert not (tmp_path / "ablation.png").exists()

@@ -338,6 +338,8 @@ def test_a_stop_signal_ends_a_multi_seed_run(tmp_path):
                                      signal.SIGTERM)
     assert code == 128 + signal.SIGTERM.value and "Traceback" not in output, output[-2000:]
     assert checkpoint.resume_candidates(out / "seed_0") and not (out / "seed_1").exists()
+    # the command to resume names the --seeds run's folder: rerun with a seed's folder, it would nest new seeds there
+    assert f"exiting (the same command with --out {out} resumes its seeds" in output
 
 
 @pytest.mark.parametrize("flags,message", [
