@@ -8,6 +8,7 @@ fit raises and leaves the model as it was.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -215,6 +216,14 @@ def _current_args(model):
             "global_pool": model.global_pool, "img_size": tuple(model.patch_embed.img_size)}
 
 
+def _unrecorded_keywords(value):
+    """'eps=1e-12' for a ``functools.partial`` constructor argument with keywords (a norm layer with its own eps),
+    which no JSON value in config.json can carry; '' for anything else."""
+    if isinstance(value, functools.partial) and value.keywords:
+        return ", ".join(f"{k}={v!r}" for k, v in value.keywords.items())
+    return ""
+
+
 def hub_config(model, architecture=None, model_args=None, model_config=None):
     """The ``config.json`` dict of timm's Hub layout for ``model`` (what ``timm.models.save_for_hf`` writes)."""
     extra = dict(model_config or {})
@@ -231,6 +240,12 @@ def hub_config(model, architecture=None, model_args=None, model_config=None):
 
     given = dict(model_args or {})
     args = {k: v for k, v in getattr(model, "_model_args", {}).items() if k not in RUNTIME_ARGS and not _is_drop(k)}
+    for key in given.keys() & args.keys():
+        lost = _unrecorded_keywords(args[key])
+        if lost:
+            warnings.warn(f"model_args {key}={given[key]!r} stands in for {args[key]!r} in config.json: its "
+                          f"{lost} is not recorded, so a model built from this folder computes with "
+                          f"{given[key]!r}'s own settings (other outputs)", stacklevel=3)
     args.update(given)
     for key, value in _current_args(model).items():
         supplied = _pair(given[key]) if key == "img_size" and key in given else given.get(key, value)
@@ -241,8 +256,11 @@ def hub_config(model, architecture=None, model_args=None, model_config=None):
         try:
             json.dumps(value)
         except TypeError as err:
+            lost = _unrecorded_keywords(value)
             raise ValueError(f"constructor argument {key}={value!r} cannot be written to config.json: pass "
-                             f"model_args={{{key!r}: <a JSON value the builder accepts>}}") from err
+                             f"model_args={{{key!r}: <a JSON value the builder accepts>}}"
+                             + (f" (no JSON value records its {lost}: a model built from the folder would compute "
+                                f"without it)" if lost else "")) from err
 
     fixed = not getattr(model, "dynamic_img_size", False)
     size = args["img_size"] if fixed else tuple(cfg.get("input_size", (3, *args["img_size"])))[-2:]

@@ -24,7 +24,8 @@ _MODULES = {}  # name -> the timm module that defines it ('vision_transformer', 
 
 
 class UnknownModelError(ValueError, RuntimeError):
-    """A model name fastvit does not build: a ValueError, and the RuntimeError timm's ``create_model`` raises."""
+    """A model name, or a pretrained tag of one, fastvit does not build: a ValueError, and the RuntimeError timm's
+    ``create_model`` raises for either."""
 
 
 def register_model(name, builder, module=""):
@@ -105,17 +106,17 @@ def get_pretrained_cfg(model_name):
     """timm's pretrained config (a new dict) of 'arch.tag', or of the architecture's default tag for 'arch'.
 
     An architecture registered without configs gets timm's default fields with its name; an unknown tag raises
-    ``ValueError`` listing the tags there are.
+    ``UnknownModelError`` (a ValueError, and timm's RuntimeError) listing the tags there are.
     """
     model_entrypoint(model_name)
     arch, tag = split_model_name_tag(model_name)
     tags = _tags(arch)
     if not tags:
         if tag:
-            raise ValueError(f"{arch} has no pretrained tags, got {model_name!r}")
+            raise UnknownModelError(f"{arch} has no pretrained tags, got {model_name!r}")
         return {**copy.deepcopy(_data()["defaults"]), "architecture": arch}
     if tag and tag not in tags:
-        raise ValueError(f"unknown pretrained tag {tag!r} for {arch}; its tags are: {', '.join(tags)} "
+        raise UnknownModelError(f"unknown pretrained tag {tag!r} for {arch}; its tags are: {', '.join(tags)} "
                          f"(default {tags[0]})")
     return copy.deepcopy(_data()["models"][arch]["cfgs"][tag or tags[0]])
 

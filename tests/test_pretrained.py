@@ -1,5 +1,6 @@
 """Pretrained configs and tags, the Hugging Face Hub (an offline cache built here from timm's random weights),
 hf-hub: / local-dir: names and save_pretrained, each checked against timm doing the same thing."""
+import functools
 import importlib.util
 import json
 import os
@@ -164,6 +165,11 @@ def test_bad_names_say_what_was_expected():
     with pytest.raises(ValueError, match=r"unknown pretrained tag 'nope' for vit_base_patch16_224; its tags are: "
                                          r"augreg2_in21k_ft_in1k, .*mae"):
         fastvit.create_model("vit_base_patch16_224.nope")
+    for name in ("vit_base_patch16_224.nope", "vit_nope"):  # timm raises a RuntimeError for both: so does fastvit
+        with pytest.raises(RuntimeError):
+            timm.create_model(name)
+        with pytest.raises(RuntimeError):
+            fastvit.create_model(name)
     with pytest.raises(ValueError, match="did you mean vit_base_patch16_224"):
         fastvit.get_pretrained_cfg("vit_base_patch16_244.augreg_in1k")
     with pytest.raises(RuntimeError, match="unknown model 'vit_nope'"):  # what timm raises, and a ValueError
@@ -364,6 +370,21 @@ def test_save_pretrained_of_a_plain_model_needs_its_architecture(tmp_path):
     reloaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
     assert all(torch.equal(v, 2 * model.state_dict()[k]) for k, v in reloaded.state_dict().items())
     assert load_file(folder / "model.safetensors").keys() == model.state_dict().keys()
+
+
+def test_save_pretrained_says_a_norm_layer_s_eps_is_not_recorded(tmp_path):
+    """A model built for Hugging Face weights (LayerNorm eps 1e-12, as the README says) cannot record that eps in
+    config.json (timm's save_for_hf refuses it too): the error says so, and a JSON stand-in warns that the folder
+    rebuilds with the stand-in's eps (outputs shift), which it does."""
+    eps_norm = functools.partial(torch.nn.LayerNorm, eps=1e-12)
+    model = fastvit.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=3, norm_layer=eps_norm)
+    with pytest.raises(ValueError, match=r"cannot be written to config.json: .* \(no JSON value records its "
+                                         r"eps=1e-12: a model built from the folder would compute without it\)"):
+        fastvit.save_pretrained(model, tmp_path / "a")
+    with pytest.warns(UserWarning, match=r"model_args norm_layer='layernorm' stands in for .* its eps=1e-12 is not "
+                                         r"recorded"):
+        folder = fastvit.save_pretrained(model, tmp_path / "b", model_args={"norm_layer": "layernorm"})
+    assert timm.create_model(f"local-dir:{folder}", pretrained=True).blocks[0].norm1.eps == 1e-6
 
 
 def test_save_pretrained_of_an_fsdp_model_takes_the_gathered_state_dict(tmp_path):
