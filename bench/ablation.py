@@ -29,7 +29,8 @@ import numpy as np  # noqa: E402
 PAPER = {("none", "stem"): 0.61382, ("learn", "stem"): 0.64206, ("learn", "every_layer"): 0.63964,
          ("learn", "every_layer_shared"): 0.64292, ("learn_2d", "stem"): 0.64001, ("learn_2d", "every_layer"): 0.64046,
          ("learn_2d", "every_layer_shared"): 0.64022, ("rel", "stem"): 0.64032}
-NAMES = {"none": "no pos. emb.", "learn": "1-D", "learn_2d": "2-D", "rel": "relative"}
+# "rel" is a per-head bias over 2-D offsets (BEiT's form), the paper's a 1-D relative attention (its Appendix D.4)
+NAMES = {"none": "no pos. emb.", "learn": "1-D", "learn_2d": "2-D", "rel": "relative (2-D bias)"}
 SHOTS = 5
 DIGITS_STEPS = 200  # per run with --data digits, unless --steps/--epochs are passed
 

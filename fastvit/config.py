@@ -81,7 +81,9 @@ class TrainConfig:
     depth: int | None = _opt("override the model's number of blocks", type=int)
     num_heads: int | None = _opt("override the model's number of heads", type=int)
     pos_embed: str | None = _opt("position embedding (the paper's Table 8): learn (1-D), learn_2d, none, rel "
-                                 "(default: the model's, or the --init checkpoint's)", choices=POS_EMBEDS)
+                                 "(a learned per-head bias over 2-D offsets, BEiT's, not the paper's 1-D relative "
+                                 "attention) (default: the model's, or the --init checkpoint's)",
+                                 choices=POS_EMBEDS)
     pos_embed_at: str | None = _opt("where learned position tables are added: stem, every_layer, "
                                     "every_layer_shared (default: the model's, or the --init checkpoint's)",
                                     choices=POS_EMBED_AT)
@@ -92,7 +94,8 @@ class TrainConfig:
     epochs: float | None = _opt("passes over the training set (or --steps)", type=float)
     lr: float | None = _opt("peak learning rate at --global-batch (the table's lr is given at the table's batch and "
                             "scaled linearly to the --global-batch you pass)", type=float)
-    weight_decay: float | None = _opt("decoupled weight decay on weight matrices (pretrain)", type=float)
+    weight_decay: float | None = _opt("weight decay on weight matrices: decoupled in pretrain's AdamW; in finetune's "
+                                      "SGD (none by default) an L2 term in the gradient", type=float)
     warmup_steps: int | None = _opt("linear warmup steps", type=int)
     schedule: str | None = _opt("decay after warmup", choices=SCHEDULES)
     clip_grad: float = _opt("clip the global gradient norm to this (0: off)", default=1.0, type=float)

@@ -358,8 +358,10 @@ def attention_layers(attn, dim, qkv_bias, qk_norm, scale_norm, norm_layer, attn_
 class Attention(nn.Module):
     """MSA(z) = [SA_1(z); ...; SA_k(z)] U_msa with SA(z) = softmax(q k^T / sqrt(D_h) + B_rel) v, [q, k, v] = z U_qkv.
 
-    With ``rel_pos_grid`` the bias B_rel comes from a learned per-head table over 2D patch offsets (the paper's
-    relative-position ablation); otherwise there is no bias. As in timm, ``fused_attn = False`` (or an edited
+    With ``rel_pos_grid`` the bias B_rel comes from a learned per-head table over 2D patch offsets (Swin's and
+    BEiT's form, which our attention kernel takes: a scalar per head and offset; the paper's relative ablation,
+    Appendix D.4, instead attends with 1-D offset embeddings as keys, a bias that depends on the query); otherwise
+    there is no bias. As in timm, ``fused_attn = False`` (or an edited
     ``attn_drop``) computes the attention matrix explicitly: softmax, then ``attn_drop`` on it, so that hooks there
     and timm's ``AttentionExtract`` see the maps; its default follows timm's switch (:func:`fastvit.ops.timm_fused_attn`).
     """
