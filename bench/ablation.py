@@ -123,8 +123,9 @@ def plot(table, path, title):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                      epilog="Any other flag is passed to python -m fastvit.train.")
-    parser.add_argument("--seeds", type=int, default=3, help="training seeds per variant")
-    parser.add_argument("--fewshot-seeds", type=int, default=3, help="random 5-shot draws per trained model")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds per variant (default: 3)")
+    parser.add_argument("--fewshot-seeds", type=int, default=3,
+                        help="random 5-shot draws per trained model (default: 3)")
     parser.add_argument("--variants", default=",".join(f"{v}:{p}" for v, p in PAPER),
                         help="comma list of pos_embed:pos_embed_at pairs (default: all of Table 8)")
     parser.add_argument("--out", default="results", help="folder for ablation.json / .png and the run folders")

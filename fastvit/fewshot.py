@@ -168,12 +168,13 @@ def main(argv=None):
     for flag in ("patch-size", "embed-dim", "depth", "num-heads"):
         parser.add_argument(f"--{flag}", type=int, help=f"{flag.replace('-', ' ')} of a random or weights-file model "
                                                         f"(a checkpoint's own must match)")
-    parser.add_argument("--img-size", type=int, help="image size (default: the checkpoint's)")
+    parser.add_argument("--img-size", type=int, help="image size (default: the checkpoint's; for a weights file, the "
+                                                     "size its position table was trained at)")
     parser.add_argument("--shots", type=int, nargs="+", default=list(SHOTS),
                         help=f"training images per class of each evaluation (default: {' '.join(map(str, SHOTS))})")
     parser.add_argument("--seeds", type=int, default=3, help="draws of the few-shot subsets per shot count "
                                                              "(default: 3; mean and std reported)")
-    parser.add_argument("--l2", type=float, default=1.0, help="ridge regularisation")
+    parser.add_argument("--l2", type=float, default=1.0, help="ridge regularisation (default: 1.0)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per feature batch (default: 256)")
     parser.add_argument("--workers", type=int, help="image loader processes (default: the usable CPUs, at most 4)")
     args = parser.parse_args(argv)
@@ -183,6 +184,11 @@ def main(argv=None):
     if args.seeds < 1 or min(args.shots) < 1:
         parser.error(f"--seeds and --shots must be positive integers, got --seeds {args.seeds} and --shots "
                      f"{' '.join(map(str, args.shots))}")
+    # checked before the features are extracted (minutes on a large set), not after
+    for flag, value, low in (("--l2", args.l2, 0), ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                             ("--img-size", args.img_size, 1)):
+        if value is not None and not value >= low:
+            parser.error(f"{flag} must be >= {low}, got {value}")
     from fastvit.data.choose import make_source
     from fastvit.restore import load_model_for_eval
 
@@ -195,6 +201,7 @@ def main(argv=None):
     try:
         model, img_size = load_model_for_eval(args.init, args.model, args.img_size,
                                               **{k: getattr(args, k) for k in ARCH_FLAGS})
+        print(f"few-shot features at {img_size}x{img_size} px" + ("" if args.img_size else " (--img-size to change)"))
         data = make_source(data_flags[0], img_size, workers=args.workers, val_data=data_flags[1])
         results = evaluate(model, data.train_eval, data.test, args.shots, args.seeds, args.l2, args.batch_size,
                            data.eval_workers(args.workers))

@@ -4,6 +4,7 @@ any layout ``fastvit.convert`` reads."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -23,9 +24,15 @@ def load_pretrained(init, model_name, overrides: dict, name_given=False):
     if ckpt is None:
         kwargs = {k: v for k, v in overrides.items() if k != "num_classes"}
         model = fastvit.create_model(model_name, num_classes=0, **kwargs)
-        from fastvit.convert import CheckpointMismatchError, load_checkpoint
+        from fastvit.convert import CheckpointMismatchError, load_checkpoint, read_checkpoint
+        sd, layout = read_checkpoint(init)
+        size = None if "img_size" in kwargs else _trained_img_size(model, sd)
+        if size is not None and (size, size) != tuple(model.patch_embed.img_size):
+            model.set_input_size(img_size=size)  # the weights' own grid: its position table loads as it is
+            kwargs["img_size"] = size
         try:
-            load_checkpoint(model, init, name=model_name)
+            # an HF folder by its path: its config.json's LayerNorm eps is checked against the model's
+            load_checkpoint(model, init if layout == "hf" else sd, name=model_name)
         except CheckpointMismatchError as e:
             if name_given:
                 raise
@@ -43,6 +50,21 @@ def load_pretrained(init, model_name, overrides: dict, name_given=False):
     state = {"model": model.state_dict()}
     checkpoint.load(ckpt, state)
     return model, stored["name"], kwargs
+
+
+def _trained_img_size(model, sd):
+    """The image size at which a weights file's learned 1-D position table covers its patch grid, at the model's
+    pixels per grid cell (a file of another patch size has its projection resampled to the model's), or None: no
+    such table, or rows that are no square grid with or without the model's class-token row."""
+    table = sd.get("pos_embed")
+    if model.pos_embed is None or table is None or table.ndim != 3:
+        return None
+    for prefix in dict.fromkeys((0 if model.no_embed_class else model.num_prefix_tokens, 0)):
+        side = math.isqrt(max(table.shape[1] - prefix, 0))
+        if side and side * side == table.shape[1] - prefix:
+            # pixels per grid cell: the patch size, or a hybrid's backbone stride
+            return side * (model.patch_embed.img_size[0] // model.patch_embed.grid_size[0])
+    return None
 
 
 def _from_model_folder(folder, model_name, overrides, name_given):

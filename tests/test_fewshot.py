@@ -146,3 +146,26 @@ def test_cli_names_its_flags_in_errors(capsys):
     with pytest.raises(SystemExit):
         fewshot.main(["--seeds", "0"])
     assert "--seeds and --shots must be positive integers, got --seeds 0 and --shots 1 5 10 25" in capsys.readouterr().err
+    for flags, message in ((["--l2", "-1"], "--l2 must be >= 0, got -1.0"),
+                           (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+                           (["--workers", "-1"], "--workers must be >= 0, got -1")):
+        with pytest.raises(SystemExit):  # before any model is built or image read
+            fewshot.main(["--init", "/nonexistent", *flags])
+        assert message in capsys.readouterr().err
+
+
+def test_a_weights_file_is_evaluated_at_the_size_its_position_table_was_trained_at(tmp_path, capsys):
+    """--init weights.pth with --model: without --img-size the model takes the file's grid (4x4 patches of 4 ->
+    16 px), so its position table loads as trained instead of being resampled to the registry's 224 px."""
+    import fastvit
+    from fastvit.restore import load_model_for_eval
+    arch = dict(patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    trained = fastvit.create_model("vit_tiny_patch16_224", img_size=16, num_classes=10, **arch)
+    torch.save(trained.state_dict(), tmp_path / "w.pth")
+    model, size = load_model_for_eval(str(tmp_path / "w.pth"), "vit_tiny_patch16_224", **arch)
+    assert size == 16 and torch.equal(model.pos_embed, trained.pos_embed)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), trained.forward_features(x))
+    model, size = load_model_for_eval(str(tmp_path / "w.pth"), "vit_tiny_patch16_224", 32, **arch)  # --img-size wins
+    assert size == 32 and model.pos_embed.shape[1] == 1 + 8 * 8
