@@ -66,6 +66,22 @@ def check_same_settings(runs_dir, cfg):
     common.write_json(path, settings)
 
 
+def earlier_runs(path, jobs, fewshot_seeds) -> list:
+    """The runs an earlier ablation in the same --out recorded (``path``: its ablation.json) for (variant,
+    placement, seed) not among ``jobs``: a rerun with a subset of --variants (or fewer --seeds) adds to the table
+    instead of replacing it. Only where they were scored alike (the same --fewshot-seeds; the trainer settings are
+    the same, :func:`check_same_settings`)."""
+    import json
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(data, dict) or data.get("fewshot_seeds") != fewshot_seeds:
+        return []
+    asked = set(jobs)
+    return [r for r in data.get("runs", []) if (r["variant"], r["placement"], r["seed"]) not in asked]
+
+
 def run_variant(cfg, variant, placement, seed, out, fewshot_seeds):
     """Train one variant with one seed; returns its held-out top-1 and 5-shot linear accuracy. Raises
     :class:`Stopped` where a stop request (Ctrl-C, SIGTERM) ended the training (its checkpoint saved)."""
@@ -159,16 +175,21 @@ def main(argv=None):
     result = {"title": title, "train_config": dataclasses.asdict(cfg), "seeds": args.seeds,
               "fewshot_seeds": args.fewshot_seeds, "shots": SHOTS}
     jobs = [(v, p, cfg.seed + s) for v, p in pairs for s in range(args.seeds)]
+    earlier = earlier_runs(out / "ablation.json", jobs, args.fewshot_seeds)
     for variant, placement, seed in progress(jobs, desc="ablation", unit="run"):
         try:
             runs.append(run_variant(cfg, variant, placement, seed, str(out / "ablation_runs"), args.fewshot_seeds))
         except Stopped as stop:  # the finished runs are kept, the file says it is incomplete, no table
-            common.write_result(out / "ablation.json", {**result, "runs": runs, "table": []}, args, t0,
+            common.write_result(out / "ablation.json", {**result, "runs": earlier + runs, "table": []}, args, t0,
                                 complete=False)
             print(f"stopped during {variant}:{placement} seed {seed}, its checkpoint saved; the same bench/ablation.py "
                   f"command (same --out {args.out}) resumes the ablation there ({len(runs)} of {len(jobs)} runs "
                   f"done, in {out / 'ablation.json'})", file=sys.stderr, flush=True)
             sys.exit(stop_status(stop.result))
+    if earlier:
+        print(f"kept {len(earlier)} earlier run(s) of variants or seeds not asked for now, from {out / 'ablation.json'} "
+              f"(same settings)")
+    runs = earlier + runs
     table = summarise(runs)
     rows = [[NAMES[r["variant"]], r["placement"], f"{100 * r['mean']:.2f}" + (
         f" ± {100 * r['std']:.2f}" if r["seeds"] > 1 else ""), f"{100 * r['paper']:.2f}"] for r in table]

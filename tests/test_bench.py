@@ -438,6 +438,15 @@ def test_ablation_smoke(tmp_path):
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     kwargs = json.loads((tmp_path / "ablation_runs" / "learn_2d-every_layer_shared-seed1" / "config.json").read_text())
     assert kwargs["model"]["kwargs"]["pos_embed_at"] == "every_layer_shared" and kwargs["train"]["seed"] == 1
+    # a rerun with one variant and one seed (finished: evaluated again) adds to the table, it does not replace it
+    out = _run([sys.executable, "bench/ablation.py", "--seeds", "1", "--fewshot-seeds", "1", "--variants", "none:stem",
+                "--steps", "3", "--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--out", str(tmp_path)])
+    again = _result(tmp_path / "ablation.json")
+    assert "kept 3 earlier run(s)" in out
+    assert sorted((r["variant"], r["seed"], r["fewshot5"]) for r in again["runs"]) == \
+        sorted((r["variant"], r["seed"], r["fewshot5"]) for r in data["runs"])
+    assert {(r["variant"], r["placement"]): r["seeds"] for r in again["table"]} == {
+        ("none", "stem"): 2, ("learn_2d", "every_layer_shared"): 2}
 
 
 def test_ablation_stopped_keeps_its_runs_and_refuses_other_settings_on_rerun(tmp_path):
