@@ -268,11 +268,14 @@ class Run:
         if not any(k.startswith(rng_key + ".") for k in checkpoint.saved_keys(path)):
             del state[rng_key]  # saved by fewer ranks than this run has
         checkpoint.load(path, state)
-        saved_world = int(state["trainer"]["world"])
-        if saved_world != self.env.world and self.env.rank == 0:
-            warnings.warn(f"{path} was saved by {saved_world} rank(s) and is resumed on {self.env.world}: the same "
-                          f"data, but dropout draws will differ from an uninterrupted run",
-                          checkpoint.CheckpointWarning)
+        saved = (int(state["trainer"]["world"]), self._saved_micro_batch(path))
+        now = (self.env.world, self.cfg.micro_batch)
+        if saved[0] != now[0] or saved[1] not in (None, now[1]):  # another split of each global batch
+            if self.env.rank == 0:
+                split = "{} rank(s) x micro-batch {}"
+                warnings.warn(f"{path} was saved by {split.format(*saved)} and is resumed on {split.format(*now)}: "
+                              f"the same samples, but other dropout draws and another order of summation than an "
+                              f"uninterrupted run", checkpoint.CheckpointWarning)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(state["trainer"]["scheduler"])
         self._follow_flags()
@@ -280,6 +283,14 @@ class Run:
             self._set_rng_state(state[rng_key])
         trainer = state["trainer"]
         return int(trainer["step"]), int(trainer["samples_seen"]), int(trainer["bad_samples"])
+
+    @staticmethod
+    def _saved_micro_batch(path):
+        """The --micro-batch a checkpoint was saved with, from the config.json beside it (None where unreadable)."""
+        try:
+            return int(checkpoint.read_config(path)["train"]["micro_batch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def _resumed_warmup(self, cfg):
         """A default --warmup-steps goes on as the run being resumed had it: the default is cut to steps // 10 for a

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -259,6 +260,20 @@ def test_resuming_an_older_checkpoint_of_the_run_says_what_happens_to_the_newer(
                                                           r"run saves over them .* keeps its rows up to step 2"):
         train(dataclasses.replace(cfg, resume=str(checkpoint.step_path(tmp_path, 2))))
     assert [r["loss"] for r in rows(tmp_path, "loss")] == [r["loss"] for r in first]
+
+
+def test_resuming_with_another_micro_batch_warns(tmp_path):
+    """Another --micro-batch on resume splits each global batch otherwise (other dropout draws, another order of
+    summation): a warning says so, as for another number of ranks; the same split resumes without one."""
+    flags = ["--out", str(tmp_path), "--eval-every", "100", "--save-every", "2", *TINY_FLAGS]
+    main(["--steps", "2", "--micro-batch", "16", *flags])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", checkpoint.CheckpointWarning)
+        main(["--steps", "3", "--micro-batch", "16", *flags])
+    with pytest.warns(checkpoint.CheckpointWarning, match=r"step_00000003 was saved by 1 rank\(s\) x micro-batch 16 "
+                                                          r"and is resumed on 1 rank\(s\) x micro-batch 8"):
+        main(["--steps", "4", "--micro-batch", "8", *flags])
+    assert [r["step"] for r in rows(tmp_path, "loss")] == [1, 2, 3, 4]
 
 
 def test_resume_keeps_one_final_record_and_counts_time_on(tmp_path):

@@ -126,7 +126,8 @@ def test_resuming_on_another_number_of_ranks_warns(runs, tmp_path):
     out, _ = runs
     run = tmp_path / "run"
     shutil.copytree(out["ddp_straight"], run)
-    with pytest.warns(checkpoint.CheckpointWarning, match="saved by 2 rank.s. and is resumed on 1: the same data"):
+    with pytest.warns(checkpoint.CheckpointWarning, match=r"saved by 2 rank\(s\) x micro-batch \d+ and is resumed "
+                                                          r"on 1 rank\(s\) x micro-batch \d+: the same samples"):
         train(TrainConfig(**dict(RESUME, fsdp=False, out=str(run), steps=7, resume="auto")))
     assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6, 7]
 
