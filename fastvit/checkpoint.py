@@ -187,7 +187,7 @@ def save(out, step: int, state: dict, config: dict, keep: int = 0) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
         previous = resume_candidates(out, warn=False)
-        raise CheckpointWriteError(f"checkpoint {final} could not be written ({reason}); "
+        raise CheckpointWriteError(f"checkpoint {final} could not be written ({reason}{free_space_note(out)}); "
                                    + (f"{previous[0]} stays the newest usable checkpoint" if previous else
                                       "there is no earlier checkpoint"))
     if rank == 0:
@@ -198,6 +198,18 @@ def save(out, step: int, state: dict, config: dict, keep: int = 0) -> Path:
             prune(out, keep)
     _barrier()
     return final
+
+
+def free_space_note(folder) -> str:
+    """'; 12 KiB free on its disk' where the disk holding ``folder`` has under 64 MiB left, else '': the error a
+    full disk gives inside torch's writer ('unexpected pos 704 vs 598') does not say so."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    if free >= 64 << 20:
+        return ""
+    return f"; {free >> 10} KiB free on its disk"
 
 
 def prune(out, keep: int) -> None:

@@ -104,7 +104,8 @@ class TrainConfig:
     label_smoothing: float = _opt("cross-entropy label smoothing", default=0.0, type=float)
     seed: int = _opt("seed of the model init, data order and augmentation", default=0, type=int)
     seeds: int = _opt("repeat the run with seeds seed..seed+N-1 and report top-1 mean ± std", default=1, type=int)
-    out: str | None = _opt("run folder: checkpoints, metrics.jsonl, curves.png (default runs/<data>-<recipe>-<time>)")
+    out: str | None = _opt("run folder: checkpoints, metrics.jsonl, curves.png (default runs/<data>-<recipe>-<time>; "
+                           "under torchrun runs/<data>-<recipe>-<run id>, which a restarted job finds again)")
     resume: str = _opt("'auto' (latest complete checkpoint in --out, if any), 'none', or a checkpoint folder (or a "
                        "run folder: its latest complete one) of the same run",
                        default="auto")

@@ -150,9 +150,19 @@ class Run:
             rank0_print(env, "digits preset (flags you pass win): " + " ".join(preset))
         self._build_model()
         self.bad_total = 0  # unreadable samples drawn so far, all ranks (restored on resume)
-        if env.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
+        problem = None
+        if env.rank == 0:  # a read-only or foreign --out is a setting error now, not a traceback at the first write
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                probe = self.out / f".write-test-{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as e:
+                problem = f"--out {self.out} cannot be written ({e.strerror or e}); choose another --out"
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        if box[0]:
+            raise ValueError(box[0])
         self.start, self.samples_seen, self.resumed_from = self.resume()
         rank0_print(env, f"{cfg.recipe}: {self._model_description()} on {env.world} x {env.device.type}; "
                           f"global batch {cfg.global_batch} = {plural(env.world, 'rank')} x {cfg.micro_batch} micro x "
@@ -601,10 +611,23 @@ class Run:
         """The final weights as a timm Hub folder (``out/model``: config.json + model.safetensors), which
         ``timm.create_model('local-dir:...', pretrained=True)`` and fastvit load (and ``hf-hub:`` after an upload)."""
         folder = self.out / "model"
+        problem = None
         if self.env.rank == 0:  # the preprocessing this run evaluated with, not that of the architecture's weights
-            fastvit.save_pretrained(model, folder, model_config={"pretrained_cfg": {**self.data.preprocessing,
-                                                                                      "tag": None}})
-        dist.barrier()
+            try:
+                fastvit.save_pretrained(model, folder, model_config={"pretrained_cfg": {**self.data.preprocessing,
+                                                                                          "tag": None}})
+            except Exception as e:  # noqa: BLE001  a full disk raises OSError, or safetensors' own error
+                for part in folder.glob("*.tmp"):
+                    part.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if empty: a folder of an earlier, complete write stays
+                problem = (f"the final weights could not be written to {folder} ({checkpoint.failure_reason(e)}"
+                           f"{checkpoint.free_space_note(self.out)}); the run's last checkpoint holds them: rerun "
+                           f"the same command to write {folder} from it")
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)  # every rank stops with the same error
+        if box[0]:
+            raise checkpoint.CheckpointWriteError(box[0])
         return str(folder)
 
     def _fewshot(self, model):

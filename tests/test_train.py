@@ -652,6 +652,38 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(tmp_path):
         signal.signal(signal.SIGXFSZ, handler)
 
 
+def test_a_final_model_folder_that_cannot_be_written_is_a_clear_error(tmp_path):
+    """A full disk (RLIMIT_FSIZE, as above) when the finished run writes out/model: an error that says the last
+    checkpoint holds the weights and a rerun writes the folder, no empty or half-written folder left; the rerun does
+    write it."""
+    import resource
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def disk(step, row):  # after the final checkpoint, before the model folder
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000 if step == 2 else limits[0], limits[1]))
+
+    cfg = TrainConfig(out=str(tmp_path), steps=2, warmup_steps=1, eval_every=100, **TINY)
+    try:
+        with pytest.raises(checkpoint.CheckpointWriteError, match=r"the final weights could not be written to "
+                                                                  r".*model \(.*File too large.*; the run's last "
+                                                                  r"checkpoint holds them: rerun the same command"):
+            train(cfg, on_step_end=disk)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert not (tmp_path / "model").exists()
+    assert train(cfg)["step"] == 2 and (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_an_unwritable_out_is_a_setting_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "file" / "run"), "--steps", "1", *TINY_FLAGS])
+    assert exit_info.value.code == 2
+    assert f"error: --out {tmp_path / 'file' / 'run'} cannot be written (Not a directory); choose another --out" \
+        in capsys.readouterr().err
+
+
 def test_pos_embed_flags_are_stored_and_followed_by_init_and_fewshot(tmp_path, capsys):
     """--pos-embed / --pos-embed-at reach the model, config.json, a fine-tune from the checkpoint and the few-shot
     evaluator; a fine-tune cannot change them, and an impossible pair is a flag error."""
