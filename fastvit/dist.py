@@ -86,10 +86,13 @@ def round_store(agent_store, rank: int, world: int, timeout: timedelta, key: str
         host, port, token = json.loads(agent_store.get(key))  # waits for the first round's announcement
         probe = timedelta(seconds=max(0.1, min(probe_s, deadline - time.monotonic())))
         try:
-            store = dist.TCPStore(host, port, world, is_master=False, timeout=probe)
-            if store.get("fastvit/token").decode() == token:
-                store.set_timeout(timeout)
-                return store
+            # a plain socket first: a TCPStore client logs a C++ error with its stack for every failed try, about
+            # 20 lines at each restart for the killed round's announcement, which read like a real failure
+            if _listening(host, port, probe.total_seconds()):
+                store = dist.TCPStore(host, port, world, is_master=False, timeout=probe)
+                if store.get("fastvit/token").decode() == token:
+                    store.set_timeout(timeout)
+                    return store
         except (RuntimeError, OSError):  # refused, timed out, or not a store: a stale or late announcement
             pass
         if time.monotonic() >= deadline:
@@ -97,6 +100,15 @@ def round_store(agent_store, rank: int, world: int, timeout: timedelta, key: str
                                f"{timeout.total_seconds():.0f} s (last announcement {host}:{port}); --dist-timeout "
                                f"bounds this wait")
         time.sleep(0.2)
+
+
+def _listening(host: str, port: int, seconds: float) -> bool:
+    """Whether anything accepts a TCP connection at host:port within ``seconds``."""
+    try:
+        with socket.create_connection((host, port), timeout=seconds):
+            return True
+    except OSError:
+        return False
 
 
 def elastic_store(timeout: timedelta):
