@@ -31,7 +31,7 @@ class CheckpointWarning(UserWarning):
     """A checkpoint folder that resume skips (incomplete or corrupt), or one that could not be written."""
 
 
-class CheckpointMismatchError(ValueError):
+class IncompatibleCheckpointError(ValueError):
     """A complete checkpoint without entries the state it is loaded into needs (another optimizer or other parameter
     groups): an error, never skipped as a damaged checkpoint is, which would start the run afresh over it."""
 
@@ -227,13 +227,13 @@ def prune(out, keep: int) -> None:
 
 def load(path, state: dict) -> None:
     """Collective: fill ``state`` (a dict of the same structure as the saved one, or a subset) in place; raises
-    ``CheckpointMismatchError`` naming what ``state`` needs that the checkpoint lacks."""
+    ``IncompatibleCheckpointError`` naming what ``state`` needs that the checkpoint lacks."""
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict
     saved = saved_keys(path)
     missing = sorted(k for k in flatten_state_dict(state)[0] if k not in saved)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise CheckpointMismatchError(f"it lacks {missing[0]!r}{more}")
+        raise IncompatibleCheckpointError(f"it lacks {missing[0]!r}{more}")
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
 

@@ -150,8 +150,23 @@ class Run:
             rank0_print(env, "digits preset (flags you pass win): " + " ".join(preset))
         self._build_model()
         self.bad_total = 0  # unreadable samples drawn so far, all ranks (restored on resume)
+        self._make_out()
+        self.start, self.samples_seen, self.resumed_from = self.resume()
+        rank0_print(env, f"{cfg.recipe}: {self._model_description()} on {env.world} x {env.device.type}; "
+                          f"global batch {cfg.global_batch} = {plural(env.world, 'rank')} x {cfg.micro_batch} micro x "
+                          f"{self.accum} accumulation; {plural(cfg.steps, 'step')}, lr {cfg.lr:g}, warmup "
+                          f"{cfg.warmup_steps}, {cfg.schedule} decay; out {self.out}")
+        if cfg.global_batch > self.data.num_train and env.rank == 0:
+            warnings.warn(f"--global-batch {cfg.global_batch} is larger than the training set "
+                          f"({self.data.num_train} images): each step passes over it "
+                          f"{cfg.global_batch / self.data.num_train:.1f} times; a small dataset wants a smaller "
+                          f"--global-batch (and --model)", stacklevel=2)
+
+    def _make_out(self):
+        """Create --out (collective): one that cannot be written (read-only, under a file) is a setting error on
+        every rank before anything runs, not a traceback at the first write."""
         problem = None
-        if env.rank == 0:  # a read-only or foreign --out is a setting error now, not a traceback at the first write
+        if self.env.rank == 0:
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
                 probe = self.out / f".write-test-{os.getpid()}"
@@ -163,16 +178,6 @@ class Run:
         dist.broadcast_object_list(box, src=0)
         if box[0]:
             raise ValueError(box[0])
-        self.start, self.samples_seen, self.resumed_from = self.resume()
-        rank0_print(env, f"{cfg.recipe}: {self._model_description()} on {env.world} x {env.device.type}; "
-                          f"global batch {cfg.global_batch} = {plural(env.world, 'rank')} x {cfg.micro_batch} micro x "
-                          f"{self.accum} accumulation; {plural(cfg.steps, 'step')}, lr {cfg.lr:g}, warmup "
-                          f"{cfg.warmup_steps}, {cfg.schedule} decay; out {self.out}")
-        if cfg.global_batch > self.data.num_train and env.rank == 0:
-            warnings.warn(f"--global-batch {cfg.global_batch} is larger than the training set "
-                          f"({self.data.num_train} images): each step passes over it "
-                          f"{cfg.global_batch / self.data.num_train:.1f} times; a small dataset wants a smaller "
-                          f"--global-batch (and --model)", stacklevel=2)
 
     def _model_description(self):
         """'vit_base_patch16_224 with embed_dim 32, depth 2 (32,554 params)': the name and what the flags changed."""
@@ -347,7 +352,7 @@ class Run:
                 if explicit:  # a checkpoint folder, or a run folder's newest complete checkpoint
                     path = checkpoint.find_checkpoint(path)
                 step, seen, self.bad_total = self._load(path)
-            except checkpoint.CheckpointMismatchError as e:  # readable, but not this run's: never a fresh start over it
+            except checkpoint.IncompatibleCheckpointError as e:  # readable, but not this run's: never a fresh start over it
                 raise ValueError(f"checkpoint {path} does not fit this run ({e}): another --recipe or --layer-decay "
                                  f"than the run was started with? Resume with its flags, or choose another --out"
                                  ) from e
