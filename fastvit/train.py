@@ -260,7 +260,7 @@ class Run:
 
     def _config_json(self):
         return {"train": dataclasses.asdict(self.cfg), "model": {"name": self.model_name, "kwargs": self.model_kwargs},
-                "data": {"train_samples": self.data.num_train}}
+                "data": {"train_samples": self.data.num_train, "train_fingerprint": self.data.fingerprint()}}
 
     def save(self, step, samples_seen, final=False):
         """Write a checkpoint. A write that fails (a full disk) leaves the previous checkpoint the newest usable one;
@@ -412,11 +412,19 @@ class Run:
                 advice += f", or start from its weights with --init {folder}"
             changes = "; ".join(f"{k} {fields[k][0]!r} -> {fields[k][1]!r}" for k in changed)
             raise ValueError(f"{where} holds checkpoints of another run ({changes}); {advice}")
-        before = old.get("data", {}).get("train_samples")  # absent from runs saved before 2026-12-05
-        if before is not None and before != self.data.num_train and self.env.rank == 0:
-            warnings.warn(f"the run in {folder} was trained on {before} training samples and --data now holds "
-                          f"{self.data.num_train}: it resumes, but the samples it draws from here on differ from "
-                          f"those of an uninterrupted run", checkpoint.CheckpointWarning)
+        data = old.get("data", {})  # absent from runs saved before 2026-12-05; the fingerprint before 2026-12-06
+        before, print_before = data.get("train_samples"), data.get("train_fingerprint")
+        if self.env.rank != 0:
+            return
+        if before is not None and before != self.data.num_train:
+            what = f"was trained on {before} training samples and --data now holds {self.data.num_train}"
+        elif print_before is not None and print_before != self.data.fingerprint():
+            what = (f"was trained on other samples than --data now holds (as many, {before}, but other files, labels "
+                    f"or shards)")
+        else:
+            return
+        warnings.warn(f"the run in {folder} {what}: it resumes, but the samples it draws from here on differ from "
+                      f"those of an uninterrupted run", checkpoint.CheckpointWarning)
 
     # -- evaluation -------------------------------------------------------------------------------------------
     def _autocast(self):

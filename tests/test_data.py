@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -300,19 +301,39 @@ def test_no_readable_held_out_image_leaves_top1_unmeasured(tmp_path, capsys):
 
 
 def test_resuming_on_a_changed_training_set_says_so(tmp_path):
-    """config.json records the training-set size; a resume on a folder that has since lost (or gained) images
-    warns that the run no longer repeats an uninterrupted one, naming both counts; an unchanged one does not."""
+    """config.json records the training-set size and fingerprint; a resume on a folder that has since lost (or
+    gained) images warns that the run no longer repeats an uninterrupted one, naming both counts, and so does one
+    on as many images but other files; an unchanged one does not."""
     make_folder(tmp_path / "data")
     cfg = TrainConfig(**dict(TINY, data=str(tmp_path / "data"), out=str(tmp_path / "run"), steps=2, global_batch=4))
     train(cfg)
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == {"train_samples": 18}
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
+    assert recorded == {"train_samples": 18, "train_fingerprint": FolderSamples(str(tmp_path / "data" / "train"))
+                        .fingerprint}
     with warnings.catch_warnings():
         warnings.simplefilter("error", checkpoint.CheckpointWarning)
         train(dataclasses.replace(cfg, steps=3))
+    first = sorted((tmp_path / "data" / "train" / "owl").iterdir())[0]
+    first.rename(first.with_name("zz_" + first.name))  # as many images, another order of files
+    with pytest.warns(checkpoint.CheckpointWarning, match=r"was trained on other samples than --data now holds "
+                                                          r"\(as many, 18, but other files"):
+        assert train(dataclasses.replace(cfg, steps=4))["step"] == 4
     next((tmp_path / "data" / "train" / "owl").iterdir()).unlink()
     with pytest.warns(checkpoint.CheckpointWarning, match=r"was trained on 18 training samples and --data now "
                                                           r"holds 17: it resumes"):
-        assert train(dataclasses.replace(cfg, steps=4))["step"] == 4
+        assert train(dataclasses.replace(cfg, steps=5))["step"] == 5
+
+
+def test_a_training_set_fingerprint_names_its_images_not_where_they_lie(tmp_path):
+    """The same image files in another folder have the fingerprint they had; an image moved to another class
+    changes it."""
+    make_folder(tmp_path / "a", per_class=2)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    a = FolderSamples(str(tmp_path / "a" / "train")).fingerprint
+    assert FolderSamples(str(tmp_path / "b" / "train") + "/").fingerprint == a
+    moved = next((tmp_path / "b" / "train" / "cat").iterdir())
+    moved.rename(tmp_path / "b" / "train" / "dog" / moved.name)
+    assert FolderSamples(str(tmp_path / "b" / "train")).fingerprint != a
 
 
 def test_broken_data_read_by_loader_workers_ends_with_the_one_line_error(tmp_path, capsys):

@@ -29,6 +29,19 @@ def written(tmp_path_factory):
     return root / "src", root / "wds", code, broken[0]
 
 
+def test_a_shard_fingerprint_names_its_samples_not_where_they_lie(written, tmp_path):
+    """Shards copied to another folder have the fingerprint they had (a run's config.json compares it on resume);
+    a sample of other bytes changes it."""
+    _, wds_root, _, _ = written
+    shutil.copytree(wds_root, tmp_path / "copy")
+    here, there = (ShardSamples(sorted(str(p) for p in (root / "train").glob("*.tar"))) for root in (wds_root,
+                                                                                                    tmp_path / "copy"))
+    assert here.fingerprint == there.fingerprint
+    there = ShardSamples(there.paths)
+    there.sizes = there.sizes + (np.arange(len(there.sizes)) == 3)
+    assert there.fingerprint != here.fingerprint
+
+
 def test_writing_into_an_earlier_write_is_refused_or_replaced(tmp_path, capsys):
     """A second write into the same DST would leave the first one's extra shards beside its own: refused, or with
     --overwrite replaced, so the folder holds exactly the manifest's shards."""

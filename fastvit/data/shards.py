@@ -253,6 +253,11 @@ class ShardSamples(Samples):
     def sampler(self, seed):
         return ShardSampler(self.counts, seed)
 
+    def _identity(self):
+        # shard names (not folders: moved shards are the same data) and every sample's size in bytes
+        names = "\n".join(os.path.basename(p) for p in self.paths).encode(errors="surrogateescape")
+        return names + self.sizes.tobytes()
+
     def __getstate__(self):  # open files stay in the process that opened them
         return {**self.__dict__, "_files": {}, "_pid": None}
 

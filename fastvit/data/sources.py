@@ -10,6 +10,8 @@ is reported with the micro-batch (``bad``) for the trainer to count.
 from __future__ import annotations
 
 import abc
+import functools
+import hashlib
 import importlib.util
 import io
 import os
@@ -50,6 +52,10 @@ class DataSource(abc.ABC):
     def sampler(self, seed: int):
         """Stream position -> training-set index (``GlobalSampler``: each epoch a seeded permutation)."""
         return GlobalSampler(self.num_train, seed)
+
+    def fingerprint(self) -> str | None:
+        """A digest of the training samples (``Samples.fingerprint``), None where they are fixed (digits)."""
+        return None
 
     def eval_workers(self, workers: int) -> int:
         """Loader processes worth starting for the evaluation sets: ``workers``, where images are decoded."""
@@ -159,6 +165,19 @@ class Samples(abc.ABC):
         shards read whole windows of shards instead (``ShardSampler``)."""
         return GlobalSampler(len(self), seed)
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A digest of which samples these are, in order: their labels and :meth:`_identity`. A run records it, so
+        that a resume on a training set of the same size but other content (files added and removed, shards
+        rewritten) is told that it no longer draws what an uninterrupted run would."""
+        digest = hashlib.blake2b(self.labels.tobytes(), digest_size=8)
+        digest.update(self._identity())
+        return digest.hexdigest()
+
+    @abc.abstractmethod
+    def _identity(self) -> bytes:
+        """What names the samples apart from their labels, independent of where the dataset lies."""
+
 
 class FolderSamples(Samples):
     """The image files of an ImageFolder tree (one sub-folder per class, classes in sorted order)."""
@@ -176,7 +195,7 @@ class FolderSamples(Samples):
             folder = datasets.ImageFolder(root)
         except FileNotFoundError as e:  # torchvision's message names the class, not where it is
             raise ValueError(f"ImageFolder {root}: {e}".rstrip() + "; every class folder needs at least one image")
-        self.classes, self.paths = folder.classes, [path for path, _ in folder.samples]
+        self.root, self.classes, self.paths = folder.root, folder.classes, [path for path, _ in folder.samples]
         self.labels = np.asarray(folder.targets, dtype=np.int64)
 
     def read(self, index):
@@ -185,6 +204,10 @@ class FolderSamples(Samples):
 
     def name(self, index):
         return self.paths[index]
+
+    def _identity(self):
+        skip = len(os.path.join(self.root, ""))  # the paths relative to the root: a moved dataset is the same one
+        return "\n".join(path[skip:] for path in self.paths).encode(errors="surrogateescape")
 
 
 def _check_header(data: bytes) -> tuple[bytes, int, int]:
@@ -316,6 +339,9 @@ class FileSource(DataSource):
 
     def sampler(self, seed):
         return self.train_samples.sampler(seed)
+
+    def fingerprint(self):
+        return self.train_samples.fingerprint
 
     def keyed(self, seed) -> KeyedImages:
         return KeyedImages(self.train_samples, self.img_size, seed, self.decode)
