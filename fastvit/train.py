@@ -531,7 +531,8 @@ class Run:
                             f"exceed{'s' * (not many)} --max-bad-frac "
                             f"{self.cfg.max_bad_frac:g} x max(drawn, training-set size {self.data.num_train}) = "
                             f"{limit:g}; the warnings above name them. Repair or remove them (python -m "
-                            f"fastvit.data.shards verifies shards), or raise --max-bad-frac")
+                            f"fastvit.data.shards --verify DST lists every undecodable sample of shards), or raise "
+                            f"--max-bad-frac")
         self.bad_total = total
 
     def fit(self, on_step_end=None) -> dict:

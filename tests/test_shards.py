@@ -11,8 +11,8 @@ import pytest
 
 from fastvit.config import TrainConfig
 from fastvit.data import BadSampleWarning, FolderSamples, micro_batch_plan
-from fastvit.data.shards import (ShardSampler, ShardSamples, ShardSource, count_classes, expand, is_shard_spec,
-                                 main as write_main, parse_size, scan_shard, shard_index)
+from fastvit.data.shards import (ShardSampler, ShardSamples, ShardSource, _tar_bytes, count_classes, expand,
+                                 is_shard_spec, main as write_main, parse_size, scan_shard, shard_index)
 from fastvit.train import train
 from test_data import TINY, make_folder, rows
 
@@ -57,6 +57,58 @@ def test_writing_into_an_earlier_write_is_refused_or_replaced(tmp_path, capsys):
     for split in ("train", "val"):
         on_disk = sorted(p.name for p in (tmp_path / "wds" / split).glob("*.tar"))
         assert on_disk == [s["name"] for s in manifest["splits"][split]["shards"]] and len(on_disk) == 1
+
+
+def test_shards_a_reader_would_take_with_a_new_write_are_refused_or_removed(tmp_path, capsys):
+    """Any .tar in DST or its split folders would be read with the new shards (or, in a held-out split the new
+    write has not, instead of its own): a one-split write into a folder of train/ and val/ shards, a foreign
+    .tar in train/, an unfinished .tar.tmp are refused; --overwrite removes them all, so that the folder holds
+    exactly the manifest's shards."""
+    make_folder(tmp_path / "src")
+    base = ["--workers", "0", "--no-verify"]
+    assert write_main([str(tmp_path / "src"), str(tmp_path / "wds")] + base) == 0
+    (tmp_path / "src" / "val").rename(tmp_path / "src" / "test")  # a new write of train/ and test/
+    for leftover in ("train/old-0000.tar", "val/val-000009.tar.tmp", "stray.tar"):
+        for src in (tmp_path / "src", tmp_path / "src" / "train"):  # two splits, and one split into DST itself
+            with pytest.raises(SystemExit) as exit_info:
+                write_main([str(src), str(tmp_path / "wds")] + base)
+            assert exit_info.value.code == 2 and "--overwrite to remove them" in capsys.readouterr().err
+        (tmp_path / "wds" / leftover).write_bytes(b"")
+    assert write_main([str(tmp_path / "src"), str(tmp_path / "wds"), "--overwrite"] + base) == 0
+    manifest = json.loads((tmp_path / "wds" / "manifest.json").read_text())
+    on_disk = sorted(str(p.relative_to(tmp_path / "wds")) for p in (tmp_path / "wds").rglob("*.tar*")
+                     if not p.name.endswith(".idx.json"))
+    assert on_disk == sorted(f"{split}/{s['name']}" for split in ("train", "test")
+                             for s in manifest["splits"][split]["shards"])
+    assert ShardSource(str(tmp_path / "wds"), None, 16, workers=0).test.samples.paths[0].startswith(
+        str(tmp_path / "wds" / "test"))
+
+
+def test_an_interrupted_verify_keeps_the_manifest_and_verify_runs_alone(written, tmp_path, monkeypatch, capsys):
+    """The manifest is written before the verify pass: Ctrl-C there exits 130 naming ``--verify DST``, which then
+    decodes every sample of the written shards and records the result in the manifest."""
+    src, _, _, broken = written
+    import fastvit.data.shards as shards
+
+    def interrupted(folder, workers=0):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(shards, "verify", interrupted)
+    assert write_main([str(src), str(tmp_path / "wds"), "--workers", "0"]) == 130
+    assert f"--verify {tmp_path / 'wds'} verifies them" in capsys.readouterr().err
+    manifest = json.loads((tmp_path / "wds" / "manifest.json").read_text())
+    assert manifest["verify"] is None and manifest["splits"]["train"]["samples"] == 18
+    monkeypatch.undo()
+    assert write_main(["--verify", str(tmp_path / "wds"), "--workers", "0"]) == 1
+    out, err = capsys.readouterr()
+    assert "undecodable: train/" in err and "verified: 35 sample(s) decode" in out
+    after = json.loads((tmp_path / "wds" / "manifest.json").read_text())
+    assert after["verify"]["decoded"] == 35 and len(after["verify"]["undecodable"]) == 1
+    assert {k: v for k, v in after.items() if k != "verify"} == {k: v for k, v in manifest.items() if k != "verify"}
+    for bad in (["--verify", str(tmp_path / "wds"), str(src)], ["--verify", str(tmp_path / "nothing")], [str(src)]):
+        with pytest.raises(SystemExit) as exit_info:
+            write_main(bad)
+        assert exit_info.value.code == 2, bad
+    assert "no .tar shards there" in capsys.readouterr().err
 
 
 def test_dst_must_be_a_folder_apart_from_src(tmp_path, capsys):
@@ -127,9 +179,9 @@ def test_writer_output_reads_back_through_webdataset(written):
         assert sum(s["samples"] for s in entry["shards"]) == 18
         assert all((dst / split / (name + ".idx.json")).is_file() for name in shards)
         largest = max(p.stat().st_size for p in (src / split).rglob("*.*"))
-        for name in shards:  # a shard holds --shard-size bytes of samples, or one more sample than that
-            payload = sum(size for _, _, size, _ in scan_shard(str(dst / split / name))["samples"])
-            assert payload < 3000 + largest
+        for name in shards:  # a shard holds at most --shard-size bytes of tar members (headers too), or one sample
+            sizes = [size for _, _, size, _ in scan_shard(str(dst / split / name))["samples"]]
+            assert sum(sizes) < 3000 + largest and (sum(map(_tar_bytes, sizes)) <= 3000 or len(sizes) == 1)
         # the reference: webdataset's own reader yields exactly the source images and labels
         folder = FolderSamples(str(src / split))
         expected = sorted((folder.read(i), int(folder.labels[i])) for i in range(len(folder)))

@@ -423,12 +423,18 @@ def _ignored(root: str, samples: FolderSamples) -> dict:
     return {"count": ignored.total(), "extensions": dict(sorted(ignored.items(), key=lambda item: (-item[1], item[0])))}
 
 
+def _tar_bytes(data_size: int) -> int:
+    """Bytes a sample takes in a tar: a header and the data padded to 512-byte blocks, for the image and the .cls."""
+    return 3 * tarfile.BLOCKSIZE + -(-data_size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
 def write_split(samples: FolderSamples, dst: str, prefix: str, shard_size: int, seed: int) -> dict:
     """Write an ImageFolder's samples as shards ``dst/<prefix>-NNNNNN.tar`` into the folder ``dst`` (samples in a
-    seeded random order, so every shard mixes classes) with their indexes; returns the split's manifest entry."""
+    seeded random order, so every shard mixes classes; each shard at most ``shard_size`` bytes of tar members, or
+    one sample) with their indexes; returns the split's manifest entry."""
     wds = _webdataset()
     order = np.random.default_rng(seed).permutation(len(samples))
-    shards, sources, skipped = [], {}, []
+    shards, sources, skipped, per_class = [], {}, [], Counter()
     writer, tmp, size = None, None, 0
 
     def close():
@@ -437,9 +443,10 @@ def write_split(samples: FolderSamples, dst: str, prefix: str, shard_size: int, 
         os.replace(tmp, final)
         index = scan_shard(final)
         write_index(final, index)
-        per_class = Counter(samples.classes[s[3]] for s in index["samples"])
-        shards.append({"name": os.path.basename(final), "samples": len(index["samples"]), "bytes": index["bytes"],
-                       "per_class": dict(sorted(per_class.items()))})
+        per_class.update(samples.classes[s[3]] for s in index["samples"])
+        # per shard no class counts: at ImageNet-21k's 21,841 classes and 2,000 shards they made a manifest of
+        # hundreds of MB, read by every rank at start (each shard's index holds its labels)
+        shards.append({"name": os.path.basename(final), "samples": len(index["samples"]), "bytes": index["bytes"]})
 
     for n, i in enumerate(progress(order, desc=f"write {prefix}", unit="img")):
         try:
@@ -447,19 +454,17 @@ def write_split(samples: FolderSamples, dst: str, prefix: str, shard_size: int, 
         except Exception as e:  # noqa: BLE001  an unreadable source of a format we re-encode
             skipped.append({"source": samples.paths[i], "error": f"{type(e).__name__}: {e}"})
             continue
-        if writer is None or (size + len(data) > shard_size and size > 0):
+        if writer is None or (size + _tar_bytes(len(data)) > shard_size and size > 0):
             if writer is not None:
                 close()
             tmp = os.path.join(dst, f"{prefix}-{len(shards):06d}.tar.tmp")
             writer, size = wds.TarWriter(tmp, encoder=False, mtime=0), 0
         key = f"{n:09d}"
         sources[f"{prefix}-{len(shards):06d}.tar:{key}"] = samples.paths[i]
-        size += writer.write({"__key__": key, ext: data, "cls": str(int(samples.labels[i])).encode()})
+        writer.write({"__key__": key, ext: data, "cls": str(int(samples.labels[i])).encode()})
+        size += _tar_bytes(len(data))
     if writer is not None:
         close()
-    per_class = Counter()
-    for s in shards:
-        per_class.update(s["per_class"])
     return {"samples": sum(s["samples"] for s in shards), "per_class": dict(sorted(per_class.items())),
             "shards": shards, "skipped": skipped, "_sources": sources}
 
@@ -490,6 +495,10 @@ def verify(folder: str, workers: int = 0) -> list:
         results = pool.imap(_decode_check, items, chunksize=64) if pool else map(_decode_check, items)
         bar = progress(results, total=len(items), desc=f"verify {os.path.basename(folder)}", unit="img")
         failed = [(name, err) for err, name in zip(bar, names) if err]  # the bar first: it ends, and closes
+    except BaseException:  # Ctrl-C: the workers are interrupted too, and a join would wait for them
+        if pool:
+            pool.terminate()
+        raise
     finally:
         if pool:
             pool.close()
@@ -497,19 +506,26 @@ def verify(folder: str, workers: int = 0) -> list:
     return failed
 
 
-def _clear_earlier_write(dst, plan, overwrite):
-    """Shards an earlier write left where this one writes would be read with the new ones (a folder is all its
-    .tar files): removed with ``overwrite``, else an error."""
-    old = [p for _, folder, prefix in plan for p in sorted(glob.glob(os.path.join(glob.escape(folder),
-                                                                                  f"{prefix}-*.tar")))]
+# what a write leaves in a folder: shards, their indexes (and an index being written), unfinished shards
+_WRITTEN = ("*.tar", "*.tar" + INDEX_SUFFIX, "*.tar" + INDEX_SUFFIX + ".*.tmp", "*.tar.tmp")
+
+
+def _clear_earlier_write(dst, overwrite):
+    """Shards in DST or its train/ val/ test/ folders (an earlier write's, or others') would be read with the new
+    ones, a folder being all its .tar files, and a held-out split the new write has not would be read instead of
+    its own: removed with ``overwrite`` (with their indexes, unfinished shards and the manifest), else an error."""
+    folders = [dst] + [os.path.join(dst, split) for split in ("train", "val", "test")]
+    old = [path for folder in folders for pattern in _WRITTEN
+           for path in sorted(glob.glob(os.path.join(glob.escape(folder), pattern)))]
+    old += [path for path in [os.path.join(dst, MANIFEST)] if os.path.exists(path)]
     if old and not overwrite:
-        raise ValueError(f"DST {dst!r} already holds {len(old)} shard(s) of an earlier write ({old[0]}, ...), which "
-                         f"a reader of the folder would take with the new ones; pass --overwrite to replace them, or "
-                         f"choose an empty DST")
-    for path in old + [os.path.join(dst, MANIFEST)]:
-        for file in (path, path + INDEX_SUFFIX):
-            if os.path.exists(file):
-                os.remove(file)
+        shards = [p for p in old if p.endswith((".tar", ".tar.tmp"))] or old
+        raise ValueError(f"DST {dst!r} already holds {len(shards)} shard(s) or file(s) of an earlier write "
+                         f"({shards[0]}, ...), which a reader of the folder would take with the new ones; pass "
+                         f"--overwrite to remove them (every .tar, its index, unfinished .tar.tmp files and "
+                         f"{MANIFEST}, in DST and its train/ val/ test/ folders), or choose an empty DST")
+    for path in old:
+        os.remove(path)
 
 
 def _check_apart(src: str, dst: str) -> None:
@@ -529,76 +545,145 @@ def _check_apart(src: str, dst: str) -> None:
                          f"choose a DST apart from SRC, neither inside the other")
 
 
-def main(argv=None) -> int:
-    """Write, then verify; 1 when a source was not written or a sample does not decode. Every path of a source in
-    manifest.json (``source``, ``skipped``, ``verify.undecodable``) is absolute."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastvit.data.shards", description=(
         "Write an ImageFolder (SRC/train and SRC/val or SRC/test, or SRC itself as one split) as WebDataset tar "
-        "shards with indexes and a manifest (counts per class and per shard), then decode every sample to verify."))
-    parser.add_argument("src", help="ImageFolder root: train/ and val/ (or test/) class folders, or class folders")
-    parser.add_argument("dst", help="output folder (train/ and val/ sub-folders of shards, manifest.json)")
-    parser.add_argument("--shard-size", default="1GB", help="bytes of images per shard (1GB, 500MB, 64MiB, ...; default: 1GB)")
+        "shards with indexes and a manifest (counts per class and per shard), then decode every sample to verify. "
+        "With --verify DST, only verify shards written before."))
+    parser.add_argument("src", nargs="?", help="ImageFolder root: train/ and val/ (or test/) class folders, or class "
+                                               "folders")
+    parser.add_argument("dst", nargs="?", help="output folder (train/ and val/ sub-folders of shards, manifest.json)")
+    parser.add_argument("--shard-size", default="1GB",
+                        help="bytes per shard, tar headers included (1GB, 500MB, 64MiB, ...; default: 1GB)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample order (shards mix classes)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="processes for the verify pass (0: in this process)")
     parser.add_argument("--no-verify", action="store_true", help="skip decoding every sample after writing")
+    parser.add_argument("--verify", metavar="DST",
+                        help="decode every sample of shards already written (a writer's DST, or a folder of .tar "
+                             "files) and record the result in its manifest.json; takes no SRC")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the shards (and manifest) an earlier write left in DST")
-    args = parser.parse_args(argv)
-    try:
-        shard_size = parse_size(args.shard_size)
-        _check_apart(args.src, args.dst)
-        splits = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(args.src, s))]
-        if splits and "train" not in splits:
-            raise ValueError(f"SRC {args.src!r} has {splits} but no train/ folder")
-        src = os.path.abspath(args.src)
-        plan = [(os.path.join(src, s), os.path.join(args.dst, s), s) for s in splits] or [(src, args.dst, "shard")]
-        folders = _read_splits(plan)
-        _clear_earlier_write(args.dst, plan, args.overwrite)
-        for _, dst, _ in plan:
-            try:
-                os.makedirs(dst, exist_ok=True)
-            except OSError as e:
-                raise ValueError(f"cannot create {dst!r} for DST {args.dst!r}: {e.strerror}") from e
-        manifest = {"source": src, "shard_size": shard_size, "seed": args.seed, "splits": {}}
-        sources = {}
-        for (split_src, dst, name), samples in zip(plan, folders):
-            entry = write_split(samples, dst, name, shard_size, args.seed)
-            entry["ignored"] = _ignored(split_src, samples)
-            for key, path in entry.pop("_sources").items():
-                sources[f"{name}/{key}"] = path
-            manifest["splits"][name] = entry
-        manifest["classes"] = folders[0].classes
-    except (ValueError, ImportError) as e:
-        parser.error(str(e))
-    failed = []
-    if not args.no_verify:
-        for src, dst, name in plan:
-            failed += [{"sample": f"{name}/{key}", "source": sources.get(f"{name}/{key}"), "error": err}
-                       for key, err in verify(dst, args.workers)]
-        manifest["verify"] = {"decoded": sum(s["samples"] for s in manifest["splits"].values()) - len(failed),
-                              "undecodable": failed}
-    Path(args.dst, MANIFEST).write_text(json.dumps(manifest, indent=1))
-    skipped = [s for entry in manifest["splits"].values() for s in entry["skipped"]]
-    for split, entry in manifest["splits"].items():
+                        help="remove the shards (and manifest) an earlier write, or another tool, left in DST")
+    return parser
+
+
+def _write(args, shard_size: int):
+    """Write every split of SRC into DST; returns (manifest without the verify pass, [(split folder, split name)],
+    {split/shard:key: source path})."""
+    _check_apart(args.src, args.dst)
+    splits = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(args.src, s))]
+    if splits and "train" not in splits:
+        raise ValueError(f"SRC {args.src!r} has {splits} but no train/ folder")
+    src = os.path.abspath(args.src)
+    plan = [(os.path.join(src, s), os.path.join(args.dst, s), s) for s in splits] or [(src, args.dst, "shard")]
+    folders = _read_splits(plan)
+    _clear_earlier_write(args.dst, args.overwrite)
+    for _, dst, _ in plan:
+        try:
+            os.makedirs(dst, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create {dst!r} for DST {args.dst!r}: {e.strerror}") from e
+    manifest = {"source": src, "shard_size": shard_size, "seed": args.seed, "splits": {}}
+    sources = {}
+    for (split_src, dst, name), samples in zip(plan, folders):
+        entry = write_split(samples, dst, name, shard_size, args.seed)
+        entry["ignored"] = _ignored(split_src, samples)
+        for key, path in entry.pop("_sources").items():
+            sources[f"{name}/{key}"] = path
+        manifest["splits"][name] = entry
+    manifest["classes"] = folders[0].classes
+    return manifest, [(dst, name) for _, dst, name in plan], sources
+
+
+def _written_splits(dst: str) -> list:
+    """[(split folder, split name)] of shards written before: DST's train/ val/ test/, or DST's own .tar files."""
+    splits = [(os.path.join(dst, s), s) for s in _split_folders(dst)]
+    if not splits and glob.glob(os.path.join(glob.escape(dst), "*.tar")):
+        splits = [(dst, "shard")]
+    if not splits:
+        raise ValueError(f"--verify {dst!r}: no .tar shards there, nor in its train/ val/ test/ folders")
+    return splits
+
+
+def _verify_all(splits, sources, workers) -> dict:
+    """The manifest's ``verify`` entry: every sample of every split decoded as training decodes it."""
+    failed = [{"sample": f"{name}/{key}", "source": sources.get(f"{name}/{key}"), "error": err}
+              for folder, name in splits for key, err in verify(folder, workers)]
+    total = sum(len(shard_index(path)["samples"]) for folder, _ in splits for path in expand(folder))
+    return {"decoded": total - len(failed), "undecodable": failed}
+
+
+def _report(manifest, written: bool) -> int:
+    """Print the summary and every problem; the exit code (1: a source not written or a sample undecodable)."""
+    skipped = [s for entry in manifest.get("splits", {}).values() for s in entry.get("skipped", [])]
+    failed = (manifest.get("verify") or {}).get("undecodable", [])
+    for split, entry in manifest.get("splits", {}).items() if written else ():
         print(f"{split}: {entry['samples']} samples in {len(entry['shards'])} shards, "
               f"{len(entry['per_class'])} classes")
     ignored = Counter()
-    for entry in manifest["splits"].values():
+    for entry in manifest.get("splits", {}).values() if written else ():
         ignored.update(entry["ignored"]["extensions"])
     if ignored:
         counts = ", ".join(f"{ext} {n}" for ext, n in ignored.most_common())
         print(f"ignored {ignored.total()} file(s) in SRC, not written ({counts}): ImageFolder reads only "
               f"{', '.join(IMG_EXTENSIONS)} files inside class folders", file=sys.stderr)
-    for item in skipped:
+    for item in skipped if written else ():
         print(f"not written (unreadable source): {item['source']} ({item['error']})", file=sys.stderr)
     for item in failed:
-        print(f"undecodable: {item['sample']} from {item['source']} ({item['error']})", file=sys.stderr)
+        source = f" from {item['source']}" if item["source"] else ""
+        print(f"undecodable: {item['sample']}{source} ({item['error']})", file=sys.stderr)
     if failed:
         print(f"{len(failed)} sample(s) do not decode; training replaces them (counted against --max-bad-frac)",
               file=sys.stderr)
-    print(f"wrote {Path(args.dst, MANIFEST)}")
-    return 1 if failed or skipped else 0
+    if manifest.get("verify"):
+        print(f"verified: {manifest['verify']['decoded']} sample(s) decode")
+    return 1 if failed or (skipped and written) else 0
+
+
+def main(argv=None) -> int:
+    """Write, then verify (or with --verify only verify); 1 when a source was not written or a sample does not
+    decode. Every path of a source in manifest.json (``source``, ``skipped``, ``verify.undecodable``) is absolute.
+    The manifest is written before the verify pass, so an interrupted verify loses no write."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.verify is not None:
+        if args.src is not None or args.no_verify or args.overwrite:
+            parser.error("--verify DST takes no SRC, DST, --no-verify or --overwrite: it reads shards written before")
+    elif args.dst is None:
+        parser.error("SRC and DST are required (or --verify DST to verify shards written before)")
+    dst = args.verify if args.verify is not None else args.dst
+    manifest_path = Path(dst, MANIFEST)
+    try:
+        if args.verify is not None:
+            splits, sources = _written_splits(dst), {}
+            try:
+                manifest = json.loads(manifest_path.read_text())
+            except (OSError, ValueError):
+                manifest = None  # shards of another tool: the result is printed only
+        else:
+            manifest, splits, sources = _write(args, parse_size(args.shard_size))
+            manifest["verify"] = None  # not verified (yet)
+            manifest_path.write_text(json.dumps(manifest, indent=1))
+    except (ValueError, ImportError) as e:
+        parser.error(str(e))
+    except KeyboardInterrupt:
+        print(f"interrupted while writing: DST {dst!r} holds a part of the shards and no {MANIFEST}; rerun with "
+              f"--overwrite", file=sys.stderr)
+        return 130
+    if args.verify is not None or not args.no_verify:
+        try:
+            result = _verify_all(splits, sources, args.workers)
+        except KeyboardInterrupt:
+            print(f"interrupted while verifying: the shards{' and ' + MANIFEST if manifest else ''} are written, "
+                  f"unverified; python -m fastvit.data.shards --verify {dst} verifies them", file=sys.stderr)
+            return 130
+        if manifest is not None:
+            manifest["verify"] = result
+            manifest_path.write_text(json.dumps(manifest, indent=1))
+    code = _report(manifest if manifest is not None else {"verify": result}, written=args.verify is None)
+    if manifest is not None:
+        print(f"wrote {manifest_path}")
+    return code
 
 
 if __name__ == "__main__":
