@@ -2,6 +2,7 @@
 the windowed sampler, bad input, and training on shards (split invariance, exact resume)."""
 import io
 import json
+import os
 import shutil
 import tarfile
 import warnings
@@ -40,6 +41,34 @@ def test_a_shard_fingerprint_names_its_samples_not_where_they_lie(written, tmp_p
     there = ShardSamples(there.paths)
     there.sizes = there.sizes + (np.arange(len(there.sizes)) == 3)
     assert there.fingerprint != here.fingerprint
+
+
+def test_a_copied_shard_keeps_its_index_and_a_rewritten_one_is_scanned(written, tmp_path, monkeypatch):
+    """A copy (another mtime, as cp, rsync or gsutil give) is recognised by its size and first and last bytes: its
+    index is used (and takes the copy's time), not rebuilt by every run; a shard of the same size whose bytes
+    changed is scanned again. Naming samples reads each shard's index once."""
+    import fastvit.data.shards as shards
+    _, wds_root, _, _ = written
+    source = sorted((wds_root / "train").glob("*.tar"))[0]
+    copy = tmp_path / source.name
+    shutil.copyfile(source, copy)
+    shutil.copyfile(str(source) + ".idx.json", str(copy) + ".idx.json")
+    os.utime(copy, ns=(1, 10**18))
+    scans = []
+    real_scan = shards.scan_shard
+    monkeypatch.setattr(shards, "scan_shard", lambda path: scans.append(path) or real_scan(path))
+    index = shard_index(str(copy))
+    assert scans == [] and index["samples"] == shard_index(str(source))["samples"]
+    assert json.loads((tmp_path / (source.name + ".idx.json")).read_text())["mtime_ns"] == 10**18
+    samples = ShardSamples([str(copy)])
+    names = [samples.name(i) for i in range(len(samples))] * 2
+    assert scans == [] and names[0] == f"{copy}:{index['samples'][0][0]}"
+    data = bytearray(copy.read_bytes())
+    data[600] ^= 0xFF  # inside the first member's data: same size, other bytes
+    copy.write_bytes(bytes(data))
+    os.utime(copy, ns=(1, 2 * 10**18))
+    shard_index(str(copy))
+    assert scans == [str(copy)]
 
 
 def test_writing_into_an_earlier_write_is_refused_or_replaced(tmp_path, capsys):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import hashlib
 import json
 import multiprocessing
 import os
@@ -159,8 +160,24 @@ def scan_shard(path: str) -> dict:
                              "and below 2**31")
         samples.append([key, *entries[key]["image"], label])
     stat = os.stat(path)
-    return {"version": INDEX_VERSION, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "samples": samples,
-            "damage": damage}
+    return {"version": INDEX_VERSION, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "probe": _probe(path, stat.st_size), "samples": samples, "damage": damage}
+
+
+_PROBE_BYTES = 1 << 16
+
+
+def _probe(path: str, size: int) -> str:
+    """A digest of a shard's first and last 64 KiB. With the size it tells a copy of the indexed shard (cp, rsync,
+    gsutil give it another mtime) from a shard written again (the writer's shuffle puts other samples first), so a
+    copy keeps its index instead of being scanned again by every run."""
+    digest = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        digest.update(f.read(_PROBE_BYTES))
+        if size > _PROBE_BYTES:
+            f.seek(max(_PROBE_BYTES, size - _PROBE_BYTES))
+            digest.update(f.read(_PROBE_BYTES))
+    return digest.hexdigest()
 
 
 def _unterminated(path: str, end: int):
@@ -185,17 +202,23 @@ def write_index(path: str, index: dict) -> None:
 
 
 def shard_index(path: str) -> dict:
-    """The shard's index: its ``.idx.json`` when it matches the shard's size and time, else a fresh scan (saved
-    beside the shard when the folder is writable)."""
+    """The shard's index: its ``.idx.json`` when it matches the shard's size and time, or its size and
+    :func:`_probe` (a copy; the index then takes the copy's time), else a fresh scan (saved beside the shard when
+    the folder is writable)."""
     stat = os.stat(path)
     try:
         with open(path + INDEX_SUFFIX) as f:
             index = json.load(f)
-        if (index.get("version") == INDEX_VERSION and index["bytes"] == stat.st_size
-                and index["mtime_ns"] == stat.st_mtime_ns):
-            if index["damage"]:  # said again by every run that reads the shard, not only by the one that scanned it
-                warnings.warn(index["damage"], RuntimeWarning)
-            return index
+        if index.get("version") == INDEX_VERSION and index["bytes"] == stat.st_size:
+            copied = index["mtime_ns"] != stat.st_mtime_ns
+            if not copied or index.get("probe") == _probe(path, stat.st_size):
+                if index["damage"]:  # said again by every run that reads the shard, not only by the scanning one
+                    warnings.warn(index["damage"], RuntimeWarning)
+                if copied:
+                    index["mtime_ns"] = stat.st_mtime_ns
+                    with contextlib.suppress(OSError):
+                        write_index(path, index)
+                return index
     except (OSError, ValueError, KeyError):
         pass
     index = scan_shard(path)
@@ -222,7 +245,7 @@ class ShardSamples(Samples):
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])
         columns = [np.array([s[1:] for s in ix["samples"]], dtype=np.int64) for _, ix in kept]
         self.offsets, self.sizes, self.labels = np.concatenate(columns).T.copy()
-        self._files, self._pid = {}, None
+        self._files, self._pid, self._keys = {}, None, {}
 
     def locate(self, index: int) -> tuple[int, int]:
         """(shard number, sample number in the shard) of a global sample index."""
@@ -248,7 +271,9 @@ class ShardSamples(Samples):
 
     def name(self, index):
         shard, i = self.locate(index)
-        return f"{self.paths[shard]}:{shard_index(self.paths[shard])['samples'][i][0]}"
+        if shard not in self._keys:  # keys are kept only for shards with a named sample (a shard index each)
+            self._keys[shard] = [sample[0] for sample in shard_index(self.paths[shard])["samples"]]
+        return f"{self.paths[shard]}:{self._keys[shard][i]}"
 
     def sampler(self, seed):
         return ShardSampler(self.counts, seed)
