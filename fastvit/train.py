@@ -74,12 +74,14 @@ class BadSampleLimit(DataError):
 
 class _StopRequest:
     """Records SIGTERM or Ctrl-C (SIGINT) so the run saves a checkpoint at the end of the current step and exits;
-    a second Ctrl-C interrupts at once (the default handler is back after the first)."""
+    a second Ctrl-C interrupts at once (the default handler is back after the first). ``announce``: say so at the
+    first Ctrl-C (rank 0 only: a terminal's Ctrl-C reaches every rank of a torchrun job)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.requested = None  # the name of the signal that asked to stop
+        self.announce = announce
         self._previous = {}
 
     def __enter__(self):
@@ -91,8 +93,9 @@ class _StopRequest:
         self.requested = signal.Signals(signum).name
         if signum == signal.SIGINT:
             signal.signal(signum, self._previous[signum])
-            print("\nCtrl-C: saving a checkpoint at the end of this step (again to stop at once)", file=sys.stderr,
-                  flush=True)
+            if self.announce:
+                print("\nCtrl-C: saving a checkpoint at the end of this step (again to stop at once)",
+                      file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -554,7 +557,8 @@ class Run:
         step, top1, saved_at, stopped = start, None, start if resumed_from else None, False
         speed, t_run = None, time.perf_counter() - log.elapsed  # training time goes on from a resumed step
         self.core.train()
-        with _StopRequest() as stop, bar:  # the bar closed on an error too: its message starts a line of its own
+        # the bar is closed on an error too: its message starts a line of its own
+        with _StopRequest(announce=env.rank == 0) as stop, bar:
             while step < cfg.steps:
                 t0 = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]

@@ -21,7 +21,7 @@ from fastvit import checkpoint
 from fastvit.flops import train_flops_per_image
 from fastvit.config import TrainConfig, resolve, steps_for
 from fastvit.recipes import WarmupDecay, param_groups
-from fastvit.train import main, train
+from fastvit.train import _StopRequest, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # a 2-block ViT of width 32 on 16x16 digits: a step takes a few milliseconds
@@ -343,6 +343,18 @@ def test_a_stop_signal_saves_and_exits(tmp_path, sig):
     assert [p.name for p in checkpoint.resume_candidates(out)] == [f"step_{last:08d}"]
     assert 3 <= last < 100000
     assert not rows(out, "final_top1") and not (out / "model").exists()
+
+
+def test_ctrl_c_is_announced_once_per_job(capsys):
+    """A terminal's Ctrl-C reaches every rank of a torchrun job: each records it, only rank 0 (announce) says it
+    saves; a second Ctrl-C then interrupts at once (the previous handler is back)."""
+    for announce in (True, False):
+        with _StopRequest(announce) as stop:
+            signal.raise_signal(signal.SIGINT)
+            assert stop.requested == "SIGINT"
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+        assert ("Ctrl-C: saving a checkpoint at the end of this step" in capsys.readouterr().err) == announce
 
 
 def test_a_stop_signal_ends_a_multi_seed_run(tmp_path):
