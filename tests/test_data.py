@@ -389,8 +389,11 @@ def test_decode_image_is_pil_for_every_jpeg_mode_and_names_what_is_broken():
     jpeg = encode(pixels, "JPEG")
     with pytest.raises(OSError, match="image file is truncated"):
         decode_image(jpeg[:len(jpeg) // 2])
-    with pytest.raises(OSError, match=r"cannot identify image data \(9 bytes, starting b'not an i'\)"):
+    with pytest.raises(OSError, match=r"cannot identify image data \(9 bytes; not an image format PIL reads: it "
+                                      r"starts b'not an i'\)"):
         decode_image(b"not an im")  # PIL's own message would name a BytesIO object
+    with pytest.raises(OSError, match=r"\(64 bytes; it starts as a JPEG file: damaged or cut short\)"):
+        decode_image(jpeg[:4] + bytes(60))
 
 
 def test_a_16_bit_grey_png_keeps_its_range():

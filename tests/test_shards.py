@@ -187,6 +187,7 @@ def test_manifest_paths_are_absolute_and_ignored_files_counted(tmp_path, monkeyp
     assert manifest["source"] == str(tmp_path / "src")
     train = manifest["splits"]["train"]
     assert [s["source"] for s in train["skipped"]] == [str(tmp_path / "src" / "train" / "owl" / "bad.bmp")]
+    assert "it starts as a BMP file: damaged or cut short" in train["skipped"][0]["error"]
     assert [u["source"] for u in manifest["verify"]["undecodable"]] == [str(tmp_path / "src" / "train" / "dog" /
                                                                             "1.jpg")]
     assert train["ignored"] == {"count": 4, "extensions": {".txt": 2, "(none)": 1, ".gif": 1}}
@@ -268,6 +269,8 @@ def test_bad_shard_input_gives_clear_errors(written, tmp_path):
     pattern = str(first).replace(first.name, "train-{000000..000099}.tar")
     with pytest.raises(ValueError, match="shards do not exist"):
         expand(pattern)
+    with pytest.raises(ValueError, match=r"holds no .tar shards \(its train/ and val/ do: name that folder\)"):
+        expand(str(dst))  # --val-data DST for DST/val
     _tar(tmp_path / "nolabels.tar", [("a.jpg", b"x"), ("b.jpg", b"y")])
     with pytest.raises(ValueError, match="has no labels"):
         scan_shard(str(tmp_path / "nolabels.tar"))

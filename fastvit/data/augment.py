@@ -35,17 +35,28 @@ EVAL_CFG = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "biline
 JPEG_MAGIC = b"\xff\xd8"  # the first bytes of every JPEG file
 
 
-def decode_pil(data: bytes) -> torch.Tensor:
-    """An encoded image (JPEG, PNG, WebP, ...) as a (3, H, W) uint8 tensor, through PIL (grey, 16-bit grey, palette,
-    CMYK and alpha images converted to RGB). Raises whatever PIL raises on a broken file; for data PIL cannot identify, with
-    the data's size and first bytes where PIL names a BytesIO object."""
+# the first bytes of image formats, to say what a file PIL cannot identify was meant to be
+_MAGIC = ((JPEG_MAGIC, "JPEG"), (b"\x89PNG", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"), (b"RIFF", "WebP"),
+          (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def open_pil(data: bytes):
+    """``PIL.Image.open`` of encoded bytes; for data it cannot identify an error with the data's size and what its
+    first bytes say (a damaged JPEG, or not an image), where PIL names a BytesIO object."""
     from PIL import Image, UnidentifiedImageError
     try:
-        image = Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise UnidentifiedImageError(f"cannot identify image data ({len(data)} bytes, starting {data[:8]!r})") \
-            from None
-    with image:
+        kind = next((name for magic, name in _MAGIC if data.startswith(magic)), None)
+        what = (f"it starts as a {kind} file: damaged or cut short" if kind else
+                f"not an image format PIL reads: it starts {data[:8]!r}")
+        raise UnidentifiedImageError(f"cannot identify image data ({len(data)} bytes; {what})") from None
+
+
+def decode_pil(data: bytes) -> torch.Tensor:
+    """An encoded image (JPEG, PNG, WebP, ...) as a (3, H, W) uint8 tensor, through PIL (grey, 16-bit grey, palette,
+    CMYK and alpha images converted to RGB). Raises whatever PIL raises on a broken file (:func:`open_pil`)."""
+    with open_pil(data) as image:
         if image.mode.startswith("I;16") or image.mode == "I":
             # 16-bit grey (PNG): convert("RGB") clips every value above 255, most of the image white; its top 8 bits
             grey = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from fastvit.data.augment import decode_image
+from fastvit.data.augment import decode_image, open_pil
 from fastvit.data.keyed import mix_seed
 from fastvit.data.sources import FileSource, FolderSamples, Samples, progress
 
@@ -82,7 +82,9 @@ def expand(spec: str) -> list:
     if os.path.isdir(spec):
         paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
         if not paths:
-            raise ValueError(f"{spec} holds no .tar shards")
+            splits = _split_folders(spec)  # the writer's DST given where a split folder was meant (--val-data)
+            hint = f" (its {' and '.join(s + '/' for s in splits)} do: name that folder)" if splits else ""
+            raise ValueError(f"{spec} holds no .tar shards{hint}")
         return paths
     names = _webdataset().shardlists.expand_urls(spec)
     missing = [n for n in names if not os.path.isfile(n)]
@@ -416,9 +418,8 @@ def _encoded(path: str) -> tuple[str, bytes]:
     if ext in IMAGE_EXTS:
         return ("jpg" if ext == "jpeg" else ext), data
     import io
-    from PIL import Image
     out = io.BytesIO()
-    with Image.open(io.BytesIO(data)) as image:
+    with open_pil(data) as image:
         image.save(out, format="PNG")
     return "png", out.getvalue()
 
