@@ -77,7 +77,9 @@ PREFETCH = 2  # batches each DataLoader worker prepares ahead (its prefetch_fact
 
 
 def measure(source, batch, steps, warmup, seed=0):
-    """Images/s of ``source.loader`` over at least ``steps`` timed micro-batches after ``warmup`` ones (one rank).
+    """(images/s, unreadable samples replaced) of ``source.loader`` over at least ``steps`` timed micro-batches after
+    ``warmup`` ones (one rank). Replacing a sample costs a second read and decode: a count above 0 says the figure
+    is not that of clean data.
 
     Workers fill their prefetch queues while the first batches are awaited: at the clock's start w workers hold
     up to 2 w finished batches, which a short window would count as free (16 workers over 8 batches read 60k img/s
@@ -89,16 +91,17 @@ def measure(source, batch, steps, warmup, seed=0):
     total = warmup + steps
     plan = micro_batch_plan(source.sampler(seed), seed, 0, 0, total, batch, batch, 1, 0)
     batches = source.loader(plan, seed)
+    bad = 0
     for _ in range(warmup):
-        next(batches)
+        bad += len(next(batches)[2])
     if torch.cuda.is_available():  # the GPU paths' warm-up work ends before the clock starts
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        next(batches)
+        bad += len(next(batches)[2])
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - t0)
+    return steps * batch / (time.perf_counter() - t0), bad
 
 
 def model_images_per_s(path):
@@ -188,7 +191,7 @@ def main(argv=None):
             p.error(f"--shards: {e}")
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
-        if data is None:
+        if data is None and ("folder" in paths or shards is None):  # images to read, or to write as shards
             data = os.path.join(tmp, "images")
             synthetic_folder(data, args.images)
         if shards is None and shard_paths:
@@ -210,12 +213,13 @@ def main(argv=None):
                               FileSource(shards, shards, args.img_size, w, PATHS[path], device))
                 except ValueError as e:  # a --data that is no ImageFolder with train/ and val/
                     p.error(str(e))
-                ips = measure(source, args.batch, args.steps, args.warmup)
+                ips, bad = measure(source, args.batch, args.steps, args.warmup)
                 rows.append({"path": path, "decode": source.decode, "workers": w, "images_per_s": ips,
                              "images_per_s_per_worker": ips / max(w, 1),
-                             "ratio_to_model": ips / model_ips if model_ips else None})
+                             "ratio_to_model": ips / model_ips if model_ips else None, "bad_samples": bad})
                 each = f"{ips / w:7.1f} per worker" if w else "in the main process"
-                print(f"{path:11s} {w:3d} workers {ips:9.1f} img/s ({each})", flush=True)
+                replaced = f"; {bad} unreadable sample(s) replaced, each read and decoded twice" if bad else ""
+                print(f"{path:11s} {w:3d} workers {ips:9.1f} img/s ({each}{replaced})", flush=True)
                 # rewritten after every row: a run stopped part-way (gpu_suite.sh's time limit) keeps what it measured
                 common.write_result(out / "loader.json", result, args, t_start, complete=False)
     result = common.write_result(out / "loader.json", result, args, t_start)

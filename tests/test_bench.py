@@ -567,13 +567,14 @@ def test_loader_times_past_the_workers_prefetched_batches(monkeypatch):
         def loader(self, plan, seed):
             for b in plan:
                 pulled.append(b)
-                yield b
+                yield None, None, [("a sample", "broken")] * (b % 2)  # (x, y, replaced samples)
     monkeypatch.setattr(fastvit.data, "micro_batch_plan", lambda *a: list(range(a[4])))
     # a clock that reads one second per batch pulled
     monkeypatch.setattr(loader, "time", types.SimpleNamespace(perf_counter=lambda: float(len(pulled))))
-    ips = loader.measure(Source(), 10, steps=3, warmup=1)
+    ips, bad = loader.measure(Source(), 10, steps=3, warmup=1)
     assert len(pulled) == 1 + 2 * 4 + 8 * 4  # the warm-up takes the prefetched batches; 32 timed, not 3
     assert ips == pytest.approx(10.0)  # 32 batches of 10 in 32 "seconds"
+    assert bad == 20  # one in every odd batch
 
 
 def test_loader_takes_training_shards_as_a_pattern_or_a_folder(tmp_path, capsys):
@@ -600,6 +601,26 @@ def test_loader_takes_training_shards_as_a_pattern_or_a_folder(tmp_path, capsys)
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and f"error: --shards: shard pattern {shards!r}" in err and message in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_loader_counts_replaced_samples_and_writes_no_images_it_does_not_read(tmp_path, monkeypatch, capsys):
+    """Unreadable samples are replaced at the cost of a second read and decode: each row counts them
+    (``bad_samples``) and says so. With --shards and only shard paths no synthetic images are written."""
+    pytest.importorskip("webdataset")
+    loader = _load_bench("loader")
+    loader.synthetic_folder(tmp_path / "images", 12, classes=3)
+    for path in sorted((tmp_path / "images" / "train").rglob("*.jpg"))[::2]:
+        path.write_bytes(path.read_bytes()[:40])  # cut inside the header: undecodable
+    args = ["--img-size", "32", "--batch", "8", "--steps", "1", "--warmup", "0", "--workers", "0",
+            "--out", str(tmp_path / "out")]
+    row = loader.main(args + ["--data", str(tmp_path / "images"), "--paths", "folder"])["rows"][0]
+    assert row["bad_samples"] > 0
+    assert f"{row['bad_samples']} unreadable sample(s) replaced" in capsys.readouterr().out
+    from fastvit.data.shards import main as write_shards
+    assert write_shards([str(tmp_path / "images"), str(tmp_path / "wds"), "--no-verify"]) == 0
+    monkeypatch.setattr(loader, "synthetic_folder", lambda *a, **k: pytest.fail("images written, never read"))
+    rows = loader.main(args + ["--shards", str(tmp_path / "wds"), "--paths", "shards"])["rows"]
+    assert [r["path"] for r in rows] == ["shards"] and rows[0]["bad_samples"] > 0
 
 
 def test_residual_dtype_smoke(tmp_path):
