@@ -171,3 +171,17 @@ def distributed(dist_backend="auto", device="auto", timeout_s: float = DEFAULT_T
 def rank0_print(env: Env, *args):
     if env.rank == 0:
         print(*args, flush=True)
+
+
+# what gloo and NCCL say when a peer process died (its connection closed, its communicator aborted)
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing",
+              "NCCL communicator was aborted")
+
+
+def lost_a_rank(error: BaseException) -> str | None:
+    """The first line of a collective's error where it says another rank died (the rank's own traceback then says
+    nothing about why: the dead rank's log does), else None."""
+    text = str(error)
+    if isinstance(error, RuntimeError) and any(s in text for s in _LOST_PEER):
+        return text.strip().splitlines()[0]
+    return None

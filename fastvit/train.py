@@ -41,7 +41,7 @@ from fastvit.config import (ARCH_FLAGS, DIGITS_PRESET, RECIPE_DEFAULTS, TrainCon
 from fastvit.data.choose import make_source
 from fastvit.data.keyed import micro_batch_plan, mix_seed
 from fastvit.data.sources import BadSampleWarning, DataError, eval_batches, progress
-from fastvit.dist import Env, device_and_backend, distributed, keep_thread_count, rank0_print
+from fastvit.dist import Env, device_and_backend, distributed, keep_thread_count, lost_a_rank, rank0_print
 from fastvit.flops import peak_flops, train_flops_per_image
 from fastvit.metrics import MetricsLog, plot_curves
 from fastvit.recipes import WarmupDecay, make_optimizer, make_scheduler, param_groups
@@ -711,6 +711,15 @@ def main(argv=None) -> list:
                                   f"{top1.std(ddof=1):.2f}% ({', '.join(f'{t:.2f}' for t in top1)}; {summary})")
     except (FloatingPointError, DataError, checkpoint.CheckpointWriteError) as e:
         print(f"error: {own_message(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except RuntimeError as e:
+        lost = lost_a_rank(e)
+        if lost is None:
+            raise
+        # a survivor's traceback of the collective it waited in (~30 lines) reads like the failure itself
+        print(f"error: rank {os.environ.get('RANK', '?')} lost another rank of the job ({lost}); its log says why. "
+              f"Under torchrun --max-restarts the job restarts and resumes from the newest complete checkpoint",
+              file=sys.stderr, flush=True)
         sys.exit(1)
     if results and results[-1]["stopped_by_signal"]:
         sys.exit(stop_status(results[-1]))

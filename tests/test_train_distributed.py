@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from fastvit import checkpoint
 from fastvit.config import TrainConfig
+from fastvit.dist import lost_a_rank
 from fastvit.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,6 +252,38 @@ def test_a_failing_rank_ends_the_job(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script)], cwd=ROOT, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert proc.returncode != 0 and "rank 1 fails" in proc.stderr
+
+
+def _lose_rank_1(rank, store, results):
+    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
+    dist.all_reduce(torch.ones(1))
+    if rank == 1:
+        os._exit(1)  # a crash: no goodbye to the group
+    try:
+        for _ in range(400):
+            dist.all_reduce(torch.ones(1))
+            time.sleep(0.05)
+        results.put("no error")
+    except RuntimeError as e:
+        results.put(lost_a_rank(e))
+
+
+def test_a_lost_rank_is_recognised_in_a_collective_s_error(tmp_path):
+    """The error a survivor's collective raises when another rank dies is told apart (fastvit.train then prints one
+    line instead of the collective's traceback); other RuntimeErrors are not."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_lose_rank_1, args=(r, str(tmp_path / "store"), results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        said = results.get(timeout=LAUNCH_TIMEOUT)
+    finally:
+        for p in procs:
+            p.join(10)
+            p.kill()
+    assert said not in (None, "no error") and "peer" in said and "\n" not in said
+    assert lost_a_rank(RuntimeError("CUDA out of memory")) is None and lost_a_rank(ValueError("peer")) is None
 
 
 def test_round_store_skips_the_previous_rounds_announcement(monkeypatch, capfd):
