@@ -161,7 +161,7 @@ def main(argv=None):
                      "--variants pos_embed:pos_embed_at,... (e.g. --variants none:stem)")
     if cfg.data == "digits" and cfg.steps is None and cfg.epochs is None:
         cfg = dataclasses.replace(cfg, steps=DIGITS_STEPS)
-    out = common.out_dir(args.out)
+    out = common.out_dir(args.out, parser)
     try:
         check_same_settings(out / "ablation_runs", cfg)
     except ValueError as e:

@@ -195,10 +195,19 @@ def environment():
     return info
 
 
-def out_dir(path):
-    """The output folder ``path``, created if missing, so that a long run does not fail only when it saves."""
+def out_dir(path, parser=None):
+    """The output folder ``path``, created if missing. Scripts call it before their work, with their ``parser``,
+    so that an --out that is a file or cannot be created is a usage error at once, not a traceback that loses a long
+    run's results when it saves."""
     p = pathlib.Path(path)
-    p.mkdir(parents=True, exist_ok=True)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "is a file, expected a folder" if p.exists() else f"cannot be created ({e.strerror or e})"
+        message = f"--out {path} {why}"
+        if parser is None:
+            raise SystemExit(f"error: {message}") from None
+        parser.error(message)
     return p
 
 

@@ -201,7 +201,7 @@ def main(argv=None):
                   f"  fwd+bwd x{r['speedup_fwd_bwd']:.2f}  {r['fused']} {r['fused_tflops_fwd']:.1f} TFLOP/s  "
                   f"winner {r['winner']}", flush=True)
     env = common.environment()
-    out = common.out_dir(args.out)
+    out = common.out_dir(args.out, p)
     common.write_result(out / "gemm.json", {"rows": rows}, args, t_start)
     (out / "gemm.md").write_text(markdown(rows, args, env), encoding="utf-8")
     print(f"wrote {out / 'gemm.json'} and {out / 'gemm.md'}")

@@ -115,12 +115,12 @@ def main(argv=None):
     out = pathlib.Path(args.out)
     if out.is_dir() or args.out.endswith(os.sep) or out.suffix != ".json":  # a folder, as the other scripts' --out
         out = out / "kernel_report.json"
+    out = common.out_dir(out.parent, p) / out.name
 
     t_start = time.perf_counter()
     records = run(args.models, args.dtypes, args.archs, args.kernels, args.jobs)
     print_table(records)
     bad = [r for r in records if not r["ok"]]
-    out = common.out_dir(out.parent) / out.name
     common.write_result(out, {"triton": triton.__version__, "ok": not bad and bool(records), "kernels": records}, args,
                         t_start)
     serialized = sorted({(r["kernel"], r["label"]) for r in records if r.get("wgmma_serialized")})

@@ -166,6 +166,7 @@ def main(argv=None):
         p.error(f"--workers takes worker counts of 0 or more, got {args.workers!r}")
     if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.images < 1:
         p.error("--steps, --batch and --images must be at least 1, --warmup at least 0")
+    out = common.out_dir(args.out, p)
     from fastvit.data.sources import decode_problem
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     for path in [q for q in paths if PATHS[q] != "cpu"]:
@@ -205,7 +206,6 @@ def main(argv=None):
         result = {"title": f"loader throughput at {args.img_size} px, batch {args.batch}, {device_name}",
                   "img_size": args.img_size, "batch": args.batch, "synthetic": args.data is None, "rows": rows,
                   "model_images_per_s_per_gpu": model_ips, "model_source": model_source, "target_ratio": TARGET}
-        out = common.out_dir(args.out)
         for path in paths:
             for w in workers:
                 try:

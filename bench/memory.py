@@ -96,6 +96,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.batch < 1:
         p.error(f"--batch must be at least 1, got {args.batch}")
+    out = common.out_dir(args.out, p)
     dtype = None if args.dtype == "fp32" else common.DTYPES[args.dtype]
     use_gpu = torch.cuda.is_available() and not args.no_gpu
 
@@ -128,7 +129,6 @@ def main(argv=None):
               "method": "unique storages saved by autograd on CPU during one training forward, parameters and "
                         "their autocast copies excluded",
               "cpu_backend_used": backend_used, "rows": rows}
-    out = common.out_dir(args.out)
     result = common.write_result(out / "memory.json", result, args, t_start)
     common.bar_chart(rows, lambda r, impl: r[impl]["activation_mib_per_image"], [r["model"] for r in rows],
                      "saved activations, MiB / image", out / "memory.png",

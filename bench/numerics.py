@@ -392,11 +392,11 @@ def main(argv=None):
                 "--device cpu (with --interpret for the Triton kernels)")
     if device.type not in ("cpu", "cuda"):
         p.error(f"--device {args.device}: cpu or cuda[:N]")
+    out = common.out_dir(args.out, p)
     torch.manual_seed(args.seed)
 
     t_start = time.perf_counter()
     rows, vs_timm = [], []
-    out = common.out_dir(args.out)
     env = common.environment()
 
     def save(complete):

@@ -230,6 +230,7 @@ def main(argv=None):
         p.error("--number, --repeat and --model-number must be at least 1")
     if args.depth < 0:
         p.error(f"--depth must be 0 (no model rows) or more, got {args.depth}")
+    out = common.out_dir(args.out, p)
     torch.set_num_threads(1)
 
     rows = []
@@ -259,7 +260,6 @@ def main(argv=None):
                   flush=True)
     result = {"ops": rows, "models": models, "number": args.number, "model_number": args.model_number,
               "repeat": args.repeat, "threads": 1}
-    out = common.out_dir(args.out)
     result = common.write_result(out / "overhead.json", result, args, t_start)
     print(f"wrote {out / 'overhead.json'} in {result['seconds']:.0f}s")
 

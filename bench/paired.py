@@ -84,6 +84,7 @@ def main(argv=None):
     modes = common.choice_list(p, args.mode, ("infer", "train"), "mode")
     if args.pairs < 4 or args.batch < 1:
         p.error(f"--pairs must be >= 4 and --batch >= 1, got {args.pairs} and {args.batch}")
+    out = common.out_dir(args.out, p)
     dtype = common.DTYPES[args.dtype]
     rows = []
     for name in common.model_list(p, args.model):
@@ -93,7 +94,7 @@ def main(argv=None):
             print(f"{name:10s} {mode:5s} timm time / fastvit time, median [quartiles] over {args.pairs} pairs: "
                   + "  ".join(f"{c} {row[c]['median']:.3f} [{row[c]['q1']:.3f}, {row[c]['q3']:.3f}]"
                               for c in CLOCKS))
-    path = os.path.join(common.out_dir(args.out), "paired.json")
+    path = os.path.join(out, "paired.json")
     common.write_result(path, {"dtype": args.dtype, "rows": rows}, args, t_start)
     print(f"wrote {path}")
 

@@ -273,6 +273,7 @@ def main(argv=None):
     if args.model is not None:
         common.model_list(p, args.model)
     common.check_step_args(p, args)
+    common.out_dir(args.out, p)  # run() writes there
     use_cuda = torch.cuda.is_available() and not args.smoke
     smoke = args.smoke or not use_cuda
     if smoke:

@@ -76,6 +76,7 @@ def main(argv=None):
     if args.steps < 1 or args.seeds < 1 or (args.micro_batch is not None and args.micro_batch < 1) or \
             (args.digits_steps is not None and args.digits_steps < 1):
         p.error("--steps, --seeds, --micro-batch and --digits-steps must be at least 1")
+    out = common.out_dir(args.out, p)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bytes_model = args.model or "B/16"
     time_model = args.model or ("B/16" if device.type == "cuda" else "tiny")
@@ -98,7 +99,7 @@ def main(argv=None):
          f"digits top-1 % ({args.seeds} seeds)"],
         [[r["residual_dtype"], f"{r['saved_mib_per_image']:.1f}", f"{1e3 * r['step_s']:.1f}",
           f"{r['digits_top1_mean']:.2f} ({', '.join(f'{t:.2f}' for t in r['digits_top1'])})"] for r in rows]))
-    path = os.path.join(common.out_dir(args.out), "residual_dtype.json")
+    path = os.path.join(out, "residual_dtype.json")
     common.write_result(path, dict(rows=rows), args, t_start)
     print(f"wrote {path}")
 

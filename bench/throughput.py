@@ -228,6 +228,7 @@ def main(argv=None):
     common.check_step_args(p, args)
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         p.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    common.out_dir(args.out, p)  # run() writes there
     use_cuda = torch.cuda.is_available() and not args.smoke
     smoke = args.smoke or (not use_cuda and args.model is None)
     scaled = []

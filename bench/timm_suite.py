@@ -105,6 +105,7 @@ def main(argv=None):
     t_start = time.perf_counter()
     if not args.test_file.is_file():
         parser.error(f"{args.test_file} is not a file (timm's tests/test_models.py)")
+    out = common.out_dir(args.out, parser)
     with tempfile.TemporaryDirectory(prefix="fastvit-timm-suite-") as tmp:
         code, junit = run(args.test_file, args.names, args.k, pathlib.Path(tmp))
         if not junit.exists():
@@ -118,7 +119,7 @@ def main(argv=None):
     print(f"\n{totals['passed']} passed, {totals['failed']} failed, {totals['skipped']} skipped")
     for name, msg in failures.items():
         print(f"FAILED {name}: {msg}")
-    common.write_result(pathlib.Path(common.out_dir(args.out)) / "timm_suite.json",
+    common.write_result(out / "timm_suite.json",
                         dict(names=args.names, k=args.k, totals=dict(totals), tests=per_test, failures=failures),
                         args, t_start)
     return 1 if totals["failed"] else 0

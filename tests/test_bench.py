@@ -623,6 +623,22 @@ def test_loader_counts_replaced_samples_and_writes_no_images_it_does_not_read(tm
     assert [r["path"] for r in rows] == ["shards"] and rows[0]["bad_samples"] > 0
 
 
+@pytest.mark.parametrize("script", ["kernel_report", "memory", "paired", "overhead", "loader", "throughput",
+                                    "profile", "numerics", "ablation", "residual_dtype"])
+def test_an_out_that_is_a_file_is_a_usage_error_before_any_work(script, tmp_path, monkeypatch, capsys):
+    """--out naming a file is refused at once (status 2, naming it), not a traceback when the results are saved at
+    the end of the work (five scripts lost a whole run's results so)."""
+    module = _load_bench(script)
+    (tmp_path / "afile").write_text("x")
+    for name in ("run", "measure", "paired", "run_model", "run_op", "tiny_cases", "synthetic_folder"):
+        if hasattr(module, name):  # no work may start
+            monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail(f"{script} worked before checking --out"))
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--out", str(tmp_path / "afile")])
+    assert exit_info.value.code == 2
+    assert f"--out {tmp_path / 'afile'} is a file, expected a folder" in capsys.readouterr().err
+
+
 def test_residual_dtype_smoke(tmp_path):
     """Both residual dtypes: bytes kept (16-bit fewer), a step time and a digits accuracy each."""
     _run([sys.executable, "bench/residual_dtype.py", "--model", "tiny", "--steps", "1", "--seeds", "1",
