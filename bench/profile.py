@@ -270,8 +270,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be at least 1")
-    if args.model is not None:
-        common.model_list(p, args.model)
+    if args.model is not None and len(common.model_list(p, args.model)) > 1:
+        p.error(f"--model {args.model}: bench/profile.py profiles one model at a time")
     common.check_step_args(p, args)
     common.out_dir(args.out, p)  # run() writes there
     use_cuda = torch.cuda.is_available() and not args.smoke

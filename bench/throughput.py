@@ -10,7 +10,8 @@ Columns: ``fastvit`` and ``timm`` in eager mode; with --compile also ``fastvit_c
 torch.compile (``--compile-mode``) of a copy of each model with the same weights, so one run shows fastvit against
 what a performance-minded timm user runs. ``ratio`` is the best fastvit column over the best timm column.
 
-Printed and saved per model and mode: images/s, achieved TFLOP/s (FLOPs per image counted from the model config by
+Printed and saved per model and mode: images/s (a global batch over the median timed step; every step's time is
+saved, and a row whose steps varied over 1.5x says so), achieved TFLOP/s (FLOPs per image counted from the model config by
 ``fastvit.flops``: 2 x the MACs of every matmul, attention included; training = 3 x forward; the same count for
 every column, the whole model's, though fastvit's training step runs its last block on the class token alone:
 ``fastvit.model.class_token_suffices``), MFU against the
@@ -33,6 +34,7 @@ import argparse
 import contextlib
 import copy
 import os
+import statistics
 import sys
 import time
 
@@ -54,8 +56,9 @@ GPU_MODELS = "B/16,L/16,H/14"
 # Per-GPU micro-batches that fit an 80 GB GPU under bf16 autocast with both models resident.
 GPU_MICRO_BATCH = {"vit_base_patch16_224": 256, "vit_large_patch16_224": 128, "vit_huge_patch14_224": 64}
 # Fits well under 3 minutes on 2 idle CPU cores at the full global batch of 4096.
-SMOKE = dict(models="tiny,mini", micro_batch=512, steps=2, warmup=1)
+SMOKE = dict(models="tiny,mini", micro_batch=512, steps=3, warmup=1)  # 3 steps: a median that one slow step cannot set
 MODES = ("train", "infer")
+NOISY = 1.5  # slowest over fastest timed step of a column above which the row says the machine was noisy
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -169,13 +172,14 @@ def bench_model(name, mode, args, world, device, dtype, peak):
         # the slowest rank decides the step time (nccl reduces only device tensors)
         t = torch.tensor(times[col], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        t = t.cpu()
-        total = float(t.sum())
-        ips = row["global_batch"] * args.steps / total
+        steps = t.tolist()
+        # the median step: one step slowed by the machine (another process, a page-cache miss) moved a mean of few
+        # steps by 2-5x on a shared CPU
+        ips = row["global_batch"] / statistics.median(steps)
         tflops = ips * flops / 1e12
         row[col] = {"images_per_s": ips, "tflops": tflops,
                     "mfu": tflops / (peak * world) if peak else None,
-                    "peak_mem_gib": peak_mem[col], "step_seconds": t.tolist()}
+                    "peak_mem_gib": peak_mem[col], "step_seconds": steps, "step_spread": max(steps) / min(steps)}
     best = {impl: max((c for c in cols if c.startswith(impl)), key=lambda c: row[c]["images_per_s"])
             for impl in ("fastvit", "timm")}
     row["best"] = best
@@ -226,6 +230,9 @@ def main(argv=None):
                     f"{args.compile_mode}")
         args.compile, args.compile_mode = True, "reduce-overhead"
     common.check_step_args(p, args)
+    if args.warmup is not None and args.warmup < 1:
+        p.error(f"--warmup must be at least 1, got {args.warmup}: the first step compiles and tunes kernels (and "
+                f"the warm-up steps give the peak memory)")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         p.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     common.out_dir(args.out, p)  # run() writes there
@@ -234,7 +241,7 @@ def main(argv=None):
     scaled = []
     if smoke:
         args.model = args.model or SMOKE["models"]
-        args.micro_batch = args.micro_batch or SMOKE["micro_batch"]
+        args.micro_batch = args.micro_batch or min(SMOKE["micro_batch"], args.global_batch)
         args.steps = SMOKE["steps"] if args.steps is None else args.steps
         args.warmup = SMOKE["warmup"] if args.warmup is None else args.warmup
         args.num_classes = 10 if args.num_classes == 1000 else args.num_classes
@@ -243,6 +250,9 @@ def main(argv=None):
                   f"micro-batch {args.micro_batch}, {args.num_classes} classes"]
         if args.global_batch != 4096:
             scaled.append(f"global batch {args.global_batch} instead of 4096")
+    if args.micro_batch and args.global_batch % args.micro_batch:
+        p.error(f"--global-batch {args.global_batch} must be a multiple of --micro-batch {args.micro_batch} (x the "
+                f"world size under torchrun)")
     args.model = args.model or GPU_MODELS
     args.steps = 5 if args.steps is None else args.steps
     args.warmup = 2 if args.warmup is None else args.warmup
@@ -312,6 +322,11 @@ def run(args, modes, smoke, scaled, env):
             say(f"{name:22s} {mode:5s} best fastvit / best timm images/s ratio {r['ratio']:.3f} "
                 f"({r['best']['fastvit']} / {r['best']['timm']}; fastvit ops: {used['ops']}, "
                 f"attention: {used['attention']})", flush=True)
+            noisy = max(r["columns"], key=lambda col: r[col]["step_spread"])
+            if r[noisy]["step_spread"] > NOISY:
+                say(f"{name:22s} {mode:5s} steps varied up to {r[noisy]['step_spread']:.1f}x ({noisy}): a busy "
+                    f"machine? images/s take the median step; bench/paired.py pairs the two sides for a steadier "
+                    f"ratio", flush=True)
             if rank == 0:
                 save(complete=False)
     if rank == 0:

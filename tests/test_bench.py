@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import tarfile
 import types
 
@@ -139,6 +140,11 @@ def _check_throughput(data, world, micro, modes, columns=("fastvit", "timm"), gl
             assert v["tflops"] == pytest.approx(v["images_per_s"] * r["flops_per_image"] / 1e12)
             assert v["mfu"] is None and v["peak_mem_gib"] is None  # CPU: no peak to divide by, no CUDA memory
             assert len(v["step_seconds"]) == data["steps"]
+            # a global batch over the median step (a mean of few steps was set by one slow step on a busy machine)
+            steps = sorted(v["step_seconds"])
+            median = (steps[(len(steps) - 1) // 2] + steps[len(steps) // 2]) / 2
+            assert v["images_per_s"] == pytest.approx(r["global_batch"] / median)
+            assert v["step_spread"] == pytest.approx(steps[-1] / steps[0])
         # the ratio is the best fastvit column over the best timm column
         best = {impl: max(r[c]["images_per_s"] for c in columns if c.startswith(impl)) for impl in ("fastvit", "timm")}
         assert r[r["best"]["fastvit"]]["images_per_s"] == best["fastvit"]
@@ -809,6 +815,27 @@ def test_summary_tabulates_the_attention_tilings_against_sm80s(tmp_path):
         assert row in summary
 
 
+def test_throughput_takes_the_median_step_and_says_when_steps_vary(tmp_path, monkeypatch, capsys):
+    """One step slowed by the machine (here a 0.5 s sleep in one timed step) neither sets images/s (the median
+    step does) nor passes unsaid: the row says the steps varied and points to bench/paired.py."""
+    throughput = _load_bench("throughput")
+    real, calls = throughput.Runner.step, []
+
+    def step(self):
+        calls.append(1)
+        if len(calls) == 4:  # after the two columns' warm-up steps: a timed one
+            time.sleep(0.5)
+        return real(self)
+    monkeypatch.setattr(throughput.Runner, "step", step)
+    throughput.main(["--smoke", "--model", "tiny", "--mode", "infer", "--global-batch", "8", "--micro-batch", "8",
+                     "--steps", "3", "--warmup", "1", "--out", str(tmp_path)])
+    row = _result(tmp_path / "throughput.json")["rows"][0]
+    slow = max(row["columns"], key=lambda col: max(row[col]["step_seconds"]))
+    assert max(row[slow]["step_seconds"]) > 0.5 and row[slow]["step_spread"] > 1.5
+    assert row[slow]["images_per_s"] > 8 / 0.5  # the median step is not the slow one
+    assert "steps varied up to" in capsys.readouterr().out
+
+
 def test_scripts_check_their_arguments_before_running(tmp_path):
     """Bad model names, empty lists, batch and warm-up signs and --compile-mode without --compile are usage errors
     before anything runs (they were tracebacks after the first models, silent defaults, or ignored)."""
@@ -822,7 +849,11 @@ def test_scripts_check_their_arguments_before_running(tmp_path):
     cases = [(["bench/throughput.py", "--model", "tiny,nosuch"], "unknown model 'nosuch'"),
              (["bench/throughput.py", "--mode", ""], "no mode given"),
              (["bench/throughput.py", "--compile-mode", "max-autotune"], "--compile-mode max-autotune needs --compile"),
+             (["bench/throughput.py", "--warmup", "0"], "--warmup must be at least 1, got 0"),
+             (["bench/throughput.py", "--global-batch", "100", "--micro-batch", "30"],
+              "--global-batch 100 must be a multiple of --micro-batch 30"),
              (["bench/profile.py", "--global-batch", "-64"], "--global-batch must be at least 1, got -64"),
+             (["bench/profile.py", "--model", "B/16,L/16"], "profiles one model at a time"),
              (["bench/overhead.py", "--ops", "ln_matmul"], "unknown op 'ln_matmul'"),
              (["bench/loader.py", "--workers", "a"], "--workers takes a comma list of worker counts")]
     if not torch.cuda.is_available():
