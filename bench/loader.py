@@ -105,17 +105,24 @@ def measure(source, batch, steps, warmup, seed=0):
 
 
 def model_images_per_s(path):
-    """fastvit's training images/s per GPU from a bench/throughput.py JSON (its first train row; the faster of
-    eager and compiled when both were timed), or None."""
+    """(fastvit's training images/s per GPU, where it comes from) from a bench/throughput.py JSON (its first train
+    row; the faster of eager and compiled when both were timed), or (None, None); ValueError naming the file where
+    it is none."""
     if not path:
         return None, None
-    data = json.loads(open(path).read())
-    row = next((r for r in data["rows"] if r["mode"] == "train"), None)
+    try:
+        data = json.loads(open(path).read())
+        rows, world = data["rows"], data["world_size"]
+        row = next((r for r in rows if r["mode"] == "train"), None)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--throughput {path}: not a readable throughput.json of bench/throughput.py "
+                         f"({type(e).__name__}: {e})") from None
     if row is None:
         return None, None
     column = row.get("best", {}).get("fastvit", "fastvit")
     device = "GPU" if data.get("env", {}).get("cuda") else "CPU process"  # what one rank of that run trained on
-    return row[column]["images_per_s"] / data["world_size"], f"{row['model']} {column} per {device} ({path})"
+    smoke = ", a smoke run of 32 px models" if data.get("smoke") else ""
+    return row[column]["images_per_s"] / world, f"{row['model']} {column} per {device}{smoke} ({path})"
 
 
 def plot(rows, model_ips, path, title):
@@ -164,8 +171,12 @@ def main(argv=None):
         p.error(f"--workers takes a comma list of worker counts such as 0,2,8, got {args.workers!r}")
     if not workers or min(workers) < 0:
         p.error(f"--workers takes worker counts of 0 or more, got {args.workers!r}")
-    if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.images < 1:
-        p.error("--steps, --batch and --images must be at least 1, --warmup at least 0")
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.images < 1 or args.img_size < 1:
+        p.error("--steps, --batch, --images and --img-size must be at least 1, --warmup at least 0")
+    try:
+        model_ips, model_source = model_images_per_s(args.throughput)
+    except ValueError as e:
+        p.error(str(e))
     out = common.out_dir(args.out, p)
     from fastvit.data.sources import decode_problem
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -200,7 +211,6 @@ def main(argv=None):
             with contextlib.redirect_stdout(io.StringIO()):  # its summary names a folder deleted at the end
                 write_shards([data, folder, "--shard-size", "64MB", "--no-verify"])
             shards = train_shards(folder)
-        model_ips, model_source = model_images_per_s(args.throughput)
         device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
         rows = []
         result = {"title": f"loader throughput at {args.img_size} px, batch {args.batch}, {device_name}",

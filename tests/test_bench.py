@@ -855,7 +855,10 @@ def test_scripts_check_their_arguments_before_running(tmp_path):
              (["bench/profile.py", "--global-batch", "-64"], "--global-batch must be at least 1, got -64"),
              (["bench/profile.py", "--model", "B/16,L/16"], "profiles one model at a time"),
              (["bench/overhead.py", "--ops", "ln_matmul"], "unknown op 'ln_matmul'"),
-             (["bench/loader.py", "--workers", "a"], "--workers takes a comma list of worker counts")]
+             (["bench/loader.py", "--workers", "a"], "--workers takes a comma list of worker counts"),
+             (["bench/loader.py", "--img-size", "0"], "--img-size must be at least 1"),
+             (["bench/loader.py", "--throughput", str(tmp_path / "none.json")],
+              "none.json: not a readable throughput.json of bench/throughput.py (FileNotFoundError")]
     if not torch.cuda.is_available():
         cases.append((["bench/numerics.py", "--device", "cuda"], "--device cuda: torch sees 0 CUDA GPU(s) here"))
     for args, message in cases:
