@@ -204,7 +204,10 @@ def profile_section(profile, env, level="##"):
 
 
 def _throughput_files(folder):
-    return [d for d in (_load(p) for p in sorted(folder.glob("throughput_*/throughput.json"))) if d]
+    """The throughput results of a folder: bench/gpu_suite.sh's ``throughput_*/`` sub-folders, and one that
+    bench/throughput.py wrote into the folder itself."""
+    paths = [folder / "throughput.json", *sorted(folder.glob("throughput_*/throughput.json"))]
+    return [d for d in map(_load, paths) if d]
 
 
 README_START = "<!-- bench/tables.py --readme: start (generated; do not edit) -->"
@@ -247,7 +250,9 @@ def summary(folder):
     choices = _load(folder / "autotune" / "autotune.json")
     found = [d for d in (*throughput, profile, profile_compile, numerics, overhead, loader, resid) if d]
     if not found and not ops_bench:
-        raise SystemExit(f"no results in {folder}")
+        raise SystemExit(f"no results in {folder}: it holds none of throughput.json (or throughput_*/), "
+                         f"profile.json, numerics.json, overhead.json, ops_benchmark.json, loader.json, "
+                         f"residual_dtype.json, as bench/gpu_suite.sh and the bench scripts write them")
     env = found[0].get("env", {}) if found else {}
     lines = [f"# fastvit results: {env.get('gpu', 'CPU only, no GPU')}", "",
              f"Written by bench/tables.py on {datetime.date.today().isoformat()} from the JSON in this folder "
@@ -290,6 +295,10 @@ def main(argv=None):
                    help="also put the throughput and profile tables into PATH (README.md) between its two "
                         "'bench/tables.py --readme' marker lines")
     args = p.parse_args(argv)
+    if not pathlib.Path(args.folder).is_dir():
+        p.error(f"{args.folder} is not a folder (a results folder, e.g. bench/results/nvidia-h200)")
+    if args.readme and not pathlib.Path(args.readme).is_file():
+        p.error(f"--readme {args.readme} is not a file (the README to put the tables into)")
     print(f"wrote {summary(args.folder)}")
     if args.readme:
         print(f"wrote the tables into {readme(args.folder, args.readme)}")

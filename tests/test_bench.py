@@ -749,6 +749,30 @@ def test_summary_heads_each_throughput_setting_and_flags_what_is_not_a_benchmark
     assert "**incomplete**" not in summary.split("## Throughput (bench/throughput.py)")[0]
 
 
+def test_tables_reads_a_throughput_file_in_the_folder_itself_and_checks_its_paths(tmp_path, capsys):
+    """bench/throughput.py --out FOLDER writes FOLDER/throughput.json: tables.py FOLDER tabulates it (it read
+    only gpu_suite.sh's throughput_*/ sub-folders and said "no results"); a missing folder or --readme file is a
+    usage error before summary.md is written, and a folder of nothing names what it looks for."""
+    tables = _load_bench("tables")
+    side = {"images_per_s": 100.0, "mfu": None, "peak_mem_gib": None}
+    row = {"model": "tiny", "mode": "train", "micro_batch": 8, "accum_steps": 1, "fastvit": side, "timm": side,
+           "ratio": 1.0, "best": {"fastvit": "fastvit", "timm": "timm"}}
+    (tmp_path / "throughput.json").write_text(json.dumps(
+        {"dtype": "bf16", "backend": "auto", "compile": False, "compile_mode": None, "world_size": 1,
+         "peak_tflops": None, "peak_source": "unknown", "rows": [row], "complete": True, "env": {}}))
+    assert "| tiny | train |" in tables.summary(tmp_path).read_text()
+    for args, message in (([str(tmp_path / "none")], "none is not a folder"),
+                          ([str(tmp_path), "--readme", str(tmp_path / "NOPE.md")], "NOPE.md is not a file")):
+        (tmp_path / "summary.md").unlink(missing_ok=True)
+        with pytest.raises(SystemExit) as exit_info:
+            tables.main(args)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "summary.md").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="holds none of throughput.json"):
+        tables.summary(tmp_path / "empty")
+
+
 def test_numerics_worst_table_takes_the_worst_ratio_per_cell():
     """The README's numerics table: per op, dtype and direction, the largest of both error ratios over every
     shape; a dtype or direction no row has is no column, a missing cell a dash."""
