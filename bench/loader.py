@@ -192,6 +192,7 @@ def main(argv=None):
             paths.remove(path)
     if not paths:
         p.error("none of the chosen --paths can run here: the folder and shards paths decode on the CPU")
+    from fastvit.config import plural
     from fastvit.data import FileSource, ImageFolderSource
     from fastvit.data.shards import main as write_shards
 
@@ -229,7 +230,7 @@ def main(argv=None):
                              "ratio_to_model": ips / model_ips if model_ips else None, "bad_samples": bad})
                 each = f"{ips / w:7.1f} per worker" if w else "in the main process"
                 replaced = f"; {bad} unreadable sample(s) replaced, each read and decoded twice" if bad else ""
-                print(f"{path:11s} {w:3d} workers {ips:9.1f} img/s ({each}{replaced})", flush=True)
+                print(f"{path:11s} {plural(w, 'worker'):>11s} {ips:9.1f} img/s ({each}{replaced})", flush=True)
                 # rewritten after every row: a run stopped part-way (gpu_suite.sh's time limit) keeps what it measured
                 common.write_result(out / "loader.json", result, args, t_start, complete=False)
     result = common.write_result(out / "loader.json", result, args, t_start)

@@ -214,6 +214,10 @@ def measure_calls(calls, number, repeat, launches):
     return best, per_call
 
 
+def _launches(n):
+    return f"{n} launch{'' if n == 1 else 'es'}"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", default=",".join(MEASURED_OPS), help=f"comma list from {MEASURED_OPS}")
@@ -235,6 +239,8 @@ def main(argv=None):
 
     rows = []
     t_start = time.perf_counter()
+    print("host time per call, best of the rounds; ratio = fastvit / torch (or timm): above 1, fastvit's host path "
+          "is the slower", flush=True)
     with stubbed_launches() as launches, triton_on_cpu_tensors():
         for case in tiny_cases():
             if case["op"] not in names:
@@ -246,7 +252,7 @@ def main(argv=None):
                        "ratio": best["fastvit"] / best["torch"], "kernel_launches": per_call}
                 rows.append(row)
                 print(f"{row['op']:22s} {direction:8s} fastvit {row['fastvit_us']:7.1f} us  torch "
-                      f"{row['torch_us']:7.1f} us  ratio {row['ratio']:5.2f}  ({per_call} launches)", flush=True)
+                      f"{row['torch_us']:7.1f} us  ratio {row['ratio']:5.2f}  ({_launches(per_call)})", flush=True)
         models = []
         for direction in DIRECTIONS if args.depth else ():
             best, per_call = measure_calls(model_calls(args.depth, direction), args.model_number, args.repeat,
@@ -256,7 +262,7 @@ def main(argv=None):
                    "kernel_launches": per_call}
             models.append(row)
             print(f"{'model':22s} {direction:8s} fastvit {row['fastvit_us']:7.1f} us  timm  "
-                  f"{row['timm_us']:7.1f} us  ratio {row['ratio']:5.2f}  ({per_call} launches; {row['model']})",
+                  f"{row['timm_us']:7.1f} us  ratio {row['ratio']:5.2f}  ({_launches(per_call)}; {row['model']})",
                   flush=True)
     result = {"ops": rows, "models": models, "number": args.number, "model_number": args.model_number,
               "repeat": args.repeat, "threads": 1}

@@ -49,6 +49,7 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 
 import throughput  # noqa: E402
 from fastvit import ops  # noqa: E402
+from fastvit.config import plural  # noqa: E402
 from fastvit.train import distributed  # noqa: E402
 
 STEP = "fastvit-bench-step"
@@ -307,9 +308,9 @@ def run(args, device, smoke):
     t0 = time.perf_counter()
     for name, model in (("fastvit", ours), ("timm", ref)):
         side = name + ("_compile" if args.compile else "")
-        print(f"{side}: {args.warmup} warm-up steps"
+        print(f"{side}: {plural(args.warmup, 'warm-up step')}"
               + (" (the first one compiles: a minute or more)" if args.compile else "")
-              + f", then {args.steps} profiled steps of {accum} x {micro} images", flush=True)
+              + f", then {plural(args.steps, 'profiled step')} of {accum} x {micro} images", flush=True)
         runner = throughput.Runner(model, "train", device, dtype, accum, micro,
                                    args.compile_mode if args.compile else None, args.seed)
         result["sides"][side] = profile_side(runner, args.warmup, args.steps, device, out / f"trace_{side}.json")

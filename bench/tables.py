@@ -185,8 +185,9 @@ def throughput_sections(results, env, level="##"):
         lines += [f"{level} Throughput (bench/throughput.py{' --compile' if compiled else ''})", "",
                   f"{dtype} autocast, backend {backend}, "
                   + (f"torch.compile mode {mode}" if compiled else "eager only (no torch.compile columns)")
-                  + f", world {world}; MFU against {peak} TFLOP/s ({source}); "
-                  "global batch = micro-batch x accumulation.", ""]
+                  + f", world {world}; "
+                  + (f"MFU against {peak} TFLOP/s ({source}); " if peak else "no MFU (no peak known); ")
+                  + "global batch = micro-batch x accumulation.", ""]
         for d in group:
             models = sorted({r["model"] for r in d["rows"]})
             lines += caveats(d, env, f"{', '.join(models)}: " if models else "")
@@ -197,7 +198,7 @@ def throughput_sections(results, env, level="##"):
 def profile_section(profile, env, level="##"):
     if not profile:
         return []
-    flag = f" --compile-mode {profile['compile_mode']}" if profile["compile"] else ""
+    flag = f" --compile --compile-mode {profile['compile_mode']}" if profile["compile"] else ""
     return [f"{level} Training step by category (bench/profile.py --model {profile['model']}{flag})", "",
             f"{profile['time_source']} time per step, micro {profile['micro_batch']} x accum "
             f"{profile['accum_steps']}, {profile['dtype']}.", "", *caveats(profile, env), profile_table(profile), ""]

@@ -11,8 +11,8 @@ torch.compile (``--compile-mode``) of a copy of each model with the same weights
 what a performance-minded timm user runs. ``ratio`` is the best fastvit column over the best timm column.
 
 Printed and saved per model and mode: images/s (a global batch over the median timed step; every step's time is
-saved, and a row whose steps varied over 1.5x says so), achieved TFLOP/s (FLOPs per image counted from the model config by
-``fastvit.flops``: 2 x the MACs of every matmul, attention included; training = 3 x forward; the same count for
+saved, and a row whose steps varied over 1.5x says so), achieved TFLOP/s (FLOPs per image counted from the model
+config by ``fastvit.flops``: 2 x the MACs of every matmul, attention included; training = 3 x forward; the same count for
 every column, the whole model's, though fastvit's training step runs its last block on the class token alone:
 ``fastvit.model.class_token_suffices``), MFU against the
 GPU's dense bf16 peak (``fastvit.flops.PEAK_TFLOPS``, or --peak-tflops), peak memory (GPU: the most memory
@@ -280,7 +280,7 @@ def run(args, modes, smoke, scaled, env):
         + common.interpreter_note()
     compiled = f"compile {args.compile}" + (f" (mode {args.compile_mode})" if args.compile else "")
     say(f"== {label}: world {world}, global batch {args.global_batch}, {args.dtype}, backend {args.backend}, "
-        f"{compiled}, peak {peak} TFLOP/s ({peak_source})")
+        f"{compiled}, " + (f"peak {peak} TFLOP/s ({peak_source})" if peak else f"peak {peak_source}"))
     for line in scaled:
         say(f"   scaled down: {line}")
 
