@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the speed work on one GPU, in priority order, as many as --budget holds:
+# Every GPU measurement of the speed work on one GPU, as many as --budget holds, by default in the order of
+# STEPS below (eager throughput first; steps named on the command line run in the order given):
 #
 #   numerics      bench/numerics.py (every op fwd/bwd at ViT-B/16 and H/14 shapes, tiny and B/16, fp32/fp16/bf16)
 #   ops           pytest-benchmark micro-benchmarks of each op, fastvit vs torch, and of our attention's dK/dV
