@@ -40,6 +40,7 @@ from fastvit.config import (ARCH_FLAGS, DIGITS_PRESET, RECIPE_DEFAULTS, TrainCon
                             cpus_per_local_rank, plural, resolve, short_warnings, steps_for)
 from fastvit.data.choose import make_source
 from fastvit.data.keyed import micro_batch_plan, mix_seed
+from fastvit.data.shards import shard_files
 from fastvit.data.sources import BadSampleWarning, DataError, eval_batches, progress
 from fastvit.dist import Env, device_and_backend, distributed, keep_thread_count, lost_a_rank, rank0_print
 from fastvit.flops import peak_flops, train_flops_per_image
@@ -407,6 +408,11 @@ class Run:
             a, b = fields[k]
             if a and b and a != "digits" and os.path.realpath(a) == os.path.realpath(b):
                 fields[k] = (b, b)
+        data = [(fields["--data"][i], fields["--val-data"][i]) for i in (0, 1)]
+        if data[0] != data[1] and data[0][0]:  # the same shards named as a folder and as a pattern are the same
+            files = shard_files(*data[0])
+            if files is not None and files == shard_files(*data[1]):
+                fields["--data"] = fields["--val-data"] = (None, None)
         changed = [k for k, (a, b) in fields.items() if a != b]
         if changed:
             where = f"--out {self.out}" if folder == self.out else f"--resume {folder}"

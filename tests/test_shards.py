@@ -431,10 +431,17 @@ def test_training_on_shards_folder_and_pattern_split_and_resume(written, tmp_pat
             train(TrainConfig(**resumed), on_step_end=crash)
         train(TrainConfig(**resumed))
         train(TrainConfig(**dict(resumed, out=str(tmp_path / "d"))))
-    ra, rb, rc, rd = ([r for r in rows(tmp_path / x) if "loss" in r] for x in "abcd")
+        # the folder run resumed with the same shards as patterns: the same data (it was refused as another run);
+        # fewer shards are another run's data
+        later = dict(common, steps=5, data=pattern, val_data=val, out=str(tmp_path / "a"), micro_batch=6)
+        assert train(TrainConfig(**later))["step"] == 5
+        fewer = pattern.replace(f"..{len(shards) - 1:06d}", f"..{len(shards) - 2:06d}")
+        with pytest.raises(ValueError, match="holds checkpoints of another run \\(--data"):
+            train(TrainConfig(**dict(later, steps=6, data=fewer)))
+    ra, rb, rc, rd = ([r for r in rows(tmp_path / x) if "loss" in r and r["step"] <= 4] for x in "abcd")
     assert [r["loss"] for r in rb] == pytest.approx([r["loss"] for r in ra], rel=1e-5)
     assert [(r["loss"], r["bad_samples"]) for r in rc] == [(r["loss"], r["bad_samples"]) for r in rd]
     assert [r["bad_samples"] for r in rd] == [r["bad_samples"] for r in ra]
     assert 0 <= a["top1"] <= 1
-    assert json.loads((tmp_path / "a" / "config.json").read_text())["train"]["data"] == str(dst)
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["train"]["data"] == str(dst)
     assert [r["bad_samples"] for r in rb] == [r["bad_samples"] for r in ra] and ra[-1]["bad_samples"] >= 1

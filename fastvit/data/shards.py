@@ -344,6 +344,17 @@ def resolve_specs(data: str, val_data: str | None) -> tuple[str, str]:
     return data, val_data
 
 
+def shard_files(data: str, val_data: str | None) -> tuple | None:
+    """(training shards, held-out shards) that --data and --val-data name, as real paths, or None where they name
+    no shards: the same shards named as a folder or as a brace pattern are the same data."""
+    if data == "digits" or not is_shard_spec(data):
+        return None
+    try:
+        return tuple(tuple(os.path.realpath(p) for p in expand(spec)) for spec in resolve_specs(data, val_data))
+    except (ValueError, ImportError):
+        return None
+
+
 def manifest_classes(shard_path: str) -> list | None:
     """The class names of the manifest this module's writer put above a split's shards (DST/manifest.json for
     DST/train/*.tar), or None for shards written by another tool."""
