@@ -71,6 +71,31 @@ def test_a_copied_shard_keeps_its_index_and_a_rewritten_one_is_scanned(written, 
     assert scans == [str(copy)]
 
 
+def test_a_read_only_shard_s_index_is_kept_in_the_cache(written, tmp_path, monkeypatch):
+    """Shards of another tool in a folder that cannot be written (shared read-only storage): the scan's index goes
+    to fastvit's cache folder, and the next run reads it from there instead of scanning every shard again."""
+    import fastvit.data.shards as shards
+    _, wds_root, _, _ = written
+    shard = tmp_path / "ro" / "a.tar"
+    shard.parent.mkdir()
+    shutil.copyfile(sorted((wds_root / "train").glob("*.tar"))[0], shard)  # no index beside it
+    monkeypatch.setenv("FASTVIT_CACHE", str(tmp_path / "cache"))
+    real_write = shards.write_index
+
+    def read_only(where, index):
+        if where.startswith(str(shard.parent)):
+            raise PermissionError(13, "Permission denied", where)
+        real_write(where, index)
+    monkeypatch.setattr(shards, "write_index", read_only)
+    scans = []
+    real_scan = shards.scan_shard
+    monkeypatch.setattr(shards, "scan_shard", lambda path: scans.append(path) or real_scan(path))
+    first = shard_index(str(shard))
+    assert scans == [str(shard)] and not (tmp_path / "ro" / "a.tar.idx.json").exists()
+    assert [p.name.split("-")[0] for p in (tmp_path / "cache" / "shard-index").iterdir()] == ["a.tar"]
+    assert shard_index(str(shard)) == first and scans == [str(shard)]
+
+
 def test_writing_into_an_earlier_write_is_refused_or_replaced(tmp_path, capsys):
     """A second write into the same DST would leave the first one's extra shards beside its own: refused, or with
     --overwrite replaced, so the folder holds exactly the manifest's shards."""

@@ -197,37 +197,67 @@ def _unterminated(path: str, end: int):
 
 
 def write_index(path: str, index: dict) -> None:
-    tmp = f"{path}{INDEX_SUFFIX}.{os.getpid()}.tmp"
+    """Write ``index`` to the index file ``path`` (whole or not at all: a reader never sees half of it)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(index, f)
-    os.replace(tmp, path + INDEX_SUFFIX)
+    os.replace(tmp, path)
+
+
+def _index_paths(path: str) -> list:
+    """Where a shard's index may be: beside it, else (a read-only dataset) in fastvit's cache folder
+    (``$FASTVIT_CACHE``, or ``$XDG_CACHE_HOME/fastvit``, ``~/.cache/fastvit``) under a name of the shard's real path,
+    so that no run scans a read-only shard more than once per machine."""
+    cache = os.environ.get("FASTVIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastvit")
+    real = os.path.realpath(path)
+    name = f"{os.path.basename(real)}-{hashlib.blake2b(real.encode(), digest_size=8).hexdigest()}{INDEX_SUFFIX}"
+    return [path + INDEX_SUFFIX, os.path.join(cache, "shard-index", name)]
+
+
+def _save_index(path: str, index: dict) -> None:
+    """Save a shard's index where :func:`_index_paths` first can; kept in memory only where neither can be written."""
+    for where in _index_paths(path):
+        try:
+            os.makedirs(os.path.dirname(where), exist_ok=True)
+            write_index(where, index)
+            return
+        except OSError:
+            continue
+
+
+def _valid_index(path: str, where: str, stat) -> dict | None:
+    """The index in file ``where`` where it matches the shard: the same size and time, or the same size and
+    :func:`_probe` (a copy; the index then takes the copy's time)."""
+    try:
+        with open(where) as f:
+            index = json.load(f)
+        if index.get("version") != INDEX_VERSION or index["bytes"] != stat.st_size:
+            return None
+        copied = index["mtime_ns"] != stat.st_mtime_ns
+        if copied and index.get("probe") != _probe(path, stat.st_size):
+            return None
+    except (OSError, ValueError, KeyError):
+        return None
+    if copied:
+        index["mtime_ns"] = stat.st_mtime_ns
+        with contextlib.suppress(OSError):
+            write_index(where, index)
+    return index
 
 
 def shard_index(path: str) -> dict:
-    """The shard's index: its ``.idx.json`` when it matches the shard's size and time, or its size and
-    :func:`_probe` (a copy; the index then takes the copy's time), else a fresh scan (saved beside the shard when
-    the folder is writable)."""
+    """The shard's index: a saved one that matches the shard (:func:`_valid_index`; beside the shard or in the
+    cache, :func:`_index_paths`), else a fresh scan, saved (:func:`_save_index`)."""
     stat = os.stat(path)
-    try:
-        with open(path + INDEX_SUFFIX) as f:
-            index = json.load(f)
-        if index.get("version") == INDEX_VERSION and index["bytes"] == stat.st_size:
-            copied = index["mtime_ns"] != stat.st_mtime_ns
-            if not copied or index.get("probe") == _probe(path, stat.st_size):
-                if index["damage"]:  # said again by every run that reads the shard, not only by the scanning one
-                    warnings.warn(index["damage"], RuntimeWarning)
-                if copied:
-                    index["mtime_ns"] = stat.st_mtime_ns
-                    with contextlib.suppress(OSError):
-                        write_index(path, index)
-                return index
-    except (OSError, ValueError, KeyError):
-        pass
+    for where in _index_paths(path):
+        index = _valid_index(path, where, stat)
+        if index is not None:
+            if index["damage"]:  # said again by every run that reads the shard, not only by the scanning one
+                warnings.warn(index["damage"], RuntimeWarning)
+            return index
     index = scan_shard(path)
-    try:
-        write_index(path, index)
-    except OSError:
-        pass  # a read-only dataset: keep the index in memory
+    _save_index(path, index)
     return index
 
 
@@ -479,7 +509,7 @@ def write_split(samples: FolderSamples, dst: str, prefix: str, shard_size: int, 
         final = tmp[:-len(".tmp")]
         os.replace(tmp, final)
         index = scan_shard(final)
-        write_index(final, index)
+        write_index(final + INDEX_SUFFIX, index)
         per_class.update(samples.classes[s[3]] for s in index["samples"])
         # per shard no class counts: at ImageNet-21k's 21,841 classes and 2,000 shards they made a manifest of
         # hundreds of MB, read by every rank at start (each shard's index holds its labels)
