@@ -716,7 +716,7 @@ def main(argv=None) -> list:
                 rank0_print(env, f"held-out top-1 over {cfg.seeds} seeds: {top1.mean():.2f} ± "
                                   f"{top1.std(ddof=1):.2f}% ({', '.join(f'{t:.2f}' for t in top1)}; {summary})")
     except (FloatingPointError, DataError, checkpoint.CheckpointWriteError) as e:
-        print(f"error: {own_message(e)}", file=sys.stderr, flush=True)
+        report_error(e)
         sys.exit(1)
     except RuntimeError as e:
         lost = lost_a_rank(e)
@@ -744,6 +744,18 @@ def top1_text(top1: float | None) -> str:
     if top1 is None:
         return "not measured (no held-out image could be read; each is named in a warning above)"
     return f"{100 * top1:.2f}%"
+
+
+# errors every rank raises at once, with the same message (from all-reduced losses and counts, or an agreed write)
+_COLLECTIVE_ERRORS = (FloatingPointError, BadSampleLimit, checkpoint.CheckpointWriteError)
+
+
+def report_error(error: Exception) -> None:
+    """Print ``error`` as the run's last line, once per job where every rank raised it at once (rank 0 says it;
+    each rank said it under torchrun), else on the rank that raised it."""
+    if isinstance(error, _COLLECTIVE_ERRORS) and os.environ.get("RANK", "0") != "0":
+        return
+    print(f"error: {own_message(error)}", file=sys.stderr, flush=True)
 
 
 def own_message(error: Exception) -> str:

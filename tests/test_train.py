@@ -357,6 +357,22 @@ def test_ctrl_c_is_announced_once_per_job(capsys):
         assert ("Ctrl-C: saving a checkpoint at the end of this step" in capsys.readouterr().err) == announce
 
 
+def test_an_error_every_rank_raises_is_printed_once_per_job(monkeypatch, capsys):
+    """Errors of all-reduced values or an agreed write (a non-finite loss, too many bad samples, a failed
+    checkpoint) are raised by every rank with one message: rank 0 prints it, the others do not repeat it; an error
+    of one rank (its data) is printed where it happened."""
+    from fastvit.checkpoint import CheckpointWriteError
+    from fastvit.data import DataError
+    from fastvit.train import BadSampleLimit, report_error
+    errors = [FloatingPointError("nan"), BadSampleLimit("17 bad"), CheckpointWriteError("disk full"),
+              DataError("rank's own file")]
+    for rank, printed in (("0", ["nan", "17 bad", "disk full", "rank's own file"]), ("1", ["rank's own file"])):
+        monkeypatch.setenv("RANK", rank)
+        for e in errors:
+            report_error(e)
+        assert capsys.readouterr().err.splitlines() == [f"error: {m}" for m in printed]
+
+
 def test_a_stop_signal_ends_a_multi_seed_run(tmp_path):
     """--seeds 2 stopped during the first seed: that seed saves and the second is not started."""
     out = tmp_path / "runs"
