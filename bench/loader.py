@@ -177,7 +177,6 @@ def main(argv=None):
         model_ips, model_source = model_images_per_s(args.throughput)
     except ValueError as e:
         p.error(str(e))
-    out = common.out_dir(args.out, p)
     from fastvit.data.sources import decode_problem
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     for path in [q for q in paths if PATHS[q] != "cpu"]:
@@ -202,6 +201,7 @@ def main(argv=None):
             shards = train_shards(args.shards)
         except (ValueError, ImportError) as e:
             p.error(f"--shards: {e}")
+    out = common.out_dir(args.out, p)  # after the checks: a usage error leaves no folder
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None and ("folder" in paths or shards is None):  # images to read, or to write as shards
