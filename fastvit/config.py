@@ -195,6 +195,8 @@ def resolve(cfg: TrainConfig, world: int) -> tuple[TrainConfig, dict]:
                 continue
             if name == "model" and cfg.init and cfg.recipe == "finetune":
                 continue  # the architecture comes from the checkpoint
+            if source == "preset" and cfg.init and name in ARCH_SIZES:
+                continue  # so under any recipe: the preset's sizes would read as flags that change it
             if source == "preset" and "model" in table and cfg.model is not None and name in PRESET_MODEL:
                 continue  # a named model keeps its own architecture (so400m/14 stays patch 14) and the recipe's size
             if getattr(cfg, name) is None and name not in values:

@@ -126,6 +126,17 @@ def test_resume_takes_a_run_folder_and_a_seeds_folder_is_named(pretrained, tmp_p
         checkpoint.find_checkpoint(tmp_path / "seeds")
 
 
+def test_a_pretraining_warm_start_on_digits_keeps_the_checkpoint_s_sizes(pretrained, tmp_path, capsys):
+    """--init without size flags on digits: the checkpoint's architecture; the preset's sizes (width 64, depth 4)
+    no longer fill in as if passed, which refused the run naming an --embed-dim never given."""
+    out, _ = pretrained
+    assert train(TrainConfig(init=str(out), out=str(tmp_path / "warm"), steps=1, warmup_steps=1,
+                             global_batch=32))["step"] == 1
+    kwargs = checkpoint.read_config(checkpoint.step_path(tmp_path / "warm", 1))["model"]["kwargs"]
+    assert (kwargs["embed_dim"], kwargs["depth"], kwargs["num_heads"], kwargs["patch_size"]) == (32, 2, 2, 4)
+    assert "embed_dim=64" not in capsys.readouterr().out
+
+
 def test_init_refuses_another_model_name(pretrained, tmp_path, capsys):
     """--model names an architecture; with --init of a run of another one it is an error, not ignored."""
     out, _ = pretrained
