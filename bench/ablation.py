@@ -49,16 +49,47 @@ _FREE_FLAGS = ("out", "resume", "keep", "save_every", "eval_every", "workers", "
                "peak_tflops")
 
 
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_runs(cfg, pairs):
+    """Every run's flags checked as the trainer checks them, and every variant's model built on the meta device
+    (no memory), before the first run trains: a flag a variant cannot take (learn_2d with an odd --embed-dim, a
+    --steps of 0) was found only when its turn came, after the runs before it. Raises ValueError."""
+    import torch
+
+    import fastvit
+    from fastvit.config import check, resolve
+    from fastvit.train import model_kwargs
+    for variant, placement in pairs:
+        run_cfg, _ = resolve(dataclasses.replace(cfg, pos_embed=variant, pos_embed_at=placement), _world())
+        check(run_cfg, _world())
+        if not run_cfg.init:  # from a checkpoint the run checks its architecture against it
+            with torch.device("meta"):
+                try:
+                    fastvit.create_model(run_cfg.model, **model_kwargs(run_cfg, 10))
+                except ValueError as e:
+                    raise ValueError(f"--variants {variant}:{placement}: {e}") from None
+
+
 def check_same_settings(runs_dir, cfg):
     """Record the trainer settings the runs in ``runs_dir`` use, or refuse others: a rerun resumes the runs found
-    there, and with another --steps or --lr they would go on under a schedule they did not start with."""
+    there, and with another --steps or --lr they would go on under a schedule they did not start with. Settings as
+    the trainer resolves them (a flag at its preset value is no change); a folder that holds no run yet takes the
+    new settings."""
     import json
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _FREE_FLAGS}
+    from fastvit.config import resolve
+    resolved, _ = resolve(cfg, _world())
+    settings = {k: v for k, v in dataclasses.asdict(resolved).items() if k not in _FREE_FLAGS}
     path = runs_dir / SETTINGS_FILE
-    if path.exists():
+    runs = [p for p in runs_dir.iterdir() if p.is_dir()] if runs_dir.is_dir() else []
+    if path.exists() and runs:
         stored = json.loads(path.read_text())
         changed = [f"--{k.replace('_', '-')} {stored.get(k)} -> {v}" for k, v in settings.items() if stored.get(k) != v]
-        if changed:
+        # a folder written before settings were stored resolved holds the flags as given
+        given = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _FREE_FLAGS}
+        if changed and any(stored.get(k) != v for k, v in given.items()):
             raise ValueError(f"{runs_dir} holds ablation runs trained with other settings ({', '.join(changed)}); "
                              f"rerun with their flags to resume them, or pass another --out")
         return
@@ -66,20 +97,21 @@ def check_same_settings(runs_dir, cfg):
     common.write_json(path, settings)
 
 
-def earlier_runs(path, jobs, fewshot_seeds) -> list:
-    """The runs an earlier ablation in the same --out recorded (``path``: its ablation.json) for (variant,
-    placement, seed) not among ``jobs``: a rerun with a subset of --variants (or fewer --seeds) adds to the table
-    instead of replacing it. Only where they were scored alike (the same --fewshot-seeds; the trainer settings are
-    the same, :func:`check_same_settings`)."""
+def earlier_runs(path, jobs, fewshot_seeds) -> tuple[list, list]:
+    """(kept, dropped): the runs an earlier ablation in the same --out recorded (``path``: its ablation.json) for
+    (variant, placement, seed) not among ``jobs``: a rerun with a subset of --variants (or fewer --seeds) adds to the
+    table instead of replacing it. Kept only where they were scored alike (the same --fewshot-seeds; the trainer
+    settings are the same, :func:`check_same_settings`), else dropped."""
     import json
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
-        return []
-    if not isinstance(data, dict) or data.get("fewshot_seeds") != fewshot_seeds:
-        return []
+        return [], []
+    if not isinstance(data, dict):
+        return [], []
     asked = set(jobs)
-    return [r for r in data.get("runs", []) if (r["variant"], r["placement"], r["seed"]) not in asked]
+    others = [r for r in data.get("runs", []) if (r["variant"], r["placement"], r["seed"]) not in asked]
+    return (others, []) if data.get("fewshot_seeds") == fewshot_seeds else ([], others)
 
 
 def run_variant(cfg, variant, placement, seed, out, fewshot_seeds):
@@ -112,6 +144,25 @@ def summarise(runs):
                           "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else None, "seeds": len(accs),
                           "paper": paper})
     return table
+
+
+def title_of(data_name, table, cfg):
+    """The table's title, with the seeds its rows average (a rerun may keep rows of more seeds than it ran)."""
+    counts = sorted({r["seeds"] for r in table}) or [0]
+    seeds = f"{counts[0]} seed(s)" if len(counts) == 1 else f"{counts[0]}-{counts[-1]} seeds per row"
+    return (f"5-shot linear accuracy by position embedding: {data_name}, {seeds}, "
+            f"{cfg.steps or cfg.epochs} {'steps' if cfg.steps else 'epochs'} per run")
+
+
+def save(out, result, runs, args, t0, data_name, cfg, complete):
+    """ablation.json and ablation.png of the runs so far (after every run: a crash or Ctrl-C keeps what was
+    scored, and the figure never shows an older ablation than the file)."""
+    table = summarise(runs)
+    title = title_of(data_name, table, cfg)
+    result = common.write_result(out / "ablation.json", {**result, "title": title, "runs": runs, "table": table},
+                                 args, t0, complete=complete)
+    plot(table, out / "ablation.png", title + ("" if complete else " (incomplete)"))
+    return result, table, title
 
 
 def plot(table, path, title):
@@ -147,6 +198,8 @@ def main(argv=None):
     parser.add_argument("--out", default="results", help="folder for ablation.json / .png and the run folders")
     args, rest = parser.parse_known_args(argv)
     items = common.split_list(args.variants)
+    if not items:
+        parser.error(f"--variants names no pair; choose from {[f'{v}:{p}' for v, p in PAPER]}")
     pairs = list(dict.fromkeys(tuple(item.split(":", 1)) for item in items))  # a repeated variant runs once
     unknown = [":".join(pair) for pair in pairs if pair not in PAPER]
     if unknown:
@@ -161,6 +214,10 @@ def main(argv=None):
                      "--variants pos_embed:pos_embed_at,... (e.g. --variants none:stem)")
     if cfg.data == "digits" and cfg.steps is None and cfg.epochs is None:
         cfg = dataclasses.replace(cfg, steps=DIGITS_STEPS)
+    try:
+        check_runs(cfg, pairs)
+    except ValueError as e:
+        parser.error(str(e))
     out = common.out_dir(args.out, parser)
     try:
         check_same_settings(out / "ablation_runs", cfg)
@@ -170,33 +227,42 @@ def main(argv=None):
     from fastvit.data import progress
     from fastvit.train import stop_status
     data_name = "digits" if cfg.data == "digits" else cfg.data
-    title = (f"5-shot linear accuracy by position embedding: {data_name}, {args.seeds} seed(s), "
-             f"{cfg.steps or cfg.epochs} {'steps' if cfg.steps else 'epochs'} per run")
-    result = {"title": title, "train_config": dataclasses.asdict(cfg), "seeds": args.seeds,
-              "fewshot_seeds": args.fewshot_seeds, "shots": SHOTS}
+    result = {"train_config": dataclasses.asdict(cfg), "seeds": args.seeds, "fewshot_seeds": args.fewshot_seeds,
+              "shots": SHOTS}
     jobs = [(v, p, cfg.seed + s) for v, p in pairs for s in range(args.seeds)]
-    earlier = earlier_runs(out / "ablation.json", jobs, args.fewshot_seeds)
+    earlier, dropped = earlier_runs(out / "ablation.json", jobs, args.fewshot_seeds)
+    if dropped:
+        print(f"dropping {len(dropped)} earlier run(s) of variants or seeds not asked for now from "
+              f"{out / 'ablation.json'}: they were scored with another --fewshot-seeds (rerun them to add them back)")
     for variant, placement, seed in progress(jobs, desc="ablation", unit="run"):
+        stopped, status = None, 0
         try:
             runs.append(run_variant(cfg, variant, placement, seed, str(out / "ablation_runs"), args.fewshot_seeds))
-        except Stopped as stop:  # the finished runs are kept, the file says it is incomplete, no table
-            common.write_result(out / "ablation.json", {**result, "runs": earlier + runs, "table": []}, args, t0,
-                                complete=False)
-            print(f"stopped during {variant}:{placement} seed {seed}, its checkpoint saved; the same bench/ablation.py "
-                  f"command (same --out {args.out}) resumes the ablation there ({len(runs)} of {len(jobs)} runs "
-                  f"done, in {out / 'ablation.json'})", file=sys.stderr, flush=True)
-            sys.exit(stop_status(stop.result))
+        except Stopped as stop:  # in training: its checkpoint saved
+            stopped, status = "its checkpoint saved", stop_status(stop.result)
+        except KeyboardInterrupt:  # outside training (loading, few-shot), or a second Ctrl-C
+            stopped, status = "interrupted (its last checkpoint kept)", 130
+        except ValueError as e:  # a setting only this run finds wrong (an --init of another variant)
+            save(out, result, earlier + runs, args, t0, data_name, cfg, complete=False)
+            parser.exit(2, f"{parser.prog}: error: {variant}:{placement} seed {seed}: {e} ({len(runs)} of "
+                           f"{len(jobs)} runs done, in {out / 'ablation.json'})\n")
+        save(out, result, earlier + runs, args, t0, data_name, cfg, complete=False)
+        if stopped:
+            print(f"stopped during {variant}:{placement} seed {seed}, {stopped}; the same bench/ablation.py command "
+                  f"(same --out {args.out}) resumes the ablation there ({len(runs)} of {len(jobs)} runs done, in "
+                  f"{out / 'ablation.json'})", file=sys.stderr, flush=True)
+            sys.exit(status)
     if earlier:
         print(f"kept {len(earlier)} earlier run(s) of variants or seeds not asked for now, from {out / 'ablation.json'} "
               f"(same settings)")
-    runs = earlier + runs
-    table = summarise(runs)
+    result, table, title = save(out, result, earlier + runs, args, t0, data_name, cfg, complete=True)
     rows = [[NAMES[r["variant"]], r["placement"], f"{100 * r['mean']:.2f}" + (
-        f" ± {100 * r['std']:.2f}" if r["seeds"] > 1 else ""), f"{100 * r['paper']:.2f}"] for r in table]
-    print(f"\n{title}\n" + common.markdown_table(["position embedding", "placement", "fastvit 5-shot %",
+        f" ± {100 * r['std']:.2f}" if r["seeds"] > 1 else ""), str(r["seeds"]), f"{100 * r['paper']:.2f}"]
+        for r in table]
+    print(f"\n{title}\n" + common.markdown_table(["position embedding", "placement", "fastvit 5-shot %", "seeds",
                                                    "paper 5-shot % (ViT-B/16, ImageNet)"], rows))
-    result = common.write_result(out / "ablation.json", {**result, "runs": runs, "table": table}, args, t0)
-    plot(table, out / "ablation.png", title)
+    print(f"fastvit: this run's model ({cfg.model or 'the preset ViT'}) trained and scored on {data_name}; the paper: "
+          f"ViT-B/16 on ImageNet. Compare the order of the variants, not the values.")
     print(f"wrote {out / 'ablation.json'} and {out / 'ablation.png'} in {result['seconds']:.0f}s")
     return result
 

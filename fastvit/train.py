@@ -202,8 +202,11 @@ class Run:
             if tuple(model.patch_embed.img_size) != (cfg.img_size, cfg.img_size):
                 model.set_input_size(img_size=cfg.img_size)
                 new_grid = tuple(model.patch_embed.grid_size)
-                if new_grid != grid:
-                    done.append("position table resampled from {}x{} to {}x{} patches".format(*grid, *new_grid))
+                if new_grid != grid:  # a table per position, or per offset (rel); none to resample without
+                    kind = {"none": None, "rel": "relative position bias"}.get(model.pos_embed_type, "position table")
+                    done.append(f"{kind} resampled from {grid[0]}x{grid[1]} to {new_grid[0]}x{new_grid[1]} patches"
+                                if kind else f"a new grid of {new_grid[0]}x{new_grid[1]} patches (no position "
+                                             f"table to resample)")
             # fine-tuning replaces the head (the paper's zero D x K layer); a pre-training warm start keeps a fitting one
             if cfg.recipe == "finetune" or model.num_classes != self.data.num_classes:
                 model.reset_classifier(self.data.num_classes)
@@ -614,8 +617,9 @@ class Run:
             return {"step": step, "top1": None, "out": str(self.out), "stopped_by_signal": True,
                     "signal": stop.requested or "SIGTERM", "train_time_s": time.perf_counter() - t_run}
         if step == start:  # resumed at the end: report the final accuracy again
+            more = " (a larger --steps would go on training it)" if self.resume_hint != "" else ""  # "": a tool's run
             rank0_print(env, f"the run in {self.out} is complete (step {step} of {cfg.steps}): evaluating its model "
-                             f"again (a larger --steps would go on training it)")
+                             f"again{more}")
             top1 = self.evaluate()
         result = {"step": step, "top1": top1, "out": str(self.out), "stopped_by_signal": False,
                   "train_time_s": time.perf_counter() - t_run}

@@ -449,10 +449,59 @@ def test_ablation_smoke(tmp_path):
                 "--steps", "3", "--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--out", str(tmp_path)])
     again = _result(tmp_path / "ablation.json")
     assert "kept 3 earlier run(s)" in out
+    assert "is complete (step 3 of 3)" in out and "a larger --steps" not in out  # the ablation refuses one
     assert sorted((r["variant"], r["seed"], r["fewshot5"]) for r in again["runs"]) == \
         sorted((r["variant"], r["seed"], r["fewshot5"]) for r in data["runs"])
     assert {(r["variant"], r["placement"]): r["seeds"] for r in again["table"]} == {
         ("none", "stem"): 2, ("learn_2d", "every_layer_shared"): 2}
+    assert "digits, 2 seed(s)" in again["title"]  # the rows' seeds, not the rerun's --seeds 1
+    # scored with another --fewshot-seeds, the runs not asked for now are dropped, and it says so
+    out = _run([sys.executable, "bench/ablation.py", "--seeds", "1", "--fewshot-seeds", "2", "--variants", "none:stem",
+                "--steps", "3", "--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--out", str(tmp_path)])
+    assert "dropping 3 earlier run(s)" in out and len(_result(tmp_path / "ablation.json")["runs"]) == 1
+
+
+def test_ablation_checks_every_variant_s_flags_before_the_first_run(tmp_path):
+    """A trainer flag no run can take (--steps 0), or one variant cannot (learn_2d with an odd --embed-dim), is a
+    usage error before anything trains or is recorded (it was a traceback, after the variants before it had
+    trained, and the settings file it left refused the corrected command)."""
+    base = [sys.executable, "bench/ablation.py", "--seeds", "1", "--depth", "1", "--out", str(tmp_path)]
+    for flags, message in ((["--variants", "learn:stem", "--steps", "0"], "--steps must be a positive integer, got 0"),
+                           (["--variants", "learn:stem,learn_2d:stem", "--steps", "3", "--embed-dim", "33",
+                             "--num-heads", "3"], "learn_2d:stem: pos_embed='learn_2d' needs an even embed_dim")):
+        proc = subprocess.run(base + flags, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and not (tmp_path / "ablation_runs").exists()
+    proc = subprocess.run(base + ["--variants", ","], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--variants names no pair" in proc.stderr
+
+
+@pytest.mark.parametrize("error,code,message", [
+    (KeyboardInterrupt(), 130, "stopped during learn:stem seed 0, interrupted"),
+    (ValueError("--pos-embed cannot change the architecture of checkpoint X"), 2,
+     "error: learn:stem seed 0: --pos-embed cannot change the architecture")])
+def test_ablation_keeps_the_finished_runs_on_ctrl_c_or_an_error_outside_training(tmp_path, monkeypatch, capsys,
+                                                                                 error, code, message):
+    """Ctrl-C while a trained run is scored, or a setting only the second run finds wrong: ablation.json (and its
+    PNG) keep the first run's scores, marked incomplete (they were held in memory to the end and lost with a
+    traceback); the exit is 130 or a usage error naming the run."""
+    ablation = _load_bench("ablation")
+    calls = []
+
+    def run_variant(cfg, variant, placement, seed, out, fewshot_seeds):
+        calls.append(variant)
+        if len(calls) == 2:
+            raise error
+        return {"variant": variant, "placement": placement, "seed": seed, "top1": 0.5, "fewshot5": 0.4,
+                "fewshot5_per_draw": [0.4]}
+    monkeypatch.setattr(ablation, "run_variant", run_variant)
+    with pytest.raises(SystemExit) as exit_info:
+        ablation.main(["--seeds", "1", "--variants", "none:stem,learn:stem", "--steps", "3", "--embed-dim", "32",
+                       "--depth", "1", "--num-heads", "2", "--out", str(tmp_path)])
+    assert exit_info.value.code == code and message in capsys.readouterr().err
+    data = _result(tmp_path / "ablation.json")
+    assert data["complete"] is False and [r["variant"] for r in data["runs"]] == ["none"]
+    assert [r["variant"] for r in data["table"]] == ["none"] and (tmp_path / "ablation.png").exists()
 
 
 def test_ablation_stopped_keeps_its_runs_and_refuses_other_settings_on_rerun(tmp_path):
@@ -481,7 +530,7 @@ def test_ablation_stopped_keeps_its_runs_and_refuses_other_settings_on_rerun(tmp
     assert "SIGINT: saved checkpoint at step" in stdout + stderr and "resumes it)" not in stdout + stderr
     data = _result(tmp_path / "ablation.json")
     assert data["complete"] is False and data["runs"] == [] and data["table"] == []
-    assert not (tmp_path / "ablation.png").exists()
+    assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # of what the JSON holds
     assert not (tmp_path / "ablation_runs" / "learn-stem-seed0").exists()
     rerun = subprocess.run([sys.executable, "bench/ablation.py", "--steps", "50", *flags], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)

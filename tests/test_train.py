@@ -137,6 +137,19 @@ def test_a_pretraining_warm_start_on_digits_keeps_the_checkpoint_s_sizes(pretrai
     assert "embed_dim=64" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("pos_embed,said", [("none", "a new grid of 8x8 patches (no position table to resample)"),
+                                            ("rel", "relative position bias resampled from 4x4 to 8x8 patches")])
+def test_init_says_what_it_resampled_for_each_position_embedding(tmp_path, capsys, pos_embed, said):
+    """A fine-tune at another size says which table it resampled: a relative bias table, or none at all (it said
+    "position table resampled" for a model without one)."""
+    main(["--out", str(tmp_path / "pre"), "--steps", "1", "--warmup-steps", "1", "--pos-embed", pos_embed,
+          *TINY_FLAGS])
+    capsys.readouterr()
+    train(TrainConfig(recipe="finetune", init=str(tmp_path / "pre"), out=str(tmp_path / "ft"), steps=1, img_size=32,
+                      global_batch=32, warmup_steps=1))
+    assert f"--init {tmp_path / 'pre'}: {said}; new zero-initialised head" in capsys.readouterr().out
+
+
 def test_init_refuses_another_model_name(pretrained, tmp_path, capsys):
     """--model names an architecture; with --init of a run of another one it is an error, not ignored."""
     out, _ = pretrained
