@@ -359,7 +359,7 @@ class Run:
                 if explicit:  # a checkpoint folder, or a run folder's newest complete checkpoint
                     path = checkpoint.find_checkpoint(path)
                 step, seen, self.bad_total = self._load(path)
-            except checkpoint.IncompatibleCheckpointError as e:  # readable, but not this run's: never a fresh start over it
+            except checkpoint.IncompatibleCheckpointError as e:  # readable, not this run's: never a fresh start
                 raise ValueError(f"checkpoint {path} does not fit this run ({e}): another --recipe or --layer-decay "
                                  f"than the run was started with? Resume with its flags, or choose another --out"
                                  ) from e
@@ -411,10 +411,10 @@ class Run:
             a, b = fields[k]
             if a and b and a != "digits" and os.path.realpath(a) == os.path.realpath(b):
                 fields[k] = (b, b)
-        data = [(fields["--data"][i], fields["--val-data"][i]) for i in (0, 1)]
-        if data[0] != data[1] and data[0][0]:  # the same shards named as a folder and as a pattern are the same
-            files = shard_files(*data[0])
-            if files is not None and files == shard_files(*data[1]):
+        specs = [(fields["--data"][i], fields["--val-data"][i]) for i in (0, 1)]
+        if specs[0] != specs[1] and specs[0][0]:  # the same shards named as a folder and as a pattern are the same
+            files = shard_files(*specs[0])
+            if files is not None and files == shard_files(*specs[1]):
                 fields["--data"] = fields["--val-data"] = (None, None)
         changed = [k for k, (a, b) in fields.items() if a != b]
         if changed:
@@ -425,12 +425,12 @@ class Run:
             changes = "; ".join(f"{k} {fields[k][0]!r} -> {fields[k][1]!r}" for k in changed)
             raise ValueError(f"{where} holds checkpoints of another run ({changes}); {advice}")
         data = old.get("data", {})  # absent from runs saved before 2026-12-05; the fingerprint before 2026-12-06
-        before, print_before = data.get("train_samples"), data.get("train_fingerprint")
+        before, fingerprint_before = data.get("train_samples"), data.get("train_fingerprint")
         if self.env.rank != 0:
             return
         if before is not None and before != self.data.num_train:
             what = f"was trained on {before} training samples and --data now holds {self.data.num_train}"
-        elif print_before is not None and print_before != self.data.fingerprint():
+        elif fingerprint_before is not None and fingerprint_before != self.data.fingerprint():
             what = (f"was trained on other samples than --data now holds (as many, {before}, but other files, labels "
                     f"or shards)")
         else:

@@ -204,15 +204,17 @@ def write_index(path: str, index: dict) -> None:
     os.replace(tmp, path)
 
 
-def _index_paths(path: str) -> list:
-    """Where a shard's index may be: beside it, else (a read-only dataset) in fastvit's cache folder
+def _index_paths(path: str):
+    """Where a shard's index may be, in order: beside it, else (a read-only dataset) in fastvit's cache folder
     (``$FASTVIT_CACHE``, or ``$XDG_CACHE_HOME/fastvit``, ``~/.cache/fastvit``) under a name of the shard's real path,
-    so that no run scans a read-only shard more than once per machine."""
+    so that no run scans a read-only shard more than once per machine. A generator: the cache's name is worked out
+    only where the index beside the shard does not serve."""
+    yield path + INDEX_SUFFIX
     cache = os.environ.get("FASTVIT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastvit")
     real = os.path.realpath(path)
     name = f"{os.path.basename(real)}-{hashlib.blake2b(real.encode(), digest_size=8).hexdigest()}{INDEX_SUFFIX}"
-    return [path + INDEX_SUFFIX, os.path.join(cache, "shard-index", name)]
+    yield os.path.join(cache, "shard-index", name)
 
 
 def _save_index(path: str, index: dict) -> None:
@@ -548,9 +550,9 @@ def _decode_check(item):
         return f"{type(e).__name__}: {e}"
 
 
-def verify(folder: str, workers: int = 0) -> list:
-    """Decode every sample of the shards in ``folder`` as training does (``decode_image``); returns [(shard:key,
-    error)] of those that fail."""
+def verify(folder: str, workers: int = 0) -> tuple[list, int]:
+    """Decode every sample of the shards in ``folder`` as training does (``decode_image``); returns ([(shard:key,
+    error)] of those that fail, the number of samples)."""
     paths = expand(folder)
     items, names = [], []
     for path in paths:
@@ -570,7 +572,7 @@ def verify(folder: str, workers: int = 0) -> list:
         if pool:
             pool.close()
             pool.join()
-    return failed
+    return failed, len(items)
 
 
 # what a write leaves in a folder: shards, their indexes (and an index being written), unfinished shards
@@ -674,37 +676,43 @@ def _written_splits(dst: str) -> list:
 
 def _verify_all(splits, sources, workers) -> dict:
     """The manifest's ``verify`` entry: every sample of every split decoded as training decodes it."""
-    failed = [{"sample": f"{name}/{key}", "source": sources.get(f"{name}/{key}"), "error": err}
-              for folder, name in splits for key, err in verify(folder, workers)]
-    total = sum(len(shard_index(path)["samples"]) for folder, _ in splits for path in expand(folder))
+    failed, total = [], 0
+    for folder, name in splits:
+        errors, count = verify(folder, workers)
+        failed += [{"sample": f"{name}/{key}", "source": sources.get(f"{name}/{key}"), "error": err}
+                   for key, err in errors]
+        total += count
     return {"decoded": total - len(failed), "undecodable": failed}
 
 
-def _report(manifest, written: bool) -> int:
-    """Print the summary and every problem; the exit code (1: a source not written or a sample undecodable)."""
-    skipped = [s for entry in manifest.get("splits", {}).values() for s in entry.get("skipped", [])]
-    failed = (manifest.get("verify") or {}).get("undecodable", [])
-    for split, entry in manifest.get("splits", {}).items() if written else ():
+def _report_write(manifest) -> bool:
+    """Print what was written, ignored and not written; whether a source was not written."""
+    ignored = Counter()
+    for split, entry in manifest["splits"].items():
         print(f"{split}: {entry['samples']} samples in {len(entry['shards'])} shards, "
               f"{len(entry['per_class'])} classes")
-    ignored = Counter()
-    for entry in manifest.get("splits", {}).values() if written else ():
         ignored.update(entry["ignored"]["extensions"])
     if ignored:
         counts = ", ".join(f"{ext} {n}" for ext, n in ignored.most_common())
         print(f"ignored {ignored.total()} file(s) in SRC, not written ({counts}): ImageFolder reads only "
               f"{', '.join(IMG_EXTENSIONS)} files inside class folders", file=sys.stderr)
-    for item in skipped if written else ():
+    skipped = [s for entry in manifest["splits"].values() for s in entry["skipped"]]
+    for item in skipped:
         print(f"not written (unreadable source): {item['source']} ({item['error']})", file=sys.stderr)
+    return bool(skipped)
+
+
+def _report_verify(result) -> bool:
+    """Print every undecodable sample and the count that decode; whether a sample does not decode."""
+    failed = result["undecodable"]
     for item in failed:
         source = f" from {item['source']}" if item["source"] else ""
         print(f"undecodable: {item['sample']}{source} ({item['error']})", file=sys.stderr)
     if failed:
         print(f"{len(failed)} sample(s) do not decode; training replaces them (counted against --max-bad-frac)",
               file=sys.stderr)
-    if manifest.get("verify"):
-        print(f"verified: {manifest['verify']['decoded']} sample(s) decode")
-    return 1 if failed or (skipped and written) else 0
+    print(f"verified: {result['decoded']} sample(s) decode")
+    return bool(failed)
 
 
 def main(argv=None) -> int:
@@ -737,6 +745,7 @@ def main(argv=None) -> int:
         print(f"interrupted while writing: DST {dst!r} holds a part of the shards and no {MANIFEST}; rerun with "
               f"--overwrite", file=sys.stderr)
         return 130
+    problems = args.verify is None and _report_write(manifest)
     if args.verify is not None or not args.no_verify:
         try:
             result = _verify_all(splits, sources, args.workers)
@@ -747,10 +756,10 @@ def main(argv=None) -> int:
         if manifest is not None:
             manifest["verify"] = result
             manifest_path.write_text(json.dumps(manifest, indent=1))
-    code = _report(manifest if manifest is not None else {"verify": result}, written=args.verify is None)
+        problems = _report_verify(result) or problems
     if manifest is not None:
         print(f"wrote {manifest_path}")
-    return code
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
