@@ -207,7 +207,8 @@ class Run:
                     done.append(f"{kind} resampled from {grid[0]}x{grid[1]} to {new_grid[0]}x{new_grid[1]} patches"
                                 if kind else f"a new grid of {new_grid[0]}x{new_grid[1]} patches (no position "
                                              f"table to resample)")
-            # fine-tuning replaces the head (the paper's zero D x K layer); a pre-training warm start keeps a fitting one
+            # fine-tuning replaces the head (the paper's zero D x K layer); a pre-training warm start keeps one that
+            # fits
             if cfg.recipe == "finetune" or model.num_classes != self.data.num_classes:
                 model.reset_classifier(self.data.num_classes)
                 done.append(f"new zero-initialised head ({self.data.num_classes} classes)")

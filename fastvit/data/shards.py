@@ -101,9 +101,10 @@ def expand(spec: str) -> list:
 
 # ---- index ----------------------------------------------------------------------------------------------------
 def scan_shard(path: str) -> dict:
-    """Index one shard from its tar headers: {"version", "bytes", "mtime_ns", "samples": [[key, offset, size,
-    label], ...] in tar order, "damage": the warning on a damaged tar or None}. Raises ValueError for a sample without a label or an image; a tar damaged part-way is indexed up
-    to the damage, with a warning naming what is lost."""
+    """Index one shard from its tar headers: {"version", "bytes", "mtime_ns", "probe", "samples": [[key, offset, size,
+    label], ...] in tar order, "damage": the warning on a damaged tar or None}. Raises ValueError for a sample
+    without a label or an image; a tar damaged part-way is indexed up to the damage, with a warning naming what is
+    lost."""
     base_plus_ext = _webdataset().tariterators.base_plus_ext
     entries, order, damage = {}, [], None
     try:
