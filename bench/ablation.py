@@ -235,7 +235,7 @@ def main(argv=None):
         print(f"dropping {len(dropped)} earlier run(s) of variants or seeds not asked for now from "
               f"{out / 'ablation.json'}: they were scored with another --fewshot-seeds (rerun them to add them back)")
     for variant, placement, seed in progress(jobs, desc="ablation", unit="run"):
-        stopped, status = None, 0
+        stopped, status, error = None, 0, None
         try:
             runs.append(run_variant(cfg, variant, placement, seed, str(out / "ablation_runs"), args.fewshot_seeds))
         except Stopped as stop:  # in training: its checkpoint saved
@@ -243,18 +243,19 @@ def main(argv=None):
         except KeyboardInterrupt:  # outside training (loading, few-shot), or a second Ctrl-C
             stopped, status = "interrupted (its last checkpoint kept)", 130
         except ValueError as e:  # a setting only this run finds wrong (an --init of another variant)
-            save(out, result, earlier + runs, args, t0, data_name, cfg, complete=False)
-            parser.exit(2, f"{parser.prog}: error: {variant}:{placement} seed {seed}: {e} ({len(runs)} of "
-                           f"{len(jobs)} runs done, in {out / 'ablation.json'})\n")
+            error = e
         save(out, result, earlier + runs, args, t0, data_name, cfg, complete=False)
+        if error is not None:
+            parser.exit(2, f"{parser.prog}: error: {variant}:{placement} seed {seed}: {error} ({len(runs)} of "
+                           f"{len(jobs)} runs done, in {out / 'ablation.json'})\n")
         if stopped:
             print(f"stopped during {variant}:{placement} seed {seed}, {stopped}; the same bench/ablation.py command "
                   f"(same --out {args.out}) resumes the ablation there ({len(runs)} of {len(jobs)} runs done, in "
                   f"{out / 'ablation.json'})", file=sys.stderr, flush=True)
             sys.exit(status)
     if earlier:
-        print(f"kept {len(earlier)} earlier run(s) of variants or seeds not asked for now, from {out / 'ablation.json'} "
-              f"(same settings)")
+        print(f"kept {len(earlier)} earlier run(s) of variants or seeds not asked for now, from "
+              f"{out / 'ablation.json'} (same settings)")
     result, table, title = save(out, result, earlier + runs, args, t0, data_name, cfg, complete=True)
     rows = [[NAMES[r["variant"]], r["placement"], f"{100 * r['mean']:.2f}" + (
         f" ± {100 * r['std']:.2f}" if r["seeds"] > 1 else ""), str(r["seeds"]), f"{100 * r['paper']:.2f}"]

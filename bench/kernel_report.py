@@ -113,7 +113,8 @@ def main(argv=None):
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
     out = pathlib.Path(args.out)
-    if out.is_dir() or args.out.endswith(os.sep) or out.suffix.lower() != ".json":  # a folder, as the other scripts' --out
+    # a folder, as the other scripts' --out
+    if out.is_dir() or args.out.endswith(os.sep) or out.suffix.lower() != ".json":
         out = out / "kernel_report.json"
     out = common.out_dir(out.parent, p) / out.name
 

@@ -260,7 +260,8 @@ def main(argv=None):
     p.add_argument("--compile-mode", default="default", choices=throughput.COMPILE_MODES)
     p.add_argument("--backend", default="auto", choices=ops.BACKENDS, help="fastvit's kernels")
     p.add_argument("--dtype", default="bf16", choices=list(common.DTYPES), help="autocast dtype (fp32: none)")
-    p.add_argument("--global-batch", type=int, default=None, help="default 4096 (CPU smoke: 128; 8 for a full-size model)")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="default 4096 (CPU smoke: 128; 8 for a full-size model)")
     p.add_argument("--micro-batch", type=int, default=None, help="per rank (default: throughput's table)")
     p.add_argument("--steps", type=int, default=1, help="profiled steps per side")
     p.add_argument("--warmup", type=int, default=2, help="unprofiled steps per side first")

@@ -12,8 +12,8 @@ what a performance-minded timm user runs. ``ratio`` is the best fastvit column o
 
 Printed and saved per model and mode: images/s (a global batch over the median timed step; every step's time is
 saved, and a row whose steps varied over 1.5x says so), achieved TFLOP/s (FLOPs per image counted from the model
-config by ``fastvit.flops``: 2 x the MACs of every matmul, attention included; training = 3 x forward; the same count for
-every column, the whole model's, though fastvit's training step runs its last block on the class token alone:
+config by ``fastvit.flops``: 2 x the MACs of every matmul, attention included; training = 3 x forward; the same
+count for every column, the whole model's, though fastvit's training step runs its last block on the class token alone:
 ``fastvit.model.class_token_suffices``), MFU against the
 GPU's dense bf16 peak (``fastvit.flops.PEAK_TFLOPS``, or --peak-tflops), peak memory (GPU: the most memory
 allocated while that model warmed up, above what was allocated before it was built, so it counts its weights,
