@@ -168,6 +168,14 @@ def distributed(dist_backend="auto", device="auto", timeout_s: float = DEFAULT_T
         dist.destroy_process_group()
 
 
+def from_rank0(value):
+    """``value`` as rank 0 holds it, on every rank (collective): what rank 0 alone worked out (its clock, a check of
+    the run folder, a result), so that every rank goes on, or stops, alike."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def rank0_print(env: Env, *args):
     if env.rank == 0:
         print(*args, flush=True)

@@ -42,7 +42,8 @@ from fastvit.data.choose import make_source
 from fastvit.data.keyed import micro_batch_plan, mix_seed
 from fastvit.data.shards import shard_files
 from fastvit.data.sources import BadSampleWarning, DataError, eval_batches, progress
-from fastvit.dist import Env, device_and_backend, distributed, keep_thread_count, lost_a_rank, rank0_print
+from fastvit.dist import (Env, device_and_backend, distributed, from_rank0, keep_thread_count, lost_a_rank,
+                          rank0_print)
 from fastvit.flops import peak_flops, train_flops_per_image
 from fastvit.metrics import MetricsLog, plot_curves
 from fastvit.recipes import WarmupDecay, make_optimizer, make_scheduler, param_groups
@@ -63,9 +64,7 @@ def default_out(cfg: TrainConfig) -> str:
     runs/<data>-<recipe>-<run id>, the same after a restart, so the restarted job resumes from its checkpoints."""
     name = "digits" if cfg.data == "digits" else Path(cfg.data.split("{")[0].rstrip("-_/") or cfg.data).name
     tag = os.environ.get("TORCHELASTIC_RUN_ID") or f"{datetime.now():%Y%m%d-%H%M%S}"
-    out = [f"runs/{name}-{cfg.recipe}-{tag}"]
-    dist.broadcast_object_list(out, src=0)
-    return out[0]
+    return from_rank0(f"runs/{name}-{cfg.recipe}-{tag}")
 
 
 class BadSampleLimit(DataError):
@@ -178,10 +177,9 @@ class Run:
                 probe.unlink()
             except OSError as e:
                 problem = f"--out {self.out} cannot be written ({e.strerror or e}); choose another --out"
-        box = [problem]
-        dist.broadcast_object_list(box, src=0)
-        if box[0]:
-            raise ValueError(box[0])
+        problem = from_rank0(problem)
+        if problem:
+            raise ValueError(problem)
 
     def _model_description(self):
         """'vit_base_patch16_224 with embed_dim 32, depth 2 (32,554 params)': the name and what the flags changed."""
@@ -653,10 +651,9 @@ class Run:
                 problem = (f"the final weights could not be written to {folder} ({checkpoint.failure_reason(e)}"
                            f"{checkpoint.free_space_note(self.out)}); the run's last checkpoint holds them: rerun "
                            f"the same command to write {folder} from it")
-        box = [problem]
-        dist.broadcast_object_list(box, src=0)  # every rank stops with the same error
-        if box[0]:
-            raise checkpoint.CheckpointWriteError(box[0])
+        problem = from_rank0(problem)  # every rank stops with the same error
+        if problem:
+            raise checkpoint.CheckpointWriteError(problem)
         return str(folder)
 
     def _fewshot(self, model):
@@ -669,9 +666,7 @@ class Run:
                 print(f"few-shot: {fewshot.format_results(results)}", flush=True)
             except DataError as e:  # the run is done and saved: say so, and let the other ranks go on
                 print(f"few-shot: not measured ({e})", flush=True)
-        box = [results]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return from_rank0(results)
 
 
 def train(cfg: TrainConfig, on_step_end=None, resume_hint: str | None = None) -> dict:
