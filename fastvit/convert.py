@@ -359,9 +359,10 @@ def _hf_config_eps(path):
     return float(eps) if isinstance(eps, (int, float)) else None
 
 
-def _check_eps(model, path):
+def check_hf_eps(model, path):
     """Warn when an HF folder's LayerNorm eps differs from the model's: the weights load either way, but outputs
-    then differ from the HF model's (by ~1e-3 at random weights for 1e-12 against 1e-6)."""
+    then differ from the HF model's (by ~1e-3 at random weights for 1e-12 against 1e-6). For a caller that reads
+    the folder's weights with :func:`read_checkpoint` and loads the state_dict."""
     eps = _hf_config_eps(path)
     if eps is None:
         return
@@ -569,7 +570,7 @@ def load_checkpoint(model, path_or_state_dict, strict=True, name=None):
     """
     sd, layout = read_checkpoint(path_or_state_dict)
     if layout == "hf":
-        _check_eps(model, path_or_state_dict)
+        check_hf_eps(model, path_or_state_dict)
     expected = model.state_dict()
     ignored = []
     if "head.weight" not in expected:  # headless model: the checkpoint's classifier has nowhere to go

@@ -24,15 +24,16 @@ def load_pretrained(init, model_name, overrides: dict, name_given=False):
     if ckpt is None:
         kwargs = {k: v for k, v in overrides.items() if k != "num_classes"}
         model = fastvit.create_model(model_name, num_classes=0, **kwargs)
-        from fastvit.convert import CheckpointMismatchError, load_checkpoint, read_checkpoint
-        sd, layout = read_checkpoint(init)
+        from fastvit.convert import CheckpointMismatchError, check_hf_eps, load_checkpoint, read_checkpoint
+        sd, layout = read_checkpoint(init)  # read once: an H/14 folder is 2.5 GB
         size = None if "img_size" in kwargs else _trained_img_size(model, sd)
         if size is not None and (size, size) != tuple(model.patch_embed.img_size):
             model.set_input_size(img_size=size)  # the weights' own grid: its position table loads as it is
             kwargs["img_size"] = size
+        if layout == "hf":
+            check_hf_eps(model, init)
         try:
-            # an HF folder by its path: its config.json's LayerNorm eps is checked against the model's
-            load_checkpoint(model, init if layout == "hf" else sd, name=model_name)
+            load_checkpoint(model, sd, name=model_name)
         except CheckpointMismatchError as e:
             if name_given:
                 raise

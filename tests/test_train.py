@@ -804,6 +804,25 @@ def test_init_from_a_hugging_face_folder(tmp_path):
     assert fewshot.main(["--init", str(tmp_path / "hf"), "--shots", "1", "--seeds", "1", *arch])[1]["mean"] > 0
 
 
+def test_init_reads_a_hugging_face_folder_once_and_checks_its_eps(tmp_path, monkeypatch):
+    """--init with a transformers folder reads its weights once (an H/14 folder is 2.5 GB; the state_dict and the
+    eps check each read it before) and still warns that its LayerNorm eps is not the model's."""
+    from transformers import ViTConfig, ViTModel
+
+    from fastvit import convert, restore
+    hf = ViTModel(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=128, layer_norm_eps=1e-12), add_pooling_layer=False)
+    hf.save_pretrained(tmp_path / "hf")
+    reads = []
+    read_hf_dir = convert._read_hf_dir
+    monkeypatch.setattr(convert, "_read_hf_dir", lambda path: reads.append(path) or read_hf_dir(path))
+    arch = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    with pytest.warns(UserWarning, match=r"layer_norm_eps=1e-12"):
+        model = restore.load_pretrained(str(tmp_path / "hf"), "vit_tiny_patch16_224", arch)[0]
+    assert reads == [str(tmp_path / "hf")]
+    torch.testing.assert_close(model.blocks[1].mlp.fc2.weight, hf.state_dict()["layers.1.mlp.fc2.weight"])
+
+
 def test_default_out_under_torchrun_survives_a_restart(tmp_path, monkeypatch):
     """Without --out, a run started by torchrun is named after torchrun's run id (the same in every restart round),
     so a restarted job resumes from its own checkpoints instead of starting a new timestamped folder."""
