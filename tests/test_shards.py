@@ -333,6 +333,9 @@ def test_bad_shard_input_gives_clear_errors(written, tmp_path):
     assert parse_size("1GB") == 10 ** 9 and parse_size("64MiB") == 64 * 2 ** 20 and parse_size("4096") == 4096
     with pytest.raises(ValueError, match="--shard-size must look like 1GB"):
         parse_size("big")
+    for small in ("1", "0", "1KB"):  # a unit left out: 1 byte, a shard per sample
+        with pytest.raises(ValueError, match=rf"--shard-size {small} is \d+ bytes?, less than one sample .*e.g. 1GB"):
+            parse_size(small)
 
 
 def test_a_shard_cut_short_keeps_its_whole_samples_and_says_so(tmp_path):

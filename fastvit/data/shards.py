@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from fastvit.config import plural
 from fastvit.data.augment import decode_image, open_pil
 from fastvit.data.keyed import mix_seed
 from fastvit.data.sources import FileSource, FolderSamples, Samples, progress
@@ -59,8 +60,10 @@ def parse_size(text: str) -> int:
         raise ValueError(f"--shard-size must look like 1GB, 500MB or 1073741824, got {text!r}")
     power = "KMGT".find(m.group(2).upper()) + 1 if m.group(2) else 0
     size = int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
-    if size <= 0:
-        raise ValueError(f"--shard-size must be positive, got {text!r}")
+    smallest = _tar_bytes(1)  # one sample: its headers and a block of image data
+    if size < smallest:
+        raise ValueError(f"--shard-size {text} is {plural(size, 'byte')}, less than one sample takes in a tar "
+                         f"({smallest}): every sample would be a shard of its own; give a unit, e.g. 1GB")
     return size
 
 
