@@ -22,6 +22,7 @@ import os
 import socket
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -179,6 +180,18 @@ def from_rank0(value):
 def rank0_print(env: Env, *args):
     if env.rank == 0:
         print(*args, flush=True)
+
+
+@contextlib.contextmanager
+def rank0_warnings(env: Env):
+    """Inside, only rank 0 shows warnings: for work every rank does alike, such as reading the data set's index
+    (a damaged or empty shard, a class without samples would otherwise be told once per rank)."""
+    if env.rank == 0:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 # what gloo and NCCL say when a peer process died (its connection closed, its communicator aborted)

@@ -43,7 +43,7 @@ from fastvit.data.keyed import micro_batch_plan, mix_seed
 from fastvit.data.shards import shard_files
 from fastvit.data.sources import BadSampleWarning, DataError, eval_batches, progress
 from fastvit.dist import (Env, device_and_backend, distributed, from_rank0, keep_thread_count, lost_a_rank,
-                          rank0_print)
+                          rank0_print, rank0_warnings)
 from fastvit.flops import peak_flops, train_flops_per_image
 from fastvit.metrics import MetricsLog, plot_curves
 from fastvit.recipes import WarmupDecay, make_optimizer, make_scheduler, param_groups
@@ -121,8 +121,9 @@ class Run:
         self.env, self.resume_hint = env, resume_hint
         cfg, filled = resolve(cfg, env.world)
         check(cfg, env.world)
-        self.data = make_source(cfg.data, cfg.img_size, workers=cfg.workers, val_data=cfg.val_data,
-                                decode=cfg.decode, device=env.device)
+        with rank0_warnings(env):
+            self.data = make_source(cfg.data, cfg.img_size, workers=cfg.workers, val_data=cfg.val_data,
+                                    decode=cfg.decode, device=env.device)
         cfg = steps_for(cfg, self.data.num_train)
         why = {}  # preset values changed since, and why (the preset line says both)
         if filled.get("lr") == "preset" and "global_batch" not in filled:

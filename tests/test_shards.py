@@ -9,11 +9,13 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 from fastvit.config import TrainConfig
 from fastvit.data import BadSampleWarning, FolderSamples, micro_batch_plan
 from fastvit.data.shards import (ShardSampler, ShardSamples, ShardSource, _tar_bytes, count_classes, expand,
                                  is_shard_spec, main as write_main, parse_size, scan_shard, shard_index)
+from fastvit.dist import Env, rank0_warnings
 from fastvit.train import train
 from test_data import TINY, make_folder, rows
 
@@ -366,6 +368,13 @@ def test_a_shard_cut_short_keeps_its_whole_samples_and_says_so(tmp_path):
         with pytest.warns(RuntimeWarning, match=f"cut{4 * sample}.tar is damaged after 4 samples"):
             assert len(shard_index(str(tmp_path / f"cut{4 * sample}.tar"))["samples"]) == 4
     assert (tmp_path / f"cut{4 * sample}.tar.idx.json").exists()
+    # the trainer reads the index on every rank under dist.rank0_warnings: said by rank 0 alone, not once per rank
+    for rank, said in ((0, 1), (1, 0)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with rank0_warnings(Env(rank, 2, torch.device("cpu"))):
+                ShardSamples([str(tmp_path / f"cut{4 * sample}.tar")])
+        assert len([w for w in seen if "is damaged after 4 samples" in str(w.message)]) == said
 
 
 def test_class_count_comes_from_the_manifest_and_a_stray_label_is_caught(written, tmp_path):
