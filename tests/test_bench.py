@@ -572,9 +572,10 @@ def _stop_at(module, function, name, monkeypatch):
     monkeypatch.setattr(module, function, step)
 
 
-def test_numerics_keeps_finished_rows_when_a_run_stops(tmp_path, monkeypatch):
+def test_numerics_keeps_finished_rows_when_a_run_stops(tmp_path, monkeypatch, capsys):
     """numerics.json is rewritten after every op and model: a run that stops part-way (here at its second model;
-    in bench/gpu_suite.sh, a step's time limit) leaves the rows it checked, marked incomplete."""
+    in bench/gpu_suite.sh, a step's time limit) leaves the rows it checked, marked incomplete. The console says
+    what its ratios are and marks a row over the bound."""
     numerics = _load_bench("numerics")
     _stop_at(numerics, "run_model", "mini", monkeypatch)
     with pytest.raises(RuntimeError, match="stopped at mini"):
@@ -584,6 +585,12 @@ def test_numerics_keeps_finished_rows_when_a_run_stops(tmp_path, monkeypatch):
     assert data["complete"] is False
     assert {(r["kind"], r["name"]) for r in data["rows"]} == {("op", "add_layer_norm"), ("model", "tiny")}
     assert "| add_layer_norm |" in (tmp_path / "numerics.md").read_text()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("error of fastvit / error of PyTorch") and "passes at <= 2.0x" in lines[0]
+    fwd, bwd = data["rows"][:2]
+    assert lines[1].startswith("add_layer_norm") and f"fwd x{fwd['ratio_max_abs']:.2f}/" in lines[1]
+    assert f"bwd x{bwd['ratio_max_abs']:.2f}/" in lines[1] and "FAIL" not in lines[1]
+    assert numerics.console_line(fwd, dict(bwd, ratio_max_abs=3.3, ok=False)).endswith("  FAIL")
 
 
 def test_loader_keeps_finished_rows_when_a_run_stops(tmp_path, monkeypatch):
