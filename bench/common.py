@@ -257,12 +257,16 @@ def bar_chart(rows, value, labels, ylabel, path, title, log_if_spread=False, col
         ax.annotate(f"{r['ratio']:.2f}x", (x, max(value(r, c) for c in columns)), ha="center", va="bottom",
                     fontsize=8)
     values = [value(r, c) for r in rows for c in columns]
-    if log_if_spread and max(values) > 20 * min(values):
+    log = log_if_spread and max(values) > 20 * min(values)
+    if log:
         ax.set_yscale("log")
+    # headroom above the tallest bar and its ratio for the legend (two columns a row): it covered a bar before
+    legend_rows = -(-len(columns) // 2)
+    ax.set_ylim(top=max(values) * ((8 if log else 1.15) + legend_rows * (4 if log else 0.12)))
     ax.set_xticks(list(xs), labels, fontsize=8)
     ax.set_ylabel(ylabel)
     set_title(ax, title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

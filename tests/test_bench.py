@@ -945,3 +945,30 @@ def test_scripts_check_their_arguments_before_running(tmp_path):
         proc = subprocess.run([sys.executable, *args, "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-1000:])
+
+
+@pytest.mark.parametrize("columns, heights", [(("fastvit", "fastvit_compile", "timm", "timm_compile"),
+                                                (3000, 3100, 2700, 3400, 2900, 3050, 3300, 3200)),
+                                               (("fastvit", "timm"), (30000, 9000, 300, 300))])
+def test_bar_chart_legend_covers_no_bar_or_ratio(columns, heights, tmp_path, monkeypatch):
+    """The throughput chart's legend sits in headroom above the bars and their ratios (four columns of the
+    --compile run covered the tallest bars before), on a linear and a log scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    common = _load_bench("common")
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    values = iter(heights)
+    rows = [{"model": m, "ratio": 1.1, **{c: next(values) for c in columns}} for m in ("B/16", "H/14")]
+    common.bar_chart(rows, lambda r, c: r[c], [r["model"] for r in rows], "images / s", tmp_path / "t.png",
+                     "title", log_if_spread=True, columns=columns)
+    (fig,) = kept
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert legend.x1 <= ax.get_window_extent(renderer).x1  # inside the axes
+    covered = [a for a in [*ax.patches, *ax.texts] if a.get_window_extent(renderer).overlaps(legend)]
+    assert not covered
+    plt.close(fig)
