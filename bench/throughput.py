@@ -19,6 +19,12 @@ GPU's dense bf16 peak (``fastvit.flops.PEAK_TFLOPS``, or --peak-tflops), peak me
 allocated while that model warmed up, above what was allocated before it was built, so it counts its weights,
 gradients, optimizer state and activations), and fastvit/timm ratios.
 
+Each row also says what fastvit ran (``backend_used``): ``fastvit ops`` ``triton`` (our kernels) or ``torch`` (the
+fallback: CPU, or --backend torch), and ``attention``: ``flash`` (the flash-attn package), ``triton`` (our kernel;
+``triton@i`` or ``triton@i/j`` a tuned tiling), ``sdpa_flash`` / ``sdpa_cudnn`` / ``sdpa_efficient`` (the SDPA
+kernel --backend auto measured fastest), ``torch`` (SDPA, torch's own choice) or, for CPU training, ``fallback``
+(SDPA's forward with our torch backward).
+
     python bench/throughput.py                                     # GPU: B/16, L/16, H/14; CPU: smoke config
     torchrun --nproc_per_node 8 bench/throughput.py --model B/16 --micro-batch 128
     python bench/throughput.py --model B/16 --compile --compile-mode max-autotune-no-cudagraphs
