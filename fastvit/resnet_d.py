@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch.nn as nn
-import torch.nn.functional as F
 
 __all__ = ["ResNetD", "ResNetDBottleneck", "init_resnet_d", "init_resnet_weights", "resnet_d_stage"]
 
@@ -41,14 +40,21 @@ def init_resnet_weights(model, last_norms):
 
 class ResNetDBottleneck(nn.Module):
     """ReLU(branch(x) + shortcut(x)), branch = 1x1 conv, BN, ReLU, 3x3 conv (stride s), BN, ReLU, 1x1 conv, BN; the
-    shortcut, where the shape changes, is AvgPool(2, s) (stride 2 only), 1x1 conv, BN."""
+    shortcut, where the shape changes, is AvgPool(2, s) (stride 2 only), 1x1 conv, BN. Modules in timm's order,
+    with its placeholders (``drop_block``, ``aa``: identities in these hybrids), so that hooks find the same names
+    and ``parameters()`` comes in the same order (an optimizer's state is matched to parameters by position)."""
 
     def __init__(self, in_chs, width, stride=1):
         super().__init__()
         out_chs = width * EXPANSION
         self.conv1, self.bn1 = _conv_bn(in_chs, width, 1)
+        self.act1 = nn.ReLU(inplace=True)
         self.conv2, self.bn2 = _conv_bn(width, width, 3, stride)
+        self.drop_block = nn.Identity()
+        self.act2 = nn.ReLU(inplace=True)
+        self.aa = nn.Identity()
         self.conv3, self.bn3 = _conv_bn(width, out_chs, 1)
+        self.act3 = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or in_chs != out_chs:
             pool = (nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride != 1
@@ -57,9 +63,9 @@ class ResNetDBottleneck(nn.Module):
 
     def forward(self, x):
         shortcut = x if self.downsample is None else self.downsample(x)
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        return F.relu(self.bn3(self.conv3(x)) + shortcut)
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
+        return self.act3(self.bn3(self.conv3(x)) + shortcut)
 
 
 def init_resnet_d(model):
@@ -96,9 +102,11 @@ class ResNetD(nn.Module):
         conv_a, bn_a = _conv_bn(in_chans, stem_width, 3, 2)
         conv_b, bn_b = _conv_bn(stem_width, stem_width, 3)
         chs = 2 * stem_width
-        conv_c, self.bn1 = _conv_bn(stem_width, chs, 3)
-        # timm's numbering: the ReLUs sit at 2 and 5
+        conv_c, bn_c = _conv_bn(stem_width, chs, 3)
+        # timm's numbering: the ReLUs sit at 2 and 5; then bn1, act1, maxpool (its module and parameter order)
         self.conv1 = nn.Sequential(conv_a, bn_a, nn.ReLU(inplace=True), conv_b, bn_b, nn.ReLU(inplace=True), conv_c)
+        self.bn1 = bn_c
+        self.act1 = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, padding=1)
         for i, depth in enumerate(self.layers):
             self.add_module(f"layer{i + 1}", resnet_d_stage(i, depth, chs))
@@ -109,7 +117,7 @@ class ResNetD(nn.Module):
             init_resnet_d(self)
 
     def forward(self, x):
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         for i in range(len(self.layers)):
             x = getattr(self, f"layer{i + 1}")(x)
         return x
