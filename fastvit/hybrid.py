@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastvit.model import VisionTransformer, checked_image, embed_patches, grid_size_for, resample_projection_
+from fastvit.model import (EmbedOptions, VisionTransformer, checked_image, embed_patches, grid_size_for,
+                           resample_projection_)
 from fastvit.registry import register_model
 from fastvit.resample import _pair
 from fastvit.resnet_d import ResNetD, init_resnet_d, init_resnet_weights, resnet_d_stage
@@ -218,19 +219,24 @@ class ConvStem(nn.Sequential):
         self.in_chans, self.num_features, self.reduction = in_chans, chs, math.prod(strides)
 
 
-class HybridEmbed(nn.Module):
+class HybridEmbed(EmbedOptions, nn.Module):
     """The embed_layer of a hybrid ViT: backbone feature map -> P x P patches (P = 1 in the paper) projected to D.
 
-    Follows ``PatchEmbed``'s protocol (keywords, ``grid_size``, ``check_input``, ``forward`` returning the patch
-    tokens, ``embed`` adding the optional position table and class token, ``set_input_size``) so ``VisionTransformer(embed_layer=partial(HybridEmbed,
-    backbone=...))`` needs nothing else. ``patch_size`` is the projection's, over the feature map; ``grid_size`` is
-    the feature grid divided by it. ``backbone`` must expose ``in_chans``, ``num_features`` and ``reduction``.
+    Follows ``PatchEmbed``'s protocol (timm's keywords and options, ``grid_size``, ``check_input``, ``forward``
+    returning the patch tokens, ``embed`` adding the optional position table and class token, ``set_input_size``)
+    so ``VisionTransformer(embed_layer=partial(HybridEmbed, backbone=...))`` needs nothing else. ``patch_size`` is
+    the projection's, over the feature map; ``grid_size`` is the feature grid divided by it. ``backbone`` must expose
+    ``in_chans``, ``num_features`` and ``reduction``.
     ``proj=False`` (MobileCLIP's): the features are the tokens, with no projection (embed_dim = num_features).
     """
 
-    def __init__(self, backbone, img_size=224, patch_size=1, in_chans=3, embed_dim=768, bias=True,
-                 dynamic_img_size=False, proj=True):
+    def __init__(self, backbone, img_size=224, patch_size=1, in_chans=3, embed_dim=768, bias=True, proj=True,
+                 flatten=True, output_fmt=None, strict_img_size=True, dynamic_img_pad=False, dynamic_img_size=False):
         super().__init__()
+        if dynamic_img_pad and _pair(patch_size) != (1, 1):
+            raise ValueError(f"dynamic_img_pad is not supported for a hybrid with patch_size {patch_size} over its "
+                             f"feature map (with 1 every feature map is whole patches)")
+        self._set_options(flatten, output_fmt, strict_img_size, dynamic_img_pad, dynamic_img_size)
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be an nn.Module (e.g. fastvit.hybrid.ResNetV2), got "
                             f"{type(backbone).__name__}")
@@ -241,8 +247,6 @@ class HybridEmbed(nn.Module):
         if backbone.in_chans != in_chans:
             raise ValueError(f"in_chans={in_chans} does not match the backbone's in_chans={backbone.in_chans}")
         self.backbone = backbone
-        self.in_chans = in_chans
-        self.dynamic_img_size = dynamic_img_size
         self.backend = "auto"
         self.feature_dim = backbone.num_features
         self.feature_ratio = _pair(backbone.reduction)
@@ -255,6 +259,11 @@ class HybridEmbed(nn.Module):
         else:
             self.proj = nn.Identity()
         self._set_sizes(img_size, patch_size)
+
+    @property
+    def in_chans(self) -> int:
+        """Channels of an input image: the backbone's."""
+        return self.backbone.in_chans
 
     @property
     def token_stride(self):
@@ -283,8 +292,12 @@ class HybridEmbed(nn.Module):
         return checked_image(x, self.in_chans, self.img_size, self.token_stride, self.dynamic_img_size)
 
     def forward(self, x):
-        """(B, C, H, W) image -> (B, N, D) tokens of its backbone features."""
-        return self.embed(x)
+        """(B, C, H, W) image -> (B, N, D) tokens of its backbone features, or the layout of ``flatten`` /
+        ``output_fmt``."""
+        features = self.backbone(x)
+        (ph, pw), (h, w) = self.patch_size, features.shape[-2:]  # before the tokens: the last node under torch.fx
+        tokens = embed_patches(self.proj, features, self.patch_size, None, None, False, self.backend)
+        return self.format_tokens(tokens, (h // ph, w // pw))
 
     def embed(self, x, pos_embed=None, cls_token=None, no_embed_class=False):
         """(B, C, H, W) image -> backbone features -> (B, [1 +] N, D) tokens, as ``PatchEmbed.embed``."""

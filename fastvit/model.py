@@ -273,25 +273,80 @@ def resample_projection_(proj, patch_size):
     proj.kernel_size = proj.stride = _pair(patch_size)
 
 
-class PatchEmbed(nn.Module):
+OUTPUT_FORMATS = ("NCHW", "NHWC", "NCL", "NLC")
+
+
+class EmbedOptions:
+    """timm's patch-embedding options, for PatchEmbed and ``fastvit.hybrid.HybridEmbed``: ``strict_img_size`` (only
+    the built image size), ``flatten`` ((B, N, D) tokens) or ``output_fmt`` (one of OUTPUT_FORMATS; timm's Format
+    enum is a str too), ``dynamic_img_pad``. They are plain attributes, read at every call, so timm's recipe of
+    setting them on a built model (strict_img_size False, output_fmt NHWC) works. ``dynamic_img_size`` is fastvit's
+    one switch for the pair timm's ViT passes for dynamic sizes: strict_img_size=False, output_fmt='NHWC'."""
+
+    def _set_options(self, flatten, output_fmt, strict_img_size, dynamic_img_pad, dynamic_img_size):
+        if dynamic_img_size:
+            strict_img_size, output_fmt = False, "NHWC"
+        self.strict_img_size, self.dynamic_img_pad = strict_img_size, dynamic_img_pad
+        self.flatten, self.output_fmt = (flatten, "NCHW") if output_fmt is None else (False, output_fmt)
+        self._token_format()  # a bad output_fmt fails here, not at the first forward
+
+    @property
+    def dynamic_img_size(self) -> bool:
+        """Images of any size (whole patches, or padded to them), tokens as (B, gh, gw, D)."""
+        return not self.strict_img_size
+
+    @dynamic_img_size.setter
+    def dynamic_img_size(self, value):
+        self._set_options(True, None, True, self.dynamic_img_pad, value)
+
+    def _token_format(self) -> str:
+        """The layout of ``forward``'s output: NLC where ``flatten``, else ``output_fmt``'s."""
+        fmt = "NLC" if self.flatten else getattr(self.output_fmt, "value", self.output_fmt)
+        if fmt not in OUTPUT_FORMATS:
+            raise ValueError(f"output_fmt must be one of {OUTPUT_FORMATS}, got {self.output_fmt!r}")
+        return fmt
+
+    def format_tokens(self, tokens, grid):
+        """(B, N, D) tokens of a ``grid`` -> ``forward``'s layout."""
+        fmt = self._token_format()
+        if fmt in ("NLC", "NCL"):
+            return tokens if fmt == "NLC" else tokens.transpose(1, 2)
+        tokens = tokens.unflatten(1, grid)
+        return tokens if fmt == "NHWC" else tokens.permute(0, 3, 1, 2)
+
+    def token_rows(self, out):
+        """``forward``'s output -> (B, N, D) tokens (the model's layout)."""
+        fmt = self._token_format()
+        if fmt in ("NLC", "NCL"):
+            return out if fmt == "NLC" else out.transpose(1, 2)
+        return out.flatten(1, 2) if fmt == "NHWC" else out.flatten(2).transpose(1, 2)
+
+
+class PatchEmbed(EmbedOptions, nn.Module):
     """Cut the image into P x P patches and project each flattened patch to D: x_p^i E (a stride-P convolution).
 
-    ``forward`` returns the patch tokens as timm's does: (B, N, D), or (B, gh, gw, D) with ``dynamic_img_size``
-    (timm's NHWC output, which keeps the grid of an image of any size); ``embed`` also prepends the class token and
-    adds the position table, because the fused kernel writes the whole z_0 in one pass. ``norm`` is timm's placeholder
-    for a norm on the patch tokens (nn.Identity; a module put there runs before the class token and positions).
+    ``forward`` returns the patch tokens as timm's does: (B, N, D), or another layout by timm's options
+    (:class:`EmbedOptions`; (B, gh, gw, D) with ``dynamic_img_size``, which keeps the grid of an image of any size);
+    ``embed`` also prepends the class token and adds the position table, because the fused kernel writes the whole
+    z_0 in one pass. ``norm`` is timm's placeholder for a norm on the patch tokens (nn.Identity; a module put there
+    runs before the class token and positions). Arguments in timm's order.
     """
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True, dynamic_img_size=False,
-                 dynamic_img_pad=False, norm_layer=None):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, norm_layer=None, flatten=True,
+                 output_fmt=None, bias=True, strict_img_size=True, dynamic_img_pad=False, dynamic_img_size=False):
         super().__init__()
-        self.in_chans = in_chans
-        self.dynamic_img_size = dynamic_img_size
-        self.dynamic_img_pad = dynamic_img_pad
+        self._set_options(flatten, output_fmt, strict_img_size, dynamic_img_pad, dynamic_img_size)
         self.backend = "auto"
+        self._in_chans = in_chans
         self.proj = nn.Conv2d(in_chans, embed_dim, _pair(patch_size), stride=_pair(patch_size), bias=bias)
         self.norm = nn.Identity() if norm_layer is None else norm_layer(embed_dim)
         self._set_sizes(img_size, patch_size)
+
+    @property
+    def in_chans(self) -> int:
+        """Channels of an input image: the projection's (a ``proj`` replaced by the user may take others; one
+        that does not say, such as a wrapper, the built value)."""
+        return getattr(self.proj, "in_channels", self._in_chans)
 
     def _set_sizes(self, img_size, patch_size):
         self.img_size, self.patch_size = _pair(img_size), _pair(patch_size)
@@ -324,14 +379,14 @@ class PatchEmbed(nn.Module):
         return checked_image(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size, whole=False)
 
     def forward(self, x):
-        """(B, C, H, W) -> (B, N, D) patch tokens; (B, gh, gw, D) with ``dynamic_img_size``; with
+        """(B, C, H, W) -> (B, N, D) patch tokens, or the layout of ``flatten`` / ``output_fmt``; with
         ``dynamic_img_pad`` the image is first zero-padded to whole patches, as timm's."""
         if self.dynamic_img_pad:
             x = _pad_to_patches(x, self.patch_size)
+        # the grid first: under torch.fx the module's last node must be its output (feature extraction takes it)
+        grid = (x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1])
         tokens = call(self.norm, embed_patches(self.proj, x, self.patch_size, None, None, False, self.backend))
-        if not self.dynamic_img_size:
-            return tokens
-        return tokens.unflatten(1, (x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1]))
+        return self.format_tokens(tokens, grid)
 
     def embed(self, x, pos_embed=None, cls_token=None, no_embed_class=False):
         """(B, C, H, W) -> (B, [1 +] N, D); see ``fastvit.ops.patch_embed`` for the optional tables."""
@@ -837,9 +892,10 @@ class VisionTransformer(nn.Module):
                              f"got {residual_dtype!r}")
         self.residual_dtype = residual_dtype
 
+        # timm's keywords, so that its embed layers (PatchEmbed, HybridEmbed) build here too
         self.patch_embed = embed_layer(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                       embed_dim=embed_dim, bias=not pre_norm, dynamic_img_size=dynamic_img_size,
-                                       **({"dynamic_img_pad": True} if dynamic_img_pad else {}),
+                                       embed_dim=embed_dim, bias=not pre_norm, dynamic_img_pad=dynamic_img_pad,
+                                       **({"strict_img_size": False, "output_fmt": "NHWC"} if dynamic_img_size else {}),
                                        **({"norm_layer": norm_layer_of(embed_norm_layer)} if embed_norm_layer else {}))
         self._embed_layer = type(self.patch_embed)  # a patch_embed of another type was put there by the user
         self._keep_embed_geometry()
@@ -1165,12 +1221,13 @@ class VisionTransformer(nn.Module):
         if check is not None:
             x, grid = check(x)
         own_stem = type(self)._pos_embed is VisionTransformer._pos_embed and "_pos_embed" not in self.__dict__
-        if not (own_stem and output_may_fuse(pe, self._embed_layer)):
+        # fused where it runs as built; a layer without our protocol (timm's own, a wrapper) returns patch tokens
+        if check is None or not (own_stem and output_may_fuse(pe, self._embed_layer)):
             tokens = pe(x)  # hooked or replaced: it returns the patch tokens only, as timm's does
             if check is None:  # a replacement (timm's PatchEmbed, a wrapper): the grid from what it gave
                 tokens, grid = self._replaced_embed_grid(x, tokens)
-            elif pe.dynamic_img_size:  # (B, gh, gw, D)
-                tokens = tokens.flatten(1, 2)
+            else:  # (B, N, D) from the layout its options ask for
+                tokens = pe.token_rows(tokens)
             if not own_stem:  # (B, gh, gw, D) under dynamic_img_size, as timm's patch embedding gives them
                 return self._pos_embed(tokens.unflatten(1, grid) if self.dynamic_img_size else tokens), grid
             return call(self.pos_drop, self._add_stem(tokens, grid)), grid

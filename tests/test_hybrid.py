@@ -162,6 +162,8 @@ def test_dynamic_img_size_matches_timm_and_validates():
     x = torch.randn(1, 3, 96, 64)
     assert model.patch_embed.check_input(x)[1] == (6, 4)
     torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the embedding alone in timm's layout for a dynamic size: (B, gh, gw, D)
+        torch.testing.assert_close(model.patch_embed(x), ref.patch_embed(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"divisible by the patch size \(16, 16\)"):
         model(torch.randn(1, 3, 72, 64))
     fixed, _ = pair("vit_base_r50_s16_224", img_size=64, depth=1)

@@ -450,6 +450,76 @@ def test_a_replaced_patch_embed_runs_as_on_timm(replacement):
     assert_same_grads(model, ref)
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_timm_embed_layers_build_as_on_timm(dynamic):
+    """embed_layer= takes timm's own PatchEmbed and HybridEmbed: the model passes timm's keywords (dynamic_img_pad;
+    strict_img_size=False and output_fmt='NHWC' for a dynamic size), not a dynamic_img_size they do not know."""
+    from functools import partial
+
+    import timm
+    from timm.layers import HybridEmbed as TimmHybridEmbed
+    from timm.layers import PatchEmbed as TimmPatchEmbed
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    size = 48 if dynamic else 32
+    for layer, cfg in ((TimmPatchEmbed, CFG),
+                       (partial(TimmHybridEmbed, backbone=timm.create_model("resnet18", num_classes=0,
+                                                                              global_pool="")),
+                        dict(CFG, img_size=64, patch_size=1))):
+        torch.manual_seed(0)
+        ref = TimmViT(**cfg, embed_layer=layer, dynamic_img_size=dynamic).eval()
+        model = fastvit.VisionTransformer(**cfg, embed_layer=layer, dynamic_img_size=dynamic).eval()
+        model.load_state_dict(ref.state_dict())
+        x = torch.randn(1, 3, size * cfg["img_size"] // 32, size * cfg["img_size"] // 32)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(flatten=False), dict(output_fmt="NHWC"), dict(output_fmt="NCL"),
+                                     dict(output_fmt="NLC"), dict(strict_img_size=False, output_fmt="NHWC")])
+def test_patch_embed_takes_timms_options(options):
+    """fastvit's PatchEmbed takes timm's arguments, in timm's order, and gives its layouts."""
+    from timm.layers import PatchEmbed as TimmPatchEmbed
+    torch.manual_seed(0)
+    ref = TimmPatchEmbed(32, 8, 3, 64, None, **options)
+    ours = fastvit.model.PatchEmbed(32, 8, 3, 64, None, **options)
+    ours.load_state_dict(ref.state_dict())
+    assert (ours.flatten, ours.output_fmt, ours.strict_img_size) == (ref.flatten, ref.output_fmt,
+                                                                     ref.strict_img_size)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ours(x), ref(x))
+    with pytest.raises(ValueError, match=r"output_fmt must be one of \('NCHW', 'NHWC', 'NCL', 'NLC'\), got 'NWHC'"):
+        fastvit.model.PatchEmbed(output_fmt="NWHC")
+
+
+def test_timms_recipe_for_any_image_size_on_a_built_model():
+    """Setting timm's attributes on a built fixed-size model makes it take other sizes, as on timm's."""
+    from timm.layers import Format
+    model, ref = pair()
+    for net in (model, ref):
+        net.dynamic_img_size = True
+        net.patch_embed.strict_img_size = False
+        net.patch_embed.flatten = False
+        net.patch_embed.output_fmt = Format.NHWC
+    x = torch.randn(1, 3, 48, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+    assert model.patch_embed.dynamic_img_size
+
+
+def test_a_projection_for_more_channels_takes_them():
+    """A patch projection replaced by one over 4 channels (an RGB-D input): the model takes 4-channel images, as
+    timm's does (the channel check read a count kept from the build)."""
+    model, ref = pair()
+    torch.manual_seed(1)
+    proj = nn.Conv2d(4, 64, 8, 8)
+    model.patch_embed.proj, ref.patch_embed.proj = proj, copy.deepcopy(proj)
+    x = torch.randn(2, 4, 32, 32)
+    torch.testing.assert_close(forward_backward(model, x), forward_backward(ref, x), atol=1e-5, rtol=1e-5)
+    assert_same_grads(model, ref)
+    with pytest.raises(ValueError, match="expected 4 input channels, got 3"):
+        model(images())
+
+
 def test_a_replaced_patch_embed_with_the_wrong_token_count_names_the_grid():
     model, _ = pair()
     model.patch_embed = nn.Sequential(nn.Conv2d(3, 64, 16, 16), nn.Flatten(2), _Transpose())
