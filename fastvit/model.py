@@ -1328,13 +1328,15 @@ class VisionTransformer(nn.Module):
         bits. In a training step (train mode, grad enabled) the last block also computes that token's row alone
         where it may (:func:`class_token_suffices`): the other rows of its output are never read, and the logits
         and gradients agree to the rounding of its smaller products. In eval mode it runs whole, so that the logits
-        keep the bits of the fx-traced graph (timm's test_model_forward_fx asks for them). A hooked, edited or
+        keep the bits of the fx-traced graph (timm's test_model_forward_fx asks for them), and under
+        torch.jit.trace (whose check traces again without grad: the two graphs must agree). A hooked, edited or
         fx-traced model, or a subclass with its own stages, runs the two stages as written."""
         masks = mask_keywords(attn_mask, is_causal)
         if not self._class_token_only():
             return self.forward_head(self.forward_features(x, **masks))
         h, residual, _, _ = self._encode(x, attn_mask=attn_mask, is_causal=is_causal,
-                                         class_token=self.training and torch.is_grad_enabled())
+                                         class_token=self.training and torch.is_grad_enabled()
+                                         and not torch.jit.is_tracing())
         z = layer_norm(self.norm, h[:, 0], None if residual is None else residual[:, 0], self.backend)[0]
         return self._head(z)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastvit
+from _helpers import timm_pair
 
 MODELS = [("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2)),
           ("vit_base_r50_s16_224", dict(img_size=64, depth=1))]
@@ -110,3 +111,19 @@ def test_legacy_onnx_exporter_and_jit_trace_record_plain_ops(tmp_path):
     assert np.abs(out - model(x).detach().numpy()).max() <= 1e-4
     with pytest.raises(RuntimeError, match="do not support TorchScript scripting .* use torch.export.export"):
         torch.jit.script(model)
+
+
+def test_jit_trace_of_a_model_in_training_mode():
+    """A model as create_model returns it (train mode) traces: its training step's class-token-only last block
+    is left out under a trace, whose check traces again without grad (the two graphs differed), and the traced
+    training forward and its gradients are timm's."""
+    model, ref = timm_pair(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
+    model.train(), ref.train()
+    x = torch.randn(2, 3, 32, 32)
+    traced = torch.jit.trace(model, (x,))
+    out, expected = traced(x), ref(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    out.sum().backward(), expected.sum().backward()
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
