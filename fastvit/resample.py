@@ -24,6 +24,11 @@ def _specialized(size):
     return tuple(map(operator.index, size))
 
 
+def _static(sizes) -> bool:
+    """Whether every size is a plain int, not a symbolic one (torch.export's dynamic dimensions)."""
+    return all(type(s) is int for s in sizes)
+
+
 def resample_abs_pos_embed(posemb, new_size, old_size=None, num_prefix_tokens=1, interpolation="bicubic",
                            antialias=True):
     """Interpolate a (T, prefix + gh*gw, D) position table to the ``new_size`` grid in 2D.
@@ -41,8 +46,10 @@ def resample_abs_pos_embed(posemb, new_size, old_size=None, num_prefix_tokens=1,
             raise ValueError(f"cannot infer a square grid from {num_tokens} position rows; pass old_size")
         old_size = (side, side)
     old_size = _pair(old_size)
-    # no early return while torch.export traces: it would fix an exported dynamic image size to the traced one
-    if not torch.compiler.is_exporting() and old_size == new_size:
+    # no early return for a symbolic size while torch.export traces: it would fix an exported dynamic image size to
+    # the traced one (asked first: comparing a symbolic size guards it); a fixed-size model's grid is plain ints, and
+    # its program resamples nothing, as timm's
+    if (_static(new_size) or not torch.compiler.is_exporting()) and old_size == new_size:
         return posemb
     if old_size[0] * old_size[1] != num_tokens:
         raise ValueError(f"old_size {old_size} does not match the {num_tokens} grid rows of the position table")
@@ -56,8 +63,8 @@ def resample_abs_pos_embed(posemb, new_size, old_size=None, num_prefix_tokens=1,
 
 def resample_pos_embed_1d(table, new_len, interpolation="linear"):
     """Interpolate a (T, g, D) table of row (or column) embeddings to ``new_len`` entries."""
-    if not torch.compiler.is_exporting() and table.shape[1] == new_len:  # see resample_abs_pos_embed
-        return table
+    if (_static((new_len,)) or not torch.compiler.is_exporting()) and table.shape[1] == new_len:
+        return table  # see resample_abs_pos_embed
     out = F.interpolate(table.float().transpose(1, 2), size=new_len, mode=interpolation)
     return out.transpose(1, 2).to(table.dtype)
 
