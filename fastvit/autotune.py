@@ -4,7 +4,7 @@
 kernels behind torch's scaled_dot_product_attention, our Triton kernel) and which one wins depends on the GPU,
 dtype, sequence length and head size. Each distinct key is timed once per process on random inputs of the call's
 shape (forward, or forward + backward when training) and the winner is kept in memory and in a JSON file
-(``$FASTVIT_CACHE_DIR``, default ``~/.cache/fastvit``), so later processes on the same GPU and versions skip the
+(``fastvit.cache.cache_dir()``: ``$FASTVIT_CACHE_DIR``, default ``~/.cache/fastvit``), so later processes on the same GPU and versions skip the
 measurement. Before it is timed, a candidate's output is checked against a reference (torch's SDPA; the unfused
 GEMM path): one that disagrees is dropped with a warning. Nothing is measured while torch.compile / torch.export
 trace or a CUDA graph is captured: those calls take the cached winner, or the caller's default.
@@ -24,6 +24,8 @@ import warnings
 
 import torch
 
+from fastvit.cache import cache_dir
+
 _WINNERS: dict[tuple, str] = {}
 # a caller's own key for a call (plain values, cheap to build) -> the winner :func:`fastest` settled for it
 _SETTLED: dict[tuple, str] = {}
@@ -31,8 +33,7 @@ _DISK: dict | None = None  # the JSON file's winners, read once per process (``c
 
 
 def cache_path() -> pathlib.Path:
-    root = os.environ.get("FASTVIT_CACHE_DIR") or pathlib.Path.home() / ".cache" / "fastvit"
-    return pathlib.Path(root) / "autotune.json"
+    return cache_dir() / "autotune.json"
 
 
 @functools.lru_cache(maxsize=None)  # a device's name and the versions cannot change within a process

@@ -81,7 +81,7 @@ def test_a_read_only_shard_s_index_is_kept_in_the_cache(written, tmp_path, monke
     shard = tmp_path / "ro" / "a.tar"
     shard.parent.mkdir()
     shutil.copyfile(sorted((wds_root / "train").glob("*.tar"))[0], shard)  # no index beside it
-    monkeypatch.setenv("FASTVIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FASTVIT_CACHE_DIR", str(tmp_path / "cache"))
     real_write = shards.write_index
 
     def read_only(where, index):
@@ -96,6 +96,14 @@ def test_a_read_only_shard_s_index_is_kept_in_the_cache(written, tmp_path, monke
     assert scans == [str(shard)] and not (tmp_path / "ro" / "a.tar.idx.json").exists()
     assert [p.name.split("-")[0] for p in (tmp_path / "cache" / "shard-index").iterdir()] == ["a.tar"]
     assert shard_index(str(shard)) == first and scans == [str(shard)]
+    # one cache folder for everything fastvit keeps: the autotune winners beside the shard indexes, and
+    # $XDG_CACHE_HOME/fastvit where FASTVIT_CACHE_DIR is not set
+    from fastvit import autotune
+    assert autotune.cache_path().parent == tmp_path / "cache"
+    monkeypatch.delenv("FASTVIT_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert autotune.cache_path() == tmp_path / "xdg" / "fastvit" / "autotune.json"
+    assert list(shards._index_paths(str(shard)))[1].startswith(str(tmp_path / "xdg" / "fastvit" / "shard-index"))
 
 
 def test_writing_into_an_earlier_write_is_refused_or_replaced(tmp_path, capsys):

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from fastvit.cache import cache_dir
 from fastvit.config import plural
 from fastvit.data.augment import decode_image, open_pil
 from fastvit.data.keyed import mix_seed
@@ -210,15 +211,13 @@ def write_index(path: str, index: dict) -> None:
 
 def _index_paths(path: str):
     """Where a shard's index may be, in order: beside it, else (a read-only dataset) in fastvit's cache folder
-    (``$FASTVIT_CACHE``, or ``$XDG_CACHE_HOME/fastvit``, ``~/.cache/fastvit``) under a name of the shard's real path,
-    so that no run scans a read-only shard more than once per machine. A generator: the cache's name is worked out
-    only where the index beside the shard does not serve."""
+    (:func:`fastvit.cache.cache_dir`: ``$FASTVIT_CACHE_DIR``, else ``~/.cache/fastvit``) under a name of the shard's
+    real path, so that no run scans a read-only shard more than once per machine. A generator: the cache's name is
+    worked out only where the index beside the shard does not serve."""
     yield path + INDEX_SUFFIX
-    cache = os.environ.get("FASTVIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastvit")
     real = os.path.realpath(path)
     name = f"{os.path.basename(real)}-{hashlib.blake2b(real.encode(), digest_size=8).hexdigest()}{INDEX_SUFFIX}"
-    yield os.path.join(cache, "shard-index", name)
+    yield str(cache_dir() / "shard-index" / name)
 
 
 def _save_index(path: str, index: dict) -> None:
