@@ -40,7 +40,7 @@ from fastvit.config import (ARCH_FLAGS, DIGITS_PRESET, RECIPE_DEFAULTS, TrainCon
                             cpus_per_local_rank, plural, resolve, short_warnings, steps_for)
 from fastvit.data.choose import make_source
 from fastvit.data.keyed import micro_batch_plan, mix_seed
-from fastvit.data.shards import shard_files
+from fastvit.data.shards import is_shard_spec, shard_files
 from fastvit.data.sources import BadSampleWarning, DataError, eval_batches, progress
 from fastvit.dist import (Env, device_and_backend, distributed, from_rank0, keep_thread_count, lost_a_rank,
                           rank0_print, rank0_warnings)
@@ -542,10 +542,17 @@ class Run:
             raise BadSampleLimit(f"{total} unreadable sample{'s' * many} among the {drawn} drawn so far "
                             f"exceed{'s' * (not many)} --max-bad-frac "
                             f"{self.cfg.max_bad_frac:g} x max(drawn, training-set size {self.data.num_train}) = "
-                            f"{limit:g}; the warnings above name them. Repair or remove them (python -m "
-                            f"fastvit.data.shards --verify DST lists every undecodable sample of shards), or raise "
-                            f"--max-bad-frac")
+                            f"{limit:g}; the warnings above name them. Repair or remove them{self._verify_hint()}, "
+                            f"or raise --max-bad-frac")
         self.bad_total = total
+
+    def _verify_hint(self) -> str:
+        """For shards, the command that lists every undecodable sample (an image folder has none: its files are
+        named in the warnings)."""
+        if not is_shard_spec(self.cfg.data):
+            return ""
+        folder = self.cfg.data if os.path.isdir(self.cfg.data) else "DST"
+        return f" (python -m fastvit.data.shards --verify {folder} lists every undecodable sample)"
 
     def fit(self, on_step_end=None) -> dict:
         """Train to cfg.steps (resuming per --resume) and return the final metrics.

@@ -3,6 +3,7 @@ the windowed sampler, bad input, and training on shards (split invariance, exact
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import warnings
@@ -16,7 +17,7 @@ from fastvit.data import BadSampleWarning, FolderSamples, micro_batch_plan
 from fastvit.data.shards import (ShardSampler, ShardSamples, ShardSource, _tar_bytes, count_classes, expand,
                                  is_shard_spec, main as write_main, parse_size, scan_shard, shard_index)
 from fastvit.dist import Env, rank0_warnings
-from fastvit.train import train
+from fastvit.train import BadSampleLimit, train
 from test_data import TINY, make_folder, rows
 
 wds = pytest.importorskip("webdataset")
@@ -483,6 +484,10 @@ def test_training_on_shards_folder_and_pattern_split_and_resume(written, tmp_pat
         fewer = pattern.replace(f"..{len(shards) - 1:06d}", f"..{len(shards) - 2:06d}")
         with pytest.raises(ValueError, match="holds checkpoints of another run \\(--data"):
             train(TrainConfig(**dict(later, steps=6, data=fewer)))
+        # the bad-sample limit names the shard tool that lists every undecodable sample, with the folder trained on
+        with pytest.raises(BadSampleLimit, match=rf"Repair or remove them \(python -m fastvit.data.shards --verify "
+                                                 rf"{re.escape(str(dst))} lists every undecodable sample\)"):
+            train(TrainConfig(**dict(common, data=str(dst), out=str(tmp_path / "e"), max_bad_frac=0.0)))
     ra, rb, rc, rd = ([r for r in rows(tmp_path / x) if "loss" in r and r["step"] <= 4] for x in "abcd")
     assert [r["loss"] for r in rb] == pytest.approx([r["loss"] for r in ra], rel=1e-5)
     assert [(r["loss"], r["bad_samples"]) for r in rc] == [(r["loss"], r["bad_samples"]) for r in rd]
