@@ -369,7 +369,7 @@ def check_hf_eps(model, path):
     model_eps = sorted({m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)})
     if model_eps and model_eps != [eps]:
         shown = ", ".join(f"{e:g}" for e in model_eps)
-        warnings.warn(f"{os.fspath(path)}/config.json has layer_norm_eps={eps:g}, the model's LayerNorms use eps "
+        warnings.warn(f"{os.path.join(path, 'config.json')} has layer_norm_eps={eps:g}, the model's LayerNorms use eps "
                       f"{shown}: outputs will differ slightly from the Hugging Face model's; for the same outputs "
                       f"build it with norm_layer=functools.partial(torch.nn.LayerNorm, eps={eps:g})", stacklevel=3)
 
@@ -397,8 +397,12 @@ def _read_file(path):
         kind = "safetensors" if suffix == ".safetensors" else "PyTorch (torch.save)"
         # torch's weights-only refusal is a page of advice; its one line that names the object is what matters
         unsafe = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
+        # of the rest of that page, the unpickler's own line ("Unsupported operand 233": not a pickle at all); its
+        # advice to load with weights_only=False is no help for a file that is no checkpoint
+        unpickler = re.search(r"WeightsUnpickler error:\s*(.+?)\s*$", str(e), re.MULTILINE)
         reason = (f"it holds a {unsafe.group(1)}, which torch.load(weights_only=True) does not build: tensors and "
-                  f"plain containers only" if unsafe else f"{type(e).__name__}: {e}")
+                  f"plain containers only" if unsafe else
+                  f"not such a file, or damaged: {type(e).__name__}: {unpickler.group(1) if unpickler else e}")
         raise ValueError(f"{path} is not a readable {kind} checkpoint ({reason})") from e
 
 

@@ -142,6 +142,8 @@ def test_hf_folder_with_another_layer_norm_eps_warns_and_matches_when_built_with
     model = fastvit_model()
     with pytest.warns(UserWarning, match=r"layer_norm_eps=1e-12.*eps 1e-06.*eps=1e-12"):
         load_checkpoint(model, tmp_path)
+    with pytest.warns(UserWarning, match=rf"^{re.escape(str(tmp_path / 'config.json'))} has"):
+        load_checkpoint(model, f"{tmp_path}/")  # a folder named with its slash, as a shell completes it
     with torch.no_grad():
         assert not torch.allclose(model(x), want, rtol=0, atol=ATOL)
     model = fastvit_model(norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-12))
@@ -531,8 +533,15 @@ def test_unreadable_file_names_itself(tmp_path, name, kind):
     """A file that is not a checkpoint of its suffix's format: an error naming the file and the format, not the
     unpickler's KeyError or safetensors' header error alone."""
     (tmp_path / name).write_bytes(b"hello")
-    with pytest.raises(ValueError, match=rf"{name} is not a readable {kind} checkpoint"):
+    with pytest.raises(ValueError, match=rf"{name} is not a readable {kind} checkpoint \(not such a file, or "
+                                         rf"damaged"):
         load_checkpoint(fastvit_model(), tmp_path / name)
+    # bytes no unpickler reads: the unpickler's line, without torch's advice to load with weights_only=False
+    (tmp_path / "noise.pth").write_bytes(bytes([233]) * 64)
+    with pytest.raises(ValueError, match=r"noise.pth is not a readable .*\(not such a file, or damaged: "
+                                         r"UnpicklingError: .*233\)$") as err:
+        load_checkpoint(fastvit_model(), tmp_path / "noise.pth")
+    assert "weights_only" not in str(err.value)
 
 
 def test_a_checkpoint_of_another_width_is_named_as_such(tmp_path):
