@@ -77,7 +77,9 @@ def hub_download(repo, filename, cache_dir=None):
         return hub.hf_hub_download(repo_id, filename, revision=revision or None, cache_dir=cache_dir)
     except hub.errors.LocalEntryNotFoundError as err:
         where = cache_dir or hub.constants.HF_HUB_CACHE
-        why = "HF_HUB_OFFLINE is set" if hub.constants.HF_HUB_OFFLINE else "the Hub could not be reached"
+        why = ("HF_HUB_OFFLINE is set" if hub.constants.HF_HUB_OFFLINE else
+               "the Hub could not be reached (on a machine without network, HF_HUB_OFFLINE=1 says so at once, "
+               "without huggingface_hub's retries)")
         raise FileNotFoundError(
             f"{filename} of Hugging Face Hub repo {repo!r} is not in the cache ({where}) and {why}: connect to the "
             f"Hub once to download it, or load local files (checkpoint_path=..., or a 'local-dir:' folder)") from err

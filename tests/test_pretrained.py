@@ -252,11 +252,21 @@ def test_hub_download_honours_hf_hub_offline_and_hf_hub_cache(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_no_weights_in_reach_is_a_clear_error(tmp_path):
+def test_no_weights_in_reach_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"model.safetensors of Hugging Face Hub repo "
                                                 r"'timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k' is not in the cache "
                                                 r".*HF_HUB_OFFLINE is set.*checkpoint_path="):
         fastvit.create_model("vit_tiny_patch16_224", pretrained=True, cache_dir=tmp_path)  # the default tag
+    # not offline, the Hub unreachable (huggingface_hub's error after its retries): the message says how to skip them
+    import huggingface_hub
+
+    def unreachable(*args, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("cannot reach the Hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(FileNotFoundError, match=r"the Hub could not be reached \(on a machine without network, "
+                                                r"HF_HUB_OFFLINE=1 says so at once"):
+        fastvit.create_model("vit_tiny_patch16_224", pretrained=True, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="vit_huge_patch14_224.untrained has no pretrained weights; names with "
                                          "weights: vit_huge_patch14_224.mae, vit_huge_patch14_224.orig_in21k"):
         fastvit.create_model("vit_huge_patch14_224.untrained", pretrained=True)
