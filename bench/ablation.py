@@ -15,6 +15,7 @@ ablation.png (ours beside the paper's, per variant and placement) to --out, and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -234,25 +235,30 @@ def main(argv=None):
     if dropped:
         print(f"dropping {len(dropped)} earlier run(s) of variants or seeds not asked for now from "
               f"{out / 'ablation.json'}: they were scored with another --fewshot-seeds (rerun them to add them back)")
-    for variant, placement, seed in progress(jobs, desc="ablation", unit="run"):
-        stopped, status, error = None, 0, None
-        try:
-            runs.append(run_variant(cfg, variant, placement, seed, str(out / "ablation_runs"), args.fewshot_seeds))
-        except Stopped as stop:  # in training: its checkpoint saved
-            stopped, status = "its checkpoint saved", stop_status(stop.result)
-        except KeyboardInterrupt:  # outside training (loading, few-shot), or a second Ctrl-C
-            stopped, status = "interrupted (its last checkpoint kept)", 130
-        except ValueError as e:  # a setting only this run finds wrong (an --init of another variant)
-            error = e
-        save(out, result, earlier + runs, args, t0, data_name, cfg, complete=False)
-        if error is not None:
-            parser.exit(2, f"{parser.prog}: error: {variant}:{placement} seed {seed}: {error} ({len(runs)} of "
-                           f"{len(jobs)} runs done, in {out / 'ablation.json'})\n")
-        if stopped:
-            print(f"stopped during {variant}:{placement} seed {seed}, {stopped}; the same bench/ablation.py command "
-                  f"(same --out {args.out}) resumes the ablation there ({len(runs)} of {len(jobs)} runs done, in "
-                  f"{out / 'ablation.json'})", file=sys.stderr, flush=True)
-            sys.exit(status)
+    lines_above = contextlib.nullcontext()
+    if sys.stderr.isatty():  # the runs' own lines (the trainer's, few-shot's) print above the bar, not over it
+        from tqdm.contrib import DummyTqdmFile
+        lines_above = contextlib.redirect_stdout(DummyTqdmFile(sys.stdout))
+    with lines_above:
+        for variant, placement, seed in progress(jobs, desc="ablation", unit="run"):
+            stopped, status, error = None, 0, None
+            try:
+                runs.append(run_variant(cfg, variant, placement, seed, str(out / "ablation_runs"), args.fewshot_seeds))
+            except Stopped as stop:  # in training: its checkpoint saved
+                stopped, status = "its checkpoint saved", stop_status(stop.result)
+            except KeyboardInterrupt:  # outside training (loading, few-shot), or a second Ctrl-C
+                stopped, status = "interrupted (its last checkpoint kept)", 130
+            except ValueError as e:  # a setting only this run finds wrong (an --init of another variant)
+                error = e
+            save(out, result, earlier + runs, args, t0, data_name, cfg, complete=False)
+            if error is not None:
+                parser.exit(2, f"{parser.prog}: error: {variant}:{placement} seed {seed}: {error} ({len(runs)} of "
+                               f"{len(jobs)} runs done, in {out / 'ablation.json'})\n")
+            if stopped:
+                print(f"stopped during {variant}:{placement} seed {seed}, {stopped}; the same bench/ablation.py "
+                      f"command (same --out {args.out}) resumes the ablation there ({len(runs)} of {len(jobs)} runs "
+                      f"done, in {out / 'ablation.json'})", file=sys.stderr, flush=True)
+                sys.exit(status)
     if earlier:
         print(f"kept {len(earlier)} earlier run(s) of variants or seeds not asked for now, from "
               f"{out / 'ablation.json'} (same settings)")
