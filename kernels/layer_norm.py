@@ -289,6 +289,11 @@ def ln_context(ctx, x, residual, res, bias, eps, use_triton, copy_residual_grad)
     ctx.use_triton = use_triton
     ctx.copy_residual_grad = copy_residual_grad
     ctx.set_materialize_grads(False)
+    needs = getattr(ctx, "needs_input_grad", None)  # none on apply's context where autograd records nothing
+    if ctx.stored and needs is not None and not (needs[0] or needs[1]):
+        # x + residual with neither requiring grad (only the norm's or the Linear's parameters train): no grad, as
+        # torch's sum has none, instead of a graph node kept alive by the residual stream
+        ctx.mark_non_differentiable(res)
     return res if ctx.stored else x
 
 

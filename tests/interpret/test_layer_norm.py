@@ -222,3 +222,20 @@ def test_inference_call_gives_the_recorded_calls_outputs(mode, fp32_res, layout)
     for a, e in zip(inferred, recorded):
         assert a.shape == e.shape and a.dtype == e.dtype and torch.equal(a, e)
     assert (inferred[1] is x) == (recorded[1] is x) == (mode == "none" and not fp32_res)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("trains", ["x", "residual", "params"])
+def test_new_residual_requires_grad_as_torch_s_sum(backend, trains):
+    """new_residual = x + residual needs a gradient only where x or residual does, as torch's sum: with only the
+    norm's (or the Linear's) parameters training it is a plain tensor, not a node of the LayerNorm's graph."""
+    gen = torch.Generator().manual_seed(0)
+    x, r, w, b = (torch.randn(*shape, generator=gen) for shape in ((2, 5, 32), (2, 5, 32), (32,), (32,)))
+    lin = torch.randn(48, 32, generator=gen)
+    for t, name in ((x, "x"), (r, "residual"), (w, "params"), (lin, "params")):
+        t.requires_grad_(name == trains)
+    for y, res in (ops.add_layer_norm(x, r, w, b, backend=backend),
+                   ops.add_layer_norm_linear(x, r, w, b, lin, backend=backend)):
+        assert res.requires_grad == (x + r).requires_grad == (trains != "params")
+        assert y.requires_grad
+        (y.sum() + res.sum() if res.requires_grad else y.sum()).backward()
