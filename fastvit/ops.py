@@ -121,6 +121,25 @@ def bias_gelu(x, bias, backend="auto", approximate="none"):
     return _bias_gelu.bias_gelu(x, bias, triton, approximate)
 
 
+def _features(x):
+    """The last dim of ``x``, or None for a 0-d tensor."""
+    return x.shape[-1] if x.ndim else None
+
+
+def _check_linear(weight, bias, in_features, names=("weight", "bias")):
+    """A Linear's (out, ``in_features``) weight and (out,) bias or None, each named in the error (torch's GEMM says
+    only that 'mat1 and mat2 shapes cannot be multiplied', its add that two sizes differ). ``in_features`` None:
+    nothing to check against (a 0-d input, which the op's own check names)."""
+    if in_features is None:
+        return
+    if weight.ndim != 2 or weight.shape[1] != in_features:
+        raise ValueError(f"{names[0]} must have shape (out_features, {in_features}) for inputs of {in_features} "
+                         f"features, got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"{names[1]} must have shape ({weight.shape[0]},), as {names[0]} has {weight.shape[0]} "
+                         f"outputs, got {tuple(bias.shape)}")
+
+
 # The two composites below are the ops above followed by the next Linear, differing only in what autograd keeps:
 # the normalised / activated tensor is recomputed in backward instead of being saved as the Linear's input.
 
@@ -132,6 +151,7 @@ def add_layer_norm_linear(x, residual, norm_weight, norm_bias, weight, bias=None
     inside our GEMM's loads ("ln_gemm", ``kernels/ln_matmul.py``), whichever was measured faster for this call
     shape (:func:`gemm_impl`). In plain CPU inference with the torch fallback the GEMM may add the bias in oneDNN's
     epilogue (``fastvit.onednn.linear``)."""
+    _check_linear(weight, bias, _features(x))
     if _reference(backend, x):
         return _ln_matmul.ln_matmul_ref(x, residual, norm_weight, norm_bias, weight, bias, eps, residual_in_fp32)
     triton = use_triton(backend, x)
@@ -161,6 +181,7 @@ def bias_gelu_linear(x, bias, weight, weight_bias=None, backend="auto", approxim
     On a GPU with the Triton kernels: the bias + GELU kernel before cuBLAS ("gelu+cublas") or inside our GEMM's
     loads ("gelu_gemm", ``kernels/gelu_matmul.py``), whichever was measured faster (:func:`gemm_impl`)."""
     _bias_gelu.check_approximate(approximate)
+    _check_linear(weight, weight_bias, _features(x), ("weight", "weight_bias"))
     if _reference(backend, x):
         return _gelu_matmul.gelu_matmul_ref(x, bias, weight, weight_bias, approximate)
     triton = use_triton(backend, x)
@@ -194,6 +215,8 @@ def layer_norm_mlp(x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, fc
     F.linear. In plain CPU inference with the torch fallback nothing is kept, so the GELU runs in fc1's GEMM
     epilogue instead (``fastvit.onednn``)."""
     _bias_gelu.check_approximate(approximate)
+    _check_linear(fc1_weight, fc1_bias, _features(x), ("fc1_weight", "fc1_bias"))
+    _check_linear(fc2_weight, fc2_bias, fc1_weight.shape[0], ("fc2_weight", "fc2_bias"))
     args = (x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     triton = use_triton(backend, x)
     if not _cpu_inference(args, triton):
@@ -235,6 +258,10 @@ def linear_residual(x, weight, bias, residual, backend="auto"):
     On a GPU with the Triton kernels: cuBLAS and a separate add ("cublas+add") or our GEMM adding bias and residual
     before its store ("gemm_residual", ``kernels/matmul_residual.py``), whichever was measured faster
     (:func:`gemm_impl`); elsewhere, and with ``backend="torch"``, ``F.linear(x, W, b) + residual``."""
+    _check_linear(weight, bias, _features(x))
+    if residual.shape != (*x.shape[:-1], weight.shape[0]):
+        raise ValueError(f"residual must have the output's shape {(*x.shape[:-1], weight.shape[0])}, got "
+                         f"{tuple(residual.shape)}")
     args = (x, weight, bias, residual, use_triton(backend, x))
     if not _gemm_on_gpu(args[-1], x) or transformed():
         return _matmul_residual.matmul_residual_ref(*args[:-1])
@@ -394,6 +421,9 @@ def attention_qkv(qkv, num_heads, rel_bias=None, grid_size=None, dropout_p=0.0, 
     CPU training "fallback") for a call autograd records, it takes the packed tensor and returns its gradient in one
     piece (``flash_attention.attention_bwd_qkv``); every other call gets the three views."""
     b, n, d3 = qkv.shape
+    if d3 % (3 * num_heads):
+        raise ValueError(f"qkv's last dim ({d3}) must be 3 x num_heads ({num_heads}) x head_dim: a multiple of "
+                         f"{3 * num_heads}")
     qkv = qkv.reshape(b, n, 3, num_heads, d3 // (3 * num_heads))
     q, k, v = _flash_attention.split_qkv(qkv)
     if transformed():

@@ -95,6 +95,33 @@ def test_weight_dtype_must_match_without_autocast():
         matmul_residual.matmul_residual(x, lw, lb, r, False)
 
 
+def test_fused_linear_ops_name_a_wrong_shape():
+    """A weight, bias or residual of the wrong shape is named with the shape expected (torch's GEMM said 'mat1 and
+    mat2 shapes cannot be multiplied'), and qkv's width must split into 3 x heads (a reshape error before)."""
+    from fastvit import ops
+    x, r, w, b = _leaves((2, 5, 48), (2, 5, 48), (48,), (48,))
+    fc1, b1, fc2, b2 = torch.randn(80, 48), torch.randn(80), torch.randn(48, 80), torch.randn(48)
+    bad = [(lambda: ops.add_layer_norm_linear(x, r, w, b, torch.randn(80, 49)),
+            r"weight must have shape \(out_features, 48\) for inputs of 48 features, got \(80, 49\)"),
+           (lambda: ops.add_layer_norm_linear(x, r, w, b, fc1, torch.randn(79)),
+            r"bias must have shape \(80,\), as weight has 80 outputs, got \(79,\)"),
+           (lambda: ops.bias_gelu_linear(torch.randn(2, 5, 80), b1, torch.randn(48, 81)),
+            r"weight must have shape \(out_features, 80\)"),
+           (lambda: ops.layer_norm_mlp(x, r, w, b, fc1, b1, torch.randn(48, 81), b2),
+            r"fc2_weight must have shape \(out_features, 80\)"),
+           (lambda: ops.layer_norm_mlp(x, r, w, b, fc1, b1, fc2, torch.randn(47)),
+            r"fc2_bias must have shape \(48,\)"),
+           (lambda: ops.linear_residual(x, fc1, b1, torch.randn(2, 5, 81)),
+            r"residual must have the output's shape \(2, 5, 80\), got \(2, 5, 81\)"),
+           (lambda: ops.attention_qkv(torch.randn(2, 9, 95), 2),
+            r"qkv's last dim \(95\) must be 3 x num_heads \(2\) x head_dim: a multiple of 6")]
+    for call, message in bad:
+        with pytest.raises(ValueError, match=message):
+            call()
+    out, _ = ops.layer_norm_mlp(x, r, w, b, fc1, b1, fc2, b2)  # the right shapes run
+    assert out.shape == (2, 5, 48)
+
+
 def test_bias_gelu_of_a_scalar_names_the_shape_it_takes():
     from fastvit import ops
     for call in (lambda: ops.bias_gelu(torch.tensor(1.0), None),
