@@ -126,6 +126,7 @@ def _features(x):
     return x.shape[-1] if x.ndim else None
 
 
+@quiet_size_checks
 def _check_linear(weight, bias, in_features, names=("weight", "bias")):
     """A Linear's (out, ``in_features``) weight and (out,) bias or None, each named in the error (torch's GEMM says
     only that 'mat1 and mat2 shapes cannot be multiplied', its add that two sizes differ). ``in_features`` None:
@@ -259,15 +260,19 @@ def linear_residual(x, weight, bias, residual, backend="auto"):
     before its store ("gemm_residual", ``kernels/matmul_residual.py``), whichever was measured faster
     (:func:`gemm_impl`); elsewhere, and with ``backend="torch"``, ``F.linear(x, W, b) + residual``."""
     _check_linear(weight, bias, _features(x))
-    if residual.shape != (*x.shape[:-1], weight.shape[0]):
-        raise ValueError(f"residual must have the output's shape {(*x.shape[:-1], weight.shape[0])}, got "
-                         f"{tuple(residual.shape)}")
+    _check_residual(residual, (*x.shape[:-1], weight.shape[0]))
     args = (x, weight, bias, residual, use_triton(backend, x))
     if not _gemm_on_gpu(args[-1], x) or transformed():
         return _matmul_residual.matmul_residual_ref(*args[:-1])
     impl = gemm_impl("linear_residual", x, weight, (("residual", str(residual.dtype)), ("bias", bias is not None)),
                      functools.partial(_run_linear_residual, args))
     return _run_linear_residual(args, impl)
+
+
+@quiet_size_checks
+def _check_residual(residual, shape):
+    if residual.shape != shape:
+        raise ValueError(f"residual must have the output's shape {shape}, got {tuple(residual.shape)}")
 
 
 def linear(x, weight, bias=None):
