@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastvit.model import (EmbedOptions, VisionTransformer, checked_image, embed_patches, grid_size_for,
-                           resample_projection_)
+from fastvit.model import (EmbedOptions, ImageSizeError, VisionTransformer, checked_image, embed_patches,
+                           grid_size_for, resample_projection_)
 from fastvit.registry import register_model
 from fastvit.resample import _pair
 from fastvit.resnet_d import ResNetD, init_resnet_d, init_resnet_weights, resnet_d_stage
@@ -146,7 +146,10 @@ class ResNetStage(nn.Module):
 
 class ResNetStem(nn.Sequential):
     """The BiT ResNet's stem, 7x7/2 conv, GroupNorm + ReLU, 3x3/2 max pool: (B, C, H, W) -> (B, stem_chs, H / 4,
-    W / 4). ``ResNetV2`` starts with it; alone it is the backbone of timm's R+ViT-Ti hybrids (``layers=()``)."""
+    W / 4). ``ResNetV2`` starts with it; alone it is the backbone of timm's R+ViT-Ti hybrids (``layers=()``).
+    Its 'SAME' paddings give ceil(H / 4) rows for any H (``feature_rounding``, which HybridEmbed's grid follows)."""
+
+    feature_rounding = "ceil"
 
     def __init__(self, in_chans=3, stem_chs=64):
         super().__init__(OrderedDict([
@@ -161,8 +164,11 @@ class ResNetV2(nn.Module):
     """The hybrids' BiT ResNet backbone: image (B, C, H, W) -> feature map (B, num_features, H / r, W / r).
 
     ``layers`` gives the bottleneck count per stage; stage i has 256 * 2^i output channels and stride 2 except the
-    first, so r = ``reduction`` = 4 * 2^(len(layers) - 1). Inputs whose size is a multiple of r map exactly to H / r.
+    first, so r = ``reduction`` = 4 * 2^(len(layers) - 1). Inputs whose size is a multiple of r map exactly to H / r,
+    others to ceil(H / r) (``feature_rounding``: every strided op pads 'SAME').
     """
+
+    feature_rounding = "ceil"
 
     def __init__(self, layers=(3, 4, 9), in_chans=3, stem_chs=64):
         super().__init__()
@@ -205,7 +211,10 @@ class ConvNormAct(nn.Module):
 class ConvStem(nn.Sequential):
     """MobileCLIP's convolutional stem (timm's ``vit_base_mci_224``): layers of stride = kernel size, each conv, BN and
     GELU but the last, a bare conv whose output is the tokens (its hybrid has no projection after the backbone):
-    (B, C, H, W) -> (B, channels[-1], H / r, W / r), r the product of the strides."""
+    (B, C, H, W) -> (B, channels[-1], H / r, W / r), r the product of the strides; unpadded, it drops what is left
+    of any other size (``feature_rounding``)."""
+
+    feature_rounding = "floor"
 
     def __init__(self, in_chans=3, channels=(192, 192, 768), strides=(4, 2, 2)):
         super().__init__()
@@ -217,6 +226,18 @@ class ConvStem(nn.Sequential):
             self.add_module(str(i), ConvNormAct(chs, out_chs, stride, stride, apply_norm=i < len(channels) - 1))
             chs = out_chs
         self.in_chans, self.num_features, self.reduction = in_chans, chs, math.prod(strides)
+
+
+def patch_grid(feature_size, patch_size):
+    """The token grid of a (h, w) feature map cut into whole patches (the projection's stride-P convolution drops
+    the rest, as timm's does); a torch.fx leaf, so that a dynamic size's grid stays a node."""
+    if feature_size[0] < patch_size[0] or feature_size[1] < patch_size[1]:
+        raise ImageSizeError(f"the backbone's feature map {tuple(feature_size)} is smaller than patch_size "
+                             f"{tuple(patch_size)}")
+    return feature_size[0] // patch_size[0], feature_size[1] // patch_size[1]
+
+
+torch.fx.wrap("patch_grid")
 
 
 class HybridEmbed(EmbedOptions, nn.Module):
@@ -270,11 +291,20 @@ class HybridEmbed(EmbedOptions, nn.Module):
         """Image pixels per token along (H, W): the backbone's reduction times the patch size."""
         return tuple(r * p for r, p in zip(self.feature_ratio, self.patch_size))
 
+    @property
+    def _feature_rounding(self) -> str:
+        """How an image's size maps to the backbone's feature map: as its ``feature_rounding`` says ("ceil" for
+        'SAME' padding, "floor" for unpadded strides: any image size then works, as in timm, whose HybridEmbed runs
+        the backbone to find out), else sizes a multiple of its reduction only ("whole")."""
+        return getattr(self.backbone, "feature_rounding", "whole")
+
     def _set_sizes(self, img_size, patch_size):
         self.img_size, self.patch_size = _pair(img_size), _pair(patch_size)
-        self.grid_size = grid_size_for(self.img_size, self.token_stride, f"the backbone reduction {self.feature_ratio} "
-                                       f"times patch_size {self.patch_size}, i.e. by")
-        self.feature_size = tuple(s // r for s, r in zip(self.img_size, self.feature_ratio))
+        self.feature_size = grid_size_for(self.img_size, self.feature_ratio, "the backbone reduction",
+                                          rounding=self._feature_rounding)
+        # the built size in whole patches, as timm asks (a dynamic size drops what is left, as its convolution does)
+        self.grid_size = grid_size_for(self.feature_size, self.patch_size, "patch_size",
+                                       "the backbone's feature map")
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def set_input_size(self, img_size=None, patch_size=None):
@@ -289,7 +319,9 @@ class HybridEmbed(EmbedOptions, nn.Module):
     def check_input(self, x):
         """Validate an image batch as PatchEmbed does, with the token stride as the effective patch size:
         (x, its token grid (gh, gw))."""
-        return checked_image(x, self.in_chans, self.img_size, self.token_stride, self.dynamic_img_size)
+        x, features = checked_image(x, self.in_chans, self.img_size, self.feature_ratio, self.dynamic_img_size,
+                                    self._feature_rounding, "the backbone reduction")
+        return x, patch_grid(features, self.patch_size)
 
     def forward(self, x):
         """(B, C, H, W) image -> (B, N, D) tokens of its backbone features, or the layout of ``flatten`` /

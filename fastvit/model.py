@@ -163,21 +163,24 @@ class ImageDtypeError(TypeError, RuntimeError):
     """An image batch that is not floating point: also the RuntimeError timm's convolution raises."""
 
 
-def grid_size_for(size, stride, stride_name="patch_size", size_name="img_size", whole=True):
-    """The token grid (size / stride per axis) of an image embedded at ``stride`` pixels per token. ``whole``: the
-    stride must divide the size (the ValueError names both as ``size_name`` and ``stride_name``); otherwise the
-    rows and columns past the last whole patch are dropped, as a strided convolution (and timm's ViT) drops them
-    (SigLIP so400m/14 at 384 px: 27 x 27 patches)."""
-    if whole and (size[0] % stride[0] or size[1] % stride[1]):
+def grid_size_for(size, stride, stride_name="patch_size", size_name="img_size", rounding="whole"):
+    """The token grid (size / stride per axis) of an image embedded at ``stride`` pixels per token. ``rounding``:
+    "whole", the stride must divide the size (the ValueError names both as ``size_name`` and ``stride_name``);
+    "floor", the rows and columns past the last whole patch are dropped, as a strided convolution (and timm's ViT)
+    drops them (SigLIP so400m/14 at 384 px: 27 x 27 patches); "ceil", a partial one counts (a hybrid whose backbone
+    pads 'SAME' and so rounds its feature map up, as BiT's and ResNet-D's do)."""
+    if rounding == "whole" and (size[0] % stride[0] or size[1] % stride[1]):
         raise ImageSizeError(f"{size_name} {size} must be divisible by {stride_name} {stride}")
+    if rounding == "ceil":
+        return -(-size[0] // stride[0]), -(-size[1] // stride[1])
     if size[0] < stride[0] or size[1] < stride[1]:
         raise ImageSizeError(f"{size_name} {size} is smaller than {stride_name} {stride}")
     return size[0] // stride[0], size[1] // stride[1]
 
 
-def image_grid_size(x, in_chans, img_size, stride, dynamic_img_size, whole=True):
+def image_grid_size(x, in_chans, img_size, stride, dynamic_img_size, rounding="whole", stride_name="the patch size"):
     """Validate an image batch for an embedding of the given pixel ``stride`` per token; return the token grid
-    (``whole``: see :func:`grid_size_for`)."""
+    (``rounding``: see :func:`grid_size_for`)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
     if x.ndim != 4:
@@ -190,19 +193,19 @@ def image_grid_size(x, in_chans, img_size, stride, dynamic_img_size, whole=True)
     if not dynamic_img_size and size != img_size:
         raise ImageSizeError(f"expected image size {img_size}, got {size}; pass dynamic_img_size=True or call "
                              f"set_input_size(img_size={size})")
-    return grid_size_for(size, stride, "the patch size", "image size", whole)
+    return grid_size_for(size, stride, stride_name, "image size", rounding)
 
 
-def _validated_image(x, in_chans, img_size, stride, whole):
+def _validated_image(x, in_chans, img_size, stride, rounding, stride_name):
     """x itself after ``image_grid_size``'s checks at a fixed size: a torch.fx leaf, so traced graphs keep them."""
-    image_grid_size(x, in_chans, img_size, stride, False, whole)
+    image_grid_size(x, in_chans, img_size, stride, False, rounding, stride_name)
     return x
 
 
-def _dynamic_image(x, in_chans, img_size, stride):
+def _dynamic_image(x, in_chans, img_size, stride, rounding, stride_name):
     """(x, its token grid) after ``image_grid_size``'s checks at any size: a torch.fx leaf, so a dynamic-size model
     traces too, its grid a node of the graph (read by leaves: the position table's resampling, reshapes)."""
-    return x, image_grid_size(x, in_chans, img_size, stride, True)
+    return x, image_grid_size(x, in_chans, img_size, stride, True, rounding, stride_name)
 
 
 torch.fx.wrap("_validated_image")
@@ -212,14 +215,13 @@ torch.fx.wrap("resample_abs_pos_embed")
 torch.fx.wrap("resample_pos_embed_1d")
 
 
-def checked_image(x, in_chans, img_size, stride, dynamic_img_size, whole=True):
+def checked_image(x, in_chans, img_size, stride, dynamic_img_size, rounding="whole", stride_name="the patch size"):
     """(x, its token grid), validated, in torch.fx leaves, so the model traces at a fixed or a dynamic size.
-    ``whole``: see :func:`grid_size_for`; a dynamic size is always whole patches, as timm asks (or padded to them
-    first: ``dynamic_img_pad``)."""
+    ``rounding``: see :func:`grid_size_for`."""
     if dynamic_img_size:
-        return _dynamic_image(x, in_chans, img_size, stride)
-    return (_validated_image(x, in_chans, img_size, stride, whole),
-            grid_size_for(img_size, stride, whole=whole))
+        return _dynamic_image(x, in_chans, img_size, stride, rounding, stride_name)
+    return (_validated_image(x, in_chans, img_size, stride, rounding, stride_name),
+            grid_size_for(img_size, stride, rounding=rounding))
 
 
 def residual_stream(h, dtype, param):
@@ -350,7 +352,7 @@ class PatchEmbed(EmbedOptions, nn.Module):
 
     def _set_sizes(self, img_size, patch_size):
         self.img_size, self.patch_size = _pair(img_size), _pair(patch_size)
-        self.grid_size = grid_size_for(self.img_size, self.patch_size, whole=False)
+        self.grid_size = grid_size_for(self.img_size, self.patch_size, rounding="floor")
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def set_input_size(self, img_size=None, patch_size=None):
@@ -374,9 +376,11 @@ class PatchEmbed(EmbedOptions, nn.Module):
         another size is refused, not padded up to it)."""
         if self.dynamic_img_pad:
             if not self.dynamic_img_size:
-                checked_image(x, self.in_chans, self.img_size, self.patch_size, False, whole=False)
+                checked_image(x, self.in_chans, self.img_size, self.patch_size, False, "floor")
             x = _pad_to_patches(x, self.patch_size)
-        return checked_image(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size, whole=False)
+        # a dynamic size is whole patches, as timm asks (or padded to them first: dynamic_img_pad)
+        return checked_image(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size,
+                             "whole" if self.dynamic_img_size else "floor")
 
     def forward(self, x):
         """(B, C, H, W) -> (B, N, D) patch tokens, or the layout of ``flatten`` / ``output_fmt``; with

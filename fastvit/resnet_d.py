@@ -90,8 +90,11 @@ class ResNetD(nn.Module):
     stages for stride 16); stage i has 256 * 2^i output channels and stride 2 except the first, after a stride-4
     stem, so r = ``reduction`` = 4 * 2^(len(layers) - 1). ``init=False`` leaves the layers as built (PyTorch's
     defaults) for a later :func:`init_resnet_d`. It has no ``init_weights``: as timm's feature wrapper around its
-    ResNet, a ViT's ``init_weights`` leaves it alone (or, with ``needs_reset``, resets each layer).
+    ResNet, a ViT's ``init_weights`` leaves it alone (or, with ``needs_reset``, resets each layer). Any other size
+    gives ceil(H / r) rows (``feature_rounding``: each strided op pads k // 2, its pools round up).
     """
+
+    feature_rounding = "ceil"
 
     def __init__(self, layers=(3, 4, 6, 3), in_chans=3, stem_width=32, init=True):
         super().__init__()

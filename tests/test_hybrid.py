@@ -1,4 +1,6 @@
 """Hybrid ViT (BiT ResNet feature map, 1x1 patches) against timm's vision_transformer_hybrid models."""
+from functools import partial
+
 import numpy as np
 import pytest
 import timm
@@ -164,8 +166,6 @@ def test_dynamic_img_size_matches_timm_and_validates():
     torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # the embedding alone in timm's layout for a dynamic size: (B, gh, gw, D)
         torch.testing.assert_close(model.patch_embed(x), ref.patch_embed(x), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match=r"divisible by the patch size \(16, 16\)"):
-        model(torch.randn(1, 3, 72, 64))
     fixed, _ = pair("vit_base_r50_s16_224", img_size=64, depth=1)
     with pytest.raises(ValueError, match=r"expected image size \(64, 64\)"):
         fixed(torch.randn(1, 3, 96, 64))
@@ -173,9 +173,37 @@ def test_dynamic_img_size_matches_timm_and_validates():
         fixed(torch.randn(1, 1, 64, 64))
 
 
+@pytest.mark.parametrize("name, size", [("vit_base_r50_s16_224", (72, 40)), ("vit_small_resnet26d_224", (70, 50)),
+                                        ("vit_tiny_r_s16_p8_224", (70, 50)), ("vit_base_mci_224", (75, 70))])
+def test_sizes_off_the_token_stride_match_timm(name, size):
+    """An image size that is no multiple of the backbone's reduction, built as the model's size or passed to a
+    dynamic-size model: the token grid is what the backbone gives (ceil for 'SAME' padding: BiT, ResNet-D; floor for
+    MobileCLIP's unpadded stem; then whole patches of the projection), as timm's (it was refused here)."""
+    dynamic, dynamic_ref = pair(name, img_size=64, depth=1, dynamic_img_size=True)
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(dynamic(x), dynamic_ref(x), atol=1e-5, rtol=1e-5)
+    if name == "vit_tiny_r_s16_p8_224":  # built at that size, timm too asks for whole patches of its feature map
+        with pytest.raises(ValueError, match=r"the backbone's feature map \(18, 13\) must be divisible by "
+                                             r"patch_size \(8, 8\)"):
+            fastvit.create_model(name, img_size=size, depth=1)
+        return
+    fixed, fixed_ref = pair(name, img_size=size, depth=1)
+    assert fixed.patch_embed.grid_size == fixed_ref.patch_embed.grid_size
+    assert fixed.patch_embed.feature_size == tuple(fixed_ref.patch_embed.feature_size)
+    with torch.no_grad():
+        torch.testing.assert_close(fixed(x), fixed_ref(x), atol=1e-5, rtol=1e-5)
+
+
 def test_bad_configurations_raise_clear_errors():
-    with pytest.raises(ValueError, match=r"divisible by the backbone reduction \(32, 32\)"):
-        fastvit.create_model("vit_large_r50_s32_224", img_size=80, depth=1)
+    with pytest.raises(ValueError, match=r"the backbone's feature map \(2, 2\) is smaller than patch_size \(8, 8\)"):
+        fastvit.create_model("vit_tiny_r_s16_p8_224", img_size=64, depth=1, dynamic_img_size=True)(
+            torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"image size \(24, 24\) must be divisible by the backbone reduction "
+                                         r"\(16, 16\)"):  # a backbone of its own that does not say how it rounds
+        fastvit.VisionTransformer(img_size=32, patch_size=1, embed_dim=64, depth=1, num_heads=2,
+                                  embed_layer=partial(HybridEmbed, backbone=_Strided16()),
+                                  dynamic_img_size=True)(torch.randn(1, 3, 24, 24))
     with pytest.raises(TypeError, match="nn.Module"):
         HybridEmbed(backbone=None)
     with pytest.raises(TypeError, match="reduction"):
@@ -197,6 +225,18 @@ def test_bad_configurations_raise_clear_errors():
     mci = fastvit.create_model("vit_base_mci_224", depth=1, img_size=32)  # no patch projection to read a dtype from
     mci.reset_classifier(10)
     assert mci(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+class _Strided16(torch.nn.Module):
+    """A user's backbone exposing in_chans, num_features and reduction, nothing about its rounding."""
+    in_chans, num_features, reduction = 3, 8, 16
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 16, 16)
+
+    def forward(self, x):
+        return self.conv(x)
 
 
 def test_set_input_size_resamples_pos_embed_to_new_feature_grid():
