@@ -292,7 +292,7 @@ class HybridEmbed(EmbedOptions, nn.Module):
         return tuple(r * p for r, p in zip(self.feature_ratio, self.patch_size))
 
     @property
-    def _feature_rounding(self) -> str:
+    def feature_rounding(self) -> str:
         """How an image's size maps to the backbone's feature map: as its ``feature_rounding`` says ("ceil" for
         'SAME' padding, "floor" for unpadded strides: any image size then works, as in timm, whose HybridEmbed runs
         the backbone to find out), else sizes a multiple of its reduction only ("whole")."""
@@ -301,7 +301,7 @@ class HybridEmbed(EmbedOptions, nn.Module):
     def _set_sizes(self, img_size, patch_size):
         self.img_size, self.patch_size = _pair(img_size), _pair(patch_size)
         self.feature_size = grid_size_for(self.img_size, self.feature_ratio, "the backbone reduction",
-                                          rounding=self._feature_rounding)
+                                          rounding=self.feature_rounding)
         # the built size in whole patches, as timm asks (a dynamic size drops what is left, as its convolution does)
         self.grid_size = grid_size_for(self.feature_size, self.patch_size, "patch_size",
                                        "the backbone's feature map")
@@ -320,7 +320,7 @@ class HybridEmbed(EmbedOptions, nn.Module):
         """Validate an image batch as PatchEmbed does, with the token stride as the effective patch size:
         (x, its token grid (gh, gw))."""
         x, features = checked_image(x, self.in_chans, self.img_size, self.feature_ratio, self.dynamic_img_size,
-                                    self._feature_rounding, "the backbone reduction")
+                                    self.feature_rounding, "the backbone reduction")
         return x, patch_grid(features, self.patch_size)
 
     def forward(self, x):

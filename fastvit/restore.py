@@ -139,6 +139,8 @@ def check_whole_patches(model):
     """An image that is not whole patches loses its last pixels: a mistake, unless it is the architecture's own
     size (SigLIP so400m/14 at 384 px). ValueError naming --img-size otherwise."""
     pe, own_size = model.patch_embed, (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (0,))[1:]
+    if getattr(pe, "feature_rounding", None) == "ceil":  # a hybrid whose backbone pads: every pixel is read
+        return
     stride = getattr(pe, "token_stride", pe.patch_size)
     if (pe.img_size[0] % stride[0] or pe.img_size[1] % stride[1]) and tuple(pe.img_size) != tuple(own_size):
         raise ValueError(f"--img-size {pe.img_size[0]} must be divisible by patch_size {tuple(stride)}, or be the "

@@ -195,6 +195,15 @@ def test_sizes_off_the_token_stride_match_timm(name, size):
         torch.testing.assert_close(fixed(x), fixed_ref(x), atol=1e-5, rtol=1e-5)
 
 
+def test_the_trainer_s_size_check_refuses_only_dropped_pixels():
+    """--img-size off the stride: a backbone that pads ('SAME') reads every pixel, so the trainer takes it; one
+    that drops the rest (MobileCLIP's stem) is refused as a plain ViT is."""
+    from fastvit.restore import check_whole_patches
+    check_whole_patches(fastvit.create_model("vit_base_r50_s16_224", img_size=70, depth=1))
+    with pytest.raises(ValueError, match=r"--img-size 70 must be divisible by patch_size \(16, 16\)"):
+        check_whole_patches(fastvit.create_model("vit_base_mci_224", img_size=70, depth=1))
+
+
 def test_bad_configurations_raise_clear_errors():
     with pytest.raises(ValueError, match=r"the backbone's feature map \(2, 2\) is smaller than patch_size \(8, 8\)"):
         fastvit.create_model("vit_tiny_r_s16_p8_224", img_size=64, depth=1, dynamic_img_size=True)(
