@@ -4,10 +4,11 @@
 kernels behind torch's scaled_dot_product_attention, our Triton kernel) and which one wins depends on the GPU,
 dtype, sequence length and head size. Each distinct key is timed once per process on random inputs of the call's
 shape (forward, or forward + backward when training) and the winner is kept in memory and in a JSON file
-(``fastvit.cache.cache_dir()``: ``$FASTVIT_CACHE_DIR``, default ``~/.cache/fastvit``), so later processes on the same GPU and versions skip the
-measurement. Before it is timed, a candidate's output is checked against a reference (torch's SDPA; the unfused
-GEMM path): one that disagrees is dropped with a warning. Nothing is measured while torch.compile / torch.export
-trace or a CUDA graph is captured: those calls take the cached winner, or the caller's default.
+(``fastvit.cache.cache_dir()``: ``$FASTVIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastvit``, ``~/.cache/fastvit``),
+so later processes on the same GPU and versions skip the measurement. Before it is timed, a candidate's output is
+checked against a reference (torch's SDPA; the unfused GEMM path): one that disagrees is dropped with a warning.
+Nothing is measured while torch.compile / torch.export trace or a CUDA graph is captured: those calls take the cached
+winner, or the caller's default.
 
 On CPU (:func:`fastest_on_cpu`) the same holds per CPU model, thread count and torch version: which of oneDNN's and
 MKL's GEMMs is faster differs between CPUs (fc1 with its GELU in oneDNN's epilogue, ``fastvit.onednn``).

@@ -32,8 +32,8 @@ from numpy._core.multiarray import scalar as _np_scalar
 from fastvit.resample import (resample_abs_pos_embed, resample_patch_embed, resample_pos_embed_1d,
                               resample_rel_pos_table)
 
-__all__ = ["CheckpointMismatchError", "LoadResult", "from_hf", "from_mobileclip", "from_npz", "from_torchvision",
-           "load_checkpoint", "read_checkpoint"]
+__all__ = ["CheckpointMismatchError", "LoadResult", "check_hf_eps", "from_hf", "from_mobileclip", "from_npz",
+           "from_torchvision", "load_checkpoint", "load_state_dict_read", "read_checkpoint"]
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 # Keys that wrap a state_dict in training checkpoints (timm train.py, torchvision references, common scripts).
@@ -391,7 +391,7 @@ def _read_file(path):
             return load_file(path, device="cpu")
         with torch.serialization.safe_globals(_TRAINING_CHECKPOINT_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, ImportError, MemoryError):
+    except (OSError, ImportError, MemoryError):  # not found, unreadable: the system's own words
         raise
     except Exception as e:  # a truncated or foreign file raises anything from KeyError to UnpicklingError
         kind = "safetensors" if suffix == ".safetensors" else "PyTorch (torch.save)"
@@ -402,7 +402,7 @@ def _read_file(path):
         unpickler = re.search(r"WeightsUnpickler error:\s*(.+?)\s*$", str(e), re.MULTILINE)
         reason = (f"it holds a {unsafe.group(1)}, which torch.load(weights_only=True) does not build: tensors and "
                   f"plain containers only" if unsafe else
-                  f"not such a file, or damaged: {type(e).__name__}: {unpickler.group(1) if unpickler else e}")
+                  f"damaged, or another kind of file: {type(e).__name__}: {unpickler.group(1) if unpickler else e}")
         raise ValueError(f"{path} is not a readable {kind} checkpoint ({reason})") from e
 
 
@@ -575,6 +575,12 @@ def load_checkpoint(model, path_or_state_dict, strict=True, name=None):
     sd, layout = read_checkpoint(path_or_state_dict)
     if layout == "hf":
         check_hf_eps(model, path_or_state_dict)
+    return load_state_dict_read(model, sd, layout, strict, name)
+
+
+def load_state_dict_read(model, sd, layout, strict=True, name=None):
+    """:func:`load_checkpoint` of what :func:`read_checkpoint` gave (``sd``, ``layout``), for a caller that looked
+    at the weights first (a folder is read once). The layout decides how position tables are resampled."""
     expected = model.state_dict()
     ignored = []
     if "head.weight" not in expected:  # headless model: the checkpoint's classifier has nowhere to go

@@ -317,8 +317,8 @@ class HybridEmbed(EmbedOptions, nn.Module):
         self._set_sizes(img_size or self.img_size, patch_size or self.patch_size)
 
     def check_input(self, x):
-        """Validate an image batch as PatchEmbed does, with the token stride as the effective patch size:
-        (x, its token grid (gh, gw))."""
+        """Validate an image batch as PatchEmbed does, against the backbone's reduction with its rounding, then
+        whole patches of the projection: (x, its token grid (gh, gw))."""
         x, features = checked_image(x, self.in_chans, self.img_size, self.feature_ratio, self.dynamic_img_size,
                                     self.feature_rounding, "the backbone reduction")
         return x, patch_grid(features, self.patch_size)
@@ -327,9 +327,11 @@ class HybridEmbed(EmbedOptions, nn.Module):
         """(B, C, H, W) image -> (B, N, D) tokens of its backbone features, or the layout of ``flatten`` /
         ``output_fmt``."""
         features = self.backbone(x)
-        (ph, pw), (h, w) = self.patch_size, features.shape[-2:]  # before the tokens: the last node under torch.fx
         tokens = embed_patches(self.proj, features, self.patch_size, None, None, False, self.backend)
-        return self.format_tokens(tokens, (h // ph, w // pw))
+        if self._token_format() == "NLC":
+            return tokens
+        (ph, pw), (h, w) = self.patch_size, features.shape[-2:]
+        return self.format_tokens(tokens, h // ph, w // pw)
 
     def embed(self, x, pos_embed=None, cls_token=None, no_embed_class=False):
         """(B, C, H, W) image -> backbone features -> (B, [1 +] N, D) tokens, as ``PatchEmbed.embed``."""

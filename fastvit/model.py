@@ -163,12 +163,17 @@ class ImageDtypeError(TypeError, RuntimeError):
     """An image batch that is not floating point: also the RuntimeError timm's convolution raises."""
 
 
+ROUNDINGS = ("whole", "floor", "ceil")
+
+
 def grid_size_for(size, stride, stride_name="patch_size", size_name="img_size", rounding="whole"):
     """The token grid (size / stride per axis) of an image embedded at ``stride`` pixels per token. ``rounding``:
     "whole", the stride must divide the size (the ValueError names both as ``size_name`` and ``stride_name``);
     "floor", the rows and columns past the last whole patch are dropped, as a strided convolution (and timm's ViT)
     drops them (SigLIP so400m/14 at 384 px: 27 x 27 patches); "ceil", a partial one counts (a hybrid whose backbone
     pads 'SAME' and so rounds its feature map up, as BiT's and ResNet-D's do)."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     if rounding == "whole" and (size[0] % stride[0] or size[1] % stride[1]):
         raise ImageSizeError(f"{size_name} {size} must be divisible by {stride_name} {stride}")
     if rounding == "ceil":
@@ -294,12 +299,19 @@ class EmbedOptions:
 
     @property
     def dynamic_img_size(self) -> bool:
-        """Images of any size (whole patches, or padded to them), tokens as (B, gh, gw, D)."""
+        """Whether images of any size are taken (``strict_img_size`` off)."""
         return not self.strict_img_size
 
     @dynamic_img_size.setter
     def dynamic_img_size(self, value):
-        self._set_options(True, None, True, self.dynamic_img_pad, value)
+        """On: timm's pair for dynamic sizes, any size and (B, gh, gw, D) tokens; off: the built size only, and
+        (B, N, D) tokens where the layout was that pair's."""
+        if value:
+            self.strict_img_size, self.flatten, self.output_fmt = False, False, "NHWC"
+            return
+        self.strict_img_size = True
+        if self._token_format() == "NHWC":
+            self.flatten, self.output_fmt = True, "NCHW"
 
     def _token_format(self) -> str:
         """The layout of ``forward``'s output: NLC where ``flatten``, else ``output_fmt``'s."""
@@ -308,13 +320,14 @@ class EmbedOptions:
             raise ValueError(f"output_fmt must be one of {OUTPUT_FORMATS}, got {self.output_fmt!r}")
         return fmt
 
-    def format_tokens(self, tokens, grid):
-        """(B, N, D) tokens of a ``grid`` -> ``forward``'s layout."""
+    def format_tokens(self, tokens, height, width):
+        """(B, N, D) tokens of an image of ``height`` x ``width`` tokens -> ``forward``'s layout (NCHW and NCL
+        contiguous, as timm's convolution gives them)."""
         fmt = self._token_format()
         if fmt in ("NLC", "NCL"):
-            return tokens if fmt == "NLC" else tokens.transpose(1, 2)
-        tokens = tokens.unflatten(1, grid)
-        return tokens if fmt == "NHWC" else tokens.permute(0, 3, 1, 2)
+            return tokens if fmt == "NLC" else tokens.transpose(1, 2).contiguous()
+        tokens = tokens.unflatten(1, (height, width))
+        return tokens if fmt == "NHWC" else tokens.permute(0, 3, 1, 2).contiguous()
 
     def token_rows(self, out):
         """``forward``'s output -> (B, N, D) tokens (the model's layout)."""
@@ -387,15 +400,15 @@ class PatchEmbed(EmbedOptions, nn.Module):
         ``dynamic_img_pad`` the image is first zero-padded to whole patches, as timm's."""
         if self.dynamic_img_pad:
             x = _pad_to_patches(x, self.patch_size)
-        # the grid first: under torch.fx the module's last node must be its output (feature extraction takes it)
-        grid = (x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1])
-        tokens = call(self.norm, embed_patches(self.proj, x, self.patch_size, None, None, False, self.backend))
-        return self.format_tokens(tokens, grid)
+        tokens = embed_patches(self.proj, x, self.patch_size, None, None, False, self.backend)
+        if self._token_format() != "NLC":  # the grid read only where the layout needs it (no dead fx nodes)
+            tokens = self.format_tokens(tokens, x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1])
+        return call(self.norm, tokens)  # after the layout, as timm's
 
     def embed(self, x, pos_embed=None, cls_token=None, no_embed_class=False):
         """(B, C, H, W) -> (B, [1 +] N, D); see ``fastvit.ops.patch_embed`` for the optional tables."""
         if not passes_through(self.norm):
-            return ops.add_class_and_position(self(x), pos_embed, cls_token, no_embed_class)
+            return ops.add_class_and_position(self.token_rows(self(x)), pos_embed, cls_token, no_embed_class)
         return embed_patches(self.proj, x, self.patch_size, pos_embed, cls_token, no_embed_class, self.backend)
 
 
@@ -1230,8 +1243,9 @@ class VisionTransformer(nn.Module):
             tokens = pe(x)  # hooked or replaced: it returns the patch tokens only, as timm's does
             if check is None:  # a replacement (timm's PatchEmbed, a wrapper): the grid from what it gave
                 tokens, grid = self._replaced_embed_grid(x, tokens)
-            else:  # (B, N, D) from the layout its options ask for
-                tokens = pe.token_rows(tokens)
+            else:  # (B, N, D) from the layout its options ask for; (B, gh, gw, D) from a layer without them
+                rows = getattr(pe, "token_rows", None)
+                tokens = rows(tokens) if rows is not None else tokens.flatten(1, 2) if tokens.ndim == 4 else tokens
             if not own_stem:  # (B, gh, gw, D) under dynamic_img_size, as timm's patch embedding gives them
                 return self._pos_embed(tokens.unflatten(1, grid) if self.dynamic_img_size else tokens), grid
             return call(self.pos_drop, self._add_stem(tokens, grid)), grid

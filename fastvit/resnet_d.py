@@ -62,10 +62,13 @@ class ResNetDBottleneck(nn.Module):
             self.downsample = nn.Sequential(pool, *_conv_bn(in_chs, out_chs, 1))
 
     def forward(self, x):
-        shortcut = x if self.downsample is None else self.downsample(x)
+        shortcut = x
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
-        return self.act3(self.bn3(self.conv3(x)) + shortcut)
+        x = self.bn3(self.conv3(x))
+        if self.downsample is not None:  # after the branch, as timm's: hooks fire in its order
+            shortcut = self.downsample(shortcut)
+        return self.act3(x + shortcut)
 
 
 def init_resnet_d(model):

@@ -24,7 +24,7 @@ def load_pretrained(init, model_name, overrides: dict, name_given=False):
     if ckpt is None:
         kwargs = {k: v for k, v in overrides.items() if k != "num_classes"}
         model = fastvit.create_model(model_name, num_classes=0, **kwargs)
-        from fastvit.convert import CheckpointMismatchError, check_hf_eps, load_checkpoint, read_checkpoint
+        from fastvit.convert import CheckpointMismatchError, check_hf_eps, load_state_dict_read, read_checkpoint
         sd, layout = read_checkpoint(init)  # read once: an H/14 folder is 2.5 GB
         size = None if "img_size" in kwargs else _trained_img_size(model, sd)
         if size is not None and (size, size) != tuple(model.patch_embed.img_size):
@@ -33,7 +33,7 @@ def load_pretrained(init, model_name, overrides: dict, name_given=False):
         if layout == "hf":
             check_hf_eps(model, init)
         try:
-            load_checkpoint(model, sd, name=model_name)
+            load_state_dict_read(model, sd, layout, name=model_name)  # .npz tables resample as from the file
         except CheckpointMismatchError as e:
             if name_given:
                 raise

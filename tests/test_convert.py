@@ -252,6 +252,18 @@ def test_npz_at_another_grid_and_patch_size_is_resized_as_timm_resizes_it(tmp_pa
             torch.testing.assert_close(v, want[k], rtol=0, atol=1e-6, msg=k)
 
 
+def test_init_from_an_npz_at_another_size_resizes_as_timm(tmp_path):
+    """--init / few-shot (fastvit.restore) read a weights file once and load what they read: an .npz keeps its
+    layout there, so its position table is resampled as from the file (bilinear, as timm's .npz loader), not as a
+    timm state_dict's (bicubic)."""
+    from fastvit.restore import load_pretrained
+    write_npz(randomize(fastvit_model()), tmp_path / "vit.npz")
+    arch = {k: v for k, v in CFG.items() if k != "num_classes"}
+    model = load_pretrained(str(tmp_path / "vit.npz"), "vit_tiny_patch16_224", dict(arch, img_size=48))[0]
+    want = timm_reference(tmp_path / "vit.npz", img_size=48).pos_embed
+    torch.testing.assert_close(model.pos_embed, want, rtol=0, atol=1e-6)
+
+
 def test_npz_bfloat16_arrays(tmp_path):
     """JAX bfloat16 arrays reach numpy as 2-byte void; they load as the bf16 values they hold."""
     source = randomize(fastvit_model())
@@ -533,12 +545,12 @@ def test_unreadable_file_names_itself(tmp_path, name, kind):
     """A file that is not a checkpoint of its suffix's format: an error naming the file and the format, not the
     unpickler's KeyError or safetensors' header error alone."""
     (tmp_path / name).write_bytes(b"hello")
-    with pytest.raises(ValueError, match=rf"{name} is not a readable {kind} checkpoint \(not such a file, or "
-                                         rf"damaged"):
+    with pytest.raises(ValueError, match=rf"{name} is not a readable {kind} checkpoint \(damaged, or "
+                                         rf"another kind of file"):
         load_checkpoint(fastvit_model(), tmp_path / name)
     # bytes no unpickler reads: the unpickler's line, without torch's advice to load with weights_only=False
     (tmp_path / "noise.pth").write_bytes(bytes([233]) * 64)
-    with pytest.raises(ValueError, match=r"noise.pth is not a readable .*\(not such a file, or damaged: "
+    with pytest.raises(ValueError, match=r"noise.pth is not a readable .*\(damaged, or another kind of file: "
                                          r"UnpicklingError: .*233\)$") as err:
         load_checkpoint(fastvit_model(), tmp_path / "noise.pth")
     assert "weights_only" not in str(err.value)

@@ -33,6 +33,10 @@ def test_torch_export_matches_eager_with_plain_aten_ops(backend):
     # a fixed size resamples no position table (as timm's program: an identity bicubic resize was left in it)
     assert not [n for n in program.graph.nodes if "upsample" in str(n.target)]
     torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
+    rows_and_columns = fastvit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                                                 pos_embed="learn_2d").eval()  # its 1-D tables: no resample either
+    program = torch.export.export(rows_and_columns, (x,))
+    assert not [n for n in program.graph.nodes if "upsample" in str(n.target)]
 
 
 @pytest.mark.parametrize("pos_embed", ["learn", "learn_2d"])

@@ -125,8 +125,15 @@ def test_resnet_d_matches_timm_in_train_and_eval_mode(layers, size):
     backbone.load_state_dict(ref.state_dict(), strict=True)
     # timm's modules in its order (its placeholders too): hooks find the same names and fire in the same order
     assert [n for n, _ in backbone.named_modules()] == [n for n, _ in ref.named_modules()]
+    fired = {}
+    for net, key in ((backbone, "ours"), (ref, "timm")):
+        fired[key] = []
+        for name, module in net.named_modules():
+            if name:
+                module.register_forward_hook(lambda m, i, o, name=name, key=key: fired[key].append(name))
     x = torch.randn(2, 3, *size)
     out, expected = backbone(x), ref(x)[-1]
+    assert fired["ours"] == fired["timm"]
     reduction = 4 * 2 ** (len(layers) - 1)
     assert out.shape == expected.shape == (2, backbone.num_features, -(-size[0] // reduction),
                                            -(-size[1] // reduction))
@@ -195,6 +202,17 @@ def test_sizes_off_the_token_stride_match_timm(name, size):
         torch.testing.assert_close(fixed(x), fixed_ref(x), atol=1e-5, rtol=1e-5)
 
 
+def test_a_dynamic_size_hybrid_traces_at_sizes_off_the_stride():
+    """torch.fx: the token grid of a dynamic-size hybrid is a node (the patch grid over the feature map a leaf), so
+    the traced module runs other sizes, off the stride too, as eager does."""
+    model, _ = pair("vit_tiny_r_s16_p8_224", img_size=64, depth=1, dynamic_img_size=True)
+    traced = torch.fx.symbolic_trace(model)
+    for size in ((72, 40), (100, 70)):
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+
+
 def test_the_trainer_s_size_check_refuses_only_dropped_pixels():
     """--img-size off the stride: a backbone that pads ('SAME') reads every pixel, so the trainer takes it; one
     that drops the rest (MobileCLIP's stem) is refused as a plain ViT is."""
@@ -208,6 +226,8 @@ def test_bad_configurations_raise_clear_errors():
     with pytest.raises(ValueError, match=r"the backbone's feature map \(2, 2\) is smaller than patch_size \(8, 8\)"):
         fastvit.create_model("vit_tiny_r_s16_p8_224", img_size=64, depth=1, dynamic_img_size=True)(
             torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"rounding must be one of \('whole', 'floor', 'ceil'\), got 'same'"):
+        HybridEmbed(backbone=type("SameRounding", (_Strided16,), {"feature_rounding": "same"})(), img_size=32)
     with pytest.raises(ValueError, match=r"image size \(24, 24\) must be divisible by the backbone reduction "
                                          r"\(16, 16\)"):  # a backbone of its own that does not say how it rounds
         fastvit.VisionTransformer(img_size=32, patch_size=1, embed_dim=64, depth=1, num_heads=2,

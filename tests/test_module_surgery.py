@@ -454,17 +454,15 @@ def test_a_replaced_patch_embed_runs_as_on_timm(replacement):
 def test_timm_embed_layers_build_as_on_timm(dynamic):
     """embed_layer= takes timm's own PatchEmbed and HybridEmbed: the model passes timm's keywords (dynamic_img_pad;
     strict_img_size=False and output_fmt='NHWC' for a dynamic size), not a dynamic_img_size they do not know."""
-    from functools import partial
-
     import timm
     from timm.layers import HybridEmbed as TimmHybridEmbed
     from timm.layers import PatchEmbed as TimmPatchEmbed
     from timm.models.vision_transformer import VisionTransformer as TimmViT
     size = 48 if dynamic else 32
-    for layer, cfg in ((TimmPatchEmbed, CFG),
-                       (partial(TimmHybridEmbed, backbone=timm.create_model("resnet18", num_classes=0,
-                                                                              global_pool="")),
-                        dict(CFG, img_size=64, patch_size=1))):
+
+    def resnet18(**kwargs):  # a backbone each: shared, the two models would run one module
+        return TimmHybridEmbed(timm.create_model("resnet18", num_classes=0, global_pool=""), **kwargs)
+    for layer, cfg in ((TimmPatchEmbed, CFG), (resnet18, dict(CFG, img_size=64, patch_size=1))):
         torch.manual_seed(0)
         ref = TimmViT(**cfg, embed_layer=layer, dynamic_img_size=dynamic).eval()
         model = fastvit.VisionTransformer(**cfg, embed_layer=layer, dynamic_img_size=dynamic).eval()
@@ -489,6 +487,30 @@ def test_patch_embed_takes_timms_options(options):
     torch.testing.assert_close(ours(x), ref(x))
     with pytest.raises(ValueError, match=r"output_fmt must be one of \('NCHW', 'NHWC', 'NCL', 'NLC'\), got 'NWHC'"):
         fastvit.model.PatchEmbed(output_fmt="NWHC")
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_a_norm_on_the_patch_tokens_runs_as_on_timm(dynamic):
+    """embed_norm_layer: a norm on the patch tokens, in each layout (it crashed where the embedding's output was
+    (B, gh, gw, D): under dynamic_img_size, or timm's layout options)."""
+    model, ref = pair(embed_norm_layer="layernorm", dynamic_img_size=dynamic)
+    x = torch.randn(2, 3, 48, 40) if dynamic else images()
+    torch.testing.assert_close(forward_backward(model, x), forward_backward(ref, x), atol=1e-5, rtol=1e-5)
+    assert_same_grads(model, ref)
+
+
+def test_dynamic_img_size_on_the_embedding_switches_timms_pair():
+    """fastvit's switch sets timm's pair (any size, (B, gh, gw, D) tokens) and, off, undoes only that: a layout
+    chosen otherwise stays."""
+    pe = fastvit.model.PatchEmbed(32, 8, 3, 64)
+    pe.dynamic_img_size = True
+    assert (pe.strict_img_size, pe.flatten, pe.output_fmt) == (False, False, "NHWC")
+    assert pe(torch.randn(1, 3, 48, 40)).shape == (1, 6, 5, 64)
+    pe.dynamic_img_size = False
+    assert (pe.strict_img_size, pe.flatten) == (True, True)
+    pe.output_fmt, pe.flatten = "NCL", False
+    pe.dynamic_img_size = False
+    assert (pe.strict_img_size, pe.flatten, pe.output_fmt) == (True, False, "NCL")
 
 
 def test_timms_recipe_for_any_image_size_on_a_built_model():

@@ -105,6 +105,9 @@ def test_a_read_only_shard_s_index_is_kept_in_the_cache(written, tmp_path, monke
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert autotune.cache_path() == tmp_path / "xdg" / "fastvit" / "autotune.json"
     assert list(shards._index_paths(str(shard)))[1].startswith(str(tmp_path / "xdg" / "fastvit" / "shard-index"))
+    monkeypatch.setenv("FASTVIT_CACHE", str(tmp_path / "old"))  # the shard indexes' variable for a while
+    with pytest.warns(FutureWarning, match="FASTVIT_CACHE is now FASTVIT_CACHE_DIR"):
+        assert autotune.cache_path() == tmp_path / "old" / "autotune.json"
 
 
 def test_writing_into_an_earlier_write_is_refused_or_replaced(tmp_path, capsys):

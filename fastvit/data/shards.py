@@ -211,9 +211,9 @@ def write_index(path: str, index: dict) -> None:
 
 def _index_paths(path: str):
     """Where a shard's index may be, in order: beside it, else (a read-only dataset) in fastvit's cache folder
-    (:func:`fastvit.cache.cache_dir`: ``$FASTVIT_CACHE_DIR``, else ``~/.cache/fastvit``) under a name of the shard's
-    real path, so that no run scans a read-only shard more than once per machine. A generator: the cache's name is
-    worked out only where the index beside the shard does not serve."""
+    (:func:`fastvit.cache.cache_dir`: ``$FASTVIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastvit``, ``~/.cache/fastvit``)
+    under a name of the shard's real path, so that no run scans a read-only shard more than once per machine. A
+    generator: the cache's name is worked out only where the index beside the shard does not serve."""
     yield path + INDEX_SUFFIX
     real = os.path.realpath(path)
     name = f"{os.path.basename(real)}-{hashlib.blake2b(real.encode(), digest_size=8).hexdigest()}{INDEX_SUFFIX}"
