@@ -183,14 +183,15 @@ def rank0_print(env: Env, *args):
 
 
 @contextlib.contextmanager
-def rank0_warnings(env: Env):
-    """Inside, only rank 0 shows warnings: for work every rank does alike, such as reading the data set's index
-    (a damaged or empty shard, a class without samples would otherwise be told once per rank)."""
+def rank0_warnings(env: Env, module: str = r"fastvit\.data"):
+    """Inside, only rank 0 shows the warnings of ``module`` (a regex, as ``warnings.filterwarnings`` takes it): for
+    work every rank does alike, such as reading the data set's index (a damaged or empty shard, a class without
+    samples would otherwise be told once per rank). Other warnings, which may be a rank's own, show everywhere."""
     if env.rank == 0:
         yield
         return
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings("ignore", module=module)
         yield
 
 
