@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastvit.model import (EmbedOptions, ImageSizeError, VisionTransformer, checked_image, embed_patches,
-                           grid_size_for, resample_projection_)
+from fastvit.model import (EmbedOptions, VisionTransformer, checked_image, embed_patches, grid_size_for,
+                           resample_projection_)
 from fastvit.registry import register_model
 from fastvit.resample import _pair
 from fastvit.resnet_d import ResNetD, init_resnet_d, init_resnet_weights, resnet_d_stage
@@ -228,16 +228,8 @@ class ConvStem(nn.Sequential):
         self.in_chans, self.num_features, self.reduction = in_chans, chs, math.prod(strides)
 
 
-def patch_grid(feature_size, patch_size):
-    """The token grid of a (h, w) feature map cut into whole patches (the projection's stride-P convolution drops
-    the rest, as timm's does); a torch.fx leaf, so that a dynamic size's grid stays a node."""
-    if feature_size[0] < patch_size[0] or feature_size[1] < patch_size[1]:
-        raise ImageSizeError(f"the backbone's feature map {tuple(feature_size)} is smaller than patch_size "
-                             f"{tuple(patch_size)}")
-    return feature_size[0] // patch_size[0], feature_size[1] // patch_size[1]
-
-
-torch.fx.wrap("patch_grid")
+# the patch grid of a dynamic size's feature map is worked out from a node of the graph under torch.fx: a leaf here
+torch.fx.wrap("grid_size_for")
 
 
 class HybridEmbed(EmbedOptions, nn.Module):
@@ -321,7 +313,8 @@ class HybridEmbed(EmbedOptions, nn.Module):
         whole patches of the projection: (x, its token grid (gh, gw))."""
         x, features = checked_image(x, self.in_chans, self.img_size, self.feature_ratio, self.dynamic_img_size,
                                     self.feature_rounding, "the backbone reduction")
-        return x, patch_grid(features, self.patch_size)
+        # whole patches of the feature map (the projection's stride-P convolution drops the rest, as timm's does)
+        return x, grid_size_for(features, self.patch_size, "patch_size", "the backbone's feature map", "floor")
 
     def forward(self, x):
         """(B, C, H, W) image -> (B, N, D) tokens of its backbone features, or the layout of ``flatten`` /
