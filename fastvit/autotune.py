@@ -156,13 +156,14 @@ def time_cpu(fn, repeats: int = 5, budget: float = 0.02, max_repeats: int = 100)
     return best
 
 
-def fastest_on_cpu(op: str, fields: tuple, names, make_runner, default: str) -> str:
+def fastest_on_cpu(op: str, fields: tuple, names, make_runner, default: str, call_key=None) -> str:
     """:func:`fastest` for a call on CPU tensors, timed by :func:`time_cpu` once per ``fields``, CPU model and vector
-    ISA, thread count and torch version; ``default`` while torch.compile traces."""
+    ISA, thread count and torch version; ``default`` while torch.compile traces. ``call_key`` as for
+    :func:`fastest` (it must then hold the thread count)."""
     # the vector ISA PyTorch dispatches to as well: one model name may cover CPUs with and without AVX-512
     environment = (_cpu_name(), torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), torch.__version__)
     return _fastest(op, fields, environment, names, make_runner, default, time_cpu, None,
-                    lambda: not torch.compiler.is_compiling())
+                    lambda: not torch.compiler.is_compiling(), call_key)
 
 
 def _fastest(op, fields, environment, names, make_runner, default, measure, agrees, measurable,

@@ -91,14 +91,23 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _linear_pointwise(x, weight, bias, approximate)
 
 
+_CALL = "onednn"  # first in a call key of :func:`_linear_pointwise`: apart from other callers' keys
+
+
 def _linear_pointwise(x, weight, bias, approximate):
     dtype = compute_dtype(x)
+    if _gemm.in_fp32(x, dtype):
+        return _unfused(x, weight, bias, dtype, approximate)
     k = x.shape[-1]
     rows = x.numel() // max(k, 1)
-    if (not (worth_fusing(dtype, rows, k, weight.shape[0]) and supports(dtype, approximate))
-            or _gemm.in_fp32(x, dtype) or not fused_is_faster(x, weight, bias, dtype, rows, approximate)):
-        return _unfused(x, weight, bias, dtype, approximate)
-    return _fused(x, weight, bias, dtype, approximate)
+    # a call like one before takes its settled choice in one lookup: three GEMMs a block ask, and at small batches
+    # a CPU forward waits on its Python (the whole choice walked a dozen functions a GEMM)
+    call = (_CALL, dtype, rows, k, weight.shape[0], bias is not None, approximate, torch.get_num_threads())
+    impl = autotune.settled(call)
+    if impl is None:
+        impl = ("fused" if worth_fusing(dtype, rows, k, weight.shape[0]) and supports(dtype, approximate)
+                and fused_is_faster(x, weight, bias, dtype, rows, approximate, call) else "unfused")
+    return IMPLS[impl](x, weight, bias, dtype, approximate)
 
 
 def _epilogue(h, approximate, inplace=False):
@@ -123,10 +132,10 @@ def _fused(x, weight, bias, dtype, approximate="none"):
 IMPLS = {"fused": _fused, "unfused": _unfused}
 
 
-def fused_is_faster(x, weight, bias, dtype, rows, approximate="none") -> bool:
+def fused_is_faster(x, weight, bias, dtype, rows, approximate="none", call_key=None) -> bool:
     """Whether the fused GEMM beat F.linear (+ F.gelu) for a product like this one (``rows`` rows of ``x``) on this
     CPU: timed once on the call's own inputs per dtype, row count (to the next power of two), widths, epilogue and
-    CPU (``fastvit.autotune``). The answer differs between CPUs: oneDNN's fp32 GEMM trails MKL's at ViT widths on an
+    CPU (``fastvit.autotune``), and settled for ``call_key`` (``autotune.settled``). The answer differs between CPUs: oneDNN's fp32 GEMM trails MKL's at ViT widths on an
     AVX2 EPYC (the fused one took 1.3-1.5x as long at 384 and 768 -> 4x, batch 8) and leads on CPUs with AVX-512
     (README)."""
     fields = (("dtype", str(dtype)), ("rows", next_power_of_2(max(rows, 1))), ("in", x.shape[-1]),
@@ -135,4 +144,4 @@ def fused_is_faster(x, weight, bias, dtype, rows, approximate="none") -> bool:
     if approximate is not None:
         fields += (("gelu", approximate),)
     return autotune.fastest_on_cpu(op, fields, tuple(IMPLS), lambda impl: functools.partial(
-        IMPLS[impl], x, weight, bias, dtype, approximate), "unfused") == "fused"
+        IMPLS[impl], x, weight, bias, dtype, approximate), "unfused", call_key) == "fused"

@@ -17,8 +17,10 @@ needs_bf16 = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
 
 @pytest.fixture
 def fused_wins(monkeypatch):
-    """The fused GEMM as this CPU's measured winner wherever it is a candidate (the measurement is tested below)."""
+    """The fused GEMM as this CPU's measured winner wherever it is a candidate (the measurement is tested below);
+    choices settled by earlier tests are forgotten."""
     monkeypatch.setattr(onednn, "fused_is_faster", lambda *args: True)
+    monkeypatch.setattr(autotune, "_SETTLED", {})
 
 
 def _linear_case(shape=(3, 33, 64), out=640, bias=True, seed=0):
@@ -82,6 +84,31 @@ def test_small_products_stay_unfused(shape, dtype, monkeypatch):
         assert fused == 0 and torch.equal(out, F.gelu(F.linear(x, w, b)))
         out, fused = _fused_gemms(lambda: onednn.linear(x, w, b))
         assert fused == 0 and torch.equal(out, F.linear(x, w, b))
+
+
+@needs_onednn
+def test_a_settled_choice_is_one_lookup(monkeypatch, tmp_path):
+    """Once a product's choice is made, a call like it takes it without walking the choice again (the candidate
+    test and the timing's bookkeeping: a dozen Python calls a GEMM, three GEMMs a block); another thread count,
+    under which the timings differ, is asked again."""
+    monkeypatch.setenv("FASTVIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "time_cpu", lambda run: 1.0 if run.func is onednn.IMPLS["fused"] else 2.0)
+    asked = []
+    worth_fusing = onednn.worth_fusing
+    monkeypatch.setattr(onednn, "worth_fusing", lambda *args: asked.append(args) or worth_fusing(*args))
+    autotune.clear()
+    threads = torch.get_num_threads()
+    try:
+        x, w, b = _linear_case()
+        first, fused = _fused_gemms(lambda: onednn.linear_gelu(x, w, b))
+        again, fused_again = _fused_gemms(lambda: onednn.linear_gelu(x, w, b))
+        assert len(asked) == 1 and fused == fused_again == 1 and torch.equal(first, again)
+        torch.set_num_threads(1 if threads > 1 else 2)
+        onednn.linear_gelu(x, w, b)
+        assert len(asked) == 2
+    finally:
+        torch.set_num_threads(threads)
+        autotune.clear()
 
 
 @needs_onednn
