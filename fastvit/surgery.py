@@ -21,11 +21,6 @@ _GLOBAL_FORWARD, _GLOBAL_FORWARD_PRE, _GLOBAL_BACKWARD, _GLOBAL_BACKWARD_PRE = (
                                                                             "backward_pre"))
 
 
-def _has_global_hooks():
-    # the tables' truth values, not any() over a tuple of them: a block asks ~20 times
-    return bool(_GLOBAL_FORWARD or _GLOBAL_FORWARD_PRE or _GLOBAL_BACKWARD or _GLOBAL_BACKWARD_PRE)
-
-
 _MODULE_CALL = nn.Module.__call__
 
 
@@ -58,7 +53,10 @@ def runs_unmodified(module, cls) -> bool:
     parametrised or quantised layer, a weight that is not a parameter, a hook or a patched forward all have to run as
     the user left them.
     """
-    return unedited(module, cls) and not _has_global_hooks()
+    # the tables' truth values, read here rather than in a function of their own: a block asks ~20 times, and at
+    # small batches its forward waits on this Python
+    return (not (_GLOBAL_FORWARD or _GLOBAL_FORWARD_PRE or _GLOBAL_BACKWARD or _GLOBAL_BACKWARD_PRE)
+            and unedited(module, cls))
 
 
 def unedited(module, cls) -> bool:
