@@ -109,16 +109,21 @@ def transformed() -> bool:
     return torch._C._functorch.maybe_current_level() is not None or forward_ad._current_level >= 0
 
 
+# whether torch.jit.trace is tracing: torch.jit.is_tracing() without its two Python calls (an op asks a few times
+# per call, and at small batches a forward waits on this Python); dynamo folds it to None, as it does the call in
+# nn.Module's own __call__
+jit_tracing = torch._C._get_tracing_state
+
+
 def quiet_size_checks(fn):
     """Decorator for an op whose argument checks compare sizes. Under ``torch.jit.trace`` a size is a traced
     value, so each comparison warns (TracerWarning) that the trace may not generalise: attention's checks gave
     about 20 warnings a block, where timm's whole ViT gives 11. They ran on the example input, and what they
     compare (q against k and v, the token count against the patch grid) does not change with the batch, so those
-    warnings are dropped while tracing. Outside a trace the wrapper costs a ``torch.jit.is_tracing()`` call (~0.5 us
-    here); dynamo reads that as False."""
+    warnings are dropped while tracing. Outside a trace the wrapper costs a :data:`jit_tracing` call."""
     @functools.wraps(fn)
     def op(*args, **kwargs):
-        if not torch.jit.is_tracing():
+        if not jit_tracing():
             return fn(*args, **kwargs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -262,7 +267,7 @@ def _untraced(args):
     dynamo (checked first, so that dynamo folds it and never sees the rest), no dispatch mode (fake tensors,
     functionalisation, make_fx, FLOP counters), no TorchScript trace, plain tensors only, and not on the meta
     device."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch.jit.is_tracing():
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or jit_tracing():
         return False
     for a in args:
         if type(a) not in _PLAIN_TYPES:

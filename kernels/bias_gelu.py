@@ -48,7 +48,8 @@ def gelu_ref(u, approximate="none", inplace=False):
     if approximate == "sigmoid":
         s = torch.sigmoid(QUICK_GELU_SCALE * u)
         return u.mul_(s) if inplace else u * s
-    return (torch.ops.aten.gelu_ if inplace else F.gelu)(u, approximate=approximate)
+    # torch._C._nn.gelu_: aten's in-place GELU without torch.ops' Python dispatch (~2 us less a call)
+    return (torch._C._nn.gelu_ if inplace else F.gelu)(u, approximate=approximate)
 
 
 def bias_gelu_ref(x, bias, approximate="none"):
