@@ -107,7 +107,11 @@ def _linear_pointwise(x, weight, bias, approximate):
     if impl is None:
         impl = ("fused" if worth_fusing(dtype, rows, k, weight.shape[0]) and supports(dtype, approximate)
                 and fused_is_faster(x, weight, bias, dtype, rows, approximate, call) else "unfused")
-    return IMPLS[impl](x, weight, bias, dtype, approximate)
+    if impl == "fused":
+        return _fused(x, weight, bias, dtype, approximate)
+    # _unfused's product without _gemm.linear's test, answered above (in_fp32)
+    h = F.linear(x, weight, bias)
+    return h if approximate is None else gelu_ref(h, approximate, inplace=True)
 
 
 def _epilogue(h, approximate, inplace=False):

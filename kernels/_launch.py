@@ -317,15 +317,18 @@ def eager_training_call(args) -> bool:
 
 def inference_call(args) -> bool:
     """Whether a call with ``args`` (the first one a tensor) is eager inference on real tensors: nothing for
-    autograd to record, and no trace (:func:`_untraced`)."""
-    return not records_autograd(args) and _untraced(args)
+    autograd to record, and no trace (:func:`_untraced`). Grad mode is asked here first: under no_grad, where
+    inference runs, that answers without a call of :func:`records_autograd` (at small CPU batches a forward waits
+    on each Python call between its kernels)."""
+    return (not torch.is_grad_enabled() or not records_autograd(args)) and _untraced(args)
 
 
 def plain_inference(args) -> bool:
     """:func:`inference_call` with the profiler off (:func:`_plain_eager`): where an op may run its forward body
     alone, without the autograd Function, its context and the custom-op layers around it. At small batches a GPU
-    forward waits on this host time; a profiled call keeps the layers, through which the profiler names the op."""
-    return not records_autograd(args) and _plain_eager(args)
+    forward waits on this host time; a profiled call keeps the layers, through which the profiler names the op.
+    Grad mode first, as in :func:`inference_call`."""
+    return (not torch.is_grad_enabled() or not records_autograd(args)) and _plain_eager(args)
 
 
 class _Local(threading.local):
