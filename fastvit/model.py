@@ -33,13 +33,14 @@ from fastvit.glu_mlp import GluMlp, SwiGLU
 from fastvit.patch_dropout import PatchDropout
 from fastvit.weight_init import lecun_normal_, trunc_normal_
 from fastvit.registry import register_model, timm_archs
-from fastvit.kernels._launch import autocast_enabled
+from fastvit.kernels._launch import autocast_enabled, plain_tensors
 from fastvit.kernels.bias_gelu import gelu_ref
 from fastvit.kernels.flash_attention import num_relative_positions, relative_bias_dense
 from fastvit.resample import (_pair, resample_abs_pos_embed, resample_patch_embed, resample_pos_embed_1d,
                               resample_rel_pos_table)
-from fastvit.surgery import (call, fusable_layer_norm, fx_tracing, keep_original_forward, layer_norm, linear,
-                             output_may_fuse, passes_through, runs_unmodified, unedited, weight_and_bias)
+from fastvit.surgery import (all_pass_through, all_unedited, call, fusable_layer_norm, fx_tracing, keep_original_forward,
+                             layer_norm, linear, output_may_fuse, passes_through, runs_unmodified, unedited,
+                             weight_and_bias)
 
 POS_EMBEDS = ("learn", "learn_2d", "none", "rel")
 POS_EMBED_AT = ("stem", "every_layer", "every_layer_shared")
@@ -728,6 +729,11 @@ class Block(nn.Module):
         ``class_token_only`` (for :func:`class_token_suffices`) returns both at the class token's row alone: keys
         and values come from every token, the query, the projection and the MLP run on that row only.
         """
+        # (class_token_only is a training step's: never where block_inference applies, in grad mode off)
+        if attn_mask is None and not is_causal and ops.block_inference_applies(h, residual, self.backend):
+            parts = self._plain_parts()
+            if parts is not None:
+                return ops.block_inference(h, residual, *parts)
         m = self._modules  # submodules read once per call (weight_and_bias says why)
         norm1, attn, norm2, mlp = m["norm1"], m["attn"], m["norm2"], m["mlp"]
         if (fusable_layer_norm(norm1) and runs_unmodified(attn, Attention) and attn.fused_attn
@@ -761,6 +767,35 @@ class Block(nn.Module):
             residual = residual + h
             h = mlp(norm2(residual))
         return call(m["drop_path2"], call(m["ls2"], h)), residual
+
+
+    def _plain_parts(self):
+        """``ops.block_inference``'s arguments after z: (norm1, qkv, proj, norm2, fc1, fc2, heads, GELU) where every
+        submodule is the plain torch module it was built as (``surgery.runs_unmodified``: no hooks, patches or
+        wrappers) with plain tensors for parameters, the norms affine LayerNorms, the attention SDPA's without a relative-position bias, and every
+        dropout, drop-path, LayerScale and extra norm passes its input through; else None (the ops then run the
+        block as its modules say)."""
+        m = self._modules
+        attn, mlp = m["attn"], m["mlp"]
+        if not (all_unedited((attn, mlp), (Attention, Mlp)) and attn.fused_attn and attn.rel_pos_table is None):
+            return None
+        a, p = attn._modules, mlp._modules
+        norm1, norm2, act = m["norm1"], m["norm2"], p["act"]
+        linears = a["qkv"], a["proj"], p["fc1"], p["fc2"]
+        if not (all_unedited((act, *linears), _PLAIN_LAYER_CLASSES) and fusable_layer_norm(norm1)
+                and fusable_layer_norm(norm2) and all_pass_through((a["q_norm"], a["k_norm"], a["attn_drop"], a["norm"], a["proj_drop"], m["ls1"],
+                                      m["drop_path1"], p["drop1"], p["norm"], p["drop2"], m["ls2"],
+                                      m["drop_path2"]))):
+            return None
+        qkv, proj, fc1, fc2 = map(weight_and_bias, linears)
+        norms = weight_and_bias(norm1), weight_and_bias(norm2)
+        if not plain_tensors((*norms[0], *norms[1], *qkv, *proj, *fc1, *fc2)):  # e.g. a quantised weight
+            return None
+        return (*norms[0], norm1.eps), qkv, proj, (*norms[1], norm2.eps), fc1, fc2, attn.num_heads, act.approximate
+
+
+# the classes of Block._plain_parts's activation and four Linears, in its order
+_PLAIN_LAYER_CLASSES = (nn.GELU, nn.Linear, nn.Linear, nn.Linear, nn.Linear)
 
 
 class ResPostBlock(nn.Module):

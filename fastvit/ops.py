@@ -4,7 +4,8 @@ The model calls only these functions for patch embedding, residual add + LayerNo
 (plus two composites, LayerNorm + Linear and GELU + Linear, that recompute the LayerNorm / GELU output in backward
 instead of saving it, and on a GPU may run them inside our GEMMs; ``layer_norm_mlp``, a block's whole MLP branch,
 which in CPU inference runs the GELU in fc1's GEMM; ``linear_residual`` adds a Linear's residual in its GEMM;
-``linear``, the other Linears, is F.linear but on a CPU whose bf16 / fp16 GEMM is emulated).
+``linear``, the other Linears, is F.linear but on a CPU whose bf16 / fp16 GEMM is emulated; ``block_inference``, a
+whole block in plain CPU fp32 inference, where the Python between its kernels is what a small batch waits on).
 Each takes ``backend``:
 
 - ``"torch"``: the op's torch fallback (plain PyTorch math);
@@ -229,6 +230,39 @@ def layer_norm_mlp(x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, fc
     hidden = onednn.linear_gelu(y, fc1_weight, fc1_bias, approximate)
     del y  # freed before fc2's output is allocated: inference memory peaks here
     return onednn.linear(hidden, fc2_weight, fc2_bias), residual
+
+
+def block_inference_applies(h, residual, backend="auto") -> bool:
+    """Whether :func:`block_inference` may run a block on ``h`` (+ ``residual``): plain CPU inference in fp32 (grad
+    mode off, no autocast, no trace or transform) on the torch fallbacks (``backend``: not the Triton kernels, which
+    run CPU tensors under TRITON_INTERPRET=1), where the block's ops would each take their CPU inference branch."""
+    return (h.device.type == "cpu" and h.dtype == torch.float32 and not torch.is_grad_enabled()
+            and (residual is None or residual.dtype == torch.float32) and not torch.is_autocast_enabled("cpu")
+            and not transformed() and inference_call((h, residual)) and not use_triton(backend, h))
+
+
+def block_inference(h, residual, norm1, qkv, proj, norm2, fc1, fc2, num_heads, approximate="none"):
+    """A pre-LN block's (MLP branch, z') for z = h + residual, in plain CPU inference (:func:`block_inference_applies`):
+    z' = z + MSA(LN_1(z)), branch = MLP(LN_2(z')). ``norm1`` / ``norm2`` are (weight, bias, eps), ``qkv``, ``proj``,
+    ``fc1``, ``fc2`` (weight, bias); ``approximate`` fc1's GELU.
+
+    The same kernels, in the same order, as ``add_layer_norm_linear``, ``attention_qkv`` and ``layer_norm_mlp``
+    run in this mode (so the same values), called directly: at small CPU batches a forward waits on the Python
+    between its kernels, ~1.5-2.5 us a function call there (a block's ops walk about 180), where ~0.2 us timed
+    alone (bench/paired.py: ViT-Ti/16 at batch 1 0.89x timm with the ops, 1.04x this way)."""
+    # each intermediate is freed as soon as the ops' block frees it (the memory peak is theirs): the LayerNorms'
+    # outputs after their GEMMs, qkv before the MLP, the attention's output after its projection
+    z = h if residual is None else torch.add(h, residual)
+    packed = onednn.linear(F.layer_norm(z, z.shape[-1:], *norm1), *qkv)
+    b, n, d3 = packed.shape
+    heads = _flash_attention.split_qkv(packed.reshape(b, n, 3, num_heads, d3 // (3 * num_heads)))
+    del packed
+    out = F.scaled_dot_product_attention(*heads)
+    del heads
+    z = torch.add(F.linear(out.transpose(1, 2).reshape(b, n, d3 // 3), *proj), z)
+    del out
+    hidden = onednn.linear_gelu(F.layer_norm(z, z.shape[-1:], *norm2), *fc1, approximate)
+    return onednn.linear(hidden, *fc2), z
 
 
 def _inference(args, triton) -> bool:

@@ -15,10 +15,10 @@ from fastvit.drop import DropPath
 from fastvit.kernels._launch import autocast_enabled
 
 
-# torch's tables of global module hooks (registered and removed in place, never rebound), read on every check
-_GLOBAL_FORWARD, _GLOBAL_FORWARD_PRE, _GLOBAL_BACKWARD, _GLOBAL_BACKWARD_PRE = (
-    getattr(torch.nn.modules.module, f"_global_{kind}_hooks") for kind in ("forward", "forward_pre", "backward",
-                                                                            "backward_pre"))
+# torch's tables of global module hooks (registered and removed in place, never rebound), read on every check by
+# any() over this tuple: one C call, where a function of our own would cost a Python call (a block asks ~20 times)
+_GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, f"_global_{kind}_hooks")
+                      for kind in ("forward", "forward_pre", "backward", "backward_pre"))
 
 
 _MODULE_CALL = nn.Module.__call__
@@ -53,10 +53,13 @@ def runs_unmodified(module, cls) -> bool:
     parametrised or quantised layer, a weight that is not a parameter, a hook or a patched forward all have to run as
     the user left them.
     """
-    # the tables' truth values, read here rather than in a function of their own: a block asks ~20 times, and at
-    # small batches its forward waits on this Python
-    return (not (_GLOBAL_FORWARD or _GLOBAL_FORWARD_PRE or _GLOBAL_BACKWARD or _GLOBAL_BACKWARD_PRE)
-            and unedited(module, cls))
+    return not any(_GLOBAL_HOOKS) and unedited(module, cls)
+
+
+def all_unedited(modules, classes) -> bool:
+    """:func:`runs_unmodified` for each module of ``modules`` with the class at its place in ``classes``, the
+    global tables read once (a block's CPU inference asks about all its layers at once)."""
+    return not any(_GLOBAL_HOOKS) and all(map(unedited, modules, classes))
 
 
 def unedited(module, cls) -> bool:
@@ -88,6 +91,16 @@ def passes_through(module) -> bool:
     """Whether calling ``module`` would return its input unchanged, so the call (~3 us on the host) may be skipped:
     an unmodified nn.Identity, or an unmodified nn.Dropout / DropPath that is off (eval mode or p = 0). Never under
     torch.fx, where each module call is a node of its own."""
+    return _returns_input(module) and not any(_GLOBAL_HOOKS) and not fx_tracing()
+
+
+def all_pass_through(modules) -> bool:
+    """:func:`passes_through` for every module of ``modules``, torch.fx and the global tables asked once."""
+    return not any(_GLOBAL_HOOKS) and all(map(_returns_input, modules)) and not fx_tracing()
+
+
+def _returns_input(module) -> bool:
+    """An unedited nn.Identity, or an unedited nn.Dropout / DropPath that is off (global hooks and torch.fx aside)."""
     kind = type(module)
     if kind is nn.Identity:
         off = True
@@ -97,7 +110,7 @@ def passes_through(module) -> bool:
         off = not module.training or module.drop_prob == 0
     else:
         return False
-    return off and runs_unmodified(module, kind) and not fx_tracing()
+    return off and unedited(module, kind)
 
 
 def call(module, x):

@@ -262,6 +262,12 @@ def _remember(kernel, key, compiled, n_positional, kwargs):
 _PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, int, float, bool, type(None), torch.dtype, str))
 
 
+def plain_tensors(args) -> bool:
+    """Whether every one of ``args`` is a plain tensor, parameter, scalar or None: no tensor subclass (a quantised
+    weight, a DTensor, a fake tensor), which a call of our kernels or oneDNN's would not see through."""
+    return all(map(_PLAIN_TYPES.__contains__, map(type, args)))
+
+
 def _untraced(args):
     """Whether a call with ``args`` (the first one a tensor) runs on real tensors outside any trace: not traced by
     dynamo (checked first, so that dynamo folds it and never sees the rest), no dispatch mode (fake tensors,

@@ -1,0 +1,152 @@
+"""ops.block_inference: a whole pre-LN block in plain CPU fp32 inference, the ops' kernels called without their
+layers. It gives the bits the ops give (and timm's values), and steps aside for any edit, mode or dtype in which
+the block's modules or the ops' other branches must run."""
+import pytest
+import torch
+import torch.nn as nn
+
+import fastvit
+from _helpers import images, timm_pair
+from fastvit import ops
+
+CFG = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
+
+
+@pytest.fixture
+def lean_calls(monkeypatch):
+    """The blocks ops.block_inference ran, by call."""
+    calls = []
+    real = ops.block_inference
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+    monkeypatch.setattr(ops, "block_inference", counted)
+    return calls
+
+
+def _without_lean(model, x):
+    """model(x) with ops.block_inference turned down: every block through its ops, as before it existed."""
+    real = ops.block_inference_applies
+    ops.block_inference_applies = lambda *args: False
+    try:
+        return model(x)
+    finally:
+        ops.block_inference_applies = real
+
+
+@pytest.mark.parametrize("cfg", [{}, {"global_pool": "avg"}, {"class_token": False, "global_pool": "avg"},
+                                 {"mlp_ratio": 3.0, "act_layer": "gelu_tanh"}, {"num_heads": 2, "depth": 3}])
+def test_the_ops_bits_and_timms_values(cfg, lean_calls):
+    """Every block takes it, in eval and in train mode (no dropout on), and the logits and features are the ops'
+    to the bit and timm's within fp32 rounding."""
+    model, ref = timm_pair(**{**CFG, **cfg})
+    x = images()
+    with torch.no_grad():
+        out, features = model(x), model.forward_features(x)
+        assert len(lean_calls) == 2 * len(model.blocks)
+        assert torch.equal(out, _without_lean(model, x))
+        assert torch.equal(model.train()(x), out) and torch.equal(_without_lean(model, x), out)
+        assert torch.equal(features, _without_lean(model.forward_features, x))
+        torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-5)
+
+
+def _hook(net, path):
+    net.get_submodule(path).register_forward_hook(lambda m, i, o: o * 1.5 + 0.1)
+
+
+class _Scaled(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, **kwargs):
+        return self.inner(x, **kwargs) * 0.9
+
+
+def _wrap(net, path):
+    parent, _, name = path.rpartition(".")
+    setattr(net.get_submodule(parent), name, _Scaled(net.get_submodule(path)))
+
+
+@pytest.mark.parametrize("edit, path", [
+    (_hook, "blocks.0.norm1"), (_hook, "blocks.0.attn.qkv"), (_hook, "blocks.0.attn.proj"),
+    (_hook, "blocks.0.ls1"), (_hook, "blocks.0.mlp.act"),
+    (_hook, "blocks.0.mlp.fc2"), (_hook, "blocks.0.drop_path2"), (_hook, "blocks.0.attn.q_norm"),
+    (_wrap, "blocks.0.mlp.fc1"), (_wrap, "blocks.0.attn"), (_wrap, "blocks.0.mlp.norm")])
+def test_an_edited_block_runs_its_modules(edit, path, lean_calls):
+    """A hook or a wrapper anywhere in a block keeps that block on its modules (the edit acts as on timm); the
+    other block still takes the lean path."""
+    model, ref = timm_pair(**CFG)
+    for net in (model, ref):
+        edit(net, path)
+    x = images()
+    with torch.no_grad():
+        out = model(x)
+        assert len(lean_calls) == 1  # blocks.1
+        torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_global_hook_or_active_dropout_keeps_every_block_on_its_modules(lean_calls):
+    model, ref = timm_pair(**CFG, proj_drop_rate=0.5)
+    x = images()
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+    finally:
+        handle.remove()
+    assert lean_calls == []
+    model.blocks[1].mlp.drop2.train()  # MC dropout in one block
+    with torch.no_grad():
+        model(x)
+    assert len(lean_calls) == 1
+
+
+@pytest.mark.parametrize("cfg", [{"init_values": 0.1}, {"qk_norm": True}, {"pos_embed": "rel"}])
+def test_layers_it_does_not_cover_run_as_modules(cfg, lean_calls):
+    """LayerScale, q/k norms and a relative-position bias are not in the lean block: those blocks run their ops."""
+    model = fastvit.VisionTransformer(**CFG, **cfg).eval()
+    with torch.no_grad():
+        model(images())
+    assert lean_calls == []
+
+
+@pytest.mark.parametrize("mode", ["grad", "autocast", "bf16 model", "double"])
+def test_other_modes_and_dtypes_take_the_ops(mode, lean_calls):
+    """Training calls, autocast and dtypes other than fp32 keep the ops' branches (their dtype rules differ)."""
+    model, _ = timm_pair(**CFG)
+    x = images()
+    if mode == "grad":
+        model(x).sum().backward()
+    elif mode == "autocast":
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+    else:
+        dtype = torch.bfloat16 if mode == "bf16 model" else torch.float64
+        with torch.no_grad():
+            model.to(dtype)(x.to(dtype))
+    assert lean_calls == []
+
+
+class _TaggedParameter(nn.Parameter):
+    """A parameter subclass, as quantisation libraries put in a Linear's weight."""
+
+
+def test_a_subclassed_weight_keeps_its_block_on_its_ops(lean_calls):
+    model, ref = timm_pair(**CFG)
+    fc1 = model.blocks[0].mlp.fc1
+    fc1.weight = _TaggedParameter(fc1.weight.detach().clone())
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+    assert len(lean_calls) == 1
+
+
+def test_not_where_the_triton_kernels_run_on_cpu(monkeypatch):
+    """Under TRITON_INTERPRET=1 backend 'auto' runs our kernels on CPU tensors: the block keeps them."""
+    h = torch.randn(1, 5, 64)
+    with torch.no_grad():
+        assert ops.block_inference_applies(h, h) and ops.block_inference_applies(h, h, "torch")
+        monkeypatch.setattr(ops, "triton_interpreting", lambda: True)
+        assert not ops.block_inference_applies(h, h) and ops.block_inference_applies(h, h, "torch")
