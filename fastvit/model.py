@@ -38,9 +38,9 @@ from fastvit.kernels.bias_gelu import gelu_ref
 from fastvit.kernels.flash_attention import num_relative_positions, relative_bias_dense
 from fastvit.resample import (_pair, resample_abs_pos_embed, resample_patch_embed, resample_pos_embed_1d,
                               resample_rel_pos_table)
-from fastvit.surgery import (all_pass_through, all_unedited, call, fusable_layer_norm, fx_tracing, keep_original_forward,
-                             layer_norm, linear, output_may_fuse, passes_through, runs_unmodified, unedited,
-                             weight_and_bias)
+from fastvit.surgery import (all_pass_through, all_unedited, call, fusable_layer_norm, fx_tracing,
+                             keep_original_forward, layer_norm, linear, output_may_fuse, passes_through,
+                             runs_unmodified, unedited, weight_and_bias)
 
 POS_EMBEDS = ("learn", "learn_2d", "none", "rel")
 POS_EMBED_AT = ("stem", "every_layer", "every_layer_shared")
@@ -729,8 +729,8 @@ class Block(nn.Module):
         ``class_token_only`` (for :func:`class_token_suffices`) returns both at the class token's row alone: keys
         and values come from every token, the query, the projection and the MLP run on that row only.
         """
-        # (class_token_only is a training step's: never where block_inference applies, in grad mode off)
-        if attn_mask is None and not is_causal and ops.block_inference_applies(h, residual, self.backend):
+        if (not class_token_only and attn_mask is None and not is_causal
+                and ops.block_inference_applies(h, residual, self.backend)):
             parts = self._plain_parts()
             if parts is not None:
                 return ops.block_inference(h, residual, *parts)
@@ -770,32 +770,40 @@ class Block(nn.Module):
 
 
     def _plain_parts(self):
-        """``ops.block_inference``'s arguments after z: (norm1, qkv, proj, norm2, fc1, fc2, heads, GELU) where every
-        submodule is the plain torch module it was built as (``surgery.runs_unmodified``: no hooks, patches or
-        wrappers) with plain tensors for parameters, the norms affine LayerNorms, the attention SDPA's without a relative-position bias, and every
-        dropout, drop-path, LayerScale and extra norm passes its input through; else None (the ops then run the
-        block as its modules say)."""
+        """``ops.block_inference``'s arguments after z: (norm1, qkv, proj, norm2, fc1, fc2, heads, GELU), where the
+        ops' fused path would run every part of this block (the checks of :meth:`forward_pair`, ``attend``,
+        ``_project`` and ``Mlp.fc2_gelu``) and reach their plain CPU branches: every submodule the plain module
+        it was built as (``surgery.runs_unmodified``: no hooks, patches or wrappers) with fp32 plain tensors
+        for the norms' parameters, the attention's own methods and backend as built, no relative-position bias,
+        both dropouts before a GEMM off, and every other dropout, drop-path, LayerScale and extra norm passing its
+        input through; else None."""
         m = self._modules
         attn, mlp = m["attn"], m["mlp"]
-        if not (all_unedited((attn, mlp), (Attention, Mlp)) and attn.fused_attn and attn.rel_pos_table is None):
+        d = attn.__dict__
+        if not (all_unedited((attn, mlp), (Attention, Mlp)) and attn.fused_attn and attn.rel_pos_table is None
+                and attn.backend in ("torch", self.backend) and "attend" not in d and "_project" not in d
+                and Attention.attend is _ATTEND and Attention._project is _PROJECT):
             return None
         a, p = attn._modules, mlp._modules
-        norm1, norm2, act = m["norm1"], m["norm2"], p["act"]
+        norm1, norm2, act, attn_drop, drop1 = m["norm1"], m["norm2"], p["act"], a["attn_drop"], p["drop1"]
         linears = a["qkv"], a["proj"], p["fc1"], p["fc2"]
-        if not (all_unedited((act, *linears), _PLAIN_LAYER_CLASSES) and fusable_layer_norm(norm1)
-                and fusable_layer_norm(norm2) and all_pass_through((a["q_norm"], a["k_norm"], a["attn_drop"], a["norm"], a["proj_drop"], m["ls1"],
-                                      m["drop_path1"], p["drop1"], p["norm"], p["drop2"], m["ls2"],
-                                      m["drop_path2"]))):
+        if not (all_unedited((act, attn_drop, drop1, p["norm"], *linears),
+                             (nn.GELU, nn.Dropout, nn.Dropout, nn.Identity, nn.Linear, nn.Linear, nn.Linear, nn.Linear))
+                and (not attn.training or attn_drop.p == 0) and (not drop1.training or drop1.p == 0)
+                and fusable_layer_norm(norm1) and fusable_layer_norm(norm2)
+                and all_pass_through((a["q_norm"], a["k_norm"], a["norm"], a["proj_drop"], m["ls1"], m["drop_path1"],
+                                      p["drop2"], m["ls2"], m["drop_path2"]))):
             return None
         qkv, proj, fc1, fc2 = map(weight_and_bias, linears)
-        norms = weight_and_bias(norm1), weight_and_bias(norm2)
-        if not plain_tensors((*norms[0], *norms[1], *qkv, *proj, *fc1, *fc2)):  # e.g. a quantised weight
+        norms = (*weight_and_bias(norm1), *weight_and_bias(norm2))
+        # a quantised weight (a tensor subclass) runs the ops; so does a norm in another dtype, which they cast
+        if not (plain_tensors((*norms, *qkv, *proj, *fc1, *fc2))
+                and all(t.dtype == torch.float32 for t in norms)):
             return None
-        return (*norms[0], norm1.eps), qkv, proj, (*norms[1], norm2.eps), fc1, fc2, attn.num_heads, act.approximate
+        return (*norms[:2], norm1.eps), qkv, proj, (*norms[2:], norm2.eps), fc1, fc2, attn.num_heads, act.approximate
 
 
-# the classes of Block._plain_parts's activation and four Linears, in its order
-_PLAIN_LAYER_CLASSES = (nn.GELU, nn.Linear, nn.Linear, nn.Linear, nn.Linear)
+_ATTEND, _PROJECT = Attention.attend, Attention._project  # as defined, for Block._plain_parts's patch check
 
 
 class ResPostBlock(nn.Module):

@@ -139,9 +139,9 @@ IMPLS = {"fused": _fused, "unfused": _unfused}
 def fused_is_faster(x, weight, bias, dtype, rows, approximate="none", call_key=None) -> bool:
     """Whether the fused GEMM beat F.linear (+ F.gelu) for a product like this one (``rows`` rows of ``x``) on this
     CPU: timed once on the call's own inputs per dtype, row count (to the next power of two), widths, epilogue and
-    CPU (``fastvit.autotune``), and settled for ``call_key`` (``autotune.settled``). The answer differs between CPUs: oneDNN's fp32 GEMM trails MKL's at ViT widths on an
-    AVX2 EPYC (the fused one took 1.3-1.5x as long at 384 and 768 -> 4x, batch 8) and leads on CPUs with AVX-512
-    (README)."""
+    CPU (``fastvit.autotune``), and settled for ``call_key`` (``autotune.settled``). The answer differs between
+    CPUs: oneDNN's fp32 GEMM trails MKL's at ViT widths on an AVX2 EPYC (the fused one took 1.3-1.5x as long at 384
+    and 768 -> 4x, batch 8) and leads on CPUs with AVX-512 (README)."""
     fields = (("dtype", str(dtype)), ("rows", next_power_of_2(max(rows, 1))), ("in", x.shape[-1]),
               ("out", weight.shape[0]), ("bias", bias is not None))
     op = "linear" if approximate is None else "linear_gelu"

@@ -236,9 +236,11 @@ def block_inference_applies(h, residual, backend="auto") -> bool:
     """Whether :func:`block_inference` may run a block on ``h`` (+ ``residual``): plain CPU inference in fp32 (grad
     mode off, no autocast, no trace or transform) on the torch fallbacks (``backend``: not the Triton kernels, which
     run CPU tensors under TRITON_INTERPRET=1), where the block's ops would each take their CPU inference branch."""
-    return (h.device.type == "cpu" and h.dtype == torch.float32 and not torch.is_grad_enabled()
-            and (residual is None or residual.dtype == torch.float32) and not torch.is_autocast_enabled("cpu")
-            and not transformed() and inference_call((h, residual)) and not use_triton(backend, h))
+    # inference_call first: it answers for torch.fx's proxies (no plain tensors) before anything reads h
+    return (inference_call((h, residual)) and not torch.is_grad_enabled() and h.device.type == "cpu"
+            and h.dtype == torch.float32 and (residual is None or residual.dtype == torch.float32)
+            and not torch.is_autocast_enabled("cpu") and not transformed() and backend != "triton"
+            and not use_triton(backend, h))
 
 
 def block_inference(h, residual, norm1, qkv, proj, norm2, fc1, fc2, num_heads, approximate="none"):
@@ -250,8 +252,9 @@ def block_inference(h, residual, norm1, qkv, proj, norm2, fc1, fc2, num_heads, a
     run in this mode (so the same values), called directly: at small CPU batches a forward waits on the Python
     between its kernels, ~1.5-2.5 us a function call there (a block's ops walk about 180), where ~0.2 us timed
     alone (bench/paired.py: ViT-Ti/16 at batch 1 0.89x timm with the ops, 1.04x this way)."""
-    # each intermediate is freed as soon as the ops' block frees it (the memory peak is theirs): the LayerNorms'
-    # outputs after their GEMMs, qkv before the MLP, the attention's output after its projection
+    # F.layer_norm is the ops' native_layer_norm with their casts, in fp32 (block_inference_applies). Each
+    # intermediate is freed as soon as the ops' block frees it (the memory peak is theirs): the LayerNorms' outputs
+    # after their GEMMs, qkv before the MLP, the attention's output after its projection
     z = h if residual is None else torch.add(h, residual)
     packed = onednn.linear(F.layer_norm(z, z.shape[-1:], *norm1), *qkv)
     b, n, d3 = packed.shape

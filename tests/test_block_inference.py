@@ -150,3 +150,79 @@ def test_not_where_the_triton_kernels_run_on_cpu(monkeypatch):
         assert ops.block_inference_applies(h, h) and ops.block_inference_applies(h, h, "torch")
         monkeypatch.setattr(ops, "triton_interpreting", lambda: True)
         assert not ops.block_inference_applies(h, h) and ops.block_inference_applies(h, h, "torch")
+
+
+def _old_path(fn, *args):
+    """fn(*args) with ops.block_inference turned down."""
+    real = ops.block_inference_applies
+    ops.block_inference_applies = lambda *a: False
+    try:
+        return fn(*args)
+    finally:
+        ops.block_inference_applies = real
+
+
+def _attention_dropout_in_train_mode(model):
+    """model.train() with every nn.Dropout module back in eval: the attention's own mode sets its dropout."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.eval()
+
+
+def _attend_patched(model):
+    attn = model.blocks[0].attn
+    real = attn.attend
+    attn.attend = lambda *args, **kwargs: real(*args, **kwargs) * 0.5
+
+
+def _norm_in_fp64(model):
+    model.blocks[0].norm1.double()
+
+
+def _attention_backend_torch(model):
+    model.blocks[0].attn.backend = "torch"
+
+
+@pytest.mark.parametrize("edit, lean", [
+    (_attention_dropout_in_train_mode, 0), (_attend_patched, 1), (_norm_in_fp64, 1),
+    (lambda model: setattr(model.blocks[0].attn, "attn_drop", nn.Identity()), 1),
+    (lambda model: setattr(model.blocks[0].mlp, "drop1", nn.Identity()), 1),
+    (_attention_backend_torch, 2)])
+def test_what_the_ops_path_honours_keeps_it(edit, lean, lean_calls):
+    """Edits the ops' block path acts on without a hook: the attention's own training mode for its dropout, a
+    patched ``attend``, a norm's dtype (cast by the ops), an Identity where the ops want a Dropout (they then take
+    another path, other bits); an attention backend of 'torch' under a block's 'auto' is the same path."""
+    model, _ = timm_pair(**CFG, attn_drop_rate=0.5)
+    edit(model)
+    x = images()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        out = model(x)
+        assert len(lean_calls) == lean
+        torch.manual_seed(0)
+        assert torch.equal(out, _old_path(model, x))
+
+
+def test_blocks_trace_with_torch_fx():
+    model, _ = timm_pair(**CFG)
+    traced = torch.fx.symbolic_trace(model.blocks)
+    h = torch.randn(2, 17, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(h), model.blocks(h))
+
+
+def test_an_attention_backend_the_block_does_not_run_keeps_the_ops(lean_calls):
+    model, _ = timm_pair(**CFG)
+    model.blocks[0].attn.backend = "flash"
+    with torch.no_grad(), pytest.raises(RuntimeError, match="flash"):
+        model(images())
+    assert lean_calls == []
+
+
+def test_a_class_token_only_call_keeps_its_row(lean_calls):
+    model, _ = timm_pair(**CFG)
+    h = torch.randn(2, 17, 64)
+    with torch.no_grad():
+        out, residual = model.blocks[1].forward_pair(h, None, class_token_only=True)
+    assert out.shape == residual.shape == (2, 1, 64) and lean_calls == []
