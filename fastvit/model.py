@@ -768,7 +768,6 @@ class Block(nn.Module):
             h = mlp(norm2(residual))
         return call(m["drop_path2"], call(m["ls2"], h)), residual
 
-
     def _plain_parts(self):
         """``ops.block_inference``'s arguments after z: (norm1, qkv, proj, norm2, fc1, fc2, heads, GELU), where the
         ops' fused path would run every part of this block (the checks of :meth:`forward_pair`, ``attend``,

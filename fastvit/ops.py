@@ -251,7 +251,7 @@ def block_inference(h, residual, norm1, qkv, proj, norm2, fc1, fc2, num_heads, a
     The same kernels, in the same order, as ``add_layer_norm_linear``, ``attention_qkv`` and ``layer_norm_mlp``
     run in this mode (so the same values), called directly: at small CPU batches a forward waits on the Python
     between its kernels, ~1.5-2.5 us a function call there (a block's ops walk about 180), where ~0.2 us timed
-    alone (bench/paired.py: ViT-Ti/16 at batch 1 0.89x timm with the ops, 1.04x this way)."""
+    alone (bench/paired.py, fp32: ViT-Ti/16 at batch 1 0.89x timm with the ops, 0.93-0.97x this way)."""
     # F.layer_norm is the ops' native_layer_norm with their casts, in fp32 (block_inference_applies). Each
     # intermediate is freed as soon as the ops' block frees it (the memory peak is theirs): the LayerNorms' outputs
     # after their GEMMs, qkv before the MLP, the attention's output after its projection
