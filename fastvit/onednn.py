@@ -96,8 +96,8 @@ _CALL = "onednn"  # first in a call key of :func:`_linear_pointwise`: apart from
 
 def _linear_pointwise(x, weight, bias, approximate):
     dtype = compute_dtype(x)
-    if _gemm.in_fp32(x, dtype):
-        return _unfused(x, weight, bias, dtype, approximate)
+    if _gemm.in_fp32(x, dtype):  # the product in fp32 on rounded operands (kernels/_gemm.py)
+        return _epilogue(_gemm.linear(x, weight, bias), approximate, inplace=True)
     k = x.shape[-1]
     rows = x.numel() // max(k, 1)
     # a call like one before takes its settled choice in one lookup: three GEMMs a block ask, and at small batches
@@ -107,11 +107,7 @@ def _linear_pointwise(x, weight, bias, approximate):
     if impl is None:
         impl = ("fused" if worth_fusing(dtype, rows, k, weight.shape[0]) and supports(dtype, approximate)
                 and fused_is_faster(x, weight, bias, dtype, rows, approximate, call) else "unfused")
-    if impl == "fused":
-        return _fused(x, weight, bias, dtype, approximate)
-    # _unfused's product without _gemm.linear's test, answered above (in_fp32)
-    h = F.linear(x, weight, bias)
-    return h if approximate is None else gelu_ref(h, approximate, inplace=True)
+    return IMPLS[impl](x, weight, bias, dtype, approximate)
 
 
 def _epilogue(h, approximate, inplace=False):
@@ -120,9 +116,10 @@ def _epilogue(h, approximate, inplace=False):
 
 
 def _unfused(x, weight, bias, dtype, approximate="none"):
-    # GELU in place: the product is a fresh tensor nothing else holds, and inference keeps no pre-activation, so the
-    # (rows, 4D) activation takes one buffer instead of two (a lower peak, fewer fresh pages to fault in)
-    return _epilogue(_gemm.linear(x, weight, bias), approximate, inplace=True)
+    # F.linear: a product that does not run in fp32 (_linear_pointwise asks first). GELU in place: the product is a
+    # fresh tensor nothing else holds, and inference keeps no pre-activation, so the (rows, 4D) activation takes one
+    # buffer instead of two (a lower peak, fewer fresh pages to fault in)
+    return _epilogue(F.linear(x, weight, bias), approximate, inplace=True)
 
 
 def _fused(x, weight, bias, dtype, approximate="none"):

@@ -275,10 +275,7 @@ def _untraced(args):
     device."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or jit_tracing():
         return False
-    for a in args:
-        if type(a) not in _PLAIN_TYPES:
-            return False
-    return not args[0].is_meta
+    return plain_tensors(args) and not args[0].is_meta
 
 
 def _plain_eager(args):
