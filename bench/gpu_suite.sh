@@ -5,7 +5,8 @@
 #   numerics      bench/numerics.py (every op fwd/bwd at ViT-B/16 and H/14 shapes, tiny and B/16, fp32/fp16/bf16)
 #   ops           pytest-benchmark micro-benchmarks of each op, fastvit vs torch, and of our attention's dK/dV
 #                 tilings side by side (bench/test_ops_benchmark.py)
-#   overhead      bench/overhead.py: host time per call (the CPU of this machine, launches stubbed)
+#   overhead      bench/overhead.py: host time per call, launches stubbed on this machine's CPU (as CI runs it),
+#                 then with the real launches on the GPU (--device cuda, into overhead_cuda/)
 #   latency       bench/throughput.py --model B/16 at micro-batch 1, train and infer, eager: where the host
 #                 decides the speed, with the real launches (what overhead.py stubs) and the per-call choices of a
 #                 GPU run (fused GEMM, attention kernel), fastvit against timm
@@ -165,7 +166,8 @@ for s in "${STEPS[@]}"; do
         numerics) step numerics 120 $PY bench/numerics.py --models tiny,B/16 --out "$OUT" ;;
         ops) step ops 60 $PY -m pytest -q -p no:cacheprovider bench/test_ops_benchmark.py --benchmark-only \
                  --benchmark-max-time=0.2 --benchmark-json="$OUT/ops_benchmark.json" ;;
-        overhead) step overhead 30 $PY bench/overhead.py --out "$OUT" ;;
+        overhead) step overhead 30 $PY bench/overhead.py --out "$OUT"
+                  step overhead_cuda 90 $PY bench/overhead.py --device cuda --out "$OUT/overhead_cuda" ;;
         latency) step latency 60 $PY bench/throughput.py --model B/16 --micro-batch 1 --global-batch 32 --steps 3 \
                      --warmup 1 --out "$OUT/throughput_b16_batch1" ;;
         profile) step profile 60 $PY bench/profile.py --model B/16 --warmup 1 --steps 1 --out "$OUT" ;;

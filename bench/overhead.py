@@ -28,8 +28,15 @@ Each time is the best of ``--repeat`` rounds of ``--number`` calls (noise only a
 rounds interleaved so that load on the machine hits both. ``fwd`` is a forward call; ``fwd+bwd`` a forward and
 ``torch.autograd.grad`` of every output with respect to every input.
 
+With ``--device cuda`` (a GPU machine) nothing is stubbed: both sides run on CUDA tensors with their real
+launches (our kernels' and torch's), which is the host time item 3 of the speed issue asks about. The time is
+the thread's CPU time while it issues the calls (the tiny kernels finish faster than the host issues them, so
+the host is what a call costs); the GPU is synchronised between rounds, outside the timing. There are no launch
+counts then (``kernel_launches`` is null).
+
     python bench/overhead.py                     # results/overhead.json
     python bench/overhead.py --ops add_layer_norm,attention --number 500 --repeat 5 --depth 0
+    python bench/overhead.py --device cuda --out results/overhead_cuda
 """
 from __future__ import annotations
 
@@ -155,10 +162,11 @@ def triton_on_cpu_tensors():
         ops.triton_interpreting = saved
 
 
-def _call(case, impl, direction):
-    """A no-argument function running one call of ``case`` by ``impl`` ('fastvit' or 'torch')."""
+def _call(case, impl, direction, device="cpu"):
+    """A no-argument function running one call of ``case`` by ``impl`` ('fastvit' or 'torch') on ``device``."""
     grads = direction == "fwd+bwd"
-    inputs = {k: v.clone().requires_grad_(grads and k in case["grads"]) for k, v in case["inputs"].items()}
+    inputs = {k: v.to(device, copy=True).requires_grad_(grads and k in case["grads"])
+              for k, v in case["inputs"].items()}
     fn = (lambda: case["fastvit"](inputs, "triton")) if impl == "fastvit" else (lambda: case["torch"](inputs))
     if not grads:
         return fn
@@ -170,15 +178,16 @@ def _call(case, impl, direction):
     return fwd_bwd
 
 
-def measure(case, direction, number, repeat, launches):
+def measure(case, direction, number, repeat, launches, device="cpu"):
     """Best per-call microseconds of fastvit and torch, rounds interleaved; and fastvit's launches per call."""
-    return measure_calls({impl: _call(case, impl, direction) for impl in ("fastvit", "torch")}, number, repeat,
-                         launches)
+    return measure_calls({impl: _call(case, impl, direction, device) for impl in ("fastvit", "torch")}, number,
+                         repeat, launches, device)
 
 
-def model_calls(depth, direction):
+def model_calls(depth, direction, device="cpu"):
     """{"fastvit": f, "timm": g}: one forward (eval, no_grad) or one training forward + backward of a ``depth``-block
-    ``MODEL`` on one image, the two models with the same weights, fastvit's on backend 'triton' (module doc)."""
+    ``MODEL`` on one image, the two models with the same weights, fastvit's on backend 'triton' (module doc), on
+    ``device``."""
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
     from fastvit.model import VisionTransformer
@@ -187,10 +196,10 @@ def model_calls(depth, direction):
     models = {"timm": TimmViT(**cfg)}
     models["fastvit"] = VisionTransformer(**cfg, backend="triton")
     models["fastvit"].load_state_dict(models["timm"].state_dict())
-    x = torch.randn(1, 3, cfg["img_size"], cfg["img_size"])
+    x = torch.randn(1, 3, cfg["img_size"], cfg["img_size"], device=device)
     calls = {}
     for name in ("fastvit", "timm"):
-        model = models[name].train(direction == "fwd+bwd")
+        model = models[name].to(device).train(direction == "fwd+bwd")
         if direction == "fwd":
             calls[name] = torch.no_grad()(functools.partial(model, x))
         else:
@@ -198,24 +207,40 @@ def model_calls(depth, direction):
     return calls
 
 
-def measure_calls(calls, number, repeat, launches):
+def measure_calls(calls, number, repeat, launches, device="cpu"):
     """Best per-call microseconds of each call in ``calls`` ({"fastvit": f, other: g}), rounds interleaved; and
-    fastvit's launches per call."""
-    for fn in calls.values():  # first calls build caches (kernel keys, autograd graph pools)
+    fastvit's launches per call (None where ``launches`` is: real launches are not counted)."""
+    cuda = torch.device(device).type == "cuda"
+    for fn in calls.values():  # first calls build caches (kernel keys, autograd graph pools; compile on a GPU)
         for _ in range(3):
             fn()
-    before = launches[0]
-    calls["fastvit"]()
-    per_call = launches[0] - before
+    per_call = None
+    if launches is not None:
+        before = launches[0]
+        calls["fastvit"]()
+        per_call = launches[0] - before
     best = {impl: float("inf") for impl in calls}
     for _ in range(repeat):
         for impl, fn in calls.items():
+            if cuda:  # a round starts with an idle GPU: the host never waits on a full launch queue
+                torch.cuda.synchronize(device)
             best[impl] = min(best[impl], timeit.Timer(fn, timer=time.thread_time).timeit(number) / number * 1e6)
     return best, per_call
 
 
 def _launches(n):
-    return f"{n} launch{'' if n == 1 else 'es'}"
+    return "real launches" if n is None else f"{n} launch{'' if n == 1 else 'es'}"
+
+
+@contextlib.contextmanager
+def host_path(device):
+    """The launch path of the run: stubbed launches of kernels taken on CPU tensors (yields their counter), or on
+    a GPU the real ones (yields None)."""
+    if torch.device(device).type == "cuda":
+        yield None
+        return
+    with stubbed_launches() as launches, triton_on_cpu_tensors():
+        yield launches
 
 
 def main(argv=None):
@@ -227,8 +252,13 @@ def main(argv=None):
                    help="blocks of the whole-model rows (fastvit's model against timm's; 0 leaves them out)")
     p.add_argument("--model-number", type=int, default=10,
                    help="calls per timed round of the whole-model rows (a call is a whole forward or step)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cpu: launches stubbed (CI); cuda: real launches on a GPU (module doc)")
     p.add_argument("--out", default="results", help="output folder for overhead.json")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda needs a CUDA GPU (torch.cuda.is_available() is False); the default, --device cpu, "
+                "stubs the launches instead")
     names = common.choice_list(p, args.ops, MEASURED_OPS, "op")
     if args.number < 1 or args.repeat < 1 or args.model_number < 1:
         p.error("--number, --repeat and --model-number must be at least 1")
@@ -241,12 +271,12 @@ def main(argv=None):
     t_start = time.perf_counter()
     print("host time per call, best of the rounds; ratio = fastvit / torch (or timm): above 1, fastvit's host path "
           "is the slower", flush=True)
-    with stubbed_launches() as launches, triton_on_cpu_tensors():
+    with host_path(args.device) as launches:
         for case in tiny_cases():
             if case["op"] not in names:
                 continue
             for direction in DIRECTIONS:
-                best, per_call = measure(case, direction, args.number, args.repeat, launches)
+                best, per_call = measure(case, direction, args.number, args.repeat, launches, args.device)
                 row = {"op": case["op"], "direction": direction, "shape": case["shape"],
                        "fastvit_us": best["fastvit"], "torch_us": best["torch"],
                        "ratio": best["fastvit"] / best["torch"], "kernel_launches": per_call}
@@ -255,8 +285,8 @@ def main(argv=None):
                       f"{row['torch_us']:7.1f} us  ratio {row['ratio']:5.2f}  ({_launches(per_call)})", flush=True)
         models = []
         for direction in DIRECTIONS if args.depth else ():
-            best, per_call = measure_calls(model_calls(args.depth, direction), args.model_number, args.repeat,
-                                           launches)
+            best, per_call = measure_calls(model_calls(args.depth, direction, args.device), args.model_number,
+                                           args.repeat, launches, args.device)
             row = {"model": f"ViT depth {args.depth} width {MODEL['embed_dim']}, 1 image", "direction": direction,
                    "fastvit_us": best["fastvit"], "timm_us": best["timm"], "ratio": best["fastvit"] / best["timm"],
                    "kernel_launches": per_call}
@@ -265,7 +295,8 @@ def main(argv=None):
                   f"{row['timm_us']:7.1f} us  ratio {row['ratio']:5.2f}  ({_launches(per_call)}; {row['model']})",
                   flush=True)
     result = {"ops": rows, "models": models, "number": args.number, "model_number": args.model_number,
-              "repeat": args.repeat, "threads": 1}
+              "repeat": args.repeat, "threads": 1, "device": args.device,
+              "launches": "stubbed" if launches is not None else "real"}
     result = common.write_result(out / "overhead.json", result, args, t_start)
     print(f"wrote {out / 'overhead.json'} in {result['seconds']:.0f}s")
 

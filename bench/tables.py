@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Markdown tables from one results folder written by bench/gpu_suite.sh (the tables the README quotes).
 
-Reads what is there of ``throughput_*/throughput.json``, ``profile.json``, ``numerics.json``, ``overhead.json``,
-``loader.json``, ``residual_dtype.json``, ``ops_benchmark.json`` (pytest-benchmark) and ``autotune/autotune.json``
-(the choices ``fastvit.autotune`` measured during the runs) and writes ``summary.md`` beside them, headed by the
-date, GPU, torch and triton versions the files record. Nothing is measured here.
+Reads what is there of ``throughput_*/throughput.json``, ``profile.json``, ``numerics.json``, ``overhead.json``
+(and ``overhead_cuda/overhead.json``, the real launches), ``loader.json``, ``residual_dtype.json``,
+``ops_benchmark.json`` (pytest-benchmark) and ``autotune/autotune.json`` (the choices ``fastvit.autotune`` measured
+during the runs) and writes ``summary.md`` beside them, headed by the date, GPU, torch and triton versions the files
+record. Nothing is measured here.
 
     python bench/tables.py bench/results/nvidia-h200
     python bench/tables.py bench/results/nvidia-h200 --readme README.md   # and the README's GPU tables
@@ -87,14 +88,19 @@ def overhead_table(data):
     """Per op against the torch ops it replaces; then, where the file has them, the whole model against timm's."""
     table = common.markdown_table(["op", "direction", "fastvit us", "torch us", "ratio", "launches"],
                                   [[r["op"], r["direction"], f"{r['fastvit_us']:.1f}", f"{r['torch_us']:.1f}",
-                                    f"{r['ratio']:.2f}", r["kernel_launches"]] for r in data["ops"]])
+                                    f"{r['ratio']:.2f}", _count(r["kernel_launches"])] for r in data["ops"]])
     models = data.get("models")
     if not models:
         return table
     return table + "\n\n" + common.markdown_table(
         ["model", "direction", "fastvit us", "timm us", "ratio", "launches"],
         [[r["model"], r["direction"], f"{r['fastvit_us']:.1f}", f"{r['timm_us']:.1f}", f"{r['ratio']:.2f}",
-          r["kernel_launches"]] for r in models])
+          _count(r["kernel_launches"])] for r in models])
+
+
+def _count(n):
+    """A launch count, or "real" where the launches ran and were not counted (--device cuda)."""
+    return "real" if n is None else n
 
 
 def residual_dtype_table(data):
@@ -246,10 +252,12 @@ def summary(folder):
     throughput = _throughput_files(folder)
     profile, numerics, overhead = (_load(folder / f) for f in ("profile.json", "numerics.json", "overhead.json"))
     profile_compile = _load(folder / "profile_compile" / "profile.json")
+    overhead_cuda = _load(folder / "overhead_cuda" / "overhead.json")
     ops_bench, loader = _load(folder / "ops_benchmark.json"), _load(folder / "loader.json")
     resid = _load(folder / "residual_dtype.json")
     choices = _load(folder / "autotune" / "autotune.json")
-    found = [d for d in (*throughput, profile, profile_compile, numerics, overhead, loader, resid) if d]
+    found = [d for d in (*throughput, profile, profile_compile, numerics, overhead, overhead_cuda, loader, resid)
+             if d]
     if not found and not ops_bench:
         raise SystemExit(f"no results in {folder}: it holds none of throughput.json (or throughput_*/), "
                          f"profile.json, numerics.json, overhead.json, ops_benchmark.json, loader.json, "
@@ -261,6 +269,9 @@ def summary(folder):
              ""]
     lines += throughput_sections(throughput, env)
     lines += profile_section(profile, env) + profile_section(profile_compile, env)
+    if overhead_cuda:
+        lines += ["## Host time per call on the GPU (bench/overhead.py --device cuda; real launches)", "",
+                  *caveats(overhead_cuda, env), overhead_table(overhead_cuda), ""]
     if overhead:
         lines += ["## Host time per call (bench/overhead.py; this machine's CPU, launches stubbed)", "",
                   *caveats(overhead, env), overhead_table(overhead), ""]

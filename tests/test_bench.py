@@ -343,6 +343,7 @@ def test_overhead_smoke(tmp_path):
                 "--model-number", "2", "--out", str(tmp_path)])
     data = _result(tmp_path / "overhead.json")
     assert "attention" in out
+    assert data["device"] == "cpu" and data["launches"] == "stubbed"
     ops = {(r["op"], r["direction"]) for r in data["ops"]}
     assert ops == {(op, d) for op in ("patch_embed", "add_layer_norm", "bias_gelu", "attention",
                                       "add_layer_norm_linear", "bias_gelu_linear") for d in ("fwd", "fwd+bwd")}
@@ -360,6 +361,31 @@ def test_overhead_smoke(tmp_path):
     for r in models.values():
         assert r["model"] == "ViT depth 2 width 64, 1 image"
         assert _positive_float(r["fastvit_us"]) and r["ratio"] == pytest.approx(r["fastvit_us"] / r["timm_us"])
+
+
+def test_overhead_on_cuda_needs_a_gpu(tmp_path):
+    """--device cuda times the real launches on a GPU; without one it says so and names the default."""
+    proc = subprocess.run([sys.executable, "bench/overhead.py", "--device", "cuda", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--device cuda needs a CUDA GPU" in proc.stderr, proc.stderr
+    assert not (tmp_path / "overhead.json").exists()
+
+
+def test_summary_tables_host_time_with_real_launches_apart_from_stubbed(tmp_path):
+    """overhead_cuda/overhead.json (real launches, no counts) gets its own section, before the stubbed one."""
+    def write(path, device, ratio, launches):
+        row = {"op": "add_layer_norm", "direction": "fwd", "fastvit_us": 10.0 * ratio, "torch_us": 10.0,
+               "ratio": ratio, "kernel_launches": launches}
+        path.mkdir(exist_ok=True)
+        (path / "overhead.json").write_text(json.dumps({"env": {"gpu": "NVIDIA H200"}, "ops": [row], "models": [],
+                                                        "device": device}))
+    write(tmp_path, "cpu", 2.25, 1)
+    write(tmp_path / "overhead_cuda", "cuda", 0.75, None)
+    summary = (_load_bench("tables").summary(tmp_path)).read_text()
+    gpu, cpu = summary.split("## Host time per call on the GPU (bench/overhead.py --device cuda; real launches)")[1] \
+        .split("## Host time per call (bench/overhead.py; this machine's CPU, launches stubbed)")
+    assert "| add_layer_norm | fwd | 7.5 | 10.0 | 0.75 | real |" in gpu
+    assert "| add_layer_norm | fwd | 22.5 | 10.0 | 2.25 | 1 |" in cpu
 
 
 def test_gpu_suite_needs_a_gpu_and_dry_runs_on_cpu(tmp_path):
