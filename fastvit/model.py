@@ -731,7 +731,7 @@ class Block(nn.Module):
         """
         if (not class_token_only and attn_mask is None and not is_causal
                 and ops.block_inference_applies(h, residual, self.backend)):
-            parts = self._plain_parts()
+            parts = self._plain_parts(h.dtype)
             if parts is not None:
                 return ops.block_inference(h, residual, *parts)
         m = self._modules  # submodules read once per call (weight_and_bias says why)
@@ -768,14 +768,14 @@ class Block(nn.Module):
             h = mlp(norm2(residual))
         return call(m["drop_path2"], call(m["ls2"], h)), residual
 
-    def _plain_parts(self):
+    def _plain_parts(self, dtype):
         """``ops.block_inference``'s arguments after z: (norm1, qkv, proj, norm2, fc1, fc2, heads, GELU), where the
         ops' fused path would run every part of this block (the checks of :meth:`forward_pair`, ``attend``,
-        ``_project`` and ``Mlp.fc2_gelu``) and reach their plain CPU branches: every submodule the plain module
-        it was built as (``surgery.runs_unmodified``: no hooks, patches or wrappers) with fp32 plain tensors
-        for the norms' parameters, the attention's own methods and backend as built, no relative-position bias,
-        both dropouts before a GEMM off, and every other dropout, drop-path, LayerScale and extra norm passing its
-        input through; else None."""
+        ``_project`` and ``Mlp.fc2_gelu``) and reach their plain CPU branches for a block input of ``dtype``: every
+        submodule the plain module it was built as (``surgery.runs_unmodified``: no hooks, patches or wrappers) with
+        plain tensors in fp32 or ``dtype`` for the norms' parameters, the attention's own methods and backend as
+        built, no relative-position bias, both dropouts before a GEMM off, and every other dropout, drop-path,
+        LayerScale and extra norm passing its input through; else None."""
         m = self._modules
         attn, mlp = m["attn"], m["mlp"]
         d = attn.__dict__
@@ -797,7 +797,7 @@ class Block(nn.Module):
         norms = (*weight_and_bias(norm1), *weight_and_bias(norm2))
         # a quantised weight (a tensor subclass) runs the ops; so does a norm in another dtype, which they cast
         if not (plain_tensors((*norms, *qkv, *proj, *fc1, *fc2))
-                and all(t.dtype == torch.float32 for t in norms)):
+                and all(t.dtype == torch.float32 or t.dtype == dtype for t in norms)):
             return None
         return (*norms[:2], norm1.eps), qkv, proj, (*norms[2:], norm2.eps), fc1, fc2, attn.num_heads, act.approximate
 

@@ -232,13 +232,18 @@ def layer_norm_mlp(x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, fc
     return onednn.linear(hidden, fc2_weight, fc2_bias), residual
 
 
+# the dtypes of h (and of the model) a lean block runs in: timm's fp32 and the 16-bit casts of a model
+LEAN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def block_inference_applies(h, residual, backend="auto") -> bool:
-    """Whether :func:`block_inference` may run a block on ``h`` (+ ``residual``): plain CPU inference in fp32 (grad
-    mode off, no autocast, no trace or transform) on the torch fallbacks (``backend``: not the Triton kernels, which
-    run CPU tensors under TRITON_INTERPRET=1), where the block's ops would each take their CPU inference branch."""
+    """Whether :func:`block_inference` may run a block on ``h`` (+ ``residual``): plain CPU inference (grad mode off,
+    no autocast, no trace or transform) in fp32, bf16 or fp16 (a model cast to that dtype; ``residual`` in ``h``'s) on
+    the torch fallbacks (``backend``: not the Triton kernels, which run CPU tensors under TRITON_INTERPRET=1), where
+    the block's ops would each take their CPU inference branch."""
     # inference_call first: it answers for torch.fx's proxies (no plain tensors) before anything reads h
     return (inference_call((h, residual)) and not torch.is_grad_enabled() and h.device.type == "cpu"
-            and h.dtype == torch.float32 and (residual is None or residual.dtype == torch.float32)
+            and h.dtype in LEAN_DTYPES and (residual is None or residual.dtype == h.dtype)
             and not torch.is_autocast_enabled("cpu") and not transformed() and backend != "triton"
             and not use_triton(backend, h))
 
@@ -252,9 +257,10 @@ def block_inference(h, residual, norm1, qkv, proj, norm2, fc1, fc2, num_heads, a
     run in this mode (so the same values), called directly: at small CPU batches a forward waits on the Python
     between its kernels, ~1.5-2.5 us a function call there (a block's ops walk about 180), where ~0.2 us timed
     alone (bench/paired.py, fp32: ViT-Ti/16 at batch 1 0.89x timm with the ops, 0.93-0.97x this way)."""
-    # F.layer_norm is the ops' native_layer_norm with their casts, in fp32 (block_inference_applies). Each
-    # intermediate is freed as soon as the ops' block frees it (the memory peak is theirs): the LayerNorms' outputs
-    # after their GEMMs, qkv before the MLP, the attention's output after its projection
+    # F.layer_norm is the ops' inference LayerNorm (add_layer_norm_inference), proj's product ops.linear, as
+    # Attention._project calls it. Each intermediate is freed as soon as the ops' block frees it (the memory peak is
+    # theirs): the LayerNorms' outputs after their GEMMs, qkv before the MLP, the attention's output after its
+    # projection
     z = h if residual is None else torch.add(h, residual)
     packed = onednn.linear(F.layer_norm(z, z.shape[-1:], *norm1), *qkv)
     b, n, d3 = packed.shape
@@ -262,7 +268,7 @@ def block_inference(h, residual, norm1, qkv, proj, norm2, fc1, fc2, num_heads, a
     del packed
     out = F.scaled_dot_product_attention(*heads)
     del heads
-    z = torch.add(F.linear(out.transpose(1, 2).reshape(b, n, d3 // 3), *proj), z)
+    z = torch.add(linear(out.transpose(1, 2).reshape(b, n, d3 // 3), *proj), z)
     del out
     hidden = onednn.linear_gelu(F.layer_norm(z, z.shape[-1:], *norm2), *fc1, approximate)
     return onednn.linear(hidden, *fc2), z

@@ -138,15 +138,20 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight
     return (y, *launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y))
 
 
-def _add_layer_norm_torch(x, residual, weight, bias, eps, residual_in_fp32, y_dtype=None):
+def _add_layer_norm_torch(x, residual, weight, bias, eps, residual_in_fp32, y_dtype=None, keep_stats=True):
     """The kernel's math by torch's own ops: (y, new_residual, mean, rstd), new_residual x itself where it equals x.
     The sum in fp32 (torch adds 16-bit values in fp32 too), rounded once to the residual's dtype, then normalised
     with fp32 statistics and rounded once to x's dtype or ``y_dtype`` (an fp32 model gets nn.LayerNorm's bits, as a
-    traced or edited one does)."""
+    traced or edited one does). Without ``keep_stats`` (inference) the statistics may come out in another dtype."""
     res = cast(x if residual is None else torch.add(x, residual), _residual_dtype(x, residual, residual_in_fp32))
     # fp32 parameters: fp32 statistics for any input (torch's mixed-dtype LayerNorm for a 16-bit one); fp64 for an
-    # fp64 one
-    p_dtype = accumulation_dtype(res.dtype)
+    # fp64 one. Where nothing keeps the statistics, parameters in res's dtype (a model cast to 16 bits) are taken as
+    # they are: torch's LayerNorm computes y in fp32 from them either way (timm's bits), and the two casts cost more
+    # than a 16-bit LayerNorm of one image on a CPU (bench/paired.py, ViT-S/16 bf16 model, batch 1)
+    if keep_stats or weight.dtype != res.dtype or bias.dtype != res.dtype:
+        p_dtype = accumulation_dtype(res.dtype)
+    else:
+        p_dtype = res.dtype
     y, mean, rstd = torch.native_layer_norm(res, (x.shape[-1],), cast(weight, p_dtype), cast(bias, p_dtype), eps)
     return cast(y, y_dtype or x.dtype), res, mean, rstd
 
@@ -158,7 +163,7 @@ def add_layer_norm_inference(x, residual, weight, bias, eps, residual_in_fp32, u
     small batches a forward is mostly host time)."""
     x2, r2, _ = _check_ln_args(x, residual, weight, bias)
     if not use_triton:
-        y, res, _, _ = _add_layer_norm_torch(x, residual, weight, bias, eps, residual_in_fp32)
+        y, res, _, _ = _add_layer_norm_torch(x, residual, weight, bias, eps, residual_in_fp32, keep_stats=False)
         return y, res
     y = torch.empty_like(x2, memory_format=torch.contiguous_format)
     res = launch_add_layer_norm(x2, r2, weight, bias, eps, residual_in_fp32, y, keep=False)[0]

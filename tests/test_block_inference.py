@@ -1,6 +1,6 @@
-"""ops.block_inference: a whole pre-LN block in plain CPU fp32 inference, the ops' kernels called without their
-layers. It gives the bits the ops give (and timm's values), and steps aside for any edit, mode or dtype in which
-the block's modules or the ops' other branches must run."""
+"""ops.block_inference: a whole pre-LN block in plain CPU inference (fp32, or a model cast to bf16 / fp16), the ops'
+kernels called without their layers. It gives the bits the ops give (and timm's values), and steps aside for any
+edit, mode or dtype in which the block's modules or the ops' other branches must run."""
 import pytest
 import torch
 import torch.nn as nn
@@ -112,9 +112,50 @@ def test_layers_it_does_not_cover_run_as_modules(cfg, lean_calls):
     assert lean_calls == []
 
 
-@pytest.mark.parametrize("mode", ["grad", "autocast", "bf16 model", "double"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fp32_norms", [False, True])
+def test_a_model_cast_to_16_bits_takes_it_with_the_ops_bits(dtype, fp32_norms, lean_calls):
+    """model.to(bf16 / fp16), also with its LayerNorms kept in fp32 (a mixed-precision recipe): every block takes
+    the lean path, with the ops' logits and features to the bit and timm's (cast alike) within 16-bit rounding."""
+    model, ref = timm_pair(**CFG)
+    for net in (model, ref):
+        net.to(dtype)
+        if fp32_norms:
+            for module in net.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.float()
+    x = images().to(dtype)
+    with torch.no_grad():
+        out, features = model(x), model.forward_features(x)
+        assert out.dtype == features.dtype == dtype and len(lean_calls) == 2 * len(model.blocks)
+        assert torch.equal(out, _without_lean(model, x))
+        assert torch.equal(features, _without_lean(model.forward_features, x))
+        torch.testing.assert_close(out.float(), ref(x).float(), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_inference_layer_norm_takes_16_bit_parameters_as_they_are(dtype):
+    """Where nothing keeps the statistics, a 16-bit LayerNorm's parameters are not cast to fp32 first: the output
+    is the one the fp32 parameters give (the ops' training forward, which keeps fp32 statistics) and
+    nn.LayerNorm's own (timm's) for the same sum."""
+    gen = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(2, 17, 64, generator=gen).to(dtype) for _ in range(2))
+    norm = nn.LayerNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.add_(0.1 * torch.randn(64, generator=gen))
+        norm.bias.add_(0.1 * torch.randn(64, generator=gen))
+    norm.to(dtype)
+    w, b = norm.weight.detach(), norm.bias.detach()
+    with torch.no_grad():
+        y, res = ops.add_layer_norm(x, r, w, b, 1e-6, backend="torch")
+    y_kept, res_kept = ops.add_layer_norm(x, r, w.requires_grad_(), b, 1e-6, backend="torch")
+    assert torch.equal(res, res_kept) and torch.equal(res, x + r)
+    assert torch.equal(y, y_kept) and torch.equal(y, norm(x + r))
+
+
+@pytest.mark.parametrize("mode", ["grad", "autocast", "double"])
 def test_other_modes_and_dtypes_take_the_ops(mode, lean_calls):
-    """Training calls, autocast and dtypes other than fp32 keep the ops' branches (their dtype rules differ)."""
+    """Training calls, autocast and fp64 keep the ops' branches (their dtype rules differ)."""
     model, _ = timm_pair(**CFG)
     x = images()
     if mode == "grad":
@@ -123,9 +164,8 @@ def test_other_modes_and_dtypes_take_the_ops(mode, lean_calls):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             model(x)
     else:
-        dtype = torch.bfloat16 if mode == "bf16 model" else torch.float64
         with torch.no_grad():
-            model.to(dtype)(x.to(dtype))
+            model.double()(x.double())
     assert lean_calls == []
 
 
