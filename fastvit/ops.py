@@ -232,20 +232,24 @@ def layer_norm_mlp(x, residual, norm_weight, norm_bias, fc1_weight, fc1_bias, fc
     return onednn.linear(hidden, fc2_weight, fc2_bias), residual
 
 
-# the dtypes of h (and of the model) a lean block runs in: timm's fp32 and the 16-bit casts of a model
+# the dtypes of h (and of the model) a lean block runs in without autocast: timm's fp32 and a model cast to 16 bits
 LEAN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def block_inference_applies(h, residual, backend="auto") -> bool:
     """Whether :func:`block_inference` may run a block on ``h`` (+ ``residual``): plain CPU inference (grad mode off,
-    no autocast, no trace or transform) in fp32, bf16 or fp16 (a model cast to that dtype; ``residual`` in ``h``'s) on
-    the torch fallbacks (``backend``: not the Triton kernels, which run CPU tensors under TRITON_INTERPRET=1), where
-    the block's ops would each take their CPU inference branch."""
+    no trace or transform) on the torch fallbacks (``backend``: not the Triton kernels, which run CPU tensors under
+    TRITON_INTERPRET=1), where the block's ops would each take their CPU inference branch; in fp32, bf16 or fp16 (a
+    model cast to that dtype; ``residual`` in ``h``'s), or under autocast with the stream in fp32 or the autocast
+    dtype."""
     # inference_call first: it answers for torch.fx's proxies (no plain tensors) before anything reads h
-    return (inference_call((h, residual)) and not torch.is_grad_enabled() and h.device.type == "cpu"
-            and h.dtype in LEAN_DTYPES and (residual is None or residual.dtype == h.dtype)
-            and not torch.is_autocast_enabled("cpu") and not transformed() and backend != "triton"
-            and not use_triton(backend, h))
+    if not (inference_call((h, residual)) and not torch.is_grad_enabled() and h.device.type == "cpu"
+            and not transformed() and backend != "triton" and not use_triton(backend, h)):
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        dtypes = (torch.float32, torch.get_autocast_dtype("cpu"))
+        return h.dtype in dtypes and (residual is None or residual.dtype in dtypes)
+    return h.dtype in LEAN_DTYPES and (residual is None or residual.dtype == h.dtype)
 
 
 def block_inference(h, residual, norm1, qkv, proj, norm2, fc1, fc2, num_heads, approximate="none"):
@@ -257,20 +261,22 @@ def block_inference(h, residual, norm1, qkv, proj, norm2, fc1, fc2, num_heads, a
     run in this mode (so the same values), called directly: at small CPU batches a forward waits on the Python
     between its kernels, ~1.5-2.5 us a function call there (a block's ops walk about 180), where ~0.2 us timed
     alone (bench/paired.py, fp32: ViT-Ti/16 at batch 1 0.89x timm with the ops, 0.93-0.97x this way)."""
-    # F.layer_norm is the ops' inference LayerNorm (add_layer_norm_inference), proj's product ops.linear, as
-    # Attention._project calls it. Each intermediate is freed as soon as the ops' block frees it (the memory peak is
-    # theirs): the LayerNorms' outputs after their GEMMs, qkv before the MLP, the attention's output after its
-    # projection
+    # F.layer_norm is the ops' inference LayerNorm (add_layer_norm_inference; CPU autocast leaves it as it is),
+    # its output in the dtype of the branch it follows as there; proj's product ops.linear, as Attention._project
+    # calls it. Each intermediate is freed as soon as the ops' block frees it (the memory peak is theirs): the
+    # LayerNorms' outputs after their GEMMs, qkv before the MLP, the attention's output after its projection
     z = h if residual is None else torch.add(h, residual)
-    packed = onednn.linear(F.layer_norm(z, z.shape[-1:], *norm1), *qkv)
+    packed = onednn.linear(cast(F.layer_norm(z, z.shape[-1:], *norm1), h.dtype), *qkv)
     b, n, d3 = packed.shape
     heads = _flash_attention.split_qkv(packed.reshape(b, n, 3, num_heads, d3 // (3 * num_heads)))
     del packed
     out = F.scaled_dot_product_attention(*heads)
     del heads
-    z = torch.add(linear(out.transpose(1, 2).reshape(b, n, d3 // 3), *proj), z)
+    branch = linear(out.transpose(1, 2).reshape(b, n, d3 // 3), *proj)
     del out
-    hidden = onednn.linear_gelu(F.layer_norm(z, z.shape[-1:], *norm2), *fc1, approximate)
+    z, dtype = torch.add(branch, z), branch.dtype
+    del branch
+    hidden = onednn.linear_gelu(cast(F.layer_norm(z, z.shape[-1:], *norm2), dtype), *fc1, approximate)
     return onednn.linear(hidden, *fc2), z
 
 

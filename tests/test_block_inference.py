@@ -153,16 +153,34 @@ def test_inference_layer_norm_takes_16_bit_parameters_as_they_are(dtype):
     assert torch.equal(y, y_kept) and torch.equal(y, norm(x + r))
 
 
-@pytest.mark.parametrize("mode", ["grad", "autocast", "double"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("residual_dtype", [None, "autocast"])
+def test_under_autocast_with_the_ops_bits(dtype, residual_dtype, lean_calls):
+    """Under CPU autocast (the stream in fp32, or in the autocast dtype with ``residual_dtype="autocast"``) every
+    block takes the lean path, each LayerNorm's output in the dtype of the branch before it as the ops give it:
+    the ops' logits and features to the bit, timm's (under the same autocast) within its rounding."""
+    model, ref = timm_pair(**CFG)
+    model.residual_dtype = residual_dtype
+    x = images()
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        out, features = model(x), model.forward_features(x)
+        assert len(lean_calls) == 2 * len(model.blocks)
+        assert torch.equal(out, _without_lean(model, x))
+        assert torch.equal(features, _without_lean(model.forward_features, x))
+        torch.testing.assert_close(out.float(), ref(x).float(), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("mode", ["grad", "double", "fp16 autocast of a bf16 model"])
 def test_other_modes_and_dtypes_take_the_ops(mode, lean_calls):
-    """Training calls, autocast and fp64 keep the ops' branches (their dtype rules differ)."""
+    """Training calls, fp64 and a stream in neither fp32 nor the autocast dtype keep the ops' branches (their dtype
+    rules differ)."""
     model, _ = timm_pair(**CFG)
     x = images()
     if mode == "grad":
         model(x).sum().backward()
-    elif mode == "autocast":
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            model(x)
+    elif mode.startswith("fp16 autocast"):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+            model.bfloat16()(x.bfloat16())
     else:
         with torch.no_grad():
             model.double()(x.double())
