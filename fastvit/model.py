@@ -731,7 +731,7 @@ class Block(nn.Module):
         """
         if (not class_token_only and attn_mask is None and not is_causal
                 and ops.block_inference_applies(h, residual, self.backend)):
-            parts = self._plain_parts(h.dtype)
+            parts = self._plain_parts(h.dtype if residual is None else torch.promote_types(h.dtype, residual.dtype))
             if parts is not None:
                 return ops.block_inference(h, residual, *parts)
         m = self._modules  # submodules read once per call (weight_and_bias says why)
@@ -771,7 +771,7 @@ class Block(nn.Module):
     def _plain_parts(self, dtype):
         """``ops.block_inference``'s arguments after z: (norm1, qkv, proj, norm2, fc1, fc2, heads, GELU), where the
         ops' fused path would run every part of this block (the checks of :meth:`forward_pair`, ``attend``,
-        ``_project`` and ``Mlp.fc2_gelu``) and reach their plain CPU branches for a block input of ``dtype``: every
+        ``_project`` and ``Mlp.fc2_gelu``) and reach their plain CPU branches for a residual sum z of ``dtype``: every
         submodule the plain module it was built as (``surgery.runs_unmodified``: no hooks, patches or wrappers) with
         plain tensors in fp32 or ``dtype`` for the norms' parameters, the attention's own methods and backend as
         built, no relative-position bias, both dropouts before a GEMM off, and every other dropout, drop-path,

@@ -260,7 +260,8 @@ def block_inference(h, residual, norm1, qkv, proj, norm2, fc1, fc2, num_heads, a
     The same kernels, in the same order, as ``add_layer_norm_linear``, ``attention_qkv`` and ``layer_norm_mlp``
     run in this mode (so the same values), called directly: at small CPU batches a forward waits on the Python
     between its kernels, ~1.5-2.5 us a function call there (a block's ops walk about 180), where ~0.2 us timed
-    alone (bench/paired.py, fp32: ViT-Ti/16 at batch 1 0.89x timm with the ops, 0.93-0.97x this way)."""
+    alone (bench/paired.py, ViT-Ti/16 at batch 1: fp32 0.89x timm with the ops, 0.93-0.97x this way; bf16 autocast
+    0.90x, 0.95-0.98x)."""
     # F.layer_norm is the ops' inference LayerNorm (add_layer_norm_inference; CPU autocast leaves it as it is),
     # its output in the dtype of the branch it follows as there; proj's product ops.linear, as Attention._project
     # calls it. Each intermediate is freed as soon as the ops' block frees it (the memory peak is theirs): the

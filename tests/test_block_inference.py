@@ -170,6 +170,20 @@ def test_under_autocast_with_the_ops_bits(dtype, residual_dtype, lean_calls):
         torch.testing.assert_close(out.float(), ref(x).float(), atol=0.05, rtol=0.05)
 
 
+def test_under_autocast_norms_in_the_autocast_dtype_keep_the_ops(lean_calls):
+    """An fp32 model whose norms were cast to bf16, under bf16 autocast: the residual sum is fp32 there (the
+    branches come out of the GEMMs in bf16), so the ops cast those norms' parameters; the lean block does not
+    take them (F.layer_norm refuses bf16 parameters for an fp32 input)."""
+    model, _ = timm_pair(**CFG)
+    model.blocks[1].norm1.bfloat16()
+    model.blocks[1].norm2.bfloat16()
+    x = images()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        assert len(lean_calls) == 1  # blocks.0
+        assert torch.equal(out, _without_lean(model, x))
+
+
 @pytest.mark.parametrize("mode", ["grad", "double", "fp16 autocast of a bf16 model"])
 def test_other_modes_and_dtypes_take_the_ops(mode, lean_calls):
     """Training calls, fp64 and a stream in neither fp32 nor the autocast dtype keep the ops' branches (their dtype
