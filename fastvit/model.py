@@ -773,9 +773,10 @@ class Block(nn.Module):
         ops' fused path would run every part of this block (the checks of :meth:`forward_pair`, ``attend``,
         ``_project`` and ``Mlp.fc2_gelu``) and reach their plain CPU branches for a residual sum z of ``dtype``: every
         submodule the plain module it was built as (``surgery.runs_unmodified``: no hooks, patches or wrappers) with
-        plain tensors in fp32 or ``dtype`` for the norms' parameters, the attention's own methods and backend as
-        built, no relative-position bias, both dropouts before a GEMM off, and every other dropout, drop-path,
-        LayerScale and extra norm passing its input through; else None."""
+        plain tensors for each norm's weight and bias, both in fp32 or both in ``dtype`` (as F.layer_norm takes
+        them), the attention's own methods and backend as built, no relative-position bias, both dropouts before a
+        GEMM off, and every other dropout, drop-path, LayerScale and extra norm passing its input through; else
+        None."""
         m = self._modules
         attn, mlp = m["attn"], m["mlp"]
         d = attn.__dict__
@@ -797,7 +798,8 @@ class Block(nn.Module):
         norms = (*weight_and_bias(norm1), *weight_and_bias(norm2))
         # a quantised weight (a tensor subclass) runs the ops; so does a norm in another dtype, which they cast
         if not (plain_tensors((*norms, *qkv, *proj, *fc1, *fc2))
-                and all(t.dtype == torch.float32 or t.dtype == dtype for t in norms)):
+                and all(w.dtype == b.dtype and w.dtype in (torch.float32, dtype)
+                        for w, b in (norms[:2], norms[2:]))):
             return None
         return (*norms[:2], norm1.eps), qkv, proj, (*norms[2:], norm2.eps), fc1, fc2, attn.num_heads, act.approximate
 

@@ -246,6 +246,9 @@ def block_inference_applies(h, residual, backend="auto") -> bool:
     if not (inference_call((h, residual)) and not torch.is_grad_enabled() and h.device.type == "cpu"
             and not transformed() and backend != "triton" and not use_triton(backend, h)):
         return False
+    # a residual of another shape is refused by the ops (torch.add would broadcast it)
+    if residual is not None and residual.shape != h.shape:
+        return False
     if torch.is_autocast_enabled("cpu"):
         dtypes = (torch.float32, torch.get_autocast_dtype("cpu"))
         return h.dtype in dtypes and (residual is None or residual.dtype in dtypes)

@@ -212,7 +212,8 @@ def _patch_grid(x, ph, pw):
 def _patches(x, ph, pw):
     """(B, N, C*P*P) patch matrix of the fallback (a transient; it is never saved)."""
     grid = _patch_grid(x, ph, pw)
-    return grid.reshape(grid.shape[0], grid.shape[1] * grid.shape[2], -1)
+    b, gh, gw, c = grid.shape[:4]
+    return grid.reshape(b, gh * gw, c * ph * pw)  # sizes, not -1: a batch of 0 has no size to infer
 
 
 def _weight_grad(dy, x, weight, patch_h, patch_w, has_cls, compute_dtype):

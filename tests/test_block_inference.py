@@ -184,6 +184,30 @@ def test_under_autocast_norms_in_the_autocast_dtype_keep_the_ops(lean_calls):
         assert torch.equal(out, _without_lean(model, x))
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_norm_with_weight_and_bias_in_two_dtypes_keeps_the_ops(autocast, lean_calls):
+    """A bf16 model whose first norm has an fp32 weight (and a bf16 bias): the ops cast both to fp32, F.layer_norm
+    would refuse the pair, so that block keeps the ops (the other takes the lean path)."""
+    model, _ = timm_pair(**CFG)
+    model.bfloat16()
+    norm = model.blocks[0].norm1
+    norm.weight = nn.Parameter(norm.weight.detach().float())
+    x = images().bfloat16()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+        assert len(lean_calls) == 1  # blocks.1
+        assert torch.equal(out, _without_lean(model, x))
+
+
+def test_a_residual_of_another_shape_is_refused_as_by_the_ops(lean_calls):
+    """Block.forward_pair called with a residual that would broadcast against h: the ops' error, not a sum."""
+    model, _ = timm_pair(**CFG)
+    h = torch.randn(3, 17, 64)
+    with torch.no_grad(), pytest.raises(ValueError, match="residual must have x's shape"):
+        model.blocks[0].forward_pair(h, h[:1])
+    assert lean_calls == []
+
+
 @pytest.mark.parametrize("mode", ["grad", "double", "fp16 autocast of a bf16 model"])
 def test_other_modes_and_dtypes_take_the_ops(mode, lean_calls):
     """Training calls, fp64 and a stream in neither fp32 nor the autocast dtype keep the ops' branches (their dtype

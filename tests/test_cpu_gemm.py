@@ -125,6 +125,15 @@ def test_model_runs_every_gemm_in_fp32_and_matches_timm(emulated, train):
         torch.testing.assert_close(fp32.float(), theirs.float(), rtol=0, atol=0.02 * scale)
 
 
+@pytest.mark.parametrize("dtype", LOW)
+def test_an_empty_batch_runs_on_the_fp32_path(emulated, dtype):
+    """A batch of 0 images in a 16-bit model: the patch matrix of the fp32 product has no size to infer from."""
+    emulated(True)
+    model, _ = timm_pair(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    with torch.no_grad():
+        assert model.to(dtype)(images(0).to(dtype)).shape == (0, 10)
+
+
 def test_saved_activations_do_not_depend_on_the_path(emulated):
     model, _ = timm_pair(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
     sizes = []
