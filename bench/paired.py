@@ -9,6 +9,7 @@ both reported (CPU time leaves out time the VM's neighbours took).
 
     python bench/paired.py                                  # tiny and mini, infer and train, bf16, CPU
     python bench/paired.py --model mini --mode infer --pairs 100
+    python bench/paired.py --model vit_small_patch16_224 --mode infer --batch 1 --cast   # model.to(bf16), no autocast
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def call(model, x, y, mode, dtype):
-    """One forward (infer) or forward + backward (train) of ``model`` under autocast."""
-    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+    """One forward (infer) or forward + backward (train) of ``model`` under autocast to ``dtype`` (None or fp32:
+    none)."""
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype not in (None, torch.float32)):
         if mode == "infer":
             with torch.inference_mode():
                 model(x)
@@ -49,6 +51,10 @@ def paired(name, mode, args, dtype):
     img = models[0].patch_embed.img_size
     x = torch.randn(args.batch, 3, *img, generator=gen)
     y = torch.randint(0, max(models[0].num_classes, 1), (args.batch,), generator=gen)
+    if args.cast:  # the models and images in dtype, no autocast (a model deployed as model.to(torch.bfloat16))
+        for m in models:
+            m.to(dtype)
+        x, dtype = x.to(dtype), None
     for _ in range(args.warmup):
         for m in models:
             call(m, x, y, mode, dtype)
@@ -75,6 +81,8 @@ def main(argv=None):
     p.add_argument("--pairs", type=int, default=60)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", default="bf16", choices=list(common.DTYPES), help="autocast dtype (fp32: none)")
+    p.add_argument("--cast", action="store_true",
+                   help="cast both models and the images to --dtype instead of autocasting to it")
     p.add_argument("--backend", default="auto", choices=ops.BACKENDS, help="fastvit's kernels (CPU: the torch "
                                                                           "fallbacks)")
     p.add_argument("--seed", type=int, default=0)
@@ -95,7 +103,7 @@ def main(argv=None):
                   + "  ".join(f"{c} {row[c]['median']:.3f} [{row[c]['q1']:.3f}, {row[c]['q3']:.3f}]"
                               for c in CLOCKS))
     path = os.path.join(out, "paired.json")
-    common.write_result(path, {"dtype": args.dtype, "rows": rows}, args, t_start)
+    common.write_result(path, {"dtype": args.dtype, "cast": args.cast, "rows": rows}, args, t_start)
     print(f"wrote {path}")
 
 

@@ -753,6 +753,22 @@ def test_paired_smoke(tmp_path):
     assert proc.returncode == 2 and "unknown mode 'eval'" in proc.stderr
 
 
+def test_paired_cast_runs_both_models_in_the_dtype_without_autocast(tmp_path, monkeypatch):
+    """--cast: fastvit and timm cast to --dtype with their images, no autocast around the calls."""
+    paired = _load_bench("paired")
+    seen, real = set(), paired.call
+
+    def spy(model, x, y, mode, dtype):
+        seen.add((next(model.parameters()).dtype, x.dtype, dtype))
+        return real(model, x, y, mode, dtype)
+    monkeypatch.setattr(paired, "call", spy)
+    paired.main(["--model", "tiny", "--batch", "2", "--pairs", "4", "--warmup", "1", "--mode", "infer", "--cast",
+                 "--out", str(tmp_path)])
+    assert seen == {(torch.bfloat16, torch.bfloat16, None)}
+    data = _result(tmp_path / "paired.json")
+    assert data["cast"] is True and data["dtype"] == "bf16" and len(data["rows"]) == 1
+
+
 def test_throughput_keeps_finished_rows_when_a_run_stops(tmp_path, monkeypatch):
     """throughput.json is rewritten after every row: a run that stops part-way (here at its second model; in
     bench/gpu_suite.sh, a step's time limit) leaves the rows it finished, marked incomplete."""
