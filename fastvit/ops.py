@@ -5,7 +5,8 @@ The model calls only these functions for patch embedding, residual add + LayerNo
 instead of saving it, and on a GPU may run them inside our GEMMs; ``layer_norm_mlp``, a block's whole MLP branch,
 which in CPU inference runs the GELU in fc1's GEMM; ``linear_residual`` adds a Linear's residual in its GEMM;
 ``linear``, the other Linears, is F.linear but on a CPU whose bf16 / fp16 GEMM is emulated; ``block_inference``, a
-whole block in plain CPU fp32 inference, where the Python between its kernels is what a small batch waits on).
+whole block in plain CPU inference (fp32, a 16-bit model, or autocast), where the Python between its kernels is what
+a small batch waits on).
 Each takes ``backend``:
 
 - ``"torch"``: the op's torch fallback (plain PyTorch math);
