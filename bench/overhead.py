@@ -30,9 +30,10 @@ rounds interleaved so that load on the machine hits both. ``fwd`` is a forward c
 
 With ``--device cuda`` (a GPU machine) nothing is stubbed: both sides run on CUDA tensors with their real
 launches (our kernels' and torch's), which is the host time item 3 of the speed issue asks about. The time is
-the thread's CPU time while it issues the calls (the tiny kernels finish faster than the host issues them, so
-the host is what a call costs); the GPU is synchronised between rounds, outside the timing. There are no launch
-counts then (``kernel_launches`` is null).
+the process's CPU time while it issues the calls, all threads (the tiny kernels finish faster than the host
+issues them, so the host is what a call costs; a backward of CUDA tensors runs in autograd's device thread while
+the calling thread waits, so the calling thread's time alone would leave it out); the GPU is synchronised between
+rounds, outside the timing. There are no launch counts then (``kernel_launches`` is null).
 
     python bench/overhead.py                     # results/overhead.json
     python bench/overhead.py --ops add_layer_norm,attention --number 500 --repeat 5 --depth 0
@@ -220,11 +221,14 @@ def measure_calls(calls, number, repeat, launches, device="cpu"):
         calls["fastvit"]()
         per_call = launches[0] - before
     best = {impl: float("inf") for impl in calls}
+    # one thread's CPU time, on CPU (torch.set_num_threads(1)); on a GPU every thread's: autograd runs a backward of
+    # CUDA tensors in its own device thread
+    timer = time.process_time if cuda else time.thread_time
     for _ in range(repeat):
         for impl, fn in calls.items():
             if cuda:  # a round starts with an idle GPU: the host never waits on a full launch queue
                 torch.cuda.synchronize(device)
-            best[impl] = min(best[impl], timeit.Timer(fn, timer=time.thread_time).timeit(number) / number * 1e6)
+            best[impl] = min(best[impl], timeit.Timer(fn, timer=timer).timeit(number) / number * 1e6)
     return best, per_call
 
 

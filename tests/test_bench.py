@@ -371,6 +371,30 @@ def test_overhead_on_cuda_needs_a_gpu(tmp_path):
     assert not (tmp_path / "overhead.json").exists()
 
 
+def test_overhead_on_cuda_counts_the_host_work_of_other_threads(monkeypatch):
+    """On a GPU autograd runs a backward in its own device thread while the caller waits: the --device cuda timer
+    counts that thread's CPU time too (the caller's alone read a forward's time for a whole step); on CPU, where the
+    backward runs in the calling thread, the calling thread's time is the measure."""
+    import threading
+    overhead = _load_bench("overhead")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+
+    def spin(seconds):
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    def elsewhere():  # 2 ms of CPU in another thread, the caller blocked meanwhile
+        worker = threading.Thread(target=spin, args=(0.002,))
+        worker.start()
+        worker.join()
+    calls = {"fastvit": elsewhere, "torch": lambda: spin(0.001)}
+    on_gpu, _ = overhead.measure_calls(dict(calls), 5, 2, None, device="cuda")
+    on_cpu, _ = overhead.measure_calls(dict(calls), 5, 2, None, device="cpu")
+    assert on_gpu["fastvit"] >= 1900 and on_gpu["torch"] >= 900, on_gpu
+    assert on_cpu["fastvit"] < 1000 <= on_cpu["torch"], on_cpu
+
+
 def test_summary_tables_host_time_with_real_launches_apart_from_stubbed(tmp_path):
     """overhead_cuda/overhead.json (real launches, no counts) gets its own section, before the stubbed one."""
     def write(path, device, ratio, launches):
