@@ -96,13 +96,14 @@ def time_cuda(fn, repeats: int = 10) -> float:
 
 
 def fastest(op: str, device_index: int, fields: tuple, names, make_runner, default: str, measure=None,
-            agrees=None, call_key=None) -> str:
+            agrees=None, call_key=None, report_failures=False) -> str:
     """The fastest of the implementations ``names`` of ``op`` for a call described by ``fields`` (a tuple of
     (name, value) pairs) on CUDA device ``device_index``.
 
     ``make_runner(name)`` gives a zero-argument callable running that implementation once on inputs shaped like
     the call; it is only asked for when a measurement happens. A runner that raises cannot run the call and is
-    skipped. ``agrees(name)``, when given, checks an implementation's result against a reference before it is
+    skipped, with a warning naming the error where ``report_failures`` (for implementations that should run every
+    call, such as our fused GEMMs: a failure there is a bug to see, not a shape the kernel lacks). ``agrees(name)``, when given, checks an implementation's result against a reference before it is
     timed: one that disagrees (a kernel miscompiled for this GPU, say) is skipped with a warning, so speed never
     wins over correctness. With no winner cached and no measurement possible now (see ``can_measure``),
     ``default``.
@@ -111,7 +112,7 @@ def fastest(op: str, device_index: int, fields: tuple, names, make_runner, defau
     measured, not a default for now), :func:`settled` answers it for that key without this call.
     """
     return _fastest(op, fields, _environment(device_index), names, make_runner, default, measure or time_cuda,
-                    agrees, can_measure, call_key)
+                    agrees, can_measure, call_key, report_failures)
 
 
 def settled(call_key: tuple):
@@ -167,13 +168,13 @@ def fastest_on_cpu(op: str, fields: tuple, names, make_runner, default: str, cal
 
 
 def _fastest(op, fields, environment, names, make_runner, default, measure, agrees, measurable,
-             call_key=None) -> str:
+             call_key=None, report_failures=False) -> str:
     """:func:`fastest`'s choice for a call whose timings hold on ``environment``; ``measurable()`` says whether
     timing may happen now."""
     key = (op, fields, environment)
     winner = _WINNERS.get(key)
     if winner is None:
-        winner = _choose(key, names, make_runner, default, measure, agrees, measurable)
+        winner = _choose(key, names, make_runner, default, measure, agrees, measurable, report_failures)
         if winner is None:  # not measurable now: the default, remembered nowhere
             return default
         _WINNERS[key] = winner
@@ -182,7 +183,7 @@ def _fastest(op, fields, environment, names, make_runner, default, measure, agre
     return winner
 
 
-def _choose(key, names, make_runner, default, measure, agrees, measurable):
+def _choose(key, names, make_runner, default, measure, agrees, measurable, report_failures):
     """The winner for ``key`` (op, fields, environment) from the disk file or measured now; None where it is not
     in the file and cannot be measured now."""
     op, fields, _ = key
@@ -199,7 +200,10 @@ def _choose(key, names, make_runner, default, measure, agrees, measurable):
                                   f"for {dict(fields)}; it is not used", RuntimeWarning, stacklevel=4)
                     continue
                 times[name] = measure(make_runner(name))
-            except Exception:  # noqa: BLE001  an implementation that cannot run this call is no candidate
+            except Exception as error:  # noqa: BLE001  an implementation that cannot run this call is no candidate
+                if report_failures:
+                    warnings.warn(f"fastvit.autotune: {op} implementation {name!r} failed for {dict(fields)} "
+                                  f"({type(error).__name__}: {error}); it is not used", RuntimeWarning, stacklevel=4)
                 continue
         if not times:  # nothing else runs this call: remember the default, so it is not measured again
             return default

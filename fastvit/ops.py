@@ -190,8 +190,10 @@ def bias_gelu_linear(x, bias, weight, weight_bias=None, backend="auto", approxim
     triton = use_triton(backend, x)
     args = (x, bias, weight, weight_bias, triton, approximate)
     if _gemm_on_gpu(triton, x):
-        impl = gemm_impl("bias_gelu_linear", x, weight, (("bias", weight_bias is not None), ("gelu", approximate)),
-                         functools.partial(_run_gelu_linear, args))
+        # the GELU's bias (fc1's, which layer_norm_mlp adds here) changes the kernel's prologue: part of the key
+        extra = (("gelu_bias", None if bias is None else str(bias.dtype)), ("bias", weight_bias is not None),
+                 ("gelu", approximate))
+        impl = gemm_impl("bias_gelu_linear", x, weight, extra, functools.partial(_run_gelu_linear, args))
         if impl != "gelu+cublas":
             return _run_gelu_linear(args, impl)
     if _inference(args[:4], triton):
@@ -389,7 +391,7 @@ def gemm_impl(op, x, weight, extra_fields, run) -> str:
               ("in", k), ("out", n), *extra_fields, ("candidates", names))
     return autotune.fastest(op, call[1], fields, list(names), lambda impl: functools.partial(_forward_only, run, impl),
                             unfused, agrees=_agreement(lambda impl: _forward_only(run, impl), unfused),
-                            call_key=call)
+                            call_key=call, report_failures=True)
 
 
 def gemm_candidates(op, x) -> tuple:

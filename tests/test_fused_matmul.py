@@ -1,6 +1,9 @@
 """The fused-GEMM ops on CPU (their torch fallbacks; the kernels are tests/interpret/test_fused_matmul.py) and their
 dispatch: results and gradients of the references, sound custom ops, torch.compile, and the measured choice
 between each fused GEMM and its unfused path (fused only on a GPU, outside tracing, when measured faster)."""
+import collections
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -260,7 +263,8 @@ def test_unfused_where_nothing_may_be_measured(timed, monkeypatch):
 
 def test_a_fused_gemm_that_cannot_run_is_no_candidate(timed):
     """The real runners of ln_gemm and ln_gemm_tma on CPU tensors cannot launch their kernels here (no GPU, no
-    interpreter): the measurement skips them and the unfused path, which does run, is chosen."""
+    interpreter): the measurement skips them, each with a warning naming its error (a fused GEMM should run every
+    call: on a GPU a failure is a bug to see), and the unfused path, which does run, is chosen."""
     times, runs = timed
     times.update({"ln+cublas": 2.0, "ln_gemm": 1.0, "ln_gemm_tma": 1.0})
     x, r, w, b, lw = (t.detach() for t in _leaves((2, 5, 64), (2, 5, 64), (64,), (64,), (96, 64)))
@@ -269,7 +273,11 @@ def test_a_fused_gemm_that_cannot_run_is_no_candidate(timed):
     def run(impl):
         runs.append((impl, False))
         ops._run_ln_linear((x, r, w, b, lw, None, EPS, False, impl != "ln+cublas"), impl)
-    assert ops.gemm_impl("add_layer_norm_linear", x, lw, (), run) == "ln+cublas"
+    with pytest.warns(RuntimeWarning) as caught:
+        assert ops.gemm_impl("add_layer_norm_linear", x, lw, (), run) == "ln+cublas"
+    failed = [str(w.message) for w in caught if "failed for" in str(w.message)]
+    assert len(failed) == 2 and all("it is not used" in m for m in failed), failed
+    assert {m.split("'")[1] for m in failed} == {"ln_gemm", "ln_gemm_tma"}
 
 
 @pytest.mark.parametrize("op,impls", list(ops.GEMM_IMPLS.items()))
@@ -291,6 +299,23 @@ def test_ops_route_each_choice(monkeypatch, op, impls):
     for other in results[1:]:
         for a, e in zip(other, results[0]):
             torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+
+def test_each_tuning_key_names_what_changes_the_kernel(monkeypatch):
+    """Calls that launch different fused kernels (with or without the GELU's bias, which layer_norm_mlp now adds in
+    fc2's prologue; with or without a bias, a residual, an fp32 residual) are different keys for the tuner, so a
+    winner measured for one is never reused for the other unmeasured."""
+    x, r, w, b, lw, lb = _leaves((2, 5, 48), (2, 5, 48), (48,), (48,), (48, 48), (48,))
+    keys = collections.defaultdict(set)
+    monkeypatch.setattr(ops, "_gemm_on_gpu", lambda triton, x: True)
+    monkeypatch.setattr(ops, "gemm_impl", lambda name, x, w, extra, run: keys[name].add(extra) or ops.GEMM_IMPLS[name][0])
+    for gelu_bias, bias in itertools.product((None, b), (None, lb)):
+        ops.bias_gelu_linear(x, gelu_bias, lw, bias)
+        ops.linear_residual(x, lw, bias, r)
+    for residual, bias, in_fp32 in itertools.product((None, r), (None, lb), (False, True)):
+        ops.add_layer_norm_linear(x, residual, w, b, lw, bias, EPS, in_fp32)
+    assert {name: len(k) for name, k in keys.items()} == {"bias_gelu_linear": 4, "linear_residual": 2,
+                                                          "add_layer_norm_linear": 8}
 
 
 def test_linear_residual_backends_agree_with_torch():
