@@ -168,7 +168,7 @@ for s in "${STEPS[@]}"; do
                  --benchmark-max-time=0.2 --benchmark-json="$OUT/ops_benchmark.json" ;;
         overhead) step overhead 30 $PY bench/overhead.py --out "$OUT"
                   step overhead_cuda 90 $PY bench/overhead.py --device cuda --out "$OUT/overhead_cuda" ;;
-        latency) step latency 60 $PY bench/throughput.py --model B/16 --micro-batch 1 --global-batch 32 --steps 3 \
+        latency) step latency 120 $PY bench/throughput.py --model B/16 --micro-batch 1 --global-batch 32 --steps 3 \
                      --warmup 1 --out "$OUT/throughput_b16_batch1" ;;
         profile) step profile 60 $PY bench/profile.py --model B/16 --warmup 1 --steps 1 --out "$OUT" ;;
         profilec) step profilec 300 $PY bench/profile.py --model B/16 --compile --warmup 1 --steps 1 \
