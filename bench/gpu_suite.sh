@@ -109,6 +109,9 @@ fi
 mkdir -p "$OUT/traces"
 # fastvit.autotune's measured choices (attention kernel, GEMM path per call shape) land beside the results
 export FASTVIT_CACHE_DIR="$OUT/autotune"
+# winners timed on other fastvit code are not reused anyway: drop them, so the folder lists this code's choices
+$PY -c "from fastvit import autotune; n = autotune.forget_other_code(); n and print(f'== autotune: dropped {n} \
+choices timed on other fastvit code')"
 echo "== gpu_suite: ${STEPS[*]} -> $OUT ($GPU)"
 
 FAILED=()

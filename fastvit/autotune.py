@@ -5,8 +5,9 @@ kernels behind torch's scaled_dot_product_attention, our Triton kernel) and whic
 dtype, sequence length and head size. Each distinct key is timed once per process on random inputs of the call's
 shape (forward, or forward + backward when training) and the winner is kept in memory and in a JSON file
 (``fastvit.cache.cache_dir()``: ``$FASTVIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastvit``, ``~/.cache/fastvit``),
-so later processes on the same GPU and versions skip the measurement. Before it is timed, a candidate's output is
-checked against a reference (torch's SDPA; the unfused GEMM path): one that disagrees is dropped with a warning.
+so later processes on the same GPU, versions and fastvit kernel code skip the measurement. Before it is timed, a
+candidate's output is checked against a reference (torch's SDPA; the unfused GEMM path): one that disagrees is
+dropped with a warning.
 Nothing is measured while torch.compile / torch.export trace or a CUDA graph is captured: those calls take the cached
 winner, or the caller's default.
 
@@ -16,6 +17,7 @@ MKL's GEMMs is faster differs between CPUs (fc1 with its GELU in oneDNN's epilog
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import pathlib
@@ -39,9 +41,43 @@ def cache_path() -> pathlib.Path:
 
 @functools.lru_cache(maxsize=None)  # a device's name and the versions cannot change within a process
 def _environment(device_index: int) -> tuple:
-    """What a timing is valid for besides the call: the GPU model and the torch / Triton versions."""
+    """What a timing is valid for besides the call: the GPU model, the torch / Triton versions and fastvit's own
+    kernel code (:func:`code_version`)."""
     import triton
-    return torch.cuda.get_device_name(device_index), torch.__version__, triton.__version__
+    return torch.cuda.get_device_name(device_index), torch.__version__, triton.__version__, code_version()
+
+
+CODE_TAG = "fastvit-code:"
+
+
+@functools.lru_cache(maxsize=None)
+def code_version() -> str:
+    """``fastvit-code:`` and a digest of the code a GPU timing measured: the Triton kernels and the ops that run
+    the candidates. A winner timed on other code (before an upgrade, or before a kernel changed what it computes:
+    fc2's prologue took fc1's bias once) is measured again, never trusted."""
+    import fastvit.kernels
+    digest = hashlib.sha256()
+    for path in (*sorted(pathlib.Path(fastvit.kernels.__file__).parent.glob("*.py")),
+                 pathlib.Path(__file__).with_name("ops.py")):
+        digest.update(path.read_bytes())
+    return CODE_TAG + digest.hexdigest()[:16]
+
+
+def forget_other_code() -> int:
+    """Drop from the disk file the GPU winners timed on other code than this (or before timings named their code);
+    returns how many. ``bench/gpu_suite.sh`` starts with it, so its results folder lists the choices of the code
+    it measured only. CPU choices (oneDNN's GEMMs, no kernel of ours) stay."""
+    data = _read_disk()
+
+    def stale(key):
+        environment = json.loads(key)[2]
+        tags = [v for v in environment if isinstance(v, str) and v.startswith(CODE_TAG)]
+        return tags != [code_version()] if tags else len(environment) == 3  # 3: the GPU key before code versions
+    kept = {k: v for k, v in data.items() if not stale(k)}
+    if len(kept) < len(data):
+        _write_file(kept)
+    clear()
+    return len(data) - len(kept)
 
 
 def _read_disk() -> dict:
@@ -62,11 +98,16 @@ def _write_disk(key: str, winner: str) -> None:
     """Add one winner to the JSON file (re-read, so winners other processes wrote stay; written to a temporary
     file, then renamed: a crash leaves the old file)."""
     _disk()[key] = winner
+    data = _read_disk()
+    data[key] = winner
+    _write_file(data)
+
+
+def _write_file(data: dict) -> None:
+    """Replace the JSON file by ``data`` (a temporary file, then renamed: a crash leaves the old file)."""
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = _read_disk()
-        data[key] = winner
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
         tmp.replace(path)

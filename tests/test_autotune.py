@@ -99,6 +99,46 @@ def test_a_read_only_cache_dir_keeps_the_winner_in_memory(tuner, monkeypatch, tm
     assert autotune.fastest("op", 0, (), ["a", "b"], _runners([]), "a", _timer({"a": 2.0, "b": 1.0}, [])) == "b"
 
 
+def test_a_winner_timed_on_other_kernel_code_is_measured_again(tuner, monkeypatch):
+    """A GPU timing holds for fastvit's kernel code as it was (``code_version`` in the environment): after an upgrade
+    or a kernel change the old winner is not trusted but measured again; the same code reuses it."""
+    log = []
+    for code in ("fastvit-code:old", autotune.code_version(), autotune.code_version()):
+        monkeypatch.setattr(autotune, "_environment", lambda index: ("Fake GPU", torch.__version__, "0", code))
+        autotune.clear()  # a new process
+        autotune.fastest("op", 0, (("n", 197),), ["a", "b"], _runners([]), "a", _timer({"a": 2.0, "b": 1.0}, log))
+    assert log == ["a", "b", "a", "b"]  # measured for the old code, again for this code, then read from disk
+
+
+def test_forget_other_code_keeps_this_codes_and_cpu_choices(tuner):
+    """gpu_suite.sh starts with ``forget_other_code``: the results folder then lists only choices of the code it
+    measures. Dropped: GPU winners of other code, and those from before timings named their code (3 fields)."""
+    this = autotune.code_version()
+    entries = {("ln", ("GPU", "2.11", "3.6")): "ln_gemm", ("ln", ("GPU", "2.11", "3.6", "fastvit-code:0ld")): "x",
+               ("ln", ("GPU", "2.11", "3.6", this)): "ln+cublas", ("fc1", ("Xeon", "AVX512", 2, "2.14.1")): "onednn"}
+    autotune._write_file({autotune.json.dumps([op, [], list(env)]): w for (op, env), w in entries.items()})
+    assert autotune.forget_other_code() == 2
+    kept = autotune.json.loads((tuner / "autotune.json").read_text())
+    assert sorted(kept.values()) == ["ln+cublas", "onednn"]
+    assert autotune.forget_other_code() == 0
+
+
+def test_code_version_follows_the_kernels_source(monkeypatch, tmp_path):
+    """The digest covers every kernel module (and ops.py): one changed line gives another version."""
+    import shutil
+
+    import fastvit.kernels
+    source = autotune.pathlib.Path(fastvit.kernels.__file__).parent
+    copy = tmp_path / "kernels"
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(fastvit.kernels, "__file__", str(copy / "__init__.py"))
+    version = autotune.code_version.__wrapped__
+    assert version() == autotune.code_version() and version().startswith(autotune.CODE_TAG)
+    with open(copy / "gelu_matmul.py", "a") as f:
+        f.write("# changed\n")
+    assert version() != autotune.code_version()
+
+
 def _qkv(requires_grad=False):
     qkv = torch.randn(2, 50, 3, 3, 64, requires_grad=requires_grad)
     return [t.as_subclass(_PretendCuda) for t in qkv.permute(2, 0, 3, 1, 4).unbind(0)]
