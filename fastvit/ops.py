@@ -36,8 +36,9 @@ from fastvit.kernels import ln_matmul as _ln_matmul
 from fastvit.kernels import matmul as _matmul
 from fastvit.kernels import matmul_residual as _matmul_residual
 from fastvit.kernels import patch_embed as _patch_embed
-from fastvit.kernels._launch import (KERNEL_DTYPES, apply, capability, cast, eager_training_call, inference_call,
-                                     jit_tracing, plain_inference, quiet_size_checks, records_autograd, transformed)
+from fastvit.kernels._launch import (KERNEL_DTYPES, apply, capability, cast, eager_training_call, exporting,
+                                     inference_call, jit_tracing, plain_inference, quiet_size_checks, records_autograd,
+                                     transformed)
 from fastvit.kernels._launch import interpreting as triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton")
@@ -75,7 +76,7 @@ def _reference(backend, x) -> bool:
     torch.jit.trace (the legacy ONNX exporter's tracer) traces a call the torch fallback would run (the traced
     program then holds only aten ops: ONNX has no translation for ours, and inference needs none of their memory
     savings)."""
-    return transformed() or ((torch.compiler.is_exporting() or jit_tracing()) and not use_triton(backend, x))
+    return transformed() or ((exporting() or jit_tracing()) and not use_triton(backend, x))
 
 
 def patch_embed(x, weight, bias, patch_size, pos_embed=None, cls_token=None, no_embed_class=False,

@@ -7,6 +7,8 @@ import operator
 import torch
 import torch.nn.functional as F
 
+from fastvit.kernels._launch import exporting
+
 
 def _pair(size):
     """(h, w) of a size given as one number or two, as ints; a symbolic size (torch.export with dynamic shapes)
@@ -37,7 +39,7 @@ def resample_abs_pos_embed(posemb, new_size, old_size=None, num_prefix_tokens=1,
     ``old_size`` is None) and interpolated in fp32, then cast back. Same results as timm's function for T = 1.
     """
     new_size = _pair(new_size)
-    if antialias and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+    if antialias and torch.compiler.is_compiling() and not exporting():
         new_size = _specialized(new_size)
     num_tokens = posemb.shape[1] - num_prefix_tokens
     if old_size is None:
@@ -49,7 +51,7 @@ def resample_abs_pos_embed(posemb, new_size, old_size=None, num_prefix_tokens=1,
     # no early return for a symbolic size while torch.export traces: it would fix an exported dynamic image size to
     # the traced one (asked first: comparing a symbolic size guards it); a fixed-size model's grid is plain ints, and
     # its program resamples nothing, as timm's
-    if (_static(new_size) or not torch.compiler.is_exporting()) and old_size == new_size:
+    if (_static(new_size) or not exporting()) and old_size == new_size:
         return posemb
     if old_size[0] * old_size[1] != num_tokens:
         raise ValueError(f"old_size {old_size} does not match the {num_tokens} grid rows of the position table")
@@ -63,7 +65,7 @@ def resample_abs_pos_embed(posemb, new_size, old_size=None, num_prefix_tokens=1,
 
 def resample_pos_embed_1d(table, new_len, interpolation="linear"):
     """Interpolate a (T, g, D) table of row (or column) embeddings to ``new_len`` entries."""
-    if (_static((new_len,)) or not torch.compiler.is_exporting()) and table.shape[1] == new_len:
+    if (_static((new_len,)) or not exporting()) and table.shape[1] == new_len:
         return table  # see resample_abs_pos_embed
     out = F.interpolate(table.float().transpose(1, 2), size=new_len, mode=interpolation)
     return out.transpose(1, 2).to(table.dtype)

@@ -21,7 +21,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from fastvit.kernels._launch import autocast_off, cast, transformed
+from fastvit.kernels._launch import autocast_off, cast, exporting, transformed
 
 
 def _emulated_dtypes() -> frozenset:
@@ -43,7 +43,7 @@ EMULATED = _emulated_dtypes()
 
 def in_fp32(x: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether a product of CPU operands like ``x`` computing in ``dtype`` runs in fp32 here (see the module doc)."""
-    return (dtype in EMULATED and x.device.type == "cpu" and not torch.compiler.is_exporting()
+    return (dtype in EMULATED and x.device.type == "cpu" and not exporting()
             and not transformed())
 
 

@@ -115,6 +115,14 @@ def transformed() -> bool:
 jit_tracing = torch._C._get_tracing_state
 
 
+def exporting() -> bool:
+    """Whether torch.export is tracing: the flag ``torch.compiler.is_exporting()`` returns. Read directly because
+    torch 2.11's dynamo (the GPU machine's) answers ``is_exporting()`` True inside every torch.compile trace (2.14
+    reads the flag): compiled code took the export branches there (a symbolic image size resampled per call, fp32
+    CPU products traced as bf16 GEMMs)."""
+    return torch.compiler._is_exporting_flag
+
+
 def quiet_size_checks(fn):
     """Decorator for an op whose argument checks compare sizes. Under ``torch.jit.trace`` a size is a traced
     value, so each comparison warns (TracerWarning) that the trace may not generalise: attention's checks gave

@@ -13,6 +13,21 @@ MODELS = [("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2)),
           ("vit_base_r50_s16_224", dict(img_size=64, depth=1))]
 
 
+def test_exporting_is_true_while_torch_export_traces_and_only_then():
+    """The export branches (plain aten ops, a symbolic image size kept symbolic) ask ``exporting()``: True under
+    torch.export, False in eager code and inside a torch.compile trace (torch 2.11's dynamo answered
+    ``torch.compiler.is_exporting()`` True there, and compiled code took those branches)."""
+    from fastvit.kernels._launch import exporting
+
+    class Branch(torch.nn.Module):
+        def forward(self, x):
+            return x + 1 if exporting() else x - 1
+    x, model = torch.zeros(2), Branch()
+    assert model(x).tolist() == [-1, -1]
+    assert torch.compile(model, fullgraph=True, backend="eager")(x).tolist() == [-1, -1]
+    assert torch.export.export(model, (x,)).module()(x).tolist() == [1, 1]
+
+
 def _model(name, kwargs, **extra):
     torch.manual_seed(0)
     return fastvit.create_model(name, **kwargs, **extra).eval()
