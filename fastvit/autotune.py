@@ -144,8 +144,9 @@ def fastest(op: str, device_index: int, fields: tuple, names, make_runner, defau
     ``make_runner(name)`` gives a zero-argument callable running that implementation once on inputs shaped like
     the call; it is only asked for when a measurement happens. A runner that raises cannot run the call and is
     skipped, with a warning naming the error where ``report_failures`` (for implementations that should run every
-    call, such as our fused GEMMs: a failure there is a bug to see, not a shape the kernel lacks). ``agrees(name)``, when given, checks an implementation's result against a reference before it is
-    timed: one that disagrees (a kernel miscompiled for this GPU, say) is skipped with a warning, so speed never
+    call, such as our fused GEMMs: a failure there is a bug to see, not a shape the kernel lacks).
+    ``agrees(name)``, when given, checks an implementation's result against a reference before it is timed: one
+    that disagrees (a kernel miscompiled for this GPU, say) is skipped with a warning, so speed never
     wins over correctness. With no winner cached and no measurement possible now (see ``can_measure``),
     ``default``.
 

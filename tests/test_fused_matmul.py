@@ -308,7 +308,8 @@ def test_each_tuning_key_names_what_changes_the_kernel(monkeypatch):
     x, r, w, b, lw, lb = _leaves((2, 5, 48), (2, 5, 48), (48,), (48,), (48, 48), (48,))
     keys = collections.defaultdict(set)
     monkeypatch.setattr(ops, "_gemm_on_gpu", lambda triton, x: True)
-    monkeypatch.setattr(ops, "gemm_impl", lambda name, x, w, extra, run: keys[name].add(extra) or ops.GEMM_IMPLS[name][0])
+    monkeypatch.setattr(ops, "gemm_impl",
+                        lambda name, x, w, extra, run: keys[name].add(extra) or ops.GEMM_IMPLS[name][0])
     for gelu_bias, bias in itertools.product((None, b), (None, lb)):
         ops.bias_gelu_linear(x, gelu_bias, lw, bias)
         ops.linear_residual(x, lw, bias, r)
