@@ -36,9 +36,9 @@ from fastvit.kernels import ln_matmul as _ln_matmul
 from fastvit.kernels import matmul as _matmul
 from fastvit.kernels import matmul_residual as _matmul_residual
 from fastvit.kernels import patch_embed as _patch_embed
-from fastvit.kernels._launch import (KERNEL_DTYPES, apply, capability, cast, eager_training_call, exporting,
-                                     inference_call, jit_tracing, plain_inference, quiet_size_checks, records_autograd,
-                                     transformed)
+from fastvit.kernels._launch import (KERNEL_DTYPES, apply, capability, cast, device_arch, eager_training_call,
+                                     exporting, inference_call, jit_tracing, plain_inference, quiet_size_checks,
+                                     records_autograd, transformed)
 from fastvit.kernels._launch import interpreting as triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton")
@@ -625,7 +625,7 @@ def _attention_candidates(dtype, b, h, n, d, dropout, training, ours_run, device
               ("training", training))
     ours = []
     if ours_run:
-        arch = _flash_attention.device_arch(torch.device("cuda", device_index))
+        arch = device_arch(torch.device("cuda", device_index))
         backward = len(_flash_attention.backward_tiles(d, arch)) if training else 1
         ours = [_triton_tiles(i, j) for i in range(len(_flash_attention.forward_tiles(d))) for j in range(backward)]
     if table_shape is not None:

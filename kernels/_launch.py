@@ -72,6 +72,16 @@ def capability(device: torch.device) -> tuple:
     return torch.cuda.get_device_capability(device)
 
 
+@torch.compiler.assume_constant_result  # torch.compile asks it at trace time instead of tracing the device query
+def device_arch(device: torch.device) -> int:
+    """Compute capability of a CUDA device as major * 10 + minor, for the kernels whose tiles depend on it; 90 for
+    CPU tensors, so that the interpreter runs the tiles of an H100 / H200."""
+    if device.type != "cuda":
+        return 90
+    major, minor = capability(device)
+    return 10 * major + minor
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Where the fallbacks sum and keep statistics for inputs of ``dtype``: fp32, or fp64 for fp64 (an fp64 model,
     as for gradcheck, stays fp64 throughout)."""

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import (KERNEL_DTYPES, accumulation_dtype, apply, autocast_off, capability, cdiv,
+from fastvit.kernels._launch import (KERNEL_DTYPES, accumulation_dtype, apply, autocast_off, cdiv, device_arch,
                                      eager_op, launch, next_power_of_2)
 from fastvit.kernels._report import TORCH_DTYPES, spec_from_launch
 
@@ -134,16 +134,6 @@ def _config(head_dim):
     if not 0 < head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"the Triton attention supports head_dim 1 to {MAX_HEAD_DIM}, got {head_dim}")
     return _CONFIGS[max(next_power_of_2(head_dim), 16)]
-
-
-@torch.compiler.assume_constant_result  # torch.compile asks it at trace time instead of tracing the device query
-def device_arch(device: torch.device) -> int:
-    """Compute capability of a CUDA device as major * 10 + minor; 90 for CPU tensors, so that the interpreter runs
-    the tiles of an H100 / H200."""
-    if device.type != "cuda":
-        return 90
-    major, minor = capability(device)
-    return 10 * major + minor
 
 
 @functools.lru_cache(maxsize=None)

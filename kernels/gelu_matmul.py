@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from fastvit.kernels._launch import eager_op
 from fastvit.kernels import bias_gelu as _bg
-from fastvit.kernels.matmul import aot_spec, fused_matmul, gemm_weights
+from fastvit.kernels.matmul import fused_matmul, gemm_weights, variant_specs
 
 
 def gelu_matmul_ref(x, bias, weight, weight_bias, approximate="none"):
@@ -78,6 +78,7 @@ def aot_specs(shape, dtype):
     AMP) of the activation dtype; the exact GELU, then each approximation."""
     act = f"*{dtype}"
     label = f"fc2 {shape.mlp_dim}->{shape.dim}"
-    return [aot_spec("gelu_matmul", dtype, "bias_gelu", act, act, True, False, tma=tma, approximate=approximate,
-                     label=label + ("" if approximate == "none" else f" {approximate}"))
-            for approximate in _bg.APPROXIMATIONS for tma in (False, True)]
+    return [spec for approximate in _bg.APPROXIMATIONS for tma in (False, True)
+            for spec in variant_specs("gelu_matmul", dtype, "bias_gelu", act, act, True, False, tma=tma,
+                                      approximate=approximate,
+                                      label=label + ("" if approximate == "none" else f" {approximate}"))]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from fastvit.kernels._launch import eager_op
 from fastvit.kernels import layer_norm as _ln
-from fastvit.kernels.matmul import aot_spec, fused_matmul, gemm_weights
+from fastvit.kernels.matmul import fused_matmul, gemm_weights, variant_specs
 
 
 def ln_matmul_ref(x, residual, norm_weight, norm_bias, weight, bias, eps=1e-6, residual_in_fp32=False):
@@ -87,6 +87,6 @@ def aot_specs(shape, dtype):
     for a_type in (act, "*fp32"):
         for n, has_bias, what in ((3 * shape.dim, True, "qkv"), (shape.mlp_dim, False, "fc1")):
             for tma in (False, True):
-                specs.append(aot_spec("ln_matmul", dtype, "layer_norm", a_type, act, has_bias, False,
-                                      label=f"{what} {shape.dim}->{n} A={a_type[1:]}", tma=tma))
+                specs += variant_specs("ln_matmul", dtype, "layer_norm", a_type, act, has_bias, False,
+                                       label=f"{what} {shape.dim}->{n} A={a_type[1:]}", tma=tma)
     return specs

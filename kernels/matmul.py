@@ -30,11 +30,15 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from fastvit.kernels._launch import capability, cdiv, interpreting, launch, sm_count
+from fastvit.kernels._launch import capability, cdiv, device_arch, interpreting, launch, sm_count
 from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
 from fastvit.kernels.bias_gelu import gelu
 
 PROLOGUES = ("none", "layer_norm", "bias_gelu", "gelu")
+# Whether the persistent TMA kernel flattens its tile and K loops (the next tile's loads then overlap this one's
+# epilogue). Triton 3.6 serialises the wgmma of the flattened loop (ptxas note C7515: each waits for the one
+# before) in every prologue variant at ViT shapes; 3.7 and 3.8 do not (bench/kernel_report.py shows both).
+FLATTEN = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,21 +53,23 @@ class Tiles:
 
 
 @functools.lru_cache(maxsize=None)
-def config(dtype: torch.dtype, prologue: str, a_dtype: torch.dtype) -> Tiles:
-    """Tiles for a GEMM whose dot runs in ``dtype`` on an A of ``a_dtype``; the launcher and aot_specs both call
-    this.
+def config(dtype: torch.dtype, prologue: str, a_dtype: torch.dtype, arch: int) -> Tiles:
+    """Tiles for a GEMM whose dot runs in ``dtype`` on an A of ``a_dtype`` on compute capability ``arch``
+    (``_launch.device_arch``); the launcher and aot_specs both call this.
 
     fp16/bf16: 128 x 128 output tiles on 8 warps (a prologue holds its A tile in fp32 registers next to the
-    accumulator), K steps of 64 over 3 stages; K steps of 32 over 4 stages where a step of 64 spills on sm_80:
-    the GELU prologue (its erf, 480 bytes of stack) and an fp32 A (``residual_in_fp32``, 40 bytes). fp32 (IEEE
-    dots, CUDA cores) takes 64 x 64 tiles.
+    accumulator), K steps of 64 over 3 stages. K steps of 32 over 4 stages where a step of 64 spills on sm_80: the
+    GELU prologue (its erf, 480 bytes of stack) and an fp32 A (``residual_in_fp32``, 40 bytes); on sm_90 the GELU
+    prologue keeps the step of 64, at which the pointer-load kernel's wgmma stay asynchronous (at 32 ptxas
+    serialises them, note C7515). fp32 (IEEE dots, CUDA cores) takes 64 x 64 tiles.
     """
     if prologue not in PROLOGUES:
         raise ValueError(f"prologue must be one of {PROLOGUES}, got {prologue!r}")
     if dtype == torch.float32:
         return Tiles(64, 64, 32, 8, 4, 3)
     if dtype in (torch.float16, torch.bfloat16):
-        if prologue in ("bias_gelu", "gelu") or a_dtype == torch.float32:
+        gelu = prologue in ("bias_gelu", "gelu")
+        if gelu and arch < 90 or a_dtype == torch.float32:
             return Tiles(128, 128, 32, 8, 8, 4)
         return Tiles(128, 128, 64, 8, 8, 3)
     raise ValueError(f"fused matmuls run in float32, float16 or bfloat16, got {dtype}")
@@ -166,12 +172,12 @@ def _fused_matmul_tma_kernel(A_DESC, W_DESC, OUT_DESC, BIAS, RES, MEAN, RSTD, P_
                              programs, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                              EVEN_K: tl.constexpr, APPROXIMATE: tl.constexpr, PRECISION: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUP_M: tl.constexpr):
-    """Persistent (``programs`` programs, about one per SM, each walking every programs-th tile; the loops are
-    flattened so the next tile's loads overlap this one's epilogue), operands and output through TMA descriptors
-    (sm_90+), which zero-fill loads past M, N and K and clip the store."""
+                             GROUP_M: tl.constexpr, FLATTEN: tl.constexpr):
+    """Persistent (``programs`` programs, about one per SM, each walking every programs-th tile; with ``FLATTEN``
+    the loops are flattened so the next tile's loads overlap this one's epilogue), operands and output through TMA
+    descriptors (sm_90+), which zero-fill loads past M, N and K and clip the store."""
     ks = tl.arange(0, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), programs, flatten=True):
+    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), programs, flatten=FLATTEN):
         pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mean = 0.0
@@ -222,7 +228,7 @@ def fused_matmul(a, weight, out_dtype, bias=None, residual=None, prologue="none"
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if not (m and n):
         return out
-    tiles = config(weight.dtype, prologue, a.dtype)
+    tiles = config(weight.dtype, prologue, a.dtype, device_arch(a.device))
     residual = None if residual is None else _rows(residual)
     bias = None if bias is None else bias.contiguous()
     tensors = (out if bias is None else bias, out if residual is None else residual,
@@ -240,7 +246,7 @@ def fused_matmul(a, weight, out_dtype, bias=None, residual=None, prologue="none"
                TensorDescriptor.from_tensor(a, [tiles.block_m, tiles.block_k]),
                TensorDescriptor.from_tensor(weight, [tiles.block_n, tiles.block_k]),
                TensorDescriptor.from_tensor(out, [tiles.block_m, tiles.block_n]),
-               *tensors, m, n, k, res_stride, programs, **options)
+               *tensors, m, n, k, res_stride, programs, FLATTEN=FLATTEN, **options)
         return out
     launch(_fused_matmul_kernel, (num_tiles,), a, weight, out, *tensors,
            m, n, k, a.stride(0), weight.stride(0), out.stride(0), res_stride, **options)
@@ -269,34 +275,42 @@ def gemm_weights(x, weight):
     return weight
 
 
-def aot_spec(name, dtype, prologue, a_type, out_type, has_bias, has_residual, res_type=None, label="", tma=False,
-             approximate="none"):
-    """KernelSpec of one variant for the report: A of ``a_type`` ("*bf16", "*fp32", ...), weights of ``dtype``
+def variant_specs(name, dtype, prologue, a_type, out_type, has_bias, has_residual, res_type=None, label="",
+                  tma=False, approximate="none"):
+    """KernelSpecs of one variant for the report: A of ``a_type`` ("*bf16", "*fp32", ...), weights of ``dtype``
     ("fp16"/"bf16"), fp32 bias and LayerNorm parameters as under AMP; K a multiple of the K block (every ViT width),
     every row stride and N, K multiples of 16, M (batch x tokens) not. ``tma``: the persistent TMA kernel (sm_90;
-    its program count that of an H100/H200, 132)."""
-    tiles = config(TORCH_DTYPES[dtype], prologue, TORCH_DTYPES[a_type[1:]])
+    its program count that of an H100/H200, 132). One spec per distinct :func:`config` of the archs that launch the
+    kernel, labelled with its arch where sm_80 and sm_90 differ."""
     unused = out_type
     operands = {"BIAS": "*fp32" if has_bias else unused, "RES": res_type if has_residual else unused,
                 "MEAN": "*fp32" if prologue == "layer_norm" else unused,
                 "RSTD": "*fp32" if prologue == "layer_norm" else unused,
                 "P_W": "*fp32" if prologue == "layer_norm" else unused,
                 "P_B": "*fp32" if prologue in ("layer_norm", "bias_gelu") else unused}
-    if tma:
-        sig = {"A_DESC": f"tensordesc<{a_type[1:]}[{tiles.block_m}, {tiles.block_k}]>",
-               "W_DESC": f"tensordesc<{dtype}[{tiles.block_n}, {tiles.block_k}]>",
-               "OUT_DESC": f"tensordesc<{out_type[1:]}[{tiles.block_m}, {tiles.block_n}]>",
-               **operands, "M": "i32", "N": "i32", "K": "i32", "stride_rm": "i32", "programs": "i32"}
-        fn, archs, aligned = _fused_matmul_tma_kernel, (90,), ("N", "K", "stride_rm")
-    else:
-        sig = {"A": a_type, "W": f"*{dtype}", "OUT": out_type, **operands, "M": "i32", "N": "i32", "K": "i32",
-               "stride_am": "i32", "stride_wn": "i32", "stride_om": "i32", "stride_rm": "i32"}
-        fn, archs, aligned = _fused_matmul_kernel, (80, 90), ("A", "W", "OUT", "N", "K", "stride_am", "stride_wn",
-                                                              "stride_om", "stride_rm")
-    consts = {"PROLOGUE": prologue, "HAS_BIAS": has_bias, "HAS_RESIDUAL": has_residual, "EVEN_K": True,
-              "APPROXIMATE": approximate, "PRECISION": precision(TORCH_DTYPES[dtype]), "BLOCK_M": tiles.block_m,
-              "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k, "GROUP_M": tiles.group_m}
-    sig.update({k: "constexpr" for k in consts})
-    aligned = (*aligned, "BIAS", "RES", "MEAN", "RSTD", "P_W", "P_B")
-    return KernelSpec(name + ("_tma" if tma else ""), fn, sig, consts, tiles.num_warps, tiles.num_stages, label,
-                      aligned, archs)
+    by_tiles = {}
+    for arch in (90,) if tma else (80, 90):
+        tiles = config(TORCH_DTYPES[dtype], prologue, TORCH_DTYPES[a_type[1:]], arch)
+        by_tiles[tiles] = (*by_tiles.get(tiles, ()), arch)
+    specs = []
+    for tiles, archs in by_tiles.items():
+        if tma:
+            sig = {"A_DESC": f"tensordesc<{a_type[1:]}[{tiles.block_m}, {tiles.block_k}]>",
+                   "W_DESC": f"tensordesc<{dtype}[{tiles.block_n}, {tiles.block_k}]>",
+                   "OUT_DESC": f"tensordesc<{out_type[1:]}[{tiles.block_m}, {tiles.block_n}]>",
+                   **operands, "M": "i32", "N": "i32", "K": "i32", "stride_rm": "i32", "programs": "i32"}
+            fn, aligned = _fused_matmul_tma_kernel, ("N", "K", "stride_rm")
+        else:
+            sig = {"A": a_type, "W": f"*{dtype}", "OUT": out_type, **operands, "M": "i32", "N": "i32", "K": "i32",
+                   "stride_am": "i32", "stride_wn": "i32", "stride_om": "i32", "stride_rm": "i32"}
+            fn, aligned = _fused_matmul_kernel, ("A", "W", "OUT", "N", "K", "stride_am", "stride_wn", "stride_om",
+                                                 "stride_rm")
+        consts = {"PROLOGUE": prologue, "HAS_BIAS": has_bias, "HAS_RESIDUAL": has_residual, "EVEN_K": True,
+                  "APPROXIMATE": approximate, "PRECISION": precision(TORCH_DTYPES[dtype]), "BLOCK_M": tiles.block_m,
+                  "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k, "GROUP_M": tiles.group_m,
+                  **({"FLATTEN": FLATTEN} if tma else {})}
+        sig.update({k: "constexpr" for k in consts})
+        specs.append(KernelSpec(name + ("_tma" if tma else ""), fn, sig, consts, tiles.num_warps, tiles.num_stages,
+                                label if len(by_tiles) == 1 else f"{label} sm_{archs[0]}",
+                                (*aligned, "BIAS", "RES", "MEAN", "RSTD", "P_W", "P_B"), archs))
+    return specs

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvit.kernels._launch import apply, eager_op
-from fastvit.kernels.matmul import aot_spec, compute_dtype, fused_matmul, gemm_weights
+from fastvit.kernels.matmul import compute_dtype, fused_matmul, gemm_weights, variant_specs
 
 
 def matmul_residual_ref(x, weight, bias, residual):
@@ -77,7 +77,7 @@ def aot_specs(shape, dtype):
     """proj (D -> D) and fc2 (mlp_dim -> D) with bias, adding a residual of the activation dtype or fp32
     (``residual_in_fp32``, then an fp32 output)."""
     act = f"*{dtype}"
-    return [aot_spec("matmul_residual", dtype, "none", act, res_t, True, True, res_t,
-                     label=f"{what} {k}->{shape.dim} residual={res_t[1:]}", tma=tma)
-            for what, k in (("proj", shape.dim), ("fc2", shape.mlp_dim)) for res_t in (act, "*fp32")
-            for tma in (False, True)]
+    return [spec for what, k in (("proj", shape.dim), ("fc2", shape.mlp_dim)) for res_t in (act, "*fp32")
+            for tma in (False, True)
+            for spec in variant_specs("matmul_residual", dtype, "none", act, res_t, True, True, res_t,
+                                      label=f"{what} {k}->{shape.dim} residual={res_t[1:]}", tma=tma)]

@@ -183,7 +183,8 @@ def test_launch_key_separates_tma_descriptors(monkeypatch):
     monkeypatch.setattr(_launch, "_COMPILED", {})
     kernel = matmul._fused_matmul_tma_kernel
     flags = dict(PROLOGUE="none", HAS_BIAS=False, HAS_RESIDUAL=False, EVEN_K=True, APPROXIMATE="none",
-                 PRECISION="ieee", BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=3)
+                 PRECISION="ieee", BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=8, FLATTEN=matmul.FLATTEN, num_warps=4,
+                 num_stages=3)
 
     def args(dtype=torch.float16, block_k=16):
         a, w, out = torch.zeros(64, 32, dtype=dtype), torch.zeros(48, 32, dtype=dtype), torch.zeros(64, 48)
