@@ -6,8 +6,8 @@ variants a model launches, with the block sizes and warps its launcher picks; th
 shapes of ViT-B/16, L/16 and H/14 in fp16 and bf16, reads the cubins with the cuobjdump bundled with Triton and the
 PTX for the MMA instructions, prints a table, writes JSON and exits 1 if any kernel spills (STACK/LOCAL > 0),
 exceeds the shared-memory limit of one block, issues mma.sync instead of wgmma on sm_90, or fails to compile. It
-also lists the variants whose wgmma ptxas serialised (its note C7515; reported, not failed: which of them cost
-time needs a GPU).
+also lists the variants whose wgmma ptxas serialised (its note C7515, with the reason it gives; reported, not
+failed: which of them cost time needs a GPU).
 
     python bench/kernel_report.py [--models vit_base_patch16_224 ...] [--kernels layer_norm ...] [--jobs N]
                                   [--out PATH]
@@ -124,12 +124,16 @@ def main(argv=None):
     bad = [r for r in records if not r["ok"]]
     common.write_result(out, {"triton": triton.__version__, "ok": not bad and bool(records), "kernels": records}, args,
                         t_start)
-    serialized = sorted({(r["kernel"], r["label"]) for r in records if r.get("wgmma_serialized")})
+    serialized = sorted({(r["kernel"], r["label"], r["wgmma_serialized_reason"]) for r in records
+                         if r.get("wgmma_serialized")})
     if serialized:
         print(f"\nwgmma* = ptxas serialised the wgmma (note C7515: the tensor cores wait for each one in turn), "
               f"in {len(serialized)} variants:")
-        for kernel, label in serialized:
+        for kernel, label, _ in serialized:
             print(f"  {kernel:<24} {label}")
+        for reason in sorted({r for _, _, r in serialized}):
+            count = sum(r == reason for _, _, r in serialized)
+            print(f"ptxas's reason in {count} of them: {reason or '(none given)'}")
     print(f"\n{len(records)} compiled kernels, {len(bad)} failing; wrote {out}")
     if not records:
         print("no kernel specs found", file=sys.stderr)

@@ -152,10 +152,22 @@ def tensor_core_instructions(ptx: str) -> str:
     return "+".join(found) or "none"
 
 
+_C7515 = re.compile(r"\(C7515\).*?serialized(?: due to (.*?))?(?: in the function|$)", re.MULTILINE)
+
+
+def serialization_reason(ptxas_log: str):
+    """ptxas's reason for serialising a kernel's wgmma, from its note C7515 in ``ptxas_log`` (e.g. "non wgmma
+    instructions defining accumulator registers of a wgmma between start and end of the pipeline stage"); "" for a
+    note without one; None when there is no such note."""
+    m = _C7515.search(ptxas_log)
+    return None if m is None else (m.group(1) or "")
+
+
 def compile_spec(spec, arch):
     """Compile ``spec`` for sm_``arch`` and return its resource use (registers, stack, local, shared bytes),
     tensor-core instructions (:func:`tensor_core_instructions`) and whether ptxas serialised its wgmma
-    (``wgmma_serialized``: its C7515 note, each wgmma then waits for the one before). ``ok``: no spills, shared
+    (``wgmma_serialized``: its C7515 note, each wgmma then waits for the one before; ``wgmma_serialized_reason``:
+    :func:`serialization_reason`). ``ok``: no spills, shared
     memory within one block's limit, and on sm_90 no mma.sync (a tile too small for wgmma leaves most of Hopper's
     tensor cores idle)."""
     import triton
@@ -185,6 +197,8 @@ def compile_spec(spec, arch):
     # Triton allocates shared memory dynamically; metadata.shared is the bytes it asks for at launch.
     shared = static_smem + int(kernel.metadata.shared)
     mma = tensor_core_instructions(kernel.asm["ptx"])
+    reason = serialization_reason(log.getvalue())
     return {"registers": reg, "stack": stack, "local": local, "shared": shared,
-            "shared_limit": SMEM_LIMIT[arch], "mma": mma, "wgmma_serialized": "(C7515)" in log.getvalue(),
+            "shared_limit": SMEM_LIMIT[arch], "mma": mma, "wgmma_serialized": reason is not None,
+            "wgmma_serialized_reason": reason,
             "ok": stack == 0 and local == 0 and shared <= SMEM_LIMIT[arch] and not (arch >= 90 and "mma.sync" in mma)}

@@ -18,7 +18,8 @@ import fastvit
 from fastvit import ops
 from fastvit.kernels import bias_gelu, layer_norm, patch_embed
 from fastvit.kernels import flash_attention as fa
-from fastvit.kernels._report import AOT_IMAGES, MODELS, TORCH_DTYPES, collect_specs, compile_spec
+from fastvit.kernels._report import (AOT_IMAGES, MODELS, TORCH_DTYPES, collect_specs, compile_spec,
+                                     serialization_reason)
 from fastvit.model import Attention
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -239,7 +240,18 @@ def test_the_default_hot_paths_keep_their_wgmma_asynchronous():
         known = before_37 and spec.name == "matmul_residual" and spec.signature["RES"] == "*fp32"
         assert res["mma"] == "wgmma" and res["wgmma_serialized"] == known, (spec.name, spec.label)
     sm80_gelu = next(s for s in specs if s.name == "gelu_matmul" and s.archs == (80,))
-    assert sm80_gelu.constexprs["BLOCK_K"] == 32 and compile_spec(sm80_gelu, 90)["wgmma_serialized"]
+    res = compile_spec(sm80_gelu, 90)
+    assert sm80_gelu.constexprs["BLOCK_K"] == 32 and res["wgmma_serialized"]
+    assert res["wgmma_serialized_reason"].startswith("non wgmma instructions defining accumulator registers")
+
+
+def test_serialization_reason_reads_ptxas_note():
+    """ptxas's C7515 line (as Triton's log dump prints it) gives its reason; no note, no reason."""
+    note = ("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+            "insufficient register resources for the wgmma pipeline in the function 'k'")
+    log = f"ptxas info    : Compiling entry function 'k' for 'sm_90a'\n{note}\nptxas info    : Used 168 registers"
+    assert serialization_reason(log) == "insufficient register resources for the wgmma pipeline"
+    assert serialization_reason(log.replace(note, "")) is None
 
 
 def test_the_report_fails_mma_sync_on_sm90():
