@@ -29,6 +29,7 @@ import types
 import warnings
 
 import torch
+import triton
 from torch.autograd import forward_ad
 from triton import knobs
 from triton.runtime import driver
@@ -70,6 +71,10 @@ def capability(device: torch.device) -> tuple:
     """(major, minor) compute capability of a CUDA device, asked once per device (the GEMM paths check it per
     call)."""
     return torch.cuda.get_device_capability(device)
+
+
+# (major, minor) of the Triton that compiles the kernels, for the choices its releases make differently
+TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2])
 
 
 @torch.compiler.assume_constant_result  # torch.compile asks it at trace time instead of tracing the device query

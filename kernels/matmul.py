@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from fastvit.kernels._launch import capability, cdiv, device_arch, interpreting, launch, sm_count
+from fastvit.kernels._launch import TRITON_VERSION, capability, cdiv, device_arch, interpreting, launch, sm_count
 from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
 from fastvit.kernels.bias_gelu import gelu
 
@@ -38,7 +38,7 @@ PROLOGUES = ("none", "layer_norm", "bias_gelu", "gelu")
 # Whether the persistent TMA kernel flattens its tile and K loops (the next tile's loads then overlap this one's
 # epilogue). Triton 3.6 serialises the wgmma of the flattened loop (ptxas note C7515: each waits for the one
 # before) in every prologue variant at ViT shapes; 3.7 and 3.8 do not (bench/kernel_report.py shows both).
-FLATTEN = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7)
+FLATTEN = TRITON_VERSION >= (3, 7)
 
 
 @dataclasses.dataclass(frozen=True)
