@@ -13,6 +13,7 @@ failed: which of them cost time needs a GPU).
                                   [--out PATH]
 """
 import argparse
+import collections
 import concurrent.futures
 import functools
 import multiprocessing as mp
@@ -131,8 +132,7 @@ def main(argv=None):
               f"in {len(serialized)} variants:")
         for kernel, label, _ in serialized:
             print(f"  {kernel:<24} {label}")
-        for reason in sorted({r for _, _, r in serialized}):
-            count = sum(r == reason for _, _, r in serialized)
+        for reason, count in sorted(collections.Counter(r for _, _, r in serialized).items()):
             print(f"ptxas's reason in {count} of them: {reason or '(none given)'}")
     print(f"\n{len(records)} compiled kernels, {len(bad)} failing; wrote {out}")
     if not records:

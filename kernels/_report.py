@@ -167,9 +167,8 @@ def compile_spec(spec, arch):
     """Compile ``spec`` for sm_``arch`` and return its resource use (registers, stack, local, shared bytes),
     tensor-core instructions (:func:`tensor_core_instructions`) and whether ptxas serialised its wgmma
     (``wgmma_serialized``: its C7515 note, each wgmma then waits for the one before; ``wgmma_serialized_reason``:
-    :func:`serialization_reason`). ``ok``: no spills, shared
-    memory within one block's limit, and on sm_90 no mma.sync (a tile too small for wgmma leaves most of Hopper's
-    tensor cores idle)."""
+    :func:`serialization_reason`). ``ok``: no spills, shared memory within one block's limit, and on sm_90 no
+    mma.sync (a tile too small for wgmma leaves most of Hopper's tensor cores idle)."""
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget

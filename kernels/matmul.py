@@ -68,8 +68,7 @@ def config(dtype: torch.dtype, prologue: str, a_dtype: torch.dtype, arch: int) -
     if dtype == torch.float32:
         return Tiles(64, 64, 32, 8, 4, 3)
     if dtype in (torch.float16, torch.bfloat16):
-        gelu = prologue in ("bias_gelu", "gelu")
-        if gelu and arch < 90 or a_dtype == torch.float32:
+        if prologue in ("bias_gelu", "gelu") and arch < 90 or a_dtype == torch.float32:
             return Tiles(128, 128, 32, 8, 8, 4)
         return Tiles(128, 128, 64, 8, 8, 3)
     raise ValueError(f"fused matmuls run in float32, float16 or bfloat16, got {dtype}")
