@@ -21,8 +21,9 @@
 #   resid         bench/residual_dtype.py --model B/16: the residual stream in fp32 or bf16, step time and bytes
 #                 kept side by side, and one digits run each (which default is the better one)
 #   loader        bench/loader.py: decoded + augmented images/s (PIL workers, shards, --decode gpu) beside the
-#                 model's training images/s from the b16 step (the data issue's goal); by default last, with what
-#                 is left of the budget (skipped without failing when too little is left; named, it must run)
+#                 model's training images/s from the b16 (or b16c) step (the data issue's goal); by default last,
+#                 with what is left of the budget (skipped without failing when too little is left; named, it must
+#                 run); its shard paths need webdataset's wheels carried in .whl/ on a lent machine (below)
 #
 # JSON (and the PNGs) go to bench/results/<gpu>/, <gpu> from torch.cuda.get_device_name (lower case, [a-z0-9-]);
 # the choices fastvit.autotune measured on the way (attention kernel, cuBLAS or which fused GEMM, per call shape) to
@@ -48,6 +49,10 @@
 # also when steps failed; unpack it with `tar xzf FILE.tgz -C bench/results`. On such a machine:
 #
 #   PYTHONUNBUFFERED=1 bash bench/gpu_suite.sh --archive $OUT/gpu_results.tgz 2>&1 | tee $OUT/gpu_suite.log
+#
+# Such a machine has no webdataset and no network: before the run fetch its wheels here into .whl/ (git-ignored),
+#   python -m pip download --no-deps --only-binary=:all: -d .whl webdataset==1.0.2 braceexpand==0.1.7
+# and carry .whl with the run; the suite installs them into /tmp/site.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -92,6 +97,17 @@ PY=${PYTHON:-$(command -v python || command -v python3)}
 if ! $PY -c "import fastvit.kernels" 2>/dev/null; then
     echo "== installing fastvit in place: $PY -m pip install --no-index --no-deps --no-build-isolation -e ."
     $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+fi
+# The loader step's shard paths need webdataset, which the lent GPU machines' image lacks (and they have no
+# network): wheels carried in .whl/ (git-ignored; README, *Measuring*) are installed into /tmp/site for this run.
+if ! $PY -c "import webdataset" 2>/dev/null; then
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        echo "== installing the wheels in .whl/ into /tmp/site (webdataset, for the loader's shard paths)"
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    else
+        echo "== webdataset is not installed: the loader step will skip its shard paths (carry its wheels in .whl/)"
+    fi
 fi
 
 if [ "$DRY" = 1 ]; then
@@ -190,7 +206,8 @@ for s in "${STEPS[@]}"; do
         b16ct) step b16ct 300 $PY bench/throughput.py --model B/16 --compile --backend torch --steps 1 --warmup 1 \
                    --out "$OUT/throughput_b16_compile_torch" ;;
         resid) step resid 150 $PY bench/residual_dtype.py --model B/16 --micro-batch 256 --seeds 1 --out "$OUT" ;;
-        loader) model=$OUT/throughput_b16/throughput.json  # the model's img/s, when the b16 step has run
+        loader) model=$OUT/throughput_b16/throughput.json  # the model's img/s, when the b16 (or b16c) step has run
+                [ -f "$model" ] || model=$OUT/throughput_b16_compile/throughput.json
                 step loader 150 $PY bench/loader.py $([ -f "$model" ] && echo --throughput "$model") --out "$OUT" ;;
     esac
 done
