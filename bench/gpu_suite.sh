@@ -99,7 +99,7 @@ if ! $PY -c "import fastvit.kernels" 2>/dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
 fi
 # The loader step's shard paths need webdataset, which the lent GPU machines' image lacks (and they have no
-# network): wheels carried in .whl/ (git-ignored; README, *Measuring*) are installed into /tmp/site for this run.
+# network): wheels carried in .whl/ (git-ignored; README, *Benchmarks*) are installed into /tmp/site for this run.
 if ! $PY -c "import webdataset" 2>/dev/null; then
     if compgen -G ".whl/*.whl" >/dev/null; then
         echo "== installing the wheels in .whl/ into /tmp/site (webdataset, for the loader's shard paths)"
