@@ -13,8 +13,9 @@ what a performance-minded timm user runs. ``ratio`` is the best fastvit column o
 Printed and saved per model and mode: images/s (a global batch over the median timed step; every step's time is
 saved, and a row whose steps varied over 1.5x says so), achieved TFLOP/s (FLOPs per image counted from the model
 config by ``fastvit.flops``: 2 x the MACs of every matmul, attention included; training = 3 x forward; the same
-count for every column, the whole model's, though fastvit's training step runs its last block on the class token alone:
-``fastvit.model.class_token_suffices``), MFU against the
+count for every column, the whole model's, though fastvit's training step runs its last block on the class token alone
+(``fastvit.model.class_token_suffices``) and so does its inference, where the logits then agree with the whole
+computation to rounding (``set_class_token_inference``; ``--no-class-token-inference`` runs every row)), MFU against the
 GPU's dense bf16 peak (``fastvit.flops.PEAK_TFLOPS``, or --peak-tflops), peak memory (GPU: the most memory
 allocated while that model warmed up, above what was allocated before it was built, so it counts its weights,
 gradients, optimizer state and activations), and fastvit/timm ratios.
@@ -57,6 +58,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from fastvit import ops  # noqa: E402
 from fastvit.flops import forward_flops, peak_flops  # noqa: E402
 from fastvit.dist import distributed  # noqa: E402
+from fastvit.model import class_token_suffices  # noqa: E402
 
 GPU_MODELS = "B/16,L/16,H/14"
 # Per-GPU micro-batches that fit an 80 GB GPU under bf16 autocast with both models resident.
@@ -76,7 +78,7 @@ def columns(compiled):
 def backend_used(requested, model, device, dtype, micro_batch, training):
     """What fastvit's ops run here, as ``fastvit.ops`` decides it: the kernels' side for most ops, and attention's
     apart, asked with the model's own call shape (on a GPU with ``auto`` that is the measured choice, made here once
-    and reused by the timed steps)."""
+    and reused by the timed steps); and whether the last block ran on the class token alone or on every row."""
     main = "triton" if ops.use_triton(requested, torch.empty(0, device=device)) else "torch"
     # the first block's attention: its ``attn``, a ParallelThingsBlock's first branch's, a ParallelScalingBlock itself
     attn = next(m for m in model.blocks[0].modules() if hasattr(m, "attn_drop"))
@@ -84,7 +86,10 @@ def backend_used(requested, model, device, dtype, micro_batch, training):
     q = torch.empty(micro_batch, attn.num_heads, tokens, attn.head_dim, device=device, dtype=dtype,
                     requires_grad=training)
     dropout = attn.attn_drop.p if training else 0.0
-    return {"ops": main, "attention": ops.attention_backend(q, backend=requested, dropout_p=dropout)}
+    one_row = ((training or model.class_token_inference) and model._class_token_only()
+               and class_token_suffices(model.blocks[-1]))
+    return {"ops": main, "attention": ops.attention_backend(q, backend=requested, dropout_p=dropout),
+            "last_block": "class token" if one_row else "every row"}
 
 
 def memory_allocated(device):
@@ -146,6 +151,7 @@ def bench_model(name, mode, args, world, device, dtype, peak):
                          f"{world} x {micro}")
     accum = args.global_batch // (world * micro)
     ours, ref = common.build_pair(name, backend=args.backend, num_classes=args.num_classes, seed=args.seed)
+    ours.set_class_token_inference(args.class_token_inference)
     flops_fwd = forward_flops(ours)
     used = backend_used(args.backend, ours, device, dtype, micro, mode == "train")
     flops = flops_fwd * (3 if mode == "train" else 1)
@@ -213,6 +219,9 @@ def main(argv=None):
                    help="torch.compile's mode for the compiled columns")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="the compiled columns replay CUDA graphs: --compile --compile-mode reduce-overhead (CUDA only)")
+    p.add_argument("--class-token-inference", action=argparse.BooleanOptionalAction, default=True,
+                   help="fastvit's inference runs its last block on the class token alone (its logits agree with "
+                        "the whole computation to rounding); --no-class-token-inference runs every row, as timm does")
     p.add_argument("--global-batch", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=None, help="per rank (default: a per-model table)")
     p.add_argument("--steps", type=int, default=None, help="timed global-batch steps per model (default 5)")
@@ -327,7 +336,7 @@ def run(args, modes, smoke, scaled, env):
             used = r["backend_used"]
             say(f"{name:22s} {mode:5s} best fastvit / best timm images/s ratio {r['ratio']:.3f} "
                 f"({r['best']['fastvit']} / {r['best']['timm']}; fastvit ops: {used['ops']}, "
-                f"attention: {used['attention']})", flush=True)
+                f"attention: {used['attention']}, last block: {used['last_block']})", flush=True)
             noisy = max(r["columns"], key=lambda col: r[col]["step_spread"])
             if r[noisy]["step_spread"] > NOISY:
                 say(f"{name:22s} {mode:5s} steps varied up to {r[noisy]['step_spread']:.1f}x ({noisy}): a busy "

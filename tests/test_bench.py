@@ -132,7 +132,8 @@ def _check_throughput(data, world, micro, modes, columns=("fastvit", "timm"), gl
         assert r["flops_per_image"] == fwd * (3 if r["mode"] == "train" else 1)
         # CPU: the torch fallbacks; bf16 training at 17 tokens takes attention's torch backward (ops.attention)
         attention = "fallback" if r["mode"] == "train" and data["dtype"] == "bf16" else "torch"
-        assert r["backend_used"] == {"ops": "torch", "attention": attention}
+        # a tiny model's last block may run on the class token alone, in training and (by default) inference
+        assert r["backend_used"] == {"ops": "torch", "attention": attention, "last_block": "class token"}
         assert r["columns"] == list(columns)
         for col in columns:
             v = r[col]
@@ -978,6 +979,30 @@ def test_summary_tabulates_the_attention_tilings_against_sm80s(tmp_path):
     assert "## Attention dK/dV tilings" in summary
     for row in ("| sm80 | 400.0 | 1.00 |", "| sm90@0 | 300.0 | 0.75 |", "| sm90@1 | 500.0 | 1.25 |"):
         assert row in summary
+
+
+def test_throughput_inference_runs_the_class_token_alone_unless_told(tmp_path, monkeypatch, capsys):
+    """fastvit's inference column runs its last block on the class token alone (set_class_token_inference), and
+    the row says so; --no-class-token-inference runs every row. Counted by fc1 rows of the last block's MLP."""
+    from fastvit.model import Block
+    throughput = _load_bench("throughput")
+    rows_seen = []
+    forward_pair = Block.forward_pair
+
+    def recording(self, h, *args, **kw):
+        out = forward_pair(self, h, *args, **kw)
+        rows_seen.append(out[0].shape[1])
+        return out
+    monkeypatch.setattr(Block, "forward_pair", recording)
+    for flag, last_block, rows in (([], "class token", 1), (["--no-class-token-inference"], "every row", 17)):
+        rows_seen.clear()
+        throughput.main(["--smoke", "--model", "tiny", "--mode", "infer", "--global-batch", "8", "--micro-batch",
+                         "8", "--steps", "1", "--warmup", "1", "--out", str(tmp_path), *flag])
+        row = _result(tmp_path / "throughput.json")["rows"][0]
+        assert row["backend_used"]["last_block"] == last_block
+        assert f"last block: {last_block}" in capsys.readouterr().out
+        # tiny: 2 blocks of 16 patches + the class token; fastvit's blocks only (timm's are timm's Block)
+        assert rows_seen[1::2] == [rows] * (len(rows_seen) // 2) and rows_seen[0::2] == [17] * (len(rows_seen) // 2)
 
 
 def test_throughput_takes_the_median_step_and_says_when_steps_vary(tmp_path, monkeypatch, capsys):

@@ -163,6 +163,47 @@ def test_forward_computes_only_what_a_class_token_head_reads(kwargs):
         assert saved_activation_bytes(model, x) - one_row >= 4 * (tokens - 1) * 4 * 64 * 4
 
 
+@pytest.mark.parametrize("kwargs", [dict(), dict(pos_embed="rel")])
+def test_class_token_inference_runs_the_last_block_on_that_token(monkeypatch, kwargs):
+    """set_class_token_inference: an eval forward runs the last block on the class token's row alone where it may
+    (not with a relative-position table), with timm's logits to fp32 rounding; forward_features still runs every
+    row, and torch.jit.trace traces the whole block (its check traces again without grad and compares)."""
+    from fastvit.model import Block
+    calls = []
+    forward_pair = Block.forward_pair
+
+    def recording(self, *args, **kw):
+        calls.append(kw.get("class_token_only", False))
+        return forward_pair(self, *args, **kw)
+    monkeypatch.setattr(Block, "forward_pair", recording)
+    torch.manual_seed(0)
+    model = fastvit.VisionTransformer(**SMALL, **kwargs).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        whole = model(x)
+        assert calls == [False, False]
+        model.set_class_token_inference()
+        calls.clear()
+        logits = model(x)
+        one_row = "pos_embed" not in kwargs
+        assert calls == [False, one_row]
+        features = model.forward_features(x)
+    assert features.shape == (3, 17, 64)
+    if one_row:
+        ref = timm.models.vision_transformer.VisionTransformer(**SMALL).eval()
+        ref.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(logits, ref(x), rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(logits, whole)
+    calls.clear()
+    torch.jit.trace(model, x)
+    assert calls[:2] == [False, False]  # traced whole (its check then calls forward eagerly)
+    model.set_class_token_inference(False)
+    with torch.no_grad():
+        assert torch.equal(model(x), whole)
+
+
 def test_forward_runs_a_hooked_final_norm_on_every_token():
     """A hook on the final norm, or a head that pools otherwise, sees the norm run on all tokens, as in timm."""
     torch.manual_seed(0)
