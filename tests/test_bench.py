@@ -891,6 +891,20 @@ def test_summary_heads_each_throughput_setting_and_flags_what_is_not_a_benchmark
     assert "**incomplete**" not in summary.split("## Throughput (bench/throughput.py)")[0]
 
 
+def test_throughput_table_says_where_inference_ran_the_class_token_alone():
+    """An inference row of fastvit with its last block on the class token (bench/throughput.py's default) says so
+    in its mode cell; training rows, older files and --no-class-token-inference rows keep the bare mode."""
+    side = {"images_per_s": 100.0, "mfu": None, "peak_mem_gib": None}
+    rows = [{"model": "B/16", "mode": mode, "micro_batch": 8, "accum_steps": 1, "fastvit": side, "timm": side,
+             "ratio": 1.0, "best": {"fastvit": "fastvit", "timm": "timm"}, **extra}
+            for mode, extra in (("train", {"backend_used": {"last_block": "class token"}}),
+                                ("infer", {"backend_used": {"last_block": "class token"}}),
+                                ("infer", {"backend_used": {"last_block": "every row"}}), ("infer", {}))]
+    table = _load_bench("tables").throughput_table([{"rows": rows}]).splitlines()[2:]
+    assert [line.split(" | ")[1] for line in table] == ["train", "infer (last block: class token)", "infer",
+                                                        "infer"]
+
+
 def test_tables_reads_a_throughput_file_in_the_folder_itself_and_checks_its_paths(tmp_path, capsys):
     """bench/throughput.py --out FOLDER writes FOLDER/throughput.json: tables.py FOLDER tabulates it (it read
     only gpu_suite.sh's throughput_*/ sub-folders and said "no results"); a missing folder or --readme file is a
