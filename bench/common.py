@@ -16,6 +16,7 @@ loads the standard module first (a script run from bench/ has bench/ first on sy
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.util
 import json
@@ -157,12 +158,23 @@ def build_model(name, impl="fastvit", backend="auto", num_classes=None, seed=0):
                      f"or a fastvit.list_models() name")
 
 
-def build_pair(name, backend="auto", num_classes=None, seed=0):
-    """(fastvit model, timm model) for ``name`` with identical weights (timm loads fastvit's state_dict, strict)."""
+def build_pair(name, backend="auto", num_classes=None, seed=0, class_token_inference=False):
+    """(fastvit model, timm model) for ``name`` with identical weights (timm loads fastvit's state_dict, strict);
+    ``class_token_inference``: fastvit's ``set_class_token_inference`` (:func:`add_class_token_inference_flag`)."""
     ours = build_model(name, "fastvit", backend, num_classes, seed)
+    ours.set_class_token_inference(class_token_inference)
     ref = build_model(name, "timm", backend, num_classes, seed)
     ref.load_state_dict(ours.state_dict(), strict=True)
     return ours, ref
+
+
+def add_class_token_inference_flag(parser):
+    """--class-token-inference (the default) / --no-class-token-inference, for the scripts that time fastvit's
+    inference against timm's: fastvit's best mode runs the last block on the class token alone
+    (``VisionTransformer.set_class_token_inference``; its logits agree with the whole computation to rounding)."""
+    parser.add_argument("--class-token-inference", action=argparse.BooleanOptionalAction, default=True,
+                        help="fastvit's inference runs its last block on the class token alone (logits equal to "
+                             "rounding); --no-class-token-inference runs every row, as timm does")
 
 
 def sync(device):

@@ -10,6 +10,9 @@ both reported (CPU time leaves out time the VM's neighbours took).
     python bench/paired.py                                  # tiny and mini, infer and train, bf16, CPU
     python bench/paired.py --model mini --mode infer --pairs 100
     python bench/paired.py --model vit_small_patch16_224 --mode infer --batch 1 --cast   # model.to(bf16), no autocast
+
+fastvit's inference runs its last block on the class token alone, as bench/throughput.py's does
+(``--no-class-token-inference``: every row, as timm's; measurements before 2026-12-06 ran every row).
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ def call(model, x, y, mode, dtype):
 
 def paired(name, mode, args, dtype):
     """Per clock: median and quartiles of timm's time / fastvit's over ``args.pairs`` interleaved pairs."""
-    models = common.build_pair(name, backend=args.backend, seed=args.seed)
+    models = common.build_pair(name, backend=args.backend, seed=args.seed,
+                               class_token_inference=args.class_token_inference)
     for m in models:
         m.train(mode == "train")
     gen = torch.Generator().manual_seed(args.seed)
@@ -85,6 +89,7 @@ def main(argv=None):
                    help="cast both models and the images to --dtype instead of autocasting to it")
     p.add_argument("--backend", default="auto", choices=ops.BACKENDS, help="fastvit's kernels (CPU: the torch "
                                                                           "fallbacks)")
+    common.add_class_token_inference_flag(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results", help="output folder for paired.json")
     args = p.parse_args(argv)

@@ -150,8 +150,8 @@ def bench_model(name, mode, args, world, device, dtype, peak):
         raise SystemExit(f"--global-batch {args.global_batch} must be a multiple of world size x micro-batch = "
                          f"{world} x {micro}")
     accum = args.global_batch // (world * micro)
-    ours, ref = common.build_pair(name, backend=args.backend, num_classes=args.num_classes, seed=args.seed)
-    ours.set_class_token_inference(args.class_token_inference)
+    ours, ref = common.build_pair(name, backend=args.backend, num_classes=args.num_classes, seed=args.seed,
+                                  class_token_inference=args.class_token_inference)
     flops_fwd = forward_flops(ours)
     used = backend_used(args.backend, ours, device, dtype, micro, mode == "train")
     flops = flops_fwd * (3 if mode == "train" else 1)
@@ -219,9 +219,7 @@ def main(argv=None):
                    help="torch.compile's mode for the compiled columns")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="the compiled columns replay CUDA graphs: --compile --compile-mode reduce-overhead (CUDA only)")
-    p.add_argument("--class-token-inference", action=argparse.BooleanOptionalAction, default=True,
-                   help="fastvit's inference runs its last block on the class token alone (its logits agree with "
-                        "the whole computation to rounding); --no-class-token-inference runs every row, as timm does")
+    common.add_class_token_inference_flag(p)
     p.add_argument("--global-batch", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=None, help="per rank (default: a per-model table)")
     p.add_argument("--steps", type=int, default=None, help="timed global-batch steps per model (default 5)")

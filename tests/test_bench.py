@@ -798,17 +798,21 @@ def test_paired_smoke(tmp_path):
 
 
 def test_paired_cast_runs_both_models_in_the_dtype_without_autocast(tmp_path, monkeypatch):
-    """--cast: fastvit and timm cast to --dtype with their images, no autocast around the calls."""
+    """--cast: fastvit and timm cast to --dtype with their images, no autocast around the calls. fastvit's
+    inference runs its best mode (the class-token last block) unless --no-class-token-inference."""
     paired = _load_bench("paired")
     seen, real = set(), paired.call
 
     def spy(model, x, y, mode, dtype):
-        seen.add((next(model.parameters()).dtype, x.dtype, dtype))
+        seen.add((next(model.parameters()).dtype, x.dtype, dtype, getattr(model, "class_token_inference", None)))
         return real(model, x, y, mode, dtype)
     monkeypatch.setattr(paired, "call", spy)
-    paired.main(["--model", "tiny", "--batch", "2", "--pairs", "4", "--warmup", "1", "--mode", "infer", "--cast",
-                 "--out", str(tmp_path)])
-    assert seen == {(torch.bfloat16, torch.bfloat16, None)}
+    for flag, fastvit_mode in (([], True), (["--no-class-token-inference"], False)):
+        seen.clear()
+        paired.main(["--model", "tiny", "--batch", "2", "--pairs", "4", "--warmup", "1", "--mode", "infer",
+                     "--cast", "--out", str(tmp_path), *flag])
+        assert seen == {(torch.bfloat16, torch.bfloat16, None, fastvit_mode), (torch.bfloat16, torch.bfloat16, None,
+                                                                              None)}
     data = _result(tmp_path / "paired.json")
     assert data["cast"] is True and data["dtype"] == "bf16" and len(data["rows"]) == 1
 
