@@ -137,6 +137,7 @@ def stubbed_launches():
     JITFunction._do_compile = do_compile
     driver.set_active(_HostOnlyDriver(GPUTarget("cuda", 90, 32)))
     saved_compiled = dict(_launch._COMPILED)
+    _launch.forget()  # the launchers' plans bound to real kernels: rebuilt on the stand-ins inside
     torch.set_flush_denormal(True)
     try:
         yield counter
@@ -146,8 +147,9 @@ def stubbed_launches():
         driver._active = saved_driver
         for fn in touched:
             fn.device_caches = collections.defaultdict(fn.create_binder)
-        # launch()'s cache of compiled kernels would keep the stand-ins: restore it as it was
-        _launch._COMPILED.clear()
+        # launch()'s cache of compiled kernels and the plans would keep the stand-ins: launch()'s as it was, the
+        # plans rebuilt by the next calls
+        _launch.forget()
         _launch._COMPILED.update(saved_compiled)
 
 

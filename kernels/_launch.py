@@ -202,6 +202,8 @@ class _Layout:
         self.valid = sum(map(len, positions)) == len(types)
         self.tensors, self.scalars, self.descriptors = map(_picker, positions)
         self.has_descriptors = bool(positions[2])
+        # the arguments start with every tensor (what a Bound launch takes)
+        self.leading_tensors = len(positions[0]) if positions[0] == list(range(len(positions[0]))) else None
 
 
 _LAYOUTS = {}  # a launch's argument types -> their _Layout (few: one or two per launch site)
@@ -258,15 +260,127 @@ def launch(kernel, grid, *args, **kwargs):
         _remember(kernel, key, compiled, len(args), kwargs)
         return
     compiled, keyword_values = entry  # the key holds the keyword arguments: their values are the cached ones
-    stream = driver.active.get_current_stream(device)
-    values = args + keyword_values
-    size = len(grid)
+    _run(compiled, _grid3(grid), driver.active.get_current_stream(device), args + keyword_values)
+
+
+def _grid3(grid):
+    """A launch grid of one to three ints as three."""
+    return (*grid, *(1,) * (3 - len(grid)))
+
+
+def _run(compiled, grid, stream, values):
+    """Launches a compiled kernel on a grid of three ints as ``JITFunction.run`` does: every argument value in the
+    kernel's signature order, the launch metadata and hooks."""
     runtime = knobs.runtime
     enter_hook = runtime.launch_enter_hook
     # CompiledKernel.launch_metadata returns None at once without an enter hook
     metadata = None if enter_hook is None else compiled.launch_metadata(grid, stream, *values)
-    compiled.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, compiled.function,
-                 compiled.packed_metadata, metadata, enter_hook, runtime.launch_exit_hook, *values)
+    compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata,
+                 enter_hook, runtime.launch_exit_hook, *values)
+
+
+class Bound:
+    """One launch of a compiled kernel with everything but its leading tensors fixed (grid, sizes, strides, scalars,
+    constexprs, device): ``bound(*tensors)`` launches it as :func:`launch` would, for tensors of the dtypes it was
+    bound with, each 16-byte aligned (:func:`aligned`). A launch plan keeps one per call signature (:class:`Plans`),
+    so that a call of that signature does no more than its allocations and this."""
+
+    __slots__ = ("compiled", "grid", "device", "tail")
+
+    def __init__(self, compiled, grid, device, tail):
+        self.compiled, self.grid, self.device, self.tail = compiled, grid, device, tail
+
+    def __call__(self, *tensors):
+        _run(self.compiled, self.grid, driver.active.get_current_stream(self.device), tensors + self.tail)
+
+
+def bind(kernel, grid, *args, **kwargs):
+    """The :class:`Bound` launch of ``kernel[grid](*args, **kwargs)`` after :func:`launch` has launched that call
+    (found in its cache), or None: not cached (an interpreted kernel, a traced launch, arguments the key does not
+    cover), tensors not all first among the arguments, or a tensor not 16-byte aligned (Triton compiled for the
+    pointers it saw)."""
+    if type(kernel) is not JITFunction or torch._C._len_torch_dispatch_stack():
+        return None
+    device = driver.active.get_current_device()
+    key = _launch_key(kernel, device, args, kwargs)
+    entry = None if key is None or key[4] is not True else _COMPILED.get(key)
+    n = key and key[2].leading_tensors
+    if entry is None or n is None:
+        return None
+    compiled, keyword_values = entry
+    return Bound(compiled, _grid3(grid), device, args[n:] + keyword_values)
+
+
+def aligned(*tensors) -> bool:
+    """Whether every one of ``tensors`` starts at a 16-byte aligned address (what a :class:`Bound` launch takes)."""
+    bits = 0
+    for t in tensors:  # a loop: faster here than reduce over map
+        bits |= t.data_ptr()
+    return not bits & 15
+
+
+class PlannedLaunch:
+    """``launch(kernel, grid, *tensors, *scalars, **flags)`` at one launch site for one call signature (a plan's
+    part): after the first launch, its :class:`Bound` launch, taken while the input tensors are aligned as they
+    were then. ``bindable``: whether the plan is kept for later calls (else binding would be wasted)."""
+
+    __slots__ = ("kernel", "grid", "flags", "bindable", "bound")
+
+    def __init__(self, kernel, grid, flags, bindable):
+        self.kernel, self.grid, self.flags, self.bindable, self.bound = kernel, grid, flags, bindable, None
+
+    def __call__(self, tensors, inputs, scalars):
+        """Launches on ``tensors`` (every tensor argument, in the kernel's order) and ``scalars()``, the arguments
+        after them (asked only when the launch goes through :func:`launch`). ``inputs``: those of ``tensors`` the
+        caller did not just allocate (whose alignment may change from call to call)."""
+        bound = self.bound
+        if bound is not None and aligned(*inputs):
+            bound(*tensors)
+            return
+        args = tensors + scalars()
+        launch(self.kernel, self.grid, *args, **self.flags)
+        if self.bindable:
+            self.bound = bind(self.kernel, self.grid, *args, **self.flags)
+
+
+class Plans(dict):
+    """A launcher's plans by call signature: what its first call of a signature worked out (checks, dtypes,
+    launch configuration, a :class:`Bound` launch), kept so that later calls only allocate and launch. Emptied
+    with :func:`launch`'s cache (``forget``), when it grows past ``_COMPILED_MAX``, and where a harness swaps
+    kernels (bench/overhead.py's stubs). Only plain eager calls use them (:func:`plans_apply`)."""
+
+    def __init__(self):
+        super().__init__()
+        _PLANS.append(self)
+
+    def keep(self, key, plan):
+        if len(self) >= _COMPILED_MAX:
+            self.clear()
+        self[key] = plan
+        return plan
+
+
+_PLANS = []
+
+
+def forget():
+    """Empties every cache of compiled launches: :func:`launch`'s and the launchers' :class:`Plans`."""
+    _COMPILED.clear()
+    for plans in _PLANS:
+        plans.clear()
+
+
+def plans_apply(x) -> bool:
+    """Whether a launcher called with ``x`` (its first tensor) may use and keep plans: compiled kernels (not the
+    interpreter, whose launches go through Triton), a plain tensor, in eager mode (not traced by dynamo, no
+    dispatch mode: fake or functional tensors carry no addresses to launch on)."""
+    return (not _INTERPRETING and not torch.compiler.is_compiling() and type(x) in _KEY_TENSORS
+            and not torch._C._len_torch_dispatch_stack())
+
+
+def current_device():
+    """The device Triton launches on (CUDA's current device), which a plan's key holds."""
+    return driver.active.get_current_device()
 
 
 def _remember(kernel, key, compiled, n_positional, kwargs):
@@ -383,7 +497,8 @@ def apply(function, *args):
 
 def kernels_called(fn, depth=4):
     """The Triton kernels ``fn`` may launch: JIT functions its code names (globals, attributes of the modules it
-    names, nested code) and, through the fastvit.kernels functions it calls, theirs, ``depth`` calls deep.
+    names, nested code) and, through the fastvit.kernels functions it calls and the methods of the fastvit.kernels
+    classes it names, theirs, ``depth`` calls deep.
 
     A triton_op finds its kernels only where its body writes ``wrap_triton(kernel)``; ours reach them through
     :func:`launch`. torch.compile's AOTAutograd cache hashes these kernels' sources into its key, so that editing
@@ -399,9 +514,12 @@ def kernels_called(fn, depth=4):
     for obj in named:
         if isinstance(obj, JITFunction):
             kernels[id(obj)] = obj
-        elif (depth and isinstance(obj, types.FunctionType) and obj is not fn
-              and obj.__module__.startswith("fastvit.kernels")):
-            kernels.update((id(k), k) for k in kernels_called(obj, depth - 1))
+        elif depth and obj is not fn and getattr(obj, "__module__", "").startswith("fastvit.kernels"):
+            # a function, or a class whose methods launch (a launcher's plan)
+            methods = [obj] if isinstance(obj, types.FunctionType) else (
+                [m for m in vars(obj).values() if isinstance(m, types.FunctionType)] if isinstance(obj, type) else [])
+            for method in methods:
+                kernels.update((id(k), k) for k in kernels_called(method, depth - 1))
     return list(kernels.values())
 
 

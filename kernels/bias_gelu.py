@@ -19,8 +19,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import (accumulation_dtype, apply, as_rows, cast, cdiv, eager_op, launch,
-                                     next_power_of_2, row_programs, triton_in_backward)
+from fastvit.kernels._launch import (PlannedLaunch, Plans, accumulation_dtype, apply, as_rows, cast, cdiv,
+                                     current_device, eager_op, next_power_of_2, plans_apply, row_programs,
+                                     triton_in_backward)
 from fastvit.kernels._gemm import linear, matmul
 from fastvit.kernels._report import AOT_IMAGES, AOT_PROGRAMS, spec_from_launch
 
@@ -174,17 +175,41 @@ def bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], use_triton: boo
     if not use_triton:
         # as PyTorch computes it: the sum in x's dtype, then GELU (fp32 inside) rounded once
         return gelu_ref(x if bias is None else x + cast(bias, x.dtype), approximate)
-    x = as_rows(x)
-    n_cols = x.shape[-1]
-    n_rows = x.numel() // max(n_cols, 1)
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    if n_rows and n_cols:
-        block_m, block_n, num_warps, num_stages = _config(n_cols)
-        grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
-        launch(_bias_gelu_fwd_kernel, grid, x, x if bias is None else bias.contiguous(), y, x.stride(-2),
-               y.stride(-2), n_rows, n_cols, HAS_BIAS=bias is not None, APPROXIMATE=approximate, BLOCK_M=block_m,
-               BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
-    return y
+    if not plans_apply(x):
+        return _Forward(x, bias, approximate, False)(x, bias)
+    key = (x.shape, x.stride(), x.dtype, None if bias is None else (bias.stride(), bias.dtype), approximate,
+           current_device())
+    plan = _FORWARDS.get(key)
+    if plan is None:
+        plan = _FORWARDS.keep(key, _Forward(x, bias, approximate, True))
+    return plan(x, bias)
+
+
+class _Forward:
+    """What :func:`bias_gelu_fwd` does on the kernel for one signature of its arguments: the output's allocation
+    and the launch (``bindable``: a plan kept for later calls, see ``_launch.Plans``)."""
+
+    def __init__(self, x, bias, approximate, bindable):
+        self.rows = as_rows(x) is not x
+        self.n_cols = x.shape[-1]
+        self.n_rows = x.numel() // max(self.n_cols, 1)
+        block_m, block_n, num_warps, num_stages = _config(self.n_cols)
+        grid = (cdiv(self.n_rows, block_m), cdiv(self.n_cols, block_n))
+        flags = dict(HAS_BIAS=bias is not None, APPROXIMATE=approximate, BLOCK_M=block_m, BLOCK_N=block_n,
+                     num_warps=num_warps, num_stages=num_stages)
+        self.launch = PlannedLaunch(_bias_gelu_fwd_kernel, grid, flags, bindable)
+
+    def __call__(self, x, bias):
+        if self.rows:
+            x = as_rows(x)
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if self.n_rows and self.n_cols:
+            b = x if bias is None else bias.contiguous()
+            self.launch((x, b, y), (x, b), lambda: (x.stride(-2), y.stride(-2), self.n_rows, self.n_cols))
+        return y
+
+
+_FORWARDS = Plans()
 
 
 @bias_gelu_fwd.register_fake
@@ -198,9 +223,8 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor
     """(dx, dbias, y) from the saved pre-activation x and bias: dbias is empty when bias is None; y, the forward's
     GELU(x + bias) recomputed in the same pass over x (for a weight gradient that needs it), is empty unless
     ``need_y``."""
-    n_cols = x.shape[-1]
-    n_rows = x.numel() // max(n_cols, 1)
     if not use_triton:
+        n_cols = x.shape[-1]
         # as PyTorch computes it, by torch's own GELU backward (fp32 inside) on the forward's pre-activation; y as
         # bias_gelu_fwd computes it
         u = x if bias is None else x + cast(bias, x.dtype)
@@ -208,21 +232,49 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor
         db = (x.new_empty(0) if bias is None
               else cast(dx.reshape(-1, n_cols).sum(0, dtype=accumulation_dtype(dx.dtype)), bias.dtype))
         return dx, db, gelu_ref(u, approximate) if need_y else x.new_empty(0)
-    dy, x = as_rows(dy), as_rows(x)
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    y = torch.empty_like(dx) if need_y else x.new_empty(0)
-    if not (n_rows and n_cols):
-        return dx, (x.new_empty(0) if bias is None else torch.zeros_like(bias)), y
-    block_m, block_n, num_warps, num_stages = _config(n_cols)
-    row_blocks = cdiv(n_rows, block_m)
-    programs = row_programs(row_blocks, x.device)
-    db_part = x.new_empty((programs if bias is not None else 0, n_cols), dtype=torch.float32)
-    launch(_bias_gelu_bwd_kernel, (programs, cdiv(n_cols, block_n)),
-        dy, x, x if bias is None else bias.contiguous(), dx, db_part, y if need_y else dx, dy.stride(-2),
-        x.stride(-2), dx.stride(-2), dx.stride(-2), n_rows, n_cols, cdiv(row_blocks, programs),
-        HAS_BIAS=bias is not None, APPROXIMATE=approximate, STORE_Y=need_y, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps, num_stages=num_stages)
-    return dx, (x.new_empty(0) if bias is None else cast(db_part.sum(0), bias.dtype)), y
+    if not plans_apply(dy):
+        return _Backward(dy, x, bias, approximate, need_y, False)(dy, x, bias)
+    key = (dy.shape, dy.stride(), dy.dtype, x.shape, x.stride(), x.dtype,
+           None if bias is None else (bias.stride(), bias.dtype), approximate, need_y, current_device())
+    plan = _BACKWARDS.get(key)
+    if plan is None:
+        plan = _BACKWARDS.keep(key, _Backward(dy, x, bias, approximate, need_y, True))
+    return plan(dy, x, bias)
+
+
+class _Backward:
+    """What :func:`bias_gelu_bwd` does on the kernel for one signature of its arguments (as :class:`_Forward`)."""
+
+    def __init__(self, dy, x, bias, approximate, need_y, bindable):
+        self.rows = as_rows(dy) is not dy or as_rows(x) is not x
+        self.n_cols = x.shape[-1]
+        self.n_rows = x.numel() // max(self.n_cols, 1)
+        self.need_y = need_y
+        block_m, block_n, num_warps, num_stages = _config(self.n_cols)
+        self.row_blocks = cdiv(self.n_rows, block_m)
+        self.programs = row_programs(self.row_blocks, x.device) if self.row_blocks else 0
+        flags = dict(HAS_BIAS=bias is not None, APPROXIMATE=approximate, STORE_Y=need_y, BLOCK_M=block_m,
+                     BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+        self.launch = PlannedLaunch(_bias_gelu_bwd_kernel, (self.programs, cdiv(self.n_cols, block_n)), flags,
+                                    bindable)
+
+    def __call__(self, dy, x, bias):
+        if self.rows:
+            dy, x = as_rows(dy), as_rows(x)
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        need_y = self.need_y
+        y = torch.empty_like(dx) if need_y else x.new_empty(0)
+        if not (self.n_rows and self.n_cols):
+            return dx, (x.new_empty(0) if bias is None else torch.zeros_like(bias)), y
+        db_part = x.new_empty((self.programs if bias is not None else 0, self.n_cols), dtype=torch.float32)
+        b = x if bias is None else bias.contiguous()
+        self.launch((dy, x, b, dx, db_part, y if need_y else dx), (dy, x, b),
+                    lambda: (dy.stride(-2), x.stride(-2), dx.stride(-2), dx.stride(-2), self.n_rows, self.n_cols,
+                             cdiv(self.row_blocks, self.programs)))
+        return dx, (x.new_empty(0) if bias is None else cast(db_part.sum(0), bias.dtype)), y
+
+
+_BACKWARDS = Plans()
 
 
 @bias_gelu_bwd.register_fake

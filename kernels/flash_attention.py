@@ -36,8 +36,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import (KERNEL_DTYPES, accumulation_dtype, apply, autocast_off, cdiv, device_arch,
-                                     eager_op, launch, next_power_of_2)
+from fastvit.kernels._launch import (KERNEL_DTYPES, PlannedLaunch, Plans, accumulation_dtype, apply, autocast_off,
+                                     cdiv, current_device, device_arch, eager_op, next_power_of_2,
+                                     plans_apply)
 from fastvit.kernels._report import TORCH_DTYPES, spec_from_launch
 
 LOG2E = 1.4426950408889634
@@ -545,20 +546,46 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_bias: O
     if not use_triton:
         with autocast_off(q.device.type):
             return _fallback_fwd(q, k, v, rel_bias, seed, grid_h, grid_w, scale, dropout_p)
-    out = _new_out(q)
-    lse = q.new_empty((bsz, heads, n), dtype=torch.float32)
-    if out.numel() == 0:
+    if not plans_apply(q):
+        return _Forward(q, rel_bias, grid_h, grid_w, scale, dropout_p, fwd_tiles, False)(q, k, v, rel_bias, seed)
+    key = (q.shape, q.stride(), q.dtype, k.shape, k.stride(), k.dtype, v.shape, v.stride(), v.dtype,
+           None if rel_bias is None else (rel_bias.shape, rel_bias.stride(), rel_bias.dtype),
+           None if seed is None else seed.dtype, grid_h, grid_w, scale, dropout_p, fwd_tiles, current_device())
+    plan = _FORWARDS.get(key)
+    if plan is None:
+        plan = _FORWARDS.keep(key, _Forward(q, rel_bias, grid_h, grid_w, scale, dropout_p, fwd_tiles, True))
+    return plan(q, k, v, rel_bias, seed)
+
+
+class _Forward:
+    """What :func:`attention_fwd` does on the kernels for one signature of its arguments: the outputs'
+    allocations and the forward kernel's launch (``bindable``: a plan kept for later calls, see
+    ``_launch.Plans``)."""
+
+    def __init__(self, q, rel_bias, grid_h, grid_w, scale, dropout_p, fwd_tiles, bindable):
+        bsz, heads, n, hd = self.shape = q.shape
+        blk = forward_tiles(hd)[fwd_tiles]
+        flags = dict(HEAD_DIM=hd, BLOCK_D=_config(hd).block_d, BLOCK_M=blk.block_m, BLOCK_N=blk.block_n,
+                     HAS_BIAS=rel_bias is not None, HAS_CLS=_has_cls(n, grid_h, grid_w), DROPOUT=dropout_p > 0,
+                     PRECISION=_precision(q.dtype), num_warps=blk.num_warps, num_stages=blk.num_stages)
+        self.launch = PlannedLaunch(_attn_fwd_kernel, (bsz * heads * cdiv(n, blk.block_m),), flags, bindable)
+        self.scalars = (heads, n, (q if rel_bias is None else rel_bias).shape[-1], scale * LOG2E, grid_h, grid_w,
+                        dropout_p)
+        self.empty = q.numel() == 0
+
+    def __call__(self, q, k, v, rel_bias, seed):
+        out = _new_out(q)
+        lse = q.new_empty(self.shape[:3], dtype=torch.float32)
+        if self.empty:
+            return out, lse
+        table = q if rel_bias is None else rel_bias
+        inputs = (q, k, v, table) if seed is None else (q, k, v, table, seed)
+        self.launch((q, k, v, out, lse, table, lse if seed is None else seed), inputs,
+                    lambda: (*_strides(q, k, v, out), *self.scalars))
         return out, lse
-    cfg = _config(hd)
-    blk = forward_tiles(hd)[fwd_tiles]
-    table = q if rel_bias is None else rel_bias
-    grid = (bsz * heads * cdiv(n, blk.block_m),)
-    launch(_attn_fwd_kernel, grid,
-        q, k, v, out, lse, table, lse if seed is None else seed, *_strides(q, k, v, out), heads, n, table.shape[-1],
-        scale * LOG2E, grid_h, grid_w, dropout_p, HEAD_DIM=hd, BLOCK_D=cfg.block_d, BLOCK_M=blk.block_m,
-        BLOCK_N=blk.block_n, HAS_BIAS=rel_bias is not None, HAS_CLS=_has_cls(n, grid_h, grid_w),
-        DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), num_warps=blk.num_warps, num_stages=blk.num_stages)
-    return out, lse
+
+
+_FORWARDS = Plans()
 
 
 @attention_fwd.register_fake
@@ -587,31 +614,66 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 def _launch_bwd(do, q, k, v, out, lse, rel_bias, seed, grid_h, grid_w, scale, dropout_p, bwd_tiles, dq, dk, dv):
     """The backward kernels, writing dq, dk, dv into the given (B, heads, N, hd) tensors, which may be strided views
     (of one packed gradient: :func:`attention_bwd_qkv`); returns d rel_bias (empty when rel_bias is None)."""
-    bsz, heads, n, hd = q.shape
-    dtable = None if rel_bias is None else torch.zeros(rel_bias.shape, dtype=torch.float32, device=q.device)
-    if q.numel() == 0:
+    if not plans_apply(q):
+        plan = _Backward(q, rel_bias, grid_h, grid_w, scale, dropout_p, bwd_tiles, False)
+        return plan(do, q, k, v, out, lse, rel_bias, seed, dq, dk, dv)
+    key = (do.shape, do.stride(), do.dtype, q.shape, q.stride(), q.dtype, k.shape, k.stride(), k.dtype, v.shape,
+           v.stride(), v.dtype, out.shape, out.stride(), out.dtype, lse.dtype,
+           None if rel_bias is None else (rel_bias.shape, rel_bias.stride(), rel_bias.dtype),
+           None if seed is None else seed.dtype, grid_h, grid_w, scale, dropout_p, bwd_tiles,
+           dq.stride(), dq.dtype, dk.stride(), dk.dtype, dv.stride(), dv.dtype, current_device())
+    plan = _BACKWARDS.get(key)
+    if plan is None:
+        plan = _BACKWARDS.keep(key, _Backward(q, rel_bias, grid_h, grid_w, scale, dropout_p, bwd_tiles, True))
+    return plan(do, q, k, v, out, lse, rel_bias, seed, dq, dk, dv)
+
+
+class _Backward:
+    """What :func:`_launch_bwd` does for one signature of its arguments: its allocations and the three kernels'
+    launches (as :class:`_Forward`)."""
+
+    def __init__(self, q, rel_bias, grid_h, grid_w, scale, dropout_p, bwd_tiles, bindable):
+        bsz, heads, n, hd = self.shape = q.shape
+        cfg = _config(hd)
+        blk = cfg.preprocess
+        self.preprocess = PlannedLaunch(
+            _attn_bwd_preprocess_kernel, (bsz * heads * cdiv(n, blk.block_m),),
+            dict(HEAD_DIM=hd, BLOCK_D=cfg.block_d, BLOCK_M=blk.block_m, num_warps=blk.num_warps,
+                 num_stages=blk.num_stages), bindable)
+        common = dict(HEAD_DIM=hd, BLOCK_D=cfg.block_d, HAS_BIAS=rel_bias is not None,
+                      HAS_CLS=_has_cls(n, grid_h, grid_w), DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype))
+        blk = backward_tiles(hd, device_arch(q.device))[bwd_tiles]
+        self.dkdv = PlannedLaunch(
+            _attn_bwd_dkdv_kernel, (bsz * heads * cdiv(n, blk.block_n),),
+            dict(BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, num_warps=blk.num_warps, num_stages=blk.num_stages,
+                 **common), bindable)
+        blk = cfg.bwd_dq
+        self.dq = PlannedLaunch(
+            _attn_bwd_dq_kernel, (bsz * heads * cdiv(n, blk.block_m),),
+            dict(BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, num_warps=blk.num_warps, num_stages=blk.num_stages,
+                 **common), bindable)
+        self.scalars = (heads, n, (q if rel_bias is None else rel_bias).shape[-1], scale, scale * LOG2E, grid_h,
+                        grid_w, dropout_p)
+        self.empty = q.numel() == 0
+
+    def __call__(self, do, q, k, v, out, lse, rel_bias, seed, dq, dk, dv):
+        dtable = None if rel_bias is None else torch.zeros(rel_bias.shape, dtype=torch.float32, device=q.device)
+        if self.empty:
+            return q.new_empty(0) if rel_bias is None else dtable.to(rel_bias.dtype)
+        delta = q.new_empty(self.shape[:3], dtype=torch.float32)
+        self.preprocess((out, do, delta), (out, do), lambda: (*_strides(out, do), *self.scalars[:2]))
+        table = q if rel_bias is None else rel_bias
+        seed = lse if seed is None else seed
+        dtable_arg = lse if dtable is None else dtable
+        inputs = (q, k, v, do, lse, table, seed)
+        self.dkdv((q, k, v, do, lse, delta, dk, dv, table, seed), (*inputs, dk, dv),
+                  lambda: (*_strides(q, k, v, do, dk, dv), *self.scalars))
+        self.dq((q, k, v, do, lse, delta, dq, table, dtable_arg, seed), (*inputs, dq),
+                lambda: (*_strides(q, k, v, do, dq), *self.scalars))
         return q.new_empty(0) if rel_bias is None else dtable.to(rel_bias.dtype)
-    cfg = _config(hd)
-    delta = q.new_empty((bsz, heads, n), dtype=torch.float32)
-    blk = cfg.preprocess
-    launch(_attn_bwd_preprocess_kernel, (bsz * heads * cdiv(n, blk.block_m),),
-        out, do, delta, *_strides(out, do), heads, n, HEAD_DIM=hd, BLOCK_D=cfg.block_d, BLOCK_M=blk.block_m,
-        num_warps=blk.num_warps, num_stages=blk.num_stages)
-    table = q if rel_bias is None else rel_bias
-    seed = lse if seed is None else seed
-    dtable_arg = lse if dtable is None else dtable
-    common = dict(HEAD_DIM=hd, BLOCK_D=cfg.block_d, HAS_BIAS=rel_bias is not None,
-                  HAS_CLS=_has_cls(n, grid_h, grid_w), DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype))
-    scalars = (heads, n, table.shape[-1], scale, scale * LOG2E, grid_h, grid_w, dropout_p)
-    blk = backward_tiles(hd, device_arch(q.device))[bwd_tiles]
-    launch(_attn_bwd_dkdv_kernel, (bsz * heads * cdiv(n, blk.block_n),),
-        q, k, v, do, lse, delta, dk, dv, table, seed, *_strides(q, k, v, do, dk, dv), *scalars,
-        BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, num_warps=blk.num_warps, num_stages=blk.num_stages, **common)
-    blk = cfg.bwd_dq
-    launch(_attn_bwd_dq_kernel, (bsz * heads * cdiv(n, blk.block_m),),
-        q, k, v, do, lse, delta, dq, table, dtable_arg, seed, *_strides(q, k, v, do, dq), *scalars,
-        BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, num_warps=blk.num_warps, num_stages=blk.num_stages, **common)
-    return q.new_empty(0) if rel_bias is None else dtable.to(rel_bias.dtype)
+
+
+_BACKWARDS = Plans()
 
 
 @attention_bwd.register_fake

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastvit.kernels._launch import (accumulation_dtype, apply, as_rows, cast, cdiv, eager_op, launch,
-                                     next_power_of_2, plain_inference, row_programs, triton_in_backward)
+from fastvit.kernels._launch import (PlannedLaunch, Plans, accumulation_dtype, apply, as_rows, cast, cdiv,
+                                     current_device, eager_op, next_power_of_2, plain_inference,
+                                     plans_apply, row_programs, triton_in_backward)
 from fastvit.kernels._gemm import linear, matmul
 from fastvit.kernels._report import AOT_IMAGES, AOT_PROGRAMS, spec_from_launch
 
@@ -134,8 +135,7 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight
     if not use_triton:
         y, res, mean, rstd = _add_layer_norm_torch(x, residual, weight, bias, eps, residual_in_fp32, y_dtype)
         return y, (res if res is not x else x.new_empty(0)), mean, rstd
-    y = torch.empty_like(x, dtype=y_dtype or x.dtype, memory_format=torch.contiguous_format)
-    return (y, *launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y))
+    return launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y_dtype or x.dtype)
 
 
 def _add_layer_norm_torch(x, residual, weight, bias, eps, residual_in_fp32, y_dtype=None, keep_stats=True):
@@ -161,17 +161,17 @@ def add_layer_norm_inference(x, residual, weight, bias, eps, residual_in_fp32, u
     ``ops``): the same kernel launch, or torch math, on the same values, without the autograd Function and custom-op
     layers around it (host time a call: ~8 us less on the torch path, ~2-4 us on the kernels', bench/overhead.py; at
     small batches a forward is mostly host time)."""
-    x2, r2, _ = _check_ln_args(x, residual, weight, bias)
+    _check_ln_shapes(x, residual, weight, bias)
     if not use_triton:
         y, res, _, _ = _add_layer_norm_torch(x, residual, weight, bias, eps, residual_in_fp32, keep_stats=False)
         return y, res
-    y = torch.empty_like(x2, memory_format=torch.contiguous_format)
-    res = launch_add_layer_norm(x2, r2, weight, bias, eps, residual_in_fp32, y, keep=False)[0]
-    if x2 is not x:
+    # the launcher takes x and the residual as rows; its outputs are (rows, D) where either was not contiguous
+    y, res, _, _ = launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, x.dtype, keep=False)
+    if y.dim() != x.dim():
         y = y.view_as(x)
     if res is None:  # not stored: new_residual would equal x
         return y, x
-    return y, (res if x2 is x else res.view_as(x))
+    return y, (res if res.dim() == x.dim() else res.view_as(x))
 
 
 def _normalized(res, weight, bias, eps, use_triton, dtype):
@@ -179,44 +179,76 @@ def _normalized(res, weight, bias, eps, use_triton, dtype):
     that autograd does not record, untraced) the kernel alone, keeping neither statistic (the saved ones are the
     same values: the same op on the same values); else the op, as its forward ran it."""
     if use_triton and plain_inference((res, weight, bias)):
-        y = torch.empty_like(res, dtype=dtype, memory_format=torch.contiguous_format)
-        launch_add_layer_norm(res, None, weight, bias, eps, False, y, keep=False)
-        return y
+        return launch_add_layer_norm(res, None, weight, bias, eps, False, dtype, keep=False)[0]
     return add_layer_norm_fwd(res, None, weight, bias, eps, False, use_triton, dtype)[0]
 
 
-def launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y=None, keep=True):
-    """The forward kernel on (..., D): (new_residual, mean, rstd) as add_layer_norm_fwd returns them, and the
-    LayerNorm output written into ``y`` when given; without ``y`` only the sum and its statistics (for a GEMM that
-    normalises while it loads, ``ln_matmul``). ``keep=False`` (nothing keeps the statistics: inference, a
-    backward's recomputation): (new_residual or None where it would equal x, None, None), one scratch buffer
-    taking both statistics' writes (two allocations fewer, ~2-3 us of host time; the same compiled kernel)."""
-    res_dtype = _residual_dtype(x, residual, residual_in_fp32)
-    store = residual is not None or res_dtype != x.dtype
-    n_cols = x.shape[-1]
-    block, num_warps, num_stages = _config(n_cols)
-    n_rows = x.numel() // n_cols
-    x = as_rows(x)
-    residual = None if residual is None else as_rows(residual)
-    # empty_like / new_empty: ~1 us less host time each than torch.empty(shape, dtype=, device=)
-    if store:
-        res = torch.empty_like(x, dtype=res_dtype, memory_format=torch.contiguous_format)
-    else:
-        res = x.new_empty(0, dtype=res_dtype) if keep else None
-    if keep:
-        mean = x.new_empty(_stats_shape(x), dtype=torch.float32)
-        rstd = torch.empty_like(mean)
-    else:
-        mean = rstd = x.new_empty(n_rows, dtype=torch.float32)
-    if n_rows:
-        r_arg = x if residual is None else residual
-        y_arg = x if y is None else y  # unused without y: any pointer of the activation dtype
-        launch(_add_ln_fwd_kernel, (n_rows,),
-               x, r_arg, weight.contiguous(), bias.contiguous(), y_arg, res if store else y_arg, mean, rstd,
-               x.stride(-2), r_arg.stride(-2), y_arg.stride(-2), res.stride(-2) if store else 0, n_cols, eps,
-               HAS_RESIDUAL=residual is not None, STORE_RESIDUAL=store, STORE_Y=y is not None, BLOCK=block,
-               num_warps=num_warps, num_stages=num_stages)
-    return (res, mean, rstd) if keep else (res, None, None)
+def launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y_dtype=None, keep=True):
+    """The forward kernel on (..., D), x and the residual taken as rows (``as_rows``): (y, new_residual, mean,
+    rstd) as add_layer_norm_fwd returns them, y the LayerNorm output in ``y_dtype``; without ``y_dtype`` y is None
+    and the kernel writes only the sum and its statistics (for a GEMM that normalises while it loads,
+    ``ln_matmul``). ``keep=False`` (nothing keeps the statistics: inference, a backward's recomputation): (y,
+    new_residual or None where it would equal x, None, None), one scratch buffer taking both statistics' writes
+    (two allocations fewer, ~2-3 us of host time; the same compiled kernel).
+
+    In eager mode the choices for a call signature are made once (:class:`_Forward`, kept in ``_FORWARDS``):
+    later calls build a key, allocate and launch (bench/overhead.py: ~6 us a call here, ~10.5 before)."""
+    if not plans_apply(x):
+        return _Forward(x, residual, eps, residual_in_fp32, y_dtype, keep, False)(x, residual, weight, bias)
+    key = (x.shape, x.stride(), x.dtype,
+           None if residual is None else (residual.shape, residual.stride(), residual.dtype),
+           weight.dtype, weight.stride(), bias.dtype, bias.stride(), y_dtype, eps, residual_in_fp32, keep,
+           current_device())
+    plan = _FORWARDS.get(key)
+    if plan is None:
+        plan = _FORWARDS.keep(key, _Forward(x, residual, eps, residual_in_fp32, y_dtype, keep, True))
+    return plan(x, residual, weight, bias)
+
+
+class _Forward:
+    """What :func:`launch_add_layer_norm` does for one signature of its arguments: the sum's dtype and whether it is
+    stored, the outputs' allocations and the kernel's launch (``bindable``: a plan kept for later calls)."""
+
+    def __init__(self, x, residual, eps, residual_in_fp32, y_dtype, keep, bindable):
+        self.res_dtype = _residual_dtype(x, residual, residual_in_fp32)
+        self.store = residual is not None or self.res_dtype != x.dtype
+        self.n_cols = x.shape[-1]
+        self.n_rows = x.numel() // self.n_cols
+        block, num_warps, num_stages = _config(self.n_cols)
+        flags = dict(HAS_RESIDUAL=residual is not None, STORE_RESIDUAL=self.store, STORE_Y=y_dtype is not None,
+                     BLOCK=block, num_warps=num_warps, num_stages=num_stages)
+        self.launch = PlannedLaunch(_add_ln_fwd_kernel, (self.n_rows,), flags, bindable)
+        self.rows = as_rows(x) is not x or (residual is not None and as_rows(residual) is not residual)
+        self.eps, self.y_dtype, self.keep = eps, y_dtype, keep
+
+    def __call__(self, x, residual, weight, bias):
+        if self.rows:
+            x = as_rows(x)
+            residual = None if residual is None else as_rows(residual)
+        y = None if self.y_dtype is None else torch.empty_like(x, dtype=self.y_dtype,
+                                                               memory_format=torch.contiguous_format)
+        # empty_like / new_empty: ~1 us less host time each than torch.empty(shape, dtype=, device=)
+        store = self.store
+        if store:
+            res = torch.empty_like(x, dtype=self.res_dtype, memory_format=torch.contiguous_format)
+        else:
+            res = x.new_empty(0, dtype=self.res_dtype) if self.keep else None
+        if self.keep:
+            mean = x.new_empty(_stats_shape(x), dtype=torch.float32)
+            rstd = torch.empty_like(mean)
+        else:
+            mean = rstd = x.new_empty(self.n_rows, dtype=torch.float32)
+        if self.n_rows:
+            r_arg = x if residual is None else residual
+            y_arg = x if y is None else y  # unused without y: any pointer of the activation dtype
+            inputs = (x, r_arg, weight.contiguous(), bias.contiguous())
+            self.launch((*inputs, y_arg, res if store else y_arg, mean, rstd), inputs,
+                        lambda: (x.stride(-2), r_arg.stride(-2), y_arg.stride(-2), res.stride(-2) if store else 0,
+                                 self.n_cols, self.eps))
+        return (y, res, mean, rstd) if self.keep else (y, res, None, None)
+
+
+_FORWARDS = Plans()
 
 
 @add_layer_norm_fwd.register_fake
@@ -245,27 +277,54 @@ def add_layer_norm_bwd(dy: torch.Tensor, dres_out: Optional[torch.Tensor], res: 
             d = d + dres_out
         dres_in = d.to(res.dtype, copy=True) if separate_residual_grad else dy.new_empty(0, dtype=res.dtype)
         return cast(d, dy.dtype), dres_in, cast(dw, weight.dtype), cast(db, weight.dtype)
-    block, num_warps, num_stages = _config(n_cols)
-    n_rows = res.numel() // n_cols
-    dy = as_rows(dy)
-    dres_out = None if dres_out is None else as_rows(dres_out)
-    dx = torch.empty_like(res, dtype=dy.dtype, memory_format=torch.contiguous_format)
-    dres_in = (torch.empty_like(res, memory_format=torch.contiguous_format) if separate_residual_grad
-               else res.new_empty(0))
-    if not n_rows:
-        return dx, dres_in, torch.zeros_like(weight), torch.zeros_like(weight)
-    programs = row_programs(n_rows, dy.device)
-    # every program writes its row of partial sums, even one left without rows
-    dw_part = dy.new_empty((programs, n_cols), dtype=torch.float32)
-    db_part = torch.empty_like(dw_part)
-    d_arg = dy if dres_out is None else dres_out
-    launch(_add_ln_bwd_kernel, (programs,),
-        dy, d_arg, res, weight.contiguous(), mean, rstd, dx, dres_in if separate_residual_grad else dx, dw_part,
-        db_part, dy.stride(-2), d_arg.stride(-2), res.stride(-2), dx.stride(-2),
-        dres_in.stride(-2) if separate_residual_grad else 0, n_rows, n_cols, cdiv(n_rows, programs),
-        HAS_DRES=dres_out is not None, STORE_DRES_IN=separate_residual_grad, BLOCK=block, num_warps=num_warps,
-        num_stages=num_stages)
-    return dx, dres_in, cast(dw_part.sum(0), weight.dtype), cast(db_part.sum(0), weight.dtype)
+    if not plans_apply(dy):
+        return _Backward(dy, dres_out, res, separate_residual_grad, False)(dy, dres_out, res, weight, mean, rstd)
+    key = (dy.shape, dy.stride(), dy.dtype, None if dres_out is None else (dres_out.stride(), dres_out.dtype),
+           res.shape, res.stride(), res.dtype, weight.dtype, weight.stride(), mean.dtype, rstd.dtype,
+           separate_residual_grad, current_device())
+    plan = _BACKWARDS.get(key)
+    if plan is None:
+        plan = _BACKWARDS.keep(key, _Backward(dy, dres_out, res, separate_residual_grad, True))
+    return plan(dy, dres_out, res, weight, mean, rstd)
+
+
+class _Backward:
+    """What :func:`add_layer_norm_bwd` does on the kernels for one signature of its arguments (as
+    :class:`_Forward` for the forward)."""
+
+    def __init__(self, dy, dres_out, res, separate_residual_grad, bindable):
+        self.n_cols = res.shape[-1]
+        self.n_rows = res.numel() // self.n_cols
+        self.separate = separate_residual_grad
+        self.programs = row_programs(self.n_rows, dy.device) if self.n_rows else 0
+        block, num_warps, num_stages = _config(self.n_cols)
+        flags = dict(HAS_DRES=dres_out is not None, STORE_DRES_IN=separate_residual_grad, BLOCK=block,
+                     num_warps=num_warps, num_stages=num_stages)
+        self.launch = PlannedLaunch(_add_ln_bwd_kernel, (self.programs,), flags, bindable)
+        self.rows = as_rows(dy) is not dy or (dres_out is not None and as_rows(dres_out) is not dres_out)
+
+    def __call__(self, dy, dres_out, res, weight, mean, rstd):
+        if self.rows:
+            dy = as_rows(dy)
+            dres_out = None if dres_out is None else as_rows(dres_out)
+        dx = torch.empty_like(res, dtype=dy.dtype, memory_format=torch.contiguous_format)
+        separate = self.separate
+        dres_in = torch.empty_like(res, memory_format=torch.contiguous_format) if separate else res.new_empty(0)
+        if not self.n_rows:
+            return dx, dres_in, torch.zeros_like(weight), torch.zeros_like(weight)
+        # every program writes its row of partial sums, even one left without rows
+        dw_part = dy.new_empty((self.programs, self.n_cols), dtype=torch.float32)
+        db_part = torch.empty_like(dw_part)
+        d_arg = dy if dres_out is None else dres_out
+        inputs = (dy, d_arg, res, weight.contiguous(), mean, rstd)
+        self.launch((*inputs, dx, dres_in if separate else dx, dw_part, db_part), inputs,
+                    lambda: (dy.stride(-2), d_arg.stride(-2), res.stride(-2), dx.stride(-2),
+                             dres_in.stride(-2) if separate else 0, self.n_rows, self.n_cols,
+                             cdiv(self.n_rows, self.programs)))
+        return dx, dres_in, cast(dw_part.sum(0), weight.dtype), cast(db_part.sum(0), weight.dtype)
+
+
+_BACKWARDS = Plans()
 
 
 @add_layer_norm_bwd.register_fake
@@ -380,7 +439,7 @@ class AddLayerNormLinearFn(torch.autograd.Function):
         return dx, d_residual, dw, db, d_lin_w, d_lin_b, *pad[2:]
 
 
-def _check_ln_args(x, residual, weight, bias):
+def _check_ln_shapes(x, residual, weight, bias):
     if weight is None or bias is None:
         raise ValueError("add_layer_norm needs both a LayerNorm weight and bias (elementwise_affine=True)")
     d = x.shape[-1]
@@ -389,6 +448,13 @@ def _check_ln_args(x, residual, weight, bias):
                          f"{tuple(bias.shape)}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+
+
+def _check_ln_args(x, residual, weight, bias):
+    """(x, residual) as rows for an autograd Function (both (rows, D) where either is not contiguous), and whether
+    the residual's gradient needs its own copy, after :func:`_check_ln_shapes`."""
+    _check_ln_shapes(x, residual, weight, bias)
+    d = x.shape[-1]
     x2 = as_rows(x)
     r2 = None if residual is None else as_rows(residual)
     if r2 is not None and r2.dim() != x2.dim():  # one of them was not contiguous: both as (rows, D)

@@ -39,7 +39,7 @@ def ln_matmul_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight
         y, res, mean, rstd = _ln.add_layer_norm_fwd(x, residual, norm_weight, norm_bias, eps, residual_in_fp32,
                                                     False)
         return F.linear(y.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)), res, mean, rstd
-    res, mean, rstd = _ln.launch_add_layer_norm(x, residual, norm_weight, norm_bias, eps, residual_in_fp32)
+    _, res, mean, rstd = _ln.launch_add_layer_norm(x, residual, norm_weight, norm_bias, eps, residual_in_fp32)
     # the GEMM normalises the sum, or x itself when no sum was stored, as (rows, D)
     a = res if res.shape == x.shape else x
     out = fused_matmul(a.reshape(-1, a.shape[-1]), weight, weight.dtype, bias, prologue="layer_norm",

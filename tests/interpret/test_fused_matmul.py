@@ -240,7 +240,7 @@ def test_statistics_pass_bf16(residual_mode):
     inputs = _ln_inputs(37, 768, 16, residual_mode, False, seed=5)
     x = inputs["x"].bfloat16()
     r = inputs["residual"].bfloat16() if residual_mode != "none" else None
-    res, mean, rstd = layer_norm.launch_add_layer_norm(x, r, inputs["norm_weight"], inputs["norm_bias"], EPS,
+    _, res, mean, rstd = layer_norm.launch_add_layer_norm(x, r, inputs["norm_weight"], inputs["norm_bias"], EPS,
                                                        residual_mode == "fp32")
     want = x.float() if r is None else x.float() + r.float()
     if residual_mode == "none":
