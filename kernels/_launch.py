@@ -245,6 +245,9 @@ def launch(kernel, grid, *args, **kwargs):
     first launch. While a dispatch mode traces the call (fake tensors, AOTAutograd's
     functionalisation inside ``torch.compile``), the launch is recorded through ``torch.library.wrap_triton`` as a
     graph node; inside a compiled graph's own call of the op ``wrap_triton`` is off and gives the kernel back.
+
+    Returns the call's :class:`Bound` launch where a later call with the same signature may take it (the variant
+    cached, every pointer 16-byte aligned, the tensors first among the arguments), else None.
     """
     if type(kernel) is not JITFunction:
         kernel[grid](*args, **kwargs)
@@ -257,10 +260,10 @@ def launch(kernel, grid, *args, **kwargs):
     entry = _COMPILED.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **kwargs)
-        _remember(kernel, key, compiled, len(args), kwargs)
-        return
+        return _bound(key, _remember(kernel, key, compiled, len(args), kwargs), grid, device, args)
     compiled, keyword_values = entry  # the key holds the keyword arguments: their values are the cached ones
     _run(compiled, _grid3(grid), driver.active.get_current_stream(device), args + keyword_values)
+    return _bound(key, entry, grid, device, args)
 
 
 def _grid3(grid):
@@ -282,8 +285,9 @@ def _run(compiled, grid, stream, values):
 class Bound:
     """One launch of a compiled kernel with everything but its leading tensors fixed (grid, sizes, strides, scalars,
     constexprs, device): ``bound(*tensors)`` launches it as :func:`launch` would, for tensors of the dtypes it was
-    bound with, each 16-byte aligned (:func:`aligned`). A launch plan keeps one per call signature (:class:`Plans`),
-    so that a call of that signature does no more than its allocations and this."""
+    bound with, each 16-byte aligned (:func:`aligned`), while ``device`` is the current one. A launch plan keeps one
+    per call signature (:class:`Plans`), so that a call of that signature does no more than its allocations and
+    this."""
 
     __slots__ = ("compiled", "grid", "device", "tail")
 
@@ -294,21 +298,14 @@ class Bound:
         _run(self.compiled, self.grid, driver.active.get_current_stream(self.device), tensors + self.tail)
 
 
-def bind(kernel, grid, *args, **kwargs):
-    """The :class:`Bound` launch of ``kernel[grid](*args, **kwargs)`` after :func:`launch` has launched that call
-    (found in its cache), or None: not cached (an interpreted kernel, a traced launch, arguments the key does not
-    cover), tensors not all first among the arguments, or a tensor not 16-byte aligned (Triton compiled for the
-    pointers it saw)."""
-    if type(kernel) is not JITFunction or torch._C._len_torch_dispatch_stack():
-        return None
-    device = driver.active.get_current_device()
-    key = _launch_key(kernel, device, args, kwargs)
-    entry = None if key is None or key[4] is not True else _COMPILED.get(key)
-    n = key and key[2].leading_tensors
-    if entry is None or n is None:
+def _bound(key, entry, grid, device, args):
+    """The :class:`Bound` launch of a call :func:`launch` ran from cache ``entry`` under ``key``, or None: not
+    cached, a pointer not 16-byte aligned (Triton compiled for the pointers it saw), or tensors not all first among
+    the arguments."""
+    if entry is None or key[4] is not True or key[2].leading_tensors is None:
         return None
     compiled, keyword_values = entry
-    return Bound(compiled, _grid3(grid), device, args[n:] + keyword_values)
+    return Bound(compiled, _grid3(grid), device, args[key[2].leading_tensors:] + keyword_values)
 
 
 def aligned(*tensors) -> bool:
@@ -334,13 +331,12 @@ class PlannedLaunch:
         after them (asked only when the launch goes through :func:`launch`). ``inputs``: those of ``tensors`` the
         caller did not just allocate (whose alignment may change from call to call)."""
         bound = self.bound
-        if bound is not None and aligned(*inputs):
+        if bound is not None and aligned(*inputs) and bound.device == driver.active.get_current_device():
             bound(*tensors)
             return
-        args = tensors + scalars()
-        launch(self.kernel, self.grid, *args, **self.flags)
+        bound = launch(self.kernel, self.grid, *tensors, *scalars(), **self.flags)
         if self.bindable:
-            self.bound = bind(self.kernel, self.grid, *args, **self.flags)
+            self.bound = bound
 
 
 class Plans(dict):
@@ -378,21 +374,18 @@ def plans_apply(x) -> bool:
             and not torch._C._len_torch_dispatch_stack())
 
 
-def current_device():
-    """The device Triton launches on (CUDA's current device), which a plan's key holds."""
-    return driver.active.get_current_device()
-
-
 def _remember(kernel, key, compiled, n_positional, kwargs):
     """Caches a kernel Triton compiled and launched for ``key``, when a later launch can rebuild its argument
-    values: every parameter after the positional ones passed by keyword (none left to its default). Not cached:
-    None for either (an argument type the key does not cover; Triton did not launch, e.g. a compile hook)."""
+    values: every parameter after the positional ones passed by keyword (none left to its default); returns the
+    cache entry, or None where not cached: None for either (an argument type the key does not cover; Triton did
+    not launch, e.g. a compile hook)."""
     by_keyword = tuple(kernel.arg_names[n_positional:])
     if key is None or compiled is None or not all(name in kwargs for name in by_keyword):
-        return
+        return None
     if len(_COMPILED) >= _COMPILED_MAX:
         _COMPILED.clear()
-    _COMPILED[key] = (compiled, tuple(kwargs[name] for name in by_keyword))
+    entry = _COMPILED[key] = (compiled, tuple(kwargs[name] for name in by_keyword))
+    return entry
 
 
 # argument types a plain eager call may carry; a tensor subclass (fake, functional, DTensor, ...) is none of them

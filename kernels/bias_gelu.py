@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from fastvit.kernels._launch import (PlannedLaunch, Plans, accumulation_dtype, apply, as_rows, cast, cdiv,
-                                     current_device, eager_op, next_power_of_2, plans_apply, row_programs,
+                                     eager_op, next_power_of_2, plans_apply, row_programs,
                                      triton_in_backward)
 from fastvit.kernels._gemm import linear, matmul
 from fastvit.kernels._report import AOT_IMAGES, AOT_PROGRAMS, spec_from_launch
@@ -178,7 +178,7 @@ def bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], use_triton: boo
     if not plans_apply(x):
         return _Forward(x, bias, approximate, False)(x, bias)
     key = (x.shape, x.stride(), x.dtype, None if bias is None else (bias.stride(), bias.dtype), approximate,
-           current_device())
+           x.device)
     plan = _FORWARDS.get(key)
     if plan is None:
         plan = _FORWARDS.keep(key, _Forward(x, bias, approximate, True))
@@ -235,7 +235,7 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor
     if not plans_apply(dy):
         return _Backward(dy, x, bias, approximate, need_y, False)(dy, x, bias)
     key = (dy.shape, dy.stride(), dy.dtype, x.shape, x.stride(), x.dtype,
-           None if bias is None else (bias.stride(), bias.dtype), approximate, need_y, current_device())
+           None if bias is None else (bias.stride(), bias.dtype), approximate, need_y, x.device)
     plan = _BACKWARDS.get(key)
     if plan is None:
         plan = _BACKWARDS.keep(key, _Backward(dy, x, bias, approximate, need_y, True))

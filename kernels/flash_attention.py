@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from fastvit.kernels._launch import (KERNEL_DTYPES, PlannedLaunch, Plans, accumulation_dtype, apply, autocast_off,
-                                     cdiv, current_device, device_arch, eager_op, next_power_of_2,
+                                     cdiv, device_arch, eager_op, next_power_of_2,
                                      plans_apply)
 from fastvit.kernels._report import TORCH_DTYPES, spec_from_launch
 
@@ -550,7 +550,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_bias: O
         return _Forward(q, rel_bias, grid_h, grid_w, scale, dropout_p, fwd_tiles, False)(q, k, v, rel_bias, seed)
     key = (q.shape, q.stride(), q.dtype, k.shape, k.stride(), k.dtype, v.shape, v.stride(), v.dtype,
            None if rel_bias is None else (rel_bias.shape, rel_bias.stride(), rel_bias.dtype),
-           None if seed is None else seed.dtype, grid_h, grid_w, scale, dropout_p, fwd_tiles, current_device())
+           None if seed is None else seed.dtype, grid_h, grid_w, scale, dropout_p, fwd_tiles, q.device)
     plan = _FORWARDS.get(key)
     if plan is None:
         plan = _FORWARDS.keep(key, _Forward(q, rel_bias, grid_h, grid_w, scale, dropout_p, fwd_tiles, True))
@@ -621,7 +621,7 @@ def _launch_bwd(do, q, k, v, out, lse, rel_bias, seed, grid_h, grid_w, scale, dr
            v.stride(), v.dtype, out.shape, out.stride(), out.dtype, lse.dtype,
            None if rel_bias is None else (rel_bias.shape, rel_bias.stride(), rel_bias.dtype),
            None if seed is None else seed.dtype, grid_h, grid_w, scale, dropout_p, bwd_tiles,
-           dq.stride(), dq.dtype, dk.stride(), dk.dtype, dv.stride(), dv.dtype, current_device())
+           dq.stride(), dq.dtype, dk.stride(), dk.dtype, dv.stride(), dv.dtype, q.device)
     plan = _BACKWARDS.get(key)
     if plan is None:
         plan = _BACKWARDS.keep(key, _Backward(q, rel_bias, grid_h, grid_w, scale, dropout_p, bwd_tiles, True))

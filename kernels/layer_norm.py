@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from fastvit.kernels._launch import (PlannedLaunch, Plans, accumulation_dtype, apply, as_rows, cast, cdiv,
-                                     current_device, eager_op, next_power_of_2, plain_inference,
+                                     eager_op, next_power_of_2, plain_inference,
                                      plans_apply, row_programs, triton_in_backward)
 from fastvit.kernels._gemm import linear, matmul
 from fastvit.kernels._report import AOT_IMAGES, AOT_PROGRAMS, spec_from_launch
@@ -198,7 +198,7 @@ def launch_add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, y_dt
     key = (x.shape, x.stride(), x.dtype,
            None if residual is None else (residual.shape, residual.stride(), residual.dtype),
            weight.dtype, weight.stride(), bias.dtype, bias.stride(), y_dtype, eps, residual_in_fp32, keep,
-           current_device())
+           x.device)
     plan = _FORWARDS.get(key)
     if plan is None:
         plan = _FORWARDS.keep(key, _Forward(x, residual, eps, residual_in_fp32, y_dtype, keep, True))
@@ -281,7 +281,7 @@ def add_layer_norm_bwd(dy: torch.Tensor, dres_out: Optional[torch.Tensor], res: 
         return _Backward(dy, dres_out, res, separate_residual_grad, False)(dy, dres_out, res, weight, mean, rstd)
     key = (dy.shape, dy.stride(), dy.dtype, None if dres_out is None else (dres_out.stride(), dres_out.dtype),
            res.shape, res.stride(), res.dtype, weight.dtype, weight.stride(), mean.dtype, rstd.dtype,
-           separate_residual_grad, current_device())
+           separate_residual_grad, dy.device)
     plan = _BACKWARDS.get(key)
     if plan is None:
         plan = _BACKWARDS.keep(key, _Backward(dy, dres_out, res, separate_residual_grad, True))

@@ -48,6 +48,18 @@ def assert_compiled_matches_eager(f, args):
         assert diff <= 1e-5 * scale, (diff, scale)
 
 
+def route_launches(monkeypatch, wrap):
+    """Sends every kernel launch through ``wrap(real_launch, kernel, grid, *args, **kwargs)``: the launchers' plans
+    call ``fastvit.kernels._launch.launch``, patch_embed and matmul the name they import."""
+    from fastvit.kernels import _launch, matmul, patch_embed
+    real = _launch.launch
+
+    def routed(kernel, grid, *args, **kwargs):
+        return wrap(real, kernel, grid, *args, **kwargs)
+    for module in (_launch, matmul, patch_embed):
+        monkeypatch.setattr(module, "launch", routed)
+
+
 def graph_calls(graphs):
     """(names of the Triton kernels, names of fastvit's ops) called in the FX graphs AOTAutograd handed over."""
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table

@@ -6,12 +6,17 @@ would add only each test file's own folder).
 
 No test reaches the Hugging Face Hub or reads the machine's HF cache: offline mode and an empty cache folder are set
 before huggingface_hub is first imported (it reads both once); tests that need cached files build their own. Choices
-that fastvit.autotune measures go to a temporary folder too, never to the user's ~/.cache/fastvit."""
+that fastvit.autotune measures go to a temporary folder too, never to the user's ~/.cache/fastvit.
+
+Each test starts and ends with empty launch caches (``fastvit.kernels._launch.forget``): the launchers' plans hold
+the kernels they launched, which tests replace by recorders."""
 import atexit
 import os
 import shutil
 import sys
 import tempfile
+
+import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,3 +27,17 @@ os.environ["FASTVIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastvit-tests-cache-"
 atexit.register(shutil.rmtree, os.environ["FASTVIT_CACHE_DIR"], True)
 
 collect_ignore_glob = [] if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else ["interpret/*"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_launch_caches():
+    """Launch plans made by one test (with its patched kernels or launches) are not taken by the next."""
+    _forget_launches()
+    yield
+    _forget_launches()
+
+
+def _forget_launches():
+    launch = sys.modules.get("fastvit.kernels._launch")  # never imported here: triton reads TRITON_INTERPRET once
+    if launch is not None:
+        launch.forget()

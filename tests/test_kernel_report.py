@@ -13,9 +13,10 @@ import torch
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
+from _helpers import route_launches
 import fastvit
 from fastvit import ops
-from fastvit.kernels import bias_gelu, layer_norm, patch_embed
+from fastvit.kernels import bias_gelu, layer_norm
 from fastvit.kernels import flash_attention as fa
 from fastvit.kernels._launch import TRITON_VERSION
 from fastvit.kernels._report import (AOT_IMAGES, MODELS, TORCH_DTYPES, collect_specs, compile_spec,
@@ -333,9 +334,7 @@ def test_every_model_launch_has_its_spec(monkeypatch, model):
     variants: test_attention_specs_match_a_model_launch).
     """
     calls = []
-    for module in (bias_gelu, fa, layer_norm, patch_embed):
-        monkeypatch.setattr(module, "launch", lambda kernel, grid, *args, **kwargs: calls.append((kernel, args,
-                                                                                                 kwargs)))
+    route_launches(monkeypatch, lambda real, kernel, grid, *args, **kwargs: calls.append((kernel, args, kwargs)))
     monkeypatch.setattr(ops, "use_triton", lambda backend, x: True)
     shape = MODELS[model]
     specs = [s for _, s in collect_specs(shape, "bf16")]

@@ -3,6 +3,7 @@ relative-position table, on strided q/k/v views of a packed qkv projection, at V
 import pytest
 import torch
 
+from _helpers import route_launches
 from fastvit import ops
 from fastvit.kernels import flash_attention as fa
 
@@ -190,13 +191,12 @@ TILE_CASES = [(1, 2, 197, 64, (14, 14)), (2, 1, 41, 64, (5, 8)), (1, 1, 50, 80, 
 def _record_launches(monkeypatch, kernel, record):
     """Patches the launcher so that each launch of ``kernel`` appends ``record(args, kwargs)`` to the list returned."""
     calls = []
-    real_launch = fa.launch
 
-    def launch(k, grid, *args, **kwargs):
+    def launch(real, k, grid, *args, **kwargs):
         if k is kernel:
             calls.append(record(args, kwargs))
-        return real_launch(k, grid, *args, **kwargs)
-    monkeypatch.setattr(fa, "launch", launch)
+        return real(k, grid, *args, **kwargs)
+    route_launches(monkeypatch, launch)
     return calls
 
 
@@ -302,8 +302,7 @@ def test_deterministic_mode_takes_the_table_gradient_off_the_atomics(monkeypatch
     b, h, n, hd, grid = 1, 2, 50, 32, (7, 7)
     packed, table, do = _packed(b, h, n, hd, grid, seed=8)
     launched = []
-    real = fa.launch
-    monkeypatch.setattr(fa, "launch", lambda kernel, *a, **k: launched.append(kernel) or real(kernel, *a, **k))
+    route_launches(monkeypatch, lambda real, kernel, *a, **k: launched.append(kernel) or real(kernel, *a, **k))
 
     def grads(use_triton, dropout_p=0.0):
         return _run(_seeded_dropout(dropout_p, use_triton), packed, table, do, h, hd, grid, torch.float32)
