@@ -335,7 +335,7 @@ class PlannedLaunch:
             bound(*tensors)
             return
         bound = launch(self.kernel, self.grid, *tensors, *scalars(), **self.flags)
-        if self.bindable:
+        if self.bindable and bound is not None:  # an unaligned call keeps the aligned calls' bound launch
             self.bound = bound
 
 

@@ -232,3 +232,100 @@ def test_whole_model_on_the_kernel_path_compiles_in_one_graph_with_dynamic_shape
     assert {"_patch_embed_fwd_kernel", "_add_ln_fwd_kernel", "_bias_gelu_fwd_kernel", "_attn_fwd_kernel",
             "_add_ln_bwd_kernel", "_attn_bwd_dq_kernel"} <= set(kernels)
     assert not [str(w.message) for w in caught if "dynamo" in str(w.message).lower()]
+
+
+# the ops whose launchers keep plans (_launch.Plans); patch_embed launches through launch() at every call
+PLANNED = [c for c in overhead.tiny_cases() if c["op"] in ("add_layer_norm", "bias_gelu", "attention")]
+
+
+def _spy_launches(monkeypatch):
+    """(calls of launch() by the plans, arguments the stubbed driver got): two lists filled as the ops run."""
+    through_launch, launched = [], []
+    real = _launch.launch
+    monkeypatch.setattr(_launch, "launch", lambda kernel, *a, **k: through_launch.append(kernel) or real(kernel, *a,
+                                                                                                           **k))
+    monkeypatch.setattr(overhead._NoLaunch, "run", lambda self, *args: launched.append(args))
+    return through_launch, launched
+
+
+def _forward_backward(case, backend="triton"):
+    inputs = {k: v.clone().requires_grad_(k in case["grads"]) for k, v in case["inputs"].items()}
+    outs = case["fastvit"](inputs, backend)
+    torch.autograd.grad(outs, [inputs[k] for k in case["grads"]], [torch.ones_like(o) for o in outs])
+
+
+@pytest.mark.parametrize("case", PLANNED, ids=lambda c: c["op"])
+def test_a_planned_call_skips_launch_and_passes_the_same_arguments(monkeypatch, case):
+    """After a first forward + backward, the same call again launches every kernel from its plan's bound launch
+    (launch() is not called at all) with the arguments the first call's launches passed, and gives the plain
+    eager results; under no_grad too."""
+    through_launch, launched = _spy_launches(monkeypatch)
+    with overhead.stubbed_launches(), overhead.triton_on_cpu_tensors():
+        _forward_backward(case)
+        first, n = list(launched), len(through_launch)
+        assert n == len(first) > 0
+        _forward_backward(case)
+        assert len(through_launch) == n and len(launched) == 2 * n
+        for a, b in zip(first, launched[n:]):
+            assert _normalised(a) == _normalised(b)
+        with torch.no_grad():  # inference's own plans (add_layer_norm keeps no statistics), then bound launches
+            case["fastvit"](dict(case["inputs"]), "triton")
+            planned = len(through_launch)
+            case["fastvit"](dict(case["inputs"]), "triton")
+        assert len(through_launch) == planned
+
+
+def test_a_new_signature_gets_its_own_plan(monkeypatch):
+    """add_layer_norm with another row count, dtype, eps, or without the residual: each goes through launch() once
+    (its own plan), with the arguments Triton's binder takes for it, then through its plan."""
+    from fastvit import ops
+    through_launch, launched = _spy_launches(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+
+    def call(rows=5, dtype=torch.float32, eps=1e-6, residual=True):
+        x = torch.randn(1, rows, 64, generator=g).to(dtype)
+        r = torch.randn(1, rows, 64, generator=g).to(dtype) if residual else None
+        with torch.no_grad():
+            return ops.add_layer_norm(x, r, torch.ones(64), torch.zeros(64), eps, backend="triton")
+
+    variants = [{}, dict(rows=7), dict(dtype=torch.float16), dict(eps=1e-5), dict(residual=False)]
+    with overhead.stubbed_launches(), overhead.triton_on_cpu_tensors():
+        for kwargs in variants:
+            before = len(through_launch)
+            call(**kwargs)
+            first = launched[-1]
+            call(**kwargs)
+            assert len(through_launch) == before + 1, kwargs  # the first call only
+            assert _normalised(launched[-1]) == _normalised(first)
+        # every variant's launch differs from the first one's in what it changes
+        firsts = [_normalised(a) for a in launched[::2]]
+        assert len({repr(a) for a in firsts}) == len(variants)
+
+
+def test_an_unaligned_input_or_another_device_takes_the_launch_path(monkeypatch):
+    """A plan's bound launch was compiled for 16-byte aligned inputs on one device: an input at an offset of 4
+    bytes goes through launch() (Triton compiles its own variant), and so does a call while another device is
+    current; the next aligned call on the first device takes the plan again."""
+    from fastvit import ops
+    through_launch, _ = _spy_launches(monkeypatch)
+    compiled = []
+    real_run = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: compiled.append(self) or real_run(self, *a, **k))
+    buf = torch.randn(1 + 5 * 64)
+    aligned, shifted = buf[:320].view(1, 5, 64), buf[1:].view(1, 5, 64)
+    w, b = torch.ones(64), torch.zeros(64)
+
+    def call(x):
+        with torch.no_grad():
+            ops.add_layer_norm(x, None, w, b, backend="triton")
+    with overhead.stubbed_launches(), overhead.triton_on_cpu_tensors():
+        call(aligned)
+        call(aligned)
+        assert len(through_launch) == 1 and len(compiled) == 1
+        call(shifted)
+        assert len(through_launch) == 2 and len(compiled) == 2  # a variant of its own
+        call(aligned)
+        assert len(through_launch) == 2
+        monkeypatch.setattr(overhead._HostOnlyDriver, "get_current_device", lambda self: 1)
+        call(aligned)
+        assert len(through_launch) == 3
