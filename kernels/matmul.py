@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from fastvit.kernels._launch import TRITON_VERSION, capability, cdiv, device_arch, interpreting, launch, sm_count
+from fastvit.kernels._launch import (TRITON_VERSION, PlannedLaunch, Plans, capability, cdiv, device_arch, interpreting,
+                                     launch, plans_apply, sm_count)
 from fastvit.kernels._report import TORCH_DTYPES, KernelSpec
 from fastvit.kernels.bias_gelu import gelu
 
@@ -220,36 +221,64 @@ def fused_matmul(a, weight, out_dtype, bias=None, residual=None, prologue="none"
     ``prologue="layer_norm"`` needs the per-row fp32 ``mean`` and ``rstd`` of ``a`` and the LayerNorm's
     ``prologue_weight`` / ``prologue_bias`` (K,); ``"bias_gelu"`` needs ``prologue_bias`` (K,); ``approximate``
     picks the GELU of ``"bias_gelu"`` / ``"gelu"`` (``bias_gelu.APPROXIMATIONS``). ``tma``: the persistent TMA
-    kernel (where :func:`tma_supported`), else one program per output tile.
+    kernel (where :func:`tma_supported`), else one program per output tile. In eager mode the tiles and launch
+    options of a call signature are worked out once (:class:`_FusedMatmul`).
     """
     a, weight = _rows(a), _rows(weight)
-    (m, k), n = a.shape, weight.shape[0]
-    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    if not (m and n):
+    extras = (bias, None if residual is None else _rows(residual), mean, rstd, prologue_weight, prologue_bias)
+    if not plans_apply(a):
+        return _FusedMatmul(a, weight, out_dtype, *extras, prologue, tma, approximate, False)(a, weight, *extras)
+    key = (a.shape, a.stride(), a.dtype, weight.shape, weight.stride(), weight.dtype, out_dtype,
+           *(None if t is None else (t.shape, t.stride(), t.dtype) for t in extras), prologue, tma, approximate,
+           precision(weight.dtype), a.device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS.keep(key, _FusedMatmul(a, weight, out_dtype, *extras, prologue, tma, approximate, True))
+    return plan(a, weight, *extras)
+
+
+class _FusedMatmul:
+    """What :func:`fused_matmul` does for one signature of its arguments: tiles, launch options and the launch
+    (the pointer-load kernel's bound after its first launch; the TMA kernel's descriptors hold the tensors'
+    addresses and are made at each call)."""
+
+    def __init__(self, a, weight, out_dtype, bias, residual, mean, rstd, prologue_weight, prologue_bias, prologue, tma,
+                 approximate, bindable):
+        (m, k), n = a.shape, weight.shape[0]
+        self.sizes, self.out_dtype = (m, n, k), out_dtype
+        self.tiles = tiles = config(weight.dtype, prologue, a.dtype, device_arch(a.device))
+        options = dict(PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                       EVEN_K=k % tiles.block_k == 0, APPROXIMATE=approximate, PRECISION=precision(weight.dtype),
+                       BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
+                       num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        num_tiles = cdiv(m, tiles.block_m) * cdiv(n, tiles.block_n)
+        self.tma_options = dict(options, FLATTEN=FLATTEN) if tma else None
+        self.programs = min(num_tiles, sm_count(a.device)) if tma else 0
+        self.launch = PlannedLaunch(_fused_matmul_kernel, (num_tiles,), options, bindable)
+
+    def __call__(self, a, weight, bias, residual, mean, rstd, prologue_weight, prologue_bias):
+        m, n, k = self.sizes
+        out = torch.empty((m, n), dtype=self.out_dtype, device=a.device)
+        if not (m and n):
+            return out
+        bias = None if bias is None else bias.contiguous()
+        operands = tuple(out if t is None else t for t in (bias, residual, mean, rstd, prologue_weight,
+                                                             prologue_bias))
+        res_stride = 0 if residual is None else residual.stride(0)
+        if self.tma_options is not None and tma_supported(a, weight, self.out_dtype):
+            tiles = self.tiles
+            launch(_fused_matmul_tma_kernel, (self.programs,),
+                   TensorDescriptor.from_tensor(a, [tiles.block_m, tiles.block_k]),
+                   TensorDescriptor.from_tensor(weight, [tiles.block_n, tiles.block_k]),
+                   TensorDescriptor.from_tensor(out, [tiles.block_m, tiles.block_n]),
+                   *operands, m, n, k, res_stride, self.programs, **self.tma_options)
+            return out
+        self.launch((a, weight, out, *operands), (a, weight, *operands),
+                    lambda: (m, n, k, a.stride(0), weight.stride(0), out.stride(0), res_stride))
         return out
-    tiles = config(weight.dtype, prologue, a.dtype, device_arch(a.device))
-    residual = None if residual is None else _rows(residual)
-    bias = None if bias is None else bias.contiguous()
-    tensors = (out if bias is None else bias, out if residual is None else residual,
-               out if mean is None else mean, out if rstd is None else rstd,
-               out if prologue_weight is None else prologue_weight, out if prologue_bias is None else prologue_bias)
-    options = dict(PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                   EVEN_K=k % tiles.block_k == 0, APPROXIMATE=approximate, PRECISION=precision(weight.dtype),
-                   BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
-                   num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    num_tiles = cdiv(m, tiles.block_m) * cdiv(n, tiles.block_n)
-    res_stride = 0 if residual is None else residual.stride(0)
-    if tma and tma_supported(a, weight, out_dtype):
-        programs = min(num_tiles, sm_count(a.device))
-        launch(_fused_matmul_tma_kernel, (programs,),
-               TensorDescriptor.from_tensor(a, [tiles.block_m, tiles.block_k]),
-               TensorDescriptor.from_tensor(weight, [tiles.block_n, tiles.block_k]),
-               TensorDescriptor.from_tensor(out, [tiles.block_m, tiles.block_n]),
-               *tensors, m, n, k, res_stride, programs, FLATTEN=FLATTEN, **options)
-        return out
-    launch(_fused_matmul_kernel, (num_tiles,), a, weight, out, *tensors,
-           m, n, k, a.stride(0), weight.stride(0), out.stride(0), res_stride, **options)
-    return out
+
+
+_PLANS = Plans()
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

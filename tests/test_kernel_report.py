@@ -16,7 +16,7 @@ from triton.runtime.jit import JITFunction
 from _helpers import route_launches
 import fastvit
 from fastvit import ops
-from fastvit.kernels import bias_gelu, layer_norm
+from fastvit.kernels import _launch, bias_gelu, layer_norm
 from fastvit.kernels import flash_attention as fa
 from fastvit.kernels._launch import TRITON_VERSION
 from fastvit.kernels._report import (AOT_IMAGES, MODELS, TORCH_DTYPES, collect_specs, compile_spec,
@@ -284,6 +284,7 @@ def _fused_gemm_launches(monkeypatch, shape, dt):
     with torch.autocast("cpu", dtype=dt):
         for arch, tma in ((80, False), (90, False), (90, True)):  # the tiles of an A100 and of an H100 / H200
             monkeypatch.setattr(matmul, "device_arch", lambda device, arch=arch: arch)
+            _launch.forget()  # launch plans are per device, whose arch never changes outside this test
             for residual, fp32 in ((None, False), (t(m, d, dtype=dt), False), (t(m, d), True)):
                 # qkv with its bias; fc1 without (ops.layer_norm_mlp adds it in fc2's GELU)
                 for n, bias in ((3 * d, t(3 * d)), (shape.mlp_dim, None)):

@@ -11,7 +11,7 @@ from torch._library.triton import get_triton_kernels_for_op
 from torch._subclasses.fake_tensor import FakeTensorMode
 from triton.runtime.jit import JITFunction
 
-from _helpers import compile_capturing_graphs, graph_calls
+from _helpers import compile_capturing_graphs, graph_calls, route_launches
 from fastvit.kernels import _launch
 from fastvit.kernels import layer_norm
 
@@ -241,9 +241,7 @@ PLANNED = [c for c in overhead.tiny_cases() if c["op"] in ("add_layer_norm", "bi
 def _spy_launches(monkeypatch):
     """(calls of launch() by the plans, arguments the stubbed driver got): two lists filled as the ops run."""
     through_launch, launched = [], []
-    real = _launch.launch
-    monkeypatch.setattr(_launch, "launch", lambda kernel, *a, **k: through_launch.append(kernel) or real(kernel, *a,
-                                                                                                           **k))
+    route_launches(monkeypatch, lambda real, kernel, *a, **k: through_launch.append(kernel) or real(kernel, *a, **k))
     monkeypatch.setattr(overhead._NoLaunch, "run", lambda self, *args: launched.append(args))
     return through_launch, launched
 
@@ -329,3 +327,25 @@ def test_an_unaligned_input_or_another_device_takes_the_launch_path(monkeypatch)
         monkeypatch.setattr(overhead._HostOnlyDriver, "get_current_device", lambda self: 1)
         call(aligned)
         assert len(through_launch) == 3
+
+
+def test_a_fused_gemm_call_launches_from_its_plan(monkeypatch):
+    """The fused GEMM's pointer-load kernel (with the LayerNorm prologue, as ``ln_matmul`` runs it on a GPU): a
+    repeated call launches from its plan with the first call's arguments; the TMA kernel, whose descriptors hold
+    the tensors' addresses, goes through launch() at every call."""
+    from fastvit.kernels import matmul
+    through_launch, launched = _spy_launches(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(5, 64, generator=g).half(), torch.randn(192, 64, generator=g).half()
+    extras = dict(bias=torch.randn(192, generator=g), prologue="layer_norm", mean=torch.randn(5, generator=g),
+                  rstd=torch.rand(5, generator=g), prologue_weight=torch.randn(64, generator=g),
+                  prologue_bias=torch.randn(64, generator=g))
+    with overhead.stubbed_launches():
+        for _ in range(2):
+            matmul.fused_matmul(a, w, torch.float16, **extras)
+        assert through_launch == [matmul._fused_matmul_kernel] and len(launched) == 2
+        assert _normalised(launched[0]) == _normalised(launched[1])
+        monkeypatch.setattr(matmul, "tma_supported", lambda *args: True)
+        for _ in range(2):
+            matmul.fused_matmul(a, w, torch.float16, tma=True, **extras)
+        assert through_launch[1:] == [matmul._fused_matmul_tma_kernel] * 2 and len(launched) == 4
