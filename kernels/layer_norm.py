@@ -219,6 +219,7 @@ class _Forward:
                      BLOCK=block, num_warps=num_warps, num_stages=num_stages)
         self.launch = PlannedLaunch(_add_ln_fwd_kernel, (self.n_rows,), flags, bindable)
         self.rows = as_rows(x) is not x or (residual is not None and as_rows(residual) is not residual)
+        self.stats_shape = _stats_shape(as_rows(x)) if keep else (self.n_rows,)
         self.eps, self.y_dtype, self.keep = eps, y_dtype, keep
 
     def __call__(self, x, residual, weight, bias):
@@ -233,11 +234,8 @@ class _Forward:
             res = torch.empty_like(x, dtype=self.res_dtype, memory_format=torch.contiguous_format)
         else:
             res = x.new_empty(0, dtype=self.res_dtype) if self.keep else None
-        if self.keep:
-            mean = x.new_empty(_stats_shape(x), dtype=torch.float32)
-            rstd = torch.empty_like(mean)
-        else:
-            mean = rstd = x.new_empty(self.n_rows, dtype=torch.float32)
+        mean = x.new_empty(self.stats_shape, dtype=torch.float32)
+        rstd = torch.empty_like(mean) if self.keep else mean
         if self.n_rows:
             r_arg = x if residual is None else residual
             y_arg = x if y is None else y  # unused without y: any pointer of the activation dtype
