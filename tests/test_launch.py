@@ -349,3 +349,29 @@ def test_a_fused_gemm_call_launches_from_its_plan(monkeypatch):
         for _ in range(2):
             matmul.fused_matmul(a, w, torch.float16, tma=True, **extras)
         assert through_launch[1:] == [matmul._fused_matmul_tma_kernel] * 2 and len(launched) == 4
+
+
+def test_planned_attention_outputs_have_the_layout_the_fake_ops_promise():
+    """The attention plans allocate from sizes worked out once per signature: out as a (B, heads, N, hd) view of a
+    (B, N, heads, hd) buffer, lse (B, heads, N) fp32, and the packed backward's d qkv contiguous, as the ops' fake
+    implementations (what torch.compile plans its graph on) say, in the first call and in the planned ones."""
+    from fastvit.kernels import flash_attention as fa
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 7, 3, 3, 16, generator=g)
+    q, k, v = fa.split_qkv(qkv)
+    args = (None, None, 0, 0, 0.25, 0.0, True)
+
+    def layout(t):
+        return tuple(t.shape), t.stride(), t.dtype
+
+    with FakeTensorMode() as mode:
+        fq, fk, fv, fqkv = (mode.from_tensor(t) for t in (q, k, v, qkv))
+        fake_out, fake_lse = fa.attention_fwd(fq, fk, fv, *args)
+        fake_dqkv = fa.attention_bwd_qkv(fake_out, fqkv, fake_out, fake_lse, *args)[0]
+        expected = [layout(fake_out), layout(fake_lse), layout(fake_dqkv)]
+    with overhead.stubbed_launches():
+        for _ in range(2):  # the first call makes the plans, the second runs from them
+            out, lse = fa.attention_fwd(q, k, v, *args)
+            dqkv = fa.attention_bwd_qkv(out, qkv, out, lse, *args)[0]
+            assert [layout(out), layout(lse), layout(dqkv)] == expected
+    assert expected[0][1] == (7 * 3 * 16, 16, 3 * 16, 1) and expected[2][1] == qkv.stride()
