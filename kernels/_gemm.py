@@ -104,7 +104,7 @@ class LinearFn(torch.autograd.Function):
     def backward(ctx, dout):
         x, weight = ctx.saved_tensors
         g = cast(dout, x.dtype).reshape(-1, dout.shape[-1])
-        dx = matmul(g, weight).reshape(x.shape) if ctx.needs_input_grad[0] else None
+        dx = matmul(g, weight).view_as(x) if ctx.needs_input_grad[0] else None
         dw = matmul(g.t(), x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
         db = cast(g.sum(0), ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return dx, dw, db

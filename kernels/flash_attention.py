@@ -665,7 +665,8 @@ class _Backward:
         self.empty = q.numel() == 0
 
     def __call__(self, do, q, k, v, out, lse, rel_bias, seed, dq, dk, dv):
-        dtable = None if rel_bias is None else torch.zeros(rel_bias.shape, dtype=torch.float32, device=q.device)
+        dtable = None if rel_bias is None else torch.zeros_like(rel_bias, dtype=torch.float32,
+                                                                memory_format=torch.contiguous_format)
         if self.empty:
             return q.new_empty(0) if rel_bias is None else dtable.to(rel_bias.dtype)
         delta = q.new_empty(self.delta_size, dtype=torch.float32)
