@@ -19,7 +19,9 @@ setup(
                       "scikit-learn",  # the embedded digits dataset of the default training run
                       "safetensors"],  # the trainer writes its final model as a timm Hub folder
     extras_require={
-        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "timm", "scikit-learn", "safetensors", "transformers", "peft",
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark",
+                 "timm>=1.0.31",  # the reference: the registry and config tests compare with timm 1.0.31's models
+                 "scikit-learn", "safetensors", "transformers", "peft",
                  "onnx", "onnxruntime", "onnxscript", "huggingface_hub", "webdataset"],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "hub": ["huggingface_hub", "safetensors"],  # pretrained=True downloads, save_pretrained
