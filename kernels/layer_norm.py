@@ -331,16 +331,16 @@ def _(dy, dres_out, res, weight, mean, rstd, separate_residual_grad, use_triton)
     return dy.new_empty(res.shape), dres_in, torch.empty_like(weight), torch.empty_like(weight)
 
 
-def _ln_forward(ctx, x, residual, weight, bias, eps, residual_in_fp32, use_triton, copy_residual_grad):
+def _ln_forward(ctx, x, residual, weight, bias, eps, residual_in_fp32, use_triton):
     """The forward shared by both Functions below: runs the op and records on ``ctx`` what backward needs.
 
     Returns (y, saved residual, mean, rstd); the saved residual is x itself when new_residual would equal x.
     """
     y, res, mean, rstd = add_layer_norm_fwd(x, residual, weight, bias, eps, residual_in_fp32, use_triton)
-    return y, ln_context(ctx, x, residual, res, bias, eps, use_triton, copy_residual_grad), mean, rstd
+    return y, ln_context(ctx, x, residual, res, bias, eps, use_triton), mean, rstd
 
 
-def ln_context(ctx, x, residual, res, bias, eps, use_triton, copy_residual_grad):
+def ln_context(ctx, x, residual, res, bias, eps, use_triton):
     """Records on ``ctx`` what :func:`_ln_backward` needs (for any forward that produced ``res``, the op's
     new_residual output) and returns the residual to save: ``res``, or x itself when new_residual equals x."""
     ctx.stored = residual is not None or res.dtype != x.dtype
@@ -349,7 +349,6 @@ def ln_context(ctx, x, residual, res, bias, eps, use_triton, copy_residual_grad)
     ctx.bias_dtype = bias.dtype
     ctx.eps = eps
     ctx.use_triton = use_triton
-    ctx.copy_residual_grad = copy_residual_grad
     ctx.set_materialize_grads(False)
     needs = getattr(ctx, "needs_input_grad", None)  # none on apply's context where autograd records nothing
     if ctx.stored and needs is not None and not (needs[0] or needs[1]):
@@ -376,9 +375,8 @@ def _ln_backward(ctx, dy, dres, res, weight, mean, rstd):
         dx, dres_in, dw, db = add_layer_norm_bwd(dy, dres, res, weight, mean, rstd, separate,
                                                  triton_in_backward(ctx.use_triton))
         db = cast(db, ctx.bias_dtype)
+        # one tensor for both, as torch's add backward hands on; autograd copies it where two leaves would share it
         d_residual = None if ctx.residual_dtype is None else cast(dres_in, ctx.residual_dtype) if separate else dx
-    if ctx.copy_residual_grad and d_residual is dx:
-        d_residual = dx.clone()
     return dx, d_residual, dw, db
 
 
@@ -390,15 +388,14 @@ class AddLayerNormFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, residual_in_fp32, use_triton, copy_residual_grad=False):
-        y, res, mean, rstd = _ln_forward(ctx, x, residual, weight, bias, eps, residual_in_fp32, use_triton,
-                                         copy_residual_grad)
+    def forward(ctx, x, residual, weight, bias, eps, residual_in_fp32, use_triton):
+        y, res, mean, rstd = _ln_forward(ctx, x, residual, weight, bias, eps, residual_in_fp32, use_triton)
         ctx.save_for_backward(res, weight, mean, rstd)
         return (y, res) if ctx.stored else y
 
     @staticmethod
     def backward(ctx, dy, dres=None):
-        return *_ln_backward(ctx, dy, dres, *ctx.saved_tensors), None, None, None, None
+        return *_ln_backward(ctx, dy, dres, *ctx.saved_tensors), None, None, None
 
 
 class AddLayerNormLinearFn(torch.autograd.Function):
@@ -410,10 +407,8 @@ class AddLayerNormLinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton,
-                copy_residual_grad=False):
-        y, res, mean, rstd = _ln_forward(ctx, x, residual, weight, bias, eps, residual_in_fp32, use_triton,
-                                         copy_residual_grad)
+    def forward(ctx, x, residual, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton):
+        y, res, mean, rstd = _ln_forward(ctx, x, residual, weight, bias, eps, residual_in_fp32, use_triton)
         out = linear(y, lin_weight, lin_bias)  # under autocast this runs in the autocast dtype
         ctx.has_lin_bias = lin_bias is not None
         ctx.save_for_backward(res, weight, bias, mean, rstd, lin_weight)
@@ -433,7 +428,7 @@ class AddLayerNormLinearFn(torch.autograd.Function):
         d_lin_w = cast(matmul(g.t(), y.reshape(-1, y.shape[-1])), lin_weight.dtype)
         d_lin_b = cast(g.sum(0), lin_weight.dtype) if ctx.has_lin_bias else None
         dx, d_residual, dw, db = _ln_backward(ctx, dy, dres, res, weight, mean, rstd)
-        # None for eps, residual_in_fp32, use_triton, copy_residual_grad and what a subclass's forward adds
+        # None for eps, residual_in_fp32, use_triton and what a subclass's forward adds
         return dx, d_residual, dw, db, d_lin_w, d_lin_b, *pad[2:]
 
 
@@ -449,24 +444,21 @@ def _check_ln_shapes(x, residual, weight, bias):
 
 
 def _check_ln_args(x, residual, weight, bias):
-    """(x, residual) as rows for an autograd Function (both (rows, D) where either is not contiguous), and whether
-    the residual's gradient needs its own copy, after :func:`_check_ln_shapes`."""
+    """(x, residual) as rows for an autograd Function (both (rows, D) where either is not contiguous), after
+    :func:`_check_ln_shapes`."""
     _check_ln_shapes(x, residual, weight, bias)
     d = x.shape[-1]
     x2 = as_rows(x)
     r2 = None if residual is None else as_rows(residual)
     if r2 is not None and r2.dim() != x2.dim():  # one of them was not contiguous: both as (rows, D)
         x2, r2 = x2.reshape(-1, d), r2.reshape(-1, d)
-    # x and residual get the same gradient; a leaf must not share its .grad storage with the other
-    copy = (residual is not None and x.requires_grad and residual.requires_grad
-            and (x.is_leaf or residual.is_leaf))
-    return x2, r2, copy
+    return x2, r2
 
 
 def add_layer_norm(x, residual, weight, bias, eps, residual_in_fp32, use_triton):
     """(LayerNorm(x + residual), x + residual) over the last dim of x (any leading shape); see the module doc."""
-    x2, r2, copy = _check_ln_args(x, residual, weight, bias)
-    out = apply(AddLayerNormFn, x2, r2, weight, bias, eps, residual_in_fp32, use_triton, copy)
+    x2, r2 = _check_ln_args(x, residual, weight, bias)
+    out = apply(AddLayerNormFn, x2, r2, weight, bias, eps, residual_in_fp32, use_triton)
     y, res = out if isinstance(out, tuple) else (out, None)
     if x2 is not x:
         y, res = y.view_as(x), None if res is None else res.view_as(x)
@@ -479,8 +471,8 @@ def add_layer_norm_linear(x, residual, weight, bias, lin_weight, lin_bias, eps, 
 
     ``function`` is the autograd Function that runs it, with ``function_args`` after the common ones
     (``ln_matmul`` passes its fused-GEMM subclass and the kernel choice)."""
-    x2, r2, copy = _check_ln_args(x, residual, weight, bias)
-    out = apply(function, x2, r2, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton, copy,
+    x2, r2 = _check_ln_args(x, residual, weight, bias)
+    out = apply(function, x2, r2, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton,
                 *function_args)
     out, res = out if isinstance(out, tuple) else (out, None)
     if x2 is not x:

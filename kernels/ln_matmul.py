@@ -60,11 +60,10 @@ class LayerNormMatmulFn(_ln.AddLayerNormLinearFn):
     its arguments); same saved tensors, same backward."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton,
-                copy_residual_grad=False, tma=False):
+    def forward(ctx, x, residual, weight, bias, lin_weight, lin_bias, eps, residual_in_fp32, use_triton, tma=False):
         out, res, mean, rstd = ln_matmul_fwd(x, residual, weight, bias, gemm_weights(x, lin_weight), lin_bias, eps,
                                              residual_in_fp32, use_triton, tma)
-        saved = _ln.ln_context(ctx, x, residual, res, bias, eps, use_triton, copy_residual_grad)
+        saved = _ln.ln_context(ctx, x, residual, res, bias, eps, use_triton)
         ctx.has_lin_bias = lin_bias is not None
         ctx.save_for_backward(saved, weight, bias, mean, rstd, lin_weight)
         return (out, res) if ctx.stored else out

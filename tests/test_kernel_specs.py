@@ -123,13 +123,18 @@ def test_bias_gelu_saves_input_and_bias_only():
     assert len(saved) == 2 and saved[0].data_ptr() == x.data_ptr() and saved[1] is b
 
 
-def test_leaf_gradients_do_not_share_storage():
-    """x and residual receive the same gradient; as two leaves they must still get separate .grad tensors."""
+@pytest.mark.parametrize("use_res", [True, False])
+def test_leaf_gradients_do_not_share_storage(use_res):
+    """x and residual receive the same gradient (one tensor, as from torch's add); as two leaves they still get
+    separate .grad tensors, and changing one in place leaves the other as it was."""
     x, r, w, b = _ln_leaves((2, 3, 64))
     y, res = add_layer_norm(x, r, w, b, EPS, False, False)
-    (y.sum() + res.sum()).backward()
+    (y.square().sum() + (res.sum() if use_res else 0)).backward()
     torch.testing.assert_close(x.grad, r.grad)
     assert x.grad.data_ptr() != r.grad.data_ptr()
+    expected = r.grad.clone()
+    x.grad.zero_()
+    torch.testing.assert_close(r.grad, expected)
 
 
 def test_custom_ops_pass_opcheck():
